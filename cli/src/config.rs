@@ -1,0 +1,149 @@
+//! The configuration file of `shardgate serve`: the one place a file becomes
+//! settings. Every key is documented in docs/configuration.md.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use shardgate_directory::{Directory, KeyType, Shard, ShardState};
+use shardgate_router::backend::ShardAddress;
+use shardgate_router::config::{RouterConfig, UserConfig};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub router: RouterConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+    pub shards: Vec<ShardConfig>,
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin HTTP API. Default `127.0.0.1:6433`.
+    #[serde(default = "default_admin")]
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin(),
+        }
+    }
+}
+
+fn default_admin() -> String {
+    "127.0.0.1:6433".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    #[serde(default = "default_key_column")]
+    pub key_column: String,
+    #[serde(default)]
+    pub key_type: KeyType,
+    #[serde(default = "default_buckets")]
+    pub buckets: u32,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            key_column: default_key_column(),
+            key_type: KeyType::Int,
+            buckets: default_buckets(),
+        }
+    }
+}
+
+fn default_key_column() -> String {
+    "tenant_id".into()
+}
+fn default_buckets() -> u32 {
+    256
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardConfig {
+    pub name: String,
+    /// libpq URL; a password in it is used to log in and never shown.
+    pub url: String,
+    /// Password, if not in the URL.
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<FileConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let mut cfg: FileConfig = toml::from_str(&text)
+            .with_context(|| format!("config file {} is not valid", path.display()))?;
+        cfg.router.users = std::mem::take(&mut cfg.users);
+        for u in &cfg.router.users {
+            u.credential().map_err(anyhow::Error::msg)?;
+        }
+        Ok(cfg)
+    }
+
+    /// The initial directory and the addresses of its shards, in the same order.
+    pub fn directory(&self) -> Result<(Directory, Vec<ShardAddress>)> {
+        if self.shards.is_empty() {
+            bail!("the config file lists no [[shards]]; add at least one with name and url");
+        }
+        let mut shards = Vec::new();
+        let mut addrs = Vec::new();
+        for s in &self.shards {
+            let mut addr = ShardAddress::from_url(&s.url).map_err(anyhow::Error::msg)?;
+            if s.password.is_some() {
+                addr.password = s.password.clone();
+            }
+            if shards.iter().any(|x: &Shard| x.name == s.name) {
+                bail!("shard name {:?} appears twice in the config file", s.name);
+            }
+            shards.push(Shard {
+                name: s.name.clone(),
+                url: addr.display_url(),
+                state: ShardState::Active,
+            });
+            addrs.push(addr);
+        }
+        let dir = Directory::new(
+            &self.cluster.key_column,
+            self.cluster.key_type,
+            self.cluster.buckets,
+            shards,
+        )?;
+        Ok((dir, addrs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/shardgate.example.toml");
+        let cfg = FileConfig::load(&path).unwrap();
+        let (dir, addrs) = cfg.directory().unwrap();
+        assert_eq!(dir.shards.len(), addrs.len());
+        assert!(!dir.shards.iter().any(|s| s.url.contains("secret")));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err =
+            toml::from_str::<FileConfig>("shards = []\n[router]\nlisten_port = 1\n").unwrap_err();
+        assert!(err.to_string().contains("listen_port"), "{err}");
+    }
+}

@@ -1,0 +1,163 @@
+//! `shardgate up`: the embedded demo cluster. Local Postgres servers (kept in
+//! --data-dir between runs) and a router in this process, until Ctrl-C.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use shardgate_directory::{Directory, DirectoryHandle, KeyType, Shard, ShardState};
+use shardgate_localpg::Server;
+use shardgate_router::backend::ShardAddress;
+use shardgate_router::config::RouterConfig;
+
+pub struct UpOptions {
+    pub data_dir: PathBuf,
+    pub shards: usize,
+    pub port: u16,
+    pub admin_port: u16,
+    pub buckets: u32,
+}
+
+/// What `up` records in `<data-dir>/cluster.json`, so that a second `up` reuses
+/// the same servers and ports and other commands find the running cluster.
+#[derive(Serialize, Deserialize)]
+pub struct ClusterFile {
+    pub shards: Vec<ShardEntry>,
+    pub buckets: u32,
+    pub router: String,
+    pub admin: String,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct ShardEntry {
+    pub name: String,
+    pub port: u16,
+}
+
+impl ClusterFile {
+    fn path(data_dir: &Path) -> PathBuf {
+        data_dir.join("cluster.json")
+    }
+
+    pub fn read(data_dir: &Path) -> Result<ClusterFile> {
+        let p = Self::path(data_dir);
+        let text = std::fs::read_to_string(&p).with_context(|| {
+            format!("no cluster in {} (missing {}); start one with `shardgate up`, or name a node with --admin", data_dir.display(), p.display())
+        })?;
+        serde_json::from_str(&text).with_context(|| format!("{} is damaged", p.display()))
+    }
+
+    fn write(&self, data_dir: &Path) -> Result<()> {
+        let p = Self::path(data_dir);
+        let tmp = p.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(self)?)?;
+        std::fs::rename(&tmp, &p)?;
+        Ok(())
+    }
+}
+
+pub async fn run(opts: UpOptions) -> Result<()> {
+    if opts.shards == 0 {
+        bail!("--shards must be at least 1");
+    }
+    std::fs::create_dir_all(&opts.data_dir)
+        .with_context(|| format!("cannot create data directory {}", opts.data_dir.display()))?;
+    let data_dir = opts.data_dir.canonicalize()?;
+    let existing = ClusterFile::read(&data_dir).ok();
+    let (entries, buckets) = match &existing {
+        Some(c) => {
+            if c.shards.len() != opts.shards && opts.shards != 2 {
+                eprintln!("note: reusing the existing cluster of {} shards in {}; --shards applies only to a new cluster", c.shards.len(), data_dir.display());
+            }
+            (
+                c.shards
+                    .iter()
+                    .map(|s| (s.name.clone(), Some(s.port)))
+                    .collect::<Vec<_>>(),
+                c.buckets,
+            )
+        }
+        None => (
+            (0..opts.shards)
+                .map(|i| (format!("shard_{i}"), None))
+                .collect(),
+            opts.buckets,
+        ),
+    };
+
+    let mut servers = Vec::new();
+    let mut shard_entries = Vec::new();
+    for (name, port) in entries {
+        eprintln!("starting Postgres {name} …");
+        let dir = data_dir.join(&name);
+        let mut server = Server::init(&dir, port)
+            .with_context(|| format!("cannot prepare Postgres for {name}"))?;
+        server
+            .start()
+            .with_context(|| format!("cannot start Postgres for {name}"))?;
+        server
+            .create_database("app")
+            .await
+            .with_context(|| format!("cannot create database app on {name}"))?;
+        shard_entries.push(ShardEntry {
+            name: name.clone(),
+            port: server.port(),
+        });
+        servers.push((name, server));
+    }
+    let result = serve(&data_dir, &servers, shard_entries, buckets, &opts).await;
+    for (name, server) in &servers {
+        if let Err(e) = server.stop() {
+            eprintln!("could not stop Postgres {name}: {e}");
+        }
+    }
+    result
+}
+
+async fn serve(
+    data_dir: &Path,
+    servers: &[(String, Server)],
+    shard_entries: Vec<ShardEntry>,
+    buckets: u32,
+    opts: &UpOptions,
+) -> Result<()> {
+    let mut shards = Vec::new();
+    let mut addrs = Vec::new();
+    for (name, server) in servers {
+        let addr = ShardAddress::from_url(&server.url("app")).map_err(anyhow::Error::msg)?;
+        shards.push(Shard {
+            name: name.clone(),
+            url: addr.display_url(),
+            state: ShardState::Active,
+        });
+        addrs.push(addr);
+    }
+    let dir = Directory::new("tenant_id", KeyType::Int, buckets, shards)?;
+    let config = RouterConfig {
+        listen: format!("127.0.0.1:{}", opts.port),
+        ..RouterConfig::default()
+    };
+    let router = shardgate_router::server::start(config, DirectoryHandle::new(dir), addrs).await?;
+    let admin_listen = format!("127.0.0.1:{}", opts.admin_port);
+    let (admin_addr, _admin) =
+        shardgate_router::admin::serve(&admin_listen, router.context.clone())
+            .await
+            .with_context(|| {
+                format!(
+            "cannot listen on {admin_listen} for the admin API; choose another with --admin-port"
+        )
+            })?;
+    ClusterFile {
+        shards: shard_entries,
+        buckets,
+        router: router.local_addr.to_string(),
+        admin: admin_addr.to_string(),
+    }
+    .write(data_dir)?;
+    println!("ready: postgres://postgres@{}/app", router.local_addr);
+    println!("admin: http://{admin_addr}/status");
+    crate::wait_for_signal().await;
+    eprintln!("shutting down: stopping the router and the Postgres servers");
+    router.shutdown().await;
+    Ok(())
+}

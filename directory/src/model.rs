@@ -1,0 +1,301 @@
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+
+use crate::hash::bucket_of;
+
+/// Index of a shard in [`Directory::shards`]. Stable for the life of a directory
+/// (shards are marked removed, never deleted), so routing tables can hold it.
+pub type ShardId = usize;
+
+/// The value of the sharding column for one statement or row.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TenantKey {
+    Int(i64),
+    Uuid(uuid::Uuid),
+    Text(String),
+}
+
+impl fmt::Display for TenantKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TenantKey::Int(v) => write!(f, "{v}"),
+            TenantKey::Text(s) => write!(f, "{s}"),
+            TenantKey::Uuid(u) => write!(f, "{u}"),
+        }
+    }
+}
+
+/// The SQL type of the sharding column, one for the whole cluster: it decides which
+/// Postgres hash function a key goes through, so `'42'` and `42` land in the same
+/// bucket when the column is a bigint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyType {
+    #[default]
+    #[serde(alias = "bigint", alias = "int8", alias = "integer", alias = "int4")]
+    Int,
+    #[serde(alias = "varchar")]
+    Text,
+    Uuid,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DirectoryError {
+    #[error("{value:?} is not a valid {key_type} tenant key")]
+    BadKey {
+        value: String,
+        key_type: &'static str,
+    },
+    #[error("the directory has no shards")]
+    NoShards,
+    #[error("bucket count must be between 1 and 65536, not {0}")]
+    BadBucketCount(u32),
+}
+
+impl KeyType {
+    pub fn sql_name(self) -> &'static str {
+        match self {
+            KeyType::Int => "bigint",
+            KeyType::Text => "text",
+            KeyType::Uuid => "uuid",
+        }
+    }
+
+    /// Reads a key from its text form, as it appears in a literal, a text-format
+    /// parameter or a COPY row.
+    pub fn parse_text(self, s: &str) -> Result<TenantKey, DirectoryError> {
+        let bad = || DirectoryError::BadKey {
+            value: s.to_string(),
+            key_type: self.sql_name(),
+        };
+        match self {
+            KeyType::Int => s
+                .trim()
+                .parse::<i64>()
+                .map(TenantKey::Int)
+                .map_err(|_| bad()),
+            KeyType::Text => Ok(TenantKey::Text(s.to_string())),
+            KeyType::Uuid => uuid::Uuid::parse_str(s.trim())
+                .map(TenantKey::Uuid)
+                .map_err(|_| bad()),
+        }
+    }
+
+    /// Brings a key parsed from SQL (an integer literal, a string) to this type.
+    pub fn coerce(self, key: TenantKey) -> Result<TenantKey, DirectoryError> {
+        match (self, key) {
+            (KeyType::Int, k @ TenantKey::Int(_)) => Ok(k),
+            (KeyType::Text, k @ TenantKey::Text(_)) => Ok(k),
+            (KeyType::Uuid, k @ TenantKey::Uuid(_)) => Ok(k),
+            (t, k) => t.parse_text(&k.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShardState {
+    Active,
+    Draining,
+    Removed,
+}
+
+/// One physical shard: a Postgres server and database.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    pub name: String,
+    /// libpq URL without a password (`postgres://user@host:port/db`).
+    pub url: String,
+    pub state: ShardState,
+}
+
+/// An immutable snapshot of the shard map. Routers read it through a
+/// [`DirectoryHandle`]; every change produces a new snapshot with a higher epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Directory {
+    pub epoch: u64,
+    pub key_column: String,
+    pub key_type: KeyType,
+    pub bucket_count: u32,
+    pub shards: Vec<Shard>,
+    /// `placements[bucket]` is the shard that holds the bucket.
+    pub placements: Vec<ShardId>,
+    /// Tenants placed on a shard of their own, overriding their bucket.
+    #[serde(with = "pins_as_list")]
+    pub pins: HashMap<TenantKey, ShardId>,
+}
+
+impl Directory {
+    /// A fresh directory: buckets spread over the shards in contiguous ranges
+    /// (bucket `b` on shard `b * shards / bucket_count`), which keeps neighbouring
+    /// buckets together and makes the initial map easy to read.
+    pub fn new(
+        key_column: impl Into<String>,
+        key_type: KeyType,
+        bucket_count: u32,
+        shards: Vec<Shard>,
+    ) -> Result<Directory, DirectoryError> {
+        if shards.is_empty() {
+            return Err(DirectoryError::NoShards);
+        }
+        if bucket_count == 0 || bucket_count > 65536 {
+            return Err(DirectoryError::BadBucketCount(bucket_count));
+        }
+        let n = shards.len() as u64;
+        let placements = (0..bucket_count as u64)
+            .map(|b| (b * n / bucket_count as u64) as ShardId)
+            .collect();
+        Ok(Directory {
+            epoch: 1,
+            key_column: key_column.into(),
+            key_type,
+            bucket_count,
+            shards,
+            placements,
+            pins: HashMap::new(),
+        })
+    }
+
+    pub fn bucket_of(&self, key: &TenantKey) -> u32 {
+        bucket_of(key, self.bucket_count)
+    }
+
+    /// The shard that holds a tenant: its pin if it has one, else its bucket's shard.
+    pub fn shard_for(&self, key: &TenantKey) -> ShardId {
+        if !self.pins.is_empty() {
+            if let Some(&s) = self.pins.get(key) {
+                return s;
+            }
+        }
+        self.placements[self.bucket_of(key) as usize]
+    }
+
+    /// Shards that serve traffic (not removed), in directory order.
+    pub fn live_shards(&self) -> impl Iterator<Item = (ShardId, &Shard)> {
+        self.shards
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.state != ShardState::Removed)
+    }
+
+    pub fn shard_by_name(&self, name: &str) -> Option<ShardId> {
+        self.shards.iter().position(|s| s.name == name)
+    }
+
+    /// How many buckets each shard holds, in shard order.
+    pub fn bucket_counts(&self) -> Vec<usize> {
+        let mut counts = vec![0; self.shards.len()];
+        for &s in &self.placements {
+            counts[s] += 1;
+        }
+        counts
+    }
+}
+
+mod pins_as_list {
+    //! JSON objects need string keys; pins are written as a list of pairs.
+    use super::{ShardId, TenantKey};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::collections::HashMap;
+
+    pub fn serialize<S: Serializer>(
+        pins: &HashMap<TenantKey, ShardId>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let mut list: Vec<_> = pins.iter().collect();
+        list.sort();
+        list.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<HashMap<TenantKey, ShardId>, D::Error> {
+        Ok(Vec::<(TenantKey, ShardId)>::deserialize(d)?
+            .into_iter()
+            .collect())
+    }
+}
+
+/// The router's window onto the directory: a snapshot that can be read without a
+/// lock on every statement and replaced atomically when the directory changes.
+#[derive(Clone)]
+pub struct DirectoryHandle {
+    current: Arc<ArcSwap<Directory>>,
+}
+
+impl DirectoryHandle {
+    pub fn new(directory: Directory) -> DirectoryHandle {
+        DirectoryHandle {
+            current: Arc::new(ArcSwap::from_pointee(directory)),
+        }
+    }
+
+    /// The current snapshot. Cheap; hold it for the length of one routing decision.
+    pub fn load(&self) -> Arc<Directory> {
+        self.current.load_full()
+    }
+
+    /// Installs a new snapshot. The caller bumps the epoch.
+    pub fn store(&self, directory: Directory) {
+        self.current.store(Arc::new(directory));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shards(n: usize) -> Vec<Shard> {
+        (0..n)
+            .map(|i| Shard {
+                name: format!("shard_{i}"),
+                url: format!("postgres://postgres@127.0.0.1:{}/app", 5432 + i),
+                state: ShardState::Active,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn new_directory_spreads_buckets_in_ranges() {
+        let d = Directory::new("tenant_id", KeyType::Int, 256, shards(3)).unwrap();
+        assert_eq!(d.bucket_counts(), vec![86, 85, 85]);
+        assert_eq!(d.placements[0], 0);
+        assert_eq!(d.placements[255], 2);
+        assert!(d.placements.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn pin_overrides_bucket() {
+        let mut d = Directory::new("tenant_id", KeyType::Int, 8, shards(2)).unwrap();
+        let k = TenantKey::Int(42);
+        let home = d.shard_for(&k);
+        d.pins.insert(k.clone(), 1 - home);
+        assert_eq!(d.shard_for(&k), 1 - home);
+    }
+
+    #[test]
+    fn keys_coerce_to_the_cluster_type() {
+        assert_eq!(
+            KeyType::Int.coerce(TenantKey::Text("42".into())),
+            Ok(TenantKey::Int(42))
+        );
+        assert!(KeyType::Int.coerce(TenantKey::Text("x".into())).is_err());
+        assert_eq!(
+            KeyType::Text.coerce(TenantKey::Int(7)),
+            Ok(TenantKey::Text("7".into()))
+        );
+    }
+
+    #[test]
+    fn directory_round_trips_through_json() {
+        let mut d = Directory::new("tenant_id", KeyType::Int, 4, shards(2)).unwrap();
+        d.pins.insert(TenantKey::Int(9), 1);
+        let back: Directory = serde_json::from_str(&serde_json::to_string(&d).unwrap()).unwrap();
+        assert_eq!(back, d);
+    }
+}

@@ -1,0 +1,278 @@
+//! One server connection to a shard, logged in with the router's own credentials.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use crate::auth;
+use crate::protocol::messages::{self, error_summary, Reader};
+use crate::protocol::{Connection, Message, ProtocolError};
+
+/// Where and how to reach one shard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardAddress {
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+    pub user: String,
+    /// Never logged, never shown in status output.
+    pub password: Option<String>,
+}
+
+impl ShardAddress {
+    /// Reads a libpq URL: `postgres[ql]://user[:password]@host[:port]/database`.
+    pub fn from_url(url: &str) -> Result<ShardAddress, String> {
+        let rest = url
+            .strip_prefix("postgres://")
+            .or_else(|| url.strip_prefix("postgresql://"))
+            .ok_or_else(|| {
+                format!(
+                    "shard URL must start with postgres://, got {:?}",
+                    redact(url)
+                )
+            })?;
+        let rest = rest.split('?').next().unwrap_or(rest);
+        let (auth, hostpart) = match rest.rsplit_once('@') {
+            Some((a, h)) => (Some(a), h),
+            None => (None, rest),
+        };
+        let (user, password) = match auth {
+            Some(a) => match a.split_once(':') {
+                Some((u, p)) => (u.to_string(), Some(percent_decode(p))),
+                None => (a.to_string(), None),
+            },
+            None => ("postgres".to_string(), None),
+        };
+        let (hostport, database) = hostpart.split_once('/').unwrap_or((hostpart, ""));
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) => (
+                h.to_string(),
+                p.parse()
+                    .map_err(|_| format!("bad port {p:?} in shard URL {:?}", redact(url)))?,
+            ),
+            None => (hostport.to_string(), 5432),
+        };
+        if host.is_empty() {
+            return Err(format!("shard URL {:?} names no host", redact(url)));
+        }
+        let database = if database.is_empty() {
+            user.clone()
+        } else {
+            database.to_string()
+        };
+        Ok(ShardAddress {
+            host,
+            port,
+            database,
+            user: percent_decode(&user),
+            password,
+        })
+    }
+
+    /// The URL without its password, fit for logs and status output.
+    pub fn display_url(&self) -> String {
+        format!(
+            "postgres://{}@{}:{}/{}",
+            self.user, self.host, self.port, self.database
+        )
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A URL with any password replaced, for error messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let auth = &url[s + 3..at];
+            match auth.split_once(':') {
+                Some((u, _)) => format!("{}{}:***{}", &url[..s + 3], u, &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot connect to {url}: {source}")]
+    Connect { url: String, source: std::io::Error },
+    #[error("connecting to {url} timed out")]
+    Timeout { url: String },
+    #[error("login to {url} failed: {message}")]
+    Login {
+        url: String,
+        code: String,
+        message: String,
+    },
+    #[error("{0}")]
+    Protocol(#[from] ProtocolError),
+}
+
+/// A logged-in server connection.
+pub struct Backend {
+    pub conn: Connection<TcpStream>,
+    /// Process id and secret for cancelling a query on this connection.
+    pub pid: i32,
+    pub secret: i32,
+    /// `ParameterStatus` values the server reported at login.
+    pub params: Vec<(String, String)>,
+    /// Server-side names of statements prepared on this connection.
+    pub prepared: HashSet<String>,
+    /// Set when the connection is in an unknown state (an I/O error, a half-read
+    /// response); such a connection is closed instead of returning to the pool.
+    pub broken: bool,
+}
+
+impl Backend {
+    pub async fn connect(addr: &ShardAddress, timeout: Duration) -> Result<Backend, BackendError> {
+        let url = addr.display_url();
+        match tokio::time::timeout(timeout, Self::connect_inner(addr, &url)).await {
+            Ok(r) => r,
+            Err(_) => Err(BackendError::Timeout { url }),
+        }
+    }
+
+    async fn connect_inner(addr: &ShardAddress, url: &str) -> Result<Backend, BackendError> {
+        let stream = TcpStream::connect((addr.host.as_str(), addr.port))
+            .await
+            .map_err(|source| BackendError::Connect {
+                url: url.to_string(),
+                source,
+            })?;
+        stream.set_nodelay(true).ok();
+        let mut conn = Connection::connecting(stream, 1 << 30);
+        conn.send(&messages::startup_message(&[
+            ("user", &addr.user),
+            ("database", &addr.database),
+            ("application_name", "shardgate"),
+            ("client_encoding", "UTF8"),
+        ]))
+        .await?;
+        auth::authenticate_backend(&mut conn, &addr.user, addr.password.as_deref())
+            .await
+            .map_err(|e| BackendError::Login {
+                url: url.to_string(),
+                code: e.sqlstate().to_string(),
+                message: e.to_string(),
+            })?;
+        let mut backend = Backend {
+            conn,
+            pid: 0,
+            secret: 0,
+            params: Vec::new(),
+            prepared: HashSet::new(),
+            broken: false,
+        };
+        loop {
+            let m = backend.conn.read().await?;
+            match m.tag() {
+                b'S' => {
+                    let mut r = Reader::new(m.body(), "ParameterStatus");
+                    backend
+                        .params
+                        .push((r.cstr()?.to_string(), r.cstr()?.to_string()));
+                }
+                b'K' => {
+                    let mut r = Reader::new(m.body(), "BackendKeyData");
+                    backend.pid = r.i32()?;
+                    backend.secret = r.i32()?;
+                }
+                b'Z' => return Ok(backend),
+                b'E' => {
+                    let (code, message) = error_summary(&m);
+                    return Err(BackendError::Login {
+                        url: url.to_string(),
+                        code,
+                        message,
+                    });
+                }
+                _ => {} // NoticeResponse and the like
+            }
+        }
+    }
+
+    /// Runs a simple query and returns its rows as text, for the router's own
+    /// housekeeping (catalog lookups). Errors come back as (SQLSTATE, message).
+    pub async fn simple_query(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, (String, String)> {
+        let io = |e: ProtocolError| ("08006".to_string(), e.to_string());
+        self.conn.send(&messages::query(sql)).await.map_err(io)?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            let m: Message = match self.conn.read().await {
+                Ok(m) => m,
+                Err(e) => {
+                    self.broken = true;
+                    return Err(io(e));
+                }
+            };
+            match m.tag() {
+                b'D' => {
+                    let mut r = Reader::new(m.body(), "DataRow");
+                    let n = r.i16().map_err(io)?;
+                    let mut row = Vec::with_capacity(n.max(0) as usize);
+                    for _ in 0..n {
+                        row.push(
+                            r.value()
+                                .map_err(io)?
+                                .map(|v| String::from_utf8_lossy(v).into_owned()),
+                        );
+                    }
+                    rows.push(row);
+                }
+                b'E' => error = Some(error_summary(&m)),
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(rows),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_and_redact() {
+        let a = ShardAddress::from_url("postgres://app:s%40cret@db1:5433/orders").unwrap();
+        assert_eq!(a.host, "db1");
+        assert_eq!(a.port, 5433);
+        assert_eq!(a.user, "app");
+        assert_eq!(a.password.as_deref(), Some("s@cret"));
+        assert_eq!(a.database, "orders");
+        assert_eq!(a.display_url(), "postgres://app@db1:5433/orders");
+        assert_eq!(redact("postgres://app:pw@h/d"), "postgres://app:***@h/d");
+        assert!(ShardAddress::from_url("mysql://x").is_err());
+        let d = ShardAddress::from_url("postgresql://127.0.0.1").unwrap();
+        assert_eq!(
+            (d.port, d.user.as_str(), d.database.as_str()),
+            (5432, "postgres", "postgres")
+        );
+    }
+}

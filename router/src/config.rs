@@ -1,0 +1,192 @@
+//! The router's settings. The CLI reads them from a TOML file
+//! (`docs/configuration.md` documents every key); `shardgate up` builds them in code.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::auth::Credential;
+
+/// Settings of one router process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterConfig {
+    /// Address clients connect to. Default `127.0.0.1:6432`.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Refuse any statement on a sharded table that names no tenant.
+    #[serde(default)]
+    pub strict_tenant: bool,
+    /// Allow UPDATE/DELETE without a tenant key (they run on every shard, one
+    /// transaction per shard, not atomically across shards).
+    #[serde(default)]
+    pub allow_cross_shard_writes: bool,
+    /// Largest protocol message accepted from a client, in bytes. Default 64 MiB.
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: usize,
+    /// Most client connections at once; more are refused with SQLSTATE 53300.
+    #[serde(default = "default_max_clients")]
+    pub max_client_connections: usize,
+    #[serde(default)]
+    pub pool: PoolConfig,
+    /// Statement texts whose analysis is cached.
+    #[serde(default = "default_cache")]
+    pub statement_cache_size: usize,
+    /// Users that may connect, and how they authenticate. Empty: anyone, trust.
+    /// (Written as top-level `[[users]]` tables in the file.)
+    #[serde(skip)]
+    pub users: Vec<UserConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Server connections per shard. Default 20.
+    #[serde(default = "default_pool_size")]
+    pub size: usize,
+    /// How long a statement waits for a free server connection before it fails
+    /// with SQLSTATE 53300. Default 5 s.
+    #[serde(default = "default_queue_timeout", with = "humantime_secs")]
+    pub queue_timeout: Duration,
+    /// How long connecting to a shard may take. Default 5 s.
+    #[serde(default = "default_connect_timeout", with = "humantime_secs")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            size: default_pool_size(),
+            queue_timeout: default_queue_timeout(),
+            connect_timeout: default_connect_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// `trust`, `md5` or `scram-sha-256`.
+    pub auth: AuthMethod,
+    /// Plain password, or for scram-sha-256 a `SCRAM-SHA-256$…` verifier as stored
+    /// in `pg_authid`, or for md5 an `md5…` hash.
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMethod {
+    Trust,
+    Md5,
+    ScramSha256,
+}
+
+impl UserConfig {
+    pub fn credential(&self) -> Result<Credential, String> {
+        let need = || {
+            format!(
+                "user {:?}: auth {:?} needs a password",
+                self.name, self.auth
+            )
+        };
+        Ok(match self.auth {
+            AuthMethod::Trust => Credential::Trust,
+            AuthMethod::Md5 => Credential::Md5 {
+                password: self.password.clone().ok_or_else(need)?,
+            },
+            AuthMethod::ScramSha256 => {
+                let p = self.password.as_deref().ok_or_else(need)?;
+                if p.starts_with("SCRAM-SHA-256$") {
+                    Credential::Scram(
+                        crate::auth::ScramSecret::parse(p)
+                            .map_err(|e| format!("user {:?}: {e}", self.name))?,
+                    )
+                } else {
+                    Credential::Scram(crate::auth::ScramSecret::from_password(p))
+                }
+            }
+        })
+    }
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            listen: default_listen(),
+            strict_tenant: false,
+            allow_cross_shard_writes: false,
+            max_message_bytes: default_max_message(),
+            max_client_connections: default_max_clients(),
+            pool: PoolConfig::default(),
+            statement_cache_size: default_cache(),
+            users: Vec::new(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:6432".into()
+}
+fn default_max_message() -> usize {
+    64 << 20
+}
+fn default_max_clients() -> usize {
+    1000
+}
+fn default_pool_size() -> usize {
+    20
+}
+fn default_queue_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_cache() -> usize {
+    10_000
+}
+
+mod humantime_secs {
+    //! Durations written as `"5s"`, `"250ms"` or a number of seconds.
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(f64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(s) if s >= 0.0 => Ok(Duration::from_secs_f64(s)),
+            Raw::Secs(_) => Err(serde::de::Error::custom("a duration cannot be negative")),
+            Raw::Text(t) => super::parse_duration(&t).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Parses `"5s"`, `"250ms"`, `"2m"` or `"1.5"` (seconds).
+pub fn parse_duration(t: &str) -> Result<Duration, String> {
+    let t = t.trim();
+    let (num, unit) = t
+        .find(|c: char| c.is_ascii_alphabetic())
+        .map_or((t, "s"), |i| t.split_at(i));
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{t:?} is not a duration like \"5s\" or \"250ms\""))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{t:?}: unknown unit {unit:?}; use ms, s, m or h")),
+    };
+    if !(0.0..1e9).contains(&secs) {
+        return Err(format!("{t:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}

@@ -1,0 +1,182 @@
+//! What every session of one router shares: the directory snapshot, the pools, the
+//! statement cache, the table catalog and the cancel registry.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use shardgate_directory::{Directory, DirectoryHandle, ShardId};
+
+use crate::auth::Credential;
+use crate::backend::ShardAddress;
+use crate::config::RouterConfig;
+use crate::pool::ShardPool;
+use crate::sql::AnalysisCache;
+
+/// Tables that have the key column, with their columns in order (for `INSERT`
+/// and `COPY` without a column list). Every other table is a reference table.
+#[derive(Default)]
+pub struct Catalog {
+    sharded: RwLock<HashMap<String, Vec<String>>>,
+}
+
+impl Catalog {
+    /// Whether `table` (`name` or `schema.name`) is sharded.
+    pub fn is_sharded(&self, table: &str) -> bool {
+        self.read().contains_key(&normalize(table))
+    }
+
+    pub fn columns(&self, table: &str) -> Option<Vec<String>> {
+        self.read().get(&normalize(table)).cloned()
+    }
+
+    pub fn replace(&self, tables: HashMap<String, Vec<String>>) {
+        *self.sharded.write().unwrap_or_else(|p| p.into_inner()) = tables;
+    }
+
+    pub fn insert(&self, table: &str, columns: Vec<String>) {
+        self.sharded
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(normalize(table), columns);
+    }
+
+    pub fn tables(&self) -> Vec<String> {
+        let mut t: Vec<_> = self.read().keys().cloned().collect();
+        t.sort();
+        t
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Vec<String>>> {
+        self.sharded.read().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// `public.orders` and `orders` are the same table; names are folded to lower case
+/// as Postgres does for unquoted identifiers (the parser already did for the SQL).
+fn normalize(table: &str) -> String {
+    let t = table.strip_prefix("public.").unwrap_or(table);
+    t.to_string()
+}
+
+/// The server connection a session is using, for forwarding a client's
+/// `CancelRequest`.
+#[derive(Clone, Debug)]
+pub struct CancelTarget {
+    pub address: ShardAddress,
+    pub pid: i32,
+    pub secret: i32,
+}
+
+pub struct RouterContext {
+    pub config: RouterConfig,
+    pub directory: DirectoryHandle,
+    pub pools: RwLock<Vec<Arc<ShardPool>>>,
+    pub cache: AnalysisCache,
+    pub catalog: Catalog,
+    pub users: HashMap<String, Credential>,
+    /// (our pid, our secret) given to a client → what it is running on now.
+    pub cancels: Mutex<HashMap<(i32, i32), Option<CancelTarget>>>,
+    /// ParameterStatus values reported to clients at login.
+    pub server_params: Mutex<Vec<(String, String)>>,
+    next_any: AtomicUsize,
+    pub clients: AtomicUsize,
+}
+
+impl RouterContext {
+    pub fn new(
+        config: RouterConfig,
+        directory: DirectoryHandle,
+        pools: Vec<Arc<ShardPool>>,
+        users: HashMap<String, Credential>,
+    ) -> RouterContext {
+        let key_column = directory.load().key_column.clone();
+        RouterContext {
+            cache: AnalysisCache::new(key_column, config.statement_cache_size),
+            config,
+            directory,
+            pools: RwLock::new(pools),
+            catalog: Catalog::default(),
+            users,
+            cancels: Mutex::new(HashMap::new()),
+            server_params: Mutex::new(Vec::new()),
+            next_any: AtomicUsize::new(0),
+            clients: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn pool(&self, shard: ShardId) -> Option<Arc<ShardPool>> {
+        self.pools
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(shard)
+            .cloned()
+    }
+
+    /// A shard for statements that may run anywhere (reference-table reads,
+    /// `SELECT 1`): round-robin over the live shards.
+    pub fn any_shard(&self, dir: &Directory) -> ShardId {
+        let live: Vec<ShardId> = dir.live_shards().map(|(i, _)| i).collect();
+        if live.is_empty() {
+            return 0;
+        }
+        live[self.next_any.fetch_add(1, Ordering::Relaxed) % live.len()]
+    }
+
+    pub fn set_cancel(&self, key: (i32, i32), target: Option<CancelTarget>) {
+        self.cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, target);
+    }
+
+    pub fn remove_cancel(&self, key: (i32, i32)) {
+        self.cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+    }
+
+    pub fn cancel_target(&self, key: (i32, i32)) -> Option<CancelTarget> {
+        self.cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned()
+            .flatten()
+    }
+
+    /// Reloads the list of sharded tables from the first live shard.
+    pub async fn refresh_catalog(&self) -> Result<(), String> {
+        let dir = self.directory.load();
+        let Some((first, _)) = dir.live_shards().next() else {
+            return Err("no shards".into());
+        };
+        let pool = self.pool(first).ok_or("no pool for the first shard")?;
+        let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+        let key = dir.key_column.replace('\'', "''");
+        let sql = format!(
+            "SELECT table_schema, table_name, string_agg(column_name::text, ',' ORDER BY ordinal_position) \
+             FROM information_schema.columns \
+             WHERE table_schema NOT IN ('pg_catalog', 'information_schema') \
+             GROUP BY 1, 2 HAVING bool_or(column_name::text = '{key}')"
+        );
+        let rows = conn
+            .simple_query(&sql)
+            .await
+            .map_err(|(c, m)| format!("{c}: {m}"))?;
+        let mut tables = HashMap::new();
+        for row in rows {
+            if let [Some(schema), Some(name), Some(cols)] = &row[..] {
+                let qualified = if schema == "public" {
+                    name.clone()
+                } else {
+                    format!("{schema}.{name}")
+                };
+                tables.insert(qualified, cols.split(',').map(str::to_string).collect());
+            }
+        }
+        self.catalog.replace(tables);
+        Ok(())
+    }
+}

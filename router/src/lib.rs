@@ -1,0 +1,28 @@
+//! The router: accepts Postgres clients, finds each statement's tenant, and relays
+//! the statement to the shard that holds it.
+//!
+//! A newcomer's map, by file:
+//! - `protocol/`: framing and messages (wire format only).
+//! - `auth.rs`: client authentication (trust, md5, SCRAM-SHA-256) and ours to backends.
+//! - `sql/`: parsing with the Postgres grammar and finding the tenant key.
+//! - `route.rs`: key → bucket → shard, from the directory snapshot.
+//! - `backend.rs`, `pool.rs`: connections to shards and the per-shard pools.
+//! - `session.rs`: one client's state machine (simple and extended protocol, COPY).
+//! - `fanout/`: statements that run on every shard, and merging their results.
+//! - `server.rs`: accept loop, connection limit, shutdown.
+
+pub mod admin;
+pub mod auth;
+pub mod backend;
+pub mod config;
+pub mod context;
+pub mod copy;
+pub mod error;
+pub mod fanout;
+pub mod pool;
+pub mod protocol;
+pub mod route;
+pub mod server;
+pub mod session;
+pub mod split;
+pub mod sql;

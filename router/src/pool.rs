@@ -1,0 +1,150 @@
+//! Per-shard pools of server connections (transaction pooling).
+//!
+//! A session borrows a connection for one transaction (or one statement outside a
+//! transaction) and gives it back when the server reports it idle. The number of
+//! connections per shard is capped by a semaphore; a borrower waits in FIFO order
+//! up to `queue_timeout`, then gets SQLSTATE 53300 rather than hanging.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::backend::{Backend, BackendError, ShardAddress};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("timed out after {waited:?} waiting for a connection to shard {shard}; raise pool.size or pool.queue_timeout, or lower the load")]
+    QueueTimeout { shard: String, waited: Duration },
+    #[error("shard {shard} is unavailable: {source}")]
+    Unavailable { shard: String, source: BackendError },
+}
+
+impl PoolError {
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            PoolError::QueueTimeout { .. } => "53300",
+            PoolError::Unavailable {
+                source: BackendError::Login { code, .. },
+                ..
+            } if code.starts_with("28") => "08004",
+            PoolError::Unavailable { .. } => "08006",
+        }
+    }
+}
+
+/// The pool of one shard.
+pub struct ShardPool {
+    pub name: String,
+    pub address: ShardAddress,
+    idle: Mutex<Vec<Backend>>,
+    slots: Arc<Semaphore>,
+    queue_timeout: Duration,
+    connect_timeout: Duration,
+}
+
+impl ShardPool {
+    pub fn new(
+        name: String,
+        address: ShardAddress,
+        size: usize,
+        queue_timeout: Duration,
+        connect_timeout: Duration,
+    ) -> Arc<ShardPool> {
+        Arc::new(ShardPool {
+            name,
+            address,
+            idle: Mutex::new(Vec::new()),
+            slots: Arc::new(Semaphore::new(size.max(1))),
+            queue_timeout,
+            connect_timeout,
+        })
+    }
+
+    /// Borrows a connection: an idle one if there is one, else a new one.
+    pub async fn get(self: &Arc<Self>) -> Result<Pooled, PoolError> {
+        let permit = match tokio::time::timeout(
+            self.queue_timeout,
+            self.slots.clone().acquire_owned(),
+        )
+        .await
+        {
+            Ok(Ok(p)) => p,
+            _ => {
+                return Err(PoolError::QueueTimeout {
+                    shard: self.name.clone(),
+                    waited: self.queue_timeout,
+                })
+            }
+        };
+        let idle = self.lock_idle().pop();
+        let backend = match idle {
+            Some(b) => b,
+            None => Backend::connect(&self.address, self.connect_timeout)
+                .await
+                .map_err(|source| PoolError::Unavailable {
+                    shard: self.name.clone(),
+                    source,
+                })?,
+        };
+        Ok(Pooled {
+            backend: Some(backend),
+            pool: self.clone(),
+            _permit: permit,
+        })
+    }
+
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Backend>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.lock_idle().len()
+    }
+
+    /// Connections in use right now.
+    pub fn active_count(&self, size: usize) -> usize {
+        size - self.slots.available_permits()
+    }
+}
+
+/// A borrowed connection. Dropping it returns the connection to its pool, unless it
+/// was marked broken or is mid-response, in which case it is closed.
+pub struct Pooled {
+    backend: Option<Backend>,
+    pool: Arc<ShardPool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Pooled {
+    pub fn shard_name(&self) -> &str {
+        &self.pool.name
+    }
+
+    pub fn address(&self) -> &ShardAddress {
+        &self.pool.address
+    }
+}
+
+impl std::ops::Deref for Pooled {
+    type Target = Backend;
+    fn deref(&self) -> &Backend {
+        self.backend.as_ref().expect("backend present until drop")
+    }
+}
+
+impl std::ops::DerefMut for Pooled {
+    fn deref_mut(&mut self) -> &mut Backend {
+        self.backend.as_mut().expect("backend present until drop")
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(b) = self.backend.take() {
+            if !b.broken && !b.conn.has_buffered() {
+                self.pool.lock_idle().push(b);
+            }
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! Buffered, framed message I/O on one socket.
+//!
+//! A frame is first *checked* (is the whole message in the buffer? is its length
+//! sane?) and only then split off, as one `Bytes` that still carries its header, so
+//! forwarding a message is a copy into the other side's write buffer and nothing
+//! more. Writes are queued and flushed explicitly: a relay loop queues every message
+//! already in the read buffer and flushes once, not once per `DataRow`.
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::Message;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("connection closed")]
+    Closed,
+    #[error("invalid message length {0}")]
+    BadLength(i64),
+    #[error("message of {size} bytes is over the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("malformed {what} message")]
+    Malformed { what: &'static str },
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Buffered framed I/O over any byte stream (TCP, Unix socket, TLS later).
+pub struct Connection<S> {
+    stream: S,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    max_message: usize,
+    /// Before the startup packet, frames have no type byte.
+    startup_phase: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    /// A connection whose first frame is a startup packet (the server side of a
+    /// client connection).
+    pub fn accepting(stream: S, max_message: usize) -> Self {
+        Self::new(stream, max_message, true)
+    }
+
+    /// A connection that only ever reads typed messages (our side of a backend).
+    pub fn connecting(stream: S, max_message: usize) -> Self {
+        Self::new(stream, max_message, false)
+    }
+
+    fn new(stream: S, max_message: usize, startup_phase: bool) -> Self {
+        Connection {
+            stream,
+            rbuf: BytesMut::with_capacity(16 * 1024),
+            wbuf: BytesMut::with_capacity(16 * 1024),
+            max_message,
+            startup_phase,
+        }
+    }
+
+    /// Frames from now on carry a type byte (after startup is done).
+    pub fn end_startup_phase(&mut self) {
+        self.startup_phase = false;
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.stream
+    }
+
+    /// The next complete message, reading from the socket as needed.
+    pub async fn read(&mut self) -> Result<Message, ProtocolError> {
+        loop {
+            if let Some(m) = self.try_buffered()? {
+                return Ok(m);
+            }
+            if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+                return Err(ProtocolError::Closed);
+            }
+        }
+    }
+
+    /// A message that is already complete in the read buffer, without any I/O.
+    pub fn try_buffered(&mut self) -> Result<Option<Message>, ProtocolError> {
+        let header = if self.startup_phase { 4 } else { 5 };
+        if self.rbuf.len() < header {
+            return Ok(None);
+        }
+        let off = header - 4;
+        let len = i32::from_be_bytes([
+            self.rbuf[off],
+            self.rbuf[off + 1],
+            self.rbuf[off + 2],
+            self.rbuf[off + 3],
+        ]) as i64;
+        if len < 4 {
+            return Err(ProtocolError::BadLength(len));
+        }
+        let total = off + len as usize;
+        if total > self.max_message {
+            return Err(ProtocolError::TooLarge {
+                size: total,
+                limit: self.max_message,
+            });
+        }
+        if self.rbuf.len() < total {
+            self.rbuf.reserve(total - self.rbuf.len());
+            return Ok(None);
+        }
+        let raw = self.rbuf.split_to(total).freeze();
+        Ok(Some(if self.startup_phase {
+            Message::startup(raw)
+        } else {
+            Message::from_raw(raw)
+        }))
+    }
+
+    /// Whether unread bytes are waiting in the buffer.
+    pub fn has_buffered(&self) -> bool {
+        !self.rbuf.is_empty()
+    }
+
+    /// Queues bytes (one or more whole messages) for the next flush.
+    pub fn queue(&mut self, bytes: &[u8]) {
+        self.wbuf.extend_from_slice(bytes);
+    }
+
+    pub fn queued(&self) -> usize {
+        self.wbuf.len()
+    }
+
+    pub async fn flush(&mut self) -> Result<(), ProtocolError> {
+        while self.wbuf.has_remaining() {
+            let n = self.stream.write(&self.wbuf).await?;
+            if n == 0 {
+                return Err(ProtocolError::Closed);
+            }
+            self.wbuf.advance(n);
+        }
+        self.stream.flush().await?;
+        Ok(())
+    }
+
+    /// Queues and flushes.
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<(), ProtocolError> {
+        self.queue(bytes);
+        self.flush().await
+    }
+}

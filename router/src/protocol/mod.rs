@@ -1,0 +1,8 @@
+//! The Postgres wire protocol, version 3: framing and the few messages the router
+//! has to look inside. Everything else travels as raw bytes.
+
+mod connection;
+pub mod messages;
+
+pub use connection::{Connection, ProtocolError};
+pub use messages::Message;

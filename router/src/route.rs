@@ -1,0 +1,316 @@
+//! Key → bucket → shard: deciding where one statement runs.
+//!
+//! Input: the cached [`Statement`] analysis, the bind parameters of this execution
+//! (if any), the session's `shardgate.tenant`, and the directory snapshot. Output: a
+//! [`Target`]. No I/O happens here; this is the function to read to learn the
+//! routing rules.
+
+use std::collections::BTreeSet;
+
+use shardgate_directory::{Directory, KeyType, ShardId, TenantKey};
+
+use crate::context::Catalog;
+use crate::error::SqlError;
+use crate::sql::{KeyCandidates, KeyExpr, Statement, StatementKind};
+
+/// Where a statement runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// One shard.
+    Shard(ShardId),
+    /// Any shard will do (reference tables, `SELECT 1`, session commands).
+    Any,
+    /// Every live shard, for writes that must land everywhere (DDL, reference tables).
+    All,
+    /// A read over several shards whose results are merged.
+    Fanout(Vec<ShardId>),
+    /// A multi-row INSERT whose rows belong to different shards: row indexes per shard.
+    SplitInsert(Vec<(ShardId, Vec<usize>)>),
+    /// `COPY … FROM STDIN` into a sharded table: rows are split as they stream.
+    CopySplit,
+}
+
+/// Bind parameters of one execution.
+pub struct Params<'a> {
+    pub values: &'a [Option<&'a [u8]>],
+    /// 0 text, 1 binary, per parameter (already expanded).
+    pub formats: &'a [i16],
+    /// Type OIDs the client declared in Parse (0 or missing: unspecified).
+    pub types: &'a [i32],
+}
+
+/// Routing settings that come from configuration.
+pub struct Rules {
+    pub strict_tenant: bool,
+    pub allow_cross_shard_writes: bool,
+}
+
+pub fn route(
+    stmt: &Statement,
+    params: Option<&Params<'_>>,
+    fallback_key: Option<&TenantKey>,
+    dir: &Directory,
+    catalog: &Catalog,
+    rules: &Rules,
+) -> Result<Target, SqlError> {
+    let sharded: Vec<&String> = stmt
+        .tables
+        .iter()
+        .filter(|t| catalog.is_sharded(t))
+        .collect();
+    let writes_sharded = stmt.written.iter().any(|t| catalog.is_sharded(t));
+    let key_col = &dir.key_column;
+    match &stmt.kind {
+        StatementKind::Ddl => Ok(Target::All),
+        StatementKind::Txn(_) | StatementKind::Session | StatementKind::SetTenant(_) => {
+            Ok(Target::Any)
+        }
+        StatementKind::Copy(c) if c.from_stdin => {
+            if writes_sharded {
+                Ok(Target::CopySplit)
+            } else {
+                Ok(Target::All)
+            }
+        }
+        StatementKind::Insert if writes_sharded => {
+            if let Some(ins) = &stmt.insert {
+                let columns = match &ins.columns {
+                    Some(c) => c.clone(),
+                    None => catalog.columns(&ins.table).unwrap_or_default(),
+                };
+                let Some(pos) = columns.iter().position(|c| c.eq_ignore_ascii_case(key_col)) else {
+                    return Err(SqlError::new(
+                        "23502",
+                        format!(
+                            "INSERT into sharded table {} does not set {key_col}",
+                            ins.table
+                        ),
+                    )
+                    .hint(format!("every row of a sharded table needs a {key_col}")));
+                };
+                let mut by_shard: Vec<(ShardId, Vec<usize>)> = Vec::new();
+                for (i, row) in ins.rows.iter().enumerate() {
+                    let expr = row.get(pos).and_then(|e| e.as_ref()).ok_or_else(|| {
+                        SqlError::new(
+                            "0A000",
+                            format!("row {} of the INSERT gives {key_col} as an expression; shardgate needs a literal or a parameter there", i + 1),
+                        )
+                    })?;
+                    let key = resolve(expr, params, dir.key_type)?.ok_or_else(|| {
+                        SqlError::new(
+                            "23502",
+                            format!("{key_col} must not be NULL in a sharded table"),
+                        )
+                    })?;
+                    let shard = dir.shard_for(&key);
+                    match by_shard.iter_mut().find(|(s, _)| *s == shard) {
+                        Some((_, rows)) => rows.push(i),
+                        None => by_shard.push((shard, vec![i])),
+                    }
+                }
+                return Ok(match by_shard.len() {
+                    0 => Target::Any,
+                    1 => Target::Shard(by_shard[0].0),
+                    _ => Target::SplitInsert(by_shard),
+                });
+            }
+            // INSERT … SELECT: the SELECT's key decides.
+            single_or(stmt, params, fallback_key, dir, rules, true)
+        }
+        StatementKind::Insert | StatementKind::Update | StatementKind::Delete => {
+            if writes_sharded {
+                single_or(stmt, params, fallback_key, dir, rules, true)
+            } else if sharded.is_empty() {
+                Ok(Target::All)
+            } else {
+                // Writes a reference table while reading a sharded one.
+                Err(SqlError::new(
+                    "0A000",
+                    "a write to a reference table cannot read sharded tables".to_string(),
+                ))
+            }
+        }
+        StatementKind::Select | StatementKind::Copy(_) | StatementKind::Other => {
+            if sharded.is_empty() {
+                Ok(Target::Any)
+            } else {
+                single_or(stmt, params, fallback_key, dir, rules, false)
+            }
+        }
+    }
+}
+
+/// A statement on sharded tables: its keys' shard(s), else the session's tenant,
+/// else every shard (reads) or an error (writes, strict mode).
+fn single_or(
+    stmt: &Statement,
+    params: Option<&Params<'_>>,
+    fallback_key: Option<&TenantKey>,
+    dir: &Directory,
+    rules: &Rules,
+    write: bool,
+) -> Result<Target, SqlError> {
+    let key_col = &dir.key_column;
+    if let KeyCandidates::Any(exprs) = &stmt.keys {
+        let mut shards = BTreeSet::new();
+        for e in exprs {
+            if let Some(k) = resolve(e, params, dir.key_type)? {
+                shards.insert(dir.shard_for(&k));
+            }
+        }
+        return Ok(match shards.len() {
+            // Only NULL keys: matches no row anywhere.
+            0 => Target::Any,
+            1 => Target::Shard(*shards.iter().next().unwrap_or(&0)),
+            _ if write && !rules.allow_cross_shard_writes => {
+                return Err(SqlError::new(
+                    "0A000",
+                    format!(
+                        "this {} touches tenants on {} shards",
+                        verb(stmt),
+                        shards.len()
+                    ),
+                )
+                .hint("write one tenant per statement, or set allow_cross_shard_writes = true"))
+            }
+            _ => Target::Fanout(shards.into_iter().collect()),
+        });
+    }
+    if let Some(k) = fallback_key {
+        return Ok(Target::Shard(dir.shard_for(k)));
+    }
+    if rules.strict_tenant {
+        return Err(SqlError::new(
+            "42P10",
+            format!(
+                "strict_tenant is on and this {} names no {key_col}",
+                verb(stmt)
+            ),
+        )
+        .hint(format!(
+            "add WHERE {key_col} = …, a /* {key_col}=… */ comment, or SET shardgate.tenant = …"
+        )));
+    }
+    if write && !rules.allow_cross_shard_writes {
+        return Err(SqlError::new(
+            "0A000",
+            format!(
+                "{} on a sharded table without {key_col} would touch every shard",
+                verb(stmt)
+            ),
+        )
+        .hint(format!(
+            "add WHERE {key_col} = …, or set allow_cross_shard_writes = true to allow it"
+        )));
+    }
+    let all: Vec<ShardId> = dir.live_shards().map(|(i, _)| i).collect();
+    Ok(if write {
+        Target::All
+    } else {
+        Target::Fanout(all)
+    })
+}
+
+fn verb(stmt: &Statement) -> &'static str {
+    match stmt.kind {
+        StatementKind::Select => "SELECT",
+        StatementKind::Insert => "INSERT",
+        StatementKind::Update => "UPDATE",
+        StatementKind::Delete => "DELETE",
+        StatementKind::Copy(_) => "COPY",
+        _ => "statement",
+    }
+}
+
+/// The tenant key an expression stands for in this execution; `None` for NULL.
+pub fn resolve(
+    e: &KeyExpr,
+    params: Option<&Params<'_>>,
+    key_type: KeyType,
+) -> Result<Option<TenantKey>, SqlError> {
+    let bad = |v: &str| {
+        SqlError::new(
+            "22P02",
+            format!(
+                "invalid input syntax for tenant key of type {}: \"{v}\"",
+                key_type.sql_name()
+            ),
+        )
+    };
+    match e {
+        KeyExpr::Literal(l) => {
+            let text = match l.strip_prefix('\'').and_then(|s| s.strip_suffix('\'')) {
+                Some(inner) => inner.replace("''", "'"),
+                None => l.clone(),
+            };
+            key_type.parse_text(&text).map(Some).map_err(|_| bad(&text))
+        }
+        KeyExpr::Param(i) => {
+            let Some(p) = params else {
+                return Err(SqlError::new(
+                    "08P01",
+                    format!("there is no parameter ${}", i + 1),
+                ));
+            };
+            let Some(value) = p.values.get(*i) else {
+                return Err(SqlError::new(
+                    "08P01",
+                    format!(
+                        "bind message supplies {} parameters, but the statement uses ${}",
+                        p.values.len(),
+                        i + 1
+                    ),
+                ));
+            };
+            let Some(value) = value else { return Ok(None) };
+            let format = p.formats.get(*i).copied().unwrap_or(0);
+            if format == 0 {
+                let text = std::str::from_utf8(value).map_err(|_| bad("<not UTF-8>"))?;
+                return key_type.parse_text(text).map(Some).map_err(|_| bad(text));
+            }
+            binary_key(value, p.types.get(*i).copied().unwrap_or(0), key_type).map(Some)
+        }
+    }
+}
+
+const INT2: i32 = 21;
+const INT4: i32 = 23;
+const INT8: i32 = 20;
+const TEXT: i32 = 25;
+const VARCHAR: i32 = 1043;
+const BPCHAR: i32 = 1042;
+const UUID: i32 = 2950;
+
+/// A binary-format parameter: decoded by its declared type, or by its length when
+/// the client left the type to the server.
+fn binary_key(v: &[u8], type_oid: i32, key_type: KeyType) -> Result<TenantKey, SqlError> {
+    let bad = || {
+        SqlError::new(
+            "22P03",
+            format!(
+                "cannot read a binary {}-byte parameter (type oid {type_oid}) as a tenant key",
+                v.len()
+            ),
+        )
+    };
+    let key = match (type_oid, v.len()) {
+        (INT8, 8) | (0, 8) if key_type == KeyType::Int => {
+            TenantKey::Int(i64::from_be_bytes(v.try_into().map_err(|_| bad())?))
+        }
+        (INT4, 4) | (0, 4) if key_type == KeyType::Int => {
+            TenantKey::Int(i32::from_be_bytes(v.try_into().map_err(|_| bad())?) as i64)
+        }
+        (INT2, 2) | (0, 2) if key_type == KeyType::Int => {
+            TenantKey::Int(i16::from_be_bytes(v.try_into().map_err(|_| bad())?) as i64)
+        }
+        (UUID, 16) | (0, 16) if key_type == KeyType::Uuid => {
+            TenantKey::Uuid(uuid::Uuid::from_slice(v).map_err(|_| bad())?)
+        }
+        (TEXT | VARCHAR | BPCHAR | 0, _) => {
+            let s = std::str::from_utf8(v).map_err(|_| bad())?;
+            key_type.parse_text(s).map_err(|_| bad())?
+        }
+        _ => return Err(bad()),
+    };
+    key_type.coerce(key).map_err(|_| bad())
+}

@@ -1,0 +1,320 @@
+//! The accept loop: startup, authentication, connection limit and shutdown. Each
+//! accepted client becomes a [`Session`] on its own task.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use rand::Rng;
+use shardgate_directory::DirectoryHandle;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::auth::{self, Credential};
+use crate::backend::ShardAddress;
+use crate::config::RouterConfig;
+use crate::context::RouterContext;
+use crate::pool::ShardPool;
+use crate::protocol::messages::{self, Severity, Startup};
+use crate::protocol::{Connection, ProtocolError};
+use crate::session::Session;
+
+/// A running router. Dropping the handle does not stop it; call [`shutdown`].
+///
+/// [`shutdown`]: RouterHandle::shutdown
+pub struct RouterHandle {
+    pub local_addr: SocketAddr,
+    pub context: Arc<RouterContext>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RouterHandle {
+    /// Stops accepting clients and waits for the accept loop to end. Sessions in
+    /// progress end when their clients disconnect or the process exits.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Errors starting a router.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}; is another process using the port? choose another with --port or listen")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Starts a router: binds the listener, builds the pools, loads the table catalog
+/// (if a shard answers; otherwise later), and serves clients on a new task.
+pub async fn start(
+    config: RouterConfig,
+    directory: DirectoryHandle,
+    shard_addresses: Vec<ShardAddress>,
+) -> Result<RouterHandle, StartError> {
+    let dir = directory.load();
+    if dir.shards.len() != shard_addresses.len() {
+        return Err(StartError::Config(
+            "every shard of the directory needs an address".into(),
+        ));
+    }
+    let pools = dir
+        .shards
+        .iter()
+        .zip(shard_addresses)
+        .map(|(s, addr)| {
+            ShardPool::new(
+                s.name.clone(),
+                addr,
+                config.pool.size,
+                config.pool.queue_timeout,
+                config.pool.connect_timeout,
+            )
+        })
+        .collect();
+    let mut users = HashMap::new();
+    for u in &config.users {
+        users.insert(u.name.clone(), u.credential().map_err(StartError::Config)?);
+    }
+    let listener =
+        TcpListener::bind(&config.listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: config.listen.clone(),
+                source,
+            })?;
+    let local_addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: config.listen.clone(),
+        source,
+    })?;
+    let ctx = Arc::new(RouterContext::new(config, directory, pools, users));
+    if let Err(e) = ctx.refresh_catalog().await {
+        warn!(error = %e, "could not load the table catalog yet; every table counts as a reference table until a shard answers");
+    }
+    load_server_params(&ctx).await;
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(accept_loop(listener, ctx.clone(), stopped));
+    info!(%local_addr, "router listening");
+    Ok(RouterHandle {
+        local_addr,
+        context: ctx,
+        stop,
+        task,
+    })
+}
+
+async fn load_server_params(ctx: &RouterContext) {
+    let dir = ctx.directory.load();
+    let Some((first, _)) = dir.live_shards().next() else {
+        return;
+    };
+    let Some(pool) = ctx.pool(first) else { return };
+    if let Ok(conn) = pool.get().await {
+        let keep = [
+            "server_version",
+            "server_encoding",
+            "client_encoding",
+            "DateStyle",
+            "IntervalStyle",
+            "integer_datetimes",
+            "standard_conforming_strings",
+            "TimeZone",
+        ];
+        let params = conn
+            .params
+            .iter()
+            .filter(|(k, _)| keep.contains(&k.as_str()))
+            .cloned()
+            .collect();
+        *ctx.server_params.lock().unwrap_or_else(|p| p.into_inner()) = params;
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    ctx: Arc<RouterContext>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stopped.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    stream.set_nodelay(true).ok();
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = handle_client(stream, ctx).await {
+                            debug!(%peer, error = %e, "client connection ended");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Counts a client in, and out again on drop.
+struct ClientSlot(Arc<RouterContext>);
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn handle_client(stream: TcpStream, ctx: Arc<RouterContext>) -> Result<(), ProtocolError> {
+    let mut conn = Connection::accepting(stream, ctx.config.max_message_bytes);
+    // Startup: SSL and GSSAPI encryption are declined until TLS exists; the client
+    // then goes on in the clear or gives up, as its sslmode says.
+    let params = loop {
+        let m = conn.read().await?;
+        match Startup::parse(&m)? {
+            Startup::Ssl | Startup::GssEnc => conn.send(b"N").await?,
+            Startup::Cancel { pid, key } => {
+                forward_cancel(&ctx, pid, key).await;
+                return Ok(());
+            }
+            Startup::Unsupported(v) => {
+                let msg = format!(
+                    "unsupported frontend protocol {}.{}: server supports 3.0",
+                    v >> 16,
+                    v & 0xffff
+                );
+                conn.send(&messages::error_response(
+                    Severity::Fatal,
+                    "0A000",
+                    &msg,
+                    None,
+                ))
+                .await?;
+                return Ok(());
+            }
+            Startup::Params(p) => break p,
+        }
+    };
+    conn.end_startup_phase();
+    let slot = ClientSlot(ctx.clone());
+    if ctx.clients.fetch_add(1, Ordering::Relaxed) >= ctx.config.max_client_connections {
+        conn.send(&messages::error_response(
+            Severity::Fatal,
+            "53300",
+            "sorry, too many clients already",
+            None,
+        ))
+        .await?;
+        return Ok(());
+    }
+    let user = params
+        .iter()
+        .find(|(k, _)| k == "user")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    if user.is_empty() {
+        conn.send(&messages::error_response(
+            Severity::Fatal,
+            "28000",
+            "no PostgreSQL user name specified in startup packet",
+            None,
+        ))
+        .await?;
+        return Ok(());
+    }
+    let credential = if ctx.users.is_empty() {
+        Some(&Credential::Trust)
+    } else {
+        ctx.users.get(&user)
+    };
+    let Some(credential) = credential else {
+        let msg = format!("password authentication failed for user \"{user}\"");
+        conn.send(&messages::error_response(
+            Severity::Fatal,
+            "28P01",
+            &msg,
+            None,
+        ))
+        .await?;
+        return Ok(());
+    };
+    if let Err(e) = auth::authenticate_client(&mut conn, &user, credential).await {
+        let msg = match e.sqlstate() {
+            "28P01" => format!("password authentication failed for user \"{user}\""),
+            _ => e.to_string(),
+        };
+        let _ = conn
+            .send(&messages::error_response(
+                Severity::Fatal,
+                e.sqlstate(),
+                &msg,
+                None,
+            ))
+            .await;
+        return Ok(());
+    }
+    conn.queue(&messages::auth_ok());
+    let server_params = ctx
+        .server_params
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    for (k, v) in &server_params {
+        conn.queue(&messages::parameter_status(k, v));
+    }
+    if !server_params.iter().any(|(k, _)| k == "server_version") {
+        conn.queue(&messages::parameter_status(
+            "server_version",
+            "15.0 (shardgate)",
+        ));
+        conn.queue(&messages::parameter_status("client_encoding", "UTF8"));
+        conn.queue(&messages::parameter_status(
+            "standard_conforming_strings",
+            "on",
+        ));
+        conn.queue(&messages::parameter_status("integer_datetimes", "on"));
+        conn.queue(&messages::parameter_status("DateStyle", "ISO, MDY"));
+    }
+    if let Some(app) = params.iter().find(|(k, _)| k == "application_name") {
+        conn.queue(&messages::parameter_status("application_name", &app.1));
+    }
+    let (pid, secret): (i32, i32) = {
+        let mut rng = rand::thread_rng();
+        (rng.gen_range(1..i32::MAX), rng.gen())
+    };
+    ctx.set_cancel((pid, secret), None);
+    conn.queue(&messages::backend_key_data(pid, secret));
+    conn.queue(&messages::ready_for_query(b'I'));
+    conn.flush().await?;
+    let session = Session::new(ctx.clone(), conn, (pid, secret));
+    let result = session.run().await;
+    drop(slot);
+    result.map_err(|e| match e {
+        crate::session::SessionError::Protocol(p) => p,
+    })
+}
+
+/// A client's CancelRequest: sent on to the server running its statement.
+async fn forward_cancel(ctx: &RouterContext, pid: i32, key: i32) {
+    let Some(target) = ctx.cancel_target((pid, key)) else {
+        return;
+    };
+    match TcpStream::connect((target.address.host.as_str(), target.address.port)).await {
+        Ok(stream) => {
+            let mut c = Connection::connecting(stream, 1024);
+            let _ = c
+                .send(&messages::cancel_request(target.pid, target.secret))
+                .await;
+        }
+        Err(e) => warn!(error = %e, "could not forward a cancel request"),
+    }
+}

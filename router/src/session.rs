@@ -1,0 +1,1466 @@
+//! One client connection: startup, then a loop over its messages.
+//!
+//! The session owns at most one server connection at a time (`bound`): borrowed
+//! from the shard's pool when a statement needs it, kept while the server reports
+//! a transaction open, and returned when the server is idle again. `BEGIN` is not
+//! sent anywhere until a statement names a shard: it is answered here, remembered
+//! (`pending_begin`) and sent ahead of that statement.
+//!
+//! Extended-protocol messages are collected until `Sync` (or `Flush`), routed as a
+//! batch, and rewritten on the way: client statement names map to server names
+//! derived from the statement text, so a statement prepared once by the client is
+//! prepared lazily on whichever pooled server connection runs it.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use shardgate_directory::{ShardId, TenantKey};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{debug, warn};
+
+use crate::context::{CancelTarget, RouterContext};
+use crate::error::SqlError;
+use crate::pool::Pooled;
+use crate::protocol::messages::{
+    self, error_summary, query_text, target_and_name, Bind, Parse, Severity,
+};
+use crate::protocol::{Connection, Message, ProtocolError};
+use crate::route::{self, Params, Rules, Target};
+use crate::sql::{Analysis, Statement, StatementKind, TxnControl};
+
+/// Why a session ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+}
+
+/// A statement the client prepared (named or unnamed).
+struct Prepared {
+    sql: Arc<str>,
+    param_types: Vec<i32>,
+    /// The name it has on server connections: `sg_` and a hash of text and types.
+    server_name: String,
+    /// None when the text does not parse: it then goes to a shard, which reports
+    /// the syntax error in Postgres's own words.
+    analysis: Option<Arc<Analysis>>,
+}
+
+struct Bound {
+    shard: ShardId,
+    conn: Pooled,
+}
+
+/// What the relay expects next from the server, in order, for one batch.
+enum Expect {
+    Parse {
+        forward: bool,
+        server_name: String,
+        client_name: Option<String>,
+    },
+    Bind,
+    Close,
+    Describe,
+    Execute,
+    Sync,
+    /// A reply the router makes itself, released in order with the server's.
+    Synth(Bytes),
+}
+
+pub struct Session<S> {
+    ctx: Arc<RouterContext>,
+    client: Connection<S>,
+    cancel_key: (i32, i32),
+    /// `SET shardgate.tenant`: the tenant of statements that name none.
+    tenant: Option<TenantKey>,
+    bound: Option<Bound>,
+    /// Transaction-control statements answered here, to send before the first
+    /// statement that names a shard.
+    pending_begin: Option<Vec<String>>,
+    /// The transaction failed in the router (a routing error inside it): like
+    /// Postgres, refuse everything until ROLLBACK.
+    aborted_locally: bool,
+    /// A Flush left a batch open on `bound` until the next Sync.
+    open_batch: bool,
+    prepared: HashMap<String, Prepared>,
+    batch: Vec<Message>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    pub fn new(ctx: Arc<RouterContext>, client: Connection<S>, cancel_key: (i32, i32)) -> Self {
+        Session {
+            ctx,
+            client,
+            cancel_key,
+            tenant: None,
+            bound: None,
+            pending_begin: None,
+            aborted_locally: false,
+            open_batch: false,
+            prepared: HashMap::new(),
+            batch: Vec::new(),
+        }
+    }
+
+    /// The transaction status to report in ReadyForQuery.
+    fn status(&self) -> u8 {
+        if self.aborted_locally {
+            b'E'
+        } else if self.bound.is_some() || self.pending_begin.is_some() {
+            b'T'
+        } else {
+            b'I'
+        }
+    }
+
+    /// Serves the client until it leaves or its connection breaks.
+    pub async fn run(mut self) -> Result<(), SessionError> {
+        let result = self.serve().await;
+        if let Some(b) = self.bound.as_mut() {
+            // Leaving mid-transaction: the server connection's state is unknown to
+            // the pool, so it is closed (the server rolls back).
+            b.conn.broken = true;
+        }
+        self.ctx.remove_cancel(self.cancel_key);
+        result
+    }
+
+    async fn serve(&mut self) -> Result<(), SessionError> {
+        loop {
+            let m = match self.client.read().await {
+                Ok(m) => m,
+                Err(ProtocolError::Closed) => return Ok(()),
+                Err(e @ ProtocolError::Io(_)) => return Err(e.into()),
+                Err(e) => {
+                    let code = if matches!(e, ProtocolError::TooLarge { .. }) {
+                        "54000"
+                    } else {
+                        "08P01"
+                    };
+                    let msg = messages::error_response(Severity::Fatal, code, &e.to_string(), None);
+                    let _ = self.client.send(&msg).await;
+                    return Err(e.into());
+                }
+            };
+            match m.tag() {
+                b'Q' => self.simple_query(&m).await?,
+                b'P' | b'B' | b'D' | b'E' | b'C' => self.batch.push(m),
+                b'H' => self.run_batch(false).await?,
+                b'S' => {
+                    self.batch.push(m);
+                    self.run_batch(true).await?;
+                }
+                b'X' => return Ok(()),
+                // CopyData/CopyDone/CopyFail after a COPY already ended: ignored, as
+                // Postgres does.
+                b'd' | b'c' | b'f' => {}
+                other => {
+                    let msg = messages::error_response(
+                        Severity::Fatal,
+                        "08P01",
+                        &format!("invalid frontend message type {}", other),
+                        None,
+                    );
+                    let _ = self.client.send(&msg).await;
+                    return Err(ProtocolError::Malformed {
+                        what: "frontend message",
+                    }
+                    .into());
+                }
+            }
+        }
+    }
+
+    // ----- simple query protocol -------------------------------------------------
+
+    async fn simple_query(&mut self, m: &Message) -> Result<(), SessionError> {
+        let sql = match query_text(m) {
+            Ok(s) => s.to_string(),
+            Err(e) => {
+                return self
+                    .fail_simple(SqlError::new("08P01", e.to_string()))
+                    .await
+            }
+        };
+        let analysis = match self.ctx.cache.get(&sql) {
+            Ok(a) => a,
+            Err(_) => {
+                // Not valid SQL: let a shard say so, exactly as Postgres would.
+                let shard = self.bound.as_ref().map(|b| b.shard).unwrap_or_else(|| {
+                    let dir = self.ctx.directory.load();
+                    self.ctx.any_shard(&dir)
+                });
+                return self.forward_simple(shard, m.raw().clone()).await;
+            }
+        };
+        if analysis.statements.is_empty() {
+            self.client.queue(&messages::empty_query_response());
+            return self.ready().await;
+        }
+        if self.aborted_locally {
+            return self.in_aborted_txn(&analysis.statements[0]).await;
+        }
+        if analysis.statements.len() == 1 {
+            if let Some(tag) = self.local_statement(&analysis.statements[0])? {
+                match tag {
+                    Ok(tag) => self.client.queue(&messages::command_complete(&tag)),
+                    Err(e) => self.client.queue(&e.to_message(Severity::Error)),
+                }
+                return self.ready().await;
+            }
+        }
+        let target = match self.route_all(&analysis, None) {
+            Ok(t) => t,
+            Err(e) => return self.fail_simple(e).await,
+        };
+        match target {
+            Target::Shard(s) => self.forward_simple(s, m.raw().clone()).await,
+            Target::Any => {
+                let s = self.any_shard();
+                self.forward_simple(s, m.raw().clone()).await
+            }
+            Target::All => self.run_everywhere(&sql, &analysis).await,
+            Target::Fanout(shards) => self.run_fanout(&analysis.statements[0], shards).await,
+            Target::SplitInsert(parts) => {
+                self.run_split_insert(&analysis.statements[0], parts).await
+            }
+            Target::CopySplit => {
+                self.run_copy_split(&analysis.statements[0], m.raw().clone())
+                    .await
+            }
+        }
+    }
+
+    /// A shard for a statement that can run anywhere: the bound one if any.
+    fn any_shard(&self) -> ShardId {
+        match &self.bound {
+            Some(b) => b.shard,
+            None => {
+                let dir = self.ctx.directory.load();
+                self.ctx.any_shard(&dir)
+            }
+        }
+    }
+
+    /// Statements the router answers itself. Returns the command tag (or an error
+    /// to report) when handled, None when the statement must go to a shard.
+    #[allow(clippy::type_complexity)]
+    fn local_statement(
+        &mut self,
+        stmt: &Statement,
+    ) -> Result<Option<Result<String, SqlError>>, SessionError> {
+        Ok(match &stmt.kind {
+            StatementKind::SetTenant(value) => {
+                let dir = self.ctx.directory.load();
+                match value {
+                    None => {
+                        self.tenant = None;
+                        Some(Ok(if stmt.text.to_ascii_lowercase().starts_with("reset") {
+                            "RESET"
+                        } else {
+                            "SET"
+                        }
+                        .into()))
+                    }
+                    Some(v) => match dir.key_type.parse_text(v) {
+                        Ok(k) => {
+                            self.tenant = Some(k);
+                            Some(Ok("SET".into()))
+                        }
+                        Err(e) => Some(Err(SqlError::new(
+                            "22023",
+                            format!("invalid value for shardgate.tenant: {e}"),
+                        ))),
+                    },
+                }
+            }
+            StatementKind::Txn(TxnControl::Begin) if self.bound.is_none() => {
+                match &mut self.pending_begin {
+                    Some(_) => {
+                        self.client.queue(&messages::error_response(
+                            Severity::Warning,
+                            "25001",
+                            "there is already a transaction in progress",
+                            None,
+                        ));
+                    }
+                    None => self.pending_begin = Some(vec![stmt.text.clone()]),
+                }
+                Some(Ok("BEGIN".into()))
+            }
+            StatementKind::Txn(TxnControl::Savepoint)
+                if self.bound.is_none() && self.pending_begin.is_some() =>
+            {
+                if let Some(p) = &mut self.pending_begin {
+                    p.push(stmt.text.clone());
+                }
+                let first = stmt
+                    .text
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("SAVEPOINT")
+                    .to_ascii_uppercase();
+                Some(Ok(first))
+            }
+            StatementKind::Txn(TxnControl::Commit | TxnControl::Rollback)
+                if self.bound.is_none() && self.pending_begin.is_some() =>
+            {
+                self.pending_begin = None;
+                let commit = matches!(stmt.kind, StatementKind::Txn(TxnControl::Commit));
+                Some(Ok(if commit { "COMMIT" } else { "ROLLBACK" }.into()))
+            }
+            _ => None,
+        })
+    }
+
+    /// In a transaction that failed in the router: only its end is accepted.
+    async fn in_aborted_txn(&mut self, stmt: &Statement) -> Result<(), SessionError> {
+        if matches!(
+            stmt.kind,
+            StatementKind::Txn(TxnControl::Commit | TxnControl::Rollback)
+        ) {
+            self.aborted_locally = false;
+            self.pending_begin = None;
+            if let Some(mut b) = self.bound.take() {
+                if b.conn.simple_query("ROLLBACK").await.is_err() {
+                    b.conn.broken = true;
+                }
+                self.clear_cancel();
+            }
+            self.client.queue(&messages::command_complete("ROLLBACK"));
+        } else {
+            self.client.queue(
+                &SqlError::new(
+                    "25P02",
+                    "current transaction is aborted, commands ignored until end of transaction block".into(),
+                )
+                .to_message(Severity::Error),
+            );
+        }
+        self.ready().await
+    }
+
+    /// Routes every statement of a query string (or a batch) to one target.
+    fn route_all(
+        &self,
+        analysis: &Analysis,
+        params: Option<&Params<'_>>,
+    ) -> Result<Target, SqlError> {
+        let dir = self.ctx.directory.load();
+        let rules = Rules {
+            strict_tenant: self.ctx.config.strict_tenant,
+            allow_cross_shard_writes: self.ctx.config.allow_cross_shard_writes,
+        };
+        let comment_key = match &analysis.comment_key {
+            Some(v) => Some(
+                dir.key_type
+                    .parse_text(v)
+                    .map_err(|e| SqlError::new("22P02", e.to_string()))?,
+            ),
+            None => None,
+        };
+        let fallback = comment_key.as_ref().or(self.tenant.as_ref());
+        let mut combined: Option<Target> = self.bound.as_ref().map(|b| Target::Shard(b.shard));
+        let several = analysis.statements.len() > 1;
+        for stmt in &analysis.statements {
+            let t = route::route(stmt, params, fallback, &dir, &self.ctx.catalog, &rules)?;
+            combined = Some(match (combined, t) {
+                (None, t) => t,
+                (Some(c), Target::Any) => c,
+                (Some(Target::Any), t) => t,
+                (Some(Target::Shard(a)), Target::Shard(b)) if a == b => Target::Shard(a),
+                (Some(Target::All), Target::All) => Target::All,
+                (Some(Target::Shard(a)), Target::Shard(b)) => {
+                    let name = |s: ShardId| {
+                        dir.shards
+                            .get(s)
+                            .map(|x| x.name.clone())
+                            .unwrap_or_default()
+                    };
+                    return Err(SqlError::new(
+                        "0A000",
+                        if self.bound.is_some() {
+                            format!(
+                                "this transaction runs on shard {} and cannot touch shard {}",
+                                name(a),
+                                name(b)
+                            )
+                        } else {
+                            format!("these statements touch shards {} and {}", name(a), name(b))
+                        },
+                    )
+                    .hint("keep each transaction (and each query string) to one tenant's shard"));
+                }
+                (Some(Target::Shard(_)), Target::Fanout(_)) if self.bound.is_some() => {
+                    return Err(SqlError::new(
+                        "0A000",
+                        "a transaction is bound to one shard; this read would need every shard"
+                            .into(),
+                    )
+                    .hint("name the tenant in the query, or run it outside the transaction"));
+                }
+                (Some(_), _) => {
+                    return Err(SqlError::new(
+                        "0A000",
+                        if self.bound.is_some() || self.pending_begin.is_some() {
+                            "statements for several shards (DDL, cross-shard reads or writes) cannot run inside a transaction block".to_string()
+                        } else {
+                            "this query string mixes statements for different shards".to_string()
+                        },
+                    )
+                    .hint("send them one at a time, outside BEGIN … COMMIT"));
+                }
+            });
+            if several && !matches!(combined, Some(Target::Shard(_) | Target::Any | Target::All)) {
+                return Err(SqlError::new(
+                    "0A000",
+                    "a query string of several statements cannot include a cross-shard statement"
+                        .into(),
+                )
+                .hint("send the cross-shard statement on its own"));
+            }
+        }
+        let target = combined.unwrap_or(Target::Any);
+        if self.pending_begin.is_some()
+            && matches!(
+                target,
+                Target::All | Target::SplitInsert(_) | Target::CopySplit
+            )
+        {
+            return Err(SqlError::new(
+                "0A000",
+                "statements for several shards (DDL, cross-shard writes) cannot run inside a transaction block".into(),
+            )
+            .hint("run them outside BEGIN … COMMIT"));
+        }
+        Ok(target)
+    }
+
+    /// Reports an error of the router's own, then ReadyForQuery.
+    async fn fail_simple(&mut self, e: SqlError) -> Result<(), SessionError> {
+        debug!(code = e.code, message = %e.message, "statement refused");
+        self.client.queue(&e.to_message(Severity::Error));
+        if self.bound.is_some() || self.pending_begin.is_some() {
+            self.aborted_locally = true;
+        }
+        self.ready().await
+    }
+
+    async fn ready(&mut self) -> Result<(), SessionError> {
+        self.client.queue(&messages::ready_for_query(self.status()));
+        self.client.flush().await?;
+        Ok(())
+    }
+
+    /// Borrows a server connection on `shard` unless one is bound; sends any
+    /// pending BEGIN ahead. Returns how many ReadyForQuery replies to swallow.
+    async fn bind(&mut self, shard: ShardId) -> Result<usize, SqlError> {
+        if let Some(b) = &self.bound {
+            if b.shard == shard {
+                return Ok(0);
+            }
+            let dir = self.ctx.directory.load();
+            let name = |s: ShardId| {
+                dir.shards
+                    .get(s)
+                    .map(|x| x.name.clone())
+                    .unwrap_or_default()
+            };
+            return Err(SqlError::new(
+                "0A000",
+                format!(
+                    "this transaction runs on shard {} and cannot touch shard {}",
+                    name(b.shard),
+                    name(shard)
+                ),
+            ));
+        }
+        let pool = self
+            .ctx
+            .pool(shard)
+            .ok_or_else(|| SqlError::new("XX000", format!("no pool for shard {shard}")))?;
+        let mut conn = pool
+            .get()
+            .await
+            .map_err(|e| SqlError::new(e.sqlstate(), e.to_string()))?;
+        self.ctx.set_cancel(
+            self.cancel_key,
+            Some(CancelTarget {
+                address: conn.address().clone(),
+                pid: conn.pid,
+                secret: conn.secret,
+            }),
+        );
+        let mut swallow = 0;
+        if let Some(prelude) = self.pending_begin.take() {
+            conn.conn.queue(&messages::query(&prelude.join("; ")));
+            swallow = 1;
+        }
+        self.bound = Some(Bound { shard, conn });
+        Ok(swallow)
+    }
+
+    fn clear_cancel(&self) {
+        self.ctx.set_cancel(self.cancel_key, None);
+    }
+
+    /// After a ReadyForQuery from the server: keep the connection while a
+    /// transaction is open, return it to the pool when idle.
+    fn after_ready(&mut self, status: u8) {
+        if status == b'I' && !self.open_batch {
+            self.bound = None;
+            self.clear_cancel();
+        }
+    }
+
+    /// Sends one simple Query to one shard and relays the answer.
+    async fn forward_simple(&mut self, shard: ShardId, query: Bytes) -> Result<(), SessionError> {
+        let swallow = match self.bind(shard).await {
+            Ok(n) => n,
+            Err(e) => return self.fail_simple(e).await,
+        };
+        let Some(b) = self.bound.as_mut() else {
+            return Ok(());
+        };
+        b.conn.conn.queue(&query);
+        if let Err(e) = b.conn.conn.flush().await {
+            return self.lost_backend(e).await;
+        }
+        match self.relay_until_ready(swallow).await {
+            Ok(status) => {
+                self.after_ready(status);
+                Ok(())
+            }
+            Err(RelayError::Client(e)) => Err(e),
+            Err(RelayError::Backend(e)) => self.lost_backend(e).await,
+        }
+    }
+
+    /// The bound server connection failed mid-statement: tell the client, drop the
+    /// connection, keep the session.
+    async fn lost_backend(&mut self, e: ProtocolError) -> Result<(), SessionError> {
+        let name = self
+            .bound
+            .as_ref()
+            .map(|b| b.conn.shard_name().to_string())
+            .unwrap_or_default();
+        warn!(shard = %name, error = %e, "lost server connection");
+        if let Some(mut b) = self.bound.take() {
+            b.conn.broken = true;
+        }
+        self.clear_cancel();
+        self.pending_begin = None;
+        self.aborted_locally = false;
+        self.open_batch = false;
+        self.client.queue(
+            &SqlError::new("08006", format!("lost the connection to shard {name}: {e}"))
+                .hint("the statement may or may not have been applied; if it was in a transaction, the transaction was rolled back")
+                .to_message(Severity::Error),
+        );
+        self.ready().await
+    }
+
+    /// Relays server messages to the client until ReadyForQuery, swallowing the
+    /// first `swallow` ReadyForQuery (and what precedes them, errors aside) that
+    /// answer statements the router sent on its own.
+    async fn relay_until_ready(&mut self, mut swallow: usize) -> Result<u8, RelayError> {
+        let Some(b) = self.bound.as_mut() else {
+            return Ok(b'I');
+        };
+        loop {
+            let m = b.conn.conn.read().await.map_err(RelayError::Backend)?;
+            let tag = m.tag();
+            if swallow > 0 {
+                if tag == b'Z' {
+                    swallow -= 1;
+                } else if tag == b'E' {
+                    self.client.queue(m.raw());
+                }
+                continue;
+            }
+            self.client.queue(m.raw());
+            match tag {
+                b'Z' => {
+                    self.client.flush().await.map_err(client_err)?;
+                    return Ok(m.body().first().copied().unwrap_or(b'I'));
+                }
+                b'G' => {
+                    // CopyInResponse: the client streams rows to this server.
+                    self.client.flush().await.map_err(client_err)?;
+                    copy_in_passthrough(&mut self.client, &mut b.conn.conn).await?;
+                }
+                _ => {
+                    if !b.conn.conn.has_buffered() || self.client.queued() > 256 * 1024 {
+                        self.client.flush().await.map_err(client_err)?;
+                    }
+                }
+            }
+        }
+    }
+
+    // ----- extended query protocol -----------------------------------------------
+
+    fn server_name(sql: &str, types: &[i32]) -> String {
+        let mut h = DefaultHasher::new();
+        sql.hash(&mut h);
+        types.hash(&mut h);
+        format!("sg_{:016x}", h.finish())
+    }
+
+    /// Runs the collected Parse/Bind/Describe/Execute/Close messages, ending with
+    /// Sync (`sync`) or Flush.
+    async fn run_batch(&mut self, sync: bool) -> Result<(), SessionError> {
+        let batch = std::mem::take(&mut self.batch);
+        if sync && batch.len() == 1 && self.bound.is_none() {
+            // A lone Sync (e.g. after COPY, or an empty pipeline): nothing to run.
+            return self.ready().await;
+        }
+        // First pass: learn statements, find where the batch must run.
+        let mut target: Option<Target> = None;
+        let mut routing_error: Option<SqlError> = None;
+        let mut statements_seen: Vec<Arc<Analysis>> = Vec::new();
+        for m in &batch {
+            match m.tag() {
+                b'P' => match Parse::parse(m) {
+                    Ok(p) => {
+                        let analysis = self.ctx.cache.get(p.query).ok();
+                        let prepared = Prepared {
+                            sql: Arc::from(p.query),
+                            server_name: Self::server_name(p.query, &p.param_types),
+                            param_types: p.param_types.clone(),
+                            analysis,
+                        };
+                        self.prepared.insert(p.name.to_string(), prepared);
+                    }
+                    Err(e) => {
+                        routing_error.get_or_insert(SqlError::new("08P01", e.to_string()));
+                    }
+                },
+                b'B' => {
+                    let t = match Bind::parse(m) {
+                        Err(e) => Err(SqlError::new("08P01", e.to_string())),
+                        Ok(bind) => match self.prepared.get(bind.statement) {
+                            None => Err(unknown_statement(bind.statement)),
+                            Some(p) => match &p.analysis {
+                                None => Ok(Target::Any),
+                                Some(a) => {
+                                    statements_seen.push(a.clone());
+                                    let formats: Vec<i16> =
+                                        (0..bind.params.len()).map(|i| bind.format_of(i)).collect();
+                                    let params = Params {
+                                        values: &bind.params,
+                                        formats: &formats,
+                                        types: &p.param_types,
+                                    };
+                                    self.route_all(a, Some(&params))
+                                }
+                            },
+                        },
+                    };
+                    match t {
+                        Ok(t) => {
+                            target = Some(match (target.take(), t) {
+                                (None, t) | (Some(Target::Any), t) => t,
+                                (Some(c), Target::Any) => c,
+                                (Some(Target::Shard(a)), Target::Shard(b)) if a == b => {
+                                    Target::Shard(a)
+                                }
+                                (Some(_), _) => {
+                                    routing_error.get_or_insert(SqlError::new(
+                                        "0A000",
+                                        "statements of one pipeline (up to Sync) touch different shards".into(),
+                                    ).hint("send a Sync between statements for different tenants"));
+                                    Target::Any
+                                }
+                            })
+                        }
+                        Err(e) => {
+                            routing_error.get_or_insert(e);
+                        }
+                    }
+                }
+                b'D' | b'C' => {
+                    if let Ok((b'S', name)) = target_and_name(m) {
+                        if m.tag() == b'D' && !self.prepared.contains_key(name) {
+                            routing_error.get_or_insert(unknown_statement(name));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if self.aborted_locally {
+            let all_end = !statements_seen.is_empty()
+                && statements_seen.iter().all(|a| {
+                    a.statements.len() == 1
+                        && matches!(
+                            a.statements[0].kind,
+                            StatementKind::Txn(TxnControl::Commit | TxnControl::Rollback)
+                        )
+                });
+            if all_end && self.bound.is_none() {
+                self.aborted_locally = false;
+                self.pending_begin = None;
+                return self.answer_batch_locally(&batch, sync, "ROLLBACK").await;
+            }
+            if !all_end {
+                routing_error = Some(SqlError::new(
+                    "25P02",
+                    "current transaction is aborted, commands ignored until end of transaction block".into(),
+                ));
+            }
+        }
+        if let Some(e) = routing_error {
+            return self.fail_batch(e, sync).await;
+        }
+        // Transaction control that the router answers itself.
+        if self.bound.is_none() && !statements_seen.is_empty() {
+            let kinds: Vec<&StatementKind> = statements_seen
+                .iter()
+                .flat_map(|a| a.statements.iter().map(|s| &s.kind))
+                .collect();
+            if kinds.len() == 1 {
+                let stmt = &statements_seen[0].statements[0];
+                if let StatementKind::Txn(
+                    TxnControl::Begin | TxnControl::Commit | TxnControl::Rollback,
+                )
+                | StatementKind::SetTenant(_) = stmt.kind
+                {
+                    match self.local_statement(stmt)? {
+                        Some(Ok(tag)) => {
+                            return self.answer_batch_locally(&batch, sync, &tag).await
+                        }
+                        Some(Err(e)) => return self.fail_batch(e, sync).await,
+                        None => {}
+                    }
+                }
+            }
+        }
+        if matches!(target, Some(Target::CopySplit)) {
+            if let Some(a) = statements_seen.first().cloned() {
+                return self.copy_split_extended(&batch, &a.statements[0]).await;
+            }
+        }
+        let shard = match target.unwrap_or(Target::Any) {
+            Target::Shard(s) => s,
+            Target::Any => self.any_shard(),
+            _ => {
+                return self
+                    .fail_batch(
+                        SqlError::new(
+                            "0A000",
+                            "this statement needs several shards, which the extended query protocol does not support yet".into(),
+                        )
+                        .hint("name the tenant (WHERE tenant_id = …) or send the statement as a simple query"),
+                        sync,
+                    )
+                    .await
+            }
+        };
+        // Parse/Describe without Execute (a driver preparing a statement) inside a
+        // transaction that has not reached a shard yet must not pin it to one:
+        // run it on a connection of its own and keep BEGIN pending.
+        let has_execute = batch.iter().any(|m| m.tag() == b'E');
+        let held_begin = if !has_execute && self.bound.is_none() {
+            self.pending_begin.take()
+        } else {
+            None
+        };
+        let swallow = match self.bind(shard).await {
+            Ok(n) => n,
+            Err(e) => {
+                if held_begin.is_some() {
+                    self.pending_begin = held_begin;
+                }
+                return self.fail_batch(e, sync).await;
+            }
+        };
+        self.open_batch = !sync;
+        let expects = self.rewrite_batch(&batch, swallow);
+        let Some(b) = self.bound.as_mut() else {
+            return Ok(());
+        };
+        if let Err(e) = b.conn.conn.flush().await {
+            return self.lost_backend(e).await;
+        }
+        let relayed = self.relay_batch(expects).await;
+        if held_begin.is_some() {
+            self.pending_begin = held_begin;
+        }
+        match relayed {
+            Ok(Some(status)) => {
+                self.after_ready(status);
+                let status = if self.bound.is_none() {
+                    self.status()
+                } else {
+                    status
+                };
+                self.client.queue(&messages::ready_for_query(status));
+                self.client.flush().await?;
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(RelayError::Client(e)) => Err(e),
+            Err(RelayError::Backend(e)) => self.lost_backend(e).await,
+        }
+    }
+
+    /// Queues the batch on the bound connection with statement names rewritten,
+    /// and returns the replies to expect.
+    fn rewrite_batch(&mut self, batch: &[Message], swallow: usize) -> VecDeque<Expect> {
+        let mut expects = VecDeque::with_capacity(batch.len() + swallow);
+        let Some(b) = self.bound.as_mut() else {
+            return expects;
+        };
+        let backend = &mut b.conn;
+        for _ in 0..swallow {
+            expects.push_back(Expect::Sync);
+        }
+        // Make sure `name` is prepared on this connection, injecting a Parse.
+        fn ensure(
+            backend: &mut crate::backend::Backend,
+            p: &Prepared,
+            expects: &mut VecDeque<Expect>,
+        ) {
+            if backend.prepared.insert(p.server_name.clone()) {
+                backend
+                    .conn
+                    .queue(&messages::parse(&p.server_name, &p.sql, &p.param_types));
+                expects.push_back(Expect::Parse {
+                    forward: false,
+                    server_name: p.server_name.clone(),
+                    client_name: None,
+                });
+            }
+        }
+        for m in batch {
+            match m.tag() {
+                b'P' => {
+                    let Ok(parse) = Parse::parse(m) else { continue };
+                    let Some(p) = self.prepared.get(parse.name) else {
+                        continue;
+                    };
+                    if backend.prepared.insert(p.server_name.clone()) {
+                        backend.conn.queue(&messages::parse(
+                            &p.server_name,
+                            &p.sql,
+                            &p.param_types,
+                        ));
+                        expects.push_back(Expect::Parse {
+                            forward: true,
+                            server_name: p.server_name.clone(),
+                            client_name: Some(parse.name.to_string()),
+                        });
+                    } else {
+                        expects.push_back(Expect::Synth(messages::parse_complete()));
+                    }
+                }
+                b'B' => {
+                    let Ok(bind) = Bind::parse(m) else { continue };
+                    let Some(p) = self.prepared.get(bind.statement) else {
+                        continue;
+                    };
+                    ensure(backend, p, &mut expects);
+                    backend.conn.queue(&bind.with_statement(&p.server_name));
+                    expects.push_back(Expect::Bind);
+                }
+                b'D' => match target_and_name(m) {
+                    Ok((b'S', name)) => {
+                        let Some(p) = self.prepared.get(name) else {
+                            continue;
+                        };
+                        ensure(backend, p, &mut expects);
+                        backend
+                            .conn
+                            .queue(&messages::describe(b'S', &p.server_name));
+                        expects.push_back(Expect::Describe);
+                    }
+                    _ => {
+                        backend.conn.queue(m.raw());
+                        expects.push_back(Expect::Describe);
+                    }
+                },
+                b'C' => match target_and_name(m) {
+                    Ok((b'S', name)) => {
+                        // The server keeps its copy for the next client that needs it.
+                        self.prepared.remove(name);
+                        expects.push_back(Expect::Synth(messages::close_complete()));
+                    }
+                    _ => {
+                        backend.conn.queue(m.raw());
+                        expects.push_back(Expect::Close);
+                    }
+                },
+                b'E' => {
+                    backend.conn.queue(m.raw());
+                    expects.push_back(Expect::Execute);
+                }
+                b'S' => {
+                    backend.conn.queue(m.raw());
+                    expects.push_back(Expect::Sync);
+                }
+                _ => {}
+            }
+        }
+        if !matches!(expects.back(), Some(Expect::Sync)) {
+            // A Flush: make the server send what it has.
+            backend.conn.queue(&messages::simple(b'H'));
+        }
+        expects
+    }
+
+    /// Relays the server's replies to a rewritten batch. Returns the transaction
+    /// status if the batch ended with Sync.
+    async fn relay_batch(
+        &mut self,
+        mut expects: VecDeque<Expect>,
+    ) -> Result<Option<u8>, RelayError> {
+        let Some(b) = self.bound.as_mut() else {
+            return Ok(None);
+        };
+        let swallowed_syncs = expects
+            .iter()
+            .take_while(|e| matches!(e, Expect::Sync))
+            .count();
+        let mut prelude_syncs = swallowed_syncs.min(expects.len().saturating_sub(1));
+        let mut skipping = false;
+        let mut status = None;
+        while let Some(exp) = expects.pop_front() {
+            let prelude = prelude_syncs > 0;
+            if let Expect::Synth(bytes) = &exp {
+                if !skipping {
+                    self.client.queue(bytes);
+                }
+                continue;
+            }
+            if skipping && !matches!(exp, Expect::Sync) {
+                // The server skips everything up to Sync after an error.
+                if let Expect::Parse { server_name, .. } = &exp {
+                    b.conn.prepared.remove(server_name);
+                }
+                continue;
+            }
+            loop {
+                let m = b.conn.conn.read().await.map_err(RelayError::Backend)?;
+                let tag = m.tag();
+                if prelude {
+                    // The reply to a pending BEGIN sent ahead: only errors matter.
+                    if tag == b'E' {
+                        self.client.queue(m.raw());
+                    }
+                    if tag == b'Z' {
+                        prelude_syncs -= 1;
+                        break;
+                    }
+                    continue;
+                }
+                match tag {
+                    b'N' | b'S' | b'A' => self.client.queue(m.raw()),
+                    b'E' => {
+                        self.client.queue(m.raw());
+                        if let Expect::Parse {
+                            server_name,
+                            client_name,
+                            ..
+                        } = &exp
+                        {
+                            b.conn.prepared.remove(server_name);
+                            if let Some(c) = client_name {
+                                self.prepared.remove(c);
+                            }
+                        }
+                        if matches!(exp, Expect::Sync) {
+                            continue; // e.g. a deferred constraint failing at commit
+                        }
+                        skipping = true;
+                        break;
+                    }
+                    b'1' => {
+                        if matches!(exp, Expect::Parse { forward: true, .. }) {
+                            self.client.queue(m.raw());
+                        }
+                        break;
+                    }
+                    b'2' | b'3' | b'n' | b'T' | b'C' | b'I' | b's' => {
+                        self.client.queue(m.raw());
+                        break;
+                    }
+                    b'Z' => {
+                        // Queued by the caller, who may report another status.
+                        status = m.body().first().copied();
+                        break;
+                    }
+                    b'G' => {
+                        self.client.queue(m.raw());
+                        self.client.flush().await.map_err(client_err)?;
+                        copy_in_passthrough(&mut self.client, &mut b.conn.conn).await?;
+                        // The server ignored the batch's Sync during the copy; the
+                        // client's next Sync ends the pipeline on this connection.
+                        if let Some(pos) = expects.iter().position(|e| matches!(e, Expect::Sync)) {
+                            expects.remove(pos);
+                            self.open_batch = true;
+                        }
+                    }
+                    _ => {
+                        // DataRow, ParameterDescription, CopyOut data …
+                        self.client.queue(m.raw());
+                        if self.client.queued() > 256 * 1024 {
+                            self.client.flush().await.map_err(client_err)?;
+                        }
+                    }
+                }
+            }
+            if matches!(exp, Expect::Sync) {
+                skipping = false;
+            }
+        }
+        self.client.flush().await.map_err(client_err)?;
+        if status.is_some() {
+            self.open_batch = false;
+        }
+        Ok(status)
+    }
+
+    /// Answers a batch whose only statement the router handles itself (BEGIN,
+    /// COMMIT of a transaction that never reached a shard, SET shardgate.tenant).
+    async fn answer_batch_locally(
+        &mut self,
+        batch: &[Message],
+        sync: bool,
+        tag: &str,
+    ) -> Result<(), SessionError> {
+        for m in batch {
+            match m.tag() {
+                b'P' => self.client.queue(&messages::parse_complete()),
+                b'B' => self.client.queue(&messages::bind_complete()),
+                b'D' => {
+                    if let Ok((b'S', _)) = target_and_name(m) {
+                        self.client
+                            .queue(&messages::Builder::new(b't').i16(0).finish());
+                    }
+                    self.client.queue(&messages::no_data());
+                }
+                b'E' => self.client.queue(&messages::command_complete(tag)),
+                b'C' => self.client.queue(&messages::close_complete()),
+                _ => {}
+            }
+        }
+        if sync {
+            self.client.queue(&messages::ready_for_query(self.status()));
+        }
+        self.client.flush().await?;
+        Ok(())
+    }
+
+    /// `COPY … FROM STDIN` into a sharded table sent with the extended protocol
+    /// (Bind, Execute, Sync, then the data). As in Postgres, the Sync sent before
+    /// the data is ignored; the client's Sync after CopyDone gets ReadyForQuery.
+    async fn copy_split_extended(
+        &mut self,
+        batch: &[Message],
+        stmt: &Statement,
+    ) -> Result<(), SessionError> {
+        for m in batch {
+            match m.tag() {
+                b'P' => self.client.queue(&messages::parse_complete()),
+                b'B' => self.client.queue(&messages::bind_complete()),
+                b'D' => {
+                    if let Ok((b'S', _)) = target_and_name(m) {
+                        self.client
+                            .queue(&messages::Builder::new(b't').i16(0).finish());
+                    }
+                    self.client.queue(&messages::no_data());
+                }
+                b'E' => {
+                    self.client.flush().await?;
+                    let dir = self.ctx.directory.load();
+                    match crate::copy::copy_in_split(&self.ctx, &dir, stmt, &mut self.client).await
+                    {
+                        Ok(tag) => self.client.queue(&messages::command_complete(&tag)),
+                        Err(crate::copy::CopyError::Client(e)) => return Err(e.into()),
+                        Err(crate::copy::CopyError::Sql(e)) => {
+                            self.client.queue(&e.to_message(Severity::Error))
+                        }
+                    }
+                    break;
+                }
+                _ => {}
+            }
+        }
+        self.client.flush().await?;
+        Ok(())
+    }
+
+    /// A batch refused by the router: the error, then (at Sync) ReadyForQuery.
+    async fn fail_batch(&mut self, e: SqlError, sync: bool) -> Result<(), SessionError> {
+        debug!(code = e.code, message = %e.message, "batch refused");
+        self.client.queue(&e.to_message(Severity::Error));
+        if self.bound.is_some() || self.pending_begin.is_some() {
+            self.aborted_locally = true;
+        }
+        if sync {
+            if self.open_batch {
+                // A Flush left part of this pipeline on the server: end it there.
+                self.open_batch = false;
+                if let Some(b) = self.bound.as_mut() {
+                    b.conn.conn.queue(&messages::sync());
+                    let _ = b.conn.conn.flush().await;
+                    loop {
+                        match b.conn.conn.read().await {
+                            Ok(m) if m.tag() == b'Z' => break,
+                            Ok(_) => {}
+                            Err(_) => {
+                                b.conn.broken = true;
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            self.client.queue(&messages::ready_for_query(self.status()));
+        } else {
+            // After an error the client's batch is skipped up to its Sync.
+            self.skip_to_sync().await?;
+            self.client.queue(&messages::ready_for_query(self.status()));
+        }
+        self.client.flush().await?;
+        Ok(())
+    }
+
+    async fn skip_to_sync(&mut self) -> Result<(), SessionError> {
+        self.client.flush().await?;
+        loop {
+            let m = self.client.read().await?;
+            match m.tag() {
+                b'S' => return Ok(()),
+                b'X' => return Err(ProtocolError::Closed.into()),
+                _ => {}
+            }
+        }
+    }
+
+    // ----- statements that run on several shards ---------------------------------
+
+    /// DDL and writes to reference tables: every live shard, one after another.
+    async fn run_everywhere(&mut self, sql: &str, analysis: &Analysis) -> Result<(), SessionError> {
+        let dir = self.ctx.directory.load();
+        let shards: Vec<ShardId> = dir.live_shards().map(|(i, _)| i).collect();
+        let mut first_reply: Option<Vec<Bytes>> = None;
+        let mut failure: Option<Bytes> = None;
+        for &s in &shards {
+            match self.collect_on(s, sql).await {
+                Ok((reply, err)) => {
+                    if let Some(e) = err {
+                        let (code, msg) = error_summary(&Message::from_raw(e.clone()));
+                        warn!(shard = %dir.shards[s].name, %code, %msg, "statement failed on one shard");
+                        if failure.is_none() {
+                            failure = Some(prefix_error(&e, &dir.shards[s].name));
+                        }
+                    }
+                    first_reply.get_or_insert(reply);
+                }
+                Err(e) => {
+                    failure.get_or_insert(e.to_message(Severity::Error));
+                }
+            }
+        }
+        match failure {
+            Some(e) => self.client.queue(&e),
+            None => {
+                for m in first_reply.unwrap_or_default() {
+                    self.client.queue(&m);
+                }
+            }
+        }
+        if analysis
+            .statements
+            .iter()
+            .any(|s| s.kind == StatementKind::Ddl)
+        {
+            if let Err(e) = self.ctx.refresh_catalog().await {
+                warn!(error = %e, "could not refresh the table catalog after DDL");
+            }
+        }
+        self.ready().await
+    }
+
+    /// Runs a simple query on one shard outside any session transaction and returns
+    /// its replies (without ReadyForQuery) and its first error, if any.
+    async fn collect_on(
+        &self,
+        shard: ShardId,
+        sql: &str,
+    ) -> Result<(Vec<Bytes>, Option<Bytes>), SqlError> {
+        let pool = self
+            .ctx
+            .pool(shard)
+            .ok_or_else(|| SqlError::new("XX000", format!("no pool for shard {shard}")))?;
+        let mut conn = pool
+            .get()
+            .await
+            .map_err(|e| SqlError::new(e.sqlstate(), e.to_string()))?;
+        let name = conn.shard_name().to_string();
+        let lost = |e: ProtocolError| {
+            SqlError::new("08006", format!("lost the connection to shard {name}: {e}"))
+        };
+        conn.conn.send(&messages::query(sql)).await.map_err(|e| {
+            conn.broken = true;
+            lost(e)
+        })?;
+        let mut replies = Vec::new();
+        let mut error = None;
+        loop {
+            let m = match conn.conn.read().await {
+                Ok(m) => m,
+                Err(e) => {
+                    conn.broken = true;
+                    return Err(lost(e));
+                }
+            };
+            match m.tag() {
+                b'Z' => break,
+                b'E' => {
+                    error.get_or_insert(m.raw().clone());
+                }
+                b'G' => {
+                    // COPY FROM STDIN cannot be fed here.
+                    conn.conn.queue(
+                        &messages::Builder::new(b'f')
+                            .cstr("not supported here")
+                            .finish(),
+                    );
+                    let _ = conn.conn.flush().await;
+                }
+                _ => replies.push(m.raw().clone()),
+            }
+        }
+        Ok((replies, error))
+    }
+
+    /// A read without a tenant: every shard (concurrently), results merged.
+    async fn run_fanout(
+        &mut self,
+        stmt: &Statement,
+        shards: Vec<ShardId>,
+    ) -> Result<(), SessionError> {
+        let plan = match crate::fanout::plan(&stmt.text) {
+            Ok(p) => p,
+            Err(e) => {
+                return self
+                    .fail_simple(SqlError::new("0A000", e.to_string()))
+                    .await
+            }
+        };
+        let this = &*self;
+        let runs = shards.iter().map(|&s| {
+            let sql = plan.shard_sql.as_str();
+            async move { this.collect_on(s, sql).await }
+        });
+        let answers = futures::future::join_all(runs).await;
+        let dir = self.ctx.directory.load();
+        let mut results = Vec::with_capacity(answers.len());
+        for (answer, &s) in answers.into_iter().zip(&shards) {
+            match answer {
+                Err(e) => return self.fail_simple(e).await,
+                Ok((_, Some(err))) => {
+                    let name = dir.shards.get(s).map(|x| x.name.as_str()).unwrap_or("?");
+                    self.client.queue(&prefix_error(&err, name));
+                    return self.ready().await;
+                }
+                Ok((replies, None)) => {
+                    let mut rd = None;
+                    let mut rows = Vec::new();
+                    for r in replies {
+                        match r.first() {
+                            Some(b'T') => rd = Some(r),
+                            Some(b'D') => rows.push(r),
+                            _ => {}
+                        }
+                    }
+                    let Some(row_description) = rd else {
+                        return self
+                            .fail_simple(SqlError::new(
+                                "0A000",
+                                "a cross-shard statement must return rows".into(),
+                            ))
+                            .await;
+                    };
+                    results.push(crate::fanout::ShardResult {
+                        row_description,
+                        rows,
+                    });
+                }
+            }
+        }
+        match crate::fanout::merge(&plan.merge, results) {
+            Ok(merged) => {
+                self.client.queue(&merged.row_description);
+                for r in &merged.rows {
+                    self.client.queue(r);
+                    if self.client.queued() > 256 * 1024 {
+                        self.client.flush().await?;
+                    }
+                }
+                self.client
+                    .queue(&messages::command_complete(&merged.command_tag));
+                self.ready().await
+            }
+            Err(e) => {
+                self.fail_simple(SqlError::new("0A000", e.to_string()))
+                    .await
+            }
+        }
+    }
+
+    async fn run_split_insert(
+        &mut self,
+        stmt: &Statement,
+        parts: Vec<(ShardId, Vec<usize>)>,
+    ) -> Result<(), SessionError> {
+        let texts = match crate::split::insert_per_shard(&stmt.text, &parts) {
+            Ok(t) => t,
+            Err(e) => return self.fail_simple(e).await,
+        };
+        // Not atomic across shards; each shard's part commits on its own.
+        let mut total = 0u64;
+        let mut header: Option<Bytes> = None;
+        let mut rows = Vec::new();
+        for (shard, sql) in texts {
+            match self.collect_on(shard, &sql).await {
+                Err(e) => return self.fail_simple(e).await,
+                Ok((_, Some(err))) => {
+                    let dir = self.ctx.directory.load();
+                    let name = dir
+                        .shards
+                        .get(shard)
+                        .map(|x| x.name.clone())
+                        .unwrap_or_default();
+                    self.client.queue(&prefix_error(&err, &name));
+                    return self.ready().await;
+                }
+                Ok((replies, None)) => {
+                    for r in replies {
+                        match r.first() {
+                            Some(b'T') => {
+                                header.get_or_insert(r);
+                            }
+                            Some(b'D') => rows.push(r),
+                            Some(b'C') => {
+                                let tag = String::from_utf8_lossy(&r[5..r.len().saturating_sub(1)])
+                                    .to_string();
+                                total += tag
+                                    .rsplit(' ')
+                                    .next()
+                                    .and_then(|n| n.parse::<u64>().ok())
+                                    .unwrap_or(0);
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(h) = header {
+            self.client.queue(&h);
+        }
+        for r in rows {
+            self.client.queue(&r);
+        }
+        self.client
+            .queue(&messages::command_complete(&format!("INSERT 0 {total}")));
+        self.ready().await
+    }
+
+    async fn run_copy_split(
+        &mut self,
+        stmt: &Statement,
+        _query: Bytes,
+    ) -> Result<(), SessionError> {
+        let dir = self.ctx.directory.load();
+        let result = crate::copy::copy_in_split(&self.ctx, &dir, stmt, &mut self.client).await;
+        match result {
+            Ok(tag) => {
+                self.client.queue(&messages::command_complete(&tag));
+                self.ready().await
+            }
+            Err(crate::copy::CopyError::Client(e)) => Err(e.into()),
+            Err(crate::copy::CopyError::Sql(e)) => self.fail_simple(e).await,
+        }
+    }
+}
+
+fn unknown_statement(name: &str) -> SqlError {
+    SqlError::new(
+        "26000",
+        format!("prepared statement \"{name}\" does not exist"),
+    )
+}
+
+/// A shard's ErrorResponse with the shard named in its message.
+fn prefix_error(err: &Bytes, shard: &str) -> Bytes {
+    let fields = messages::error_fields(&Message::from_raw(err.clone()));
+    let mut b = messages::Builder::new(b'E');
+    for (code, value) in fields {
+        if code == b'M' {
+            b.u8(code).cstr(&format!("{value} (on shard {shard})"));
+        } else {
+            b.u8(code).cstr(&value);
+        }
+    }
+    b.u8(0).finish()
+}
+
+enum RelayError {
+    Client(SessionError),
+    Backend(ProtocolError),
+}
+
+impl From<SessionError> for RelayError {
+    fn from(e: SessionError) -> Self {
+        RelayError::Client(e)
+    }
+}
+
+fn client_err(e: ProtocolError) -> RelayError {
+    RelayError::Client(e.into())
+}
+
+/// COPY FROM STDIN to one server: client CopyData/CopyDone/CopyFail go through
+/// as they come, until the client ends the copy.
+async fn copy_in_passthrough<C, B>(
+    client: &mut Connection<C>,
+    backend: &mut Connection<B>,
+) -> Result<(), RelayError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        let m = client
+            .read()
+            .await
+            .map_err(|e| RelayError::Client(e.into()))?;
+        backend.queue(m.raw());
+        let done = matches!(m.tag(), b'c' | b'f');
+        if done || !client.has_buffered() || backend.queued() > 256 * 1024 {
+            backend.flush().await.map_err(RelayError::Backend)?;
+        }
+        match m.tag() {
+            b'd' | b'H' | b'S' => {}
+            b'c' | b'f' => return Ok(()),
+            _ => {
+                // Anything else ends the copy with an error on the server's side.
+                backend.queue(
+                    &messages::Builder::new(b'f')
+                        .cstr("unexpected message during COPY")
+                        .finish(),
+                );
+                backend.flush().await.map_err(RelayError::Backend)?;
+                return Ok(());
+            }
+        }
+    }
+}

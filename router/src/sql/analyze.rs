@@ -1,0 +1,717 @@
+use pg_query::protobuf::{self, a_const, node::Node as N, Node};
+
+/// Where a tenant key's value comes from in a statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyExpr {
+    /// A literal, in its SQL text form (`42`, `'acme'`).
+    Literal(String),
+    /// Bind parameter `$n`, zero-based here.
+    Param(usize),
+}
+
+/// The keys a statement is restricted to, if any.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum KeyCandidates {
+    /// No condition on the key column: every tenant may be touched.
+    #[default]
+    None,
+    /// The statement touches only tenants among these (one for `=`, several for `IN`
+    /// or `OR`).
+    Any(Vec<KeyExpr>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TxnControl {
+    Begin,
+    Commit,
+    Rollback,
+    /// SAVEPOINT, RELEASE, ROLLBACK TO: inside a transaction, they follow it.
+    Savepoint,
+    /// PREPARE TRANSACTION and friends: two-phase commit is not routed.
+    TwoPhase,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StatementKind {
+    Select,
+    Insert,
+    Update,
+    Delete,
+    Copy(CopyInfo),
+    /// Schema changes: run on every shard.
+    Ddl,
+    Txn(TxnControl),
+    /// `SET shardgate.tenant = …` (Some) or `RESET shardgate.tenant` (None).
+    SetTenant(Option<String>),
+    /// SET/RESET/SHOW/DISCARD and other session utilities.
+    Session,
+    /// Anything else (EXPLAIN, LISTEN, VACUUM …): follows its tables, or any shard.
+    Other,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyInfo {
+    pub from_stdin: bool,
+    pub table: Option<String>,
+    /// The column list, if the statement names one.
+    pub columns: Option<Vec<String>>,
+    pub format: CopyFormat,
+    pub delimiter: Option<u8>,
+    pub header: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyFormat {
+    Text,
+    Csv,
+    Binary,
+}
+
+/// An `INSERT … VALUES` whose rows may belong to different tenants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InsertInfo {
+    pub table: String,
+    pub columns: Option<Vec<String>>,
+    /// For each row, the expression at every position (None where it is not a
+    /// literal or parameter).
+    pub rows: Vec<Vec<Option<KeyExpr>>>,
+    pub has_returning: bool,
+}
+
+/// One statement of a query string.
+#[derive(Debug, Clone)]
+pub struct Statement {
+    pub kind: StatementKind,
+    /// The statement's own text (a query string may hold several).
+    pub text: String,
+    /// Relations named anywhere in the statement, as `name` or `schema.name`.
+    pub tables: Vec<String>,
+    /// Relations the statement writes (INSERT/UPDATE/DELETE target, DDL objects).
+    pub written: Vec<String>,
+    pub keys: KeyCandidates,
+    pub insert: Option<InsertInfo>,
+    /// `CREATE TABLE` of a table with the key column: it becomes sharded.
+    pub creates_sharded: Option<String>,
+    /// The highest `$n` used.
+    pub max_param: usize,
+}
+
+/// Everything the router learned from one query string.
+#[derive(Debug, Clone)]
+pub struct Analysis {
+    pub statements: Vec<Statement>,
+    /// The `/* tenant_id=… */` comment, if the text carries one.
+    pub comment_key: Option<String>,
+}
+
+pub fn analyze(sql: &str, key_column: &str) -> Result<Analysis, String> {
+    let parsed = pg_query::parse(sql, 0).map_err(|e| e.to_string())?;
+    let mut statements = Vec::with_capacity(parsed.protobuf.stmts.len());
+    for raw in &parsed.protobuf.stmts {
+        let Some(node) = raw.stmt.as_deref().and_then(|n| n.node.as_ref()) else {
+            continue;
+        };
+        let start = raw.stmt_location.max(0) as usize;
+        let end = if raw.stmt_len == 0 {
+            sql.len()
+        } else {
+            start + raw.stmt_len as usize
+        };
+        let text = sql
+            .get(start..end.min(sql.len()))
+            .unwrap_or(sql)
+            .trim()
+            .to_string();
+        statements.push(statement(node, text, key_column));
+    }
+    Ok(Analysis {
+        statements,
+        comment_key: comment_key(sql, key_column),
+    })
+}
+
+fn statement(node: &N, text: String, key_column: &str) -> Statement {
+    let mut s = Statement {
+        kind: StatementKind::Other,
+        text,
+        tables: Vec::new(),
+        written: Vec::new(),
+        keys: KeyCandidates::None,
+        insert: None,
+        creates_sharded: None,
+        max_param: 0,
+    };
+    let k = KeyFinder { column: key_column };
+    match node {
+        N::SelectStmt(sel) => {
+            s.kind = StatementKind::Select;
+            s.keys = k.select_keys(sel);
+        }
+        N::InsertStmt(ins) => {
+            s.kind = StatementKind::Insert;
+            let table = ins.relation.as_ref().map(relname).unwrap_or_default();
+            s.written.push(table.clone());
+            let columns = if ins.cols.is_empty() {
+                None
+            } else {
+                Some(
+                    ins.cols
+                        .iter()
+                        .filter_map(|c| match &c.node {
+                            Some(N::ResTarget(t)) => Some(t.name.clone()),
+                            _ => None,
+                        })
+                        .collect::<Vec<_>>(),
+                )
+            };
+            let rows = match ins.select_stmt.as_deref().and_then(|n| n.node.as_ref()) {
+                Some(N::SelectStmt(sel)) if !sel.values_lists.is_empty() => Some(
+                    sel.values_lists
+                        .iter()
+                        .map(|row| match &row.node {
+                            Some(N::List(l)) => l.items.iter().map(value_expr).collect(),
+                            _ => Vec::new(),
+                        })
+                        .collect::<Vec<_>>(),
+                ),
+                Some(N::SelectStmt(sel)) => {
+                    // INSERT … SELECT: the rows follow the SELECT's key.
+                    s.keys = k.select_keys(sel);
+                    None
+                }
+                _ => None,
+            };
+            if let Some(rows) = rows {
+                s.insert = Some(InsertInfo {
+                    table,
+                    columns,
+                    rows,
+                    has_returning: ins.returning_clause.is_some(),
+                });
+            }
+        }
+        N::UpdateStmt(upd) => {
+            s.kind = StatementKind::Update;
+            s.written.extend(upd.relation.as_ref().map(relname));
+            s.keys = k.where_keys(upd.where_clause.as_deref());
+        }
+        N::DeleteStmt(del) => {
+            s.kind = StatementKind::Delete;
+            s.written.extend(del.relation.as_ref().map(relname));
+            s.keys = k.where_keys(del.where_clause.as_deref());
+        }
+        N::CopyStmt(copy) => {
+            s.kind = StatementKind::Copy(copy_info(copy));
+            if let Some(N::SelectStmt(sel)) = copy.query.as_deref().and_then(|n| n.node.as_ref()) {
+                s.keys = k.select_keys(sel);
+            }
+            if copy.is_from {
+                s.written.extend(copy.relation.as_ref().map(relname));
+            }
+        }
+        N::TransactionStmt(t) => {
+            use protobuf::TransactionStmtKind as T;
+            s.kind = StatementKind::Txn(match T::try_from(t.kind).unwrap_or(T::Undefined) {
+                T::TransStmtBegin | T::TransStmtStart => TxnControl::Begin,
+                T::TransStmtCommit => TxnControl::Commit,
+                T::TransStmtRollback => TxnControl::Rollback,
+                T::TransStmtSavepoint | T::TransStmtRelease | T::TransStmtRollbackTo => {
+                    TxnControl::Savepoint
+                }
+                _ => TxnControl::TwoPhase,
+            });
+        }
+        N::VariableSetStmt(v) if v.name.eq_ignore_ascii_case("shardgate.tenant") => {
+            use protobuf::VariableSetKind as V;
+            let value = match V::try_from(v.kind).unwrap_or(V::Undefined) {
+                V::VarSetValue => v.args.first().and_then(value_expr).and_then(|e| match e {
+                    KeyExpr::Literal(l) => Some(unquote(&l)),
+                    KeyExpr::Param(_) => None,
+                }),
+                _ => None,
+            };
+            s.kind = StatementKind::SetTenant(value);
+        }
+        N::VariableSetStmt(_)
+        | N::VariableShowStmt(_)
+        | N::DiscardStmt(_)
+        | N::DeallocateStmt(_)
+        | N::PrepareStmt(_)
+        | N::ExecuteStmt(_) => s.kind = StatementKind::Session,
+        N::CreateStmt(c) => {
+            s.kind = StatementKind::Ddl;
+            let table = c.relation.as_ref().map(relname).unwrap_or_default();
+            let has_key = c.table_elts.iter().any(|e| match &e.node {
+                Some(N::ColumnDef(d)) => d.colname.eq_ignore_ascii_case(key_column),
+                _ => false,
+            });
+            if has_key {
+                s.creates_sharded = Some(table.clone());
+            }
+            s.written.push(table);
+        }
+        N::AlterTableStmt(_)
+        | N::DropStmt(_)
+        | N::TruncateStmt(_)
+        | N::IndexStmt(_)
+        | N::CreateSchemaStmt(_)
+        | N::CreateSeqStmt(_)
+        | N::AlterSeqStmt(_)
+        | N::ViewStmt(_)
+        | N::CreateTableAsStmt(_)
+        | N::RenameStmt(_)
+        | N::CommentStmt(_)
+        | N::CreateFunctionStmt(_)
+        | N::CreateExtensionStmt(_)
+        | N::CreateEnumStmt(_)
+        | N::CompositeTypeStmt(_)
+        | N::DefineStmt(_)
+        | N::GrantStmt(_)
+        | N::CreateTrigStmt(_)
+        | N::AlterObjectSchemaStmt(_)
+        | N::CreateDomainStmt(_) => s.kind = StatementKind::Ddl,
+        _ => {}
+    }
+    let mut walker = Walker::default();
+    walker.node(node);
+    s.tables = walker.tables;
+    s.max_param = walker.max_param;
+    if s.kind == StatementKind::Ddl {
+        // DDL targets are written on every shard; the walker found them.
+        for t in &s.tables {
+            if !s.written.contains(t) {
+                s.written.push(t.clone());
+            }
+        }
+    }
+    s
+}
+
+fn relname(r: &protobuf::RangeVar) -> String {
+    if r.schemaname.is_empty() {
+        r.relname.clone()
+    } else {
+        format!("{}.{}", r.schemaname, r.relname)
+    }
+}
+
+fn unquote(s: &str) -> String {
+    match s.strip_prefix('\'').and_then(|s| s.strip_suffix('\'')) {
+        Some(inner) => inner.replace("''", "'"),
+        None => s.to_string(),
+    }
+}
+
+fn copy_info(c: &protobuf::CopyStmt) -> CopyInfo {
+    let mut info = CopyInfo {
+        from_stdin: c.is_from && c.filename.is_empty() && !c.is_program,
+        table: c.relation.as_ref().map(relname),
+        columns: None,
+        format: CopyFormat::Text,
+        delimiter: None,
+        header: false,
+    };
+    if !c.attlist.is_empty() {
+        info.columns = Some(
+            c.attlist
+                .iter()
+                .filter_map(|n| match &n.node {
+                    Some(N::String(s)) => Some(s.sval.clone()),
+                    _ => None,
+                })
+                .collect(),
+        );
+    }
+    for opt in &c.options {
+        let Some(N::DefElem(d)) = &opt.node else {
+            continue;
+        };
+        let arg = d.arg.as_deref().and_then(|a| match &a.node {
+            Some(N::String(s)) => Some(s.sval.clone()),
+            Some(N::Boolean(b)) => Some(b.boolval.to_string()),
+            Some(N::Integer(i)) => Some(i.ival.to_string()),
+            _ => None,
+        });
+        match d.defname.as_str() {
+            "format" => {
+                info.format = match arg.as_deref().map(str::to_ascii_lowercase).as_deref() {
+                    Some("csv") => CopyFormat::Csv,
+                    Some("binary") => CopyFormat::Binary,
+                    _ => CopyFormat::Text,
+                }
+            }
+            "delimiter" => info.delimiter = arg.and_then(|a| a.bytes().next()),
+            "header" => {
+                info.header = !matches!(arg.as_deref(), Some("false" | "0" | "off"));
+            }
+            _ => {}
+        }
+    }
+    info
+}
+
+/// A literal or parameter, as a potential key value.
+fn value_expr(n: &Node) -> Option<KeyExpr> {
+    match n.node.as_ref()? {
+        N::AConst(c) => match c.val.as_ref()? {
+            a_const::Val::Ival(i) => Some(KeyExpr::Literal(i.ival.to_string())),
+            a_const::Val::Fval(f) => Some(KeyExpr::Literal(f.fval.clone())),
+            a_const::Val::Sval(s) => Some(KeyExpr::Literal(format!(
+                "'{}'",
+                s.sval.replace('\'', "''")
+            ))),
+            _ => None,
+        },
+        N::ParamRef(p) if p.number >= 1 => Some(KeyExpr::Param(p.number as usize - 1)),
+        N::TypeCast(t) => t.arg.as_deref().and_then(value_expr),
+        _ => None,
+    }
+}
+
+/// Finds conditions on the key column.
+struct KeyFinder<'a> {
+    column: &'a str,
+}
+
+impl KeyFinder<'_> {
+    fn select_keys(&self, sel: &protobuf::SelectStmt) -> KeyCandidates {
+        if sel.op > 1 {
+            // UNION/INTERSECT/EXCEPT: both sides must name keys.
+            let l = sel
+                .larg
+                .as_deref()
+                .map(|s| self.select_keys(s))
+                .unwrap_or_default();
+            let r = sel
+                .rarg
+                .as_deref()
+                .map(|s| self.select_keys(s))
+                .unwrap_or_default();
+            return union(l, r);
+        }
+        let mut keys = self.where_keys(sel.where_clause.as_deref());
+        if keys == KeyCandidates::None {
+            // A key may also sit in a JOIN … ON condition.
+            for from in &sel.from_clause {
+                keys = intersect(keys, self.join_keys(from));
+            }
+        }
+        keys
+    }
+
+    fn join_keys(&self, n: &Node) -> KeyCandidates {
+        match &n.node {
+            Some(N::JoinExpr(j)) => {
+                let mut k = self.where_keys(j.quals.as_deref());
+                for side in [j.larg.as_deref(), j.rarg.as_deref()].into_iter().flatten() {
+                    k = intersect(k, self.join_keys(side));
+                }
+                k
+            }
+            _ => KeyCandidates::None,
+        }
+    }
+
+    fn is_key_column(&self, n: &Node) -> bool {
+        match &n.node {
+            Some(N::ColumnRef(c)) => matches!(
+                c.fields.last().and_then(|f| f.node.as_ref()),
+                Some(N::String(s)) if s.sval.eq_ignore_ascii_case(self.column)
+            ),
+            Some(N::TypeCast(t)) => t.arg.as_deref().is_some_and(|a| self.is_key_column(a)),
+            _ => false,
+        }
+    }
+
+    fn where_keys(&self, n: Option<&Node>) -> KeyCandidates {
+        let Some(n) = n.and_then(|n| n.node.as_ref()) else {
+            return KeyCandidates::None;
+        };
+        match n {
+            N::AExpr(e) => {
+                let op = e.name.first().and_then(|n| match &n.node {
+                    Some(N::String(s)) => Some(s.sval.as_str()),
+                    _ => None,
+                });
+                let (Some(l), Some(r)) = (e.lexpr.as_deref(), e.rexpr.as_deref()) else {
+                    return KeyCandidates::None;
+                };
+                use protobuf::AExprKind as K;
+                match K::try_from(e.kind).unwrap_or(K::Undefined) {
+                    K::AexprOp if op == Some("=") => {
+                        if self.is_key_column(l) {
+                            value_expr(r)
+                                .map(|v| KeyCandidates::Any(vec![v]))
+                                .unwrap_or_default()
+                        } else if self.is_key_column(r) {
+                            value_expr(l)
+                                .map(|v| KeyCandidates::Any(vec![v]))
+                                .unwrap_or_default()
+                        } else {
+                            KeyCandidates::None
+                        }
+                    }
+                    K::AexprIn if op == Some("=") && self.is_key_column(l) => match &r.node {
+                        Some(N::List(list)) => {
+                            let vals: Option<Vec<_>> = list.items.iter().map(value_expr).collect();
+                            vals.map(KeyCandidates::Any).unwrap_or_default()
+                        }
+                        _ => KeyCandidates::None,
+                    },
+                    _ => KeyCandidates::None,
+                }
+            }
+            N::BoolExpr(b) => {
+                use protobuf::BoolExprType as B;
+                match B::try_from(b.boolop).unwrap_or(B::Undefined) {
+                    B::AndExpr => b
+                        .args
+                        .iter()
+                        .map(|a| self.where_keys(Some(a)))
+                        .fold(KeyCandidates::None, intersect),
+                    B::OrExpr => {
+                        let mut all = Vec::new();
+                        for a in &b.args {
+                            match self.where_keys(Some(a)) {
+                                KeyCandidates::Any(v) => all.extend(v),
+                                KeyCandidates::None => return KeyCandidates::None,
+                            }
+                        }
+                        KeyCandidates::Any(all)
+                    }
+                    _ => KeyCandidates::None,
+                }
+            }
+            _ => KeyCandidates::None,
+        }
+    }
+}
+
+/// Both conditions hold: the narrower one wins (keeping the first if both name keys;
+/// `tenant_id = 1 AND tenant_id = 2` matches nothing, on whichever shard).
+fn intersect(a: KeyCandidates, b: KeyCandidates) -> KeyCandidates {
+    match (a, b) {
+        (KeyCandidates::None, x) | (x, KeyCandidates::None) => x,
+        (KeyCandidates::Any(x), KeyCandidates::Any(y)) => {
+            if x.len() <= y.len() {
+                KeyCandidates::Any(x)
+            } else {
+                KeyCandidates::Any(y)
+            }
+        }
+    }
+}
+
+fn union(a: KeyCandidates, b: KeyCandidates) -> KeyCandidates {
+    match (a, b) {
+        (KeyCandidates::Any(mut x), KeyCandidates::Any(y)) => {
+            x.extend(y);
+            KeyCandidates::Any(x)
+        }
+        _ => KeyCandidates::None,
+    }
+}
+
+/// Collects relation names and the highest parameter number anywhere in a tree,
+/// with pg_query's own node iterator.
+#[derive(Default)]
+struct Walker {
+    tables: Vec<String>,
+    max_param: usize,
+    ctes: Vec<String>,
+}
+
+impl Walker {
+    fn node(&mut self, n: &N) {
+        for (r, _, _, _) in n.nodes() {
+            match r {
+                pg_query::NodeRef::RangeVar(v) => {
+                    let name = relname(v);
+                    if !self.tables.contains(&name) && !self.ctes.contains(&name) {
+                        self.tables.push(name);
+                    }
+                }
+                pg_query::NodeRef::CommonTableExpr(c) => self.ctes.push(c.ctename.clone()),
+                pg_query::NodeRef::ParamRef(p) => {
+                    self.max_param = self.max_param.max(p.number.max(0) as usize)
+                }
+                _ => {}
+            }
+        }
+        self.tables.retain(|t| !self.ctes.contains(t));
+    }
+}
+
+/// The value of a `/* <key_column>=… */` comment anywhere in the text.
+fn comment_key(sql: &str, key_column: &str) -> Option<String> {
+    let mut rest = sql;
+    while let Some(start) = rest.find("/*") {
+        let after = &rest[start + 2..];
+        let end = after.find("*/")?;
+        let body = &after[..end];
+        for part in body.split([',', ' ', ';']) {
+            if let Some((k, v)) = part.split_once('=') {
+                if k.trim().eq_ignore_ascii_case(key_column) {
+                    let v = v.trim().trim_matches('\'').trim_matches('"');
+                    if !v.is_empty() {
+                        return Some(v.to_string());
+                    }
+                }
+            }
+        }
+        rest = &after[end + 2..];
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(sql: &str) -> Statement {
+        let mut a = analyze(sql, "tenant_id").unwrap();
+        assert_eq!(a.statements.len(), 1, "{sql}");
+        a.statements.remove(0)
+    }
+
+    fn lit(s: &str) -> KeyExpr {
+        KeyExpr::Literal(s.into())
+    }
+
+    #[test]
+    fn key_from_where_equality_qualified_or_not() {
+        assert_eq!(
+            one("select * from orders where tenant_id = 5").keys,
+            KeyCandidates::Any(vec![lit("5")])
+        );
+        assert_eq!(
+            one("select * from orders o where 5 = o.tenant_id").keys,
+            KeyCandidates::Any(vec![lit("5")])
+        );
+        assert_eq!(
+            one("select * from orders where id = 3 and tenant_id = $2").keys,
+            KeyCandidates::Any(vec![KeyExpr::Param(1)])
+        );
+        assert_eq!(
+            one("select * from orders where tenant_id = 'a''b'").keys,
+            KeyCandidates::Any(vec![lit("'a''b'")])
+        );
+        assert_eq!(
+            one("select * from orders where tenant_id = 9999999999").keys,
+            KeyCandidates::Any(vec![lit("9999999999")])
+        );
+        assert_eq!(
+            one("select * from orders where tenant_id = -7").keys,
+            KeyCandidates::Any(vec![lit("-7")])
+        );
+    }
+
+    #[test]
+    fn in_lists_and_or_give_several_keys() {
+        assert_eq!(
+            one("select * from orders where tenant_id in (1, 2, 3)").keys,
+            KeyCandidates::Any(vec![lit("1"), lit("2"), lit("3")])
+        );
+        assert_eq!(
+            one("select * from orders where tenant_id = 1 or tenant_id = 2").keys,
+            KeyCandidates::Any(vec![lit("1"), lit("2")])
+        );
+        // One arm of the OR is unrestricted, so the whole is.
+        assert_eq!(
+            one("select * from orders where tenant_id = 1 or id = 2").keys,
+            KeyCandidates::None
+        );
+    }
+
+    #[test]
+    fn key_in_join_condition() {
+        let s = one(
+            "select * from orders o join items i on i.tenant_id = o.tenant_id and o.tenant_id = 4",
+        );
+        assert_eq!(s.keys, KeyCandidates::Any(vec![lit("4")]));
+        assert_eq!(s.tables, vec!["orders", "items"]);
+    }
+
+    #[test]
+    fn insert_rows_are_kept_per_row() {
+        let s =
+            one("insert into orders (tenant_id, id, total) values (1, 10, 5.5), ($1, 11, now())");
+        let ins = s.insert.unwrap();
+        assert_eq!(ins.columns.unwrap(), vec!["tenant_id", "id", "total"]);
+        assert_eq!(ins.rows[0][0], Some(lit("1")));
+        assert_eq!(ins.rows[1][0], Some(KeyExpr::Param(0)));
+        assert_eq!(ins.rows[1][2], None);
+        assert_eq!(s.written, vec!["orders"]);
+    }
+
+    #[test]
+    fn several_statements_keep_their_own_text() {
+        let a = analyze(
+            "begin; update orders set total = 1 where tenant_id = 3; commit",
+            "tenant_id",
+        )
+        .unwrap();
+        let kinds: Vec<_> = a.statements.iter().map(|s| s.kind.clone()).collect();
+        assert_eq!(kinds[0], StatementKind::Txn(TxnControl::Begin));
+        assert_eq!(kinds[1], StatementKind::Update);
+        assert_eq!(
+            a.statements[1].text,
+            "update orders set total = 1 where tenant_id = 3"
+        );
+        assert_eq!(kinds[2], StatementKind::Txn(TxnControl::Commit));
+    }
+
+    #[test]
+    fn comment_and_set_give_keys() {
+        let a = analyze("/* tenant_id=42 */ select * from orders", "tenant_id").unwrap();
+        assert_eq!(a.comment_key.as_deref(), Some("42"));
+        assert_eq!(
+            one("set shardgate.tenant = 17").kind,
+            StatementKind::SetTenant(Some("17".into()))
+        );
+        assert_eq!(
+            one("set shardgate.tenant = 'acme'").kind,
+            StatementKind::SetTenant(Some("acme".into()))
+        );
+        assert_eq!(
+            one("reset shardgate.tenant").kind,
+            StatementKind::SetTenant(None)
+        );
+    }
+
+    #[test]
+    fn create_table_with_key_column_is_sharded() {
+        let s =
+            one("create table orders (tenant_id bigint, id bigint, primary key (tenant_id, id))");
+        assert_eq!(s.kind, StatementKind::Ddl);
+        assert_eq!(s.creates_sharded.as_deref(), Some("orders"));
+        assert_eq!(
+            one("create table countries (code text)").creates_sharded,
+            None
+        );
+    }
+
+    #[test]
+    fn copy_options_are_read() {
+        let s = one("copy orders (tenant_id, id) from stdin with (format csv, header true)");
+        let StatementKind::Copy(c) = s.kind else {
+            panic!()
+        };
+        assert!(c.from_stdin);
+        assert_eq!(c.format, CopyFormat::Csv);
+        assert!(c.header);
+        assert_eq!(c.columns.unwrap(), vec!["tenant_id", "id"]);
+    }
+
+    #[test]
+    fn ctes_are_not_tables_and_params_are_counted() {
+        let s = one("with x as (select 1) select * from x, orders where orders.id = $3");
+        assert_eq!(s.tables, vec!["orders"]);
+        assert_eq!(s.max_param, 3);
+    }
+
+    #[test]
+    fn parse_errors_are_reported() {
+        assert!(analyze("selec 1", "tenant_id").is_err());
+    }
+}

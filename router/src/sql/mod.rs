@@ -1,0 +1,17 @@
+//! Reading SQL with the real Postgres grammar (`pg_query`) to learn what the
+//! router needs: the kind of each statement, the tables it touches, and where its
+//! tenant key comes from.
+//!
+//! Analysis is done once per distinct statement text and cached ([`AnalysisCache`]);
+//! the result holds *where* a key is (a literal, the n-th bind parameter) rather
+//! than the key itself, so one cached analysis serves every execution of a prepared
+//! statement. Turning it into keys is [`resolve`](crate::route) work at run time.
+
+mod analyze;
+mod cache;
+
+pub use analyze::{
+    analyze, Analysis, CopyFormat, CopyInfo, InsertInfo, KeyCandidates, KeyExpr, Statement,
+    StatementKind, TxnControl,
+};
+pub use cache::AnalysisCache;

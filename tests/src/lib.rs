@@ -1,0 +1,119 @@
+//! The end-to-end test harness: real Postgres servers (started by the tests, from
+//! a template data directory so each suite starts in about a second) and routers
+//! running in the test process.
+
+use std::time::Duration;
+
+use shardgate_directory::{Directory, DirectoryHandle, KeyType, Shard, ShardState};
+use shardgate_localpg::{TestCluster, TestServer};
+use shardgate_router::backend::ShardAddress;
+use shardgate_router::config::RouterConfig;
+use shardgate_router::server::RouterHandle;
+use tokio_postgres::{Client, NoTls};
+
+/// Shards, a router in front of them, and ways to reach both.
+pub struct Harness {
+    pub cluster: TestCluster,
+    pub router: RouterHandle,
+    pub directory: DirectoryHandle,
+}
+
+impl Harness {
+    /// `shards` Postgres servers and a router with default settings.
+    pub async fn start(shards: usize) -> Harness {
+        Self::start_with(shards, RouterConfig::default()).await
+    }
+
+    pub async fn start_with(shards: usize, mut config: RouterConfig) -> Harness {
+        init_logging();
+        let cluster = TestCluster::start(shards)
+            .await
+            .expect("start test Postgres servers");
+        let mut dir_shards = Vec::new();
+        let mut addrs = Vec::new();
+        for (i, server) in cluster.servers().iter().enumerate() {
+            let addr = ShardAddress::from_url(&server.url("app")).expect("shard url");
+            dir_shards.push(Shard {
+                name: format!("shard_{i}"),
+                url: addr.display_url(),
+                state: ShardState::Active,
+            });
+            addrs.push(addr);
+        }
+        let directory = DirectoryHandle::new(
+            Directory::new("tenant_id", KeyType::Int, 64, dir_shards).expect("directory"),
+        );
+        config.listen = "127.0.0.1:0".into();
+        config.pool.queue_timeout = Duration::from_secs(10);
+        let router = shardgate_router::server::start(config, directory.clone(), addrs)
+            .await
+            .expect("start router");
+        Harness {
+            cluster,
+            router,
+            directory,
+        }
+    }
+
+    /// libpq URL of the router.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@{}/app", self.router.local_addr)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.router.local_addr.port()
+    }
+
+    /// A client connected through the router.
+    pub async fn client(&self) -> Client {
+        connect(&self.url()).await
+    }
+
+    /// A client connected straight to shard `i`, bypassing the router.
+    pub async fn shard(&self, i: usize) -> Client {
+        connect(&self.cluster.servers()[i].url("app")).await
+    }
+
+    pub fn shard_server(&self, i: usize) -> &TestServer {
+        &self.cluster.servers()[i]
+    }
+
+    /// The shard index a tenant lives on, per the router's directory.
+    pub fn shard_of(&self, tenant: i64) -> usize {
+        self.directory
+            .load()
+            .shard_for(&shardgate_directory::TenantKey::Int(tenant))
+    }
+
+    /// Tenants that live on shard `i`, the first `n` found counting up from 1.
+    pub fn tenants_on(&self, i: usize, n: usize) -> Vec<i64> {
+        (1..).filter(|t| self.shard_of(*t) == i).take(n).collect()
+    }
+}
+
+pub async fn connect(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SHARDGATE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// The SQLSTATE of a failed statement.
+pub fn sqlstate(e: &tokio_postgres::Error) -> String {
+    e.code()
+        .map(|c| c.code().to_string())
+        .unwrap_or_else(|| format!("no SQLSTATE: {e}"))
+}

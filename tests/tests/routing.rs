@@ -1,0 +1,378 @@
+//! Statements reach the shard that holds their tenant, and only that shard.
+
+use shardgate_tests::{connect, sqlstate, Harness};
+
+const ORDERS: &str =
+    "CREATE TABLE orders (tenant_id bigint, id bigint, total numeric, PRIMARY KEY (tenant_id, id))";
+
+async fn rows_on(h: &Harness, shard: usize, sql: &str) -> i64 {
+    h.shard(shard)
+        .await
+        .query_one(sql, &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_runs_everywhere_and_rows_land_on_their_tenants_shard() {
+    let h = Harness::start(2).await;
+    let c = h.client().await;
+    c.batch_execute(ORDERS).await.unwrap();
+    for i in 0..2 {
+        assert_eq!(
+            rows_on(
+                &h,
+                i,
+                "SELECT count(*) FROM pg_tables WHERE tablename = 'orders'"
+            )
+            .await,
+            1
+        );
+    }
+    let a = h.tenants_on(0, 3);
+    let b = h.tenants_on(1, 3);
+    for t in a.iter().chain(&b) {
+        c.simple_query(&format!("INSERT INTO orders VALUES ({t}, 1, 10.5)"))
+            .await
+            .unwrap();
+    }
+    for t in &a {
+        assert_eq!(
+            rows_on(
+                &h,
+                0,
+                &format!("SELECT count(*) FROM orders WHERE tenant_id = {t}")
+            )
+            .await,
+            1
+        );
+        assert_eq!(
+            rows_on(
+                &h,
+                1,
+                &format!("SELECT count(*) FROM orders WHERE tenant_id = {t}")
+            )
+            .await,
+            0
+        );
+    }
+    for t in &b {
+        assert_eq!(
+            rows_on(
+                &h,
+                1,
+                &format!("SELECT count(*) FROM orders WHERE tenant_id = {t}")
+            )
+            .await,
+            1
+        );
+        assert_eq!(
+            rows_on(
+                &h,
+                0,
+                &format!("SELECT count(*) FROM orders WHERE tenant_id = {t}")
+            )
+            .await,
+            0
+        );
+    }
+    // UPDATE, SELECT and DELETE naming a tenant reach its rows.
+    let t = b[0];
+    let n = c
+        .execute(
+            &*format!("UPDATE orders SET total = 99 WHERE tenant_id = {t} AND id = 1"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let row = c
+        .query_one("SELECT total::text FROM orders WHERE tenant_id = $1", &[&t])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "99");
+    assert_eq!(
+        c.execute("DELETE FROM orders WHERE tenant_id = $1", &[&t])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        rows_on(
+            &h,
+            1,
+            &format!("SELECT count(*) FROM orders WHERE tenant_id = {t}")
+        )
+        .await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_protocol_routes_by_binary_and_text_parameters() {
+    let h = Harness::start(2).await;
+    let c = h.client().await;
+    c.batch_execute(ORDERS).await.unwrap();
+    let t0 = h.tenants_on(0, 1)[0];
+    let t1 = h.tenants_on(1, 1)[0];
+    // tokio-postgres sends int8 parameters in binary.
+    let ins = c
+        .prepare("INSERT INTO orders (tenant_id, id, total) VALUES ($1, $2, 1)")
+        .await
+        .unwrap();
+    c.execute(&ins, &[&t0, &1i64]).await.unwrap();
+    c.execute(&ins, &[&t1, &1i64]).await.unwrap();
+    assert_eq!(
+        rows_on(
+            &h,
+            0,
+            &format!("SELECT count(*) FROM orders WHERE tenant_id = {t0}")
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        rows_on(
+            &h,
+            1,
+            &format!("SELECT count(*) FROM orders WHERE tenant_id = {t1}")
+        )
+        .await,
+        1
+    );
+    // int4 and text parameters map to the same bucket as the bigint.
+    let r = c
+        .query(
+            "SELECT id FROM orders WHERE tenant_id = $1::int4",
+            &[&(t1 as i32)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.len(), 1);
+    let r = c
+        .query(
+            "SELECT id FROM orders WHERE tenant_id = $1::text::bigint",
+            &[&t1.to_string()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_survive_across_pooled_server_connections() {
+    let h = Harness::start(1).await;
+    let setup = h.client().await;
+    setup.batch_execute(ORDERS).await.unwrap();
+    // Many clients, each preparing once and executing many times: pooled server
+    // connections are shared, so each execution may land on a connection that has
+    // never seen the statement.
+    let mut tasks = Vec::new();
+    for k in 0..8i64 {
+        let url = h.url();
+        tasks.push(tokio::spawn(async move {
+            let c = connect(&url).await;
+            let ins = c
+                .prepare("INSERT INTO orders VALUES ($1, $2, 0)")
+                .await
+                .unwrap();
+            let sel = c
+                .prepare("SELECT count(*) FROM orders WHERE tenant_id = $1")
+                .await
+                .unwrap();
+            for i in 0..25i64 {
+                c.execute(&ins, &[&k, &i]).await.unwrap();
+                let n: i64 = c.query_one(&sel, &[&k]).await.unwrap().get(0);
+                assert_eq!(n, i + 1);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_stays_on_one_shard_and_a_statement_leaving_it_is_refused() {
+    let h = Harness::start(2).await;
+    let c = h.client().await;
+    c.batch_execute(ORDERS).await.unwrap();
+    let t0 = h.tenants_on(0, 1)[0];
+    let t1 = h.tenants_on(1, 1)[0];
+    c.batch_execute(&format!("BEGIN; INSERT INTO orders VALUES ({t0}, 1, 1)"))
+        .await
+        .unwrap();
+    let err = c
+        .simple_query(&format!("INSERT INTO orders VALUES ({t1}, 1, 1)"))
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "0A000");
+    let msg = err.as_db_error().unwrap().message().to_string();
+    assert!(msg.contains("shard_0") && msg.contains("shard_1"), "{msg}");
+    // The transaction is aborted, as Postgres would have it.
+    let err = c.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&err), "25P02");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(rows_on(&h, 0, "SELECT count(*) FROM orders").await, 0);
+
+    // A committed transaction is all there.
+    let mut c = c;
+    let tx = c.transaction().await.unwrap();
+    tx.execute("INSERT INTO orders VALUES ($1, 1, 1)", &[&t1])
+        .await
+        .unwrap();
+    tx.execute("INSERT INTO orders VALUES ($1, 2, 1)", &[&t1])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(rows_on(&h, 1, "SELECT count(*) FROM orders").await, 2);
+    // BEGIN; COMMIT with nothing in between never needs a shard.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_row_insert_is_split_by_shard() {
+    let h = Harness::start(2).await;
+    let c = h.client().await;
+    c.batch_execute(ORDERS).await.unwrap();
+    let a = h.tenants_on(0, 2);
+    let b = h.tenants_on(1, 2);
+    let sql = format!(
+        "INSERT INTO orders VALUES ({}, 1, 1), ({}, 1, 1), ({}, 1, 1), ({}, 1, 1)",
+        a[0], b[0], a[1], b[1]
+    );
+    let msgs = c.simple_query(&sql).await.unwrap();
+    let affected = msgs
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::CommandComplete(n) => Some(*n),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(affected, 4);
+    assert_eq!(rows_on(&h, 0, "SELECT count(*) FROM orders").await, 2);
+    assert_eq!(rows_on(&h, 1, "SELECT count(*) FROM orders").await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_from_stdin_sends_each_row_to_its_tenants_shard() {
+    use futures::SinkExt;
+    let h = Harness::start(2).await;
+    let c = h.client().await;
+    c.batch_execute(ORDERS).await.unwrap();
+    let mut data = String::new();
+    for t in 1..=200i64 {
+        data.push_str(&format!("{t}\t1\t{t}.5\n"));
+    }
+    let sink = c
+        .copy_in("COPY orders (tenant_id, id, total) FROM STDIN")
+        .await
+        .unwrap_or_else(|e| panic!("{:?}", e.as_db_error()));
+    futures::pin_mut!(sink);
+    sink.send(bytes::Bytes::from(data)).await.unwrap();
+    let n = sink.finish().await.unwrap();
+    assert_eq!(n, 200);
+    let on0 = rows_on(&h, 0, "SELECT count(*) FROM orders").await;
+    let on1 = rows_on(&h, 1, "SELECT count(*) FROM orders").await;
+    assert_eq!(on0 + on1, 200);
+    let expect0 = (1..=200).filter(|t| h.shard_of(*t) == 0).count() as i64;
+    assert_eq!(on0, expect0);
+    // Every row is on its own tenant's shard.
+    for i in 0..2 {
+        let rows = h
+            .shard(i)
+            .await
+            .query("SELECT tenant_id FROM orders", &[])
+            .await
+            .unwrap();
+        assert!(rows.iter().all(|r| h.shard_of(r.get::<_, i64>(0)) == i));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_tenant_and_comments_route_statements_without_a_key() {
+    let h = Harness::start(2).await;
+    let c = h.client().await;
+    c.batch_execute(ORDERS).await.unwrap();
+    let t1 = h.tenants_on(1, 1)[0];
+    c.batch_execute(&format!(
+        "INSERT INTO orders VALUES ({t1}, 1, 1), ({t1}, 2, 2)"
+    ))
+    .await
+    .unwrap();
+    c.batch_execute(&format!("SET shardgate.tenant = {t1}"))
+        .await
+        .unwrap();
+    let n = c
+        .execute("UPDATE orders SET total = total + 1", &[])
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+    c.batch_execute("RESET shardgate.tenant").await.unwrap();
+    let err = c
+        .execute("UPDATE orders SET total = total + 1", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "0A000");
+    let n = c
+        .execute(
+            &*format!("/* tenant_id={t1} */ DELETE FROM orders WHERE id = 1"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let err = c
+        .batch_execute("SET shardgate.tenant = 'not-a-number'")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "22023");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_mode_refuses_statements_without_a_tenant() {
+    let config = shardgate_router::config::RouterConfig {
+        strict_tenant: true,
+        ..Default::default()
+    };
+    let h = Harness::start_with(2, config).await;
+    let c = h.client().await;
+    c.batch_execute(ORDERS).await.unwrap();
+    let err = c.simple_query("SELECT * FROM orders").await.unwrap_err();
+    assert_eq!(sqlstate(&err), "42P10");
+    assert!(err
+        .as_db_error()
+        .unwrap()
+        .hint()
+        .unwrap()
+        .contains("tenant_id"));
+    // Reference tables and tenant-qualified statements still work.
+    c.simple_query("SELECT 1").await.unwrap();
+    c.simple_query("SELECT * FROM orders WHERE tenant_id = 1")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_tables_are_written_everywhere_and_read_anywhere() {
+    let h = Harness::start(2).await;
+    let c = h.client().await;
+    c.batch_execute("CREATE TABLE countries (code text PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    c.batch_execute("INSERT INTO countries VALUES ('fr', 'France'), ('jp', 'Japan')")
+        .await
+        .unwrap();
+    for i in 0..2 {
+        assert_eq!(rows_on(&h, i, "SELECT count(*) FROM countries").await, 2);
+    }
+    for _ in 0..4 {
+        let r = c
+            .query_one("SELECT name FROM countries WHERE code = $1", &[&"jp"])
+            .await
+            .unwrap();
+        assert_eq!(r.get::<_, String>(0), "Japan");
+    }
+}
