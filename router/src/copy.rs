@@ -128,7 +128,7 @@ pub async fn copy_in_split<S: AsyncRead + AsyncWrite + Unpin>(
         let m = client.read().await.map_err(CopyError::Client)?;
         match m.tag() {
             b'd' => {
-                splitter.feed(&m.body()[..]);
+                splitter.feed(m.body());
                 while let Some((row, key)) = splitter.next_row() {
                     let row = row.map_err(CopyError::Sql);
                     let row = match row {

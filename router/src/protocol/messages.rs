@@ -189,6 +189,7 @@ pub struct Parse<'a> {
 }
 
 impl<'a> Parse<'a> {
+    #[allow(clippy::self_named_constructors)]
     pub fn parse(m: &'a Message) -> Result<Parse<'a>, ProtocolError> {
         let mut r = Reader::new(m.body(), "Parse");
         let name = r.cstr()?;
@@ -475,7 +476,6 @@ pub fn startup_message(params: &[(&str, &str)]) -> Bytes {
 
 pub fn cancel_request(pid: i32, key: i32) -> Bytes {
     Builder::untagged()
-        .i32(16)
         .i32(CANCEL_REQUEST)
         .i32(pid)
         .i32(key)

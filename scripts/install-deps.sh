@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what building and testing shardgate needs on Debian 12, when missing:
+# libclang (pg_query's build), PostgreSQL 15 server and client tools (initdb,
+# pg_ctl, psql, pgbench), pgbouncer (benchmark baseline) and cargo-nextest.
+set -euo pipefail
+
+need=()
+ls /usr/lib/llvm-*/lib/libclang*.so >/dev/null 2>&1 || need+=(libclang-dev)
+[ -x /usr/lib/postgresql/15/bin/initdb ] || command -v initdb >/dev/null 2>&1 || need+=(postgresql-15)
+command -v psql >/dev/null 2>&1 || need+=(postgresql-client-15)
+command -v pgbench >/dev/null 2>&1 || need+=(postgresql-client-15)
+if [ "${1:-}" = "--bench" ]; then
+  command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need+=(pgbouncer)
+fi
+command -v cc >/dev/null 2>&1 || need+=(build-essential)
+
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# Debian's postgresql package starts a cluster of its own on 5432; shardgate does
+# not need it, and its tests start their own servers on free ports.
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "installing cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
