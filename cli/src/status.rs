@@ -44,7 +44,7 @@ fn print_table(s: &Value) {
             "{:<16} {:<8} {:>8}  {}",
             sh["name"].as_str().unwrap_or("?"),
             sh["state"].as_str().unwrap_or("?"),
-            sh["buckets"],
+            sh["buckets"].as_u64().unwrap_or(0),
             sh["url"].as_str().unwrap_or("?")
         );
     }
