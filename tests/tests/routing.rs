@@ -376,3 +376,32 @@ async fn reference_tables_are_written_everywhere_and_read_anywhere() {
         assert_eq!(r.get::<_, String>(0), "Japan");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_without_a_tenant_gather_every_shard_or_are_refused() {
+    let h = Harness::start(2).await;
+    let c = h.client().await;
+    c.batch_execute(ORDERS).await.unwrap();
+    for t in 1..=40i64 {
+        c.execute("INSERT INTO orders VALUES ($1, 2, 1)", &[&t])
+            .await
+            .unwrap();
+    }
+    // Rows from both shards.
+    let rows = c
+        .simple_query("SELECT tenant_id FROM orders WHERE id = 2")
+        .await
+        .unwrap();
+    let n = rows
+        .iter()
+        .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+        .count();
+    assert_eq!(n, 40);
+    // What cannot be merged exactly yet is refused, never answered wrong.
+    let err = c
+        .simple_query("SELECT count(*) FROM orders")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "0A000");
+    assert!(err.as_db_error().unwrap().message().contains("tenant_id"));
+}
