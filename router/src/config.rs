@@ -80,6 +80,7 @@ pub struct UserConfig {
 pub enum AuthMethod {
     Trust,
     Md5,
+    #[serde(rename = "scram-sha-256")]
     ScramSha256,
 }
 
