@@ -18,6 +18,11 @@ use crate::sql::AnalysisCache;
 #[derive(Default)]
 pub struct Catalog {
     sharded: RwLock<HashMap<String, Vec<String>>>,
+    /// Every table the last refresh saw, sharded or not.
+    known: RwLock<std::collections::HashSet<String>>,
+    /// When the catalog was last loaded, to bound refreshes caused by names
+    /// that exist nowhere.
+    refreshed: Mutex<Option<std::time::Instant>>,
 }
 
 impl Catalog {
@@ -30,8 +35,34 @@ impl Catalog {
         self.read().get(&normalize(table)).cloned()
     }
 
-    pub fn replace(&self, tables: HashMap<String, Vec<String>>) {
+    pub fn replace(
+        &self,
+        tables: HashMap<String, Vec<String>>,
+        known: std::collections::HashSet<String>,
+    ) {
         *self.sharded.write().unwrap_or_else(|p| p.into_inner()) = tables;
+        *self.known.write().unwrap_or_else(|p| p.into_inner()) = known;
+        *self.refreshed.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+    }
+
+    /// Whether any of `tables` is unknown to the catalog and the last refresh is
+    /// old enough to try again (tables created behind the router's back, or by
+    /// another router).
+    pub fn needs_refresh(&self, tables: &[String]) -> bool {
+        let known = self.known.read().unwrap_or_else(|p| p.into_inner());
+        let system = |t: &str| {
+            t.starts_with("pg_")
+                || t.starts_with("pg_catalog.")
+                || t.starts_with("information_schema.")
+        };
+        if tables
+            .iter()
+            .all(|t| system(t) || known.contains(&normalize(t)))
+        {
+            return false;
+        }
+        let last = *self.refreshed.lock().unwrap_or_else(|p| p.into_inner());
+        last.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(1))
     }
 
     pub fn insert(&self, table: &str, columns: Vec<String>) {
@@ -156,27 +187,35 @@ impl RouterContext {
         let mut conn = pool.get().await.map_err(|e| e.to_string())?;
         let key = dir.key_column.replace('\'', "''");
         let sql = format!(
-            "SELECT table_schema, table_name, string_agg(column_name::text, ',' ORDER BY ordinal_position) \
+            "SELECT table_schema, table_name, string_agg(column_name::text, ',' ORDER BY ordinal_position), \
+             bool_or(column_name::text = '{key}') \
              FROM information_schema.columns \
              WHERE table_schema NOT IN ('pg_catalog', 'information_schema') \
-             GROUP BY 1, 2 HAVING bool_or(column_name::text = '{key}')"
+             GROUP BY 1, 2"
         );
         let rows = conn
             .simple_query(&sql)
             .await
             .map_err(|(c, m)| format!("{c}: {m}"))?;
         let mut tables = HashMap::new();
+        let mut known = std::collections::HashSet::new();
         for row in rows {
-            if let [Some(schema), Some(name), Some(cols)] = &row[..] {
+            if let [Some(schema), Some(name), Some(cols), Some(sharded)] = &row[..] {
                 let qualified = if schema == "public" {
                     name.clone()
                 } else {
                     format!("{schema}.{name}")
                 };
-                tables.insert(qualified, cols.split(',').map(str::to_string).collect());
+                if sharded == "t" {
+                    tables.insert(
+                        qualified.clone(),
+                        cols.split(',').map(str::to_string).collect(),
+                    );
+                }
+                known.insert(qualified);
             }
         }
-        self.catalog.replace(tables);
+        self.catalog.replace(tables, known);
         Ok(())
     }
 }

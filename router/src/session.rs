@@ -212,6 +212,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return self.ready().await;
             }
         }
+        self.ensure_catalog(&analysis).await;
         let target = match self.route_all(&analysis, None) {
             Ok(t) => t,
             Err(e) => return self.fail_simple(e).await,
@@ -230,6 +231,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Target::CopySplit => {
                 self.run_copy_split(&analysis.statements[0], m.raw().clone())
                     .await
+            }
+        }
+    }
+
+    /// Reloads the table catalog when a statement names a table it has not seen
+    /// (created by another router, or straight on the shards).
+    async fn ensure_catalog(&self, analysis: &Analysis) {
+        if analysis
+            .statements
+            .iter()
+            .any(|s| self.ctx.catalog.needs_refresh(&s.tables))
+        {
+            if let Err(e) = self.ctx.refresh_catalog().await {
+                warn!(error = %e, "could not refresh the table catalog");
             }
         }
     }
@@ -618,6 +633,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             // A lone Sync (e.g. after COPY, or an empty pipeline): nothing to run.
             return self.ready().await;
         }
+        for m in &batch {
+            if m.tag() == b'P' {
+                if let Some(a) = Parse::parse(m)
+                    .ok()
+                    .and_then(|p| self.ctx.cache.get(p.query).ok())
+                {
+                    self.ensure_catalog(&a).await;
+                }
+            }
+        }
         // First pass: learn statements, find where the batch must run.
         let mut target: Option<Target> = None;
         let mut routing_error: Option<SqlError> = None;
@@ -747,6 +772,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let shard = match target.unwrap_or(Target::Any) {
             Target::Shard(s) => s,
             Target::Any => self.any_shard(),
+            Target::All if sync && self.bound.is_none() && self.pending_begin.is_none() => {
+                return self.run_batch_on_shards(&batch, None).await;
+            }
+            Target::Fanout(shards)
+                if sync
+                    && self.bound.is_none()
+                    && statements_seen.len() == 1
+                    && statements_seen[0].statements.len() == 1 =>
+            {
+                let text = &statements_seen[0].statements[0].text;
+                match crate::fanout::plan(text) {
+                    Ok(plan) if plan.merge == crate::fanout::MergeSpec::Concat && plan.shard_sql == *text => {
+                        return self.run_batch_on_shards(&batch, Some(shards)).await;
+                    }
+                    Ok(_) => {
+                        return self
+                            .fail_batch(
+                                SqlError::new(
+                                    "0A000",
+                                    "this cross-shard query needs sorting, limits or aggregates merged, which the extended query protocol does not support yet".into(),
+                                )
+                                .hint("name the tenant (WHERE tenant_id = …) or send the statement as a simple query"),
+                                sync,
+                            )
+                            .await
+                    }
+                    Err(e) => return self.fail_batch(SqlError::new("0A000", e.to_string()), sync).await,
+                }
+            }
             _ => {
                 return self
                     .fail_batch(
@@ -786,7 +840,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if let Err(e) = b.conn.conn.flush().await {
             return self.lost_backend(e).await;
         }
-        let relayed = self.relay_batch(expects).await;
+        let relayed = self.relay_batch(expects, None).await;
         if held_begin.is_some() {
             self.pending_begin = held_begin;
         }
@@ -917,7 +971,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn relay_batch(
         &mut self,
         mut expects: VecDeque<Expect>,
+        mut sink: Option<&mut Vec<Bytes>>,
     ) -> Result<Option<u8>, RelayError> {
+        // Replies go to the client, or into `sink` when the batch runs on several
+        // shards and the answers are combined afterwards.
+        macro_rules! emit {
+            ($bytes:expr) => {
+                match sink.as_deref_mut() {
+                    Some(buf) => buf.push(Bytes::copy_from_slice($bytes)),
+                    None => self.client.queue($bytes),
+                }
+            };
+        }
         let Some(b) = self.bound.as_mut() else {
             return Ok(None);
         };
@@ -932,7 +997,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let prelude = prelude_syncs > 0;
             if let Expect::Synth(bytes) = &exp {
                 if !skipping {
-                    self.client.queue(bytes);
+                    emit!(bytes);
                 }
                 continue;
             }
@@ -949,7 +1014,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if prelude {
                     // The reply to a pending BEGIN sent ahead: only errors matter.
                     if tag == b'E' {
-                        self.client.queue(m.raw());
+                        emit!(m.raw());
                     }
                     if tag == b'Z' {
                         prelude_syncs -= 1;
@@ -958,9 +1023,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     continue;
                 }
                 match tag {
-                    b'N' | b'S' | b'A' => self.client.queue(m.raw()),
+                    b'N' | b'S' | b'A' => emit!(m.raw()),
                     b'E' => {
-                        self.client.queue(m.raw());
+                        emit!(m.raw());
                         if let Expect::Parse {
                             server_name,
                             client_name,
@@ -980,12 +1045,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                     b'1' => {
                         if matches!(exp, Expect::Parse { forward: true, .. }) {
-                            self.client.queue(m.raw());
+                            emit!(m.raw());
                         }
                         break;
                     }
                     b'2' | b'3' | b'n' | b'T' | b'C' | b'I' | b's' => {
-                        self.client.queue(m.raw());
+                        emit!(m.raw());
                         break;
                     }
                     b'Z' => {
@@ -993,8 +1058,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         status = m.body().first().copied();
                         break;
                     }
+                    b'G' if sink.is_some() => {
+                        // COPY FROM STDIN on several shards at once through the
+                        // extended protocol: the data could only go to one of them.
+                        let fail = messages::Builder::new(b'f')
+                            .cstr("COPY FROM STDIN into a table on every shard is not supported through the extended query protocol; use a simple query")
+                            .finish();
+                        b.conn.conn.queue(&fail);
+                        b.conn.conn.flush().await.map_err(RelayError::Backend)?;
+                    }
                     b'G' => {
-                        self.client.queue(m.raw());
+                        emit!(m.raw());
                         self.client.flush().await.map_err(client_err)?;
                         copy_in_passthrough(&mut self.client, &mut b.conn.conn).await?;
                         // The server ignored the batch's Sync during the copy; the
@@ -1006,8 +1080,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                     _ => {
                         // DataRow, ParameterDescription, CopyOut data …
-                        self.client.queue(m.raw());
-                        if self.client.queued() > 256 * 1024 {
+                        emit!(m.raw());
+                        if sink.is_none() && self.client.queued() > 256 * 1024 {
                             self.client.flush().await.map_err(client_err)?;
                         }
                     }
@@ -1022,6 +1096,114 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.open_batch = false;
         }
         Ok(status)
+    }
+
+    /// Runs a whole batch (ending in Sync) on several shards, one after another,
+    /// each on a connection of its own, and answers with one combined reply:
+    /// a write that must land everywhere (`fanout` None) answers as the first
+    /// shard did, or with the first shard's error; a read (`fanout` Some) answers
+    /// with every shard's rows.
+    async fn run_batch_on_shards(
+        &mut self,
+        batch: &[Message],
+        fanout: Option<Vec<ShardId>>,
+    ) -> Result<(), SessionError> {
+        let dir = self.ctx.directory.load();
+        let shards: Vec<ShardId> = match &fanout {
+            Some(s) => s.clone(),
+            None => dir.live_shards().map(|(i, _)| i).collect(),
+        };
+        let mut replies: Vec<(ShardId, Vec<Bytes>)> = Vec::with_capacity(shards.len());
+        for &shard in &shards {
+            if let Err(e) = self.bind(shard).await {
+                return self.fail_batch(e, true).await;
+            }
+            let expects = self.rewrite_batch(batch, 0);
+            let mut buf = Vec::new();
+            let flushed = match self.bound.as_mut() {
+                Some(b) => b.conn.conn.flush().await,
+                None => Ok(()),
+            };
+            let relayed = match flushed {
+                Ok(()) => self.relay_batch(expects, Some(&mut buf)).await,
+                Err(e) => Err(RelayError::Backend(e)),
+            };
+            match relayed {
+                Ok(_) => {
+                    self.bound = None;
+                    self.clear_cancel();
+                }
+                Err(RelayError::Client(e)) => return Err(e),
+                Err(RelayError::Backend(e)) => return self.lost_backend(e).await,
+            }
+            replies.push((shard, buf));
+        }
+        self.open_batch = false;
+        let failed = replies
+            .iter()
+            .find(|(_, r)| r.iter().any(|m| m.first() == Some(&b'E')));
+        if let Some((shard, reply)) = failed {
+            let name = dir
+                .shards
+                .get(*shard)
+                .map(|s| s.name.as_str())
+                .unwrap_or("?");
+            for m in reply {
+                if m.first() == Some(&b'E') {
+                    self.client.queue(&prefix_error(m, name));
+                } else {
+                    self.client.queue(m);
+                }
+            }
+        } else if fanout.is_none() {
+            for m in replies
+                .first()
+                .map(|(_, r)| r.as_slice())
+                .unwrap_or_default()
+            {
+                self.client.queue(m);
+            }
+        } else {
+            // Every shard's rows where the first shard's rows stood.
+            let first = replies.first().map(|(_, r)| r.clone()).unwrap_or_default();
+            let mut rows_sent = false;
+            for m in &first {
+                match m.first() {
+                    Some(b'D') | Some(b'C') if !rows_sent => {
+                        rows_sent = true;
+                        let mut n = 0u64;
+                        for (_, r) in &replies {
+                            for row in r.iter().filter(|x| x.first() == Some(&b'D')) {
+                                self.client.queue(row);
+                                n += 1;
+                            }
+                        }
+                        self.client
+                            .queue(&messages::command_complete(&format!("SELECT {n}")));
+                    }
+                    Some(b'D') | Some(b'C') => {}
+                    _ => self.client.queue(m),
+                }
+            }
+        }
+        self.client.queue(&messages::ready_for_query(self.status()));
+        self.client.flush().await?;
+        if fanout.is_none() {
+            let ddl = batch.iter().any(|m| {
+                m.tag() == b'B'
+                    && Bind::parse(m)
+                        .ok()
+                        .and_then(|b| self.prepared.get(b.statement))
+                        .and_then(|p| p.analysis.as_ref())
+                        .is_some_and(|a| a.statements.iter().any(|s| s.kind == StatementKind::Ddl))
+            });
+            if ddl {
+                if let Err(e) = self.ctx.refresh_catalog().await {
+                    warn!(error = %e, "could not refresh the table catalog after DDL");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Answers a batch whose only statement the router handles itself (BEGIN,

@@ -405,3 +405,83 @@ async fn reads_without_a_tenant_gather_every_shard_or_are_refused() {
     assert_eq!(sqlstate(&err), "0A000");
     assert!(err.as_db_error().unwrap().message().contains("tenant_id"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_protocol_runs_ddl_reference_writes_and_gathers_everywhere() {
+    let h = Harness::start(2).await;
+    let c = h.client().await;
+    // tokio-postgres sends these through Parse/Bind/Execute.
+    c.execute(ORDERS, &[]).await.unwrap();
+    c.execute(
+        "CREATE TABLE countries (code text PRIMARY KEY, name text)",
+        &[],
+    )
+    .await
+    .unwrap();
+    for i in 0..2 {
+        assert_eq!(
+            rows_on(
+                &h,
+                i,
+                "SELECT count(*) FROM pg_tables WHERE tablename IN ('orders', 'countries')"
+            )
+            .await,
+            2
+        );
+    }
+    let n = c
+        .execute("INSERT INTO countries VALUES ($1, $2)", &[&"fr", &"France"])
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    for i in 0..2 {
+        assert_eq!(rows_on(&h, i, "SELECT count(*) FROM countries").await, 1);
+    }
+    // A failure on the shards is reported once, naming a shard.
+    let err = c
+        .execute("INSERT INTO countries VALUES ($1, $2)", &[&"fr", &"again"])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "23505");
+    assert!(
+        err.as_db_error().unwrap().message().contains("on shard"),
+        "{err:?}"
+    );
+    // Reads without a tenant gather every shard's rows (binary results included).
+    for t in 1..=30i64 {
+        c.execute("INSERT INTO orders VALUES ($1, 1, 2.5)", &[&t])
+            .await
+            .unwrap();
+    }
+    let rows = c
+        .query("SELECT tenant_id FROM orders WHERE id = $1", &[&1i64])
+        .await
+        .unwrap();
+    let mut got: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    got.sort();
+    assert_eq!(got, (1..=30).collect::<Vec<_>>());
+    let err = c
+        .query("SELECT count(*) FROM orders", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "0A000");
+    // The session is still usable.
+    assert_eq!(c.query("SELECT 1", &[]).await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_created_behind_the_routers_back_are_learned() {
+    let h = Harness::start(2).await;
+    let c = h.client().await;
+    c.simple_query("SELECT 1").await.unwrap();
+    // Created straight on the shards (as another router or a migration tool would).
+    for i in 0..2 {
+        h.shard(i).await.batch_execute(ORDERS).await.unwrap();
+    }
+    let t1 = h.tenants_on(1, 1)[0];
+    c.execute("INSERT INTO orders VALUES ($1, 1, 1)", &[&t1])
+        .await
+        .unwrap();
+    assert_eq!(rows_on(&h, 1, "SELECT count(*) FROM orders").await, 1);
+    assert_eq!(rows_on(&h, 0, "SELECT count(*) FROM orders").await, 0);
+}
