@@ -20,9 +20,8 @@ pub struct Catalog {
     sharded: RwLock<HashMap<String, Vec<String>>>,
     /// Every table the last refresh saw, sharded or not.
     known: RwLock<std::collections::HashSet<String>>,
-    /// When the catalog was last loaded, to bound refreshes caused by names
-    /// that exist nowhere.
-    refreshed: Mutex<Option<std::time::Instant>>,
+    /// Unknown names and when a refresh last looked for them.
+    looked_for: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl Catalog {
@@ -42,12 +41,11 @@ impl Catalog {
     ) {
         *self.sharded.write().unwrap_or_else(|p| p.into_inner()) = tables;
         *self.known.write().unwrap_or_else(|p| p.into_inner()) = known;
-        *self.refreshed.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
     }
 
-    /// Whether any of `tables` is unknown to the catalog and the last refresh is
-    /// old enough to try again (tables created behind the router's back, or by
-    /// another router).
+    /// Whether any of `tables` is unknown to the catalog (created by another
+    /// router, or straight on the shards) and was not looked for in the last
+    /// second: names that exist nowhere must not reload the catalog per query.
     pub fn needs_refresh(&self, tables: &[String]) -> bool {
         let known = self.known.read().unwrap_or_else(|p| p.into_inner());
         let system = |t: &str| {
@@ -55,21 +53,32 @@ impl Catalog {
                 || t.starts_with("pg_catalog.")
                 || t.starts_with("information_schema.")
         };
-        if tables
+        let unknown: Vec<String> = tables
             .iter()
-            .all(|t| system(t) || known.contains(&normalize(t)))
-        {
+            .filter(|t| !system(t))
+            .map(|t| normalize(t))
+            .filter(|t| !known.contains(t))
+            .collect();
+        drop(known);
+        if unknown.is_empty() {
             return false;
         }
-        let last = *self.refreshed.lock().unwrap_or_else(|p| p.into_inner());
-        last.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(1))
-    }
-
-    pub fn insert(&self, table: &str, columns: Vec<String>) {
-        self.sharded
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(normalize(table), columns);
+        let mut looked = self.looked_for.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        let mut refresh = false;
+        for t in unknown {
+            let recent = looked
+                .get(&t)
+                .is_some_and(|at| now.duration_since(*at) < std::time::Duration::from_secs(1));
+            if !recent {
+                looked.insert(t, now);
+                refresh = true;
+            }
+        }
+        if looked.len() > 10_000 {
+            looked.retain(|_, at| now.duration_since(*at) < std::time::Duration::from_secs(1));
+        }
+        refresh
     }
 
     pub fn tables(&self) -> Vec<String> {
