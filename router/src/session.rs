@@ -224,6 +224,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.forward_simple(s, m.raw().clone()).await
             }
             Target::All => self.run_everywhere(&sql, &analysis).await,
+            Target::Fanout(shards)
+                if matches!(analysis.statements[0].kind, StatementKind::Copy(_)) =>
+            {
+                self.run_copy_out_fanout(&analysis.statements[0], shards)
+                    .await
+            }
             Target::Fanout(shards) => self.run_fanout(&analysis.statements[0], shards).await,
             Target::SplitInsert(parts) => {
                 self.run_split_insert(&analysis.statements[0], parts).await
@@ -1423,6 +1429,117 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// A read without a tenant: every shard (concurrently), results merged.
+    /// `COPY … TO STDOUT` without a tenant: every shard's rows, one shard after
+    /// another, as one copy (a CSV header only once).
+    async fn run_copy_out_fanout(
+        &mut self,
+        stmt: &Statement,
+        shards: Vec<ShardId>,
+    ) -> Result<(), SessionError> {
+        let header = matches!(&stmt.kind, StatementKind::Copy(c) if c.header);
+        let dir = self.ctx.directory.load();
+        let mut total = 0u64;
+        let mut started = false;
+        for (i, &shard) in shards.iter().enumerate() {
+            let name = dir
+                .shards
+                .get(shard)
+                .map(|s| s.name.clone())
+                .unwrap_or_default();
+            let pool = match self.ctx.pool(shard) {
+                Some(p) => p,
+                None => {
+                    return self
+                        .fail_simple(SqlError::new("XX000", format!("no pool for shard {shard}")))
+                        .await
+                }
+            };
+            let mut conn = match pool.get().await {
+                Ok(c) => c,
+                Err(e) => {
+                    return self
+                        .fail_copy_out(started, SqlError::new(e.sqlstate(), e.to_string()))
+                        .await
+                }
+            };
+            let lost = |e: ProtocolError| {
+                SqlError::new("08006", format!("lost the connection to shard {name}: {e}"))
+            };
+            if let Err(e) = conn.conn.send(&messages::query(&stmt.text)).await {
+                conn.broken = true;
+                return self.fail_copy_out(started, lost(e)).await;
+            }
+            let mut first_data = true;
+            loop {
+                let m = match conn.conn.read().await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        conn.broken = true;
+                        return self.fail_copy_out(started, lost(e)).await;
+                    }
+                };
+                match m.tag() {
+                    b'H' => {
+                        if !started {
+                            self.client.queue(m.raw());
+                            started = true;
+                        }
+                    }
+                    b'd' => {
+                        let skip = header && i > 0 && first_data;
+                        first_data = false;
+                        if !skip {
+                            self.client.queue(m.raw());
+                            if self.client.queued() > 256 * 1024 {
+                                self.client.flush().await?;
+                            }
+                        }
+                    }
+                    b'C' => {
+                        let tag = String::from_utf8_lossy(m.body())
+                            .trim_end_matches('\0')
+                            .to_string();
+                        total += tag
+                            .rsplit(' ')
+                            .next()
+                            .and_then(|n| n.parse::<u64>().ok())
+                            .unwrap_or(0);
+                    }
+                    b'E' => {
+                        let err = prefix_error(m.raw(), &name);
+                        // Drain to ReadyForQuery so the connection can be reused.
+                        while let Ok(m) = conn.conn.read().await {
+                            if m.tag() == b'Z' {
+                                break;
+                            }
+                        }
+                        if started {
+                            self.client.queue(&messages::simple(b'c'));
+                        }
+                        self.client.queue(&err);
+                        return self.ready().await;
+                    }
+                    b'Z' => break,
+                    b'c' => {}
+                    _ => {}
+                }
+            }
+        }
+        if started {
+            self.client.queue(&messages::simple(b'c'));
+        }
+        self.client
+            .queue(&messages::command_complete(&format!("COPY {total}")));
+        self.ready().await
+    }
+
+    async fn fail_copy_out(&mut self, started: bool, e: SqlError) -> Result<(), SessionError> {
+        if started {
+            self.client.queue(&messages::simple(b'c'));
+        }
+        self.fail_simple(e).await
+    }
+
     async fn run_fanout(
         &mut self,
         stmt: &Statement,

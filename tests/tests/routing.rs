@@ -485,3 +485,67 @@ async fn tables_created_behind_the_routers_back_are_learned() {
     assert_eq!(rows_on(&h, 1, "SELECT count(*) FROM orders").await, 1);
     assert_eq!(rows_on(&h, 0, "SELECT count(*) FROM orders").await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_to_stdout_without_a_tenant_exports_every_shard() {
+    let h = Harness::start(2).await;
+    let c = h.client().await;
+    c.batch_execute(ORDERS).await.unwrap();
+    for t in 1..=20i64 {
+        c.execute("INSERT INTO orders VALUES ($1, 1, 3)", &[&t])
+            .await
+            .unwrap();
+    }
+    let url = h.url();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("psql")
+            .args([
+                &url,
+                "-X",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                "COPY orders (tenant_id, total) TO STDOUT WITH (FORMAT csv, HEADER)",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "tenant_id,total");
+    assert_eq!(
+        lines.iter().filter(|l| **l == "tenant_id,total").count(),
+        1,
+        "{text}"
+    );
+    let mut tenants: Vec<i64> = lines[1..]
+        .iter()
+        .map(|l| l.split(',').next().unwrap().parse().unwrap())
+        .collect();
+    tenants.sort();
+    assert_eq!(tenants, (1..=20).collect::<Vec<_>>());
+    // With a tenant, only that tenant's shard answers.
+    // With a tenant, only that tenant's shard answers.
+    let url = h.url();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("psql")
+            .args([
+                &url,
+                "-X",
+                "-c",
+                "COPY (SELECT tenant_id FROM orders WHERE tenant_id = 3) TO STDOUT",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3");
+}
