@@ -140,6 +140,9 @@ pub struct Backend {
     /// Set when the connection is in an unknown state (an I/O error, a half-read
     /// response); such a connection is closed instead of returning to the pool.
     pub broken: bool,
+    /// Signature of the session settings applied on this connection (`SET …`
+    /// replayed for the session using it); None when unknown.
+    pub settings: Option<u64>,
 }
 
 impl Backend {
@@ -181,6 +184,7 @@ impl Backend {
             params: Vec::new(),
             prepared: HashSet::new(),
             broken: false,
+            settings: Some(0),
         };
         loop {
             let m = backend.conn.read().await?;

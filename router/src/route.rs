@@ -62,9 +62,10 @@ pub fn route(
     let key_col = &dir.key_column;
     match &stmt.kind {
         StatementKind::Ddl => Ok(Target::All),
-        StatementKind::Txn(_) | StatementKind::Session | StatementKind::SetTenant(_) => {
-            Ok(Target::Any)
-        }
+        StatementKind::Txn(_)
+        | StatementKind::Session
+        | StatementKind::SetVar(_)
+        | StatementKind::SetTenant(_) => Ok(Target::Any),
         StatementKind::Copy(c) if c.from_stdin => {
             if writes_sharded {
                 Ok(Target::CopySplit)

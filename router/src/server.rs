@@ -295,7 +295,7 @@ async fn handle_client(stream: TcpStream, ctx: Arc<RouterContext>) -> Result<(),
     conn.queue(&messages::backend_key_data(pid, secret));
     conn.queue(&messages::ready_for_query(b'I'));
     conn.flush().await?;
-    let session = Session::new(ctx.clone(), conn, (pid, secret));
+    let session = Session::new(ctx.clone(), conn, (pid, secret)).with_startup_settings(&params);
     let result = session.run().await;
     drop(slot);
     result.map_err(|e| match e {

@@ -29,7 +29,7 @@ use crate::protocol::messages::{
 };
 use crate::protocol::{Connection, Message, ProtocolError};
 use crate::route::{self, Params, Rules, Target};
-use crate::sql::{Analysis, Statement, StatementKind, TxnControl};
+use crate::sql::{Analysis, SettingChange, Statement, StatementKind, TxnControl};
 
 /// Why a session ended early.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +87,11 @@ pub struct Session<S> {
     open_batch: bool,
     prepared: HashMap<String, Prepared>,
     batch: Vec<Message>,
+    /// Session settings (`SET name …` outside a transaction, and the startup
+    /// packet's parameters), replayed on each server connection the session uses.
+    settings: std::collections::BTreeMap<String, String>,
+    /// Set when the last relay forwarded an ErrorResponse.
+    saw_error: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -102,6 +107,95 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             open_batch: false,
             prepared: HashMap::new(),
             batch: Vec::new(),
+            settings: std::collections::BTreeMap::new(),
+            saw_error: false,
+        }
+    }
+
+    /// Startup parameters the client asked for (`application_name`, `DateStyle`,
+    /// `options=-c name=value` …), kept as session settings.
+    pub fn with_startup_settings(mut self, params: &[(String, String)]) -> Self {
+        for (k, v) in params {
+            match k.as_str() {
+                "user" | "database" | "replication" => {}
+                "options" => {
+                    let mut words = v.split_whitespace();
+                    while let Some(w) = words.next() {
+                        let kv = match w {
+                            "-c" => words.next(),
+                            w => w.strip_prefix("-c").or_else(|| w.strip_prefix("--")),
+                        };
+                        if let Some((name, value)) = kv.and_then(|kv| kv.split_once('=')) {
+                            self.set_startup(name, value);
+                        }
+                    }
+                }
+                name => self.set_startup(name, v),
+            }
+        }
+        self
+    }
+
+    fn set_startup(&mut self, name: &str, value: &str) {
+        let name = name.to_ascii_lowercase();
+        if name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+            && !name.is_empty()
+        {
+            let text = format!("SET {name} TO '{}'", value.replace('\'', "''"));
+            self.settings.insert(name, text);
+        }
+    }
+
+    fn settings_signature(&self) -> u64 {
+        if self.settings.is_empty() {
+            return 0;
+        }
+        let mut h = DefaultHasher::new();
+        self.settings.hash(&mut h);
+        h.finish() | 1
+    }
+
+    /// Records the session-setting statements of `analysis` after they ran on the
+    /// bound connection (`status` is the server's transaction status after them).
+    fn record_settings(&mut self, analysis: &Analysis, status: u8) {
+        let changes: Vec<&SettingChange> = analysis
+            .statements
+            .iter()
+            .filter_map(|s| match &s.kind {
+                StatementKind::SetVar(c) => Some(c),
+                _ => None,
+            })
+            .collect();
+        if changes.is_empty() {
+            return;
+        }
+        if status != b'I' || self.saw_error {
+            // Inside a transaction (or failed): what the connection now has is
+            // unknown; the next session to use it starts from RESET ALL.
+            if let Some(b) = self.bound.as_mut() {
+                b.conn.settings = None;
+            }
+            return;
+        }
+        for (stmt, change) in analysis.statements.iter().filter_map(|s| match &s.kind {
+            StatementKind::SetVar(c) => Some((s, c)),
+            _ => None,
+        }) {
+            match change {
+                SettingChange::Set { name } => {
+                    self.settings.insert(name.clone(), stmt.text.clone());
+                }
+                SettingChange::Reset { name } => {
+                    self.settings.remove(name);
+                }
+                SettingChange::ResetAll => self.settings.clear(),
+            }
+        }
+        let sig = self.settings_signature();
+        if let Some(b) = self.bound.as_mut() {
+            b.conn.settings = Some(sig);
         }
     }
 
@@ -193,7 +287,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     let dir = self.ctx.directory.load();
                     self.ctx.any_shard(&dir)
                 });
-                return self.forward_simple(shard, m.raw().clone()).await;
+                return self.forward_simple(shard, m.raw().clone(), None).await;
             }
         };
         if analysis.statements.is_empty() {
@@ -218,10 +312,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Err(e) => return self.fail_simple(e).await,
         };
         match target {
-            Target::Shard(s) => self.forward_simple(s, m.raw().clone()).await,
+            Target::Shard(s) => {
+                self.forward_simple(s, m.raw().clone(), Some(&analysis))
+                    .await
+            }
             Target::Any => {
                 let s = self.any_shard();
-                self.forward_simple(s, m.raw().clone()).await
+                self.forward_simple(s, m.raw().clone(), Some(&analysis))
+                    .await
             }
             Target::All => self.run_everywhere(&sql, &analysis).await,
             Target::Fanout(shards)
@@ -516,9 +614,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }),
         );
         let mut swallow = 0;
+        let sig = self.settings_signature();
+        if conn.settings != Some(sig) {
+            let mut sql = String::from("RESET ALL");
+            for text in self.settings.values() {
+                sql.push_str("; ");
+                sql.push_str(text);
+            }
+            conn.conn.queue(&messages::query(&sql));
+            conn.settings = Some(sig);
+            swallow += 1;
+        }
         if let Some(prelude) = self.pending_begin.take() {
             conn.conn.queue(&messages::query(&prelude.join("; ")));
-            swallow = 1;
+            swallow += 1;
         }
         self.bound = Some(Bound { shard, conn });
         Ok(swallow)
@@ -538,7 +647,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// Sends one simple Query to one shard and relays the answer.
-    async fn forward_simple(&mut self, shard: ShardId, query: Bytes) -> Result<(), SessionError> {
+    async fn forward_simple(
+        &mut self,
+        shard: ShardId,
+        query: Bytes,
+        analysis: Option<&Analysis>,
+    ) -> Result<(), SessionError> {
         let swallow = match self.bind(shard).await {
             Ok(n) => n,
             Err(e) => return self.fail_simple(e).await,
@@ -552,6 +666,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         match self.relay_until_ready(swallow).await {
             Ok(status) => {
+                if let Some(a) = analysis {
+                    self.record_settings(a, status);
+                }
                 self.after_ready(status);
                 Ok(())
             }
@@ -588,6 +705,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// first `swallow` ReadyForQuery (and what precedes them, errors aside) that
     /// answer statements the router sent on its own.
     async fn relay_until_ready(&mut self, mut swallow: usize) -> Result<u8, RelayError> {
+        self.saw_error = false;
         let Some(b) = self.bound.as_mut() else {
             return Ok(b'I');
         };
@@ -604,6 +722,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             self.client.queue(m.raw());
             match tag {
+                b'E' => self.saw_error = true,
                 b'Z' => {
                     self.client.flush().await.map_err(client_err)?;
                     return Ok(m.body().first().copied().unwrap_or(b'I'));
@@ -852,6 +971,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         match relayed {
             Ok(Some(status)) => {
+                for a in &statements_seen {
+                    self.record_settings(a, status);
+                }
                 self.after_ready(status);
                 let status = if self.bound.is_none() {
                     self.status()
@@ -999,6 +1121,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut prelude_syncs = swallowed_syncs.min(expects.len().saturating_sub(1));
         let mut skipping = false;
         let mut status = None;
+        self.saw_error = false;
         while let Some(exp) = expects.pop_front() {
             let prelude = prelude_syncs > 0;
             if let Expect::Synth(bytes) = &exp {
@@ -1032,6 +1155,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     b'N' | b'S' | b'A' => emit!(m.raw()),
                     b'E' => {
                         emit!(m.raw());
+                        self.saw_error = true;
                         if let Expect::Parse {
                             server_name,
                             client_name,
@@ -1479,11 +1603,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                 };
                 match m.tag() {
-                    b'H' => {
-                        if !started {
-                            self.client.queue(m.raw());
-                            started = true;
-                        }
+                    b'H' if !started => {
+                        self.client.queue(m.raw());
+                        started = true;
                     }
                     b'd' => {
                         let skip = header && i > 0 && first_data;

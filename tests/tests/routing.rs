@@ -549,3 +549,71 @@ async fn copy_to_stdout_without_a_tenant_exports_every_shard() {
     .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_settings_follow_the_session_across_pooled_connections_and_never_leak() {
+    let config = shardgate_router::config::RouterConfig {
+        pool: shardgate_router::config::PoolConfig {
+            size: 2,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let h = Harness::start_with(1, config).await;
+    let a = h.client().await;
+    let b = h.client().await;
+    a.batch_execute("SET statement_timeout = '1234ms'")
+        .await
+        .unwrap();
+    a.batch_execute("SET search_path TO public, pg_catalog")
+        .await
+        .unwrap();
+    // Many statements from both clients over a pool of two connections: each sees
+    // only its own settings.
+    for _ in 0..20 {
+        let ta: String = a
+            .query_one("SHOW statement_timeout", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let tb: String = b
+            .query_one("SHOW statement_timeout", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(ta, "1234ms");
+        assert_eq!(tb, "0");
+    }
+    // Inside a transaction too.
+    a.batch_execute("BEGIN").await.unwrap();
+    let ta: String = a.query_one("SHOW search_path", &[]).await.unwrap().get(0);
+    a.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(ta, "public, pg_catalog");
+    a.batch_execute("RESET statement_timeout").await.unwrap();
+    for _ in 0..4 {
+        let ta: String = a
+            .query_one("SHOW statement_timeout", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(ta, "0");
+    }
+    // Startup parameters are session settings as well.
+    let c = shardgate_tests::connect(&format!(
+        "{}?application_name=billing&options=-c%20work_mem%3D3MB",
+        h.url()
+    ))
+    .await;
+    for _ in 0..4 {
+        let wm: String = c.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
+        assert_eq!(wm, "3MB");
+        let app: String = c
+            .query_one("SELECT current_setting('application_name')", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(app, "billing");
+        let other: String = b.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
+        assert_eq!(other, "4MB");
+    }
+}

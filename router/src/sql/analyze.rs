@@ -43,10 +43,24 @@ pub enum StatementKind {
     Txn(TxnControl),
     /// `SET shardgate.tenant = …` (Some) or `RESET shardgate.tenant` (None).
     SetTenant(Option<String>),
-    /// SET/RESET/SHOW/DISCARD and other session utilities.
+    /// `SET`/`RESET` of a session setting (not `SET LOCAL`): the router keeps
+    /// the session's settings and applies them to whichever server connection
+    /// runs its next statement.
+    SetVar(SettingChange),
+    /// SHOW, SET LOCAL, DEALLOCATE and other session utilities.
     Session,
     /// Anything else (EXPLAIN, LISTEN, VACUUM …): follows its tables, or any shard.
     Other,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SettingChange {
+    /// `SET name …`: replayed as this statement's text.
+    Set { name: String },
+    /// `RESET name` or `SET name TO DEFAULT`.
+    Reset { name: String },
+    /// `RESET ALL`, `DISCARD ALL`.
+    ResetAll,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -231,6 +245,24 @@ fn statement(node: &N, text: String, key_column: &str) -> Statement {
                 _ => None,
             };
             s.kind = StatementKind::SetTenant(value);
+        }
+        N::VariableSetStmt(v) if !v.is_local => {
+            use protobuf::VariableSetKind as V;
+            let name = v.name.to_ascii_lowercase();
+            s.kind = match V::try_from(v.kind).unwrap_or(V::Undefined) {
+                V::VarSetValue | V::VarSetCurrent => {
+                    StatementKind::SetVar(SettingChange::Set { name })
+                }
+                V::VarSetDefault | V::VarReset => {
+                    StatementKind::SetVar(SettingChange::Reset { name })
+                }
+                V::VarResetAll => StatementKind::SetVar(SettingChange::ResetAll),
+                // SET TRANSACTION … and friends: scoped to the transaction.
+                _ => StatementKind::Session,
+            };
+        }
+        N::DiscardStmt(d) if d.target == protobuf::DiscardMode::DiscardAll as i32 => {
+            s.kind = StatementKind::SetVar(SettingChange::ResetAll);
         }
         N::VariableSetStmt(_)
         | N::VariableShowStmt(_)
@@ -676,6 +708,50 @@ mod tests {
         assert_eq!(
             one("reset shardgate.tenant").kind,
             StatementKind::SetTenant(None)
+        );
+    }
+
+    #[test]
+    fn session_settings_are_recognised() {
+        assert_eq!(
+            one("set search_path to app, public").kind,
+            StatementKind::SetVar(SettingChange::Set {
+                name: "search_path".into()
+            })
+        );
+        assert_eq!(
+            one("SET TimeZone = 'UTC'").kind,
+            StatementKind::SetVar(SettingChange::Set {
+                name: "timezone".into()
+            })
+        );
+        assert_eq!(
+            one("reset work_mem").kind,
+            StatementKind::SetVar(SettingChange::Reset {
+                name: "work_mem".into()
+            })
+        );
+        assert_eq!(
+            one("set work_mem to default").kind,
+            StatementKind::SetVar(SettingChange::Reset {
+                name: "work_mem".into()
+            })
+        );
+        assert_eq!(
+            one("reset all").kind,
+            StatementKind::SetVar(SettingChange::ResetAll)
+        );
+        assert_eq!(
+            one("discard all").kind,
+            StatementKind::SetVar(SettingChange::ResetAll)
+        );
+        assert_eq!(
+            one("set local work_mem = '1MB'").kind,
+            StatementKind::Session
+        );
+        assert_eq!(
+            one("set transaction isolation level serializable").kind,
+            StatementKind::Session
         );
     }
 
