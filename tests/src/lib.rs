@@ -2,8 +2,6 @@
 //! a template data directory so each suite starts in about a second) and routers
 //! running in the test process.
 
-use std::time::Duration;
-
 use shardgate_directory::{Directory, DirectoryHandle, KeyType, Shard, ShardState};
 use shardgate_localpg::{TestCluster, TestServer};
 use shardgate_router::backend::ShardAddress;
@@ -44,7 +42,6 @@ impl Harness {
             Directory::new("tenant_id", KeyType::Int, 64, dir_shards).expect("directory"),
         );
         config.listen = "127.0.0.1:0".into();
-        config.pool.queue_timeout = Duration::from_secs(10);
         let router = shardgate_router::server::start(config, directory.clone(), addrs)
             .await
             .expect("start router");

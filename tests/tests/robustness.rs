@@ -187,3 +187,99 @@ async fn clients_log_in_with_scram_or_md5_and_wrong_passwords_are_refused() {
         assert_eq!(sqlstate(&err), "28P01", "{url}");
     }
 }
+
+/// Makes a test server ask TCP clients for a SCRAM password.
+async fn require_scram(h: &Harness, shard: usize, password: &str) {
+    let direct = h.shard(shard).await;
+    direct
+        .batch_execute(&format!(
+            "SET password_encryption = 'scram-sha-256'; ALTER ROLE postgres PASSWORD '{password}'"
+        ))
+        .await
+        .unwrap();
+    let hba = h.shard_server(shard).data_dir().join("pg_hba.conf");
+    std::fs::write(
+        &hba,
+        "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n",
+    )
+    .unwrap();
+    direct
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_logs_in_to_shards_with_scram_and_reports_a_wrong_password() {
+    use shardgate_directory::{Directory, DirectoryHandle, KeyType, Shard, ShardState};
+    use shardgate_router::backend::ShardAddress;
+    let h = Harness::start(1).await;
+    require_scram(&h, 0, "shard-pw").await;
+    let port = h.shard_server(0).port();
+    for (password, works) in [("shard-pw", true), ("wrong", false)] {
+        let mut addr =
+            ShardAddress::from_url(&format!("postgres://postgres@127.0.0.1:{port}/app")).unwrap();
+        addr.password = Some(password.into());
+        let dir = Directory::new(
+            "tenant_id",
+            KeyType::Int,
+            8,
+            vec![Shard {
+                name: "secured".into(),
+                url: addr.display_url(),
+                state: ShardState::Active,
+            }],
+        )
+        .unwrap();
+        let config = shardgate_router::config::RouterConfig {
+            listen: "127.0.0.1:0".into(),
+            ..Default::default()
+        };
+        let router = shardgate_router::server::start(config, DirectoryHandle::new(dir), vec![addr])
+            .await
+            .unwrap();
+        let c = shardgate_tests::connect(&format!("postgres://postgres@{}/app", router.local_addr))
+            .await;
+        let r = c.simple_query("SELECT 1").await;
+        if works {
+            r.unwrap();
+        } else {
+            let err = r.unwrap_err();
+            let db = err.as_db_error().unwrap();
+            assert_eq!(db.code().code(), "08004", "{db:?}");
+            assert!(db.message().contains("secured"), "{db:?}");
+            assert!(
+                !db.message().contains("wrong"),
+                "the password must not appear: {db:?}"
+            );
+        }
+        router.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pool_makes_statements_wait_then_fail_with_53300() {
+    use std::time::Duration;
+    let config = shardgate_router::config::RouterConfig {
+        pool: shardgate_router::config::PoolConfig {
+            size: 1,
+            queue_timeout: Duration::from_millis(300),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let h = Harness::start_with(1, config).await;
+    let holder = h.client().await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    // The only connection is held by an open transaction.
+    let waiter = h.client().await;
+    let err = waiter.simple_query("SELECT 2").await.unwrap_err();
+    assert_eq!(sqlstate(&err), "53300");
+    assert!(
+        err.as_db_error().unwrap().message().contains("pool.size"),
+        "{err:?}"
+    );
+    // When the transaction ends, the waiter gets the connection.
+    holder.batch_execute("COMMIT").await.unwrap();
+    waiter.simple_query("SELECT 3").await.unwrap();
+}
