@@ -92,6 +92,11 @@ pub struct Session<S> {
     settings: std::collections::BTreeMap<String, String>,
     /// Set when the last relay forwarded an ErrorResponse.
     saw_error: bool,
+    /// A transaction open on every shard at once: one that began with DDL or a
+    /// reference-table write (a schema migration). `multi_failed` once a shard
+    /// reported an error: COMMIT then rolls back everywhere.
+    multi: Option<Vec<Bound>>,
+    multi_failed: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -109,6 +114,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             batch: Vec::new(),
             settings: std::collections::BTreeMap::new(),
             saw_error: false,
+            multi: None,
+            multi_failed: false,
         }
     }
 
@@ -201,6 +208,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// The transaction status to report in ReadyForQuery.
     fn status(&self) -> u8 {
+        if self.multi.is_some() {
+            return if self.multi_failed { b'E' } else { b'T' };
+        }
         if self.aborted_locally {
             b'E'
         } else if self.bound.is_some() || self.pending_begin.is_some() {
@@ -213,9 +223,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Serves the client until it leaves or its connection breaks.
     pub async fn run(mut self) -> Result<(), SessionError> {
         let result = self.serve().await;
+        // Leaving mid-transaction: the server connections' state is unknown to the
+        // pool, so they are closed (the servers roll back).
         if let Some(b) = self.bound.as_mut() {
-            // Leaving mid-transaction: the server connection's state is unknown to
-            // the pool, so it is closed (the server rolls back).
+            b.conn.broken = true;
+        }
+        for b in self.multi.iter_mut().flatten() {
             b.conn.broken = true;
         }
         self.ctx.remove_cancel(self.cancel_key);
@@ -294,6 +307,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.client.queue(&messages::empty_query_response());
             return self.ready().await;
         }
+        if self.multi.is_some() {
+            return self.multi_query(&sql, &analysis).await;
+        }
         if self.aborted_locally {
             return self.in_aborted_txn(&analysis.statements[0]).await;
         }
@@ -320,6 +336,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let s = self.any_shard();
                 self.forward_simple(s, m.raw().clone(), Some(&analysis))
                     .await
+            }
+            Target::All if self.pending_begin.is_some() || leaves_transaction_open(&analysis) => {
+                self.open_multi(&sql, &analysis).await
             }
             Target::All => self.run_everywhere(&sql, &analysis).await,
             Target::Fanout(shards)
@@ -544,10 +563,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let target = combined.unwrap_or(Target::Any);
         if self.pending_begin.is_some()
-            && matches!(
-                target,
-                Target::All | Target::SplitInsert(_) | Target::CopySplit
-            )
+            && matches!(target, Target::SplitInsert(_) | Target::CopySplit)
         {
             return Err(SqlError::new(
                 "0A000",
@@ -556,6 +572,274 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .hint("run them outside BEGIN … COMMIT"));
         }
         Ok(target)
+    }
+
+    /// A transaction whose first statement must run on every shard (DDL, a
+    /// reference-table write): BEGIN on every live shard, then the statement.
+    async fn open_multi(&mut self, sql: &str, analysis: &Analysis) -> Result<(), SessionError> {
+        let dir = self.ctx.directory.load();
+        // BEGIN was either held (pending) or is part of `sql` itself.
+        let prelude = self.pending_begin.take().map(|p| p.join("; "));
+        let mut bounds = Vec::new();
+        for (shard, _) in dir.live_shards() {
+            let Some(pool) = self.ctx.pool(shard) else {
+                continue;
+            };
+            match pool.get().await {
+                Ok(mut conn) => {
+                    let settings = self.settings_prelude(&mut conn);
+                    let begun = match &prelude {
+                        None => match settings {
+                            Some(set) => collect(&mut conn, &set, None, true).await,
+                            None => Ok((Vec::new(), None)),
+                        },
+                        Some(begin) => collect(&mut conn, begin, settings, true).await,
+                    };
+                    let begun = match begun {
+                        Ok((_, None)) => Ok(()),
+                        Ok((_, Some(err))) => Err(SqlError::new(
+                            "XX000",
+                            messages::error_summary(&Message::from_raw(err)).1,
+                        )),
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = begun {
+                        for b in bounds.iter_mut() {
+                            let b: &mut Bound = b;
+                            b.conn.broken = true;
+                        }
+                        self.aborted_locally = true;
+                        return self.fail_simple(e).await;
+                    }
+                    bounds.push(Bound { shard, conn });
+                }
+                Err(e) => {
+                    for b in bounds.iter_mut() {
+                        let b: &mut Bound = b;
+                        b.conn.broken = true;
+                    }
+                    self.aborted_locally = true;
+                    return self
+                        .fail_simple(SqlError::new(e.sqlstate(), e.to_string()))
+                        .await;
+                }
+            }
+        }
+        self.multi = Some(bounds);
+        self.multi_failed = false;
+        self.multi_query(sql, analysis).await
+    }
+
+    /// A statement inside a transaction open on every shard.
+    async fn multi_query(&mut self, sql: &str, analysis: &Analysis) -> Result<(), SessionError> {
+        let first = &analysis.statements[0];
+        let single = analysis.statements.len() == 1;
+        if single {
+            match &first.kind {
+                StatementKind::Txn(TxnControl::Commit | TxnControl::Rollback) => {
+                    let commit = matches!(first.kind, StatementKind::Txn(TxnControl::Commit))
+                        && !self.multi_failed;
+                    return self.end_multi(commit).await;
+                }
+                StatementKind::Txn(TxnControl::Begin) => {
+                    self.client.queue(&messages::error_response(
+                        Severity::Warning,
+                        "25001",
+                        "there is already a transaction in progress",
+                        None,
+                    ));
+                    self.client.queue(&messages::command_complete("BEGIN"));
+                    return self.ready().await;
+                }
+                StatementKind::SetTenant(_) => {
+                    if let Some(Ok(tag)) = self.local_statement(first)? {
+                        self.client.queue(&messages::command_complete(&tag));
+                    }
+                    return self.ready().await;
+                }
+                _ => {}
+            }
+        }
+        if self.multi_failed {
+            self.client.queue(
+                &SqlError::new(
+                    "25P02",
+                    "current transaction is aborted, commands ignored until end of transaction block".into(),
+                )
+                .to_message(Severity::Error),
+            );
+            return self.ready().await;
+        }
+        // Fan-out reads, split inserts and COPY need connections of their own.
+        let dir = self.ctx.directory.load();
+        let bound_shards: Vec<ShardId> = self.multi.iter().flatten().map(|b| b.shard).collect();
+        let target = self.route_multi(analysis, &dir);
+        let run_on: Vec<usize> = match target {
+            Ok(Target::Shard(s)) => bound_shards
+                .iter()
+                .position(|&x| x == s)
+                .into_iter()
+                .collect(),
+            Ok(Target::Any) => vec![0],
+            Ok(Target::All) => (0..bound_shards.len()).collect(),
+            Ok(_) => {
+                self.multi_failed = true;
+                return self
+                    .fail_simple(
+                        SqlError::new(
+                            "0A000",
+                            "cross-shard reads, split inserts and COPY cannot run inside a transaction open on every shard".into(),
+                        )
+                        .hint("run them after COMMIT"),
+                    )
+                    .await;
+            }
+            Err(e) => {
+                self.multi_failed = true;
+                return self.fail_simple(e).await;
+            }
+        };
+        let mut first_reply = None;
+        let mut failure = None;
+        let Some(bounds) = self.multi.as_mut() else {
+            return self.ready().await;
+        };
+        for i in run_on {
+            let b = &mut bounds[i];
+            let name = dir
+                .shards
+                .get(b.shard)
+                .map(|s| s.name.clone())
+                .unwrap_or_default();
+            match collect(&mut b.conn, sql, None, true).await {
+                Ok((reply, None)) => {
+                    first_reply.get_or_insert(reply);
+                }
+                Ok((_, Some(err))) => {
+                    failure.get_or_insert(prefix_error(&err, &name));
+                }
+                Err(e) => {
+                    failure.get_or_insert(e.to_message(Severity::Error));
+                }
+            }
+        }
+        match failure {
+            Some(e) => {
+                self.multi_failed = true;
+                self.client.queue(&e);
+            }
+            None => {
+                for m in first_reply.unwrap_or_default() {
+                    self.client.queue(&m);
+                }
+            }
+        }
+        self.ready().await
+    }
+
+    fn route_multi(
+        &self,
+        analysis: &Analysis,
+        dir: &shardgate_directory::Directory,
+    ) -> Result<Target, SqlError> {
+        let rules = Rules {
+            strict_tenant: self.ctx.config.strict_tenant,
+            allow_cross_shard_writes: self.ctx.config.allow_cross_shard_writes,
+        };
+        let mut target = Target::Any;
+        for stmt in &analysis.statements {
+            let t = route::route(
+                stmt,
+                None,
+                self.tenant.as_ref(),
+                dir,
+                &self.ctx.catalog,
+                &rules,
+            )?;
+            target = match (target, t) {
+                (Target::Any, t) | (t, Target::Any) => t,
+                (Target::Shard(a), Target::Shard(b)) if a == b => Target::Shard(a),
+                _ => Target::All,
+            };
+        }
+        Ok(target)
+    }
+
+    /// COMMIT (or ROLLBACK) on every shard of a transaction open on all of them.
+    /// Shards commit one after another: if one fails after others committed, the
+    /// error says which committed, since that cannot be undone.
+    async fn end_multi(&mut self, commit: bool) -> Result<(), SessionError> {
+        let bounds = self.multi.take().unwrap_or_default();
+        self.multi_failed = false;
+        let dir = self.ctx.directory.load();
+        let sql = if commit { "COMMIT" } else { "ROLLBACK" };
+        let mut committed: Vec<String> = Vec::new();
+        let mut failure: Option<Bytes> = None;
+        let mut ddl = false;
+        for mut b in bounds {
+            let name = dir
+                .shards
+                .get(b.shard)
+                .map(|s| s.name.clone())
+                .unwrap_or_default();
+            let sql = if failure.is_some() { "ROLLBACK" } else { sql };
+            match collect(&mut b.conn, sql, None, true).await {
+                Ok((reply, None)) => {
+                    // A failed transaction answers COMMIT with ROLLBACK.
+                    let rolled_back = reply.iter().any(|m| {
+                        m.first() == Some(&b'C') && m.windows(8).any(|w| w == b"ROLLBACK")
+                    });
+                    if commit && sql == "COMMIT" && !rolled_back {
+                        committed.push(name);
+                        ddl = true;
+                    } else if commit && sql == "COMMIT" && failure.is_none() {
+                        failure = Some(
+                            SqlError::new(
+                                "40000",
+                                format!("the transaction was rolled back on shard {name}"),
+                            )
+                            .to_message(Severity::Error),
+                        );
+                    }
+                }
+                Ok((_, Some(err))) => {
+                    failure.get_or_insert(prefix_error(&err, &name));
+                }
+                Err(e) => {
+                    failure.get_or_insert(e.to_message(Severity::Error));
+                }
+            }
+            b.conn.settings = None;
+        }
+        match failure {
+            Some(e) if commit => {
+                if committed.is_empty() {
+                    self.client.queue(&e);
+                } else {
+                    let (code, msg) = messages::error_summary(&Message::from_raw(e));
+                    warn!(%code, %msg, committed = ?committed, "COMMIT failed on a shard after others committed");
+                    self.client.queue(
+                        &SqlError::new(
+                            "XX000",
+                            format!("COMMIT failed ({msg}) after shards {} had committed", committed.join(", ")),
+                        )
+                        .hint("the committed shards keep the change; repair the others by hand or re-run an idempotent migration")
+                        .to_message(Severity::Error),
+                    );
+                }
+            }
+            _ => self.client.queue(&messages::command_complete(if commit {
+                "COMMIT"
+            } else {
+                "ROLLBACK"
+            })),
+        }
+        if ddl {
+            if let Err(e) = self.ctx.refresh_catalog().await {
+                warn!(error = %e, "could not refresh the table catalog after DDL");
+            }
+        }
+        self.ready().await
     }
 
     /// Reports an error of the router's own, then ReadyForQuery.
@@ -614,15 +898,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }),
         );
         let mut swallow = 0;
-        let sig = self.settings_signature();
-        if conn.settings != Some(sig) {
-            let mut sql = String::from("RESET ALL");
-            for text in self.settings.values() {
-                sql.push_str("; ");
-                sql.push_str(text);
-            }
+        if let Some(sql) = self.settings_prelude(&mut conn) {
             conn.conn.queue(&messages::query(&sql));
-            conn.settings = Some(sig);
             swallow += 1;
         }
         if let Some(prelude) = self.pending_begin.take() {
@@ -754,6 +1031,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Sync (`sync`) or Flush.
     async fn run_batch(&mut self, sync: bool) -> Result<(), SessionError> {
         let batch = std::mem::take(&mut self.batch);
+        if self.multi.is_some() {
+            return self
+                .fail_batch(
+                    SqlError::new(
+                        "0A000",
+                        "a transaction open on every shard (one that began with DDL) takes simple queries only".into(),
+                    )
+                    .hint("send the migration's statements as simple queries"),
+                    sync,
+                )
+                .await;
+        }
         if sync && batch.len() == 1 && self.bound.is_none() {
             // A lone Sync (e.g. after COPY, or an empty pipeline): nothing to run.
             return self.ready().await;
@@ -1514,45 +1803,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .get()
             .await
             .map_err(|e| SqlError::new(e.sqlstate(), e.to_string()))?;
-        let name = conn.shard_name().to_string();
-        let lost = |e: ProtocolError| {
-            SqlError::new("08006", format!("lost the connection to shard {name}: {e}"))
-        };
-        conn.conn.send(&messages::query(sql)).await.map_err(|e| {
-            conn.broken = true;
-            lost(e)
-        })?;
-        let mut replies = Vec::new();
-        let mut error = None;
-        loop {
-            let m = match conn.conn.read().await {
-                Ok(m) => m,
-                Err(e) => {
-                    conn.broken = true;
-                    return Err(lost(e));
-                }
-            };
-            match m.tag() {
-                b'Z' => break,
-                b'E' => {
-                    error.get_or_insert(m.raw().clone());
-                }
-                b'G' => {
-                    // COPY FROM STDIN cannot be fed here.
-                    conn.conn.queue(
-                        &messages::Builder::new(b'f')
-                            .cstr("not supported here")
-                            .finish(),
-                    );
-                    let _ = conn.conn.flush().await;
-                }
-                _ => replies.push(m.raw().clone()),
-            }
-        }
-        Ok((replies, error))
+        let prelude = self.settings_prelude(&mut conn);
+        collect(&mut conn, sql, prelude, false).await
     }
 
-    /// A read without a tenant: every shard (concurrently), results merged.
+    /// `RESET ALL; SET …` for a connection whose settings are not this
+    /// session's, marking it as having them.
+    fn settings_prelude(&self, conn: &mut crate::backend::Backend) -> Option<String> {
+        let sig = self.settings_signature();
+        if conn.settings == Some(sig) {
+            return None;
+        }
+        conn.settings = Some(sig);
+        let mut sql = String::from("RESET ALL");
+        for text in self.settings.values() {
+            sql.push_str("; ");
+            sql.push_str(text);
+        }
+        Some(sql)
+    }
+
     /// `COPY … TO STDOUT` without a tenant: every shard's rows, one shard after
     /// another, as one copy (a CSV header only once).
     async fn run_copy_out_fanout(
@@ -1662,6 +1932,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.fail_simple(e).await
     }
 
+    /// A read without a tenant: every shard (concurrently), results merged.
     async fn run_fanout(
         &mut self,
         stmt: &Statement,
@@ -1811,6 +2082,82 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Err(crate::copy::CopyError::Sql(e)) => self.fail_simple(e).await,
         }
     }
+}
+
+/// Sends `sql` (after `prelude`, whose replies are dropped but for errors) as a
+/// simple query on `conn` and returns the replies without ReadyForQuery, and the
+/// first error.
+async fn collect(
+    conn: &mut Pooled,
+    sql: &str,
+    prelude: Option<String>,
+    in_transaction: bool,
+) -> Result<(Vec<Bytes>, Option<Bytes>), SqlError> {
+    let name = conn.shard_name().to_string();
+    let lost = |e: ProtocolError| {
+        SqlError::new("08006", format!("lost the connection to shard {name}: {e}"))
+    };
+    let mut skip = 0;
+    if let Some(p) = prelude {
+        conn.conn.queue(&messages::query(&p));
+        skip = 1;
+    }
+    conn.conn.queue(&messages::query(sql));
+    if let Err(e) = conn.conn.flush().await {
+        conn.broken = true;
+        return Err(lost(e));
+    }
+    let mut replies = Vec::new();
+    let mut error = None;
+    let status;
+    loop {
+        let m = match conn.conn.read().await {
+            Ok(m) => m,
+            Err(e) => {
+                conn.broken = true;
+                return Err(lost(e));
+            }
+        };
+        match m.tag() {
+            b'Z' if skip > 0 => skip -= 1,
+            b'Z' => {
+                status = m.body().first().copied().unwrap_or(b'I');
+                break;
+            }
+            b'E' => {
+                error.get_or_insert(m.raw().clone());
+            }
+            _ if skip > 0 => {}
+            b'G' => {
+                // COPY FROM STDIN cannot be fed here.
+                conn.conn.queue(
+                    &messages::Builder::new(b'f')
+                        .cstr("not supported here")
+                        .finish(),
+                );
+                let _ = conn.conn.flush().await;
+            }
+            _ => replies.push(m.raw().clone()),
+        }
+    }
+    if status != b'I' && !in_transaction {
+        // Only a transaction the session tracks may stay open on a connection.
+        conn.broken = true;
+    }
+    Ok((replies, error))
+}
+
+/// Whether a query string opens a transaction block it does not close.
+fn leaves_transaction_open(analysis: &Analysis) -> bool {
+    let mut open = false;
+    for s in &analysis.statements {
+        match s.kind {
+            StatementKind::Txn(TxnControl::Begin) => open = true,
+            StatementKind::Txn(TxnControl::Commit | TxnControl::Rollback) => open = false,
+            _ => {}
+        }
+    }
+    open
 }
 
 fn unknown_statement(name: &str) -> SqlError {

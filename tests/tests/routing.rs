@@ -617,3 +617,76 @@ async fn session_settings_follow_the_session_across_pooled_connections_and_never
         assert_eq!(other, "4MB");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_in_a_transaction_runs_on_every_shard_and_rolls_back_everywhere() {
+    let h = Harness::start(2).await;
+    let c = h.client().await;
+    // One statement at a time, as migration tools send them.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute(ORDERS).await.unwrap();
+    c.batch_execute("CREATE INDEX orders_total ON orders (total)")
+        .await
+        .unwrap();
+    c.batch_execute("CREATE TABLE plans (name text PRIMARY KEY)")
+        .await
+        .unwrap();
+    c.batch_execute("INSERT INTO plans VALUES ('free')")
+        .await
+        .unwrap();
+    // Not visible outside the transaction yet.
+    assert_eq!(
+        rows_on(
+            &h,
+            0,
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'orders'"
+        )
+        .await,
+        0
+    );
+    c.batch_execute("COMMIT").await.unwrap();
+    for i in 0..2 {
+        assert_eq!(
+            rows_on(
+                &h,
+                i,
+                "SELECT count(*) FROM pg_indexes WHERE indexname = 'orders_total'"
+            )
+            .await,
+            1
+        );
+        assert_eq!(rows_on(&h, i, "SELECT count(*) FROM plans").await, 1);
+    }
+    // The new table is sharded at once.
+    let t1 = h.tenants_on(1, 1)[0];
+    c.execute("INSERT INTO orders VALUES ($1, 1, 1)", &[&t1])
+        .await
+        .unwrap();
+    assert_eq!(rows_on(&h, 0, "SELECT count(*) FROM orders").await, 0);
+
+    // A failing statement aborts the whole migration, on every shard.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("ALTER TABLE orders ADD COLUMN note text")
+        .await
+        .unwrap();
+    let err = c
+        .batch_execute("ALTER TABLE orders ADD COLUMN note text")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "42701");
+    let err = c.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&err), "25P02");
+    c.batch_execute("COMMIT").await.unwrap(); // answered ROLLBACK, as Postgres does
+    for i in 0..2 {
+        assert_eq!(
+            rows_on(&h, i, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'orders' AND column_name = 'note'").await,
+            0
+        );
+    }
+    // ROLLBACK undoes it everywhere too.
+    c.batch_execute("BEGIN; DROP TABLE plans").await.unwrap();
+    c.batch_execute("ROLLBACK").await.unwrap();
+    for i in 0..2 {
+        assert_eq!(rows_on(&h, i, "SELECT count(*) FROM plans").await, 1);
+    }
+}
