@@ -54,6 +54,9 @@ struct Bound {
     conn: Pooled,
 }
 
+/// Statements a server connection keeps prepared before its cache starts over.
+const MAX_PREPARED_PER_CONNECTION: usize = 1000;
+
 /// What the relay expects next from the server, in order, for one batch.
 enum Expect {
     Parse {
@@ -62,7 +65,11 @@ enum Expect {
         client_name: Option<String>,
     },
     Bind,
-    Close,
+    /// `forward` false for a Close the router sent to trim a connection's
+    /// statement cache.
+    Close {
+        forward: bool,
+    },
     Describe,
     Execute,
     Sync,
@@ -1290,6 +1297,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         for _ in 0..swallow {
             expects.push_back(Expect::Sync);
         }
+        if backend.prepared.len() >= MAX_PREPARED_PER_CONNECTION {
+            // Bound the memory each server connection spends on statements that
+            // clients prepared: start its cache over (statements are prepared
+            // again, lazily, when next used).
+            let names: Vec<String> = backend.prepared.drain().collect();
+            for name in names {
+                backend.conn.queue(&messages::close(b'S', &name));
+                expects.push_back(Expect::Close { forward: false });
+            }
+        }
         // Make sure `name` is prepared on this connection, injecting a Parse.
         fn ensure(
             backend: &mut crate::backend::Backend,
@@ -1362,7 +1379,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                     _ => {
                         backend.conn.queue(m.raw());
-                        expects.push_back(Expect::Close);
+                        expects.push_back(Expect::Close { forward: true });
                     }
                 },
                 b'E' => {
@@ -1468,6 +1485,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         }
                         break;
                     }
+                    b'3' if matches!(exp, Expect::Close { forward: false }) => break,
                     b'2' | b'3' | b'n' | b'T' | b'C' | b'I' | b's' => {
                         emit!(m.raw());
                         break;

@@ -690,3 +690,34 @@ async fn a_migration_in_a_transaction_runs_on_every_shard_and_rolls_back_everywh
         assert_eq!(rows_on(&h, i, "SELECT count(*) FROM plans").await, 1);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_connections_statement_cache_is_bounded_and_statements_still_work() {
+    let config = shardgate_router::config::RouterConfig {
+        pool: shardgate_router::config::PoolConfig {
+            size: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let h = Harness::start_with(1, config).await;
+    let c = h.client().await;
+    let first = c.prepare("SELECT $1::int + 0").await.unwrap();
+    for k in 1..1100 {
+        let st = c.prepare(&format!("SELECT $1::int + {k}")).await.unwrap();
+        let v: i32 = c.query_one(&st, &[&1i32]).await.unwrap().get(0);
+        assert_eq!(v, 1 + k);
+    }
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM pg_prepared_statements", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        n <= 1001,
+        "{n} statements prepared on one server connection"
+    );
+    // A statement prepared long ago is prepared again where it runs.
+    let v: i32 = c.query_one(&first, &[&41i32]).await.unwrap().get(0);
+    assert_eq!(v, 41);
+}
