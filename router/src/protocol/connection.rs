@@ -1,14 +1,15 @@
-//! Buffered, framed message I/O on one socket.
+//! Buffered, framed message I/O on one socket, decoded by [`FrameCodec`].
 //!
-//! A frame is first *checked* (is the whole message in the buffer? is its length
-//! sane?) and only then split off, as one `Bytes` that still carries its header, so
-//! forwarding a message is a copy into the other side's write buffer and nothing
-//! more. Writes are queued and flushed explicitly: a relay loop queues every message
-//! already in the read buffer and flushes once, not once per `DataRow`.
+//! Not a `Framed` stream: writes are queued and flushed explicitly, so a relay
+//! loop can queue every message already in the read buffer and flush once, not
+//! once per `DataRow`, and can ask whether more is buffered without polling.
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use tokio_util::codec::Decoder;
+
+use super::codec::FrameCodec;
 use super::Message;
 
 #[derive(Debug, thiserror::Error)]
@@ -28,11 +29,9 @@ pub enum ProtocolError {
 /// Buffered framed I/O over any byte stream (TCP, Unix socket, TLS later).
 pub struct Connection<S> {
     stream: S,
+    codec: FrameCodec,
     rbuf: BytesMut,
     wbuf: BytesMut,
-    max_message: usize,
-    /// Before the startup packet, frames have no type byte.
-    startup_phase: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -50,16 +49,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     fn new(stream: S, max_message: usize, startup_phase: bool) -> Self {
         Connection {
             stream,
+            codec: FrameCodec {
+                max_message,
+                startup_phase,
+            },
             rbuf: BytesMut::with_capacity(16 * 1024),
             wbuf: BytesMut::with_capacity(16 * 1024),
-            max_message,
-            startup_phase,
         }
     }
 
     /// Frames from now on carry a type byte (after startup is done).
     pub fn end_startup_phase(&mut self) {
-        self.startup_phase = false;
+        self.codec.startup_phase = false;
     }
 
     pub fn get_ref(&self) -> &S {
@@ -80,37 +81,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// A message that is already complete in the read buffer, without any I/O.
     pub fn try_buffered(&mut self) -> Result<Option<Message>, ProtocolError> {
-        let header = if self.startup_phase { 4 } else { 5 };
-        if self.rbuf.len() < header {
-            return Ok(None);
-        }
-        let off = header - 4;
-        let len = i32::from_be_bytes([
-            self.rbuf[off],
-            self.rbuf[off + 1],
-            self.rbuf[off + 2],
-            self.rbuf[off + 3],
-        ]) as i64;
-        if len < 4 {
-            return Err(ProtocolError::BadLength(len));
-        }
-        let total = off + len as usize;
-        if total > self.max_message {
-            return Err(ProtocolError::TooLarge {
-                size: total,
-                limit: self.max_message,
-            });
-        }
-        if self.rbuf.len() < total {
-            self.rbuf.reserve(total - self.rbuf.len());
-            return Ok(None);
-        }
-        let raw = self.rbuf.split_to(total).freeze();
-        Ok(Some(if self.startup_phase {
-            Message::startup(raw)
-        } else {
-            Message::from_raw(raw)
-        }))
+        self.codec.decode(&mut self.rbuf)
     }
 
     /// Whether unread bytes are waiting in the buffer.
