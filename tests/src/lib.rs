@@ -22,7 +22,16 @@ impl Harness {
         Self::start_with(shards, RouterConfig::default()).await
     }
 
-    pub async fn start_with(shards: usize, mut config: RouterConfig) -> Harness {
+    pub async fn start_with(shards: usize, config: RouterConfig) -> Harness {
+        Self::start_keyed(shards, config, KeyType::Int).await
+    }
+
+    /// A cluster whose key column has the given SQL type.
+    pub async fn start_keyed(
+        shards: usize,
+        mut config: RouterConfig,
+        key_type: KeyType,
+    ) -> Harness {
         init_logging();
         let cluster = TestCluster::start(shards)
             .await
@@ -39,7 +48,7 @@ impl Harness {
             addrs.push(addr);
         }
         let directory = DirectoryHandle::new(
-            Directory::new("tenant_id", KeyType::Int, 64, dir_shards).expect("directory"),
+            Directory::new("tenant_id", key_type, 64, dir_shards).expect("directory"),
         );
         config.listen = "127.0.0.1:0".into();
         let router = shardgate_router::server::start(config, directory.clone(), addrs)
