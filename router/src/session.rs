@@ -131,7 +131,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub fn with_startup_settings(mut self, params: &[(String, String)]) -> Self {
         for (k, v) in params {
             match k.as_str() {
-                "user" | "database" | "replication" => {}
+                // client_encoding: the router talks UTF8 to every shard and passes
+                // text through; replaying a client's encoding would make the shard
+                // convert what the router has already parsed as UTF-8.
+                "user" | "database" | "replication" | "client_encoding" => {}
                 "options" => {
                     let mut words = v.split_whitespace();
                     while let Some(w) = words.next() {
