@@ -9,6 +9,7 @@
 
 pub mod hash;
 mod model;
+pub mod state;
 
 pub use model::{
     Directory, DirectoryError, DirectoryHandle, KeyType, Shard, ShardId, ShardState, TenantKey,

@@ -128,6 +128,14 @@ pub struct Directory {
     /// Tenants placed on a shard of their own, overriding their bucket.
     #[serde(with = "pins_as_list")]
     pub pins: HashMap<TenantKey, ShardId>,
+    /// Moves of buckets or tenants, by id (written by the migrator).
+    #[serde(default)]
+    pub moves: std::collections::BTreeMap<u64, crate::state::Move>,
+    #[serde(default)]
+    pub next_move_id: u64,
+    /// Routers serving from this directory, by id.
+    #[serde(default)]
+    pub routers: std::collections::BTreeMap<String, crate::state::RouterInfo>,
 }
 
 impl Directory {
@@ -158,6 +166,9 @@ impl Directory {
             shards,
             placements,
             pins: HashMap::new(),
+            moves: Default::default(),
+            next_move_id: 1,
+            routers: Default::default(),
         })
     }
 

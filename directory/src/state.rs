@@ -1,0 +1,493 @@
+//! The directory as a state machine: a pure, deterministic
+//! `apply(command) -> outcome`, the function every replica runs on every committed
+//! log entry, in the same order, to reach the same [`Directory`].
+//!
+//! Nothing here does I/O or reads a clock: times arrive inside commands (the
+//! proposer's clock), so replaying a log gives the same state on every node.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Directory, ShardId, ShardState, TenantKey};
+
+/// What moves: one bucket (logical shard) or one tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MoveSubject {
+    Bucket(u32),
+    Tenant(TenantKey),
+}
+
+/// A move's phase, in the order a move goes through them (see DESIGN.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MovePhase {
+    Plan,
+    Copy,
+    DualWrite,
+    Shadow,
+    Verify,
+    Cutover,
+    Reverse,
+    Cleanup,
+    Done,
+    Cancelled,
+    Failed,
+}
+
+/// The durable record of one move.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Move {
+    pub id: u64,
+    pub subject: MoveSubject,
+    pub source: ShardId,
+    pub target: ShardId,
+    pub phase: MovePhase,
+    /// Progress counters by name (rows_copied, bytes_copied, lag_bytes …).
+    #[serde(default)]
+    pub counters: std::collections::BTreeMap<String, u64>,
+    /// Why the move failed or was cancelled, if it did.
+    #[serde(default)]
+    pub note: Option<String>,
+    /// Milliseconds since the Unix epoch, from the proposer's clock.
+    pub created_ms: u64,
+    pub updated_ms: u64,
+}
+
+/// A router that serves from this directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouterInfo {
+    pub id: String,
+    /// Where clients reach it.
+    pub address: String,
+    pub last_heartbeat_ms: u64,
+    /// The directory epoch it has applied.
+    pub applied_epoch: u64,
+}
+
+/// A change to the directory: one log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Command {
+    AddShard {
+        name: String,
+        url: String,
+    },
+    SetShardState {
+        name: String,
+        state: ShardState,
+    },
+    /// Place a bucket on a shard (the point of no return of a cutover).
+    PlaceBucket {
+        bucket: u32,
+        shard: String,
+    },
+    PinTenant {
+        tenant: TenantKey,
+        shard: String,
+    },
+    UnpinTenant {
+        tenant: TenantKey,
+    },
+    CreateMove {
+        subject: MoveSubject,
+        target: String,
+        at_ms: u64,
+    },
+    UpdateMove {
+        id: u64,
+        phase: MovePhase,
+        #[serde(default)]
+        counters: std::collections::BTreeMap<String, u64>,
+        #[serde(default)]
+        note: Option<String>,
+        at_ms: u64,
+    },
+    /// A router's periodic "I am here, at this epoch". Does not bump the epoch:
+    /// the epoch counts changes to where data lives.
+    Heartbeat {
+        router: String,
+        address: String,
+        applied_epoch: u64,
+        at_ms: u64,
+    },
+    /// Forget routers not heard from since `before_ms`.
+    ExpireRouters {
+        before_ms: u64,
+    },
+}
+
+/// What applying a command did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    Applied {
+        epoch: u64,
+    },
+    MoveCreated {
+        id: u64,
+        epoch: u64,
+    },
+    /// Refused; the directory is unchanged. The reason is for the operator.
+    Rejected {
+        reason: String,
+    },
+}
+
+fn rejected(reason: impl Into<String>) -> Outcome {
+    Outcome::Rejected {
+        reason: reason.into(),
+    }
+}
+
+impl Directory {
+    fn shard_named(&self, name: &str) -> Result<ShardId, Outcome> {
+        self.shard_by_name(name).ok_or_else(|| {
+            rejected(format!(
+                "no shard named {name:?}; `shardgate shard list` shows the shards"
+            ))
+        })
+    }
+
+    /// Applies one command. Deterministic: same directory + same command → same
+    /// result, on every replica.
+    pub fn apply(&mut self, cmd: &Command) -> Outcome {
+        match self.apply_inner(cmd) {
+            Ok(Some(id)) => Outcome::MoveCreated {
+                id,
+                epoch: self.epoch,
+            },
+            Ok(None) => Outcome::Applied { epoch: self.epoch },
+            Err(o) => o,
+        }
+    }
+
+    fn bump(&mut self) {
+        self.epoch += 1;
+    }
+
+    fn apply_inner(&mut self, cmd: &Command) -> Result<Option<u64>, Outcome> {
+        match cmd {
+            Command::AddShard { name, url } => {
+                if name.is_empty() || url.is_empty() {
+                    return Err(rejected("a shard needs a name and a URL"));
+                }
+                if self.shard_by_name(name).is_some() {
+                    return Err(rejected(format!("a shard named {name:?} exists already")));
+                }
+                self.shards.push(crate::Shard {
+                    name: name.clone(),
+                    url: url.clone(),
+                    state: ShardState::Active,
+                });
+            }
+            Command::SetShardState { name, state } => {
+                let s = self.shard_named(name)?;
+                if *state == ShardState::Removed {
+                    let holds = self.placements.iter().filter(|&&p| p == s).count();
+                    let pins = self.pins.values().filter(|&&p| p == s).count();
+                    if holds > 0 || pins > 0 {
+                        return Err(rejected(format!(
+                            "shard {name} still holds {holds} buckets and {pins} pinned tenants; drain it first"
+                        )));
+                    }
+                }
+                self.shards[s].state = *state;
+            }
+            Command::PlaceBucket { bucket, shard } => {
+                let s = self.shard_named(shard)?;
+                if *bucket >= self.bucket_count {
+                    return Err(rejected(format!(
+                        "bucket {bucket} does not exist (there are {})",
+                        self.bucket_count
+                    )));
+                }
+                if self.shards[s].state == ShardState::Removed {
+                    return Err(rejected(format!("shard {shard} is removed")));
+                }
+                self.placements[*bucket as usize] = s;
+            }
+            Command::PinTenant { tenant, shard } => {
+                let s = self.shard_named(shard)?;
+                if self.shards[s].state != ShardState::Active {
+                    return Err(rejected(format!("shard {shard} is not active")));
+                }
+                self.pins.insert(tenant.clone(), s);
+            }
+            Command::UnpinTenant { tenant } => {
+                if self.pins.remove(tenant).is_none() {
+                    return Err(rejected(format!("tenant {tenant} is not pinned")));
+                }
+            }
+            Command::CreateMove {
+                subject,
+                target,
+                at_ms,
+            } => {
+                let t = self.shard_named(target)?;
+                let source = match subject {
+                    MoveSubject::Bucket(b) if *b >= self.bucket_count => {
+                        return Err(rejected(format!("bucket {b} does not exist")))
+                    }
+                    MoveSubject::Bucket(b) => self.placements[*b as usize],
+                    MoveSubject::Tenant(k) => self.shard_for(k),
+                };
+                if source == t {
+                    return Err(rejected(format!(
+                        "{} is already on shard {target}",
+                        describe(subject)
+                    )));
+                }
+                if self.shards[t].state != ShardState::Active {
+                    return Err(rejected(format!("shard {target} is not active")));
+                }
+                let busy = self.moves.values().any(|m| {
+                    m.subject == *subject
+                        && !matches!(
+                            m.phase,
+                            MovePhase::Done | MovePhase::Cancelled | MovePhase::Failed
+                        )
+                });
+                if busy {
+                    return Err(rejected(format!("{} is already moving", describe(subject))));
+                }
+                let id = self.next_move_id.max(1);
+                self.next_move_id = id + 1;
+                self.moves.insert(
+                    id,
+                    Move {
+                        id,
+                        subject: subject.clone(),
+                        source,
+                        target: t,
+                        phase: MovePhase::Plan,
+                        counters: Default::default(),
+                        note: None,
+                        created_ms: *at_ms,
+                        updated_ms: *at_ms,
+                    },
+                );
+                self.bump();
+                return Ok(Some(id));
+            }
+            Command::UpdateMove {
+                id,
+                phase,
+                counters,
+                note,
+                at_ms,
+            } => {
+                let m = self
+                    .moves
+                    .get_mut(id)
+                    .ok_or_else(|| rejected(format!("no move {id}")))?;
+                if matches!(m.phase, MovePhase::Done | MovePhase::Cancelled) && m.phase != *phase {
+                    return Err(rejected(format!("move {id} has ended ({:?})", m.phase)));
+                }
+                m.phase = *phase;
+                m.counters
+                    .extend(counters.iter().map(|(k, v)| (k.clone(), *v)));
+                if note.is_some() {
+                    m.note = note.clone();
+                }
+                m.updated_ms = *at_ms;
+            }
+            Command::Heartbeat {
+                router,
+                address,
+                applied_epoch,
+                at_ms,
+            } => {
+                self.routers.insert(
+                    router.clone(),
+                    RouterInfo {
+                        id: router.clone(),
+                        address: address.clone(),
+                        last_heartbeat_ms: *at_ms,
+                        applied_epoch: *applied_epoch,
+                    },
+                );
+                return Ok(None);
+            }
+            Command::ExpireRouters { before_ms } => {
+                self.routers
+                    .retain(|_, r| r.last_heartbeat_ms >= *before_ms);
+                return Ok(None);
+            }
+        }
+        self.bump();
+        Ok(None)
+    }
+}
+
+fn describe(s: &MoveSubject) -> String {
+    match s {
+        MoveSubject::Bucket(b) => format!("bucket {b}"),
+        MoveSubject::Tenant(t) => format!("tenant {t}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{KeyType, Shard};
+
+    fn dir() -> Directory {
+        let shards = (0..2)
+            .map(|i| Shard {
+                name: format!("s{i}"),
+                url: format!("postgres://h/{i}"),
+                state: ShardState::Active,
+            })
+            .collect();
+        Directory::new("tenant_id", KeyType::Int, 8, shards).unwrap()
+    }
+
+    fn commands() -> Vec<Command> {
+        vec![
+            Command::AddShard {
+                name: "s2".into(),
+                url: "postgres://h/2".into(),
+            },
+            Command::PlaceBucket {
+                bucket: 3,
+                shard: "s2".into(),
+            },
+            Command::PinTenant {
+                tenant: TenantKey::Int(42),
+                shard: "s2".into(),
+            },
+            Command::CreateMove {
+                subject: MoveSubject::Bucket(0),
+                target: "s1".into(),
+                at_ms: 10,
+            },
+            Command::UpdateMove {
+                id: 1,
+                phase: MovePhase::Copy,
+                counters: [("rows_copied".to_string(), 5)].into(),
+                note: None,
+                at_ms: 11,
+            },
+            Command::Heartbeat {
+                router: "r1".into(),
+                address: "127.0.0.1:6432".into(),
+                applied_epoch: 3,
+                at_ms: 12,
+            },
+            Command::SetShardState {
+                name: "s0".into(),
+                state: ShardState::Removed,
+            },
+            Command::SetShardState {
+                name: "s0".into(),
+                state: ShardState::Draining,
+            },
+            Command::UnpinTenant {
+                tenant: TenantKey::Int(7),
+            },
+        ]
+    }
+
+    #[test]
+    fn replaying_the_same_log_gives_the_same_directory() {
+        let (mut a, mut b) = (dir(), dir());
+        let outcomes_a: Vec<_> = commands().iter().map(|c| a.apply(c)).collect();
+        let outcomes_b: Vec<_> = commands().iter().map(|c| b.apply(c)).collect();
+        assert_eq!(a, b);
+        assert_eq!(outcomes_a, outcomes_b);
+    }
+
+    #[test]
+    fn changes_bump_the_epoch_and_rejections_change_nothing() {
+        let mut d = dir();
+        let before = d.clone();
+        let out = d.apply(&Command::PlaceBucket {
+            bucket: 99,
+            shard: "s1".into(),
+        });
+        assert!(matches!(out, Outcome::Rejected { .. }));
+        assert_eq!(d, before);
+        let out = d.apply(&Command::PlaceBucket {
+            bucket: 0,
+            shard: "s1".into(),
+        });
+        assert_eq!(
+            out,
+            Outcome::Applied {
+                epoch: before.epoch + 1
+            }
+        );
+        assert_eq!(d.placements[0], 1);
+        // Heartbeats are not placement changes.
+        let e = d.epoch;
+        d.apply(&Command::Heartbeat {
+            router: "r".into(),
+            address: "a".into(),
+            applied_epoch: e,
+            at_ms: 1,
+        });
+        assert_eq!(d.epoch, e);
+    }
+
+    #[test]
+    fn a_shard_holding_data_cannot_be_removed_and_moves_are_not_doubled() {
+        let mut d = dir();
+        let out = d.apply(&Command::SetShardState {
+            name: "s0".into(),
+            state: ShardState::Removed,
+        });
+        assert!(matches!(out, Outcome::Rejected { ref reason } if reason.contains("drain")));
+        let first = d.apply(&Command::CreateMove {
+            subject: MoveSubject::Bucket(1),
+            target: "s1".into(),
+            at_ms: 1,
+        });
+        assert!(matches!(first, Outcome::MoveCreated { id: 1, .. }));
+        let again = d.apply(&Command::CreateMove {
+            subject: MoveSubject::Bucket(1),
+            target: "s1".into(),
+            at_ms: 2,
+        });
+        assert!(
+            matches!(again, Outcome::Rejected { ref reason } if reason.contains("already moving"))
+        );
+        let home = d.apply(&Command::CreateMove {
+            subject: MoveSubject::Bucket(7),
+            target: "s1".into(),
+            at_ms: 2,
+        });
+        assert!(matches!(home, Outcome::Rejected { ref reason } if reason.contains("already on")));
+    }
+
+    #[test]
+    fn snapshot_restores_an_identical_directory() {
+        let mut d = dir();
+        for c in commands() {
+            d.apply(&c);
+        }
+        let snap = serde_json::to_vec(&d).unwrap();
+        let back: Directory = serde_json::from_slice(&snap).unwrap();
+        assert_eq!(back, d);
+        // And commands keep applying identically after a restore.
+        let (mut x, mut y) = (d.clone(), back);
+        let c = Command::CreateMove {
+            subject: MoveSubject::Bucket(2),
+            target: "s2".into(),
+            at_ms: 50,
+        };
+        assert_eq!(x.apply(&c), y.apply(&c));
+        assert_eq!(x, y);
+    }
+
+    #[test]
+    fn commands_have_a_readable_json_form() {
+        let c = Command::PlaceBucket {
+            bucket: 17,
+            shard: "shard_b".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&c).unwrap(),
+            r#"{"op":"place_bucket","bucket":17,"shard":"shard_b"}"#
+        );
+    }
+}
