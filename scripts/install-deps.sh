@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what building and testing shardgate needs on Debian 12, when missing:
-# libclang (pg_query's build), PostgreSQL 15 server and client tools (initdb,
+# libclang (pg_query's build), protoc (raft's build), PostgreSQL 15 server and client tools (initdb,
 # pg_ctl, psql, pgbench), pgbouncer (benchmark baseline) and cargo-nextest.
 set -euo pipefail
 
@@ -13,6 +13,7 @@ if [ "${1:-}" = "--bench" ]; then
   command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need+=(pgbouncer)
 fi
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"

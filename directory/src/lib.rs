@@ -9,6 +9,7 @@
 
 pub mod hash;
 mod model;
+pub mod replica;
 pub mod state;
 
 pub use model::{
