@@ -11,7 +11,8 @@
 //! Files in the node's directory:
 //! - `raft.log`: entries after the snapshot;
 //! - `hardstate`: term, vote, commit (rewritten atomically: tmp file, fsync, rename);
-//! - `snapshot`: the last snapshot (metadata + the directory as JSON), same way.
+//! - `snapshot`: the last snapshot (metadata + the directory as JSON), same way;
+//! - `confstate`: the voters and learners, same way.
 //!
 //! `raft::storage::MemStorage` keeps everything in memory for the reads raft makes;
 //! this type writes to disk first, then updates memory.
@@ -96,11 +97,25 @@ impl DiskStorage {
                 what: e.to_string(),
             })?;
             mem.wl().apply_snapshot(snapshot.clone())?;
-        } else if let Some(voters) = founding_voters {
+        }
+        let cs_path = dir.join("confstate");
+        if cs_path.exists() {
+            let bytes = std::fs::read(&cs_path).map_err(io(&cs_path))?;
+            let cs = ConfState::parse_from_bytes(&bytes).map_err(|e| StoreError::Damaged {
+                path: cs_path.clone(),
+                what: e.to_string(),
+            })?;
+            mem.wl().set_conf_state(cs);
+        } else if let (Some(voters), 0) = (founding_voters, snapshot.get_metadata().index) {
             let cs = ConfState {
                 voters: voters.to_vec(),
                 ..Default::default()
             };
+            let bytes = cs.write_to_bytes().map_err(|e| StoreError::Damaged {
+                path: cs_path.clone(),
+                what: e.to_string(),
+            })?;
+            write_atomically(&cs_path, &bytes)?;
             mem.wl().set_conf_state(cs);
         }
         let hs_path = dir.join("hardstate");
@@ -207,13 +222,22 @@ impl DiskStorage {
         Ok(())
     }
 
-    pub fn set_conf_state(&self, cs: ConfState) {
+    /// Records the membership (after a configuration change applies).
+    pub fn set_conf_state(&self, cs: ConfState) -> Result<(), StoreError> {
+        let path = self.dir.join("confstate");
+        let bytes = cs.write_to_bytes().map_err(|e| StoreError::Damaged {
+            path: path.clone(),
+            what: e.to_string(),
+        })?;
+        write_atomically(&path, &bytes)?;
         self.mem.wl().set_conf_state(cs);
+        Ok(())
     }
 
     /// Installs a snapshot received from the leader.
     pub fn apply_snapshot(&self, snap: Snapshot) -> Result<(), StoreError> {
         self.save_snapshot(&snap)?;
+        self.set_conf_state(snap.get_metadata().get_conf_state().clone())?;
         self.mem.wl().apply_snapshot(snap.clone())?;
         *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = snap;
         self.rewrite_log()

@@ -1,0 +1,504 @@
+//! One directory replica: the raft Ready loop, in one function that reads top to
+//! bottom (tick, step, propose → persist → send → apply → advance), and the
+//! handle the rest of the process uses to propose changes and read state.
+//!
+//! The applied state is published through the same [`DirectoryHandle`] the router
+//! already reads, so routing never waits on consensus: it reads whatever this
+//! replica has applied.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use protobuf::Message as _;
+use raft::prelude::{ConfChangeType, ConfChangeV2, Entry, EntryType, Message, Snapshot};
+use raft::{RawNode, StateRole};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
+
+use super::storage::{DiskStorage, StoreError};
+use crate::state::{Command, Outcome};
+use crate::{Directory, DirectoryHandle};
+
+/// Where raft messages go. Implemented by the TCP transport and, in tests, by an
+/// in-memory network that can cut links.
+pub trait Transport: Send + Sync + 'static {
+    fn send(&self, msg: Message);
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub id: u64,
+    pub dir: PathBuf,
+    /// The founding voters, when this node starts a new cluster (None when it
+    /// joins an existing one, or restarts).
+    pub founding_voters: Option<Vec<u64>>,
+    /// The directory a new cluster starts from.
+    pub initial: Directory,
+    pub tick: Duration,
+    /// Ticks without a leader before an election (randomised up to twice this).
+    pub election_ticks: usize,
+    /// Entries applied between snapshots (log compaction).
+    pub snapshot_every: u64,
+}
+
+impl NodeConfig {
+    pub fn new(id: u64, dir: PathBuf, initial: Directory) -> NodeConfig {
+        NodeConfig {
+            id,
+            dir,
+            founding_voters: None,
+            initial,
+            tick: Duration::from_millis(50),
+            election_ticks: 10,
+            snapshot_every: 1000,
+        }
+    }
+}
+
+/// What a node reports about itself.
+#[derive(Debug, Clone)]
+pub struct NodeStatus {
+    pub id: u64,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub is_leader: bool,
+    /// When this node last heard from a leader (or, as leader, when a quorum was
+    /// last active).
+    pub last_contact: Option<Instant>,
+    pub applied: u64,
+    pub epoch: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    #[error("no directory leader is known yet; try again in a moment")]
+    NoLeader,
+    #[error("the proposal was not committed within {0:?}; the directory may have lost its quorum")]
+    Timeout(Duration),
+    #[error("the directory node has stopped")]
+    Stopped,
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+enum Request {
+    Propose {
+        cmd: Command,
+        reply: oneshot::Sender<Result<Outcome, ProposeError>>,
+    },
+    ConfChange {
+        cc: ConfChangeV2,
+        reply: oneshot::Sender<Result<Outcome, ProposeError>>,
+    },
+}
+
+/// A running replica.
+#[derive(Clone)]
+pub struct Node {
+    pub id: u64,
+    handle: DirectoryHandle,
+    requests: mpsc::Sender<Request>,
+    inbox: mpsc::UnboundedSender<Message>,
+    status: watch::Receiver<NodeStatus>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    #[error("the directory snapshot in {0} cannot be read: {1}")]
+    Snapshot(PathBuf, String),
+}
+
+impl Node {
+    /// Opens the node's storage, replays it, and starts the Ready loop.
+    pub fn start(cfg: NodeConfig, transport: Arc<dyn Transport>) -> Result<Node, NodeError> {
+        let storage = DiskStorage::open(&cfg.dir, cfg.founding_voters.as_deref())?;
+        let snap = storage.last_snapshot();
+        let state = if snap.get_data().is_empty() {
+            cfg.initial.clone()
+        } else {
+            serde_json::from_slice(snap.get_data())
+                .map_err(|e| NodeError::Snapshot(cfg.dir.clone(), e.to_string()))?
+        };
+        let raft_cfg = raft::Config {
+            id: cfg.id,
+            election_tick: cfg.election_ticks,
+            heartbeat_tick: 1,
+            applied: snap.get_metadata().index,
+            check_quorum: true,
+            pre_vote: true,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            ..Default::default()
+        };
+        raft_cfg.validate()?;
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let raw = RawNode::new(&raft_cfg, storage.clone(), &logger)?;
+        let handle = DirectoryHandle::new(state.clone());
+        let (requests, req_rx) = mpsc::channel(1024);
+        let (inbox, inbox_rx) = mpsc::unbounded_channel();
+        let (status_tx, status) = watch::channel(NodeStatus {
+            id: cfg.id,
+            leader: None,
+            term: 0,
+            is_leader: false,
+            last_contact: None,
+            applied: snap.get_metadata().index,
+            epoch: state.epoch,
+            voters: Vec::new(),
+            learners: Vec::new(),
+        });
+        let replica = Replica {
+            id: cfg.id,
+            raw,
+            storage,
+            state,
+            handle: handle.clone(),
+            transport,
+            pending: HashMap::new(),
+            next_request: 1,
+            applied: snap.get_metadata().index,
+            snapshot_index: snap.get_metadata().index,
+            snapshot_every: cfg.snapshot_every,
+            status: status_tx,
+            last_contact: None,
+        };
+        tokio::spawn(replica.run(cfg.tick, req_rx, inbox_rx));
+        Ok(Node {
+            id: cfg.id,
+            handle,
+            requests,
+            inbox,
+            status,
+        })
+    }
+
+    /// The applied directory, as routers read it.
+    pub fn directory(&self) -> DirectoryHandle {
+        self.handle.clone()
+    }
+
+    /// Hands a message from a peer to this node.
+    pub fn receive(&self, msg: Message) {
+        let _ = self.inbox.send(msg);
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        self.status.borrow().clone()
+    }
+
+    pub fn watch_status(&self) -> watch::Receiver<NodeStatus> {
+        self.status.clone()
+    }
+
+    /// Whether this node has heard from the cluster within `lease`: if not, it can
+    /// no longer know whether a bucket moved.
+    pub fn lease_valid(&self, lease: Duration) -> bool {
+        self.status
+            .borrow()
+            .last_contact
+            .is_some_and(|t| t.elapsed() <= lease)
+    }
+
+    /// Proposes a change (from any node: raft forwards it to the leader) and waits
+    /// until it is committed and applied here.
+    pub async fn propose(&self, cmd: Command, timeout: Duration) -> Result<Outcome, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Propose { cmd, reply })
+            .await
+            .map_err(|_| ProposeError::Stopped)?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(ProposeError::Stopped),
+            Err(_) => Err(ProposeError::Timeout(timeout)),
+        }
+    }
+
+    /// Adds (or removes) a voter or a learner.
+    pub async fn change_membership(
+        &self,
+        node: u64,
+        change: ConfChangeType,
+        timeout: Duration,
+    ) -> Result<Outcome, ProposeError> {
+        let mut cc = ConfChangeV2::default();
+        let mut single = raft::prelude::ConfChangeSingle::default();
+        single.set_change_type(change);
+        single.node_id = node;
+        cc.mut_changes().push(single);
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .send(Request::ConfChange { cc, reply })
+            .await
+            .map_err(|_| ProposeError::Stopped)?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(ProposeError::Stopped),
+            Err(_) => Err(ProposeError::Timeout(timeout)),
+        }
+    }
+}
+
+/// The state owned by the Ready loop.
+struct Replica {
+    id: u64,
+    raw: RawNode<DiskStorage>,
+    storage: DiskStorage,
+    state: Directory,
+    handle: DirectoryHandle,
+    transport: Arc<dyn Transport>,
+    /// Proposals of this node waiting for their entry to apply, by request id.
+    pending: HashMap<u64, oneshot::Sender<Result<Outcome, ProposeError>>>,
+    next_request: u64,
+    applied: u64,
+    snapshot_index: u64,
+    snapshot_every: u64,
+    status: watch::Sender<NodeStatus>,
+    last_contact: Option<Instant>,
+}
+
+/// A proposal's context: the proposing node and its request id, so the node that
+/// proposed can answer its caller when the entry applies.
+fn context(node: u64, request: u64) -> Vec<u8> {
+    let mut c = node.to_le_bytes().to_vec();
+    c.extend_from_slice(&request.to_le_bytes());
+    c
+}
+
+fn parse_context(c: &[u8]) -> Option<(u64, u64)> {
+    if c.len() != 16 {
+        return None;
+    }
+    Some((
+        u64::from_le_bytes(c[..8].try_into().ok()?),
+        u64::from_le_bytes(c[8..].try_into().ok()?),
+    ))
+}
+
+impl Replica {
+    async fn run(
+        mut self,
+        tick: Duration,
+        mut requests: mpsc::Receiver<Request>,
+        mut inbox: mpsc::UnboundedReceiver<Message>,
+    ) {
+        let mut ticker = tokio::time::interval(tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // 1. Input: a tick, a message from a peer, or a request of ours.
+            tokio::select! {
+                _ = ticker.tick() => {
+                    self.raw.tick();
+                }
+                msg = inbox.recv() => match msg {
+                    Some(m) => self.step(m),
+                    None => return,
+                },
+                req = requests.recv() => match req {
+                    Some(r) => self.request(r),
+                    None => return,
+                },
+            }
+            // Take everything else already waiting before producing a Ready.
+            while let Ok(m) = inbox.try_recv() {
+                self.step(m);
+            }
+            if let Err(e) = self.handle_ready() {
+                // Storage failed: this replica cannot go on safely.
+                warn!(node = self.id, error = %e, "directory replica stopped: storage failed");
+                return;
+            }
+            self.publish_status();
+        }
+    }
+
+    fn step(&mut self, m: Message) {
+        if m.from == self.raw.raft.leader_id && m.from != 0 {
+            self.last_contact = Some(Instant::now());
+        }
+        if let Err(e) = self.raw.step(m) {
+            tracing::debug!(node = self.id, error = %e, "raft message dropped");
+        }
+    }
+
+    fn request(&mut self, r: Request) {
+        let id = self.next_request;
+        self.next_request += 1;
+        let ctx = context(self.id, id);
+        match r {
+            Request::Propose { cmd, reply } => {
+                if self.raw.raft.leader_id == 0 {
+                    let _ = reply.send(Err(ProposeError::NoLeader));
+                    return;
+                }
+                let data = match serde_json::to_vec(&cmd) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        let _ = reply.send(Err(ProposeError::Raft(e.to_string())));
+                        return;
+                    }
+                };
+                match self.raw.propose(ctx, data) {
+                    Ok(()) => {
+                        self.pending.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(ProposeError::Raft(e.to_string())));
+                    }
+                }
+            }
+            Request::ConfChange { cc, reply } => match self.raw.propose_conf_change(ctx, cc) {
+                Ok(()) => {
+                    self.pending.insert(id, reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(ProposeError::Raft(e.to_string())));
+                }
+            },
+        }
+    }
+
+    /// Persist, send, apply, advance: the order raft requires.
+    fn handle_ready(&mut self) -> Result<(), NodeError> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.raw.ready();
+        // A leader may send before it persists (raft thesis 10.2.1).
+        for m in ready.take_messages() {
+            self.transport.send(m);
+        }
+        if !ready.snapshot().is_empty() {
+            let snap = ready.snapshot().clone();
+            self.install_snapshot(snap)?;
+        }
+        let committed = ready.take_committed_entries();
+        self.apply(committed)?;
+        self.storage.append(ready.entries())?;
+        if let Some(hs) = ready.hs() {
+            self.storage.set_hardstate(hs.clone())?;
+        }
+        for m in ready.take_persisted_messages() {
+            self.transport.send(m);
+        }
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.storage.set_commit(commit)?;
+        }
+        for m in light.take_messages() {
+            self.transport.send(m);
+        }
+        let committed = light.take_committed_entries();
+        self.apply(committed)?;
+        self.raw.advance_apply();
+        self.maybe_compact()?;
+        Ok(())
+    }
+
+    fn install_snapshot(&mut self, snap: Snapshot) -> Result<(), NodeError> {
+        let state: Directory = serde_json::from_slice(snap.get_data())
+            .map_err(|e| NodeError::Snapshot(PathBuf::from("(received)"), e.to_string()))?;
+        let index = snap.get_metadata().index;
+        self.storage.apply_snapshot(snap)?;
+        self.state = state;
+        self.applied = index;
+        self.snapshot_index = index;
+        self.handle.store(self.state.clone());
+        info!(
+            node = self.id,
+            index,
+            epoch = self.state.epoch,
+            "installed a directory snapshot"
+        );
+        Ok(())
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), NodeError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        for e in entries {
+            self.applied = e.index;
+            let origin = parse_context(e.get_context());
+            let outcome = match e.get_entry_type() {
+                EntryType::EntryNormal if e.get_data().is_empty() => continue, // a new leader's no-op
+                EntryType::EntryNormal => match serde_json::from_slice::<Command>(e.get_data()) {
+                    Ok(cmd) => Ok(self.state.apply(&cmd)),
+                    Err(err) => Ok(Outcome::Rejected {
+                        reason: format!("undecodable command: {err}"),
+                    }),
+                },
+                EntryType::EntryConfChangeV2 => {
+                    let cc = ConfChangeV2::parse_from_bytes(e.get_data())
+                        .map_err(raft::Error::CodecError)?;
+                    let cs = self.raw.apply_conf_change(&cc)?;
+                    self.storage.set_conf_state(cs)?;
+                    Ok(Outcome::Applied {
+                        epoch: self.state.epoch,
+                    })
+                }
+                EntryType::EntryConfChange => {
+                    let cc = raft::prelude::ConfChange::parse_from_bytes(e.get_data())
+                        .map_err(raft::Error::CodecError)?;
+                    let cs = self.raw.apply_conf_change(&cc)?;
+                    self.storage.set_conf_state(cs)?;
+                    Ok(Outcome::Applied {
+                        epoch: self.state.epoch,
+                    })
+                }
+            };
+            if let Some((node, request)) = origin {
+                if node == self.id {
+                    if let Some(reply) = self.pending.remove(&request) {
+                        let _ = reply.send(outcome);
+                    }
+                }
+            }
+        }
+        self.handle.store(self.state.clone());
+        Ok(())
+    }
+
+    fn maybe_compact(&mut self) -> Result<(), NodeError> {
+        if self.applied < self.snapshot_index + self.snapshot_every {
+            return Ok(());
+        }
+        let data = serde_json::to_vec(&self.state)
+            .map_err(|e| NodeError::Snapshot(PathBuf::new(), e.to_string()))?;
+        let cs = self.raw.raft.prs().conf().to_conf_state();
+        self.storage.compact(self.applied, data, cs)?;
+        self.snapshot_index = self.applied;
+        Ok(())
+    }
+
+    fn publish_status(&mut self) {
+        let is_leader = self.raw.raft.state == StateRole::Leader;
+        if is_leader {
+            // A leader under check_quorum steps down when it loses its quorum, so
+            // being leader is itself recent contact with a quorum.
+            self.last_contact = Some(Instant::now());
+        }
+        let cs = self.raw.raft.prs().conf().to_conf_state();
+        let leader = self.raw.raft.leader_id;
+        let status = NodeStatus {
+            id: self.id,
+            leader: (leader != 0).then_some(leader),
+            term: self.raw.raft.term,
+            is_leader,
+            last_contact: self.last_contact,
+            applied: self.applied,
+            epoch: self.state.epoch,
+            voters: cs.voters.clone(),
+            learners: cs.learners.clone(),
+        };
+        self.status.send_replace(status);
+    }
+}

@@ -1,0 +1,273 @@
+//! Directory replicas on an in-memory network that can cut links: elections,
+//! replication, restarts, snapshots and leases, without sockets.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use raft::prelude::Message;
+use shardgate_directory::replica::{Node, NodeConfig, NodeStatus, Transport};
+use shardgate_directory::state::{Command, Outcome};
+use shardgate_directory::{Directory, KeyType, Shard, ShardState};
+
+#[derive(Default)]
+struct Network {
+    nodes: Mutex<HashMap<u64, Node>>,
+    cut: Mutex<HashSet<u64>>,
+}
+
+struct Link(Arc<Network>);
+
+impl Transport for Link {
+    fn send(&self, m: Message) {
+        let cut = self.0.cut.lock().unwrap();
+        if cut.contains(&m.from) || cut.contains(&m.to) {
+            return;
+        }
+        drop(cut);
+        if let Some(n) = self.0.nodes.lock().unwrap().get(&m.to) {
+            n.receive(m);
+        }
+    }
+}
+
+fn initial() -> Directory {
+    let shards = (0..3)
+        .map(|i| Shard {
+            name: format!("s{i}"),
+            url: format!("postgres://h/{i}"),
+            state: ShardState::Active,
+        })
+        .collect();
+    Directory::new("tenant_id", KeyType::Int, 64, shards).unwrap()
+}
+
+struct Cluster {
+    net: Arc<Network>,
+    base: PathBuf,
+    _tmp: tempfile::TempDir,
+    snapshot_every: u64,
+}
+
+impl Cluster {
+    fn new(snapshot_every: u64) -> Cluster {
+        let tmp = tempfile::tempdir().unwrap();
+        Cluster {
+            net: Arc::default(),
+            base: tmp.path().to_path_buf(),
+            _tmp: tmp,
+            snapshot_every,
+        }
+    }
+
+    fn start(&self, id: u64, founding: bool) -> Node {
+        let mut cfg = NodeConfig::new(id, dir(&self.base, id), initial());
+        cfg.tick = Duration::from_millis(20);
+        cfg.snapshot_every = self.snapshot_every;
+        if founding {
+            cfg.founding_voters = Some(vec![1, 2, 3]);
+        }
+        let node = Node::start(cfg, Arc::new(Link(self.net.clone()))).unwrap();
+        self.net.nodes.lock().unwrap().insert(id, node.clone());
+        node
+    }
+
+    /// Stops a node as a crash would: its task ends, its files stay.
+    fn kill(&self, id: u64) {
+        self.net.nodes.lock().unwrap().remove(&id);
+    }
+
+    fn node(&self, id: u64) -> Node {
+        self.net.nodes.lock().unwrap()[&id].clone()
+    }
+}
+
+fn dir(base: &Path, id: u64) -> PathBuf {
+    base.join(format!("node{id}"))
+}
+
+async fn wait_status(node: &Node, what: &str, pred: impl Fn(&NodeStatus) -> bool) -> NodeStatus {
+    let mut rx = node.watch_status();
+    let reached = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| pred(s)))
+        .await
+        .map(|r| r.map(|s| s.clone()));
+    match reached {
+        Ok(Ok(s)) => s,
+        _ => panic!(
+            "node {} never reached: {what}; last status {:?}",
+            node.id,
+            node.status()
+        ),
+    }
+}
+
+async fn leader_among(nodes: &[Node]) -> u64 {
+    let s = wait_status(&nodes[0], "a known leader", |s| s.leader.is_some()).await;
+    s.leader.unwrap()
+}
+
+fn place(bucket: u32, shard: usize) -> Command {
+    Command::PlaceBucket {
+        bucket,
+        shard: format!("s{shard}"),
+    }
+}
+
+/// The epoch a committed change produced.
+fn epoch_of(out: Outcome) -> u64 {
+    match out {
+        Outcome::Applied { epoch } | Outcome::MoveCreated { epoch, .. } => epoch,
+        Outcome::Rejected { reason } => panic!("rejected: {reason}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_from_every_node_apply_in_the_same_order_everywhere() {
+    let c = Cluster::new(10_000);
+    let nodes: Vec<Node> = (1..=3).map(|i| c.start(i, true)).collect();
+    leader_among(&nodes).await;
+    for n in &nodes {
+        wait_status(n, "a leader", |s| s.leader.is_some()).await;
+    }
+    // 1,000 changes proposed from all three nodes at once.
+    let mut tasks = Vec::new();
+    for (k, n) in nodes.iter().enumerate() {
+        let n = n.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..334u32 {
+                let cmd = place((i * 7 + k as u32) % 64, ((i as usize) + k) % 3);
+                let out = n.propose(cmd, Duration::from_secs(10)).await.unwrap();
+                assert!(matches!(out, Outcome::Applied { .. }), "{out:?}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let epoch = initial().epoch + 1002;
+    for n in &nodes {
+        wait_status(n, "every change applied", |s| s.epoch == epoch).await;
+    }
+    let d1 = nodes[0].directory().load();
+    for n in &nodes[1..] {
+        assert_eq!(*n.directory().load(), *d1, "replicas diverged");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_leader_elects_another_and_the_old_one_catches_up_after_restart() {
+    let c = Cluster::new(10_000);
+    let nodes: Vec<Node> = (1..=3).map(|i| c.start(i, true)).collect();
+    let leader = leader_among(&nodes).await;
+    c.node(leader)
+        .propose(place(1, 2), Duration::from_secs(5))
+        .await
+        .unwrap();
+    c.kill(leader);
+    let survivors: Vec<Node> = nodes.iter().filter(|n| n.id != leader).cloned().collect();
+    drop(nodes);
+    let s = wait_status(&survivors[0], "a new leader", |s| {
+        s.leader.is_some_and(|l| l != leader)
+    })
+    .await;
+    assert_ne!(s.leader, Some(leader));
+    let mut epoch = 0;
+    for b in 2..12 {
+        let out = survivors[1]
+            .propose(place(b, 2), Duration::from_secs(5))
+            .await;
+        epoch = epoch_of(out.unwrap());
+    }
+    wait_status(&survivors[0], "applied", |s| s.epoch == epoch).await;
+    let back = c.start(leader, false);
+    wait_status(&back, "caught up", |s| s.epoch == epoch).await;
+    assert_eq!(*back.directory().load(), *survivors[0].directory().load());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_behind_a_compacted_log_rejoins_by_snapshot() {
+    let c = Cluster::new(20);
+    let nodes: Vec<Node> = (1..=3).map(|i| c.start(i, true)).collect();
+    let leader = leader_among(&nodes).await;
+    let lagger = (1..=3).find(|i| *i != leader).unwrap();
+    c.kill(lagger);
+    let live: Vec<Node> = nodes.into_iter().filter(|n| n.id != lagger).collect();
+    let mut epoch = 0;
+    for b in 0..60u32 {
+        let out = live[0]
+            .propose(place(b % 64, (b % 3) as usize), Duration::from_secs(5))
+            .await;
+        epoch = epoch_of(out.unwrap());
+    }
+    // The log the lagger needs is gone: its first entries were compacted.
+    let log = std::fs::metadata(dir(&c.base, leader).join("snapshot"));
+    assert!(log.is_ok(), "the leader took a snapshot");
+    let back = c.start(lagger, false);
+    wait_status(&back, "caught up by snapshot", |s| s.epoch == epoch).await;
+    assert_eq!(*back.directory().load(), *live[0].directory().load());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_every_node_and_starting_them_again_keeps_epoch_and_state() {
+    let c = Cluster::new(15);
+    let nodes: Vec<Node> = (1..=3).map(|i| c.start(i, true)).collect();
+    leader_among(&nodes).await;
+    let mut epoch = 0;
+    for b in 0..40u32 {
+        let out = nodes[(b % 3) as usize]
+            .propose(place(b, ((b + 1) % 3) as usize), Duration::from_secs(5))
+            .await;
+        epoch = epoch.max(epoch_of(out.unwrap()));
+    }
+    for n in &nodes {
+        wait_status(n, "all applied", |s| s.epoch == epoch).await;
+    }
+    let before = (*nodes[0].directory().load()).clone();
+    drop(nodes);
+    for i in 1..=3 {
+        c.kill(i);
+    }
+    let nodes: Vec<Node> = (1..=3).map(|i| c.start(i, false)).collect();
+    for n in &nodes {
+        wait_status(n, "state restored", |s| s.epoch == epoch).await;
+        assert_eq!(*n.directory().load(), before);
+    }
+    // And the cluster goes on.
+    leader_among(&nodes).await;
+    nodes[0]
+        .propose(place(5, 0), Duration::from_secs(5))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_loses_its_lease_and_regains_it_when_reconnected() {
+    let c = Cluster::new(10_000);
+    let nodes: Vec<Node> = (1..=3).map(|i| c.start(i, true)).collect();
+    let leader = leader_among(&nodes).await;
+    let follower = nodes.iter().find(|n| n.id != leader).unwrap().clone();
+    let lease = Duration::from_millis(300);
+    wait_status(&follower, "contact", |s| s.last_contact.is_some()).await;
+    assert!(follower.lease_valid(lease));
+    c.net.cut.lock().unwrap().insert(follower.id);
+    // The lease runs out on the status updates of its own ticks.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut rx = follower.watch_status();
+    while follower.lease_valid(lease) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "lease never expired"
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
+    }
+    c.net.cut.lock().unwrap().clear();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !follower.lease_valid(lease) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "lease never came back"
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
+    }
+}
