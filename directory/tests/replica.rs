@@ -271,3 +271,71 @@ async fn a_node_cut_off_loses_its_lease_and_regains_it_when_reconnected() {
         let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_over_tcp_elect_replicate_and_survive_an_isolated_node() {
+    use shardgate_directory::replica::TcpTransport;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut listeners = Vec::new();
+    let mut addrs = HashMap::new();
+    for id in 1..=3u64 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        addrs.insert(id, l.local_addr().unwrap());
+        listeners.push((id, l));
+    }
+    let mut nodes = Vec::new();
+    let mut transports = HashMap::new();
+    for (id, listener) in listeners {
+        let t = TcpTransport::new("cluster-secret");
+        for (&peer, &addr) in &addrs {
+            if peer != id {
+                t.set_peer(peer, addr);
+            }
+        }
+        let mut cfg = NodeConfig::new(id, dir(tmp.path(), id), initial());
+        cfg.tick = Duration::from_millis(20);
+        cfg.founding_voters = Some(vec![1, 2, 3]);
+        let node = Node::start(cfg, t.clone()).unwrap();
+        t.serve(listener, node.clone());
+        transports.insert(id, t);
+        nodes.push(node);
+    }
+    let leader = leader_among(&nodes).await;
+    let epoch = epoch_of(
+        nodes[0]
+            .propose(place(9, 2), Duration::from_secs(5))
+            .await
+            .unwrap(),
+    );
+    for n in &nodes {
+        wait_status(n, "replicated over TCP", |s| s.epoch == epoch).await;
+    }
+    // Isolate the leader: the other two elect a new one and keep committing.
+    transports[&leader].set_isolated(true);
+    let other = nodes.iter().find(|n| n.id != leader).unwrap().clone();
+    wait_status(&other, "a new leader", |s| {
+        s.leader.is_some_and(|l| l != leader)
+    })
+    .await;
+    let epoch = epoch_of(
+        other
+            .propose(place(10, 1), Duration::from_secs(5))
+            .await
+            .unwrap(),
+    );
+    transports[&leader].set_isolated(false);
+    let old = nodes.iter().find(|n| n.id == leader).unwrap();
+    wait_status(old, "caught up after the partition", |s| s.epoch >= epoch).await;
+    // A connection with the wrong token is refused and changes nothing.
+    let mut s = tokio::net::TcpStream::connect(addrs[&1]).await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    s.write_all(&5u32.to_le_bytes()).await.unwrap();
+    s.write_all(b"wrong").await.unwrap();
+    let mut buf = [0u8; 1];
+    use tokio::io::AsyncReadExt;
+    assert_eq!(
+        s.read(&mut buf).await.unwrap_or(0),
+        0,
+        "the node closes the connection"
+    );
+}

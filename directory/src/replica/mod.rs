@@ -2,6 +2,8 @@
 
 pub mod node;
 pub mod storage;
+pub mod transport;
 
 pub use node::{Node, NodeConfig, NodeError, NodeStatus, ProposeError, Transport};
 pub use storage::{DiskStorage, StoreError};
+pub use transport::TcpTransport;

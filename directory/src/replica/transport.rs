@@ -1,0 +1,211 @@
+//! Raft messages over TCP.
+//!
+//! Each node listens on its raft address; to each peer it keeps one outgoing
+//! connection fed by a bounded queue. Frames are `[u32 length][Message protobuf]`.
+//! A connection starts with the cluster token, so a stray client (or a node of
+//! another cluster) cannot inject votes. Messages that cannot be sent (peer down,
+//! queue full) are dropped: raft retries what matters, and a slow peer must never
+//! block the Ready loop.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use protobuf::Message as _;
+use raft::prelude::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::node::{Node, Transport};
+
+const MAX_FRAME: usize = 64 << 20;
+const QUEUE: usize = 4096;
+
+/// Outgoing raft messages of one node, and its fault switch for tests.
+pub struct TcpTransport {
+    token: Arc<Vec<u8>>,
+    peers: Mutex<HashMap<u64, mpsc::Sender<Message>>>,
+    /// When set, nothing is sent or received: a network partition, for tests and
+    /// for operators who want to isolate a node.
+    isolated: Arc<AtomicBool>,
+}
+
+impl TcpTransport {
+    pub fn new(token: &str) -> Arc<TcpTransport> {
+        Arc::new(TcpTransport {
+            token: Arc::new(token.as_bytes().to_vec()),
+            peers: Mutex::new(HashMap::new()),
+            isolated: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Adds or replaces the address of a peer.
+    pub fn set_peer(&self, id: u64, addr: SocketAddr) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(sender(
+            id,
+            addr,
+            rx,
+            self.token.clone(),
+            self.isolated.clone(),
+        ));
+        self.peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+    }
+
+    pub fn remove_peer(&self, id: u64) {
+        self.peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
+    pub fn set_isolated(&self, isolated: bool) {
+        self.isolated.store(isolated, Ordering::SeqCst);
+    }
+
+    /// Accepts peers' connections on `listener` and hands their messages to `node`.
+    pub fn serve(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        node: Node,
+    ) -> tokio::task::JoinHandle<()> {
+        let token = self.token.clone();
+        let isolated = self.isolated.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, peer)) = listener.accept().await else {
+                    continue;
+                };
+                stream.set_nodelay(true).ok();
+                let (token, isolated, node) = (token.clone(), isolated.clone(), node.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = receive(stream, &token, &isolated, &node).await {
+                        debug!(%peer, error = %e, "raft connection ended");
+                    }
+                });
+            }
+        })
+    }
+}
+
+impl Transport for TcpTransport {
+    fn send(&self, msg: Message) {
+        if self.isolated.load(Ordering::Relaxed) {
+            return;
+        }
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = peers.get(&msg.to) {
+            // Full queue: the peer is slow or gone; raft will retry.
+            let _ = tx.try_send(msg);
+        }
+    }
+}
+
+async fn receive(
+    mut stream: TcpStream,
+    token: &[u8],
+    isolated: &AtomicBool,
+    node: &Node,
+) -> std::io::Result<()> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).await?;
+    let n = u32::from_le_bytes(len) as usize;
+    if n != token.len() {
+        warn!("raft peer sent a wrong cluster token; closing");
+        return Ok(());
+    }
+    let mut got = vec![0u8; n];
+    stream.read_exact(&mut got).await?;
+    if got != token {
+        warn!("raft peer sent a wrong cluster token; closing");
+        return Ok(());
+    }
+    let mut buf = Vec::new();
+    loop {
+        stream.read_exact(&mut len).await?;
+        let n = u32::from_le_bytes(len) as usize;
+        if n > MAX_FRAME {
+            warn!(bytes = n, "raft frame too large; closing");
+            return Ok(());
+        }
+        buf.resize(n, 0);
+        stream.read_exact(&mut buf).await?;
+        if isolated.load(Ordering::Relaxed) {
+            continue;
+        }
+        match Message::parse_from_bytes(&buf) {
+            Ok(m) => node.receive(m),
+            Err(e) => {
+                warn!(error = %e, "undecodable raft message; closing");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Keeps a connection to one peer and writes its queue to it, reconnecting with
+/// backoff. Ends when the transport drops the queue.
+async fn sender(
+    id: u64,
+    addr: SocketAddr,
+    mut rx: mpsc::Receiver<Message>,
+    token: Arc<Vec<u8>>,
+    isolated: Arc<AtomicBool>,
+) {
+    let mut backoff = Duration::from_millis(20);
+    let mut conn: Option<TcpStream> = None;
+    let mut frame = Vec::with_capacity(4096);
+    while let Some(first) = rx.recv().await {
+        if isolated.load(Ordering::Relaxed) {
+            continue;
+        }
+        if conn.is_none() {
+            match TcpStream::connect(addr).await {
+                Ok(mut s) => {
+                    s.set_nodelay(true).ok();
+                    let mut hello = (token.len() as u32).to_le_bytes().to_vec();
+                    hello.extend_from_slice(&token);
+                    if s.write_all(&hello).await.is_ok() {
+                        conn = Some(s);
+                        backoff = Duration::from_millis(20);
+                    }
+                }
+                Err(e) => {
+                    debug!(peer = id, %addr, error = %e, "cannot reach raft peer");
+                    // Drop what is queued meanwhile: it is stale by the time the
+                    // peer is back, and raft sends fresh messages.
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    while rx.try_recv().is_ok() {}
+                    continue;
+                }
+            }
+        }
+        // Batch what is already queued into one write.
+        frame.clear();
+        let mut next = Some(first);
+        while let Some(m) = next {
+            if let Ok(bytes) = m.write_to_bytes() {
+                frame.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+                frame.extend_from_slice(&bytes);
+            }
+            next = if frame.len() < 1 << 20 {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        if let Some(s) = conn.as_mut() {
+            if s.write_all(&frame).await.is_err() {
+                conn = None;
+            }
+        }
+    }
+}
