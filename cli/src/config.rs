@@ -21,6 +21,49 @@ pub struct FileConfig {
     pub shards: Vec<ShardConfig>,
     #[serde(default)]
     pub users: Vec<UserConfig>,
+    /// The replicated directory; without it the directory is static (from this file).
+    #[serde(default)]
+    pub directory: Option<DirectoryConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectoryConfig {
+    /// This node's raft id (a positive integer, unique in the cluster).
+    pub node_id: u64,
+    /// Address this node's raft transport listens on.
+    pub listen: String,
+    /// Where this node keeps its raft log, hard state and snapshots.
+    pub data_dir: std::path::PathBuf,
+    /// Shared secret every node presents to its peers.
+    pub token: String,
+    /// How long the router may go without hearing from the directory quorum
+    /// before it refuses writes. Default 2 s.
+    #[serde(default = "default_lease", deserialize_with = "duration")]
+    pub lease: std::time::Duration,
+    /// The other nodes.
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+    /// Start a new cluster whose voters are this node and its peers, when this
+    /// node has no data yet. Set it on every founding node, the same way.
+    #[serde(default)]
+    pub bootstrap: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub id: u64,
+    pub address: String,
+}
+
+fn default_lease() -> std::time::Duration {
+    std::time::Duration::from_secs(2)
+}
+
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    shardgate_router::config::parse_duration(&text).map_err(serde::de::Error::custom)
 }
 
 #[derive(Debug, Deserialize)]
@@ -29,13 +72,14 @@ pub struct AdminConfig {
     /// Address of the admin HTTP API. Default `127.0.0.1:6433`.
     #[serde(default = "default_admin")]
     pub listen: String,
+    /// Bearer token every admin request must carry. Default: none (loopback only!).
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig {
-            listen: default_admin(),
-        }
+        AdminConfig { listen: default_admin(), token: None }
     }
 }
 
@@ -56,11 +100,7 @@ pub struct ClusterConfig {
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        ClusterConfig {
-            key_column: default_key_column(),
-            key_type: KeyType::Int,
-            buckets: default_buckets(),
-        }
+        ClusterConfig { key_column: default_key_column(), key_type: KeyType::Int, buckets: default_buckets() }
     }
 }
 
@@ -84,10 +124,10 @@ pub struct ShardConfig {
 
 impl FileConfig {
     pub fn load(path: &Path) -> Result<FileConfig> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config file {}", path.display()))?;
-        let mut cfg: FileConfig = toml::from_str(&text)
-            .with_context(|| format!("config file {} is not valid", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+        let mut cfg: FileConfig =
+            toml::from_str(&text).with_context(|| format!("config file {} is not valid", path.display()))?;
         cfg.router.users = std::mem::take(&mut cfg.users);
         for u in &cfg.router.users {
             u.credential().map_err(anyhow::Error::msg)?;
@@ -110,19 +150,10 @@ impl FileConfig {
             if shards.iter().any(|x: &Shard| x.name == s.name) {
                 bail!("shard name {:?} appears twice in the config file", s.name);
             }
-            shards.push(Shard {
-                name: s.name.clone(),
-                url: addr.display_url(),
-                state: ShardState::Active,
-            });
+            shards.push(Shard { name: s.name.clone(), url: addr.display_url(), state: ShardState::Active });
             addrs.push(addr);
         }
-        let dir = Directory::new(
-            &self.cluster.key_column,
-            self.cluster.key_type,
-            self.cluster.buckets,
-            shards,
-        )?;
+        let dir = Directory::new(&self.cluster.key_column, self.cluster.key_type, self.cluster.buckets, shards)?;
         Ok((dir, addrs))
     }
 }
@@ -142,8 +173,7 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_errors() {
-        let err =
-            toml::from_str::<FileConfig>("shards = []\n[router]\nlisten_port = 1\n").unwrap_err();
+        let err = toml::from_str::<FileConfig>("shards = []\n[router]\nlisten_port = 1\n").unwrap_err();
         assert!(err.to_string().contains("listen_port"), "{err}");
     }
 }

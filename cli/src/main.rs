@@ -1,7 +1,9 @@
 //! `shardgate`: the one binary. It parses arguments, wires the crates together and
 //! prints; the work happens in the library crates.
 
+mod admin_client;
 mod config;
+mod replica;
 mod status;
 mod up;
 
@@ -12,19 +14,10 @@ use clap::{Parser, Subcommand};
 use shardgate_directory::DirectoryHandle;
 
 #[derive(Parser)]
-#[command(
-    name = "shardgate",
-    version,
-    about = "An online sharding router for PostgreSQL"
-)]
+#[command(name = "shardgate", version, about = "An online sharding router for PostgreSQL")]
 struct Cli {
     /// Where `up` keeps its Postgres servers and where other commands find them.
-    #[arg(
-        long,
-        global = true,
-        default_value = "./.shardgate",
-        env = "SHARDGATE_DATA_DIR"
-    )]
+    #[arg(long, global = true, default_value = "./.shardgate", env = "SHARDGATE_DATA_DIR")]
     data_dir: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -52,6 +45,27 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Manage shards: add, list, drain.
+    Shard {
+        #[command(subcommand)]
+        command: ShardCommand,
+        #[arg(long, global = true)]
+        admin: Option<String>,
+    },
+    /// Manage tenants: pin one to a shard.
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+        #[arg(long, global = true)]
+        admin: Option<String>,
+    },
+    /// Show the replicated directory.
+    Directory {
+        #[command(subcommand)]
+        command: DirectoryCommand,
+        #[arg(long, global = true)]
+        admin: Option<String>,
+    },
     /// Show shards, buckets and placements.
     Status {
         /// Print JSON instead of a table.
@@ -60,6 +74,38 @@ enum Command {
         /// Admin API address of a node (default: the cluster `up` started in --data-dir).
         #[arg(long)]
         admin: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ShardCommand {
+    /// Add a Postgres server as a new (empty) shard.
+    Add { name: String, url: String },
+    /// List the shards.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mark a shard draining: no new placements go there (moving its data off is `shardgate move`).
+    Drain { name: String },
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Place a tenant with no rows yet on a shard of its own choosing.
+    Pin {
+        tenant: String,
+        #[arg(long = "to")]
+        shard: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DirectoryCommand {
+    /// Print the whole directory.
+    Show {
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -74,20 +120,35 @@ fn main() -> std::process::ExitCode {
         .init();
     let result = match cli.command {
         Command::Status { json, admin } => status::run(&cli.data_dir, admin.as_deref(), json),
+        Command::Shard { command, admin } => {
+            let api = admin_client::Api::find(&cli.data_dir, admin.as_deref());
+            api.and_then(|api| match command {
+                ShardCommand::Add { name, url } => {
+                    api.post("/shards", &serde_json::json!({ "name": name, "url": url }))?;
+                    println!("added shard {name}");
+                    Ok(())
+                }
+                ShardCommand::List { json } => status::shard_list(&api, json),
+                ShardCommand::Drain { name } => {
+                    api.post("/shards/drain", &serde_json::json!({ "name": name }))?;
+                    println!("shard {name} is draining: no new placements go there");
+                    Ok(())
+                }
+            })
+        }
+        Command::Tenant { command: TenantCommand::Pin { tenant, shard }, admin } => {
+            admin_client::Api::find(&cli.data_dir, admin.as_deref()).and_then(|api| {
+                api.post("/tenants/pin", &serde_json::json!({ "tenant": tenant, "shard": shard }))?;
+                println!("tenant {tenant} is pinned to {shard}");
+                Ok(())
+            })
+        }
+        Command::Directory { command: DirectoryCommand::Show { json }, admin } => {
+            admin_client::Api::find(&cli.data_dir, admin.as_deref()).and_then(|api| status::directory_show(&api, json))
+        }
         Command::Serve { config } => runtime().and_then(|rt| rt.block_on(serve(config))),
-        Command::Up {
-            shards,
-            port,
-            admin_port,
-            buckets,
-        } => runtime().and_then(|rt| {
-            rt.block_on(up::run(up::UpOptions {
-                data_dir: cli.data_dir.clone(),
-                shards,
-                port,
-                admin_port,
-                buckets,
-            }))
+        Command::Up { shards, port, admin_port, buckets } => runtime().and_then(|rt| {
+            rt.block_on(up::run(up::UpOptions { data_dir: cli.data_dir.clone(), shards, port, admin_port, buckets }))
         }),
     };
     match result {
@@ -100,20 +161,44 @@ fn main() -> std::process::ExitCode {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
 }
 
 async fn serve(path: PathBuf) -> Result<()> {
     let cfg = config::FileConfig::load(&path)?;
     let (dir, addrs) = cfg.directory()?;
-    let router =
-        shardgate_router::server::start(cfg.router.clone(), DirectoryHandle::new(dir), addrs)
+    let router = match &cfg.directory {
+        None => shardgate_router::server::start(cfg.router.clone(), DirectoryHandle::new(dir), addrs).await?,
+        Some(d) => {
+            let resolve = |a: &str| -> Result<std::net::SocketAddr> {
+                use std::net::ToSocketAddrs;
+                a.to_socket_addrs()?.next().ok_or_else(|| anyhow::anyhow!("cannot resolve {a}"))
+            };
+            let mut peers = Vec::new();
+            for p in &d.peers {
+                peers.push((p.id, resolve(&p.address)?));
+            }
+            let mut voters: Vec<u64> = d.peers.iter().map(|p| p.id).collect();
+            voters.push(d.node_id);
+            voters.sort();
+            let (node, _transport) = replica::start(replica::ReplicaSpec {
+                id: d.node_id,
+                listen: resolve(&d.listen)?,
+                data_dir: d.data_dir.clone(),
+                token: d.token.clone(),
+                peers,
+                bootstrap: d.bootstrap.then_some(voters),
+                initial: dir,
+            })
             .await?;
+            if let Err(e) = replica::wait_for_leader(&node, std::time::Duration::from_secs(10)).await {
+                eprintln!("warning: {e:#}; serving reads from the local replica meanwhile");
+            }
+            shardgate_router::server::start_replicated(cfg.router.clone(), node, d.lease, addrs).await?
+        }
+    };
     let (admin_addr, _admin) =
-        shardgate_router::admin::serve(&cfg.admin.listen, router.context.clone())
+        shardgate_router::admin::serve(&cfg.admin.listen, router.context.clone(), cfg.admin.token.clone())
             .await
             .with_context(|| format!("cannot listen on admin address {}", cfg.admin.listen))?;
     println!("ready: postgres://postgres@{}/app", router.local_addr);
@@ -127,10 +212,7 @@ async fn serve(path: PathBuf) -> Result<()> {
 /// SIGINT or SIGTERM.
 pub async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
         (Ok(mut int), Ok(mut term)) => {
             tokio::select! {
                 _ = int.recv() => {}

@@ -1,31 +1,83 @@
 //! `shardgate status`: asks a node's admin API and prints what it says.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
-use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::Result;
 use serde_json::Value;
 
-use crate::up::ClusterFile;
+use crate::admin_client::Api;
 
 pub fn run(data_dir: &Path, admin: Option<&str>, json: bool) -> Result<()> {
-    let addr = match admin {
-        Some(a) => a.to_string(),
-        None => ClusterFile::read(data_dir)?.admin,
-    };
-    let body = http_get(&addr, "/status").with_context(|| {
-        format!("cannot reach the admin API at {addr}; is shardgate running? start it with `shardgate up` or `shardgate serve`")
-    })?;
-    let status: Value =
-        serde_json::from_str(&body).context("the admin API answered something that is not JSON")?;
+    let api = Api::find(data_dir, admin)?;
+    let status = api.get("/status")?;
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());
     }
     print_table(&status);
     Ok(())
+}
+
+pub fn shard_list(api: &Api, json: bool) -> Result<()> {
+    let status = api.get("/status")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status["shards"])?);
+        return Ok(());
+    }
+    print_shards(&status);
+    Ok(())
+}
+
+pub fn directory_show(api: &Api, json: bool) -> Result<()> {
+    let dir = api.get("/directory")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&dir)?);
+        return Ok(());
+    }
+    println!(
+        "epoch {}   buckets {}   key {} ({})",
+        dir["epoch"],
+        dir["bucket_count"],
+        dir["key_column"].as_str().unwrap_or("?"),
+        dir["key_type"].as_str().unwrap_or("?")
+    );
+    let shards: Vec<&str> = dir["shards"].as_array().into_iter().flatten().filter_map(|s| s["name"].as_str()).collect();
+    for (i, s) in dir["shards"].as_array().into_iter().flatten().enumerate() {
+        println!(
+            "shard {i}: {} {} {}",
+            s["name"].as_str().unwrap_or("?"),
+            s["state"].as_str().unwrap_or("?"),
+            s["url"].as_str().unwrap_or("?")
+        );
+    }
+    let pins = dir["pins"].as_array().cloned().unwrap_or_default();
+    println!(
+        "pins: {}",
+        if pins.is_empty() {
+            "(none)".into()
+        } else {
+            pins.iter()
+                .map(|p| format!("{} → {}", p[0], shards.get(p[1].as_u64().unwrap_or(0) as usize).unwrap_or(&"?")))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
+    let moves = dir["moves"].as_object().map(|m| m.len()).unwrap_or(0);
+    println!("moves: {moves}");
+    Ok(())
+}
+
+fn print_shards(s: &Value) {
+    println!("{:<16} {:<8} {:>8}  URL", "SHARD", "STATE", "BUCKETS");
+    for sh in s["shards"].as_array().into_iter().flatten() {
+        println!(
+            "{:<16} {:<8} {:>8}  {}",
+            sh["name"].as_str().unwrap_or("?"),
+            sh["state"].as_str().unwrap_or("?"),
+            sh["buckets"].as_u64().unwrap_or(0),
+            sh["url"].as_str().unwrap_or("?")
+        );
+    }
 }
 
 fn print_table(s: &Value) {
@@ -38,16 +90,7 @@ fn print_table(s: &Value) {
         s["clients"]
     );
     println!();
-    println!("{:<16} {:<8} {:>8}  URL", "SHARD", "STATE", "BUCKETS");
-    for sh in s["shards"].as_array().into_iter().flatten() {
-        println!(
-            "{:<16} {:<8} {:>8}  {}",
-            sh["name"].as_str().unwrap_or("?"),
-            sh["state"].as_str().unwrap_or("?"),
-            sh["buckets"].as_u64().unwrap_or(0),
-            sh["url"].as_str().unwrap_or("?")
-        );
-    }
+    print_shards(s);
     println!();
     println!("{:<16} SHARD", "BUCKETS");
     for r in s["placement_ranges"].as_array().into_iter().flatten() {
@@ -57,42 +100,18 @@ fn print_table(s: &Value) {
             r["shard"].as_str().unwrap_or("?")
         );
     }
-    let tables: Vec<&str> = s["sharded_tables"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|t| t.as_str())
-        .collect();
-    println!();
-    println!(
-        "sharded tables: {}",
-        if tables.is_empty() {
-            "(none yet)".to_string()
-        } else {
-            tables.join(", ")
-        }
-    );
-}
-
-/// A GET over plain HTTP/1.1; the admin API is the only server it talks to.
-pub fn http_get(addr: &str, path: &str) -> Result<String> {
-    let sock = addr
-        .parse()
-        .map_err(|_| anyhow!("{addr:?} is not an address like 127.0.0.1:6433"))?;
-    let mut stream = TcpStream::connect_timeout(&sock, Duration::from_secs(3))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("malformed HTTP answer"))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("admin API answered {}", head.lines().next().unwrap_or(""));
+    if let Some(r) = s["replica"].as_object() {
+        println!();
+        println!(
+            "directory node {} ({}), leader {}, term {}, lease {}",
+            r["node_id"],
+            r["role"].as_str().unwrap_or("?"),
+            r["leader"],
+            r["term"],
+            if r["lease_valid"].as_bool() == Some(true) { "valid" } else { "EXPIRED: writes refused" }
+        );
     }
-    Ok(body.to_string())
+    let tables: Vec<&str> = s["sharded_tables"].as_array().into_iter().flatten().filter_map(|t| t.as_str()).collect();
+    println!();
+    println!("sharded tables: {}", if tables.is_empty() { "(none yet)".to_string() } else { tables.join(", ") });
 }

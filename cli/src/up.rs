@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use shardgate_directory::{Directory, DirectoryHandle, KeyType, Shard, ShardState};
+use shardgate_directory::{Directory, KeyType, Shard, ShardState};
 use shardgate_localpg::Server;
 use shardgate_router::backend::ShardAddress;
 use shardgate_router::config::RouterConfig;
@@ -26,6 +26,12 @@ pub struct ClusterFile {
     pub buckets: u32,
     pub router: String,
     pub admin: String,
+    /// Raft ports of the three directory replicas (nodes 1, 2, 3).
+    #[serde(default)]
+    pub raft_ports: Vec<u16>,
+    /// Token of the directory's raft traffic and of the admin API.
+    #[serde(default)]
+    pub admin_token: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -42,15 +48,22 @@ impl ClusterFile {
     pub fn read(data_dir: &Path) -> Result<ClusterFile> {
         let p = Self::path(data_dir);
         let text = std::fs::read_to_string(&p).with_context(|| {
-            format!("no cluster in {} (missing {}); start one with `shardgate up`, or name a node with --admin", data_dir.display(), p.display())
+            format!(
+                "no cluster in {} (missing {}); start one with `shardgate up`, or name a node with --admin",
+                data_dir.display(),
+                p.display()
+            )
         })?;
         serde_json::from_str(&text).with_context(|| format!("{} is damaged", p.display()))
     }
 
     fn write(&self, data_dir: &Path) -> Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
         let p = Self::path(data_dir);
         let tmp = p.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_string_pretty(self)?)?;
+        // It holds the admin token: readable by its owner only.
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        std::io::Write::write_all(&mut f, serde_json::to_string_pretty(self)?.as_bytes())?;
         std::fs::rename(&tmp, &p)?;
         Ok(())
     }
@@ -67,22 +80,15 @@ pub async fn run(opts: UpOptions) -> Result<()> {
     let (entries, buckets) = match &existing {
         Some(c) => {
             if c.shards.len() != opts.shards && opts.shards != 2 {
-                eprintln!("note: reusing the existing cluster of {} shards in {}; --shards applies only to a new cluster", c.shards.len(), data_dir.display());
+                eprintln!(
+                    "note: reusing the existing cluster of {} shards in {}; --shards applies only to a new cluster",
+                    c.shards.len(),
+                    data_dir.display()
+                );
             }
-            (
-                c.shards
-                    .iter()
-                    .map(|s| (s.name.clone(), Some(s.port)))
-                    .collect::<Vec<_>>(),
-                c.buckets,
-            )
+            (c.shards.iter().map(|s| (s.name.clone(), Some(s.port))).collect::<Vec<_>>(), c.buckets)
         }
-        None => (
-            (0..opts.shards)
-                .map(|i| (format!("shard_{i}"), None))
-                .collect(),
-            opts.buckets,
-        ),
+        None => ((0..opts.shards).map(|i| (format!("shard_{i}"), None)).collect(), opts.buckets),
     };
 
     let mut servers = Vec::new();
@@ -90,22 +96,13 @@ pub async fn run(opts: UpOptions) -> Result<()> {
     for (name, port) in entries {
         eprintln!("starting Postgres {name} …");
         let dir = data_dir.join(&name);
-        let mut server = Server::init(&dir, port)
-            .with_context(|| format!("cannot prepare Postgres for {name}"))?;
-        server
-            .start()
-            .with_context(|| format!("cannot start Postgres for {name}"))?;
-        server
-            .create_database("app")
-            .await
-            .with_context(|| format!("cannot create database app on {name}"))?;
-        shard_entries.push(ShardEntry {
-            name: name.clone(),
-            port: server.port(),
-        });
+        let mut server = Server::init(&dir, port).with_context(|| format!("cannot prepare Postgres for {name}"))?;
+        server.start().with_context(|| format!("cannot start Postgres for {name}"))?;
+        server.create_database("app").await.with_context(|| format!("cannot create database app on {name}"))?;
+        shard_entries.push(ShardEntry { name: name.clone(), port: server.port() });
         servers.push((name, server));
     }
-    let result = serve(&data_dir, &servers, shard_entries, buckets, &opts).await;
+    let result = serve(&data_dir, &servers, shard_entries, buckets, existing.as_ref(), &opts).await;
     for (name, server) in &servers {
         if let Err(e) = server.stop() {
             eprintln!("could not stop Postgres {name}: {e}");
@@ -119,39 +116,57 @@ async fn serve(
     servers: &[(String, Server)],
     shard_entries: Vec<ShardEntry>,
     buckets: u32,
+    existing: Option<&ClusterFile>,
     opts: &UpOptions,
 ) -> Result<()> {
     let mut shards = Vec::new();
     let mut addrs = Vec::new();
     for (name, server) in servers {
         let addr = ShardAddress::from_url(&server.url("app")).map_err(anyhow::Error::msg)?;
-        shards.push(Shard {
-            name: name.clone(),
-            url: addr.display_url(),
-            state: ShardState::Active,
-        });
+        shards.push(Shard { name: name.clone(), url: addr.display_url(), state: ShardState::Active });
         addrs.push(addr);
     }
-    let dir = Directory::new("tenant_id", KeyType::Int, buckets, shards)?;
-    let config = RouterConfig {
-        listen: format!("127.0.0.1:{}", opts.port),
-        ..RouterConfig::default()
+    let initial = Directory::new("tenant_id", KeyType::Int, buckets, shards)?;
+    // Three directory replicas in this process, each with its own raft log.
+    let token = existing.and_then(|c| c.admin_token.clone()).unwrap_or_else(random_token);
+    let ports: Vec<u16> = match existing.map(|c| c.raft_ports.clone()).filter(|p| p.len() == 3) {
+        Some(p) => p,
+        None => (0..3).map(|_| free_port()).collect::<Result<_>>()?,
     };
-    let router = shardgate_router::server::start(config, DirectoryHandle::new(dir), addrs).await?;
+    let addr_of = |i: usize| -> std::net::SocketAddr { ([127, 0, 0, 1], ports[i]).into() };
+    let mut nodes = Vec::new();
+    for i in 0..3usize {
+        let id = i as u64 + 1;
+        let peers = (0..3).filter(|j| *j != i).map(|j| (j as u64 + 1, addr_of(j))).collect();
+        let (node, _t) = crate::replica::start(crate::replica::ReplicaSpec {
+            id,
+            listen: addr_of(i),
+            data_dir: data_dir.join("directory").join(format!("node{id}")),
+            token: token.clone(),
+            peers,
+            bootstrap: Some(vec![1, 2, 3]),
+            initial: initial.clone(),
+        })
+        .await?;
+        nodes.push(node);
+    }
+    crate::replica::wait_for_leader(&nodes[0], std::time::Duration::from_secs(10)).await?;
+    let config = RouterConfig { listen: format!("127.0.0.1:{}", opts.port), ..RouterConfig::default() };
+    let router =
+        shardgate_router::server::start_replicated(config, nodes[0].clone(), std::time::Duration::from_secs(2), addrs)
+            .await?;
     let admin_listen = format!("127.0.0.1:{}", opts.admin_port);
     let (admin_addr, _admin) =
-        shardgate_router::admin::serve(&admin_listen, router.context.clone())
-            .await
-            .with_context(|| {
-                format!(
-            "cannot listen on {admin_listen} for the admin API; choose another with --admin-port"
-        )
-            })?;
+        shardgate_router::admin::serve(&admin_listen, router.context.clone(), Some(token.clone())).await.with_context(
+            || format!("cannot listen on {admin_listen} for the admin API; choose another with --admin-port"),
+        )?;
     ClusterFile {
         shards: shard_entries,
         buckets,
         router: router.local_addr.to_string(),
         admin: admin_addr.to_string(),
+        raft_ports: ports,
+        admin_token: Some(token),
     }
     .write(data_dir)?;
     println!("ready: postgres://postgres@{}/app", router.local_addr);
@@ -160,4 +175,17 @@ async fn serve(
     eprintln!("shutting down: stopping the router and the Postgres servers");
     router.shutdown().await;
     Ok(())
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// 32 hex characters from the kernel's random source.
+fn random_token() -> String {
+    let mut bytes = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut bytes);
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

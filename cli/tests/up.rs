@@ -5,11 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 struct Up {
@@ -22,23 +18,15 @@ impl Up {
         let mut child = Command::new(env!("CARGO_BIN_EXE_shardgate"))
             .arg("--data-dir")
             .arg(data_dir)
-            .args([
-                "up",
-                "--port",
-                &port.to_string(),
-                "--admin-port",
-                &admin.to_string(),
-            ])
+            .args(["up", "--port", &port.to_string(), "--admin-port", &admin.to_string()])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("run shardgate up");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let ready = lines.next().expect("a line from up").expect("read stdout");
-        let url = ready
-            .strip_prefix("ready: ")
-            .unwrap_or_else(|| panic!("unexpected first line {ready:?}"))
-            .to_string();
+        let url =
+            ready.strip_prefix("ready: ").unwrap_or_else(|| panic!("unexpected first line {ready:?}")).to_string();
         let admin_line = lines.next().unwrap().unwrap();
         assert!(admin_line.starts_with("admin: http://"), "{admin_line}");
         Up { child, url }
@@ -52,15 +40,8 @@ impl Up {
 }
 
 fn psql(url: &str, sql: &str) -> String {
-    let out = Command::new("psql")
-        .args([url, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "psql {sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("psql").args([url, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql]).output().unwrap();
+    assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -74,14 +55,8 @@ fn up_serves_psql_reports_status_stops_cleanly_and_keeps_its_data() {
     let up = Up::start(&base, port, admin);
     assert_eq!(up.url, format!("postgres://postgres@127.0.0.1:{port}/app"));
     psql(&up.url, "CREATE TABLE orders (tenant_id bigint, id bigint, total numeric, PRIMARY KEY (tenant_id, id))");
-    psql(
-        &up.url,
-        "INSERT INTO orders VALUES (42, 1, 9.99), (7, 1, 1)",
-    );
-    assert_eq!(
-        psql(&up.url, "SELECT total FROM orders WHERE tenant_id = 42"),
-        "9.99"
-    );
+    psql(&up.url, "INSERT INTO orders VALUES (42, 1, 9.99), (7, 1, 1)");
+    assert_eq!(psql(&up.url, "SELECT total FROM orders WHERE tenant_id = 42"), "9.99");
 
     let out = Command::new(env!("CARGO_BIN_EXE_shardgate"))
         .arg("--data-dir")
@@ -89,44 +64,70 @@ fn up_serves_psql_reports_status_stops_cleanly_and_keeps_its_data() {
         .args(["status", "--json"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["bucket_count"], 256);
     assert_eq!(status["shards"].as_array().unwrap().len(), 2);
     assert_eq!(status["placements"].as_array().unwrap().len(), 256);
-    assert!(status["shards"][0]["url"]
-        .as_str()
-        .unwrap()
-        .starts_with("postgres://"));
-    let table = Command::new(env!("CARGO_BIN_EXE_shardgate"))
-        .arg("--data-dir")
-        .arg(&base)
-        .arg("status")
-        .output()
-        .unwrap();
+    assert!(status["shards"][0]["url"].as_str().unwrap().starts_with("postgres://"));
+    let table =
+        Command::new(env!("CARGO_BIN_EXE_shardgate")).arg("--data-dir").arg(&base).arg("status").output().unwrap();
     let table = String::from_utf8_lossy(&table.stdout);
-    assert!(
-        table.contains("shard_0") && table.contains("orders"),
-        "{table}"
-    );
+    assert!(table.contains("shard_0") && table.contains("orders"), "{table}");
     assert!(!table.contains('\x1b'), "no escape codes when piped");
+    // Directory changes through the CLI, committed through the raft replicas.
+    let cli = |args: &[&str]| {
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_shardgate")).arg("--data-dir").arg(&base).args(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, _, err) = cli(&["tenant", "pin", "42", "--to", "shard_1"]);
+    assert!(!ok, "a tenant with rows must not be pinned");
+    assert!(err.contains("has rows"), "{err}");
+    let (ok, out, err) = cli(&["tenant", "pin", "777", "--to", "shard_1"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("pinned"), "{out}");
+    let url0 = status["shards"][0]["url"].as_str().unwrap().to_string();
+    let port0 = url0.rsplit(':').next().unwrap().split('/').next().unwrap().to_string();
+    let (ok, _, err) = cli(&["shard", "add", "extra", &format!("postgres://postgres@127.0.0.1:{port0}/postgres")]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&["shard", "drain", "extra"]);
+    assert!(ok, "{err}");
+    let (ok, out, _) = cli(&["shard", "list"]);
+    assert!(ok && out.contains("extra") && out.contains("draining"), "{out}");
+    let (ok, out, _) = cli(&["directory", "show", "--json"]);
+    assert!(ok);
+    let dir: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let epoch_before_restart = dir["epoch"].as_u64().unwrap();
+    assert_eq!(dir["shards"].as_array().unwrap().len(), 3);
+    assert_eq!(dir["pins"].as_array().unwrap().len(), 1);
+    psql(&up.url, "INSERT INTO orders VALUES (777, 1, 5)");
+    // The admin API wants its token.
+    let cluster: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(base.join("cluster.json")).unwrap()).unwrap();
+    let mut s = std::net::TcpStream::connect(cluster["admin"].as_str().unwrap()).unwrap();
+    use std::io::{Read, Write};
+    write!(s, "GET /status HTTP/1.1\r\nconnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
     up.stop();
 
     // The router and the shards are gone…
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
     // …and a second `up` finds the data again.
     let up = Up::start(&base, port, admin);
-    assert_eq!(
-        psql(
-            &up.url,
-            "SELECT count(*) FROM orders WHERE tenant_id IN (42, 7)"
-        ),
-        "2"
-    );
+    assert_eq!(psql(&up.url, "SELECT count(*) FROM orders WHERE tenant_id IN (42, 7)"), "2");
+    // …and the directory its replicas agreed on.
+    let (ok, out, _) = cli(&["directory", "show", "--json"]);
+    assert!(ok);
+    let dir: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(dir["epoch"].as_u64().unwrap(), epoch_before_restart);
+    assert_eq!(psql(&up.url, "SELECT count(*) FROM orders WHERE tenant_id = 777"), "1");
     up.stop();
     let _ = std::fs::remove_dir_all(&base);
 }
@@ -134,12 +135,7 @@ fn up_serves_psql_reports_status_stops_cleanly_and_keeps_its_data() {
 #[test]
 fn status_without_a_cluster_says_what_to_do() {
     let dir = std::env::temp_dir().join(format!("shardgate-empty-{}", std::process::id()));
-    let out = Command::new(env!("CARGO_BIN_EXE_shardgate"))
-        .arg("--data-dir")
-        .arg(&dir)
-        .arg("status")
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_shardgate")).arg("--data-dir").arg(&dir).arg("status").output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("shardgate up"), "{err}");

@@ -181,10 +181,7 @@ mod tests {
     fn small_integers_hash_like_int4() {
         // hashint8extended folds the high half in so that int2/int4/int8 agree.
         assert_eq!(hashint8extended(5, 0), hash_uint32_extended(5, 0) as i64);
-        assert_eq!(
-            hashint8extended(-5, 0),
-            hash_uint32_extended((-5i32) as u32, 0) as i64
-        );
+        assert_eq!(hashint8extended(-5, 0), hash_uint32_extended((-5i32) as u32, 0) as i64);
     }
 
     #[test]

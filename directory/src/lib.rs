@@ -12,6 +12,4 @@ mod model;
 pub mod replica;
 pub mod state;
 
-pub use model::{
-    Directory, DirectoryError, DirectoryHandle, KeyType, Shard, ShardId, ShardState, TenantKey,
-};
+pub use model::{Directory, DirectoryError, DirectoryHandle, KeyType, Shard, ShardId, ShardState, TenantKey};

@@ -47,10 +47,7 @@ pub enum KeyType {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DirectoryError {
     #[error("{value:?} is not a valid {key_type} tenant key")]
-    BadKey {
-        value: String,
-        key_type: &'static str,
-    },
+    BadKey { value: String, key_type: &'static str },
     #[error("the directory has no shards")]
     NoShards,
     #[error("bucket count must be between 1 and 65536, not {0}")]
@@ -69,20 +66,11 @@ impl KeyType {
     /// Reads a key from its text form, as it appears in a literal, a text-format
     /// parameter or a COPY row.
     pub fn parse_text(self, s: &str) -> Result<TenantKey, DirectoryError> {
-        let bad = || DirectoryError::BadKey {
-            value: s.to_string(),
-            key_type: self.sql_name(),
-        };
+        let bad = || DirectoryError::BadKey { value: s.to_string(), key_type: self.sql_name() };
         match self {
-            KeyType::Int => s
-                .trim()
-                .parse::<i64>()
-                .map(TenantKey::Int)
-                .map_err(|_| bad()),
+            KeyType::Int => s.trim().parse::<i64>().map(TenantKey::Int).map_err(|_| bad()),
             KeyType::Text => Ok(TenantKey::Text(s.to_string())),
-            KeyType::Uuid => uuid::Uuid::parse_str(s.trim())
-                .map(TenantKey::Uuid)
-                .map_err(|_| bad()),
+            KeyType::Uuid => uuid::Uuid::parse_str(s.trim()).map(TenantKey::Uuid).map_err(|_| bad()),
         }
     }
 
@@ -155,9 +143,7 @@ impl Directory {
             return Err(DirectoryError::BadBucketCount(bucket_count));
         }
         let n = shards.len() as u64;
-        let placements = (0..bucket_count as u64)
-            .map(|b| (b * n / bucket_count as u64) as ShardId)
-            .collect();
+        let placements = (0..bucket_count as u64).map(|b| (b * n / bucket_count as u64) as ShardId).collect();
         Ok(Directory {
             epoch: 1,
             key_column: key_column.into(),
@@ -188,10 +174,7 @@ impl Directory {
 
     /// Shards that serve traffic (not removed), in directory order.
     pub fn live_shards(&self) -> impl Iterator<Item = (ShardId, &Shard)> {
-        self.shards
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.state != ShardState::Removed)
+        self.shards.iter().enumerate().filter(|(_, s)| s.state != ShardState::Removed)
     }
 
     pub fn shard_by_name(&self, name: &str) -> Option<ShardId> {
@@ -214,21 +197,14 @@ mod pins_as_list {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
     use std::collections::HashMap;
 
-    pub fn serialize<S: Serializer>(
-        pins: &HashMap<TenantKey, ShardId>,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(pins: &HashMap<TenantKey, ShardId>, s: S) -> Result<S::Ok, S::Error> {
         let mut list: Vec<_> = pins.iter().collect();
         list.sort();
         list.serialize(s)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<HashMap<TenantKey, ShardId>, D::Error> {
-        Ok(Vec::<(TenantKey, ShardId)>::deserialize(d)?
-            .into_iter()
-            .collect())
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<HashMap<TenantKey, ShardId>, D::Error> {
+        Ok(Vec::<(TenantKey, ShardId)>::deserialize(d)?.into_iter().collect())
     }
 }
 
@@ -241,9 +217,7 @@ pub struct DirectoryHandle {
 
 impl DirectoryHandle {
     pub fn new(directory: Directory) -> DirectoryHandle {
-        DirectoryHandle {
-            current: Arc::new(ArcSwap::from_pointee(directory)),
-        }
+        DirectoryHandle { current: Arc::new(ArcSwap::from_pointee(directory)) }
     }
 
     /// The current snapshot. Cheap; hold it for the length of one routing decision.
@@ -291,15 +265,9 @@ mod tests {
 
     #[test]
     fn keys_coerce_to_the_cluster_type() {
-        assert_eq!(
-            KeyType::Int.coerce(TenantKey::Text("42".into())),
-            Ok(TenantKey::Int(42))
-        );
+        assert_eq!(KeyType::Int.coerce(TenantKey::Text("42".into())), Ok(TenantKey::Int(42)));
         assert!(KeyType::Int.coerce(TenantKey::Text("x".into())).is_err());
-        assert_eq!(
-            KeyType::Text.coerce(TenantKey::Int(7)),
-            Ok(TenantKey::Text("7".into()))
-        );
+        assert_eq!(KeyType::Text.coerce(TenantKey::Int(7)), Ok(TenantKey::Text("7".into())));
     }
 
     #[test]

@@ -134,28 +134,20 @@ pub enum Outcome {
 }
 
 fn rejected(reason: impl Into<String>) -> Outcome {
-    Outcome::Rejected {
-        reason: reason.into(),
-    }
+    Outcome::Rejected { reason: reason.into() }
 }
 
 impl Directory {
     fn shard_named(&self, name: &str) -> Result<ShardId, Outcome> {
-        self.shard_by_name(name).ok_or_else(|| {
-            rejected(format!(
-                "no shard named {name:?}; `shardgate shard list` shows the shards"
-            ))
-        })
+        self.shard_by_name(name)
+            .ok_or_else(|| rejected(format!("no shard named {name:?}; `shardgate shard list` shows the shards")))
     }
 
     /// Applies one command. Deterministic: same directory + same command → same
     /// result, on every replica.
     pub fn apply(&mut self, cmd: &Command) -> Outcome {
         match self.apply_inner(cmd) {
-            Ok(Some(id)) => Outcome::MoveCreated {
-                id,
-                epoch: self.epoch,
-            },
+            Ok(Some(id)) => Outcome::MoveCreated { id, epoch: self.epoch },
             Ok(None) => Outcome::Applied { epoch: self.epoch },
             Err(o) => o,
         }
@@ -174,11 +166,7 @@ impl Directory {
                 if self.shard_by_name(name).is_some() {
                     return Err(rejected(format!("a shard named {name:?} exists already")));
                 }
-                self.shards.push(crate::Shard {
-                    name: name.clone(),
-                    url: url.clone(),
-                    state: ShardState::Active,
-                });
+                self.shards.push(crate::Shard { name: name.clone(), url: url.clone(), state: ShardState::Active });
             }
             Command::SetShardState { name, state } => {
                 let s = self.shard_named(name)?;
@@ -196,10 +184,7 @@ impl Directory {
             Command::PlaceBucket { bucket, shard } => {
                 let s = self.shard_named(shard)?;
                 if *bucket >= self.bucket_count {
-                    return Err(rejected(format!(
-                        "bucket {bucket} does not exist (there are {})",
-                        self.bucket_count
-                    )));
+                    return Err(rejected(format!("bucket {bucket} does not exist (there are {})", self.bucket_count)));
                 }
                 if self.shards[s].state == ShardState::Removed {
                     return Err(rejected(format!("shard {shard} is removed")));
@@ -218,11 +203,7 @@ impl Directory {
                     return Err(rejected(format!("tenant {tenant} is not pinned")));
                 }
             }
-            Command::CreateMove {
-                subject,
-                target,
-                at_ms,
-            } => {
+            Command::CreateMove { subject, target, at_ms } => {
                 let t = self.shard_named(target)?;
                 let source = match subject {
                     MoveSubject::Bucket(b) if *b >= self.bucket_count => {
@@ -232,20 +213,14 @@ impl Directory {
                     MoveSubject::Tenant(k) => self.shard_for(k),
                 };
                 if source == t {
-                    return Err(rejected(format!(
-                        "{} is already on shard {target}",
-                        describe(subject)
-                    )));
+                    return Err(rejected(format!("{} is already on shard {target}", describe(subject))));
                 }
                 if self.shards[t].state != ShardState::Active {
                     return Err(rejected(format!("shard {target} is not active")));
                 }
                 let busy = self.moves.values().any(|m| {
                     m.subject == *subject
-                        && !matches!(
-                            m.phase,
-                            MovePhase::Done | MovePhase::Cancelled | MovePhase::Failed
-                        )
+                        && !matches!(m.phase, MovePhase::Done | MovePhase::Cancelled | MovePhase::Failed)
                 });
                 if busy {
                     return Err(rejected(format!("{} is already moving", describe(subject))));
@@ -269,34 +244,19 @@ impl Directory {
                 self.bump();
                 return Ok(Some(id));
             }
-            Command::UpdateMove {
-                id,
-                phase,
-                counters,
-                note,
-                at_ms,
-            } => {
-                let m = self
-                    .moves
-                    .get_mut(id)
-                    .ok_or_else(|| rejected(format!("no move {id}")))?;
+            Command::UpdateMove { id, phase, counters, note, at_ms } => {
+                let m = self.moves.get_mut(id).ok_or_else(|| rejected(format!("no move {id}")))?;
                 if matches!(m.phase, MovePhase::Done | MovePhase::Cancelled) && m.phase != *phase {
                     return Err(rejected(format!("move {id} has ended ({:?})", m.phase)));
                 }
                 m.phase = *phase;
-                m.counters
-                    .extend(counters.iter().map(|(k, v)| (k.clone(), *v)));
+                m.counters.extend(counters.iter().map(|(k, v)| (k.clone(), *v)));
                 if note.is_some() {
                     m.note = note.clone();
                 }
                 m.updated_ms = *at_ms;
             }
-            Command::Heartbeat {
-                router,
-                address,
-                applied_epoch,
-                at_ms,
-            } => {
+            Command::Heartbeat { router, address, applied_epoch, at_ms } => {
                 self.routers.insert(
                     router.clone(),
                     RouterInfo {
@@ -309,8 +269,7 @@ impl Directory {
                 return Ok(None);
             }
             Command::ExpireRouters { before_ms } => {
-                self.routers
-                    .retain(|_, r| r.last_heartbeat_ms >= *before_ms);
+                self.routers.retain(|_, r| r.last_heartbeat_ms >= *before_ms);
                 return Ok(None);
             }
         }
@@ -333,34 +292,17 @@ mod tests {
 
     fn dir() -> Directory {
         let shards = (0..2)
-            .map(|i| Shard {
-                name: format!("s{i}"),
-                url: format!("postgres://h/{i}"),
-                state: ShardState::Active,
-            })
+            .map(|i| Shard { name: format!("s{i}"), url: format!("postgres://h/{i}"), state: ShardState::Active })
             .collect();
         Directory::new("tenant_id", KeyType::Int, 8, shards).unwrap()
     }
 
     fn commands() -> Vec<Command> {
         vec![
-            Command::AddShard {
-                name: "s2".into(),
-                url: "postgres://h/2".into(),
-            },
-            Command::PlaceBucket {
-                bucket: 3,
-                shard: "s2".into(),
-            },
-            Command::PinTenant {
-                tenant: TenantKey::Int(42),
-                shard: "s2".into(),
-            },
-            Command::CreateMove {
-                subject: MoveSubject::Bucket(0),
-                target: "s1".into(),
-                at_ms: 10,
-            },
+            Command::AddShard { name: "s2".into(), url: "postgres://h/2".into() },
+            Command::PlaceBucket { bucket: 3, shard: "s2".into() },
+            Command::PinTenant { tenant: TenantKey::Int(42), shard: "s2".into() },
+            Command::CreateMove { subject: MoveSubject::Bucket(0), target: "s1".into(), at_ms: 10 },
             Command::UpdateMove {
                 id: 1,
                 phase: MovePhase::Copy,
@@ -368,23 +310,10 @@ mod tests {
                 note: None,
                 at_ms: 11,
             },
-            Command::Heartbeat {
-                router: "r1".into(),
-                address: "127.0.0.1:6432".into(),
-                applied_epoch: 3,
-                at_ms: 12,
-            },
-            Command::SetShardState {
-                name: "s0".into(),
-                state: ShardState::Removed,
-            },
-            Command::SetShardState {
-                name: "s0".into(),
-                state: ShardState::Draining,
-            },
-            Command::UnpinTenant {
-                tenant: TenantKey::Int(7),
-            },
+            Command::Heartbeat { router: "r1".into(), address: "127.0.0.1:6432".into(), applied_epoch: 3, at_ms: 12 },
+            Command::SetShardState { name: "s0".into(), state: ShardState::Removed },
+            Command::SetShardState { name: "s0".into(), state: ShardState::Draining },
+            Command::UnpinTenant { tenant: TenantKey::Int(7) },
         ]
     }
 
@@ -401,61 +330,28 @@ mod tests {
     fn changes_bump_the_epoch_and_rejections_change_nothing() {
         let mut d = dir();
         let before = d.clone();
-        let out = d.apply(&Command::PlaceBucket {
-            bucket: 99,
-            shard: "s1".into(),
-        });
+        let out = d.apply(&Command::PlaceBucket { bucket: 99, shard: "s1".into() });
         assert!(matches!(out, Outcome::Rejected { .. }));
         assert_eq!(d, before);
-        let out = d.apply(&Command::PlaceBucket {
-            bucket: 0,
-            shard: "s1".into(),
-        });
-        assert_eq!(
-            out,
-            Outcome::Applied {
-                epoch: before.epoch + 1
-            }
-        );
+        let out = d.apply(&Command::PlaceBucket { bucket: 0, shard: "s1".into() });
+        assert_eq!(out, Outcome::Applied { epoch: before.epoch + 1 });
         assert_eq!(d.placements[0], 1);
         // Heartbeats are not placement changes.
         let e = d.epoch;
-        d.apply(&Command::Heartbeat {
-            router: "r".into(),
-            address: "a".into(),
-            applied_epoch: e,
-            at_ms: 1,
-        });
+        d.apply(&Command::Heartbeat { router: "r".into(), address: "a".into(), applied_epoch: e, at_ms: 1 });
         assert_eq!(d.epoch, e);
     }
 
     #[test]
     fn a_shard_holding_data_cannot_be_removed_and_moves_are_not_doubled() {
         let mut d = dir();
-        let out = d.apply(&Command::SetShardState {
-            name: "s0".into(),
-            state: ShardState::Removed,
-        });
+        let out = d.apply(&Command::SetShardState { name: "s0".into(), state: ShardState::Removed });
         assert!(matches!(out, Outcome::Rejected { ref reason } if reason.contains("drain")));
-        let first = d.apply(&Command::CreateMove {
-            subject: MoveSubject::Bucket(1),
-            target: "s1".into(),
-            at_ms: 1,
-        });
+        let first = d.apply(&Command::CreateMove { subject: MoveSubject::Bucket(1), target: "s1".into(), at_ms: 1 });
         assert!(matches!(first, Outcome::MoveCreated { id: 1, .. }));
-        let again = d.apply(&Command::CreateMove {
-            subject: MoveSubject::Bucket(1),
-            target: "s1".into(),
-            at_ms: 2,
-        });
-        assert!(
-            matches!(again, Outcome::Rejected { ref reason } if reason.contains("already moving"))
-        );
-        let home = d.apply(&Command::CreateMove {
-            subject: MoveSubject::Bucket(7),
-            target: "s1".into(),
-            at_ms: 2,
-        });
+        let again = d.apply(&Command::CreateMove { subject: MoveSubject::Bucket(1), target: "s1".into(), at_ms: 2 });
+        assert!(matches!(again, Outcome::Rejected { ref reason } if reason.contains("already moving")));
+        let home = d.apply(&Command::CreateMove { subject: MoveSubject::Bucket(7), target: "s1".into(), at_ms: 2 });
         assert!(matches!(home, Outcome::Rejected { ref reason } if reason.contains("already on")));
     }
 
@@ -470,24 +366,14 @@ mod tests {
         assert_eq!(back, d);
         // And commands keep applying identically after a restore.
         let (mut x, mut y) = (d.clone(), back);
-        let c = Command::CreateMove {
-            subject: MoveSubject::Bucket(2),
-            target: "s2".into(),
-            at_ms: 50,
-        };
+        let c = Command::CreateMove { subject: MoveSubject::Bucket(2), target: "s2".into(), at_ms: 50 };
         assert_eq!(x.apply(&c), y.apply(&c));
         assert_eq!(x, y);
     }
 
     #[test]
     fn commands_have_a_readable_json_form() {
-        let c = Command::PlaceBucket {
-            bucket: 17,
-            shard: "shard_b".into(),
-        };
-        assert_eq!(
-            serde_json::to_string(&c).unwrap(),
-            r#"{"op":"place_bucket","bucket":17,"shard":"shard_b"}"#
-        );
+        let c = Command::PlaceBucket { bucket: 17, shard: "shard_b".into() };
+        assert_eq!(serde_json::to_string(&c).unwrap(), r#"{"op":"place_bucket","bucket":17,"shard":"shard_b"}"#);
     }
 }

@@ -34,11 +34,7 @@ impl Transport for Link {
 
 fn initial() -> Directory {
     let shards = (0..3)
-        .map(|i| Shard {
-            name: format!("s{i}"),
-            url: format!("postgres://h/{i}"),
-            state: ShardState::Active,
-        })
+        .map(|i| Shard { name: format!("s{i}"), url: format!("postgres://h/{i}"), state: ShardState::Active })
         .collect();
     Directory::new("tenant_id", KeyType::Int, 64, shards).unwrap()
 }
@@ -53,12 +49,7 @@ struct Cluster {
 impl Cluster {
     fn new(snapshot_every: u64) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
-        Cluster {
-            net: Arc::default(),
-            base: tmp.path().to_path_buf(),
-            _tmp: tmp,
-            snapshot_every,
-        }
+        Cluster { net: Arc::default(), base: tmp.path().to_path_buf(), _tmp: tmp, snapshot_every }
     }
 
     fn start(&self, id: u64, founding: bool) -> Node {
@@ -89,16 +80,11 @@ fn dir(base: &Path, id: u64) -> PathBuf {
 
 async fn wait_status(node: &Node, what: &str, pred: impl Fn(&NodeStatus) -> bool) -> NodeStatus {
     let mut rx = node.watch_status();
-    let reached = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| pred(s)))
-        .await
-        .map(|r| r.map(|s| s.clone()));
+    let reached =
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| pred(s))).await.map(|r| r.map(|s| s.clone()));
     match reached {
         Ok(Ok(s)) => s,
-        _ => panic!(
-            "node {} never reached: {what}; last status {:?}",
-            node.id,
-            node.status()
-        ),
+        _ => panic!("node {} never reached: {what}; last status {:?}", node.id, node.status()),
     }
 }
 
@@ -108,10 +94,7 @@ async fn leader_among(nodes: &[Node]) -> u64 {
 }
 
 fn place(bucket: u32, shard: usize) -> Command {
-    Command::PlaceBucket {
-        bucket,
-        shard: format!("s{shard}"),
-    }
+    Command::PlaceBucket { bucket, shard: format!("s{shard}") }
 }
 
 /// The epoch a committed change produced.
@@ -160,23 +143,15 @@ async fn losing_the_leader_elects_another_and_the_old_one_catches_up_after_resta
     let c = Cluster::new(10_000);
     let nodes: Vec<Node> = (1..=3).map(|i| c.start(i, true)).collect();
     let leader = leader_among(&nodes).await;
-    c.node(leader)
-        .propose(place(1, 2), Duration::from_secs(5))
-        .await
-        .unwrap();
+    c.node(leader).propose(place(1, 2), Duration::from_secs(5)).await.unwrap();
     c.kill(leader);
     let survivors: Vec<Node> = nodes.iter().filter(|n| n.id != leader).cloned().collect();
     drop(nodes);
-    let s = wait_status(&survivors[0], "a new leader", |s| {
-        s.leader.is_some_and(|l| l != leader)
-    })
-    .await;
+    let s = wait_status(&survivors[0], "a new leader", |s| s.leader.is_some_and(|l| l != leader)).await;
     assert_ne!(s.leader, Some(leader));
     let mut epoch = 0;
     for b in 2..12 {
-        let out = survivors[1]
-            .propose(place(b, 2), Duration::from_secs(5))
-            .await;
+        let out = survivors[1].propose(place(b, 2), Duration::from_secs(5)).await;
         epoch = epoch_of(out.unwrap());
     }
     wait_status(&survivors[0], "applied", |s| s.epoch == epoch).await;
@@ -195,9 +170,7 @@ async fn a_node_behind_a_compacted_log_rejoins_by_snapshot() {
     let live: Vec<Node> = nodes.into_iter().filter(|n| n.id != lagger).collect();
     let mut epoch = 0;
     for b in 0..60u32 {
-        let out = live[0]
-            .propose(place(b % 64, (b % 3) as usize), Duration::from_secs(5))
-            .await;
+        let out = live[0].propose(place(b % 64, (b % 3) as usize), Duration::from_secs(5)).await;
         epoch = epoch_of(out.unwrap());
     }
     // The log the lagger needs is gone: its first entries were compacted.
@@ -215,9 +188,7 @@ async fn stopping_every_node_and_starting_them_again_keeps_epoch_and_state() {
     leader_among(&nodes).await;
     let mut epoch = 0;
     for b in 0..40u32 {
-        let out = nodes[(b % 3) as usize]
-            .propose(place(b, ((b + 1) % 3) as usize), Duration::from_secs(5))
-            .await;
+        let out = nodes[(b % 3) as usize].propose(place(b, ((b + 1) % 3) as usize), Duration::from_secs(5)).await;
         epoch = epoch.max(epoch_of(out.unwrap()));
     }
     for n in &nodes {
@@ -235,10 +206,7 @@ async fn stopping_every_node_and_starting_them_again_keeps_epoch_and_state() {
     }
     // And the cluster goes on.
     leader_among(&nodes).await;
-    nodes[0]
-        .propose(place(5, 0), Duration::from_secs(5))
-        .await
-        .unwrap();
+    nodes[0].propose(place(5, 0), Duration::from_secs(5)).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,19 +223,13 @@ async fn a_node_cut_off_loses_its_lease_and_regains_it_when_reconnected() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let mut rx = follower.watch_status();
     while follower.lease_valid(lease) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "lease never expired"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "lease never expired");
         let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
     }
     c.net.cut.lock().unwrap().clear();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while !follower.lease_valid(lease) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "lease never came back"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "lease never came back");
         let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
     }
 }
@@ -301,28 +263,15 @@ async fn replicas_over_tcp_elect_replicate_and_survive_an_isolated_node() {
         nodes.push(node);
     }
     let leader = leader_among(&nodes).await;
-    let epoch = epoch_of(
-        nodes[0]
-            .propose(place(9, 2), Duration::from_secs(5))
-            .await
-            .unwrap(),
-    );
+    let epoch = epoch_of(nodes[0].propose(place(9, 2), Duration::from_secs(5)).await.unwrap());
     for n in &nodes {
         wait_status(n, "replicated over TCP", |s| s.epoch == epoch).await;
     }
     // Isolate the leader: the other two elect a new one and keep committing.
     transports[&leader].set_isolated(true);
     let other = nodes.iter().find(|n| n.id != leader).unwrap().clone();
-    wait_status(&other, "a new leader", |s| {
-        s.leader.is_some_and(|l| l != leader)
-    })
-    .await;
-    let epoch = epoch_of(
-        other
-            .propose(place(10, 1), Duration::from_secs(5))
-            .await
-            .unwrap(),
-    );
+    wait_status(&other, "a new leader", |s| s.leader.is_some_and(|l| l != leader)).await;
+    let epoch = epoch_of(other.propose(place(10, 1), Duration::from_secs(5)).await.unwrap());
     transports[&leader].set_isolated(false);
     let old = nodes.iter().find(|n| n.id == leader).unwrap();
     wait_status(old, "caught up after the partition", |s| s.epoch >= epoch).await;
@@ -333,9 +282,5 @@ async fn replicas_over_tcp_elect_replicate_and_survive_an_isolated_node() {
     s.write_all(b"wrong").await.unwrap();
     let mut buf = [0u8; 1];
     use tokio::io::AsyncReadExt;
-    assert_eq!(
-        s.read(&mut buf).await.unwrap_or(0),
-        0,
-        "the node closes the connection"
-    );
+    assert_eq!(s.read(&mut buf).await.unwrap_or(0), 0, "the node closes the connection");
 }

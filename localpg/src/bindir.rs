@@ -78,22 +78,15 @@ fn highest_versioned() -> Option<PathBuf> {
 
 /// `15` → `[15]`, `9.6` → `[9, 6]`; anything else is not a version directory.
 fn version_key(name: &OsStr) -> Option<Vec<u32>> {
-    name.to_str()?
-        .split('.')
-        .map(|part| part.parse().ok())
-        .collect()
+    name.to_str()?.split('.').map(|part| part.parse().ok()).collect()
 }
 
 fn holds_all(dir: &Path) -> bool {
-    REQUIRED
-        .iter()
-        .all(|program| is_executable(&dir.join(program)))
+    REQUIRED.iter().all(|program| is_executable(&dir.join(program)))
 }
 
 fn is_executable(path: &Path) -> bool {
-    std::fs::metadata(path)
-        .map(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    std::fs::metadata(path).map(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -102,10 +95,8 @@ mod tests {
 
     #[test]
     fn version_directories_sort_numerically() {
-        let mut versions: Vec<Vec<u32>> = ["9.6", "15", "10"]
-            .iter()
-            .filter_map(|name| version_key(OsStr::new(name)))
-            .collect();
+        let mut versions: Vec<Vec<u32>> =
+            ["9.6", "15", "10"].iter().filter_map(|name| version_key(OsStr::new(name))).collect();
         versions.sort();
         assert_eq!(versions, vec![vec![9, 6], vec![10], vec![15]]);
         assert_eq!(version_key(OsStr::new("main")), None);

@@ -17,17 +17,12 @@ impl TestCluster {
     /// Starts `n` test servers and creates [`TestCluster::DATABASE`] on each. If any
     /// fails, the ones that started are stopped and deleted again.
     pub async fn start(n: usize) -> Result<TestCluster, Error> {
-        let starting: Vec<_> = (0..n)
-            .map(|_| tokio::task::spawn_blocking(TestServer::start_blocking))
-            .collect();
+        let starting: Vec<_> = (0..n).map(|_| tokio::task::spawn_blocking(TestServer::start_blocking)).collect();
         // Wait for every start, even after a failure, so that none is left running.
         let mut servers = Vec::with_capacity(n);
         let mut first_error = None;
         for handle in starting {
-            let result = handle
-                .await
-                .map_err(|err| Error::Task(err.to_string()))
-                .and_then(|started| started);
+            let result = handle.await.map_err(|err| Error::Task(err.to_string())).and_then(|started| started);
             match result {
                 Ok(server) => servers.push(server),
                 Err(err) => {
@@ -51,9 +46,6 @@ impl TestCluster {
 
     /// The connection string of [`TestCluster::DATABASE`] on each server, in order.
     pub fn urls(&self) -> Vec<String> {
-        self.servers
-            .iter()
-            .map(|server| server.url(TestCluster::DATABASE))
-            .collect()
+        self.servers.iter().map(|server| server.url(TestCluster::DATABASE)).collect()
     }
 }

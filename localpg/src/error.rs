@@ -46,12 +46,7 @@ pub enum Error {
          directory with pg_upgrade",
         path.display(), bindir.display()
     )]
-    VersionMismatch {
-        path: PathBuf,
-        data_version: String,
-        bindir: PathBuf,
-        bin_version: String,
-    },
+    VersionMismatch { path: PathBuf, data_version: String, bindir: PathBuf, bin_version: String },
 
     /// The per-user scratch directory for test servers is not ours to use.
     #[error(
@@ -83,11 +78,7 @@ pub enum Error {
 
     /// A program ran and failed; `output` is what it printed.
     #[error("`{command}` failed ({status}):\n{output}\nfix the cause above and retry")]
-    Command {
-        command: String,
-        status: ExitStatus,
-        output: String,
-    },
+    Command { command: String, status: ExitStatus, output: String },
 
     /// The server did not come up; `log_tail` is the end of its log.
     #[error(
@@ -95,13 +86,7 @@ pub enum Error {
          --- fix the cause above (the full log is in {}) and start it again",
         data_dir.display(), log.display(), log.display()
     )]
-    Start {
-        data_dir: PathBuf,
-        port: u16,
-        reason: String,
-        log: PathBuf,
-        log_tail: String,
-    },
+    Start { data_dir: PathBuf, port: u16, reason: String, log: PathBuf, log_tail: String },
 
     /// The server did not shut down.
     #[error(
@@ -139,15 +124,8 @@ pub enum Error {
 
 impl Error {
     /// Wraps an I/O error with what we were doing and where.
-    pub(crate) fn io(
-        action: &'static str,
-        path: impl Into<PathBuf>,
-    ) -> impl FnOnce(io::Error) -> Error {
+    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Error {
         let path = path.into();
-        move |source| Error::Io {
-            action,
-            path,
-            source,
-        }
+        move |source| Error::Io { action, path, source }
     }
 }

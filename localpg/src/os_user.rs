@@ -36,15 +36,9 @@ impl ServerUser {
             return Ok(ServerUser { switch_to: None });
         }
         match lookup(SERVER_ACCOUNT) {
-            Ok(Some(account)) => Ok(ServerUser {
-                switch_to: Some(account),
-            }),
+            Ok(Some(account)) => Ok(ServerUser { switch_to: Some(account) }),
             Ok(None) => Err(Error::NoServerUser),
-            Err(source) => Err(Error::Io {
-                action: "look up the OS user",
-                path: "postgres".into(),
-                source,
-            }),
+            Err(source) => Err(Error::Io { action: "look up the OS user", path: "postgres".into(), source }),
         }
     }
 
@@ -96,10 +90,7 @@ impl ServerUser {
                 mode & 0o001 != 0
             };
             if !searchable {
-                return Err(Error::Unreachable {
-                    path: dir.to_path_buf(),
-                    blocking: ancestor.to_path_buf(),
-                });
+                return Err(Error::Unreachable { path: dir.to_path_buf(), blocking: ancestor.to_path_buf() });
             }
         }
         Ok(())
@@ -114,15 +105,7 @@ fn lookup(name: &CStr) -> io::Result<Option<Account>> {
         let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
         let mut result: *mut libc::passwd = std::ptr::null_mut();
         // SAFETY: every pointer is valid for the call, and buf.len() is its real size.
-        let rc = unsafe {
-            libc::getpwnam_r(
-                name.as_ptr(),
-                &mut entry,
-                buf.as_mut_ptr(),
-                buf.len(),
-                &mut result,
-            )
-        };
+        let rc = unsafe { libc::getpwnam_r(name.as_ptr(), &mut entry, buf.as_mut_ptr(), buf.len(), &mut result) };
         if rc == libc::ERANGE && buf.len() < 1 << 20 {
             buf.resize(buf.len() * 2, 0);
             continue;
@@ -133,20 +116,14 @@ fn lookup(name: &CStr) -> io::Result<Option<Account>> {
         if result.is_null() {
             return Ok(None);
         }
-        return Ok(Some(Account {
-            uid: entry.pw_uid,
-            gid: entry.pw_gid,
-        }));
+        return Ok(Some(Account { uid: entry.pw_uid, gid: entry.pw_gid }));
     }
 }
 
 /// Renders a program and its arguments for an error message.
 pub(crate) fn describe(command: &Command) -> String {
-    let program = Path::new(command.get_program())
-        .file_name()
-        .unwrap_or(OsStr::new("?"))
-        .to_string_lossy()
-        .into_owned();
+    let program =
+        Path::new(command.get_program()).file_name().unwrap_or(OsStr::new("?")).to_string_lossy().into_owned();
     command.get_args().fold(program, |mut line, arg| {
         line.push(' ');
         line.push_str(&arg.to_string_lossy());

@@ -9,8 +9,6 @@ use crate::{Error, HOST};
 /// binds it; [`crate::Server::start`] moves to another port once if that happens.
 pub fn free_port() -> Result<u16, Error> {
     let listener = TcpListener::bind((HOST, 0)).map_err(|source| Error::NoFreePort { source })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| Error::NoFreePort { source })?;
+    let addr = listener.local_addr().map_err(|source| Error::NoFreePort { source })?;
     Ok(addr.port())
 }

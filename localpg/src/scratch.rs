@@ -70,16 +70,8 @@ impl ScratchDir {
         use std::os::unix::fs::DirBuilderExt;
 
         let path = new_name(base, kind);
-        std::fs::DirBuilder::new()
-            .mode(0o755)
-            .create(&path)
-            .map_err(Error::io("create", &path))?;
-        Ok(ScratchDir {
-            path,
-            bindir: bindir.to_path_buf(),
-            user: user.clone(),
-            leftover: false,
-        })
+        std::fs::DirBuilder::new().mode(0o755).create(&path).map_err(Error::io("create", &path))?;
+        Ok(ScratchDir { path, bindir: bindir.to_path_buf(), user: user.clone(), leftover: false })
     }
 
     /// Where the data directory goes: `<dir>/data`, created by whoever fills it.
@@ -96,8 +88,7 @@ impl Drop for ScratchDir {
     fn drop(&mut self) {
         let data_dir = self.data_dir();
         if data_dir.join("postmaster.pid").exists() {
-            if let Err(err) = pg_ctl_stop(&self.bindir, &self.user, &data_dir, Shutdown::Immediate)
-            {
+            if let Err(err) = pg_ctl_stop(&self.bindir, &self.user, &data_dir, Shutdown::Immediate) {
                 if self.leftover {
                     tracing::debug!(%err, "leftover test server was not running");
                 } else {
@@ -137,12 +128,7 @@ pub(crate) fn sweep(base: &Path, bindir: &Path, user: &ServerUser) {
             pid = owner.pid,
             "removing a test server left behind by a dead test process"
         );
-        drop(ScratchDir {
-            path: claimed,
-            bindir: bindir.to_path_buf(),
-            user: user.clone(),
-            leftover: true,
-        });
+        drop(ScratchDir { path: claimed, bindir: bindir.to_path_buf(), user: user.clone(), leftover: true });
     }
 }
 
@@ -194,9 +180,7 @@ impl Owner {
         match std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) {
             Err(_) => false,
             Ok(stat) => match parse_stat(&stat) {
-                Some((state, start)) => {
-                    !matches!(state, 'Z' | 'X' | 'x') && (self.start == 0 || start == self.start)
-                }
+                Some((state, start)) => !matches!(state, 'Z' | 'X' | 'x') && (self.start == 0 || start == self.start),
                 None => true, // unknown format: leave it alone
             },
         }
@@ -237,13 +221,7 @@ mod tests {
 
     #[test]
     fn directory_names_carry_their_owner() {
-        assert_eq!(
-            Owner::from_dir_name("srv-4242-987654-3"),
-            Some(Owner {
-                pid: 4242,
-                start: 987654
-            })
-        );
+        assert_eq!(Owner::from_dir_name("srv-4242-987654-3"), Some(Owner { pid: 4242, start: 987654 }));
         assert_eq!(Owner::from_dir_name("template-pg15.18-v1"), None);
         assert_eq!(Owner::from_dir_name("srv-4242-x-3"), None);
     }
@@ -251,9 +229,7 @@ mod tests {
     #[test]
     fn this_process_is_alive_and_an_exited_one_is_not() {
         assert!(Owner::me().is_alive());
-        let mut child = std::process::Command::new("true")
-            .spawn()
-            .expect("spawn true");
+        let mut child = std::process::Command::new("true").spawn().expect("spawn true");
         let pid = child.id();
         child.wait().expect("wait for true");
         assert!(!Owner { pid, start: 0 }.is_alive());

@@ -31,11 +31,7 @@ const LOG_TAIL_LINES: usize = 30;
 
 /// What a server logs when its port is taken: the bind itself is logged at LOG
 /// level (hidden by `log_min_messages = warning`), the give-up at FATAL.
-const PORT_IN_USE: [&str; 3] = [
-    "could not bind",
-    "could not create any TCP/IP sockets",
-    "Address already in use",
-];
+const PORT_IN_USE: [&str; 3] = ["could not bind", "could not create any TCP/IP sockets", "Address already in use"];
 
 /// How careful a server is with its data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,13 +115,7 @@ impl Server {
         durability: Durability,
     ) -> Result<Server, Error> {
         let data_dir = std::path::absolute(&data_dir).map_err(Error::io("resolve", &data_dir))?;
-        let mut server = Server {
-            data_dir,
-            port: 0,
-            durability,
-            bindir,
-            user,
-        };
+        let mut server = Server { data_dir, port: 0, durability, bindir, user };
         if server.data_dir.join("PG_VERSION").is_file() {
             server.user.check_reachable(&server.data_dir)?;
             server.check_version()?;
@@ -176,11 +166,7 @@ impl Server {
     /// The connection string for database `db` as the superuser, e.g.
     /// `postgres://postgres@127.0.0.1:54321/app`.
     pub fn url(&self, db: &str) -> String {
-        format!(
-            "postgres://{SUPERUSER}@{HOST}:{}/{}",
-            self.port,
-            percent_encode(db)
-        )
+        format!("postgres://{SUPERUSER}@{HOST}:{}/{}", self.port, percent_encode(db))
     }
 
     /// Starts the server and waits until it accepts connections; does nothing if it
@@ -233,9 +219,7 @@ impl Server {
     pub fn is_running(&self) -> Result<bool, Error> {
         let mut command = self.pg_ctl();
         command.arg("status").arg("-D").arg(&self.data_dir);
-        let output = command
-            .output()
-            .map_err(|source| self.spawn_error(source))?;
+        let output = command.output().map_err(|source| self.spawn_error(source))?;
         match output.status.code() {
             Some(0) => Ok(true),
             Some(3) => Ok(false),
@@ -276,10 +260,7 @@ impl Server {
         if exists {
             return Ok(false);
         }
-        match client
-            .batch_execute(&format!("CREATE DATABASE {}", quote_ident(name)))
-            .await
-        {
+        match client.batch_execute(&format!("CREATE DATABASE {}", quote_ident(name))).await {
             Ok(()) => Ok(true),
             // Someone else created it between our check and our CREATE.
             Err(err) if err.code() == Some(&SqlState::DUPLICATE_DATABASE) => Ok(false),
@@ -291,17 +272,11 @@ impl Server {
         let log = self.log_path();
         let log_offset = std::fs::metadata(&log).map(|meta| meta.len()).unwrap_or(0);
         let mut command = self.pg_ctl();
-        command
-            .args(["start", "-w", "-t", PG_CTL_TIMEOUT_SECS, "-D"])
-            .arg(&self.data_dir)
-            .arg("-l")
-            .arg(&log);
+        command.args(["start", "-w", "-t", PG_CTL_TIMEOUT_SECS, "-D"]).arg(&self.data_dir).arg("-l").arg(&log);
         // pg_ctl points the postmaster's output at the log, so these pipes close
         // when pg_ctl exits even though the server keeps running.
-        let output = command.output().map_err(|source| StartFailure {
-            error: self.spawn_error(source),
-            port_in_use: false,
-        })?;
+        let output =
+            command.output().map_err(|source| StartFailure { error: self.spawn_error(source), port_in_use: false })?;
         if output.status.success() {
             tracing::info!(data_dir = %self.data_dir.display(), port = self.port, "server started");
             return Ok(());
@@ -314,11 +289,7 @@ impl Server {
                 port: self.port,
                 reason: program_output(&output),
                 log,
-                log_tail: if log_tail.is_empty() {
-                    "(the server wrote nothing)".into()
-                } else {
-                    log_tail
-                },
+                log_tail: if log_tail.is_empty() { "(the server wrote nothing)".into() } else { log_tail },
             },
             port_in_use,
         })
@@ -326,11 +297,7 @@ impl Server {
 
     fn write_settings(&self) -> Result<(), Error> {
         settings::write(
-            &Settings {
-                port: self.port,
-                data_dir: &self.data_dir,
-                durability: self.durability,
-            },
+            &Settings { port: self.port, data_dir: &self.data_dir, durability: self.durability },
             &self.user,
         )
     }
@@ -342,10 +309,7 @@ impl Server {
         }
         let pid_file = self.data_dir.join("postmaster.pid");
         let text = std::fs::read_to_string(&pid_file).map_err(Error::io("read", &pid_file))?;
-        Ok(text
-            .lines()
-            .nth(3)
-            .and_then(|line| line.trim().parse().ok()))
+        Ok(text.lines().nth(3).and_then(|line| line.trim().parse().ok()))
     }
 
     fn check_version(&self) -> Result<(), Error> {
@@ -369,19 +333,11 @@ impl Server {
     }
 
     fn spawn_error(&self, source: std::io::Error) -> Error {
-        Error::Spawn {
-            program: self.bindir.join("pg_ctl"),
-            source,
-        }
+        Error::Spawn { program: self.bindir.join("pg_ctl"), source }
     }
 
     fn sql_error(&self, action: String, source: tokio_postgres::Error) -> Error {
-        Error::Postgres {
-            action,
-            port: self.port,
-            log: self.log_path(),
-            source,
-        }
+        Error::Postgres { action, port: self.port, log: self.log_path(), source }
     }
 }
 
@@ -392,12 +348,7 @@ struct StartFailure {
 }
 
 /// Runs `initdb` into `data_dir`, which must be new or empty.
-pub(crate) fn initdb(
-    bindir: &Path,
-    user: &ServerUser,
-    data_dir: &Path,
-    durability: Durability,
-) -> Result<(), Error> {
+pub(crate) fn initdb(bindir: &Path, user: &ServerUser, data_dir: &Path, durability: Durability) -> Result<(), Error> {
     create_empty_dir(data_dir, user)?;
     let mut command = user.command(&bindir.join("initdb"));
     command.arg("-D").arg(data_dir).args([
@@ -423,9 +374,7 @@ fn create_empty_dir(dir: &Path, user: &ServerUser) -> Result<(), Error> {
     match std::fs::read_dir(dir) {
         Ok(mut entries) => {
             if entries.next().is_some() {
-                return Err(Error::NotADataDir {
-                    path: dir.to_path_buf(),
-                });
+                return Err(Error::NotADataDir { path: dir.to_path_buf() });
             }
         }
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
@@ -443,35 +392,14 @@ fn create_empty_dir(dir: &Path, user: &ServerUser) -> Result<(), Error> {
 }
 
 /// Stops the postmaster on `data_dir` and waits for it to exit.
-pub(crate) fn pg_ctl_stop(
-    bindir: &Path,
-    user: &ServerUser,
-    data_dir: &Path,
-    mode: Shutdown,
-) -> Result<(), Error> {
+pub(crate) fn pg_ctl_stop(bindir: &Path, user: &ServerUser, data_dir: &Path, mode: Shutdown) -> Result<(), Error> {
     let mut command = user.command(&bindir.join("pg_ctl"));
-    command
-        .args([
-            "stop",
-            "-w",
-            "-t",
-            PG_CTL_TIMEOUT_SECS,
-            "-m",
-            mode.pg_ctl_mode(),
-            "-D",
-        ])
-        .arg(data_dir);
-    let output = command.output().map_err(|source| Error::Spawn {
-        program: bindir.join("pg_ctl"),
-        source,
-    })?;
+    command.args(["stop", "-w", "-t", PG_CTL_TIMEOUT_SECS, "-m", mode.pg_ctl_mode(), "-D"]).arg(data_dir);
+    let output = command.output().map_err(|source| Error::Spawn { program: bindir.join("pg_ctl"), source })?;
     if output.status.success() {
         Ok(())
     } else {
-        Err(Error::Stop {
-            data_dir: data_dir.to_path_buf(),
-            output: program_output(&output),
-        })
+        Err(Error::Stop { data_dir: data_dir.to_path_buf(), output: program_output(&output) })
     }
 }
 
@@ -483,10 +411,8 @@ pub(crate) fn bin_version(bindir: &Path, user: &ServerUser) -> Result<String, Er
     let output = run(&mut command, program)?;
     // "pg_ctl (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"
     let text = String::from_utf8_lossy(&output.stdout);
-    let version = text
-        .split_once("(PostgreSQL)")
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        .unwrap_or(text.trim());
+    let version =
+        text.split_once("(PostgreSQL)").and_then(|(_, rest)| rest.split_whitespace().next()).unwrap_or(text.trim());
     Ok(version.to_string())
 }
 
@@ -495,9 +421,7 @@ pub(crate) fn bin_version(bindir: &Path, user: &ServerUser) -> Result<String, Er
 fn major(version: &str) -> String {
     let mut parts = version.split('.');
     let first = parts.next().unwrap_or_default();
-    let first = first
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or(first, |end| &first[..end]);
+    let first = first.find(|c: char| !c.is_ascii_digit()).map_or(first, |end| &first[..end]);
     match first.parse::<u32>() {
         Ok(n) if n < 10 => format!("{first}.{}", parts.next().unwrap_or_default()),
         _ => first.to_string(),
@@ -506,9 +430,7 @@ fn major(version: &str) -> String {
 
 /// Runs a command to completion; a non-zero exit is an error with its output.
 fn run(command: &mut Command, program: PathBuf) -> Result<Output, Error> {
-    let output = command
-        .output()
-        .map_err(|source| Error::Spawn { program, source })?;
+    let output = command.output().map_err(|source| Error::Spawn { program, source })?;
     if output.status.success() {
         Ok(output)
     } else {
@@ -517,11 +439,7 @@ fn run(command: &mut Command, program: PathBuf) -> Result<Output, Error> {
 }
 
 fn command_failed(command: &Command, output: &Output) -> Error {
-    Error::Command {
-        command: describe(command),
-        status: output.status,
-        output: program_output(output),
-    }
+    Error::Command { command: describe(command), status: output.status, output: program_output(output) }
 }
 
 /// What a program printed, stderr first, trimmed.

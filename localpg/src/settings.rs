@@ -43,9 +43,7 @@ impl Settings<'_> {
     }
 
     fn render(&self) -> String {
-        let socket_dir = self
-            .socket_dir()
-            .map(|dir| dir.to_string_lossy().into_owned());
+        let socket_dir = self.socket_dir().map(|dir| dir.to_string_lossy().into_owned());
         let fsync = match self.durability {
             Durability::Durable => "on",
             Durability::Throwaway => "off",
@@ -57,10 +55,7 @@ impl Settings<'_> {
         let lines: [(&str, String); 10] = [
             ("listen_addresses", quote("127.0.0.1")),
             ("port", self.port.to_string()),
-            (
-                "unix_socket_directories",
-                quote(socket_dir.as_deref().unwrap_or("")),
-            ),
+            ("unix_socket_directories", quote(socket_dir.as_deref().unwrap_or(""))),
             ("wal_level", "logical".into()),
             ("max_wal_senders", "20".into()),
             ("max_replication_slots", "20".into()),
@@ -99,16 +94,9 @@ fn ensure_included(data_dir: &Path) -> Result<(), Error> {
     if text.lines().any(|line| line.trim() == INCLUDE) {
         return Ok(());
     }
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&conf)
-        .map_err(Error::io("open", &conf))?;
+    let mut file = std::fs::OpenOptions::new().append(true).open(&conf).map_err(Error::io("open", &conf))?;
     let separator = if text.ends_with('\n') { "" } else { "\n" };
-    write!(
-        file,
-        "{separator}\n# Settings managed by shardgate.\n{INCLUDE}\n"
-    )
-    .map_err(Error::io("append to", &conf))
+    write!(file, "{separator}\n# Settings managed by shardgate.\n{INCLUDE}\n").map_err(Error::io("append to", &conf))
 }
 
 /// The port a previous `write` chose, if any.
@@ -141,14 +129,7 @@ mod tests {
     fn long_data_dirs_listen_on_tcp_only() {
         let short = Path::new("/tmp/pg");
         let long = PathBuf::from(format!("/tmp/{}", "d".repeat(100)));
-        let render = |data_dir: &Path| {
-            Settings {
-                port: 5432,
-                data_dir,
-                durability: Durability::Throwaway,
-            }
-            .render()
-        };
+        let render = |data_dir: &Path| Settings { port: 5432, data_dir, durability: Durability::Throwaway }.render();
         assert!(render(short).contains("unix_socket_directories = '/tmp/pg'"));
         assert!(render(&long).contains("unix_socket_directories = ''"));
         assert!(render(short).contains("fsync = off"));

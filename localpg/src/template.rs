@@ -44,10 +44,7 @@ pub(crate) fn template(base: &Path, bindir: &Path, user: &ServerUser) -> Result<
 pub(crate) fn copy(template: &Path, dest: &Path) -> Result<(), Error> {
     let mut command = Command::new("cp");
     command.arg("-a").arg("--").arg(template).arg(dest);
-    let output = command.output().map_err(|source| Error::Spawn {
-        program: "cp".into(),
-        source,
-    })?;
+    let output = command.output().map_err(|source| Error::Spawn { program: "cp".into(), source })?;
     if output.status.success() {
         return Ok(());
     }
@@ -60,15 +57,10 @@ pub(crate) fn copy(template: &Path, dest: &Path) -> Result<(), Error> {
 
 /// `template-pg<version>-<hash of the bin directory>-v<format>`.
 fn name(bindir: &Path, user: &ServerUser) -> Result<String, Error> {
-    let version: String = bin_version(bindir, user)?
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '.')
-        .collect();
+    let version: String =
+        bin_version(bindir, user)?.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '.').collect();
     let hash = fnv1a(bindir.as_os_str().as_encoded_bytes());
-    Ok(format!(
-        "template-pg{version}-{:08x}-v{FORMAT}",
-        hash as u32
-    ))
+    Ok(format!("template-pg{version}-{:08x}-v{FORMAT}", hash as u32))
 }
 
 fn build(base: &Path, path: &Path, bindir: &Path, user: &ServerUser) -> Result<(), Error> {
@@ -99,7 +91,5 @@ fn is_complete(path: &Path) -> bool {
 
 /// 64-bit FNV-1a: a stable hash (std's is randomly seeded per process).
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3))
 }

@@ -27,9 +27,7 @@ impl TestServer {
     /// Starts a new test server, without blocking the async runtime (the copy and
     /// `pg_ctl` run on its blocking thread pool).
     pub async fn start() -> Result<TestServer, Error> {
-        tokio::task::spawn_blocking(TestServer::start_blocking)
-            .await
-            .map_err(|err| Error::Task(err.to_string()))?
+        tokio::task::spawn_blocking(TestServer::start_blocking).await.map_err(|err| Error::Task(err.to_string()))?
     }
 
     /// Starts a new test server on the calling thread.
@@ -44,19 +42,10 @@ impl TestServer {
         let dir = ScratchDir::create(&base, "srv", &bindir, &user)?;
         let data_dir = dir.data_dir();
         template::copy(&template, &data_dir)?;
-        let mut server = Server::prepare(
-            bindir,
-            user,
-            data_dir,
-            Some(free_port()?),
-            Durability::Throwaway,
-        )?;
+        let mut server = Server::prepare(bindir, user, data_dir, Some(free_port()?), Durability::Throwaway)?;
         server.start()?;
         tracing::debug!(dir = %dir.path().display(), port = server.port(), "test server started");
-        Ok(TestServer {
-            server,
-            _scratch: dir,
-        })
+        Ok(TestServer { server, _scratch: dir })
     }
 
     /// The server.
@@ -100,34 +89,19 @@ mod tests {
 
         // Pretend its test process was killed: a dead pid owns the directory now,
         // and no destructor runs.
-        let mut exited = std::process::Command::new("true")
-            .spawn()
-            .expect("spawn true");
+        let mut exited = std::process::Command::new("true").spawn().expect("spawn true");
         let dead_pid = exited.id();
         exited.wait().expect("wait for true");
-        let scratch = server
-            .data_dir()
-            .parent()
-            .expect("data dirs have a parent")
-            .to_path_buf();
+        let scratch = server.data_dir().parent().expect("data dirs have a parent").to_path_buf();
         let base = scratch.parent().expect("scratch dirs have a parent");
         let left_behind = base.join(format!("srv-{dead_pid}-0-0"));
         std::fs::rename(&scratch, &left_behind).expect("rename scratch dir");
         std::mem::forget(server);
 
-        let next = TestServer::start()
-            .await
-            .expect("start another test server");
+        let next = TestServer::start().await.expect("start another test server");
 
-        assert!(
-            !left_behind.exists(),
-            "{} still exists",
-            left_behind.display()
-        );
-        assert!(
-            !accepts_connections(port),
-            "port {port} still accepts connections"
-        );
+        assert!(!left_behind.exists(), "{} still exists", left_behind.display());
+        assert!(!accepts_connections(port), "port {port} still accepts connections");
         drop(next);
     }
 }

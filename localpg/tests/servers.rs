@@ -15,10 +15,7 @@ fn accepts_connections(port: u16) -> bool {
 
 async fn setting(server: &Server, name: &str) -> String {
     let client = server.connect("postgres").await.expect("connect");
-    let row = client
-        .query_one("SELECT current_setting($1)", &[&name])
-        .await
-        .expect("read setting");
+    let row = client.query_one("SELECT current_setting($1)", &[&name]).await.expect("read setting");
     row.get(0)
 }
 
@@ -30,16 +27,12 @@ async fn test_server_runs_with_logical_wal_level_and_fsync_off() {
     assert_eq!(setting(&server, "fsync").await, "off");
     assert_eq!(setting(&server, "max_connections").await, "200");
     assert_eq!(setting(&server, "listen_addresses").await, "127.0.0.1");
-    assert_eq!(
-        server.url("app"),
-        format!("postgres://postgres@127.0.0.1:{}/app", server.port())
-    );
+    assert_eq!(server.url("app"), format!("postgres://postgres@127.0.0.1:{}/app", server.port()));
 }
 
 #[tokio::test]
 async fn two_test_servers_get_different_ports_and_directories() {
-    let (first, second) =
-        tokio::try_join!(TestServer::start(), TestServer::start()).expect("start two test servers");
+    let (first, second) = tokio::try_join!(TestServer::start(), TestServer::start()).expect("start two test servers");
 
     assert_ne!(first.port(), second.port());
     assert_ne!(first.data_dir(), second.data_dir());
@@ -57,10 +50,7 @@ async fn dropping_a_test_server_stops_it_and_deletes_its_directory() {
     drop(server);
 
     assert!(!data_dir.exists(), "{} still exists", data_dir.display());
-    assert!(
-        !accepts_connections(port),
-        "port {port} still accepts connections"
-    );
+    assert!(!accepts_connections(port), "port {port} still accepts connections");
 }
 
 #[tokio::test]
@@ -70,14 +60,8 @@ async fn cluster_servers_each_have_the_app_database() {
     assert_eq!(cluster.servers().len(), 3);
     for (server, url) in cluster.servers().iter().zip(cluster.urls()) {
         assert!(url.ends_with(&format!(":{}/app", server.port())));
-        let client = server
-            .connect(TestCluster::DATABASE)
-            .await
-            .expect("connect to app");
-        let row = client
-            .query_one("SELECT current_database()", &[])
-            .await
-            .expect("query");
+        let client = server.connect(TestCluster::DATABASE).await.expect("connect to app");
+        let row = client.query_one("SELECT current_database()", &[]).await.expect("query");
         assert_eq!(row.get::<_, String>(0), "app");
     }
 }
@@ -89,14 +73,10 @@ struct Kept {
 
 impl Kept {
     fn new() -> Kept {
-        let root =
-            std::env::temp_dir().join(format!("shardgate-localpg-kept-{}", std::process::id()));
+        let root = std::env::temp_dir().join(format!("shardgate-localpg-kept-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         // 0755: when tests run as root, the `postgres` OS user must get through.
-        std::fs::DirBuilder::new()
-            .mode(0o755)
-            .create(&root)
-            .expect("create test root");
+        std::fs::DirBuilder::new().mode(0o755).create(&root).expect("create test root");
         Kept { root }
     }
 
@@ -116,11 +96,7 @@ impl Drop for Kept {
 
 async fn count_rows(server: &Server) -> i64 {
     let client = server.connect("keep").await.expect("connect to keep");
-    client
-        .query_one("SELECT count(*) FROM kept", &[])
-        .await
-        .expect("count rows")
-        .get(0)
+    client.query_one("SELECT count(*) FROM kept", &[]).await.expect("count rows").get(0)
 }
 
 #[tokio::test]
@@ -131,15 +107,9 @@ async fn init_twice_on_the_same_directory_keeps_the_data() {
     let mut server = Server::init(&data_dir, None).expect("init");
     assert!(!server.is_running().expect("status"));
     server.start().expect("start");
-    assert!(server
-        .create_database("keep")
-        .await
-        .expect("create database"));
+    assert!(server.create_database("keep").await.expect("create database"));
     let client = server.connect("keep").await.expect("connect to keep");
-    client
-        .batch_execute("CREATE TABLE kept (id int); INSERT INTO kept VALUES (1), (2);")
-        .await
-        .expect("write rows");
+    client.batch_execute("CREATE TABLE kept (id int); INSERT INTO kept VALUES (1), (2);").await.expect("write rows");
     assert_eq!(setting(&server, "fsync").await, "on");
     let port = server.port();
 
@@ -155,10 +125,7 @@ async fn init_twice_on_the_same_directory_keeps_the_data() {
     let mut again = Server::init(&data_dir, None).expect("init again");
     assert_eq!(again.port(), port, "the port is kept between runs");
     again.start().expect("start again");
-    assert!(!again
-        .create_database("keep")
-        .await
-        .expect("create database again"));
+    assert!(!again.create_database("keep").await.expect("create database again"));
     assert_eq!(count_rows(&again).await, 2);
     assert!(again.log_path().starts_with(Path::new(&data_dir)));
     again.stop().expect("stop again");
@@ -173,8 +140,5 @@ async fn a_directory_holding_other_files_is_refused() {
 
     let err = Server::init(&data_dir, None).expect_err("init must refuse");
 
-    assert!(
-        err.to_string().contains("choose a new or empty directory"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("choose a new or empty directory"), "{err}");
 }

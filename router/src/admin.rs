@@ -44,35 +44,36 @@ pub struct Status {
     pub pins: Vec<(String, String)>,
     pub sharded_tables: Vec<String>,
     pub clients: usize,
+    /// This node's directory replica, when the directory is replicated.
+    pub replica: Option<ReplicaStatus>,
+    pub routers: Vec<shardgate_directory::state::RouterInfo>,
+}
+
+#[derive(Serialize)]
+pub struct ReplicaStatus {
+    pub node_id: u64,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub role: &'static str,
+    pub applied_index: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    /// Whether this node is within its lease (it may route writes).
+    pub lease_valid: bool,
 }
 
 pub fn status(ctx: &RouterContext) -> Status {
     let dir = ctx.directory.load();
     let counts = dir.bucket_counts();
-    let name = |s: usize| {
-        dir.shards
-            .get(s)
-            .map(|x| x.name.clone())
-            .unwrap_or_default()
-    };
+    let name = |s: usize| dir.shards.get(s).map(|x| x.name.clone()).unwrap_or_default();
     let mut ranges: Vec<PlacementRange> = Vec::new();
     for (b, &s) in dir.placements.iter().enumerate() {
         match ranges.last_mut() {
-            Some(r) if r.shard == dir.shards[s].name && r.last_bucket + 1 == b as u32 => {
-                r.last_bucket = b as u32
-            }
-            _ => ranges.push(PlacementRange {
-                first_bucket: b as u32,
-                last_bucket: b as u32,
-                shard: name(s),
-            }),
+            Some(r) if r.shard == dir.shards[s].name && r.last_bucket + 1 == b as u32 => r.last_bucket = b as u32,
+            _ => ranges.push(PlacementRange { first_bucket: b as u32, last_bucket: b as u32, shard: name(s) }),
         }
     }
-    let mut pins: Vec<(String, String)> = dir
-        .pins
-        .iter()
-        .map(|(k, &s)| (k.to_string(), name(s)))
-        .collect();
+    let mut pins: Vec<(String, String)> = dir.pins.iter().map(|(k, &s)| (k.to_string(), name(s))).collect();
     pins.sort();
     Status {
         epoch: dir.epoch,
@@ -94,23 +95,47 @@ pub fn status(ctx: &RouterContext) -> Status {
         placement_ranges: ranges,
         pins,
         sharded_tables: ctx.catalog.tables(),
+        replica: ctx.replica.as_ref().map(|(node, lease)| {
+            let st = node.status();
+            ReplicaStatus {
+                node_id: st.id,
+                leader: st.leader,
+                term: st.term,
+                role: if st.is_leader {
+                    "leader"
+                } else if st.learners.contains(&st.id) {
+                    "learner"
+                } else {
+                    "follower"
+                },
+                applied_index: st.applied,
+                voters: st.voters,
+                learners: st.learners,
+                lease_valid: node.lease_valid(*lease),
+            }
+        }),
+        routers: dir.routers.values().cloned().collect(),
         clients: ctx.clients.load(std::sync::atomic::Ordering::Relaxed),
     }
 }
 
-/// Serves the admin API on `addr` until the task is dropped. Returns the bound address.
+/// Serves the admin API on `addr` until the task is dropped. Returns the bound
+/// address. With a `token`, every request must carry `Authorization: Bearer <token>`.
 pub async fn serve(
     addr: &str,
     ctx: Arc<RouterContext>,
+    token: Option<String>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     info!(%local, "admin API listening");
+    let token = Arc::new(token);
     let task = tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let ctx = ctx.clone();
+            let token = token.clone();
             tokio::spawn(async move {
-                if let Err(e) = handle(stream, &ctx).await {
+                if let Err(e) = handle(stream, &ctx, token.as_deref()).await {
                     debug!(error = %e, "admin request failed");
                 }
             });
@@ -119,42 +144,199 @@ pub async fn serve(
     Ok((local, task))
 }
 
-async fn handle(mut stream: TcpStream, ctx: &RouterContext) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 8192];
-    let mut len = 0;
-    // Read the request head (the API takes no bodies).
-    while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-        if len == buf.len() {
-            return respond(&mut stream, 431, "text/plain", "request header too large\n").await;
+struct Request {
+    method: String,
+    path: String,
+    authorization: Option<String>,
+    body: Vec<u8>,
+}
+
+async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<Request>> {
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p;
         }
-        let n = stream.read(&mut buf[len..]).await?;
+        if buf.len() > 16 * 1024 {
+            return Ok(None);
+        }
+        let n = stream.read(&mut chunk).await?;
         if n == 0 {
-            return Ok(());
+            return Ok(None);
         }
-        len += n;
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next().unwrap_or("").split_whitespace();
+    let (method, path) = (first.next().unwrap_or("").to_string(), first.next().unwrap_or("").to_string());
+    let mut length = 0usize;
+    let mut authorization = None;
+    for line in lines {
+        if let Some((k, v)) = line.split_once(':') {
+            match k.trim().to_ascii_lowercase().as_str() {
+                "content-length" => length = v.trim().parse().unwrap_or(0),
+                "authorization" => authorization = Some(v.trim().to_string()),
+                _ => {}
+            }
+        }
     }
-    let head = String::from_utf8_lossy(&buf[..len]);
-    let mut parts = head.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    match (method, path) {
-        ("GET", "/status") | ("GET", "/api/status") => {
-            let body = serde_json::to_string_pretty(&status(ctx)).unwrap_or_else(|_| "{}".into());
-            respond(&mut stream, 200, "application/json", &body).await
+    if length > 1 << 20 {
+        return Ok(None);
+    }
+    let mut body = buf[head_end + 4..].to_vec();
+    while body.len() < length {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
         }
-        ("GET", "/health") => respond(&mut stream, 200, "text/plain", "ok\n").await,
-        ("GET", _) => respond(&mut stream, 404, "text/plain", "not found; try /status\n").await,
-        _ => respond(&mut stream, 405, "text/plain", "only GET is supported\n").await,
+        body.extend_from_slice(&chunk[..n]);
+    }
+    body.truncate(length);
+    Ok(Some(Request { method, path, authorization, body }))
+}
+
+fn json_error(msg: &str) -> String {
+    serde_json::json!({ "error": msg }).to_string()
+}
+
+async fn handle(mut stream: TcpStream, ctx: &RouterContext, token: Option<&str>) -> std::io::Result<()> {
+    let Some(req) = read_request(&mut stream).await? else {
+        return respond(&mut stream, 400, "application/json", &json_error("malformed or oversized request")).await;
+    };
+    if let Some(t) = token {
+        let expected = format!("Bearer {t}");
+        let ok = req.authorization.as_deref().is_some_and(|a| constant_time_eq(a.as_bytes(), expected.as_bytes()));
+        if !ok && req.path != "/health" {
+            return respond(
+                &mut stream,
+                401,
+                "application/json",
+                &json_error("missing or wrong admin token (Authorization: Bearer …)"),
+            )
+            .await;
+        }
+    }
+    let (code, body) = route(ctx, &req).await;
+    respond(&mut stream, code, "application/json", &body).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(serde::Deserialize)]
+struct AddShard {
+    name: String,
+    url: String,
+}
+
+#[derive(serde::Deserialize)]
+struct ShardName {
+    name: String,
+}
+
+#[derive(serde::Deserialize)]
+struct Pin {
+    tenant: String,
+    shard: String,
+}
+
+async fn route(ctx: &RouterContext, req: &Request) -> (u16, String) {
+    use shardgate_directory::state::Command;
+    match (req.method.as_str(), req.path.as_str()) {
+        ("GET", "/status") | ("GET", "/api/status") => {
+            (200, serde_json::to_string_pretty(&status(ctx)).unwrap_or_else(|_| "{}".into()))
+        }
+        ("GET", "/directory") => {
+            (200, serde_json::to_string_pretty(&*ctx.directory.load()).unwrap_or_else(|_| "{}".into()))
+        }
+        ("GET", "/health") => (200, "{\"ok\":true}".into()),
+        ("POST", "/shards") => match serde_json::from_slice::<AddShard>(&req.body) {
+            Ok(a) => {
+                // The directory keeps the URL without a password.
+                let url = match crate::backend::ShardAddress::from_url(&a.url) {
+                    Ok(addr) => addr.display_url(),
+                    Err(e) => return (400, json_error(&e)),
+                };
+                propose(ctx, Command::AddShard { name: a.name, url }).await
+            }
+            Err(e) => (400, json_error(&format!("expected {{\"name\": …, \"url\": …}}: {e}"))),
+        },
+        ("POST", "/shards/drain") => match serde_json::from_slice::<ShardName>(&req.body) {
+            Ok(s) => {
+                propose(ctx, Command::SetShardState { name: s.name, state: shardgate_directory::ShardState::Draining })
+                    .await
+            }
+            Err(e) => (400, json_error(&format!("expected {{\"name\": …}}: {e}"))),
+        },
+        ("POST", "/tenants/pin") => match serde_json::from_slice::<Pin>(&req.body) {
+            Ok(p) => pin_tenant(ctx, p).await,
+            Err(e) => (400, json_error(&format!("expected {{\"tenant\": …, \"shard\": …}}: {e}"))),
+        },
+        ("GET", _) | ("POST", _) => (404, json_error("no such endpoint; see docs/operations.md")),
+        _ => (405, json_error("only GET and POST are supported")),
     }
 }
 
-async fn respond(
-    stream: &mut TcpStream,
-    code: u16,
-    ctype: &str,
-    body: &str,
-) -> std::io::Result<()> {
+async fn propose(ctx: &RouterContext, cmd: shardgate_directory::state::Command) -> (u16, String) {
+    use shardgate_directory::state::Outcome;
+    let Some((node, _)) = &ctx.replica else {
+        return (409, json_error("this node has a static directory (no [directory] section in its config); directory changes need the replicated directory"));
+    };
+    match node.propose(cmd, std::time::Duration::from_secs(10)).await {
+        Ok(Outcome::Rejected { reason }) => (409, json_error(&reason)),
+        Ok(outcome) => (200, serde_json::to_string(&outcome).unwrap_or_default()),
+        Err(e) => (503, json_error(&e.to_string())),
+    }
+}
+
+/// Pins a tenant that has no rows yet (moving one with rows is the migrator's job).
+async fn pin_tenant(ctx: &RouterContext, p: Pin) -> (u16, String) {
+    let dir = ctx.directory.load();
+    let key = match dir.key_type.parse_text(&p.tenant) {
+        Ok(k) => k,
+        Err(e) => return (400, json_error(&e.to_string())),
+    };
+    let home = dir.shard_for(&key);
+    if let Some(pool) = ctx.pool(home) {
+        let mut conn = match pool.get().await {
+            Ok(c) => c,
+            Err(e) => return (503, json_error(&format!("cannot check the tenant's rows: {e}"))),
+        };
+        let literal = p.tenant.replace('\'', "''");
+        for table in ctx.catalog.tables() {
+            let sql = format!("SELECT 1 FROM {} WHERE {} = '{literal}' LIMIT 1", quote_table(&table), dir.key_column);
+            match conn.simple_query(&sql).await {
+                Ok(rows) if !rows.is_empty() => {
+                    return (
+                        409,
+                        json_error(&format!(
+                            "tenant {} has rows in {table}; pinning it would hide them. Move it instead (shardgate move tenant)",
+                            p.tenant
+                        )),
+                    )
+                }
+                Ok(_) => {}
+                Err((c, m)) => return (503, json_error(&format!("cannot check {table}: {c} {m}"))),
+            }
+        }
+    }
+    propose(ctx, shardgate_directory::state::Command::PinTenant { tenant: key, shard: p.shard }).await
+}
+
+fn quote_table(t: &str) -> String {
+    t.split('.').map(|p| format!("\"{}\"", p.replace('"', "\"\""))).collect::<Vec<_>>().join(".")
+}
+
+async fn respond(stream: &mut TcpStream, code: u16, ctype: &str, body: &str) -> std::io::Result<()> {
     let reason = match code {
         200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        409 => "Conflict",
+        503 => "Service Unavailable",
         404 => "Not Found",
         405 => "Method Not Allowed",
         _ => "Error",

@@ -67,9 +67,7 @@ pub struct ScramSecret {
 
 impl fmt::Debug for ScramSecret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ScramSecret")
-            .field("iterations", &self.iterations)
-            .finish_non_exhaustive()
+        f.debug_struct("ScramSecret").field("iterations", &self.iterations).finish_non_exhaustive()
     }
 }
 
@@ -100,17 +98,8 @@ impl ScramSecret {
             .ok()
             .filter(|&i| i > 0)
             .ok_or(bad("the iteration count is not a positive integer"))?;
-        let salt = BASE64
-            .decode(salt)
-            .ok()
-            .filter(|s| !s.is_empty())
-            .ok_or(bad("the salt is not base64"))?;
-        let key = |b64: &str| {
-            BASE64
-                .decode(b64)
-                .ok()
-                .and_then(|k| <[u8; 32]>::try_from(k).ok())
-        };
+        let salt = BASE64.decode(salt).ok().filter(|s| !s.is_empty()).ok_or(bad("the salt is not base64"))?;
+        let key = |b64: &str| BASE64.decode(b64).ok().and_then(|k| <[u8; 32]>::try_from(k).ok());
         Ok(ScramSecret {
             iterations,
             salt,
@@ -153,21 +142,15 @@ impl AuthError {
     /// The SQLSTATE a client is told.
     pub fn sqlstate(&self) -> &'static str {
         /// A shard's SQLSTATEs that mean the same to a client of the router.
-        const PASSED_ON: &[&str] = &[
-            "28P01", "28000", "3D000", "53300", "57P03", "08P01", "42501",
-        ];
+        const PASSED_ON: &[&str] = &["28P01", "28000", "3D000", "53300", "57P03", "08P01", "42501"];
         match self {
             AuthError::BadPassword { .. } => "28P01",
             AuthError::Violation(_) | AuthError::Protocol(_) => "08P01",
-            AuthError::Unsupported(_)
-            | AuthError::MissingPassword { .. }
-            | AuthError::ShardSignature(_) => "28000",
+            AuthError::Unsupported(_) | AuthError::MissingPassword { .. } | AuthError::ShardSignature(_) => "28000",
             AuthError::InvalidVerifier(_) => "F0000",
-            AuthError::Backend { code, .. } => PASSED_ON
-                .iter()
-                .find(|c| **c == code.as_str())
-                .copied()
-                .unwrap_or("08001"),
+            AuthError::Backend { code, .. } => {
+                PASSED_ON.iter().find(|c| **c == code.as_str()).copied().unwrap_or("08001")
+            }
         }
     }
 }
@@ -206,9 +189,7 @@ async fn md5_challenge<S: AsyncRead + AsyncWrite + Unpin>(
     if constant_time_eq(answer.as_bytes(), expected.as_bytes()) {
         Ok(())
     } else {
-        Err(AuthError::BadPassword {
-            user: user.to_string(),
-        })
+        Err(AuthError::BadPassword { user: user.to_string() })
     }
 }
 
@@ -217,10 +198,7 @@ async fn md5_challenge<S: AsyncRead + AsyncWrite + Unpin>(
 fn is_md5_hash(password: &str) -> bool {
     password.len() == 35
         && password.starts_with("md5")
-        && password
-            .bytes()
-            .skip(3)
-            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        && password.bytes().skip(3).all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// `"md5" + md5(password + user)`, the form Postgres stores.
@@ -254,9 +232,7 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     let m = read_response(conn, "SASL response").await?;
     let mut r = Reader::new(m.body(), "SASLInitialResponse");
     if r.cstr()? != SCRAM_SHA_256 {
-        return Err(AuthError::Violation(
-            "client selected an invalid SASL authentication mechanism".to_string(),
-        ));
+        return Err(AuthError::Violation("client selected an invalid SASL authentication mechanism".to_string()));
     }
     let len = r.i32()?;
     let client_first = if len == -1 && r.remaining().is_empty() {
@@ -266,24 +242,13 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     } else if usize::try_from(len).ok() == Some(r.remaining().len()) {
         scram_text(r.remaining())?
     } else {
-        return Err(malformed(
-            "its length does not match the SASLInitialResponse",
-        ));
+        return Err(malformed("its length does not match the SASLInitialResponse"));
     };
     let first = ClientFirst::parse(&client_first)?;
 
-    let nonce = format!(
-        "{}{}",
-        first.nonce,
-        BASE64.encode(rand::random::<[u8; SERVER_NONCE_BYTES]>())
-    );
-    let server_first = format!(
-        "r={nonce},s={},i={}",
-        BASE64.encode(&secret.salt),
-        secret.iterations
-    );
-    conn.send(&messages::auth_sasl_continue(server_first.as_bytes()))
-        .await?;
+    let nonce = format!("{}{}", first.nonce, BASE64.encode(rand::random::<[u8; SERVER_NONCE_BYTES]>()));
+    let server_first = format!("r={nonce},s={},i={}", BASE64.encode(&secret.salt), secret.iterations);
+    conn.send(&messages::auth_sasl_continue(server_first.as_bytes())).await?;
 
     let m = read_response(conn, "SASL response").await?;
     let client_final = scram_text(m.body())?;
@@ -306,14 +271,11 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let stored_key: [u8; 32] = Sha256::digest(client_key).into();
     if !constant_time_eq(&stored_key, &secret.stored_key) {
-        return Err(AuthError::BadPassword {
-            user: user.to_string(),
-        });
+        return Err(AuthError::BadPassword { user: user.to_string() });
     }
     let server_signature = hmac_sha256(&secret.server_key, auth_message.as_bytes());
     let server_final = format!("v={}", BASE64.encode(server_signature));
-    conn.send(&messages::auth_sasl_final(server_final.as_bytes()))
-        .await?;
+    conn.send(&messages::auth_sasl_final(server_final.as_bytes())).await?;
     Ok(())
 }
 
@@ -335,8 +297,7 @@ impl<'a> ClientFirst<'a> {
             "n" | "y" => {}
             f if f.starts_with("p=") => {
                 return Err(AuthError::Violation(
-                    "client asks for SCRAM channel binding, which the router does not offer"
-                        .to_string(),
+                    "client asks for SCRAM channel binding, which the router does not offer".to_string(),
                 ))
             }
             _ => return Err(malformed("unexpected channel-binding flag")),
@@ -349,25 +310,15 @@ impl<'a> ClientFirst<'a> {
             return Err(malformed("unexpected attribute in the gs2 header"));
         }
         if bare.starts_with("m=") {
-            return Err(AuthError::Unsupported(
-                "client requires an unsupported SCRAM extension".to_string(),
-            ));
+            return Err(AuthError::Unsupported("client requires an unsupported SCRAM extension".to_string()));
         }
         let (_user, rest) = scram_attr(bare, 'n')?;
         let (nonce, _extensions) = scram_attr(rest, 'r')?;
-        if nonce.is_empty()
-            || !nonce
-                .bytes()
-                .all(|b| (0x21..=0x7e).contains(&b) && b != b',')
-        {
+        if nonce.is_empty() || !nonce.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b',') {
             return Err(malformed("the client nonce is empty or not printable"));
         }
         let gs2_header = &msg[..flag.len() + authzid.len() + 2];
-        Ok(ClientFirst {
-            gs2_header,
-            bare,
-            nonce,
-        })
+        Ok(ClientFirst { gs2_header, bare, nonce })
     }
 }
 
@@ -382,9 +333,7 @@ struct ClientFinal<'a> {
 impl<'a> ClientFinal<'a> {
     fn parse(msg: &'a str) -> Result<ClientFinal<'a>, AuthError> {
         // The proof comes last, and base64 has no commas.
-        let (without_proof, proof) = msg
-            .rsplit_once(",p=")
-            .ok_or_else(|| malformed("no proof"))?;
+        let (without_proof, proof) = msg.rsplit_once(",p=").ok_or_else(|| malformed("no proof"))?;
         let proof = BASE64
             .decode(proof)
             .ok()
@@ -392,12 +341,7 @@ impl<'a> ClientFinal<'a> {
             .ok_or_else(|| malformed("the proof is not 32 bytes in base64"))?;
         let (channel_binding, rest) = scram_attr(without_proof, 'c')?;
         let (nonce, _extensions) = scram_attr(rest, 'r')?;
-        Ok(ClientFinal {
-            channel_binding,
-            nonce,
-            without_proof,
-            proof,
-        })
+        Ok(ClientFinal { channel_binding, nonce, without_proof, proof })
     }
 }
 
@@ -408,9 +352,7 @@ fn scram_attr(msg: &str, key: char) -> Result<(&str, &str), AuthError> {
         .strip_prefix(key)
         .and_then(|m| m.strip_prefix('='))
         .ok_or_else(|| malformed(format_args!("expected attribute \"{key}\"")))?;
-    Ok(value_and_rest
-        .split_once(',')
-        .unwrap_or((value_and_rest, "")))
+    Ok(value_and_rest.split_once(',').unwrap_or((value_and_rest, "")))
 }
 
 /// A SCRAM message as text: UTF-8, not empty, no NUL.
@@ -466,11 +408,7 @@ pub async fn authenticate_backend<S: AsyncRead + AsyncWrite + Unpin>(
     user: &str,
     password: Option<&str>,
 ) -> Result<(), AuthError> {
-    let password = || {
-        password.ok_or_else(|| AuthError::MissingPassword {
-            user: user.to_string(),
-        })
-    };
+    let password = || password.ok_or_else(|| AuthError::MissingPassword { user: user.to_string() });
     // Some while a SCRAM exchange is under way.
     let mut scram: Option<ScramSha256> = None;
     loop {
@@ -497,10 +435,7 @@ pub async fn authenticate_backend<S: AsyncRead + AsyncWrite + Unpin>(
                 ))
             }
             0 => return Ok(()),
-            3 => {
-                conn.send(&Builder::new(b'p').cstr(password()?).finish())
-                    .await?
-            }
+            3 => conn.send(&Builder::new(b'p').cstr(password()?).finish()).await?,
             5 => {
                 let salt = r.bytes(4)?;
                 let salt = [salt[0], salt[1], salt[2], salt[3]];
@@ -508,14 +443,9 @@ pub async fn authenticate_backend<S: AsyncRead + AsyncWrite + Unpin>(
                 let answer = if is_md5_hash(password) {
                     md5_answer(password, salt)
                 } else {
-                    postgres_protocol::authentication::md5_hash(
-                        user.as_bytes(),
-                        password.as_bytes(),
-                        salt,
-                    )
+                    postgres_protocol::authentication::md5_hash(user.as_bytes(), password.as_bytes(), salt)
                 };
-                conn.send(&Builder::new(b'p').cstr(&answer).finish())
-                    .await?;
+                conn.send(&Builder::new(b'p').cstr(&answer).finish()).await?;
             }
             10 => {
                 let mut offered = Vec::new();
@@ -531,8 +461,7 @@ pub async fn authenticate_backend<S: AsyncRead + AsyncWrite + Unpin>(
                     )));
                 }
                 // No TLS to shards yet, so no channel binding: "n,,".
-                let client =
-                    ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                let client = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
                 let first = client.message();
                 let mut b = Builder::new(b'p');
                 b.cstr(SCRAM_SHA_256).i32(first.len() as i32).bytes(first);
@@ -540,22 +469,15 @@ pub async fn authenticate_backend<S: AsyncRead + AsyncWrite + Unpin>(
                 scram = Some(client);
             }
             11 => {
-                let client = scram
-                    .as_mut()
-                    .ok_or_else(|| out_of_turn("AuthenticationSASLContinue"))?;
-                client.update(r.remaining()).map_err(|e| {
-                    AuthError::Violation(format!("shard's SCRAM server-first-message: {e}"))
-                })?;
-                conn.send(&messages::password_message(client.message()))
-                    .await?;
+                let client = scram.as_mut().ok_or_else(|| out_of_turn("AuthenticationSASLContinue"))?;
+                client
+                    .update(r.remaining())
+                    .map_err(|e| AuthError::Violation(format!("shard's SCRAM server-first-message: {e}")))?;
+                conn.send(&messages::password_message(client.message())).await?;
             }
             12 => {
-                let mut client = scram
-                    .take()
-                    .ok_or_else(|| out_of_turn("AuthenticationSASLFinal"))?;
-                client
-                    .finish(r.remaining())
-                    .map_err(|e| AuthError::ShardSignature(e.to_string()))?;
+                let mut client = scram.take().ok_or_else(|| out_of_turn("AuthenticationSASLFinal"))?;
+                client.finish(r.remaining()).map_err(|e| AuthError::ShardSignature(e.to_string()))?;
             }
             code => {
                 let method = match code {
@@ -599,25 +521,18 @@ mod tests {
     }
 
     async fn within_seconds<F: std::future::Future>(f: F) -> F::Output {
-        tokio::time::timeout(Duration::from_secs(10), f)
-            .await
-            .expect("login exchange hung")
+        tokio::time::timeout(Duration::from_secs(10), f).await.expect("login exchange hung")
     }
 
     /// The router's client-facing side against its shard-facing side. The server side
     /// ends as the session edge does: AuthenticationOk, or a FATAL error.
-    async fn login(
-        cred: &Credential,
-        password: Option<&str>,
-    ) -> (Result<(), AuthError>, Result<(), AuthError>) {
+    async fn login(cred: &Credential, password: Option<&str>) -> (Result<(), AuthError>, Result<(), AuthError>) {
         let (mut server, mut client) = pair();
         let serve = async move {
             let outcome = authenticate_client(&mut server, USER, cred).await;
             let reply = match &outcome {
                 Ok(()) => messages::auth_ok(),
-                Err(e) => {
-                    messages::error_response(Severity::Fatal, e.sqlstate(), &e.to_string(), None)
-                }
+                Err(e) => messages::error_response(Severity::Fatal, e.sqlstate(), &e.to_string(), None),
             };
             let _ = server.send(&reply).await;
             outcome
@@ -630,10 +545,7 @@ mod tests {
 
     fn assert_wrong_password(server: Result<(), AuthError>, client: Result<(), AuthError>) {
         let server = server.expect_err("server accepted a wrong password");
-        assert!(
-            matches!(server, AuthError::BadPassword { .. }),
-            "{server:?}"
-        );
+        assert!(matches!(server, AuthError::BadPassword { .. }), "{server:?}");
         assert_eq!(server.sqlstate(), "28P01");
         match client.expect_err("client thinks it logged in") {
             AuthError::Backend { code, message } => {
@@ -674,9 +586,7 @@ mod tests {
 
     #[tokio::test]
     async fn md5_login_with_the_right_password_succeeds() {
-        let cred = Credential::Md5 {
-            password: "secret".to_string(),
-        };
+        let cred = Credential::Md5 { password: "secret".to_string() };
         let (server, client) = login(&cred, Some("secret")).await;
         server.unwrap();
         client.unwrap();
@@ -684,9 +594,7 @@ mod tests {
 
     #[tokio::test]
     async fn md5_login_with_a_wrong_password_fails_with_28p01() {
-        let cred = Credential::Md5 {
-            password: "secret".to_string(),
-        };
+        let cred = Credential::Md5 { password: "secret".to_string() };
         let (server, client) = login(&cred, Some("secre")).await;
         assert_wrong_password(server, client);
     }
@@ -694,19 +602,11 @@ mod tests {
     #[tokio::test]
     async fn md5_stored_hash_works_as_the_configured_password_on_both_sides() {
         let hash = postgres_protocol::password::md5(b"secret", USER);
-        let cred = Credential::Md5 {
-            password: hash.clone(),
-        };
+        let cred = Credential::Md5 { password: hash.clone() };
         let (server, client) = login(&cred, Some("secret")).await;
         server.unwrap();
         client.unwrap();
-        let (server, client) = login(
-            &Credential::Md5 {
-                password: "secret".to_string(),
-            },
-            Some(&hash),
-        )
-        .await;
+        let (server, client) = login(&Credential::Md5 { password: "secret".to_string() }, Some(&hash)).await;
         server.unwrap();
         client.unwrap();
         // The hash is salted with the user name: another user's hash does not fit.
@@ -724,20 +624,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_shard_asking_for_a_password_the_config_lacks_says_what_to_set() {
-        let cred = Credential::Md5 {
-            password: "secret".to_string(),
-        };
+        let cred = Credential::Md5 { password: "secret".to_string() };
         let (server, client) = login(&cred, None).await;
         let client = client.unwrap_err();
         assert!(matches!(client, AuthError::MissingPassword { .. }));
-        assert_eq!(
-            client.to_string(),
-            "shard asks for a password for user alice: set password in the shard's config"
-        );
-        assert!(matches!(
-            server.unwrap_err(),
-            AuthError::Protocol(ProtocolError::Closed)
-        ));
+        assert_eq!(client.to_string(), "shard asks for a password for user alice: set password in the shard's config");
+        assert!(matches!(server.unwrap_err(), AuthError::Protocol(ProtocolError::Closed)));
     }
 
     #[tokio::test]
@@ -763,23 +655,16 @@ mod tests {
     async fn cleartext_request_from_a_shard_gets_the_password() {
         let (mut shard, mut router) = pair();
         let shard_side = async move {
-            shard
-                .send(&Builder::new(b'R').i32(3).finish())
-                .await
-                .unwrap();
+            shard.send(&Builder::new(b'R').i32(3).finish()).await.unwrap();
             let m = shard.read().await.unwrap();
             assert_eq!(m.tag(), b'p');
             assert_eq!(m.body(), b"secret\0");
             shard.send(&messages::auth_ok()).await.unwrap();
             shard
         };
-        let (_, outcome) = within_seconds(async {
-            tokio::join!(
-                shard_side,
-                authenticate_backend(&mut router, USER, Some("secret"))
-            )
-        })
-        .await;
+        let (_, outcome) =
+            within_seconds(async { tokio::join!(shard_side, authenticate_backend(&mut router, USER, Some("secret"))) })
+                .await;
         outcome.unwrap();
     }
 
@@ -787,18 +672,8 @@ mod tests {
     async fn a_shard_error_during_login_keeps_its_sqlstate() {
         let (mut shard, mut router) = pair();
         let msg = "database \"nope\" does not exist";
-        shard
-            .send(&messages::error_response(
-                Severity::Fatal,
-                "3D000",
-                msg,
-                None,
-            ))
-            .await
-            .unwrap();
-        let e = within_seconds(authenticate_backend(&mut router, USER, Some("secret")))
-            .await
-            .unwrap_err();
+        shard.send(&messages::error_response(Severity::Fatal, "3D000", msg, None)).await.unwrap();
+        let e = within_seconds(authenticate_backend(&mut router, USER, Some("secret"))).await.unwrap_err();
         assert_eq!(e.sqlstate(), "3D000");
         assert_eq!(e.to_string(), msg);
     }
@@ -811,37 +686,20 @@ mod tests {
         let by_hand = async move {
             let mut scram = ScramSha256::new(b"secret", ChannelBinding::unrequested());
             expect_auth_request(&mut client, 10).await;
-            client
-                .send(&Builder::new(b'p').cstr(SCRAM_SHA_256).i32(-1).finish())
-                .await
-                .unwrap();
+            client.send(&Builder::new(b'p').cstr(SCRAM_SHA_256).i32(-1).finish()).await.unwrap();
             assert!(expect_auth_request(&mut client, 11).await.is_empty());
             assert!(scram.message().starts_with(b"y,,"));
-            client
-                .send(&messages::password_message(scram.message()))
-                .await
-                .unwrap();
-            scram
-                .update(&expect_auth_request(&mut client, 11).await)
-                .unwrap();
-            client
-                .send(&messages::password_message(scram.message()))
-                .await
-                .unwrap();
-            scram
-                .finish(&expect_auth_request(&mut client, 12).await)
-                .unwrap();
+            client.send(&messages::password_message(scram.message())).await.unwrap();
+            scram.update(&expect_auth_request(&mut client, 11).await).unwrap();
+            client.send(&messages::password_message(scram.message())).await.unwrap();
+            scram.finish(&expect_auth_request(&mut client, 12).await).unwrap();
         };
         let (outcome, ()) = within_seconds(async { tokio::join!(serve, by_hand) }).await;
         outcome.unwrap();
     }
 
     fn sasl_initial(data: &[u8]) -> Bytes {
-        Builder::new(b'p')
-            .cstr(SCRAM_SHA_256)
-            .i32(data.len() as i32)
-            .bytes(data)
-            .finish()
+        Builder::new(b'p').cstr(SCRAM_SHA_256).i32(data.len() as i32).bytes(data).finish()
     }
 
     /// Starts a SCRAM login and answers AuthenticationSASL with `answer`; the
@@ -864,75 +722,27 @@ mod tests {
         let cases: Vec<(&str, Bytes, &str)> = vec![
             (
                 "length past the end",
-                Builder::new(b'p')
-                    .cstr(SCRAM_SHA_256)
-                    .i32(100)
-                    .bytes(b"n,,n=,r=abc")
-                    .finish(),
+                Builder::new(b'p').cstr(SCRAM_SHA_256).i32(100).bytes(b"n,,n=,r=abc").finish(),
                 "08P01",
             ),
-            (
-                "negative length",
-                Builder::new(b'p').cstr(SCRAM_SHA_256).i32(-7).finish(),
-                "08P01",
-            ),
-            (
-                "no mechanism terminator",
-                Builder::new(b'p').bytes(b"SCRAM").finish(),
-                "08P01",
-            ),
-            (
-                "no length",
-                Builder::new(b'p').cstr(SCRAM_SHA_256).finish(),
-                "08P01",
-            ),
-            (
-                "PLUS not offered",
-                Builder::new(b'p')
-                    .cstr("SCRAM-SHA-256-PLUS")
-                    .i32(3)
-                    .bytes(b"n,,")
-                    .finish(),
-                "08P01",
-            ),
-            (
-                "not a password message",
-                messages::query("select 1"),
-                "08P01",
-            ),
+            ("negative length", Builder::new(b'p').cstr(SCRAM_SHA_256).i32(-7).finish(), "08P01"),
+            ("no mechanism terminator", Builder::new(b'p').bytes(b"SCRAM").finish(), "08P01"),
+            ("no length", Builder::new(b'p').cstr(SCRAM_SHA_256).finish(), "08P01"),
+            ("PLUS not offered", Builder::new(b'p').cstr("SCRAM-SHA-256-PLUS").i32(3).bytes(b"n,,").finish(), "08P01"),
+            ("not a password message", messages::query("select 1"), "08P01"),
             ("empty", sasl_initial(b""), "08P01"),
-            (
-                "not UTF-8",
-                sasl_initial(&[0xff, 0xfe, b',', b',']),
-                "08P01",
-            ),
+            ("not UTF-8", sasl_initial(&[0xff, 0xfe, b',', b',']), "08P01"),
             ("NUL inside", sasl_initial(b"n,,n=\0,r=abc"), "08P01"),
-            (
-                "channel binding",
-                sasl_initial(b"p=tls-server-end-point,,n=,r=abc"),
-                "08P01",
-            ),
+            ("channel binding", sasl_initial(b"p=tls-server-end-point,,n=,r=abc"), "08P01"),
             ("unknown flag", sasl_initial(b"x,,n=,r=abc"), "08P01"),
             ("no gs2 header", sasl_initial(b"n=,r=abc"), "08P01"),
             ("gs2 header only", sasl_initial(b"n,,"), "08P01"),
             ("no user attribute", sasl_initial(b"n,,r=abc"), "08P01"),
             ("no nonce", sasl_initial(b"n,,n=alice"), "08P01"),
             ("empty nonce", sasl_initial(b"n,,n=,r="), "08P01"),
-            (
-                "unprintable nonce",
-                sasl_initial("n,,n=,r=ab\u{e9}".as_bytes()),
-                "08P01",
-            ),
-            (
-                "authorization identity",
-                sasl_initial(b"n,a=bob,n=,r=abc"),
-                "28000",
-            ),
-            (
-                "mandatory extension",
-                sasl_initial(b"n,,m=ext,n=,r=abc"),
-                "28000",
-            ),
+            ("unprintable nonce", sasl_initial("n,,n=,r=ab\u{e9}".as_bytes()), "08P01"),
+            ("authorization identity", sasl_initial(b"n,a=bob,n=,r=abc"), "28000"),
+            ("mandatory extension", sasl_initial(b"n,,m=ext,n=,r=abc"), "28000"),
         ];
         for (case, answer, sqlstate) in cases {
             let e = server_error_after_sasl_initial(answer).await;
@@ -948,23 +758,11 @@ mod tests {
         let serve = async move { authenticate_client(&mut server, USER, &cred).await };
         let by_hand = async move {
             expect_auth_request(&mut client, 10).await;
-            client
-                .send(&sasl_initial(b"n,,n=,r=clientnonce"))
-                .await
-                .unwrap();
-            let server_first =
-                String::from_utf8(expect_auth_request(&mut client, 11).await).unwrap();
-            let nonce = server_first
-                .strip_prefix("r=")
-                .unwrap()
-                .split(',')
-                .next()
-                .unwrap();
+            client.send(&sasl_initial(b"n,,n=,r=clientnonce")).await.unwrap();
+            let server_first = String::from_utf8(expect_auth_request(&mut client, 11).await).unwrap();
+            let nonce = server_first.strip_prefix("r=").unwrap().split(',').next().unwrap();
             assert!(nonce.starts_with("clientnonce") && nonce.len() > "clientnonce".len());
-            client
-                .send(&messages::password_message(last(nonce).as_bytes()))
-                .await
-                .unwrap();
+            client.send(&messages::password_message(last(nonce).as_bytes())).await.unwrap();
             client
         };
         let (outcome, _client) = within_seconds(async { tokio::join!(serve, by_hand) }).await;
@@ -974,8 +772,7 @@ mod tests {
     #[tokio::test]
     async fn bad_client_final_messages_are_refused() {
         let proof = BASE64.encode([0u8; 32]);
-        let e =
-            server_error_after_client_final(|_| format!("c=biws,r=clientnonceXYZ,p={proof}")).await;
+        let e = server_error_after_client_final(|_| format!("c=biws,r=clientnonceXYZ,p={proof}")).await;
         assert_eq!(e.sqlstate(), "08P01", "{e}");
         let e = server_error_after_client_final(|n| format!("c=eSws,r={n},p={proof}")).await;
         assert_eq!(e.sqlstate(), "08P01", "{e}");
@@ -1019,26 +816,15 @@ mod tests {
         ];
         for verifier in cases {
             let e = ScramSecret::parse(&verifier).expect_err(&verifier);
-            assert!(
-                !e.to_string().contains(stored),
-                "error repeats the verifier: {e}"
-            );
+            assert!(!e.to_string().contains(stored), "error repeats the verifier: {e}");
         }
     }
 
     #[test]
     fn debug_output_shows_no_secrets() {
-        let md5 = format!(
-            "{:?}",
-            Credential::Md5 {
-                password: "hunter2".to_string()
-            }
-        );
+        let md5 = format!("{:?}", Credential::Md5 { password: "hunter2".to_string() });
         assert!(!md5.contains("hunter2"), "{md5}");
         let scram = format!("{:?}", scram_for("hunter2"));
-        assert!(
-            scram.contains("iterations: 4096") && !scram.contains("key"),
-            "{scram}"
-        );
+        assert!(scram.contains("iterations: 4096") && !scram.contains("key"), "{scram}");
     }
 }

@@ -26,12 +26,7 @@ impl ShardAddress {
         let rest = url
             .strip_prefix("postgres://")
             .or_else(|| url.strip_prefix("postgresql://"))
-            .ok_or_else(|| {
-                format!(
-                    "shard URL must start with postgres://, got {:?}",
-                    redact(url)
-                )
-            })?;
+            .ok_or_else(|| format!("shard URL must start with postgres://, got {:?}", redact(url)))?;
         let rest = rest.split('?').next().unwrap_or(rest);
         let (auth, hostpart) = match rest.rsplit_once('@') {
             Some((a, h)) => (Some(a), h),
@@ -46,36 +41,21 @@ impl ShardAddress {
         };
         let (hostport, database) = hostpart.split_once('/').unwrap_or((hostpart, ""));
         let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) => (
-                h.to_string(),
-                p.parse()
-                    .map_err(|_| format!("bad port {p:?} in shard URL {:?}", redact(url)))?,
-            ),
+            Some((h, p)) => {
+                (h.to_string(), p.parse().map_err(|_| format!("bad port {p:?} in shard URL {:?}", redact(url)))?)
+            }
             None => (hostport.to_string(), 5432),
         };
         if host.is_empty() {
             return Err(format!("shard URL {:?} names no host", redact(url)));
         }
-        let database = if database.is_empty() {
-            user.clone()
-        } else {
-            database.to_string()
-        };
-        Ok(ShardAddress {
-            host,
-            port,
-            database,
-            user: percent_decode(&user),
-            password,
-        })
+        let database = if database.is_empty() { user.clone() } else { database.to_string() };
+        Ok(ShardAddress { host, port, database, user: percent_decode(&user), password })
     }
 
     /// The URL without its password, fit for logs and status output.
     pub fn display_url(&self) -> String {
-        format!(
-            "postgres://{}@{}:{}/{}",
-            self.user, self.host, self.port, self.database
-        )
+        format!("postgres://{}@{}:{}/{}", self.user, self.host, self.port, self.database)
     }
 }
 
@@ -118,11 +98,7 @@ pub enum BackendError {
     #[error("connecting to {url} timed out")]
     Timeout { url: String },
     #[error("login to {url} failed: {message}")]
-    Login {
-        url: String,
-        code: String,
-        message: String,
-    },
+    Login { url: String, code: String, message: String },
     #[error("{0}")]
     Protocol(#[from] ProtocolError),
 }
@@ -157,10 +133,7 @@ impl Backend {
     async fn connect_inner(addr: &ShardAddress, url: &str) -> Result<Backend, BackendError> {
         let stream = TcpStream::connect((addr.host.as_str(), addr.port))
             .await
-            .map_err(|source| BackendError::Connect {
-                url: url.to_string(),
-                source,
-            })?;
+            .map_err(|source| BackendError::Connect { url: url.to_string(), source })?;
         stream.set_nodelay(true).ok();
         let mut conn = Connection::connecting(stream, 1 << 30);
         conn.send(&messages::startup_message(&[
@@ -170,13 +143,9 @@ impl Backend {
             ("client_encoding", "UTF8"),
         ]))
         .await?;
-        auth::authenticate_backend(&mut conn, &addr.user, addr.password.as_deref())
-            .await
-            .map_err(|e| BackendError::Login {
-                url: url.to_string(),
-                code: e.sqlstate().to_string(),
-                message: e.to_string(),
-            })?;
+        auth::authenticate_backend(&mut conn, &addr.user, addr.password.as_deref()).await.map_err(|e| {
+            BackendError::Login { url: url.to_string(), code: e.sqlstate().to_string(), message: e.to_string() }
+        })?;
         let mut backend = Backend {
             conn,
             pid: 0,
@@ -191,9 +160,7 @@ impl Backend {
             match m.tag() {
                 b'S' => {
                     let mut r = Reader::new(m.body(), "ParameterStatus");
-                    backend
-                        .params
-                        .push((r.cstr()?.to_string(), r.cstr()?.to_string()));
+                    backend.params.push((r.cstr()?.to_string(), r.cstr()?.to_string()));
                 }
                 b'K' => {
                     let mut r = Reader::new(m.body(), "BackendKeyData");
@@ -203,11 +170,7 @@ impl Backend {
                 b'Z' => return Ok(backend),
                 b'E' => {
                     let (code, message) = error_summary(&m);
-                    return Err(BackendError::Login {
-                        url: url.to_string(),
-                        code,
-                        message,
-                    });
+                    return Err(BackendError::Login { url: url.to_string(), code, message });
                 }
                 _ => {} // NoticeResponse and the like
             }
@@ -216,10 +179,7 @@ impl Backend {
 
     /// Runs a simple query and returns its rows as text, for the router's own
     /// housekeeping (catalog lookups). Errors come back as (SQLSTATE, message).
-    pub async fn simple_query(
-        &mut self,
-        sql: &str,
-    ) -> Result<Vec<Vec<Option<String>>>, (String, String)> {
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, (String, String)> {
         let io = |e: ProtocolError| ("08006".to_string(), e.to_string());
         self.conn.send(&messages::query(sql)).await.map_err(io)?;
         let mut rows = Vec::new();
@@ -238,11 +198,7 @@ impl Backend {
                     let n = r.i16().map_err(io)?;
                     let mut row = Vec::with_capacity(n.max(0) as usize);
                     for _ in 0..n {
-                        row.push(
-                            r.value()
-                                .map_err(io)?
-                                .map(|v| String::from_utf8_lossy(v).into_owned()),
-                        );
+                        row.push(r.value().map_err(io)?.map(|v| String::from_utf8_lossy(v).into_owned()));
                     }
                     rows.push(row);
                 }
@@ -274,9 +230,6 @@ mod tests {
         assert_eq!(redact("postgres://app:pw@h/d"), "postgres://app:***@h/d");
         assert!(ShardAddress::from_url("mysql://x").is_err());
         let d = ShardAddress::from_url("postgresql://127.0.0.1").unwrap();
-        assert_eq!(
-            (d.port, d.user.as_str(), d.database.as_str()),
-            (5432, "postgres", "postgres")
-        );
+        assert_eq!((d.port, d.user.as_str(), d.database.as_str()), (5432, "postgres", "postgres"));
     }
 }

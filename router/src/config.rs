@@ -32,6 +32,10 @@ pub struct RouterConfig {
     /// Statement texts whose analysis is cached.
     #[serde(default = "default_cache")]
     pub statement_cache_size: usize,
+    /// Password for shards added at run time (`shardgate shard add`), whose URLs
+    /// are stored without one. Never logged.
+    #[serde(default)]
+    pub shard_password: Option<String>,
     /// Users that may connect, and how they authenticate. Empty: anyone, trust.
     /// (Written as top-level `[[users]]` tables in the file.)
     #[serde(skip)]
@@ -86,23 +90,15 @@ pub enum AuthMethod {
 
 impl UserConfig {
     pub fn credential(&self) -> Result<Credential, String> {
-        let need = || {
-            format!(
-                "user {:?}: auth {:?} needs a password",
-                self.name, self.auth
-            )
-        };
+        let need = || format!("user {:?}: auth {:?} needs a password", self.name, self.auth);
         Ok(match self.auth {
             AuthMethod::Trust => Credential::Trust,
-            AuthMethod::Md5 => Credential::Md5 {
-                password: self.password.clone().ok_or_else(need)?,
-            },
+            AuthMethod::Md5 => Credential::Md5 { password: self.password.clone().ok_or_else(need)? },
             AuthMethod::ScramSha256 => {
                 let p = self.password.as_deref().ok_or_else(need)?;
                 if p.starts_with("SCRAM-SHA-256$") {
                     Credential::Scram(
-                        crate::auth::ScramSecret::parse(p)
-                            .map_err(|e| format!("user {:?}: {e}", self.name))?,
+                        crate::auth::ScramSecret::parse(p).map_err(|e| format!("user {:?}: {e}", self.name))?,
                     )
                 } else {
                     Credential::Scram(crate::auth::ScramSecret::from_password(p))
@@ -122,6 +118,7 @@ impl Default for RouterConfig {
             max_client_connections: default_max_clients(),
             pool: PoolConfig::default(),
             statement_cache_size: default_cache(),
+            shard_password: None,
             users: Vec::new(),
         }
     }
@@ -172,13 +169,8 @@ mod humantime_secs {
 /// Parses `"5s"`, `"250ms"`, `"2m"` or `"1.5"` (seconds).
 pub fn parse_duration(t: &str) -> Result<Duration, String> {
     let t = t.trim();
-    let (num, unit) = t
-        .find(|c: char| c.is_ascii_alphabetic())
-        .map_or((t, "s"), |i| t.split_at(i));
-    let n: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{t:?} is not a duration like \"5s\" or \"250ms\""))?;
+    let (num, unit) = t.find(|c: char| c.is_ascii_alphabetic()).map_or((t, "s"), |i| t.split_at(i));
+    let n: f64 = num.trim().parse().map_err(|_| format!("{t:?} is not a duration like \"5s\" or \"250ms\""))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" => n,

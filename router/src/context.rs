@@ -34,11 +34,7 @@ impl Catalog {
         self.read().get(&normalize(table)).cloned()
     }
 
-    pub fn replace(
-        &self,
-        tables: HashMap<String, Vec<String>>,
-        known: std::collections::HashSet<String>,
-    ) {
+    pub fn replace(&self, tables: HashMap<String, Vec<String>>, known: std::collections::HashSet<String>) {
         *self.sharded.write().unwrap_or_else(|p| p.into_inner()) = tables;
         *self.known.write().unwrap_or_else(|p| p.into_inner()) = known;
     }
@@ -48,17 +44,10 @@ impl Catalog {
     /// second: names that exist nowhere must not reload the catalog per query.
     pub fn needs_refresh(&self, tables: &[String]) -> bool {
         let known = self.known.read().unwrap_or_else(|p| p.into_inner());
-        let system = |t: &str| {
-            t.starts_with("pg_")
-                || t.starts_with("pg_catalog.")
-                || t.starts_with("information_schema.")
-        };
-        let unknown: Vec<String> = tables
-            .iter()
-            .filter(|t| !system(t))
-            .map(|t| normalize(t))
-            .filter(|t| !known.contains(t))
-            .collect();
+        let system =
+            |t: &str| t.starts_with("pg_") || t.starts_with("pg_catalog.") || t.starts_with("information_schema.");
+        let unknown: Vec<String> =
+            tables.iter().filter(|t| !system(t)).map(|t| normalize(t)).filter(|t| !known.contains(t)).collect();
         drop(known);
         if unknown.is_empty() {
             return false;
@@ -67,9 +56,7 @@ impl Catalog {
         let now = std::time::Instant::now();
         let mut refresh = false;
         for t in unknown {
-            let recent = looked
-                .get(&t)
-                .is_some_and(|at| now.duration_since(*at) < std::time::Duration::from_secs(1));
+            let recent = looked.get(&t).is_some_and(|at| now.duration_since(*at) < std::time::Duration::from_secs(1));
             if !recent {
                 looked.insert(t, now);
                 refresh = true;
@@ -121,6 +108,12 @@ pub struct RouterContext {
     pub server_params: Mutex<Vec<(String, String)>>,
     next_any: AtomicUsize,
     pub clients: AtomicUsize,
+    /// Login details of shards by name (with passwords) from the configuration;
+    /// shards added later log in with their URL's user and `shard_password`.
+    pub credentials: HashMap<String, ShardAddress>,
+    /// This router's directory replica and its lease, when the directory is
+    /// replicated; None for a static directory.
+    pub replica: Option<(shardgate_directory::replica::Node, std::time::Duration)>,
 }
 
 impl RouterContext {
@@ -129,6 +122,8 @@ impl RouterContext {
         directory: DirectoryHandle,
         pools: Vec<Arc<ShardPool>>,
         users: HashMap<String, Credential>,
+        credentials: HashMap<String, ShardAddress>,
+        replica: Option<(shardgate_directory::replica::Node, std::time::Duration)>,
     ) -> RouterContext {
         let key_column = directory.load().key_column.clone();
         RouterContext {
@@ -142,15 +137,52 @@ impl RouterContext {
             server_params: Mutex::new(Vec::new()),
             next_any: AtomicUsize::new(0),
             clients: AtomicUsize::new(0),
+            credentials,
+            replica,
         }
     }
 
+    /// The pool of a shard, created on first use for shards the directory gained
+    /// after start-up.
     pub fn pool(&self, shard: ShardId) -> Option<Arc<ShardPool>> {
-        self.pools
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(shard)
-            .cloned()
+        let known = self.pools.read().unwrap_or_else(|p| p.into_inner()).get(shard).cloned();
+        if known.is_some() {
+            return known;
+        }
+        let dir = self.directory.load();
+        let mut pools = self.pools.write().unwrap_or_else(|p| p.into_inner());
+        while pools.len() <= shard {
+            let s = dir.shards.get(pools.len())?;
+            let address = match self.credentials.get(&s.name) {
+                Some(a) => a.clone(),
+                None => {
+                    let mut a = ShardAddress::from_url(&s.url).ok()?;
+                    a.password = self.config.shard_password.clone();
+                    a
+                }
+            };
+            pools.push(ShardPool::new(
+                s.name.clone(),
+                address,
+                self.config.pool.size,
+                self.config.pool.queue_timeout,
+                self.config.pool.connect_timeout,
+            ));
+        }
+        pools.get(shard).cloned()
+    }
+
+    /// Why writes are refused right now: this router's replica has not heard from
+    /// the directory's quorum within its lease, so a bucket may have moved.
+    pub fn lease_expired(&self) -> Option<String> {
+        let (node, lease) = self.replica.as_ref()?;
+        if node.lease_valid(*lease) {
+            return None;
+        }
+        Some(format!(
+            "directory unreachable: this router has not heard from the directory quorum for more than {lease:?} (last applied epoch {})",
+            self.directory.load().epoch
+        ))
     }
 
     /// A shard for statements that may run anywhere (reference-table reads,
@@ -164,26 +196,15 @@ impl RouterContext {
     }
 
     pub fn set_cancel(&self, key: (i32, i32), target: Option<CancelTarget>) {
-        self.cancels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, target);
+        self.cancels.lock().unwrap_or_else(|p| p.into_inner()).insert(key, target);
     }
 
     pub fn remove_cancel(&self, key: (i32, i32)) {
-        self.cancels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&key);
+        self.cancels.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
     }
 
     pub fn cancel_target(&self, key: (i32, i32)) -> Option<CancelTarget> {
-        self.cancels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .cloned()
-            .flatten()
+        self.cancels.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned().flatten()
     }
 
     /// Reloads the list of sharded tables from the first live shard.
@@ -202,24 +223,14 @@ impl RouterContext {
              WHERE table_schema NOT IN ('pg_catalog', 'information_schema') \
              GROUP BY 1, 2"
         );
-        let rows = conn
-            .simple_query(&sql)
-            .await
-            .map_err(|(c, m)| format!("{c}: {m}"))?;
+        let rows = conn.simple_query(&sql).await.map_err(|(c, m)| format!("{c}: {m}"))?;
         let mut tables = HashMap::new();
         let mut known = std::collections::HashSet::new();
         for row in rows {
             if let [Some(schema), Some(name), Some(cols), Some(sharded)] = &row[..] {
-                let qualified = if schema == "public" {
-                    name.clone()
-                } else {
-                    format!("{schema}.{name}")
-                };
+                let qualified = if schema == "public" { name.clone() } else { format!("{schema}.{name}") };
                 if sharded == "t" {
-                    tables.insert(
-                        qualified.clone(),
-                        cols.split(',').map(str::to_string).collect(),
-                    );
+                    tables.insert(qualified.clone(), cols.split(',').map(str::to_string).collect());
                 }
                 known.insert(qualified);
             }

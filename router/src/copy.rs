@@ -48,29 +48,18 @@ pub async fn copy_in_split<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let table = info.table.clone().unwrap_or_default();
     if info.format == CopyFormat::Binary {
-        return Err(SqlError::new(
-            "0A000",
-            "COPY FROM STDIN in binary format is not split by tenant yet".into(),
-        )
-        .hint("use text or CSV format for sharded tables")
-        .into());
+        return Err(SqlError::new("0A000", "COPY FROM STDIN in binary format is not split by tenant yet".into())
+            .hint("use text or CSV format for sharded tables")
+            .into());
     }
     let columns = match &info.columns {
         Some(c) => c.clone(),
         None => ctx.catalog.columns(&table).unwrap_or_default(),
     };
-    let Some(key_pos) = columns
-        .iter()
-        .position(|c| c.eq_ignore_ascii_case(&dir.key_column))
-    else {
-        return Err(SqlError::new(
-            "23502",
-            format!(
-                "COPY into sharded table {table} must include {}",
-                dir.key_column
-            ),
-        )
-        .into());
+    let Some(key_pos) = columns.iter().position(|c| c.eq_ignore_ascii_case(&dir.key_column)) else {
+        return Err(
+            SqlError::new("23502", format!("COPY into sharded table {table} must include {}", dir.key_column)).into()
+        );
     };
 
     // Start the COPY on every live shard.
@@ -78,17 +67,9 @@ pub async fn copy_in_split<S: AsyncRead + AsyncWrite + Unpin>(
     let mut targets: Vec<(ShardId, Target)> = Vec::with_capacity(shard_ids.len());
     let mut copy_in_response: Option<Bytes> = None;
     for &s in &shard_ids {
-        let pool = ctx
-            .pool(s)
-            .ok_or_else(|| SqlError::new("XX000", format!("no pool for shard {s}")))?;
-        let mut conn = pool
-            .get()
-            .await
-            .map_err(|e| SqlError::new(e.sqlstate(), e.to_string()))?;
-        conn.conn
-            .send(&messages::query(&stmt.text))
-            .await
-            .map_err(|e| lost(&mut conn, e))?;
+        let pool = ctx.pool(s).ok_or_else(|| SqlError::new("XX000", format!("no pool for shard {s}")))?;
+        let mut conn = pool.get().await.map_err(|e| SqlError::new(e.sqlstate(), e.to_string()))?;
+        conn.conn.send(&messages::query(&stmt.text)).await.map_err(|e| lost(&mut conn, e))?;
         loop {
             let m = conn.conn.read().await.map_err(|e| lost(&mut conn, e))?;
             match m.tag() {
@@ -100,22 +81,14 @@ pub async fn copy_in_split<S: AsyncRead + AsyncWrite + Unpin>(
                     let (code, msg) = error_summary(&m);
                     drain_ready(&mut conn).await;
                     abort_all(&mut targets).await;
-                    return Err(SqlError::new(
-                        static_code(&code),
-                        format!("{msg} (on shard {})", conn.shard_name()),
-                    )
-                    .into());
+                    return Err(
+                        SqlError::new(static_code(&code), format!("{msg} (on shard {})", conn.shard_name())).into()
+                    );
                 }
                 _ => {}
             }
         }
-        targets.push((
-            s,
-            Target {
-                conn,
-                buf: BytesMut::new(),
-            },
-        ));
+        targets.push((s, Target { conn, buf: BytesMut::new() }));
     }
     let Some(resp) = copy_in_response else {
         return Err(SqlError::new("XX000", "no shard accepted the COPY".into()).into());
@@ -159,9 +132,7 @@ pub async fn copy_in_split<S: AsyncRead + AsyncWrite + Unpin>(
                             Ok(k) => dir.shard_for(&k),
                             Err(e) => {
                                 abort_all(&mut targets).await;
-                                return Err(
-                                    SqlError::new("22P02", format!("COPY {table}: {e}")).into()
-                                );
+                                return Err(SqlError::new("22P02", format!("COPY {table}: {e}")).into());
                             }
                         },
                     };
@@ -175,23 +146,16 @@ pub async fn copy_in_split<S: AsyncRead + AsyncWrite + Unpin>(
             }
             b'c' => break,
             b'f' => {
-                let reason = messages::Reader::new(m.body(), "CopyFail")
-                    .cstr()
-                    .unwrap_or("")
-                    .to_string();
+                let reason = messages::Reader::new(m.body(), "CopyFail").cstr().unwrap_or("").to_string();
                 abort_all(&mut targets).await;
-                return Err(
-                    SqlError::new("57014", format!("COPY from stdin failed: {reason}")).into(),
-                );
+                return Err(SqlError::new("57014", format!("COPY from stdin failed: {reason}")).into());
             }
             b'H' | b'S' => {}
             other => {
                 abort_all(&mut targets).await;
-                return Err(SqlError::new(
-                    "08P01",
-                    format!("unexpected message type {other} during COPY from stdin"),
-                )
-                .into());
+                return Err(
+                    SqlError::new("08P01", format!("unexpected message type {other} during COPY from stdin")).into()
+                );
             }
         }
     }
@@ -201,10 +165,7 @@ pub async fn copy_in_split<S: AsyncRead + AsyncWrite + Unpin>(
         while let Some((row, key)) = splitter.next_row() {
             let row = row.map_err(CopyError::Sql)?;
             if let Some(Some(text)) = key {
-                let k = dir
-                    .key_type
-                    .parse_text(&text)
-                    .map_err(|e| SqlError::new("22P02", e.to_string()))?;
+                let k = dir.key_type.parse_text(&text).map_err(|e| SqlError::new("22P02", e.to_string()))?;
                 let shard = dir.shard_for(&k);
                 if let Some((_, t)) = targets.iter_mut().find(|(s, _)| *s == shard) {
                     t.buf.extend_from_slice(&row);
@@ -235,14 +196,8 @@ pub async fn copy_in_split<S: AsyncRead + AsyncWrite + Unpin>(
             };
             match m.tag() {
                 b'C' => {
-                    let tag = String::from_utf8_lossy(m.body())
-                        .trim_end_matches('\0')
-                        .to_string();
-                    total += tag
-                        .rsplit(' ')
-                        .next()
-                        .and_then(|n| n.parse::<u64>().ok())
-                        .unwrap_or(0);
+                    let tag = String::from_utf8_lossy(m.body()).trim_end_matches('\0').to_string();
+                    total += tag.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
                 }
                 b'E' => {
                     let (code, msg) = error_summary(&m);
@@ -264,22 +219,13 @@ pub async fn copy_in_split<S: AsyncRead + AsyncWrite + Unpin>(
 
 fn lost(conn: &mut Pooled, e: ProtocolError) -> SqlError {
     conn.broken = true;
-    SqlError::new(
-        "08006",
-        format!("lost the connection to shard {}: {e}", conn.shard_name()),
-    )
+    SqlError::new("08006", format!("lost the connection to shard {}: {e}", conn.shard_name()))
 }
 
 /// Maps a shard's SQLSTATE text to a `'static` one for our error type.
 fn static_code(code: &str) -> &'static str {
-    const KNOWN: &[&str] = &[
-        "23505", "23502", "23503", "22P02", "22P04", "42P01", "42703", "57014", "53300", "08006",
-    ];
-    KNOWN
-        .iter()
-        .find(|k| **k == code)
-        .copied()
-        .unwrap_or("XX000")
+    const KNOWN: &[&str] = &["23505", "23502", "23503", "22P02", "22P04", "42P01", "42703", "57014", "53300", "08006"];
+    KNOWN.iter().find(|k| **k == code).copied().unwrap_or("XX000")
 }
 
 async fn send_buf(t: &mut Target) -> Result<(), SqlError> {
@@ -309,9 +255,7 @@ async fn drain_ready(conn: &mut Pooled) {
 /// Ends the COPY on every shard without applying it.
 async fn abort_all(targets: &mut Vec<(ShardId, Target)>) {
     for (_, t) in targets.iter_mut() {
-        t.conn
-            .conn
-            .queue(&Builder::new(b'f').cstr("aborted by shardgate").finish());
+        t.conn.conn.queue(&Builder::new(b'f').cstr("aborted by shardgate").finish());
         if t.conn.conn.flush().await.is_err() {
             t.conn.broken = true;
             continue;
@@ -362,11 +306,7 @@ impl RowSplitter {
         if line == b"\\." {
             return Some((Ok(Bytes::new()), None));
         }
-        let key = if self.csv {
-            self.csv_field(line)
-        } else {
-            self.text_field(line)
-        };
+        let key = if self.csv { self.csv_field(line) } else { self.text_field(line) };
         match key {
             Ok(k) => Some((Ok(row), Some(k))),
             Err(e) => Some((Err(e), Some(None))),
@@ -389,10 +329,7 @@ impl RowSplitter {
     }
 
     fn missing(&self) -> SqlError {
-        SqlError::new(
-            "22P04",
-            format!("missing data for column {} of a COPY row", self.key_pos + 1),
-        )
+        SqlError::new("22P04", format!("missing data for column {} of a COPY row", self.key_pos + 1))
     }
 
     fn text_field(&self, line: &[u8]) -> Result<Option<String>, SqlError> {
@@ -480,14 +417,7 @@ mod tests {
     use super::*;
 
     fn info(format: CopyFormat) -> CopyInfo {
-        CopyInfo {
-            from_stdin: true,
-            table: Some("t".into()),
-            columns: None,
-            format,
-            delimiter: None,
-            header: false,
-        }
+        CopyInfo { from_stdin: true, table: Some("t".into()), columns: None, format, delimiter: None, header: false }
     }
 
     #[test]

@@ -14,11 +14,7 @@ pub struct SqlError {
 
 impl SqlError {
     pub fn new(code: &'static str, message: String) -> SqlError {
-        SqlError {
-            code,
-            message,
-            hint: None,
-        }
+        SqlError { code, message, hint: None }
     }
 
     pub fn hint(mut self, hint: impl Into<String>) -> SqlError {

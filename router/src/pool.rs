@@ -24,10 +24,9 @@ impl PoolError {
     pub fn sqlstate(&self) -> &'static str {
         match self {
             PoolError::QueueTimeout { .. } => "53300",
-            PoolError::Unavailable {
-                source: BackendError::Login { code, .. },
-                ..
-            } if code.starts_with("28") => "08004",
+            PoolError::Unavailable { source: BackendError::Login { code, .. }, .. } if code.starts_with("28") => {
+                "08004"
+            }
             PoolError::Unavailable { .. } => "08006",
         }
     }
@@ -63,35 +62,18 @@ impl ShardPool {
 
     /// Borrows a connection: an idle one if there is one, else a new one.
     pub async fn get(self: &Arc<Self>) -> Result<Pooled, PoolError> {
-        let permit = match tokio::time::timeout(
-            self.queue_timeout,
-            self.slots.clone().acquire_owned(),
-        )
-        .await
-        {
+        let permit = match tokio::time::timeout(self.queue_timeout, self.slots.clone().acquire_owned()).await {
             Ok(Ok(p)) => p,
-            _ => {
-                return Err(PoolError::QueueTimeout {
-                    shard: self.name.clone(),
-                    waited: self.queue_timeout,
-                })
-            }
+            _ => return Err(PoolError::QueueTimeout { shard: self.name.clone(), waited: self.queue_timeout }),
         };
         let idle = self.lock_idle().pop();
         let backend = match idle {
             Some(b) => b,
             None => Backend::connect(&self.address, self.connect_timeout)
                 .await
-                .map_err(|source| PoolError::Unavailable {
-                    shard: self.name.clone(),
-                    source,
-                })?,
+                .map_err(|source| PoolError::Unavailable { shard: self.name.clone(), source })?,
         };
-        Ok(Pooled {
-            backend: Some(backend),
-            pool: self.clone(),
-            _permit: permit,
-        })
+        Ok(Pooled { backend: Some(backend), pool: self.clone(), _permit: permit })
     }
 
     fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Backend>> {

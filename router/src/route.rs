@@ -53,19 +53,14 @@ pub fn route(
     catalog: &Catalog,
     rules: &Rules,
 ) -> Result<Target, SqlError> {
-    let sharded: Vec<&String> = stmt
-        .tables
-        .iter()
-        .filter(|t| catalog.is_sharded(t))
-        .collect();
+    let sharded: Vec<&String> = stmt.tables.iter().filter(|t| catalog.is_sharded(t)).collect();
     let writes_sharded = stmt.written.iter().any(|t| catalog.is_sharded(t));
     let key_col = &dir.key_column;
     match &stmt.kind {
         StatementKind::Ddl => Ok(Target::All),
-        StatementKind::Txn(_)
-        | StatementKind::Session
-        | StatementKind::SetVar(_)
-        | StatementKind::SetTenant(_) => Ok(Target::Any),
+        StatementKind::Txn(_) | StatementKind::Session | StatementKind::SetVar(_) | StatementKind::SetTenant(_) => {
+            Ok(Target::Any)
+        }
         StatementKind::Copy(c) if c.from_stdin => {
             if writes_sharded {
                 Ok(Target::CopySplit)
@@ -82,10 +77,7 @@ pub fn route(
                 let Some(pos) = columns.iter().position(|c| c.eq_ignore_ascii_case(key_col)) else {
                     return Err(SqlError::new(
                         "23502",
-                        format!(
-                            "INSERT into sharded table {} does not set {key_col}",
-                            ins.table
-                        ),
+                        format!("INSERT into sharded table {} does not set {key_col}", ins.table),
                     )
                     .hint(format!("every row of a sharded table needs a {key_col}")));
                 };
@@ -98,10 +90,7 @@ pub fn route(
                         )
                     })?;
                     let key = resolve(expr, params, dir.key_type)?.ok_or_else(|| {
-                        SqlError::new(
-                            "23502",
-                            format!("{key_col} must not be NULL in a sharded table"),
-                        )
+                        SqlError::new("23502", format!("{key_col} must not be NULL in a sharded table"))
                     })?;
                     let shard = dir.shard_for(&key);
                     match by_shard.iter_mut().find(|(s, _)| *s == shard) {
@@ -125,10 +114,7 @@ pub fn route(
                 Ok(Target::All)
             } else {
                 // Writes a reference table while reading a sharded one.
-                Err(SqlError::new(
-                    "0A000",
-                    "a write to a reference table cannot read sharded tables".to_string(),
-                ))
+                Err(SqlError::new("0A000", "a write to a reference table cannot read sharded tables".to_string()))
             }
         }
         StatementKind::Select | StatementKind::Copy(_) | StatementKind::Other => {
@@ -166,11 +152,7 @@ fn single_or(
             _ if write && !rules.allow_cross_shard_writes => {
                 return Err(SqlError::new(
                     "0A000",
-                    format!(
-                        "this {} touches tenants on {} shards",
-                        verb(stmt),
-                        shards.len()
-                    ),
+                    format!("this {} touches tenants on {} shards", verb(stmt), shards.len()),
                 )
                 .hint("write one tenant per statement, or set allow_cross_shard_writes = true"))
             }
@@ -181,35 +163,18 @@ fn single_or(
         return Ok(Target::Shard(dir.shard_for(k)));
     }
     if rules.strict_tenant {
-        return Err(SqlError::new(
-            "42P10",
-            format!(
-                "strict_tenant is on and this {} names no {key_col}",
-                verb(stmt)
-            ),
-        )
-        .hint(format!(
-            "add WHERE {key_col} = …, a /* {key_col}=… */ comment, or SET shardgate.tenant = …"
-        )));
+        return Err(SqlError::new("42P10", format!("strict_tenant is on and this {} names no {key_col}", verb(stmt)))
+            .hint(format!("add WHERE {key_col} = …, a /* {key_col}=… */ comment, or SET shardgate.tenant = …")));
     }
     if write && !rules.allow_cross_shard_writes {
         return Err(SqlError::new(
             "0A000",
-            format!(
-                "{} on a sharded table without {key_col} would touch every shard",
-                verb(stmt)
-            ),
+            format!("{} on a sharded table without {key_col} would touch every shard", verb(stmt)),
         )
-        .hint(format!(
-            "add WHERE {key_col} = …, or set allow_cross_shard_writes = true to allow it"
-        )));
+        .hint(format!("add WHERE {key_col} = …, or set allow_cross_shard_writes = true to allow it")));
     }
     let all: Vec<ShardId> = dir.live_shards().map(|(i, _)| i).collect();
-    Ok(if write {
-        Target::All
-    } else {
-        Target::Fanout(all)
-    })
+    Ok(if write { Target::All } else { Target::Fanout(all) })
 }
 
 fn verb(stmt: &Statement) -> &'static str {
@@ -224,19 +189,9 @@ fn verb(stmt: &Statement) -> &'static str {
 }
 
 /// The tenant key an expression stands for in this execution; `None` for NULL.
-pub fn resolve(
-    e: &KeyExpr,
-    params: Option<&Params<'_>>,
-    key_type: KeyType,
-) -> Result<Option<TenantKey>, SqlError> {
+pub fn resolve(e: &KeyExpr, params: Option<&Params<'_>>, key_type: KeyType) -> Result<Option<TenantKey>, SqlError> {
     let bad = |v: &str| {
-        SqlError::new(
-            "22P02",
-            format!(
-                "invalid input syntax for tenant key of type {}: \"{v}\"",
-                key_type.sql_name()
-            ),
-        )
+        SqlError::new("22P02", format!("invalid input syntax for tenant key of type {}: \"{v}\"", key_type.sql_name()))
     };
     match e {
         KeyExpr::Literal(l) => {
@@ -248,19 +203,12 @@ pub fn resolve(
         }
         KeyExpr::Param(i) => {
             let Some(p) = params else {
-                return Err(SqlError::new(
-                    "08P01",
-                    format!("there is no parameter ${}", i + 1),
-                ));
+                return Err(SqlError::new("08P01", format!("there is no parameter ${}", i + 1)));
             };
             let Some(value) = p.values.get(*i) else {
                 return Err(SqlError::new(
                     "08P01",
-                    format!(
-                        "bind message supplies {} parameters, but the statement uses ${}",
-                        p.values.len(),
-                        i + 1
-                    ),
+                    format!("bind message supplies {} parameters, but the statement uses ${}", p.values.len(), i + 1),
                 ));
             };
             let Some(value) = value else { return Ok(None) };
@@ -288,10 +236,7 @@ fn binary_key(v: &[u8], type_oid: i32, key_type: KeyType) -> Result<TenantKey, S
     let bad = || {
         SqlError::new(
             "22P03",
-            format!(
-                "cannot read a binary {}-byte parameter (type oid {type_oid}) as a tenant key",
-                v.len()
-            ),
+            format!("cannot read a binary {}-byte parameter (type oid {type_oid}) as a tenant key", v.len()),
         )
     };
     let key = match (type_oid, v.len()) {

@@ -43,11 +43,10 @@ impl RouterHandle {
 /// Errors starting a router.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot listen on {addr}: {source}; is another process using the port? choose another with --port or listen")]
-    Listen {
-        addr: String,
-        source: std::io::Error,
-    },
+    #[error(
+        "cannot listen on {addr}: {source}; is another process using the port? choose another with --port or listen"
+    )]
+    Listen { addr: String, source: std::io::Error },
     #[error("{0}")]
     Config(String),
 }
@@ -59,11 +58,30 @@ pub async fn start(
     directory: DirectoryHandle,
     shard_addresses: Vec<ShardAddress>,
 ) -> Result<RouterHandle, StartError> {
+    start_with(config, directory, shard_addresses, None).await
+}
+
+/// Starts a router that reads its directory from a local replica and refuses
+/// writes when the replica's lease has run out.
+pub async fn start_replicated(
+    config: RouterConfig,
+    node: shardgate_directory::replica::Node,
+    lease: std::time::Duration,
+    shard_addresses: Vec<ShardAddress>,
+) -> Result<RouterHandle, StartError> {
+    let handle = node.directory();
+    start_with(config, handle, shard_addresses, Some((node, lease))).await
+}
+
+async fn start_with(
+    config: RouterConfig,
+    directory: DirectoryHandle,
+    shard_addresses: Vec<ShardAddress>,
+    replica: Option<(shardgate_directory::replica::Node, std::time::Duration)>,
+) -> Result<RouterHandle, StartError> {
     let dir = directory.load();
-    if dir.shards.len() != shard_addresses.len() {
-        return Err(StartError::Config(
-            "every shard of the directory needs an address".into(),
-        ));
+    if shard_addresses.len() > dir.shards.len() {
+        return Err(StartError::Config("more shard addresses than shards in the directory".into()));
     }
     let pools = dir
         .shards
@@ -78,23 +96,23 @@ pub async fn start(
                 config.pool.connect_timeout,
             )
         })
-        .collect();
+        .collect::<Vec<_>>();
     let mut users = HashMap::new();
     for u in &config.users {
         users.insert(u.name.clone(), u.credential().map_err(StartError::Config)?);
     }
-    let listener =
-        TcpListener::bind(&config.listen)
-            .await
-            .map_err(|source| StartError::Listen {
-                addr: config.listen.clone(),
-                source,
-            })?;
-    let local_addr = listener.local_addr().map_err(|source| StartError::Listen {
-        addr: config.listen.clone(),
-        source,
-    })?;
-    let ctx = Arc::new(RouterContext::new(config, directory, pools, users));
+    let listener = TcpListener::bind(&config.listen)
+        .await
+        .map_err(|source| StartError::Listen { addr: config.listen.clone(), source })?;
+    let local_addr =
+        listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen.clone(), source })?;
+    let credentials = dir
+        .shards
+        .iter()
+        .zip(pools.iter())
+        .map(|(s, p): (_, &Arc<ShardPool>)| (s.name.clone(), p.address.clone()))
+        .collect();
+    let ctx = Arc::new(RouterContext::new(config, directory, pools, users, credentials, replica));
     if let Err(e) = ctx.refresh_catalog().await {
         warn!(error = %e, "could not load the table catalog yet; every table counts as a reference table until a shard answers");
     }
@@ -102,12 +120,7 @@ pub async fn start(
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(accept_loop(listener, ctx.clone(), stopped));
     info!(%local_addr, "router listening");
-    Ok(RouterHandle {
-        local_addr,
-        context: ctx,
-        stop,
-        task,
-    })
+    Ok(RouterHandle { local_addr, context: ctx, stop, task })
 }
 
 async fn load_server_params(ctx: &RouterContext) {
@@ -127,21 +140,12 @@ async fn load_server_params(ctx: &RouterContext) {
             "standard_conforming_strings",
             "TimeZone",
         ];
-        let params = conn
-            .params
-            .iter()
-            .filter(|(k, _)| keep.contains(&k.as_str()))
-            .cloned()
-            .collect();
+        let params = conn.params.iter().filter(|(k, _)| keep.contains(&k.as_str())).cloned().collect();
         *ctx.server_params.lock().unwrap_or_else(|p| p.into_inner()) = params;
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    ctx: Arc<RouterContext>,
-    mut stopped: watch::Receiver<bool>,
-) {
+async fn accept_loop(listener: TcpListener, ctx: Arc<RouterContext>, mut stopped: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = stopped.changed() => return,
@@ -187,18 +191,8 @@ async fn handle_client(stream: TcpStream, ctx: Arc<RouterContext>) -> Result<(),
                 return Ok(());
             }
             Startup::Unsupported(v) => {
-                let msg = format!(
-                    "unsupported frontend protocol {}.{}: server supports 3.0",
-                    v >> 16,
-                    v & 0xffff
-                );
-                conn.send(&messages::error_response(
-                    Severity::Fatal,
-                    "0A000",
-                    &msg,
-                    None,
-                ))
-                .await?;
+                let msg = format!("unsupported frontend protocol {}.{}: server supports 3.0", v >> 16, v & 0xffff);
+                conn.send(&messages::error_response(Severity::Fatal, "0A000", &msg, None)).await?;
                 return Ok(());
             }
             Startup::Params(p) => break p,
@@ -207,20 +201,10 @@ async fn handle_client(stream: TcpStream, ctx: Arc<RouterContext>) -> Result<(),
     conn.end_startup_phase();
     let slot = ClientSlot(ctx.clone());
     if ctx.clients.fetch_add(1, Ordering::Relaxed) >= ctx.config.max_client_connections {
-        conn.send(&messages::error_response(
-            Severity::Fatal,
-            "53300",
-            "sorry, too many clients already",
-            None,
-        ))
-        .await?;
+        conn.send(&messages::error_response(Severity::Fatal, "53300", "sorry, too many clients already", None)).await?;
         return Ok(());
     }
-    let user = params
-        .iter()
-        .find(|(k, _)| k == "user")
-        .map(|(_, v)| v.clone())
-        .unwrap_or_default();
+    let user = params.iter().find(|(k, _)| k == "user").map(|(_, v)| v.clone()).unwrap_or_default();
     if user.is_empty() {
         conn.send(&messages::error_response(
             Severity::Fatal,
@@ -231,20 +215,10 @@ async fn handle_client(stream: TcpStream, ctx: Arc<RouterContext>) -> Result<(),
         .await?;
         return Ok(());
     }
-    let credential = if ctx.users.is_empty() {
-        Some(&Credential::Trust)
-    } else {
-        ctx.users.get(&user)
-    };
+    let credential = if ctx.users.is_empty() { Some(&Credential::Trust) } else { ctx.users.get(&user) };
     let Some(credential) = credential else {
         let msg = format!("password authentication failed for user \"{user}\"");
-        conn.send(&messages::error_response(
-            Severity::Fatal,
-            "28P01",
-            &msg,
-            None,
-        ))
-        .await?;
+        conn.send(&messages::error_response(Severity::Fatal, "28P01", &msg, None)).await?;
         return Ok(());
     };
     if let Err(e) = auth::authenticate_client(&mut conn, &user, credential).await {
@@ -252,35 +226,18 @@ async fn handle_client(stream: TcpStream, ctx: Arc<RouterContext>) -> Result<(),
             "28P01" => format!("password authentication failed for user \"{user}\""),
             _ => e.to_string(),
         };
-        let _ = conn
-            .send(&messages::error_response(
-                Severity::Fatal,
-                e.sqlstate(),
-                &msg,
-                None,
-            ))
-            .await;
+        let _ = conn.send(&messages::error_response(Severity::Fatal, e.sqlstate(), &msg, None)).await;
         return Ok(());
     }
     conn.queue(&messages::auth_ok());
-    let server_params = ctx
-        .server_params
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let server_params = ctx.server_params.lock().unwrap_or_else(|p| p.into_inner()).clone();
     for (k, v) in &server_params {
         conn.queue(&messages::parameter_status(k, v));
     }
     if !server_params.iter().any(|(k, _)| k == "server_version") {
-        conn.queue(&messages::parameter_status(
-            "server_version",
-            "15.0 (shardgate)",
-        ));
+        conn.queue(&messages::parameter_status("server_version", "15.0 (shardgate)"));
         conn.queue(&messages::parameter_status("client_encoding", "UTF8"));
-        conn.queue(&messages::parameter_status(
-            "standard_conforming_strings",
-            "on",
-        ));
+        conn.queue(&messages::parameter_status("standard_conforming_strings", "on"));
         conn.queue(&messages::parameter_status("integer_datetimes", "on"));
         conn.queue(&messages::parameter_status("DateStyle", "ISO, MDY"));
     }
@@ -311,9 +268,7 @@ async fn forward_cancel(ctx: &RouterContext, pid: i32, key: i32) {
     match TcpStream::connect((target.address.host.as_str(), target.address.port)).await {
         Ok(stream) => {
             let mut c = Connection::connecting(stream, 1024);
-            let _ = c
-                .send(&messages::cancel_request(target.pid, target.secret))
-                .await;
+            let _ = c.send(&messages::cancel_request(target.pid, target.secret)).await;
         }
         Err(e) => warn!(error = %e, "could not forward a cancel request"),
     }

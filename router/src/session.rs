@@ -24,9 +24,7 @@ use tracing::{debug, warn};
 use crate::context::{CancelTarget, RouterContext};
 use crate::error::SqlError;
 use crate::pool::Pooled;
-use crate::protocol::messages::{
-    self, error_summary, query_text, target_and_name, Bind, Parse, Severity,
-};
+use crate::protocol::messages::{self, error_summary, query_text, target_and_name, Bind, Parse, Severity};
 use crate::protocol::{Connection, Message, ProtocolError};
 use crate::route::{self, Params, Rules, Target};
 use crate::sql::{Analysis, SettingChange, Statement, StatementKind, TxnControl};
@@ -155,11 +153,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     fn set_startup(&mut self, name: &str, value: &str) {
         let name = name.to_ascii_lowercase();
-        if name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
-            && !name.is_empty()
-        {
+        if name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') && !name.is_empty() {
             let text = format!("SET {name} TO '{}'", value.replace('\'', "''"));
             self.settings.insert(name, text);
         }
@@ -252,11 +246,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Err(ProtocolError::Closed) => return Ok(()),
                 Err(e @ ProtocolError::Io(_)) => return Err(e.into()),
                 Err(e) => {
-                    let code = if matches!(e, ProtocolError::TooLarge { .. }) {
-                        "54000"
-                    } else {
-                        "08P01"
-                    };
+                    let code = if matches!(e, ProtocolError::TooLarge { .. }) { "54000" } else { "08P01" };
                     let msg = messages::error_response(Severity::Fatal, code, &e.to_string(), None);
                     let _ = self.client.send(&msg).await;
                     return Err(e.into());
@@ -282,10 +272,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         None,
                     );
                     let _ = self.client.send(&msg).await;
-                    return Err(ProtocolError::Malformed {
-                        what: "frontend message",
-                    }
-                    .into());
+                    return Err(ProtocolError::Malformed { what: "frontend message" }.into());
                 }
             }
         }
@@ -296,11 +283,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn simple_query(&mut self, m: &Message) -> Result<(), SessionError> {
         let sql = match query_text(m) {
             Ok(s) => s.to_string(),
-            Err(e) => {
-                return self
-                    .fail_simple(SqlError::new("08P01", e.to_string()))
-                    .await
-            }
+            Err(e) => return self.fail_simple(SqlError::new("08P01", e.to_string())).await,
         };
         let analysis = match self.ctx.cache.get(&sql) {
             Ok(a) => a,
@@ -316,6 +299,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if analysis.statements.is_empty() {
             self.client.queue(&messages::empty_query_response());
             return self.ready().await;
+        }
+        if let Some(e) = self.lease_check(&analysis) {
+            return self.fail_simple(e).await;
         }
         if self.multi.is_some() {
             return self.multi_query(&sql, &analysis).await;
@@ -338,44 +324,58 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Err(e) => return self.fail_simple(e).await,
         };
         match target {
-            Target::Shard(s) => {
-                self.forward_simple(s, m.raw().clone(), Some(&analysis))
-                    .await
-            }
+            Target::Shard(s) => self.forward_simple(s, m.raw().clone(), Some(&analysis)).await,
             Target::Any => {
                 let s = self.any_shard();
-                self.forward_simple(s, m.raw().clone(), Some(&analysis))
-                    .await
+                self.forward_simple(s, m.raw().clone(), Some(&analysis)).await
             }
             Target::All if self.pending_begin.is_some() || leaves_transaction_open(&analysis) => {
                 self.open_multi(&sql, &analysis).await
             }
             Target::All => self.run_everywhere(&sql, &analysis).await,
-            Target::Fanout(shards)
-                if matches!(analysis.statements[0].kind, StatementKind::Copy(_)) =>
-            {
-                self.run_copy_out_fanout(&analysis.statements[0], shards)
-                    .await
+            Target::Fanout(shards) if matches!(analysis.statements[0].kind, StatementKind::Copy(_)) => {
+                self.run_copy_out_fanout(&analysis.statements[0], shards).await
             }
             Target::Fanout(shards) => self.run_fanout(&analysis.statements[0], shards).await,
-            Target::SplitInsert(parts) => {
-                self.run_split_insert(&analysis.statements[0], parts).await
-            }
-            Target::CopySplit => {
-                self.run_copy_split(&analysis.statements[0], m.raw().clone())
-                    .await
-            }
+            Target::SplitInsert(parts) => self.run_split_insert(&analysis.statements[0], parts).await,
+            Target::CopySplit => self.run_copy_split(&analysis.statements[0], m.raw().clone()).await,
         }
+    }
+
+    /// With the directory out of reach past the lease, writes are refused (the
+    /// bucket may have moved) and reads go on from the last known placement, with
+    /// a NOTICE saying so.
+    fn lease_check(&mut self, analysis: &Analysis) -> Option<SqlError> {
+        let why = self.ctx.lease_expired()?;
+        let writes = analysis.statements.iter().any(|s| {
+            !matches!(
+                s.kind,
+                StatementKind::Select
+                    | StatementKind::Txn(_)
+                    | StatementKind::Session
+                    | StatementKind::SetVar(_)
+                    | StatementKind::SetTenant(_)
+            ) && !matches!(&s.kind, StatementKind::Copy(c) if !c.from_stdin)
+        });
+        if writes {
+            return Some(
+                SqlError::new("57P03", why)
+                    .hint("writes resume by themselves when the directory is reachable again; check `shardgate status` and the network between the nodes"),
+            );
+        }
+        self.client.queue(&messages::error_response(
+            Severity::Notice,
+            "01000",
+            &format!("{why}; this read uses the last known placement"),
+            None,
+        ));
+        None
     }
 
     /// Reloads the table catalog when a statement names a table it has not seen
     /// (created by another router, or straight on the shards).
     async fn ensure_catalog(&self, analysis: &Analysis) {
-        if analysis
-            .statements
-            .iter()
-            .any(|s| self.ctx.catalog.needs_refresh(&s.tables))
-        {
+        if analysis.statements.iter().any(|s| self.ctx.catalog.needs_refresh(&s.tables)) {
             if let Err(e) = self.ctx.refresh_catalog().await {
                 warn!(error = %e, "could not refresh the table catalog");
             }
@@ -396,32 +396,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Statements the router answers itself. Returns the command tag (or an error
     /// to report) when handled, None when the statement must go to a shard.
     #[allow(clippy::type_complexity)]
-    fn local_statement(
-        &mut self,
-        stmt: &Statement,
-    ) -> Result<Option<Result<String, SqlError>>, SessionError> {
+    fn local_statement(&mut self, stmt: &Statement) -> Result<Option<Result<String, SqlError>>, SessionError> {
         Ok(match &stmt.kind {
             StatementKind::SetTenant(value) => {
                 let dir = self.ctx.directory.load();
                 match value {
                     None => {
                         self.tenant = None;
-                        Some(Ok(if stmt.text.to_ascii_lowercase().starts_with("reset") {
-                            "RESET"
-                        } else {
-                            "SET"
-                        }
-                        .into()))
+                        Some(Ok(
+                            if stmt.text.to_ascii_lowercase().starts_with("reset") { "RESET" } else { "SET" }.into()
+                        ))
                     }
                     Some(v) => match dir.key_type.parse_text(v) {
                         Ok(k) => {
                             self.tenant = Some(k);
                             Some(Ok("SET".into()))
                         }
-                        Err(e) => Some(Err(SqlError::new(
-                            "22023",
-                            format!("invalid value for shardgate.tenant: {e}"),
-                        ))),
+                        Err(e) => Some(Err(SqlError::new("22023", format!("invalid value for shardgate.tenant: {e}")))),
                     },
                 }
             }
@@ -439,18 +430,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 Some(Ok("BEGIN".into()))
             }
-            StatementKind::Txn(TxnControl::Savepoint)
-                if self.bound.is_none() && self.pending_begin.is_some() =>
-            {
+            StatementKind::Txn(TxnControl::Savepoint) if self.bound.is_none() && self.pending_begin.is_some() => {
                 if let Some(p) = &mut self.pending_begin {
                     p.push(stmt.text.clone());
                 }
-                let first = stmt
-                    .text
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("SAVEPOINT")
-                    .to_ascii_uppercase();
+                let first = stmt.text.split_whitespace().next().unwrap_or("SAVEPOINT").to_ascii_uppercase();
                 Some(Ok(first))
             }
             StatementKind::Txn(TxnControl::Commit | TxnControl::Rollback)
@@ -466,10 +450,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// In a transaction that failed in the router: only its end is accepted.
     async fn in_aborted_txn(&mut self, stmt: &Statement) -> Result<(), SessionError> {
-        if matches!(
-            stmt.kind,
-            StatementKind::Txn(TxnControl::Commit | TxnControl::Rollback)
-        ) {
+        if matches!(stmt.kind, StatementKind::Txn(TxnControl::Commit | TxnControl::Rollback)) {
             self.aborted_locally = false;
             self.pending_begin = None;
             if let Some(mut b) = self.bound.take() {
@@ -492,22 +473,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// Routes every statement of a query string (or a batch) to one target.
-    fn route_all(
-        &self,
-        analysis: &Analysis,
-        params: Option<&Params<'_>>,
-    ) -> Result<Target, SqlError> {
+    fn route_all(&self, analysis: &Analysis, params: Option<&Params<'_>>) -> Result<Target, SqlError> {
         let dir = self.ctx.directory.load();
         let rules = Rules {
             strict_tenant: self.ctx.config.strict_tenant,
             allow_cross_shard_writes: self.ctx.config.allow_cross_shard_writes,
         };
         let comment_key = match &analysis.comment_key {
-            Some(v) => Some(
-                dir.key_type
-                    .parse_text(v)
-                    .map_err(|e| SqlError::new("22P02", e.to_string()))?,
-            ),
+            Some(v) => Some(dir.key_type.parse_text(v).map_err(|e| SqlError::new("22P02", e.to_string()))?),
             None => None,
         };
         let fallback = comment_key.as_ref().or(self.tenant.as_ref());
@@ -522,20 +495,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 (Some(Target::Shard(a)), Target::Shard(b)) if a == b => Target::Shard(a),
                 (Some(Target::All), Target::All) => Target::All,
                 (Some(Target::Shard(a)), Target::Shard(b)) => {
-                    let name = |s: ShardId| {
-                        dir.shards
-                            .get(s)
-                            .map(|x| x.name.clone())
-                            .unwrap_or_default()
-                    };
+                    let name = |s: ShardId| dir.shards.get(s).map(|x| x.name.clone()).unwrap_or_default();
                     return Err(SqlError::new(
                         "0A000",
                         if self.bound.is_some() {
-                            format!(
-                                "this transaction runs on shard {} and cannot touch shard {}",
-                                name(a),
-                                name(b)
-                            )
+                            format!("this transaction runs on shard {} and cannot touch shard {}", name(a), name(b))
                         } else {
                             format!("these statements touch shards {} and {}", name(a), name(b))
                         },
@@ -545,8 +509,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 (Some(Target::Shard(_)), Target::Fanout(_)) if self.bound.is_some() => {
                     return Err(SqlError::new(
                         "0A000",
-                        "a transaction is bound to one shard; this read would need every shard"
-                            .into(),
+                        "a transaction is bound to one shard; this read would need every shard".into(),
                     )
                     .hint("name the tenant in the query, or run it outside the transaction"));
                 }
@@ -565,16 +528,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if several && !matches!(combined, Some(Target::Shard(_) | Target::Any | Target::All)) {
                 return Err(SqlError::new(
                     "0A000",
-                    "a query string of several statements cannot include a cross-shard statement"
-                        .into(),
+                    "a query string of several statements cannot include a cross-shard statement".into(),
                 )
                 .hint("send the cross-shard statement on its own"));
             }
         }
         let target = combined.unwrap_or(Target::Any);
-        if self.pending_begin.is_some()
-            && matches!(target, Target::SplitInsert(_) | Target::CopySplit)
-        {
+        if self.pending_begin.is_some() && matches!(target, Target::SplitInsert(_) | Target::CopySplit) {
             return Err(SqlError::new(
                 "0A000",
                 "statements for several shards (DDL, cross-shard writes) cannot run inside a transaction block".into(),
@@ -607,10 +567,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     };
                     let begun = match begun {
                         Ok((_, None)) => Ok(()),
-                        Ok((_, Some(err))) => Err(SqlError::new(
-                            "XX000",
-                            messages::error_summary(&Message::from_raw(err)).1,
-                        )),
+                        Ok((_, Some(err))) => {
+                            Err(SqlError::new("XX000", messages::error_summary(&Message::from_raw(err)).1))
+                        }
                         Err(e) => Err(e),
                     };
                     if let Err(e) = begun {
@@ -629,9 +588,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         b.conn.broken = true;
                     }
                     self.aborted_locally = true;
-                    return self
-                        .fail_simple(SqlError::new(e.sqlstate(), e.to_string()))
-                        .await;
+                    return self.fail_simple(SqlError::new(e.sqlstate(), e.to_string())).await;
                 }
             }
         }
@@ -647,8 +604,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if single {
             match &first.kind {
                 StatementKind::Txn(TxnControl::Commit | TxnControl::Rollback) => {
-                    let commit = matches!(first.kind, StatementKind::Txn(TxnControl::Commit))
-                        && !self.multi_failed;
+                    let commit = matches!(first.kind, StatementKind::Txn(TxnControl::Commit)) && !self.multi_failed;
                     return self.end_multi(commit).await;
                 }
                 StatementKind::Txn(TxnControl::Begin) => {
@@ -685,11 +641,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let bound_shards: Vec<ShardId> = self.multi.iter().flatten().map(|b| b.shard).collect();
         let target = self.route_multi(analysis, &dir);
         let run_on: Vec<usize> = match target {
-            Ok(Target::Shard(s)) => bound_shards
-                .iter()
-                .position(|&x| x == s)
-                .into_iter()
-                .collect(),
+            Ok(Target::Shard(s)) => bound_shards.iter().position(|&x| x == s).into_iter().collect(),
             Ok(Target::Any) => vec![0],
             Ok(Target::All) => (0..bound_shards.len()).collect(),
             Ok(_) => {
@@ -716,11 +668,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         for i in run_on {
             let b = &mut bounds[i];
-            let name = dir
-                .shards
-                .get(b.shard)
-                .map(|s| s.name.clone())
-                .unwrap_or_default();
+            let name = dir.shards.get(b.shard).map(|s| s.name.clone()).unwrap_or_default();
             match collect(&mut b.conn, sql, None, true).await {
                 Ok((reply, None)) => {
                     first_reply.get_or_insert(reply);
@@ -747,25 +695,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.ready().await
     }
 
-    fn route_multi(
-        &self,
-        analysis: &Analysis,
-        dir: &shardgate_directory::Directory,
-    ) -> Result<Target, SqlError> {
+    fn route_multi(&self, analysis: &Analysis, dir: &shardgate_directory::Directory) -> Result<Target, SqlError> {
         let rules = Rules {
             strict_tenant: self.ctx.config.strict_tenant,
             allow_cross_shard_writes: self.ctx.config.allow_cross_shard_writes,
         };
         let mut target = Target::Any;
         for stmt in &analysis.statements {
-            let t = route::route(
-                stmt,
-                None,
-                self.tenant.as_ref(),
-                dir,
-                &self.ctx.catalog,
-                &rules,
-            )?;
+            let t = route::route(stmt, None, self.tenant.as_ref(), dir, &self.ctx.catalog, &rules)?;
             target = match (target, t) {
                 (Target::Any, t) | (t, Target::Any) => t,
                 (Target::Shard(a), Target::Shard(b)) if a == b => Target::Shard(a),
@@ -787,28 +724,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut failure: Option<Bytes> = None;
         let mut ddl = false;
         for mut b in bounds {
-            let name = dir
-                .shards
-                .get(b.shard)
-                .map(|s| s.name.clone())
-                .unwrap_or_default();
+            let name = dir.shards.get(b.shard).map(|s| s.name.clone()).unwrap_or_default();
             let sql = if failure.is_some() { "ROLLBACK" } else { sql };
             match collect(&mut b.conn, sql, None, true).await {
                 Ok((reply, None)) => {
                     // A failed transaction answers COMMIT with ROLLBACK.
-                    let rolled_back = reply.iter().any(|m| {
-                        m.first() == Some(&b'C') && m.windows(8).any(|w| w == b"ROLLBACK")
-                    });
+                    let rolled_back =
+                        reply.iter().any(|m| m.first() == Some(&b'C') && m.windows(8).any(|w| w == b"ROLLBACK"));
                     if commit && sql == "COMMIT" && !rolled_back {
                         committed.push(name);
                         ddl = true;
                     } else if commit && sql == "COMMIT" && failure.is_none() {
                         failure = Some(
-                            SqlError::new(
-                                "40000",
-                                format!("the transaction was rolled back on shard {name}"),
-                            )
-                            .to_message(Severity::Error),
+                            SqlError::new("40000", format!("the transaction was rolled back on shard {name}"))
+                                .to_message(Severity::Error),
                         );
                     }
                 }
@@ -838,11 +767,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     );
                 }
             }
-            _ => self.client.queue(&messages::command_complete(if commit {
-                "COMMIT"
-            } else {
-                "ROLLBACK"
-            })),
+            _ => self.client.queue(&messages::command_complete(if commit { "COMMIT" } else { "ROLLBACK" })),
         }
         if ddl {
             if let Err(e) = self.ctx.refresh_catalog().await {
@@ -876,36 +801,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Ok(0);
             }
             let dir = self.ctx.directory.load();
-            let name = |s: ShardId| {
-                dir.shards
-                    .get(s)
-                    .map(|x| x.name.clone())
-                    .unwrap_or_default()
-            };
+            let name = |s: ShardId| dir.shards.get(s).map(|x| x.name.clone()).unwrap_or_default();
             return Err(SqlError::new(
                 "0A000",
-                format!(
-                    "this transaction runs on shard {} and cannot touch shard {}",
-                    name(b.shard),
-                    name(shard)
-                ),
+                format!("this transaction runs on shard {} and cannot touch shard {}", name(b.shard), name(shard)),
             ));
         }
-        let pool = self
-            .ctx
-            .pool(shard)
-            .ok_or_else(|| SqlError::new("XX000", format!("no pool for shard {shard}")))?;
-        let mut conn = pool
-            .get()
-            .await
-            .map_err(|e| SqlError::new(e.sqlstate(), e.to_string()))?;
+        let pool = self.ctx.pool(shard).ok_or_else(|| SqlError::new("XX000", format!("no pool for shard {shard}")))?;
+        let mut conn = pool.get().await.map_err(|e| SqlError::new(e.sqlstate(), e.to_string()))?;
         self.ctx.set_cancel(
             self.cancel_key,
-            Some(CancelTarget {
-                address: conn.address().clone(),
-                pid: conn.pid,
-                secret: conn.secret,
-            }),
+            Some(CancelTarget { address: conn.address().clone(), pid: conn.pid, secret: conn.secret }),
         );
         let mut swallow = 0;
         if let Some(sql) = self.settings_prelude(&mut conn) {
@@ -967,11 +873,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// The bound server connection failed mid-statement: tell the client, drop the
     /// connection, keep the session.
     async fn lost_backend(&mut self, e: ProtocolError) -> Result<(), SessionError> {
-        let name = self
-            .bound
-            .as_ref()
-            .map(|b| b.conn.shard_name().to_string())
-            .unwrap_or_default();
+        let name = self.bound.as_ref().map(|b| b.conn.shard_name().to_string()).unwrap_or_default();
         warn!(shard = %name, error = %e, "lost server connection");
         if let Some(mut b) = self.bound.take() {
             b.conn.broken = true;
@@ -1059,11 +961,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         for m in &batch {
             if m.tag() == b'P' {
-                if let Some(a) = Parse::parse(m)
-                    .ok()
-                    .and_then(|p| self.ctx.cache.get(p.query).ok())
-                {
+                if let Some(a) = Parse::parse(m).ok().and_then(|p| self.ctx.cache.get(p.query).ok()) {
                     self.ensure_catalog(&a).await;
+                }
+            }
+        }
+        for m in &batch {
+            if m.tag() != b'B' {
+                continue;
+            }
+            let analysis =
+                Bind::parse(m).ok().and_then(|b| self.prepared.get(b.statement)).and_then(|p| p.analysis.clone());
+            if let Some(a) = analysis {
+                if let Some(e) = self.lease_check(&a) {
+                    return self.fail_batch(e, sync).await;
                 }
             }
         }
@@ -1097,13 +1008,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                                 None => Ok(Target::Any),
                                 Some(a) => {
                                     statements_seen.push(a.clone());
-                                    let formats: Vec<i16> =
-                                        (0..bind.params.len()).map(|i| bind.format_of(i)).collect();
-                                    let params = Params {
-                                        values: &bind.params,
-                                        formats: &formats,
-                                        types: &p.param_types,
-                                    };
+                                    let formats: Vec<i16> = (0..bind.params.len()).map(|i| bind.format_of(i)).collect();
+                                    let params =
+                                        Params { values: &bind.params, formats: &formats, types: &p.param_types };
                                     self.route_all(a, Some(&params))
                                 }
                             },
@@ -1114,14 +1021,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             target = Some(match (target.take(), t) {
                                 (None, t) | (Some(Target::Any), t) => t,
                                 (Some(c), Target::Any) => c,
-                                (Some(Target::Shard(a)), Target::Shard(b)) if a == b => {
-                                    Target::Shard(a)
-                                }
+                                (Some(Target::Shard(a)), Target::Shard(b)) if a == b => Target::Shard(a),
                                 (Some(_), _) => {
-                                    routing_error.get_or_insert(SqlError::new(
-                                        "0A000",
-                                        "statements of one pipeline (up to Sync) touch different shards".into(),
-                                    ).hint("send a Sync between statements for different tenants"));
+                                    routing_error.get_or_insert(
+                                        SqlError::new(
+                                            "0A000",
+                                            "statements of one pipeline (up to Sync) touch different shards".into(),
+                                        )
+                                        .hint("send a Sync between statements for different tenants"),
+                                    );
                                     Target::Any
                                 }
                             })
@@ -1145,10 +1053,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let all_end = !statements_seen.is_empty()
                 && statements_seen.iter().all(|a| {
                     a.statements.len() == 1
-                        && matches!(
-                            a.statements[0].kind,
-                            StatementKind::Txn(TxnControl::Commit | TxnControl::Rollback)
-                        )
+                        && matches!(a.statements[0].kind, StatementKind::Txn(TxnControl::Commit | TxnControl::Rollback))
                 });
             if all_end && self.bound.is_none() {
                 self.aborted_locally = false;
@@ -1167,21 +1072,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         // Transaction control that the router answers itself.
         if self.bound.is_none() && !statements_seen.is_empty() {
-            let kinds: Vec<&StatementKind> = statements_seen
-                .iter()
-                .flat_map(|a| a.statements.iter().map(|s| &s.kind))
-                .collect();
+            let kinds: Vec<&StatementKind> =
+                statements_seen.iter().flat_map(|a| a.statements.iter().map(|s| &s.kind)).collect();
             if kinds.len() == 1 {
                 let stmt = &statements_seen[0].statements[0];
-                if let StatementKind::Txn(
-                    TxnControl::Begin | TxnControl::Commit | TxnControl::Rollback,
-                )
+                if let StatementKind::Txn(TxnControl::Begin | TxnControl::Commit | TxnControl::Rollback)
                 | StatementKind::SetTenant(_) = stmt.kind
                 {
                     match self.local_statement(stmt)? {
-                        Some(Ok(tag)) => {
-                            return self.answer_batch_locally(&batch, sync, &tag).await
-                        }
+                        Some(Ok(tag)) => return self.answer_batch_locally(&batch, sync, &tag).await,
                         Some(Err(e)) => return self.fail_batch(e, sync).await,
                         None => {}
                     }
@@ -1225,28 +1124,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     Err(e) => return self.fail_batch(SqlError::new("0A000", e.to_string()), sync).await,
                 }
             }
-            _ => {
-                return self
-                    .fail_batch(
-                        SqlError::new(
-                            "0A000",
-                            "this statement needs several shards, which the extended query protocol does not support yet".into(),
-                        )
-                        .hint("name the tenant (WHERE tenant_id = …) or send the statement as a simple query"),
-                        sync,
+            _ => return self
+                .fail_batch(
+                    SqlError::new(
+                        "0A000",
+                        "this statement needs several shards, which the extended query protocol does not support yet"
+                            .into(),
                     )
-                    .await
-            }
+                    .hint("name the tenant (WHERE tenant_id = …) or send the statement as a simple query"),
+                    sync,
+                )
+                .await,
         };
         // Parse/Describe without Execute (a driver preparing a statement) inside a
         // transaction that has not reached a shard yet must not pin it to one:
         // run it on a connection of its own and keep BEGIN pending.
         let has_execute = batch.iter().any(|m| m.tag() == b'E');
-        let held_begin = if !has_execute && self.bound.is_none() {
-            self.pending_begin.take()
-        } else {
-            None
-        };
+        let held_begin = if !has_execute && self.bound.is_none() { self.pending_begin.take() } else { None };
         let swallow = match self.bind(shard).await {
             Ok(n) => n,
             Err(e) => {
@@ -1274,11 +1168,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.record_settings(a, status);
                 }
                 self.after_ready(status);
-                let status = if self.bound.is_none() {
-                    self.status()
-                } else {
-                    status
-                };
+                let status = if self.bound.is_none() { self.status() } else { status };
                 self.client.queue(&messages::ready_for_query(status));
                 self.client.flush().await?;
                 Ok(())
@@ -1311,15 +1201,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         // Make sure `name` is prepared on this connection, injecting a Parse.
-        fn ensure(
-            backend: &mut crate::backend::Backend,
-            p: &Prepared,
-            expects: &mut VecDeque<Expect>,
-        ) {
+        fn ensure(backend: &mut crate::backend::Backend, p: &Prepared, expects: &mut VecDeque<Expect>) {
             if backend.prepared.insert(p.server_name.clone()) {
-                backend
-                    .conn
-                    .queue(&messages::parse(&p.server_name, &p.sql, &p.param_types));
+                backend.conn.queue(&messages::parse(&p.server_name, &p.sql, &p.param_types));
                 expects.push_back(Expect::Parse {
                     forward: false,
                     server_name: p.server_name.clone(),
@@ -1335,11 +1219,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         continue;
                     };
                     if backend.prepared.insert(p.server_name.clone()) {
-                        backend.conn.queue(&messages::parse(
-                            &p.server_name,
-                            &p.sql,
-                            &p.param_types,
-                        ));
+                        backend.conn.queue(&messages::parse(&p.server_name, &p.sql, &p.param_types));
                         expects.push_back(Expect::Parse {
                             forward: true,
                             server_name: p.server_name.clone(),
@@ -1364,9 +1244,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             continue;
                         };
                         ensure(backend, p, &mut expects);
-                        backend
-                            .conn
-                            .queue(&messages::describe(b'S', &p.server_name));
+                        backend.conn.queue(&messages::describe(b'S', &p.server_name));
                         expects.push_back(Expect::Describe);
                     }
                     _ => {
@@ -1423,10 +1301,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let Some(b) = self.bound.as_mut() else {
             return Ok(None);
         };
-        let swallowed_syncs = expects
-            .iter()
-            .take_while(|e| matches!(e, Expect::Sync))
-            .count();
+        let swallowed_syncs = expects.iter().take_while(|e| matches!(e, Expect::Sync)).count();
         let mut prelude_syncs = swallowed_syncs.min(expects.len().saturating_sub(1));
         let mut skipping = false;
         let mut status = None;
@@ -1465,12 +1340,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     b'E' => {
                         emit!(m.raw());
                         self.saw_error = true;
-                        if let Expect::Parse {
-                            server_name,
-                            client_name,
-                            ..
-                        } = &exp
-                        {
+                        if let Expect::Parse { server_name, client_name, .. } = &exp {
                             b.conn.prepared.remove(server_name);
                             if let Some(c) = client_name {
                                 self.prepared.remove(c);
@@ -1579,15 +1449,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             replies.push((shard, buf));
         }
         self.open_batch = false;
-        let failed = replies
-            .iter()
-            .find(|(_, r)| r.iter().any(|m| m.first() == Some(&b'E')));
+        let failed = replies.iter().find(|(_, r)| r.iter().any(|m| m.first() == Some(&b'E')));
         if let Some((shard, reply)) = failed {
-            let name = dir
-                .shards
-                .get(*shard)
-                .map(|s| s.name.as_str())
-                .unwrap_or("?");
+            let name = dir.shards.get(*shard).map(|s| s.name.as_str()).unwrap_or("?");
             for m in reply {
                 if m.first() == Some(&b'E') {
                     self.client.queue(&prefix_error(m, name));
@@ -1596,11 +1460,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             }
         } else if fanout.is_none() {
-            for m in replies
-                .first()
-                .map(|(_, r)| r.as_slice())
-                .unwrap_or_default()
-            {
+            for m in replies.first().map(|(_, r)| r.as_slice()).unwrap_or_default() {
                 self.client.queue(m);
             }
         } else {
@@ -1618,8 +1478,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                                 n += 1;
                             }
                         }
-                        self.client
-                            .queue(&messages::command_complete(&format!("SELECT {n}")));
+                        self.client.queue(&messages::command_complete(&format!("SELECT {n}")));
                     }
                     Some(b'D') | Some(b'C') => {}
                     _ => self.client.queue(m),
@@ -1648,20 +1507,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Answers a batch whose only statement the router handles itself (BEGIN,
     /// COMMIT of a transaction that never reached a shard, SET shardgate.tenant).
-    async fn answer_batch_locally(
-        &mut self,
-        batch: &[Message],
-        sync: bool,
-        tag: &str,
-    ) -> Result<(), SessionError> {
+    async fn answer_batch_locally(&mut self, batch: &[Message], sync: bool, tag: &str) -> Result<(), SessionError> {
         for m in batch {
             match m.tag() {
                 b'P' => self.client.queue(&messages::parse_complete()),
                 b'B' => self.client.queue(&messages::bind_complete()),
                 b'D' => {
                     if let Ok((b'S', _)) = target_and_name(m) {
-                        self.client
-                            .queue(&messages::Builder::new(b't').i16(0).finish());
+                        self.client.queue(&messages::Builder::new(b't').i16(0).finish());
                     }
                     self.client.queue(&messages::no_data());
                 }
@@ -1680,32 +1533,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// `COPY … FROM STDIN` into a sharded table sent with the extended protocol
     /// (Bind, Execute, Sync, then the data). As in Postgres, the Sync sent before
     /// the data is ignored; the client's Sync after CopyDone gets ReadyForQuery.
-    async fn copy_split_extended(
-        &mut self,
-        batch: &[Message],
-        stmt: &Statement,
-    ) -> Result<(), SessionError> {
+    async fn copy_split_extended(&mut self, batch: &[Message], stmt: &Statement) -> Result<(), SessionError> {
         for m in batch {
             match m.tag() {
                 b'P' => self.client.queue(&messages::parse_complete()),
                 b'B' => self.client.queue(&messages::bind_complete()),
                 b'D' => {
                     if let Ok((b'S', _)) = target_and_name(m) {
-                        self.client
-                            .queue(&messages::Builder::new(b't').i16(0).finish());
+                        self.client.queue(&messages::Builder::new(b't').i16(0).finish());
                     }
                     self.client.queue(&messages::no_data());
                 }
                 b'E' => {
                     self.client.flush().await?;
                     let dir = self.ctx.directory.load();
-                    match crate::copy::copy_in_split(&self.ctx, &dir, stmt, &mut self.client).await
-                    {
+                    match crate::copy::copy_in_split(&self.ctx, &dir, stmt, &mut self.client).await {
                         Ok(tag) => self.client.queue(&messages::command_complete(&tag)),
                         Err(crate::copy::CopyError::Client(e)) => return Err(e.into()),
-                        Err(crate::copy::CopyError::Sql(e)) => {
-                            self.client.queue(&e.to_message(Severity::Error))
-                        }
+                        Err(crate::copy::CopyError::Sql(e)) => self.client.queue(&e.to_message(Severity::Error)),
                     }
                     break;
                 }
@@ -1797,11 +1642,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             }
         }
-        if analysis
-            .statements
-            .iter()
-            .any(|s| s.kind == StatementKind::Ddl)
-        {
+        if analysis.statements.iter().any(|s| s.kind == StatementKind::Ddl) {
             if let Err(e) = self.ctx.refresh_catalog().await {
                 warn!(error = %e, "could not refresh the table catalog after DDL");
             }
@@ -1811,19 +1652,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Runs a simple query on one shard outside any session transaction and returns
     /// its replies (without ReadyForQuery) and its first error, if any.
-    async fn collect_on(
-        &self,
-        shard: ShardId,
-        sql: &str,
-    ) -> Result<(Vec<Bytes>, Option<Bytes>), SqlError> {
-        let pool = self
-            .ctx
-            .pool(shard)
-            .ok_or_else(|| SqlError::new("XX000", format!("no pool for shard {shard}")))?;
-        let mut conn = pool
-            .get()
-            .await
-            .map_err(|e| SqlError::new(e.sqlstate(), e.to_string()))?;
+    async fn collect_on(&self, shard: ShardId, sql: &str) -> Result<(Vec<Bytes>, Option<Bytes>), SqlError> {
+        let pool = self.ctx.pool(shard).ok_or_else(|| SqlError::new("XX000", format!("no pool for shard {shard}")))?;
+        let mut conn = pool.get().await.map_err(|e| SqlError::new(e.sqlstate(), e.to_string()))?;
         let prelude = self.settings_prelude(&mut conn);
         collect(&mut conn, sql, prelude, false).await
     }
@@ -1846,40 +1677,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// `COPY … TO STDOUT` without a tenant: every shard's rows, one shard after
     /// another, as one copy (a CSV header only once).
-    async fn run_copy_out_fanout(
-        &mut self,
-        stmt: &Statement,
-        shards: Vec<ShardId>,
-    ) -> Result<(), SessionError> {
+    async fn run_copy_out_fanout(&mut self, stmt: &Statement, shards: Vec<ShardId>) -> Result<(), SessionError> {
         let header = matches!(&stmt.kind, StatementKind::Copy(c) if c.header);
         let dir = self.ctx.directory.load();
         let mut total = 0u64;
         let mut started = false;
         for (i, &shard) in shards.iter().enumerate() {
-            let name = dir
-                .shards
-                .get(shard)
-                .map(|s| s.name.clone())
-                .unwrap_or_default();
+            let name = dir.shards.get(shard).map(|s| s.name.clone()).unwrap_or_default();
             let pool = match self.ctx.pool(shard) {
                 Some(p) => p,
-                None => {
-                    return self
-                        .fail_simple(SqlError::new("XX000", format!("no pool for shard {shard}")))
-                        .await
-                }
+                None => return self.fail_simple(SqlError::new("XX000", format!("no pool for shard {shard}"))).await,
             };
             let mut conn = match pool.get().await {
                 Ok(c) => c,
-                Err(e) => {
-                    return self
-                        .fail_copy_out(started, SqlError::new(e.sqlstate(), e.to_string()))
-                        .await
-                }
+                Err(e) => return self.fail_copy_out(started, SqlError::new(e.sqlstate(), e.to_string())).await,
             };
-            let lost = |e: ProtocolError| {
-                SqlError::new("08006", format!("lost the connection to shard {name}: {e}"))
-            };
+            let lost = |e: ProtocolError| SqlError::new("08006", format!("lost the connection to shard {name}: {e}"));
             if let Err(e) = conn.conn.send(&messages::query(&stmt.text)).await {
                 conn.broken = true;
                 return self.fail_copy_out(started, lost(e)).await;
@@ -1909,14 +1722,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         }
                     }
                     b'C' => {
-                        let tag = String::from_utf8_lossy(m.body())
-                            .trim_end_matches('\0')
-                            .to_string();
-                        total += tag
-                            .rsplit(' ')
-                            .next()
-                            .and_then(|n| n.parse::<u64>().ok())
-                            .unwrap_or(0);
+                        let tag = String::from_utf8_lossy(m.body()).trim_end_matches('\0').to_string();
+                        total += tag.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
                     }
                     b'E' => {
                         let err = prefix_error(m.raw(), &name);
@@ -1941,8 +1748,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if started {
             self.client.queue(&messages::simple(b'c'));
         }
-        self.client
-            .queue(&messages::command_complete(&format!("COPY {total}")));
+        self.client.queue(&messages::command_complete(&format!("COPY {total}")));
         self.ready().await
     }
 
@@ -1954,18 +1760,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// A read without a tenant: every shard (concurrently), results merged.
-    async fn run_fanout(
-        &mut self,
-        stmt: &Statement,
-        shards: Vec<ShardId>,
-    ) -> Result<(), SessionError> {
+    async fn run_fanout(&mut self, stmt: &Statement, shards: Vec<ShardId>) -> Result<(), SessionError> {
         let plan = match crate::fanout::plan(&stmt.text) {
             Ok(p) => p,
-            Err(e) => {
-                return self
-                    .fail_simple(SqlError::new("0A000", e.to_string()))
-                    .await
-            }
+            Err(e) => return self.fail_simple(SqlError::new("0A000", e.to_string())).await,
         };
         let this = &*self;
         let runs = shards.iter().map(|&s| {
@@ -1995,16 +1793,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                     let Some(row_description) = rd else {
                         return self
-                            .fail_simple(SqlError::new(
-                                "0A000",
-                                "a cross-shard statement must return rows".into(),
-                            ))
+                            .fail_simple(SqlError::new("0A000", "a cross-shard statement must return rows".into()))
                             .await;
                     };
-                    results.push(crate::fanout::ShardResult {
-                        row_description,
-                        rows,
-                    });
+                    results.push(crate::fanout::ShardResult { row_description, rows });
                 }
             }
         }
@@ -2017,14 +1809,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         self.client.flush().await?;
                     }
                 }
-                self.client
-                    .queue(&messages::command_complete(&merged.command_tag));
+                self.client.queue(&messages::command_complete(&merged.command_tag));
                 self.ready().await
             }
-            Err(e) => {
-                self.fail_simple(SqlError::new("0A000", e.to_string()))
-                    .await
-            }
+            Err(e) => self.fail_simple(SqlError::new("0A000", e.to_string())).await,
         }
     }
 
@@ -2046,11 +1834,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Err(e) => return self.fail_simple(e).await,
                 Ok((_, Some(err))) => {
                     let dir = self.ctx.directory.load();
-                    let name = dir
-                        .shards
-                        .get(shard)
-                        .map(|x| x.name.clone())
-                        .unwrap_or_default();
+                    let name = dir.shards.get(shard).map(|x| x.name.clone()).unwrap_or_default();
                     self.client.queue(&prefix_error(&err, &name));
                     return self.ready().await;
                 }
@@ -2062,13 +1846,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             }
                             Some(b'D') => rows.push(r),
                             Some(b'C') => {
-                                let tag = String::from_utf8_lossy(&r[5..r.len().saturating_sub(1)])
-                                    .to_string();
-                                total += tag
-                                    .rsplit(' ')
-                                    .next()
-                                    .and_then(|n| n.parse::<u64>().ok())
-                                    .unwrap_or(0);
+                                let tag = String::from_utf8_lossy(&r[5..r.len().saturating_sub(1)]).to_string();
+                                total += tag.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
                             }
                             _ => {}
                         }
@@ -2082,16 +1861,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         for r in rows {
             self.client.queue(&r);
         }
-        self.client
-            .queue(&messages::command_complete(&format!("INSERT 0 {total}")));
+        self.client.queue(&messages::command_complete(&format!("INSERT 0 {total}")));
         self.ready().await
     }
 
-    async fn run_copy_split(
-        &mut self,
-        stmt: &Statement,
-        _query: Bytes,
-    ) -> Result<(), SessionError> {
+    async fn run_copy_split(&mut self, stmt: &Statement, _query: Bytes) -> Result<(), SessionError> {
         let dir = self.ctx.directory.load();
         let result = crate::copy::copy_in_split(&self.ctx, &dir, stmt, &mut self.client).await;
         match result {
@@ -2115,9 +1889,7 @@ async fn collect(
     in_transaction: bool,
 ) -> Result<(Vec<Bytes>, Option<Bytes>), SqlError> {
     let name = conn.shard_name().to_string();
-    let lost = |e: ProtocolError| {
-        SqlError::new("08006", format!("lost the connection to shard {name}: {e}"))
-    };
+    let lost = |e: ProtocolError| SqlError::new("08006", format!("lost the connection to shard {name}: {e}"));
     let mut skip = 0;
     if let Some(p) = prelude {
         conn.conn.queue(&messages::query(&p));
@@ -2151,11 +1923,7 @@ async fn collect(
             _ if skip > 0 => {}
             b'G' => {
                 // COPY FROM STDIN cannot be fed here.
-                conn.conn.queue(
-                    &messages::Builder::new(b'f')
-                        .cstr("not supported here")
-                        .finish(),
-                );
+                conn.conn.queue(&messages::Builder::new(b'f').cstr("not supported here").finish());
                 let _ = conn.conn.flush().await;
             }
             _ => replies.push(m.raw().clone()),
@@ -2182,10 +1950,7 @@ fn leaves_transaction_open(analysis: &Analysis) -> bool {
 }
 
 fn unknown_statement(name: &str) -> SqlError {
-    SqlError::new(
-        "26000",
-        format!("prepared statement \"{name}\" does not exist"),
-    )
+    SqlError::new("26000", format!("prepared statement \"{name}\" does not exist"))
 }
 
 /// A shard's ErrorResponse with the shard named in its message.
@@ -2219,19 +1984,13 @@ fn client_err(e: ProtocolError) -> RelayError {
 
 /// COPY FROM STDIN to one server: client CopyData/CopyDone/CopyFail go through
 /// as they come, until the client ends the copy.
-async fn copy_in_passthrough<C, B>(
-    client: &mut Connection<C>,
-    backend: &mut Connection<B>,
-) -> Result<(), RelayError>
+async fn copy_in_passthrough<C, B>(client: &mut Connection<C>, backend: &mut Connection<B>) -> Result<(), RelayError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     loop {
-        let m = client
-            .read()
-            .await
-            .map_err(|e| RelayError::Client(e.into()))?;
+        let m = client.read().await.map_err(|e| RelayError::Client(e.into()))?;
         backend.queue(m.raw());
         let done = matches!(m.tag(), b'c' | b'f');
         if done || !client.has_buffered() || backend.queued() > 256 * 1024 {
@@ -2242,11 +2001,7 @@ where
             b'c' | b'f' => return Ok(()),
             _ => {
                 // Anything else ends the copy with an error on the server's side.
-                backend.queue(
-                    &messages::Builder::new(b'f')
-                        .cstr("unexpected message during COPY")
-                        .finish(),
-                );
+                backend.queue(&messages::Builder::new(b'f').cstr("unexpected message during COPY").finish());
                 backend.flush().await.map_err(RelayError::Backend)?;
                 return Ok(());
             }

@@ -27,38 +27,20 @@ impl Harness {
     }
 
     /// A cluster whose key column has the given SQL type.
-    pub async fn start_keyed(
-        shards: usize,
-        mut config: RouterConfig,
-        key_type: KeyType,
-    ) -> Harness {
+    pub async fn start_keyed(shards: usize, mut config: RouterConfig, key_type: KeyType) -> Harness {
         init_logging();
-        let cluster = TestCluster::start(shards)
-            .await
-            .expect("start test Postgres servers");
+        let cluster = TestCluster::start(shards).await.expect("start test Postgres servers");
         let mut dir_shards = Vec::new();
         let mut addrs = Vec::new();
         for (i, server) in cluster.servers().iter().enumerate() {
             let addr = ShardAddress::from_url(&server.url("app")).expect("shard url");
-            dir_shards.push(Shard {
-                name: format!("shard_{i}"),
-                url: addr.display_url(),
-                state: ShardState::Active,
-            });
+            dir_shards.push(Shard { name: format!("shard_{i}"), url: addr.display_url(), state: ShardState::Active });
             addrs.push(addr);
         }
-        let directory = DirectoryHandle::new(
-            Directory::new("tenant_id", key_type, 64, dir_shards).expect("directory"),
-        );
+        let directory = DirectoryHandle::new(Directory::new("tenant_id", key_type, 64, dir_shards).expect("directory"));
         config.listen = "127.0.0.1:0".into();
-        let router = shardgate_router::server::start(config, directory.clone(), addrs)
-            .await
-            .expect("start router");
-        Harness {
-            cluster,
-            router,
-            directory,
-        }
+        let router = shardgate_router::server::start(config, directory.clone(), addrs).await.expect("start router");
+        Harness { cluster, router, directory }
     }
 
     /// libpq URL of the router.
@@ -86,9 +68,7 @@ impl Harness {
 
     /// The shard index a tenant lives on, per the router's directory.
     pub fn shard_of(&self, tenant: i64) -> usize {
-        self.directory
-            .load()
-            .shard_for(&shardgate_directory::TenantKey::Int(tenant))
+        self.directory.load().shard_for(&shardgate_directory::TenantKey::Int(tenant))
     }
 
     /// Tenants that live on shard `i`, the first `n` found counting up from 1.
@@ -98,9 +78,7 @@ impl Harness {
 }
 
 pub async fn connect(url: &str) -> Client {
-    let (client, conn) = tokio_postgres::connect(url, NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await.unwrap_or_else(|e| panic!("connect {url}: {e}"));
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -119,7 +97,5 @@ fn init_logging() {
 
 /// The SQLSTATE of a failed statement.
 pub fn sqlstate(e: &tokio_postgres::Error) -> String {
-    e.code()
-        .map(|c| c.code().to_string())
-        .unwrap_or_else(|| format!("no SQLSTATE: {e}"))
+    e.code().map(|c| c.code().to_string()).unwrap_or_else(|| format!("no SQLSTATE: {e}"))
 }

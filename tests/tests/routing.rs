@@ -2,16 +2,10 @@
 
 use shardgate_tests::{connect, sqlstate, Harness};
 
-const ORDERS: &str =
-    "CREATE TABLE orders (tenant_id bigint, id bigint, total numeric, PRIMARY KEY (tenant_id, id))";
+const ORDERS: &str = "CREATE TABLE orders (tenant_id bigint, id bigint, total numeric, PRIMARY KEY (tenant_id, id))";
 
 async fn rows_on(h: &Harness, shard: usize, sql: &str) -> i64 {
-    h.shard(shard)
-        .await
-        .query_one(sql, &[])
-        .await
-        .unwrap()
-        .get::<_, i64>(0)
+    h.shard(shard).await.query_one(sql, &[]).await.unwrap().get::<_, i64>(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -20,93 +14,29 @@ async fn ddl_runs_everywhere_and_rows_land_on_their_tenants_shard() {
     let c = h.client().await;
     c.batch_execute(ORDERS).await.unwrap();
     for i in 0..2 {
-        assert_eq!(
-            rows_on(
-                &h,
-                i,
-                "SELECT count(*) FROM pg_tables WHERE tablename = 'orders'"
-            )
-            .await,
-            1
-        );
+        assert_eq!(rows_on(&h, i, "SELECT count(*) FROM pg_tables WHERE tablename = 'orders'").await, 1);
     }
     let a = h.tenants_on(0, 3);
     let b = h.tenants_on(1, 3);
     for t in a.iter().chain(&b) {
-        c.simple_query(&format!("INSERT INTO orders VALUES ({t}, 1, 10.5)"))
-            .await
-            .unwrap();
+        c.simple_query(&format!("INSERT INTO orders VALUES ({t}, 1, 10.5)")).await.unwrap();
     }
     for t in &a {
-        assert_eq!(
-            rows_on(
-                &h,
-                0,
-                &format!("SELECT count(*) FROM orders WHERE tenant_id = {t}")
-            )
-            .await,
-            1
-        );
-        assert_eq!(
-            rows_on(
-                &h,
-                1,
-                &format!("SELECT count(*) FROM orders WHERE tenant_id = {t}")
-            )
-            .await,
-            0
-        );
+        assert_eq!(rows_on(&h, 0, &format!("SELECT count(*) FROM orders WHERE tenant_id = {t}")).await, 1);
+        assert_eq!(rows_on(&h, 1, &format!("SELECT count(*) FROM orders WHERE tenant_id = {t}")).await, 0);
     }
     for t in &b {
-        assert_eq!(
-            rows_on(
-                &h,
-                1,
-                &format!("SELECT count(*) FROM orders WHERE tenant_id = {t}")
-            )
-            .await,
-            1
-        );
-        assert_eq!(
-            rows_on(
-                &h,
-                0,
-                &format!("SELECT count(*) FROM orders WHERE tenant_id = {t}")
-            )
-            .await,
-            0
-        );
+        assert_eq!(rows_on(&h, 1, &format!("SELECT count(*) FROM orders WHERE tenant_id = {t}")).await, 1);
+        assert_eq!(rows_on(&h, 0, &format!("SELECT count(*) FROM orders WHERE tenant_id = {t}")).await, 0);
     }
     // UPDATE, SELECT and DELETE naming a tenant reach its rows.
     let t = b[0];
-    let n = c
-        .execute(
-            &*format!("UPDATE orders SET total = 99 WHERE tenant_id = {t} AND id = 1"),
-            &[],
-        )
-        .await
-        .unwrap();
+    let n = c.execute(&*format!("UPDATE orders SET total = 99 WHERE tenant_id = {t} AND id = 1"), &[]).await.unwrap();
     assert_eq!(n, 1);
-    let row = c
-        .query_one("SELECT total::text FROM orders WHERE tenant_id = $1", &[&t])
-        .await
-        .unwrap();
+    let row = c.query_one("SELECT total::text FROM orders WHERE tenant_id = $1", &[&t]).await.unwrap();
     assert_eq!(row.get::<_, String>(0), "99");
-    assert_eq!(
-        c.execute("DELETE FROM orders WHERE tenant_id = $1", &[&t])
-            .await
-            .unwrap(),
-        1
-    );
-    assert_eq!(
-        rows_on(
-            &h,
-            1,
-            &format!("SELECT count(*) FROM orders WHERE tenant_id = {t}")
-        )
-        .await,
-        0
-    );
+    assert_eq!(c.execute("DELETE FROM orders WHERE tenant_id = $1", &[&t]).await.unwrap(), 1);
+    assert_eq!(rows_on(&h, 1, &format!("SELECT count(*) FROM orders WHERE tenant_id = {t}")).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,46 +47,15 @@ async fn extended_protocol_routes_by_binary_and_text_parameters() {
     let t0 = h.tenants_on(0, 1)[0];
     let t1 = h.tenants_on(1, 1)[0];
     // tokio-postgres sends int8 parameters in binary.
-    let ins = c
-        .prepare("INSERT INTO orders (tenant_id, id, total) VALUES ($1, $2, 1)")
-        .await
-        .unwrap();
+    let ins = c.prepare("INSERT INTO orders (tenant_id, id, total) VALUES ($1, $2, 1)").await.unwrap();
     c.execute(&ins, &[&t0, &1i64]).await.unwrap();
     c.execute(&ins, &[&t1, &1i64]).await.unwrap();
-    assert_eq!(
-        rows_on(
-            &h,
-            0,
-            &format!("SELECT count(*) FROM orders WHERE tenant_id = {t0}")
-        )
-        .await,
-        1
-    );
-    assert_eq!(
-        rows_on(
-            &h,
-            1,
-            &format!("SELECT count(*) FROM orders WHERE tenant_id = {t1}")
-        )
-        .await,
-        1
-    );
+    assert_eq!(rows_on(&h, 0, &format!("SELECT count(*) FROM orders WHERE tenant_id = {t0}")).await, 1);
+    assert_eq!(rows_on(&h, 1, &format!("SELECT count(*) FROM orders WHERE tenant_id = {t1}")).await, 1);
     // int4 and text parameters map to the same bucket as the bigint.
-    let r = c
-        .query(
-            "SELECT id FROM orders WHERE tenant_id = $1::int4",
-            &[&(t1 as i32)],
-        )
-        .await
-        .unwrap();
+    let r = c.query("SELECT id FROM orders WHERE tenant_id = $1::int4", &[&(t1 as i32)]).await.unwrap();
     assert_eq!(r.len(), 1);
-    let r = c
-        .query(
-            "SELECT id FROM orders WHERE tenant_id = $1::text::bigint",
-            &[&t1.to_string()],
-        )
-        .await
-        .unwrap();
+    let r = c.query("SELECT id FROM orders WHERE tenant_id = $1::text::bigint", &[&t1.to_string()]).await.unwrap();
     assert_eq!(r.len(), 1);
 }
 
@@ -173,14 +72,8 @@ async fn prepared_statements_survive_across_pooled_server_connections() {
         let url = h.url();
         tasks.push(tokio::spawn(async move {
             let c = connect(&url).await;
-            let ins = c
-                .prepare("INSERT INTO orders VALUES ($1, $2, 0)")
-                .await
-                .unwrap();
-            let sel = c
-                .prepare("SELECT count(*) FROM orders WHERE tenant_id = $1")
-                .await
-                .unwrap();
+            let ins = c.prepare("INSERT INTO orders VALUES ($1, $2, 0)").await.unwrap();
+            let sel = c.prepare("SELECT count(*) FROM orders WHERE tenant_id = $1").await.unwrap();
             for i in 0..25i64 {
                 c.execute(&ins, &[&k, &i]).await.unwrap();
                 let n: i64 = c.query_one(&sel, &[&k]).await.unwrap().get(0);
@@ -200,13 +93,8 @@ async fn transaction_stays_on_one_shard_and_a_statement_leaving_it_is_refused() 
     c.batch_execute(ORDERS).await.unwrap();
     let t0 = h.tenants_on(0, 1)[0];
     let t1 = h.tenants_on(1, 1)[0];
-    c.batch_execute(&format!("BEGIN; INSERT INTO orders VALUES ({t0}, 1, 1)"))
-        .await
-        .unwrap();
-    let err = c
-        .simple_query(&format!("INSERT INTO orders VALUES ({t1}, 1, 1)"))
-        .await
-        .unwrap_err();
+    c.batch_execute(&format!("BEGIN; INSERT INTO orders VALUES ({t0}, 1, 1)")).await.unwrap();
+    let err = c.simple_query(&format!("INSERT INTO orders VALUES ({t1}, 1, 1)")).await.unwrap_err();
     assert_eq!(sqlstate(&err), "0A000");
     let msg = err.as_db_error().unwrap().message().to_string();
     assert!(msg.contains("shard_0") && msg.contains("shard_1"), "{msg}");
@@ -219,12 +107,8 @@ async fn transaction_stays_on_one_shard_and_a_statement_leaving_it_is_refused() 
     // A committed transaction is all there.
     let mut c = c;
     let tx = c.transaction().await.unwrap();
-    tx.execute("INSERT INTO orders VALUES ($1, 1, 1)", &[&t1])
-        .await
-        .unwrap();
-    tx.execute("INSERT INTO orders VALUES ($1, 2, 1)", &[&t1])
-        .await
-        .unwrap();
+    tx.execute("INSERT INTO orders VALUES ($1, 1, 1)", &[&t1]).await.unwrap();
+    tx.execute("INSERT INTO orders VALUES ($1, 2, 1)", &[&t1]).await.unwrap();
     tx.commit().await.unwrap();
     assert_eq!(rows_on(&h, 1, "SELECT count(*) FROM orders").await, 2);
     // BEGIN; COMMIT with nothing in between never needs a shard.
@@ -239,10 +123,8 @@ async fn multi_row_insert_is_split_by_shard() {
     c.batch_execute(ORDERS).await.unwrap();
     let a = h.tenants_on(0, 2);
     let b = h.tenants_on(1, 2);
-    let sql = format!(
-        "INSERT INTO orders VALUES ({}, 1, 1), ({}, 1, 1), ({}, 1, 1), ({}, 1, 1)",
-        a[0], b[0], a[1], b[1]
-    );
+    let sql =
+        format!("INSERT INTO orders VALUES ({}, 1, 1), ({}, 1, 1), ({}, 1, 1), ({}, 1, 1)", a[0], b[0], a[1], b[1]);
     let msgs = c.simple_query(&sql).await.unwrap();
     let affected = msgs
         .iter()
@@ -281,12 +163,7 @@ async fn copy_from_stdin_sends_each_row_to_its_tenants_shard() {
     assert_eq!(on0, expect0);
     // Every row is on its own tenant's shard.
     for i in 0..2 {
-        let rows = h
-            .shard(i)
-            .await
-            .query("SELECT tenant_id FROM orders", &[])
-            .await
-            .unwrap();
+        let rows = h.shard(i).await.query("SELECT tenant_id FROM orders", &[]).await.unwrap();
         assert!(rows.iter().all(|r| h.shard_of(r.get::<_, i64>(0)) == i));
     }
 }
@@ -297,82 +174,44 @@ async fn set_tenant_and_comments_route_statements_without_a_key() {
     let c = h.client().await;
     c.batch_execute(ORDERS).await.unwrap();
     let t1 = h.tenants_on(1, 1)[0];
-    c.batch_execute(&format!(
-        "INSERT INTO orders VALUES ({t1}, 1, 1), ({t1}, 2, 2)"
-    ))
-    .await
-    .unwrap();
-    c.batch_execute(&format!("SET shardgate.tenant = {t1}"))
-        .await
-        .unwrap();
-    let n = c
-        .execute("UPDATE orders SET total = total + 1", &[])
-        .await
-        .unwrap();
+    c.batch_execute(&format!("INSERT INTO orders VALUES ({t1}, 1, 1), ({t1}, 2, 2)")).await.unwrap();
+    c.batch_execute(&format!("SET shardgate.tenant = {t1}")).await.unwrap();
+    let n = c.execute("UPDATE orders SET total = total + 1", &[]).await.unwrap();
     assert_eq!(n, 2);
     c.batch_execute("RESET shardgate.tenant").await.unwrap();
-    let err = c
-        .execute("UPDATE orders SET total = total + 1", &[])
-        .await
-        .unwrap_err();
+    let err = c.execute("UPDATE orders SET total = total + 1", &[]).await.unwrap_err();
     assert_eq!(sqlstate(&err), "0A000");
-    let n = c
-        .execute(
-            &*format!("/* tenant_id={t1} */ DELETE FROM orders WHERE id = 1"),
-            &[],
-        )
-        .await
-        .unwrap();
+    let n = c.execute(&*format!("/* tenant_id={t1} */ DELETE FROM orders WHERE id = 1"), &[]).await.unwrap();
     assert_eq!(n, 1);
-    let err = c
-        .batch_execute("SET shardgate.tenant = 'not-a-number'")
-        .await
-        .unwrap_err();
+    let err = c.batch_execute("SET shardgate.tenant = 'not-a-number'").await.unwrap_err();
     assert_eq!(sqlstate(&err), "22023");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_mode_refuses_statements_without_a_tenant() {
-    let config = shardgate_router::config::RouterConfig {
-        strict_tenant: true,
-        ..Default::default()
-    };
+    let config = shardgate_router::config::RouterConfig { strict_tenant: true, ..Default::default() };
     let h = Harness::start_with(2, config).await;
     let c = h.client().await;
     c.batch_execute(ORDERS).await.unwrap();
     let err = c.simple_query("SELECT * FROM orders").await.unwrap_err();
     assert_eq!(sqlstate(&err), "42P10");
-    assert!(err
-        .as_db_error()
-        .unwrap()
-        .hint()
-        .unwrap()
-        .contains("tenant_id"));
+    assert!(err.as_db_error().unwrap().hint().unwrap().contains("tenant_id"));
     // Reference tables and tenant-qualified statements still work.
     c.simple_query("SELECT 1").await.unwrap();
-    c.simple_query("SELECT * FROM orders WHERE tenant_id = 1")
-        .await
-        .unwrap();
+    c.simple_query("SELECT * FROM orders WHERE tenant_id = 1").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reference_tables_are_written_everywhere_and_read_anywhere() {
     let h = Harness::start(2).await;
     let c = h.client().await;
-    c.batch_execute("CREATE TABLE countries (code text PRIMARY KEY, name text)")
-        .await
-        .unwrap();
-    c.batch_execute("INSERT INTO countries VALUES ('fr', 'France'), ('jp', 'Japan')")
-        .await
-        .unwrap();
+    c.batch_execute("CREATE TABLE countries (code text PRIMARY KEY, name text)").await.unwrap();
+    c.batch_execute("INSERT INTO countries VALUES ('fr', 'France'), ('jp', 'Japan')").await.unwrap();
     for i in 0..2 {
         assert_eq!(rows_on(&h, i, "SELECT count(*) FROM countries").await, 2);
     }
     for _ in 0..4 {
-        let r = c
-            .query_one("SELECT name FROM countries WHERE code = $1", &[&"jp"])
-            .await
-            .unwrap();
+        let r = c.query_one("SELECT name FROM countries WHERE code = $1", &[&"jp"]).await.unwrap();
         assert_eq!(r.get::<_, String>(0), "Japan");
     }
 }
@@ -383,25 +222,14 @@ async fn reads_without_a_tenant_gather_every_shard_or_are_refused() {
     let c = h.client().await;
     c.batch_execute(ORDERS).await.unwrap();
     for t in 1..=40i64 {
-        c.execute("INSERT INTO orders VALUES ($1, 2, 1)", &[&t])
-            .await
-            .unwrap();
+        c.execute("INSERT INTO orders VALUES ($1, 2, 1)", &[&t]).await.unwrap();
     }
     // Rows from both shards.
-    let rows = c
-        .simple_query("SELECT tenant_id FROM orders WHERE id = 2")
-        .await
-        .unwrap();
-    let n = rows
-        .iter()
-        .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
-        .count();
+    let rows = c.simple_query("SELECT tenant_id FROM orders WHERE id = 2").await.unwrap();
+    let n = rows.iter().filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))).count();
     assert_eq!(n, 40);
     // What cannot be merged exactly yet is refused, never answered wrong.
-    let err = c
-        .simple_query("SELECT count(*) FROM orders")
-        .await
-        .unwrap_err();
+    let err = c.simple_query("SELECT count(*) FROM orders").await.unwrap_err();
     assert_eq!(sqlstate(&err), "0A000");
     assert!(err.as_db_error().unwrap().message().contains("tenant_id"));
 }
@@ -412,58 +240,31 @@ async fn extended_protocol_runs_ddl_reference_writes_and_gathers_everywhere() {
     let c = h.client().await;
     // tokio-postgres sends these through Parse/Bind/Execute.
     c.execute(ORDERS, &[]).await.unwrap();
-    c.execute(
-        "CREATE TABLE countries (code text PRIMARY KEY, name text)",
-        &[],
-    )
-    .await
-    .unwrap();
+    c.execute("CREATE TABLE countries (code text PRIMARY KEY, name text)", &[]).await.unwrap();
     for i in 0..2 {
         assert_eq!(
-            rows_on(
-                &h,
-                i,
-                "SELECT count(*) FROM pg_tables WHERE tablename IN ('orders', 'countries')"
-            )
-            .await,
+            rows_on(&h, i, "SELECT count(*) FROM pg_tables WHERE tablename IN ('orders', 'countries')").await,
             2
         );
     }
-    let n = c
-        .execute("INSERT INTO countries VALUES ($1, $2)", &[&"fr", &"France"])
-        .await
-        .unwrap();
+    let n = c.execute("INSERT INTO countries VALUES ($1, $2)", &[&"fr", &"France"]).await.unwrap();
     assert_eq!(n, 1);
     for i in 0..2 {
         assert_eq!(rows_on(&h, i, "SELECT count(*) FROM countries").await, 1);
     }
     // A failure on the shards is reported once, naming a shard.
-    let err = c
-        .execute("INSERT INTO countries VALUES ($1, $2)", &[&"fr", &"again"])
-        .await
-        .unwrap_err();
+    let err = c.execute("INSERT INTO countries VALUES ($1, $2)", &[&"fr", &"again"]).await.unwrap_err();
     assert_eq!(sqlstate(&err), "23505");
-    assert!(
-        err.as_db_error().unwrap().message().contains("on shard"),
-        "{err:?}"
-    );
+    assert!(err.as_db_error().unwrap().message().contains("on shard"), "{err:?}");
     // Reads without a tenant gather every shard's rows (binary results included).
     for t in 1..=30i64 {
-        c.execute("INSERT INTO orders VALUES ($1, 1, 2.5)", &[&t])
-            .await
-            .unwrap();
+        c.execute("INSERT INTO orders VALUES ($1, 1, 2.5)", &[&t]).await.unwrap();
     }
-    let rows = c
-        .query("SELECT tenant_id FROM orders WHERE id = $1", &[&1i64])
-        .await
-        .unwrap();
+    let rows = c.query("SELECT tenant_id FROM orders WHERE id = $1", &[&1i64]).await.unwrap();
     let mut got: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
     got.sort();
     assert_eq!(got, (1..=30).collect::<Vec<_>>());
-    let err = c
-        .query("SELECT count(*) FROM orders", &[])
-        .await
-        .unwrap_err();
+    let err = c.query("SELECT count(*) FROM orders", &[]).await.unwrap_err();
     assert_eq!(sqlstate(&err), "0A000");
     // The session is still usable.
     assert_eq!(c.query("SELECT 1", &[]).await.unwrap().len(), 1);
@@ -479,9 +280,7 @@ async fn tables_created_behind_the_routers_back_are_learned() {
         h.shard(i).await.batch_execute(ORDERS).await.unwrap();
     }
     let t1 = h.tenants_on(1, 1)[0];
-    c.execute("INSERT INTO orders VALUES ($1, 1, 1)", &[&t1])
-        .await
-        .unwrap();
+    c.execute("INSERT INTO orders VALUES ($1, 1, 1)", &[&t1]).await.unwrap();
     assert_eq!(rows_on(&h, 1, "SELECT count(*) FROM orders").await, 1);
     assert_eq!(rows_on(&h, 0, "SELECT count(*) FROM orders").await, 0);
 }
@@ -492,9 +291,7 @@ async fn copy_to_stdout_without_a_tenant_exports_every_shard() {
     let c = h.client().await;
     c.batch_execute(ORDERS).await.unwrap();
     for t in 1..=20i64 {
-        c.execute("INSERT INTO orders VALUES ($1, 1, 3)", &[&t])
-            .await
-            .unwrap();
+        c.execute("INSERT INTO orders VALUES ($1, 1, 3)", &[&t]).await.unwrap();
     }
     let url = h.url();
     let out = tokio::task::spawn_blocking(move || {
@@ -512,23 +309,12 @@ async fn copy_to_stdout_without_a_tenant_exports_every_shard() {
     })
     .await
     .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines[0], "tenant_id,total");
-    assert_eq!(
-        lines.iter().filter(|l| **l == "tenant_id,total").count(),
-        1,
-        "{text}"
-    );
-    let mut tenants: Vec<i64> = lines[1..]
-        .iter()
-        .map(|l| l.split(',').next().unwrap().parse().unwrap())
-        .collect();
+    assert_eq!(lines.iter().filter(|l| **l == "tenant_id,total").count(), 1, "{text}");
+    let mut tenants: Vec<i64> = lines[1..].iter().map(|l| l.split(',').next().unwrap().parse().unwrap()).collect();
     tenants.sort();
     assert_eq!(tenants, (1..=20).collect::<Vec<_>>());
     // With a tenant, only that tenant's shard answers.
@@ -536,12 +322,7 @@ async fn copy_to_stdout_without_a_tenant_exports_every_shard() {
     let url = h.url();
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new("psql")
-            .args([
-                &url,
-                "-X",
-                "-c",
-                "COPY (SELECT tenant_id FROM orders WHERE tenant_id = 3) TO STDOUT",
-            ])
+            .args([&url, "-X", "-c", "COPY (SELECT tenant_id FROM orders WHERE tenant_id = 3) TO STDOUT"])
             .output()
             .unwrap()
     })
@@ -553,34 +334,19 @@ async fn copy_to_stdout_without_a_tenant_exports_every_shard() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_settings_follow_the_session_across_pooled_connections_and_never_leak() {
     let config = shardgate_router::config::RouterConfig {
-        pool: shardgate_router::config::PoolConfig {
-            size: 2,
-            ..Default::default()
-        },
+        pool: shardgate_router::config::PoolConfig { size: 2, ..Default::default() },
         ..Default::default()
     };
     let h = Harness::start_with(1, config).await;
     let a = h.client().await;
     let b = h.client().await;
-    a.batch_execute("SET statement_timeout = '1234ms'")
-        .await
-        .unwrap();
-    a.batch_execute("SET search_path TO public, pg_catalog")
-        .await
-        .unwrap();
+    a.batch_execute("SET statement_timeout = '1234ms'").await.unwrap();
+    a.batch_execute("SET search_path TO public, pg_catalog").await.unwrap();
     // Many statements from both clients over a pool of two connections: each sees
     // only its own settings.
     for _ in 0..20 {
-        let ta: String = a
-            .query_one("SHOW statement_timeout", &[])
-            .await
-            .unwrap()
-            .get(0);
-        let tb: String = b
-            .query_one("SHOW statement_timeout", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let ta: String = a.query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
+        let tb: String = b.query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
         assert_eq!(ta, "1234ms");
         assert_eq!(tb, "0");
     }
@@ -591,27 +357,16 @@ async fn session_settings_follow_the_session_across_pooled_connections_and_never
     assert_eq!(ta, "public, pg_catalog");
     a.batch_execute("RESET statement_timeout").await.unwrap();
     for _ in 0..4 {
-        let ta: String = a
-            .query_one("SHOW statement_timeout", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let ta: String = a.query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
         assert_eq!(ta, "0");
     }
     // Startup parameters are session settings as well.
-    let c = shardgate_tests::connect(&format!(
-        "{}?application_name=billing&options=-c%20work_mem%3D3MB",
-        h.url()
-    ))
-    .await;
+    let c =
+        shardgate_tests::connect(&format!("{}?application_name=billing&options=-c%20work_mem%3D3MB", h.url())).await;
     for _ in 0..4 {
         let wm: String = c.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
         assert_eq!(wm, "3MB");
-        let app: String = c
-            .query_one("SELECT current_setting('application_name')", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let app: String = c.query_one("SELECT current_setting('application_name')", &[]).await.unwrap().get(0);
         assert_eq!(app, "billing");
         let other: String = b.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
         assert_eq!(other, "4MB");
@@ -625,61 +380,37 @@ async fn a_migration_in_a_transaction_runs_on_every_shard_and_rolls_back_everywh
     // One statement at a time, as migration tools send them.
     c.batch_execute("BEGIN").await.unwrap();
     c.batch_execute(ORDERS).await.unwrap();
-    c.batch_execute("CREATE INDEX orders_total ON orders (total)")
-        .await
-        .unwrap();
-    c.batch_execute("CREATE TABLE plans (name text PRIMARY KEY)")
-        .await
-        .unwrap();
-    c.batch_execute("INSERT INTO plans VALUES ('free')")
-        .await
-        .unwrap();
+    c.batch_execute("CREATE INDEX orders_total ON orders (total)").await.unwrap();
+    c.batch_execute("CREATE TABLE plans (name text PRIMARY KEY)").await.unwrap();
+    c.batch_execute("INSERT INTO plans VALUES ('free')").await.unwrap();
     // Not visible outside the transaction yet.
-    assert_eq!(
-        rows_on(
-            &h,
-            0,
-            "SELECT count(*) FROM pg_tables WHERE tablename = 'orders'"
-        )
-        .await,
-        0
-    );
+    assert_eq!(rows_on(&h, 0, "SELECT count(*) FROM pg_tables WHERE tablename = 'orders'").await, 0);
     c.batch_execute("COMMIT").await.unwrap();
     for i in 0..2 {
-        assert_eq!(
-            rows_on(
-                &h,
-                i,
-                "SELECT count(*) FROM pg_indexes WHERE indexname = 'orders_total'"
-            )
-            .await,
-            1
-        );
+        assert_eq!(rows_on(&h, i, "SELECT count(*) FROM pg_indexes WHERE indexname = 'orders_total'").await, 1);
         assert_eq!(rows_on(&h, i, "SELECT count(*) FROM plans").await, 1);
     }
     // The new table is sharded at once.
     let t1 = h.tenants_on(1, 1)[0];
-    c.execute("INSERT INTO orders VALUES ($1, 1, 1)", &[&t1])
-        .await
-        .unwrap();
+    c.execute("INSERT INTO orders VALUES ($1, 1, 1)", &[&t1]).await.unwrap();
     assert_eq!(rows_on(&h, 0, "SELECT count(*) FROM orders").await, 0);
 
     // A failing statement aborts the whole migration, on every shard.
     c.batch_execute("BEGIN").await.unwrap();
-    c.batch_execute("ALTER TABLE orders ADD COLUMN note text")
-        .await
-        .unwrap();
-    let err = c
-        .batch_execute("ALTER TABLE orders ADD COLUMN note text")
-        .await
-        .unwrap_err();
+    c.batch_execute("ALTER TABLE orders ADD COLUMN note text").await.unwrap();
+    let err = c.batch_execute("ALTER TABLE orders ADD COLUMN note text").await.unwrap_err();
     assert_eq!(sqlstate(&err), "42701");
     let err = c.batch_execute("SELECT 1").await.unwrap_err();
     assert_eq!(sqlstate(&err), "25P02");
     c.batch_execute("COMMIT").await.unwrap(); // answered ROLLBACK, as Postgres does
     for i in 0..2 {
         assert_eq!(
-            rows_on(&h, i, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'orders' AND column_name = 'note'").await,
+            rows_on(
+                &h,
+                i,
+                "SELECT count(*) FROM information_schema.columns WHERE table_name = 'orders' AND column_name = 'note'"
+            )
+            .await,
             0
         );
     }
@@ -694,10 +425,7 @@ async fn a_migration_in_a_transaction_runs_on_every_shard_and_rolls_back_everywh
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_connections_statement_cache_is_bounded_and_statements_still_work() {
     let config = shardgate_router::config::RouterConfig {
-        pool: shardgate_router::config::PoolConfig {
-            size: 1,
-            ..Default::default()
-        },
+        pool: shardgate_router::config::PoolConfig { size: 1, ..Default::default() },
         ..Default::default()
     };
     let h = Harness::start_with(1, config).await;
@@ -708,15 +436,8 @@ async fn a_server_connections_statement_cache_is_bounded_and_statements_still_wo
         let v: i32 = c.query_one(&st, &[&1i32]).await.unwrap().get(0);
         assert_eq!(v, 1 + k);
     }
-    let n: i64 = c
-        .query_one("SELECT count(*) FROM pg_prepared_statements", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert!(
-        n <= 1001,
-        "{n} statements prepared on one server connection"
-    );
+    let n: i64 = c.query_one("SELECT count(*) FROM pg_prepared_statements", &[]).await.unwrap().get(0);
+    assert!(n <= 1001, "{n} statements prepared on one server connection");
     // A statement prepared long ago is prepared again where it runs.
     let v: i32 = c.query_one(&first, &[&41i32]).await.unwrap().get(0);
     assert_eq!(v, 41);

@@ -86,14 +86,8 @@ pub enum ProposeError {
 }
 
 enum Request {
-    Propose {
-        cmd: Command,
-        reply: oneshot::Sender<Result<Outcome, ProposeError>>,
-    },
-    ConfChange {
-        cc: ConfChangeV2,
-        reply: oneshot::Sender<Result<Outcome, ProposeError>>,
-    },
+    Propose { cmd: Command, reply: oneshot::Sender<Result<Outcome, ProposeError>> },
+    ConfChange { cc: ConfChangeV2, reply: oneshot::Sender<Result<Outcome, ProposeError>> },
 }
 
 /// A running replica.
@@ -124,8 +118,7 @@ impl Node {
         let state = if snap.get_data().is_empty() {
             cfg.initial.clone()
         } else {
-            serde_json::from_slice(snap.get_data())
-                .map_err(|e| NodeError::Snapshot(cfg.dir.clone(), e.to_string()))?
+            serde_json::from_slice(snap.get_data()).map_err(|e| NodeError::Snapshot(cfg.dir.clone(), e.to_string()))?
         };
         let raft_cfg = raft::Config {
             id: cfg.id,
@@ -171,13 +164,7 @@ impl Node {
             last_contact: None,
         };
         tokio::spawn(replica.run(cfg.tick, req_rx, inbox_rx));
-        Ok(Node {
-            id: cfg.id,
-            handle,
-            requests,
-            inbox,
-            status,
-        })
+        Ok(Node { id: cfg.id, handle, requests, inbox, status })
     }
 
     /// The applied directory, as routers read it.
@@ -201,20 +188,14 @@ impl Node {
     /// Whether this node has heard from the cluster within `lease`: if not, it can
     /// no longer know whether a bucket moved.
     pub fn lease_valid(&self, lease: Duration) -> bool {
-        self.status
-            .borrow()
-            .last_contact
-            .is_some_and(|t| t.elapsed() <= lease)
+        self.status.borrow().last_contact.is_some_and(|t| t.elapsed() <= lease)
     }
 
     /// Proposes a change (from any node: raft forwards it to the leader) and waits
     /// until it is committed and applied here.
     pub async fn propose(&self, cmd: Command, timeout: Duration) -> Result<Outcome, ProposeError> {
         let (reply, rx) = oneshot::channel();
-        self.requests
-            .send(Request::Propose { cmd, reply })
-            .await
-            .map_err(|_| ProposeError::Stopped)?;
+        self.requests.send(Request::Propose { cmd, reply }).await.map_err(|_| ProposeError::Stopped)?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(ProposeError::Stopped),
@@ -235,10 +216,7 @@ impl Node {
         single.node_id = node;
         cc.mut_changes().push(single);
         let (reply, rx) = oneshot::channel();
-        self.requests
-            .send(Request::ConfChange { cc, reply })
-            .await
-            .map_err(|_| ProposeError::Stopped)?;
+        self.requests.send(Request::ConfChange { cc, reply }).await.map_err(|_| ProposeError::Stopped)?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(ProposeError::Stopped),
@@ -277,10 +255,7 @@ fn parse_context(c: &[u8]) -> Option<(u64, u64)> {
     if c.len() != 16 {
         return None;
     }
-    Some((
-        u64::from_le_bytes(c[..8].try_into().ok()?),
-        u64::from_le_bytes(c[8..].try_into().ok()?),
-    ))
+    Some((u64::from_le_bytes(c[..8].try_into().ok()?), u64::from_le_bytes(c[8..].try_into().ok()?)))
 }
 
 impl Replica {
@@ -412,12 +387,7 @@ impl Replica {
         self.applied = index;
         self.snapshot_index = index;
         self.handle.store(self.state.clone());
-        info!(
-            node = self.id,
-            index,
-            epoch = self.state.epoch,
-            "installed a directory snapshot"
-        );
+        info!(node = self.id, index, epoch = self.state.epoch, "installed a directory snapshot");
         Ok(())
     }
 
@@ -432,27 +402,20 @@ impl Replica {
                 EntryType::EntryNormal if e.get_data().is_empty() => continue, // a new leader's no-op
                 EntryType::EntryNormal => match serde_json::from_slice::<Command>(e.get_data()) {
                     Ok(cmd) => Ok(self.state.apply(&cmd)),
-                    Err(err) => Ok(Outcome::Rejected {
-                        reason: format!("undecodable command: {err}"),
-                    }),
+                    Err(err) => Ok(Outcome::Rejected { reason: format!("undecodable command: {err}") }),
                 },
                 EntryType::EntryConfChangeV2 => {
-                    let cc = ConfChangeV2::parse_from_bytes(e.get_data())
-                        .map_err(raft::Error::CodecError)?;
+                    let cc = ConfChangeV2::parse_from_bytes(e.get_data()).map_err(raft::Error::CodecError)?;
                     let cs = self.raw.apply_conf_change(&cc)?;
                     self.storage.set_conf_state(cs)?;
-                    Ok(Outcome::Applied {
-                        epoch: self.state.epoch,
-                    })
+                    Ok(Outcome::Applied { epoch: self.state.epoch })
                 }
                 EntryType::EntryConfChange => {
-                    let cc = raft::prelude::ConfChange::parse_from_bytes(e.get_data())
-                        .map_err(raft::Error::CodecError)?;
+                    let cc =
+                        raft::prelude::ConfChange::parse_from_bytes(e.get_data()).map_err(raft::Error::CodecError)?;
                     let cs = self.raw.apply_conf_change(&cc)?;
                     self.storage.set_conf_state(cs)?;
-                    Ok(Outcome::Applied {
-                        epoch: self.state.epoch,
-                    })
+                    Ok(Outcome::Applied { epoch: self.state.epoch })
                 }
             };
             if let Some((node, request)) = origin {
@@ -471,8 +434,7 @@ impl Replica {
         if self.applied < self.snapshot_index + self.snapshot_every {
             return Ok(());
         }
-        let data = serde_json::to_vec(&self.state)
-            .map_err(|e| NodeError::Snapshot(PathBuf::new(), e.to_string()))?;
+        let data = serde_json::to_vec(&self.state).map_err(|e| NodeError::Snapshot(PathBuf::new(), e.to_string()))?;
         let cs = self.raw.raft.prs().conf().to_conf_state();
         self.storage.compact(self.applied, data, cs)?;
         self.snapshot_index = self.applied;

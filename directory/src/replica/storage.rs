@@ -30,10 +30,7 @@ use raft::{GetEntriesContext, RaftState, Storage};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("raft storage in {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("raft storage in {path} is damaged: {what}")]
     Damaged { path: PathBuf, what: String },
     #[error(transparent)]
@@ -50,10 +47,7 @@ pub struct DiskStorage {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| StoreError::Io { path: path.to_path_buf(), source }
 }
 
 /// Writes `bytes` to `path` so that a crash leaves either the old or the new file.
@@ -64,18 +58,15 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     f.sync_all().map_err(io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io(path))?;
     if let Some(parent) = path.parent() {
-        File::open(parent)
-            .and_then(|d| d.sync_all())
-            .map_err(io(parent))?;
+        File::open(parent).and_then(|d| d.sync_all()).map_err(io(parent))?;
     }
     Ok(())
 }
 
 fn encode_record(e: &Entry, out: &mut Vec<u8>) -> Result<(), StoreError> {
-    let bytes = e.write_to_bytes().map_err(|err| StoreError::Damaged {
-        path: PathBuf::new(),
-        what: format!("cannot encode entry: {err}"),
-    })?;
+    let bytes = e
+        .write_to_bytes()
+        .map_err(|err| StoreError::Damaged { path: PathBuf::new(), what: format!("cannot encode entry: {err}") })?;
     out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(&bytes).to_le_bytes());
     out.extend_from_slice(&bytes);
@@ -92,47 +83,34 @@ impl DiskStorage {
         let mut snapshot = Snapshot::default();
         if snap_path.exists() {
             let bytes = std::fs::read(&snap_path).map_err(io(&snap_path))?;
-            snapshot = Snapshot::parse_from_bytes(&bytes).map_err(|e| StoreError::Damaged {
-                path: snap_path.clone(),
-                what: e.to_string(),
-            })?;
+            snapshot = Snapshot::parse_from_bytes(&bytes)
+                .map_err(|e| StoreError::Damaged { path: snap_path.clone(), what: e.to_string() })?;
             mem.wl().apply_snapshot(snapshot.clone())?;
         }
         let cs_path = dir.join("confstate");
         if cs_path.exists() {
             let bytes = std::fs::read(&cs_path).map_err(io(&cs_path))?;
-            let cs = ConfState::parse_from_bytes(&bytes).map_err(|e| StoreError::Damaged {
-                path: cs_path.clone(),
-                what: e.to_string(),
-            })?;
+            let cs = ConfState::parse_from_bytes(&bytes)
+                .map_err(|e| StoreError::Damaged { path: cs_path.clone(), what: e.to_string() })?;
             mem.wl().set_conf_state(cs);
         } else if let (Some(voters), 0) = (founding_voters, snapshot.get_metadata().index) {
-            let cs = ConfState {
-                voters: voters.to_vec(),
-                ..Default::default()
-            };
-            let bytes = cs.write_to_bytes().map_err(|e| StoreError::Damaged {
-                path: cs_path.clone(),
-                what: e.to_string(),
-            })?;
+            let cs = ConfState { voters: voters.to_vec(), ..Default::default() };
+            let bytes =
+                cs.write_to_bytes().map_err(|e| StoreError::Damaged { path: cs_path.clone(), what: e.to_string() })?;
             write_atomically(&cs_path, &bytes)?;
             mem.wl().set_conf_state(cs);
         }
         let hs_path = dir.join("hardstate");
         if hs_path.exists() {
             let bytes = std::fs::read(&hs_path).map_err(io(&hs_path))?;
-            let hs = HardState::parse_from_bytes(&bytes).map_err(|e| StoreError::Damaged {
-                path: hs_path.clone(),
-                what: e.to_string(),
-            })?;
+            let hs = HardState::parse_from_bytes(&bytes)
+                .map_err(|e| StoreError::Damaged { path: hs_path.clone(), what: e.to_string() })?;
             mem.wl().set_hardstate(hs);
         }
         let log_path = dir.join("raft.log");
         let entries = read_log(&log_path)?;
-        let after_snapshot: Vec<Entry> = entries
-            .into_iter()
-            .filter(|e| e.index > snapshot.get_metadata().index)
-            .collect();
+        let after_snapshot: Vec<Entry> =
+            entries.into_iter().filter(|e| e.index > snapshot.get_metadata().index).collect();
         if !after_snapshot.is_empty() {
             mem.wl().append(&after_snapshot)?;
         }
@@ -142,11 +120,7 @@ impl DiskStorage {
             dir: dir.to_path_buf(),
             snapshot: Arc::new(RwLock::new(snapshot)),
             log: Arc::new(std::sync::Mutex::new(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log_path)
-                    .map_err(io(&log_path))?,
+                OpenOptions::new().create(true).append(true).open(&log_path).map_err(io(&log_path))?,
             )),
         };
         store.rewrite_log()?;
@@ -164,18 +138,13 @@ impl DiskStorage {
         let last = self.mem.last_index()?;
         let mut buf = Vec::new();
         if last >= first {
-            let ents = self
-                .mem
-                .entries(first, last + 1, None, GetEntriesContext::empty(false))?;
+            let ents = self.mem.entries(first, last + 1, None, GetEntriesContext::empty(false))?;
             for e in &ents {
                 encode_record(e, &mut buf)?;
             }
         }
         write_atomically(&path, &buf)?;
-        let f = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(io(&path))?;
+        let f = OpenOptions::new().append(true).open(&path).map_err(io(&path))?;
         *self.log.lock().unwrap_or_else(|p| p.into_inner()) = f;
         Ok(())
     }
@@ -204,10 +173,9 @@ impl DiskStorage {
     }
 
     pub fn set_hardstate(&self, hs: HardState) -> Result<(), StoreError> {
-        let bytes = hs.write_to_bytes().map_err(|e| StoreError::Damaged {
-            path: self.dir.join("hardstate"),
-            what: e.to_string(),
-        })?;
+        let bytes = hs
+            .write_to_bytes()
+            .map_err(|e| StoreError::Damaged { path: self.dir.join("hardstate"), what: e.to_string() })?;
         write_atomically(&self.dir.join("hardstate"), &bytes)?;
         self.mem.wl().set_hardstate(hs);
         Ok(())
@@ -225,10 +193,7 @@ impl DiskStorage {
     /// Records the membership (after a configuration change applies).
     pub fn set_conf_state(&self, cs: ConfState) -> Result<(), StoreError> {
         let path = self.dir.join("confstate");
-        let bytes = cs.write_to_bytes().map_err(|e| StoreError::Damaged {
-            path: path.clone(),
-            what: e.to_string(),
-        })?;
+        let bytes = cs.write_to_bytes().map_err(|e| StoreError::Damaged { path: path.clone(), what: e.to_string() })?;
         write_atomically(&path, &bytes)?;
         self.mem.wl().set_conf_state(cs);
         Ok(())
@@ -245,12 +210,7 @@ impl DiskStorage {
 
     /// Takes a snapshot of the state machine at `index` (already applied) and drops
     /// the log up to it.
-    pub fn compact(
-        &self,
-        index: u64,
-        data: Vec<u8>,
-        conf_state: ConfState,
-    ) -> Result<(), StoreError> {
+    pub fn compact(&self, index: u64, data: Vec<u8>, conf_state: ConfState) -> Result<(), StoreError> {
         let mut snap = Snapshot::default();
         snap.set_data(data.into());
         let meta = snap.mut_metadata();
@@ -265,19 +225,14 @@ impl DiskStorage {
 
     fn save_snapshot(&self, snap: &Snapshot) -> Result<(), StoreError> {
         let path = self.dir.join("snapshot");
-        let bytes = snap.write_to_bytes().map_err(|e| StoreError::Damaged {
-            path: path.clone(),
-            what: e.to_string(),
-        })?;
+        let bytes =
+            snap.write_to_bytes().map_err(|e| StoreError::Damaged { path: path.clone(), what: e.to_string() })?;
         write_atomically(&path, &bytes)
     }
 
     /// The last snapshot (empty before the first one).
     pub fn last_snapshot(&self) -> Snapshot {
-        self.snapshot
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.snapshot.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn hard_state(&self) -> HardState {
@@ -285,10 +240,7 @@ impl DiskStorage {
     }
 
     pub fn conf_state(&self) -> ConfState {
-        self.mem
-            .initial_state()
-            .map(|s| s.conf_state)
-            .unwrap_or_default()
+        self.mem.initial_state().map(|s| s.conf_state).unwrap_or_default()
     }
 
     /// Entries in `[low, high)`, for applying committed entries at start-up.
@@ -296,9 +248,7 @@ impl DiskStorage {
         if high <= low {
             return Ok(Vec::new());
         }
-        Ok(self
-            .mem
-            .entries(low, high, None, GetEntriesContext::empty(false))?)
+        Ok(self.mem.entries(low, high, None, GetEntriesContext::empty(false))?)
     }
 }
 
@@ -363,9 +313,7 @@ impl Storage for DiskStorage {
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         let snap = self.last_snapshot();
         if snap.get_metadata().index < request_index {
-            return Err(raft::Error::Store(
-                raft::StorageError::SnapshotTemporarilyUnavailable,
-            ));
+            return Err(raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable));
         }
         Ok(snap)
     }
@@ -376,11 +324,7 @@ mod tests {
     use super::*;
 
     fn entry(index: u64, term: u64, data: &str) -> Entry {
-        let mut e = Entry {
-            index,
-            term,
-            ..Default::default()
-        };
+        let mut e = Entry { index, term, ..Default::default() };
         e.set_data(data.as_bytes().to_vec().into());
         e
     }
@@ -389,23 +333,15 @@ mod tests {
     fn entries_and_hard_state_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let s = DiskStorage::open(dir.path(), Some(&[1, 2, 3])).unwrap();
-        s.append(&[entry(1, 1, "a"), entry(2, 1, "b"), entry(3, 2, "c")])
-            .unwrap();
-        let hs = HardState {
-            term: 2,
-            vote: 3,
-            commit: 2,
-            ..Default::default()
-        };
+        s.append(&[entry(1, 1, "a"), entry(2, 1, "b"), entry(3, 2, "c")]).unwrap();
+        let hs = HardState { term: 2, vote: 3, commit: 2, ..Default::default() };
         s.set_hardstate(hs.clone()).unwrap();
         drop(s);
         let s = DiskStorage::open(dir.path(), None).unwrap();
         assert_eq!(s.last_index().unwrap(), 3);
         assert_eq!(s.term(3).unwrap(), 2);
         assert_eq!(s.hard_state(), hs);
-        let es = s
-            .entries(1, 4, None, GetEntriesContext::empty(false))
-            .unwrap();
+        let es = s.entries(1, 4, None, GetEntriesContext::empty(false)).unwrap();
         assert_eq!(
             es.iter().map(|e| e.get_data().to_vec()).collect::<Vec<_>>(),
             vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]
@@ -416,18 +352,12 @@ mod tests {
     fn a_conflicting_append_truncates_the_tail_on_disk_too() {
         let dir = tempfile::tempdir().unwrap();
         let s = DiskStorage::open(dir.path(), Some(&[1])).unwrap();
-        s.append(&[entry(1, 1, "a"), entry(2, 1, "b"), entry(3, 1, "c")])
-            .unwrap();
+        s.append(&[entry(1, 1, "a"), entry(2, 1, "b"), entry(3, 1, "c")]).unwrap();
         s.append(&[entry(2, 2, "B")]).unwrap();
         drop(s);
         let s = DiskStorage::open(dir.path(), None).unwrap();
         assert_eq!(s.last_index().unwrap(), 2);
-        assert_eq!(
-            s.entries(2, 3, None, GetEntriesContext::empty(false))
-                .unwrap()[0]
-                .get_data(),
-            b"B"
-        );
+        assert_eq!(s.entries(2, 3, None, GetEntriesContext::empty(false)).unwrap()[0].get_data(), b"B");
     }
 
     #[test]
@@ -448,18 +378,9 @@ mod tests {
     fn compaction_keeps_a_snapshot_and_the_entries_after_it() {
         let dir = tempfile::tempdir().unwrap();
         let s = DiskStorage::open(dir.path(), Some(&[1])).unwrap();
-        s.append(&(1..=10).map(|i| entry(i, 1, "x")).collect::<Vec<_>>())
-            .unwrap();
+        s.append(&(1..=10).map(|i| entry(i, 1, "x")).collect::<Vec<_>>()).unwrap();
         s.set_commit(10).unwrap();
-        s.compact(
-            7,
-            b"state at 7".to_vec(),
-            ConfState {
-                voters: vec![1],
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        s.compact(7, b"state at 7".to_vec(), ConfState { voters: vec![1], ..Default::default() }).unwrap();
         drop(s);
         let s = DiskStorage::open(dir.path(), None).unwrap();
         assert_eq!(s.first_index().unwrap(), 8);

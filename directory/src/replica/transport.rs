@@ -46,24 +46,12 @@ impl TcpTransport {
     /// Adds or replaces the address of a peer.
     pub fn set_peer(&self, id: u64, addr: SocketAddr) {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(sender(
-            id,
-            addr,
-            rx,
-            self.token.clone(),
-            self.isolated.clone(),
-        ));
-        self.peers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, tx);
+        tokio::spawn(sender(id, addr, rx, self.token.clone(), self.isolated.clone()));
+        self.peers.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
     }
 
     pub fn remove_peer(&self, id: u64) {
-        self.peers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
+        self.peers.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
     }
 
     pub fn set_isolated(&self, isolated: bool) {
@@ -71,11 +59,7 @@ impl TcpTransport {
     }
 
     /// Accepts peers' connections on `listener` and hands their messages to `node`.
-    pub fn serve(
-        self: &Arc<Self>,
-        listener: TcpListener,
-        node: Node,
-    ) -> tokio::task::JoinHandle<()> {
+    pub fn serve(self: &Arc<Self>, listener: TcpListener, node: Node) -> tokio::task::JoinHandle<()> {
         let token = self.token.clone();
         let isolated = self.isolated.clone();
         tokio::spawn(async move {
@@ -108,12 +92,7 @@ impl Transport for TcpTransport {
     }
 }
 
-async fn receive(
-    mut stream: TcpStream,
-    token: &[u8],
-    isolated: &AtomicBool,
-    node: &Node,
-) -> std::io::Result<()> {
+async fn receive(mut stream: TcpStream, token: &[u8], isolated: &AtomicBool, node: &Node) -> std::io::Result<()> {
     let mut len = [0u8; 4];
     stream.read_exact(&mut len).await?;
     let n = u32::from_le_bytes(len) as usize;
@@ -196,11 +175,7 @@ async fn sender(
                 frame.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
                 frame.extend_from_slice(&bytes);
             }
-            next = if frame.len() < 1 << 20 {
-                rx.try_recv().ok()
-            } else {
-                None
-            };
+            next = if frame.len() < 1 << 20 { rx.try_recv().ok() } else { None };
         }
         if let Some(s) = conn.as_mut() {
             if s.write_all(&frame).await.is_err() {

@@ -106,28 +106,19 @@ pub fn plan(sql: &str) -> Result<FanoutPlan, FanoutError> {
             }
         }
     }
-    Ok(FanoutPlan {
-        shard_sql: sql.to_string(),
-        merge: MergeSpec::Concat,
-    })
+    Ok(FanoutPlan { shard_sql: sql.to_string(), merge: MergeSpec::Concat })
 }
 
 /// Merges the shards' answers.
 pub fn merge(spec: &MergeSpec, results: Vec<ShardResult>) -> Result<Merged, FanoutError> {
     let MergeSpec::Concat = spec;
     let mut it = results.into_iter();
-    let first = it
-        .next()
-        .ok_or_else(|| FanoutError::Unsupported("no shard answered".into()))?;
+    let first = it.next().ok_or_else(|| FanoutError::Unsupported("no shard answered".into()))?;
     let mut rows = first.rows;
     for r in it {
         rows.extend(r.rows);
     }
-    Ok(Merged {
-        command_tag: format!("SELECT {}", rows.len()),
-        row_description: first.row_description,
-        rows,
-    })
+    Ok(Merged { command_tag: format!("SELECT {}", rows.len()), row_description: first.row_description, rows })
 }
 
 #[cfg(test)]

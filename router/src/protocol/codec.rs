@@ -35,21 +35,14 @@ impl Decoder for FrameCodec {
         }
         let total = off + len as usize;
         if total > self.max_message {
-            return Err(ProtocolError::TooLarge {
-                size: total,
-                limit: self.max_message,
-            });
+            return Err(ProtocolError::TooLarge { size: total, limit: self.max_message });
         }
         if src.len() < total {
             src.reserve(total - src.len());
             return Ok(None);
         }
         let raw = src.split_to(total).freeze();
-        Ok(Some(if self.startup_phase {
-            Message::startup(raw)
-        } else {
-            Message::from_raw(raw)
-        }))
+        Ok(Some(if self.startup_phase { Message::startup(raw) } else { Message::from_raw(raw) }))
     }
 }
 
@@ -69,10 +62,7 @@ mod tests {
 
     #[test]
     fn partial_frames_wait_and_bad_lengths_fail() {
-        let mut c = FrameCodec {
-            max_message: 64,
-            startup_phase: false,
-        };
+        let mut c = FrameCodec { max_message: 64, startup_phase: false };
         let mut buf = BytesMut::from(&b"Q\0\0\0\x09sel"[..]);
         assert!(c.decode(&mut buf).unwrap().is_none());
         buf.extend_from_slice(b"e\0");
@@ -80,14 +70,8 @@ mod tests {
         assert_eq!((m.tag(), m.body()), (b'Q', &b"sele\0"[..]));
         assert!(buf.is_empty());
         let mut bad = BytesMut::from(&b"Q\0\0\0\x02"[..]);
-        assert!(matches!(
-            c.decode(&mut bad),
-            Err(ProtocolError::BadLength(2))
-        ));
+        assert!(matches!(c.decode(&mut bad), Err(ProtocolError::BadLength(2))));
         let mut big = BytesMut::from(&b"Q\0\0\x10\0"[..]);
-        assert!(matches!(
-            c.decode(&mut big),
-            Err(ProtocolError::TooLarge { .. })
-        ));
+        assert!(matches!(c.decode(&mut big), Err(ProtocolError::TooLarge { .. })));
     }
 }

@@ -49,10 +49,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     fn new(stream: S, max_message: usize, startup_phase: bool) -> Self {
         Connection {
             stream,
-            codec: FrameCodec {
-                max_message,
-                startup_phase,
-            },
+            codec: FrameCodec { max_message, startup_phase },
             rbuf: BytesMut::with_capacity(16 * 1024),
             wbuf: BytesMut::with_capacity(16 * 1024),
         }

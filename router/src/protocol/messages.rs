@@ -22,10 +22,7 @@ pub struct Message {
 
 impl Message {
     pub fn from_raw(raw: Bytes) -> Message {
-        Message {
-            raw,
-            startup: false,
-        }
+        Message { raw, startup: false }
     }
 
     pub fn startup(raw: Bytes) -> Message {
@@ -62,10 +59,7 @@ impl Message {
     }
 
     pub fn reader(&self) -> Reader<'_> {
-        Reader {
-            buf: self.body(),
-            what: "message",
-        }
+        Reader { buf: self.body(), what: "message" }
     }
 }
 
@@ -115,11 +109,7 @@ impl<'a> Reader<'a> {
 
     /// A NUL-terminated string.
     pub fn cstr(&mut self) -> Result<&'a str, ProtocolError> {
-        let end = self
-            .buf
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or_else(|| self.bad())?;
+        let end = self.buf.iter().position(|&b| b == 0).ok_or_else(|| self.bad())?;
         let s = std::str::from_utf8(&self.buf[..end]).map_err(|_| self.bad())?;
         self.buf = &self.buf[end + 1..];
         Ok(s)
@@ -160,10 +150,7 @@ impl Startup {
         Ok(match code {
             SSL_REQUEST => Startup::Ssl,
             GSSENC_REQUEST => Startup::GssEnc,
-            CANCEL_REQUEST => Startup::Cancel {
-                pid: r.i32()?,
-                key: r.i32()?,
-            },
+            CANCEL_REQUEST => Startup::Cancel { pid: r.i32()?, key: r.i32()? },
             PROTOCOL_V3 => {
                 let mut params = Vec::new();
                 loop {
@@ -199,11 +186,7 @@ impl<'a> Parse<'a> {
         for _ in 0..n {
             param_types.push(r.i32()?);
         }
-        Ok(Parse {
-            name,
-            query,
-            param_types,
-        })
+        Ok(Parse { name, query, param_types })
     }
 }
 
@@ -233,13 +216,7 @@ impl<'a> Bind<'a> {
         for _ in 0..np {
             params.push(r.value()?);
         }
-        Ok(Bind {
-            portal,
-            statement,
-            param_formats,
-            params,
-            tail: r.remaining(),
-        })
+        Ok(Bind { portal, statement, param_formats, params, tail: r.remaining() })
     }
 
     /// 0 for text, 1 for binary, per the formats rule of the protocol.
@@ -276,9 +253,7 @@ pub fn target_and_name(m: &Message) -> Result<(u8, &str), ProtocolError> {
     let mut r = Reader::new(m.body(), "Describe/Close");
     let kind = r.u8()?;
     if kind != b'S' && kind != b'P' {
-        return Err(ProtocolError::Malformed {
-            what: "Describe/Close",
-        });
+        return Err(ProtocolError::Malformed { what: "Describe/Close" });
     }
     Ok((kind, r.cstr()?))
 }
@@ -312,12 +287,7 @@ pub fn error_fields(m: &Message) -> Vec<(u8, String)> {
 /// SQLSTATE and message of an `ErrorResponse`, for logs and errors of our own.
 pub fn error_summary(m: &Message) -> (String, String) {
     let f = error_fields(m);
-    let get = |c: u8| {
-        f.iter()
-            .find(|(k, _)| *k == c)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
+    let get = |c: u8| f.iter().find(|(k, _)| *k == c).map(|(_, v)| v.clone()).unwrap_or_default();
     (get(b'C'), get(b'M'))
 }
 
@@ -475,11 +445,7 @@ pub fn startup_message(params: &[(&str, &str)]) -> Bytes {
 }
 
 pub fn cancel_request(pid: i32, key: i32) -> Bytes {
-    Builder::untagged()
-        .i32(CANCEL_REQUEST)
-        .i32(pid)
-        .i32(key)
-        .finish()
+    Builder::untagged().i32(CANCEL_REQUEST).i32(pid).i32(key).finish()
 }
 
 /// A column of a `RowDescription` the router writes itself.
@@ -493,13 +459,7 @@ pub fn row_description(cols: &[Column<'_>]) -> Bytes {
     let mut b = Builder::new(b'T');
     b.i16(cols.len() as i16);
     for c in cols {
-        b.cstr(c.name)
-            .i32(0)
-            .i16(0)
-            .i32(c.type_oid)
-            .i16(c.type_size)
-            .i32(-1)
-            .i16(0);
+        b.cstr(c.name).i32(0).i16(0).i32(c.type_oid).i16(c.type_size).i32(-1).i16(0);
     }
     b.finish()
 }
@@ -565,15 +525,9 @@ mod tests {
     fn builder_sets_length_for_tagged_and_untagged() {
         let q = query("select 1");
         assert_eq!(q[0], b'Q');
-        assert_eq!(
-            i32::from_be_bytes([q[1], q[2], q[3], q[4]]) as usize,
-            q.len() - 1
-        );
+        assert_eq!(i32::from_be_bytes([q[1], q[2], q[3], q[4]]) as usize, q.len() - 1);
         let s = startup_message(&[("user", "u")]);
-        assert_eq!(
-            i32::from_be_bytes([s[0], s[1], s[2], s[3]]) as usize,
-            s.len()
-        );
+        assert_eq!(i32::from_be_bytes([s[0], s[1], s[2], s[3]]) as usize, s.len());
         let c = cancel_request(1, 2);
         assert_eq!(c.len(), 16);
     }
@@ -581,14 +535,7 @@ mod tests {
     #[test]
     fn bind_round_trips_with_a_new_statement_name() {
         let mut b = Builder::new(b'B');
-        b.cstr("")
-            .cstr("s1")
-            .i16(1)
-            .i16(1)
-            .i16(2)
-            .i32(8)
-            .bytes(&42i64.to_be_bytes())
-            .i32(-1);
+        b.cstr("").cstr("s1").i16(1).i16(1).i16(2).i32(8).bytes(&42i64.to_be_bytes()).i32(-1);
         b.i16(1).i16(0);
         let m = Message::from_raw(b.finish());
         let bind = Bind::parse(&m).unwrap();
@@ -605,15 +552,7 @@ mod tests {
 
     #[test]
     fn truncated_bind_is_malformed_not_a_panic() {
-        let m = Message::from_raw(
-            Builder::new(b'B')
-                .cstr("")
-                .cstr("s")
-                .i16(0)
-                .i16(3)
-                .i32(100)
-                .finish(),
-        );
+        let m = Message::from_raw(Builder::new(b'B').cstr("").cstr("s").i16(0).i16(3).i32(100).finish());
         assert!(Bind::parse(&m).is_err());
     }
 }

@@ -126,22 +126,11 @@ pub fn analyze(sql: &str, key_column: &str) -> Result<Analysis, String> {
             continue;
         };
         let start = raw.stmt_location.max(0) as usize;
-        let end = if raw.stmt_len == 0 {
-            sql.len()
-        } else {
-            start + raw.stmt_len as usize
-        };
-        let text = sql
-            .get(start..end.min(sql.len()))
-            .unwrap_or(sql)
-            .trim()
-            .to_string();
+        let end = if raw.stmt_len == 0 { sql.len() } else { start + raw.stmt_len as usize };
+        let text = sql.get(start..end.min(sql.len())).unwrap_or(sql).trim().to_string();
         statements.push(statement(node, text, key_column));
     }
-    Ok(Analysis {
-        statements,
-        comment_key: comment_key(sql, key_column),
-    })
+    Ok(Analysis { statements, comment_key: comment_key(sql, key_column) })
 }
 
 fn statement(node: &N, text: String, key_column: &str) -> Statement {
@@ -196,12 +185,7 @@ fn statement(node: &N, text: String, key_column: &str) -> Statement {
                 _ => None,
             };
             if let Some(rows) = rows {
-                s.insert = Some(InsertInfo {
-                    table,
-                    columns,
-                    rows,
-                    has_returning: ins.returning_clause.is_some(),
-                });
+                s.insert = Some(InsertInfo { table, columns, rows, has_returning: ins.returning_clause.is_some() });
             }
         }
         N::UpdateStmt(upd) => {
@@ -229,9 +213,7 @@ fn statement(node: &N, text: String, key_column: &str) -> Statement {
                 T::TransStmtBegin | T::TransStmtStart => TxnControl::Begin,
                 T::TransStmtCommit => TxnControl::Commit,
                 T::TransStmtRollback => TxnControl::Rollback,
-                T::TransStmtSavepoint | T::TransStmtRelease | T::TransStmtRollbackTo => {
-                    TxnControl::Savepoint
-                }
+                T::TransStmtSavepoint | T::TransStmtRelease | T::TransStmtRollbackTo => TxnControl::Savepoint,
                 _ => TxnControl::TwoPhase,
             });
         }
@@ -250,12 +232,8 @@ fn statement(node: &N, text: String, key_column: &str) -> Statement {
             use protobuf::VariableSetKind as V;
             let name = v.name.to_ascii_lowercase();
             s.kind = match V::try_from(v.kind).unwrap_or(V::Undefined) {
-                V::VarSetValue | V::VarSetCurrent => {
-                    StatementKind::SetVar(SettingChange::Set { name })
-                }
-                V::VarSetDefault | V::VarReset => {
-                    StatementKind::SetVar(SettingChange::Reset { name })
-                }
+                V::VarSetValue | V::VarSetCurrent => StatementKind::SetVar(SettingChange::Set { name }),
+                V::VarSetDefault | V::VarReset => StatementKind::SetVar(SettingChange::Reset { name }),
                 V::VarResetAll => StatementKind::SetVar(SettingChange::ResetAll),
                 // SET TRANSACTION … and friends: scoped to the transaction.
                 _ => StatementKind::Session,
@@ -388,10 +366,7 @@ fn value_expr(n: &Node) -> Option<KeyExpr> {
         N::AConst(c) => match c.val.as_ref()? {
             a_const::Val::Ival(i) => Some(KeyExpr::Literal(i.ival.to_string())),
             a_const::Val::Fval(f) => Some(KeyExpr::Literal(f.fval.clone())),
-            a_const::Val::Sval(s) => Some(KeyExpr::Literal(format!(
-                "'{}'",
-                s.sval.replace('\'', "''")
-            ))),
+            a_const::Val::Sval(s) => Some(KeyExpr::Literal(format!("'{}'", s.sval.replace('\'', "''")))),
             _ => None,
         },
         N::ParamRef(p) if p.number >= 1 => Some(KeyExpr::Param(p.number as usize - 1)),
@@ -409,16 +384,8 @@ impl KeyFinder<'_> {
     fn select_keys(&self, sel: &protobuf::SelectStmt) -> KeyCandidates {
         if sel.op > 1 {
             // UNION/INTERSECT/EXCEPT: both sides must name keys.
-            let l = sel
-                .larg
-                .as_deref()
-                .map(|s| self.select_keys(s))
-                .unwrap_or_default();
-            let r = sel
-                .rarg
-                .as_deref()
-                .map(|s| self.select_keys(s))
-                .unwrap_or_default();
+            let l = sel.larg.as_deref().map(|s| self.select_keys(s)).unwrap_or_default();
+            let r = sel.rarg.as_deref().map(|s| self.select_keys(s)).unwrap_or_default();
             return union(l, r);
         }
         let mut keys = self.where_keys(sel.where_clause.as_deref());
@@ -472,13 +439,9 @@ impl KeyFinder<'_> {
                 match K::try_from(e.kind).unwrap_or(K::Undefined) {
                     K::AexprOp if op == Some("=") => {
                         if self.is_key_column(l) {
-                            value_expr(r)
-                                .map(|v| KeyCandidates::Any(vec![v]))
-                                .unwrap_or_default()
+                            value_expr(r).map(|v| KeyCandidates::Any(vec![v])).unwrap_or_default()
                         } else if self.is_key_column(r) {
-                            value_expr(l)
-                                .map(|v| KeyCandidates::Any(vec![v]))
-                                .unwrap_or_default()
+                            value_expr(l).map(|v| KeyCandidates::Any(vec![v])).unwrap_or_default()
                         } else {
                             KeyCandidates::None
                         }
@@ -496,11 +459,7 @@ impl KeyFinder<'_> {
             N::BoolExpr(b) => {
                 use protobuf::BoolExprType as B;
                 match B::try_from(b.boolop).unwrap_or(B::Undefined) {
-                    B::AndExpr => b
-                        .args
-                        .iter()
-                        .map(|a| self.where_keys(Some(a)))
-                        .fold(KeyCandidates::None, intersect),
+                    B::AndExpr => b.args.iter().map(|a| self.where_keys(Some(a))).fold(KeyCandidates::None, intersect),
                     B::OrExpr => {
                         let mut all = Vec::new();
                         for a in &b.args {
@@ -564,9 +523,7 @@ impl Walker {
                     }
                 }
                 pg_query::NodeRef::CommonTableExpr(c) => self.ctes.push(c.ctename.clone()),
-                pg_query::NodeRef::ParamRef(p) => {
-                    self.max_param = self.max_param.max(p.number.max(0) as usize)
-                }
+                pg_query::NodeRef::ParamRef(p) => self.max_param = self.max_param.max(p.number.max(0) as usize),
                 _ => {}
             }
         }
@@ -612,30 +569,18 @@ mod tests {
 
     #[test]
     fn key_from_where_equality_qualified_or_not() {
-        assert_eq!(
-            one("select * from orders where tenant_id = 5").keys,
-            KeyCandidates::Any(vec![lit("5")])
-        );
-        assert_eq!(
-            one("select * from orders o where 5 = o.tenant_id").keys,
-            KeyCandidates::Any(vec![lit("5")])
-        );
+        assert_eq!(one("select * from orders where tenant_id = 5").keys, KeyCandidates::Any(vec![lit("5")]));
+        assert_eq!(one("select * from orders o where 5 = o.tenant_id").keys, KeyCandidates::Any(vec![lit("5")]));
         assert_eq!(
             one("select * from orders where id = 3 and tenant_id = $2").keys,
             KeyCandidates::Any(vec![KeyExpr::Param(1)])
         );
-        assert_eq!(
-            one("select * from orders where tenant_id = 'a''b'").keys,
-            KeyCandidates::Any(vec![lit("'a''b'")])
-        );
+        assert_eq!(one("select * from orders where tenant_id = 'a''b'").keys, KeyCandidates::Any(vec![lit("'a''b'")]));
         assert_eq!(
             one("select * from orders where tenant_id = 9999999999").keys,
             KeyCandidates::Any(vec![lit("9999999999")])
         );
-        assert_eq!(
-            one("select * from orders where tenant_id = -7").keys,
-            KeyCandidates::Any(vec![lit("-7")])
-        );
+        assert_eq!(one("select * from orders where tenant_id = -7").keys, KeyCandidates::Any(vec![lit("-7")]));
     }
 
     #[test]
@@ -649,25 +594,19 @@ mod tests {
             KeyCandidates::Any(vec![lit("1"), lit("2")])
         );
         // One arm of the OR is unrestricted, so the whole is.
-        assert_eq!(
-            one("select * from orders where tenant_id = 1 or id = 2").keys,
-            KeyCandidates::None
-        );
+        assert_eq!(one("select * from orders where tenant_id = 1 or id = 2").keys, KeyCandidates::None);
     }
 
     #[test]
     fn key_in_join_condition() {
-        let s = one(
-            "select * from orders o join items i on i.tenant_id = o.tenant_id and o.tenant_id = 4",
-        );
+        let s = one("select * from orders o join items i on i.tenant_id = o.tenant_id and o.tenant_id = 4");
         assert_eq!(s.keys, KeyCandidates::Any(vec![lit("4")]));
         assert_eq!(s.tables, vec!["orders", "items"]);
     }
 
     #[test]
     fn insert_rows_are_kept_per_row() {
-        let s =
-            one("insert into orders (tenant_id, id, total) values (1, 10, 5.5), ($1, 11, now())");
+        let s = one("insert into orders (tenant_id, id, total) values (1, 10, 5.5), ($1, 11, now())");
         let ins = s.insert.unwrap();
         assert_eq!(ins.columns.unwrap(), vec!["tenant_id", "id", "total"]);
         assert_eq!(ins.rows[0][0], Some(lit("1")));
@@ -678,18 +617,11 @@ mod tests {
 
     #[test]
     fn several_statements_keep_their_own_text() {
-        let a = analyze(
-            "begin; update orders set total = 1 where tenant_id = 3; commit",
-            "tenant_id",
-        )
-        .unwrap();
+        let a = analyze("begin; update orders set total = 1 where tenant_id = 3; commit", "tenant_id").unwrap();
         let kinds: Vec<_> = a.statements.iter().map(|s| s.kind.clone()).collect();
         assert_eq!(kinds[0], StatementKind::Txn(TxnControl::Begin));
         assert_eq!(kinds[1], StatementKind::Update);
-        assert_eq!(
-            a.statements[1].text,
-            "update orders set total = 1 where tenant_id = 3"
-        );
+        assert_eq!(a.statements[1].text, "update orders set total = 1 where tenant_id = 3");
         assert_eq!(kinds[2], StatementKind::Txn(TxnControl::Commit));
     }
 
@@ -697,82 +629,44 @@ mod tests {
     fn comment_and_set_give_keys() {
         let a = analyze("/* tenant_id=42 */ select * from orders", "tenant_id").unwrap();
         assert_eq!(a.comment_key.as_deref(), Some("42"));
-        assert_eq!(
-            one("set shardgate.tenant = 17").kind,
-            StatementKind::SetTenant(Some("17".into()))
-        );
-        assert_eq!(
-            one("set shardgate.tenant = 'acme'").kind,
-            StatementKind::SetTenant(Some("acme".into()))
-        );
-        assert_eq!(
-            one("reset shardgate.tenant").kind,
-            StatementKind::SetTenant(None)
-        );
+        assert_eq!(one("set shardgate.tenant = 17").kind, StatementKind::SetTenant(Some("17".into())));
+        assert_eq!(one("set shardgate.tenant = 'acme'").kind, StatementKind::SetTenant(Some("acme".into())));
+        assert_eq!(one("reset shardgate.tenant").kind, StatementKind::SetTenant(None));
     }
 
     #[test]
     fn session_settings_are_recognised() {
         assert_eq!(
             one("set search_path to app, public").kind,
-            StatementKind::SetVar(SettingChange::Set {
-                name: "search_path".into()
-            })
+            StatementKind::SetVar(SettingChange::Set { name: "search_path".into() })
         );
         assert_eq!(
             one("SET TimeZone = 'UTC'").kind,
-            StatementKind::SetVar(SettingChange::Set {
-                name: "timezone".into()
-            })
+            StatementKind::SetVar(SettingChange::Set { name: "timezone".into() })
         );
-        assert_eq!(
-            one("reset work_mem").kind,
-            StatementKind::SetVar(SettingChange::Reset {
-                name: "work_mem".into()
-            })
-        );
+        assert_eq!(one("reset work_mem").kind, StatementKind::SetVar(SettingChange::Reset { name: "work_mem".into() }));
         assert_eq!(
             one("set work_mem to default").kind,
-            StatementKind::SetVar(SettingChange::Reset {
-                name: "work_mem".into()
-            })
+            StatementKind::SetVar(SettingChange::Reset { name: "work_mem".into() })
         );
-        assert_eq!(
-            one("reset all").kind,
-            StatementKind::SetVar(SettingChange::ResetAll)
-        );
-        assert_eq!(
-            one("discard all").kind,
-            StatementKind::SetVar(SettingChange::ResetAll)
-        );
-        assert_eq!(
-            one("set local work_mem = '1MB'").kind,
-            StatementKind::Session
-        );
-        assert_eq!(
-            one("set transaction isolation level serializable").kind,
-            StatementKind::Session
-        );
+        assert_eq!(one("reset all").kind, StatementKind::SetVar(SettingChange::ResetAll));
+        assert_eq!(one("discard all").kind, StatementKind::SetVar(SettingChange::ResetAll));
+        assert_eq!(one("set local work_mem = '1MB'").kind, StatementKind::Session);
+        assert_eq!(one("set transaction isolation level serializable").kind, StatementKind::Session);
     }
 
     #[test]
     fn create_table_with_key_column_is_sharded() {
-        let s =
-            one("create table orders (tenant_id bigint, id bigint, primary key (tenant_id, id))");
+        let s = one("create table orders (tenant_id bigint, id bigint, primary key (tenant_id, id))");
         assert_eq!(s.kind, StatementKind::Ddl);
         assert_eq!(s.creates_sharded.as_deref(), Some("orders"));
-        assert_eq!(
-            one("create table countries (code text)").creates_sharded,
-            None
-        );
+        assert_eq!(one("create table countries (code text)").creates_sharded, None);
     }
 
     #[test]
     fn copy_options_are_read() {
         let s = one("copy orders (tenant_id, id) from stdin with (format csv, header true)");
-        let StatementKind::Copy(c) = s.kind else {
-            panic!()
-        };
+        let StatementKind::Copy(c) = s.kind else { panic!() };
         assert!(c.from_stdin);
         assert_eq!(c.format, CopyFormat::Csv);
         assert!(c.header);

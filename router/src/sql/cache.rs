@@ -18,11 +18,7 @@ pub struct AnalysisCache {
 
 impl AnalysisCache {
     pub fn new(key_column: impl Into<String>, capacity: usize) -> Self {
-        AnalysisCache {
-            key_column: key_column.into(),
-            capacity: capacity.max(1),
-            map: Mutex::new(HashMap::new()),
-        }
+        AnalysisCache { key_column: key_column.into(), capacity: capacity.max(1), map: Mutex::new(HashMap::new()) }
     }
 
     /// The analysis of `sql`, parsing it on a miss. A parse error is not cached:

@@ -11,7 +11,7 @@ mod analyze;
 mod cache;
 
 pub use analyze::{
-    analyze, Analysis, CopyFormat, CopyInfo, InsertInfo, KeyCandidates, KeyExpr, SettingChange,
-    Statement, StatementKind, TxnControl,
+    analyze, Analysis, CopyFormat, CopyInfo, InsertInfo, KeyCandidates, KeyExpr, SettingChange, Statement,
+    StatementKind, TxnControl,
 };
 pub use cache::AnalysisCache;

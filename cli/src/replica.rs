@@ -1,0 +1,52 @@
+//! Starting a directory replica (raft node + TCP transport) from settings.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use shardgate_directory::replica::{Node, NodeConfig, TcpTransport};
+use shardgate_directory::Directory;
+
+pub struct ReplicaSpec {
+    pub id: u64,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub token: String,
+    pub peers: Vec<(u64, SocketAddr)>,
+    /// Founding voters, when starting a new cluster.
+    pub bootstrap: Option<Vec<u64>>,
+    pub initial: Directory,
+}
+
+pub async fn start(spec: ReplicaSpec) -> Result<(Node, Arc<TcpTransport>)> {
+    if spec.id == 0 {
+        bail!("directory node_id must be a positive integer");
+    }
+    let listener = tokio::net::TcpListener::bind(spec.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} for the directory's raft traffic", spec.listen))?;
+    let transport = TcpTransport::new(&spec.token);
+    for (id, addr) in &spec.peers {
+        transport.set_peer(*id, *addr);
+    }
+    let mut cfg = NodeConfig::new(spec.id, spec.data_dir.clone(), spec.initial);
+    cfg.founding_voters = spec.bootstrap;
+    cfg.tick = Duration::from_millis(50);
+    let node = Node::start(cfg, transport.clone())
+        .with_context(|| format!("cannot start directory node {} in {}", spec.id, spec.data_dir.display()))?;
+    transport.serve(listener, node.clone());
+    Ok((node, transport))
+}
+
+/// Waits until the replica knows a leader, so that a fresh `up` or `serve` does
+/// not refuse its first writes while the first election runs.
+pub async fn wait_for_leader(node: &Node, within: Duration) -> Result<()> {
+    let mut rx = node.watch_status();
+    tokio::time::timeout(within, rx.wait_for(|s| s.leader.is_some())).await.map(|_| ()).map_err(|_| {
+        anyhow::anyhow!(
+            "the directory elected no leader within {within:?}; are a majority of its nodes running and reachable?"
+        )
+    })
+}
