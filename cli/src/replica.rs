@@ -40,13 +40,16 @@ pub async fn start(spec: ReplicaSpec) -> Result<(Node, Arc<TcpTransport>)> {
     Ok((node, transport))
 }
 
-/// Waits until the replica knows a leader, so that a fresh `up` or `serve` does
+/// Waits until the replica knows a leader and has heard from it, so that a fresh `up` or `serve` does
 /// not refuse its first writes while the first election runs.
 pub async fn wait_for_leader(node: &Node, within: Duration) -> Result<()> {
     let mut rx = node.watch_status();
-    tokio::time::timeout(within, rx.wait_for(|s| s.leader.is_some())).await.map(|_| ()).map_err(|_| {
-        anyhow::anyhow!(
-            "the directory elected no leader within {within:?}; are a majority of its nodes running and reachable?"
-        )
-    })
+    tokio::time::timeout(within, rx.wait_for(|s| s.leader.is_some() && s.last_contact.is_some()))
+        .await
+        .map(|_| ())
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the directory elected no leader within {within:?}; are a majority of its nodes running and reachable?"
+            )
+        })
 }

@@ -296,11 +296,15 @@ impl Replica {
     }
 
     fn step(&mut self, m: Message) {
-        if m.from == self.raw.raft.leader_id && m.from != 0 {
-            self.last_contact = Some(Instant::now());
-        }
+        let from = m.from;
         if let Err(e) = self.raw.step(m) {
             tracing::debug!(node = self.id, error = %e, "raft message dropped");
+            return;
+        }
+        // Contact with the leader (checked after the step, so that the message
+        // that announces a new leader counts too).
+        if from != 0 && from == self.raw.raft.leader_id {
+            self.last_contact = Some(Instant::now());
         }
     }
 

@@ -1,0 +1,136 @@
+//! Routers on the replicated directory: placements flip on every router without a
+//! network call per query, and a router cut off from the quorum refuses writes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shardgate_directory::replica::{Node, NodeConfig, TcpTransport};
+use shardgate_directory::state::Command;
+use shardgate_directory::{Directory, KeyType, Shard, ShardState, TenantKey};
+use shardgate_localpg::TestCluster;
+use shardgate_router::backend::ShardAddress;
+use shardgate_router::config::RouterConfig;
+use shardgate_tests::{connect, sqlstate};
+
+struct Replicated {
+    cluster: TestCluster,
+    nodes: Vec<Node>,
+    transports: Vec<Arc<TcpTransport>>,
+    routers: Vec<shardgate_router::server::RouterHandle>,
+    _tmp: tempfile::TempDir,
+}
+
+async fn start(lease: Duration) -> Replicated {
+    let cluster = TestCluster::start(2).await.unwrap();
+    let mut shards = Vec::new();
+    let mut addrs = Vec::new();
+    for (i, s) in cluster.servers().iter().enumerate() {
+        let a = ShardAddress::from_url(&s.url("app")).unwrap();
+        shards.push(Shard { name: format!("shard_{i}"), url: a.display_url(), state: ShardState::Active });
+        addrs.push(a);
+    }
+    let initial = Directory::new("tenant_id", KeyType::Int, 16, shards).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut listeners = Vec::new();
+    let mut peer_addrs = HashMap::new();
+    for id in 1..=3u64 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        peer_addrs.insert(id, l.local_addr().unwrap());
+        listeners.push((id, l));
+    }
+    let (mut nodes, mut transports, mut routers) = (Vec::new(), Vec::new(), Vec::new());
+    for (id, l) in listeners {
+        let t = TcpTransport::new("t");
+        for (&p, &a) in &peer_addrs {
+            if p != id {
+                t.set_peer(p, a);
+            }
+        }
+        let mut cfg = NodeConfig::new(id, tmp.path().join(format!("n{id}")), initial.clone());
+        cfg.tick = Duration::from_millis(20);
+        cfg.founding_voters = Some(vec![1, 2, 3]);
+        let node = Node::start(cfg, t.clone()).unwrap();
+        t.serve(l, node.clone());
+        let config = RouterConfig { listen: "127.0.0.1:0".into(), ..Default::default() };
+        let router =
+            shardgate_router::server::start_replicated(config, node.clone(), lease, addrs.clone()).await.unwrap();
+        nodes.push(node);
+        transports.push(t);
+        routers.push(router);
+    }
+    for n in &nodes {
+        let mut rx = n.watch_status();
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| s.leader.is_some() && s.last_contact.is_some()))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    Replicated { cluster, nodes, transports, routers, _tmp: tmp }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placement_change_reaches_every_router_and_moves_its_traffic() {
+    let r = start(Duration::from_secs(2)).await;
+    let urls: Vec<String> = r.routers.iter().map(|x| format!("postgres://postgres@{}/app", x.local_addr)).collect();
+    let c0 = connect(&urls[0]).await;
+    c0.batch_execute("CREATE TABLE kv (tenant_id bigint, v int)").await.unwrap();
+    let dir = r.nodes[0].directory().load();
+    let tenant = 5i64;
+    let bucket = dir.bucket_of(&TenantKey::Int(tenant));
+    let home = dir.shard_for(&TenantKey::Int(tenant));
+    let other = 1 - home;
+    // Flip the bucket (as a cutover would, once data is in place) from node 2.
+    let out = r.nodes[1]
+        .propose(Command::PlaceBucket { bucket, shard: format!("shard_{other}") }, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let epoch = match out {
+        shardgate_directory::state::Outcome::Applied { epoch } => epoch,
+        o => panic!("{o:?}"),
+    };
+    for n in &r.nodes {
+        let mut rx = n.watch_status();
+        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.epoch >= epoch)).await.unwrap().unwrap();
+    }
+    // Every router now sends the tenant's writes to the new shard.
+    for (i, url) in urls.iter().enumerate() {
+        let c = connect(url).await;
+        c.execute("INSERT INTO kv VALUES ($1, $2)", &[&tenant, &(i as i32)]).await.unwrap();
+    }
+    let direct = connect(&r.cluster.servers()[other].url("app")).await;
+    let n: i64 = direct.query_one("SELECT count(*) FROM kv WHERE tenant_id = 5", &[]).await.unwrap().get(0);
+    assert_eq!(n, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_cut_off_from_the_directory_refuses_writes_and_recovers() {
+    let r = start(Duration::from_millis(400)).await;
+    let leader = r.nodes[0].status().leader.unwrap();
+    // Cut off a router whose replica is not the leader.
+    let idx = r.nodes.iter().position(|n| n.id != leader).unwrap();
+    let url = format!("postgres://postgres@{}/app", r.routers[idx].local_addr);
+    let c = connect(&url).await;
+    c.batch_execute("CREATE TABLE kv (tenant_id bigint, v int)").await.unwrap();
+    c.execute("INSERT INTO kv VALUES (1, 1)", &[]).await.unwrap();
+    r.transports[idx].set_isolated(true);
+    let mut rx = r.nodes[idx].watch_status();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while r.nodes[idx].lease_valid(Duration::from_millis(400)) {
+        assert!(tokio::time::Instant::now() < deadline, "the lease never ran out");
+        let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
+    }
+    let err = c.execute("INSERT INTO kv VALUES (1, 2)", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "57P03");
+    assert!(err.as_db_error().unwrap().message().contains("directory unreachable"), "{err:?}");
+    // Reads go on from the last known placement.
+    let n: i64 = c.query_one("SELECT count(*) FROM kv WHERE tenant_id = 1", &[]).await.unwrap().get(0);
+    assert_eq!(n, 1);
+    r.transports[idx].set_isolated(false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !r.nodes[idx].lease_valid(Duration::from_millis(400)) {
+        assert!(tokio::time::Instant::now() < deadline, "the lease never came back");
+        let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
+    }
+    c.execute("INSERT INTO kv VALUES (1, 3)", &[]).await.unwrap();
+}
