@@ -15,6 +15,7 @@ pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod config;
+pub mod console;
 pub mod context;
 pub mod copy;
 pub mod error;

@@ -252,6 +252,12 @@ async fn handle_client(stream: TcpStream, ctx: Arc<RouterContext>) -> Result<(),
     conn.queue(&messages::backend_key_data(pid, secret));
     conn.queue(&messages::ready_for_query(b'I'));
     conn.flush().await?;
+    let database = params.iter().find(|(k, _)| k == "database").map(|(_, v)| v.as_str()).unwrap_or("");
+    if database == "shardgate" {
+        let result = crate::console::serve(&ctx, &mut conn).await;
+        drop(slot);
+        return result;
+    }
     let session = Session::new(ctx.clone(), conn, (pid, secret)).with_startup_settings(&params);
     let result = session.run().await;
     drop(slot);

@@ -134,3 +134,30 @@ async fn a_router_cut_off_from_the_directory_refuses_writes_and_recovers() {
     }
     c.execute("INSERT INTO kv VALUES (1, 3)", &[]).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_console_shows_shards_buckets_and_the_directory() {
+    let r = start(Duration::from_secs(2)).await;
+    let c = connect(&format!("postgres://postgres@{}/shardgate", r.routers[0].local_addr)).await;
+    let shards = c.simple_query("SHOW SHARDS").await.unwrap();
+    let names: Vec<String> = shards
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get("name").map(str::to_string),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(names, vec!["shard_0", "shard_1"]);
+    let buckets = c.simple_query("show buckets;").await.unwrap();
+    let n = buckets.iter().filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))).count();
+    assert_eq!(n, 16);
+    let d = c.simple_query("SHOW DIRECTORY").await.unwrap();
+    let row = d.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+        _ => None,
+    });
+    assert_eq!(row.unwrap().get("lease"), Some("valid"));
+    let err = c.simple_query("DROP TABLE x").await.unwrap_err();
+    assert_eq!(sqlstate(&err), "42601");
+    assert!(c.simple_query("SHOW ROUTERS").await.is_ok());
+}
