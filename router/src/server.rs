@@ -70,7 +70,39 @@ pub async fn start_replicated(
     shard_addresses: Vec<ShardAddress>,
 ) -> Result<RouterHandle, StartError> {
     let handle = node.directory();
-    start_with(config, handle, shard_addresses, Some((node, lease))).await
+    let router = start_with(config, handle, shard_addresses, Some((node.clone(), lease))).await?;
+    tokio::spawn(heartbeat(node, router.local_addr, router.stop.subscribe()));
+    Ok(router)
+}
+
+/// Tells the directory, once a second, that this router serves and which epoch it
+/// has applied (what `SHOW ROUTERS` and `shardgate status` list), and forgets
+/// routers silent for 30 s.
+async fn heartbeat(node: shardgate_directory::replica::Node, address: SocketAddr, mut stopped: watch::Receiver<bool>) {
+    use shardgate_directory::state::Command;
+    let id = format!("router-{}", node.id);
+    let mut ticker = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut beats = 0u64;
+    loop {
+        tokio::select! {
+            _ = stopped.changed() => return,
+            _ = ticker.tick() => {}
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let applied_epoch = node.status().epoch;
+        let beat =
+            Command::Heartbeat { router: id.clone(), address: address.to_string(), applied_epoch, at_ms: now_ms };
+        // A lost heartbeat is harmless: the next one follows in a second.
+        let _ = node.propose(beat, std::time::Duration::from_secs(1)).await;
+        beats += 1;
+        if beats % 10 == 0 && node.status().is_leader {
+            let expire = Command::ExpireRouters { before_ms: now_ms.saturating_sub(30_000) };
+            let _ = node.propose(expire, std::time::Duration::from_secs(1)).await;
+        }
+    }
 }
 
 async fn start_with(

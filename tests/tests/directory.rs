@@ -159,5 +159,14 @@ async fn the_admin_console_shows_shards_buckets_and_the_directory() {
     assert_eq!(row.unwrap().get("lease"), Some("valid"));
     let err = c.simple_query("DROP TABLE x").await.unwrap_err();
     assert_eq!(sqlstate(&err), "42601");
-    assert!(c.simple_query("SHOW ROUTERS").await.is_ok());
+    // Every router reports itself through the directory.
+    let mut rx = r.nodes[0].watch_status();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while r.nodes[0].directory().load().routers.len() < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "routers never reported");
+        let _ = tokio::time::timeout(Duration::from_millis(200), rx.changed()).await;
+    }
+    let routers = c.simple_query("SHOW ROUTERS").await.unwrap();
+    let n = routers.iter().filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))).count();
+    assert_eq!(n, 3);
 }
