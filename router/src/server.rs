@@ -98,7 +98,7 @@ async fn heartbeat(node: shardgate_directory::replica::Node, address: SocketAddr
         // A lost heartbeat is harmless: the next one follows in a second.
         let _ = node.propose(beat, std::time::Duration::from_secs(1)).await;
         beats += 1;
-        if beats % 10 == 0 && node.status().is_leader {
+        if beats.is_multiple_of(10) && node.status().is_leader {
             let expire = Command::ExpireRouters { before_ms: now_ms.saturating_sub(30_000) };
             let _ = node.propose(expire, std::time::Duration::from_secs(1)).await;
         }
