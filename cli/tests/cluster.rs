@@ -1,0 +1,185 @@
+//! Three `shardgate serve` processes with replicated directory replicas, on real
+//! Postgres servers: kill -9 the directory leader while clients write through the
+//! other routers; a new leader is elected, changes commit, and nothing stops.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use shardgate_localpg::TestCluster;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct NodePorts {
+    router: u16,
+    admin: u16,
+    raft: u16,
+}
+
+struct Proc {
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_config(dir: &Path, id: u64, ports: &[NodePorts], shard_urls: &[String]) -> std::path::PathBuf {
+    let me = &ports[id as usize - 1];
+    let mut toml = format!(
+        "[router]\nlisten = \"127.0.0.1:{}\"\n\n[admin]\nlisten = \"127.0.0.1:{}\"\ntoken = \"adm\"\n\n[cluster]\nbuckets = 32\n\n",
+        me.router, me.admin
+    );
+    for (i, url) in shard_urls.iter().enumerate() {
+        toml.push_str(&format!("[[shards]]\nname = \"shard_{i}\"\nurl = \"{url}\"\n\n"));
+    }
+    toml.push_str(&format!(
+        "[directory]\nnode_id = {id}\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ntoken = \"raft-secret\"\nbootstrap = true\n",
+        me.raft,
+        dir.join(format!("node{id}")).display()
+    ));
+    for (j, p) in ports.iter().enumerate() {
+        if j as u64 + 1 != id {
+            toml.push_str(&format!("\n[[directory.peers]]\nid = {}\naddress = \"127.0.0.1:{}\"\n", j + 1, p.raft));
+        }
+    }
+    let path = dir.join(format!("node{id}.toml"));
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+fn start(config: &Path) -> Proc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shardgate"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("serve prints a line").unwrap();
+    assert!(first.starts_with("ready: "), "{first}");
+    Proc { child }
+}
+
+fn admin_get(port: u16, path: &str) -> Option<Value> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nauthorization: Bearer adm\r\nconnection: close\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    serde_json::from_str(text.split_once("\r\n\r\n")?.1).ok()
+}
+
+fn leader_seen_by(port: u16) -> Option<u64> {
+    admin_get(port, "/status")?["replica"]["leader"].as_u64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_directory_leader_elects_another_and_routing_never_stops() {
+    let pg = TestCluster::start(2).await.unwrap();
+    let urls: Vec<String> = pg.servers().iter().map(|s| s.url("app")).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let ports: Vec<NodePorts> =
+        (0..3).map(|_| NodePorts { router: free_port(), admin: free_port(), raft: free_port() }).collect();
+    let configs: Vec<_> = (1..=3).map(|id| write_config(tmp.path(), id, &ports, &urls)).collect();
+    let mut procs: Vec<Option<Proc>> = configs.iter().map(|c| Some(start(c))).collect();
+
+    let leader = leader_seen_by(ports[0].admin).expect("a leader after start");
+    let router_url = |i: usize| format!("postgres://postgres@127.0.0.1:{}/app", ports[i].router);
+    let (setup, conn) = tokio_postgres::connect(&router_url(0), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    setup.batch_execute("CREATE TABLE t (tenant_id bigint, seq bigint, PRIMARY KEY (tenant_id, seq))").await.unwrap();
+
+    // Writers on the two routers whose replicas are not the leader.
+    let survivors: Vec<usize> = (0..3).filter(|i| *i as u64 + 1 != leader).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for (w, &i) in survivors.iter().enumerate() {
+        let (c, conn) = tokio_postgres::connect(&router_url(i), tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut seq = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && seq < 5000 {
+                seq += 1;
+                let tenant = (seq % 20) + 100 * w as i64;
+                c.execute("INSERT INTO t VALUES ($1, $2)", &[&tenant, &seq])
+                    .await
+                    .expect("a write failed during failover");
+                acked.push((tenant, seq));
+            }
+            acked
+        }));
+    }
+    // kill -9 the leader.
+    let killed_at = Instant::now();
+    let mut dead = procs[leader as usize - 1].take().unwrap();
+    unsafe { libc::kill(dead.child.id() as i32, libc::SIGKILL) };
+    let _ = dead.child.wait();
+    drop(dead);
+    let watcher = ports[survivors[0]].admin;
+    let new_leader = loop {
+        if let Some(l) = leader_seen_by(watcher).filter(|l| *l != leader) {
+            break l;
+        }
+        assert!(killed_at.elapsed() < Duration::from_secs(10), "no new leader");
+        tokio::task::yield_now().await;
+    };
+    let failover = killed_at.elapsed();
+    println!("directory failover: new leader {new_leader} after {failover:?}");
+    assert!(failover < Duration::from_secs(2), "failover took {failover:?}");
+    // Directory changes keep committing.
+    let pin = |port: u16| {
+        use std::io::{Read, Write};
+        let body = r#"{"tenant":"999999","shard":"shard_1"}"#;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            s,
+            "POST /tenants/pin HTTP/1.1\r\nauthorization: Bearer adm\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    };
+    let answer = pin(ports[survivors[1]].admin);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for w in writers {
+        acked.extend(w.await.unwrap());
+    }
+    // Every acknowledged write is on its tenant's shard, exactly once.
+    let (s0, c0) = tokio_postgres::connect(&urls[0], tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(c0);
+    let (s1, c1) = tokio_postgres::connect(&urls[1], tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(c1);
+    let n0: i64 = s0.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
+    let n1: i64 = s1.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
+    assert_eq!((n0 + n1) as usize, acked.len());
+
+    // The killed node comes back and catches up.
+    procs[leader as usize - 1] = Some(start(&configs[leader as usize - 1]));
+    let target = admin_get(ports[survivors[0]].admin, "/directory").unwrap()["epoch"].as_u64().unwrap();
+    let back = ports[leader as usize - 1].admin;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let epoch = admin_get(back, "/directory").and_then(|d| d["epoch"].as_u64());
+        if epoch == Some(target) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the restarted node never caught up ({epoch:?} vs {target})");
+        tokio::task::yield_now().await;
+    }
+}
