@@ -44,6 +44,9 @@ enum Command {
     Serve {
         #[arg(long, short)]
         config: PathBuf,
+        /// Only check the configuration file and exit.
+        #[arg(long)]
+        check: bool,
     },
     /// Manage shards: add, list, drain.
     Shard {
@@ -146,7 +149,10 @@ fn main() -> std::process::ExitCode {
         Command::Directory { command: DirectoryCommand::Show { json }, admin } => {
             admin_client::Api::find(&cli.data_dir, admin.as_deref()).and_then(|api| status::directory_show(&api, json))
         }
-        Command::Serve { config } => runtime().and_then(|rt| rt.block_on(serve(config))),
+        Command::Serve { config, check: true } => config::FileConfig::load(&config)
+            .and_then(|c| c.directory().map(|_| ()))
+            .map(|()| println!("{}: ok", config.display())),
+        Command::Serve { config, check: false } => runtime().and_then(|rt| rt.block_on(serve(config))),
         Command::Up { shards, port, admin_port, buckets } => runtime().and_then(|rt| {
             rt.block_on(up::run(up::UpOptions { data_dir: cli.data_dir.clone(), shards, port, admin_port, buckets }))
         }),
@@ -174,10 +180,7 @@ async fn serve(path: PathBuf) -> Result<()> {
                 use std::net::ToSocketAddrs;
                 a.to_socket_addrs()?.next().ok_or_else(|| anyhow::anyhow!("cannot resolve {a}"))
             };
-            let mut peers = Vec::new();
-            for p in &d.peers {
-                peers.push((p.id, resolve(&p.address)?));
-            }
+            let peers = d.peers.iter().map(|p| (p.id, p.address.clone())).collect();
             let mut voters: Vec<u64> = d.peers.iter().map(|p| p.id).collect();
             voters.push(d.node_id);
             voters.sort();

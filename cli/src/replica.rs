@@ -14,7 +14,7 @@ pub struct ReplicaSpec {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub token: String,
-    pub peers: Vec<(u64, SocketAddr)>,
+    pub peers: Vec<(u64, String)>,
     /// Founding voters, when starting a new cluster.
     pub bootstrap: Option<Vec<u64>>,
     pub initial: Directory,
@@ -29,7 +29,7 @@ pub async fn start(spec: ReplicaSpec) -> Result<(Node, Arc<TcpTransport>)> {
         .with_context(|| format!("cannot listen on {} for the directory's raft traffic", spec.listen))?;
     let transport = TcpTransport::new(&spec.token);
     for (id, addr) in &spec.peers {
-        transport.set_peer(*id, *addr);
+        transport.set_peer(*id, addr.clone());
     }
     let mut cfg = NodeConfig::new(spec.id, spec.data_dir.clone(), spec.initial);
     cfg.founding_voters = spec.bootstrap;

@@ -137,7 +137,7 @@ async fn serve(
     let mut nodes = Vec::new();
     for i in 0..3usize {
         let id = i as u64 + 1;
-        let peers = (0..3).filter(|j| *j != i).map(|j| (j as u64 + 1, addr_of(j))).collect();
+        let peers = (0..3).filter(|j| *j != i).map(|j| (j as u64 + 1, addr_of(j).to_string())).collect();
         let (node, _t) = crate::replica::start(crate::replica::ReplicaSpec {
             id,
             listen: addr_of(i),

@@ -251,7 +251,7 @@ async fn replicas_over_tcp_elect_replicate_and_survive_an_isolated_node() {
         let t = TcpTransport::new("cluster-secret");
         for (&peer, &addr) in &addrs {
             if peer != id {
-                t.set_peer(peer, addr);
+                t.set_peer(peer, addr.to_string());
             }
         }
         let mut cfg = NodeConfig::new(id, dir(tmp.path(), id), initial());

@@ -44,7 +44,7 @@ async fn start(lease: Duration) -> Replicated {
         let t = TcpTransport::new("t");
         for (&p, &a) in &peer_addrs {
             if p != id {
-                t.set_peer(p, a);
+                t.set_peer(p, a.to_string());
             }
         }
         let mut cfg = NodeConfig::new(id, tmp.path().join(format!("n{id}")), initial.clone());

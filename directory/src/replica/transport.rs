@@ -8,7 +8,6 @@
 //! block the Ready loop.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -43,8 +42,11 @@ impl TcpTransport {
         })
     }
 
-    /// Adds or replaces the address of a peer.
-    pub fn set_peer(&self, id: u64, addr: SocketAddr) {
+    /// Adds or replaces the address of a peer (`host:port`, resolved at each
+    /// connection attempt, so a peer whose name does not resolve yet — a container
+    /// still starting — is simply retried).
+    pub fn set_peer(&self, id: u64, addr: impl Into<String>) {
+        let addr = addr.into();
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(sender(id, addr, rx, self.token.clone(), self.isolated.clone()));
         self.peers.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
@@ -133,7 +135,7 @@ async fn receive(mut stream: TcpStream, token: &[u8], isolated: &AtomicBool, nod
 /// backoff. Ends when the transport drops the queue.
 async fn sender(
     id: u64,
-    addr: SocketAddr,
+    addr: String,
     mut rx: mpsc::Receiver<Message>,
     token: Arc<Vec<u8>>,
     isolated: Arc<AtomicBool>,
@@ -146,7 +148,7 @@ async fn sender(
             continue;
         }
         if conn.is_none() {
-            match TcpStream::connect(addr).await {
+            match TcpStream::connect(addr.as_str()).await {
                 Ok(mut s) => {
                     s.set_nodelay(true).ok();
                     let mut hello = (token.len() as u32).to_le_bytes().to_vec();
