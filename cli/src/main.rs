@@ -195,7 +195,7 @@ async fn serve(path: PathBuf) -> Result<()> {
             })
             .await?;
             if let Err(e) = replica::wait_for_leader(&node, std::time::Duration::from_secs(10)).await {
-                eprintln!("warning: {e:#}; serving reads from the local replica meanwhile");
+                tracing::warn!("{e:#}; serving reads from the local replica meanwhile");
             }
             shardgate_router::server::start_replicated(cfg.router.clone(), node, d.lease, addrs).await?
         }
@@ -204,12 +204,23 @@ async fn serve(path: PathBuf) -> Result<()> {
         shardgate_router::admin::serve(&cfg.admin.listen, router.context.clone(), cfg.admin.token.clone())
             .await
             .with_context(|| format!("cannot listen on admin address {}", cfg.admin.listen))?;
-    println!("ready: postgres://postgres@{}/app", router.local_addr);
-    println!("admin: http://{admin_addr}/status");
+    crate::announce(&format!(
+        "ready: postgres://postgres@{}/app\nadmin: http://{admin_addr}/status",
+        router.local_addr
+    ));
     wait_for_signal().await;
-    eprintln!("shutting down");
+    tracing::info!("shutting down");
     router.shutdown().await;
     Ok(())
+}
+
+/// Prints the ready lines. A server must not die because whoever started it
+/// stopped reading its output (a closed pipe), so write errors are ignored.
+pub fn announce(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}");
+    let _ = out.flush();
 }
 
 /// SIGINT or SIGTERM.

@@ -94,7 +94,7 @@ pub async fn run(opts: UpOptions) -> Result<()> {
     let mut servers = Vec::new();
     let mut shard_entries = Vec::new();
     for (name, port) in entries {
-        eprintln!("starting Postgres {name} …");
+        tracing::info!(shard = %name, "starting Postgres");
         let dir = data_dir.join(&name);
         let mut server = Server::init(&dir, port).with_context(|| format!("cannot prepare Postgres for {name}"))?;
         server.start().with_context(|| format!("cannot start Postgres for {name}"))?;
@@ -169,10 +169,12 @@ async fn serve(
         admin_token: Some(token),
     }
     .write(data_dir)?;
-    println!("ready: postgres://postgres@{}/app", router.local_addr);
-    println!("admin: http://{admin_addr}/status");
+    crate::announce(&format!(
+        "ready: postgres://postgres@{}/app\nadmin: http://{admin_addr}/status",
+        router.local_addr
+    ));
     crate::wait_for_signal().await;
-    eprintln!("shutting down: stopping the router and the Postgres servers");
+    tracing::info!("shutting down: stopping the router and the Postgres servers");
     router.shutdown().await;
     Ok(())
 }

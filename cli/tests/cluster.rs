@@ -55,18 +55,52 @@ fn write_config(dir: &Path, id: u64, ports: &[NodePorts], shard_urls: &[String])
     path
 }
 
-fn start(config: &Path) -> Proc {
+/// Spawns a node; `ready` waits for its ready line.
+fn spawn(config: &Path) -> Proc {
+    // The node's log goes beside its config, and is printed if the test fails.
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(config.with_extension("log")).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_shardgate"))
         .args(["serve", "--config"])
         .arg(config)
+        .env("SHARDGATE_LOG", "info")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    Proc { child }
+}
+
+fn ready(p: &mut Proc) {
+    let mut lines = BufReader::new(p.child.stdout.take().unwrap()).lines();
     let first = lines.next().expect("serve prints a line").unwrap();
     assert!(first.starts_with("ready: "), "{first}");
-    Proc { child }
+}
+
+fn start(config: &Path) -> Proc {
+    let mut p = spawn(config);
+    ready(&mut p);
+    p
+}
+
+/// Prints the nodes' logs if the test fails.
+struct LogsOnFailure(std::path::PathBuf);
+
+impl Drop for LogsOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for id in 1..=3 {
+                let log = std::fs::read_to_string(self.0.join(format!("node{id}.log"))).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                let mut shown = Vec::new();
+                for (i, l) in lines.iter().enumerate() {
+                    if l.contains("panicked") || l.contains("WARN") || l.contains("ERROR") || i + 8 >= lines.len() {
+                        shown.extend(lines[i..(i + 3).min(lines.len())].iter().copied());
+                    }
+                }
+                eprintln!("--- node{id} log ---\n{}", shown.join("\n"));
+            }
+        }
+    }
 }
 
 fn admin_get(port: u16, path: &str) -> Option<Value> {
@@ -91,7 +125,13 @@ async fn killing_the_directory_leader_elects_another_and_routing_never_stops() {
     let ports: Vec<NodePorts> =
         (0..3).map(|_| NodePorts { router: free_port(), admin: free_port(), raft: free_port() }).collect();
     let configs: Vec<_> = (1..=3).map(|id| write_config(tmp.path(), id, &ports, &urls)).collect();
-    let mut procs: Vec<Option<Proc>> = configs.iter().map(|c| Some(start(c))).collect();
+    let _logs = LogsOnFailure(tmp.path().to_path_buf());
+    // All three at once: a node waits for the directory to elect a leader, which
+    // needs a majority running.
+    let mut procs: Vec<Option<Proc>> = configs.iter().map(|c| Some(spawn(c))).collect();
+    for p in procs.iter_mut().flatten() {
+        ready(p);
+    }
 
     let leader = leader_seen_by(ports[0].admin).expect("a leader after start");
     let router_url = |i: usize| format!("postgres://postgres@127.0.0.1:{}/app", ports[i].router);
@@ -118,7 +158,7 @@ async fn killing_the_directory_leader_elects_another_and_routing_never_stops() {
                     .expect("a write failed during failover");
                 acked.push((tenant, seq));
             }
-            acked
+            Ok::<_, String>(acked)
         }));
     }
     // kill -9 the leader.
@@ -158,7 +198,12 @@ async fn killing_the_directory_leader_elects_another_and_routing_never_stops() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut acked = Vec::new();
     for w in writers {
-        acked.extend(w.await.unwrap());
+        match w.await.unwrap() {
+            Ok(a) => acked.extend(a),
+            Err(e) => {
+                panic!("{e}");
+            }
+        }
     }
     // Every acknowledged write is on its tenant's shard, exactly once.
     let (s0, c0) = tokio_postgres::connect(&urls[0], tokio_postgres::NoTls).await.unwrap();

@@ -148,6 +148,7 @@ async fn losing_the_leader_elects_another_and_the_old_one_catches_up_after_resta
     let survivors: Vec<Node> = nodes.iter().filter(|n| n.id != leader).cloned().collect();
     drop(nodes);
     let s = wait_status(&survivors[0], "a new leader", |s| s.leader.is_some_and(|l| l != leader)).await;
+    wait_status(&survivors[1], "the new leader", |s| s.leader.is_some_and(|l| l != leader)).await;
     assert_ne!(s.leader, Some(leader));
     let mut epoch = 0;
     for b in 2..12 {
