@@ -59,7 +59,7 @@ fn write_config(dir: &Path, id: u64, ports: &[NodePorts], shard_urls: &[String])
 fn spawn(config: &Path) -> Proc {
     // The node's log goes beside its config, and is printed if the test fails.
     let log = std::fs::OpenOptions::new().create(true).append(true).open(config.with_extension("log")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shardgate"))
+    let child = Command::new(env!("CARGO_BIN_EXE_shardgate"))
         .args(["serve", "--config"])
         .arg(config)
         .env("SHARDGATE_LOG", "info")
