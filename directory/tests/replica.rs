@@ -285,3 +285,32 @@ async fn replicas_over_tcp_elect_replicate_and_survive_an_isolated_node() {
     use tokio::io::AsyncReadExt;
     assert_eq!(s.read(&mut buf).await.unwrap_or(0), 0, "the node closes the connection");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_joins_catches_up_becomes_a_voter_and_a_voter_leaves() {
+    use raft::prelude::ConfChangeType;
+    let c = Cluster::new(10_000);
+    let nodes: Vec<Node> = (1..=3).map(|i| c.start(i, true)).collect();
+    leader_among(&nodes).await;
+    let mut epoch = 0;
+    for b in 0..20 {
+        epoch = epoch_of(nodes[0].propose(place(b, 1), Duration::from_secs(5)).await.unwrap());
+    }
+    // Node 4 starts empty (not a founder) and is added as a learner.
+    let four = c.start(4, false);
+    nodes[1].change_membership(4, ConfChangeType::AddLearnerNode, Duration::from_secs(5)).await.unwrap();
+    wait_status(&four, "caught up as a learner", |s| s.epoch == epoch).await;
+    assert_eq!(*four.directory().load(), *nodes[0].directory().load());
+    // Promoted to voter, then node 1 leaves: the cluster of 2, 3, 4 goes on.
+    nodes[0].change_membership(4, ConfChangeType::AddNode, Duration::from_secs(5)).await.unwrap();
+    nodes[2].change_membership(1, ConfChangeType::RemoveNode, Duration::from_secs(5)).await.unwrap();
+    wait_status(&four, "membership 2, 3, 4", |s| {
+        let mut v = s.voters.clone();
+        v.sort();
+        v == vec![2, 3, 4]
+    })
+    .await;
+    c.kill(1);
+    let e = epoch_of(four.propose(place(30, 0), Duration::from_secs(10)).await.unwrap());
+    wait_status(&nodes[1], "applied after the change", |s| s.epoch >= e).await;
+}

@@ -346,6 +346,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// bucket may have moved) and reads go on from the last known placement, with
     /// a NOTICE saying so.
     fn lease_check(&mut self, analysis: &Analysis) -> Option<SqlError> {
+        if let Some((node, _)) = &self.ctx.replica {
+            if node.status().applied == 0 {
+                // A replica that joined but has not received the directory yet
+                // knows no placement at all: nothing may be routed.
+                return Some(
+                    SqlError::new("57P03", "directory not loaded yet: this router's replica is still joining".into())
+                        .hint("try again in a moment; `shardgate status` shows the replica's progress"),
+                );
+            }
+        }
         let why = self.ctx.lease_expired()?;
         let writes = analysis.statements.iter().any(|s| {
             !matches!(

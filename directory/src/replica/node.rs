@@ -113,7 +113,12 @@ pub enum NodeError {
 impl Node {
     /// Opens the node's storage, replays it, and starts the Ready loop.
     pub fn start(cfg: NodeConfig, transport: Arc<dyn Transport>) -> Result<Node, NodeError> {
-        let storage = DiskStorage::open(&cfg.dir, cfg.founding_voters.as_deref())?;
+        let storage = DiskStorage::open(&cfg.dir)?;
+        if let (Some(voters), true) = (&cfg.founding_voters, storage.is_new()) {
+            let data =
+                serde_json::to_vec(&cfg.initial).map_err(|e| NodeError::Snapshot(cfg.dir.clone(), e.to_string()))?;
+            storage.bootstrap(voters, data)?;
+        }
         let snap = storage.last_snapshot();
         let state = if snap.get_data().is_empty() {
             cfg.initial.clone()
@@ -435,7 +440,11 @@ impl Replica {
     }
 
     fn maybe_compact(&mut self) -> Result<(), NodeError> {
-        if self.applied < self.snapshot_index + self.snapshot_every {
+        let requested = self.storage.take_snapshot_request();
+        if !requested && self.applied < self.snapshot_index + self.snapshot_every {
+            return Ok(());
+        }
+        if self.applied <= self.snapshot_index && !requested {
             return Ok(());
         }
         let data = serde_json::to_vec(&self.state).map_err(|e| NodeError::Snapshot(PathBuf::new(), e.to_string()))?;

@@ -44,6 +44,9 @@ pub struct DiskStorage {
     dir: PathBuf,
     snapshot: Arc<RwLock<Snapshot>>,
     log: Arc<std::sync::Mutex<File>>,
+    /// Set when raft asked for a snapshot newer than the last one (or one that
+    /// includes a peer the last one does not know): the replica takes one.
+    wants_snapshot: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -74,9 +77,8 @@ fn encode_record(e: &Entry, out: &mut Vec<u8>) -> Result<(), StoreError> {
 }
 
 impl DiskStorage {
-    /// Opens (or creates) the storage in `dir`. A new node that is a founding voter
-    /// passes the initial voters, so that its first term can elect a leader.
-    pub fn open(dir: &Path, founding_voters: Option<&[u64]>) -> Result<DiskStorage, StoreError> {
+    /// Opens (or creates) the storage in `dir`.
+    pub fn open(dir: &Path) -> Result<DiskStorage, StoreError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let mem = MemStorage::new();
         let snap_path = dir.join("snapshot");
@@ -92,12 +94,6 @@ impl DiskStorage {
             let bytes = std::fs::read(&cs_path).map_err(io(&cs_path))?;
             let cs = ConfState::parse_from_bytes(&bytes)
                 .map_err(|e| StoreError::Damaged { path: cs_path.clone(), what: e.to_string() })?;
-            mem.wl().set_conf_state(cs);
-        } else if let (Some(voters), 0) = (founding_voters, snapshot.get_metadata().index) {
-            let cs = ConfState { voters: voters.to_vec(), ..Default::default() };
-            let bytes =
-                cs.write_to_bytes().map_err(|e| StoreError::Damaged { path: cs_path.clone(), what: e.to_string() })?;
-            write_atomically(&cs_path, &bytes)?;
             mem.wl().set_conf_state(cs);
         }
         let hs_path = dir.join("hardstate");
@@ -119,6 +115,7 @@ impl DiskStorage {
             mem,
             dir: dir.to_path_buf(),
             snapshot: Arc::new(RwLock::new(snapshot)),
+            wants_snapshot: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             log: Arc::new(std::sync::Mutex::new(
                 OpenOptions::new().create(true).append(true).open(&log_path).map_err(io(&log_path))?,
             )),
@@ -243,6 +240,29 @@ impl DiskStorage {
         self.mem.initial_state().map(|s| s.conf_state).unwrap_or_default()
     }
 
+    /// Whether raft asked for a snapshot the storage does not have (and clears it).
+    pub fn take_snapshot_request(&self) -> bool {
+        self.wants_snapshot.swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether nothing was ever stored here.
+    pub fn is_new(&self) -> bool {
+        self.last_snapshot().get_metadata().index == 0 && self.mem.last_index().unwrap_or(0) == 0
+    }
+
+    /// Starts a new cluster: the founding voters and the initial state, as a
+    /// snapshot at index 1. Every founder writes the same one; a node that joins
+    /// later starts empty and receives the leader's snapshot, membership included.
+    pub fn bootstrap(&self, voters: &[u64], data: Vec<u8>) -> Result<(), StoreError> {
+        let mut snap = Snapshot::default();
+        snap.set_data(data.into());
+        let meta = snap.mut_metadata();
+        meta.index = 1;
+        meta.term = 1;
+        meta.set_conf_state(ConfState { voters: voters.to_vec(), ..Default::default() });
+        self.apply_snapshot(snap)
+    }
+
     /// Entries in `[low, high)`, for applying committed entries at start-up.
     pub fn committed_entries(&self, low: u64, high: u64) -> Result<Vec<Entry>, StoreError> {
         if high <= low {
@@ -310,9 +330,14 @@ impl Storage for DiskStorage {
         self.mem.last_index()
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let snap = self.last_snapshot();
-        if snap.get_metadata().index < request_index {
+        let cs = snap.get_metadata().get_conf_state();
+        let knows_peer = cs.voters.contains(&to) || cs.learners.contains(&to);
+        if snap.get_metadata().index < request_index || !knows_peer {
+            // The peer would refuse a snapshot that does not list it: ask the
+            // replica for a fresh one; raft retries.
+            self.wants_snapshot.store(true, std::sync::atomic::Ordering::SeqCst);
             return Err(raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable));
         }
         Ok(snap)
@@ -332,12 +357,12 @@ mod tests {
     #[test]
     fn entries_and_hard_state_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let s = DiskStorage::open(dir.path(), Some(&[1, 2, 3])).unwrap();
+        let s = DiskStorage::open(dir.path()).unwrap();
         s.append(&[entry(1, 1, "a"), entry(2, 1, "b"), entry(3, 2, "c")]).unwrap();
         let hs = HardState { term: 2, vote: 3, commit: 2, ..Default::default() };
         s.set_hardstate(hs.clone()).unwrap();
         drop(s);
-        let s = DiskStorage::open(dir.path(), None).unwrap();
+        let s = DiskStorage::open(dir.path()).unwrap();
         assert_eq!(s.last_index().unwrap(), 3);
         assert_eq!(s.term(3).unwrap(), 2);
         assert_eq!(s.hard_state(), hs);
@@ -351,11 +376,11 @@ mod tests {
     #[test]
     fn a_conflicting_append_truncates_the_tail_on_disk_too() {
         let dir = tempfile::tempdir().unwrap();
-        let s = DiskStorage::open(dir.path(), Some(&[1])).unwrap();
+        let s = DiskStorage::open(dir.path()).unwrap();
         s.append(&[entry(1, 1, "a"), entry(2, 1, "b"), entry(3, 1, "c")]).unwrap();
         s.append(&[entry(2, 2, "B")]).unwrap();
         drop(s);
-        let s = DiskStorage::open(dir.path(), None).unwrap();
+        let s = DiskStorage::open(dir.path()).unwrap();
         assert_eq!(s.last_index().unwrap(), 2);
         assert_eq!(s.entries(2, 3, None, GetEntriesContext::empty(false)).unwrap()[0].get_data(), b"B");
     }
@@ -363,31 +388,33 @@ mod tests {
     #[test]
     fn a_torn_last_record_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        let s = DiskStorage::open(dir.path(), Some(&[1])).unwrap();
+        let s = DiskStorage::open(dir.path()).unwrap();
         s.append(&[entry(1, 1, "a"), entry(2, 1, "b")]).unwrap();
         drop(s);
         let path = dir.path().join("raft.log");
         let len = std::fs::metadata(&path).unwrap().len();
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.set_len(len - 3).unwrap();
-        let s = DiskStorage::open(dir.path(), None).unwrap();
+        let s = DiskStorage::open(dir.path()).unwrap();
         assert_eq!(s.last_index().unwrap(), 1);
     }
 
     #[test]
     fn compaction_keeps_a_snapshot_and_the_entries_after_it() {
         let dir = tempfile::tempdir().unwrap();
-        let s = DiskStorage::open(dir.path(), Some(&[1])).unwrap();
+        let s = DiskStorage::open(dir.path()).unwrap();
         s.append(&(1..=10).map(|i| entry(i, 1, "x")).collect::<Vec<_>>()).unwrap();
         s.set_commit(10).unwrap();
         s.compact(7, b"state at 7".to_vec(), ConfState { voters: vec![1], ..Default::default() }).unwrap();
         drop(s);
-        let s = DiskStorage::open(dir.path(), None).unwrap();
+        let s = DiskStorage::open(dir.path()).unwrap();
         assert_eq!(s.first_index().unwrap(), 8);
         assert_eq!(s.last_index().unwrap(), 10);
-        let snap = s.snapshot(7, 0).unwrap();
+        let snap = s.snapshot(7, 1).unwrap();
         assert_eq!(snap.get_metadata().index, 7);
         assert_eq!(snap.get_data(), b"state at 7");
-        assert!(s.snapshot(9, 0).is_err());
+        assert!(s.snapshot(9, 1).is_err());
+        assert!(s.snapshot(7, 5).is_err(), "a snapshot that does not list the peer is refused");
+        assert!(s.take_snapshot_request());
     }
 }
