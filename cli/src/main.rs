@@ -62,6 +62,13 @@ enum Command {
         #[arg(long, global = true)]
         admin: Option<String>,
     },
+    /// Manage the directory's nodes: add (as learner or voter), remove.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+        #[arg(long, global = true)]
+        admin: Option<String>,
+    },
     /// Show the replicated directory.
     Directory {
         #[command(subcommand)]
@@ -101,6 +108,21 @@ enum TenantCommand {
         #[arg(long = "to")]
         shard: String,
     },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Add a node (started with `serve` and bootstrap = false) to the directory.
+    Add {
+        id: u64,
+        /// Its raft address, host:port.
+        address: String,
+        /// Receive the log without voting (routers beyond the 3 or 5 voters).
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Remove a node from the directory's membership.
+    Remove { id: u64 },
 }
 
 #[derive(Subcommand)]
@@ -146,6 +168,19 @@ fn main() -> std::process::ExitCode {
                 Ok(())
             })
         }
+        Command::Node { command, admin } => admin_client::Api::find(&cli.data_dir, admin.as_deref()).and_then(|api| {
+            match command {
+                NodeCommand::Add { id, address, learner } => {
+                    api.post("/nodes", &serde_json::json!({ "id": id, "address": address, "learner": learner }))?;
+                    println!("node {id} added as a {}", if learner { "learner" } else { "voter" });
+                }
+                NodeCommand::Remove { id } => {
+                    api.post("/nodes/remove", &serde_json::json!({ "id": id }))?;
+                    println!("node {id} removed");
+                }
+            }
+            Ok(())
+        }),
         Command::Directory { command: DirectoryCommand::Show { json }, admin } => {
             admin_client::Api::find(&cli.data_dir, admin.as_deref()).and_then(|api| status::directory_show(&api, json))
         }
@@ -180,20 +215,21 @@ async fn serve(path: PathBuf) -> Result<()> {
                 use std::net::ToSocketAddrs;
                 a.to_socket_addrs()?.next().ok_or_else(|| anyhow::anyhow!("cannot resolve {a}"))
             };
-            let peers = d.peers.iter().map(|p| (p.id, p.address.clone())).collect();
+            let peers: Vec<(u64, String)> = d.peers.iter().map(|p| (p.id, p.address.clone())).collect();
             let mut voters: Vec<u64> = d.peers.iter().map(|p| p.id).collect();
             voters.push(d.node_id);
             voters.sort();
-            let (node, _transport) = replica::start(replica::ReplicaSpec {
+            let (node, transport) = replica::start(replica::ReplicaSpec {
                 id: d.node_id,
                 listen: resolve(&d.listen)?,
                 data_dir: d.data_dir.clone(),
                 token: d.token.clone(),
-                peers,
+                peers: Vec::clone(&peers),
                 bootstrap: d.bootstrap.then_some(voters),
                 initial: dir,
             })
             .await?;
+            replica::follow_node_addresses(node.clone(), transport, peers);
             if let Err(e) = replica::wait_for_leader(&node, std::time::Duration::from_secs(10)).await {
                 tracing::warn!("{e:#}; serving reads from the local replica meanwhile");
             }

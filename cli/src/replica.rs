@@ -53,3 +53,22 @@ pub async fn wait_for_leader(node: &Node, within: Duration) -> Result<()> {
             )
         })
 }
+
+/// Keeps the transport's peers in step with the node addresses recorded in the
+/// directory (`shardgate node add`), so every node can reach a node that joined.
+pub fn follow_node_addresses(node: Node, transport: Arc<TcpTransport>, peers: Vec<(u64, String)>) {
+    let me = node.id;
+    tokio::spawn(async move {
+        let mut known: std::collections::HashMap<u64, String> = peers.into_iter().collect();
+        let mut rx = node.watch_status();
+        while rx.changed().await.is_ok() {
+            let dir = node.directory().load();
+            for (id, addr) in &dir.nodes {
+                if *id != me && known.get(id) != Some(addr) {
+                    transport.set_peer(*id, addr.clone());
+                    known.insert(*id, addr.clone());
+                }
+            }
+        }
+    });
+}

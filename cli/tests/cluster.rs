@@ -32,6 +32,16 @@ impl Drop for Proc {
 }
 
 fn write_config(dir: &Path, id: u64, ports: &[NodePorts], shard_urls: &[String]) -> std::path::PathBuf {
+    write_node_config(dir, id, ports, shard_urls, true)
+}
+
+fn write_node_config(
+    dir: &Path,
+    id: u64,
+    ports: &[NodePorts],
+    shard_urls: &[String],
+    bootstrap: bool,
+) -> std::path::PathBuf {
     let me = &ports[id as usize - 1];
     let mut toml = format!(
         "[router]\nlisten = \"127.0.0.1:{}\"\n\n[admin]\nlisten = \"127.0.0.1:{}\"\ntoken = \"adm\"\n\n[cluster]\nbuckets = 32\n\n",
@@ -41,7 +51,7 @@ fn write_config(dir: &Path, id: u64, ports: &[NodePorts], shard_urls: &[String])
         toml.push_str(&format!("[[shards]]\nname = \"shard_{i}\"\nurl = \"{url}\"\n\n"));
     }
     toml.push_str(&format!(
-        "[directory]\nnode_id = {id}\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ntoken = \"raft-secret\"\nbootstrap = true\n",
+        "[directory]\nnode_id = {id}\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ntoken = \"raft-secret\"\nbootstrap = {bootstrap}\n",
         me.raft,
         dir.join(format!("node{id}")).display()
     ));
@@ -227,4 +237,62 @@ async fn killing_the_directory_leader_elects_another_and_routing_never_stops() {
         assert!(Instant::now() < deadline, "the restarted node never caught up ({epoch:?} vs {target})");
         tokio::task::yield_now().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_as_a_learner_catches_up_and_is_promoted() {
+    let pg = TestCluster::start(2).await.unwrap();
+    let urls: Vec<String> = pg.servers().iter().map(|s| s.url("app")).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let _logs = LogsOnFailure(tmp.path().to_path_buf());
+    let ports: Vec<NodePorts> =
+        (0..4).map(|_| NodePorts { router: free_port(), admin: free_port(), raft: free_port() }).collect();
+    let configs: Vec<_> = (1..=3).map(|id| write_config(tmp.path(), id, &ports[..3], &urls)).collect();
+    let mut procs: Vec<Proc> = configs.iter().map(|c| spawn(c)).collect();
+    for p in procs.iter_mut() {
+        ready(p);
+    }
+    // Node 4 starts empty, knowing the others; it is not a member yet.
+    let c4 = write_node_config(tmp.path(), 4, &ports, &urls, false);
+    let mut four = spawn(&c4);
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_shardgate"))
+            .args(args)
+            .args(["--admin", &format!("127.0.0.1:{}", ports[0].admin)])
+            .env("SHARDGATE_ADMIN_TOKEN", "adm")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let raft4 = format!("127.0.0.1:{}", ports[3].raft);
+    assert!(cli(&["node", "add", "4", &raft4, "--learner"]).contains("learner"));
+    ready(&mut four);
+    let target = admin_get(ports[0].admin, "/directory").unwrap()["epoch"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = admin_get(ports[3].admin, "/status");
+        let caught_up = s.as_ref().is_some_and(|s| {
+            s["epoch"].as_u64() == Some(target) && s["replica"]["applied_index"].as_u64().unwrap_or(0) > 0
+        });
+        if caught_up {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 4 never caught up: {s:?}");
+        tokio::task::yield_now().await;
+    }
+    // Its router serves.
+    let (c, conn) = tokio_postgres::connect(
+        &format!("postgres://postgres@127.0.0.1:{}/app", ports[3].router),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    c.simple_query("SELECT 1").await.unwrap();
+    // Promoted to voter.
+    cli(&["node", "add", "4", &raft4]);
+    let voters = admin_get(ports[0].admin, "/status").unwrap()["replica"]["voters"].clone();
+    assert!(voters.as_array().unwrap().iter().any(|v| v.as_u64() == Some(4)), "{voters}");
+    drop(four);
 }

@@ -124,6 +124,9 @@ pub struct Directory {
     /// Routers serving from this directory, by id.
     #[serde(default)]
     pub routers: std::collections::BTreeMap<String, crate::state::RouterInfo>,
+    /// Raft addresses of directory nodes that joined after the cluster started.
+    #[serde(default)]
+    pub nodes: std::collections::BTreeMap<u64, String>,
 }
 
 impl Directory {
@@ -155,6 +158,7 @@ impl Directory {
             moves: Default::default(),
             next_move_id: 1,
             routers: Default::default(),
+            nodes: Default::default(),
         })
     }
 

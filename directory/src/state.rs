@@ -114,6 +114,12 @@ pub enum Command {
     ExpireRouters {
         before_ms: u64,
     },
+    /// Where a directory node's raft traffic goes (so every node can reach a node
+    /// that joins). Not a placement change: the epoch stays.
+    SetNodeAddress {
+        id: u64,
+        address: String,
+    },
 }
 
 /// What applying a command did.
@@ -270,6 +276,13 @@ impl Directory {
             }
             Command::ExpireRouters { before_ms } => {
                 self.routers.retain(|_, r| r.last_heartbeat_ms >= *before_ms);
+                return Ok(None);
+            }
+            Command::SetNodeAddress { id, address } => {
+                if *id == 0 || address.is_empty() {
+                    return Err(rejected("a node needs a positive id and an address"));
+                }
+                self.nodes.insert(*id, address.clone());
                 return Ok(None);
             }
         }

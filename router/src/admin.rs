@@ -238,6 +238,43 @@ struct ShardName {
 }
 
 #[derive(serde::Deserialize)]
+struct AddNode {
+    id: u64,
+    address: String,
+    #[serde(default)]
+    learner: bool,
+}
+
+#[derive(serde::Deserialize)]
+struct NodeId {
+    id: u64,
+}
+
+/// Adds a directory node: records its address (so every node can reach it), then
+/// the membership change. A learner receives the log without voting; adding an
+/// existing learner as a voter promotes it.
+async fn add_node(ctx: &RouterContext, n: AddNode) -> (u16, String) {
+    let cmd = shardgate_directory::state::Command::SetNodeAddress { id: n.id, address: n.address };
+    let (code, body) = propose(ctx, cmd).await;
+    if code != 200 {
+        return (code, body);
+    }
+    let change =
+        if n.learner { raft::prelude::ConfChangeType::AddLearnerNode } else { raft::prelude::ConfChangeType::AddNode };
+    membership(ctx, n.id, change).await
+}
+
+async fn membership(ctx: &RouterContext, id: u64, change: raft::prelude::ConfChangeType) -> (u16, String) {
+    let Some((node, _)) = &ctx.replica else {
+        return (409, json_error("this node has a static directory; membership needs the replicated directory"));
+    };
+    match node.change_membership(id, change, std::time::Duration::from_secs(10)).await {
+        Ok(outcome) => (200, serde_json::to_string(&outcome).unwrap_or_default()),
+        Err(e) => (503, json_error(&e.to_string())),
+    }
+}
+
+#[derive(serde::Deserialize)]
 struct Pin {
     tenant: String,
     shard: String,
@@ -275,7 +312,15 @@ async fn route(ctx: &RouterContext, req: &Request) -> (u16, String) {
             Ok(p) => pin_tenant(ctx, p).await,
             Err(e) => (400, json_error(&format!("expected {{\"tenant\": …, \"shard\": …}}: {e}"))),
         },
-        ("GET", _) | ("POST", _) => (404, json_error("no such endpoint; see docs/operations.md")),
+        ("POST", "/nodes") => match serde_json::from_slice::<AddNode>(&req.body) {
+            Ok(n) => add_node(ctx, n).await,
+            Err(e) => (400, json_error(&format!("expected {{\"id\": …, \"address\": …, \"learner\": …}}: {e}"))),
+        },
+        ("POST", "/nodes/remove") => match serde_json::from_slice::<NodeId>(&req.body) {
+            Ok(n) => membership(ctx, n.id, raft::prelude::ConfChangeType::RemoveNode).await,
+            Err(e) => (400, json_error(&format!("expected {{\"id\": …}}: {e}"))),
+        },
+        ("GET", _) | ("POST", _) => (404, json_error("no such endpoint; see docs/directory.md")),
         _ => (405, json_error("only GET and POST are supported")),
     }
 }
