@@ -314,3 +314,25 @@ async fn a_learner_joins_catches_up_becomes_a_voter_and_a_voter_leaves() {
     let e = epoch_of(four.propose(place(30, 0), Duration::from_secs(10)).await.unwrap());
     wait_status(&nodes[1], "applied after the change", |s| s.epoch >= e).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_barrier_makes_a_follower_show_every_committed_change() {
+    let c = Cluster::new(10_000);
+    let nodes: Vec<Node> = (1..=3).map(|i| c.start(i, true)).collect();
+    let leader = leader_among(&nodes).await;
+    let follower = nodes.iter().find(|n| n.id != leader).unwrap().clone();
+    let on_leader = nodes.iter().find(|n| n.id == leader).unwrap().clone();
+    for b in 0..50 {
+        let epoch = epoch_of(on_leader.propose(place(b, 2), Duration::from_secs(5)).await.unwrap());
+        follower.read_barrier(Duration::from_secs(5)).await.unwrap();
+        assert!(follower.directory().load().epoch >= epoch, "a read after the barrier missed a committed change");
+    }
+    // Without a quorum there is no linearizable read.
+    drop((nodes, on_leader));
+    for id in 1..=3 {
+        if id != follower.id {
+            c.kill(id);
+        }
+    }
+    assert!(follower.read_barrier(Duration::from_secs(2)).await.is_err());
+}

@@ -287,6 +287,13 @@ async fn route(ctx: &RouterContext, req: &Request) -> (u16, String) {
             (200, serde_json::to_string_pretty(&status(ctx)).unwrap_or_else(|_| "{}".into()))
         }
         ("GET", "/directory") => {
+            // Linearizable: first make sure this replica has applied everything
+            // committed so far (raft read index), then answer from it.
+            if let Some((node, _)) = &ctx.replica {
+                if let Err(e) = node.read_barrier(std::time::Duration::from_secs(3)).await {
+                    return (503, json_error(&format!("{e}; GET /status shows this node's own, possibly stale, view")));
+                }
+            }
             (200, serde_json::to_string_pretty(&*ctx.directory.load()).unwrap_or_else(|_| "{}".into()))
         }
         ("GET", "/health") => (200, "{\"ok\":true}".into()),

@@ -88,6 +88,7 @@ pub enum ProposeError {
 enum Request {
     Propose { cmd: Command, reply: oneshot::Sender<Result<Outcome, ProposeError>> },
     ConfChange { cc: ConfChangeV2, reply: oneshot::Sender<Result<Outcome, ProposeError>> },
+    ReadIndex { reply: oneshot::Sender<Result<Outcome, ProposeError>> },
 }
 
 /// A running replica.
@@ -167,6 +168,7 @@ impl Node {
             snapshot_every: cfg.snapshot_every,
             status: status_tx,
             last_contact: None,
+            reads: Vec::new(),
         };
         tokio::spawn(replica.run(cfg.tick, req_rx, inbox_rx));
         Ok(Node { id: cfg.id, handle, requests, inbox, status })
@@ -203,6 +205,18 @@ impl Node {
         self.requests.send(Request::Propose { cmd, reply }).await.map_err(|_| ProposeError::Stopped)?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(ProposeError::Stopped),
+            Err(_) => Err(ProposeError::Timeout(timeout)),
+        }
+    }
+
+    /// Waits until this replica has applied everything committed when the call
+    /// was made (raft's read index): what it then shows is linearizable.
+    pub async fn read_barrier(&self, timeout: Duration) -> Result<(), ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.requests.send(Request::ReadIndex { reply }).await.map_err(|_| ProposeError::Stopped)?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r.map(|_| ()),
             Ok(Err(_)) => Err(ProposeError::Stopped),
             Err(_) => Err(ProposeError::Timeout(timeout)),
         }
@@ -246,6 +260,8 @@ struct Replica {
     snapshot_every: u64,
     status: watch::Sender<NodeStatus>,
     last_contact: Option<Instant>,
+    /// Linearizable reads waiting for their read index, then for it to apply.
+    reads: Vec<(u64, Option<u64>, oneshot::Sender<Result<Outcome, ProposeError>>)>,
 }
 
 /// A proposal's context: the proposing node and its request id, so the node that
@@ -339,6 +355,14 @@ impl Replica {
                     }
                 }
             }
+            Request::ReadIndex { reply } => {
+                if self.raw.raft.leader_id == 0 {
+                    let _ = reply.send(Err(ProposeError::NoLeader));
+                    return;
+                }
+                self.raw.read_index(ctx);
+                self.reads.push((id, None, reply));
+            }
             Request::ConfChange { cc, reply } => match self.raw.propose_conf_change(ctx, cc) {
                 Ok(()) => {
                     self.pending.insert(id, reply);
@@ -364,6 +388,9 @@ impl Replica {
             let snap = ready.snapshot().clone();
             self.install_snapshot(snap)?;
         }
+        for rs in ready.take_read_states() {
+            self.read_index_known(&rs);
+        }
         let committed = ready.take_committed_entries();
         self.apply(committed)?;
         self.storage.append(ready.entries())?;
@@ -383,8 +410,30 @@ impl Replica {
         let committed = light.take_committed_entries();
         self.apply(committed)?;
         self.raw.advance_apply();
+        self.answer_reads();
         self.maybe_compact()?;
         Ok(())
+    }
+
+    /// The leader confirmed the commit index a read must wait for.
+    fn read_index_known(&mut self, rs: &raft::ReadState) {
+        if let Some((_, request)) = parse_context(&rs.request_ctx) {
+            if let Some(r) = self.reads.iter_mut().find(|r| r.0 == request) {
+                r.1 = Some(rs.index);
+            }
+        }
+    }
+
+    /// Answers the reads whose index this replica has applied.
+    fn answer_reads(&mut self) {
+        let applied = self.applied;
+        let epoch = self.state.epoch;
+        let (done, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.reads).into_iter().partition(|r| r.1.is_some_and(|i| i <= applied));
+        self.reads = waiting;
+        for (_, _, reply) in done {
+            let _ = reply.send(Ok(Outcome::Applied { epoch }));
+        }
     }
 
     fn install_snapshot(&mut self, snap: Snapshot) -> Result<(), NodeError> {
