@@ -85,10 +85,12 @@ pub enum ProposeError {
     Raft(String),
 }
 
+type Reply = oneshot::Sender<Result<Outcome, ProposeError>>;
+
 enum Request {
-    Propose { cmd: Command, reply: oneshot::Sender<Result<Outcome, ProposeError>> },
-    ConfChange { cc: ConfChangeV2, reply: oneshot::Sender<Result<Outcome, ProposeError>> },
-    ReadIndex { reply: oneshot::Sender<Result<Outcome, ProposeError>> },
+    Propose { cmd: Command, reply: Reply },
+    ConfChange { cc: ConfChangeV2, reply: Reply },
+    ReadIndex { reply: Reply },
 }
 
 /// A running replica.
@@ -261,7 +263,7 @@ struct Replica {
     status: watch::Sender<NodeStatus>,
     last_contact: Option<Instant>,
     /// Linearizable reads waiting for their read index, then for it to apply.
-    reads: Vec<(u64, Option<u64>, oneshot::Sender<Result<Outcome, ProposeError>>)>,
+    reads: Vec<(u64, Option<u64>, Reply)>,
 }
 
 /// A proposal's context: the proposing node and its request id, so the node that
