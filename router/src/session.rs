@@ -1515,22 +1515,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Ok(())
     }
 
+    /// The reply Postgres gives to Parse, Bind, Describe or Close of a statement
+    /// that takes no parameters and returns no rows, for batches the router
+    /// answers itself.
+    fn reply_for_statement_message(&mut self, m: &Message) {
+        match m.tag() {
+            b'P' => self.client.queue(&messages::parse_complete()),
+            b'B' => self.client.queue(&messages::bind_complete()),
+            b'D' => {
+                if let Ok((b'S', _)) = target_and_name(m) {
+                    self.client.queue(&messages::Builder::new(b't').i16(0).finish());
+                }
+                self.client.queue(&messages::no_data());
+            }
+            b'C' => self.client.queue(&messages::close_complete()),
+            _ => {}
+        }
+    }
+
     /// Answers a batch whose only statement the router handles itself (BEGIN,
     /// COMMIT of a transaction that never reached a shard, SET shardgate.tenant).
     async fn answer_batch_locally(&mut self, batch: &[Message], sync: bool, tag: &str) -> Result<(), SessionError> {
         for m in batch {
             match m.tag() {
-                b'P' => self.client.queue(&messages::parse_complete()),
-                b'B' => self.client.queue(&messages::bind_complete()),
-                b'D' => {
-                    if let Ok((b'S', _)) = target_and_name(m) {
-                        self.client.queue(&messages::Builder::new(b't').i16(0).finish());
-                    }
-                    self.client.queue(&messages::no_data());
-                }
                 b'E' => self.client.queue(&messages::command_complete(tag)),
-                b'C' => self.client.queue(&messages::close_complete()),
-                _ => {}
+                _ => self.reply_for_statement_message(m),
             }
         }
         if sync {
@@ -1546,14 +1555,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn copy_split_extended(&mut self, batch: &[Message], stmt: &Statement) -> Result<(), SessionError> {
         for m in batch {
             match m.tag() {
-                b'P' => self.client.queue(&messages::parse_complete()),
-                b'B' => self.client.queue(&messages::bind_complete()),
-                b'D' => {
-                    if let Ok((b'S', _)) = target_and_name(m) {
-                        self.client.queue(&messages::Builder::new(b't').i16(0).finish());
-                    }
-                    self.client.queue(&messages::no_data());
-                }
                 b'E' => {
                     self.client.flush().await?;
                     let dir = self.ctx.directory.load();
@@ -1564,7 +1565,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                     break;
                 }
-                _ => {}
+                _ => self.reply_for_statement_message(m),
             }
         }
         self.client.flush().await?;
