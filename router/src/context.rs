@@ -27,11 +27,11 @@ pub struct Catalog {
 impl Catalog {
     /// Whether `table` (`name` or `schema.name`) is sharded.
     pub fn is_sharded(&self, table: &str) -> bool {
-        self.read().contains_key(&normalize(table))
+        self.read().contains_key(normalize(table))
     }
 
     pub fn columns(&self, table: &str) -> Option<Vec<String>> {
-        self.read().get(&normalize(table)).cloned()
+        self.read().get(normalize(table)).cloned()
     }
 
     pub fn replace(&self, tables: HashMap<String, Vec<String>>, known: std::collections::HashSet<String>) {
@@ -46,8 +46,13 @@ impl Catalog {
         let known = self.known.read().unwrap_or_else(|p| p.into_inner());
         let system =
             |t: &str| t.starts_with("pg_") || t.starts_with("pg_catalog.") || t.starts_with("information_schema.");
-        let unknown: Vec<String> =
-            tables.iter().filter(|t| !system(t)).map(|t| normalize(t)).filter(|t| !known.contains(t)).collect();
+        let unknown: Vec<String> = tables
+            .iter()
+            .filter(|t| !system(t))
+            .map(|t| normalize(t))
+            .filter(|t| !known.contains(*t))
+            .map(str::to_string)
+            .collect();
         drop(known);
         if unknown.is_empty() {
             return false;
@@ -81,9 +86,8 @@ impl Catalog {
 
 /// `public.orders` and `orders` are the same table; names are folded to lower case
 /// as Postgres does for unquoted identifiers (the parser already did for the SQL).
-fn normalize(table: &str) -> String {
-    let t = table.strip_prefix("public.").unwrap_or(table);
-    t.to_string()
+fn normalize(table: &str) -> &str {
+    table.strip_prefix("public.").unwrap_or(table)
 }
 
 /// The server connection a session is using, for forwarding a client's

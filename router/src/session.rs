@@ -976,7 +976,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             }
         }
-        for m in &batch {
+        let replicated = self.ctx.replica.is_some();
+        for m in batch.iter().filter(|_| replicated) {
             if m.tag() != b'B' {
                 continue;
             }
