@@ -123,6 +123,19 @@ fn admin_get(port: u16, path: &str) -> Option<Value> {
     serde_json::from_str(text.split_once("\r\n\r\n")?.1).ok()
 }
 
+/// The directory's epoch as a linearizable read on a node, retried while the
+/// cluster settles (a read needs a leader and a quorum).
+async fn epoch_of_directory(port: u16) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(e) = admin_get(port, "/directory").and_then(|d| d["epoch"].as_u64()) {
+            return e;
+        }
+        assert!(Instant::now() < deadline, "no linearizable directory read from the node on admin port {port}");
+        tokio::task::yield_now().await;
+    }
+}
+
 fn leader_seen_by(port: u16) -> Option<u64> {
     admin_get(port, "/status")?["replica"]["leader"].as_u64()
 }
@@ -226,7 +239,7 @@ async fn killing_the_directory_leader_elects_another_and_routing_never_stops() {
 
     // The killed node comes back and catches up.
     procs[leader as usize - 1] = Some(start(&configs[leader as usize - 1]));
-    let target = admin_get(ports[survivors[0]].admin, "/directory").unwrap()["epoch"].as_u64().unwrap();
+    let target = epoch_of_directory(ports[survivors[0]].admin).await;
     let back = ports[leader as usize - 1].admin;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -268,7 +281,7 @@ async fn a_node_joins_as_a_learner_catches_up_and_is_promoted() {
     let raft4 = format!("127.0.0.1:{}", ports[3].raft);
     assert!(cli(&["node", "add", "4", &raft4, "--learner"]).contains("learner"));
     ready(&mut four);
-    let target = admin_get(ports[0].admin, "/directory").unwrap()["epoch"].as_u64().unwrap();
+    let target = epoch_of_directory(ports[0].admin).await;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let s = admin_get(ports[3].admin, "/status");
@@ -292,7 +305,14 @@ async fn a_node_joins_as_a_learner_catches_up_and_is_promoted() {
     c.simple_query("SELECT 1").await.unwrap();
     // Promoted to voter.
     cli(&["node", "add", "4", &raft4]);
-    let voters = admin_get(ports[0].admin, "/status").unwrap()["replica"]["voters"].clone();
-    assert!(voters.as_array().unwrap().iter().any(|v| v.as_u64() == Some(4)), "{voters}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let voters = admin_get(ports[3].admin, "/status").map(|s| s["replica"]["voters"].clone());
+        if voters.as_ref().and_then(|v| v.as_array()).is_some_and(|v| v.iter().any(|x| x.as_u64() == Some(4))) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 4 never became a voter: {voters:?}");
+        tokio::task::yield_now().await;
+    }
     drop(four);
 }
