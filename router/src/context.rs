@@ -112,6 +112,9 @@ pub struct RouterContext {
     pub server_params: Mutex<Vec<(String, String)>>,
     next_any: AtomicUsize,
     pub clients: AtomicUsize,
+    /// The shards sort text bytewise (lc_collate C or POSIX): merged sorts on text
+    /// columns are then exact.
+    pub c_collation: std::sync::atomic::AtomicBool,
     /// Login details of shards by name (with passwords) from the configuration;
     /// shards added later log in with their URL's user and `shard_password`.
     pub credentials: HashMap<String, ShardAddress>,
@@ -141,6 +144,7 @@ impl RouterContext {
             server_params: Mutex::new(Vec::new()),
             next_any: AtomicUsize::new(0),
             clients: AtomicUsize::new(0),
+            c_collation: std::sync::atomic::AtomicBool::new(false),
             credentials,
             replica,
         }

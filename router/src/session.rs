@@ -1812,7 +1812,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             }
         }
-        match crate::fanout::merge(&plan.merge, results) {
+        match crate::fanout::merge(
+            &plan.merge,
+            results,
+            self.ctx.c_collation.load(std::sync::atomic::Ordering::Relaxed),
+        ) {
             Ok(merged) => {
                 self.client.queue(&merged.row_description);
                 for r in &merged.rows {

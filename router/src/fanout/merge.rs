@@ -1,0 +1,261 @@
+//! Combining the shards' answers.
+
+use std::cmp::Ordering;
+use std::collections::HashMap;
+
+use bytes::Bytes;
+
+use super::value::{self, add_decimal, compare, order_for};
+use super::{ColumnMerge, FanoutError, MergeSpec};
+use crate::protocol::messages::{data_row, Reader};
+
+/// One shard's answer: its RowDescription and DataRow messages, raw.
+pub struct ShardResult {
+    pub row_description: Bytes,
+    pub rows: Vec<Bytes>,
+}
+
+pub struct Merged {
+    pub row_description: Bytes,
+    pub rows: Vec<Bytes>,
+    pub command_tag: String,
+}
+
+type Row = Vec<Option<Vec<u8>>>;
+
+fn malformed() -> FanoutError {
+    FanoutError::Unsupported("a shard sent a malformed row".into())
+}
+
+/// Type OIDs of a RowDescription's columns.
+fn column_types(rd: &[u8]) -> Result<Vec<i32>, FanoutError> {
+    let mut r = Reader::new(rd.get(5..).ok_or_else(malformed)?, "RowDescription");
+    let n = r.i16().map_err(|_| malformed())?;
+    let mut types = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        r.cstr().map_err(|_| malformed())?;
+        r.i32().map_err(|_| malformed())?;
+        r.i16().map_err(|_| malformed())?;
+        types.push(r.i32().map_err(|_| malformed())?);
+        r.i16().map_err(|_| malformed())?;
+        r.i32().map_err(|_| malformed())?;
+        r.i16().map_err(|_| malformed())?;
+    }
+    Ok(types)
+}
+
+fn decode_row(raw: &[u8]) -> Result<Row, FanoutError> {
+    let mut r = Reader::new(raw.get(5..).ok_or_else(malformed)?, "DataRow");
+    let n = r.i16().map_err(|_| malformed())?;
+    (0..n).map(|_| r.value().map(|v| v.map(<[u8]>::to_vec)).map_err(|_| malformed())).collect()
+}
+
+/// Merges the shards' answers. `c_collation`: the shards compare text bytewise,
+/// so the router may sort text too.
+pub fn merge(spec: &MergeSpec, results: Vec<ShardResult>, c_collation: bool) -> Result<Merged, FanoutError> {
+    let first = results.first().ok_or_else(|| FanoutError::Unsupported("no shard answered".into()))?;
+    let row_description = first.row_description.clone();
+    let full = match spec {
+        MergeSpec::Concat => {
+            let rows: Vec<Bytes> = results.into_iter().flat_map(|r| r.rows).collect();
+            return Ok(Merged { command_tag: format!("SELECT {}", rows.len()), row_description, rows });
+        }
+        MergeSpec::Full(f) => f,
+    };
+    let types = column_types(&row_description)?;
+    let mut rows: Vec<Row> = Vec::new();
+    for r in &results {
+        for raw in &r.rows {
+            rows.push(decode_row(raw)?);
+        }
+    }
+    if full.grouped {
+        rows = regroup(&full.columns, &types, rows, c_collation)?;
+    }
+    if !full.order.is_empty() {
+        let mut orders = Vec::with_capacity(full.order.len());
+        for k in &full.order {
+            let t = types.get(k.column).copied().ok_or_else(malformed)?;
+            orders.push((k, order_for(t, c_collation)?));
+        }
+        rows.sort_by(|a, b| {
+            for (k, order) in &orders {
+                let (x, y) = (a.get(k.column).cloned().flatten(), b.get(k.column).cloned().flatten());
+                let o = match (x, y) {
+                    (None, None) => Ordering::Equal,
+                    (None, Some(_)) => {
+                        if k.nulls_first {
+                            Ordering::Less
+                        } else {
+                            Ordering::Greater
+                        }
+                    }
+                    (Some(_), None) => {
+                        if k.nulls_first {
+                            Ordering::Greater
+                        } else {
+                            Ordering::Less
+                        }
+                    }
+                    (Some(x), Some(y)) => {
+                        let o = compare(*order, &x, &y);
+                        if k.descending {
+                            o.reverse()
+                        } else {
+                            o
+                        }
+                    }
+                };
+                if o != Ordering::Equal {
+                    return o;
+                }
+            }
+            Ordering::Equal
+        });
+    }
+    let start = (full.offset as usize).min(rows.len());
+    let end = match full.limit {
+        Some(l) => start.saturating_add(l as usize).min(rows.len()),
+        None => rows.len(),
+    };
+    let rows: Vec<Bytes> = rows[start..end].iter().map(|r| data_row(r.iter().map(|v| v.as_deref()))).collect();
+    Ok(Merged { command_tag: format!("SELECT {}", rows.len()), row_description, rows })
+}
+
+/// Combines the shards' per-group partial aggregates into one row per group.
+fn regroup(columns: &[ColumnMerge], types: &[i32], rows: Vec<Row>, c_collation: bool) -> Result<Vec<Row>, FanoutError> {
+    if columns.len() != types.len() {
+        return Err(malformed());
+    }
+    let keys: Vec<usize> = (0..columns.len()).filter(|&i| columns[i] == ColumnMerge::Key).collect();
+    let mut index: HashMap<Vec<Option<Vec<u8>>>, usize> = HashMap::new();
+    let mut out: Vec<Row> = Vec::new();
+    for row in rows {
+        if row.len() != columns.len() {
+            return Err(malformed());
+        }
+        let key: Vec<Option<Vec<u8>>> = keys.iter().map(|&i| row[i].clone()).collect();
+        let Some(&at) = index.get(&key) else {
+            index.insert(key, out.len());
+            out.push(row);
+            continue;
+        };
+        let acc = &mut out[at];
+        for (i, merge) in columns.iter().enumerate() {
+            let Some(v) = row[i].as_ref() else { continue };
+            let Some(a) = acc[i].clone() else {
+                acc[i] = Some(v.clone());
+                continue;
+            };
+            let (sa, sv) = (String::from_utf8_lossy(&a).to_string(), String::from_utf8_lossy(v).to_string());
+            acc[i] = Some(match merge {
+                ColumnMerge::Key => a,
+                ColumnMerge::Count => add_decimal(&sa, &sv).ok_or_else(malformed)?.into_bytes(),
+                ColumnMerge::Sum => {
+                    if matches!(types[i], value::FLOAT4 | value::FLOAT8) {
+                        return Err(FanoutError::Unsupported(
+                            "cannot merge a sum of floating-point values exactly across shards; sum a numeric (x::numeric) or add a tenant_id condition".into(),
+                        ));
+                    }
+                    add_decimal(&sa, &sv).ok_or_else(malformed)?.into_bytes()
+                }
+                ColumnMerge::Min | ColumnMerge::Max => {
+                    let o = compare(order_for(types[i], c_collation)?, &a, v);
+                    let take = if *merge == ColumnMerge::Min { o == Ordering::Greater } else { o == Ordering::Less };
+                    if take {
+                        v.clone()
+                    } else {
+                        a
+                    }
+                }
+            });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fanout::{FullMerge, SortKey};
+    use crate::protocol::messages::{row_description, Column};
+
+    fn rd(types: &[i32]) -> Bytes {
+        let cols: Vec<Column<'_>> = types.iter().map(|t| Column { name: "c", type_oid: *t, type_size: -1 }).collect();
+        row_description(&cols)
+    }
+
+    fn rows(vals: &[&[Option<&str>]]) -> Vec<Bytes> {
+        vals.iter().map(|r| data_row(r.iter().map(|v| v.map(str::as_bytes)))).collect()
+    }
+
+    fn texts(m: &Merged) -> Vec<Vec<Option<String>>> {
+        m.rows
+            .iter()
+            .map(|r| decode_row(r).unwrap().into_iter().map(|v| v.map(|b| String::from_utf8(b).unwrap())).collect())
+            .collect()
+    }
+
+    #[test]
+    fn sorted_rows_merge_with_nulls_limit_and_offset() {
+        let spec = MergeSpec::Full(Box::new(FullMerge {
+            columns: vec![ColumnMerge::Key],
+            grouped: false,
+            order: vec![SortKey { column: 0, descending: true, nulls_first: true }],
+            limit: Some(3),
+            offset: 1,
+        }));
+        let a =
+            ShardResult { row_description: rd(&[value::INT8]), rows: rows(&[&[None], &[Some("10")], &[Some("2")]]) };
+        let b = ShardResult { row_description: rd(&[value::INT8]), rows: rows(&[&[Some("9")], &[Some("3")]]) };
+        let m = merge(&spec, vec![a, b], false).unwrap();
+        let got: Vec<Option<String>> = texts(&m).into_iter().map(|r| r[0].clone()).collect();
+        assert_eq!(got, vec![Some("10".into()), Some("9".into()), Some("3".into())]);
+        assert_eq!(m.command_tag, "SELECT 3");
+    }
+
+    #[test]
+    fn partial_aggregates_combine_per_group() {
+        let spec = MergeSpec::Full(Box::new(FullMerge {
+            columns: vec![ColumnMerge::Key, ColumnMerge::Count, ColumnMerge::Sum, ColumnMerge::Min, ColumnMerge::Max],
+            grouped: true,
+            order: vec![SortKey { column: 0, descending: false, nulls_first: false }],
+            limit: None,
+            offset: 0,
+        }));
+        let types = [value::TEXT, value::INT8, value::NUMERIC, value::NUMERIC, value::INT4];
+        let a = ShardResult {
+            row_description: rd(&types),
+            rows: rows(&[
+                &[Some("x"), Some("2"), Some("3.50"), Some("-1"), Some("7")],
+                &[Some("y"), Some("1"), None, None, None],
+            ]),
+        };
+        let b = ShardResult {
+            row_description: rd(&types),
+            rows: rows(&[&[Some("x"), Some("3"), Some("1.5"), Some("-10.5"), Some("12")]]),
+        };
+        let m = merge(&spec, vec![a, b], true).unwrap();
+        assert_eq!(
+            texts(&m),
+            vec![
+                vec![Some("x".into()), Some("5".into()), Some("5.00".into()), Some("-10.5".into()), Some("12".into())],
+                vec![Some("y".into()), Some("1".into()), None, None, None],
+            ]
+        );
+    }
+
+    #[test]
+    fn float_sums_and_text_sorts_outside_c_are_refused() {
+        let spec = MergeSpec::Full(Box::new(FullMerge {
+            columns: vec![ColumnMerge::Sum],
+            grouped: true,
+            order: vec![],
+            limit: None,
+            offset: 0,
+        }));
+        let part = || ShardResult { row_description: rd(&[value::FLOAT8]), rows: rows(&[&[Some("0.1")]]) };
+        assert!(merge(&spec, vec![part(), part()], true).is_err());
+        assert!(order_for(value::TEXT, false).is_err());
+    }
+}

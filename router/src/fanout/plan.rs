@@ -1,0 +1,310 @@
+//! From a SELECT's parse tree to the SQL each shard runs and the merge spec.
+
+use pg_query::protobuf::{self, a_const, node::Node as N, Node};
+
+use super::{refuse, ColumnMerge, FanoutError, FullMerge, MergeSpec, SortKey};
+
+/// What to send to each shard and how to merge the answers.
+pub struct FanoutPlan {
+    pub shard_sql: String,
+    pub merge: MergeSpec,
+}
+
+fn funcname(f: &protobuf::FuncCall) -> String {
+    f.funcname
+        .last()
+        .and_then(|n| match &n.node {
+            Some(N::String(s)) => Some(s.sval.to_ascii_lowercase()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+const AGGREGATES: &[&str] = &[
+    "count",
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "array_agg",
+    "string_agg",
+    "bool_and",
+    "bool_or",
+    "every",
+    "json_agg",
+    "jsonb_agg",
+    "json_object_agg",
+    "jsonb_object_agg",
+    "stddev",
+    "stddev_pop",
+    "stddev_samp",
+    "variance",
+    "var_pop",
+    "var_samp",
+    "bit_and",
+    "bit_or",
+    "xmlagg",
+    "percentile_cont",
+    "percentile_disc",
+    "mode",
+];
+
+/// Whether an aggregate or window function appears anywhere under `n`.
+fn has_aggregate(n: &Node) -> bool {
+    let Some(inner) = &n.node else { return false };
+    inner.nodes().into_iter().any(|(r, _, _, _)| match r {
+        pg_query::NodeRef::FuncCall(f) => f.over.is_some() || f.agg_star || AGGREGATES.contains(&funcname(f).as_str()),
+        _ => false,
+    })
+}
+
+fn column_name(n: &Node) -> Option<String> {
+    match &n.node {
+        Some(N::ColumnRef(c)) => match c.fields.last().and_then(|f| f.node.as_ref()) {
+            Some(N::String(s)) => Some(s.sval.clone()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn int_const(n: &Node) -> Option<i64> {
+    match &n.node {
+        Some(N::AConst(c)) => match c.val.as_ref()? {
+            a_const::Val::Ival(i) => Some(i.ival as i64),
+            a_const::Val::Fval(f) => f.fval.parse().ok(),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The output column an ORDER BY or GROUP BY item names: a position, an alias,
+/// or a column that is itself an output column.
+fn output_column(item: &Node, targets: &[(String, Option<String>)]) -> Option<usize> {
+    if let Some(pos) = int_const(item) {
+        return (pos >= 1 && pos as usize <= targets.len()).then(|| pos as usize - 1);
+    }
+    let name = column_name(item)?;
+    targets.iter().position(|(alias, col)| *alias == name || col.as_deref() == Some(name.as_str()))
+}
+
+/// Plans a SELECT that has no tenant key.
+pub fn plan(sql: &str) -> Result<FanoutPlan, FanoutError> {
+    let mut parsed = pg_query::parse(sql, 0).map_err(|e| FanoutError::Unsupported(e.to_string()))?;
+    let [raw] = &mut parsed.protobuf.stmts[..] else { return Err(refuse("several statements")) };
+    let Some(N::SelectStmt(sel)) = raw.stmt.as_deref_mut().and_then(|n| n.node.as_mut()) else {
+        return Err(refuse("this kind of statement"));
+    };
+    if sel.op > 1 {
+        return Err(refuse("UNION/INTERSECT/EXCEPT"));
+    }
+    if !sel.distinct_clause.is_empty() {
+        return Err(refuse("DISTINCT"));
+    }
+    if sel.having_clause.is_some() {
+        return Err(refuse("HAVING"));
+    }
+    if sel.into_clause.is_some() || !sel.locking_clause.is_empty() {
+        return Err(refuse("SELECT INTO or FOR UPDATE"));
+    }
+    if sel.with_clause.is_some() {
+        return Err(refuse("WITH queries"));
+    }
+    if !sel.window_clause.is_empty() {
+        return Err(refuse("window functions"));
+    }
+    if sel.limit_option == protobuf::LimitOption::WithTies as i32 {
+        return Err(refuse("FETCH … WITH TIES"));
+    }
+    // Output columns: what each merges as, and the names ORDER BY may use.
+    let mut columns = Vec::new();
+    let mut names = Vec::new();
+    for t in &sel.target_list {
+        let Some(N::ResTarget(rt)) = &t.node else { return Err(refuse("this select list")) };
+        let Some(val) = rt.val.as_deref() else { return Err(refuse("this select list")) };
+        if let Some(N::ColumnRef(c)) = &val.node {
+            if c.fields.iter().any(|f| matches!(f.node, Some(N::AStar(_)))) {
+                if sel.group_clause.is_empty() && !has_aggregate(t) {
+                    // SELECT * without aggregates: positions are unknown here,
+                    // which only matters for sorting and grouping.
+                    columns.clear();
+                    names.clear();
+                    break;
+                }
+                return Err(refuse("SELECT * with GROUP BY"));
+            }
+        }
+        let merge = match &val.node {
+            Some(N::FuncCall(f)) if f.over.is_none() && AGGREGATES.contains(&funcname(f).as_str()) => {
+                if f.agg_distinct || f.agg_filter.is_some() || !f.agg_order.is_empty() || f.agg_within_group {
+                    return Err(refuse("aggregates with DISTINCT, FILTER or ORDER BY"));
+                }
+                match funcname(f).as_str() {
+                    "count" => ColumnMerge::Count,
+                    "sum" => ColumnMerge::Sum,
+                    "min" => ColumnMerge::Min,
+                    "max" => ColumnMerge::Max,
+                    "avg" => {
+                        return Err(FanoutError::Unsupported(
+                            "cannot merge avg() across shards exactly; select sum(x) and count(x) instead, or add a tenant_id condition".into(),
+                        ))
+                    }
+                    other => return Err(refuse(&format!("{other}()"))),
+                }
+            }
+            _ if has_aggregate(val) => return Err(refuse("expressions around aggregates or window functions")),
+            _ => ColumnMerge::Key,
+        };
+        let col = column_name(val);
+        let alias = if rt.name.is_empty() {
+            match &val.node {
+                Some(N::FuncCall(f)) => funcname(f),
+                _ => col.clone().unwrap_or_default(),
+            }
+        } else {
+            rt.name.clone()
+        };
+        columns.push(merge);
+        names.push((alias, col));
+    }
+    let grouped = columns.iter().any(|c| *c != ColumnMerge::Key) || !sel.group_clause.is_empty();
+    if grouped {
+        if columns.is_empty() {
+            return Err(refuse("this select list"));
+        }
+        // Every grouping key must be an output column, and every plain output
+        // column a grouping key: the router regroups by the keys it can see.
+        let mut keys: Vec<usize> = Vec::new();
+        for g in &sel.group_clause {
+            match output_column(g, &names) {
+                Some(i) if columns[i] == ColumnMerge::Key => keys.push(i),
+                _ => return Err(refuse("GROUP BY on expressions that are not plain output columns")),
+            }
+        }
+        let plain = columns.iter().filter(|c| **c == ColumnMerge::Key).count();
+        keys.sort();
+        keys.dedup();
+        if keys.len() != plain {
+            return Err(refuse("GROUP BY that does not list every plain output column"));
+        }
+    }
+    let mut order = Vec::new();
+    for s in &sel.sort_clause {
+        let Some(N::SortBy(sb)) = &s.node else { return Err(refuse("this ORDER BY")) };
+        let Some(item) = sb.node.as_deref() else { return Err(refuse("this ORDER BY")) };
+        let Some(column) = output_column(item, &names) else {
+            return Err(refuse(
+                "ORDER BY on expressions that are not output columns (name or number the output column)",
+            ));
+        };
+        use protobuf::{SortByDir as D, SortByNulls as Nl};
+        let descending = match D::try_from(sb.sortby_dir).unwrap_or(D::Undefined) {
+            D::SortbyDesc => true,
+            D::SortbyUsing => return Err(refuse("ORDER BY … USING")),
+            _ => false,
+        };
+        let nulls_first = match Nl::try_from(sb.sortby_nulls).unwrap_or(Nl::Undefined) {
+            Nl::SortbyNullsFirst => true,
+            Nl::SortbyNullsLast => false,
+            _ => descending,
+        };
+        order.push(SortKey { column, descending, nulls_first });
+    }
+    let limit = match sel.limit_count.as_deref() {
+        None => None,
+        Some(n) if matches!(&n.node, Some(N::AConst(c)) if c.isnull) => None, // LIMIT ALL / NULL
+        Some(n) => match int_const(n) {
+            Some(v) if v >= 0 => Some(v as u64),
+            _ => return Err(refuse("a LIMIT that is not a constant")),
+        },
+    };
+    let offset = match sel.limit_offset.as_deref() {
+        None => 0,
+        Some(n) => match int_const(n) {
+            Some(v) if v >= 0 => v as u64,
+            _ => return Err(refuse("an OFFSET that is not a constant")),
+        },
+    };
+    if !grouped && order.is_empty() && limit.is_none() && offset == 0 {
+        return Ok(FanoutPlan { shard_sql: sql.to_string(), merge: MergeSpec::Concat });
+    }
+    if columns.is_empty() && !order.is_empty() {
+        return Err(refuse("ORDER BY with SELECT * (name the columns)"));
+    }
+    // Shards: keep ORDER BY (each returns its rows sorted); without grouping each
+    // needs only its first offset+limit rows; with grouping, all its groups.
+    sel.limit_offset = None;
+    if grouped {
+        sel.limit_count = None;
+    } else if let Some(l) = limit {
+        sel.limit_count = Some(Box::new(Node {
+            node: Some(N::AConst(protobuf::AConst {
+                isnull: false,
+                location: -1,
+                val: Some(a_const::Val::Fval(protobuf::Float { fval: (l + offset).to_string() })),
+            })),
+        }));
+    }
+    let shard_sql =
+        pg_query::deparse(&parsed.protobuf, Default::default()).map_err(|e| FanoutError::Unsupported(e.to_string()))?;
+    Ok(FanoutPlan { shard_sql, merge: MergeSpec::Full(Box::new(FullMerge { columns, grouped, order, limit, offset })) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn full(sql: &str) -> (String, FullMerge) {
+        let p = plan(sql).unwrap();
+        match p.merge {
+            MergeSpec::Full(f) => (p.shard_sql, *f),
+            MergeSpec::Concat => panic!("{sql}: expected a full merge"),
+        }
+    }
+
+    #[test]
+    fn plain_selects_concatenate() {
+        assert_eq!(plan("select id from orders where total > 5").unwrap().merge, MergeSpec::Concat);
+        assert_eq!(plan("select * from orders").unwrap().merge, MergeSpec::Concat);
+    }
+
+    #[test]
+    fn limits_are_pushed_down_with_the_offset() {
+        let (sql, m) = full("select id, total from orders order by total desc, 1 limit 5 offset 10");
+        assert!(sql.contains("LIMIT 15") && !sql.contains("OFFSET"), "{sql}");
+        assert_eq!(m.limit, Some(5));
+        assert_eq!(m.offset, 10);
+        assert_eq!(m.order[0], SortKey { column: 1, descending: true, nulls_first: true });
+        assert_eq!(m.order[1], SortKey { column: 0, descending: false, nulls_first: false });
+    }
+
+    #[test]
+    fn aggregates_and_groups_are_planned() {
+        let (sql, m) =
+            full("select tenant_id, count(*), sum(total) s, max(id) from orders group by tenant_id order by s limit 3");
+        assert!(!sql.contains("LIMIT"), "grouped shards return all groups: {sql}");
+        assert_eq!(m.columns, vec![ColumnMerge::Key, ColumnMerge::Count, ColumnMerge::Sum, ColumnMerge::Max]);
+        assert_eq!(m.order[0].column, 2);
+        let (_, m) = full("select count(*) from orders");
+        assert!(m.grouped);
+    }
+
+    #[test]
+    fn what_cannot_be_merged_exactly_is_refused() {
+        for sql in [
+            "select avg(total) from orders",
+            "select count(distinct id) from orders",
+            "select distinct id from orders",
+            "select id, count(*) from orders group by id, total",
+            "select id from orders order by total + 1",
+            "select row_number() over () from orders",
+            "select id from orders union select id from orders",
+            "select sum(total) + 1 from orders",
+            "select id, count(*) from orders group by id having count(*) > 1",
+            "select * from orders order by id",
+        ] {
+            assert!(plan(sql).is_err(), "{sql} must be refused");
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! Comparing and adding values in Postgres's text output format, by type.
+
+use std::cmp::Ordering;
+
+use super::FanoutError;
+
+pub const BOOL: i32 = 16;
+pub const INT8: i32 = 20;
+pub const INT2: i32 = 21;
+pub const INT4: i32 = 23;
+pub const OID: i32 = 26;
+pub const FLOAT4: i32 = 700;
+pub const FLOAT8: i32 = 701;
+pub const NUMERIC: i32 = 1700;
+pub const DATE: i32 = 1082;
+pub const TIMESTAMP: i32 = 1114;
+pub const UUID: i32 = 2950;
+pub const TEXT: i32 = 25;
+pub const VARCHAR: i32 = 1043;
+pub const BPCHAR: i32 = 1042;
+pub const NAME: i32 = 19;
+
+/// How values of one column compare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    Integer,
+    Float,
+    Numeric,
+    Bool,
+    /// Byte order equals value order (ISO dates and timestamps, uuids, and text
+    /// under the C collation).
+    Bytes,
+}
+
+/// How a column of this type sorts, if the router can sort it exactly.
+pub fn order_for(type_oid: i32, c_collation: bool) -> Result<Order, FanoutError> {
+    Ok(match type_oid {
+        INT2 | INT4 | INT8 | OID => Order::Integer,
+        FLOAT4 | FLOAT8 => Order::Float,
+        NUMERIC => Order::Numeric,
+        BOOL => Order::Bool,
+        DATE | TIMESTAMP | UUID => Order::Bytes,
+        TEXT | VARCHAR | BPCHAR | NAME if c_collation => Order::Bytes,
+        TEXT | VARCHAR | BPCHAR | NAME => {
+            return Err(FanoutError::Unsupported(
+                "cannot sort text across shards under a collation other than C; add a tenant_id condition, or ORDER BY col COLLATE \"C\"".into(),
+            ))
+        }
+        other => {
+            return Err(FanoutError::Unsupported(format!(
+                "cannot sort values of type oid {other} across shards; add a tenant_id condition so the query runs on one shard"
+            )))
+        }
+    })
+}
+
+pub fn compare(order: Order, a: &[u8], b: &[u8]) -> Ordering {
+    let (sa, sb) = (String::from_utf8_lossy(a), String::from_utf8_lossy(b));
+    match order {
+        Order::Integer => match (sa.parse::<i128>(), sb.parse::<i128>()) {
+            (Ok(x), Ok(y)) => x.cmp(&y),
+            _ => a.cmp(b),
+        },
+        Order::Float => {
+            let f = |s: &str| match s {
+                "NaN" => f64::NAN,
+                "Infinity" => f64::INFINITY,
+                "-Infinity" => f64::NEG_INFINITY,
+                s => s.parse().unwrap_or(f64::NAN),
+            };
+            let (x, y) = (f(&sa), f(&sb));
+            // Postgres sorts NaN above every other value.
+            match (x.is_nan(), y.is_nan()) {
+                (true, true) => Ordering::Equal,
+                (true, false) => Ordering::Greater,
+                (false, true) => Ordering::Less,
+                _ => x.partial_cmp(&y).unwrap_or(Ordering::Equal),
+            }
+        }
+        Order::Numeric => compare_numeric(&sa, &sb),
+        Order::Bool => a.cmp(b), // "f" < "t"
+        Order::Bytes => a.cmp(b),
+    }
+}
+
+/// A decimal in text form: sign, integer digits (no leading zeros), fraction digits.
+struct Dec {
+    negative: bool,
+    int: String,
+    frac: String,
+}
+
+fn parse_dec(s: &str) -> Option<Dec> {
+    let (negative, body) = match s.strip_prefix('-') {
+        Some(b) => (true, b),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
+    };
+    let (int, frac) = body.split_once('.').unwrap_or((body, ""));
+    if int.is_empty() && frac.is_empty() || !int.bytes().chain(frac.bytes()).all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let int = int.trim_start_matches('0').to_string();
+    Some(Dec { negative, int, frac: frac.to_string() })
+}
+
+fn magnitude_cmp(a: &Dec, b: &Dec) -> Ordering {
+    a.int.len().cmp(&b.int.len()).then_with(|| a.int.cmp(&b.int)).then_with(|| {
+        let width = a.frac.len().max(b.frac.len());
+        let pad = |f: &str| format!("{f:0<width$}");
+        pad(&a.frac).cmp(&pad(&b.frac))
+    })
+}
+
+fn is_zero(d: &Dec) -> bool {
+    d.int.is_empty() && d.frac.bytes().all(|c| c == b'0')
+}
+
+pub fn compare_numeric(a: &str, b: &str) -> Ordering {
+    match (a, b) {
+        ("NaN", "NaN") => return Ordering::Equal,
+        ("NaN", _) => return Ordering::Greater,
+        (_, "NaN") => return Ordering::Less,
+        _ => {}
+    }
+    let (Some(x), Some(y)) = (parse_dec(a), parse_dec(b)) else { return a.cmp(b) };
+    let xn = x.negative && !is_zero(&x);
+    let yn = y.negative && !is_zero(&y);
+    match (xn, yn) {
+        (false, true) => Ordering::Greater,
+        (true, false) => Ordering::Less,
+        (false, false) => magnitude_cmp(&x, &y),
+        (true, true) => magnitude_cmp(&y, &x),
+    }
+}
+
+/// Exact sum of two decimals (integers or numerics) in text form. The result
+/// keeps the larger scale, as Postgres's numeric addition does.
+pub fn add_decimal(a: &str, b: &str) -> Option<String> {
+    if a == "NaN" || b == "NaN" {
+        return Some("NaN".into());
+    }
+    let (x, y) = (parse_dec(a)?, parse_dec(b)?);
+    let scale = x.frac.len().max(y.frac.len());
+    let digits = |d: &Dec| -> Vec<u8> {
+        let s = format!("{}{:0<scale$}", d.int, d.frac);
+        s.bytes().rev().map(|c| c - b'0').collect()
+    };
+    let (dx, dy) = (digits(&x), digits(&y));
+    let xn = x.negative && !is_zero(&x);
+    let yn = y.negative && !is_zero(&y);
+    let (negative, mag) = if xn == yn {
+        (xn, add_mag(&dx, &dy))
+    } else if magnitude_cmp(&x, &y) != Ordering::Less {
+        (xn, sub_mag(&dx, &dy))
+    } else {
+        (yn, sub_mag(&dy, &dx))
+    };
+    let mut s: String = mag.iter().rev().map(|d| (d + b'0') as char).collect();
+    while s.len() < scale + 1 {
+        s.insert(0, '0');
+    }
+    let (int, frac) = s.split_at(s.len() - scale);
+    let int = int.trim_start_matches('0');
+    let int = if int.is_empty() { "0" } else { int };
+    let zero = int == "0" && frac.bytes().all(|c| c == b'0');
+    let sign = if negative && !zero { "-" } else { "" };
+    Some(if scale == 0 { format!("{sign}{int}") } else { format!("{sign}{int}.{frac}") })
+}
+
+fn add_mag(a: &[u8], b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(a.len().max(b.len()) + 1);
+    let mut carry = 0;
+    for i in 0..a.len().max(b.len()) {
+        let s = a.get(i).copied().unwrap_or(0) + b.get(i).copied().unwrap_or(0) + carry;
+        out.push(s % 10);
+        carry = s / 10;
+    }
+    if carry > 0 {
+        out.push(carry);
+    }
+    out
+}
+
+/// a - b for |a| >= |b|.
+fn sub_mag(a: &[u8], b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(a.len());
+    let mut borrow = 0i16;
+    for (i, &x) in a.iter().enumerate() {
+        let mut d = x as i16 - b.get(i).copied().unwrap_or(0) as i16 - borrow;
+        borrow = if d < 0 {
+            d += 10;
+            1
+        } else {
+            0
+        };
+        out.push(d as u8);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numerics_compare_by_value() {
+        assert_eq!(compare_numeric("10", "9.99"), Ordering::Greater);
+        assert_eq!(compare_numeric("-10", "-9.5"), Ordering::Less);
+        assert_eq!(compare_numeric("1.50", "1.5"), Ordering::Equal);
+        assert_eq!(compare_numeric("-0.00", "0"), Ordering::Equal);
+        assert_eq!(compare_numeric("NaN", "1e9"), Ordering::Greater);
+    }
+
+    #[test]
+    fn decimal_sums_are_exact_and_keep_the_larger_scale() {
+        assert_eq!(add_decimal("3.50", "1.5").unwrap(), "5.00");
+        assert_eq!(add_decimal("-2", "1.25").unwrap(), "-0.75");
+        assert_eq!(add_decimal("99999999999999999999999999999999", "1").unwrap(), "100000000000000000000000000000000");
+        assert_eq!(add_decimal("-5", "5").unwrap(), "0");
+        assert_eq!(add_decimal("0.1", "0.2").unwrap(), "0.3");
+    }
+
+    #[test]
+    fn integers_and_floats_compare_as_numbers() {
+        assert_eq!(compare(Order::Integer, b"10", b"9"), Ordering::Greater);
+        assert_eq!(compare(Order::Float, b"NaN", b"Infinity"), Ordering::Greater);
+        assert_eq!(compare(Order::Float, b"-1.5", b"1e-3"), Ordering::Less);
+    }
+}
