@@ -92,9 +92,11 @@ fn normalize(table: &str) -> &str {
 
 /// The server connection a session is using, for forwarding a client's
 /// `CancelRequest`.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct CancelTarget {
-    pub address: ShardAddress,
+    /// The shard's pool (for its address): an `Arc`, so recording the target on
+    /// every transaction costs no allocation.
+    pub pool: Arc<ShardPool>,
     pub pid: i32,
     pub secret: i32,
 }
@@ -196,11 +198,13 @@ impl RouterContext {
     /// A shard for statements that may run anywhere (reference-table reads,
     /// `SELECT 1`): round-robin over the live shards.
     pub fn any_shard(&self, dir: &Directory) -> ShardId {
-        let live: Vec<ShardId> = dir.live_shards().map(|(i, _)| i).collect();
-        if live.is_empty() {
+        // No allocation: this runs for every statement on a reference table.
+        let live = dir.live_shards().count();
+        if live == 0 {
             return 0;
         }
-        live[self.next_any.fetch_add(1, Ordering::Relaxed) % live.len()]
+        let n = self.next_any.fetch_add(1, Ordering::Relaxed) % live;
+        dir.live_shards().nth(n).map(|(i, _)| i).unwrap_or(0)
     }
 
     pub fn set_cancel(&self, key: (i32, i32), target: Option<CancelTarget>) {

@@ -307,7 +307,8 @@ async fn forward_cancel(ctx: &RouterContext, pid: i32, key: i32) {
     let Some(target) = ctx.cancel_target((pid, key)) else {
         return;
     };
-    match TcpStream::connect((target.address.host.as_str(), target.address.port)).await {
+    let address = &target.pool.address;
+    match TcpStream::connect((address.host.as_str(), address.port)).await {
         Ok(stream) => {
             let mut c = Connection::connecting(stream, 1024);
             let _ = c.send(&messages::cancel_request(target.pid, target.secret)).await;

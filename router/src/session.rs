@@ -819,10 +819,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let pool = self.ctx.pool(shard).ok_or_else(|| SqlError::new("XX000", format!("no pool for shard {shard}")))?;
         let mut conn = pool.get().await.map_err(|e| SqlError::new(e.sqlstate(), e.to_string()))?;
-        self.ctx.set_cancel(
-            self.cancel_key,
-            Some(CancelTarget { address: conn.address().clone(), pid: conn.pid, secret: conn.secret }),
-        );
+        self.ctx
+            .set_cancel(self.cancel_key, Some(CancelTarget { pool: pool.clone(), pid: conn.pid, secret: conn.secret }));
         let mut swallow = 0;
         if let Some(sql) = self.settings_prelude(&mut conn) {
             conn.conn.queue(&messages::query(&sql));
