@@ -1,0 +1,234 @@
+//! Control connections to the shards: plain `tokio-postgres` sessions the migrator
+//! uses to set up replication, arm fences and compute checksums. They never carry
+//! application traffic.
+
+use std::time::Duration;
+
+use shardgate_router::backend::ShardAddress;
+use tokio_postgres::{Client, NoTls};
+
+use crate::Error;
+
+/// One shard as the migrator sees it: its directory name and how to reach it.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub name: String,
+    pub addr: ShardAddress,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The address's password must never reach a log line.
+        write!(f, "{} ({})", self.name, self.addr.display_url())
+    }
+}
+
+impl Endpoint {
+    pub fn new(name: impl Into<String>, addr: ShardAddress) -> Endpoint {
+        Endpoint { name: name.into(), addr }
+    }
+
+    /// A control session, named so that `pg_stat_activity` shows what it is.
+    pub async fn connect(&self, purpose: &str) -> Result<Client, Error> {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(&self.addr.host)
+            .port(self.addr.port)
+            .dbname(&self.addr.database)
+            .user(&self.addr.user)
+            .application_name(format!("shardgate migrator: {purpose}"))
+            .connect_timeout(Duration::from_secs(10));
+        if let Some(p) = &self.addr.password {
+            config.password(p);
+        }
+        let (client, conn) = config.connect(NoTls).await.map_err(|e| Error::pg(&self.name, "connect", e))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
+    /// The libpq connection string a subscription on another shard uses to reach this
+    /// one. It holds the password if there is one: Postgres keeps it in
+    /// `pg_subscription`, readable by superusers only, as it does for any subscription.
+    pub fn conninfo(&self) -> String {
+        let mut s = format!(
+            "host={} port={} dbname={} user={}",
+            conninfo_value(&self.addr.host),
+            self.addr.port,
+            conninfo_value(&self.addr.database),
+            conninfo_value(&self.addr.user)
+        );
+        if let Some(p) = &self.addr.password {
+            s.push_str(&format!(" password={}", conninfo_value(p)));
+        }
+        s
+    }
+}
+
+/// Quotes a value for a libpq keyword/value connection string.
+fn conninfo_value(v: &str) -> String {
+    format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// A SQL identifier, quoted when it must be (as `quote_ident` does), so that
+/// messages show `public.accounts`, not `"public"."accounts"`.
+pub fn ident(s: &str) -> String {
+    let plain = s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !RESERVED.contains(&s);
+    if plain {
+        s.to_string()
+    } else {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    }
+}
+
+/// Keywords that cannot be bare table or column names (reserved, and reserved
+/// except as function or type names).
+const RESERVED: &[&str] = &[
+    "all",
+    "analyse",
+    "analyze",
+    "and",
+    "any",
+    "array",
+    "as",
+    "asc",
+    "asymmetric",
+    "authorization",
+    "binary",
+    "both",
+    "case",
+    "cast",
+    "check",
+    "collate",
+    "collation",
+    "column",
+    "concurrently",
+    "constraint",
+    "create",
+    "cross",
+    "current_catalog",
+    "current_date",
+    "current_role",
+    "current_schema",
+    "current_time",
+    "current_timestamp",
+    "current_user",
+    "default",
+    "deferrable",
+    "desc",
+    "distinct",
+    "do",
+    "else",
+    "end",
+    "except",
+    "false",
+    "fetch",
+    "for",
+    "foreign",
+    "freeze",
+    "from",
+    "full",
+    "grant",
+    "group",
+    "having",
+    "ilike",
+    "in",
+    "initially",
+    "inner",
+    "intersect",
+    "into",
+    "is",
+    "isnull",
+    "join",
+    "lateral",
+    "leading",
+    "left",
+    "like",
+    "limit",
+    "localtime",
+    "localtimestamp",
+    "natural",
+    "not",
+    "notnull",
+    "null",
+    "offset",
+    "on",
+    "only",
+    "or",
+    "order",
+    "outer",
+    "overlaps",
+    "placing",
+    "primary",
+    "references",
+    "returning",
+    "right",
+    "select",
+    "session_user",
+    "similar",
+    "some",
+    "symmetric",
+    "system_user",
+    "table",
+    "tablesample",
+    "then",
+    "to",
+    "trailing",
+    "true",
+    "union",
+    "unique",
+    "user",
+    "using",
+    "variadic",
+    "verbose",
+    "when",
+    "where",
+    "window",
+    "with",
+];
+
+/// A SQL string literal.
+pub fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Runs a query and returns its first column of its first row as text.
+pub async fn scalar(client: &Client, sql: &str) -> Result<Option<String>, tokio_postgres::Error> {
+    let rows = client.simple_query(sql).await?;
+    for m in rows {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            return Ok(r.get(0).map(str::to_string));
+        }
+    }
+    Ok(None)
+}
+
+/// Runs a query and returns every row as text columns.
+pub async fn rows(client: &Client, sql: &str) -> Result<Vec<Vec<Option<String>>>, tokio_postgres::Error> {
+    let mut out = Vec::new();
+    for m in client.simple_query(sql).await? {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            out.push((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect());
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(ident(r#"we"ird"#), r#""we""ird""#);
+        assert_eq!(ident("accounts"), "accounts");
+        assert_eq!(ident("Accounts"), r#""Accounts""#);
+        assert_eq!(ident("user"), r#""user""#);
+        assert_eq!(ident("1st"), r#""1st""#);
+        assert_eq!(literal("it's"), "'it''s'");
+        assert_eq!(conninfo_value(r"a'b\c"), r"'a\'b\\c'");
+    }
+}

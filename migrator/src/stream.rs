@@ -1,0 +1,215 @@
+//! Watching the change stream: copy progress, lag, and exact catch-up waits.
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use crate::pg::{literal, rows, scalar};
+use crate::{Endpoint, Error, MoveSpec};
+
+/// Copy state of one table, from the target's `pg_subscription_rel`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableCopy {
+    pub table: String,
+    /// `init`, `copying`, `copied`, `syncing` or `ready`.
+    pub state: &'static str,
+    /// Rows and bytes a running copy has written so far (`pg_stat_progress_copy`).
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CopyProgress {
+    pub tables: Vec<TableCopy>,
+    /// Rows of the moving set on the target now.
+    pub rows_on_target: u64,
+    /// Errors the subscription's workers hit (`pg_stat_subscription_stats`); a
+    /// growing count means the copy or the stream is stuck on something.
+    pub errors: u64,
+}
+
+impl CopyProgress {
+    /// Every table is copied and its stream caught up with the apply worker.
+    pub fn done(&self) -> bool {
+        !self.tables.is_empty() && self.tables.iter().all(|t| t.state == "ready")
+    }
+}
+
+fn state_name(code: &str) -> &'static str {
+    match code {
+        "i" => "init",
+        "d" => "copying",
+        "f" => "copied",
+        "s" => "syncing",
+        "r" => "ready",
+        _ => "unknown",
+    }
+}
+
+/// Copy progress of the forward stream, read on the target.
+pub async fn copy_progress(spec: &MoveSpec, target: &Client) -> Result<CopyProgress, Error> {
+    let name = literal(&spec.forward_name());
+    let err = |e| Error::pg(&spec.target.name, "read copy progress", e);
+    let mut p = CopyProgress::default();
+    let sql = format!(
+        "SELECT r.srrelid::regclass::text, r.srsubstate::text, coalesce(c.tuples_processed, 0), coalesce(c.bytes_processed, 0) \
+         FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid \
+         LEFT JOIN pg_stat_progress_copy c ON c.relid = r.srrelid AND c.datid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         WHERE s.subname = {name} AND r.srrelid <> 'shardgate.marks'::regclass ORDER BY 1"
+    );
+    for r in rows(target, &sql).await.map_err(err)? {
+        let num = |i: usize| r[i].as_deref().and_then(|v| v.parse().ok()).unwrap_or(0);
+        p.tables.push(TableCopy {
+            table: r[0].clone().unwrap_or_default(),
+            state: state_name(r[1].as_deref().unwrap_or("")),
+            rows: num(2),
+            bytes: num(3),
+        });
+    }
+    let errors = scalar(
+        target,
+        &format!(
+            "SELECT coalesce(sum(apply_error_count + sync_error_count), 0) FROM pg_stat_subscription_stats WHERE subname = {name}"
+        ),
+    )
+    .await
+    .map_err(err)?;
+    p.errors = errors.and_then(|v| v.parse().ok()).unwrap_or(0);
+    Ok(p)
+}
+
+/// Rows of the moving set on a shard (one scan per table).
+pub async fn count_rows(spec: &MoveSpec, shard: &Endpoint, client: &Client, tables: &[String]) -> Result<u64, Error> {
+    let mut total = 0;
+    for t in tables {
+        let n = scalar(client, &format!("SELECT count(*) FROM {t} WHERE {}", spec.row_filter()))
+            .await
+            .map_err(|e| Error::pg(&shard.name, "count rows", e))?;
+        total += n.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    }
+    Ok(total)
+}
+
+/// How far a subscriber is behind its publisher.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lag {
+    /// WAL the subscriber has not confirmed yet.
+    pub bytes: u64,
+    /// Time since the last change it applied was committed, if it is streaming.
+    pub ms: Option<u64>,
+}
+
+/// Lag of the stream whose slot `slot` lives on `publisher`.
+pub async fn lag(publisher: &Endpoint, client: &Client, slot: &str) -> Result<Lag, Error> {
+    let r = rows(
+        client,
+        &format!(
+            "SELECT greatest(pg_current_wal_lsn() - confirmed_flush_lsn, 0)::bigint, \
+                    (SELECT (extract(epoch FROM replay_lag) * 1000)::bigint FROM pg_stat_replication WHERE application_name = {0} LIMIT 1) \
+             FROM pg_replication_slots WHERE slot_name = {0}",
+            literal(slot)
+        ),
+    )
+    .await
+    .map_err(|e| Error::pg(&publisher.name, "read replication lag", e))?;
+    let Some(r) = r.first() else {
+        return Err(Error::Other(format!("replication slot {slot} is missing on shard {}", publisher.name)));
+    };
+    Ok(Lag {
+        bytes: r[0].as_deref().and_then(|v| v.parse().ok()).unwrap_or(0),
+        ms: r[1].as_deref().and_then(|v| v.parse().ok()),
+    })
+}
+
+/// Waits until everything committed on `from` before this call has been applied on
+/// `to`: commits a marker row on `from` (its table is in the move's publication) and
+/// waits for it to appear on `to`. Logical replication applies in commit order, so
+/// the marker's arrival proves every earlier commit arrived. Returns the wait.
+pub async fn catch_up(
+    spec: &MoveSpec,
+    (from, from_client): (&Endpoint, &Client),
+    (to, to_client): (&Endpoint, &Client),
+    timeout: Duration,
+) -> Result<Duration, Error> {
+    let started = Instant::now();
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let token = format!("{}-{}-{seq}", std::process::id(), crate::now_ms());
+    from_client
+        .batch_execute(&format!(
+            "INSERT INTO shardgate.marks (move_id, token) VALUES ({}, {})",
+            spec.id,
+            literal(&token)
+        ))
+        .await
+        .map_err(|e| Error::pg(&from.name, "write a catch-up marker", e))?;
+    let probe =
+        format!("SELECT count(*) FROM shardgate.marks WHERE move_id = {} AND token = {}", spec.id, literal(&token));
+    let mut pause = Duration::from_micros(200);
+    loop {
+        let n = scalar(to_client, &probe).await.map_err(|e| Error::pg(&to.name, "look for the catch-up marker", e))?;
+        if n.as_deref() != Some("0") {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() >= timeout {
+            return Err(Error::Timeout(format!(
+                "shard {} did not catch up with shard {} within {:?}; check the subscription \
+                 (pg_stat_subscription on {}) and the server logs",
+                to.name, from.name, timeout, to.name
+            )));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(5));
+    }
+}
+
+/// Moves an idle (disabled) stream's slot to the publisher's current WAL position,
+/// so that enabling it later streams only what happens after this point, and so it
+/// does not pin WAL meanwhile. Safe only while nothing that stream should carry is
+/// being written on the publisher — which is true of the direction not in use: its
+/// rows are fenced there or only arrive through the other stream.
+pub async fn advance_idle_slot(publisher: &Endpoint, client: &Client, slot: &str) -> Result<(), Error> {
+    let err = |e| Error::pg(&publisher.name, "advance the idle replication slot", e);
+    let active =
+        scalar(client, &format!("SELECT active FROM pg_replication_slots WHERE slot_name = {}", literal(slot)))
+            .await
+            .map_err(err)?;
+    match active.as_deref() {
+        Some("f") => {}
+        Some(_) => {
+            return Err(Error::Other(format!(
+                "replication slot {slot} on shard {} is in use; its subscription should be disabled",
+                publisher.name
+            )))
+        }
+        None => return Err(Error::Other(format!("replication slot {slot} is missing on shard {}", publisher.name))),
+    }
+    client
+        .batch_execute(&format!("SELECT pg_replication_slot_advance({}, pg_current_wal_lsn())", literal(slot)))
+        .await
+        .map_err(err)
+}
+
+/// Waits until a slot has no walsender attached (its subscription was disabled).
+pub async fn wait_slot_inactive(
+    publisher: &Endpoint,
+    client: &Client,
+    slot: &str,
+    timeout: Duration,
+) -> Result<(), Error> {
+    let started = Instant::now();
+    let sql = format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = {} AND active", literal(slot));
+    loop {
+        let n = scalar(client, &sql).await.map_err(|e| Error::pg(&publisher.name, "read slot state", e))?;
+        if n.as_deref() == Some("0") {
+            return Ok(());
+        }
+        if started.elapsed() >= timeout {
+            return Err(Error::Timeout(format!(
+                "replication slot {slot} on shard {} is still in use after {timeout:?}",
+                publisher.name
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
