@@ -121,6 +121,10 @@ pub struct Directory {
     pub moves: std::collections::BTreeMap<u64, crate::state::Move>,
     #[serde(default)]
     pub next_move_id: u64,
+    /// Cutover holds in force, by move id: routers hold new statements for these
+    /// rows until the hold is released or the placement flips.
+    #[serde(default)]
+    pub holds: std::collections::BTreeMap<u64, crate::state::Hold>,
     /// Routers serving from this directory, by id.
     #[serde(default)]
     pub routers: std::collections::BTreeMap<String, crate::state::RouterInfo>,
@@ -157,6 +161,7 @@ impl Directory {
             pins: HashMap::new(),
             moves: Default::default(),
             next_move_id: 1,
+            holds: Default::default(),
             routers: Default::default(),
             nodes: Default::default(),
         })
@@ -174,6 +179,23 @@ impl Directory {
             }
         }
         self.placements[self.bucket_of(key) as usize]
+    }
+
+    /// The move whose cutover holds statements for this tenant, if any. Cheap when
+    /// no hold is in force (the common case): one emptiness check.
+    pub fn held(&self, key: &TenantKey) -> Option<u64> {
+        if self.holds.is_empty() {
+            return None;
+        }
+        self.holds.values().find(|h| self.subject_covers(&h.subject, key)).map(|h| h.move_id)
+    }
+
+    /// Whether a move of `subject` moves `key`'s rows.
+    pub fn subject_covers(&self, subject: &crate::state::MoveSubject, key: &TenantKey) -> bool {
+        match subject {
+            crate::state::MoveSubject::Bucket(b) => self.bucket_of(key) == *b && !self.pins.contains_key(key),
+            crate::state::MoveSubject::Tenant(t) => t == key,
+        }
     }
 
     /// Shards that serve traffic (not removed), in directory order.
@@ -217,11 +239,38 @@ mod pins_as_list {
 #[derive(Clone)]
 pub struct DirectoryHandle {
     current: Arc<ArcSwap<Directory>>,
+    /// Bumped on every store, so waiters (held statements, the migrator waiting for
+    /// acknowledgements) wake on change instead of polling.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Serializes [`DirectoryHandle::apply_local`] (load, apply, store).
+    local_writes: Arc<std::sync::Mutex<()>>,
 }
 
 impl DirectoryHandle {
     pub fn new(directory: Directory) -> DirectoryHandle {
-        DirectoryHandle { current: Arc::new(ArcSwap::from_pointee(directory)) }
+        DirectoryHandle {
+            current: Arc::new(ArcSwap::from_pointee(directory)),
+            changes: Arc::new(tokio::sync::watch::Sender::new(0)),
+            local_writes: Arc::new(std::sync::Mutex::new(())),
+        }
+    }
+
+    /// A receiver that sees every later store.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Applies a command to the snapshot and stores the result: the directory of a
+    /// single router with no replicas (tests, `shardgate serve` without a
+    /// `[directory]` section). Replicated directories go through Raft instead.
+    pub fn apply_local(&self, cmd: &crate::state::Command) -> crate::state::Outcome {
+        let _one_at_a_time = self.local_writes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut d = (*self.load()).clone();
+        let out = d.apply(cmd);
+        if !matches!(out, crate::state::Outcome::Rejected { .. }) {
+            self.store(d);
+        }
+        out
     }
 
     /// The current snapshot. Cheap; hold it for the length of one routing decision.
@@ -232,6 +281,7 @@ impl DirectoryHandle {
     /// Installs a new snapshot. The caller bumps the epoch.
     pub fn store(&self, directory: Directory) {
         self.current.store(Arc::new(directory));
+        self.changes.send_modify(|n| *n += 1);
     }
 }
 

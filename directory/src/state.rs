@@ -45,12 +45,54 @@ pub struct Move {
     /// Progress counters by name (rows_copied, bytes_copied, lag_bytes …).
     #[serde(default)]
     pub counters: std::collections::BTreeMap<String, u64>,
-    /// Why the move failed or was cancelled, if it did.
+    /// Why the move failed or was cancelled, if it did, or what it waits for.
     #[serde(default)]
     pub note: Option<String>,
+    #[serde(default)]
+    pub options: MoveOptions,
+    /// The operator's pending request, if any.
+    #[serde(default)]
+    pub request: Option<MoveRequest>,
     /// Milliseconds since the Unix epoch, from the proposer's clock.
     pub created_ms: u64,
     pub updated_ms: u64,
+}
+
+/// What an operator asked of a move; the migrator acts on it and clears it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum MoveRequest {
+    Verify,
+    Cutover {
+        #[serde(default)]
+        force: bool,
+    },
+    Rollback,
+    Complete,
+    Cancel,
+}
+
+/// How a move goes on by itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveOptions {
+    /// Verify and cut over as soon as the copy is done (cleanup stays manual).
+    #[serde(default)]
+    pub cutover_auto: bool,
+}
+
+/// A cutover hold: every router holds new statements for the move's rows until it
+/// is released or the placement flips. `token` tells one attempt from the next.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    pub move_id: u64,
+    pub subject: MoveSubject,
+    pub token: u64,
+    /// After this (proposer's clock) routers let statements go on their own: a
+    /// migrator that died mid-cutover cannot stall traffic for longer.
+    pub deadline_ms: u64,
+    /// Routers that hold and have no transaction on the rows in flight.
+    #[serde(default)]
+    pub acks: std::collections::BTreeSet<String>,
 }
 
 /// A router that serves from this directory.
@@ -91,7 +133,41 @@ pub enum Command {
     CreateMove {
         subject: MoveSubject,
         target: String,
+        #[serde(default)]
+        options: MoveOptions,
         at_ms: u64,
+    },
+    /// Record an operator's request (or with `None`, clear it: the migrator took it).
+    RequestMove {
+        id: u64,
+        request: Option<MoveRequest>,
+    },
+    /// Start a cutover hold.
+    HoldMove {
+        id: u64,
+        token: u64,
+        deadline_ms: u64,
+    },
+    /// A router holds and has nothing in flight on the rows.
+    AckHold {
+        id: u64,
+        token: u64,
+        router: String,
+    },
+    /// End a hold without a flip: statements go on to the shard that owns the rows.
+    ReleaseHold {
+        id: u64,
+        token: u64,
+    },
+    /// The point of no return of a cutover: the rows now belong to `shard`, and the
+    /// hold ends in the same entry, so held statements go straight there.
+    /// Applies only while the hold `token` is in force: once a hold is released, a
+    /// late-committing flip of that attempt is refused, so a cutover that gave up
+    /// can never flip behind the operator's back.
+    FlipMove {
+        id: u64,
+        shard: String,
+        token: u64,
     },
     UpdateMove {
         id: u64,
@@ -209,7 +285,7 @@ impl Directory {
                     return Err(rejected(format!("tenant {tenant} is not pinned")));
                 }
             }
-            Command::CreateMove { subject, target, at_ms } => {
+            Command::CreateMove { subject, target, options, at_ms } => {
                 let t = self.shard_named(target)?;
                 let source = match subject {
                     MoveSubject::Bucket(b) if *b >= self.bucket_count => {
@@ -224,12 +300,30 @@ impl Directory {
                 if self.shards[t].state != ShardState::Active {
                     return Err(rejected(format!("shard {target} is not active")));
                 }
-                let busy = self.moves.values().any(|m| {
-                    m.subject == *subject
-                        && !matches!(m.phase, MovePhase::Done | MovePhase::Cancelled | MovePhase::Failed)
+                let busy = self.moves.values().find(|m| {
+                    m.phase.active()
+                        && (m.subject == *subject
+                            || match (&m.subject, subject) {
+                                (MoveSubject::Bucket(b), MoveSubject::Tenant(k))
+                                | (MoveSubject::Tenant(k), MoveSubject::Bucket(b)) => self.bucket_of(k) == *b,
+                                _ => false,
+                            })
                 });
-                if busy {
-                    return Err(rejected(format!("{} is already moving", describe(subject))));
+                if let Some(m) = busy {
+                    return Err(rejected(format!(
+                        "{} is already moving (move {}, {}); wait for it or cancel it",
+                        describe(subject),
+                        m.id,
+                        m.phase.name()
+                    )));
+                }
+                if let MoveSubject::Bucket(b) = subject {
+                    if let Some(k) = self.pins.keys().find(|k| self.bucket_of(k) == *b) {
+                        return Err(rejected(format!(
+                            "bucket {b} holds tenant {k}, which is pinned to a shard of its own; \
+                             unpin it (or move it as a tenant) before moving the bucket"
+                        )));
+                    }
                 }
                 let id = self.next_move_id.max(1);
                 self.next_move_id = id + 1;
@@ -243,6 +337,8 @@ impl Directory {
                         phase: MovePhase::Plan,
                         counters: Default::default(),
                         note: None,
+                        options: options.clone(),
+                        request: None,
                         created_ms: *at_ms,
                         updated_ms: *at_ms,
                     },
@@ -261,6 +357,60 @@ impl Directory {
                     m.note = note.clone();
                 }
                 m.updated_ms = *at_ms;
+            }
+            Command::RequestMove { id, request } => {
+                let m = self.moves.get_mut(id).ok_or_else(|| rejected(format!("no move {id}")))?;
+                if request.is_some() && ended(m.phase) {
+                    return Err(rejected(format!("move {id} has ended ({})", m.phase.name())));
+                }
+                m.request = request.clone();
+                return Ok(None);
+            }
+            Command::HoldMove { id, token, deadline_ms } => {
+                let m = self.moves.get(id).ok_or_else(|| rejected(format!("no move {id}")))?;
+                if ended(m.phase) {
+                    return Err(rejected(format!("move {id} has ended ({})", m.phase.name())));
+                }
+                let hold = Hold {
+                    move_id: *id,
+                    subject: m.subject.clone(),
+                    token: *token,
+                    deadline_ms: *deadline_ms,
+                    acks: Default::default(),
+                };
+                self.holds.insert(*id, hold);
+            }
+            Command::AckHold { id, token, router } => {
+                match self.holds.get_mut(id) {
+                    Some(h) if h.token == *token => {
+                        h.acks.insert(router.clone());
+                    }
+                    _ => return Err(rejected(format!("move {id} has no hold {token}"))),
+                }
+                return Ok(None);
+            }
+            Command::ReleaseHold { id, token } => {
+                if self.holds.get(id).is_none_or(|h| h.token != *token) {
+                    return Ok(None);
+                }
+                self.holds.remove(id);
+            }
+            Command::FlipMove { id, shard, token } => {
+                let s = self.shard_named(shard)?;
+                if self.holds.get(id).is_none_or(|h| h.token != *token) {
+                    return Err(rejected(format!("move {id} has no hold {token}; the cutover attempt was given up")));
+                }
+                let m = self.moves.get(id).ok_or_else(|| rejected(format!("no move {id}")))?;
+                if s != m.source && s != m.target {
+                    return Err(rejected(format!("shard {shard} is neither end of move {id}")));
+                }
+                match m.subject.clone() {
+                    MoveSubject::Bucket(b) => self.placements[b as usize] = s,
+                    MoveSubject::Tenant(k) => {
+                        self.pins.insert(k, s);
+                    }
+                }
+                self.holds.remove(id);
             }
             Command::Heartbeat { router, address, applied_epoch, at_ms } => {
                 self.routers.insert(
@@ -291,6 +441,33 @@ impl Directory {
     }
 }
 
+fn ended(p: MovePhase) -> bool {
+    matches!(p, MovePhase::Done | MovePhase::Cancelled | MovePhase::Failed)
+}
+
+impl MovePhase {
+    pub fn name(self) -> &'static str {
+        match self {
+            MovePhase::Plan => "plan",
+            MovePhase::Copy => "copy",
+            MovePhase::DualWrite => "dual_write",
+            MovePhase::Shadow => "shadow",
+            MovePhase::Verify => "verify",
+            MovePhase::Cutover => "cutover",
+            MovePhase::Reverse => "reverse",
+            MovePhase::Cleanup => "cleanup",
+            MovePhase::Done => "done",
+            MovePhase::Cancelled => "cancelled",
+            MovePhase::Failed => "failed",
+        }
+    }
+
+    /// Still under way (not done, cancelled or failed).
+    pub fn active(self) -> bool {
+        !ended(self)
+    }
+}
+
 fn describe(s: &MoveSubject) -> String {
     match s {
         MoveSubject::Bucket(b) => format!("bucket {b}"),
@@ -315,7 +492,12 @@ mod tests {
             Command::AddShard { name: "s2".into(), url: "postgres://h/2".into() },
             Command::PlaceBucket { bucket: 3, shard: "s2".into() },
             Command::PinTenant { tenant: TenantKey::Int(42), shard: "s2".into() },
-            Command::CreateMove { subject: MoveSubject::Bucket(0), target: "s1".into(), at_ms: 10 },
+            Command::CreateMove {
+                subject: MoveSubject::Bucket(0),
+                target: "s1".into(),
+                options: Default::default(),
+                at_ms: 10,
+            },
             Command::UpdateMove {
                 id: 1,
                 phase: MovePhase::Copy,
@@ -360,11 +542,26 @@ mod tests {
         let mut d = dir();
         let out = d.apply(&Command::SetShardState { name: "s0".into(), state: ShardState::Removed });
         assert!(matches!(out, Outcome::Rejected { ref reason } if reason.contains("drain")));
-        let first = d.apply(&Command::CreateMove { subject: MoveSubject::Bucket(1), target: "s1".into(), at_ms: 1 });
+        let first = d.apply(&Command::CreateMove {
+            subject: MoveSubject::Bucket(1),
+            target: "s1".into(),
+            options: Default::default(),
+            at_ms: 1,
+        });
         assert!(matches!(first, Outcome::MoveCreated { id: 1, .. }));
-        let again = d.apply(&Command::CreateMove { subject: MoveSubject::Bucket(1), target: "s1".into(), at_ms: 2 });
+        let again = d.apply(&Command::CreateMove {
+            subject: MoveSubject::Bucket(1),
+            target: "s1".into(),
+            options: Default::default(),
+            at_ms: 2,
+        });
         assert!(matches!(again, Outcome::Rejected { ref reason } if reason.contains("already moving")));
-        let home = d.apply(&Command::CreateMove { subject: MoveSubject::Bucket(7), target: "s1".into(), at_ms: 2 });
+        let home = d.apply(&Command::CreateMove {
+            subject: MoveSubject::Bucket(7),
+            target: "s1".into(),
+            options: Default::default(),
+            at_ms: 2,
+        });
         assert!(matches!(home, Outcome::Rejected { ref reason } if reason.contains("already on")));
     }
 
@@ -379,7 +576,12 @@ mod tests {
         assert_eq!(back, d);
         // And commands keep applying identically after a restore.
         let (mut x, mut y) = (d.clone(), back);
-        let c = Command::CreateMove { subject: MoveSubject::Bucket(2), target: "s2".into(), at_ms: 50 };
+        let c = Command::CreateMove {
+            subject: MoveSubject::Bucket(2),
+            target: "s2".into(),
+            options: Default::default(),
+            at_ms: 50,
+        };
         assert_eq!(x.apply(&c), y.apply(&c));
         assert_eq!(x, y);
     }
@@ -388,5 +590,46 @@ mod tests {
     fn commands_have_a_readable_json_form() {
         let c = Command::PlaceBucket { bucket: 17, shard: "shard_b".into() };
         assert_eq!(serde_json::to_string(&c).unwrap(), r#"{"op":"place_bucket","bucket":17,"shard":"shard_b"}"#);
+    }
+
+    #[test]
+    fn a_cutover_holds_then_flips_in_one_entry() {
+        let mut d = dir();
+        let Outcome::MoveCreated { id, .. } = d.apply(&Command::CreateMove {
+            subject: MoveSubject::Bucket(1),
+            target: "s1".into(),
+            options: Default::default(),
+            at_ms: 1,
+        }) else {
+            panic!("move not created")
+        };
+        let key = (0..).map(TenantKey::Int).find(|k| d.bucket_of(k) == 1).unwrap();
+        let other = (0..).map(TenantKey::Int).find(|k| d.bucket_of(k) == 2).unwrap();
+        assert_eq!(d.held(&key), None);
+        d.apply(&Command::HoldMove { id, token: 7, deadline_ms: 100 });
+        assert_eq!(d.held(&key), Some(id));
+        assert_eq!(d.held(&other), None);
+        // Acks count only for the current attempt.
+        assert!(matches!(d.apply(&Command::AckHold { id, token: 6, router: "r1".into() }), Outcome::Rejected { .. }));
+        d.apply(&Command::AckHold { id, token: 7, router: "r1".into() });
+        assert!(d.holds[&id].acks.contains("r1"));
+        // A stale release (an older attempt) leaves the hold alone.
+        d.apply(&Command::ReleaseHold { id, token: 6 });
+        assert_eq!(d.held(&key), Some(id));
+        let before = d.shard_for(&key);
+        let late = d.apply(&Command::FlipMove { id, shard: "s1".into(), token: 6 });
+        assert!(matches!(late, Outcome::Rejected { .. }), "a flip of an older attempt is refused");
+        d.apply(&Command::FlipMove { id, shard: "s1".into(), token: 7 });
+        assert_eq!(d.held(&key), None);
+        assert_ne!(d.shard_for(&key), before);
+        assert_eq!(d.shard_for(&key), 1);
+        // A tenant of a moving bucket cannot move on its own meanwhile.
+        let out = d.apply(&Command::CreateMove {
+            subject: MoveSubject::Tenant(key),
+            target: "s0".into(),
+            options: Default::default(),
+            at_ms: 2,
+        });
+        assert!(matches!(out, Outcome::Rejected { ref reason } if reason.contains("already moving")), "{out:?}");
     }
 }

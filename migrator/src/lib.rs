@@ -18,7 +18,9 @@
 //! See docs/moves.md for the operator's view and the reasoning behind each step.
 
 pub mod cleanup;
+pub mod cluster;
 pub mod cutover;
+pub mod driver;
 pub mod fault;
 pub mod pg;
 pub mod prepare;

@@ -123,6 +123,12 @@ pub struct RouterContext {
     /// This router's directory replica and its lease, when the directory is
     /// replicated; None for a static directory.
     pub replica: Option<(shardgate_directory::replica::Node, std::time::Duration)>,
+    /// How this router writes to the directory (heartbeats, hold acknowledgements).
+    pub writer: Arc<dyn crate::hold::DirectoryWriter>,
+    /// This router's name in the directory's router list.
+    pub router_id: String,
+    /// Open transactions by the buckets they touched (what a cutover hold waits for).
+    pub in_flight: Arc<crate::hold::InFlight>,
 }
 
 impl RouterContext {
@@ -135,7 +141,14 @@ impl RouterContext {
         replica: Option<(shardgate_directory::replica::Node, std::time::Duration)>,
     ) -> RouterContext {
         let key_column = directory.load().key_column.clone();
+        let (writer, router_id): (Arc<dyn crate::hold::DirectoryWriter>, String) = match &replica {
+            Some((node, _)) => (Arc::new(crate::hold::ReplicaWriter(node.clone())), format!("router-{}", node.id)),
+            None => (Arc::new(crate::hold::LocalWriter(directory.clone())), "router-local".to_string()),
+        };
         RouterContext {
+            writer,
+            router_id,
+            in_flight: Default::default(),
             cache: AnalysisCache::new(key_column, config.statement_cache_size),
             config,
             directory,

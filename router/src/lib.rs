@@ -20,6 +20,7 @@ pub mod context;
 pub mod copy;
 pub mod error;
 pub mod fanout;
+pub mod hold;
 pub mod pool;
 pub mod protocol;
 pub mod route;

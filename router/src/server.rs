@@ -70,17 +70,15 @@ pub async fn start_replicated(
     shard_addresses: Vec<ShardAddress>,
 ) -> Result<RouterHandle, StartError> {
     let handle = node.directory();
-    let router = start_with(config, handle, shard_addresses, Some((node.clone(), lease))).await?;
-    tokio::spawn(heartbeat(node, router.local_addr, router.stop.subscribe()));
-    Ok(router)
+    start_with(config, handle, shard_addresses, Some((node.clone(), lease))).await
 }
 
 /// Tells the directory, once a second, that this router serves and which epoch it
 /// has applied (what `SHOW ROUTERS` and `shardgate status` list), and forgets
 /// routers silent for 30 s.
-async fn heartbeat(node: shardgate_directory::replica::Node, address: SocketAddr, mut stopped: watch::Receiver<bool>) {
+async fn heartbeat(ctx: Arc<RouterContext>, address: SocketAddr, mut stopped: watch::Receiver<bool>) {
     use shardgate_directory::state::Command;
-    let id = format!("router-{}", node.id);
+    let id = ctx.router_id.clone();
     let mut ticker = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut beats = 0u64;
     loop {
@@ -92,15 +90,16 @@ async fn heartbeat(node: shardgate_directory::replica::Node, address: SocketAddr
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let applied_epoch = node.status().epoch;
+        let applied_epoch = ctx.directory.load().epoch;
         let beat =
             Command::Heartbeat { router: id.clone(), address: address.to_string(), applied_epoch, at_ms: now_ms };
         // A lost heartbeat is harmless: the next one follows in a second.
-        let _ = node.propose(beat, std::time::Duration::from_secs(1)).await;
+        let _ = ctx.writer.propose(beat).await;
         beats += 1;
-        if beats.is_multiple_of(10) && node.status().is_leader {
+        let leader = ctx.replica.as_ref().is_none_or(|(node, _)| node.status().is_leader);
+        if beats.is_multiple_of(10) && leader {
             let expire = Command::ExpireRouters { before_ms: now_ms.saturating_sub(30_000) };
-            let _ = node.propose(expire, std::time::Duration::from_secs(1)).await;
+            let _ = ctx.writer.propose(expire).await;
         }
     }
 }
@@ -150,6 +149,14 @@ async fn start_with(
     }
     load_server_params(&ctx).await;
     let (stop, stopped) = watch::channel(false);
+    tokio::spawn(heartbeat(ctx.clone(), local_addr, stop.subscribe()));
+    tokio::spawn(crate::hold::acknowledge_holds(
+        ctx.router_id.clone(),
+        ctx.directory.clone(),
+        ctx.in_flight.clone(),
+        ctx.writer.clone(),
+        stop.subscribe(),
+    ));
     let task = tokio::spawn(accept_loop(listener, ctx.clone(), stopped));
     info!(%local_addr, "router listening");
     Ok(RouterHandle { local_addr, context: ctx, stop, task })

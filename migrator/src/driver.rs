@@ -1,0 +1,403 @@
+//! The move driver: takes each move in the directory through its phases.
+//!
+//! All of a move's state lives in the directory; the driver keeps none of its own.
+//! It runs in every `shardgate serve` process and acts only where it is told to
+//! (the directory leader), so when the process driving a move dies, the next one
+//! picks the move up from its recorded phase: every step is idempotent, and a
+//! cutover found half-done is finished (if the flip committed) or undone (if not).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use shardgate_directory::state::{Command, Move, MovePhase, MoveRequest, MoveSubject, Outcome};
+use shardgate_directory::{Directory, DirectoryHandle};
+use shardgate_router::hold::DirectoryWriter;
+
+use crate::cleanup::{self, Keep};
+use crate::cluster::DirectoryCoordinator;
+use crate::cutover::{self, CutoverOptions, Direction};
+use crate::verify::{self, VerifyOptions};
+use crate::{now_ms, prepare, stream, Endpoint, Error, MoveSpec};
+
+/// How to reach a shard by name (with its password, which the directory does not
+/// hold).
+pub type Resolve = Arc<dyn Fn(&Directory, usize) -> Option<Endpoint> + Send + Sync>;
+
+#[derive(Clone)]
+pub struct DriverConfig {
+    pub cutover: CutoverOptions,
+    pub verify: VerifyOptions,
+    pub router_timeout: Duration,
+    /// How often progress counters are written to the directory.
+    pub progress_every: Duration,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        DriverConfig {
+            cutover: CutoverOptions::default(),
+            verify: VerifyOptions::default(),
+            router_timeout: Duration::from_secs(3),
+            progress_every: Duration::from_millis(500),
+        }
+    }
+}
+
+pub struct Driver {
+    pub directory: DirectoryHandle,
+    pub writer: Arc<dyn DirectoryWriter>,
+    pub resolve: Resolve,
+    pub config: DriverConfig,
+    /// Whether this process should drive moves now (the directory leader).
+    pub active: Arc<dyn Fn() -> bool + Send + Sync>,
+    running: Mutex<HashSet<u64>>,
+}
+
+impl Driver {
+    pub fn new(
+        directory: DirectoryHandle,
+        writer: Arc<dyn DirectoryWriter>,
+        resolve: Resolve,
+        config: DriverConfig,
+        active: Arc<dyn Fn() -> bool + Send + Sync>,
+    ) -> Arc<Driver> {
+        Arc::new(Driver { directory, writer, resolve, config, active, running: Mutex::new(HashSet::new()) })
+    }
+
+    /// Runs until `stopped` fires: starts a task for every active move not being
+    /// driven yet.
+    pub async fn run(self: Arc<Self>, mut stopped: tokio::sync::watch::Receiver<bool>) {
+        let mut changes = self.directory.subscribe();
+        loop {
+            if (self.active)() {
+                let dir = self.directory.load();
+                for m in dir.moves.values().filter(|m| m.phase.active()) {
+                    if self.running.lock().unwrap_or_else(|p| p.into_inner()).insert(m.id) {
+                        let me = self.clone();
+                        let id = m.id;
+                        tokio::spawn(async move {
+                            me.drive(id).await;
+                            me.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                        });
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stopped.changed() => return,
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// Drives one move until it ends or this process stops being the driver.
+    async fn drive(&self, id: u64) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            if !(self.active)() {
+                return;
+            }
+            let dir = self.directory.load();
+            let Some(m) = dir.moves.get(&id).cloned() else { return };
+            if !m.phase.active() {
+                return;
+            }
+            let Some(spec) = self.spec(&dir, &m) else {
+                let _ = self.update(&m, MovePhase::Failed, BTreeMap::new(), Some("a shard of this move is gone")).await;
+                return;
+            };
+            match self.step(&dir, &m, &spec).await {
+                Ok(Step::Again) => backoff = Duration::from_millis(200),
+                Ok(Step::Wait(d)) => {
+                    backoff = Duration::from_millis(200);
+                    let mut changes = self.directory.subscribe();
+                    let _ = tokio::time::timeout(d, changes.changed()).await;
+                }
+                Err(Error::Refused(msg)) => {
+                    tracing::warn!(move_id = id, reason = %msg, "move refused");
+                    let _ = self.update(&m, MovePhase::Failed, BTreeMap::new(), Some(&msg)).await;
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(move_id = id, error = %e, "move step failed; retrying");
+                    let _ = self.note(&m, &e.to_string()).await;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    fn spec(&self, dir: &Directory, m: &Move) -> Option<MoveSpec> {
+        Some(MoveSpec {
+            id: m.id,
+            subject: m.subject.clone(),
+            key_column: dir.key_column.clone(),
+            key_type: dir.key_type,
+            bucket_count: dir.bucket_count,
+            source: (self.resolve)(dir, m.source)?,
+            target: (self.resolve)(dir, m.target)?,
+        })
+    }
+
+    fn coordinator(&self, id: u64) -> DirectoryCoordinator {
+        DirectoryCoordinator::new(self.directory.clone(), self.writer.clone(), id, self.config.router_timeout)
+    }
+
+    async fn step(&self, dir: &Directory, m: &Move, spec: &MoveSpec) -> Result<Step, Error> {
+        let owner_is_target = owner(dir, m) == m.target;
+        match (m.phase, &m.request) {
+            (MovePhase::Plan, Some(MoveRequest::Cancel))
+            | (MovePhase::Copy | MovePhase::DualWrite, Some(MoveRequest::Cancel)) => {
+                self.update(m, MovePhase::Cleanup, counters([("keep_source", 1)]), Some("cancelling")).await?;
+                self.clear_request(m).await?;
+                Ok(Step::Again)
+            }
+            (MovePhase::Plan, _) => {
+                let p = prepare::prepare(spec).await?;
+                let mut c = counters([("rows_total", p.rows_total), ("bytes_total", p.bytes_total)]);
+                c.insert("tables".into(), p.tables.len() as u64);
+                c.insert("copy_started_ms".into(), now_ms());
+                self.update(m, MovePhase::Copy, c, None).await?;
+                Ok(Step::Again)
+            }
+            (MovePhase::Copy, _) => {
+                let dst = spec.target.connect(&format!("move {} progress", m.id)).await?;
+                let p = stream::copy_progress(spec, &dst).await?;
+                let tables: Vec<String> = p.tables.iter().map(|t| t.table.clone()).collect();
+                let rows = stream::count_rows(spec, &spec.target, &dst, &tables).await?;
+                let bytes_done: u64 = p.tables.iter().map(|t| t.bytes).sum();
+                let started = m.counters.get("copy_started_ms").copied().unwrap_or(m.created_ms);
+                let secs = (now_ms().saturating_sub(started) as f64 / 1000.0).max(0.001);
+                let rate = rows as f64 / secs;
+                let total = m.counters.get("rows_total").copied().unwrap_or(0);
+                let eta = if rate > 0.0 { (total.saturating_sub(rows) as f64 / rate) as u64 } else { 0 };
+                let ready = p.tables.iter().filter(|t| t.state == "ready").count() as u64;
+                let mut c = counters([
+                    ("rows_copied", rows),
+                    ("copy_bytes_in_progress", bytes_done),
+                    ("copy_rows_per_s", rate as u64),
+                    ("eta_s", eta),
+                    ("tables_ready", ready),
+                    ("stream_errors", p.errors),
+                ]);
+                if p.done() {
+                    c.insert("eta_s".into(), 0);
+                    self.update(m, MovePhase::DualWrite, c, None).await?;
+                    return Ok(Step::Again);
+                }
+                self.update(m, MovePhase::Copy, c, None).await?;
+                Ok(Step::Wait(self.config.progress_every))
+            }
+            (MovePhase::DualWrite, Some(MoveRequest::Verify)) => {
+                self.clear_request(m).await?;
+                self.update(m, MovePhase::Verify, BTreeMap::new(), Some("verifying")).await?;
+                Ok(Step::Again)
+            }
+            (MovePhase::Verify, _) => {
+                let r = verify::verify(spec, &self.coordinator(m.id), &self.config.verify).await?;
+                let note = match r.mismatches.first() {
+                    None if r.clean() => "verified clean".to_string(),
+                    None => {
+                        format!("row counts differ: {} on the source, {} on the target", r.rows_source, r.rows_target)
+                    }
+                    Some(x) => format!("{} chunk(s) differ; first: {x}", r.mismatches.len()),
+                };
+                let c = counters([
+                    ("verified_clean", r.clean() as u64),
+                    ("verify_chunks", r.chunks),
+                    ("verify_mismatches", r.mismatches.len() as u64),
+                    ("verify_rows", r.rows_source),
+                    ("verify_pause_us", r.pause.as_micros() as u64),
+                    ("verified_at_ms", now_ms()),
+                ]);
+                self.update(m, MovePhase::DualWrite, c, Some(&note)).await?;
+                Ok(Step::Again)
+            }
+            (MovePhase::DualWrite, Some(MoveRequest::Cutover { force })) => {
+                let clean = m.counters.get("verified_clean") == Some(&1);
+                if !clean && !force {
+                    self.clear_request(m).await?;
+                    self.note(m, "cutover refused: the move has not verified clean; run `shardgate verify` (or cut over with --force)").await?;
+                    return Ok(Step::Again);
+                }
+                self.clear_request(m).await?;
+                self.cutover(m, spec, Direction::Forward).await
+            }
+            (MovePhase::DualWrite, None) if m.options.cutover_auto => {
+                if !m.counters.contains_key("verified_at_ms") {
+                    self.update(m, MovePhase::Verify, BTreeMap::new(), Some("verifying (automatic cutover)")).await?;
+                    return Ok(Step::Again);
+                }
+                let failures = m.counters.get("cutover_failures").copied().unwrap_or(0);
+                if m.counters.get("verified_clean") == Some(&1) && !m.counters.contains_key("cutovers") && failures < 3
+                {
+                    return self.cutover(m, spec, Direction::Forward).await;
+                }
+                self.report_lag(m, spec, Direction::Forward).await
+            }
+            (MovePhase::DualWrite, _) => {
+                if m.request.is_some() {
+                    self.clear_request(m).await?;
+                    self.note(m, "that request does not apply before a cutover; use cutover or cancel").await?;
+                }
+                self.report_lag(m, spec, Direction::Forward).await
+            }
+            (MovePhase::Cutover, _) => {
+                // A cutover that was under way when its driver died.
+                let back = m.counters.get("cutover_back") == Some(&1);
+                let dir_ = if back { Direction::Back } else { Direction::Forward };
+                let flipped = if back { !owner_is_target } else { owner_is_target };
+                if flipped {
+                    cutover::settle_streams(spec, dir_).await?;
+                    let phase = if back { MovePhase::DualWrite } else { MovePhase::Reverse };
+                    self.update(m, phase, BTreeMap::new(), Some("cutover finished after a restart")).await?;
+                } else {
+                    cutover::repair_unflipped(spec, dir_).await?;
+                    if let Some(h) = dir.holds.get(&m.id) {
+                        self.writer
+                            .propose(Command::ReleaseHold { id: m.id, token: h.token })
+                            .await
+                            .map_err(Error::Other)?;
+                    }
+                    let phase = if back { MovePhase::Reverse } else { MovePhase::DualWrite };
+                    self.update(m, phase, BTreeMap::new(), Some("cutover undone after a restart")).await?;
+                }
+                Ok(Step::Again)
+            }
+            (MovePhase::Reverse, Some(MoveRequest::Rollback)) => {
+                self.clear_request(m).await?;
+                self.cutover(m, spec, Direction::Back).await
+            }
+            (MovePhase::Reverse, Some(MoveRequest::Complete)) => {
+                self.clear_request(m).await?;
+                self.update(m, MovePhase::Cleanup, counters([("keep_source", 0)]), Some("completing")).await?;
+                Ok(Step::Again)
+            }
+            (MovePhase::Reverse, Some(_)) => {
+                self.clear_request(m).await?;
+                self.note(m, "after a cutover a move can be rolled back or completed").await?;
+                Ok(Step::Again)
+            }
+            (MovePhase::Reverse, None) => self.report_lag(m, spec, Direction::Back).await,
+            (MovePhase::Cleanup, _) => {
+                let keep = if m.counters.get("keep_source") == Some(&1) { Keep::Source } else { Keep::Target };
+                let deleted = cleanup::finish(spec, keep).await?;
+                let phase = if keep == Keep::Source { MovePhase::Cancelled } else { MovePhase::Done };
+                self.update(m, phase, counters([("rows_deleted", deleted)]), None).await?;
+                Ok(Step::Again)
+            }
+            (MovePhase::Shadow, _) => {
+                self.update(m, MovePhase::DualWrite, BTreeMap::new(), None).await?;
+                Ok(Step::Again)
+            }
+            (MovePhase::Done | MovePhase::Cancelled | MovePhase::Failed, _) => Ok(Step::Wait(Duration::from_secs(1))),
+        }
+    }
+
+    async fn cutover(&self, m: &Move, spec: &MoveSpec, dir: Direction) -> Result<Step, Error> {
+        let back = dir == Direction::Back;
+        let before = if back { MovePhase::Reverse } else { MovePhase::DualWrite };
+        let after = if back { MovePhase::DualWrite } else { MovePhase::Reverse };
+        self.update(m, MovePhase::Cutover, counters([("cutover_back", back as u64)]), Some("cutting over")).await?;
+        let coord = self.coordinator(m.id);
+        let started = Instant::now();
+        match cutover::cutover(spec, dir, &coord, &self.config.cutover).await {
+            Ok(r) => {
+                let n = m.counters.get("cutovers").copied().unwrap_or(0) + 1;
+                let c = counters([
+                    ("cutovers", n),
+                    ("pause_us", r.pause.as_micros() as u64),
+                    ("hold_us", r.hold.as_micros() as u64),
+                    ("fence_us", r.fence.as_micros() as u64),
+                    ("catch_up_us", r.catch_up.as_micros() as u64),
+                    ("flip_us", r.flip.as_micros() as u64),
+                ]);
+                let note = format!(
+                    "{} in {:.1} ms (statements held {:.1} ms)",
+                    if back { "rolled back" } else { "cut over" },
+                    started.elapsed().as_secs_f64() * 1e3,
+                    r.pause.as_secs_f64() * 1e3
+                );
+                self.update(m, after, c, Some(&note)).await?;
+                Ok(Step::Again)
+            }
+            Err(e) => {
+                let n = m.counters.get("cutover_failures").copied().unwrap_or(0) + 1;
+                let note = format!("cutover undone, nothing failed for clients: {e}");
+                self.update(m, before, counters([("cutover_failures", n)]), Some(&note)).await?;
+                Ok(Step::Again)
+            }
+        }
+    }
+
+    async fn report_lag(&self, m: &Move, spec: &MoveSpec, dir: Direction) -> Result<Step, Error> {
+        // The stream in use carries old → new; its slot is on the publisher.
+        let (publisher, slot, idle_pub, idle_slot) = match dir {
+            Direction::Forward => (&spec.source, spec.forward_name(), &spec.target, spec.reverse_name()),
+            Direction::Back => (&spec.target, spec.reverse_name(), &spec.source, spec.forward_name()),
+        };
+        let c = publisher.connect(&format!("move {} lag", m.id)).await?;
+        let lag = stream::lag(publisher, &c, &slot).await?;
+        // Keep the idle stream's slot from pinning WAL (see advance_idle_slot).
+        let idle = idle_pub.connect(&format!("move {} idle slot", m.id)).await?;
+        stream::advance_idle_slot(idle_pub, &idle, &idle_slot).await?;
+        let mut values = counters([("lag_bytes", lag.bytes)]);
+        if let Some(ms) = lag.ms {
+            values.insert("lag_ms".into(), ms);
+        }
+        let changed = values.iter().any(|(k, v)| m.counters.get(k) != Some(v));
+        if changed {
+            self.update(m, m.phase, values, None).await?;
+        }
+        Ok(Step::Wait(self.config.progress_every.max(Duration::from_millis(200)) * 2))
+    }
+
+    async fn update(
+        &self,
+        m: &Move,
+        phase: MovePhase,
+        counters: BTreeMap<String, u64>,
+        note: Option<&str>,
+    ) -> Result<(), Error> {
+        let cmd = Command::UpdateMove { id: m.id, phase, counters, note: note.map(str::to_string), at_ms: now_ms() };
+        match self.writer.propose(cmd).await {
+            Ok(Outcome::Rejected { reason }) => Err(Error::Other(reason)),
+            Ok(_) => Ok(()),
+            Err(e) => Err(Error::Other(format!("directory: {e}"))),
+        }
+    }
+
+    async fn note(&self, m: &Move, note: &str) -> Result<(), Error> {
+        let current = self.directory.load().moves.get(&m.id).map(|x| x.phase).unwrap_or(m.phase);
+        self.update(m, current, BTreeMap::new(), Some(note)).await
+    }
+
+    async fn clear_request(&self, m: &Move) -> Result<(), Error> {
+        self.writer
+            .propose(Command::RequestMove { id: m.id, request: None })
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::Other(format!("directory: {e}")))
+    }
+}
+
+enum Step {
+    /// Look at the move again now.
+    Again,
+    /// Nothing to do until the directory changes or this long passed.
+    Wait(Duration),
+}
+
+fn counters<const N: usize>(items: [(&str, u64); N]) -> BTreeMap<String, u64> {
+    items.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+/// The shard that owns a move's rows now.
+pub fn owner(dir: &Directory, m: &Move) -> usize {
+    match &m.subject {
+        MoveSubject::Bucket(b) => dir.placements[*b as usize],
+        MoveSubject::Tenant(k) => dir.shard_for(k),
+    }
+}

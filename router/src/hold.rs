@@ -1,0 +1,176 @@
+//! The router's half of a cutover.
+//!
+//! The migrator puts a *hold* for a move's rows into the directory. Every router
+//! then (1) makes new statements for those rows wait — they are not refused — and
+//! (2) once no transaction that touched the rows is still open in it, acknowledges
+//! the hold through the directory. The migrator flips the placement only after
+//! every live router acknowledged; the flip ends the hold in the same directory
+//! entry, and the waiting statements go on to the new shard. A hold also ends by
+//! release (the cutover was undone: statements go to the old shard) or by its
+//! deadline (a migrator that died cannot stall traffic).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use shardgate_directory::state::{Command, MoveSubject, Outcome};
+use shardgate_directory::{Directory, DirectoryHandle};
+use tokio::sync::{watch, Notify};
+
+/// Something that commits directory commands: the Raft replica, or, for a single
+/// router with a static directory, the local snapshot itself.
+pub trait DirectoryWriter: Send + Sync {
+    fn propose(&self, cmd: Command) -> Pin<Box<dyn Future<Output = Result<Outcome, String>> + Send + '_>>;
+    /// Waits until this node shows everything committed before the call.
+    fn barrier(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
+}
+
+/// The directory of a router without replicas.
+pub struct LocalWriter(pub DirectoryHandle);
+
+impl DirectoryWriter for LocalWriter {
+    fn propose(&self, cmd: Command) -> Pin<Box<dyn Future<Output = Result<Outcome, String>> + Send + '_>> {
+        Box::pin(async move { Ok(self.0.apply_local(&cmd)) })
+    }
+    fn barrier(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// The replicated directory: commands go through Raft.
+pub struct ReplicaWriter(pub shardgate_directory::replica::Node);
+
+impl DirectoryWriter for ReplicaWriter {
+    fn propose(&self, cmd: Command) -> Pin<Box<dyn Future<Output = Result<Outcome, String>> + Send + '_>> {
+        Box::pin(async move { self.0.propose(cmd, Duration::from_secs(2)).await.map_err(|e| e.to_string()) })
+    }
+    fn barrier(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move { self.0.read_barrier(Duration::from_secs(2)).await.map_err(|e| e.to_string()) })
+    }
+}
+
+/// Transactions open in this router, counted by the buckets they touched.
+#[derive(Default)]
+pub struct InFlight {
+    counts: Mutex<HashMap<u32, u32>>,
+    drained: Notify,
+}
+
+impl InFlight {
+    /// A transaction touched `bucket` for the first time.
+    pub fn enter(&self, bucket: u32) {
+        *self.lock().entry(bucket).or_insert(0) += 1;
+    }
+
+    /// A transaction that touched `bucket` ended.
+    pub fn leave(&self, bucket: u32) {
+        let mut c = self.lock();
+        if let Some(n) = c.get_mut(&bucket) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&bucket);
+                drop(c);
+                self.drained.notify_waiters();
+            }
+        }
+    }
+
+    pub fn busy(&self, bucket: u32) -> bool {
+        self.lock().contains_key(&bucket)
+    }
+
+    /// Waits until no open transaction touched `bucket`.
+    pub async fn drained(&self, bucket: u32) {
+        loop {
+            let notified = self.drained.notified();
+            if !self.busy(bucket) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, u32>> {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The bucket whose transactions a hold on `subject` waits for (a tenant's bucket
+/// for a tenant move: a little more than needed, never less).
+pub fn bucket_of_subject(dir: &Directory, subject: &MoveSubject) -> u32 {
+    match subject {
+        MoveSubject::Bucket(b) => *b,
+        MoveSubject::Tenant(k) => dir.bucket_of(k),
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Waits while move `move_id` holds statements: until the hold is released, the
+/// placement flipped, or the hold's deadline passed. Returns how long it waited.
+pub async fn wait_released(directory: &DirectoryHandle, move_id: u64) -> Duration {
+    let started = std::time::Instant::now();
+    let mut changes = directory.subscribe();
+    loop {
+        let deadline_ms = match directory.load().holds.get(&move_id) {
+            None => return started.elapsed(),
+            Some(h) => h.deadline_ms,
+        };
+        let now = now_ms();
+        if now >= deadline_ms {
+            return started.elapsed();
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(deadline_ms - now), changes.changed()).await;
+    }
+}
+
+/// Acknowledges every hold this router sees, once its transactions on the held
+/// rows have ended. Runs for the life of the router.
+pub async fn acknowledge_holds(
+    router_id: String,
+    directory: DirectoryHandle,
+    in_flight: Arc<InFlight>,
+    writer: Arc<dyn DirectoryWriter>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut changes = directory.subscribe();
+    // (move, token) pairs already being acknowledged.
+    let acking: Arc<Mutex<std::collections::HashSet<(u64, u64)>>> = Default::default();
+    loop {
+        let dir = directory.load();
+        for h in dir.holds.values() {
+            if h.acks.contains(&router_id) {
+                continue;
+            }
+            let key = (h.move_id, h.token);
+            if !acking.lock().unwrap_or_else(|p| p.into_inner()).insert(key) {
+                continue;
+            }
+            let bucket = bucket_of_subject(&dir, &h.subject);
+            let (in_flight, writer, router_id) = (in_flight.clone(), writer.clone(), router_id.clone());
+            let deadline = Duration::from_millis(h.deadline_ms.saturating_sub(now_ms()));
+            tokio::spawn(async move {
+                if tokio::time::timeout(deadline, in_flight.drained(bucket)).await.is_ok() {
+                    let ack = Command::AckHold { id: key.0, token: key.1, router: router_id };
+                    if let Err(e) = writer.propose(ack).await {
+                        tracing::warn!(move_id = key.0, error = %e, "could not acknowledge a cutover hold");
+                    }
+                } else {
+                    tracing::warn!(move_id = key.0, "transactions on the held rows outlived the cutover deadline");
+                }
+            });
+        }
+        acking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(m, t)| dir.holds.get(m).is_some_and(|h| h.token == *t));
+        tokio::select! {
+            _ = stopped.changed() => return,
+            r = changes.changed() => if r.is_err() { return },
+        }
+    }
+}
