@@ -181,6 +181,17 @@ impl Directory {
         self.placements[self.bucket_of(key) as usize]
     }
 
+    /// A tenant's bucket and the shard that holds it (its pin, if it has one).
+    pub fn locate(&self, key: &TenantKey) -> (u32, ShardId) {
+        let b = self.bucket_of(key);
+        if !self.pins.is_empty() {
+            if let Some(&s) = self.pins.get(key) {
+                return (b, s);
+            }
+        }
+        (b, self.placements[b as usize])
+    }
+
     /// The move whose cutover holds statements for this tenant, if any. Cheap when
     /// no hold is in force (the common case): one emptiness check.
     pub fn held(&self, key: &TenantKey) -> Option<u64> {

@@ -148,7 +148,7 @@ impl RouterContext {
         RouterContext {
             writer,
             router_id,
-            in_flight: Default::default(),
+            in_flight: Arc::new(crate::hold::InFlight::new(directory.load().bucket_count)),
             cache: AnalysisCache::new(key_column, config.statement_cache_size),
             config,
             directory,

@@ -9,9 +9,9 @@
 //! release (the cutover was undone: statements go to the old shard) or by its
 //! deadline (a migrator that died cannot stall traffic).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,50 +51,122 @@ impl DirectoryWriter for ReplicaWriter {
     }
 }
 
-/// Transactions open in this router, counted by the buckets they touched.
-#[derive(Default)]
+/// Statements and transactions in progress in this router, counted by the buckets
+/// they touched: what a cutover hold waits for before this router acknowledges.
+/// Lock-free on the statement path (one atomic add and one subtract).
 pub struct InFlight {
-    counts: Mutex<HashMap<u32, u32>>,
+    counts: Box<[AtomicU32]>,
+    /// Ackers waiting for a bucket to drain; sessions only notify when there are.
+    waiting: AtomicUsize,
     drained: Notify,
 }
 
 impl InFlight {
-    /// A transaction touched `bucket` for the first time.
-    pub fn enter(&self, bucket: u32) {
-        *self.lock().entry(bucket).or_insert(0) += 1;
+    pub fn new(bucket_count: u32) -> InFlight {
+        InFlight {
+            counts: (0..bucket_count).map(|_| AtomicU32::new(0)).collect(),
+            waiting: AtomicUsize::new(0),
+            drained: Notify::new(),
+        }
     }
 
-    /// A transaction that touched `bucket` ended.
+    /// A statement or transaction touches `bucket`.
+    pub fn enter(&self, bucket: u32) {
+        if let Some(c) = self.counts.get(bucket as usize) {
+            c.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// … and is finished with it.
     pub fn leave(&self, bucket: u32) {
-        let mut c = self.lock();
-        if let Some(n) = c.get_mut(&bucket) {
-            *n -= 1;
-            if *n == 0 {
-                c.remove(&bucket);
-                drop(c);
+        if let Some(c) = self.counts.get(bucket as usize) {
+            if c.fetch_sub(1, Ordering::SeqCst) == 1 && self.waiting.load(Ordering::SeqCst) > 0 {
                 self.drained.notify_waiters();
             }
         }
     }
 
     pub fn busy(&self, bucket: u32) -> bool {
-        self.lock().contains_key(&bucket)
+        self.counts.get(bucket as usize).is_some_and(|c| c.load(Ordering::SeqCst) > 0)
     }
 
-    /// Waits until no open transaction touched `bucket`.
+    /// Waits until nothing in progress touches `bucket`.
     pub async fn drained(&self, bucket: u32) {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
         loop {
             let notified = self.drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             if !self.busy(bucket) {
-                return;
+                break;
             }
             notified.await;
         }
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The buckets one session has registered as in flight; released when its
+/// statement or transaction ends, and when the session goes away.
+pub struct Flight {
+    in_flight: Arc<InFlight>,
+    buckets: Vec<u32>,
+}
+
+impl Flight {
+    pub fn new(in_flight: Arc<InFlight>) -> Flight {
+        Flight { in_flight, buckets: Vec::new() }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, u32>> {
-        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    pub fn holds(&self, bucket: u32) -> bool {
+        self.buckets.contains(&bucket)
     }
+
+    /// Registers the buckets not registered yet; returns how many were new (they
+    /// are the last ones in the list, for [`Flight::undo_last`]).
+    pub fn enter(&mut self, buckets: &[u32]) -> usize {
+        let before = self.buckets.len();
+        for &b in buckets {
+            if !self.buckets.contains(&b) {
+                self.in_flight.enter(b);
+                self.buckets.push(b);
+            }
+        }
+        self.buckets.len() - before
+    }
+
+    /// The last `n` buckets registered.
+    pub fn newest(&self, n: usize) -> &[u32] {
+        &self.buckets[self.buckets.len().saturating_sub(n)..]
+    }
+
+    pub fn undo_last(&mut self, n: usize) {
+        for _ in 0..n {
+            if let Some(b) = self.buckets.pop() {
+                self.in_flight.leave(b);
+            }
+        }
+    }
+
+    pub fn clear(&mut self) {
+        for b in self.buckets.drain(..) {
+            self.in_flight.leave(b);
+        }
+    }
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+/// The move holding any of `buckets`, if one does.
+pub fn held_bucket(dir: &Directory, buckets: &[u32]) -> Option<u64> {
+    if dir.holds.is_empty() {
+        return None;
+    }
+    dir.holds.values().find(|h| buckets.contains(&bucket_of_subject(dir, &h.subject))).map(|h| h.move_id)
 }
 
 /// The bucket whose transactions a hold on `subject` waits for (a tenant's bucket

@@ -52,6 +52,7 @@ pub fn route(
     dir: &Directory,
     catalog: &Catalog,
     rules: &Rules,
+    touched: &mut Vec<u32>,
 ) -> Result<Target, SqlError> {
     let sharded: Vec<&String> = stmt.tables.iter().filter(|t| catalog.is_sharded(t)).collect();
     let writes_sharded = stmt.written.iter().any(|t| catalog.is_sharded(t));
@@ -92,7 +93,8 @@ pub fn route(
                     let key = resolve(expr, params, dir.key_type)?.ok_or_else(|| {
                         SqlError::new("23502", format!("{key_col} must not be NULL in a sharded table"))
                     })?;
-                    let shard = dir.shard_for(&key);
+                    let (bucket, shard) = dir.locate(&key);
+                    touched.push(bucket);
                     match by_shard.iter_mut().find(|(s, _)| *s == shard) {
                         Some((_, rows)) => rows.push(i),
                         None => by_shard.push((shard, vec![i])),
@@ -105,11 +107,11 @@ pub fn route(
                 });
             }
             // INSERT … SELECT: the SELECT's key decides.
-            single_or(stmt, params, fallback_key, dir, rules, true)
+            single_or(stmt, params, fallback_key, dir, rules, true, touched)
         }
         StatementKind::Insert | StatementKind::Update | StatementKind::Delete => {
             if writes_sharded {
-                single_or(stmt, params, fallback_key, dir, rules, true)
+                single_or(stmt, params, fallback_key, dir, rules, true, touched)
             } else if sharded.is_empty() {
                 Ok(Target::All)
             } else {
@@ -121,7 +123,7 @@ pub fn route(
             if sharded.is_empty() {
                 Ok(Target::Any)
             } else {
-                single_or(stmt, params, fallback_key, dir, rules, false)
+                single_or(stmt, params, fallback_key, dir, rules, false, touched)
             }
         }
     }
@@ -136,13 +138,16 @@ fn single_or(
     dir: &Directory,
     rules: &Rules,
     write: bool,
+    touched: &mut Vec<u32>,
 ) -> Result<Target, SqlError> {
     let key_col = &dir.key_column;
     if let KeyCandidates::Any(exprs) = &stmt.keys {
         let mut shards = BTreeSet::new();
         for e in exprs {
             if let Some(k) = resolve(e, params, dir.key_type)? {
-                shards.insert(dir.shard_for(&k));
+                let (bucket, shard) = dir.locate(&k);
+                touched.push(bucket);
+                shards.insert(shard);
             }
         }
         return Ok(match shards.len() {
@@ -160,7 +165,9 @@ fn single_or(
         });
     }
     if let Some(k) = fallback_key {
-        return Ok(Target::Shard(dir.shard_for(k)));
+        let (bucket, shard) = dir.locate(k);
+        touched.push(bucket);
+        return Ok(Target::Shard(shard));
     }
     if rules.strict_tenant {
         return Err(SqlError::new("42P10", format!("strict_tenant is on and this {} names no {key_col}", verb(stmt)))

@@ -102,10 +102,15 @@ pub struct Session<S> {
     /// reported an error: COMMIT then rolls back everywhere.
     multi: Option<Vec<Bound>>,
     multi_failed: bool,
+    /// Buckets the statements being routed touch (filled by routing).
+    touched: std::sync::Mutex<Vec<u32>>,
+    /// Buckets this session's statement or transaction has in flight.
+    flight: crate::hold::Flight,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub fn new(ctx: Arc<RouterContext>, client: Connection<S>, cancel_key: (i32, i32)) -> Self {
+        let ctx_in_flight = ctx.in_flight.clone();
         Session {
             ctx,
             client,
@@ -121,6 +126,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             saw_error: false,
             multi: None,
             multi_failed: false,
+            touched: Default::default(),
+            flight: crate::hold::Flight::new(ctx_in_flight),
         }
     }
 
@@ -252,6 +259,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     return Err(e.into());
                 }
             };
+            if self.bound.is_none() && self.pending_begin.is_none() && self.multi.is_none() {
+                // Idle between statements: nothing of this session is in flight.
+                self.flight.clear();
+            }
             match m.tag() {
                 b'Q' => self.simple_query(&m).await?,
                 b'P' | b'B' | b'D' | b'E' | b'C' => self.batch.push(m),
@@ -319,9 +330,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         self.ensure_catalog(&analysis).await;
-        let target = match self.route_all(&analysis, None) {
-            Ok(t) => t,
-            Err(e) => return self.fail_simple(e).await,
+        let target = loop {
+            self.touched.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            let target = match self.route_all(&analysis, None) {
+                Ok(t) => t,
+                Err(e) => return self.fail_simple(e).await,
+            };
+            if self.pass_holds().await {
+                break target;
+            }
         };
         match target {
             Target::Shard(s) => self.forward_simple(s, m.raw().clone(), Some(&analysis)).await,
@@ -497,7 +514,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut combined: Option<Target> = self.bound.as_ref().map(|b| Target::Shard(b.shard));
         let several = analysis.statements.len() > 1;
         for stmt in &analysis.statements {
-            let t = route::route(stmt, params, fallback, &dir, &self.ctx.catalog, &rules)?;
+            let t = route::route(
+                stmt,
+                params,
+                fallback,
+                &dir,
+                &self.ctx.catalog,
+                &rules,
+                &mut self.touched.lock().unwrap_or_else(|p| p.into_inner()),
+            )?;
             combined = Some(match (combined, t) {
                 (None, t) => t,
                 (Some(c), Target::Any) => c,
@@ -712,7 +737,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         let mut target = Target::Any;
         for stmt in &analysis.statements {
-            let t = route::route(stmt, None, self.tenant.as_ref(), dir, &self.ctx.catalog, &rules)?;
+            let t = route::route(stmt, None, self.tenant.as_ref(), dir, &self.ctx.catalog, &rules, &mut Vec::new())?;
             target = match (target, t) {
                 (Target::Any, t) | (t, Target::Any) => t,
                 (Target::Shard(a), Target::Shard(b)) if a == b => Target::Shard(a),
@@ -844,7 +869,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if status == b'I' && !self.open_batch {
             self.bound = None;
             self.clear_cancel();
+            self.flight.clear();
         }
+    }
+
+    /// Registers the buckets just routed as in flight, unless a cutover holds one
+    /// this transaction had not touched yet: then waits for the hold to end and
+    /// returns false (route again, the placement may have changed).
+    async fn pass_holds(&mut self) -> bool {
+        let n = self.flight.enter(&self.touched.lock().unwrap_or_else(|p| p.into_inner()));
+        if n == 0 {
+            return true;
+        }
+        let dir = self.ctx.directory.load();
+        let Some(move_id) = crate::hold::held_bucket(&dir, self.flight.newest(n)) else {
+            return true;
+        };
+        self.flight.undo_last(n);
+        let waited = crate::hold::wait_released(&self.ctx.directory, move_id).await;
+        tracing::debug!(move_id, waited_us = waited.as_micros() as u64, "statement held for a cutover");
+        false
     }
 
     /// Sends one simple Query to one shard and relays the answer.
@@ -988,6 +1032,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         // First pass: learn statements, find where the batch must run.
+        self.touched.lock().unwrap_or_else(|p| p.into_inner()).clear();
         let mut target: Option<Target> = None;
         let mut routing_error: Option<SqlError> = None;
         let mut statements_seen: Vec<Arc<Analysis>> = Vec::new();
@@ -1057,6 +1102,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 _ => {}
             }
+        }
+        if routing_error.is_none() && !self.pass_holds().await {
+            // A cutover held the rows: the placement may have changed, route again.
+            self.batch = batch;
+            return Box::pin(self.run_batch(sync)).await;
         }
         if self.aborted_locally {
             let all_end = !statements_seen.is_empty()
