@@ -70,8 +70,11 @@ impl Coordinator for DirectoryCoordinator {
         *self.token.lock().unwrap_or_else(|p| p.into_inner()) = token;
         let left = deadline.saturating_duration_since(Instant::now());
         let mut changes = self.directory.subscribe();
-        self.propose(Command::HoldMove { id: self.move_id, token, deadline_ms: now_ms() + left.as_millis() as u64 })
-            .await?;
+        // Routers give up holding on their own only well after this cutover would
+        // have given up and undone its fence: their deadline is a safety net for
+        // a migrator that died, not a race with a live one.
+        let deadline_ms = now_ms() + 2 * left.as_millis() as u64 + 1000;
+        self.propose(Command::HoldMove { id: self.move_id, token, deadline_ms }).await?;
         loop {
             let dir = self.directory.load();
             let Some(h) = dir.holds.get(&self.move_id).filter(|h| h.token == token) else {

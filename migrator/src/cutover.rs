@@ -75,6 +75,10 @@ impl Direction {
     }
 }
 
+/// How long the steps before the hold may take (waiting for a stream to start and
+/// catch up); nothing is held meanwhile.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Clone)]
 pub struct CutoverOptions {
     /// Everything before the flip must finish within this, or the cutover is undone.
@@ -113,7 +117,11 @@ pub async fn cutover<C: Coordinator>(
         schema::sharded_tables(&old, &spec.key_column).await.map_err(|e| Error::pg(&s.old.name, "list tables", e))?;
     let sequences =
         schema::owned_sequences(&old, &tables).await.map_err(|e| Error::pg(&s.old.name, "find sequences", e))?;
-    // Keep the critical-path slot advance short: most of the WAL is skipped now.
+    // Keep the critical path short: the stream old → new must be running (a stream
+    // enabled moments ago starts within wal_retrieve_retry_interval) and caught
+    // up, and most of the WAL the idle slot would skip is skipped now.
+    stream::wait_slot_active(s.old, &old, &s.old_to_new, PREPARE_TIMEOUT).await?;
+    stream::catch_up(spec, (s.old, &old), (s.new, &new), PREPARE_TIMEOUT).await?;
     stream::advance_idle_slot(s.new, &new, &s.new_to_old).await?;
 
     let started = Instant::now();

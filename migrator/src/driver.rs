@@ -107,7 +107,8 @@ impl Driver {
                 let _ = self.update(&m, MovePhase::Failed, BTreeMap::new(), Some("a shard of this move is gone")).await;
                 return;
             };
-            match self.step(&dir, &m, &spec).await {
+            // Boxed: the step future is large (it holds every phase's work).
+            match Box::pin(self.step(&dir, &m, &spec)).await {
                 Ok(Step::Again) => backoff = Duration::from_millis(200),
                 Ok(Step::Wait(d)) => {
                     backoff = Duration::from_millis(200);
@@ -155,7 +156,7 @@ impl Driver {
                 Ok(Step::Again)
             }
             (MovePhase::Plan, _) => {
-                let p = prepare::prepare(spec).await?;
+                let p = Box::pin(prepare::prepare(spec)).await?;
                 let mut c = counters([("rows_total", p.rows_total), ("bytes_total", p.bytes_total)]);
                 c.insert("tables".into(), p.tables.len() as u64);
                 c.insert("copy_started_ms".into(), now_ms());
@@ -196,7 +197,7 @@ impl Driver {
                 Ok(Step::Again)
             }
             (MovePhase::Verify, _) => {
-                let r = verify::verify(spec, &self.coordinator(m.id), &self.config.verify).await?;
+                let r = Box::pin(verify::verify(spec, &self.coordinator(m.id), &self.config.verify)).await?;
                 let note = match r.mismatches.first() {
                     None if r.clean() => "verified clean".to_string(),
                     None => {
@@ -303,7 +304,7 @@ impl Driver {
         self.update(m, MovePhase::Cutover, counters([("cutover_back", back as u64)]), Some("cutting over")).await?;
         let coord = self.coordinator(m.id);
         let started = Instant::now();
-        match cutover::cutover(spec, dir, &coord, &self.config.cutover).await {
+        match Box::pin(cutover::cutover(spec, dir, &coord, &self.config.cutover)).await {
             Ok(r) => {
                 let n = m.counters.get("cutovers").copied().unwrap_or(0) + 1;
                 let c = counters([

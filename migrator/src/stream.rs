@@ -213,3 +213,28 @@ pub async fn wait_slot_inactive(
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
+
+/// Waits until a slot has a walsender attached (its subscription is streaming).
+pub async fn wait_slot_active(
+    publisher: &Endpoint,
+    client: &Client,
+    slot: &str,
+    timeout: Duration,
+) -> Result<(), Error> {
+    let started = Instant::now();
+    let sql = format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = {} AND active", literal(slot));
+    loop {
+        let n = scalar(client, &sql).await.map_err(|e| Error::pg(&publisher.name, "read slot state", e))?;
+        if n.as_deref() == Some("1") {
+            return Ok(());
+        }
+        if started.elapsed() >= timeout {
+            return Err(Error::Timeout(format!(
+                "the stream from shard {} (slot {slot}) has not started after {timeout:?}; check its subscription \
+                 and the subscriber's server log",
+                publisher.name
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -166,7 +166,11 @@ pub fn held_bucket(dir: &Directory, buckets: &[u32]) -> Option<u64> {
     if dir.holds.is_empty() {
         return None;
     }
-    dir.holds.values().find(|h| buckets.contains(&bucket_of_subject(dir, &h.subject))).map(|h| h.move_id)
+    let now = now_ms();
+    dir.holds
+        .values()
+        .find(|h| h.deadline_ms > now && buckets.contains(&bucket_of_subject(dir, &h.subject)))
+        .map(|h| h.move_id)
 }
 
 /// The bucket whose transactions a hold on `subject` waits for (a tenant's bucket

@@ -2,6 +2,8 @@
 //! a template data directory so each suite starts in about a second) and routers
 //! running in the test process.
 
+pub mod checker;
+
 use shardgate_directory::{Directory, DirectoryHandle, KeyType, Shard, ShardState};
 use shardgate_localpg::{TestCluster, TestServer};
 use shardgate_router::backend::ShardAddress;
