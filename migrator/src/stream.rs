@@ -184,8 +184,18 @@ pub async fn advance_idle_slot(publisher: &Endpoint, client: &Client, slot: &str
         }
         None => return Err(Error::Other(format!("replication slot {slot} is missing on shard {}", publisher.name))),
     }
+    // Commits applied by a subscription are asynchronous (its synchronous_commit
+    // is off), so the WAL of a change already visible here may not be flushed yet,
+    // and a slot cannot move past the flushed WAL: a synchronous commit first
+    // flushes everything before it, and the slot then moves to the flush point.
+    // (`pg_current_wal_lsn()` is the write position, which can stop short of such
+    // a commit: the stream would then carry it back where it came from.)
     client
-        .batch_execute(&format!("SELECT pg_replication_slot_advance({}, pg_current_wal_lsn())", literal(slot)))
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_logical_emit_message(true, 'shardgate', 'flush'); COMMIT; \
+             SELECT pg_replication_slot_advance({}, pg_current_wal_flush_lsn())",
+            literal(slot)
+        ))
         .await
         .map_err(err)
 }
