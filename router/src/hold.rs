@@ -250,3 +250,98 @@ pub async fn acknowledge_holds(
         }
     }
 }
+
+/// A cross-shard read sent to `shard` while moves are under way: a moving bucket's
+/// rows exist on both of its shards until the move ends, and must be counted once.
+/// On a shard that does not own them now, each sharded table the query names is
+/// shadowed by a CTE of the same name that leaves the moving rows out (Postgres
+/// resolves an unqualified name to a CTE first, and inlines a CTE used once, so
+/// the filter reaches the scan). `None`: the text can go as it is.
+pub fn without_moving_rows(
+    dir: &Directory,
+    shard: shardgate_directory::ShardId,
+    sql: &str,
+    sharded_tables: &[&str],
+) -> Result<Option<String>, crate::error::SqlError> {
+    let mut filters = Vec::new();
+    for m in dir.moves.values().filter(|m| m.phase.active()) {
+        let owner = match &m.subject {
+            MoveSubject::Bucket(b) => dir.placements[*b as usize],
+            MoveSubject::Tenant(k) => dir.shard_for(k),
+        };
+        let other = if owner == m.source { m.target } else { m.source };
+        if other != shard {
+            continue;
+        }
+        let col = quote_ident(&dir.key_column);
+        filters.push(match &m.subject {
+            MoveSubject::Bucket(b) => format!(
+                "({} = {b}) IS NOT TRUE",
+                shardgate_directory::hash::bucket_sql(&col, dir.key_type, dir.bucket_count)
+            ),
+            MoveSubject::Tenant(k) => format!("({col} = {}) IS NOT TRUE", tenant_literal(k, dir.key_type)),
+        });
+    }
+    if filters.is_empty() || sharded_tables.is_empty() {
+        return Ok(None);
+    }
+    let mut ctes = Vec::new();
+    for t in sharded_tables {
+        if t.contains('.') {
+            return Err(crate::error::SqlError::new(
+                "0A000",
+                format!("a cross-shard read of {t} while rows of it are moving must name the table without its schema"),
+            )
+            .hint("write the table name unqualified, or name the tenant (WHERE tenant_id = …)"));
+        }
+        ctes.push(format!(
+            "{} AS (SELECT * FROM public.{} WHERE {})",
+            quote_ident(t),
+            quote_ident(t),
+            filters.join(" AND ")
+        ));
+    }
+    let body = sql.trim_start();
+    let starts_with = |word: &str| {
+        body.len() >= word.len()
+            && body[..word.len()].eq_ignore_ascii_case(word)
+            && !body[word.len()..].starts_with(|c: char| c.is_alphanumeric() || c == '_')
+    };
+    if body.starts_with("/*") || body.starts_with("--") {
+        return Err(crate::error::SqlError::new(
+            "0A000",
+            "a cross-shard read that starts with a comment cannot run while rows of its tables are moving".into(),
+        )
+        .hint("put the comment after the statement's first word, or name the tenant"));
+    }
+    Ok(Some(if starts_with("WITH") {
+        let rest = body[4..].trim_start();
+        let (recursive, rest) = if rest.len() >= 9 && rest[..9].eq_ignore_ascii_case("RECURSIVE") {
+            ("RECURSIVE ", &rest[9..])
+        } else {
+            ("", rest)
+        };
+        format!("WITH {recursive}{}, {}", ctes.join(", "), rest.trim_start())
+    } else {
+        format!("WITH {} {body}", ctes.join(", "))
+    }))
+}
+
+fn quote_ident(s: &str) -> String {
+    if !s.is_empty()
+        && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        s.to_string()
+    } else {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    }
+}
+
+fn tenant_literal(k: &shardgate_directory::TenantKey, t: shardgate_directory::KeyType) -> String {
+    match (k, t) {
+        (shardgate_directory::TenantKey::Int(v), _) => v.to_string(),
+        (k, shardgate_directory::KeyType::Uuid) => format!("'{k}'::uuid"),
+        (k, _) => format!("'{}'", k.to_string().replace('\'', "''")),
+    }
+}

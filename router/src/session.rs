@@ -1166,6 +1166,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let text = &statements_seen[0].statements[0].text;
                 match crate::fanout::plan(text) {
                     Ok(plan) if plan.merge == crate::fanout::MergeSpec::Concat && plan.shard_sql == *text => {
+                        if let Err(e) = self.refuse_during_moves(&shards, &statements_seen[0].statements[0]) {
+                            return self.fail_batch(e, sync).await;
+                        }
                         return self.run_batch_on_shards(&batch, Some(shards)).await;
                     }
                     Ok(_) => {
@@ -1738,6 +1741,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// `COPY … TO STDOUT` without a tenant: every shard's rows, one shard after
     /// another, as one copy (a CSV header only once).
     async fn run_copy_out_fanout(&mut self, stmt: &Statement, shards: Vec<ShardId>) -> Result<(), SessionError> {
+        if let Err(e) = self.refuse_during_moves(&shards, stmt) {
+            return self.fail_simple(e).await;
+        }
         let header = matches!(&stmt.kind, StatementKind::Copy(c) if c.header);
         let dir = self.ctx.directory.load();
         let mut total = 0u64;
@@ -1825,9 +1831,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(p) => p,
             Err(e) => return self.fail_simple(SqlError::new("0A000", e.to_string())).await,
         };
+        let texts = match self.shard_texts(&shards, &plan.shard_sql, stmt) {
+            Ok(t) => t,
+            Err(e) => return self.fail_simple(e).await,
+        };
         let this = &*self;
-        let runs = shards.iter().map(|&s| {
-            let sql = plan.shard_sql.as_str();
+        let runs = shards.iter().zip(&texts).map(|(&s, sql)| {
+            let sql = sql.as_deref().unwrap_or(plan.shard_sql.as_str());
             async move { this.collect_on(s, sql).await }
         });
         let answers = futures::future::join_all(runs).await;
@@ -1878,6 +1888,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             Err(e) => self.fail_simple(SqlError::new("0A000", e.to_string())).await,
         }
+    }
+
+    /// Per shard, the text of a cross-shard read with rows under a move left out
+    /// where they are not owned (see [`crate::hold::without_moving_rows`]).
+    fn shard_texts(&self, shards: &[ShardId], sql: &str, stmt: &Statement) -> Result<Vec<Option<String>>, SqlError> {
+        let dir = self.ctx.directory.load();
+        if dir.moves.values().all(|m| !m.phase.active()) {
+            return Ok(vec![None; shards.len()]);
+        }
+        let tables: Vec<&str> =
+            stmt.tables.iter().filter(|t| self.ctx.catalog.is_sharded(t)).map(|t| t.as_str()).collect();
+        shards.iter().map(|&s| crate::hold::without_moving_rows(&dir, s, sql, &tables)).collect()
+    }
+
+    /// Cross-shard statements the router cannot rewrite per shard (extended
+    /// protocol, COPY): refused while a move keeps a second copy of their rows.
+    fn refuse_during_moves(&self, shards: &[ShardId], stmt: &Statement) -> Result<(), SqlError> {
+        if self.shard_texts(shards, &stmt.text, stmt)?.iter().any(Option::is_some) {
+            return Err(SqlError::new(
+                "55000",
+                "this cross-shard read cannot run while rows of its tables are being moved between shards".into(),
+            )
+            .hint("send it as a simple query, name the tenant (WHERE tenant_id = …), or retry after the move"));
+        }
+        Ok(())
     }
 
     async fn run_split_insert(

@@ -42,13 +42,37 @@ fn counter(h: &Harness, id: u64, name: &str) -> u64 {
 }
 
 async fn wait_phase(h: &Harness, id: u64, want: MovePhase, what: &str) {
-    let timeout = Duration::from_secs(90);
-    checker::wait_for(what, timeout, || {
-        let p = phase(h, id);
-        assert!(p != MovePhase::Failed, "move failed: {:?}", h.directory.load().moves[&id].note);
-        p == want
-    })
-    .await;
+    wait(h, id, what, || phase(h, id) == want).await
+}
+
+/// Waits for a condition of the move; on timeout, keeps the shards' server logs
+/// and shows their errors, which is where a stuck stream explains itself.
+async fn wait(h: &Harness, id: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    loop {
+        assert!(phase(h, id) != MovePhase::Failed, "move failed: {:?}", h.directory.load().moves[&id].note);
+        if cond() {
+            return;
+        }
+        if started.elapsed() > Duration::from_secs(90) {
+            for i in 0..2 {
+                let log = std::fs::read_to_string(h.shard_server(i).log_path()).unwrap_or_default();
+                let keep = std::env::temp_dir().join(format!("shardgate-move-test-shard{i}.log"));
+                let _ = std::fs::write(&keep, &log);
+                eprintln!("--- shard {i} server log errors (whole log kept in {}) ---", keep.display());
+                let errors: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains("ERROR") || l.contains("FATAL") || l.contains("DETAIL:  Key"))
+                    .take(10)
+                    .collect();
+                for l in errors {
+                    eprintln!("{l}");
+                }
+            }
+            panic!("timed out waiting for {what}; the move: {:?}", h.directory.load().moves[&id]);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 fn request(h: &Harness, id: u64, r: MoveRequest) {
@@ -83,14 +107,14 @@ async fn a_bucket_moves_under_write_load_and_back_and_again_without_a_client_err
 
     wait_phase(&h, id, MovePhase::DualWrite, "the copy").await;
     request(&h, id, MoveRequest::Cutover { force: false });
-    checker::wait_for("the unverified cutover to be refused", Duration::from_secs(30), || {
+    wait(&h, id, "the unverified cutover to be refused", || {
         h.directory.load().moves[&id].note.as_deref().is_some_and(|n| n.contains("not verified"))
     })
     .await;
     assert_eq!(h.shard_of(moving[0]), 0);
 
     request(&h, id, MoveRequest::Verify);
-    checker::wait_for("verify", Duration::from_secs(60), || counter(&h, id, "verified_at_ms") > 0).await;
+    wait(&h, id, "verify", || counter(&h, id, "verified_at_ms") > 0).await;
     assert_eq!(counter(&h, id, "verified_clean"), 1, "{:?}", h.directory.load().moves[&id]);
 
     request(&h, id, MoveRequest::Cutover { force: false });
@@ -101,20 +125,14 @@ async fn a_bucket_moves_under_write_load_and_back_and_again_without_a_client_err
     // Let writes land on the new shard, then roll back: the reverse stream kept the
     // old shard current, so nothing is lost.
     let ops = load.ops.load(std::sync::atomic::Ordering::SeqCst);
-    checker::wait_for("writes after the cutover", Duration::from_secs(30), || {
-        load.ops.load(std::sync::atomic::Ordering::SeqCst) > ops + 200
-    })
-    .await;
+    wait(&h, id, "writes after the cutover", || load.ops.load(std::sync::atomic::Ordering::SeqCst) > ops + 200).await;
     request(&h, id, MoveRequest::Rollback);
-    checker::wait_for("the rollback", Duration::from_secs(60), || counter(&h, id, "cutovers") == 2).await;
+    wait(&h, id, "the rollback", || counter(&h, id, "cutovers") == 2).await;
     wait_phase(&h, id, MovePhase::DualWrite, "dual-write after the rollback").await;
     assert_eq!(h.shard_of(moving[0]), 0);
 
     let ops = load.ops.load(std::sync::atomic::Ordering::SeqCst);
-    checker::wait_for("writes after the rollback", Duration::from_secs(30), || {
-        load.ops.load(std::sync::atomic::Ordering::SeqCst) > ops + 200
-    })
-    .await;
+    wait(&h, id, "writes after the rollback", || load.ops.load(std::sync::atomic::Ordering::SeqCst) > ops + 200).await;
     request(&h, id, MoveRequest::Cutover { force: true });
     wait_phase(&h, id, MovePhase::Reverse, "the second cutover").await;
     assert_eq!(counter(&h, id, "cutovers"), 3);
@@ -139,4 +157,76 @@ async fn a_bucket_moves_under_write_load_and_back_and_again_without_a_client_err
     wait_phase(&h, id, MovePhase::Done, "completion").await;
     report.check(&shards, owner, |_| true).await;
     let _ = stop_driver.send(true);
+}
+
+#[tokio::test]
+async fn cross_shard_reads_count_moving_rows_once_and_a_stale_router_is_fenced() {
+    let h = Harness::start(2).await;
+    let stop_driver = start_driver(&h);
+    let c = h.client().await;
+    c.batch_execute(checker::TABLE_SQL).await.unwrap();
+    let dir = h.directory.load();
+    let bucket = dir.bucket_of(&TenantKey::Int(h.tenants_on(0, 1)[0]));
+    let moving: Vec<i64> = (1..).filter(|t| dir.bucket_of(&TenantKey::Int(*t)) == bucket).take(10).collect();
+    let mut all = moving.clone();
+    all.extend(h.tenants_on(1, 10));
+    drop(dir);
+    for (i, t) in all.iter().enumerate() {
+        c.batch_execute(&format!("/* tenant_id={t} */ INSERT INTO checker_items SELECT {t}, {i} * 1000 + g, 0, g FROM generate_series(1, 100) g"))
+            .await
+            .unwrap();
+    }
+    let total = 100 * all.len() as i64;
+    // A router that will not hear of the cutover: its own copy of the directory.
+    let stale_dir = shardgate_directory::DirectoryHandle::new((*h.directory.load()).clone());
+    let addrs: Vec<ShardAddress> = h.cluster.urls().iter().map(|u| ShardAddress::from_url(u).unwrap()).collect();
+    let cfg = shardgate_router::config::RouterConfig { listen: "127.0.0.1:0".into(), ..Default::default() };
+    let stale = shardgate_router::server::start(cfg, stale_dir, addrs).await.unwrap();
+    let stale_client = shardgate_tests::connect(&format!("postgres://postgres@{}/app", stale.local_addr)).await;
+
+    let out = h.directory.apply_local(&Command::CreateMove {
+        subject: MoveSubject::Bucket(bucket),
+        target: "shard_1".into(),
+        options: Default::default(),
+        at_ms: shardgate_migrator::now_ms(),
+    });
+    let Outcome::MoveCreated { id, .. } = out else { panic!("{out:?}") };
+    wait_phase(&h, id, MovePhase::DualWrite, "the copy").await;
+    let on_shards: i64 = {
+        let mut n = 0;
+        for i in 0..2 {
+            n += h.shard(i).await.query_one("SELECT count(*) FROM checker_items", &[]).await.unwrap().get::<_, i64>(0);
+        }
+        n
+    };
+    assert_eq!(on_shards, total + 1000, "the bucket's rows are on both shards now");
+    assert_eq!(simple_count(&c).await, total, "a cross-shard read counts the moving rows once");
+    let e = c.query("SELECT seq FROM checker_items WHERE val > 50", &[]).await.unwrap_err();
+    assert_eq!(shardgate_tests::sqlstate(&e), "55000", "{e:?}");
+
+    request(&h, id, MoveRequest::Cutover { force: true });
+    wait_phase(&h, id, MovePhase::Reverse, "the cutover").await;
+    assert_eq!(simple_count(&c).await, total, "… on the new owner after the cutover too");
+    let t = moving[0];
+    // The stale router still sends the tenant to the old shard, which refuses.
+    let e = stale_client.execute("UPDATE checker_items SET val = -1 WHERE tenant_id = $1", &[&t]).await.unwrap_err();
+    assert_eq!(shardgate_tests::sqlstate(&e), "25006", "{e:?}");
+    assert!(e.as_db_error().unwrap().message().contains("has moved"), "{e:?}");
+    let r = c.query_one("SELECT count(*) FROM checker_items WHERE tenant_id = $1 AND val = -1", &[&t]).await.unwrap();
+    assert_eq!(r.get::<_, i64>(0), 0, "nothing of the refused write is anywhere");
+
+    request(&h, id, MoveRequest::Complete);
+    wait_phase(&h, id, MovePhase::Done, "completion").await;
+    assert_eq!(simple_count(&c).await, total);
+    let _ = stop_driver.send(true);
+    stale.shutdown().await;
+}
+
+/// `SELECT count(*)` over the sharded table as a simple query (a cross-shard read).
+async fn simple_count(c: &tokio_postgres::Client) -> i64 {
+    let r = c.simple_query("SELECT count(*) FROM checker_items").await.unwrap();
+    match &r[1] {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).unwrap().parse::<i64>().unwrap(),
+        other => panic!("{other:?}"),
+    }
 }
