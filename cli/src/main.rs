@@ -3,6 +3,7 @@
 
 mod admin_client;
 mod config;
+mod moves;
 mod replica;
 mod status;
 mod up;
@@ -76,6 +77,64 @@ enum Command {
         #[arg(long, global = true)]
         admin: Option<String>,
     },
+    /// Move a bucket or a tenant to another shard while the application runs.
+    Move {
+        #[command(subcommand)]
+        what: MoveWhat,
+        /// `auto`: verify and cut over as soon as the copy is done (cleanup stays
+        /// `shardgate complete`); `manual` (default): wait for `shardgate cutover`.
+        #[arg(long, global = true, default_value = "manual")]
+        cutover: String,
+        /// Stay in the foreground and show progress until the copy is done (or,
+        /// with --cutover auto, until the cutover).
+        #[arg(long, global = true)]
+        wait: bool,
+        #[arg(long, global = true)]
+        admin: Option<String>,
+    },
+    /// Compare a move's rows on both shards (row counts and checksums per chunk).
+    Verify {
+        id: u64,
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long)]
+        admin: Option<String>,
+    },
+    /// Switch a move's rows to the target shard; clients wait milliseconds, see no error.
+    Cutover {
+        id: u64,
+        /// Cut over even if the move has not verified clean.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long)]
+        admin: Option<String>,
+    },
+    /// Switch a cut-over move back to its source shard (nothing is lost).
+    Rollback {
+        id: u64,
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long)]
+        admin: Option<String>,
+    },
+    /// Finish a cut-over move: drop the old shard's copy and the replication.
+    Complete {
+        id: u64,
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long)]
+        admin: Option<String>,
+    },
+    /// Abandon a move before its cutover: drop the target's copy.
+    Cancel {
+        id: u64,
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long)]
+        admin: Option<String>,
+    },
     /// Show shards, buckets and placements.
     Status {
         /// Print JSON instead of a table.
@@ -84,6 +143,22 @@ enum Command {
         /// Admin API address of a node (default: the cluster `up` started in --data-dir).
         #[arg(long)]
         admin: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum MoveWhat {
+    /// A bucket (logical shard): every tenant whose key hashes to it.
+    Bucket {
+        bucket: u32,
+        #[arg(long = "to")]
+        shard: String,
+    },
+    /// One tenant.
+    Tenant {
+        tenant: String,
+        #[arg(long = "to")]
+        shard: String,
     },
 }
 
@@ -144,6 +219,29 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
+        Command::Move { what, cutover, wait, admin } => admin_client::Api::find(&cli.data_dir, admin.as_deref())
+            .and_then(|api| {
+                let auto = match cutover.as_str() {
+                    "auto" => true,
+                    "manual" => false,
+                    other => anyhow::bail!("--cutover must be auto or manual, not {other:?}"),
+                };
+                let (subject, to) = match what {
+                    MoveWhat::Bucket { bucket, shard } => (moves::Subject::Bucket(bucket), shard),
+                    MoveWhat::Tenant { tenant, shard } => (moves::Subject::Tenant(tenant), shard),
+                };
+                moves::start(&api, subject, &to, auto, wait)
+            }),
+        Command::Verify { id, no_wait, admin } => admin_client::Api::find(&cli.data_dir, admin.as_deref())
+            .and_then(|api| moves::request(&api, id, "verify", false, !no_wait)),
+        Command::Cutover { id, force, no_wait, admin } => admin_client::Api::find(&cli.data_dir, admin.as_deref())
+            .and_then(|api| moves::request(&api, id, "cutover", force, !no_wait)),
+        Command::Rollback { id, no_wait, admin } => admin_client::Api::find(&cli.data_dir, admin.as_deref())
+            .and_then(|api| moves::request(&api, id, "rollback", false, !no_wait)),
+        Command::Complete { id, no_wait, admin } => admin_client::Api::find(&cli.data_dir, admin.as_deref())
+            .and_then(|api| moves::request(&api, id, "complete", false, !no_wait)),
+        Command::Cancel { id, no_wait, admin } => admin_client::Api::find(&cli.data_dir, admin.as_deref())
+            .and_then(|api| moves::request(&api, id, "cancel", false, !no_wait)),
         Command::Status { json, admin } => status::run(&cli.data_dir, admin.as_deref(), json),
         Command::Shard { command, admin } => {
             let api = admin_client::Api::find(&cli.data_dir, admin.as_deref());
@@ -236,6 +334,9 @@ async fn serve(path: PathBuf) -> Result<()> {
             shardgate_router::server::start_replicated(cfg.router.clone(), node, d.lease, addrs).await?
         }
     };
+    // Moves are driven by the directory's leader (with a static directory there
+    // are none to drive: the admin API refuses them).
+    let _driver = shardgate_migrator::driver::spawn_for_router(router.context.clone(), true);
     let (admin_addr, _admin) =
         shardgate_router::admin::serve(&cfg.admin.listen, router.context.clone(), cfg.admin.token.clone())
             .await

@@ -111,6 +111,14 @@ fn print_table(s: &Value) {
             if r["lease_valid"].as_bool() == Some(true) { "valid" } else { "EXPIRED: writes refused" }
         );
     }
+    let moves: Vec<&Value> = s["moves"].as_array().into_iter().flatten().collect();
+    if !moves.is_empty() {
+        println!();
+        println!("moves:");
+        for m in moves {
+            println!("  {}", crate::moves::progress_line(m));
+        }
+    }
     let tables: Vec<&str> = s["sharded_tables"].as_array().into_iter().flatten().filter_map(|t| t.as_str()).collect();
     println!();
     println!("sharded tables: {}", if tables.is_empty() { "(none yet)".to_string() } else { tables.join(", ") });

@@ -402,3 +402,32 @@ pub fn owner(dir: &Directory, m: &Move) -> usize {
         MoveSubject::Tenant(k) => dir.shard_for(k),
     }
 }
+
+/// Starts the move driver of a router process: it drives moves while this node
+/// leads the directory (or always, with a static directory). Send `true` to stop.
+pub fn spawn_for_router(
+    ctx: Arc<shardgate_router::context::RouterContext>,
+    leader_only: bool,
+) -> tokio::sync::watch::Sender<bool> {
+    let resolve_ctx = ctx.clone();
+    let resolve: Resolve = Arc::new(move |dir: &Directory, shard: usize| {
+        let addr = resolve_ctx.shard_address(dir, shard)?;
+        Some(Endpoint::new(dir.shards.get(shard)?.name.clone(), addr))
+    });
+    let leader_ctx = ctx.clone();
+    let active =
+        Arc::new(move || !leader_only || leader_ctx.replica.as_ref().is_none_or(|(node, _)| node.status().is_leader));
+    let lease = ctx.replica.as_ref().map(|(_, l)| *l).unwrap_or(Duration::from_secs(2));
+    let config = DriverConfig {
+        cutover: CutoverOptions { timeout: ctx.config.moves.cutover_timeout },
+        verify: VerifyOptions { chunk_rows: ctx.config.moves.verify_chunk_rows, ..Default::default() },
+        // Heartbeats come every second; a router silent for its lease and one more
+        // second has stopped serving writes by the lease rule.
+        router_timeout: lease + Duration::from_secs(1),
+        ..Default::default()
+    };
+    let driver = Driver::new(ctx.directory.clone(), ctx.writer.clone(), resolve, config, active);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(driver.run(stopped));
+    stop
+}

@@ -47,6 +47,53 @@ pub struct Status {
     /// This node's directory replica, when the directory is replicated.
     pub replica: Option<ReplicaStatus>,
     pub routers: Vec<shardgate_directory::state::RouterInfo>,
+    /// Every move, newest last.
+    pub moves: Vec<MoveStatus>,
+}
+
+/// One move as `shardgate status --json` lists it.
+#[derive(Serialize)]
+pub struct MoveStatus {
+    pub id: u64,
+    /// `bucket 17` or `tenant 42`.
+    pub subject: String,
+    pub phase: &'static str,
+    pub source: String,
+    pub target: String,
+    /// The shard that owns the rows now.
+    pub owner: String,
+    pub counters: std::collections::BTreeMap<String, u64>,
+    pub note: Option<String>,
+    pub request: Option<shardgate_directory::state::MoveRequest>,
+    pub cutover_auto: bool,
+    /// Routers holding its statements right now (during a cutover or a verify cut).
+    pub holding: bool,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+}
+
+pub fn move_status(dir: &shardgate_directory::Directory, m: &shardgate_directory::state::Move) -> MoveStatus {
+    use shardgate_directory::state::MoveSubject;
+    let name = |s: usize| dir.shards.get(s).map(|x| x.name.clone()).unwrap_or_default();
+    let (subject, owner) = match &m.subject {
+        MoveSubject::Bucket(b) => (format!("bucket {b}"), dir.placements[*b as usize]),
+        MoveSubject::Tenant(k) => (format!("tenant {k}"), dir.shard_for(k)),
+    };
+    MoveStatus {
+        id: m.id,
+        subject,
+        phase: m.phase.name(),
+        source: name(m.source),
+        target: name(m.target),
+        owner: name(owner),
+        counters: m.counters.clone(),
+        note: m.note.clone(),
+        request: m.request.clone(),
+        cutover_auto: m.options.cutover_auto,
+        holding: dir.holds.contains_key(&m.id),
+        created_ms: m.created_ms,
+        updated_ms: m.updated_ms,
+    }
 }
 
 #[derive(Serialize)]
@@ -115,6 +162,7 @@ pub fn status(ctx: &RouterContext) -> Status {
             }
         }),
         routers: dir.routers.values().cloned().collect(),
+        moves: dir.moves.values().map(|m| move_status(&dir, m)).collect(),
         clients: ctx.clients.load(std::sync::atomic::Ordering::Relaxed),
     }
 }
@@ -297,6 +345,37 @@ async fn route(ctx: &RouterContext, req: &Request) -> (u16, String) {
             (200, serde_json::to_string_pretty(&*ctx.directory.load()).unwrap_or_else(|_| "{}".into()))
         }
         ("GET", "/health") => (200, "{\"ok\":true}".into()),
+        ("GET", "/moves") => {
+            let dir = ctx.directory.load();
+            let moves: Vec<MoveStatus> = dir.moves.values().map(|m| move_status(&dir, m)).collect();
+            (200, serde_json::to_string_pretty(&moves).unwrap_or_else(|_| "[]".into()))
+        }
+        ("POST", "/moves") => match serde_json::from_slice::<NewMove>(&req.body) {
+            Ok(m) => create_move(ctx, m).await,
+            Err(e) => (400, json_error(&format!("expected {{\"bucket\": … or \"tenant\": …, \"to\": …}}: {e}"))),
+        },
+        ("POST", "/moves/request") => match serde_json::from_slice::<MoveRequestBody>(&req.body) {
+            Ok(r) => {
+                use shardgate_directory::state::MoveRequest as R;
+                let request = match r.request.as_str() {
+                    "verify" => R::Verify,
+                    "cutover" => R::Cutover { force: r.force },
+                    "rollback" => R::Rollback,
+                    "complete" => R::Complete,
+                    "cancel" => R::Cancel,
+                    other => {
+                        return (
+                            400,
+                            json_error(&format!(
+                                "unknown request {other:?}; one of verify, cutover, rollback, complete, cancel"
+                            )),
+                        )
+                    }
+                };
+                propose(ctx, Command::RequestMove { id: r.id, request: Some(request) }).await
+            }
+            Err(e) => (400, json_error(&format!("expected {{\"id\": …, \"request\": …}}: {e}"))),
+        },
         ("POST", "/shards") => match serde_json::from_slice::<AddShard>(&req.body) {
             Ok(a) => {
                 // The directory keeps the URL without a password.
@@ -342,6 +421,55 @@ async fn propose(ctx: &RouterContext, cmd: shardgate_directory::state::Command) 
         Ok(outcome) => (200, serde_json::to_string(&outcome).unwrap_or_default()),
         Err(e) => (503, json_error(&e.to_string())),
     }
+}
+
+#[derive(serde::Deserialize)]
+struct NewMove {
+    #[serde(default)]
+    bucket: Option<u32>,
+    #[serde(default)]
+    tenant: Option<String>,
+    to: String,
+    #[serde(default)]
+    cutover_auto: bool,
+}
+
+#[derive(serde::Deserialize)]
+struct MoveRequestBody {
+    id: u64,
+    request: String,
+    #[serde(default)]
+    force: bool,
+}
+
+async fn create_move(ctx: &RouterContext, m: NewMove) -> (u16, String) {
+    use shardgate_directory::state::{Command, MoveOptions, MoveSubject};
+    let dir = ctx.directory.load();
+    let subject = match (m.bucket, m.tenant) {
+        (Some(b), None) => MoveSubject::Bucket(b),
+        (None, Some(t)) => match dir.key_type.parse_text(&t) {
+            Ok(k) => MoveSubject::Tenant(k),
+            Err(e) => return (400, json_error(&e.to_string())),
+        },
+        _ => return (400, json_error("name either a bucket or a tenant")),
+    };
+    let active = dir.moves.values().filter(|m| m.phase.active()).count();
+    if active >= ctx.config.moves.max_concurrent {
+        return (
+            409,
+            json_error(&format!(
+                "{active} moves are under way and [router.moves] max_concurrent is {}; wait for one to finish",
+                ctx.config.moves.max_concurrent
+            )),
+        );
+    }
+    let at_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    propose(
+        ctx,
+        Command::CreateMove { subject, target: m.to, options: MoveOptions { cutover_auto: m.cutover_auto }, at_ms },
+    )
+    .await
 }
 
 /// Pins a tenant that has no rows yet (moving one with rows is the migrator's job).

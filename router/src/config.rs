@@ -40,6 +40,45 @@ pub struct RouterConfig {
     /// (Written as top-level `[[users]]` tables in the file.)
     #[serde(skip)]
     pub users: Vec<UserConfig>,
+    /// Online moves (`[router.moves]`).
+    #[serde(default)]
+    pub moves: MovesConfig,
+}
+
+/// Settings of online moves, read by the node that drives them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MovesConfig {
+    /// Moves under way at once; `shardgate move` refuses more. Default 2.
+    #[serde(default = "default_max_moves")]
+    pub max_concurrent: usize,
+    /// How long a cutover may hold statements before it gives up and lets them go
+    /// to the old shard (nothing fails; the move stays in dual-write). Default 5 s.
+    #[serde(default = "default_cutover_timeout", with = "humantime_secs")]
+    pub cutover_timeout: Duration,
+    /// Rows per chunk when verify compares the two shards. Default 10000.
+    #[serde(default = "default_verify_chunk")]
+    pub verify_chunk_rows: u64,
+}
+
+impl Default for MovesConfig {
+    fn default() -> Self {
+        MovesConfig {
+            max_concurrent: default_max_moves(),
+            cutover_timeout: default_cutover_timeout(),
+            verify_chunk_rows: default_verify_chunk(),
+        }
+    }
+}
+
+fn default_max_moves() -> usize {
+    2
+}
+fn default_cutover_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_verify_chunk() -> u64 {
+    10_000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -120,6 +159,7 @@ impl Default for RouterConfig {
             statement_cache_size: default_cache(),
             shard_password: None,
             users: Vec::new(),
+            moves: MovesConfig::default(),
         }
     }
 }

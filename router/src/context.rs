@@ -176,14 +176,7 @@ impl RouterContext {
         let mut pools = self.pools.write().unwrap_or_else(|p| p.into_inner());
         while pools.len() <= shard {
             let s = dir.shards.get(pools.len())?;
-            let address = match self.credentials.get(&s.name) {
-                Some(a) => a.clone(),
-                None => {
-                    let mut a = ShardAddress::from_url(&s.url).ok()?;
-                    a.password = self.config.shard_password.clone();
-                    a
-                }
-            };
+            let address = self.shard_address(&dir, pools.len())?;
             pools.push(ShardPool::new(
                 s.name.clone(),
                 address,
@@ -193,6 +186,20 @@ impl RouterContext {
             ));
         }
         pools.get(shard).cloned()
+    }
+
+    /// How to log in to a shard: the configuration's address (with its password)
+    /// for shards known at start, else the directory's URL and `shard_password`.
+    pub fn shard_address(&self, dir: &Directory, shard: ShardId) -> Option<ShardAddress> {
+        let s = dir.shards.get(shard)?;
+        Some(match self.credentials.get(&s.name) {
+            Some(a) => a.clone(),
+            None => {
+                let mut a = ShardAddress::from_url(&s.url).ok()?;
+                a.password = self.config.shard_password.clone();
+                a
+            }
+        })
     }
 
     /// Why writes are refused right now: this router's replica has not heard from
