@@ -98,6 +98,13 @@ impl Driver {
             if !(self.active)() {
                 return;
             }
+            // Act only on the committed state: a replica that just restarted may
+            // still be catching up, and a stale phase would repeat or undo a step.
+            if let Err(e) = self.writer.barrier().await {
+                tracing::warn!(move_id = id, error = %e, "directory not readable yet; waiting");
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
             let dir = self.directory.load();
             let Some(m) = dir.moves.get(&id).cloned() else { return };
             if !m.phase.active() {
@@ -415,8 +422,14 @@ pub fn spawn_for_router(
         Some(Endpoint::new(dir.shards.get(shard)?.name.clone(), addr))
     });
     let leader_ctx = ctx.clone();
-    let active =
-        Arc::new(move || !leader_only || leader_ctx.replica.as_ref().is_none_or(|(node, _)| node.status().is_leader));
+    let mode = ctx.config.moves.drive;
+    let active = Arc::new(move || match mode {
+        shardgate_router::config::DriveMode::Never => false,
+        shardgate_router::config::DriveMode::Always => true,
+        shardgate_router::config::DriveMode::Leader => {
+            !leader_only || leader_ctx.replica.as_ref().is_none_or(|(node, _)| node.status().is_leader)
+        }
+    });
     let lease = ctx.replica.as_ref().map(|(_, l)| *l).unwrap_or(Duration::from_secs(2));
     let config = DriverConfig {
         cutover: CutoverOptions { timeout: ctx.config.moves.cutover_timeout },

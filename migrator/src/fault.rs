@@ -4,7 +4,10 @@
 //! Off unless a test turns them on, either in-process with [`set`] or for a whole
 //! process with the environment variable `SHARDGATE_FAULTS`, a comma-separated list
 //! of `point=crash` (the process aborts on the spot, like `kill -9`) or
-//! `point=error` (the step returns an error). Operators never set it.
+//! `point=error` (the step returns an error). Operators never set it. With
+//! `SHARDGATE_FAULTS_ONCE_DIR` set, a crash fires once across processes: the first
+//! process to reach the point leaves a file named after it there, and a restarted
+//! process passes the point.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -62,6 +65,16 @@ pub fn point(name: &'static str) -> Result<(), Error> {
     match t.get(name).copied() {
         None => Ok(()),
         Some(Action::Crash) => {
+            if let Some(dir) = std::env::var_os("SHARDGATE_FAULTS_ONCE_DIR") {
+                let first = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(std::path::Path::new(&dir).join(name))
+                    .is_ok();
+                if !first {
+                    return Ok(());
+                }
+            }
             tracing::error!(point = name, "fault point: crashing as a test asked");
             std::process::abort()
         }

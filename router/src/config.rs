@@ -59,6 +59,20 @@ pub struct MovesConfig {
     /// Rows per chunk when verify compares the two shards. Default 10000.
     #[serde(default = "default_verify_chunk")]
     pub verify_chunk_rows: u64,
+    /// Which nodes drive moves: `leader` (default; the node leading the directory),
+    /// `always` (this node, whether it leads or not: a node set aside for moves) or
+    /// `never`. Exactly one driver should be active at a time.
+    #[serde(default)]
+    pub drive: DriveMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DriveMode {
+    #[default]
+    Leader,
+    Always,
+    Never,
 }
 
 impl Default for MovesConfig {
@@ -67,6 +81,7 @@ impl Default for MovesConfig {
             max_concurrent: default_max_moves(),
             cutover_timeout: default_cutover_timeout(),
             verify_chunk_rows: default_verify_chunk(),
+            drive: DriveMode::default(),
         }
     }
 }

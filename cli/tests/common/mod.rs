@@ -1,0 +1,128 @@
+//! Helpers shared by the tests that run several `shardgate serve` processes.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct NodePorts {
+    pub router: u16,
+    pub admin: u16,
+    pub raft: u16,
+}
+
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn write_config(dir: &Path, id: u64, ports: &[NodePorts], shard_urls: &[String]) -> std::path::PathBuf {
+    write_node_config(dir, id, ports, shard_urls, true)
+}
+
+pub fn write_node_config(
+    dir: &Path,
+    id: u64,
+    ports: &[NodePorts],
+    shard_urls: &[String],
+    bootstrap: bool,
+) -> std::path::PathBuf {
+    let me = &ports[id as usize - 1];
+    let mut toml = format!(
+        "[router]\nlisten = \"127.0.0.1:{}\"\n\n[admin]\nlisten = \"127.0.0.1:{}\"\ntoken = \"adm\"\n\n[cluster]\nbuckets = 32\n\n",
+        me.router, me.admin
+    );
+    for (i, url) in shard_urls.iter().enumerate() {
+        toml.push_str(&format!("[[shards]]\nname = \"shard_{i}\"\nurl = \"{url}\"\n\n"));
+    }
+    toml.push_str(&format!(
+        "[directory]\nnode_id = {id}\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ntoken = \"raft-secret\"\nbootstrap = {bootstrap}\n",
+        me.raft,
+        dir.join(format!("node{id}")).display()
+    ));
+    for (j, p) in ports.iter().enumerate() {
+        if j as u64 + 1 != id {
+            toml.push_str(&format!("\n[[directory.peers]]\nid = {}\naddress = \"127.0.0.1:{}\"\n", j + 1, p.raft));
+        }
+    }
+    let path = dir.join(format!("node{id}.toml"));
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+/// Spawns a node; `ready` waits for its ready line.
+pub fn spawn(config: &Path) -> Proc {
+    spawn_with(config, &[])
+}
+
+/// [`spawn`] with extra environment variables.
+pub fn spawn_with(config: &Path, env: &[(&str, &str)]) -> Proc {
+    // The node's log goes beside its config, and is printed if the test fails.
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(config.with_extension("log")).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_shardgate"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("SHARDGATE_LOG", "info")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Proc { child }
+}
+
+pub fn ready(p: &mut Proc) {
+    let mut lines = BufReader::new(p.child.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("serve prints a line").unwrap();
+    assert!(first.starts_with("ready: "), "{first}");
+}
+
+pub fn start(config: &Path) -> Proc {
+    let mut p = spawn(config);
+    ready(&mut p);
+    p
+}
+
+/// Prints the nodes' logs if the test fails.
+pub struct LogsOnFailure(pub std::path::PathBuf);
+
+impl Drop for LogsOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for id in 1..=3 {
+                let log = std::fs::read_to_string(self.0.join(format!("node{id}.log"))).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                let mut shown = Vec::new();
+                for (i, l) in lines.iter().enumerate() {
+                    if l.contains("panicked") || l.contains("WARN") || l.contains("ERROR") || i + 8 >= lines.len() {
+                        shown.extend(lines[i..(i + 3).min(lines.len())].iter().copied());
+                    }
+                }
+                eprintln!("--- node{id} log ---\n{}", shown.join("\n"));
+            }
+        }
+    }
+}
+
+pub fn admin_get(port: u16, path: &str) -> Option<Value> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nauthorization: Bearer adm\r\nconnection: close\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    serde_json::from_str(text.split_once("\r\n\r\n")?.1).ok()
+}
