@@ -39,16 +39,20 @@ impl Catalog {
         *self.known.write().unwrap_or_else(|p| p.into_inner()) = known;
     }
 
+    /// Whether any of `tables` (system catalogs aside) is unknown to the catalog.
+    pub fn has_unknown(&self, tables: &[String]) -> bool {
+        let known = self.known.read().unwrap_or_else(|p| p.into_inner());
+        tables.iter().any(|t| !is_system(t) && !known.contains(normalize(t)))
+    }
+
     /// Whether any of `tables` is unknown to the catalog (created by another
     /// router, or straight on the shards) and was not looked for in the last
     /// second: names that exist nowhere must not reload the catalog per query.
     pub fn needs_refresh(&self, tables: &[String]) -> bool {
         let known = self.known.read().unwrap_or_else(|p| p.into_inner());
-        let system =
-            |t: &str| t.starts_with("pg_") || t.starts_with("pg_catalog.") || t.starts_with("information_schema.");
         let unknown: Vec<String> = tables
             .iter()
-            .filter(|t| !system(t))
+            .filter(|t| !is_system(t))
             .map(|t| normalize(t))
             .filter(|t| !known.contains(*t))
             .map(str::to_string)
@@ -82,6 +86,10 @@ impl Catalog {
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Vec<String>>> {
         self.sharded.read().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+fn is_system(t: &str) -> bool {
+    t.starts_with("pg_") || t.starts_with("pg_catalog.") || t.starts_with("information_schema.")
 }
 
 /// `public.orders` and `orders` are the same table; names are folded to lower case
@@ -129,6 +137,9 @@ pub struct RouterContext {
     pub router_id: String,
     /// Open transactions by the buckets they touched (what a cutover hold waits for).
     pub in_flight: Arc<crate::hold::InFlight>,
+    /// One catalog refresh at a time; statements naming a table the catalog does
+    /// not know wait for the refresh in flight instead of routing without it.
+    refreshing: tokio::sync::Mutex<()>,
 }
 
 impl RouterContext {
@@ -149,6 +160,7 @@ impl RouterContext {
             writer,
             router_id,
             in_flight: Arc::new(crate::hold::InFlight::new(directory.load().bucket_count)),
+            refreshing: tokio::sync::Mutex::new(()),
             cache: AnalysisCache::new(key_column, config.statement_cache_size),
             config,
             directory,
@@ -237,6 +249,24 @@ impl RouterContext {
 
     pub fn cancel_target(&self, key: (i32, i32)) -> Option<CancelTarget> {
         self.cancels.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned().flatten()
+    }
+
+    /// Makes sure the catalog has looked for `tables`: a table created through
+    /// another router (or straight on the shards) must be known as sharded before
+    /// a statement on it is routed, or a write would go everywhere like a
+    /// reference-table write. Names that did not exist a moment ago are not looked
+    /// for again within a second.
+    pub async fn learn_tables(&self, tables: &[String]) {
+        if !self.catalog.has_unknown(tables) {
+            return;
+        }
+        let _one_refresh = self.refreshing.lock().await;
+        if !self.catalog.has_unknown(tables) || !self.catalog.needs_refresh(tables) {
+            return;
+        }
+        if let Err(e) = self.refresh_catalog().await {
+            tracing::warn!(error = %e, "could not refresh the table catalog");
+        }
     }
 
     /// Reloads the list of sharded tables from the first live shard.

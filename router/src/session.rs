@@ -402,10 +402,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Reloads the table catalog when a statement names a table it has not seen
     /// (created by another router, or straight on the shards).
     async fn ensure_catalog(&self, analysis: &Analysis) {
-        if analysis.statements.iter().any(|s| self.ctx.catalog.needs_refresh(&s.tables)) {
-            if let Err(e) = self.ctx.refresh_catalog().await {
-                warn!(error = %e, "could not refresh the table catalog");
-            }
+        for s in &analysis.statements {
+            self.ctx.learn_tables(&s.tables).await;
         }
     }
 

@@ -442,3 +442,31 @@ async fn a_server_connections_statement_cache_is_bounded_and_statements_still_wo
     let v: i32 = c.query_one(&first, &[&41i32]).await.unwrap().get(0);
     assert_eq!(v, 41);
 }
+
+#[tokio::test]
+async fn a_table_created_through_another_router_is_never_written_to_every_shard() {
+    let h = Harness::start(2).await;
+    // A second router with its own catalog, which has never heard of the table.
+    let addrs: Vec<shardgate_router::backend::ShardAddress> =
+        h.cluster.urls().iter().map(|u| shardgate_router::backend::ShardAddress::from_url(u).unwrap()).collect();
+    let cfg = shardgate_router::config::RouterConfig { listen: "127.0.0.1:0".into(), ..Default::default() };
+    let other = shardgate_router::server::start(cfg, h.directory.clone(), addrs).await.unwrap();
+    let url = format!("postgres://postgres@{}/app", other.local_addr);
+    h.client().await.batch_execute("CREATE TABLE race_items (tenant_id bigint NOT NULL, v int)").await.unwrap();
+    // Many first statements at once: all but one arrive while the catalog
+    // refresh the first one started is still in flight.
+    let writes = (0..24i64).map(|i| {
+        let url = url.clone();
+        async move {
+            let c = shardgate_tests::connect(&url).await;
+            c.execute("INSERT INTO race_items VALUES ($1, 1)", &[&(i + 1)]).await.unwrap();
+        }
+    });
+    futures::future::join_all(writes).await;
+    let mut total = 0;
+    for i in 0..2 {
+        total += h.shard(i).await.query_one("SELECT count(*) FROM race_items", &[]).await.unwrap().get::<_, i64>(0);
+    }
+    assert_eq!(total, 24, "each row on exactly one shard");
+    other.shutdown().await;
+}
