@@ -25,7 +25,7 @@ pub fn start(api: &Api, subject: Subject, to: &str, cutover_auto: bool, wait: bo
     println!("move {id} planned");
     if !wait {
         println!(
-            "follow it with `shardgate status`; when it reaches dual_write: `shardgate verify {id}`, then `shardgate cutover {id}`"
+            "follow it with `shardgate status`; when it reaches shadow (or dual_write): `shardgate verify {id}`, then `shardgate cutover {id}`"
         );
         return Ok(());
     }
@@ -33,9 +33,11 @@ pub fn start(api: &Api, subject: Subject, to: &str, cutover_auto: bool, wait: bo
         let phase = m["phase"].as_str().unwrap_or("");
         if cutover_auto {
             matches!(phase, "reverse" | "done" | "cancelled" | "failed")
-                || (phase == "dual_write" && m["counters"]["cutover_failures"].as_u64().unwrap_or(0) >= 3)
+                || (matches!(phase, "dual_write" | "shadow")
+                    && (m["counters"]["cutover_failures"].as_u64().unwrap_or(0) >= 3
+                        || m["counters"]["shadow_mismatched"].as_u64().unwrap_or(0) > 0))
         } else {
-            matches!(phase, "dual_write" | "reverse" | "done" | "cancelled" | "failed")
+            matches!(phase, "dual_write" | "shadow" | "reverse" | "done" | "cancelled" | "failed")
         }
     };
     let m = watch(api, id, done)?;
@@ -139,16 +141,31 @@ pub fn progress_line(m: &Value) -> String {
                 n("tables")
             ));
         }
-        "dual_write" | "reverse" => {
+        "dual_write" | "shadow" | "reverse" => {
             s.push_str(&format!("  lag {} bytes", n("lag_bytes")));
             if let Some(ms) = c["lag_ms"].as_u64() {
                 s.push_str(&format!(" / {ms} ms"));
+            }
+            if c["shadow_compared"].is_u64() || phase == "shadow" {
+                s.push_str(&format!(
+                    ", shadow reads {} compared, {} mismatched",
+                    n("shadow_compared"),
+                    n("shadow_mismatched")
+                ));
             }
             if c["verified_at_ms"].is_u64() {
                 s.push_str(if n("verified_clean") == 1 { ", verified clean" } else { ", verify found differences" });
             }
         }
         _ => {}
+    }
+    if let Some(x) = m["shadow_samples"].as_array().and_then(|v| v.first()) {
+        s.push_str(&format!(
+            "\n      last difference: {}  source: {}  target: {}",
+            x["query"].as_str().unwrap_or("?"),
+            x["source"].as_str().unwrap_or("?"),
+            x["target"].as_str().unwrap_or("?")
+        ));
     }
     if m["holding"].as_bool() == Some(true) {
         s.push_str("  [statements held]");

@@ -81,7 +81,7 @@ async fn a_move_resumes_after_its_driver_is_killed_at_every_fault_point() {
         let path = write_config(&dir, id, &ports, &urls);
         let drive = if id == 1 { "always" } else { "never" };
         let mut text = std::fs::read_to_string(&path).unwrap();
-        text.push_str(&format!("\n[router.moves]\ndrive = \"{drive}\"\n"));
+        text = text.replacen("[router.moves]\n", &format!("[router.moves]\ndrive = \"{drive}\"\n"), 1);
         std::fs::write(&path, text).unwrap();
         configs.push(path);
     }
@@ -138,7 +138,7 @@ async fn a_move_resumes_after_its_driver_is_killed_at_every_fault_point() {
     assert_eq!(m["owner"], "shard_1", "{m}");
     admin_post(admin, "/moves/request", &json!({ "id": id, "request": "rollback" }));
     let n = counter(&m, "cutovers");
-    wait("the rollback", &|m| m["phase"] == "dual_write" && counter(m, "cutovers") > n, &mut driver);
+    wait("the rollback", &|m| m["phase"] == "shadow" && counter(m, "cutovers") > n, &mut driver);
     admin_post(admin, "/moves/request", &json!({ "id": id, "request": "cutover", "force": true }));
     wait("the second cutover", &|m| m["phase"] == "reverse", &mut driver);
     admin_post(admin, "/moves/request", &json!({ "id": id, "request": "complete" }));

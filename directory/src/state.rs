@@ -56,6 +56,58 @@ pub struct Move {
     /// Milliseconds since the Unix epoch, from the proposer's clock.
     pub created_ms: u64,
     pub updated_ms: u64,
+    /// What the routers' shadow reads of this move found, by router run
+    /// (`router@started_ms`, so a restarted router's counts add to its earlier
+    /// ones). Their sums are in `counters` as `shadow_*`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub shadow: std::collections::BTreeMap<String, ShadowCounts>,
+}
+
+/// What one router's shadow reads of one move found since the router started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShadowCounts {
+    /// Reads answered by the source and compared with the target's answer.
+    pub compared: u64,
+    pub matched: u64,
+    /// Differences that stayed after the target had caught up with the source.
+    pub mismatched: u64,
+    /// Differences that went away once the target caught up (replication lag).
+    pub lag_explained: u64,
+    /// Reads not compared: the router was busy comparing others, or a shard
+    /// could not be asked.
+    pub skipped: u64,
+    /// The last few mismatches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub samples: Vec<ShadowSample>,
+}
+
+/// One read whose answers differed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShadowSample {
+    /// The statement (cut to a few hundred characters).
+    pub query: String,
+    /// Digests of each side's answer (row count and a hash of the rows), or the
+    /// error a side gave.
+    pub source: String,
+    pub target: String,
+    pub at_ms: u64,
+}
+
+/// A router's shadow counts of one move, sent with its heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShadowReport {
+    pub move_id: u64,
+    pub counts: ShadowCounts,
+}
+
+impl ShadowCounts {
+    pub fn add(&mut self, o: &ShadowCounts) {
+        self.compared += o.compared;
+        self.matched += o.matched;
+        self.mismatched += o.mismatched;
+        self.lag_explained += o.lag_explained;
+        self.skipped += o.skipped;
+    }
 }
 
 /// What an operator asked of a move; the migrator acts on it and clears it.
@@ -185,6 +237,12 @@ pub enum Command {
         address: String,
         applied_epoch: u64,
         at_ms: u64,
+        /// When this router process started (tells its runs apart).
+        #[serde(default)]
+        started_ms: u64,
+        /// Its shadow-read counts, for moves in the shadow phase.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        shadow: Vec<ShadowReport>,
     },
     /// Forget routers not heard from since `before_ms`.
     ExpireRouters {
@@ -341,6 +399,7 @@ impl Directory {
                         request: None,
                         created_ms: *at_ms,
                         updated_ms: *at_ms,
+                        shadow: Default::default(),
                     },
                 );
                 self.bump();
@@ -412,7 +471,27 @@ impl Directory {
                 }
                 self.holds.remove(id);
             }
-            Command::Heartbeat { router, address, applied_epoch, at_ms } => {
+            Command::Heartbeat { router, address, applied_epoch, at_ms, started_ms, shadow } => {
+                for r in shadow {
+                    let Some(m) = self.moves.get_mut(&r.move_id) else { continue };
+                    if ended(m.phase) {
+                        continue;
+                    }
+                    m.shadow.insert(format!("{router}@{started_ms}"), r.counts.clone());
+                    let mut sum = ShadowCounts::default();
+                    for c in m.shadow.values() {
+                        sum.add(c);
+                    }
+                    for (k, v) in [
+                        ("shadow_compared", sum.compared),
+                        ("shadow_matched", sum.matched),
+                        ("shadow_mismatched", sum.mismatched),
+                        ("shadow_lag_explained", sum.lag_explained),
+                        ("shadow_skipped", sum.skipped),
+                    ] {
+                        m.counters.insert(k.to_string(), v);
+                    }
+                }
                 self.routers.insert(
                     router.clone(),
                     RouterInfo {
@@ -505,7 +584,14 @@ mod tests {
                 note: None,
                 at_ms: 11,
             },
-            Command::Heartbeat { router: "r1".into(), address: "127.0.0.1:6432".into(), applied_epoch: 3, at_ms: 12 },
+            Command::Heartbeat {
+                router: "r1".into(),
+                address: "127.0.0.1:6432".into(),
+                applied_epoch: 3,
+                at_ms: 12,
+                started_ms: 1,
+                shadow: vec![],
+            },
             Command::SetShardState { name: "s0".into(), state: ShardState::Removed },
             Command::SetShardState { name: "s0".into(), state: ShardState::Draining },
             Command::UnpinTenant { tenant: TenantKey::Int(7) },
@@ -533,7 +619,14 @@ mod tests {
         assert_eq!(d.placements[0], 1);
         // Heartbeats are not placement changes.
         let e = d.epoch;
-        d.apply(&Command::Heartbeat { router: "r".into(), address: "a".into(), applied_epoch: e, at_ms: 1 });
+        d.apply(&Command::Heartbeat {
+            router: "r".into(),
+            address: "a".into(),
+            applied_epoch: e,
+            at_ms: 1,
+            started_ms: 1,
+            shadow: vec![],
+        });
         assert_eq!(d.epoch, e);
     }
 
@@ -584,6 +677,51 @@ mod tests {
         };
         assert_eq!(x.apply(&c), y.apply(&c));
         assert_eq!(x, y);
+    }
+
+    #[test]
+    fn shadow_counts_from_heartbeats_add_up_across_routers_and_restarts() {
+        let mut d = dir();
+        d.apply(&Command::CreateMove {
+            subject: MoveSubject::Bucket(1),
+            target: "s1".into(),
+            options: Default::default(),
+            at_ms: 1,
+        });
+        let beat = |router: &str, started_ms: u64, compared: u64, mismatched: u64| Command::Heartbeat {
+            router: router.into(),
+            address: "a".into(),
+            applied_epoch: 1,
+            at_ms: 5,
+            started_ms,
+            shadow: vec![ShadowReport {
+                move_id: 1,
+                counts: ShadowCounts { compared, matched: compared - mismatched, mismatched, ..Default::default() },
+            }],
+        };
+        let epoch = d.epoch;
+        d.apply(&beat("r1", 100, 10, 1));
+        d.apply(&beat("r2", 100, 5, 0));
+        // The same router run reports cumulative counts: they replace, not add.
+        d.apply(&beat("r1", 100, 12, 1));
+        // A restarted r1 starts from zero; its first run's counts stay.
+        d.apply(&beat("r1", 200, 3, 0));
+        let m = &d.moves[&1];
+        assert_eq!(m.counters["shadow_compared"], 12 + 5 + 3);
+        assert_eq!(m.counters["shadow_mismatched"], 1);
+        assert_eq!(m.counters["shadow_matched"], 11 + 5 + 3);
+        assert_eq!(d.epoch, epoch, "shadow counts are not placement changes");
+        // Reports for moves that ended or never existed change nothing.
+        let before = d.clone();
+        d.apply(&Command::Heartbeat {
+            router: "r1".into(),
+            address: "a".into(),
+            applied_epoch: 1,
+            at_ms: 5,
+            started_ms: 200,
+            shadow: vec![ShadowReport { move_id: 9, counts: ShadowCounts { compared: 1, ..Default::default() } }],
+        });
+        assert_eq!(d.moves, before.moves);
     }
 
     #[test]

@@ -31,6 +31,10 @@ pub struct DriverConfig {
     pub router_timeout: Duration,
     /// How often progress counters are written to the directory.
     pub progress_every: Duration,
+    /// Whether moves pass through the shadow phase (reads compared on both shards).
+    pub shadow: bool,
+    /// With `--cutover auto`, how long reads are shadowed before verify.
+    pub shadow_for: Duration,
 }
 
 impl Default for DriverConfig {
@@ -40,6 +44,8 @@ impl Default for DriverConfig {
             verify: VerifyOptions::default(),
             router_timeout: Duration::from_secs(3),
             progress_every: Duration::from_millis(500),
+            shadow: true,
+            shadow_for: Duration::from_secs(5),
         }
     }
 }
@@ -138,15 +144,17 @@ impl Driver {
     }
 
     fn spec(&self, dir: &Directory, m: &Move) -> Option<MoveSpec> {
-        Some(MoveSpec {
-            id: m.id,
-            subject: m.subject.clone(),
-            key_column: dir.key_column.clone(),
-            key_type: dir.key_type,
-            bucket_count: dir.bucket_count,
-            source: (self.resolve)(dir, m.source)?,
-            target: (self.resolve)(dir, m.target)?,
-        })
+        spec_of(dir, m, &self.resolve)
+    }
+
+    /// Where a move rests between its copy and a cutover, and after a rollback:
+    /// shadow (reads compared on both shards) or, with shadow reads off, dual-write.
+    fn settled(&self) -> MovePhase {
+        if self.config.shadow {
+            MovePhase::Shadow
+        } else {
+            MovePhase::DualWrite
+        }
     }
 
     fn coordinator(&self, id: u64) -> DirectoryCoordinator {
@@ -157,7 +165,7 @@ impl Driver {
         let owner_is_target = owner(dir, m) == m.target;
         match (m.phase, &m.request) {
             (MovePhase::Plan, Some(MoveRequest::Cancel))
-            | (MovePhase::Copy | MovePhase::DualWrite, Some(MoveRequest::Cancel)) => {
+            | (MovePhase::Copy | MovePhase::DualWrite | MovePhase::Shadow, Some(MoveRequest::Cancel)) => {
                 self.update(m, MovePhase::Cleanup, counters([("keep_source", 1)]), Some("cancelling")).await?;
                 self.clear_request(m).await?;
                 Ok(Step::Again)
@@ -174,7 +182,19 @@ impl Driver {
                 let dst = spec.target.connect(&format!("move {} progress", m.id)).await?;
                 let p = stream::copy_progress(spec, &dst).await?;
                 let tables: Vec<String> = p.tables.iter().map(|t| t.table.clone()).collect();
-                let rows = stream::count_rows(spec, &spec.target, &dst, &tables).await?;
+                // A table's copy is one transaction: its rows show on the target
+                // when it commits; until then the copy's own progress counts them.
+                let committed = stream::count_rows_by_table(spec, &spec.target, &dst, &tables).await?;
+                let mut per_table = BTreeMap::new();
+                let mut rows = 0;
+                for (t, n) in p.tables.iter().zip(&committed) {
+                    let r = if t.state == "copying" { t.rows.max(*n) } else { *n };
+                    rows += r;
+                    per_table.insert(format!("copy_rows:{}", t.table), r);
+                    // The copy's byte count is known only while it runs: keep the last.
+                    let seen = m.counters.get(&format!("copy_bytes:{}", t.table)).copied().unwrap_or(0);
+                    per_table.insert(format!("copy_bytes:{}", t.table), seen.max(t.bytes));
+                }
                 let bytes_done: u64 = p.tables.iter().map(|t| t.bytes).sum();
                 let started = m.counters.get("copy_started_ms").copied().unwrap_or(m.created_ms);
                 let secs = (now_ms().saturating_sub(started) as f64 / 1000.0).max(0.001);
@@ -190,6 +210,7 @@ impl Driver {
                     ("tables_ready", ready),
                     ("stream_errors", p.errors),
                 ]);
+                c.extend(per_table);
                 if p.done() {
                     c.insert("eta_s".into(), 0);
                     self.update(m, MovePhase::DualWrite, c, None).await?;
@@ -198,7 +219,7 @@ impl Driver {
                 self.update(m, MovePhase::Copy, c, None).await?;
                 Ok(Step::Wait(self.config.progress_every))
             }
-            (MovePhase::DualWrite, Some(MoveRequest::Verify)) => {
+            (MovePhase::DualWrite | MovePhase::Shadow, Some(MoveRequest::Verify)) => {
                 self.clear_request(m).await?;
                 self.update(m, MovePhase::Verify, BTreeMap::new(), Some("verifying")).await?;
                 Ok(Step::Again)
@@ -220,10 +241,10 @@ impl Driver {
                     ("verify_pause_us", r.pause.as_micros() as u64),
                     ("verified_at_ms", now_ms()),
                 ]);
-                self.update(m, MovePhase::DualWrite, c, Some(&note)).await?;
+                self.update(m, self.settled(), c, Some(&note)).await?;
                 Ok(Step::Again)
             }
-            (MovePhase::DualWrite, Some(MoveRequest::Cutover { force })) => {
+            (MovePhase::DualWrite | MovePhase::Shadow, Some(MoveRequest::Cutover { force })) => {
                 let clean = m.counters.get("verified_clean") == Some(&1);
                 if !clean && !force {
                     self.clear_request(m).await?;
@@ -233,7 +254,34 @@ impl Driver {
                 self.clear_request(m).await?;
                 self.cutover(m, spec, Direction::Forward).await
             }
-            (MovePhase::DualWrite, None) if m.options.cutover_auto => {
+            (MovePhase::DualWrite, None) if self.config.shadow => {
+                // The stream runs: shadow reads can start. (Lag is measured first, so
+                // status shows it from the start.)
+                let _ = self.report_lag(m, spec, Direction::Forward).await?;
+                let c = counters([("shadow_started_ms", now_ms())]);
+                self.update(m, MovePhase::Shadow, c, Some("comparing reads of the moving rows on both shards")).await?;
+                Ok(Step::Again)
+            }
+            (MovePhase::DualWrite | MovePhase::Shadow, None) if m.options.cutover_auto => {
+                if m.phase == MovePhase::Shadow {
+                    let mismatched = m.counters.get("shadow_mismatched").copied().unwrap_or(0);
+                    if mismatched > 0 {
+                        let note = format!(
+                            "automatic cutover stopped: {mismatched} shadow read(s) differed between the shards; \
+                             `shardgate status MOVE` shows samples; `shardgate verify` then `shardgate cutover` by hand"
+                        );
+                        if m.note.as_deref() != Some(note.as_str()) {
+                            self.note(m, &note).await?;
+                        }
+                        return self.report_lag(m, spec, Direction::Forward).await;
+                    }
+                    let since = m.counters.get("shadow_started_ms").copied().unwrap_or(m.updated_ms);
+                    let shadowed = Duration::from_millis(now_ms().saturating_sub(since));
+                    if shadowed < self.config.shadow_for {
+                        self.report_lag(m, spec, Direction::Forward).await?;
+                        return Ok(Step::Wait((self.config.shadow_for - shadowed).min(Duration::from_secs(1))));
+                    }
+                }
                 if !m.counters.contains_key("verified_at_ms") {
                     self.update(m, MovePhase::Verify, BTreeMap::new(), Some("verifying (automatic cutover)")).await?;
                     return Ok(Step::Again);
@@ -245,7 +293,7 @@ impl Driver {
                 }
                 self.report_lag(m, spec, Direction::Forward).await
             }
-            (MovePhase::DualWrite, _) => {
+            (MovePhase::DualWrite | MovePhase::Shadow, _) => {
                 if m.request.is_some() {
                     self.clear_request(m).await?;
                     self.note(m, "that request does not apply before a cutover; use cutover or cancel").await?;
@@ -259,7 +307,7 @@ impl Driver {
                 let flipped = if back { !owner_is_target } else { owner_is_target };
                 if flipped {
                     cutover::settle_streams(spec, dir_).await?;
-                    let phase = if back { MovePhase::DualWrite } else { MovePhase::Reverse };
+                    let phase = if back { self.settled() } else { MovePhase::Reverse };
                     self.update(m, phase, BTreeMap::new(), Some("cutover finished after a restart")).await?;
                 } else {
                     cutover::repair_unflipped(spec, dir_).await?;
@@ -269,7 +317,7 @@ impl Driver {
                             .await
                             .map_err(Error::Other)?;
                     }
-                    let phase = if back { MovePhase::Reverse } else { MovePhase::DualWrite };
+                    let phase = if back { MovePhase::Reverse } else { self.settled() };
                     self.update(m, phase, BTreeMap::new(), Some("cutover undone after a restart")).await?;
                 }
                 Ok(Step::Again)
@@ -296,18 +344,14 @@ impl Driver {
                 self.update(m, phase, counters([("rows_deleted", deleted)]), None).await?;
                 Ok(Step::Again)
             }
-            (MovePhase::Shadow, _) => {
-                self.update(m, MovePhase::DualWrite, BTreeMap::new(), None).await?;
-                Ok(Step::Again)
-            }
             (MovePhase::Done | MovePhase::Cancelled | MovePhase::Failed, _) => Ok(Step::Wait(Duration::from_secs(1))),
         }
     }
 
     async fn cutover(&self, m: &Move, spec: &MoveSpec, dir: Direction) -> Result<Step, Error> {
         let back = dir == Direction::Back;
-        let before = if back { MovePhase::Reverse } else { MovePhase::DualWrite };
-        let after = if back { MovePhase::DualWrite } else { MovePhase::Reverse };
+        let before = if back { MovePhase::Reverse } else { self.settled() };
+        let after = if back { self.settled() } else { MovePhase::Reverse };
         self.update(m, MovePhase::Cutover, counters([("cutover_back", back as u64)]), Some("cutting over")).await?;
         let coord = self.coordinator(m.id);
         let started = Instant::now();
@@ -402,6 +446,20 @@ fn counters<const N: usize>(items: [(&str, u64); N]) -> BTreeMap<String, u64> {
     items.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
+/// What the migrator works from for one move: its record and how to reach both
+/// shards.
+pub fn spec_of(dir: &Directory, m: &Move, resolve: &Resolve) -> Option<MoveSpec> {
+    Some(MoveSpec {
+        id: m.id,
+        subject: m.subject.clone(),
+        key_column: dir.key_column.clone(),
+        key_type: dir.key_type,
+        bucket_count: dir.bucket_count,
+        source: resolve(dir, m.source)?,
+        target: resolve(dir, m.target)?,
+    })
+}
+
 /// The shard that owns a move's rows now.
 pub fn owner(dir: &Directory, m: &Move) -> usize {
     match &m.subject {
@@ -434,11 +492,18 @@ pub fn spawn_for_router(
     let config = DriverConfig {
         cutover: CutoverOptions { timeout: ctx.config.moves.cutover_timeout },
         verify: VerifyOptions { chunk_rows: ctx.config.moves.verify_chunk_rows, ..Default::default() },
+        shadow: ctx.config.moves.shadow_reads,
+        shadow_for: ctx.config.moves.shadow_for,
         // Heartbeats come every second; a router silent for its lease and one more
         // second has stopped serving writes by the lease rule.
         router_timeout: lease + Duration::from_secs(1),
         ..Default::default()
     };
+    ctx.shadow.set_catch_up(Arc::new(crate::shadow::ShadowCatchUp {
+        directory: ctx.directory.clone(),
+        resolve: resolve.clone(),
+        timeout: Duration::from_secs(5),
+    }));
     let driver = Driver::new(ctx.directory.clone(), ctx.writer.clone(), resolve, config, active);
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(driver.run(stopped));

@@ -25,6 +25,7 @@ pub mod fault;
 pub mod pg;
 pub mod prepare;
 pub mod schema;
+pub mod shadow;
 pub mod stream;
 pub mod verify;
 

@@ -80,14 +80,24 @@ pub async fn copy_progress(spec: &MoveSpec, target: &Client) -> Result<CopyProgr
 
 /// Rows of the moving set on a shard (one scan per table).
 pub async fn count_rows(spec: &MoveSpec, shard: &Endpoint, client: &Client, tables: &[String]) -> Result<u64, Error> {
-    let mut total = 0;
+    Ok(count_rows_by_table(spec, shard, client, tables).await?.iter().sum())
+}
+
+/// Rows of the moving set on a shard, per table (in the order of `tables`).
+pub async fn count_rows_by_table(
+    spec: &MoveSpec,
+    shard: &Endpoint,
+    client: &Client,
+    tables: &[String],
+) -> Result<Vec<u64>, Error> {
+    let mut counts = Vec::with_capacity(tables.len());
     for t in tables {
         let n = scalar(client, &format!("SELECT count(*) FROM {t} WHERE {}", spec.row_filter()))
             .await
             .map_err(|e| Error::pg(&shard.name, "count rows", e))?;
-        total += n.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        counts.push(n.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0));
     }
-    Ok(total)
+    Ok(counts)
 }
 
 /// How far a subscriber is behind its publisher.

@@ -68,6 +68,10 @@ pub struct MoveStatus {
     pub cutover_auto: bool,
     /// Routers holding its statements right now (during a cutover or a verify cut).
     pub holding: bool,
+    /// The latest shadow reads whose answers differed, newest first (counts are
+    /// in `counters` as `shadow_*`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shadow_samples: Vec<shardgate_directory::state::ShadowSample>,
     pub created_ms: u64,
     pub updated_ms: u64,
 }
@@ -91,6 +95,12 @@ pub fn move_status(dir: &shardgate_directory::Directory, m: &shardgate_directory
         request: m.request.clone(),
         cutover_auto: m.options.cutover_auto,
         holding: dir.holds.contains_key(&m.id),
+        shadow_samples: {
+            let mut v: Vec<_> = m.shadow.values().flat_map(|c| c.samples.iter().cloned()).collect();
+            v.sort_by_key(|x| std::cmp::Reverse(x.at_ms));
+            v.truncate(5);
+            v
+        },
         created_ms: m.created_ms,
         updated_ms: m.updated_ms,
     }

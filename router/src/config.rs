@@ -64,6 +64,18 @@ pub struct MovesConfig {
     /// `never`. Exactly one driver should be active at a time.
     #[serde(default)]
     pub drive: DriveMode,
+    /// Whether a move passes through the shadow phase after its copy: reads of the
+    /// moving rows also run on the target and the answers are compared. Default true.
+    #[serde(default = "default_true")]
+    pub shadow_reads: bool,
+    /// With `--cutover auto`, how long reads are shadowed before the move verifies
+    /// and cuts over (a mismatch stops the automatic cutover). Default 5 s.
+    #[serde(default = "default_shadow_for", with = "humantime_secs")]
+    pub shadow_for: Duration,
+    /// Shadow comparisons one router runs at once; reads beyond that are not
+    /// compared (counted as skipped), never delayed. Default 2.
+    #[serde(default = "default_shadow_concurrency")]
+    pub shadow_concurrency: usize,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -82,8 +94,21 @@ impl Default for MovesConfig {
             cutover_timeout: default_cutover_timeout(),
             verify_chunk_rows: default_verify_chunk(),
             drive: DriveMode::default(),
+            shadow_reads: true,
+            shadow_for: default_shadow_for(),
+            shadow_concurrency: default_shadow_concurrency(),
         }
     }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_shadow_for() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_shadow_concurrency() -> usize {
+    2
 }
 
 fn default_max_moves() -> usize {

@@ -140,6 +140,8 @@ pub struct RouterContext {
     /// One catalog refresh at a time; statements naming a table the catalog does
     /// not know wait for the refresh in flight instead of routing without it.
     refreshing: tokio::sync::Mutex<()>,
+    /// Reads of moving rows compared on both shards (a move's shadow phase).
+    pub shadow: crate::shadow::Shadow,
 }
 
 impl RouterContext {
@@ -161,6 +163,7 @@ impl RouterContext {
             router_id,
             in_flight: Arc::new(crate::hold::InFlight::new(directory.load().bucket_count)),
             refreshing: tokio::sync::Mutex::new(()),
+            shadow: crate::shadow::Shadow::new(config.moves.shadow_concurrency.max(1)),
             cache: AnalysisCache::new(key_column, config.statement_cache_size),
             config,
             directory,

@@ -26,5 +26,6 @@ pub mod protocol;
 pub mod route;
 pub mod server;
 pub mod session;
+pub mod shadow;
 pub mod split;
 pub mod sql;

@@ -195,6 +195,21 @@ fn verb(stmt: &Statement) -> &'static str {
     }
 }
 
+/// The tenant keys a statement is restricted to in this execution: its key
+/// conditions, else `fallback` (the session's tenant); None when it names none or
+/// one of them cannot be read.
+pub fn statement_keys(
+    stmt: &Statement,
+    params: Option<&Params<'_>>,
+    fallback: Option<&TenantKey>,
+    key_type: KeyType,
+) -> Option<Vec<TenantKey>> {
+    match &stmt.keys {
+        KeyCandidates::Any(exprs) => exprs.iter().map(|e| resolve(e, params, key_type).ok().flatten()).collect(),
+        KeyCandidates::None => fallback.map(|k| vec![k.clone()]),
+    }
+}
+
 /// The tenant key an expression stands for in this execution; `None` for NULL.
 pub fn resolve(e: &KeyExpr, params: Option<&Params<'_>>, key_type: KeyType) -> Result<Option<TenantKey>, SqlError> {
     let bad = |v: &str| {

@@ -81,6 +81,8 @@ async fn heartbeat(ctx: Arc<RouterContext>, address: SocketAddr, mut stopped: wa
     let id = ctx.router_id.clone();
     let mut ticker = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut beats = 0u64;
+    let started_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     loop {
         tokio::select! {
             _ = stopped.changed() => return,
@@ -91,8 +93,14 @@ async fn heartbeat(ctx: Arc<RouterContext>, address: SocketAddr, mut stopped: wa
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         let applied_epoch = ctx.directory.load().epoch;
-        let beat =
-            Command::Heartbeat { router: id.clone(), address: address.to_string(), applied_epoch, at_ms: now_ms };
+        let beat = Command::Heartbeat {
+            router: id.clone(),
+            address: address.to_string(),
+            applied_epoch,
+            at_ms: now_ms,
+            started_ms,
+            shadow: ctx.shadow.reports(&ctx.directory.load()),
+        };
         // A lost heartbeat is harmless: the next one follows in a second.
         let _ = ctx.writer.propose(beat).await;
         beats += 1;
@@ -157,6 +165,7 @@ async fn start_with(
         ctx.writer.clone(),
         stop.subscribe(),
     ));
+    tokio::spawn(crate::shadow::follow_directory(ctx.clone(), stop.subscribe()));
     let task = tokio::spawn(accept_loop(listener, ctx.clone(), stopped));
     info!(%local_addr, "router listening");
     Ok(RouterHandle { local_addr, context: ctx, stop, task })

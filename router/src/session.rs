@@ -27,6 +27,7 @@ use crate::pool::Pooled;
 use crate::protocol::messages::{self, error_summary, query_text, target_and_name, Bind, Parse, Severity};
 use crate::protocol::{Connection, Message, ProtocolError};
 use crate::route::{self, Params, Rules, Target};
+use crate::shadow::{RowDigest, ShadowMove, ShadowQuery, ShadowRead};
 use crate::sql::{Analysis, SettingChange, Statement, StatementKind, TxnControl};
 
 /// Why a session ended early.
@@ -106,6 +107,8 @@ pub struct Session<S> {
     touched: std::sync::Mutex<Vec<u32>>,
     /// Buckets this session's statement or transaction has in flight.
     flight: crate::hold::Flight,
+    /// While a shadowed read is relayed: the digest of the rows the client gets.
+    shadow_digest: Option<RowDigest>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -128,6 +131,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             multi_failed: false,
             touched: Default::default(),
             flight: crate::hold::Flight::new(ctx_in_flight),
+            shadow_digest: None,
         }
     }
 
@@ -341,7 +345,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         };
         match target {
-            Target::Shard(s) => self.forward_simple(s, m.raw().clone(), Some(&analysis)).await,
+            Target::Shard(s) => match self.shadow_candidate(&analysis, s, None) {
+                None => self.forward_simple(s, m.raw().clone(), Some(&analysis)).await,
+                Some(mv) => self.forward_shadowed(s, m.raw().clone(), &analysis, mv, sql).await,
+            },
             Target::Any => {
                 let s = self.any_shard();
                 self.forward_simple(s, m.raw().clone(), Some(&analysis)).await
@@ -889,6 +896,104 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         false
     }
 
+    /// The move in its shadow phase whose moving rows hold every key of this
+    /// read, when the read is one to compare: a single SELECT outside a
+    /// transaction (see [`crate::shadow`]). One emptiness check when no move is
+    /// shadowed.
+    fn shadow_candidate(&self, analysis: &Analysis, shard: ShardId, params: Option<&Params<'_>>) -> Option<ShadowMove> {
+        if self.ctx.shadow.is_idle()
+            || self.bound.is_some()
+            || self.pending_begin.is_some()
+            || self.open_batch
+            || analysis.statements.len() != 1
+        {
+            return None;
+        }
+        let stmt = &analysis.statements[0];
+        if !matches!(stmt.kind, StatementKind::Select) {
+            return None;
+        }
+        let dir = self.ctx.directory.load();
+        let comment_key = analysis.comment_key.as_ref().and_then(|v| dir.key_type.parse_text(v).ok());
+        let fallback = comment_key.as_ref().or(self.tenant.as_ref());
+        let keys = route::statement_keys(stmt, params, fallback, dir.key_type)?;
+        self.ctx.shadow.covering(&dir, shard, &keys)
+    }
+
+    /// A batch that is one read of shadowed rows (Parse, Bind, Describe, Execute,
+    /// Sync), with the messages that run it once more on an unnamed statement.
+    fn shadow_extended(
+        &self,
+        batch: &[Message],
+        shard: ShardId,
+    ) -> Option<(ShadowMove, ShadowQuery, tokio::sync::OwnedSemaphorePermit)> {
+        if self.ctx.shadow.is_idle() {
+            return None;
+        }
+        let mut binds = batch.iter().filter(|m| m.tag() == b'B');
+        let mut executes = batch.iter().filter(|m| m.tag() == b'E');
+        let (bind, execute) = (binds.next()?, executes.next()?);
+        if binds.next().is_some() || executes.next().is_some() {
+            return None;
+        }
+        // An Execute with a row limit answers part of the rows: not comparable.
+        if execute.body().len() < 4 || execute.body()[execute.body().len() - 4..] != [0, 0, 0, 0] {
+            return None;
+        }
+        let bind = Bind::parse(bind).ok()?;
+        let p = self.prepared.get(bind.statement)?;
+        let analysis = p.analysis.as_ref()?;
+        let formats: Vec<i16> = (0..bind.params.len()).map(|i| bind.format_of(i)).collect();
+        let params = Params { values: &bind.params, formats: &formats, types: &p.param_types };
+        let mv = self.shadow_candidate(analysis, shard, Some(&params))?;
+        let permit = self.ctx.shadow.permit(mv.id)?;
+        let mut exec = messages::Builder::new(b'E');
+        exec.cstr(bind.portal).i32(0);
+        let messages =
+            vec![messages::parse("", &p.sql, &p.param_types), bind.with_statement(""), exec.finish(), messages::sync()];
+        Some((mv, ShadowQuery::Extended { sql: p.sql.to_string(), messages }, permit))
+    }
+
+    /// The session's settings as statements, for a connection of the shadow
+    /// reads (which runs them inside a transaction it rolls back).
+    fn settings_sql(&self) -> String {
+        let mut sql = String::from("RESET ALL");
+        for text in self.settings.values() {
+            sql.push_str("; ");
+            sql.push_str(text);
+        }
+        sql
+    }
+
+    /// Forwards a read to its shard like [`Self::forward_simple`], digesting the
+    /// rows on the way, then has the read compared on the move's other shard.
+    async fn forward_shadowed(
+        &mut self,
+        shard: ShardId,
+        query: Bytes,
+        analysis: &Analysis,
+        mv: ShadowMove,
+        sql: String,
+    ) -> Result<(), SessionError> {
+        let Some(permit) = self.ctx.shadow.permit(mv.id) else {
+            return self.forward_simple(shard, query, Some(analysis)).await;
+        };
+        self.shadow_digest = Some(RowDigest::default());
+        let r = self.forward_simple(shard, query, Some(analysis)).await;
+        self.shadow_done(mv, ShadowQuery::Simple(sql), permit);
+        r
+    }
+
+    /// After a shadowed read was relayed: compare it, unless it failed.
+    fn shadow_done(&mut self, mv: ShadowMove, query: ShadowQuery, permit: tokio::sync::OwnedSemaphorePermit) {
+        let Some(source) = self.shadow_digest.take() else { return };
+        if self.saw_error || self.bound.is_some() {
+            return;
+        }
+        let read = ShadowRead { mv, query, settings: Some(self.settings_sql()), source };
+        crate::shadow::spawn_compare(self.ctx.clone(), read, permit);
+    }
+
     /// Sends one simple Query to one shard and relays the answer.
     async fn forward_simple(
         &mut self,
@@ -932,6 +1037,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.pending_begin = None;
         self.aborted_locally = false;
         self.open_batch = false;
+        self.shadow_digest = None;
         self.client.queue(
             &SqlError::new("08006", format!("lost the connection to shard {name}: {e}"))
                 .hint("the statement may or may not have been applied; if it was in a transaction, the transaction was rolled back")
@@ -961,6 +1067,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             self.client.queue(m.raw());
             match tag {
+                b'D' if self.shadow_digest.is_some() => {
+                    if let Some(d) = self.shadow_digest.as_mut() {
+                        d.add(m.raw());
+                    }
+                    if !b.conn.conn.has_buffered() || self.client.queued() > 256 * 1024 {
+                        self.client.flush().await.map_err(client_err)?;
+                    }
+                }
                 b'E' => self.saw_error = true,
                 b'Z' => {
                     self.client.flush().await.map_err(client_err)?;
@@ -1199,6 +1313,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // Parse/Describe without Execute (a driver preparing a statement) inside a
         // transaction that has not reached a shard yet must not pin it to one:
         // run it on a connection of its own and keep BEGIN pending.
+        let shadow = if sync { self.shadow_extended(&batch, shard) } else { None };
         let has_execute = batch.iter().any(|m| m.tag() == b'E');
         let held_begin = if !has_execute && self.bound.is_none() { self.pending_begin.take() } else { None };
         let swallow = match self.bind(shard).await {
@@ -1218,6 +1333,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if let Err(e) = b.conn.conn.flush().await {
             return self.lost_backend(e).await;
         }
+        if shadow.is_some() {
+            self.shadow_digest = Some(RowDigest::default());
+        }
         let relayed = self.relay_batch(expects, None).await;
         if held_begin.is_some() {
             self.pending_begin = held_begin;
@@ -1228,12 +1346,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.record_settings(a, status);
                 }
                 self.after_ready(status);
+                if let Some((mv, query, permit)) = shadow {
+                    self.shadow_done(mv, query, permit);
+                }
                 let status = if self.bound.is_none() { self.status() } else { status };
                 self.client.queue(&messages::ready_for_query(status));
                 self.client.flush().await?;
                 Ok(())
             }
-            Ok(None) => Ok(()),
+            Ok(None) => {
+                self.shadow_digest = None;
+                Ok(())
+            }
             Err(RelayError::Client(e)) => Err(e),
             Err(RelayError::Backend(e)) => self.lost_backend(e).await,
         }
@@ -1450,6 +1574,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                     _ => {
                         // DataRow, ParameterDescription, CopyOut data …
+                        if tag == b'D' {
+                            if let Some(d) = self.shadow_digest.as_mut() {
+                                d.add(m.raw());
+                            }
+                        }
                         emit!(m.raw());
                         if sink.is_none() && self.client.queued() > 256 * 1024 {
                             self.client.flush().await.map_err(client_err)?;

@@ -17,10 +17,15 @@ use shardgate_tests::Harness;
 
 fn start_driver(h: &Harness) -> tokio::sync::watch::Sender<bool> {
     let urls = h.cluster.urls();
-    let resolve = Arc::new(move |_: &Directory, i: usize| {
+    let resolve: shardgate_migrator::driver::Resolve = Arc::new(move |_: &Directory, i: usize| {
         let url = urls.get(i)?;
         Some(Endpoint::new(format!("shard_{i}"), ShardAddress::from_url(url).ok()?))
     });
+    h.router.context.shadow.set_catch_up(Arc::new(shardgate_migrator::shadow::ShadowCatchUp {
+        directory: h.directory.clone(),
+        resolve: resolve.clone(),
+        timeout: Duration::from_secs(10),
+    }));
     let driver = Driver::new(
         h.directory.clone(),
         Arc::new(LocalWriter(h.directory.clone())),
@@ -105,7 +110,7 @@ async fn a_bucket_moves_under_write_load_and_back_and_again_without_a_client_err
     });
     let Outcome::MoveCreated { id, .. } = out else { panic!("{out:?}") };
 
-    wait_phase(&h, id, MovePhase::DualWrite, "the copy").await;
+    wait_phase(&h, id, MovePhase::Shadow, "the copy").await;
     request(&h, id, MoveRequest::Cutover { force: false });
     wait(&h, id, "the unverified cutover to be refused", || {
         h.directory.load().moves[&id].note.as_deref().is_some_and(|n| n.contains("not verified"))
@@ -113,9 +118,15 @@ async fn a_bucket_moves_under_write_load_and_back_and_again_without_a_client_err
     .await;
     assert_eq!(h.shard_of(moving[0]), 0);
 
+    // The checker's writers read their rows back after every write: in the shadow
+    // phase those reads are compared on both shards, and the lag right after a
+    // write must not count as a difference.
+    wait(&h, id, "shadow reads", || h.router.context.shadow.counts(id).compared >= 50).await;
     request(&h, id, MoveRequest::Verify);
     wait(&h, id, "verify", || counter(&h, id, "verified_at_ms") > 0).await;
     assert_eq!(counter(&h, id, "verified_clean"), 1, "{:?}", h.directory.load().moves[&id]);
+    let shadow = h.router.context.shadow.counts(id);
+    assert_eq!(shadow.mismatched, 0, "no shadow read differed: {shadow:?}");
 
     request(&h, id, MoveRequest::Cutover { force: false });
     wait_phase(&h, id, MovePhase::Reverse, "the cutover").await;
@@ -128,7 +139,7 @@ async fn a_bucket_moves_under_write_load_and_back_and_again_without_a_client_err
     wait(&h, id, "writes after the cutover", || load.ops.load(std::sync::atomic::Ordering::SeqCst) > ops + 200).await;
     request(&h, id, MoveRequest::Rollback);
     wait(&h, id, "the rollback", || counter(&h, id, "cutovers") == 2).await;
-    wait_phase(&h, id, MovePhase::DualWrite, "dual-write after the rollback").await;
+    wait_phase(&h, id, MovePhase::Shadow, "dual-write after the rollback").await;
     assert_eq!(h.shard_of(moving[0]), 0);
 
     let ops = load.ops.load(std::sync::atomic::Ordering::SeqCst);
@@ -191,7 +202,7 @@ async fn cross_shard_reads_count_moving_rows_once_and_a_stale_router_is_fenced()
         at_ms: shardgate_migrator::now_ms(),
     });
     let Outcome::MoveCreated { id, .. } = out else { panic!("{out:?}") };
-    wait_phase(&h, id, MovePhase::DualWrite, "the copy").await;
+    wait_phase(&h, id, MovePhase::Shadow, "the copy").await;
     let on_shards: i64 = {
         let mut n = 0;
         for i in 0..2 {
@@ -220,6 +231,99 @@ async fn cross_shard_reads_count_moving_rows_once_and_a_stale_router_is_fenced()
     assert_eq!(simple_count(&c).await, total);
     let _ = stop_driver.send(true);
     stale.shutdown().await;
+}
+
+#[tokio::test]
+async fn shadow_reads_match_under_writes_and_catch_a_row_changed_on_the_target() {
+    let h = Harness::start(2).await;
+    let stop_driver = start_driver(&h);
+    let c = h.client().await;
+    c.batch_execute(checker::TABLE_SQL).await.unwrap();
+    let dir = h.directory.load();
+    let bucket = dir.bucket_of(&TenantKey::Int(h.tenants_on(0, 1)[0]));
+    let moving: Vec<i64> = (1..).filter(|t| dir.bucket_of(&TenantKey::Int(*t)) == bucket).take(3).collect();
+    drop(dir);
+    for t in &moving {
+        c.batch_execute(&format!(
+            "/* tenant_id={t} */ INSERT INTO checker_items SELECT {t}, g, 0, g FROM generate_series(1, 50) g"
+        ))
+        .await
+        .unwrap();
+    }
+    let out = h.directory.apply_local(&Command::CreateMove {
+        subject: MoveSubject::Bucket(bucket),
+        target: "shard_1".into(),
+        options: Default::default(),
+        at_ms: shardgate_migrator::now_ms(),
+    });
+    let Outcome::MoveCreated { id, .. } = out else { panic!("{out:?}") };
+    wait_phase(&h, id, MovePhase::Shadow, "the shadow phase").await;
+    let shadow = || h.router.context.shadow.counts(id);
+
+    // Writes and reads right behind them, in both protocols: the target may lag
+    // behind, but that is not a difference.
+    let (a, b) = (moving[0], moving[1]);
+    for i in 0..20i64 {
+        c.execute("UPDATE checker_items SET val = $2 WHERE tenant_id = $1 AND seq = 1", &[&a, &(i as i32)])
+            .await
+            .unwrap();
+        let rows =
+            c.query("SELECT seq, val FROM checker_items WHERE tenant_id = $1 ORDER BY seq", &[&a]).await.unwrap();
+        assert_eq!(rows[0].get::<_, i32>(1), i as i32);
+        c.simple_query(&format!("SELECT count(*), sum(val) FROM checker_items WHERE tenant_id = {a}")).await.unwrap();
+        // One at a time, so that none is skipped for want of a free comparison.
+        let want = 2 * (i as u64 + 1);
+        shardgate_tests::checker::wait_for("the comparisons", Duration::from_secs(30), || {
+            let s = shadow();
+            s.compared + s.skipped >= want
+        })
+        .await;
+    }
+    let s = shadow();
+    assert!(s.compared >= 30, "{s:?}");
+    assert_eq!(s.mismatched, 0, "{s:?}");
+
+    // Plant a difference: change a row of tenant b on the target directly, past
+    // its fence (the target does not own the rows yet).
+    let target = h.shard(1).await;
+    target
+        .batch_execute(&format!(
+            "SET session_replication_role = replica; UPDATE checker_items SET val = 4242 WHERE tenant_id = {b} AND seq = 7; RESET session_replication_role"
+        ))
+        .await
+        .unwrap();
+    let sql = format!("SELECT seq, val FROM checker_items WHERE tenant_id = {b}");
+    let r = c.simple_query(&sql).await.unwrap();
+    let vals: Vec<String> = r
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(1).unwrap().to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(vals.len(), 50);
+    assert!(!vals.contains(&"4242".to_string()), "the client gets the source's answer");
+    shardgate_tests::checker::wait_for("the mismatch", Duration::from_secs(30), || shadow().mismatched >= 1).await;
+    let s = shadow();
+    assert_eq!(s.mismatched, 1, "{s:?}");
+    assert_eq!(s.samples[0].query, sql);
+    assert!(s.samples[0].source.starts_with("50 rows"), "{:?}", s.samples[0]);
+    assert_ne!(s.samples[0].source, s.samples[0].target);
+    // The heartbeat brings the counts and the sample to the directory.
+    wait(&h, id, "the mismatch in the directory", || counter(&h, id, "shadow_mismatched") == 1).await;
+    assert!(counter(&h, id, "shadow_compared") >= 31);
+    let m = h.directory.load().moves[&id].clone();
+    assert!(m.shadow.values().any(|c| c.samples.iter().any(|x| x.query == sql)), "{m:?}");
+    // Reads of the other tenants still match.
+    let before = shadow();
+    c.query("SELECT * FROM checker_items WHERE tenant_id = $1", &[&moving[2]]).await.unwrap();
+    shardgate_tests::checker::wait_for("one more comparison", Duration::from_secs(30), || {
+        let s = shadow();
+        s.compared + s.skipped > before.compared + before.skipped
+    })
+    .await;
+    assert_eq!(shadow().mismatched, 1);
+    let _ = stop_driver.send(true);
 }
 
 /// `SELECT count(*)` over the sharded table as a simple query (a cross-shard read).

@@ -42,7 +42,7 @@ pub fn write_node_config(
 ) -> std::path::PathBuf {
     let me = &ports[id as usize - 1];
     let mut toml = format!(
-        "[router]\nlisten = \"127.0.0.1:{}\"\n\n[admin]\nlisten = \"127.0.0.1:{}\"\ntoken = \"adm\"\n\n[cluster]\nbuckets = 32\n\n",
+        "[router]\nlisten = \"127.0.0.1:{}\"\n\n[router.moves]\nshadow_for = \"1s\"\n\n[admin]\nlisten = \"127.0.0.1:{}\"\ntoken = \"adm\"\n\n[cluster]\nbuckets = 32\n\n",
         me.router, me.admin
     );
     for (i, url) in shard_urls.iter().enumerate() {
