@@ -21,23 +21,6 @@ use shardgate_tests::checker::{self, Checker};
 
 const BUCKETS: u32 = 32;
 
-fn admin_post(port: u16, path: &str, body: &Value) -> Value {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let body = body.to_string();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nauthorization: Bearer adm\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    assert!(text.starts_with("HTTP/1.1 200"), "{path}: {text}");
-    serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap()
-}
-
 struct Driver {
     proc: Option<Proc>,
     config: std::path::PathBuf,
