@@ -203,3 +203,61 @@ async fn a_node_joins_as_a_learner_catches_up_and_is_promoted() {
     }
     drop(four);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_past_compaction_rejoins_by_snapshot_and_a_full_restart_keeps_the_directory() {
+    let pg = TestCluster::start(2).await.unwrap();
+    let urls: Vec<String> = pg.servers().iter().map(|s| s.url("app")).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let _logs = LogsOnFailure(tmp.path().to_path_buf());
+    let ports: Vec<NodePorts> =
+        (0..3).map(|_| NodePorts { router: free_port(), admin: free_port(), raft: free_port() }).collect();
+    let configs: Vec<_> = (1..=3).map(|id| write_config(tmp.path(), id, &ports, &urls)).collect();
+    let mut procs: Vec<Option<Proc>> = configs.iter().map(|c| Some(spawn(c))).collect();
+    for p in procs.iter_mut().flatten() {
+        ready(p);
+    }
+    // Node 3 stops (kill -9) while the others commit more changes than the log
+    // keeps (compaction every 1,000 entries): it can only come back by snapshot.
+    procs[2] = None;
+    let pin = |t: u64| {
+        admin_post(
+            ports[0].admin,
+            "/tenants/pin",
+            &serde_json::json!({ "tenant": (1_000_000 + t).to_string(), "shard": "shard_1" }),
+        )
+    };
+    for t in 0..1_100 {
+        pin(t);
+    }
+    let want = epoch_of_directory(ports[0].admin).await;
+    procs[2] = Some(spawn(&configs[2]));
+    ready(procs[2].as_mut().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while admin_get(ports[2].admin, "/status").and_then(|s| s["epoch"].as_u64()) != Some(want) {
+        assert!(Instant::now() < deadline, "node 3 did not catch up to epoch {want}");
+        tokio::task::yield_now().await;
+    }
+    let log = std::fs::read_to_string(tmp.path().join("node3.log")).unwrap();
+    assert!(log.contains("installed a directory snapshot"), "node 3 caught up without a snapshot");
+    let before = admin_get(ports[2].admin, "/directory").unwrap();
+    assert_eq!(before["pins"].as_array().map(|p| p.len()), Some(1_100));
+
+    // All three stop at once (kill -9) and start again: the same directory.
+    for p in procs.iter_mut() {
+        *p = None;
+    }
+    let mut procs: Vec<Proc> = configs.iter().map(|c| spawn(c)).collect();
+    for p in procs.iter_mut() {
+        ready(p);
+    }
+    for (node, p) in ports.iter().enumerate() {
+        let after = epoch_of_directory(p.admin).await;
+        assert_eq!(after, want, "node {} after the restart", node + 1);
+        let d = admin_get(p.admin, "/directory").unwrap();
+        assert_eq!((&d["pins"], &d["placements"]), (&before["pins"], &before["placements"]), "node {}", node + 1);
+    }
+    // And it still takes changes.
+    pin(5_000);
+    assert!(epoch_of_directory(ports[0].admin).await > want);
+}

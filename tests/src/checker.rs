@@ -56,9 +56,17 @@ impl Checker {
     /// Starts `writers` writers, writer `w` on router `urls[w % urls.len()]`, over
     /// the given tenants.
     pub async fn start(urls: &[String], writers: usize, tenants: &[i64]) -> Checker {
+        Checker::start_run(urls, writers, tenants, 0).await
+    }
+
+    /// [`Checker::start`] for the `run`-th checker on the same table: its
+    /// sequence numbers (from `run` × 10⁹) and writer ids (from `run` × 100) are
+    /// its own, so several checkers can write one after another (merge their
+    /// reports' `rows` before checking).
+    pub async fn start_run(urls: &[String], writers: usize, tenants: &[i64], run: u32) -> Checker {
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared::default());
-        let seq = Arc::new(AtomicI64::new(1));
+        let seq = Arc::new(AtomicI64::new(run as i64 * 1_000_000_000 + 1));
         let ops = Arc::new(AtomicI64::new(0));
         let mut tasks = Vec::new();
         for w in 0..writers {
@@ -66,7 +74,7 @@ impl Checker {
             let (stop, shared, seq, ops) = (stop.clone(), shared.clone(), seq.clone(), ops.clone());
             let tenants = tenants.to_vec();
             tasks.push(tokio::spawn(async move {
-                writer(w as i32, client, tenants, stop, shared, seq, ops).await;
+                writer(run as i32 * 100 + w as i32, client, tenants, stop, shared, seq, ops).await;
             }));
         }
         Checker { stop, shared, tasks, ops }
