@@ -23,6 +23,7 @@ pub mod cutover;
 pub mod driver;
 pub mod fault;
 pub mod pg;
+pub mod planner;
 pub mod prepare;
 pub mod schema;
 pub mod shadow;
