@@ -61,6 +61,10 @@ pub struct Move {
     /// ones). Their sums are in `counters` as `shadow_*`.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub shadow: std::collections::BTreeMap<String, ShadowCounts>,
+    /// Every phase the move entered and when (proposer's clock), oldest first:
+    /// the timeline of the move.
+    #[serde(default)]
+    pub history: Vec<(MovePhase, u64)>,
 }
 
 /// What one router's shadow reads of one move found since the router started.
@@ -400,6 +404,7 @@ impl Directory {
                         created_ms: *at_ms,
                         updated_ms: *at_ms,
                         shadow: Default::default(),
+                        history: vec![(MovePhase::Plan, *at_ms)],
                     },
                 );
                 self.bump();
@@ -409,6 +414,9 @@ impl Directory {
                 let m = self.moves.get_mut(id).ok_or_else(|| rejected(format!("no move {id}")))?;
                 if matches!(m.phase, MovePhase::Done | MovePhase::Cancelled) && m.phase != *phase {
                     return Err(rejected(format!("move {id} has ended ({:?})", m.phase)));
+                }
+                if m.phase != *phase {
+                    m.history.push((*phase, *at_ms));
                 }
                 m.phase = *phase;
                 m.counters.extend(counters.iter().map(|(k, v)| (k.clone(), *v)));

@@ -414,9 +414,22 @@ impl Driver {
         note: Option<&str>,
     ) -> Result<(), Error> {
         let cmd = Command::UpdateMove { id: m.id, phase, counters, note: note.map(str::to_string), at_ms: now_ms() };
+        let was = self.directory.load().moves.get(&m.id).map(|x| x.phase).unwrap_or(m.phase);
         match self.writer.propose(cmd).await {
             Ok(Outcome::Rejected { reason }) => Err(Error::Other(reason)),
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                if was != phase {
+                    tracing::info!(
+                        move_id = m.id,
+                        subject = %subject_name(&m.subject),
+                        from = was.name(),
+                        phase = phase.name(),
+                        note = note.unwrap_or(""),
+                        "move phase changed"
+                    );
+                }
+                Ok(())
+            }
             Err(e) => Err(Error::Other(format!("directory: {e}"))),
         }
     }
@@ -458,6 +471,13 @@ pub fn spec_of(dir: &Directory, m: &Move, resolve: &Resolve) -> Option<MoveSpec>
         source: resolve(dir, m.source)?,
         target: resolve(dir, m.target)?,
     })
+}
+
+fn subject_name(s: &MoveSubject) -> String {
+    match s {
+        MoveSubject::Bucket(b) => format!("bucket {b}"),
+        MoveSubject::Tenant(k) => format!("tenant {k}"),
+    }
 }
 
 /// The shard that owns a move's rows now.

@@ -72,6 +72,8 @@ pub struct MoveStatus {
     /// in `counters` as `shadow_*`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub shadow_samples: Vec<shardgate_directory::state::ShadowSample>,
+    /// The phases it went through: `[phase, ms since the Unix epoch]`, oldest first.
+    pub history: Vec<(&'static str, u64)>,
     pub created_ms: u64,
     pub updated_ms: u64,
 }
@@ -101,6 +103,7 @@ pub fn move_status(dir: &shardgate_directory::Directory, m: &shardgate_directory
             v.truncate(5);
             v
         },
+        history: m.history.iter().map(|(p, at)| (p.name(), *at)).collect(),
         created_ms: m.created_ms,
         updated_ms: m.updated_ms,
     }
