@@ -4,6 +4,7 @@
 mod admin_client;
 mod config;
 mod moves;
+mod rebalance;
 mod replica;
 mod status;
 mod up;
@@ -135,6 +136,32 @@ enum Command {
         #[arg(long)]
         admin: Option<String>,
     },
+    /// Even out the shards: plan bucket (and whale tenant) moves, print the plan,
+    /// and with --apply run them, each through every phase.
+    Rebalance {
+        /// What to even out: size (bytes of the buckets' rows), count (buckets) or
+        /// load.
+        #[arg(long, default_value = "size")]
+        strategy: String,
+        /// Plan at most this many moves.
+        #[arg(long, default_value_t = 16)]
+        max_moves: usize,
+        /// Only print the plan (the default unless --apply).
+        #[arg(long, conflicts_with = "apply")]
+        dry_run: bool,
+        /// Run the planned moves.
+        #[arg(long)]
+        apply: bool,
+        /// Moves under way at once with --apply (the cluster's
+        /// `[router.moves] max_concurrent` caps it too).
+        #[arg(long, default_value_t = 2)]
+        concurrency: usize,
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        admin: Option<String>,
+    },
     /// Show shards, buckets and placements.
     Status {
         /// Print JSON instead of a table.
@@ -165,14 +192,26 @@ enum MoveWhat {
 #[derive(Subcommand)]
 enum ShardCommand {
     /// Add a Postgres server as a new (empty) shard.
-    Add { name: String, url: String },
+    Add {
+        name: String,
+        url: String,
+        /// Then move buckets onto it until the shards are even by size.
+        #[arg(long)]
+        rebalance: bool,
+    },
     /// List the shards.
     List {
         #[arg(long)]
         json: bool,
     },
-    /// Mark a shard draining: no new placements go there (moving its data off is `shardgate move`).
-    Drain { name: String },
+    /// Empty a shard: mark it draining (no new placements), move every bucket and
+    /// pinned tenant off it, then mark it removed. Run it again to resume.
+    Drain {
+        name: String,
+        /// Moves under way at once.
+        #[arg(long, default_value_t = 2)]
+        concurrency: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -243,20 +282,32 @@ fn main() -> std::process::ExitCode {
         Command::Cancel { id, no_wait, admin } => admin_client::Api::find(&cli.data_dir, admin.as_deref())
             .and_then(|api| moves::request(&api, id, "cancel", false, !no_wait)),
         Command::Status { json, admin } => status::run(&cli.data_dir, admin.as_deref(), json),
+        Command::Rebalance { strategy, max_moves, dry_run: _, apply, concurrency, json, admin } => {
+            admin_client::Api::find(&cli.data_dir, admin.as_deref()).and_then(|api| {
+                let strategy = strategy.parse().map_err(anyhow::Error::msg)?;
+                rebalance::run(&api, &rebalance::Args { strategy, max_moves, apply, concurrency, json })
+            })
+        }
         Command::Shard { command, admin } => {
             let api = admin_client::Api::find(&cli.data_dir, admin.as_deref());
             api.and_then(|api| match command {
-                ShardCommand::Add { name, url } => {
+                ShardCommand::Add { name, url, rebalance } => {
                     api.post("/shards", &serde_json::json!({ "name": name, "url": url }))?;
                     println!("added shard {name}");
-                    Ok(())
+                    if !rebalance {
+                        return Ok(());
+                    }
+                    let args = rebalance::Args {
+                        strategy: shardgate_migrator::planner::Strategy::Size,
+                        max_moves: usize::MAX,
+                        apply: true,
+                        concurrency: 2,
+                        json: false,
+                    };
+                    rebalance::run(&api, &args)
                 }
                 ShardCommand::List { json } => status::shard_list(&api, json),
-                ShardCommand::Drain { name } => {
-                    api.post("/shards/drain", &serde_json::json!({ "name": name }))?;
-                    println!("shard {name} is draining: no new placements go there");
-                    Ok(())
-                }
+                ShardCommand::Drain { name, concurrency } => rebalance::drain(&api, &name, concurrency),
             })
         }
         Command::Tenant { command: TenantCommand::Pin { tenant, shard }, admin } => {

@@ -1,60 +1,9 @@
 //! Moves as an operator runs them: `shardgate move … --cutover auto --wait`,
 //! `status`, `rollback`, `cutover`, `complete`, against `shardgate up`.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn psql(url: &str, sql: &str) -> String {
-    let out = Command::new("psql").args([url, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql]).output().unwrap();
-    assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-struct Up {
-    child: Child,
-    url: String,
-    base: std::path::PathBuf,
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.base);
-    }
-}
-
-fn up() -> Up {
-    let base = std::env::temp_dir().join(format!("shardgate-moves-cli-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
-    std::fs::create_dir_all(&base).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shardgate"))
-        .arg("--data-dir")
-        .arg(&base)
-        .args(["up", "--port", &free_port().to_string(), "--admin-port", &free_port().to_string(), "--buckets", "16"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run shardgate up");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let ready = lines.next().expect("a line from up").expect("read stdout");
-    let url = ready.strip_prefix("ready: ").unwrap_or_else(|| panic!("unexpected first line {ready:?}")).to_string();
-    Up { child, url, base }
-}
-
-fn cli(up: &Up, args: &[&str]) -> (bool, String, String) {
-    let out =
-        Command::new(env!("CARGO_BIN_EXE_shardgate")).arg("--data-dir").arg(&up.base).args(args).output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
+use common::*;
 
 fn status(up: &Up) -> serde_json::Value {
     let (ok, out, err) = cli(up, &["status", "--json"]);
@@ -64,7 +13,7 @@ fn status(up: &Up) -> serde_json::Value {
 
 #[test]
 fn an_operator_moves_a_bucket_rolls_it_back_cuts_over_again_and_completes() {
-    let up = up();
+    let up = up(&["--buckets", "16"]);
     psql(&up.url, "CREATE TABLE orders (tenant_id bigint, id bigint, total int, PRIMARY KEY (tenant_id, id))");
     let rows: Vec<String> = (1..=200).flat_map(|t| (1..=5).map(move |i| format!("({t}, {i}, {})", t * i))).collect();
     psql(&up.url, &format!("INSERT INTO orders VALUES {}", rows.join(", ")));

@@ -341,7 +341,11 @@ impl Driver {
                 let keep = if m.counters.get("keep_source") == Some(&1) { Keep::Source } else { Keep::Target };
                 let deleted = cleanup::finish(spec, keep).await?;
                 let phase = if keep == Keep::Source { MovePhase::Cancelled } else { MovePhase::Done };
-                self.update(m, phase, counters([("rows_deleted", deleted)]), None).await?;
+                let note = match keep {
+                    Keep::Source => format!("cancelled: the target's copy dropped ({deleted} rows)"),
+                    Keep::Target => format!("done: the old copy dropped ({deleted} rows) and the replication removed"),
+                };
+                self.update(m, phase, counters([("rows_deleted", deleted)]), Some(&note)).await?;
                 Ok(Step::Again)
             }
             (MovePhase::Done | MovePhase::Cancelled | MovePhase::Failed, _) => Ok(Step::Wait(Duration::from_secs(1))),

@@ -358,6 +358,10 @@ async fn route(ctx: &RouterContext, req: &Request) -> (u16, String) {
             (200, serde_json::to_string_pretty(&*ctx.directory.load()).unwrap_or_else(|_| "{}".into()))
         }
         ("GET", "/health") => (200, "{\"ok\":true}".into()),
+        ("GET", "/sizes") => match crate::sizes::measure(ctx).await {
+            Ok(sizes) => (200, serde_json::to_string_pretty(&sizes).unwrap_or_else(|_| "{}".into())),
+            Err(e) => (503, json_error(&format!("could not read bucket sizes from the shards: {e}"))),
+        },
         ("GET", "/moves") => {
             let dir = ctx.directory.load();
             let moves: Vec<MoveStatus> = dir.moves.values().map(|m| move_status(&dir, m)).collect();
@@ -399,6 +403,13 @@ async fn route(ctx: &RouterContext, req: &Request) -> (u16, String) {
                 propose(ctx, Command::AddShard { name: a.name, url }).await
             }
             Err(e) => (400, json_error(&format!("expected {{\"name\": …, \"url\": …}}: {e}"))),
+        },
+        ("POST", "/shards/remove") => match serde_json::from_slice::<ShardName>(&req.body) {
+            Ok(s) => {
+                propose(ctx, Command::SetShardState { name: s.name, state: shardgate_directory::ShardState::Removed })
+                    .await
+            }
+            Err(e) => (400, json_error(&format!("expected {{\"name\": …}}: {e}"))),
         },
         ("POST", "/shards/drain") => match serde_json::from_slice::<ShardName>(&req.body) {
             Ok(s) => {

@@ -327,7 +327,7 @@ pub fn without_moving_rows(
     }))
 }
 
-fn quote_ident(s: &str) -> String {
+pub(crate) fn quote_ident(s: &str) -> String {
     if !s.is_empty()
         && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
         && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
@@ -338,7 +338,7 @@ fn quote_ident(s: &str) -> String {
     }
 }
 
-fn tenant_literal(k: &shardgate_directory::TenantKey, t: shardgate_directory::KeyType) -> String {
+pub(crate) fn tenant_literal(k: &shardgate_directory::TenantKey, t: shardgate_directory::KeyType) -> String {
     match (k, t) {
         (shardgate_directory::TenantKey::Int(v), _) => v.to_string(),
         (k, shardgate_directory::KeyType::Uuid) => format!("'{k}'::uuid"),

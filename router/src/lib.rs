@@ -27,5 +27,6 @@ pub mod route;
 pub mod server;
 pub mod session;
 pub mod shadow;
+pub mod sizes;
 pub mod split;
 pub mod sql;

@@ -38,6 +38,10 @@ fn start_driver(h: &Harness) -> tokio::sync::watch::Sender<bool> {
     stop
 }
 
+fn phase_of(h: &Harness, id: u64) -> MovePhase {
+    phase(h, id)
+}
+
 fn phase(h: &Harness, id: u64) -> MovePhase {
     h.directory.load().moves[&id].phase
 }
@@ -147,6 +151,24 @@ async fn a_bucket_moves_under_write_load_and_back_and_again_without_a_client_err
     request(&h, id, MoveRequest::Cutover { force: true });
     wait_phase(&h, id, MovePhase::Reverse, "the second cutover").await;
     assert_eq!(counter(&h, id, "cutovers"), 3);
+
+    // The long form (scripts/move-checker.sh): more rollbacks and cutovers.
+    let rounds: u64 = std::env::var("SHARDGATE_MOVE_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    for round in 0..rounds {
+        for (req, phase, owner) in [
+            (MoveRequest::Rollback, MovePhase::Shadow, 0),
+            (MoveRequest::Cutover { force: true }, MovePhase::Reverse, 1),
+        ] {
+            let ops = load.ops.load(std::sync::atomic::Ordering::SeqCst);
+            wait(&h, id, "more writes", || load.ops.load(std::sync::atomic::Ordering::SeqCst) > ops + 200).await;
+            let n = counter(&h, id, "cutovers");
+            request(&h, id, req);
+            wait(&h, id, "the next switch", || counter(&h, id, "cutovers") == n + 1 && phase_of(&h, id) == phase).await;
+            assert_eq!(h.shard_of(moving[0]), owner, "round {round}");
+            assert_eq!(load.errors(), 0, "round {round}");
+        }
+        eprintln!("round {} of {rounds}: {} ops", round + 1, load.ops.load(std::sync::atomic::Ordering::SeqCst));
+    }
 
     let report = load.stop().await;
     eprintln!(

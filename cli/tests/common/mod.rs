@@ -143,3 +143,60 @@ pub fn admin_post(port: u16, path: &str, body: &Value) -> Value {
     assert!(text.starts_with("HTTP/1.1 200"), "{path}: {text}");
     serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap()
 }
+
+/// Runs one statement with psql and returns its unaligned output.
+pub fn psql(url: &str, sql: &str) -> String {
+    let out = Command::new("psql").args([url, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql]).output().unwrap();
+    assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A `shardgate up` cluster in a data directory of its own; Ctrl-C'd and removed
+/// on drop.
+pub struct Up {
+    pub child: Child,
+    pub url: String,
+    pub base: std::path::PathBuf,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.base);
+    }
+}
+
+/// Starts `shardgate up` on free ports with extra arguments (`--shards 4` …) and
+/// waits for its ready line.
+pub fn up(args: &[&str]) -> Up {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let base = std::env::temp_dir().join(format!("shardgate-up-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shardgate"))
+        .arg("--data-dir")
+        .arg(&base)
+        .args(["up", "--port", &free_port().to_string(), "--admin-port", &free_port().to_string()])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run shardgate up");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = lines.next().expect("a line from up").expect("read stdout");
+    let url = ready.strip_prefix("ready: ").unwrap_or_else(|| panic!("unexpected first line {ready:?}")).to_string();
+    Up { child, url, base }
+}
+
+/// Runs the CLI against an `up` cluster: (success, stdout, stderr).
+pub fn cli(up: &Up, args: &[&str]) -> (bool, String, String) {
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_shardgate")).arg("--data-dir").arg(&up.base).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}

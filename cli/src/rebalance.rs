@@ -1,0 +1,278 @@
+//! `shardgate rebalance`, `shard add --rebalance` and `shard drain`: the plan comes
+//! from the migrator's planner over the cluster's status and the bucket sizes a
+//! node reads from the shards; `--apply` runs its moves a few at a time, each
+//! through every phase (copy, shadow, verify, cutover, cleanup).
+//!
+//! The CLI keeps no state: an interrupted rebalance or drain is resumed by running
+//! the same command again, which plans from where the cluster is now (moves that
+//! finished are in the placements, moves under way are waited for).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use shardgate_directory::TenantKey;
+use shardgate_migrator::planner::{
+    self, BucketInfo, Input, Options, PinInfo, Plan, PlannedMove, ShardInfo, Strategy, Subject, TenantInfo,
+};
+
+use crate::admin_client::Api;
+
+pub struct Args {
+    pub strategy: Strategy,
+    pub max_moves: usize,
+    pub apply: bool,
+    pub concurrency: usize,
+    pub json: bool,
+}
+
+/// The planner's input from a node: shards and placements from `/status`, sizes
+/// from `/sizes`. Also returns the shard names in id order.
+fn gather(api: &Api, strategy: Strategy) -> Result<(Input, Vec<String>)> {
+    if strategy == Strategy::Load {
+        bail!(
+            "--strategy load needs per-bucket load counted by the routers, which this version does not collect yet; \
+             use --strategy size (bytes) or count (buckets)"
+        );
+    }
+    let status = api.get("/status")?;
+    let sizes = if strategy == Strategy::Size { api.get("/sizes")? } else { json!({}) };
+    let names: Vec<String> = status["shards"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| s["name"].as_str().unwrap_or("").to_string())
+        .collect();
+    let id = |name: &str| names.iter().position(|n| n == name);
+    let shards = status["shards"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, s)| ShardInfo {
+            id: i,
+            name: names[i].clone(),
+            accepts: s["state"] == "active",
+            draining: s["state"] == "draining",
+        })
+        .collect();
+    let num = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
+    let key = |t: &str| t.parse::<i64>().map(TenantKey::Int).unwrap_or_else(|_| TenantKey::Text(t.to_string()));
+    let mut top: BTreeMap<u64, Vec<TenantInfo>> = BTreeMap::new();
+    for t in sizes["tenants"].as_array().into_iter().flatten() {
+        top.entry(num(t, "bucket")).or_default().push(TenantInfo {
+            tenant: key(t["tenant"].as_str().unwrap_or("")),
+            bytes: num(t, "bytes"),
+            load: 0,
+        });
+    }
+    let mut buckets = Vec::new();
+    for (b, placed) in status["placements"].as_array().into_iter().flatten().enumerate() {
+        let shard = id(placed.as_str().unwrap_or("")).context("a placement names an unknown shard")?;
+        let bytes = sizes["buckets"].get(b).map(|x| num(x, "bytes")).unwrap_or(0);
+        let mut tenants = top.remove(&(b as u64)).unwrap_or_default();
+        tenants.sort_by_key(|x| std::cmp::Reverse(x.bytes));
+        buckets.push(BucketInfo { bucket: b as u32, shard, bytes, load: 0, top_tenants: tenants });
+    }
+    let mut pins = Vec::new();
+    for p in status["pins"].as_array().into_iter().flatten() {
+        let (tenant, shard) = (p[0].as_str().unwrap_or(""), p[1].as_str().unwrap_or(""));
+        let bytes = sizes["pins"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|x| x["tenant"] == tenant)
+            .map(|x| num(x, "bytes"))
+            .unwrap_or(0);
+        if let Some(shard) = id(shard) {
+            pins.push(PinInfo { tenant: key(tenant), shard, bytes, load: 0 });
+        }
+    }
+    Ok((Input { shards, buckets, pins }, names))
+}
+
+fn unit(strategy: Strategy, v: u64) -> String {
+    match strategy {
+        Strategy::Size => bytes(v),
+        Strategy::Load => v.to_string(),
+        Strategy::Count => format!("{v} buckets"),
+    }
+}
+
+fn bytes(v: u64) -> String {
+    match v {
+        v if v >= 1 << 30 => format!("{:.1} GiB", v as f64 / (1u64 << 30) as f64),
+        v if v >= 1 << 20 => format!("{:.1} MiB", v as f64 / (1u64 << 20) as f64),
+        v if v >= 1 << 10 => format!("{:.1} KiB", v as f64 / 1024.0),
+        v => format!("{v} B"),
+    }
+}
+
+fn subject_text(s: &Subject) -> String {
+    match s {
+        Subject::Bucket { bucket } => format!("bucket {bucket}"),
+        Subject::Tenant { tenant } => format!("tenant {tenant}"),
+    }
+}
+
+fn print_plan(plan: &Plan, names: &[String]) {
+    let name = |i: usize| names.get(i).map(String::as_str).unwrap_or("?");
+    let s = plan.strategy;
+    if plan.moves.is_empty() {
+        println!("no moves: the shards are as even as moving whole buckets can make them");
+    } else {
+        println!("{:<4} {:<16} {:<12} {:<12} {:>10} {:>8}  why", "#", "move", "from", "to", "size", "load");
+        for (i, m) in plan.moves.iter().enumerate() {
+            println!(
+                "{:<4} {:<16} {:<12} {:<12} {:>10} {:>8}  {}",
+                i + 1,
+                subject_text(&m.subject),
+                name(m.from),
+                name(m.to),
+                bytes(m.bytes),
+                m.load,
+                m.reason
+            );
+        }
+    }
+    let line = |label: &str, sp: &planner::Spread| {
+        let per: Vec<String> = sp.per_shard.iter().map(|(i, v)| format!("{} {}", name(*i), unit(s, *v))).collect();
+        println!("{label:<7} max {}  min {}  cv {:.3}   ({})", unit(s, sp.max), unit(s, sp.min), sp.cv, per.join(", "));
+    };
+    println!("spread by {}:", format!("{s:?}").to_lowercase());
+    line("before", &plan.before);
+    line("after", &plan.after);
+}
+
+/// `shardgate rebalance`.
+pub fn run(api: &Api, args: &Args) -> Result<()> {
+    let (input, names) = gather(api, args.strategy)?;
+    let plan =
+        planner::plan(&input, &Options { strategy: args.strategy, max_moves: args.max_moves, ..Default::default() });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+    } else {
+        print_plan(&plan, &names);
+    }
+    if !args.apply {
+        if !plan.moves.is_empty() && !args.json {
+            println!("dry run: nothing moved; run again with --apply to make these moves");
+        }
+        return Ok(());
+    }
+    apply(api, &plan.moves, &names, args.concurrency)
+}
+
+/// `shardgate shard drain NAME`: marks the shard draining, moves every bucket and
+/// pinned tenant off it, then marks it removed.
+pub fn drain(api: &Api, shard: &str, concurrency: usize) -> Result<()> {
+    api.post("/shards/drain", &json!({ "name": shard }))?;
+    println!("shard {shard} is draining: no new placements go there");
+    let (input, names) = gather(api, Strategy::Size)?;
+    let Some(me) = names.iter().position(|n| n == shard) else { bail!("no shard named {shard:?}") };
+    let plan =
+        planner::plan(&input, &Options { strategy: Strategy::Size, max_moves: usize::MAX, ..Default::default() });
+    let off: Vec<PlannedMove> = plan.moves.into_iter().filter(|m| m.from == me && m.reason == "drain").collect();
+    println!("{} bucket(s) and pinned tenant(s) to move off {shard}", off.len());
+    apply(api, &off, &names, concurrency)?;
+    api.post("/shards/remove", &json!({ "name": shard }))
+        .with_context(|| format!("shard {shard} is empty of buckets but could not be marked removed"))?;
+    println!("shard {shard} is drained and removed; its Postgres server holds no routed data now");
+    Ok(())
+}
+
+/// Runs `moves` at most `concurrency` at a time, each with an automatic cutover
+/// and then cleanup, printing a line whenever one of them changes. Moves already
+/// under way for the same rows (an earlier, interrupted run) are waited for.
+pub fn apply(api: &Api, moves: &[PlannedMove], names: &[String], concurrency: usize) -> Result<()> {
+    let started = Instant::now();
+    let mut queue: Vec<&PlannedMove> = moves.iter().rev().collect();
+    let mut running: Vec<u64> = Vec::new();
+    let mut last: BTreeMap<u64, String> = BTreeMap::new();
+    let mut done = 0;
+    while !queue.is_empty() || !running.is_empty() {
+        while running.len() < concurrency.max(1) {
+            let Some(m) = queue.pop() else { break };
+            let to = names.get(m.to).cloned().unwrap_or_default();
+            let body = match &m.subject {
+                Subject::Bucket { bucket } => json!({ "bucket": bucket, "to": to, "cutover_auto": true }),
+                Subject::Tenant { tenant } => json!({ "tenant": tenant, "to": to, "cutover_auto": true }),
+            };
+            match api.post("/moves", &body) {
+                Ok(out) => {
+                    let id = out["id"].as_u64().unwrap_or(0);
+                    println!(
+                        "[{:>6.1}s] move {id}: {} → {to}",
+                        started.elapsed().as_secs_f64(),
+                        subject_text(&m.subject)
+                    );
+                    running.push(id);
+                }
+                Err(e) if e.to_string().contains("at once") => {
+                    // The cluster's own limit on concurrent moves: try again later.
+                    queue.push(m);
+                    break;
+                }
+                Err(e) if e.to_string().contains("already moving") => {
+                    let id = under_way(api, &m.subject)?;
+                    println!(
+                        "[{:>6.1}s] {} is already moving (move {id}): waiting for it",
+                        started.elapsed().as_secs_f64(),
+                        subject_text(&m.subject)
+                    );
+                    running.push(id);
+                }
+                Err(e) => return Err(e.context(format!("could not start the move of {}", subject_text(&m.subject)))),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let all = api.get("/moves")?;
+        let mut still = Vec::new();
+        for id in running {
+            let Some(m) = all.as_array().into_iter().flatten().find(|m| m["id"].as_u64() == Some(id)) else {
+                bail!("move {id} disappeared from the directory");
+            };
+            let line = crate::moves::progress_line(m);
+            if last.get(&id) != Some(&line) {
+                println!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64());
+                last.insert(id, line);
+            }
+            let counter = |k: &str| m["counters"][k].as_u64().unwrap_or(0);
+            match m["phase"].as_str().unwrap_or("") {
+                "done" => done += 1,
+                "failed" | "cancelled" => bail!(
+                    "move {id} ended {}: {}; the moves that finished stay; fix the cause and run the command again",
+                    m["phase"].as_str().unwrap_or(""),
+                    m["note"].as_str().unwrap_or("")
+                ),
+                "reverse" if m["request"].is_null() => {
+                    api.post("/moves/request", &json!({ "id": id, "request": "complete" }))?;
+                    still.push(id);
+                }
+                "shadow" | "dual_write" if counter("shadow_mismatched") > 0 || counter("cutover_failures") >= 3 => bail!(
+                    "move {id} stopped before its cutover: {}; look at `shardgate status`, then cut it over or cancel it by hand",
+                    m["note"].as_str().unwrap_or("")
+                ),
+                _ => still.push(id),
+            }
+        }
+        running = still;
+    }
+    println!("[{:>6.1}s] {done} move(s) done", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The id of the move under way for `subject`.
+fn under_way(api: &Api, subject: &Subject) -> Result<u64> {
+    let want = subject_text(subject);
+    let all = api.get("/moves")?;
+    all.as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| {
+            m["subject"] == want.as_str() && !matches!(m["phase"].as_str(), Some("done" | "cancelled" | "failed"))
+        })
+        .and_then(|m| m["id"].as_u64())
+        .with_context(|| format!("{want} is reported moving but no move under way was found"))
+}
