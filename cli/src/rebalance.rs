@@ -209,7 +209,7 @@ pub fn apply(api: &Api, moves: &[PlannedMove], names: &[String], concurrency: us
                     );
                     running.push(id);
                 }
-                Err(e) if e.to_string().contains("at once") => {
+                Err(e) if e.to_string().contains("max_concurrent") => {
                     // The cluster's own limit on concurrent moves: try again later.
                     queue.push(m);
                     break;

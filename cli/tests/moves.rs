@@ -56,4 +56,23 @@ fn an_operator_moves_a_bucket_rolls_it_back_cuts_over_again_and_completes() {
     // A request that does not apply says why.
     let (ok, _, err) = cli(&up, &["rollback", "1"]);
     assert!(!ok && err.contains("ended"), "{err}");
+
+    // At most [router.moves] max_concurrent (2) moves at once; a second move of
+    // the same bucket is refused; cancel drops the new copies.
+    let s = status(&up);
+    let on0: Vec<usize> = (0..16).filter(|b| s["placements"][*b] == "shard_0").take(3).collect();
+    let start = |b: usize| cli(&up, &["move", "bucket", &b.to_string(), "--to", "shard_1"]);
+    let (ok, out, err) = start(on0[0]);
+    assert!(ok, "{out}\n{err}");
+    let (ok, _, err) = start(on0[0]);
+    assert!(!ok && err.contains("already moving"), "{err}");
+    let (ok, out, err) = start(on0[1]);
+    assert!(ok, "{out}\n{err}");
+    let (ok, _, err) = start(on0[2]);
+    assert!(!ok && err.contains("max_concurrent"), "{err}");
+    for id in ["2", "3"] {
+        let (ok, out, err) = cli(&up, &["cancel", id]);
+        assert!(ok && out.contains("cancelled"), "{out}\n{err}");
+    }
+    assert_eq!(psql(&up.url, "SELECT sum(total) FROM orders"), expected.to_string());
 }
