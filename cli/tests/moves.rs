@@ -75,4 +75,22 @@ fn an_operator_moves_a_bucket_rolls_it_back_cuts_over_again_and_completes() {
         assert!(ok && out.contains("cancelled"), "{out}\n{err}");
     }
     assert_eq!(psql(&up.url, "SELECT sum(total) FROM orders"), expected.to_string());
+
+    // What Prometheus sees: routed statements, a shard's error by SQLSTATE, the
+    // cutovers' pause, the shards' latency, the directory.
+    let out = std::process::Command::new("psql").args([&up.url, "-X", "-c", "SELECT * FROM no_such_table"]).output();
+    assert!(!out.unwrap().status.success());
+    let m = admin_text(up.admin, &up.token(), "/metrics").unwrap();
+    let value = |line: &str| -> f64 {
+        let l = m.lines().find(|l| l.starts_with(line)).unwrap_or_else(|| panic!("no {line} in:\n{m}"));
+        l.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(value("shardgate_queries_total{route=\"shard\"}") >= 1.0);
+    assert!(value("shardgate_queries_total{route=\"fanout\"}") >= 1.0);
+    assert_eq!(value("shardgate_errors_total{sqlstate=\"42P01\"}"), 1.0);
+    assert!(value("shardgate_cutover_pause_seconds_count") >= 3.0, "three cutovers happened");
+    assert!(value("shardgate_shard_statement_seconds_count{shard=\"shard_0\"}") >= 1.0);
+    assert!(value("shardgate_directory_epoch") >= 1.0);
+    assert_eq!(value("shardgate_directory_is_leader"), 1.0);
+    assert!(m.contains("# TYPE shardgate_pool_wait_seconds histogram"), "{m}");
 }

@@ -361,6 +361,7 @@ impl Driver {
         let started = Instant::now();
         match Box::pin(cutover::cutover(spec, dir, &coord, &self.config.cutover)).await {
             Ok(r) => {
+                shardgate_router::metrics::global().cutover_pause(r.pause);
                 let n = m.counters.get("cutovers").copied().unwrap_or(0) + 1;
                 let c = counters([
                     ("cutovers", n),

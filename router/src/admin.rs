@@ -279,6 +279,9 @@ async fn handle(mut stream: TcpStream, ctx: &RouterContext, token: Option<&str>)
             .await;
         }
     }
+    if req.method == "GET" && req.path == "/metrics" {
+        return respond(&mut stream, 200, "text/plain; version=0.0.4", &crate::metrics::render(ctx)).await;
+    }
     let (code, body) = route(ctx, &req).await;
     respond(&mut stream, code, "application/json", &body).await
 }

@@ -38,6 +38,8 @@ pub struct ShardPool {
     pub address: ShardAddress,
     idle: Mutex<Vec<Backend>>,
     slots: Arc<Semaphore>,
+    /// Statement latency on this shard (the `shardgate_shard_statement_seconds` metric).
+    pub latency: Arc<crate::metrics::Histogram>,
     queue_timeout: Duration,
     connect_timeout: Duration,
 }
@@ -51,6 +53,7 @@ impl ShardPool {
         connect_timeout: Duration,
     ) -> Arc<ShardPool> {
         Arc::new(ShardPool {
+            latency: crate::metrics::global().shard_latency(&name),
             name,
             address,
             idle: Mutex::new(Vec::new()),
@@ -62,10 +65,12 @@ impl ShardPool {
 
     /// Borrows a connection: an idle one if there is one, else a new one.
     pub async fn get(self: &Arc<Self>) -> Result<Pooled, PoolError> {
+        let started = std::time::Instant::now();
         let permit = match tokio::time::timeout(self.queue_timeout, self.slots.clone().acquire_owned()).await {
             Ok(Ok(p)) => p,
             _ => return Err(PoolError::QueueTimeout { shard: self.name.clone(), waited: self.queue_timeout }),
         };
+        crate::metrics::global().pool_wait(started.elapsed());
         let idle = self.lock_idle().pop();
         let backend = match idle {
             Some(b) => b,
@@ -105,6 +110,10 @@ impl Pooled {
 
     pub fn address(&self) -> &ShardAddress {
         &self.pool.address
+    }
+
+    pub fn latency(&self) -> &crate::metrics::Histogram {
+        &self.pool.latency
     }
 }
 

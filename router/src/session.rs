@@ -326,6 +326,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         if analysis.statements.len() == 1 {
             if let Some(tag) = self.local_statement(&analysis.statements[0])? {
+                crate::metrics::global().query(crate::metrics::RouteKind::Local);
                 match tag {
                     Ok(tag) => self.client.queue(&messages::command_complete(&tag)),
                     Err(e) => self.client.queue(&e.to_message(Severity::Error)),
@@ -344,6 +345,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 break target;
             }
         };
+        crate::metrics::global().query(route_kind(&target));
         match target {
             Target::Shard(s) => match self.shadow_candidate(&analysis, s, None) {
                 None => self.forward_simple(s, m.raw().clone(), Some(&analysis)).await,
@@ -820,6 +822,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Reports an error of the router's own, then ReadyForQuery.
     async fn fail_simple(&mut self, e: SqlError) -> Result<(), SessionError> {
         debug!(code = e.code, message = %e.message, "statement refused");
+        crate::metrics::global().error(e.code);
         self.client.queue(&e.to_message(Severity::Error));
         if self.bound.is_some() || self.pending_begin.is_some() {
             self.aborted_locally = true;
@@ -892,6 +895,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         self.flight.undo_last(n);
         let waited = crate::hold::wait_released(&self.ctx.directory, move_id).await;
+        crate::metrics::global().held(waited);
         tracing::debug!(move_id, waited_us = waited.as_micros() as u64, "statement held for a cutover");
         false
     }
@@ -1009,11 +1013,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Ok(());
         };
         b.conn.conn.queue(&query);
+        let started = std::time::Instant::now();
         if let Err(e) = b.conn.conn.flush().await {
             return self.lost_backend(e).await;
         }
         match self.relay_until_ready(swallow).await {
             Ok(status) => {
+                if let Some(b) = &self.bound {
+                    b.conn.latency().observe(started.elapsed());
+                }
                 if let Some(a) = analysis {
                     self.record_settings(a, status);
                 }
@@ -1038,6 +1046,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.aborted_locally = false;
         self.open_batch = false;
         self.shadow_digest = None;
+        crate::metrics::global().error("08006");
         self.client.queue(
             &SqlError::new("08006", format!("lost the connection to shard {name}: {e}"))
                 .hint("the statement may or may not have been applied; if it was in a transaction, the transaction was rolled back")
@@ -1075,7 +1084,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         self.client.flush().await.map_err(client_err)?;
                     }
                 }
-                b'E' => self.saw_error = true,
+                b'E' => {
+                    self.saw_error = true;
+                    crate::metrics::global().error_message(m.body());
+                }
                 b'Z' => {
                     self.client.flush().await.map_err(client_err)?;
                     return Ok(m.body().first().copied().unwrap_or(b'I'));
@@ -1263,6 +1275,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return self.copy_split_extended(&batch, &a.statements[0]).await;
             }
         }
+        if let Some(t) = &target {
+            crate::metrics::global().query(route_kind(t));
+        }
         let shard = match target.unwrap_or(Target::Any) {
             Target::Shard(s) => s,
             Target::Any => self.any_shard(),
@@ -1336,12 +1351,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if shadow.is_some() {
             self.shadow_digest = Some(RowDigest::default());
         }
+        let started = std::time::Instant::now();
         let relayed = self.relay_batch(expects, None).await;
         if held_begin.is_some() {
             self.pending_begin = held_begin;
         }
         match relayed {
             Ok(Some(status)) => {
+                if let Some(b) = &self.bound {
+                    b.conn.latency().observe(started.elapsed());
+                }
                 for a in &statements_seen {
                     self.record_settings(a, status);
                 }
@@ -1524,6 +1543,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     b'E' => {
                         emit!(m.raw());
                         self.saw_error = true;
+                        crate::metrics::global().error_message(m.body());
                         if let Expect::Parse { server_name, client_name, .. } = &exp {
                             b.conn.prepared.remove(server_name);
                             if let Some(c) = client_name {
@@ -1754,6 +1774,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// A batch refused by the router: the error, then (at Sync) ReadyForQuery.
     async fn fail_batch(&mut self, e: SqlError, sync: bool) -> Result<(), SessionError> {
         debug!(code = e.code, message = %e.message, "batch refused");
+        crate::metrics::global().error(e.code);
         self.client.queue(&e.to_message(Severity::Error));
         if self.bound.is_some() || self.pending_begin.is_some() {
             self.aborted_locally = true;
@@ -2160,6 +2181,17 @@ async fn collect(
         conn.broken = true;
     }
     Ok((replies, error))
+}
+
+fn route_kind(t: &Target) -> crate::metrics::RouteKind {
+    use crate::metrics::RouteKind as K;
+    match t {
+        Target::Shard(_) => K::Shard,
+        Target::Any => K::Any,
+        Target::All => K::All,
+        Target::Fanout(_) => K::Fanout,
+        Target::SplitInsert(_) | Target::CopySplit => K::Split,
+    }
 }
 
 /// Whether a query string opens a transaction block it does not close.

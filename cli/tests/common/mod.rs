@@ -117,6 +117,17 @@ impl Drop for LogsOnFailure {
     }
 }
 
+/// The body of a GET on a node's admin API, as text, with the admin token.
+pub fn admin_text(port: u16, token: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nauthorization: Bearer {token}\r\nconnection: close\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    Some(text.split_once("\r\n\r\n")?.1.to_string())
+}
+
 pub fn admin_get(port: u16, path: &str) -> Option<Value> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -157,6 +168,15 @@ pub struct Up {
     pub child: Child,
     pub url: String,
     pub base: std::path::PathBuf,
+    pub admin: u16,
+}
+
+impl Up {
+    /// The admin token `up` made for its cluster.
+    pub fn token(&self) -> String {
+        let c: Value = serde_json::from_str(&std::fs::read_to_string(self.base.join("cluster.json")).unwrap()).unwrap();
+        c["admin_token"].as_str().unwrap_or("").to_string()
+    }
 }
 
 impl Drop for Up {
@@ -175,10 +195,11 @@ pub fn up(args: &[&str]) -> Up {
     let base = std::env::temp_dir().join(format!("shardgate-up-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base).unwrap();
+    let admin = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_shardgate"))
         .arg("--data-dir")
         .arg(&base)
-        .args(["up", "--port", &free_port().to_string(), "--admin-port", &free_port().to_string()])
+        .args(["up", "--port", &free_port().to_string(), "--admin-port", &admin.to_string()])
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -187,7 +208,7 @@ pub fn up(args: &[&str]) -> Up {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let ready = lines.next().expect("a line from up").expect("read stdout");
     let url = ready.strip_prefix("ready: ").unwrap_or_else(|| panic!("unexpected first line {ready:?}")).to_string();
-    Up { child, url, base }
+    Up { child, url, base, admin }
 }
 
 /// Runs the CLI against an `up` cluster: (success, stdout, stderr).
