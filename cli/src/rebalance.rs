@@ -30,14 +30,10 @@ pub struct Args {
 /// The planner's input from a node: shards and placements from `/status`, sizes
 /// from `/sizes`. Also returns the shard names in id order.
 fn gather(api: &Api, strategy: Strategy) -> Result<(Input, Vec<String>)> {
-    if strategy == Strategy::Load {
-        bail!(
-            "--strategy load needs per-bucket load counted by the routers, which this version does not collect yet; \
-             use --strategy size (bytes) or count (buckets)"
-        );
-    }
     let status = api.get("/status")?;
     let sizes = if strategy == Strategy::Size { api.get("/sizes")? } else { json!({}) };
+    // Time spent per bucket (µs) as the routers counted it: the load measure.
+    let load = api.get("/load")?;
     let names: Vec<String> = status["shards"]
         .as_array()
         .into_iter()
@@ -59,21 +55,46 @@ fn gather(api: &Api, strategy: Strategy) -> Result<(Input, Vec<String>)> {
         .collect();
     let num = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
     let key = |t: &str| t.parse::<i64>().map(TenantKey::Int).unwrap_or_else(|_| TenantKey::Text(t.to_string()));
+    let tenant_load = |t: &str| -> u64 {
+        load["tenants"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|x| x["tenant"] == t)
+            .map(|x| num(x, "micros"))
+            .unwrap_or(0)
+    };
+    let bucket_count = status["placements"].as_array().map(|p| p.len()).unwrap_or(0) as u32;
     let mut top: BTreeMap<u64, Vec<TenantInfo>> = BTreeMap::new();
+    // The biggest tenants by bytes and the busiest by time: whale candidates.
     for t in sizes["tenants"].as_array().into_iter().flatten() {
+        let name = t["tenant"].as_str().unwrap_or("");
         top.entry(num(t, "bucket")).or_default().push(TenantInfo {
-            tenant: key(t["tenant"].as_str().unwrap_or("")),
+            tenant: key(name),
             bytes: num(t, "bytes"),
-            load: 0,
+            load: tenant_load(name),
         });
+    }
+    for t in load["tenants"].as_array().into_iter().flatten() {
+        let name = t["tenant"].as_str().unwrap_or("");
+        let k = key(name);
+        let b = shardgate_directory::hash::bucket_of(&k, bucket_count.max(1)) as u64;
+        let list = top.entry(b).or_default();
+        if !list.iter().any(|x| x.tenant == k) {
+            list.push(TenantInfo { tenant: k, bytes: 0, load: num(t, "micros") });
+        }
     }
     let mut buckets = Vec::new();
     for (b, placed) in status["placements"].as_array().into_iter().flatten().enumerate() {
         let shard = id(placed.as_str().unwrap_or("")).context("a placement names an unknown shard")?;
         let bytes = sizes["buckets"].get(b).map(|x| num(x, "bytes")).unwrap_or(0);
         let mut tenants = top.remove(&(b as u64)).unwrap_or_default();
-        tenants.sort_by_key(|x| std::cmp::Reverse(x.bytes));
-        buckets.push(BucketInfo { bucket: b as u32, shard, bytes, load: 0, top_tenants: tenants });
+        match strategy {
+            Strategy::Load => tenants.sort_by_key(|x| std::cmp::Reverse(x.load)),
+            _ => tenants.sort_by_key(|x| std::cmp::Reverse(x.bytes)),
+        }
+        let load = load["buckets"].get(b).map(|x| num(x, "micros")).unwrap_or(0);
+        buckets.push(BucketInfo { bucket: b as u32, shard, bytes, load, top_tenants: tenants });
     }
     let mut pins = Vec::new();
     for p in status["pins"].as_array().into_iter().flatten() {
@@ -86,7 +107,7 @@ fn gather(api: &Api, strategy: Strategy) -> Result<(Input, Vec<String>)> {
             .map(|x| num(x, "bytes"))
             .unwrap_or(0);
         if let Some(shard) = id(shard) {
-            pins.push(PinInfo { tenant: key(tenant), shard, bytes, load: 0 });
+            pins.push(PinInfo { tenant: key(tenant), shard, bytes, load: tenant_load(tenant) });
         }
     }
     Ok((Input { shards, buckets, pins }, names))
@@ -95,7 +116,7 @@ fn gather(api: &Api, strategy: Strategy) -> Result<(Input, Vec<String>)> {
 fn unit(strategy: Strategy, v: u64) -> String {
     match strategy {
         Strategy::Size => bytes(v),
-        Strategy::Load => v.to_string(),
+        Strategy::Load => format!("{:.1}s", v as f64 / 1e6),
         Strategy::Count => format!("{v} buckets"),
     }
 }
@@ -122,16 +143,16 @@ fn print_plan(plan: &Plan, names: &[String]) {
     if plan.moves.is_empty() {
         println!("no moves: the shards are as even as moving whole buckets can make them");
     } else {
-        println!("{:<4} {:<16} {:<12} {:<12} {:>10} {:>8}  why", "#", "move", "from", "to", "size", "load");
+        println!("{:<4} {:<16} {:<12} {:<12} {:>10} {:>9}  why", "#", "move", "from", "to", "size", "load");
         for (i, m) in plan.moves.iter().enumerate() {
             println!(
-                "{:<4} {:<16} {:<12} {:<12} {:>10} {:>8}  {}",
+                "{:<4} {:<16} {:<12} {:<12} {:>10} {:>9}  {}",
                 i + 1,
                 subject_text(&m.subject),
                 name(m.from),
                 name(m.to),
                 bytes(m.bytes),
-                m.load,
+                format!("{:.1}s", m.load as f64 / 1e6),
                 m.reason
             );
         }

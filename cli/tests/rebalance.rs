@@ -87,6 +87,26 @@ async fn rebalance_evens_out_skewed_shards_and_drain_empties_one_under_load() {
     );
     assert!(s["moves"].as_array().unwrap().iter().all(|m| m["phase"] == "done"), "{}", s["moves"]);
 
+    // The routers count what each bucket costs and tell the directory: the load
+    // strategy plans with it.
+    let bucket = bucket_of(&TenantKey::Int(tenants[0]), BUCKETS) as usize;
+    let started = std::time::Instant::now();
+    loop {
+        let load: Value = serde_json::from_str(&admin_text(up.admin, &up.token(), "/load").unwrap()).unwrap();
+        if load["buckets"][bucket]["statements"].as_u64().unwrap_or(0) > 0 {
+            assert!(load["buckets"][bucket]["micros"].as_u64().unwrap() > 0, "{load}");
+            assert!(load["tenants"].as_array().is_some_and(|t| !t.is_empty()), "{load}");
+            break;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "no load counted: {load}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (ok, out, err) = tokio::task::block_in_place(|| cli(&up, &["rebalance", "--strategy", "load", "--json"]));
+    assert!(ok, "{out}\n{err}");
+    let by_load: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(by_load["strategy"], "load");
+    assert!(by_load["before"]["max"].as_u64().unwrap() > 0, "{by_load}");
+
     // Drain shard_3 under the same load.
     let (ok, out, err) = tokio::task::block_in_place(|| cli(&up, &["shard", "drain", "shard_3"]));
     assert!(ok, "{out}\n{err}");

@@ -131,6 +131,11 @@ pub struct Directory {
     /// Raft addresses of directory nodes that joined after the cluster started.
     #[serde(default)]
     pub nodes: std::collections::BTreeMap<u64, String>,
+    /// The load each serving router has counted, by router run
+    /// (`router@started_ms`): a summary sent every few heartbeats, not a log entry
+    /// per query. Runs of routers that expired are dropped with them.
+    #[serde(default)]
+    pub load: std::collections::BTreeMap<String, crate::state::LoadReport>,
 }
 
 impl Directory {
@@ -164,6 +169,7 @@ impl Directory {
             holds: Default::default(),
             routers: Default::default(),
             nodes: Default::default(),
+            load: Default::default(),
         })
     }
 

@@ -97,6 +97,35 @@ pub struct ShadowSample {
     pub at_ms: u64,
 }
 
+/// What one router counted since it started: per bucket (those with any
+/// traffic) and for its busiest tenants (sampled).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub buckets: Vec<LoadCount>,
+    /// The tenants with the most time spent, from a sample of statements
+    /// (counts are scaled to estimate all of them).
+    #[serde(default)]
+    pub tenants: Vec<TenantLoadCount>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadCount {
+    pub bucket: u32,
+    pub statements: u64,
+    /// Rows inserted, updated, deleted or copied in.
+    pub rows_written: u64,
+    /// Time from sending statements to their answer, µs.
+    pub micros: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantLoadCount {
+    pub tenant: String,
+    pub statements: u64,
+    pub rows_written: u64,
+    pub micros: u64,
+}
+
 /// A router's shadow counts of one move, sent with its heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShadowReport {
@@ -247,6 +276,9 @@ pub enum Command {
         /// Its shadow-read counts, for moves in the shadow phase.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         shadow: Vec<ShadowReport>,
+        /// Its load counts (every few heartbeats).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        load: Option<LoadReport>,
     },
     /// Forget routers not heard from since `before_ms`.
     ExpireRouters {
@@ -479,7 +511,10 @@ impl Directory {
                 }
                 self.holds.remove(id);
             }
-            Command::Heartbeat { router, address, applied_epoch, at_ms, started_ms, shadow } => {
+            Command::Heartbeat { router, address, applied_epoch, at_ms, started_ms, shadow, load } => {
+                if let Some(l) = load {
+                    self.load.insert(format!("{router}@{started_ms}"), l.clone());
+                }
                 for r in shadow {
                     let Some(m) = self.moves.get_mut(&r.move_id) else { continue };
                     if ended(m.phase) {
@@ -513,6 +548,8 @@ impl Directory {
             }
             Command::ExpireRouters { before_ms } => {
                 self.routers.retain(|_, r| r.last_heartbeat_ms >= *before_ms);
+                let routers = &self.routers;
+                self.load.retain(|run, _| run.rsplit_once('@').is_some_and(|(r, _)| routers.contains_key(r)));
                 return Ok(None);
             }
             Command::SetNodeAddress { id, address } => {
@@ -599,6 +636,10 @@ mod tests {
                 at_ms: 12,
                 started_ms: 1,
                 shadow: vec![],
+                load: Some(LoadReport {
+                    buckets: vec![LoadCount { bucket: 2, statements: 10, rows_written: 3, micros: 900 }],
+                    tenants: vec![],
+                }),
             },
             Command::SetShardState { name: "s0".into(), state: ShardState::Removed },
             Command::SetShardState { name: "s0".into(), state: ShardState::Draining },
@@ -634,6 +675,7 @@ mod tests {
             at_ms: 1,
             started_ms: 1,
             shadow: vec![],
+            load: None,
         });
         assert_eq!(d.epoch, e);
     }
@@ -702,6 +744,7 @@ mod tests {
             applied_epoch: 1,
             at_ms: 5,
             started_ms,
+            load: None,
             shadow: vec![ShadowReport {
                 move_id: 1,
                 counts: ShadowCounts { compared, matched: compared - mismatched, mismatched, ..Default::default() },
@@ -727,6 +770,7 @@ mod tests {
             applied_epoch: 1,
             at_ms: 5,
             started_ms: 200,
+            load: None,
             shadow: vec![ShadowReport { move_id: 9, counts: ShadowCounts { compared: 1, ..Default::default() } }],
         });
         assert_eq!(d.moves, before.moves);

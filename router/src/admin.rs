@@ -361,6 +361,10 @@ async fn route(ctx: &RouterContext, req: &Request) -> (u16, String) {
             (200, serde_json::to_string_pretty(&*ctx.directory.load()).unwrap_or_else(|_| "{}".into()))
         }
         ("GET", "/health") => (200, "{\"ok\":true}".into()),
+        ("GET", "/load") => {
+            let load = crate::load::cluster_load(&ctx.directory.load());
+            (200, serde_json::to_string_pretty(&load).unwrap_or_else(|_| "{}".into()))
+        }
         ("GET", "/sizes") => match crate::sizes::measure(ctx).await {
             Ok(sizes) => (200, serde_json::to_string_pretty(&sizes).unwrap_or_else(|_| "{}".into())),
             Err(e) => (503, json_error(&format!("could not read bucket sizes from the shards: {e}"))),

@@ -142,6 +142,8 @@ pub struct RouterContext {
     refreshing: tokio::sync::Mutex<()>,
     /// Reads of moving rows compared on both shards (a move's shadow phase).
     pub shadow: crate::shadow::Shadow,
+    /// What each bucket (and the busiest tenants) cost this router.
+    pub load: crate::load::Load,
 }
 
 impl RouterContext {
@@ -164,6 +166,7 @@ impl RouterContext {
             in_flight: Arc::new(crate::hold::InFlight::new(directory.load().bucket_count)),
             refreshing: tokio::sync::Mutex::new(()),
             shadow: crate::shadow::Shadow::new(config.moves.shadow_concurrency.max(1)),
+            load: crate::load::Load::new(directory.load().bucket_count),
             cache: AnalysisCache::new(key_column, config.statement_cache_size),
             config,
             directory,

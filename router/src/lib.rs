@@ -21,6 +21,7 @@ pub mod copy;
 pub mod error;
 pub mod fanout;
 pub mod hold;
+pub mod load;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;

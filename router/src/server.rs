@@ -100,6 +100,8 @@ async fn heartbeat(ctx: Arc<RouterContext>, address: SocketAddr, mut stopped: wa
             at_ms: now_ms,
             started_ms,
             shadow: ctx.shadow.reports(&ctx.directory.load()),
+            // The load summary every fifth beat: enough for planning, little log.
+            load: beats.is_multiple_of(5).then(|| ctx.load.report()),
         };
         // A lost heartbeat is harmless: the next one follows in a second.
         let _ = ctx.writer.propose(beat).await;

@@ -109,6 +109,8 @@ pub struct Session<S> {
     flight: crate::hold::Flight,
     /// While a shadowed read is relayed: the digest of the rows the client gets.
     shadow_digest: Option<RowDigest>,
+    /// Rows the statements being relayed reported written (CommandComplete).
+    rows_written: u64,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -132,6 +134,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             touched: Default::default(),
             flight: crate::hold::Flight::new(ctx_in_flight),
             shadow_digest: None,
+            rows_written: 0,
         }
     }
 
@@ -900,6 +903,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         false
     }
 
+    /// Counts what the statements just relayed cost, for their buckets and (one
+    /// in a few) their tenant. `batch` holds the extended-protocol messages, for
+    /// the Bind's parameters.
+    fn account(&mut self, elapsed: std::time::Duration, analysis: Option<&Analysis>, batch: Option<&[Message]>) {
+        let rows = std::mem::take(&mut self.rows_written);
+        let touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+        if touched.is_empty() {
+            return;
+        }
+        self.ctx.load.record(&touched, elapsed, rows);
+        drop(touched);
+        let Some(stmt) = analysis.and_then(|a| a.statements.first()) else { return };
+        if !self.ctx.load.sample_tenant() {
+            return;
+        }
+        let key_type = self.ctx.directory.load().key_type;
+        let keys = match batch.and_then(|b| b.iter().find(|m| m.tag() == b'B')) {
+            None => route::statement_keys(stmt, None, self.tenant.as_ref(), key_type),
+            Some(m) => {
+                let Ok(bind) = Bind::parse(m) else { return };
+                let Some(p) = self.prepared.get(bind.statement) else { return };
+                let formats: Vec<i16> = (0..bind.params.len()).map(|i| bind.format_of(i)).collect();
+                let params = Params { values: &bind.params, formats: &formats, types: &p.param_types };
+                route::statement_keys(stmt, Some(&params), self.tenant.as_ref(), key_type)
+            }
+        };
+        if let Some([k]) = keys.as_deref() {
+            self.ctx.load.record_tenant(k.to_string(), elapsed, rows);
+        }
+    }
+
     /// The move in its shadow phase whose moving rows hold every key of this
     /// read, when the read is one to compare: a single SELECT outside a
     /// transaction (see [`crate::shadow`]). One emptiness check when no move is
@@ -1022,6 +1056,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if let Some(b) = &self.bound {
                     b.conn.latency().observe(started.elapsed());
                 }
+                self.account(started.elapsed(), analysis, None);
                 if let Some(a) = analysis {
                     self.record_settings(a, status);
                 }
@@ -1088,6 +1123,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.saw_error = true;
                     crate::metrics::global().error_message(m.body());
                 }
+                b'C' => self.rows_written += crate::load::rows_written(m.body()),
                 b'Z' => {
                     self.client.flush().await.map_err(client_err)?;
                     return Ok(m.body().first().copied().unwrap_or(b'I'));
@@ -1361,6 +1397,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if let Some(b) = &self.bound {
                     b.conn.latency().observe(started.elapsed());
                 }
+                let first = statements_seen.first().cloned();
+                self.account(started.elapsed(), first.as_deref(), Some(&batch));
                 for a in &statements_seen {
                     self.record_settings(a, status);
                 }
@@ -1563,7 +1601,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         break;
                     }
                     b'3' if matches!(exp, Expect::Close { forward: false }) => break,
-                    b'2' | b'3' | b'n' | b'T' | b'C' | b'I' | b's' => {
+                    b'C' => {
+                        self.rows_written += crate::load::rows_written(m.body());
+                        emit!(m.raw());
+                        break;
+                    }
+                    b'2' | b'3' | b'n' | b'T' | b'I' | b's' => {
                         emit!(m.raw());
                         break;
                     }
