@@ -167,6 +167,12 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Keep showing it, redrawn as it changes (Ctrl-C ends it).
+        #[arg(long)]
+        watch: bool,
+        /// How often --watch asks, e.g. 500ms or 2s.
+        #[arg(long, default_value = "1s")]
+        interval: String,
         /// Admin API address of a node (default: the cluster `up` started in --data-dir).
         #[arg(long)]
         admin: Option<String>,
@@ -281,7 +287,10 @@ fn main() -> std::process::ExitCode {
             .and_then(|api| moves::request(&api, id, "complete", false, !no_wait)),
         Command::Cancel { id, no_wait, admin } => admin_client::Api::find(&cli.data_dir, admin.as_deref())
             .and_then(|api| moves::request(&api, id, "cancel", false, !no_wait)),
-        Command::Status { json, admin } => status::run(&cli.data_dir, admin.as_deref(), json),
+        Command::Status { json, watch: false, admin, .. } => status::run(&cli.data_dir, admin.as_deref(), json),
+        Command::Status { json, watch: true, interval, admin } => shardgate_router::config::parse_duration(&interval)
+            .map_err(anyhow::Error::msg)
+            .and_then(|every| status::watch(&cli.data_dir, admin.as_deref(), json, every)),
         Command::Rebalance { strategy, max_moves, dry_run: _, apply, concurrency, json, admin } => {
             admin_client::Api::find(&cli.data_dir, admin.as_deref()).and_then(|api| {
                 let strategy = strategy.parse().map_err(anyhow::Error::msg)?;

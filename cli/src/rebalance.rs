@@ -115,18 +115,9 @@ fn gather(api: &Api, strategy: Strategy) -> Result<(Input, Vec<String>)> {
 
 fn unit(strategy: Strategy, v: u64) -> String {
     match strategy {
-        Strategy::Size => bytes(v),
+        Strategy::Size => crate::status::human_bytes(v),
         Strategy::Load => format!("{:.1}s", v as f64 / 1e6),
         Strategy::Count => format!("{v} buckets"),
-    }
-}
-
-fn bytes(v: u64) -> String {
-    match v {
-        v if v >= 1 << 30 => format!("{:.1} GiB", v as f64 / (1u64 << 30) as f64),
-        v if v >= 1 << 20 => format!("{:.1} MiB", v as f64 / (1u64 << 20) as f64),
-        v if v >= 1 << 10 => format!("{:.1} KiB", v as f64 / 1024.0),
-        v => format!("{v} B"),
     }
 }
 
@@ -151,7 +142,7 @@ fn print_plan(plan: &Plan, names: &[String]) {
                 subject_text(&m.subject),
                 name(m.from),
                 name(m.to),
-                bytes(m.bytes),
+                crate::status::human_bytes(m.bytes),
                 format!("{:.1}s", m.load as f64 / 1e6),
                 m.reason
             );

@@ -25,6 +25,15 @@ fn an_operator_moves_a_bucket_rolls_it_back_cuts_over_again_and_completes() {
     let (ok, _, err) = cli(&up, &["move", "bucket", &bucket.to_string(), "--to", "nowhere"]);
     assert!(!ok && err.contains("no shard named"), "{err}");
 
+    // An admin watches, through a pipe (no escape codes there).
+    let watcher = std::process::Command::new(env!("CARGO_BIN_EXE_shardgate"))
+        .arg("--data-dir")
+        .arg(&up.base)
+        .args(["status", "--watch", "--interval", "100ms"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let (ok, out, err) =
         cli(&up, &["move", "bucket", &bucket.to_string(), "--to", "shard_1", "--cutover", "auto", "--wait"]);
     assert!(ok, "{out}\n{err}");
@@ -39,6 +48,11 @@ fn an_operator_moves_a_bucket_rolls_it_back_cuts_over_again_and_completes() {
     assert_eq!(psql(&up.url, "SELECT sum(total) FROM orders"), total, "a cross-shard read counts the rows once");
     let (_, table, _) = cli(&up, &["status"]);
     assert!(table.contains("moves:") && table.contains("reverse"), "{table}");
+    let watched = Watched(watcher).output_until("REVERSE");
+    assert!(!watched.contains('\x1b'), "no escape codes into a pipe");
+    for want in ["SHARD", "shard_1", "SHADOW", "timeline: plan → copy", "verify clean", "last paused statements"] {
+        assert!(watched.contains(want), "{want:?} not in the watch view:\n{watched}");
+    }
 
     // Writes after the cutover survive the rollback (the reverse stream).
     psql(&up.url, "UPDATE orders SET total = total + 1 WHERE tenant_id = 1 AND id = 1");
@@ -93,4 +107,31 @@ fn an_operator_moves_a_bucket_rolls_it_back_cuts_over_again_and_completes() {
     assert!(value("shardgate_directory_epoch") >= 1.0);
     assert_eq!(value("shardgate_directory_is_leader"), 1.0);
     assert!(m.contains("# TYPE shardgate_pool_wait_seconds histogram"), "{m}");
+}
+
+/// A `status --watch` process; killed on drop.
+struct Watched(std::process::Child);
+
+impl Watched {
+    /// Its output so far, once it has shown `text` (the move already got there,
+    /// so the next frame has it).
+    fn output_until(mut self, text: &str) -> String {
+        use std::io::Read;
+        let mut out = self.0.stdout.take().unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains(text) {
+            let n = out.read(&mut buf).unwrap();
+            assert!(n > 0, "the watch ended without showing {text:?}:\n{}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&seen).to_string()
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
