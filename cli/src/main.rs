@@ -41,6 +41,10 @@ enum Command {
         /// Buckets (logical shards), fixed when the cluster is created.
         #[arg(long, default_value_t = 256)]
         buckets: u32,
+        /// How long a move with an automatic cutover shadows reads before it
+        /// verifies and cuts over (`[router.moves] shadow_for`).
+        #[arg(long, default_value = "5s")]
+        shadow_for: String,
     },
     /// Run a router against existing Postgres servers.
     Serve {
@@ -346,9 +350,20 @@ fn main() -> std::process::ExitCode {
             .and_then(|c| c.directory().map(|_| ()))
             .map(|()| println!("{}: ok", config.display())),
         Command::Serve { config, check: false } => runtime().and_then(|rt| rt.block_on(serve(config))),
-        Command::Up { shards, port, admin_port, buckets } => runtime().and_then(|rt| {
-            rt.block_on(up::run(up::UpOptions { data_dir: cli.data_dir.clone(), shards, port, admin_port, buckets }))
-        }),
+        Command::Up { shards, port, admin_port, buckets, shadow_for } => {
+            shardgate_router::config::parse_duration(&shadow_for).map_err(anyhow::Error::msg).and_then(|shadow_for| {
+                runtime().and_then(|rt| {
+                    rt.block_on(up::run(up::UpOptions {
+                        data_dir: cli.data_dir.clone(),
+                        shards,
+                        port,
+                        admin_port,
+                        buckets,
+                        shadow_for,
+                    }))
+                })
+            })
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -239,7 +239,7 @@ pub fn apply(api: &Api, moves: &[PlannedMove], names: &[String], concurrency: us
             }
         }
         std::thread::sleep(Duration::from_millis(300));
-        let all = api.get("/moves")?;
+        let all = patiently(|| api.get("/moves"))?;
         let mut still = Vec::new();
         for id in running {
             let Some(m) = all.as_array().into_iter().flatten().find(|m| m["id"].as_u64() == Some(id)) else {
@@ -259,7 +259,7 @@ pub fn apply(api: &Api, moves: &[PlannedMove], names: &[String], concurrency: us
                     m["note"].as_str().unwrap_or("")
                 ),
                 "reverse" if m["request"].is_null() => {
-                    api.post("/moves/request", &json!({ "id": id, "request": "complete" }))?;
+                    patiently(|| api.post("/moves/request", &json!({ "id": id, "request": "complete" })))?;
                     still.push(id);
                 }
                 "shadow" | "dual_write" if counter("shadow_mismatched") > 0 || counter("cutover_failures") >= 3 => bail!(
@@ -273,6 +273,22 @@ pub fn apply(api: &Api, moves: &[PlannedMove], names: &[String], concurrency: us
     }
     println!("[{:>6.1}s] {done} move(s) done", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Retries an admin call for a few seconds: a directory election in the middle
+/// of a long rebalance must not end it.
+fn patiently<T>(mut call: impl FnMut() -> Result<T>) -> Result<T> {
+    let started = Instant::now();
+    loop {
+        match call() {
+            Ok(v) => return Ok(v),
+            Err(e) if started.elapsed() < Duration::from_secs(15) => {
+                tracing::debug!(error = %e, "admin call failed; retrying");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// The id of the move under way for `subject`.

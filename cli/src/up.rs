@@ -16,6 +16,8 @@ pub struct UpOptions {
     pub port: u16,
     pub admin_port: u16,
     pub buckets: u32,
+    /// `[router.moves] shadow_for`: how long automatic cutovers shadow reads.
+    pub shadow_for: std::time::Duration,
 }
 
 /// What `up` records in `<data-dir>/cluster.json`, so that a second `up` reuses
@@ -151,7 +153,8 @@ async fn serve(
         nodes.push(node);
     }
     crate::replica::wait_for_leader(&nodes[0], std::time::Duration::from_secs(10)).await?;
-    let config = RouterConfig { listen: format!("127.0.0.1:{}", opts.port), ..RouterConfig::default() };
+    let mut config = RouterConfig { listen: format!("127.0.0.1:{}", opts.port), ..RouterConfig::default() };
+    config.moves.shadow_for = opts.shadow_for;
     let router =
         shardgate_router::server::start_replicated(config, nodes[0].clone(), std::time::Duration::from_secs(2), addrs)
             .await?;

@@ -28,7 +28,7 @@ fn status(up: &Up) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebalance_evens_out_skewed_shards_and_drain_empties_one_under_load() {
-    let up = up(&["--shards", "4", "--buckets", &BUCKETS.to_string()]);
+    let up = up(&["--shards", "4", "--buckets", &BUCKETS.to_string(), "--shadow-for", "500ms"]);
     psql(&up.url, "CREATE TABLE events (tenant_id bigint, id bigint, body text, PRIMARY KEY (tenant_id, id))");
     psql(&up.url, checker::TABLE_SQL);
     // Every bucket holds a little; shard_0's buckets (0-3, placed in ranges) hold

@@ -112,7 +112,14 @@ async fn writer(
     // This writer's rows per tenant: (seq, val), in insert order.
     let mut mine: BTreeMap<i64, Vec<(i64, i32)>> = BTreeMap::new();
     let mut i: u64 = w as u64 * 7919;
-    let fail = |what: String| shared.errors.lock().unwrap().push(what);
+    // Errors are kept up to a bound: a writer whose router is gone fails fast,
+    // over and over, and the first errors are the ones that explain.
+    let fail = |what: String| {
+        let mut e = shared.errors.lock().unwrap();
+        if e.len() < 1000 {
+            e.push(what);
+        }
+    };
     while !stop.load(Ordering::SeqCst) {
         i += 1;
         let t = tenants[(i as usize * 31 + w as usize) % tenants.len()];
