@@ -1342,7 +1342,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// Relays the server's replies to a rewritten batch. Returns the transaction
-    /// status if the batch ended with Sync.
+    /// status if the batch ended with Sync; the replies are then left queued for
+    /// the caller to add ReadyForQuery and flush.
     async fn relay_batch(
         &mut self,
         mut expects: VecDeque<Expect>,
@@ -1461,9 +1462,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 skipping = false;
             }
         }
-        self.client.flush().await.map_err(client_err)?;
-        if status.is_some() {
-            self.open_batch = false;
+        match status {
+            // The caller queues ReadyForQuery (it may report another status) and
+            // flushes: the client gets the whole reply in one write.
+            Some(_) => self.open_batch = false,
+            None => self.client.flush().await.map_err(client_err)?,
         }
         Ok(status)
     }
