@@ -62,9 +62,14 @@ impl ShardPool {
 
     /// Borrows a connection: an idle one if there is one, else a new one.
     pub async fn get(self: &Arc<Self>) -> Result<Pooled, PoolError> {
-        let permit = match tokio::time::timeout(self.queue_timeout, self.slots.clone().acquire_owned()).await {
-            Ok(Ok(p)) => p,
-            _ => return Err(PoolError::QueueTimeout { shard: self.name.clone(), waited: self.queue_timeout }),
+        // A free slot is taken without arming the queue timer (no clock read, no
+        // timer entry): the common case when the pool is not exhausted.
+        let permit = match self.slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => match tokio::time::timeout(self.queue_timeout, self.slots.clone().acquire_owned()).await {
+                Ok(Ok(p)) => p,
+                _ => return Err(PoolError::QueueTimeout { shard: self.name.clone(), waited: self.queue_timeout }),
+            },
         };
         let idle = self.lock_idle().pop();
         let backend = match idle {
