@@ -227,30 +227,11 @@ fn escaped_value(inner: &str) -> Option<String> {
                     't' => out.push('\t'),
                     'u' | 'U' => return None,
                     '0'..='7' => {
-                        let mut v = e.to_digit(8)?;
-                        for _ in 0..2 {
-                            match chars.peek().and_then(|c| c.to_digit(8)) {
-                                Some(d) => {
-                                    v = v * 8 + d;
-                                    chars.next();
-                                }
-                                None => break,
-                            }
-                        }
+                        let v = more_digits(&mut chars, e.to_digit(8)?, 8);
                         out.push(ascii_byte(v & 0xff)?);
                     }
                     'x' if chars.peek().is_some_and(char::is_ascii_hexdigit) => {
-                        let mut v = 0;
-                        for _ in 0..2 {
-                            match chars.peek().and_then(|c| c.to_digit(16)) {
-                                Some(d) => {
-                                    v = v * 16 + d;
-                                    chars.next();
-                                }
-                                None => break,
-                            }
-                        }
-                        out.push(ascii_byte(v)?);
+                        out.push(ascii_byte(more_digits(&mut chars, 0, 16))?);
                     }
                     other => out.push(other),
                 }
@@ -259,6 +240,21 @@ fn escaped_value(inner: &str) -> Option<String> {
         }
     }
     Some(out)
+}
+
+/// `v` with up to two more digits of `radix` taken from `chars`: the rest of an
+/// octal (`\101`) or hex (`\x41`) escape.
+fn more_digits(chars: &mut std::iter::Peekable<std::str::Chars<'_>>, mut v: u32, radix: u32) -> u32 {
+    for _ in 0..2 {
+        match chars.peek().and_then(|c| c.to_digit(radix)) {
+            Some(d) => {
+                v = v * radix + d;
+                chars.next();
+            }
+            None => break,
+        }
+    }
+    v
 }
 
 fn ascii_byte(v: u32) -> Option<char> {
