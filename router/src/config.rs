@@ -29,7 +29,8 @@ pub struct RouterConfig {
     pub max_client_connections: usize,
     #[serde(default)]
     pub pool: PoolConfig,
-    /// Statement texts whose analysis is cached.
+    /// Statement shapes (texts without their constants and comments) whose
+    /// analysis is cached.
     #[serde(default = "default_cache")]
     pub statement_cache_size: usize,
     /// Password for shards added at run time (`shardgate shard add`), whose URLs

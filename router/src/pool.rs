@@ -65,12 +65,22 @@ impl ShardPool {
 
     /// Borrows a connection: an idle one if there is one, else a new one.
     pub async fn get(self: &Arc<Self>) -> Result<Pooled, PoolError> {
-        let started = std::time::Instant::now();
-        let permit = match tokio::time::timeout(self.queue_timeout, self.slots.clone().acquire_owned()).await {
-            Ok(Ok(p)) => p,
-            _ => return Err(PoolError::QueueTimeout { shard: self.name.clone(), waited: self.queue_timeout }),
+        // A free slot is taken without arming the queue timer (no clock read, no
+        // timer entry): the common case when the pool is not exhausted. Only
+        // waits for a full pool are timed (shardgate_pool_wait_seconds).
+        let permit = match self.slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                let started = std::time::Instant::now();
+                match tokio::time::timeout(self.queue_timeout, self.slots.clone().acquire_owned()).await {
+                    Ok(Ok(p)) => {
+                        crate::metrics::global().pool_wait(started.elapsed());
+                        p
+                    }
+                    _ => return Err(PoolError::QueueTimeout { shard: self.name.clone(), waited: self.queue_timeout }),
+                }
+            }
         };
-        crate::metrics::global().pool_wait(started.elapsed());
         let idle = self.lock_idle().pop();
         let backend = match idle {
             Some(b) => b,

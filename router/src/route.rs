@@ -54,7 +54,7 @@ pub fn route(
     rules: &Rules,
     touched: &mut Vec<u32>,
 ) -> Result<Target, SqlError> {
-    let sharded: Vec<&String> = stmt.tables.iter().filter(|t| catalog.is_sharded(t)).collect();
+    let reads_sharded = stmt.tables.iter().any(|t| catalog.is_sharded(t));
     let writes_sharded = stmt.written.iter().any(|t| catalog.is_sharded(t));
     let key_col = &dir.key_column;
     match &stmt.kind {
@@ -112,7 +112,7 @@ pub fn route(
         StatementKind::Insert | StatementKind::Update | StatementKind::Delete => {
             if writes_sharded {
                 single_or(stmt, params, fallback_key, dir, rules, true, touched)
-            } else if sharded.is_empty() {
+            } else if !reads_sharded {
                 Ok(Target::All)
             } else {
                 // Writes a reference table while reading a sharded one.
@@ -120,7 +120,7 @@ pub fn route(
             }
         }
         StatementKind::Select | StatementKind::Copy(_) | StatementKind::Other => {
-            if sharded.is_empty() {
+            if !reads_sharded {
                 Ok(Target::Any)
             } else {
                 single_or(stmt, params, fallback_key, dir, rules, false, touched)

@@ -96,6 +96,9 @@ pub struct Session<S> {
     /// Session settings (`SET name …` outside a transaction, and the startup
     /// packet's parameters), replayed on each server connection the session uses.
     settings: std::collections::BTreeMap<String, String>,
+    /// A hash of `settings` (0 for none), kept up to date with them: a server
+    /// connection that last served the same signature needs no `RESET ALL; SET …`.
+    settings_signature: u64,
     /// Set when the last relay forwarded an ErrorResponse.
     saw_error: bool,
     /// A transaction open on every shard at once: one that began with DDL or a
@@ -128,6 +131,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             prepared: HashMap::new(),
             batch: Vec::new(),
             settings: std::collections::BTreeMap::new(),
+            settings_signature: 0,
             saw_error: false,
             multi: None,
             multi_failed: false,
@@ -170,16 +174,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') && !name.is_empty() {
             let text = format!("SET {name} TO '{}'", value.replace('\'', "''"));
             self.settings.insert(name, text);
+            self.settings_changed();
         }
     }
 
-    fn settings_signature(&self) -> u64 {
-        if self.settings.is_empty() {
-            return 0;
-        }
-        let mut h = DefaultHasher::new();
-        self.settings.hash(&mut h);
-        h.finish() | 1
+    /// Recomputes the settings' signature; called whenever they change, so that
+    /// borrowing a connection costs no hashing.
+    fn settings_changed(&mut self) {
+        self.settings_signature = if self.settings.is_empty() {
+            0
+        } else {
+            let mut h = DefaultHasher::new();
+            self.settings.hash(&mut h);
+            h.finish() | 1
+        };
     }
 
     /// Records the session-setting statements of `analysis` after they ran on the
@@ -218,7 +226,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 SettingChange::ResetAll => self.settings.clear(),
             }
         }
-        let sig = self.settings_signature();
+        self.settings_changed();
+        let sig = self.settings_signature;
         if let Some(b) = self.bound.as_mut() {
             b.conn.settings = Some(sig);
         }
@@ -300,10 +309,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     async fn simple_query(&mut self, m: &Message) -> Result<(), SessionError> {
         let sql = match query_text(m) {
-            Ok(s) => s.to_string(),
+            Ok(s) => s,
             Err(e) => return self.fail_simple(SqlError::new("08P01", e.to_string())).await,
         };
-        let analysis = match self.ctx.cache.get(&sql) {
+        let analysis = match self.ctx.cache.get(sql) {
             Ok(a) => a,
             Err(_) => {
                 // Not valid SQL: let a shard say so, exactly as Postgres would.
@@ -322,7 +331,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return self.fail_simple(e).await;
         }
         if self.multi.is_some() {
-            return self.multi_query(&sql, &analysis).await;
+            return self.multi_query(sql, &analysis).await;
         }
         if self.aborted_locally {
             return self.in_aborted_txn(&analysis.statements[0]).await;
@@ -352,16 +361,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         match target {
             Target::Shard(s) => match self.shadow_candidate(&analysis, s, None) {
                 None => self.forward_simple(s, m.raw().clone(), Some(&analysis)).await,
-                Some(mv) => self.forward_shadowed(s, m.raw().clone(), &analysis, mv, sql).await,
+                Some(mv) => self.forward_shadowed(s, m.raw().clone(), &analysis, mv, sql.to_string()).await,
             },
             Target::Any => {
                 let s = self.any_shard();
                 self.forward_simple(s, m.raw().clone(), Some(&analysis)).await
             }
             Target::All if self.pending_begin.is_some() || leaves_transaction_open(&analysis) => {
-                self.open_multi(&sql, &analysis).await
+                self.open_multi(sql, &analysis).await
             }
-            Target::All => self.run_everywhere(&sql, &analysis).await,
+            Target::All => self.run_everywhere(sql, &analysis).await,
             Target::Fanout(shards) if matches!(analysis.statements[0].kind, StatementKind::Copy(_)) => {
                 self.run_copy_out_fanout(&analysis.statements[0], shards).await
             }
@@ -1291,9 +1300,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         // Transaction control that the router answers itself.
         if self.bound.is_none() && !statements_seen.is_empty() {
-            let kinds: Vec<&StatementKind> =
-                statements_seen.iter().flat_map(|a| a.statements.iter().map(|s| &s.kind)).collect();
-            if kinds.len() == 1 {
+            let statements: usize = statements_seen.iter().map(|a| a.statements.len()).sum();
+            if statements == 1 {
                 let stmt = &statements_seen[0].statements[0];
                 if let StatementKind::Txn(TxnControl::Begin | TxnControl::Commit | TxnControl::Rollback)
                 | StatementKind::SetTenant(_) = stmt.kind
@@ -1443,7 +1451,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         // Make sure `name` is prepared on this connection, injecting a Parse.
         fn ensure(backend: &mut crate::backend::Backend, p: &Prepared, expects: &mut VecDeque<Expect>) {
-            if backend.prepared.insert(p.server_name.clone()) {
+            // Looked up before inserting: no copy of the name for the common case.
+            if !backend.prepared.contains(&p.server_name) && backend.prepared.insert(p.server_name.clone()) {
                 backend.conn.queue(&messages::parse(&p.server_name, &p.sql, &p.param_types));
                 expects.push_back(Expect::Parse {
                     forward: false,
@@ -1459,7 +1468,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     let Some(p) = self.prepared.get(parse.name) else {
                         continue;
                     };
-                    if backend.prepared.insert(p.server_name.clone()) {
+                    if !backend.prepared.contains(&p.server_name) && backend.prepared.insert(p.server_name.clone()) {
                         backend.conn.queue(&messages::parse(&p.server_name, &p.sql, &p.param_types));
                         expects.push_back(Expect::Parse {
                             forward: true,
@@ -1523,7 +1532,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// Relays the server's replies to a rewritten batch. Returns the transaction
-    /// status if the batch ended with Sync.
+    /// status if the batch ended with Sync; the replies are then left queued for
+    /// the caller to add ReadyForQuery and flush.
     async fn relay_batch(
         &mut self,
         mut expects: VecDeque<Expect>,
@@ -1653,9 +1663,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 skipping = false;
             }
         }
-        self.client.flush().await.map_err(client_err)?;
-        if status.is_some() {
-            self.open_batch = false;
+        match status {
+            // The caller queues ReadyForQuery (it may report another status) and
+            // flushes: the client gets the whole reply in one write.
+            Some(_) => self.open_batch = false,
+            None => self.client.flush().await.map_err(client_err)?,
         }
         Ok(status)
     }
@@ -1916,7 +1928,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// `RESET ALL; SET …` for a connection whose settings are not this
     /// session's, marking it as having them.
     fn settings_prelude(&self, conn: &mut crate::backend::Backend) -> Option<String> {
-        let sig = self.settings_signature();
+        let sig = self.settings_signature;
         if conn.settings == Some(sig) {
             return None;
         }

@@ -1,3 +1,5 @@
+use std::ops::Range;
+
 use pg_query::protobuf::{self, a_const, node::Node as N, Node};
 
 /// Where a tenant key's value comes from in a statement.
@@ -93,7 +95,7 @@ pub struct InsertInfo {
 }
 
 /// One statement of a query string.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Statement {
     pub kind: StatementKind,
     /// The statement's own text (a query string may hold several).
@@ -111,7 +113,7 @@ pub struct Statement {
 }
 
 /// Everything the router learned from one query string.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Analysis {
     pub statements: Vec<Statement>,
     /// The `/* tenant_id=… */` comment, if the text carries one.
@@ -119,21 +121,48 @@ pub struct Analysis {
 }
 
 pub fn analyze(sql: &str, key_column: &str) -> Result<Analysis, String> {
+    analyze_with_origins(sql, key_column).map(|(analysis, _)| analysis)
+}
+
+/// Where the literals of one statement's analysis stand in the query string: the
+/// byte offsets the parser gives its constants (that of a folded minus sign, for
+/// a negative number), so that the cache can read another execution's literals
+/// in their place. `None` where the analysis holds no literal.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origins {
+    /// The statement's range in the query string, before trimming.
+    pub span: Range<usize>,
+    /// One per key candidate.
+    pub keys: Vec<Option<usize>>,
+    /// One per value of each `INSERT … VALUES` row.
+    pub rows: Vec<Vec<Option<usize>>>,
+    /// The value of `SET shardgate.tenant`.
+    pub tenant: Option<usize>,
+}
+
+/// [`analyze`], and where each statement's literals came from.
+pub fn analyze_with_origins(sql: &str, key_column: &str) -> Result<(Analysis, Vec<Origins>), String> {
     let parsed = pg_query::parse(sql, 0).map_err(|e| e.to_string())?;
     let mut statements = Vec::with_capacity(parsed.protobuf.stmts.len());
+    let mut origins = Vec::with_capacity(parsed.protobuf.stmts.len());
     for raw in &parsed.protobuf.stmts {
         let Some(node) = raw.stmt.as_deref().and_then(|n| n.node.as_ref()) else {
             continue;
         };
         let start = raw.stmt_location.max(0) as usize;
         let end = if raw.stmt_len == 0 { sql.len() } else { start + raw.stmt_len as usize };
-        let text = sql.get(start..end.min(sql.len())).unwrap_or(sql).trim().to_string();
-        statements.push(statement(node, text, key_column));
+        let span = start..end.min(sql.len());
+        let text = sql.get(span.clone()).unwrap_or(sql).trim().to_string();
+        let (s, mut o) = statement(node, text, key_column);
+        o.span = span;
+        statements.push(s);
+        origins.push(o);
     }
-    Ok(Analysis { statements, comment_key: comment_key(sql, key_column) })
+    Ok((Analysis { statements, comment_key: comment_key(sql, key_column) }, origins))
 }
 
-fn statement(node: &N, text: String, key_column: &str) -> Statement {
+fn statement(node: &N, text: String, key_column: &str) -> (Statement, Origins) {
+    let mut origins = Origins::default();
     let mut s = Statement {
         kind: StatementKind::Other,
         text,
@@ -148,7 +177,7 @@ fn statement(node: &N, text: String, key_column: &str) -> Statement {
     match node {
         N::SelectStmt(sel) => {
             s.kind = StatementKind::Select;
-            s.keys = k.select_keys(sel);
+            (s.keys, origins.keys) = split(k.select_keys(sel));
         }
         N::InsertStmt(ins) => {
             s.kind = StatementKind::Insert;
@@ -168,18 +197,21 @@ fn statement(node: &N, text: String, key_column: &str) -> Statement {
                 )
             };
             let rows = match ins.select_stmt.as_deref().and_then(|n| n.node.as_ref()) {
-                Some(N::SelectStmt(sel)) if !sel.values_lists.is_empty() => Some(
-                    sel.values_lists
-                        .iter()
-                        .map(|row| match &row.node {
-                            Some(N::List(l)) => l.items.iter().map(value_expr).collect(),
+                Some(N::SelectStmt(sel)) if !sel.values_lists.is_empty() => {
+                    let mut rows = Vec::with_capacity(sel.values_lists.len());
+                    for row in &sel.values_lists {
+                        let values: Vec<Option<Located>> = match &row.node {
+                            Some(N::List(l)) => l.items.iter().map(located_value).collect(),
                             _ => Vec::new(),
-                        })
-                        .collect::<Vec<_>>(),
-                ),
+                        };
+                        origins.rows.push(values.iter().map(|v| v.as_ref().and_then(|(_, at)| *at)).collect());
+                        rows.push(values.into_iter().map(|v| v.map(|(e, _)| e)).collect());
+                    }
+                    Some(rows)
+                }
                 Some(N::SelectStmt(sel)) => {
                     // INSERT … SELECT: the rows follow the SELECT's key.
-                    s.keys = k.select_keys(sel);
+                    (s.keys, origins.keys) = split(k.select_keys(sel));
                     None
                 }
                 _ => None,
@@ -191,17 +223,17 @@ fn statement(node: &N, text: String, key_column: &str) -> Statement {
         N::UpdateStmt(upd) => {
             s.kind = StatementKind::Update;
             s.written.extend(upd.relation.as_ref().map(relname));
-            s.keys = k.where_keys(upd.where_clause.as_deref());
+            (s.keys, origins.keys) = split(k.where_keys(upd.where_clause.as_deref()));
         }
         N::DeleteStmt(del) => {
             s.kind = StatementKind::Delete;
             s.written.extend(del.relation.as_ref().map(relname));
-            s.keys = k.where_keys(del.where_clause.as_deref());
+            (s.keys, origins.keys) = split(k.where_keys(del.where_clause.as_deref()));
         }
         N::CopyStmt(copy) => {
             s.kind = StatementKind::Copy(copy_info(copy));
             if let Some(N::SelectStmt(sel)) = copy.query.as_deref().and_then(|n| n.node.as_ref()) {
-                s.keys = k.select_keys(sel);
+                (s.keys, origins.keys) = split(k.select_keys(sel));
             }
             if copy.is_from {
                 s.written.extend(copy.relation.as_ref().map(relname));
@@ -220,8 +252,11 @@ fn statement(node: &N, text: String, key_column: &str) -> Statement {
         N::VariableSetStmt(v) if v.name.eq_ignore_ascii_case("shardgate.tenant") => {
             use protobuf::VariableSetKind as V;
             let value = match V::try_from(v.kind).unwrap_or(V::Undefined) {
-                V::VarSetValue => v.args.first().and_then(value_expr).and_then(|e| match e {
-                    KeyExpr::Literal(l) => Some(unquote(&l)),
+                V::VarSetValue => v.args.first().and_then(located_value).and_then(|(e, at)| match e {
+                    KeyExpr::Literal(l) => {
+                        origins.tenant = at;
+                        Some(unquote(&l))
+                    }
                     KeyExpr::Param(_) => None,
                 }),
                 _ => None,
@@ -294,7 +329,7 @@ fn statement(node: &N, text: String, key_column: &str) -> Statement {
             }
         }
     }
-    s
+    (s, origins)
 }
 
 fn relname(r: &protobuf::RangeVar) -> String {
@@ -305,7 +340,7 @@ fn relname(r: &protobuf::RangeVar) -> String {
     }
 }
 
-fn unquote(s: &str) -> String {
+pub(super) fn unquote(s: &str) -> String {
     match s.strip_prefix('\'').and_then(|s| s.strip_suffix('\'')) {
         Some(inner) => inner.replace("''", "'"),
         None => s.to_string(),
@@ -360,17 +395,38 @@ fn copy_info(c: &protobuf::CopyStmt) -> CopyInfo {
     info
 }
 
-/// A literal or parameter, as a potential key value.
-fn value_expr(n: &Node) -> Option<KeyExpr> {
+/// A key expression and the offset of the constant it was read from.
+type Located = (KeyExpr, Option<usize>);
+
+/// The key candidates of a condition while they are being found, each with its
+/// origin; None when the condition does not restrict the key.
+type Found = Option<Vec<Located>>;
+
+fn split(found: Found) -> (KeyCandidates, Vec<Option<usize>>) {
+    match found {
+        None => (KeyCandidates::None, Vec::new()),
+        Some(v) => {
+            let origins = v.iter().map(|(_, at)| *at).collect();
+            (KeyCandidates::Any(v.into_iter().map(|(e, _)| e).collect()), origins)
+        }
+    }
+}
+
+/// A literal or parameter, as a potential key value, with the literal's offset.
+fn located_value(n: &Node) -> Option<Located> {
     match n.node.as_ref()? {
-        N::AConst(c) => match c.val.as_ref()? {
-            a_const::Val::Ival(i) => Some(KeyExpr::Literal(i.ival.to_string())),
-            a_const::Val::Fval(f) => Some(KeyExpr::Literal(f.fval.clone())),
-            a_const::Val::Sval(s) => Some(KeyExpr::Literal(format!("'{}'", s.sval.replace('\'', "''")))),
-            _ => None,
-        },
-        N::ParamRef(p) if p.number >= 1 => Some(KeyExpr::Param(p.number as usize - 1)),
-        N::TypeCast(t) => t.arg.as_deref().and_then(value_expr),
+        N::AConst(c) => {
+            let at = usize::try_from(c.location).ok();
+            let literal = match c.val.as_ref()? {
+                a_const::Val::Ival(i) => i.ival.to_string(),
+                a_const::Val::Fval(f) => f.fval.clone(),
+                a_const::Val::Sval(s) => format!("'{}'", s.sval.replace('\'', "''")),
+                _ => return None,
+            };
+            Some((KeyExpr::Literal(literal), at))
+        }
+        N::ParamRef(p) if p.number >= 1 => Some((KeyExpr::Param(p.number as usize - 1), None)),
+        N::TypeCast(t) => t.arg.as_deref().and_then(located_value),
         _ => None,
     }
 }
@@ -381,15 +437,15 @@ struct KeyFinder<'a> {
 }
 
 impl KeyFinder<'_> {
-    fn select_keys(&self, sel: &protobuf::SelectStmt) -> KeyCandidates {
+    fn select_keys(&self, sel: &protobuf::SelectStmt) -> Found {
         if sel.op > 1 {
             // UNION/INTERSECT/EXCEPT: both sides must name keys.
-            let l = sel.larg.as_deref().map(|s| self.select_keys(s)).unwrap_or_default();
-            let r = sel.rarg.as_deref().map(|s| self.select_keys(s)).unwrap_or_default();
+            let l = sel.larg.as_deref().and_then(|s| self.select_keys(s));
+            let r = sel.rarg.as_deref().and_then(|s| self.select_keys(s));
             return union(l, r);
         }
         let mut keys = self.where_keys(sel.where_clause.as_deref());
-        if keys == KeyCandidates::None {
+        if keys.is_none() {
             // A key may also sit in a JOIN … ON condition.
             for from in &sel.from_clause {
                 keys = intersect(keys, self.join_keys(from));
@@ -398,7 +454,7 @@ impl KeyFinder<'_> {
         keys
     }
 
-    fn join_keys(&self, n: &Node) -> KeyCandidates {
+    fn join_keys(&self, n: &Node) -> Found {
         match &n.node {
             Some(N::JoinExpr(j)) => {
                 let mut k = self.where_keys(j.quals.as_deref());
@@ -407,7 +463,7 @@ impl KeyFinder<'_> {
                 }
                 k
             }
-            _ => KeyCandidates::None,
+            _ => None,
         }
     }
 
@@ -422,10 +478,8 @@ impl KeyFinder<'_> {
         }
     }
 
-    fn where_keys(&self, n: Option<&Node>) -> KeyCandidates {
-        let Some(n) = n.and_then(|n| n.node.as_ref()) else {
-            return KeyCandidates::None;
-        };
+    fn where_keys(&self, n: Option<&Node>) -> Found {
+        let n = n.and_then(|n| n.node.as_ref())?;
         match n {
             N::AExpr(e) => {
                 let op = e.name.first().and_then(|n| match &n.node {
@@ -433,74 +487,64 @@ impl KeyFinder<'_> {
                     _ => None,
                 });
                 let (Some(l), Some(r)) = (e.lexpr.as_deref(), e.rexpr.as_deref()) else {
-                    return KeyCandidates::None;
+                    return None;
                 };
                 use protobuf::AExprKind as K;
                 match K::try_from(e.kind).unwrap_or(K::Undefined) {
                     K::AexprOp if op == Some("=") => {
                         if self.is_key_column(l) {
-                            value_expr(r).map(|v| KeyCandidates::Any(vec![v])).unwrap_or_default()
+                            located_value(r).map(|v| vec![v])
                         } else if self.is_key_column(r) {
-                            value_expr(l).map(|v| KeyCandidates::Any(vec![v])).unwrap_or_default()
+                            located_value(l).map(|v| vec![v])
                         } else {
-                            KeyCandidates::None
+                            None
                         }
                     }
                     K::AexprIn if op == Some("=") && self.is_key_column(l) => match &r.node {
-                        Some(N::List(list)) => {
-                            let vals: Option<Vec<_>> = list.items.iter().map(value_expr).collect();
-                            vals.map(KeyCandidates::Any).unwrap_or_default()
-                        }
-                        _ => KeyCandidates::None,
+                        Some(N::List(list)) => list.items.iter().map(located_value).collect(),
+                        _ => None,
                     },
-                    _ => KeyCandidates::None,
+                    _ => None,
                 }
             }
             N::BoolExpr(b) => {
                 use protobuf::BoolExprType as B;
                 match B::try_from(b.boolop).unwrap_or(B::Undefined) {
-                    B::AndExpr => b.args.iter().map(|a| self.where_keys(Some(a))).fold(KeyCandidates::None, intersect),
+                    B::AndExpr => b.args.iter().map(|a| self.where_keys(Some(a))).fold(None, intersect),
                     B::OrExpr => {
                         let mut all = Vec::new();
                         for a in &b.args {
-                            match self.where_keys(Some(a)) {
-                                KeyCandidates::Any(v) => all.extend(v),
-                                KeyCandidates::None => return KeyCandidates::None,
-                            }
+                            all.extend(self.where_keys(Some(a))?);
                         }
-                        KeyCandidates::Any(all)
+                        Some(all)
                     }
-                    _ => KeyCandidates::None,
+                    _ => None,
                 }
             }
-            _ => KeyCandidates::None,
+            _ => None,
         }
     }
 }
 
 /// Both conditions hold: the narrower one wins (keeping the first if both name keys;
 /// `tenant_id = 1 AND tenant_id = 2` matches nothing, on whichever shard).
-fn intersect(a: KeyCandidates, b: KeyCandidates) -> KeyCandidates {
+fn intersect(a: Found, b: Found) -> Found {
     match (a, b) {
-        (KeyCandidates::None, x) | (x, KeyCandidates::None) => x,
-        (KeyCandidates::Any(x), KeyCandidates::Any(y)) => {
+        (None, x) | (x, None) => x,
+        (Some(x), Some(y)) => {
             if x.len() <= y.len() {
-                KeyCandidates::Any(x)
+                Some(x)
             } else {
-                KeyCandidates::Any(y)
+                Some(y)
             }
         }
     }
 }
 
-fn union(a: KeyCandidates, b: KeyCandidates) -> KeyCandidates {
-    match (a, b) {
-        (KeyCandidates::Any(mut x), KeyCandidates::Any(y)) => {
-            x.extend(y);
-            KeyCandidates::Any(x)
-        }
-        _ => KeyCandidates::None,
-    }
+fn union(a: Found, b: Found) -> Found {
+    let (mut x, y) = (a?, b?);
+    x.extend(y);
+    Some(x)
 }
 
 /// Collects relation names and the highest parameter number anywhere in a tree,
@@ -532,7 +576,7 @@ impl Walker {
 }
 
 /// The value of a `/* <key_column>=… */` comment anywhere in the text.
-fn comment_key(sql: &str, key_column: &str) -> Option<String> {
+pub(super) fn comment_key(sql: &str, key_column: &str) -> Option<String> {
     let mut rest = sql;
     while let Some(start) = rest.find("/*") {
         let after = &rest[start + 2..];

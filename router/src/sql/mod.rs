@@ -2,13 +2,16 @@
 //! router needs: the kind of each statement, the tables it touches, and where its
 //! tenant key comes from.
 //!
-//! Analysis is done once per distinct statement text and cached ([`AnalysisCache`]);
+//! Analysis is done once per distinct statement shape — the text with its
+//! constants and comments taken out ([`shape`]) — and cached ([`AnalysisCache`]);
 //! the result holds *where* a key is (a literal, the n-th bind parameter) rather
 //! than the key itself, so one cached analysis serves every execution of a prepared
-//! statement. Turning it into keys is [`resolve`](crate::route) work at run time.
+//! statement, and every text that differs only in its constants. Turning it into
+//! keys is [`resolve`](crate::route) work at run time.
 
 mod analyze;
 mod cache;
+pub mod shape;
 
 pub use analyze::{
     analyze, Analysis, CopyFormat, CopyInfo, InsertInfo, KeyCandidates, KeyExpr, SettingChange, Statement,
