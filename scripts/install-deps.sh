@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building and testing shardgate needs on Debian 12, when missing:
 # libclang (pg_query's build), protoc (raft's build), PostgreSQL 15 server and client tools (initdb,
-# pg_ctl, psql, pgbench), pgbouncer (benchmark baseline) and cargo-nextest.
+# pg_ctl, psql, pgbench), pgbouncer (benchmark baseline), cargo-nextest, and for the web page's
+# browser test (cli/tests/web.rs) node, npm and Chromium (the test drives /usr/bin/chromium through
+# playwright-core, which downloads no browser of its own).
 set -euo pipefail
 
 need=()
@@ -14,6 +16,9 @@ if [ "${1:-}" = "--bench" ]; then
 fi
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v npm >/dev/null 2>&1 || need+=(npm)
+[ -x /usr/bin/chromium ] || need+=(chromium)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"

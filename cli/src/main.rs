@@ -35,7 +35,7 @@ enum Command {
         /// Port of the router.
         #[arg(long, default_value_t = 6432)]
         port: u16,
-        /// Port of the admin API (status).
+        /// Port of the admin API (status) and of the web page.
         #[arg(long, default_value_t = 6433)]
         admin_port: u16,
         /// Buckets (logical shards), fixed when the cluster is created.
@@ -416,8 +416,10 @@ async fn serve(path: PathBuf) -> Result<()> {
         shardgate_router::admin::serve(&cfg.admin.listen, router.context.clone(), cfg.admin.token.clone())
             .await
             .with_context(|| format!("cannot listen on admin address {}", cfg.admin.listen))?;
+    // The token is not printed: a server's output often ends up in a log. The page
+    // asks for it (or takes it as ?token=).
     crate::announce(&format!(
-        "ready: postgres://postgres@{}/app\nadmin: http://{admin_addr}/status",
+        "ready: postgres://postgres@{}/app\nweb: http://{admin_addr}/\nadmin: http://{admin_addr}/status",
         router.local_addr
     ));
     wait_for_signal().await;

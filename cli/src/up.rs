@@ -171,11 +171,15 @@ async fn serve(
         router: router.local_addr.to_string(),
         admin: admin_addr.to_string(),
         raft_ports: ports,
-        admin_token: Some(token),
+        admin_token: Some(token.clone()),
     }
     .write(data_dir)?;
+    // The web page's address carries the token (the page keeps it and drops it
+    // from the address bar), as a notebook server prints its own: whoever runs
+    // `up` owns the cluster, and the token is also in cluster.json, readable by
+    // them only.
     crate::announce(&format!(
-        "ready: postgres://postgres@{}/app\nadmin: http://{admin_addr}/status",
+        "ready: postgres://postgres@{}/app\nweb: http://{admin_addr}/?token={token}\nadmin: http://{admin_addr}/status",
         router.local_addr
     ));
     crate::wait_for_signal().await;

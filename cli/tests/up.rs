@@ -27,6 +27,8 @@ impl Up {
         let ready = lines.next().expect("a line from up").expect("read stdout");
         let url =
             ready.strip_prefix("ready: ").unwrap_or_else(|| panic!("unexpected first line {ready:?}")).to_string();
+        let web_line = lines.next().unwrap().unwrap();
+        assert!(web_line.starts_with(&format!("web: http://127.0.0.1:{admin}/?token=")), "{web_line}");
         let admin_line = lines.next().unwrap().unwrap();
         assert!(admin_line.starts_with("admin: http://"), "{admin_line}");
         Up { child, url }

@@ -1,8 +1,11 @@
-//! The admin HTTP endpoint: a small JSON API the CLI talks to (`shardgate status`).
+//! The admin HTTP endpoint: a small JSON API the CLI talks to (`shardgate status`),
+//! the web page (`GET /`, see [`crate::web`]) and its live feed (`GET /events`, see
+//! [`crate::events`]).
 //!
-//! Hand-written HTTP/1.1, one request per connection, GET only: it serves a few
-//! tiny documents to operators' tools, and a full HTTP stack would be most of the
-//! router's dependency tree.
+//! Hand-written HTTP/1.1, one request per connection, each connection a task of its
+//! own (an open event stream holds up nothing else): it serves a few tiny documents
+//! to operators' tools, and a full HTTP stack would be most of the router's
+//! dependency tree.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,6 +36,9 @@ pub struct PlacementRange {
 #[derive(Serialize)]
 pub struct Status {
     pub epoch: u64,
+    /// This node's clock when it answered (ms since the Unix epoch): the reference
+    /// for the ages and durations computed from the other timestamps.
+    pub now_ms: u64,
     pub key_column: String,
     pub key_type: String,
     pub bucket_count: u32,
@@ -137,6 +143,7 @@ pub fn status(ctx: &RouterContext) -> Status {
     pins.sort();
     Status {
         epoch: dir.epoch,
+        now_ms: now_ms(),
         key_column: dir.key_column.clone(),
         key_type: dir.key_type.sql_name().to_string(),
         bucket_count: dir.bucket_count,
@@ -180,8 +187,25 @@ pub fn status(ctx: &RouterContext) -> Status {
     }
 }
 
-/// Serves the admin API on `addr` until the task is dropped. Returns the bound
-/// address. With a `token`, every request must carry `Authorization: Bearer <token>`.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// What every connection of one admin server shares.
+struct Shared {
+    ctx: Arc<RouterContext>,
+    token: Option<String>,
+    /// Open event streams are long-lived: at most [`crate::events::MAX_STREAMS`].
+    streams: Arc<tokio::sync::Semaphore>,
+    /// Closed (its sender dropped) when the accept loop ends, so that event
+    /// streams end with the server instead of outliving it.
+    running: tokio::sync::watch::Receiver<()>,
+}
+
+/// Serves the admin API on `addr` until the task is aborted. Returns the bound
+/// address. With a `token`, every request but `/health` and the web page's static
+/// files must carry `Authorization: Bearer <token>`; `GET /events` may carry it as
+/// `?token=` instead (a browser's `EventSource` cannot set headers).
 pub async fn serve(
     addr: &str,
     ctx: Arc<RouterContext>,
@@ -190,13 +214,19 @@ pub async fn serve(
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     info!(%local, "admin API listening");
-    let token = Arc::new(token);
+    let (running_tx, running) = tokio::sync::watch::channel(());
+    let shared = Arc::new(Shared {
+        ctx,
+        token,
+        streams: Arc::new(tokio::sync::Semaphore::new(crate::events::MAX_STREAMS)),
+        running,
+    });
     let task = tokio::spawn(async move {
+        let _running = running_tx;
         while let Ok((stream, _)) = listener.accept().await {
-            let ctx = ctx.clone();
-            let token = token.clone();
+            let shared = shared.clone();
             tokio::spawn(async move {
-                if let Err(e) = handle(stream, &ctx, token.as_deref()).await {
+                if let Err(e) = handle(stream, &shared).await {
                     debug!(error = %e, "admin request failed");
                 }
             });
@@ -207,7 +237,10 @@ pub async fn serve(
 
 struct Request {
     method: String,
+    /// The path without its query string.
     path: String,
+    /// What followed the `?`, still percent-encoded ("" when there was none).
+    query: String,
     authorization: Option<String>,
     body: Vec<u8>,
 }
@@ -231,7 +264,10 @@ async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<Request>
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
     let mut lines = head.split("\r\n");
     let mut first = lines.next().unwrap_or("").split_whitespace();
-    let (method, path) = (first.next().unwrap_or("").to_string(), first.next().unwrap_or("").to_string());
+    let method = first.next().unwrap_or("").to_string();
+    let target = first.next().unwrap_or("");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let (path, query) = (path.to_string(), query.to_string());
     let mut length = 0usize;
     let mut authorization = None;
     for line in lines {
@@ -255,35 +291,109 @@ async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<Request>
         body.extend_from_slice(&chunk[..n]);
     }
     body.truncate(length);
-    Ok(Some(Request { method, path, authorization, body }))
+    Ok(Some(Request { method, path, query, authorization, body }))
 }
 
 fn json_error(msg: &str) -> String {
     serde_json::json!({ "error": msg }).to_string()
 }
 
-async fn handle(mut stream: TcpStream, ctx: &RouterContext, token: Option<&str>) -> std::io::Result<()> {
+async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     let Some(req) = read_request(&mut stream).await? else {
         return respond(&mut stream, 400, "application/json", &json_error("malformed or oversized request")).await;
     };
-    if let Some(t) = token {
-        let expected = format!("Bearer {t}");
-        let ok = req.authorization.as_deref().is_some_and(|a| constant_time_eq(a.as_bytes(), expected.as_bytes()));
-        if !ok && req.path != "/health" {
-            return respond(
-                &mut stream,
-                401,
-                "application/json",
-                &json_error("missing or wrong admin token (Authorization: Bearer …)"),
-            )
+    let get = req.method == "GET";
+    // The page and its files hold no data (every number comes through /events),
+    // so a browser can load them before it has the token.
+    if get && req.path == "/" {
+        return respond_with(&mut stream, 200, "text/html; charset=utf-8", crate::web::PAGE_HEADERS, crate::web::PAGE)
             .await;
+    }
+    if let Some((ctype, body)) = crate::web::asset(&req.path).filter(|_| get) {
+        return respond_with(&mut stream, 200, ctype, crate::web::ASSET_HEADERS, body).await;
+    }
+    let events = get && req.path == "/events";
+    // Only the event stream takes the token in its URL: an `EventSource` cannot
+    // send headers, and a URL is more easily seen than a header.
+    let query_token = if events {
+        match query_param(&req.query, "token") {
+            Ok(t) => t,
+            Err(e) => return respond(&mut stream, 400, "application/json", &json_error(&e)).await,
+        }
+    } else {
+        None
+    };
+    if let Some(t) = &shared.token {
+        let expected = format!("Bearer {t}");
+        let by_header =
+            req.authorization.as_deref().is_some_and(|a| constant_time_eq(a.as_bytes(), expected.as_bytes()));
+        let by_query = query_token.as_deref().is_some_and(|q| constant_time_eq(q.as_bytes(), t.as_bytes()));
+        if !by_header && !by_query && req.path != "/health" {
+            let hint = if events {
+                "missing or wrong admin token (Authorization: Bearer …, or ?token=…)"
+            } else {
+                "missing or wrong admin token (Authorization: Bearer …)"
+            };
+            return respond(&mut stream, 401, "application/json", &json_error(hint)).await;
         }
     }
-    if req.method == "GET" && req.path == "/metrics" {
-        return respond(&mut stream, 200, "text/plain; version=0.0.4", &crate::metrics::render(ctx)).await;
+    if events {
+        let Ok(_open) = shared.streams.clone().try_acquire_owned() else {
+            return respond(
+                &mut stream,
+                503,
+                "application/json",
+                &json_error(&format!("{} event streams are open already; close one", crate::events::MAX_STREAMS)),
+            )
+            .await;
+        };
+        return crate::events::stream(stream, &shared.ctx, shared.running.clone()).await;
     }
-    let (code, body) = route(ctx, &req).await;
+    if req.method == "GET" && req.path == "/metrics" {
+        return respond(&mut stream, 200, "text/plain; version=0.0.4", &crate::metrics::render(&shared.ctx)).await;
+    }
+    let (code, body) = route(&shared.ctx, &req).await;
     respond(&mut stream, code, "application/json", &body).await
+}
+
+/// The first value of `name` in a URL query string, percent-decoded (`+` is a
+/// space). A malformed escape or a value that is not UTF-8 is an error, not a
+/// different value.
+fn query_param(query: &str, name: &str) -> Result<Option<String>, String> {
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if percent_decode(k)? == name {
+            return percent_decode(v).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+fn percent_decode(s: &str) -> Result<String, String> {
+    let bad =
+        || "malformed query string (a % must be followed by two hex digits, and the text must be UTF-8)".to_string();
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit)).ok_or_else(bad)?;
+                let hex = std::str::from_utf8(hex).map_err(|_| bad())?;
+                out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).map_err(|_| bad())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -494,11 +604,14 @@ async fn create_move(ctx: &RouterContext, m: NewMove) -> (u16, String) {
             )),
         );
     }
-    let at_ms =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     propose(
         ctx,
-        Command::CreateMove { subject, target: m.to, options: MoveOptions { cutover_auto: m.cutover_auto }, at_ms },
+        Command::CreateMove {
+            subject,
+            target: m.to,
+            options: MoveOptions { cutover_auto: m.cutover_auto },
+            at_ms: now_ms(),
+        },
     )
     .await
 }
@@ -542,6 +655,16 @@ fn quote_table(t: &str) -> String {
 }
 
 async fn respond(stream: &mut TcpStream, code: u16, ctype: &str, body: &str) -> std::io::Result<()> {
+    respond_with(stream, code, ctype, &[], body).await
+}
+
+async fn respond_with(
+    stream: &mut TcpStream,
+    code: u16,
+    ctype: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<()> {
     let reason = match code {
         200 => "OK",
         400 => "Bad Request",
@@ -552,11 +675,33 @@ async fn respond(stream: &mut TcpStream, code: u16, ctype: &str, body: &str) -> 
         405 => "Method Not Allowed",
         _ => "Error",
     };
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     let head = format!(
-        "HTTP/1.1 {code} {reason}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        "HTTP/1.1 {code} {reason}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\n{extra}connection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parameters_are_decoded_and_malformed_ones_refused() {
+        assert_eq!(query_param("token=abc", "token"), Ok(Some("abc".into())));
+        assert_eq!(query_param("a=1&token=x%2By+z&token=second", "token"), Ok(Some("x+y z".into())));
+        assert_eq!(query_param("tok%65n=%C3%A9", "token"), Ok(Some("é".into())));
+        assert_eq!(query_param("token", "token"), Ok(Some(String::new())));
+        assert_eq!(query_param("", "token"), Ok(None));
+        assert_eq!(query_param("&&=&other=1", "token"), Ok(None));
+        assert!(query_param("token=%zz", "token").is_err());
+        assert!(query_param("token=%4", "token").is_err());
+        assert!(query_param("token=%", "token").is_err());
+        assert!(query_param("token=%+1", "token").is_err());
+        assert!(query_param("token=%ff", "token").is_err(), "not UTF-8");
+        assert!(query_param("token=%C3%", "token").is_err());
+    }
 }

@@ -10,6 +10,8 @@
 //! - `session.rs`: one client's state machine (simple and extended protocol, COPY).
 //! - `fanout/`: statements that run on every shard, and merging their results.
 //! - `server.rs`: accept loop, connection limit, shutdown.
+//! - `admin.rs`: the admin HTTP API; `events.rs` its live status stream, `web.rs`
+//!   the web page built on it (files in `router/web/`).
 
 pub mod admin;
 pub mod auth;
@@ -19,6 +21,7 @@ pub mod console;
 pub mod context;
 pub mod copy;
 pub mod error;
+pub mod events;
 pub mod fanout;
 pub mod hold;
 pub mod load;
@@ -32,3 +35,4 @@ pub mod shadow;
 pub mod sizes;
 pub mod split;
 pub mod sql;
+pub mod web;
