@@ -220,12 +220,15 @@ async fn a_node_stopped_past_compaction_rejoins_by_snapshot_and_a_full_restart_k
     // Node 3 stops (kill -9) while the others commit more changes than the log
     // keeps (compaction every 1,000 entries): it can only come back by snapshot.
     procs[2] = None;
+    // A commit can time out on a loaded machine (503, nothing applied): try again.
     let pin = |t: u64| {
-        admin_post(
-            ports[0].admin,
-            "/tenants/pin",
-            &serde_json::json!({ "tenant": (1_000_000 + t).to_string(), "shard": "shard_1" }),
-        )
+        let body = serde_json::json!({ "tenant": (1_000_000 + t).to_string(), "shard": "shard_1" });
+        for _ in 0..20 {
+            if let Some(v) = admin_try_post(ports[0].admin, "/tenants/pin", &body) {
+                return v;
+            }
+        }
+        panic!("pinning tenant {t} kept failing");
     };
     for t in 0..1_100 {
         pin(t);

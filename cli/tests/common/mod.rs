@@ -138,7 +138,9 @@ pub fn admin_get(port: u16, path: &str) -> Option<Value> {
     serde_json::from_str(text.split_once("\r\n\r\n")?.1).ok()
 }
 
-pub fn admin_post(port: u16, path: &str, body: &Value) -> Value {
+/// [`admin_post`] that answers None on a 503 (the directory could not commit in
+/// time; nothing was applied) instead of failing.
+pub fn admin_try_post(port: u16, path: &str, body: &Value) -> Option<Value> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -151,8 +153,15 @@ pub fn admin_post(port: u16, path: &str, body: &Value) -> Value {
     .unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
+    if text.starts_with("HTTP/1.1 503") {
+        return None;
+    }
     assert!(text.starts_with("HTTP/1.1 200"), "{path}: {text}");
-    serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap()
+    Some(serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap())
+}
+
+pub fn admin_post(port: u16, path: &str, body: &Value) -> Value {
+    admin_try_post(port, path, body).unwrap_or_else(|| panic!("{path}: 503, the directory did not commit in time"))
 }
 
 /// Runs one statement with psql and returns its unaligned output.
