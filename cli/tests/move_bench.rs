@@ -35,12 +35,7 @@ fn pct(v: &mut [u64], p: f64) -> u64 {
 async fn move_benchmark() {
     let rows: i64 = std::env::var("MOVE_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(400_000);
     let pg = TestCluster::start(2).await.unwrap();
-    let dir = std::env::temp_dir().join(format!("shardgate-move-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let _logs = LogsOnFailure(dir.clone());
-    let ports: Vec<NodePorts> =
-        (0..3).map(|_| NodePorts { router: free_port(), admin: free_port(), raft: free_port() }).collect();
+    let (dir, _logs, ports) = three_nodes("move-bench");
     let urls = pg.urls();
     let configs: Vec<_> = (1..=3u64).map(|id| write_config(&dir, id, &ports, &urls)).collect();
     let mut nodes = Vec::new();

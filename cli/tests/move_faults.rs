@@ -52,12 +52,7 @@ impl Driver {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_resumes_after_its_driver_is_killed_at_every_fault_point() {
     let pg = TestCluster::start(2).await.unwrap();
-    let dir = std::env::temp_dir().join(format!("shardgate-move-faults-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let _logs = LogsOnFailure(dir.clone());
-    let ports: Vec<NodePorts> =
-        (0..3).map(|_| NodePorts { router: free_port(), admin: free_port(), raft: free_port() }).collect();
+    let (dir, _logs, ports) = three_nodes("move-faults");
     let urls = pg.urls();
     let mut configs = Vec::new();
     for id in 1..=3u64 {

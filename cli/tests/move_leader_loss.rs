@@ -83,12 +83,7 @@ impl Cluster {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_survives_losing_the_directory_leader_in_the_middle_of_cutovers() {
     let pg = TestCluster::start(2).await.unwrap();
-    let dir = std::env::temp_dir().join(format!("shardgate-move-leader-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let _logs = LogsOnFailure(dir.clone());
-    let ports: Vec<NodePorts> =
-        (0..3).map(|_| NodePorts { router: free_port(), admin: free_port(), raft: free_port() }).collect();
+    let (dir, _logs, ports) = three_nodes("move-leader");
     let urls = pg.urls();
     // Both fault points are armed on every node, and disarmed by the files that
     // say they fired: a test arms one by deleting its file.

@@ -91,17 +91,21 @@ pub struct Metrics {
 /// The process's metrics.
 pub fn global() -> &'static Metrics {
     static M: OnceLock<Metrics> = OnceLock::new();
-    M.get_or_init(|| Metrics {
-        queries: std::array::from_fn(|_| AtomicU64::new(0)),
-        errors: Mutex::new(BTreeMap::new()),
-        pool_wait: Histogram::default(),
-        shard_latency: Mutex::new(BTreeMap::new()),
-        cutover_pause: Histogram::default(),
-        held: Histogram::default(),
-    })
+    M.get_or_init(Metrics::new)
 }
 
 impl Metrics {
+    fn new() -> Metrics {
+        Metrics {
+            queries: std::array::from_fn(|_| AtomicU64::new(0)),
+            errors: Mutex::new(BTreeMap::new()),
+            pool_wait: Histogram::default(),
+            shard_latency: Mutex::new(BTreeMap::new()),
+            cutover_pause: Histogram::default(),
+            held: Histogram::default(),
+        }
+    }
+
     pub fn query(&self, kind: RouteKind) {
         self.queries[kind as usize].fetch_add(1, Ordering::Relaxed);
     }
@@ -277,14 +281,7 @@ mod tests {
         assert!(out.contains("x_bucket{a=\"b\",le=\"10\"} 2\n"), "{out}");
         assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 3\n"), "{out}");
         assert!(out.contains("x_count{a=\"b\"} 3\n"), "{out}");
-        let m = Metrics {
-            queries: std::array::from_fn(|_| AtomicU64::new(0)),
-            errors: Mutex::new(BTreeMap::new()),
-            pool_wait: Histogram::default(),
-            shard_latency: Mutex::new(BTreeMap::new()),
-            cutover_pause: Histogram::default(),
-            held: Histogram::default(),
-        };
+        let m = Metrics::new();
         m.error_message(b"SERROR\0C23505\0Mduplicate key\0\0");
         m.error_message(b"SERROR\0Mno code\0\0");
         assert_eq!(m.errors.lock().unwrap().get("23505"), Some(&1));

@@ -96,6 +96,16 @@ pub fn start(config: &Path) -> Proc {
     p
 }
 
+/// A fresh folder for three nodes' configurations and logs (printed if the test
+/// fails), and free ports for them.
+pub fn three_nodes(name: &str) -> (std::path::PathBuf, LogsOnFailure, Vec<NodePorts>) {
+    let dir = std::env::temp_dir().join(format!("shardgate-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ports = (0..3).map(|_| NodePorts { router: free_port(), admin: free_port(), raft: free_port() }).collect();
+    (dir.clone(), LogsOnFailure(dir), ports)
+}
+
 /// Prints the nodes' logs if the test fails.
 pub struct LogsOnFailure(pub std::path::PathBuf);
 
