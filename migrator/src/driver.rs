@@ -35,6 +35,10 @@ pub struct DriverConfig {
     pub shadow: bool,
     /// With `--cutover auto`, how long reads are shadowed before verify.
     pub shadow_for: Duration,
+    /// Back off while a stream lags more than this (see [`throttled`]).
+    pub max_lag_bytes: u64,
+    /// No new copy while the running copies go faster than this (0: no limit).
+    pub max_copy_rows_per_s: u64,
 }
 
 impl Default for DriverConfig {
@@ -46,6 +50,8 @@ impl Default for DriverConfig {
             progress_every: Duration::from_millis(500),
             shadow: true,
             shadow_for: Duration::from_secs(5),
+            max_lag_bytes: 64 << 20,
+            max_copy_rows_per_s: 0,
         }
     }
 }
@@ -171,6 +177,12 @@ impl Driver {
                 Ok(Step::Again)
             }
             (MovePhase::Plan, _) => {
+                if let Some(why) = throttled(dir, m, &self.config) {
+                    if m.note.as_deref() != Some(why.as_str()) {
+                        self.note(m, &why).await?;
+                    }
+                    return Ok(Step::Wait(Duration::from_secs(1)));
+                }
                 let p = Box::pin(prepare::prepare(spec)).await?;
                 let mut c = counters([("rows_total", p.rows_total), ("bytes_total", p.bytes_total)]);
                 c.insert("tables".into(), p.tables.len() as u64);
@@ -281,6 +293,17 @@ impl Driver {
                         self.report_lag(m, spec, Direction::Forward).await?;
                         return Ok(Step::Wait((self.config.shadow_for - shadowed).min(Duration::from_secs(1))));
                     }
+                }
+                let lag = m.counters.get("lag_bytes").copied().unwrap_or(0);
+                if lag > self.config.max_lag_bytes {
+                    let why = format!(
+                        "automatic cutover waits: the stream lags {lag} bytes, more than max_lag_bytes ({})",
+                        self.config.max_lag_bytes
+                    );
+                    if m.note.as_deref() != Some(why.as_str()) {
+                        self.note(m, &why).await?;
+                    }
+                    return self.report_lag(m, spec, Direction::Forward).await;
                 }
                 if !m.counters.contains_key("verified_at_ms") {
                     self.update(m, MovePhase::Verify, BTreeMap::new(), Some("verifying (automatic cutover)")).await?;
@@ -478,6 +501,36 @@ pub fn spec_of(dir: &Directory, m: &Move, resolve: &Resolve) -> Option<MoveSpec>
     })
 }
 
+/// Why a planned move should not start its copy yet, if it should not: another
+/// move's stream lags more than `max_lag_bytes` (the source is already busy
+/// feeding it), or the copies running now together go faster than
+/// `max_copy_rows_per_s`. Live traffic comes first; the move starts when that
+/// passes.
+pub fn throttled(dir: &Directory, m: &Move, config: &DriverConfig) -> Option<String> {
+    let others = || dir.moves.values().filter(|o| o.id != m.id && o.phase.active());
+    if let Some(o) = others().find(|o| o.counters.get("lag_bytes").copied().unwrap_or(0) > config.max_lag_bytes) {
+        return Some(format!(
+            "waiting to start: move {} lags {} bytes, more than max_lag_bytes ({})",
+            o.id,
+            o.counters.get("lag_bytes").copied().unwrap_or(0),
+            config.max_lag_bytes
+        ));
+    }
+    if config.max_copy_rows_per_s > 0 {
+        let rate: u64 = others()
+            .filter(|o| o.phase == MovePhase::Copy)
+            .map(|o| o.counters.get("copy_rows_per_s").copied().unwrap_or(0))
+            .sum();
+        if rate >= config.max_copy_rows_per_s {
+            return Some(format!(
+                "waiting to start: the running copies take {rate} rows/s, at max_copy_rows_per_s ({})",
+                config.max_copy_rows_per_s
+            ));
+        }
+    }
+    None
+}
+
 fn subject_name(s: &MoveSubject) -> String {
     match s {
         MoveSubject::Bucket(b) => format!("bucket {b}"),
@@ -519,6 +572,8 @@ pub fn spawn_for_router(
         verify: VerifyOptions { chunk_rows: ctx.config.moves.verify_chunk_rows, ..Default::default() },
         shadow: ctx.config.moves.shadow_reads,
         shadow_for: ctx.config.moves.shadow_for,
+        max_lag_bytes: ctx.config.moves.max_lag_bytes,
+        max_copy_rows_per_s: ctx.config.moves.max_copy_rows_per_s,
         // Heartbeats come every second; a router silent for its lease and one more
         // second has stopped serving writes by the lease rule.
         router_timeout: lease + Duration::from_secs(1),
@@ -533,4 +588,48 @@ pub fn spawn_for_router(
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(driver.run(stopped));
     stop
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shardgate_directory::{KeyType, Shard, ShardState};
+
+    fn dir_with_moves() -> Directory {
+        let shards = (0..2)
+            .map(|i| Shard { name: format!("s{i}"), url: format!("postgres://h/{i}"), state: ShardState::Active })
+            .collect();
+        let mut d = Directory::new("tenant_id", KeyType::Int, 8, shards).unwrap();
+        for b in [0, 1] {
+            d.apply(&Command::CreateMove {
+                subject: MoveSubject::Bucket(b),
+                target: "s1".into(),
+                options: Default::default(),
+                at_ms: 1,
+            });
+        }
+        d
+    }
+
+    fn set(d: &mut Directory, id: u64, phase: MovePhase, counters: &[(&str, u64)]) {
+        let counters = counters.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        d.apply(&Command::UpdateMove { id, phase, counters, note: None, at_ms: 2 });
+    }
+
+    #[test]
+    fn a_new_copy_waits_while_another_stream_lags_or_copies_fast() {
+        let mut d = dir_with_moves();
+        let cfg = DriverConfig { max_lag_bytes: 1000, max_copy_rows_per_s: 500, ..Default::default() };
+        let second = d.moves[&2].clone();
+        assert_eq!(throttled(&d, &second, &cfg), None, "nothing else is busy");
+        set(&mut d, 1, MovePhase::Shadow, &[("lag_bytes", 5000)]);
+        let why = throttled(&d, &second, &cfg).unwrap();
+        assert!(why.contains("move 1 lags 5000 bytes"), "{why}");
+        set(&mut d, 1, MovePhase::Copy, &[("lag_bytes", 0), ("copy_rows_per_s", 800)]);
+        assert!(throttled(&d, &second, &cfg).unwrap().contains("800 rows/s"));
+        let unlimited = DriverConfig { max_copy_rows_per_s: 0, ..cfg.clone() };
+        assert_eq!(throttled(&d, &second, &unlimited), None);
+        set(&mut d, 1, MovePhase::Done, &[]);
+        assert_eq!(throttled(&d, &second, &cfg), None, "an ended move does not count");
+    }
 }

@@ -77,6 +77,14 @@ pub struct MovesConfig {
     /// compared (counted as skipped), never delayed. Default 2.
     #[serde(default = "default_shadow_concurrency")]
     pub shadow_concurrency: usize,
+    /// Moves back off while a change stream lags more than this many bytes: no
+    /// new move starts its copy, and an automatic cutover waits. Default 64 MiB.
+    #[serde(default = "default_max_lag_bytes")]
+    pub max_lag_bytes: u64,
+    /// No new move starts its copy while the moves copying now copy more rows
+    /// per second than this, together (0: no limit). Default 0.
+    #[serde(default)]
+    pub max_copy_rows_per_s: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -98,6 +106,8 @@ impl Default for MovesConfig {
             shadow_reads: true,
             shadow_for: default_shadow_for(),
             shadow_concurrency: default_shadow_concurrency(),
+            max_lag_bytes: default_max_lag_bytes(),
+            max_copy_rows_per_s: 0,
         }
     }
 }
@@ -110,6 +120,9 @@ fn default_shadow_for() -> Duration {
 }
 fn default_shadow_concurrency() -> usize {
     2
+}
+fn default_max_lag_bytes() -> u64 {
+    64 << 20
 }
 
 fn default_max_moves() -> usize {
