@@ -84,6 +84,12 @@ async fn wait(h: &Harness, id: u64, what: &str, mut cond: impl FnMut() -> bool) 
     }
 }
 
+/// A bucket on shard 0 and its first `n` tenants.
+fn bucket_on_shard_0(dir: &Directory, h: &Harness, n: usize) -> (u32, Vec<i64>) {
+    let bucket = dir.bucket_of(&TenantKey::Int(h.tenants_on(0, 1)[0]));
+    (bucket, (1..).filter(|t| dir.bucket_of(&TenantKey::Int(*t)) == bucket).take(n).collect())
+}
+
 fn request(h: &Harness, id: u64, r: MoveRequest) {
     let out = h.directory.apply_local(&Command::RequestMove { id, request: Some(r) });
     assert!(!matches!(out, Outcome::Rejected { .. }), "{out:?}");
@@ -98,8 +104,7 @@ async fn a_bucket_moves_under_write_load_and_back_and_again_without_a_client_err
 
     // A bucket on shard 0 with 20 tenants; 10 tenants elsewhere on both shards.
     let dir = h.directory.load();
-    let bucket = dir.bucket_of(&TenantKey::Int(h.tenants_on(0, 1)[0]));
-    let moving: Vec<i64> = (1..).filter(|t| dir.bucket_of(&TenantKey::Int(*t)) == bucket).take(20).collect();
+    let (bucket, moving) = bucket_on_shard_0(&dir, &h, 20);
     let mut tenants = moving.clone();
     tenants.extend(h.tenants_on(0, 40).into_iter().filter(|t| !moving.contains(t)).take(5));
     tenants.extend(h.tenants_on(1, 5));
@@ -199,8 +204,7 @@ async fn cross_shard_reads_count_moving_rows_once_and_a_stale_router_is_fenced()
     let c = h.client().await;
     c.batch_execute(checker::TABLE_SQL).await.unwrap();
     let dir = h.directory.load();
-    let bucket = dir.bucket_of(&TenantKey::Int(h.tenants_on(0, 1)[0]));
-    let moving: Vec<i64> = (1..).filter(|t| dir.bucket_of(&TenantKey::Int(*t)) == bucket).take(10).collect();
+    let (bucket, moving) = bucket_on_shard_0(&dir, &h, 10);
     let mut all = moving.clone();
     all.extend(h.tenants_on(1, 10));
     drop(dir);
@@ -262,8 +266,7 @@ async fn shadow_reads_match_under_writes_and_catch_a_row_changed_on_the_target()
     let c = h.client().await;
     c.batch_execute(checker::TABLE_SQL).await.unwrap();
     let dir = h.directory.load();
-    let bucket = dir.bucket_of(&TenantKey::Int(h.tenants_on(0, 1)[0]));
-    let moving: Vec<i64> = (1..).filter(|t| dir.bucket_of(&TenantKey::Int(*t)) == bucket).take(3).collect();
+    let (bucket, moving) = bucket_on_shard_0(&dir, &h, 3);
     drop(dir);
     for t in &moving {
         c.batch_execute(&format!(
