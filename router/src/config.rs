@@ -33,6 +33,10 @@ pub struct RouterConfig {
     /// analysis is cached.
     #[serde(default = "default_cache")]
     pub statement_cache_size: usize,
+    /// Run simple queries outside a transaction block as prepared statements on
+    /// the server, their constants as parameters (docs/routing.md). Default true.
+    #[serde(default = "default_true")]
+    pub prepare_simple_queries: bool,
     /// Password for shards added at run time (`shardgate shard add`), whose URLs
     /// are stored without one. Never logged.
     #[serde(default)]
@@ -211,6 +215,7 @@ impl Default for RouterConfig {
             max_client_connections: default_max_clients(),
             pool: PoolConfig::default(),
             statement_cache_size: default_cache(),
+            prepare_simple_queries: true,
             shard_password: None,
             users: Vec::new(),
             moves: MovesConfig::default(),

@@ -100,6 +100,9 @@ fn normalize(table: &str) -> &str {
 
 /// The server connection a session is using, for forwarding a client's
 /// `CancelRequest`.
+/// Where a session's running statement can be cancelled (None while idle).
+pub type CancelSlot = Arc<Mutex<Option<CancelTarget>>>;
+
 #[derive(Clone)]
 pub struct CancelTarget {
     /// The shard's pool (for its address): an `Arc`, so recording the target on
@@ -117,7 +120,7 @@ pub struct RouterContext {
     pub catalog: Catalog,
     pub users: HashMap<String, Credential>,
     /// (our pid, our secret) given to a client → what it is running on now.
-    pub cancels: Mutex<HashMap<(i32, i32), Option<CancelTarget>>>,
+    pub cancels: Mutex<HashMap<(i32, i32), CancelSlot>>,
     /// ParameterStatus values reported to clients at login.
     pub server_params: Mutex<Vec<(String, String)>>,
     next_any: AtomicUsize,
@@ -245,8 +248,12 @@ impl RouterContext {
         dir.live_shards().nth(n).map(|(i, _)| i).unwrap_or(0)
     }
 
-    pub fn set_cancel(&self, key: (i32, i32), target: Option<CancelTarget>) {
-        self.cancels.lock().unwrap_or_else(|p| p.into_inner()).insert(key, target);
+    /// The slot where the session with this cancel key keeps the server
+    /// connection running its statement, registered on first use. The session
+    /// sets it without touching the shared map: that map's lock is taken only at
+    /// login, logout and for a CancelRequest.
+    pub fn cancel_slot(&self, key: (i32, i32)) -> CancelSlot {
+        self.cancels.lock().unwrap_or_else(|p| p.into_inner()).entry(key).or_default().clone()
     }
 
     pub fn remove_cancel(&self, key: (i32, i32)) {
@@ -254,7 +261,9 @@ impl RouterContext {
     }
 
     pub fn cancel_target(&self, key: (i32, i32)) -> Option<CancelTarget> {
-        self.cancels.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned().flatten()
+        let slot = self.cancels.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned()?;
+        let target = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        target
     }
 
     /// Makes sure the catalog has looked for `tables`: a table created through

@@ -302,7 +302,8 @@ async fn handle_client(stream: TcpStream, ctx: Arc<RouterContext>) -> Result<(),
         let mut rng = rand::thread_rng();
         (rng.gen_range(1..i32::MAX), rng.gen())
     };
-    ctx.set_cancel((pid, secret), None);
+    // Registered before the client learns the key.
+    ctx.cancel_slot((pid, secret));
     conn.queue(&messages::backend_key_data(pid, secret));
     conn.queue(&messages::ready_for_query(b'I'));
     conn.flush().await?;

@@ -28,7 +28,7 @@ use crate::protocol::messages::{self, error_summary, query_text, target_and_name
 use crate::protocol::{Connection, Message, ProtocolError};
 use crate::route::{self, Params, Rules, Target};
 use crate::shadow::{RowDigest, ShadowMove, ShadowQuery, ShadowRead};
-use crate::sql::{Analysis, SettingChange, Statement, StatementKind, TxnControl};
+use crate::sql::{Analysis, SettingChange, SimpleForm, Statement, StatementKind, TxnControl};
 
 /// Why a session ended early.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +56,15 @@ struct Bound {
 /// Statements a server connection keeps prepared before its cache starts over.
 const MAX_PREPARED_PER_CONNECTION: usize = 1000;
 
+/// How the reply to one forwarded statement ended.
+enum Relayed {
+    /// ReadyForQuery, with the transaction status.
+    Ready(u8),
+    /// The server refused a statement's prepared form before running it; at
+    /// Parse (the form will not do for this shape) or at Bind.
+    Refused { at_parse: bool },
+}
+
 /// What the relay expects next from the server, in order, for one batch.
 enum Expect {
     Parse {
@@ -80,6 +89,8 @@ pub struct Session<S> {
     ctx: Arc<RouterContext>,
     client: Connection<S>,
     cancel_key: (i32, i32),
+    /// This session's entry in the cancel registry.
+    cancel: crate::context::CancelSlot,
     /// `SET shardgate.tenant`: the tenant of statements that name none.
     tenant: Option<TenantKey>,
     bound: Option<Bound>,
@@ -119,10 +130,12 @@ pub struct Session<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub fn new(ctx: Arc<RouterContext>, client: Connection<S>, cancel_key: (i32, i32)) -> Self {
         let ctx_in_flight = ctx.in_flight.clone();
+        let cancel = ctx.cancel_slot(cancel_key);
         Session {
             ctx,
             client,
             cancel_key,
+            cancel,
             tenant: None,
             bound: None,
             pending_begin: None,
@@ -312,7 +325,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(s) => s,
             Err(e) => return self.fail_simple(SqlError::new("08P01", e.to_string())).await,
         };
-        let analysis = match self.ctx.cache.get(sql) {
+        // Outside a transaction block a simple query may run as its shape's
+        // prepared statement (see crate::sql::lift).
+        let lookup = if self.ctx.config.prepare_simple_queries
+            && self.bound.is_none()
+            && self.pending_begin.is_none()
+            && self.multi.is_none()
+            && !self.aborted_locally
+        {
+            self.ctx.cache.get_simple(sql)
+        } else {
+            self.ctx.cache.get(sql).map(|a| (a, None))
+        };
+        let (analysis, form) = match lookup {
             Ok(a) => a,
             Err(_) => {
                 // Not valid SQL: let a shard say so, exactly as Postgres would.
@@ -360,12 +385,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         crate::metrics::global().query(route_kind(&target));
         match target {
             Target::Shard(s) => match self.shadow_candidate(&analysis, s, None) {
-                None => self.forward_simple(s, m.raw().clone(), Some(&analysis)).await,
+                None => self.forward(s, m.raw().clone(), &analysis, form).await,
                 Some(mv) => self.forward_shadowed(s, m.raw().clone(), &analysis, mv, sql.to_string()).await,
             },
             Target::Any => {
                 let s = self.any_shard();
-                self.forward_simple(s, m.raw().clone(), Some(&analysis)).await
+                self.forward(s, m.raw().clone(), &analysis, form).await
             }
             Target::All if self.pending_begin.is_some() || leaves_transaction_open(&analysis) => {
                 self.open_multi(sql, &analysis).await
@@ -843,7 +868,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn ready(&mut self) -> Result<(), SessionError> {
-        self.client.queue(&messages::ready_for_query(self.status()));
+        self.client.queue(&messages::ready_for_query_bytes(self.status()));
         self.client.flush().await?;
         Ok(())
     }
@@ -864,8 +889,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let pool = self.ctx.pool(shard).ok_or_else(|| SqlError::new("XX000", format!("no pool for shard {shard}")))?;
         let mut conn = pool.get().await.map_err(|e| SqlError::new(e.sqlstate(), e.to_string()))?;
-        self.ctx
-            .set_cancel(self.cancel_key, Some(CancelTarget { pool: pool.clone(), pid: conn.pid, secret: conn.secret }));
+        *self.cancel.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(CancelTarget { pool: pool.clone(), pid: conn.pid, secret: conn.secret });
         let mut swallow = 0;
         if let Some(sql) = self.settings_prelude(&mut conn) {
             conn.conn.queue(&messages::query(&sql));
@@ -880,7 +905,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     fn clear_cancel(&self) {
-        self.ctx.set_cancel(self.cancel_key, None);
+        *self.cancel.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// After a ReadyForQuery from the server: keep the connection while a
@@ -1041,6 +1066,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         crate::shadow::spawn_compare(self.ctx.clone(), read, permit);
     }
 
+    /// Sends one statement to one shard, as its prepared form when it has one.
+    async fn forward(
+        &mut self,
+        shard: ShardId,
+        query: Bytes,
+        analysis: &Analysis,
+        form: Option<SimpleForm>,
+    ) -> Result<(), SessionError> {
+        match form {
+            Some(form) => self.forward_prepared(shard, query, analysis, form).await,
+            None => self.forward_simple(shard, query, Some(analysis)).await,
+        }
+    }
+
     /// Sends one simple Query to one shard and relays the answer.
     async fn forward_simple(
         &mut self,
@@ -1060,7 +1099,84 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if let Err(e) = b.conn.conn.flush().await {
             return self.lost_backend(e).await;
         }
-        match self.relay_until_ready(swallow).await {
+        let relayed = self.relay_until_ready(swallow, None).await.map(|r| match r {
+            Relayed::Ready(status) => status,
+            Relayed::Refused { .. } => unreachable!("a simple query's reply is never refused"),
+        });
+        self.finish_forward(relayed, started, analysis).await
+    }
+
+    /// Runs a simple query as its shape's prepared statement: Parse (once per
+    /// server connection), then Bind, Describe, Execute and Sync, the replies
+    /// only a simple query has passed on. If the server refuses it before it
+    /// runs, the original text is sent instead.
+    async fn forward_prepared(
+        &mut self,
+        shard: ShardId,
+        query: Bytes,
+        analysis: &Analysis,
+        simple: SimpleForm,
+    ) -> Result<(), SessionError> {
+        let swallow = match self.bind(shard).await {
+            Ok(n) => n,
+            Err(e) => return self.fail_simple(e).await,
+        };
+        let Some(b) = self.bound.as_mut() else {
+            return Ok(());
+        };
+        let form = &simple.form;
+        let parse = !b.conn.prepared.contains(&form.name);
+        if parse && b.conn.prepared.len() >= MAX_PREPARED_PER_CONNECTION {
+            // This connection's statement cache is full: run the text.
+            b.conn.conn.queue(&query);
+        } else {
+            if parse {
+                b.conn.prepared.insert(form.name.clone());
+                b.conn.conn.queue(&messages::parse(&form.name, &form.text, &form.types));
+            }
+            messages::put_bind_execute_sync(b.conn.conn.write_buf(), &form.name, &simple.values);
+        }
+        let started = std::time::Instant::now();
+        if let Err(e) = b.conn.conn.flush().await {
+            return self.lost_backend(e).await;
+        }
+        let relayed = match self.relay_until_ready(swallow, Some(parse)).await {
+            Ok(Relayed::Ready(status)) => Ok(status),
+            Ok(Relayed::Refused { at_parse }) => {
+                if at_parse {
+                    debug!(statement = %form.text, "the server refused the prepared form; this shape runs as text");
+                    form.refuse();
+                }
+                // Nothing ran. Drop the server's copy (a Bind refusal may mean
+                // its cached plan went stale) and run the original text.
+                let Some(b) = self.bound.as_mut() else {
+                    return Ok(());
+                };
+                b.conn.prepared.remove(&form.name);
+                b.conn.conn.queue(&messages::close(b'S', &form.name));
+                b.conn.conn.queue(&messages::sync());
+                b.conn.conn.queue(&query);
+                if let Err(e) = b.conn.conn.flush().await {
+                    return self.lost_backend(e).await;
+                }
+                self.relay_until_ready(1, None).await.map(|r| match r {
+                    Relayed::Ready(status) => status,
+                    Relayed::Refused { .. } => unreachable!("a simple query's reply is never refused"),
+                })
+            }
+            Err(e) => Err(e),
+        };
+        self.finish_forward(relayed, started, Some(analysis)).await
+    }
+
+    /// After the reply to one forwarded statement was relayed.
+    async fn finish_forward(
+        &mut self,
+        relayed: Result<u8, RelayError>,
+        started: std::time::Instant,
+        analysis: Option<&Analysis>,
+    ) -> Result<(), SessionError> {
+        match relayed {
             Ok(status) => {
                 if let Some(b) = &self.bound {
                     b.conn.latency().observe(started.elapsed());
@@ -1102,11 +1218,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Relays server messages to the client until ReadyForQuery, swallowing the
     /// first `swallow` ReadyForQuery (and what precedes them, errors aside) that
     /// answer statements the router sent on its own.
-    async fn relay_until_ready(&mut self, mut swallow: usize) -> Result<u8, RelayError> {
+    ///
+    /// `prepared` is set when the statement went as a prepared form (and says
+    /// whether its Parse went too): the replies a simple query has no counterpart
+    /// for are dropped, and an error before BindComplete — nothing has run — is
+    /// not passed on but returned as [`Relayed::Refused`].
+    async fn relay_until_ready(&mut self, mut swallow: usize, prepared: Option<bool>) -> Result<Relayed, RelayError> {
         self.saw_error = false;
         let Some(b) = self.bound.as_mut() else {
-            return Ok(b'I');
+            return Ok(Relayed::Ready(b'I'));
         };
+        let (mut parsed, mut bound, mut refused) = (false, false, None);
         loop {
             let m = b.conn.conn.read().await.map_err(RelayError::Backend)?;
             let tag = m.tag();
@@ -1117,6 +1239,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.client.queue(m.raw());
                 }
                 continue;
+            }
+            if let Some(parse_sent) = prepared {
+                let dropped = match tag {
+                    b'1' => {
+                        parsed = true;
+                        true
+                    }
+                    b'2' => {
+                        bound = true;
+                        true
+                    }
+                    b'n' | b'3' => true,
+                    b'E' if !bound => {
+                        refused = Some(parse_sent && !parsed);
+                        true
+                    }
+                    b'Z' if refused.is_some() => {
+                        return Ok(Relayed::Refused { at_parse: refused.unwrap_or(false) });
+                    }
+                    _ => false,
+                };
+                if dropped {
+                    continue;
+                }
             }
             self.client.queue(m.raw());
             match tag {
@@ -1135,7 +1281,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 b'C' => self.rows_written += crate::load::rows_written(m.body()),
                 b'Z' => {
                     self.client.flush().await.map_err(client_err)?;
-                    return Ok(m.body().first().copied().unwrap_or(b'I'));
+                    return Ok(Relayed::Ready(m.body().first().copied().unwrap_or(b'I')));
                 }
                 b'G' => {
                     // CopyInResponse: the client streams rows to this server.
@@ -1152,13 +1298,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     // ----- extended query protocol -----------------------------------------------
-
-    fn server_name(sql: &str, types: &[i32]) -> String {
-        let mut h = DefaultHasher::new();
-        sql.hash(&mut h);
-        types.hash(&mut h);
-        format!("sg_{:016x}", h.finish())
-    }
 
     /// Runs the collected Parse/Bind/Describe/Execute/Close messages, ending with
     /// Sync (`sync`) or Flush.
@@ -1212,7 +1351,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         let analysis = self.ctx.cache.get(p.query).ok();
                         let prepared = Prepared {
                             sql: Arc::from(p.query),
-                            server_name: Self::server_name(p.query, &p.param_types),
+                            server_name: crate::sql::statement_name(p.query, &p.param_types),
                             param_types: p.param_types.clone(),
                             analysis,
                         };
@@ -1402,21 +1541,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         match relayed {
             Ok(Some(status)) => {
+                let elapsed = started.elapsed();
                 if let Some(b) = &self.bound {
-                    b.conn.latency().observe(started.elapsed());
+                    b.conn.latency().observe(elapsed);
                 }
-                let first = statements_seen.first().cloned();
-                self.account(started.elapsed(), first.as_deref(), Some(&batch));
                 for a in &statements_seen {
                     self.record_settings(a, status);
                 }
                 self.after_ready(status);
+                let client_status = if self.bound.is_none() { self.status() } else { status };
+                self.client.queue(&messages::ready_for_query_bytes(client_status));
+                // The client has its answer first; the bookkeeping follows.
+                self.client.flush().await?;
+                let first = statements_seen.first().cloned();
+                self.account(elapsed, first.as_deref(), Some(&batch));
                 if let Some((mv, query, permit)) = shadow {
                     self.shadow_done(mv, query, permit);
                 }
-                let status = if self.bound.is_none() { self.status() } else { status };
-                self.client.queue(&messages::ready_for_query(status));
-                self.client.flush().await?;
                 Ok(())
             }
             Ok(None) => {
@@ -1485,7 +1626,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         continue;
                     };
                     ensure(backend, p, &mut expects);
-                    backend.conn.queue(&bind.with_statement(&p.server_name));
+                    bind.put_with_statement(backend.conn.write_buf(), &p.server_name);
                     expects.push_back(Expect::Bind);
                 }
                 b'D' => match target_and_name(m) {
@@ -1749,7 +1890,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             }
         }
-        self.client.queue(&messages::ready_for_query(self.status()));
+        self.client.queue(&messages::ready_for_query_bytes(self.status()));
         self.client.flush().await?;
         if fanout.is_none() {
             let ddl = batch.iter().any(|m| {
@@ -1797,7 +1938,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         if sync {
-            self.client.queue(&messages::ready_for_query(self.status()));
+            self.client.queue(&messages::ready_for_query_bytes(self.status()));
         }
         self.client.flush().await?;
         Ok(())
@@ -1853,11 +1994,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                 }
             }
-            self.client.queue(&messages::ready_for_query(self.status()));
+            self.client.queue(&messages::ready_for_query_bytes(self.status()));
         } else {
             // After an error the client's batch is skipped up to its Sync.
             self.skip_to_sync().await?;
-            self.client.queue(&messages::ready_for_query(self.status()));
+            self.client.queue(&messages::ready_for_query_bytes(self.status()));
         }
         self.client.flush().await?;
         Ok(())

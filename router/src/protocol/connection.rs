@@ -91,6 +91,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.wbuf.extend_from_slice(bytes);
     }
 
+    /// The write buffer, for encoding messages straight into it.
+    pub fn write_buf(&mut self) -> &mut BytesMut {
+        &mut self.wbuf
+    }
+
     pub fn queued(&self) -> usize {
         self.wbuf.len()
     }

@@ -230,21 +230,37 @@ impl<'a> Bind<'a> {
 
     /// The same Bind, naming another prepared statement.
     pub fn with_statement(&self, statement: &str) -> Bytes {
-        let mut b = Builder::new(b'B');
-        b.cstr(self.portal).cstr(statement);
-        b.i16(self.param_formats.len() as i16);
+        let mut buf = BytesMut::new();
+        self.put_with_statement(&mut buf, statement);
+        buf.freeze()
+    }
+
+    /// Writes [`Self::with_statement`] into `buf`.
+    pub fn put_with_statement(&self, buf: &mut BytesMut, statement: &str) {
+        let start = buf.len();
+        buf.put_u8(b'B');
+        buf.put_i32(0);
+        buf.put_slice(self.portal.as_bytes());
+        buf.put_u8(0);
+        buf.put_slice(statement.as_bytes());
+        buf.put_u8(0);
+        buf.put_i16(self.param_formats.len() as i16);
         for f in &self.param_formats {
-            b.i16(*f);
+            buf.put_i16(*f);
         }
-        b.i16(self.params.len() as i16);
+        buf.put_i16(self.params.len() as i16);
         for p in &self.params {
             match p {
-                None => b.i32(-1),
-                Some(v) => b.i32(v.len() as i32).bytes(v),
-            };
+                None => buf.put_i32(-1),
+                Some(v) => {
+                    buf.put_i32(v.len() as i32);
+                    buf.put_slice(v);
+                }
+            }
         }
-        b.bytes(self.tail);
-        b.finish()
+        buf.put_slice(self.tail);
+        let len = (buf.len() - start - 1) as i32;
+        buf[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
     }
 }
 
@@ -343,8 +359,37 @@ impl Builder {
     }
 }
 
+/// Writes Bind (unnamed portal, text parameters, text results), Describe of the
+/// portal, Execute of all its rows and Sync into `buf`: a prepared statement run
+/// as one simple query would be, without an allocation per message.
+pub fn put_bind_execute_sync(buf: &mut BytesMut, statement: &str, values: &[Vec<u8>]) {
+    let start = buf.len();
+    buf.put_u8(b'B');
+    buf.put_i32(0);
+    buf.put_u8(0); // portal ""
+    buf.put_slice(statement.as_bytes());
+    buf.put_u8(0);
+    buf.put_i16(0); // every parameter in text format
+    buf.put_i16(values.len() as i16);
+    for v in values {
+        buf.put_i32(v.len() as i32);
+        buf.put_slice(v);
+    }
+    buf.put_i16(0); // every result column in text format
+    let len = (buf.len() - start - 1) as i32;
+    buf[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
+    buf.put_slice(&[b'D', 0, 0, 0, 6, b'P', 0]);
+    buf.put_slice(&[b'E', 0, 0, 0, 9, 0, 0, 0, 0, 0]);
+    buf.put_slice(&[b'S', 0, 0, 0, 4]);
+}
+
 pub fn ready_for_query(status: u8) -> Bytes {
-    Builder::new(b'Z').u8(status).finish()
+    Bytes::copy_from_slice(&ready_for_query_bytes(status))
+}
+
+/// ReadyForQuery as plain bytes, for queueing without an allocation.
+pub fn ready_for_query_bytes(status: u8) -> [u8; 6] {
+    [b'Z', 0, 0, 0, 5, status]
 }
 
 pub fn command_complete(tag: &str) -> Bytes {

@@ -138,6 +138,9 @@ pub struct Origins {
     pub rows: Vec<Vec<Option<usize>>>,
     /// The value of `SET shardgate.tenant`.
     pub tenant: Option<usize>,
+    /// The constants that may become parameters when the statement runs as a
+    /// prepared statement; None when it may not ([`super::lift`]).
+    pub constants: Option<Vec<usize>>,
 }
 
 /// [`analyze`], and where each statement's literals came from.
@@ -317,6 +320,7 @@ fn statement(node: &N, text: String, key_column: &str) -> (Statement, Origins) {
         | N::CreateDomainStmt(_) => s.kind = StatementKind::Ddl,
         _ => {}
     }
+    origins.constants = super::lift::liftable_constants(node);
     let mut walker = Walker::default();
     walker.node(node);
     s.tables = walker.tables;

@@ -3,6 +3,7 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use super::analyze::{analyze_with_origins, comment_key, unquote, Origins};
+use super::lift::{ServerForm, SimpleForm};
 use super::shape::{literal_text, shape, Piece, PieceKind, Shape};
 use super::{Analysis, KeyCandidates, KeyExpr, Statement, StatementKind};
 
@@ -39,20 +40,34 @@ impl AnalysisCache {
     /// The analysis of `sql`, parsing it on a miss. A parse error is not cached:
     /// the statement goes to a shard, which reports the error in Postgres's words.
     pub fn get(&self, sql: &str) -> Result<Arc<Analysis>, String> {
+        self.lookup(sql, false).map(|(a, _)| a)
+    }
+
+    /// [`Self::get`], and the text's prepared form ([`super::lift`]) when its
+    /// shape has one the server has not refused.
+    pub fn get_simple(&self, sql: &str) -> Result<(Arc<Analysis>, Option<SimpleForm>), String> {
+        self.lookup(sql, true)
+    }
+
+    fn lookup(&self, sql: &str, want_form: bool) -> Result<(Arc<Analysis>, Option<SimpleForm>), String> {
         let shape = shape(sql);
         if let Some(shape) = &shape {
             let template = self.lock().shapes.get(shape.key.as_str()).cloned();
             if let Some(t) = template {
+                let form = |pieces: &[Piece]| {
+                    let form = t.form.as_ref().filter(|f| want_form && !f.is_refused())?;
+                    Some(SimpleForm { form: form.clone(), values: form.values(sql, pieces)? })
+                };
                 if *t.source == *sql {
-                    return Ok(t.analysis.clone());
+                    return Ok((t.analysis.clone(), form(&t.pieces)));
                 }
                 if let Some(a) = t.instantiate(sql, &shape.pieces, &self.key_column) {
-                    return Ok(Arc::new(a));
+                    return Ok((Arc::new(a), form(&shape.pieces)));
                 }
             }
         }
         if let Some(a) = self.lock().texts.get(sql) {
-            return Ok(a.clone());
+            return Ok((a.clone(), None));
         }
         let (analysis, origins) = analyze_with_origins(sql, &self.key_column)?;
         let analysis = Arc::new(analysis);
@@ -70,7 +85,8 @@ impl AnalysisCache {
                 entries.texts.insert(Arc::from(sql), analysis.clone());
             }
         }
-        Ok(analysis)
+        // The next execution of the shape gets the form; this one runs as text.
+        Ok((analysis, None))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
@@ -97,6 +113,8 @@ struct Template {
     pieces: Vec<Piece>,
     analysis: Arc<Analysis>,
     statements: Vec<StatementSlots>,
+    /// How a text of this shape runs as a prepared statement, if it may.
+    form: Option<Arc<ServerForm>>,
 }
 
 /// Where a literal of the analysis comes from.
@@ -164,7 +182,25 @@ impl Template {
             };
             statements.push(StatementSlots { span: o.span.clone(), keys, rows, tenant });
         }
-        let template = Template { source: sql.into(), pieces: shape.pieces, analysis, statements };
+        let form = match (&analysis.statements[..], origins) {
+            ([s], [Origins { constants: Some(constants), .. }])
+                if matches!(
+                    s.kind,
+                    StatementKind::Select | StatementKind::Insert | StatementKind::Update | StatementKind::Delete
+                ) =>
+            {
+                let lifted: Vec<(usize, bool)> = constants
+                    .iter()
+                    .filter_map(|&at| match slot_of(sql, &shape.pieces, Some(at)) {
+                        Some(Slot::Piece(i, negated)) => Some((i, negated)),
+                        _ => None,
+                    })
+                    .collect();
+                ServerForm::new(sql, &shape.pieces, &lifted).map(Arc::new)
+            }
+            _ => None,
+        };
+        let template = Template { source: sql.into(), pieces: shape.pieces, analysis, statements, form };
         // The template must give back the analysis it was made from.
         let again = template.instantiate(sql, &template.pieces, key_column)?;
         (again == *template.analysis).then_some((shape.key, template))

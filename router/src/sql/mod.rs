@@ -11,6 +11,7 @@
 
 mod analyze;
 mod cache;
+mod lift;
 pub mod shape;
 
 pub use analyze::{
@@ -18,3 +19,4 @@ pub use analyze::{
     StatementKind, TxnControl,
 };
 pub use cache::AnalysisCache;
+pub use lift::{statement_name, ServerForm, SimpleForm};

@@ -193,7 +193,7 @@ pub fn literal_text(sql: &str, piece: &Piece, negated: bool) -> Option<String> {
 
 /// A string constant's value: standard strings take `''` for a quote, `E''`
 /// strings backslash escapes, dollar-quoted strings are taken as they are.
-fn string_value(text: &str) -> Option<String> {
+pub(crate) fn string_value(text: &str) -> Option<String> {
     if let Some(rest) = text.strip_prefix('$') {
         let tag_len = rest.find('$')? + 2;
         return Some(text.get(tag_len..text.len().checked_sub(tag_len)?)?.to_string());
