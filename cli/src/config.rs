@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
-use shardgate_directory::{Directory, KeyType, Shard, ShardState};
+use shardgate_directory::{Directory, KeyType, Shard};
 use shardgate_router::backend::ShardAddress;
 use shardgate_router::config::{RouterConfig, UserConfig};
 
@@ -150,7 +150,7 @@ impl FileConfig {
             if shards.iter().any(|x: &Shard| x.name == s.name) {
                 bail!("shard name {:?} appears twice in the config file", s.name);
             }
-            shards.push(Shard { name: s.name.clone(), url: addr.display_url(), state: ShardState::Active });
+            shards.push(Shard::new(s.name.clone(), addr.display_url()));
             addrs.push(addr);
         }
         let dir = Directory::new(&self.cluster.key_column, self.cluster.key_type, self.cluster.buckets, shards)?;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use shardgate_directory::{Directory, KeyType, Shard, ShardState};
+use shardgate_directory::{Directory, KeyType, Shard};
 use shardgate_localpg::Server;
 use shardgate_router::backend::ShardAddress;
 use shardgate_router::config::RouterConfig;
@@ -125,7 +125,7 @@ async fn serve(
     let mut addrs = Vec::new();
     for (name, server) in servers {
         let addr = ShardAddress::from_url(&server.url("app")).map_err(anyhow::Error::msg)?;
-        shards.push(Shard { name: name.clone(), url: addr.display_url(), state: ShardState::Active });
+        shards.push(Shard::new(name.clone(), addr.display_url()));
         addrs.push(addr);
     }
     let initial = Directory::new("tenant_id", KeyType::Int, buckets, shards)?;

@@ -201,6 +201,33 @@ async fn a_node_joins_as_a_learner_catches_up_and_is_promoted() {
         assert!(Instant::now() < deadline, "node 4 never became a voter: {voters:?}");
         tokio::task::yield_now().await;
     }
+    // Node 4 replaces node 3: the runbook removes the old one, then stops it.
+    let out = cli(&["node", "remove", "3"]);
+    assert!(out.contains('3'), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let voters = admin_get(ports[3].admin, "/status").map(|s| s["replica"]["voters"].clone());
+        let ids: Option<Vec<u64>> = voters.as_ref().and_then(|v| v.as_array()).map(|v| {
+            let mut ids: Vec<u64> = v.iter().filter_map(|x| x.as_u64()).collect();
+            ids.sort();
+            ids
+        });
+        if ids.as_deref() == Some(&[1, 2, 4][..]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 3 is still a voter: {voters:?}");
+        tokio::task::yield_now().await;
+    }
+    drop(procs.remove(2));
+    // The directory commits with nodes 1, 2 and 4 (after an election if node 3 led).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !leader_seen_by(ports[0].admin).is_some_and(|l| [1, 2, 4].contains(&l)) {
+        assert!(Instant::now() < deadline, "no leader among nodes 1, 2 and 4");
+        tokio::task::yield_now().await;
+    }
+    let before = epoch_of_directory(ports[3].admin).await;
+    cli(&["tenant", "pin", "4242", "--to", "shard_1"]);
+    assert!(epoch_of_directory(ports[3].admin).await > before, "a change commits without node 3");
     drop(four);
 }
 

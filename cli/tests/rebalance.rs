@@ -136,3 +136,99 @@ async fn rebalance_evens_out_skewed_shards_and_drain_empties_one_under_load() {
     // The events are all there, once.
     assert_eq!(psql(&up.url, "SELECT count(*) FROM events"), rows.to_string());
 }
+
+/// The runbook's "add a shard" in one step (`shard add NAME URL --rebalance`) and
+/// a tenant put on a shard by hand (`move tenant … --cutover auto --wait`, then
+/// `complete`), both under load; nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_shard_takes_its_share_and_a_tenant_moves_by_hand() {
+    let up = up(&["--shards", "2", "--buckets", "8", "--shadow-for", "300ms"]);
+    let extra = shardgate_localpg::TestCluster::start(1).await.unwrap();
+    psql(&up.url, "CREATE TABLE events (tenant_id bigint, id bigint, body text, PRIMARY KEY (tenant_id, id))");
+    psql(&up.url, checker::TABLE_SQL);
+    // A reference table (no tenant_id): its rows are on the shards the cluster
+    // started with.
+    psql(&up.url, "CREATE TABLE plans (name text PRIMARY KEY, price int)");
+    psql(&up.url, "INSERT INTO plans VALUES ('free', 0), ('pro', 10), ('team', 30)");
+    let mut sql = String::new();
+    for t in 1..=60i64 {
+        sql.push_str(&format!(
+            "/* tenant_id={t} */ INSERT INTO events SELECT {t}, g, repeat('x', 50) FROM generate_series(1, 40) g;\n"
+        ));
+    }
+    let file = up.base.join("load.sql");
+    std::fs::write(&file, sql).unwrap();
+    let out = std::process::Command::new("psql")
+        .args([&up.url, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tenants: Vec<i64> = (1000..1020).collect();
+    let load = Checker::start(std::slice::from_ref(&up.url), 2, &tenants).await;
+
+    let url = extra.urls()[0].clone();
+    let (ok, out, err) = tokio::task::block_in_place(|| cli(&up, &["shard", "add", "shard_2", &url, "--rebalance"]));
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("added shard shard_2") && out.contains("move(s) done"), "{out}");
+    let s = status(&up);
+    let buckets: Vec<u64> = s["shards"].as_array().unwrap().iter().map(|x| x["buckets"].as_u64().unwrap()).collect();
+    assert!(buckets[2] >= 2 && buckets.iter().all(|&b| b >= 2), "every shard holds a share: {buckets:?}");
+    assert!(s["moves"].as_array().unwrap().iter().all(|m| m["phase"] == "done"), "{}", s["moves"]);
+    // The new shard got the schema with its first move, not the reference rows:
+    // reference reads and writes stay on the shards that have them.
+    assert_eq!(s["shards"][2]["reference"], false, "{}", s["shards"][2]);
+    psql(&up.url, "INSERT INTO plans VALUES ('enterprise', 99)");
+    for _ in 0..6 {
+        assert_eq!(psql(&up.url, "SELECT count(*) FROM plans"), "4", "every reference read sees every row");
+    }
+
+    // One tenant, by hand, to the shard its bucket is not on.
+    let tenant = 7i64;
+    let bucket = bucket_of(&TenantKey::Int(tenant), 8) as usize;
+    let from = s["placements"][bucket].as_str().unwrap().to_string();
+    let to = if from == "shard_2" { "shard_0" } else { "shard_2" };
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        cli(&up, &["move", "tenant", &tenant.to_string(), "--to", to, "--cutover", "auto", "--wait"])
+    });
+    assert!(ok, "{out}\n{err}");
+    let id = out
+        .split_whitespace()
+        .skip_while(|w| *w != "move")
+        .nth(1)
+        .and_then(|w| w.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no move id in: {out}"));
+    assert!(out.contains("reverse"), "{out}");
+    let (ok, out, err) = tokio::task::block_in_place(|| cli(&up, &["complete", &id.to_string()]));
+    assert!(ok, "{out}\n{err}");
+    let s = status(&up);
+    assert!(
+        s["pins"].as_array().unwrap().iter().any(|p| p[0] == tenant.to_string().as_str() && p[1] == to),
+        "tenant {tenant} is pinned to {to}: {}",
+        s["pins"]
+    );
+    let shard_url = |name: &str| {
+        s["shards"].as_array().unwrap().iter().find(|x| x["name"] == name).unwrap()["url"].as_str().unwrap().to_string()
+    };
+    let count = format!("SELECT count(*) FROM events WHERE tenant_id = {tenant}");
+    assert_eq!(psql(&shard_url(to), &count), "40", "the tenant's rows are on {to}");
+    assert_eq!(psql(&shard_url(&from), &count), "0", "and gone from {from}");
+
+    let report = load.stop().await;
+    let names: Vec<String> =
+        s["shards"].as_array().unwrap().iter().map(|x| x["name"].as_str().unwrap().to_string()).collect();
+    let mut shards = Vec::new();
+    for name in &names {
+        shards.push(shardgate_tests::connect(&shard_url(name)).await);
+    }
+    let owner = |t: i64| {
+        let pinned = s["pins"].as_array().unwrap().iter().find(|p| p[0] == t.to_string().as_str());
+        let name = match pinned {
+            Some(p) => p[1].as_str().unwrap(),
+            None => s["placements"][bucket_of(&TenantKey::Int(t), 8) as usize].as_str().unwrap(),
+        };
+        names.iter().position(|n| n == name).unwrap()
+    };
+    report.check(&shards, owner, |_| true).await;
+    assert_eq!(psql(&up.url, "SELECT count(*) FROM events"), (60 * 40).to_string());
+}

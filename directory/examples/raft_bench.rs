@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use shardgate_directory::replica::{Node, NodeConfig, TcpTransport};
 use shardgate_directory::state::{Command, Outcome};
-use shardgate_directory::{Directory, KeyType, Shard, ShardState};
+use shardgate_directory::{Directory, KeyType, Shard};
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
@@ -20,9 +20,7 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 async fn main() {
     let rounds: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(300);
     let tmp = tempfile::tempdir().expect("temp dir");
-    let shards = (0..3)
-        .map(|i| Shard { name: format!("s{i}"), url: format!("postgres://h/{i}"), state: ShardState::Active })
-        .collect();
+    let shards = (0..3).map(|i| Shard::new(format!("s{i}"), format!("postgres://h/{i}"))).collect();
     let initial = Directory::new("tenant_id", KeyType::Int, 256, shards).expect("directory");
     let mut listeners = Vec::new();
     let mut addrs = HashMap::new();

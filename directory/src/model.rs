@@ -100,6 +100,23 @@ pub struct Shard {
     /// libpq URL without a password (`postgres://user@host:port/db`).
     pub url: String,
     pub state: ShardState,
+    /// Whether the shard holds the reference tables' rows: true for the shards
+    /// a cluster starts with, false for one added at run time (its first move
+    /// copies the schema, not the reference rows). Reference reads and writes
+    /// go to reference shards only; see docs/routing.md.
+    #[serde(default = "reference_default")]
+    pub reference: bool,
+}
+
+fn reference_default() -> bool {
+    true
+}
+
+impl Shard {
+    /// An active shard the cluster starts with (it holds the reference tables).
+    pub fn new(name: impl Into<String>, url: impl Into<String>) -> Shard {
+        Shard { name: name.into(), url: url.into(), state: ShardState::Active, reference: true }
+    }
 }
 
 /// An immutable snapshot of the shard map. Routers read it through a
@@ -224,6 +241,27 @@ impl Directory {
         self.shards.iter().position(|s| s.name == name)
     }
 
+    /// Live shards that hold the reference tables; all live shards if none does
+    /// (a directory written before shards carried the flag has it set anyway).
+    pub fn reference_shards(&self) -> Vec<ShardId> {
+        let refs: Vec<ShardId> = self.live_shards().filter(|(_, s)| s.reference).map(|(i, _)| i).collect();
+        if refs.is_empty() {
+            self.live_shards().map(|(i, _)| i).collect()
+        } else {
+            refs
+        }
+    }
+
+    /// Live shards that own rows: a bucket or a pinned tenant. A shard added
+    /// and not moved to yet owns nothing (and may not have the tables yet).
+    pub fn owning_shards(&self) -> Vec<ShardId> {
+        let counts = self.bucket_counts();
+        self.live_shards()
+            .filter(|(i, _)| counts[*i] > 0 || self.pins.values().any(|p| p == i))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
     /// How many buckets each shard holds, in shard order.
     pub fn bucket_counts(&self) -> Vec<usize> {
         let mut counts = vec![0; self.shards.len()];
@@ -308,11 +346,7 @@ mod tests {
 
     fn shards(n: usize) -> Vec<Shard> {
         (0..n)
-            .map(|i| Shard {
-                name: format!("shard_{i}"),
-                url: format!("postgres://postgres@127.0.0.1:{}/app", 5432 + i),
-                state: ShardState::Active,
-            })
+            .map(|i| Shard::new(format!("shard_{i}"), format!("postgres://postgres@127.0.0.1:{}/app", 5432 + i)))
             .collect()
     }
 

@@ -342,10 +342,20 @@ impl Directory {
                 if self.shard_by_name(name).is_some() {
                     return Err(rejected(format!("a shard named {name:?} exists already")));
                 }
-                self.shards.push(crate::Shard { name: name.clone(), url: url.clone(), state: ShardState::Active });
+                // Added at run time: it gets the schema with its first move, not the
+                // reference tables' rows.
+                self.shards.push(crate::Shard { reference: false, ..crate::Shard::new(name.clone(), url.clone()) });
             }
             Command::SetShardState { name, state } => {
                 let s = self.shard_named(name)?;
+                let other_reference =
+                    self.shards.iter().enumerate().any(|(i, x)| i != s && x.reference && x.state == ShardState::Active);
+                if *state != ShardState::Active && self.shards[s].reference && !other_reference {
+                    return Err(rejected(format!(
+                        "shard {name} holds the only copy of the reference tables (tables without the key column); \
+                         it cannot be drained or removed"
+                    )));
+                }
                 if *state == ShardState::Removed {
                     let holds = self.placements.iter().filter(|&&p| p == s).count();
                     let pins = self.pins.values().filter(|&&p| p == s).count();
@@ -605,9 +615,7 @@ mod tests {
     use crate::{KeyType, Shard};
 
     fn dir() -> Directory {
-        let shards = (0..2)
-            .map(|i| Shard { name: format!("s{i}"), url: format!("postgres://h/{i}"), state: ShardState::Active })
-            .collect();
+        let shards = (0..2).map(|i| Shard::new(format!("s{i}"), format!("postgres://h/{i}"))).collect();
         Directory::new("tenant_id", KeyType::Int, 8, shards).unwrap()
     }
 
@@ -821,5 +829,27 @@ mod tests {
             at_ms: 2,
         });
         assert!(matches!(out, Outcome::Rejected { ref reason } if reason.contains("already moving")), "{out:?}");
+    }
+
+    #[test]
+    fn a_shard_added_later_holds_no_reference_rows_and_the_last_reference_shard_stays() {
+        let mut d = Directory::new(
+            "tenant_id",
+            KeyType::Int,
+            4,
+            (0..2).map(|i| Shard::new(format!("s{i}"), format!("postgres://h/{i}"))).collect(),
+        )
+        .unwrap();
+        assert!(!matches!(
+            d.apply(&Command::AddShard { name: "s2".into(), url: "postgres://h/2".into() }),
+            Outcome::Rejected { .. }
+        ));
+        assert!(d.shards[0].reference && d.shards[1].reference && !d.shards[2].reference);
+        assert_eq!(d.reference_shards(), vec![0, 1]);
+        assert_eq!(d.owning_shards(), vec![0, 1], "s2 owns nothing yet");
+        let drain = |name: &str| Command::SetShardState { name: name.into(), state: ShardState::Draining };
+        assert!(!matches!(d.apply(&drain("s0")), Outcome::Rejected { .. }));
+        let out = d.apply(&drain("s1"));
+        assert!(format!("{out:?}").contains("only copy of the reference tables"), "{out:?}");
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use raft::prelude::Message;
 use shardgate_directory::replica::{Node, NodeConfig, NodeStatus, Transport};
 use shardgate_directory::state::{Command, Outcome};
-use shardgate_directory::{Directory, KeyType, Shard, ShardState};
+use shardgate_directory::{Directory, KeyType, Shard};
 
 #[derive(Default)]
 struct Network {
@@ -33,9 +33,7 @@ impl Transport for Link {
 }
 
 fn initial() -> Directory {
-    let shards = (0..3)
-        .map(|i| Shard { name: format!("s{i}"), url: format!("postgres://h/{i}"), state: ShardState::Active })
-        .collect();
+    let shards = (0..3).map(|i| Shard::new(format!("s{i}"), format!("postgres://h/{i}"))).collect();
     Directory::new("tenant_id", KeyType::Int, 64, shards).unwrap()
 }
 

@@ -593,12 +593,10 @@ pub fn spawn_for_router(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shardgate_directory::{KeyType, Shard, ShardState};
+    use shardgate_directory::{KeyType, Shard};
 
     fn dir_with_moves() -> Directory {
-        let shards = (0..2)
-            .map(|i| Shard { name: format!("s{i}"), url: format!("postgres://h/{i}"), state: ShardState::Active })
-            .collect();
+        let shards = (0..2).map(|i| Shard::new(format!("s{i}"), format!("postgres://h/{i}"))).collect();
         let mut d = Directory::new("tenant_id", KeyType::Int, 8, shards).unwrap();
         for b in [0, 1] {
             d.apply(&Command::CreateMove {

@@ -23,6 +23,15 @@ pub struct ShardStatus {
     pub url: String,
     pub state: String,
     pub buckets: usize,
+    /// Whether it holds the reference tables' rows (a shard added at run time
+    /// does not: reference reads and writes skip it).
+    pub reference: bool,
+    /// Rows and bytes the shard holds, from this node's last size measurement
+    /// (`sizes_age_ms` old); absent until one was made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -49,6 +58,9 @@ pub struct Status {
     pub placement_ranges: Vec<PlacementRange>,
     pub pins: Vec<(String, String)>,
     pub sharded_tables: Vec<String>,
+    /// Age of the size measurement the shards' `rows` and `bytes` come from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sizes_age_ms: Option<u64>,
     pub clients: usize,
     /// This node's directory replica, when the directory is replicated.
     pub replica: Option<ReplicaStatus>,
@@ -141,6 +153,8 @@ pub fn status(ctx: &RouterContext) -> Status {
     }
     let mut pins: Vec<(String, String)> = dir.pins.iter().map(|(k, &s)| (k.to_string(), name(s))).collect();
     pins.sort();
+    let sizes = ctx.sizes.per_shard();
+    let size_of = |shard: &str| sizes.as_ref().map(|(_, m)| m.get(shard).copied().unwrap_or_default());
     Status {
         epoch: dir.epoch,
         now_ms: now_ms(),
@@ -156,8 +170,12 @@ pub fn status(ctx: &RouterContext) -> Status {
                 url: s.url.clone(),
                 state: format!("{:?}", s.state).to_lowercase(),
                 buckets: counts[i],
+                reference: s.reference,
+                rows: size_of(&s.name).map(|z| z.rows),
+                bytes: size_of(&s.name).map(|z| z.bytes),
             })
             .collect(),
+        sizes_age_ms: sizes.as_ref().map(|(age, _)| age.as_millis() as u64),
         placements: dir.placements.iter().map(|&s| name(s)).collect(),
         placement_ranges: ranges,
         pins,
@@ -476,7 +494,10 @@ async fn route(ctx: &RouterContext, req: &Request) -> (u16, String) {
             (200, serde_json::to_string_pretty(&load).unwrap_or_else(|_| "{}".into()))
         }
         ("GET", "/sizes") => match crate::sizes::measure(ctx).await {
-            Ok(sizes) => (200, serde_json::to_string_pretty(&sizes).unwrap_or_else(|_| "{}".into())),
+            Ok(sizes) => {
+                ctx.sizes.store(&sizes);
+                (200, serde_json::to_string_pretty(&sizes).unwrap_or_else(|_| "{}".into()))
+            }
             Err(e) => (503, json_error(&format!("could not read bucket sizes from the shards: {e}"))),
         },
         ("GET", "/moves") => {

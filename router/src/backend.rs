@@ -1,6 +1,5 @@
 //! One server connection to a shard, logged in with the router's own credentials.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -111,8 +110,9 @@ pub struct Backend {
     pub secret: i32,
     /// `ParameterStatus` values the server reported at login.
     pub params: Vec<(String, String)>,
-    /// Server-side names of statements prepared on this connection.
-    pub prepared: HashSet<String>,
+    /// Server-side names of statements prepared on this connection (the
+    /// router's own `sg_…` hashes, so a fast unkeyed hash is safe).
+    pub prepared: rustc_hash::FxHashSet<String>,
     /// Set when the connection is in an unknown state (an I/O error, a half-read
     /// response); such a connection is closed instead of returning to the pool.
     pub broken: bool,
@@ -151,7 +151,7 @@ impl Backend {
             pid: 0,
             secret: 0,
             params: Vec::new(),
-            prepared: HashSet::new(),
+            prepared: Default::default(),
             broken: false,
             settings: Some(0),
         };

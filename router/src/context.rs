@@ -147,6 +147,8 @@ pub struct RouterContext {
     pub shadow: crate::shadow::Shadow,
     /// What each bucket (and the busiest tenants) cost this router.
     pub load: crate::load::Load,
+    /// The last bucket sizes read from the shards, for the status views.
+    pub sizes: crate::sizes::SizeCache,
 }
 
 impl RouterContext {
@@ -170,6 +172,7 @@ impl RouterContext {
             refreshing: tokio::sync::Mutex::new(()),
             shadow: crate::shadow::Shadow::new(config.moves.shadow_concurrency.max(1)),
             load: crate::load::Load::new(directory.load().bucket_count),
+            sizes: crate::sizes::SizeCache::default(),
             cache: AnalysisCache::new(key_column, config.statement_cache_size),
             config,
             directory,
@@ -240,12 +243,16 @@ impl RouterContext {
     /// `SELECT 1`): round-robin over the live shards.
     pub fn any_shard(&self, dir: &Directory) -> ShardId {
         // No allocation: this runs for every statement on a reference table.
-        let live = dir.live_shards().count();
-        if live == 0 {
-            return 0;
+        // Only shards holding the reference tables' rows serve their reads.
+        let refs = || dir.live_shards().filter(|(_, s)| s.reference);
+        let n_refs = refs().count();
+        if n_refs == 0 {
+            let live = dir.live_shards().count();
+            let n = self.next_any.fetch_add(1, Ordering::Relaxed) % live.max(1);
+            return dir.live_shards().nth(n).map(|(i, _)| i).unwrap_or(0);
         }
-        let n = self.next_any.fetch_add(1, Ordering::Relaxed) % live;
-        dir.live_shards().nth(n).map(|(i, _)| i).unwrap_or(0)
+        let n = self.next_any.fetch_add(1, Ordering::Relaxed) % n_refs;
+        refs().nth(n).map(|(i, _)| i).unwrap_or(0)
     }
 
     /// The slot where the session with this cancel key keeps the server
@@ -284,10 +291,11 @@ impl RouterContext {
         }
     }
 
-    /// Reloads the list of sharded tables from the first live shard.
+    /// Reloads the list of sharded tables from the first shard that holds the
+    /// reference tables (a shard added later may not have every table yet).
     pub async fn refresh_catalog(&self) -> Result<(), String> {
         let dir = self.directory.load();
-        let Some((first, _)) = dir.live_shards().next() else {
+        let Some(&first) = dir.reference_shards().first() else {
             return Err("no shards".into());
         };
         let pool = self.pool(first).ok_or("no pool for the first shard")?;

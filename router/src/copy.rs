@@ -62,8 +62,9 @@ pub async fn copy_in_split<S: AsyncRead + AsyncWrite + Unpin>(
         );
     };
 
-    // Start the COPY on every live shard.
-    let shard_ids: Vec<ShardId> = dir.live_shards().map(|(i, _)| i).collect();
+    // Start the COPY on every shard that owns rows (one added and not moved to
+    // yet owns none, and may not have the table).
+    let shard_ids: Vec<ShardId> = dir.owning_shards();
     let mut targets: Vec<(ShardId, Target)> = Vec::with_capacity(shard_ids.len());
     let mut copy_in_response: Option<Bytes> = None;
     for &s in &shard_ids {

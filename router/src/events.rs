@@ -11,6 +11,7 @@
 //! The stream ends when the client goes away (its side of the socket closes, or
 //! it stops reading for [`WRITE_TIMEOUT`]) or when the admin server stops.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -40,7 +41,7 @@ const HEAD: &str = "HTTP/1.1 200 OK\r\n\
 /// The end of a stream is its normal outcome, not an error.
 pub async fn stream(
     mut stream: TcpStream,
-    ctx: &RouterContext,
+    ctx: &Arc<RouterContext>,
     mut running: tokio::sync::watch::Receiver<()>,
 ) -> std::io::Result<()> {
     let mut changes = ctx.directory.subscribe();
@@ -52,6 +53,8 @@ pub async fn stream(
     loop {
         // Seen before the snapshot is read: a change after this wakes the loop.
         changes.borrow_and_update();
+        // Someone is watching: keep the shards' sizes fresh for the page.
+        crate::sizes::SizeCache::refresh_if_stale(ctx);
         let status = serde_json::to_string(&crate::admin::status(ctx)).unwrap_or_else(|_| "{}".into());
         if !send(&mut wr, format!("data: {status}\n\n").as_bytes()).await {
             return Ok(());

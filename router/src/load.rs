@@ -144,6 +144,10 @@ pub fn cluster_load(dir: &shardgate_directory::Directory) -> LoadReport {
 /// The rows a CommandComplete tag reports written (`INSERT 0 5`, `UPDATE 3`,
 /// `DELETE 2`, `COPY 10`, `MERGE 1`); 0 for reads and everything else.
 pub fn rows_written(tag: &[u8]) -> u64 {
+    // Most tags are SELECT's: skip them without decoding.
+    if !matches!(tag.first(), Some(b'I' | b'U' | b'D' | b'C' | b'M')) {
+        return 0;
+    }
     let tag = tag.strip_suffix(&[0]).unwrap_or(tag);
     let Ok(text) = std::str::from_utf8(tag) else { return 0 };
     let mut words = text.split(' ');

@@ -33,10 +33,22 @@ pub enum Target {
 /// Bind parameters of one execution.
 pub struct Params<'a> {
     pub values: &'a [Option<&'a [u8]>],
-    /// 0 text, 1 binary, per parameter (already expanded).
+    /// 0 text, 1 binary, as the Bind message has them: none (all text), one
+    /// (for all) or one per parameter.
     pub formats: &'a [i16],
     /// Type OIDs the client declared in Parse (0 or missing: unspecified).
     pub types: &'a [i32],
+}
+
+impl Params<'_> {
+    /// The format of parameter `i`, per the protocol's rule.
+    pub fn format_of(&self, i: usize) -> i16 {
+        match self.formats {
+            [] => 0,
+            [f] => *f,
+            all => all.get(i).copied().unwrap_or(0),
+        }
+    }
 }
 
 /// Routing settings that come from configuration.
@@ -180,8 +192,8 @@ fn single_or(
         )
         .hint(format!("add WHERE {key_col} = …, or set allow_cross_shard_writes = true to allow it")));
     }
-    let all: Vec<ShardId> = dir.live_shards().map(|(i, _)| i).collect();
-    Ok(if write { Target::All } else { Target::Fanout(all) })
+    // Rows live only on shards that own a bucket or a pinned tenant.
+    Ok(if write { Target::All } else { Target::Fanout(dir.owning_shards()) })
 }
 
 fn verb(stmt: &Statement) -> &'static str {
@@ -234,7 +246,7 @@ pub fn resolve(e: &KeyExpr, params: Option<&Params<'_>>, key_type: KeyType) -> R
                 ));
             };
             let Some(value) = value else { return Ok(None) };
-            let format = p.formats.get(*i).copied().unwrap_or(0);
+            let format = p.format_of(*i);
             if format == 0 {
                 let text = std::str::from_utf8(value).map_err(|_| bad("<not UTF-8>"))?;
                 return key_type.parse_text(text).map(Some).map_err(|_| bad(text));

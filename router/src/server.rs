@@ -175,7 +175,7 @@ async fn start_with(
 
 async fn load_server_params(ctx: &RouterContext) {
     let dir = ctx.directory.load();
-    let Some((first, _)) = dir.live_shards().next() else {
+    let Some(&first) = dir.reference_shards().first() else {
         return;
     };
     let Some(pool) = ctx.pool(first) else { return };

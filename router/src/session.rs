@@ -12,7 +12,7 @@
 //! prepared lazily on whichever pooled server connection runs it.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
@@ -102,8 +102,11 @@ pub struct Session<S> {
     aborted_locally: bool,
     /// A Flush left a batch open on `bound` until the next Sync.
     open_batch: bool,
-    prepared: HashMap<String, Prepared>,
+    /// The client's statements by name. Looked up on every Bind; a session can
+    /// only slow down its own lookups with colliding names.
+    prepared: rustc_hash::FxHashMap<String, Prepared>,
     batch: Vec<Message>,
+    spare_batch: Vec<Message>,
     /// Session settings (`SET name …` outside a transaction, and the startup
     /// packet's parameters), replayed on each server connection the session uses.
     settings: std::collections::BTreeMap<String, String>,
@@ -141,8 +144,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             pending_begin: None,
             aborted_locally: false,
             open_batch: false,
-            prepared: HashMap::new(),
+            prepared: Default::default(),
             batch: Vec::new(),
+            spare_batch: Vec::new(),
             settings: std::collections::BTreeMap::new(),
             settings_signature: 0,
             saw_error: false,
@@ -630,7 +634,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // BEGIN was either held (pending) or is part of `sql` itself.
         let prelude = self.pending_begin.take().map(|p| p.join("; "));
         let mut bounds = Vec::new();
-        for (shard, _) in dir.live_shards() {
+        for shard in everywhere(&dir, analysis.statements.iter()) {
             let Some(pool) = self.ctx.pool(shard) else {
                 continue;
             };
@@ -958,8 +962,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Some(m) => {
                 let Ok(bind) = Bind::parse(m) else { return };
                 let Some(p) = self.prepared.get(bind.statement) else { return };
-                let formats: Vec<i16> = (0..bind.params.len()).map(|i| bind.format_of(i)).collect();
-                let params = Params { values: &bind.params, formats: &formats, types: &p.param_types };
+                let params = Params { values: &bind.params, formats: &bind.param_formats, types: &p.param_types };
                 route::statement_keys(stmt, Some(&params), self.tenant.as_ref(), key_type)
             }
         };
@@ -1015,8 +1018,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let bind = Bind::parse(bind).ok()?;
         let p = self.prepared.get(bind.statement)?;
         let analysis = p.analysis.as_ref()?;
-        let formats: Vec<i16> = (0..bind.params.len()).map(|i| bind.format_of(i)).collect();
-        let params = Params { values: &bind.params, formats: &formats, types: &p.param_types };
+        let params = Params { values: &bind.params, formats: &bind.param_formats, types: &p.param_types };
         let mv = self.shadow_candidate(analysis, shard, Some(&params))?;
         let permit = self.ctx.shadow.permit(mv.id)?;
         let mut exec = messages::Builder::new(b'E');
@@ -1302,7 +1304,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Runs the collected Parse/Bind/Describe/Execute/Close messages, ending with
     /// Sync (`sync`) or Flush.
     async fn run_batch(&mut self, sync: bool) -> Result<(), SessionError> {
-        let batch = std::mem::take(&mut self.batch);
+        // The messages run from a Vec of their own while the next batch collects
+        // into the spare one: no allocation per batch once both have grown.
+        let spare = std::mem::take(&mut self.spare_batch);
+        let mut batch = std::mem::replace(&mut self.batch, spare);
+        let result = self.run_batch_of(sync, &mut batch).await;
+        batch.clear();
+        self.spare_batch = batch;
+        result
+    }
+
+    async fn run_batch_of(&mut self, sync: bool, batch: &mut Vec<Message>) -> Result<(), SessionError> {
         if self.multi.is_some() {
             return self
                 .fail_batch(
@@ -1319,7 +1331,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             // A lone Sync (e.g. after COPY, or an empty pipeline): nothing to run.
             return self.ready().await;
         }
-        for m in &batch {
+        for m in batch.iter() {
             if m.tag() == b'P' {
                 if let Some(a) = Parse::parse(m).ok().and_then(|p| self.ctx.cache.get(p.query).ok()) {
                     self.ensure_catalog(&a).await;
@@ -1344,7 +1356,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut target: Option<Target> = None;
         let mut routing_error: Option<SqlError> = None;
         let mut statements_seen: Vec<Arc<Analysis>> = Vec::new();
-        for m in &batch {
+        for m in batch.iter() {
             match m.tag() {
                 b'P' => match Parse::parse(m) {
                     Ok(p) => {
@@ -1370,9 +1382,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                                 None => Ok(Target::Any),
                                 Some(a) => {
                                     statements_seen.push(a.clone());
-                                    let formats: Vec<i16> = (0..bind.params.len()).map(|i| bind.format_of(i)).collect();
-                                    let params =
-                                        Params { values: &bind.params, formats: &formats, types: &p.param_types };
+                                    let params = Params {
+                                        values: &bind.params,
+                                        formats: &bind.param_formats,
+                                        types: &p.param_types,
+                                    };
                                     self.route_all(a, Some(&params))
                                 }
                             },
@@ -1413,7 +1427,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         if routing_error.is_none() && !self.pass_holds().await {
             // A cutover held the rows: the placement may have changed, route again.
-            self.batch = batch;
+            self.batch = std::mem::take(batch);
             return Box::pin(self.run_batch(sync)).await;
         }
         if self.aborted_locally {
@@ -1425,7 +1439,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if all_end && self.bound.is_none() {
                 self.aborted_locally = false;
                 self.pending_begin = None;
-                return self.answer_batch_locally(&batch, sync, "ROLLBACK").await;
+                return self.answer_batch_locally(batch, sync, "ROLLBACK").await;
             }
             if !all_end {
                 routing_error = Some(SqlError::new(
@@ -1446,7 +1460,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 | StatementKind::SetTenant(_) = stmt.kind
                 {
                     match self.local_statement(stmt)? {
-                        Some(Ok(tag)) => return self.answer_batch_locally(&batch, sync, &tag).await,
+                        Some(Ok(tag)) => return self.answer_batch_locally(batch, sync, &tag).await,
                         Some(Err(e)) => return self.fail_batch(e, sync).await,
                         None => {}
                     }
@@ -1455,7 +1469,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         if matches!(target, Some(Target::CopySplit)) {
             if let Some(a) = statements_seen.first().cloned() {
-                return self.copy_split_extended(&batch, &a.statements[0]).await;
+                return self.copy_split_extended(batch, &a.statements[0]).await;
             }
         }
         if let Some(t) = &target {
@@ -1465,7 +1479,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Target::Shard(s) => s,
             Target::Any => self.any_shard(),
             Target::All if sync && self.bound.is_none() && self.pending_begin.is_none() => {
-                return self.run_batch_on_shards(&batch, None).await;
+                let dir = self.ctx.directory.load();
+                let shards = everywhere(&dir, statements_seen.iter().flat_map(|a| a.statements.iter()));
+                return self.run_batch_on_shards(batch, shards, false).await;
             }
             Target::Fanout(shards)
                 if sync
@@ -1479,7 +1495,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         if let Err(e) = self.refuse_during_moves(&shards, &statements_seen[0].statements[0]) {
                             return self.fail_batch(e, sync).await;
                         }
-                        return self.run_batch_on_shards(&batch, Some(shards)).await;
+                        return self.run_batch_on_shards(batch, shards, true).await;
                     }
                     Ok(_) => {
                         return self
@@ -1511,7 +1527,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // Parse/Describe without Execute (a driver preparing a statement) inside a
         // transaction that has not reached a shard yet must not pin it to one:
         // run it on a connection of its own and keep BEGIN pending.
-        let shadow = if sync { self.shadow_extended(&batch, shard) } else { None };
+        let shadow = if sync { self.shadow_extended(batch, shard) } else { None };
         let has_execute = batch.iter().any(|m| m.tag() == b'E');
         let held_begin = if !has_execute && self.bound.is_none() { self.pending_begin.take() } else { None };
         let swallow = match self.bind(shard).await {
@@ -1524,7 +1540,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         };
         self.open_batch = !sync;
-        let expects = self.rewrite_batch(&batch, swallow);
+        let expects = self.rewrite_batch(batch, swallow);
         let Some(b) = self.bound.as_mut() else {
             return Ok(());
         };
@@ -1554,7 +1570,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 // The client has its answer first; the bookkeeping follows.
                 self.client.flush().await?;
                 let first = statements_seen.first().cloned();
-                self.account(elapsed, first.as_deref(), Some(&batch));
+                self.account(elapsed, first.as_deref(), Some(batch));
                 if let Some((mv, query, permit)) = shadow {
                     self.shadow_done(mv, query, permit);
                 }
@@ -1815,19 +1831,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Runs a whole batch (ending in Sync) on several shards, one after another,
     /// each on a connection of its own, and answers with one combined reply:
-    /// a write that must land everywhere (`fanout` None) answers as the first
-    /// shard did, or with the first shard's error; a read (`fanout` Some) answers
-    /// with every shard's rows.
+    /// a write that must land everywhere answers as the first shard did, or with
+    /// the first shard's error; a read (`gather`) answers with every shard's rows.
     async fn run_batch_on_shards(
         &mut self,
         batch: &[Message],
-        fanout: Option<Vec<ShardId>>,
+        shards: Vec<ShardId>,
+        gather: bool,
     ) -> Result<(), SessionError> {
         let dir = self.ctx.directory.load();
-        let shards: Vec<ShardId> = match &fanout {
-            Some(s) => s.clone(),
-            None => dir.live_shards().map(|(i, _)| i).collect(),
-        };
         let mut replies: Vec<(ShardId, Vec<Bytes>)> = Vec::with_capacity(shards.len());
         for &shard in &shards {
             if let Err(e) = self.bind(shard).await {
@@ -1864,7 +1876,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.client.queue(m);
                 }
             }
-        } else if fanout.is_none() {
+        } else if !gather {
             for m in replies.first().map(|(_, r)| r.as_slice()).unwrap_or_default() {
                 self.client.queue(m);
             }
@@ -1892,7 +1904,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         self.client.queue(&messages::ready_for_query_bytes(self.status()));
         self.client.flush().await?;
-        if fanout.is_none() {
+        if !gather {
             let ddl = batch.iter().any(|m| {
                 m.tag() == b'B'
                     && Bind::parse(m)
@@ -2021,7 +2033,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// DDL and writes to reference tables: every live shard, one after another.
     async fn run_everywhere(&mut self, sql: &str, analysis: &Analysis) -> Result<(), SessionError> {
         let dir = self.ctx.directory.load();
-        let shards: Vec<ShardId> = dir.live_shards().map(|(i, _)| i).collect();
+        let shards = everywhere(&dir, analysis.statements.iter());
         let mut first_reply: Option<Vec<Bytes>> = None;
         let mut failure: Option<Bytes> = None;
         for &s in &shards {
@@ -2377,6 +2389,23 @@ async fn collect(
         conn.broken = true;
     }
     Ok((replies, error))
+}
+
+/// The shards a statement that must run "everywhere" runs on: DDL on every live
+/// shard (the schema is the same everywhere, a shard added at run time included);
+/// writes to reference tables, and keyless writes to sharded tables, on the
+/// shards that hold reference rows or own sharded rows. A shard added and not
+/// moved to yet has neither (and maybe not the tables).
+fn everywhere<'a>(
+    dir: &shardgate_directory::Directory,
+    mut statements: impl Iterator<Item = &'a Statement>,
+) -> Vec<ShardId> {
+    if statements.any(|s| s.kind == StatementKind::Ddl) {
+        return dir.live_shards().map(|(i, _)| i).collect();
+    }
+    let refs = dir.reference_shards();
+    let owning = dir.owning_shards();
+    dir.live_shards().map(|(i, _)| i).filter(|i| refs.contains(i) || owning.contains(i)).collect()
 }
 
 fn route_kind(t: &Target) -> crate::metrics::RouteKind {

@@ -12,6 +12,11 @@
 //! the rows it owns: buckets placed on it and tenants pinned to it (rows of a move
 //! under way on its other shard are left out).
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
 use serde::Serialize;
 use shardgate_directory::hash::bucket_sql;
 use shardgate_directory::{Directory, ShardId};
@@ -163,6 +168,71 @@ pub async fn measure(ctx: &RouterContext) -> Result<Sizes, String> {
     tenants.truncate(TOP_TENANTS);
     sizes.tenants = tenants;
     Ok(sizes)
+}
+
+/// The last measurement this node made, for the status views: `GET /sizes`
+/// stores what it read, and a web page open on the node has it measured again
+/// once it is older than [`SizeCache::MAX_AGE`].
+#[derive(Default)]
+pub struct SizeCache {
+    last: Mutex<Option<(Instant, Arc<Sizes>)>>,
+    measuring: AtomicBool,
+}
+
+/// One shard's share of a measurement.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShardSize {
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+impl SizeCache {
+    /// How old a measurement may get while someone watches the web page. Each
+    /// measurement reads every sharded table once (sampled when big).
+    pub const MAX_AGE: Duration = Duration::from_secs(30);
+
+    pub fn store(&self, sizes: &Sizes) {
+        *self.lock() = Some((Instant::now(), Arc::new(sizes.clone())));
+    }
+
+    /// Rows and bytes per shard name from the last measurement, and its age.
+    pub fn per_shard(&self) -> Option<(Duration, HashMap<String, ShardSize>)> {
+        let (at, sizes) = self.lock().clone()?;
+        let mut out: HashMap<String, ShardSize> = HashMap::new();
+        for t in sizes
+            .buckets
+            .iter()
+            .map(|b| (&b.shard, b.rows, b.bytes))
+            .chain(sizes.pins.iter().map(|p| (&p.shard, p.rows, p.bytes)))
+        {
+            let e = out.entry(t.0.clone()).or_default();
+            e.rows += t.1;
+            e.bytes += t.2;
+        }
+        Some((at.elapsed(), out))
+    }
+
+    /// Measures again in the background when the last measurement is missing or
+    /// older than [`Self::MAX_AGE`]; one measurement at a time.
+    pub fn refresh_if_stale(ctx: &Arc<RouterContext>) {
+        let cache = &ctx.sizes;
+        let fresh = cache.lock().as_ref().is_some_and(|(at, _)| at.elapsed() < Self::MAX_AGE);
+        if fresh || cache.measuring.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            match measure(&ctx).await {
+                Ok(sizes) => ctx.sizes.store(&sizes),
+                Err(e) => tracing::debug!(error = %e, "could not read bucket sizes for the status views"),
+            }
+            ctx.sizes.measuring.store(false, Ordering::Release);
+        });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(Instant, Arc<Sizes>)>> {
+        self.last.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 fn shard_name(dir: &Directory, s: ShardId) -> String {

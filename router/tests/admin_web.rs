@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shardgate_directory::{Directory, DirectoryHandle, KeyType, Shard, ShardState};
+use shardgate_directory::{Directory, DirectoryHandle, KeyType, Shard};
 use shardgate_router::config::RouterConfig;
 use shardgate_router::context::RouterContext;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -22,11 +22,7 @@ struct Admin {
 
 async fn admin(token: Option<&str>) -> Admin {
     let shards = (0..2)
-        .map(|i| Shard {
-            name: format!("shard_{i}"),
-            url: format!("postgres://postgres@127.0.0.1:{}/app", 5432 + i),
-            state: ShardState::Active,
-        })
+        .map(|i| Shard::new(format!("shard_{i}"), format!("postgres://postgres@127.0.0.1:{}/app", 5432 + i)))
         .collect();
     let directory = DirectoryHandle::new(Directory::new("tenant_id", KeyType::Int, 16, shards).unwrap());
     let ctx = Arc::new(RouterContext::new(

@@ -205,7 +205,7 @@
     const colorOf = new Map(shards.map((sh, i) => [str(sh.name), SHARD_COLORS[i % SHARD_COLORS.length]]));
     const moves = arr(st.moves).map(obj);
     renderSummary(st, moves);
-    renderShards(shards, colorOf);
+    renderShards(shards, colorOf, st.sizes_age_ms);
     renderPlacements(arr(st.placements).map(str), shards, colorOf, moves);
     renderMoves(moves, now);
     renderDirectory(st, now);
@@ -226,7 +226,7 @@
     $('summary').replaceChildren(...items.map(([k, v]) => h('div', {}, h('dt', {}, k), h('dd', {}, v))));
   }
 
-  function renderShards(shards, colorOf) {
+  function renderShards(shards, colorOf, sizesAgeMs) {
     $('shards').tBodies[0].replaceChildren(...shards.map((sh) => {
       const size = shardSize(sh);
       return h('tr', { class: 'shard', dataset: { shard: str(sh.name) } },
@@ -257,7 +257,10 @@
         svg('rect', { x: left, y: y + 4, width, height: row - 8, rx: 3, fill: colorOf.get(str(sh.name)) }),
         svg('text', { x: left + width + 6, y: y + 16 }, label));
     }));
-    $('shard-chart-caption').textContent = bytes ? 'bytes per shard' : 'buckets per shard';
+    const age = num(sizesAgeMs);
+    $('shard-chart-caption').textContent = bytes
+      ? 'bytes per shard' + (age === undefined ? '' : `, measured ${Math.round(age / 1000)} s ago`)
+      : 'buckets per shard (sizes not measured yet)';
   }
 
   let placementsDrawn = '';

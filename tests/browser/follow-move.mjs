@@ -65,6 +65,12 @@ try {
       && document.getElementById('connection').dataset.state === 'live',
     null, { timeout: WAIT_MS });
   check(!page.url().includes('token='), 'the token is removed from the address bar', page.url());
+  // The open page has the node measure the shards' sizes; they follow in an event.
+  await page.waitForFunction(
+    () => [...document.querySelectorAll('#shards tbody tr .size')].every((td) => td.textContent !== '–')
+      && document.getElementById('shard-chart-caption').textContent.startsWith('bytes per shard'),
+    null, { timeout: WAIT_MS })
+    .catch(() => { throw new Error('the shards\' sizes never showed on the page'); });
   // Survives only as long as the document does: a reload would lose it.
   await page.evaluate(() => { window.sameDocument = true; });
   const before = await bucketsShown(page);

@@ -4,7 +4,7 @@
 
 pub mod checker;
 
-use shardgate_directory::{Directory, DirectoryHandle, KeyType, Shard, ShardState};
+use shardgate_directory::{Directory, DirectoryHandle, KeyType, Shard};
 use shardgate_localpg::{TestCluster, TestServer};
 use shardgate_router::backend::ShardAddress;
 use shardgate_router::config::RouterConfig;
@@ -36,7 +36,7 @@ impl Harness {
         let mut addrs = Vec::new();
         for (i, server) in cluster.servers().iter().enumerate() {
             let addr = ShardAddress::from_url(&server.url("app")).expect("shard url");
-            dir_shards.push(Shard { name: format!("shard_{i}"), url: addr.display_url(), state: ShardState::Active });
+            dir_shards.push(Shard::new(format!("shard_{i}"), addr.display_url()));
             addrs.push(addr);
         }
         let directory = DirectoryHandle::new(Directory::new("tenant_id", key_type, 64, dir_shards).expect("directory"));

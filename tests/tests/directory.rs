@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use shardgate_directory::replica::{Node, NodeConfig, TcpTransport};
 use shardgate_directory::state::Command;
-use shardgate_directory::{Directory, KeyType, Shard, ShardState, TenantKey};
+use shardgate_directory::{Directory, KeyType, Shard, TenantKey};
 use shardgate_localpg::TestCluster;
 use shardgate_router::backend::ShardAddress;
 use shardgate_router::config::RouterConfig;
@@ -27,7 +27,7 @@ async fn start(lease: Duration) -> Replicated {
     let mut addrs = Vec::new();
     for (i, s) in cluster.servers().iter().enumerate() {
         let a = ShardAddress::from_url(&s.url("app")).unwrap();
-        shards.push(Shard { name: format!("shard_{i}"), url: a.display_url(), state: ShardState::Active });
+        shards.push(Shard::new(format!("shard_{i}"), a.display_url()));
         addrs.push(a);
     }
     let initial = Directory::new("tenant_id", KeyType::Int, 16, shards).unwrap();

@@ -16,6 +16,10 @@ use shardgate_tests::checker::{self, Checker};
 use shardgate_tests::Harness;
 
 fn start_driver(h: &Harness) -> tokio::sync::watch::Sender<bool> {
+    start_driver_with(h, DriverConfig { progress_every: Duration::from_millis(100), ..Default::default() })
+}
+
+fn start_driver_with(h: &Harness, config: DriverConfig) -> tokio::sync::watch::Sender<bool> {
     let urls = h.cluster.urls();
     let resolve: shardgate_migrator::driver::Resolve = Arc::new(move |_: &Directory, i: usize| {
         let url = urls.get(i)?;
@@ -30,7 +34,7 @@ fn start_driver(h: &Harness) -> tokio::sync::watch::Sender<bool> {
         h.directory.clone(),
         Arc::new(LocalWriter(h.directory.clone())),
         resolve,
-        DriverConfig { progress_every: Duration::from_millis(100), ..Default::default() },
+        config,
         Arc::new(|| true),
     );
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -358,4 +362,78 @@ async fn simple_count(c: &tokio_postgres::Client) -> i64 {
         tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).unwrap().parse::<i64>().unwrap(),
         other => panic!("{other:?}"),
     }
+}
+
+fn create_move(h: &Harness, bucket: u32) -> u64 {
+    let out = h.directory.apply_local(&Command::CreateMove {
+        subject: MoveSubject::Bucket(bucket),
+        target: "shard_1".into(),
+        options: Default::default(),
+        at_ms: shardgate_migrator::now_ms(),
+    });
+    let Outcome::MoveCreated { id, .. } = out else { panic!("{out:?}") };
+    id
+}
+
+fn note(h: &Harness, id: u64) -> String {
+    h.directory.load().moves[&id].note.clone().unwrap_or_default()
+}
+
+/// Throttling under real lag: the target's apply is blocked by a lock while
+/// writes go on, so the first move's stream falls behind past `max_lag_bytes`.
+/// A second move waits in plan, saying why, re-checking as the lag grows, and
+/// starts its copy once the lock is gone and the stream has caught up.
+#[tokio::test]
+async fn a_move_waits_to_start_while_another_streams_lags() {
+    let h = Harness::start(2).await;
+    const LIMIT: u64 = 64 * 1024;
+    let stop_driver = start_driver_with(
+        &h,
+        DriverConfig { progress_every: Duration::from_millis(100), max_lag_bytes: LIMIT, ..Default::default() },
+    );
+    let c = h.client().await;
+    c.batch_execute("CREATE TABLE events (tenant_id bigint, id bigint, body text, PRIMARY KEY (tenant_id, id))")
+        .await
+        .unwrap();
+    let dir = h.directory.load();
+    let (first, tenants) = bucket_on_shard_0(&dir, &h, 1);
+    let tenant = tenants[0];
+    let second = (0..dir.bucket_count).find(|&b| b != first && dir.placements[b as usize] == 0).unwrap();
+    drop(dir);
+    let write = |from: i64, n: i64| {
+        format!(
+            "/* tenant_id={tenant} */ INSERT INTO events SELECT {tenant}, g, repeat('x', 300) FROM generate_series({from}, {}) g",
+            from + n - 1
+        )
+    };
+    c.simple_query(&write(1, 100)).await.unwrap();
+
+    let a = create_move(&h, first);
+    wait_phase(&h, a, MovePhase::Shadow, "the first move's copy").await;
+    // Hold the target table: the stream's apply waits, the source's WAL grows.
+    let target = h.shard(1).await;
+    target.batch_execute("BEGIN; LOCK TABLE events IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    c.simple_query(&write(1_000, 1_000)).await.unwrap();
+    wait(&h, a, "the stream to lag past the limit", || counter(&h, a, "lag_bytes") > LIMIT).await;
+
+    let b = create_move(&h, second);
+    let waiting = format!("waiting to start: move {a} lags");
+    wait(&h, b, "the second move to wait", || note(&h, b).contains(&waiting)).await;
+    assert_eq!(phase(&h, b), MovePhase::Plan);
+    // More writes, more lag: the driver looks again and keeps it waiting.
+    let seen = note(&h, b);
+    c.simple_query(&write(10_000, 1_000)).await.unwrap();
+    wait(&h, b, "the wait to be re-checked", || note(&h, b) != seen).await;
+    assert!(note(&h, b).contains(&waiting), "{}", note(&h, b));
+    assert_eq!(phase(&h, b), MovePhase::Plan, "no copy starts while the other stream lags");
+    assert_eq!(counter(&h, b, "copy_started_ms"), 0);
+
+    // The lock goes, the stream catches up, the second move copies.
+    target.batch_execute("COMMIT").await.unwrap();
+    wait(&h, a, "the stream to catch up", || counter(&h, a, "lag_bytes") <= LIMIT).await;
+    wait_phase(&h, b, MovePhase::Shadow, "the second move's copy").await;
+    assert!(counter(&h, b, "copy_started_ms") > 0);
+    let rows = h.shard(1).await.query_one("SELECT count(*) FROM events", &[]).await.unwrap().get::<_, i64>(0);
+    assert_eq!(rows, 2_100, "the first move's target has every row the stream carried");
+    let _ = stop_driver.send(true);
 }

@@ -160,7 +160,7 @@ async fn require_scram(h: &Harness, shard: usize, password: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_router_logs_in_to_shards_with_scram_and_reports_a_wrong_password() {
-    use shardgate_directory::{Directory, DirectoryHandle, KeyType, Shard, ShardState};
+    use shardgate_directory::{Directory, DirectoryHandle, KeyType, Shard};
     use shardgate_router::backend::ShardAddress;
     let h = Harness::start(1).await;
     require_scram(&h, 0, "shard-pw").await;
@@ -168,13 +168,8 @@ async fn the_router_logs_in_to_shards_with_scram_and_reports_a_wrong_password() 
     for (password, works) in [("shard-pw", true), ("wrong", false)] {
         let mut addr = ShardAddress::from_url(&format!("postgres://postgres@127.0.0.1:{port}/app")).unwrap();
         addr.password = Some(password.into());
-        let dir = Directory::new(
-            "tenant_id",
-            KeyType::Int,
-            8,
-            vec![Shard { name: "secured".into(), url: addr.display_url(), state: ShardState::Active }],
-        )
-        .unwrap();
+        let dir =
+            Directory::new("tenant_id", KeyType::Int, 8, vec![Shard::new("secured", addr.display_url())]).unwrap();
         let config = shardgate_router::config::RouterConfig { listen: "127.0.0.1:0".into(), ..Default::default() };
         let router = shardgate_router::server::start(config, DirectoryHandle::new(dir), vec![addr]).await.unwrap();
         let c = shardgate_tests::connect(&format!("postgres://postgres@{}/app", router.local_addr)).await;

@@ -202,6 +202,15 @@ impl Drop for Up {
     fn drop(&mut self) {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            // A failed test shows what the cluster logged last.
+            let log = std::fs::read_to_string(self.base.join("up.log")).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!("--- the last lines `shardgate up` logged ---");
+            for l in &lines[lines.len().saturating_sub(80)..] {
+                eprintln!("{l}");
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.base);
     }
 }
@@ -221,7 +230,7 @@ pub fn up(args: &[&str]) -> Up {
         .args(["up", "--port", &free_port().to_string(), "--admin-port", &admin.to_string()])
         .args(args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(base.join("up.log")).expect("create up.log"))
         .spawn()
         .expect("run shardgate up");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();

@@ -314,7 +314,7 @@ mod tests {
     use crate::route::{self, Rules, Target};
     use crate::sql::analyze;
     use crate::sql::InsertInfo;
-    use shardgate_directory::{Directory, KeyType, Shard, ShardState};
+    use shardgate_directory::{Directory, KeyType, Shard};
 
     fn lit(s: &str) -> KeyExpr {
         KeyExpr::Literal(s.into())
@@ -442,8 +442,7 @@ mod tests {
     }
 
     fn two_shards() -> Directory {
-        let shard =
-            |name: &str| Shard { name: name.into(), url: format!("postgres://u@{name}/db"), state: ShardState::Active };
+        let shard = |name: &str| Shard::new(name, format!("postgres://u@{name}/db"));
         Directory::new("tenant_id", KeyType::Int, 64, vec![shard("a"), shard("b")]).unwrap()
     }
 
