@@ -117,12 +117,18 @@ struct Watched(std::process::Child);
 impl Watched {
     /// Its output so far, once it has shown `text` (the move already got there,
     /// so the next frame has it).
+    /// The output up to the end of the first frame that shows `text` (frames
+    /// end with a blank line; pipe reads may split them anywhere).
     fn output_until(mut self, text: &str) -> String {
         use std::io::Read;
         let mut out = self.0.stdout.take().unwrap();
         let mut seen = Vec::new();
         let mut buf = [0u8; 4096];
-        while !String::from_utf8_lossy(&seen).contains(text) {
+        let done = |seen: &[u8]| {
+            let s = String::from_utf8_lossy(seen);
+            s.find(text).is_some_and(|at| s[at..].contains("\n\n"))
+        };
+        while !done(&seen) {
             let n = out.read(&mut buf).unwrap();
             assert!(n > 0, "the watch ended without showing {text:?}:\n{}", String::from_utf8_lossy(&seen));
             seen.extend_from_slice(&buf[..n]);

@@ -194,12 +194,14 @@ async fn a_bucket_moves_back_and_forth_and_nothing_is_lost() {
     src.batch_execute(&format!("UPDATE accounts SET balance = balance WHERE tenant_id = {other}")).await.unwrap();
     // The new owner takes writes; sequences were carried, so new ids do not collide.
     let before = count(&src, &sum).await;
+    // Read before the insert: the reverse stream may bring the new row to the
+    // old shard at any moment after it.
+    let max_src = count(&src, "SELECT max(id) FROM accounts").await;
     dst.batch_execute(&format!(
         "INSERT INTO accounts (tenant_id, balance) VALUES ({t}, 7); UPDATE accounts SET balance = balance + 1 WHERE tenant_id = {t}"
     ))
     .await
     .unwrap();
-    let max_src = count(&src, "SELECT max(id) FROM accounts").await;
     let new_id = count(&dst, &format!("SELECT max(id) FROM accounts WHERE tenant_id = {t}")).await;
     assert!(new_id > max_src, "new id {new_id} must be past the old shard's {max_src}");
     // … and the reverse stream keeps the old shard current.
@@ -220,7 +222,7 @@ async fn a_bucket_moves_back_and_forth_and_nothing_is_lost() {
     // Cut over again, then complete: the old copy and the streams go.
     cutover::cutover(&spec, Direction::Forward, &coord, &CutoverOptions::default()).await.unwrap();
     let kept = count(&dst, &on("accounts")).await;
-    let deleted = cleanup::finish(&spec, Keep::Target).await.unwrap();
+    let deleted = cleanup::finish(&spec, Keep::Target, false).await.unwrap();
     assert_eq!(deleted as i64, kept + count(&dst, &on("events")).await);
     assert_eq!(count(&src, &on("accounts")).await, 0);
     assert_eq!(count(&dst, &on("accounts")).await, kept);
@@ -232,7 +234,7 @@ async fn a_bucket_moves_back_and_forth_and_nothing_is_lost() {
     assert_eq!(sqlstate(&e), "25006");
     dst.batch_execute(&format!("INSERT INTO accounts (tenant_id, balance) VALUES ({t}, 1)")).await.unwrap();
     // Finishing twice is harmless.
-    assert_eq!(cleanup::finish(&spec, Keep::Target).await.unwrap(), 0);
+    assert_eq!(cleanup::finish(&spec, Keep::Target, false).await.unwrap(), 0);
 }
 
 #[tokio::test]
@@ -241,7 +243,7 @@ async fn cancel_drops_the_targets_copy_and_checks_refuse_what_cannot_move() {
     let filter = spec.row_filter();
     prepare::prepare(&spec).await.unwrap();
     wait_copied(&spec, &dst).await;
-    let deleted = cleanup::finish(&spec, Keep::Source).await.unwrap();
+    let deleted = cleanup::finish(&spec, Keep::Source, false).await.unwrap();
     assert_eq!(deleted, 40 * 50 + 40);
     assert_eq!(count(&dst, &format!("SELECT count(*) FROM accounts WHERE {filter}")).await, 0);
     assert_eq!(count(&src, &format!("SELECT count(*) FROM accounts WHERE {filter}")).await, 40 * 50);

@@ -202,13 +202,32 @@ impl Node {
 
     /// Proposes a change (from any node: raft forwards it to the leader) and waits
     /// until it is committed and applied here.
+    ///
+    /// During an election (no leader known) it waits for one, within `timeout`,
+    /// rather than failing at once: a change proposed while a node restarts goes
+    /// through as soon as the cluster has a leader again.
     pub async fn propose(&self, cmd: Command, timeout: Duration) -> Result<Outcome, ProposeError> {
-        let (reply, rx) = oneshot::channel();
-        self.requests.send(Request::Propose { cmd, reply }).await.map_err(|_| ProposeError::Stopped)?;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(ProposeError::Stopped),
-            Err(_) => Err(ProposeError::Timeout(timeout)),
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut status = self.watch_status();
+        loop {
+            status.borrow_and_update();
+            let (reply, rx) = oneshot::channel();
+            self.requests
+                .send(Request::Propose { cmd: cmd.clone(), reply })
+                .await
+                .map_err(|_| ProposeError::Stopped)?;
+            match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(Err(ProposeError::NoLeader))) => {
+                    // Try again when the node's view changes (a leader elected),
+                    // or give up at the deadline.
+                    if !matches!(tokio::time::timeout_at(deadline, status.changed()).await, Ok(Ok(()))) {
+                        return Err(ProposeError::NoLeader);
+                    }
+                }
+                Ok(Ok(r)) => return r,
+                Ok(Err(_)) => return Err(ProposeError::Stopped),
+                Err(_) => return Err(ProposeError::Timeout(timeout)),
+            }
         }
     }
 
