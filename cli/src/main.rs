@@ -305,8 +305,15 @@ fn main() -> std::process::ExitCode {
             let api = admin_client::Api::find(&cli.data_dir, admin.as_deref());
             api.and_then(|api| match command {
                 ShardCommand::Add { name, url, rebalance } => {
-                    api.post("/shards", &serde_json::json!({ "name": name, "url": url }))?;
-                    println!("added shard {name}");
+                    match api.post("/shards", &serde_json::json!({ "name": name, "url": url })) {
+                        Ok(_) => println!("added shard {name}"),
+                        // Run again after an interruption: the same shard is there.
+                        Err(e) if rebalance && e.to_string().contains("exists already") => {
+                            rebalance::same_shard(&api, &name, &url)?;
+                            println!("shard {name} was added already; going on with the rebalance");
+                        }
+                        Err(e) => return Err(e),
+                    }
                     if !rebalance {
                         return Ok(());
                     }

@@ -107,7 +107,9 @@ fn gather(api: &Api, strategy: Strategy) -> Result<(Input, Vec<String>)> {
             .map(|x| num(x, "bytes"))
             .unwrap_or(0);
         if let Some(shard) = id(shard) {
-            pins.push(PinInfo { tenant: key(tenant), shard, bytes, load: tenant_load(tenant) });
+            let k = key(tenant);
+            let bucket = shardgate_directory::hash::bucket_of(&k, bucket_count.max(1));
+            pins.push(PinInfo { tenant: k, bucket, shard, bytes, load: tenant_load(tenant) });
         }
     }
     Ok((Input { shards, buckets, pins }, names))
@@ -157,6 +159,23 @@ fn print_plan(plan: &Plan, names: &[String]) {
     line("after", &plan.after);
 }
 
+/// Checks that the shard named `name` is the one at `url` (`shard add` run again).
+pub fn same_shard(api: &Api, name: &str, url: &str) -> Result<()> {
+    let status = api.get("/status")?;
+    let shard = status["shards"].as_array().into_iter().flatten().find(|s| s["name"] == name);
+    let Some(shard) = shard else { bail!("no shard named {name:?}") };
+    let have = shard["url"].as_str().unwrap_or("");
+    // The directory keeps the URL as the admin API normalised it.
+    let want = shardgate_router::backend::ShardAddress::from_url(url).map(|a| a.display_url()).unwrap_or_default();
+    if have != want {
+        bail!("a shard named {name} exists already at {have}; choose another name");
+    }
+    if shard["state"] != "active" {
+        bail!("shard {name} is {}; it takes no buckets", shard["state"].as_str().unwrap_or("?"));
+    }
+    Ok(())
+}
+
 /// `shardgate rebalance`.
 pub fn run(api: &Api, args: &Args) -> Result<()> {
     let (input, names) = gather(api, args.strategy)?;
@@ -181,6 +200,22 @@ pub fn run(api: &Api, args: &Args) -> Result<()> {
 pub fn drain(api: &Api, shard: &str, concurrency: usize) -> Result<()> {
     api.post("/shards/drain", &json!({ "name": shard }))?;
     println!("shard {shard} is draining: no new placements go there");
+    // Moves off the shard that an earlier, interrupted drain started finish on
+    // their own (automatic cutover and completion): wait for them, then plan
+    // what is left.
+    let earlier: Vec<u64> = api
+        .get("/moves")?
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["source"] == shard && !matches!(m["phase"].as_str(), Some("done" | "cancelled" | "failed")))
+        .filter_map(|m| m["id"].as_u64())
+        .collect();
+    if !earlier.is_empty() {
+        let list: Vec<String> = earlier.iter().map(u64::to_string).collect();
+        println!("waiting for move(s) {} off {shard}, started earlier", list.join(", "));
+        apply_after(api, &[], &[], concurrency, earlier)?;
+    }
     let (input, names) = gather(api, Strategy::Size)?;
     let Some(me) = names.iter().position(|n| n == shard) else { bail!("no shard named {shard:?}") };
     let plan =
@@ -198,9 +233,19 @@ pub fn drain(api: &Api, shard: &str, concurrency: usize) -> Result<()> {
 /// and then cleanup, printing a line whenever one of them changes. Moves already
 /// under way for the same rows (an earlier, interrupted run) are waited for.
 pub fn apply(api: &Api, moves: &[PlannedMove], names: &[String], concurrency: usize) -> Result<()> {
+    apply_after(api, moves, names, concurrency, Vec::new())
+}
+
+/// [`apply`], also waiting for the moves `running` already under way.
+fn apply_after(
+    api: &Api,
+    moves: &[PlannedMove],
+    names: &[String],
+    concurrency: usize,
+    mut running: Vec<u64>,
+) -> Result<()> {
     let started = Instant::now();
     let mut queue: Vec<&PlannedMove> = moves.iter().rev().collect();
-    let mut running: Vec<u64> = Vec::new();
     let mut last: BTreeMap<u64, String> = BTreeMap::new();
     let mut done = 0;
     while !queue.is_empty() || !running.is_empty() {
@@ -208,8 +253,12 @@ pub fn apply(api: &Api, moves: &[PlannedMove], names: &[String], concurrency: us
             let Some(m) = queue.pop() else { break };
             let to = names.get(m.to).cloned().unwrap_or_default();
             let body = match &m.subject {
-                Subject::Bucket { bucket } => json!({ "bucket": bucket, "to": to, "cutover_auto": true }),
-                Subject::Tenant { tenant } => json!({ "tenant": tenant, "to": to, "cutover_auto": true }),
+                Subject::Bucket { bucket } => {
+                    json!({ "bucket": bucket, "to": to, "cutover_auto": true, "complete_auto": true })
+                }
+                Subject::Tenant { tenant } => {
+                    json!({ "tenant": tenant, "to": to, "cutover_auto": true, "complete_auto": true })
+                }
             };
             match api.post("/moves", &body) {
                 Ok(out) => {
@@ -221,20 +270,36 @@ pub fn apply(api: &Api, moves: &[PlannedMove], names: &[String], concurrency: us
                     );
                     running.push(id);
                 }
+                Err(e) if e.to_string().contains("is already on shard") => {
+                    // An earlier, interrupted run's move got there meanwhile.
+                    println!(
+                        "[{:>6.1}s] {} is on {to} already",
+                        started.elapsed().as_secs_f64(),
+                        subject_text(&m.subject)
+                    );
+                }
                 Err(e) if e.to_string().contains("max_concurrent") => {
                     // The cluster's own limit on concurrent moves: try again later.
                     queue.push(m);
                     break;
                 }
-                Err(e) if e.to_string().contains("already moving") => {
-                    let id = under_way(api, &m.subject)?;
-                    println!(
-                        "[{:>6.1}s] {} is already moving (move {id}): waiting for it",
-                        started.elapsed().as_secs_f64(),
-                        subject_text(&m.subject)
-                    );
-                    running.push(id);
-                }
+                Err(e) if e.to_string().contains("already moving") => match under_way(api, &m.subject)? {
+                    Some(id) if running.contains(&id) => {}
+                    Some(id) => {
+                        println!(
+                            "[{:>6.1}s] {} is already moving (move {id}): waiting for it",
+                            started.elapsed().as_secs_f64(),
+                            subject_text(&m.subject)
+                        );
+                        running.push(id);
+                    }
+                    None => {
+                        // A move of a tenant in this bucket (or of this tenant's
+                        // bucket) is under way: start this one after it.
+                        queue.push(m);
+                        break;
+                    }
+                },
                 Err(e) => return Err(e.context(format!("could not start the move of {}", subject_text(&m.subject)))),
             }
         }
@@ -291,16 +356,16 @@ fn patiently<T>(mut call: impl FnMut() -> Result<T>) -> Result<T> {
     }
 }
 
-/// The id of the move under way for `subject`.
-fn under_way(api: &Api, subject: &Subject) -> Result<u64> {
+/// The id of the move under way for exactly `subject`, if there is one.
+fn under_way(api: &Api, subject: &Subject) -> Result<Option<u64>> {
     let want = subject_text(subject);
     let all = api.get("/moves")?;
-    all.as_array()
+    Ok(all
+        .as_array()
         .into_iter()
         .flatten()
         .find(|m| {
             m["subject"] == want.as_str() && !matches!(m["phase"].as_str(), Some("done" | "cancelled" | "failed"))
         })
-        .and_then(|m| m["id"].as_u64())
-        .with_context(|| format!("{want} is reported moving but no move under way was found"))
+        .and_then(|m| m["id"].as_u64()))
 }

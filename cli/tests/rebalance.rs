@@ -20,6 +20,18 @@ fn plan(up: &Up) -> Value {
     serde_json::from_str(&out).unwrap()
 }
 
+/// Runs a script of many statements through the router with psql.
+fn run_file(up: &Up, sql: &str) {
+    let file = up.base.join("load.sql");
+    std::fs::write(&file, sql).unwrap();
+    let out = std::process::Command::new("psql")
+        .args([&up.url, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 fn status(up: &Up) -> Value {
     let (ok, out, err) = cli(up, &["status", "--json"]);
     assert!(ok, "{err}");
@@ -50,14 +62,7 @@ async fn rebalance_evens_out_skewed_shards_and_drain_empties_one_under_load() {
             "/* tenant_id={t} */ INSERT INTO events SELECT {t}, g, repeat('x', 100) FROM generate_series(1, {n}) g;\n"
         ));
     }
-    let file = up.base.join("load.sql");
-    std::fs::write(&file, sql).unwrap();
-    let out = std::process::Command::new("psql")
-        .args([&up.url, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    run_file(&up, &sql);
 
     let tenants: Vec<i64> = (1000..1040).collect();
     let load = Checker::start(std::slice::from_ref(&up.url), 4, &tenants).await;
@@ -137,9 +142,10 @@ async fn rebalance_evens_out_skewed_shards_and_drain_empties_one_under_load() {
     assert_eq!(psql(&up.url, "SELECT count(*) FROM events"), rows.to_string());
 }
 
-/// The runbook's "add a shard" in one step (`shard add NAME URL --rebalance`) and
-/// a tenant put on a shard by hand (`move tenant … --cutover auto --wait`, then
-/// `complete`), both under load; nothing acknowledged is lost.
+/// The runbook's "add a shard" in one step (`shard add NAME URL --rebalance`), a
+/// tenant put on a shard by hand (`move tenant … --cutover auto --wait`, then
+/// `complete`), and a drain of the new shard interrupted and run again, all under
+/// load; nothing acknowledged is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_shard_takes_its_share_and_a_tenant_moves_by_hand() {
     let up = up(&["--shards", "2", "--buckets", "8", "--shadow-for", "300ms"]);
@@ -156,14 +162,7 @@ async fn a_new_shard_takes_its_share_and_a_tenant_moves_by_hand() {
             "/* tenant_id={t} */ INSERT INTO events SELECT {t}, g, repeat('x', 50) FROM generate_series(1, 40) g;\n"
         ));
     }
-    let file = up.base.join("load.sql");
-    std::fs::write(&file, sql).unwrap();
-    let out = std::process::Command::new("psql")
-        .args([&up.url, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    run_file(&up, &sql);
     let tenants: Vec<i64> = (1000..1020).collect();
     let load = Checker::start(std::slice::from_ref(&up.url), 2, &tenants).await;
 
@@ -175,6 +174,11 @@ async fn a_new_shard_takes_its_share_and_a_tenant_moves_by_hand() {
     let buckets: Vec<u64> = s["shards"].as_array().unwrap().iter().map(|x| x["buckets"].as_u64().unwrap()).collect();
     assert!(buckets[2] >= 2 && buckets.iter().all(|&b| b >= 2), "every shard holds a share: {buckets:?}");
     assert!(s["moves"].as_array().unwrap().iter().all(|m| m["phase"] == "done"), "{}", s["moves"]);
+    // Run again (as after an interruption): the shard is there, the rebalance goes on.
+    let (ok, out, err) = tokio::task::block_in_place(|| cli(&up, &["shard", "add", "shard_2", &url, "--rebalance"]));
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("was added already"), "{out}");
+    let s = status(&up);
     // The new shard got the schema with its first move, not the reference rows:
     // reference reads and writes stay on the shards that have them.
     assert_eq!(s["shards"][2]["reference"], false, "{}", s["shards"][2]);
@@ -213,6 +217,44 @@ async fn a_new_shard_takes_its_share_and_a_tenant_moves_by_hand() {
     let count = format!("SELECT count(*) FROM events WHERE tenant_id = {tenant}");
     assert_eq!(psql(&shard_url(to), &count), "40", "the tenant's rows are on {to}");
     assert_eq!(psql(&shard_url(&from), &count), "0", "and gone from {from}");
+
+    // Drain the new shard again, interrupted: the CLI is killed while a move is
+    // under way, and the same command run again finishes the job.
+    let mut drain = std::process::Command::new(env!("CARGO_BIN_EXE_shardgate"))
+        .arg("--data-dir")
+        .arg(&up.base)
+        .args(["shard", "drain", "shard_2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(up.base.join("drain.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let busy = |s: &Value| {
+        s["moves"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| !matches!(m["phase"].as_str(), Some("done" | "cancelled" | "failed")))
+    };
+    while !busy(&status(&up)) {
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "the drain started no move");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        drain.try_wait().unwrap().is_none(),
+        "the drain ended before it could be interrupted: {}",
+        std::fs::read_to_string(up.base.join("drain.err")).unwrap_or_default()
+    );
+    drain.kill().unwrap();
+    drain.wait().unwrap();
+    let (ok, out, err) = tokio::task::block_in_place(|| cli(&up, &["shard", "drain", "shard_2"]));
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("drained and removed"), "{out}");
+    let s = status(&up);
+    assert!(s["moves"].as_array().unwrap().iter().all(|m| m["phase"] == "done"), "{}", s["moves"]);
+    let shard2 = &s["shards"][2];
+    assert_eq!((shard2["state"].as_str(), shard2["buckets"].as_u64()), (Some("removed"), Some(0)), "{shard2}");
+    assert!(s["pins"].as_array().unwrap().iter().all(|p| p[1] != "shard_2"), "{}", s["pins"]);
 
     let report = load.stop().await;
     let names: Vec<String> =

@@ -163,6 +163,11 @@ pub struct MoveOptions {
     /// Verify and cut over as soon as the copy is done (cleanup stays manual).
     #[serde(default)]
     pub cutover_auto: bool,
+    /// … and complete (drop the old copy) right after the cutover: what
+    /// `rebalance --apply` and `shard drain` ask for, so that a move they started
+    /// finishes even if the command is interrupted.
+    #[serde(default)]
+    pub complete_auto: bool,
 }
 
 /// A cutover hold: every router holds new statements for the move's rows until it
@@ -357,6 +362,15 @@ impl Directory {
                     )));
                 }
                 if *state == ShardState::Removed {
+                    if let Some(m) = self.moves.values().find(|m| m.phase.active() && (m.source == s || m.target == s))
+                    {
+                        return Err(rejected(format!(
+                            "move {} ({}) of shard {name} is still under way ({}); wait for it to finish",
+                            m.id,
+                            describe(&m.subject),
+                            m.phase.name()
+                        )));
+                    }
                     let holds = self.placements.iter().filter(|&&p| p == s).count();
                     let pins = self.pins.values().filter(|&&p| p == s).count();
                     if holds > 0 || pins > 0 {
@@ -421,11 +435,17 @@ impl Directory {
                         m.phase.name()
                     )));
                 }
+                // A bucket moves around its pinned tenants: their rows are on
+                // their pinned shard, not in the bucket's copy. A pin on either end
+                // of the move would put them in it (or under its fence).
                 if let MoveSubject::Bucket(b) = subject {
-                    if let Some(k) = self.pins.keys().find(|k| self.bucket_of(k) == *b) {
+                    let pinned = self.pins.iter().find(|(k, s)| self.bucket_of(k) == *b && (**s == source || **s == t));
+                    if let Some((k, s)) = pinned {
+                        let end = if *s == source { "the shard the bucket is on" } else { "the move's target" };
                         return Err(rejected(format!(
-                            "bucket {b} holds tenant {k}, which is pinned to a shard of its own; \
-                             unpin it (or move it as a tenant) before moving the bucket"
+                            "bucket {b} holds tenant {k}, which is pinned to shard {} ({end}); \
+                             move the bucket to another shard, or move tenant {k} elsewhere first",
+                            self.shards[*s].name
                         )));
                     }
                 }
@@ -714,6 +734,17 @@ mod tests {
             at_ms: 2,
         });
         assert!(matches!(home, Outcome::Rejected { ref reason } if reason.contains("already on")));
+        // The move's target cannot be removed while the move runs, even once
+        // nothing is placed there.
+        d.apply(&Command::SetShardState { name: "s1".into(), state: ShardState::Draining });
+        for b in 0..d.bucket_count {
+            if d.placements[b as usize] == 1 {
+                d.apply(&Command::PlaceBucket { bucket: b, shard: "s0".into() });
+            }
+        }
+        d.pins.retain(|_, s| *s != 1);
+        let out = d.apply(&Command::SetShardState { name: "s1".into(), state: ShardState::Removed });
+        assert!(matches!(out, Outcome::Rejected { ref reason } if reason.contains("move 1 (bucket 1)")), "{out:?}");
     }
 
     #[test]

@@ -18,7 +18,11 @@ pub enum Keep {
 
 /// Drops both streams and the moved rows from the shard that does not keep them.
 /// Idempotent: each step looks before it drops.
-pub async fn finish(spec: &MoveSpec, keep: Keep) -> Result<u64, Error> {
+///
+/// `home`: the tenant of a tenant move ends pinned to the shard that keeps it; its
+/// fence row there becomes a home row (so the fence its bucket may have left on
+/// that shard does not refuse its writes) instead of going.
+pub async fn finish(spec: &MoveSpec, keep: Keep, home: bool) -> Result<u64, Error> {
     let src = spec.source.connect(&format!("move {} cleanup (source)", spec.id)).await?;
     let dst = spec.target.connect(&format!("move {} cleanup (target)", spec.id)).await?;
     // Subscriptions first (each lives on the other side from its slot).
@@ -48,17 +52,24 @@ pub async fn finish(spec: &MoveSpec, keep: Keep) -> Result<u64, Error> {
     };
     // The shard without the rows keeps an armed fence: a stale router or a direct
     // client writing there is refused. The owner's fence row goes (its rows no
-    // longer move).
+    // longer move), or stays as the pinned tenant's home row.
     crate::prepare::set_fence(other, other_c, spec, true).await?;
     let (kind, value) = spec.fence_key();
-    owner_c
-        .batch_execute(&format!(
+    let sql = if home && kind == "tenant" {
+        format!(
+            "UPDATE shardgate.fence SET move_id = 0, armed = false, changed_at = now() \
+             WHERE kind = '{kind}' AND value = {} AND move_id = {}",
+            literal(&value),
+            spec.id
+        )
+    } else {
+        format!(
             "DELETE FROM shardgate.fence WHERE kind = '{kind}' AND value = {} AND move_id = {}",
             literal(&value),
             spec.id
-        ))
-        .await
-        .map_err(|e| Error::pg(&owner.name, "remove the fence row", e))?;
+        )
+    };
+    owner_c.batch_execute(&sql).await.map_err(|e| Error::pg(&owner.name, "settle the fence row", e))?;
     delete_rows(spec, other, other_c).await
 }
 

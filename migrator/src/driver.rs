@@ -359,10 +359,17 @@ impl Driver {
                 self.note(m, "after a cutover a move can be rolled back or completed").await?;
                 Ok(Step::Again)
             }
+            (MovePhase::Reverse, None) if m.options.complete_auto => {
+                self.update(m, MovePhase::Cleanup, counters([("keep_source", 0)]), Some("completing (automatic)"))
+                    .await?;
+                Ok(Step::Again)
+            }
             (MovePhase::Reverse, None) => self.report_lag(m, spec, Direction::Back).await,
             (MovePhase::Cleanup, _) => {
                 let keep = if m.counters.get("keep_source") == Some(&1) { Keep::Source } else { Keep::Target };
-                let deleted = cleanup::finish(spec, keep).await?;
+                let owner = if keep == Keep::Source { m.source } else { m.target };
+                let home = matches!(&m.subject, MoveSubject::Tenant(k) if dir.pins.get(k) == Some(&owner));
+                let deleted = cleanup::finish(spec, keep, home).await?;
                 let phase = if keep == Keep::Source { MovePhase::Cancelled } else { MovePhase::Done };
                 let note = match keep {
                     Keep::Source => format!("cancelled: the target's copy dropped ({deleted} rows)"),

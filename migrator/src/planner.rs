@@ -63,6 +63,9 @@ pub struct TenantInfo {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PinInfo {
     pub tenant: TenantKey,
+    /// The bucket the tenant hashes to: that bucket cannot move onto or off the
+    /// pinned shard.
+    pub bucket: u32,
     pub shard: ShardId,
     pub bytes: u64,
     pub load: u64,
@@ -207,16 +210,48 @@ pub fn plan(input: &Input, opts: &Options) -> Plan {
     };
     // The emptiest shard that takes buckets (lowest id on ties).
     let emptiest = |per: &[(ShardId, u64)]| accepting.iter().copied().min_by_key(|s| (value(per, *s), *s));
+    // … leaving out `avoid` when another shard can take it.
+    let emptiest_but = |per: &[(ShardId, u64)], avoid: &[ShardId]| {
+        accepting.iter().copied().filter(|s| !avoid.contains(s)).min_by_key(|s| (value(per, *s), *s)).or(emptiest(per))
+    };
+    // Where each bucket's pinned tenants are (as planned): the bucket moves
+    // around them, never onto or off their shard.
+    let mut pinned: Vec<(u32, ShardId)> = input.pins.iter().map(|p| (p.bucket, p.shard)).collect();
+    let pinned_on = |pinned: &[(u32, ShardId)], b: u32| -> Vec<ShardId> {
+        pinned.iter().filter(|x| x.0 == b).map(|x| x.1).collect()
+    };
 
-    // 1. Drain: everything off draining shards, biggest first.
+    // 1. Drain: everything off draining shards, pinned tenants first (so that
+    //    their buckets can plan around where they go), then buckets, biggest first.
     if !draining.is_empty() && !accepting.is_empty() {
+        for p in input.pins.iter().filter(|p| draining.contains(&p.shard)) {
+            if moves.len() >= opts.max_moves {
+                break;
+            }
+            let home = buckets.iter().find(|b| b.bucket == p.bucket).map(|b| b.shard);
+            let Some(to) = emptiest_but(&per, &home.into_iter().collect::<Vec<_>>()) else { break };
+            let v = measure(strategy, p.bytes, p.load);
+            shift(&mut per, p.shard, to, v);
+            moved_tenants.insert(p.tenant.to_string());
+            if let Some(x) = pinned.iter_mut().find(|x| x.0 == p.bucket && x.1 == p.shard) {
+                x.1 = to;
+            }
+            moves.push(PlannedMove {
+                subject: Subject::Tenant { tenant: p.tenant.to_string() },
+                from: p.shard,
+                to,
+                bytes: p.bytes,
+                load: p.load,
+                reason: "drain",
+            });
+        }
         let mut off: Vec<&BucketInfo> = buckets.iter().filter(|b| draining.contains(&b.shard)).collect();
         off.sort_by_key(|b| (std::cmp::Reverse(measure(strategy, b.bytes, b.load)), b.bucket));
         for b in off {
             if moves.len() >= opts.max_moves {
                 break;
             }
-            let Some(to) = emptiest(&per) else { break };
+            let Some(to) = emptiest_but(&per, &pinned_on(&pinned, b.bucket)) else { break };
             let v = measure(strategy, b.bytes, b.load);
             shift(&mut per, b.shard, to, v);
             moved.insert(b.bucket);
@@ -226,23 +261,6 @@ pub fn plan(input: &Input, opts: &Options) -> Plan {
                 to,
                 bytes: b.bytes,
                 load: b.load,
-                reason: "drain",
-            });
-        }
-        for p in input.pins.iter().filter(|p| draining.contains(&p.shard)) {
-            if moves.len() >= opts.max_moves {
-                break;
-            }
-            let Some(to) = emptiest(&per) else { break };
-            let v = measure(strategy, p.bytes, p.load);
-            shift(&mut per, p.shard, to, v);
-            moved_tenants.insert(p.tenant.to_string());
-            moves.push(PlannedMove {
-                subject: Subject::Tenant { tenant: p.tenant.to_string() },
-                from: p.shard,
-                to,
-                bytes: p.bytes,
-                load: p.load,
                 reason: "drain",
             });
         }
@@ -266,6 +284,7 @@ pub fn plan(input: &Input, opts: &Options) -> Plan {
         let best_bucket = buckets
             .iter()
             .filter(|b| b.shard == from && !moved.contains(&b.bucket))
+            .filter(|b| pinned_on(&pinned, b.bucket).iter().all(|s| *s != from && *s != to))
             .map(|b| (b, measure(strategy, b.bytes, b.load)))
             .filter(|(_, v)| *v > 0 && *v < gap)
             .min_by_key(|(b, v)| (score(*v), b.bucket));
@@ -433,12 +452,57 @@ mod tests {
     fn a_draining_shard_is_emptied_first() {
         let mut input = skewed();
         input.shards[2].draining = true;
-        input.pins.push(PinInfo { tenant: TenantKey::Int(7), shard: 2, bytes: 10, load: 1 });
+        input.pins.push(PinInfo { tenant: TenantKey::Int(7), bucket: 3, shard: 2, bytes: 10, load: 1 });
         let p = plan(&input, &Options { max_moves: 100, ..Default::default() });
         let off: Vec<&PlannedMove> = p.moves.iter().filter(|m| m.from == 2).collect();
         assert_eq!(off.len(), 9, "8 buckets and a pin leave shard 2: {:?}", p.moves);
         assert!(off.iter().all(|m| m.reason == "drain" && m.to != 2));
         assert!(p.moves.iter().all(|m| m.to != 2));
         assert!(p.after.per_shard.iter().all(|x| x.0 != 2), "{:?}", p.after);
+    }
+
+    #[test]
+    fn buckets_move_around_their_pinned_tenants() {
+        // Shard 2 drains; its bucket 24 has a tenant pinned to shard 1, which is
+        // the emptiest: the bucket goes to shard 0 instead. Bucket 25's tenant is
+        // pinned to shard 2 itself: the tenant moves first, and the bucket avoids
+        // where it went.
+        let mut input = skewed();
+        for b in 0..16 {
+            input.buckets[b].bytes = 10;
+        }
+        input.shards[2].draining = true;
+        input.pins.push(PinInfo { tenant: TenantKey::Int(7), bucket: 24, shard: 1, bytes: 1, load: 0 });
+        input.pins.push(PinInfo { tenant: TenantKey::Int(8), bucket: 25, shard: 2, bytes: 1, load: 0 });
+        let p = plan(&input, &Options { max_moves: 100, ..Default::default() });
+        let to = |s: Subject| p.moves.iter().find(|m| m.subject == s).map(|m| m.to).unwrap();
+        assert_eq!(to(Subject::Bucket { bucket: 24 }), 0, "{:?}", p.moves);
+        let pin = to(Subject::Tenant { tenant: "8".into() });
+        let first = |s: Subject| p.moves.iter().position(|m| m.subject == s).unwrap();
+        assert!(first(Subject::Tenant { tenant: "8".into() }) < first(Subject::Bucket { bucket: 25 }));
+        assert_ne!(to(Subject::Bucket { bucket: 25 }), pin, "{:?}", p.moves);
+
+        // Balancing never moves a bucket onto or off its pinned tenant's shard.
+        for seed in 0..200 {
+            let mut input = random_input(seed);
+            let n = input.shards.len();
+            for (i, b) in input.buckets.iter().enumerate().step_by(3) {
+                let shard = if i % 2 == 0 { b.shard } else { (b.shard + 1) % n };
+                input.pins.push(PinInfo {
+                    tenant: TenantKey::Int(i as i64),
+                    bucket: b.bucket,
+                    shard,
+                    bytes: 0,
+                    load: 0,
+                });
+            }
+            let p = plan(&input, &Options { max_moves: 100, ..Default::default() });
+            for m in p.moves.iter().filter(|m| m.reason == "balance") {
+                let Subject::Bucket { bucket } = m.subject else { continue };
+                for pin in input.pins.iter().filter(|x| x.bucket == bucket) {
+                    assert!(pin.shard != m.from && pin.shard != m.to, "seed {seed}: {m:?} and {pin:?}");
+                }
+            }
+        }
     }
 }

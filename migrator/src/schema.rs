@@ -88,7 +88,8 @@ pub async fn owned_sequences(client: &Client, tables: &[Table]) -> Result<Vec<St
 }
 
 /// The `shardgate` schema: the fence (rows of buckets or tenants this shard no longer
-/// owns, or owns while they move), the marker table used for exact catch-up waits, and the trigger function
+/// owns, or owns while they move, and home rows — `move_id` 0, unarmed — of tenants
+/// pinned here, which exempt them from their bucket's fence), the marker table used for exact catch-up waits, and the trigger function
 /// that refuses local writes of fenced rows.
 ///
 /// The trigger is an ordinary (`ENABLE`d) trigger, so it does not fire in logical
@@ -141,10 +142,17 @@ BEGIN
                  WHEN 'uuid' THEN uuid_hash_extended(k::uuid, 0)
                  ELSE hashtextextended(k, 0)
              END;
+        -- A tenant's own row wins over its bucket's: a pinned tenant lives on a
+        -- shard its bucket may have left (whose bucket fence stays armed).
         SELECT * INTO f FROM shardgate.fence
          WHERE (kind = 'tenant' AND value = k)
             OR (kind = 'bucket' AND value = ((h & 9223372036854775807) % nbuckets)::text)
+         ORDER BY kind = 'tenant' DESC
          LIMIT 1;
+        IF FOUND AND NOT f.armed AND f.move_id = 0 THEN
+            -- A home row: the tenant is pinned here and no move of it runs.
+            CONTINUE;
+        END IF;
         IF FOUND AND NOT f.armed THEN
             -- Moving rows: hold the move's lock until this transaction ends, so the
             -- cutover can wait for every writer, then look again (read committed

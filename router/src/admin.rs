@@ -84,6 +84,7 @@ pub struct MoveStatus {
     pub note: Option<String>,
     pub request: Option<shardgate_directory::state::MoveRequest>,
     pub cutover_auto: bool,
+    pub complete_auto: bool,
     /// Routers holding its statements right now (during a cutover or a verify cut).
     pub holding: bool,
     /// The latest shadow reads whose answers differed, newest first (counts are
@@ -114,6 +115,7 @@ pub fn move_status(dir: &shardgate_directory::Directory, m: &shardgate_directory
         note: m.note.clone(),
         request: m.request.clone(),
         cutover_auto: m.options.cutover_auto,
+        complete_auto: m.options.complete_auto,
         holding: dir.holds.contains_key(&m.id),
         shadow_samples: {
             let mut v: Vec<_> = m.shadow.values().flat_map(|c| c.samples.iter().cloned()).collect();
@@ -594,6 +596,8 @@ struct NewMove {
     to: String,
     #[serde(default)]
     cutover_auto: bool,
+    #[serde(default)]
+    complete_auto: bool,
 }
 
 #[derive(serde::Deserialize)]
@@ -630,7 +634,7 @@ async fn create_move(ctx: &RouterContext, m: NewMove) -> (u16, String) {
         Command::CreateMove {
             subject,
             target: m.to,
-            options: MoveOptions { cutover_auto: m.cutover_auto },
+            options: MoveOptions { cutover_auto: m.cutover_auto, complete_auto: m.complete_auto },
             at_ms: now_ms(),
         },
     )
@@ -666,6 +670,24 @@ async fn pin_tenant(ctx: &RouterContext, p: Pin) -> (u16, String) {
                 Ok(_) => {}
                 Err((c, m)) => return (503, json_error(&format!("cannot check {table}: {c} {m}"))),
             }
+        }
+    }
+    // On a shard the tenant's bucket has left, the bucket's fence is armed: a home
+    // row exempts the pinned tenant from it (see docs/moves.md, the fence).
+    if let Some(pool) = dir.shards.iter().position(|s| s.name == p.shard).and_then(|i| ctx.pool(i)) {
+        let literal = p.tenant.replace('\'', "''");
+        let sql = format!(
+            "DO $$ BEGIN IF to_regclass('shardgate.fence') IS NOT NULL THEN \
+             INSERT INTO shardgate.fence (kind, value, move_id, armed) VALUES ('tenant', '{literal}', 0, false) \
+             ON CONFLICT (kind, value) DO UPDATE SET move_id = 0, armed = false, changed_at = now(); \
+             END IF; END $$"
+        );
+        let done = match pool.get().await {
+            Ok(mut conn) => conn.simple_query(&sql).await.map(|_| ()).map_err(|(c, m)| format!("{c} {m}")),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = done {
+            return (503, json_error(&format!("cannot exempt the tenant from its bucket's fence on {}: {e}", p.shard)));
         }
     }
     propose(ctx, shardgate_directory::state::Command::PinTenant { tenant: key, shard: p.shard }).await

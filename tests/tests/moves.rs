@@ -115,13 +115,7 @@ async fn a_bucket_moves_under_write_load_and_back_and_again_without_a_client_err
     drop(dir);
 
     let load = Checker::start(&[h.url()], 8, &tenants).await;
-    let out = h.directory.apply_local(&Command::CreateMove {
-        subject: MoveSubject::Bucket(bucket),
-        target: "shard_1".into(),
-        options: Default::default(),
-        at_ms: shardgate_migrator::now_ms(),
-    });
-    let Outcome::MoveCreated { id, .. } = out else { panic!("{out:?}") };
+    let id = create_move(&h, bucket);
 
     wait_phase(&h, id, MovePhase::Shadow, "the copy").await;
     request(&h, id, MoveRequest::Cutover { force: false });
@@ -225,13 +219,7 @@ async fn cross_shard_reads_count_moving_rows_once_and_a_stale_router_is_fenced()
     let stale = shardgate_router::server::start(cfg, stale_dir, addrs).await.unwrap();
     let stale_client = shardgate_tests::connect(&format!("postgres://postgres@{}/app", stale.local_addr)).await;
 
-    let out = h.directory.apply_local(&Command::CreateMove {
-        subject: MoveSubject::Bucket(bucket),
-        target: "shard_1".into(),
-        options: Default::default(),
-        at_ms: shardgate_migrator::now_ms(),
-    });
-    let Outcome::MoveCreated { id, .. } = out else { panic!("{out:?}") };
+    let id = create_move(&h, bucket);
     wait_phase(&h, id, MovePhase::Shadow, "the copy").await;
     let on_shards: i64 = {
         let mut n = 0;
@@ -279,13 +267,7 @@ async fn shadow_reads_match_under_writes_and_catch_a_row_changed_on_the_target()
         .await
         .unwrap();
     }
-    let out = h.directory.apply_local(&Command::CreateMove {
-        subject: MoveSubject::Bucket(bucket),
-        target: "shard_1".into(),
-        options: Default::default(),
-        at_ms: shardgate_migrator::now_ms(),
-    });
-    let Outcome::MoveCreated { id, .. } = out else { panic!("{out:?}") };
+    let id = create_move(&h, bucket);
     wait_phase(&h, id, MovePhase::Shadow, "the shadow phase").await;
     let shadow = || h.router.context.shadow.counts(id);
 
@@ -375,6 +357,8 @@ fn create_move(h: &Harness, bucket: u32) -> u64 {
     id
 }
 
+const EVENTS_SQL: &str = "CREATE TABLE events (tenant_id bigint, id bigint, body text, PRIMARY KEY (tenant_id, id))";
+
 fn note(h: &Harness, id: u64) -> String {
     h.directory.load().moves[&id].note.clone().unwrap_or_default()
 }
@@ -392,9 +376,7 @@ async fn a_move_waits_to_start_while_another_streams_lags() {
         DriverConfig { progress_every: Duration::from_millis(100), max_lag_bytes: LIMIT, ..Default::default() },
     );
     let c = h.client().await;
-    c.batch_execute("CREATE TABLE events (tenant_id bigint, id bigint, body text, PRIMARY KEY (tenant_id, id))")
-        .await
-        .unwrap();
+    c.batch_execute(EVENTS_SQL).await.unwrap();
     let dir = h.directory.load();
     let (first, tenants) = bucket_on_shard_0(&dir, &h, 1);
     let tenant = tenants[0];
@@ -435,5 +417,88 @@ async fn a_move_waits_to_start_while_another_streams_lags() {
     assert!(counter(&h, b, "copy_started_ms") > 0);
     let rows = h.shard(1).await.query_one("SELECT count(*) FROM events", &[]).await.unwrap().get::<_, i64>(0);
     assert_eq!(rows, 2_100, "the first move's target has every row the stream carried");
+    let _ = stop_driver.send(true);
+}
+
+/// Moves `subject` to `target` with an automatic cutover and completes it.
+async fn move_and_complete(h: &Harness, subject: MoveSubject, target: &str) -> u64 {
+    let out = h.directory.apply_local(&Command::CreateMove {
+        subject,
+        target: target.into(),
+        options: shardgate_directory::state::MoveOptions { cutover_auto: true, complete_auto: false },
+        at_ms: shardgate_migrator::now_ms(),
+    });
+    let Outcome::MoveCreated { id, .. } = out else { panic!("{out:?}") };
+    wait_phase(h, id, MovePhase::Reverse, "the cutover").await;
+    request(h, id, MoveRequest::Complete);
+    wait_phase(h, id, MovePhase::Done, "completion").await;
+    id
+}
+
+/// Pins and fences together. A bucket leaves shard 0 (whose fence for it stays
+/// armed), one of its tenants is moved back onto shard 0 by hand and must take
+/// writes there; the bucket then moves on to shard 2 around the pinned tenant,
+/// which stays where it is; a move of the bucket onto the pinned tenant's shard is
+/// refused with what to do instead.
+#[tokio::test]
+async fn a_pinned_tenant_keeps_its_shard_while_its_bucket_moves_around_it() {
+    let h = Harness::start(3).await;
+    let stop_driver = start_driver_with(
+        &h,
+        DriverConfig {
+            progress_every: Duration::from_millis(100),
+            shadow_for: Duration::from_millis(200),
+            ..Default::default()
+        },
+    );
+    let c = h.client().await;
+    c.batch_execute(EVENTS_SQL).await.unwrap();
+    let dir = h.directory.load();
+    let (bucket, tenants) = bucket_on_shard_0(&dir, &h, 2);
+    drop(dir);
+    let (pinned, other) = (tenants[0], tenants[1]);
+    let insert = |t: i64, from: i64| {
+        format!(
+            "/* tenant_id={t} */ INSERT INTO events SELECT {t}, g, 'x' FROM generate_series({from}, {}) g",
+            from + 9
+        )
+    };
+    for t in [pinned, other] {
+        c.simple_query(&insert(t, 1)).await.unwrap();
+    }
+    let count = |t: i64| format!("SELECT count(*) FROM events WHERE tenant_id = {t}");
+    async fn on(h: &Harness, shard: usize, sql: &str) -> i64 {
+        h.shard(shard).await.query_one(sql, &[]).await.unwrap().get(0)
+    }
+
+    move_and_complete(&h, MoveSubject::Bucket(bucket), "shard_1").await;
+    move_and_complete(&h, MoveSubject::Tenant(TenantKey::Int(pinned)), "shard_0").await;
+    assert_eq!(h.shard_of(pinned), 0);
+    c.simple_query(&insert(pinned, 11)).await.expect("the pinned tenant takes writes on its shard");
+    assert_eq!(on(&h, 0, &count(pinned)).await, 20);
+
+    move_and_complete(&h, MoveSubject::Bucket(bucket), "shard_2").await;
+    assert_eq!((h.shard_of(pinned), h.shard_of(other)), (0, 2));
+    for t in [pinned, other] {
+        c.simple_query(&insert(t, 21)).await.unwrap();
+    }
+    assert_eq!([on(&h, 0, &count(pinned)).await, on(&h, 2, &count(other)).await], [30, 20]);
+    assert_eq!([on(&h, 1, &count(pinned)).await, on(&h, 1, &count(other)).await], [0, 0], "nothing left behind");
+    assert_eq!(on(&h, 2, &count(pinned)).await, 0, "the pinned tenant did not move with its bucket");
+    // Through the router, both tenants see exactly their rows.
+    for (t, n) in [(pinned, 30), (other, 20)] {
+        let sql = format!("/* tenant_id={t} */ {}", count(t));
+        let got: i64 = c.query_one(&sql, &[]).await.unwrap().get(0);
+        assert_eq!(got, n);
+    }
+
+    let out = h.directory.apply_local(&Command::CreateMove {
+        subject: MoveSubject::Bucket(bucket),
+        target: "shard_0".into(),
+        options: Default::default(),
+        at_ms: shardgate_migrator::now_ms(),
+    });
+    let Outcome::Rejected { reason } = out else { panic!("{out:?}") };
+    assert!(reason.contains(&format!("tenant {pinned}")) && reason.contains("shard_0"), "{reason}");
     let _ = stop_driver.send(true);
 }
