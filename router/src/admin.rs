@@ -677,13 +677,15 @@ async fn pin_tenant(ctx: &RouterContext, p: Pin) -> (u16, String) {
     if let Some(pool) = dir.shards.iter().position(|s| s.name == p.shard).and_then(|i| ctx.pool(i)) {
         let literal = p.tenant.replace('\'', "''");
         let sql = format!(
-            "DO $$ BEGIN IF to_regclass('shardgate.fence') IS NOT NULL THEN \
-             INSERT INTO shardgate.fence (kind, value, move_id, armed) VALUES ('tenant', '{literal}', 0, false) \
-             ON CONFLICT (kind, value) DO UPDATE SET move_id = 0, armed = false, changed_at = now(); \
-             END IF; END $$"
+            "INSERT INTO shardgate.fence (kind, value, move_id, armed) VALUES ('tenant', '{literal}', 0, false) \
+             ON CONFLICT (kind, value) DO UPDATE SET move_id = 0, armed = false, changed_at = now()"
         );
         let done = match pool.get().await {
-            Ok(mut conn) => conn.simple_query(&sql).await.map(|_| ()).map_err(|(c, m)| format!("{c} {m}")),
+            Ok(mut conn) => match conn.simple_query(&sql).await {
+                // No move ever touched this shard: no fence to be exempt from.
+                Err((c, _)) if c == "42P01" => Ok(()),
+                r => r.map(|_| ()).map_err(|(c, m)| format!("{c} {m}")),
+            },
             Err(e) => Err(e.to_string()),
         };
         if let Err(e) = done {
