@@ -37,7 +37,9 @@ fn an_operator_moves_a_bucket_rolls_it_back_cuts_over_again_and_completes() {
     let (ok, out, err) =
         cli(&up, &["move", "bucket", &bucket.to_string(), "--to", "shard_1", "--cutover", "auto", "--wait"]);
     assert!(ok, "{out}\n{err}");
-    assert!(out.contains("move 1 planned") && out.contains("copy") && out.contains("reverse"), "{out}");
+    // (A quick copy may pass between two progress lines: the watch view's
+    // timeline below shows every phase.)
+    assert!(out.contains("move 1 planned") && out.contains("reverse"), "{out}");
     let s = status(&up);
     let m = &s["moves"][0];
     assert_eq!(m["phase"], "reverse", "{m}");

@@ -143,8 +143,19 @@ pub async fn prepare(spec: &MoveSpec) -> Result<Prepared, Error> {
         .map_err(|e| Error::pg(&spec.source.name, "create the reverse subscription", e))?;
     }
     if !subscribed {
+        // The forward slot too is made on its own, by a session that holds no
+        // transaction id. CREATE SUBSCRIPTION making it would wait, inside a
+        // transaction on the target, for the source's running transactions; two
+        // moves between the same shards in opposite directions then wait for
+        // each other for good.
+        if !exists(&src, &spec.source, "pg_replication_slots", "slot_name", &fwd).await? {
+            src.batch_execute(&format!("SELECT pg_create_logical_replication_slot({}, 'pgoutput')", literal(&fwd)))
+                .await
+                .map_err(|e| Error::pg(&spec.source.name, "create the replication slot", e))?;
+        }
         dst.batch_execute(&format!(
-            "CREATE SUBSCRIPTION {fwd} CONNECTION {} PUBLICATION {fwd} WITH (copy_data = true, slot_name = {})",
+            "CREATE SUBSCRIPTION {fwd} CONNECTION {} PUBLICATION {fwd} \
+             WITH (copy_data = true, create_slot = false, slot_name = {})",
             literal(&spec.source.conninfo()),
             literal(&fwd)
         ))
