@@ -15,6 +15,11 @@ pub enum Subject {
     Tenant(String),
 }
 
+/// Whether a move (as `/moves` lists it) has ended: done, cancelled or failed.
+pub fn ended(m: &serde_json::Value) -> bool {
+    matches!(m["phase"].as_str(), Some("done" | "cancelled" | "failed"))
+}
+
 pub fn start(api: &Api, subject: Subject, to: &str, cutover_auto: bool, wait: bool) -> Result<()> {
     let body = match &subject {
         Subject::Bucket(b) => json!({ "bucket": b, "to": to, "cutover_auto": cutover_auto }),
@@ -70,7 +75,7 @@ pub fn request(api: &Api, id: u64, what: &str, force: bool, wait: bool) -> Resul
                     || (m["request"].is_null() && m["note"] != note && m["phase"] != "cutover")
             })?
         }
-        _ => watch(api, id, |m| matches!(m["phase"].as_str(), Some("done" | "cancelled" | "failed")))?,
+        _ => watch(api, id, ended)?,
     };
     finish_message(&m, id)
 }

@@ -208,7 +208,7 @@ pub fn drain(api: &Api, shard: &str, concurrency: usize) -> Result<()> {
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|m| m["source"] == shard && !matches!(m["phase"].as_str(), Some("done" | "cancelled" | "failed")))
+        .filter(|m| m["source"] == shard && !crate::moves::ended(m))
         .filter_map(|m| m["id"].as_u64())
         .collect();
     if !earlier.is_empty() {
@@ -364,8 +364,6 @@ fn under_way(api: &Api, subject: &Subject) -> Result<Option<u64>> {
         .as_array()
         .into_iter()
         .flatten()
-        .find(|m| {
-            m["subject"] == want.as_str() && !matches!(m["phase"].as_str(), Some("done" | "cancelled" | "failed"))
-        })
+        .find(|m| m["subject"] == want.as_str() && !crate::moves::ended(m))
         .and_then(|m| m["id"].as_u64()))
 }

@@ -204,8 +204,7 @@ pub fn frame(s: &Value, sizes: Option<&Value>) -> String {
         );
     }
     let moves: Vec<&Value> = s["moves"].as_array().into_iter().flatten().collect();
-    let live: Vec<&&Value> =
-        moves.iter().filter(|m| !matches!(m["phase"].as_str(), Some("done" | "cancelled" | "failed"))).collect();
+    let live: Vec<&&Value> = moves.iter().filter(|m| !crate::moves::ended(m)).collect();
     let _ = writeln!(out);
     let _ = writeln!(out, "moves: {} under way, {} in all", live.len(), moves.len());
     for m in moves.iter().rev().take(10) {
