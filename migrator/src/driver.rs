@@ -18,7 +18,7 @@ use crate::cleanup::{self, Keep};
 use crate::cluster::DirectoryCoordinator;
 use crate::cutover::{self, CutoverOptions, Direction};
 use crate::verify::{self, VerifyOptions};
-use crate::{now_ms, prepare, stream, Endpoint, Error, MoveSpec};
+use crate::{copy, now_ms, prepare, stream, Endpoint, Error, MoveSpec};
 
 /// How to reach a shard by name (with its password, which the directory does not
 /// hold).
@@ -37,8 +37,9 @@ pub struct DriverConfig {
     pub shadow_for: Duration,
     /// Back off while a stream lags more than this (see [`throttled`]).
     pub max_lag_bytes: u64,
-    /// No new copy while the running copies go faster than this (0: no limit).
+    /// Caps on how fast this driver's copies go, together (0: no cap).
     pub max_copy_rows_per_s: u64,
+    pub max_copy_bytes_per_s: u64,
 }
 
 impl Default for DriverConfig {
@@ -52,6 +53,7 @@ impl Default for DriverConfig {
             shadow_for: Duration::from_secs(5),
             max_lag_bytes: 64 << 20,
             max_copy_rows_per_s: 0,
+            max_copy_bytes_per_s: 0,
         }
     }
 }
@@ -64,6 +66,8 @@ pub struct Driver {
     /// Whether this process should drive moves now (the directory leader).
     pub active: Arc<dyn Fn() -> bool + Send + Sync>,
     running: Mutex<HashSet<u64>>,
+    /// Shared by every copy this driver runs: the caps hold for all of them together.
+    throttle: Arc<copy::Throttle>,
 }
 
 impl Driver {
@@ -74,7 +78,8 @@ impl Driver {
         config: DriverConfig,
         active: Arc<dyn Fn() -> bool + Send + Sync>,
     ) -> Arc<Driver> {
-        Arc::new(Driver { directory, writer, resolve, config, active, running: Mutex::new(HashSet::new()) })
+        let throttle = copy::Throttle::new(config.max_copy_rows_per_s, config.max_copy_bytes_per_s);
+        Arc::new(Driver { directory, writer, resolve, config, active, running: Mutex::new(HashSet::new()), throttle })
     }
 
     /// Runs until `stopped` fires: starts a task for every active move not being
@@ -190,47 +195,7 @@ impl Driver {
                 self.update(m, MovePhase::Copy, c, None).await?;
                 Ok(Step::Again)
             }
-            (MovePhase::Copy, _) => {
-                let dst = spec.target.connect(&format!("move {} progress", m.id)).await?;
-                let p = stream::copy_progress(spec, &dst).await?;
-                let tables: Vec<String> = p.tables.iter().map(|t| t.table.clone()).collect();
-                // A table's copy is one transaction: its rows show on the target
-                // when it commits; until then the copy's own progress counts them.
-                let committed = stream::count_rows_by_table(spec, &spec.target, &dst, &tables).await?;
-                let mut per_table = BTreeMap::new();
-                let mut rows = 0;
-                for (t, n) in p.tables.iter().zip(&committed) {
-                    let r = if t.state == "copying" { t.rows.max(*n) } else { *n };
-                    rows += r;
-                    per_table.insert(format!("copy_rows:{}", t.table), r);
-                    // The copy's byte count is known only while it runs: keep the last.
-                    let seen = m.counters.get(&format!("copy_bytes:{}", t.table)).copied().unwrap_or(0);
-                    per_table.insert(format!("copy_bytes:{}", t.table), seen.max(t.bytes));
-                }
-                let bytes_done: u64 = p.tables.iter().map(|t| t.bytes).sum();
-                let started = m.counters.get("copy_started_ms").copied().unwrap_or(m.created_ms);
-                let secs = (now_ms().saturating_sub(started) as f64 / 1000.0).max(0.001);
-                let rate = rows as f64 / secs;
-                let total = m.counters.get("rows_total").copied().unwrap_or(0);
-                let eta = if rate > 0.0 { (total.saturating_sub(rows) as f64 / rate) as u64 } else { 0 };
-                let ready = p.tables.iter().filter(|t| t.state == "ready").count() as u64;
-                let mut c = counters([
-                    ("rows_copied", rows),
-                    ("copy_bytes_in_progress", bytes_done),
-                    ("copy_rows_per_s", rate as u64),
-                    ("eta_s", eta),
-                    ("tables_ready", ready),
-                    ("stream_errors", p.errors),
-                ]);
-                c.extend(per_table);
-                if p.done() {
-                    c.insert("eta_s".into(), 0);
-                    self.update(m, MovePhase::DualWrite, c, None).await?;
-                    return Ok(Step::Again);
-                }
-                self.update(m, MovePhase::Copy, c, None).await?;
-                Ok(Step::Wait(self.config.progress_every))
-            }
+            (MovePhase::Copy, _) => self.copy(m, spec).await,
             (MovePhase::DualWrite | MovePhase::Shadow, Some(MoveRequest::Verify)) => {
                 self.clear_request(m).await?;
                 self.update(m, MovePhase::Verify, BTreeMap::new(), Some("verifying")).await?;
@@ -382,6 +347,65 @@ impl Driver {
         }
     }
 
+    /// Runs the copy (see [`copy`]), writing its progress to the directory as it
+    /// goes. Gives up the copy (its transactions roll back) when the move is
+    /// cancelled or this process stops driving; the next attempt starts over.
+    async fn copy(&self, m: &Move, spec: &MoveSpec) -> Result<Step, Error> {
+        let (tx, rx) = tokio::sync::watch::channel(copy::Progress::default());
+        let work = copy::copy(spec, &self.throttle, &tx);
+        tokio::pin!(work);
+        let started = Instant::now();
+        let total = m.counters.get("rows_total").copied().unwrap_or(0);
+        let report = |p: &copy::Progress| {
+            let rows = p.rows();
+            let rate = rows as f64 / started.elapsed().as_secs_f64().max(0.001);
+            let eta = if rate > 0.0 { (total.saturating_sub(rows) as f64 / rate) as u64 } else { 0 };
+            let mut c = counters([
+                ("rows_copied", rows),
+                ("copy_bytes_in_progress", p.bytes()),
+                ("copy_rows_per_s", rate as u64),
+                ("eta_s", eta),
+                ("tables_ready", p.tables.iter().filter(|t| t.done).count() as u64),
+            ]);
+            for t in &p.tables {
+                c.insert(format!("copy_rows:{}", t.table), t.rows);
+                c.insert(format!("copy_bytes:{}", t.table), t.bytes);
+            }
+            c
+        };
+        loop {
+            tokio::select! {
+                outcome = &mut work => {
+                    return match outcome? {
+                        copy::Outcome::Busy => {
+                            self.note(m, "waiting: another driver is copying this move (its lock is held on the target)").await?;
+                            Ok(Step::Wait(Duration::from_secs(1)))
+                        }
+                        copy::Outcome::Copied { .. } | copy::Outcome::AlreadyCopied => {
+                            let mut c = report(&rx.borrow());
+                            c.insert("eta_s".into(), 0);
+                            if matches!(c.get("rows_copied"), Some(0)) {
+                                // Copied by an earlier attempt: keep what it reported.
+                                c.retain(|k, _| k == "eta_s");
+                            }
+                            self.update(m, MovePhase::DualWrite, c, None).await?;
+                            Ok(Step::Again)
+                        }
+                    };
+                }
+                _ = tokio::time::sleep(self.config.progress_every) => {
+                    let now = self.directory.load().moves.get(&m.id).cloned();
+                    let cancelled = now.as_ref().is_none_or(|x| x.request == Some(MoveRequest::Cancel));
+                    if cancelled || !(self.active)() {
+                        return Ok(Step::Again);
+                    }
+                    let c = report(&rx.borrow());
+                    self.update(m, MovePhase::Copy, c, None).await?;
+                }
+            }
+        }
+    }
+
     async fn cutover(&self, m: &Move, spec: &MoveSpec, dir: Direction) -> Result<Step, Error> {
         let back = dir == Direction::Back;
         let before = if back { MovePhase::Reverse } else { self.settled() };
@@ -510,9 +534,8 @@ pub fn spec_of(dir: &Directory, m: &Move, resolve: &Resolve) -> Option<MoveSpec>
 
 /// Why a planned move should not start its copy yet, if it should not: another
 /// move's stream lags more than `max_lag_bytes` (the source is already busy
-/// feeding it), or the copies running now together go faster than
-/// `max_copy_rows_per_s`. Live traffic comes first; the move starts when that
-/// passes.
+/// feeding it). Live traffic comes first; the move starts when that passes.
+/// (The copy rate caps are a brake on running copies: see [`copy::Throttle`].)
 pub fn throttled(dir: &Directory, m: &Move, config: &DriverConfig) -> Option<String> {
     let others = || dir.moves.values().filter(|o| o.id != m.id && o.phase.active());
     if let Some(o) = others().find(|o| o.counters.get("lag_bytes").copied().unwrap_or(0) > config.max_lag_bytes) {
@@ -522,18 +545,6 @@ pub fn throttled(dir: &Directory, m: &Move, config: &DriverConfig) -> Option<Str
             o.counters.get("lag_bytes").copied().unwrap_or(0),
             config.max_lag_bytes
         ));
-    }
-    if config.max_copy_rows_per_s > 0 {
-        let rate: u64 = others()
-            .filter(|o| o.phase == MovePhase::Copy)
-            .map(|o| o.counters.get("copy_rows_per_s").copied().unwrap_or(0))
-            .sum();
-        if rate >= config.max_copy_rows_per_s {
-            return Some(format!(
-                "waiting to start: the running copies take {rate} rows/s, at max_copy_rows_per_s ({})",
-                config.max_copy_rows_per_s
-            ));
-        }
     }
     None
 }
@@ -581,6 +592,7 @@ pub fn spawn_for_router(
         shadow_for: ctx.config.moves.shadow_for,
         max_lag_bytes: ctx.config.moves.max_lag_bytes,
         max_copy_rows_per_s: ctx.config.moves.max_copy_rows_per_s,
+        max_copy_bytes_per_s: ctx.config.moves.max_copy_bytes_per_s,
         // Heartbeats come every second; a router silent for its lease and one more
         // second has stopped serving writes by the lease rule.
         router_timeout: lease + Duration::from_secs(1),
@@ -622,18 +634,17 @@ mod tests {
     }
 
     #[test]
-    fn a_new_copy_waits_while_another_stream_lags_or_copies_fast() {
+    fn a_new_copy_waits_while_another_stream_lags() {
         let mut d = dir_with_moves();
-        let cfg = DriverConfig { max_lag_bytes: 1000, max_copy_rows_per_s: 500, ..Default::default() };
+        let cfg = DriverConfig { max_lag_bytes: 1000, ..Default::default() };
         let second = d.moves[&2].clone();
         assert_eq!(throttled(&d, &second, &cfg), None, "nothing else is busy");
         set(&mut d, 1, MovePhase::Shadow, &[("lag_bytes", 5000)]);
         let why = throttled(&d, &second, &cfg).unwrap();
         assert!(why.contains("move 1 lags 5000 bytes"), "{why}");
-        set(&mut d, 1, MovePhase::Copy, &[("lag_bytes", 0), ("copy_rows_per_s", 800)]);
-        assert!(throttled(&d, &second, &cfg).unwrap().contains("800 rows/s"));
-        let unlimited = DriverConfig { max_copy_rows_per_s: 0, ..cfg.clone() };
-        assert_eq!(throttled(&d, &second, &unlimited), None);
+        set(&mut d, 1, MovePhase::Shadow, &[("lag_bytes", 1000)]);
+        assert_eq!(throttled(&d, &second, &cfg), None, "at the limit is not past it");
+        set(&mut d, 1, MovePhase::Shadow, &[("lag_bytes", 5000)]);
         set(&mut d, 1, MovePhase::Done, &[]);
         assert_eq!(throttled(&d, &second, &cfg), None, "an ended move does not count");
     }

@@ -18,7 +18,9 @@ use crate::Error;
 pub const POINTS: &[&str] = &[
     "prepare.after_fence_install",
     "prepare.after_publication",
-    "prepare.after_subscription",
+    "prepare.after_reverse_stream",
+    "copy.after_slot",
+    "copy.after_first_table",
     "cutover.after_hold",
     "cutover.after_fence",
     "cutover.after_catch_up",

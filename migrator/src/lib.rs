@@ -1,14 +1,16 @@
 //! Online moves of a bucket or a tenant from one shard to another.
 //!
 //! The data path is Postgres's own logical replication, filtered to the moving rows
-//! by a publication row filter with the router's hash expression: a consistent
-//! snapshot copy, then every committed change in commit order. Nothing here replays
+//! by a publication row filter with the router's hash expression: a copy from one
+//! consistent snapshot, then every committed change after it, in commit order. Nothing here replays
 //! statements. The pieces, in the order a move uses them:
 //!
 //! - [`prepare`]: checks (logical WAL, primary keys, schema on the target), the
 //!   `shardgate` schema on both shards, the fence triggers, the publications and
-//!   subscriptions (the reverse one created disabled, so a rollback needs no DDL).
-//! - [`stream`]: copy progress and lag, and exact catch-up waits through marker rows.
+//!   reverse stream (created disabled, so a rollback needs no DDL).
+//! - [`copy`]: the moving rows from one snapshot of the source, at a rate that can
+//!   be capped, and the forward stream started exactly where the snapshot ends.
+//! - [`stream`]: lag, and exact catch-up waits through marker rows.
 //! - [`verify`]: chunked row counts and checksums at one consistent cut.
 //! - [`cutover`]: hold, fence, catch up, flip, reverse, release — and the same
 //!   backwards for a rollback.
@@ -19,6 +21,7 @@
 
 pub mod cleanup;
 pub mod cluster;
+pub mod copy;
 pub mod cutover;
 pub mod driver;
 pub mod fault;

@@ -26,9 +26,9 @@ pub struct Prepared {
     pub sequences: Vec<String>,
 }
 
-/// Checks a move and builds its replication: fence triggers on both shards, the
-/// forward publication and subscription (which starts the copy), and the reverse
-/// ones created disabled.
+/// Checks a move and builds its replication: fence triggers on both shards, both
+/// publications, and the reverse slot and subscription (created disabled). The
+/// forward slot and subscription come with the copy ([`crate::copy`]).
 pub async fn prepare(spec: &MoveSpec) -> Result<Prepared, Error> {
     let src = spec.source.connect(&format!("move {} source", spec.id)).await?;
     let dst = spec.target.connect(&format!("move {} target", spec.id)).await?;
@@ -142,27 +142,7 @@ pub async fn prepare(spec: &MoveSpec) -> Result<Prepared, Error> {
         .await
         .map_err(|e| Error::pg(&spec.source.name, "create the reverse subscription", e))?;
     }
-    if !subscribed {
-        // The forward slot too is made on its own, by a session that holds no
-        // transaction id. CREATE SUBSCRIPTION making it would wait, inside a
-        // transaction on the target, for the source's running transactions; two
-        // moves between the same shards in opposite directions then wait for
-        // each other for good.
-        if !exists(&src, &spec.source, "pg_replication_slots", "slot_name", &fwd).await? {
-            src.batch_execute(&format!("SELECT pg_create_logical_replication_slot({}, 'pgoutput')", literal(&fwd)))
-                .await
-                .map_err(|e| Error::pg(&spec.source.name, "create the replication slot", e))?;
-        }
-        dst.batch_execute(&format!(
-            "CREATE SUBSCRIPTION {fwd} CONNECTION {} PUBLICATION {fwd} \
-             WITH (copy_data = true, create_slot = false, slot_name = {})",
-            literal(&spec.source.conninfo()),
-            literal(&fwd)
-        ))
-        .await
-        .map_err(|e| Error::pg(&spec.target.name, "create the subscription (start the copy)", e))?;
-    }
-    fault::point("prepare.after_subscription")?;
+    fault::point("prepare.after_reverse_stream")?;
     Ok(prepared)
 }
 

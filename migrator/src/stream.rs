@@ -1,4 +1,4 @@
-//! Watching the change stream: copy progress, lag, and exact catch-up waits.
+//! Watching the change stream: lag, exact catch-up waits, slot states.
 
 use std::time::{Duration, Instant};
 
@@ -6,99 +6,6 @@ use tokio_postgres::Client;
 
 use crate::pg::{literal, rows, scalar};
 use crate::{Endpoint, Error, MoveSpec};
-
-/// Copy state of one table, from the target's `pg_subscription_rel`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TableCopy {
-    pub table: String,
-    /// `init`, `copying`, `copied`, `syncing` or `ready`.
-    pub state: &'static str,
-    /// Rows and bytes a running copy has written so far (`pg_stat_progress_copy`).
-    pub rows: u64,
-    pub bytes: u64,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct CopyProgress {
-    pub tables: Vec<TableCopy>,
-    /// Rows of the moving set on the target now.
-    pub rows_on_target: u64,
-    /// Errors the subscription's workers hit (`pg_stat_subscription_stats`); a
-    /// growing count means the copy or the stream is stuck on something.
-    pub errors: u64,
-}
-
-impl CopyProgress {
-    /// Every table is copied and its stream caught up with the apply worker.
-    pub fn done(&self) -> bool {
-        !self.tables.is_empty() && self.tables.iter().all(|t| t.state == "ready")
-    }
-}
-
-fn state_name(code: &str) -> &'static str {
-    match code {
-        "i" => "init",
-        "d" => "copying",
-        "f" => "copied",
-        "s" => "syncing",
-        "r" => "ready",
-        _ => "unknown",
-    }
-}
-
-/// Copy progress of the forward stream, read on the target.
-pub async fn copy_progress(spec: &MoveSpec, target: &Client) -> Result<CopyProgress, Error> {
-    let name = literal(&spec.forward_name());
-    let err = |e| Error::pg(&spec.target.name, "read copy progress", e);
-    let mut p = CopyProgress::default();
-    let sql = format!(
-        "SELECT r.srrelid::regclass::text, r.srsubstate::text, coalesce(c.tuples_processed, 0), coalesce(c.bytes_processed, 0) \
-         FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid \
-         LEFT JOIN pg_stat_progress_copy c ON c.relid = r.srrelid AND c.datid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-         WHERE s.subname = {name} AND r.srrelid <> 'shardgate.marks'::regclass ORDER BY 1"
-    );
-    for r in rows(target, &sql).await.map_err(err)? {
-        let num = |i: usize| r[i].as_deref().and_then(|v| v.parse().ok()).unwrap_or(0);
-        p.tables.push(TableCopy {
-            table: r[0].clone().unwrap_or_default(),
-            state: state_name(r[1].as_deref().unwrap_or("")),
-            rows: num(2),
-            bytes: num(3),
-        });
-    }
-    let errors = scalar(
-        target,
-        &format!(
-            "SELECT coalesce(sum(apply_error_count + sync_error_count), 0) FROM pg_stat_subscription_stats WHERE subname = {name}"
-        ),
-    )
-    .await
-    .map_err(err)?;
-    p.errors = errors.and_then(|v| v.parse().ok()).unwrap_or(0);
-    Ok(p)
-}
-
-/// Rows of the moving set on a shard (one scan per table).
-pub async fn count_rows(spec: &MoveSpec, shard: &Endpoint, client: &Client, tables: &[String]) -> Result<u64, Error> {
-    Ok(count_rows_by_table(spec, shard, client, tables).await?.iter().sum())
-}
-
-/// Rows of the moving set on a shard, per table (in the order of `tables`).
-pub async fn count_rows_by_table(
-    spec: &MoveSpec,
-    shard: &Endpoint,
-    client: &Client,
-    tables: &[String],
-) -> Result<Vec<u64>, Error> {
-    let mut counts = Vec::with_capacity(tables.len());
-    for t in tables {
-        let n = scalar(client, &format!("SELECT count(*) FROM {t} WHERE {}", spec.row_filter()))
-            .await
-            .map_err(|e| Error::pg(&shard.name, "count rows", e))?;
-        counts.push(n.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0));
-    }
-    Ok(counts)
-}
 
 /// How far a subscriber is behind its publisher.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

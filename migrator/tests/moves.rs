@@ -12,7 +12,7 @@ use shardgate_localpg::TestCluster;
 use shardgate_migrator::cleanup::{self, Keep};
 use shardgate_migrator::cutover::{self, Coordinator, CutoverOptions, Direction};
 use shardgate_migrator::verify::{self, VerifyOptions};
-use shardgate_migrator::{prepare, stream, Endpoint, Error, MoveSpec};
+use shardgate_migrator::{copy, fault, prepare, stream, Endpoint, Error, MoveSpec};
 use shardgate_router::backend::ShardAddress;
 use tokio_postgres::Client;
 
@@ -85,17 +85,10 @@ async fn count(c: &Client, sql: &str) -> i64 {
     c.query_one(sql, &[]).await.unwrap().get(0)
 }
 
-async fn wait_copied(spec: &MoveSpec, dst: &Client) {
-    let started = Instant::now();
-    loop {
-        let p = stream::copy_progress(spec, dst).await.unwrap();
-        assert_eq!(p.errors, 0, "replication workers report errors: {p:?}");
-        if p.done() {
-            return;
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "copy did not finish: {p:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Runs the copy phase to its end (the forward stream then runs).
+async fn copy_all(spec: &MoveSpec, throttle: &copy::Throttle) -> copy::Outcome {
+    let (tx, _rx) = tokio::sync::watch::channel(copy::Progress::default());
+    copy::copy(spec, throttle, &tx).await.expect("copy")
 }
 
 fn sqlstate(e: &tokio_postgres::Error) -> String {
@@ -115,7 +108,22 @@ async fn a_bucket_moves_back_and_forth_and_nothing_is_lost() {
     assert_eq!(prepared.sequences, vec!["accounts_id_seq".to_string()]);
     // Running it again changes nothing (a restarted migrator does exactly this).
     prepare::prepare(&spec).await.expect("prepare is idempotent");
-    wait_copied(&spec, &dst).await;
+    // A copy that fails after its first table leaves nothing on the target (one
+    // transaction), and the next attempt starts over from a new snapshot.
+    fault::set("copy.after_first_table", Some(fault::Action::Error));
+    let (tx, rx) = tokio::sync::watch::channel(copy::Progress::default());
+    let err = copy::copy(&spec, &copy::Throttle::unlimited(), &tx).await.unwrap_err().to_string();
+    fault::set("copy.after_first_table", None);
+    assert!(err.contains("copy.after_first_table"), "{err}");
+    assert!(rx.borrow().tables[0].done && rx.borrow().rows() > 0, "{:?}", rx.borrow());
+    assert_eq!(count(&dst, &on("accounts")).await + count(&dst, &on("events")).await, 0, "rolled back");
+    // Capped at 4000 rows/s, the 2040 moving rows take at least half a second.
+    let started = Instant::now();
+    let outcome = copy_all(&spec, &copy::Throttle::new(4000, 0)).await;
+    let copy::Outcome::Copied { rows, .. } = outcome else { panic!("not copied: {outcome:?}") };
+    assert_eq!(rows, 40 * 50 + 40);
+    assert!(started.elapsed() >= Duration::from_millis(500), "the cap held: {:?}", started.elapsed());
+    assert_eq!(copy_all(&spec, &copy::Throttle::unlimited()).await, copy::Outcome::AlreadyCopied);
     assert_eq!(count(&dst, &on("accounts")).await, 40 * 50);
     assert_eq!(count(&dst, "SELECT count(*) FROM accounts").await, 40 * 50, "only the bucket is copied");
     assert_eq!(count(&dst, "SELECT count(*) FROM plans").await, 0, "reference tables are not moved");
@@ -242,7 +250,7 @@ async fn cancel_drops_the_targets_copy_and_checks_refuse_what_cannot_move() {
     let (_cluster, spec, src, dst) = setup().await;
     let filter = spec.row_filter();
     prepare::prepare(&spec).await.unwrap();
-    wait_copied(&spec, &dst).await;
+    copy_all(&spec, &copy::Throttle::unlimited()).await;
     let deleted = cleanup::finish(&spec, Keep::Source, false).await.unwrap();
     assert_eq!(deleted, 40 * 50 + 40);
     assert_eq!(count(&dst, &format!("SELECT count(*) FROM accounts WHERE {filter}")).await, 0);

@@ -123,26 +123,37 @@ pub struct Backend {
 
 impl Backend {
     pub async fn connect(addr: &ShardAddress, timeout: Duration) -> Result<Backend, BackendError> {
+        Self::connect_with(addr, timeout, &[]).await
+    }
+
+    /// Logs in with more startup parameters, e.g. `("replication", "database")`
+    /// for a logical replication connection (the migrator's snapshot copy).
+    pub async fn connect_with(
+        addr: &ShardAddress,
+        timeout: Duration,
+        extra: &[(&str, &str)],
+    ) -> Result<Backend, BackendError> {
         let url = addr.display_url();
-        match tokio::time::timeout(timeout, Self::connect_inner(addr, &url)).await {
+        match tokio::time::timeout(timeout, Self::connect_inner(addr, &url, extra)).await {
             Ok(r) => r,
             Err(_) => Err(BackendError::Timeout { url }),
         }
     }
 
-    async fn connect_inner(addr: &ShardAddress, url: &str) -> Result<Backend, BackendError> {
+    async fn connect_inner(addr: &ShardAddress, url: &str, extra: &[(&str, &str)]) -> Result<Backend, BackendError> {
         let stream = TcpStream::connect((addr.host.as_str(), addr.port))
             .await
             .map_err(|source| BackendError::Connect { url: url.to_string(), source })?;
         stream.set_nodelay(true).ok();
         let mut conn = Connection::connecting(stream, 1 << 30);
-        conn.send(&messages::startup_message(&[
-            ("user", &addr.user),
-            ("database", &addr.database),
+        let mut params = vec![
+            ("user", addr.user.as_str()),
+            ("database", addr.database.as_str()),
             ("application_name", "shardgate"),
             ("client_encoding", "UTF8"),
-        ]))
-        .await?;
+        ];
+        params.extend_from_slice(extra);
+        conn.send(&messages::startup_message(&params)).await?;
         auth::authenticate_backend(&mut conn, &addr.user, addr.password.as_deref()).await.map_err(|e| {
             BackendError::Login { url: url.to_string(), code: e.sqlstate().to_string(), message: e.to_string() }
         })?;

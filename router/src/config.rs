@@ -85,10 +85,12 @@ pub struct MovesConfig {
     /// new move starts its copy, and an automatic cutover waits. Default 64 MiB.
     #[serde(default = "default_max_lag_bytes")]
     pub max_lag_bytes: u64,
-    /// No new move starts its copy while the moves copying now copy more rows
-    /// per second than this, together (0: no limit). Default 0.
+    /// Caps on how fast the copies a router drives go, together: rows and bytes
+    /// per second (0: no cap). A capped copy is paced as it runs. Default 0.
     #[serde(default)]
     pub max_copy_rows_per_s: u64,
+    #[serde(default)]
+    pub max_copy_bytes_per_s: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -112,6 +114,7 @@ impl Default for MovesConfig {
             shadow_concurrency: default_shadow_concurrency(),
             max_lag_bytes: default_max_lag_bytes(),
             max_copy_rows_per_s: 0,
+            max_copy_bytes_per_s: 0,
         }
     }
 }
