@@ -119,6 +119,9 @@ pub struct Backend {
     /// Signature of the session settings applied on this connection (`SET …`
     /// replayed for the session using it); None when unknown.
     pub settings: Option<u64>,
+    /// The session thread whose event loop this connection's socket belongs to
+    /// (see [`crate::pool`]); it goes back to that thread's idle list.
+    pub home: usize,
 }
 
 impl Backend {
@@ -165,6 +168,7 @@ impl Backend {
             prepared: Default::default(),
             broken: false,
             settings: Some(0),
+            home: crate::pool::home(),
         };
         loop {
             let m = backend.conn.read().await?;

@@ -48,6 +48,10 @@ pub struct RouterConfig {
     /// Online moves (`[router.moves]`).
     #[serde(default)]
     pub moves: MovesConfig,
+    /// Threads that serve client sessions, each an event loop of its own that a
+    /// session never leaves (0: one per CPU core). Default 0.
+    #[serde(default)]
+    pub threads: usize,
 }
 
 /// Settings of online moves, read by the node that drives them.
@@ -222,6 +226,7 @@ impl Default for RouterConfig {
             shard_password: None,
             users: Vec::new(),
             moves: MovesConfig::default(),
+            threads: 0,
         }
     }
 }

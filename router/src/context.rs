@@ -207,6 +207,7 @@ impl RouterContext {
                 self.config.pool.size,
                 self.config.pool.queue_timeout,
                 self.config.pool.connect_timeout,
+                self.config.threads,
             ));
         }
         pools.get(shard).cloned()

@@ -4,7 +4,16 @@
 //! transaction) and gives it back when the server reports it idle. The number of
 //! connections per shard is capped by a semaphore; a borrower waits in FIFO order
 //! up to `queue_timeout`, then gets SQLSTATE 53300 rather than hanging.
+//!
+//! Idle connections are kept per session thread ([`crate::server`]): a socket
+//! belongs to the event loop of the thread that opened it, and a session that
+//! uses one from another thread is woken through that thread on every reply.
+//! A borrower takes from its own thread's list first, from another's only when
+//! its own is empty (so the cap holds), and a connection goes back to its home
+//! thread's list.
 
+use std::cell::Cell;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,11 +41,30 @@ impl PoolError {
     }
 }
 
+thread_local! {
+    static HOME: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Marks the current thread as session thread `n` (1-based; 0, the default,
+/// is every other thread).
+pub fn set_home(n: usize) {
+    HOME.with(|h| h.set(n));
+}
+
+/// The current thread's idle list.
+pub fn home() -> usize {
+    HOME.with(|h| h.get())
+}
+
 /// The pool of one shard.
 pub struct ShardPool {
     pub name: String,
     pub address: ShardAddress,
-    idle: Mutex<Vec<Backend>>,
+    /// Idle connections by home thread (index 0: threads that serve no sessions).
+    idle: Vec<Mutex<Vec<Backend>>>,
+    /// Connections open, idle or in use (at most `size`).
+    open: std::sync::atomic::AtomicUsize,
+    size: usize,
     slots: Arc<Semaphore>,
     /// Statement latency on this shard (the `shardgate_shard_statement_seconds` metric).
     pub latency: Arc<crate::metrics::Histogram>,
@@ -45,18 +73,22 @@ pub struct ShardPool {
 }
 
 impl ShardPool {
+    /// `threads`: the router's session threads (each gets an idle list).
     pub fn new(
         name: String,
         address: ShardAddress,
         size: usize,
         queue_timeout: Duration,
         connect_timeout: Duration,
+        threads: usize,
     ) -> Arc<ShardPool> {
         Arc::new(ShardPool {
             latency: crate::metrics::global().shard_latency(&name),
             name,
             address,
-            idle: Mutex::new(Vec::new()),
+            idle: (0..=threads).map(|_| Mutex::new(Vec::new())).collect(),
+            open: std::sync::atomic::AtomicUsize::new(0),
+            size: size.max(1),
             slots: Arc::new(Semaphore::new(size.max(1))),
             queue_timeout,
             connect_timeout,
@@ -81,22 +113,41 @@ impl ShardPool {
                 }
             }
         };
-        let idle = self.lock_idle().pop();
-        let backend = match idle {
+        let backend = match self.take_idle() {
             Some(b) => b,
-            None => Backend::connect(&self.address, self.connect_timeout)
-                .await
-                .map_err(|source| PoolError::Unavailable { shard: self.name.clone(), source })?,
+            None => {
+                self.open.fetch_add(1, Ordering::Relaxed);
+                match Backend::connect(&self.address, self.connect_timeout).await {
+                    Ok(b) => b,
+                    Err(source) => {
+                        self.open.fetch_sub(1, Ordering::Relaxed);
+                        return Err(PoolError::Unavailable { shard: self.name.clone(), source });
+                    }
+                }
+            }
         };
         Ok(Pooled { backend: Some(backend), pool: self.clone(), _permit: permit })
     }
 
-    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Backend>> {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock_idle(&self, home: usize) -> std::sync::MutexGuard<'_, Vec<Backend>> {
+        self.idle[home % self.idle.len()].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An idle connection of this thread's; else, when the pool is at its size,
+    /// one of another thread's (None: open a new one here).
+    fn take_idle(&self) -> Option<Backend> {
+        let me = home() % self.idle.len();
+        if let Some(b) = self.lock_idle(me).pop() {
+            return Some(b);
+        }
+        if self.open.load(Ordering::Relaxed) < self.size {
+            return None;
+        }
+        (1..self.idle.len()).find_map(|i| self.lock_idle((me + i) % self.idle.len()).pop())
     }
 
     pub fn idle_count(&self) -> usize {
-        self.lock_idle().len()
+        (0..self.idle.len()).map(|i| self.lock_idle(i).len()).sum()
     }
 
     /// Connections in use right now.
@@ -144,7 +195,9 @@ impl Drop for Pooled {
     fn drop(&mut self) {
         if let Some(b) = self.backend.take() {
             if !b.broken && !b.conn.has_buffered() {
-                self.pool.lock_idle().push(b);
+                self.pool.lock_idle(b.home).push(b);
+            } else {
+                self.pool.open.fetch_sub(1, Ordering::Relaxed);
             }
         }
     }

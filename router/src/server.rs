@@ -1,5 +1,6 @@
 //! The accept loop: startup, authentication, connection limit and shutdown. Each
-//! accepted client becomes a [`Session`] on its own task.
+//! accepted client becomes a [`Session`] on its own task, on one of the session
+//! threads ([`SessionThreads`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -115,11 +116,14 @@ async fn heartbeat(ctx: Arc<RouterContext>, address: SocketAddr, mut stopped: wa
 }
 
 async fn start_with(
-    config: RouterConfig,
+    mut config: RouterConfig,
     directory: DirectoryHandle,
     shard_addresses: Vec<ShardAddress>,
     replica: Option<(shardgate_directory::replica::Node, std::time::Duration)>,
 ) -> Result<RouterHandle, StartError> {
+    if config.threads == 0 {
+        config.threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    }
     let dir = directory.load();
     if shard_addresses.len() > dir.shards.len() {
         return Err(StartError::Config("more shard addresses than shards in the directory".into()));
@@ -135,6 +139,7 @@ async fn start_with(
                 config.pool.size,
                 config.pool.queue_timeout,
                 config.pool.connect_timeout,
+                config.threads,
             )
         })
         .collect::<Vec<_>>();
@@ -168,8 +173,10 @@ async fn start_with(
         stop.subscribe(),
     ));
     tokio::spawn(crate::shadow::follow_directory(ctx.clone(), stop.subscribe()));
-    let task = tokio::spawn(accept_loop(listener, ctx.clone(), stopped));
-    info!(%local_addr, "router listening");
+    let threads = SessionThreads::start(ctx.config.threads)
+        .map_err(|e| StartError::Config(format!("cannot start the session threads: {e}")))?;
+    let task = tokio::spawn(accept_loop(listener, ctx.clone(), threads, stopped));
+    info!(%local_addr, threads = ctx.config.threads, "router listening");
     Ok(RouterHandle { local_addr, context: ctx, stop, task })
 }
 
@@ -199,19 +206,95 @@ async fn load_server_params(ctx: &RouterContext) {
     }
 }
 
-async fn accept_loop(listener: TcpListener, ctx: Arc<RouterContext>, mut stopped: watch::Receiver<bool>) {
+/// The threads that serve client sessions. Each runs an event loop of its own
+/// (a current-thread runtime), and a session stays on the thread it was given:
+/// a client's request, the server's reply and the answer back are handled by
+/// one thread, with no hand-over between threads on the way (which costs more
+/// than the routing itself when a client waits for each answer). New clients go
+/// to the thread with the fewest sessions.
+struct SessionThreads {
+    threads: Vec<SessionThread>,
+}
+
+struct SessionThread {
+    send: tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr, Arc<RouterContext>)>,
+    sessions: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl SessionThreads {
+    fn start(n: usize) -> std::io::Result<SessionThreads> {
+        let mut threads = Vec::with_capacity(n);
+        for i in 1..=n.max(1) {
+            // I/O and timers only: a runtime with the signal and process drivers
+            // looks for exited child processes at every turn of its event loop.
+            let rt = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
+            let (send, mut recv) =
+                tokio::sync::mpsc::unbounded_channel::<(std::net::TcpStream, SocketAddr, Arc<RouterContext>)>();
+            let sessions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let count = sessions.clone();
+            std::thread::Builder::new().name(format!("shardgate-session-{i}")).spawn(move || {
+                crate::pool::set_home(i);
+                rt.block_on(async move {
+                    let mut running = tokio::task::JoinSet::new();
+                    loop {
+                        tokio::select! {
+                            next = recv.recv() => {
+                                let Some((stream, peer, ctx)) = next else { break };
+                                let counted = Counted(count.clone());
+                                running.spawn(async move {
+                                    let _counted = counted;
+                                    let result = match TcpStream::from_std(stream) {
+                                        Ok(stream) => handle_client(stream, ctx).await,
+                                        Err(e) => Err(ProtocolError::Io(e)),
+                                    };
+                                    if let Err(e) = result {
+                                        debug!(%peer, error = %e, "client connection ended");
+                                    }
+                                });
+                            }
+                            Some(_) = running.join_next(), if !running.is_empty() => {}
+                        }
+                    }
+                    // The router stopped accepting: sessions in progress run to their end.
+                    while running.join_next().await.is_some() {}
+                });
+            })?;
+            threads.push(SessionThread { send, sessions });
+        }
+        Ok(SessionThreads { threads })
+    }
+
+    /// Hands a client to the thread with the fewest sessions.
+    fn serve(&self, stream: TcpStream, peer: SocketAddr, ctx: Arc<RouterContext>) {
+        let Some(t) = self.threads.iter().min_by_key(|t| t.sessions.load(Ordering::Relaxed)) else { return };
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(%peer, error = %e, "cannot hand the client to a session thread");
+                return;
+            }
+        };
+        t.sessions.fetch_add(1, Ordering::Relaxed);
+        if t.send.send((stream, peer, ctx)).is_err() {
+            t.sessions.fetch_sub(1, Ordering::Relaxed);
+            warn!(%peer, "a session thread has stopped; client refused");
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    ctx: Arc<RouterContext>,
+    threads: SessionThreads,
+    mut stopped: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             _ = stopped.changed() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     stream.set_nodelay(true).ok();
-                    let ctx = ctx.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = handle_client(stream, ctx).await {
-                            debug!(%peer, error = %e, "client connection ended");
-                        }
-                    });
+                    threads.serve(stream, peer, ctx.clone());
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off, keep serving.
@@ -220,6 +303,15 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<RouterContext>, mut stopped
                 }
             }
         }
+    }
+}
+
+/// One session of a session thread's count, given back on drop (a panic too).
+struct Counted(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
