@@ -672,27 +672,32 @@ async fn pin_tenant(ctx: &RouterContext, p: Pin) -> (u16, String) {
             }
         }
     }
-    // On a shard the tenant's bucket has left, the bucket's fence is armed: a home
-    // row exempts the pinned tenant from it (see docs/moves.md, the fence).
-    if let Some(pool) = dir.shards.iter().position(|s| s.name == p.shard).and_then(|i| ctx.pool(i)) {
-        let literal = p.tenant.replace('\'', "''");
-        let sql = format!(
-            "INSERT INTO shardgate.fence (kind, value, move_id, armed) VALUES ('tenant', '{literal}', 0, false) \
-             ON CONFLICT (kind, value) DO UPDATE SET move_id = 0, armed = false, changed_at = now()"
-        );
-        let done = match pool.get().await {
-            Ok(mut conn) => match conn.simple_query(&sql).await {
-                // No move ever touched this shard: no fence to be exempt from.
-                Err((c, _)) if c == "42P01" => Ok(()),
-                r => r.map(|_| ()).map_err(|(c, m)| format!("{c} {m}")),
-            },
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(e) = done {
-            return (503, json_error(&format!("cannot exempt the tenant from its bucket's fence on {}: {e}", p.shard)));
-        }
+    if let Err(e) = write_home_row(ctx, &p.tenant, &p.shard).await {
+        return (503, json_error(&format!("cannot exempt the tenant from its bucket's fence on {}: {e}", p.shard)));
     }
     propose(ctx, shardgate_directory::state::Command::PinTenant { tenant: key, shard: p.shard }).await
+}
+
+/// Writes the home row of a tenant about to be pinned to `shard`. On a shard
+/// the tenant's bucket has left, the bucket's fence is armed; the home row
+/// exempts the pinned tenant from it (see docs/moves.md, the fence). Written
+/// before the pin, so the pinned tenant's first write finds it.
+pub async fn write_home_row(ctx: &RouterContext, tenant: &str, shard: &str) -> Result<(), String> {
+    let dir = ctx.directory.load();
+    let Some(pool) = dir.shards.iter().position(|s| s.name == shard).and_then(|i| ctx.pool(i)) else {
+        return Ok(());
+    };
+    let literal = tenant.replace('\'', "''");
+    let sql = format!(
+        "INSERT INTO shardgate.fence (kind, value, move_id, armed) VALUES ('tenant', '{literal}', 0, false) \
+         ON CONFLICT (kind, value) DO UPDATE SET move_id = 0, armed = false, changed_at = now()"
+    );
+    let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+    match conn.simple_query(&sql).await {
+        // No move ever touched this shard: no fence to be exempt from.
+        Err((c, _)) if c == "42P01" => Ok(()),
+        r => r.map(|_| ()).map_err(|(c, m)| format!("{c} {m}")),
+    }
 }
 
 fn quote_table(t: &str) -> String {

@@ -454,9 +454,9 @@ async fn a_pinned_tenant_keeps_its_shard_while_its_bucket_moves_around_it() {
     let c = h.client().await;
     c.batch_execute(EVENTS_SQL).await.unwrap();
     let dir = h.directory.load();
-    let (bucket, tenants) = bucket_on_shard_0(&dir, &h, 2);
+    let (bucket, tenants) = bucket_on_shard_0(&dir, &h, 3);
     drop(dir);
-    let (pinned, other) = (tenants[0], tenants[1]);
+    let (pinned, other, fresh) = (tenants[0], tenants[1], tenants[2]);
     let insert = |t: i64, from: i64| {
         format!(
             "/* tenant_id={t} */ INSERT INTO events SELECT {t}, g, 'x' FROM generate_series({from}, {}) g",
@@ -491,6 +491,19 @@ async fn a_pinned_tenant_keeps_its_shard_while_its_bucket_moves_around_it() {
         let got: i64 = c.query_one(&sql, &[]).await.unwrap().get(0);
         assert_eq!(got, n);
     }
+
+    // `tenant pin` of a tenant without rows onto shard_1, which the bucket left
+    // with its fence armed: the pin's home row lets the tenant's writes through.
+    // (This directory is static, so the pin itself is applied here; the admin
+    // API's POST /tenants/pin writes the same row, then proposes the pin.)
+    shardgate_router::admin::write_home_row(&h.router.context, &fresh.to_string(), "shard_1").await.unwrap();
+    let out = h.directory.apply_local(&Command::PinTenant { tenant: TenantKey::Int(fresh), shard: "shard_1".into() });
+    assert!(!matches!(out, Outcome::Rejected { .. }), "{out:?}");
+    assert_eq!(h.shard_of(fresh), 1);
+    c.simple_query(&insert(fresh, 1))
+        .await
+        .expect("the bucket's fence on shard_1 does not refuse a tenant pinned there");
+    assert_eq!(on(&h, 1, &count(fresh)).await, 10);
 
     let out = h.directory.apply_local(&Command::CreateMove {
         subject: MoveSubject::Bucket(bucket),
