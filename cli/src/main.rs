@@ -306,7 +306,19 @@ fn main() -> std::process::ExitCode {
             api.and_then(|api| match command {
                 ShardCommand::Add { name, url, rebalance } => {
                     match api.post("/shards", &serde_json::json!({ "name": name, "url": url })) {
-                        Ok(_) => println!("added shard {name}"),
+                        Ok(reply) => {
+                            println!("added shard {name}");
+                            if let Some(note) = reply["setup"]["schema"].as_str() {
+                                println!("{note}");
+                            }
+                            if let Some(e) = reply["setup"]["schema_error"].as_str() {
+                                eprintln!(
+                                    "warning: the schema was not copied to shard {name} yet: {e}\n\
+                                     DDL through shardgate fails on it until its first move copies the schema \
+                                     (shardgate rebalance --apply); or create the tables there yourself"
+                                );
+                            }
+                        }
                         // Run again after an interruption: the same shard is there.
                         Err(e) if rebalance && e.to_string().contains("exists already") => {
                             rebalance::same_shard(&api, &name, &url)?;

@@ -95,8 +95,21 @@ fn up_serves_psql_reports_status_stops_cleanly_and_keeps_its_data() {
     assert!(out.contains("pinned"), "{out}");
     let url0 = status["shards"][0]["url"].as_str().unwrap().to_string();
     let port0 = url0.rsplit(':').next().unwrap().split('/').next().unwrap().to_string();
-    let (ok, _, err) = cli(&["shard", "add", "extra", &format!("postgres://postgres@127.0.0.1:{port0}/postgres")]);
+    let extra_url = format!("postgres://postgres@127.0.0.1:{port0}/postgres");
+    let (ok, out, err) = cli(&["shard", "add", "extra", &extra_url]);
     assert!(ok, "{err}");
+    // The new shard gets the schema at once, so DDL through the router reaches it
+    // before any move does.
+    assert!(out.contains("schema copied from shard"), "{out}\n{err}");
+    assert_eq!(psql(&extra_url, "SELECT count(*) FROM orders"), "0");
+    psql(&up.url, "ALTER TABLE orders ADD COLUMN note text");
+    assert_eq!(
+        psql(
+            &extra_url,
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'orders' AND column_name = 'note'"
+        ),
+        "1"
+    );
     // An empty shard drains at once: nothing to move, then it is removed.
     let (ok, out, err) = cli(&["shard", "drain", "extra"]);
     assert!(ok && out.contains("0 bucket(s)") && out.contains("removed"), "{out}\n{err}");

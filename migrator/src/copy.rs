@@ -265,17 +265,23 @@ async fn copy_table(
         .map_err(src_err)?;
     futures::pin_mut!(out);
     let (mut rows, mut bytes) = (0u64, 0u64);
-    // A text COPY sends one message per row.
-    while let Some(chunk) = out.next().await {
-        let chunk = chunk.map_err(src_err)?;
+    // A text COPY sends one message per row; they go on to the target in chunks
+    // of many rows (COPY data may be split anywhere).
+    let mut pending = bytes::BytesMut::with_capacity(2 * CHUNK_BYTES as usize);
+    while let Some(row) = out.next().await {
+        let row = row.map_err(src_err)?;
         rows += 1;
-        bytes += chunk.len() as u64;
-        sink.feed(chunk).await.map_err(dst_err)?;
+        bytes += row.len() as u64;
+        pending.extend_from_slice(&row);
         if rows >= CHUNK_ROWS || bytes >= CHUNK_BYTES {
+            sink.feed(pending.split().freeze()).await.map_err(dst_err)?;
             progressed(rows, bytes);
             throttle.charge(rows, bytes).await;
             (rows, bytes) = (0, 0);
         }
+    }
+    if !pending.is_empty() {
+        sink.feed(pending.split().freeze()).await.map_err(dst_err)?;
     }
     progressed(rows, bytes);
     throttle.charge(rows, bytes).await;

@@ -598,6 +598,7 @@ pub fn spawn_for_router(
         router_timeout: lease + Duration::from_secs(1),
         ..Default::default()
     };
+    let _ = ctx.shard_setup.set(Arc::new(SchemaSetup { directory: ctx.directory.clone(), resolve: resolve.clone() }));
     ctx.shadow.set_catch_up(Arc::new(crate::shadow::ShadowCatchUp {
         directory: ctx.directory.clone(),
         resolve: resolve.clone(),
@@ -607,6 +608,43 @@ pub fn spawn_for_router(
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(driver.run(stopped));
     stop
+}
+
+/// Copies the schema onto a shard just added (`shardgate shard add`), from a
+/// shard that holds the reference tables, so that DDL through the router reaches
+/// the new shard from the start. Moves copy whatever is still missing.
+struct SchemaSetup {
+    directory: DirectoryHandle,
+    resolve: Resolve,
+}
+
+impl shardgate_router::context::ShardSetup for SchemaSetup {
+    fn prepare(
+        &self,
+        shard: usize,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send + '_>> {
+        Box::pin(async move {
+            let dir = self.directory.load();
+            let Some(&from) = dir.reference_shards().iter().find(|&&i| i != shard) else {
+                return Ok("no other shard to copy the schema from".into());
+            };
+            let (Some(source), Some(target)) = ((self.resolve)(&dir, from), (self.resolve)(&dir, shard)) else {
+                return Err("a shard's address is unknown".into());
+            };
+            let src = source.connect("schema for a new shard (source)").await.map_err(|e| e.to_string())?;
+            let dst = target.connect("schema for a new shard (target)").await.map_err(|e| e.to_string())?;
+            let tables = crate::schema::sharded_tables(&src, &dir.key_column)
+                .await
+                .map_err(|e| Error::pg(&source.name, "list tables", e).to_string())?;
+            let created =
+                crate::schema::copy_missing(&source, &target, &dst, &tables).await.map_err(|e| e.to_string())?;
+            Ok(if created.is_empty() {
+                format!("shard {} has every table with the key column already", target.name)
+            } else {
+                format!("schema copied from shard {} ({} tables with the key column)", source.name, created.len())
+            })
+        })
+    }
 }
 
 #[cfg(test)]

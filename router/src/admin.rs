@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::context::RouterContext;
 
@@ -540,7 +540,23 @@ async fn route(ctx: &RouterContext, req: &Request) -> (u16, String) {
                     Ok(addr) => addr.display_url(),
                     Err(e) => return (400, json_error(&e)),
                 };
-                propose(ctx, Command::AddShard { name: a.name, url }).await
+                let (code, body) = propose(ctx, Command::AddShard { name: a.name.clone(), url }).await;
+                if code != 200 {
+                    return (code, body);
+                }
+                let outcome: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                let shard = ctx.directory.load().shards.iter().position(|s| s.name == a.name);
+                let schema = match (ctx.shard_setup.get(), shard) {
+                    (Some(setup), Some(i)) => match setup.prepare(i).await {
+                        Ok(note) => serde_json::json!({ "schema": note }),
+                        Err(e) => {
+                            warn!(shard = %a.name, error = %e, "could not copy the schema to the added shard");
+                            serde_json::json!({ "schema_error": e })
+                        }
+                    },
+                    _ => serde_json::json!({}),
+                };
+                (200, serde_json::json!({ "outcome": outcome, "setup": schema }).to_string())
             }
             Err(e) => (400, json_error(&format!("expected {{\"name\": …, \"url\": …}}: {e}"))),
         },

@@ -100,6 +100,16 @@ fn normalize(table: &str) -> &str {
 
 /// The server connection a session is using, for forwarding a client's
 /// `CancelRequest`.
+/// Makes a shard just added to the directory ready to serve: the migrator copies
+/// the schema onto it, so DDL through the router reaches it from the start. Returns
+/// what it did, for the operator.
+pub trait ShardSetup: Send + Sync {
+    fn prepare(
+        &self,
+        shard: ShardId,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send + '_>>;
+}
+
 /// Where a session's running statement can be cancelled (None while idle).
 pub type CancelSlot = Arc<Mutex<Option<CancelTarget>>>;
 
@@ -145,6 +155,8 @@ pub struct RouterContext {
     refreshing: tokio::sync::Mutex<()>,
     /// Reads of moving rows compared on both shards (a move's shadow phase).
     pub shadow: crate::shadow::Shadow,
+    /// Makes a shard just added ready (installed by the migrator; see [`ShardSetup`]).
+    pub shard_setup: std::sync::OnceLock<Arc<dyn ShardSetup>>,
     /// What each bucket (and the busiest tenants) cost this router.
     pub load: crate::load::Load,
     /// The last bucket sizes read from the shards, for the status views.
@@ -171,6 +183,7 @@ impl RouterContext {
             in_flight: Arc::new(crate::hold::InFlight::new(directory.load().bucket_count)),
             refreshing: tokio::sync::Mutex::new(()),
             shadow: crate::shadow::Shadow::new(config.moves.shadow_concurrency.max(1)),
+            shard_setup: std::sync::OnceLock::new(),
             load: crate::load::Load::new(directory.load().bucket_count),
             sizes: crate::sizes::SizeCache::default(),
             cache: AnalysisCache::new(key_column, config.statement_cache_size),
