@@ -107,6 +107,8 @@ pub struct Session<S> {
     prepared: rustc_hash::FxHashMap<String, Prepared>,
     batch: Vec<Message>,
     spare_batch: Vec<Message>,
+    /// The replies a batch expects, kept between batches (no allocation each time).
+    spare_expects: VecDeque<Expect>,
     /// Session settings (`SET name …` outside a transaction, and the startup
     /// packet's parameters), replayed on each server connection the session uses.
     settings: std::collections::BTreeMap<String, String>,
@@ -147,6 +149,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             prepared: Default::default(),
             batch: Vec::new(),
             spare_batch: Vec::new(),
+            spare_expects: VecDeque::new(),
             settings: std::collections::BTreeMap::new(),
             settings_signature: 0,
             saw_error: false,
@@ -1097,7 +1100,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Ok(());
         };
         b.conn.conn.queue(&query);
-        let started = std::time::Instant::now();
+        let started = crate::clock::Stamp::now();
         if let Err(e) = b.conn.conn.flush().await {
             return self.lost_backend(e).await;
         }
@@ -1138,7 +1141,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             messages::put_bind_execute_sync(b.conn.conn.write_buf(), &form.name, &simple.values);
         }
-        let started = std::time::Instant::now();
+        let started = crate::clock::Stamp::now();
         if let Err(e) = b.conn.conn.flush().await {
             return self.lost_backend(e).await;
         }
@@ -1175,15 +1178,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn finish_forward(
         &mut self,
         relayed: Result<u8, RelayError>,
-        started: std::time::Instant,
+        started: crate::clock::Stamp,
         analysis: Option<&Analysis>,
     ) -> Result<(), SessionError> {
         match relayed {
             Ok(status) => {
+                let elapsed = started.elapsed();
                 if let Some(b) = &self.bound {
-                    b.conn.latency().observe(started.elapsed());
+                    b.conn.latency().observe(elapsed);
                 }
-                self.account(started.elapsed(), analysis, None);
+                self.account(elapsed, analysis, None);
                 if let Some(a) = analysis {
                     self.record_settings(a, status);
                 }
@@ -1355,7 +1359,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.touched.lock().unwrap_or_else(|p| p.into_inner()).clear();
         let mut target: Option<Target> = None;
         let mut routing_error: Option<SqlError> = None;
-        let mut statements_seen: Vec<Arc<Analysis>> = Vec::new();
+        // Nearly always one statement: kept inline, not allocated.
+        let mut statements_seen: smallvec::SmallVec<[Arc<Analysis>; 2]> = smallvec::SmallVec::new();
         for m in batch.iter() {
             match m.tag() {
                 b'P' => match Parse::parse(m) {
@@ -1550,7 +1555,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if shadow.is_some() {
             self.shadow_digest = Some(RowDigest::default());
         }
-        let started = std::time::Instant::now();
+        let started = crate::clock::Stamp::now();
         let relayed = self.relay_batch(expects, None).await;
         if held_begin.is_some() {
             self.pending_begin = held_begin;
@@ -1588,7 +1593,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Queues the batch on the bound connection with statement names rewritten,
     /// and returns the replies to expect.
     fn rewrite_batch(&mut self, batch: &[Message], swallow: usize) -> VecDeque<Expect> {
-        let mut expects = VecDeque::with_capacity(batch.len() + swallow);
+        let mut expects = std::mem::take(&mut self.spare_expects);
+        expects.clear();
         let Some(b) = self.bound.as_mut() else {
             return expects;
         };
@@ -1820,6 +1826,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 skipping = false;
             }
         }
+        // Every expected reply came: the (empty) queue serves the next batch.
+        self.spare_expects = expects;
         match status {
             // The caller queues ReadyForQuery (it may report another status) and
             // flushes: the client gets the whole reply in one write.

@@ -43,6 +43,18 @@ pub struct Checker {
     pub ops: Arc<AtomicI64>,
 }
 
+/// A checker dropped without `stop` (a test that failed part-way) stops its
+/// writers at once: their open connections would otherwise keep the cluster
+/// under test from shutting down while the test unwinds.
+impl Drop for Checker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Report {
     pub rows: BTreeMap<i64, Row>,
@@ -84,9 +96,9 @@ impl Checker {
         self.shared.errors.lock().unwrap().len()
     }
 
-    pub async fn stop(self) -> Report {
+    pub async fn stop(mut self) -> Report {
         self.stop.store(true, Ordering::SeqCst);
-        for t in self.tasks {
+        for t in std::mem::take(&mut self.tasks) {
             t.await.expect("writer task");
         }
         let mut latencies_us = std::mem::take(&mut *self.shared.latencies_us.lock().unwrap());

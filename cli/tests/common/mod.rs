@@ -201,6 +201,16 @@ impl Up {
 impl Drop for Up {
     fn drop(&mut self) {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        // A cluster that does not stop within a minute is killed: a failing test
+        // must fail, not hang until the test runner's timeout.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        if matches!(self.child.try_wait(), Ok(None)) {
+            eprintln!("`shardgate up` did not stop within 60 s of SIGINT; killing it");
+            let _ = self.child.kill();
+        }
         let _ = self.child.wait();
         if std::thread::panicking() {
             // A failed test shows what the cluster logged last.
