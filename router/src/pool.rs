@@ -8,9 +8,10 @@
 //! Idle connections are kept per session thread ([`crate::server`]): a socket
 //! belongs to the event loop of the thread that opened it, and a session that
 //! uses one from another thread is woken through that thread on every reply.
-//! A borrower takes from its own thread's list first, from another's only when
-//! its own is empty (so the cap holds), and a connection goes back to its home
-//! thread's list.
+//! A borrower takes from its own thread's list first; it opens a connection of
+//! its own while the pool has fewer than `size` open, and takes another thread's
+//! idle one only when it has that many (so the size holds for the whole router).
+//! A connection goes back to its home thread's list.
 
 use std::cell::Cell;
 use std::sync::atomic::Ordering;
@@ -116,7 +117,7 @@ impl ShardPool {
         let backend = match self.take_idle() {
             Some(b) => b,
             None => {
-                self.open.fetch_add(1, Ordering::Relaxed);
+                // take_idle counted the connection about to open.
                 match Backend::connect(&self.address, self.connect_timeout).await {
                     Ok(b) => b,
                     Err(source) => {
@@ -134,16 +135,23 @@ impl ShardPool {
     }
 
     /// An idle connection of this thread's; else, when the pool is at its size,
-    /// one of another thread's (None: open a new one here).
+    /// one of another thread's. None: open a new one here (already counted in
+    /// `open`).
     fn take_idle(&self) -> Option<Backend> {
         let me = home() % self.idle.len();
         if let Some(b) = self.lock_idle(me).pop() {
             return Some(b);
         }
-        if self.open.load(Ordering::Relaxed) < self.size {
+        let below_size = |n: usize| (n < self.size).then_some(n + 1);
+        if self.open.fetch_update(Ordering::Relaxed, Ordering::Relaxed, below_size).is_ok() {
             return None;
         }
-        (1..self.idle.len()).find_map(|i| self.lock_idle((me + i) % self.idle.len()).pop())
+        let other = (1..self.idle.len()).find_map(|i| self.lock_idle((me + i) % self.idle.len()).pop());
+        if other.is_none() {
+            // Taken by others meanwhile: open one (the borrower holds a slot).
+            self.open.fetch_add(1, Ordering::Relaxed);
+        }
+        other
     }
 
     pub fn idle_count(&self) -> usize {

@@ -470,3 +470,36 @@ async fn a_table_created_through_another_router_is_never_written_to_every_shard(
     assert_eq!(total, 24, "each row on exactly one shard");
     other.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_size_holds_for_the_whole_router_across_its_session_threads() {
+    let config = shardgate_router::config::RouterConfig {
+        threads: 3,
+        pool: shardgate_router::config::PoolConfig { size: 2, ..Default::default() },
+        ..Default::default()
+    };
+    let h = Harness::start_with(1, config).await;
+    // Nine clients, spread over the three session threads, each running a slow
+    // statement at the same time, three times over.
+    let mut clients = Vec::new();
+    for _ in 0..9 {
+        clients.push(h.client().await);
+    }
+    for _ in 0..3 {
+        let runs = clients.iter().map(|c| c.simple_query("SELECT pg_sleep(0.05)"));
+        for r in futures::future::join_all(runs).await {
+            r.unwrap();
+        }
+    }
+    let shard = h.shard(0).await;
+    let n: i64 = shard
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' \
+             AND datname = current_database() AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!((1..=2).contains(&n), "{n} server connections for a pool of 2");
+}
