@@ -378,7 +378,10 @@ impl Driver {
                 outcome = &mut work => {
                     return match outcome? {
                         copy::Outcome::Busy => {
-                            self.note(m, "waiting: another driver is copying this move (its lock is held on the target)").await?;
+                            let why = "waiting: another driver is copying this move (its lock is held on the target)";
+                            if m.note.as_deref() != Some(why) {
+                                self.note(m, why).await?;
+                            }
                             Ok(Step::Wait(Duration::from_secs(1)))
                         }
                         copy::Outcome::Copied { .. } | copy::Outcome::AlreadyCopied => {
