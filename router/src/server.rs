@@ -225,8 +225,9 @@ impl SessionThreads {
     fn start(n: usize) -> std::io::Result<SessionThreads> {
         let mut threads = Vec::with_capacity(n);
         for i in 1..=n.max(1) {
-            // I/O and timers only: a runtime with the signal and process drivers
-            // looks for exited child processes at every turn of its event loop.
+            // I/O and timers: sessions need nothing else. (tokio's process
+            // driver, which would look for exited children at every turn of the
+            // loop, is not built at all: see the tokio features in Cargo.toml.)
             let rt = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
             let (send, mut recv) =
                 tokio::sync::mpsc::unbounded_channel::<(std::net::TcpStream, SocketAddr, Arc<RouterContext>)>();
