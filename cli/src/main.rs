@@ -414,6 +414,7 @@ async fn serve(path: PathBuf) -> Result<()> {
             let (node, transport) = replica::start(replica::ReplicaSpec {
                 id: d.node_id,
                 listen: resolve(&d.listen)?,
+                bound: None,
                 data_dir: d.data_dir.clone(),
                 token: d.token.clone(),
                 peers: Vec::clone(&peers),

@@ -12,6 +12,9 @@ use shardgate_directory::Directory;
 pub struct ReplicaSpec {
     pub id: u64,
     pub listen: SocketAddr,
+    /// A listener already bound to `listen`, when the caller picked the port by
+    /// binding it (so no other process can take it in between).
+    pub bound: Option<std::net::TcpListener>,
     pub data_dir: PathBuf,
     pub token: String,
     pub peers: Vec<(u64, String)>,
@@ -24,9 +27,11 @@ pub async fn start(spec: ReplicaSpec) -> Result<(Node, Arc<TcpTransport>)> {
     if spec.id == 0 {
         bail!("directory node_id must be a positive integer");
     }
-    let listener = tokio::net::TcpListener::bind(spec.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} for the directory's raft traffic", spec.listen))?;
+    let listener = match spec.bound {
+        Some(bound) => bound.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(bound)),
+        None => tokio::net::TcpListener::bind(spec.listen).await,
+    }
+    .with_context(|| format!("cannot listen on {} for the directory's raft traffic", spec.listen))?;
     let transport = TcpTransport::new(&spec.token);
     for (id, addr) in &spec.peers {
         transport.set_peer(*id, addr.clone());

@@ -131,18 +131,33 @@ async fn serve(
     let initial = Directory::new("tenant_id", KeyType::Int, buckets, shards)?;
     // Three directory replicas in this process, each with its own raft log.
     let token = existing.and_then(|c| c.admin_token.clone()).unwrap_or_else(random_token);
+    // A new cluster's raft ports are whatever the kernel gives three listeners,
+    // kept open and handed to the replicas, so nothing can take a port in between;
+    // a cluster started before listens where it did then.
+    let mut bound: Vec<Option<std::net::TcpListener>> = Vec::new();
     let ports: Vec<u16> = match existing.map(|c| c.raft_ports.clone()).filter(|p| p.len() == 3) {
         Some(p) => p,
-        None => (0..3).map(|_| free_port()).collect::<Result<_>>()?,
+        None => {
+            let mut ports = Vec::new();
+            for _ in 0..3 {
+                let listener = std::net::TcpListener::bind("127.0.0.1:0")
+                    .context("cannot open a port on 127.0.0.1 for the directory's raft traffic")?;
+                ports.push(listener.local_addr()?.port());
+                bound.push(Some(listener));
+            }
+            ports
+        }
     };
+    bound.resize_with(3, || None);
     let addr_of = |i: usize| -> std::net::SocketAddr { ([127, 0, 0, 1], ports[i]).into() };
     let mut nodes = Vec::new();
-    for i in 0..3usize {
+    for (i, bound) in bound.into_iter().enumerate() {
         let id = i as u64 + 1;
         let peers = (0..3).filter(|j| *j != i).map(|j| (j as u64 + 1, addr_of(j).to_string())).collect();
         let (node, _t) = crate::replica::start(crate::replica::ReplicaSpec {
             id,
             listen: addr_of(i),
+            bound,
             data_dir: data_dir.join("directory").join(format!("node{id}")),
             token: token.clone(),
             peers,
@@ -186,10 +201,6 @@ async fn serve(
     tracing::info!("shutting down: stopping the router and the Postgres servers");
     router.shutdown().await;
     Ok(())
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// 32 hex characters from the kernel's random source.

@@ -8,8 +8,36 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+/// A port on 127.0.0.1 for a server a test starts.
+///
+/// Not one the kernel picks for a listener bound to port 0: those come from the
+/// ephemeral range, the same range every outgoing connection takes its local port
+/// from, so between the test closing such a listener and the server binding the
+/// port, any client connection on the machine may take it. Ports below the
+/// ephemeral range are never handed out by the kernel; each test process walks its
+/// own stretch of them (its offset comes from its pid) and skips any port that
+/// something already listens on.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<u32>().ok()))
+        .unwrap_or(32768);
+    const SPAN: u32 = 12_000;
+    if ephemeral_low < SPAN + 1024 {
+        // No room below the ephemeral range: fall back to the kernel's pick.
+        return std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    }
+    let low = ephemeral_low - SPAN;
+    let start = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+    for _ in 0..SPAN {
+        let port = (low + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 127.0.0.1:{low}-{ephemeral_low}");
 }
 
 pub struct NodePorts {
@@ -244,9 +272,24 @@ pub fn up(args: &[&str]) -> Up {
         .spawn()
         .expect("run shardgate up");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let ready = lines.next().expect("a line from up").expect("read stdout");
-    let url = ready.strip_prefix("ready: ").unwrap_or_else(|| panic!("unexpected first line {ready:?}")).to_string();
-    Up { child, url, base, admin }
+    let first = lines.next().and_then(|l| l.ok());
+    match first.as_deref().and_then(|l| l.strip_prefix("ready: ")) {
+        Some(url) => Up { child, url: url.to_string(), base, admin },
+        None => {
+            // `up` exited (or printed something else) before it was ready: say why,
+            // from what it logged, instead of a bare "no line".
+            let status = child.wait();
+            let log = std::fs::read_to_string(base.join("up.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            let _ = std::fs::remove_dir_all(&base);
+            panic!(
+                "`shardgate up {}` was not ready (first line {first:?}, exit {status:?}); it logged:\n{}",
+                args.join(" "),
+                tail.join("\n")
+            );
+        }
+    }
 }
 
 /// Runs the CLI against an `up` cluster: (success, stdout, stderr).
