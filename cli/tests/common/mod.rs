@@ -242,15 +242,17 @@ impl Drop for Up {
         let _ = self.child.wait();
         if std::thread::panicking() {
             // A failed test shows what the cluster logged last.
-            let log = std::fs::read_to_string(self.base.join("up.log")).unwrap_or_default();
-            let lines: Vec<&str> = log.lines().collect();
-            eprintln!("--- the last lines `shardgate up` logged ---");
-            for l in &lines[lines.len().saturating_sub(80)..] {
-                eprintln!("{l}");
-            }
+            eprintln!("--- the last lines `shardgate up` logged ---\n{}", log_tail(&self.base, 80));
         }
         let _ = std::fs::remove_dir_all(&self.base);
     }
+}
+
+/// The last `n` lines of what `shardgate up` logged in `base`.
+fn log_tail(base: &Path, n: usize) -> String {
+    let log = std::fs::read_to_string(base.join("up.log")).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Starts `shardgate up` on free ports with extra arguments (`--shards 4` …) and
@@ -278,15 +280,16 @@ pub fn up(args: &[&str]) -> Up {
         None => {
             // `up` exited (or printed something else) before it was ready: say why,
             // from what it logged, instead of a bare "no line".
+            // Still running after an unexpected line: stop it rather than wait.
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+            }
             let status = child.wait();
-            let log = std::fs::read_to_string(base.join("up.log")).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(60).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            let tail = log_tail(&base, 60);
             let _ = std::fs::remove_dir_all(&base);
             panic!(
-                "`shardgate up {}` was not ready (first line {first:?}, exit {status:?}); it logged:\n{}",
-                args.join(" "),
-                tail.join("\n")
+                "`shardgate up {}` was not ready (first line {first:?}, exit {status:?}); it logged:\n{tail}",
+                args.join(" ")
             );
         }
     }
