@@ -25,21 +25,24 @@ struct Counts {
     micros: u64,
 }
 
+/// One bucket's counters, side by side: a statement touches one cache line.
+#[derive(Default)]
+struct BucketCounts {
+    statements: AtomicU64,
+    rows: AtomicU64,
+    micros: AtomicU64,
+}
+
 pub struct Load {
-    statements: Box<[AtomicU64]>,
-    rows: Box<[AtomicU64]>,
-    micros: Box<[AtomicU64]>,
+    buckets: Box<[BucketCounts]>,
     tick: AtomicU64,
     tenants: Mutex<HashMap<String, Counts>>,
 }
 
 impl Load {
     pub fn new(bucket_count: u32) -> Load {
-        let zeros = || (0..bucket_count).map(|_| AtomicU64::new(0)).collect::<Box<[_]>>();
         Load {
-            statements: zeros(),
-            rows: zeros(),
-            micros: zeros(),
+            buckets: (0..bucket_count).map(|_| BucketCounts::default()).collect(),
             tick: AtomicU64::new(0),
             tenants: Default::default(),
         }
@@ -54,12 +57,10 @@ impl Load {
         }
         let us = elapsed.as_micros() as u64 / n;
         for &b in buckets {
-            if let (Some(s), Some(r), Some(m)) =
-                (self.statements.get(b as usize), self.rows.get(b as usize), self.micros.get(b as usize))
-            {
-                s.fetch_add(1, Ordering::Relaxed);
-                r.fetch_add(rows / n, Ordering::Relaxed);
-                m.fetch_add(us, Ordering::Relaxed);
+            if let Some(c) = self.buckets.get(b as usize) {
+                c.statements.fetch_add(1, Ordering::Relaxed);
+                c.rows.fetch_add(rows / n, Ordering::Relaxed);
+                c.micros.fetch_add(us, Ordering::Relaxed);
             }
         }
     }
@@ -85,14 +86,17 @@ impl Load {
 
     /// The totals since the router started.
     pub fn report(&self) -> LoadReport {
-        let buckets = (0..self.statements.len())
-            .filter_map(|b| {
-                let statements = self.statements[b].load(Ordering::Relaxed);
+        let buckets = self
+            .buckets
+            .iter()
+            .enumerate()
+            .filter_map(|(b, c)| {
+                let statements = c.statements.load(Ordering::Relaxed);
                 (statements > 0).then(|| LoadCount {
                     bucket: b as u32,
                     statements,
-                    rows_written: self.rows[b].load(Ordering::Relaxed),
-                    micros: self.micros[b].load(Ordering::Relaxed),
+                    rows_written: c.rows.load(Ordering::Relaxed),
+                    micros: c.micros.load(Ordering::Relaxed),
                 })
             })
             .collect();

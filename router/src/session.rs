@@ -123,7 +123,7 @@ pub struct Session<S> {
     multi: Option<Vec<Bound>>,
     multi_failed: bool,
     /// Buckets the statements being routed touch (filled by routing).
-    touched: std::sync::Mutex<Vec<u32>>,
+    touched: Vec<u32>,
     /// Buckets this session's statement or transaction has in flight.
     flight: crate::hold::Flight,
     /// While a shadowed read is relayed: the digest of the rows the client gets.
@@ -380,8 +380,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         self.ensure_catalog(&analysis).await;
         let target = loop {
-            self.touched.lock().unwrap_or_else(|p| p.into_inner()).clear();
-            let target = match self.route_all(&analysis, None) {
+            let mut touched = std::mem::take(&mut self.touched);
+            touched.clear();
+            let routed = self.route_all(&analysis, None, &mut touched);
+            self.touched = touched;
+            let target = match routed {
                 Ok(t) => t,
                 Err(e) => return self.fail_simple(e).await,
             };
@@ -551,7 +554,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// Routes every statement of a query string (or a batch) to one target.
-    fn route_all(&self, analysis: &Analysis, params: Option<&Params<'_>>) -> Result<Target, SqlError> {
+    /// Where the statements of `analysis` run; the buckets they touch are added
+    /// to `touched`.
+    fn route_all(
+        &self,
+        analysis: &Analysis,
+        params: Option<&Params<'_>>,
+        touched: &mut Vec<u32>,
+    ) -> Result<Target, SqlError> {
         let dir = self.ctx.directory.load();
         let rules = Rules {
             strict_tenant: self.ctx.config.strict_tenant,
@@ -565,15 +575,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut combined: Option<Target> = self.bound.as_ref().map(|b| Target::Shard(b.shard));
         let several = analysis.statements.len() > 1;
         for stmt in &analysis.statements {
-            let t = route::route(
-                stmt,
-                params,
-                fallback,
-                &dir,
-                &self.ctx.catalog,
-                &rules,
-                &mut self.touched.lock().unwrap_or_else(|p| p.into_inner()),
-            )?;
+            let t = route::route(stmt, params, fallback, &dir, &self.ctx.catalog, &rules, touched)?;
             combined = Some(match (combined, t) {
                 (None, t) => t,
                 (Some(c), Target::Any) => c,
@@ -929,7 +931,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// this transaction had not touched yet: then waits for the hold to end and
     /// returns false (route again, the placement may have changed).
     async fn pass_holds(&mut self) -> bool {
-        let n = self.flight.enter(&self.touched.lock().unwrap_or_else(|p| p.into_inner()));
+        let n = self.flight.enter(&self.touched);
         if n == 0 {
             return true;
         }
@@ -949,12 +951,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// the Bind's parameters.
     fn account(&mut self, elapsed: std::time::Duration, analysis: Option<&Analysis>, batch: Option<&[Message]>) {
         let rows = std::mem::take(&mut self.rows_written);
-        let touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
-        if touched.is_empty() {
+        if self.touched.is_empty() {
             return;
         }
-        self.ctx.load.record(&touched, elapsed, rows);
-        drop(touched);
+        self.ctx.load.record(&self.touched, elapsed, rows);
         let Some(stmt) = analysis.and_then(|a| a.statements.first()) else { return };
         if !self.ctx.load.sample_tenant() {
             return;
@@ -1355,8 +1355,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             }
         }
+        if sync && self.bind_execute(batch).await? {
+            return Ok(());
+        }
         // First pass: learn statements, find where the batch must run.
-        self.touched.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let mut touched = std::mem::take(&mut self.touched);
+        touched.clear();
         let mut target: Option<Target> = None;
         let mut routing_error: Option<SqlError> = None;
         // Nearly always one statement: kept inline, not allocated.
@@ -1392,7 +1396,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                                         formats: &bind.param_formats,
                                         types: &p.param_types,
                                     };
-                                    self.route_all(a, Some(&params))
+                                    self.route_all(a, Some(&params), &mut touched)
                                 }
                             },
                         },
@@ -1430,6 +1434,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 _ => {}
             }
         }
+        self.touched = touched;
         if routing_error.is_none() && !self.pass_holds().await {
             // A cutover held the rows: the placement may have changed, route again.
             self.batch = std::mem::take(batch);
@@ -1560,39 +1565,132 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if held_begin.is_some() {
             self.pending_begin = held_begin;
         }
-        match relayed {
-            Ok(Some(status)) => {
-                let elapsed = started.elapsed();
-                if let Some(b) = &self.bound {
-                    b.conn.latency().observe(elapsed);
-                }
-                for a in &statements_seen {
-                    self.record_settings(a, status);
-                }
-                self.after_ready(status);
-                let client_status = if self.bound.is_none() { self.status() } else { status };
-                self.client.queue(&messages::ready_for_query_bytes(client_status));
-                // The client has its answer first; the bookkeeping follows.
-                self.client.flush().await?;
-                let first = statements_seen.first().cloned();
-                self.account(elapsed, first.as_deref(), Some(batch));
-                if let Some((mv, query, permit)) = shadow {
-                    self.shadow_done(mv, query, permit);
-                }
-                Ok(())
-            }
-            Ok(None) => {
-                self.shadow_digest = None;
-                Ok(())
-            }
-            Err(RelayError::Client(e)) => Err(e),
-            Err(RelayError::Backend(e)) => self.lost_backend(e).await,
-        }
+        self.batch_relayed(relayed, started, &statements_seen, batch, shadow).await
     }
 
-    /// Queues the batch on the bound connection with statement names rewritten,
-    /// and returns the replies to expect.
-    fn rewrite_batch(&mut self, batch: &[Message], swallow: usize) -> VecDeque<Expect> {
+    /// The batch a client that prepared its statements sends for each of them:
+    /// Bind, Execute, Sync, for one shard. Runs with the Bind parsed once and
+    /// none of the general path's passes (Parse, Describe, Close, transaction
+    /// control, shadow reads, several shards). `Ok(false)`, having changed
+    /// nothing the general path depends on, hands any other batch to it.
+    async fn bind_execute(&mut self, batch: &[Message]) -> Result<bool, SessionError> {
+        let [b, e, s] = batch else { return Ok(false) };
+        if (b.tag(), e.tag(), s.tag()) != (b'B', b'E', b'S') || self.aborted_locally || !self.ctx.shadow.is_idle() {
+            return Ok(false);
+        }
+        let Ok(bind) = Bind::parse(b) else { return Ok(false) };
+        let Some(p) = self.prepared.get(bind.statement) else { return Ok(false) };
+        let Some(analysis) = p.analysis.clone() else { return Ok(false) };
+        let plain = |k: &StatementKind| {
+            matches!(k, StatementKind::Select | StatementKind::Insert | StatementKind::Update | StatementKind::Delete)
+        };
+        if !matches!(&analysis.statements[..], [stmt] if plain(&stmt.kind)) {
+            return Ok(false);
+        }
+        let mut touched = std::mem::take(&mut self.touched);
+        touched.clear();
+        let params = Params { values: &bind.params, formats: &bind.param_formats, types: &p.param_types };
+        let routed = self.route_all(&analysis, Some(&params), &mut touched);
+        self.touched = touched;
+        let target = match routed {
+            Ok(t @ (Target::Shard(_) | Target::Any)) => t,
+            // Errors and several shards: the general path says or does what is right.
+            _ => return Ok(false),
+        };
+        if !self.pass_holds().await {
+            // Held by a cutover, and released: the placement may have changed.
+            return Ok(false);
+        }
+        crate::metrics::global().query(route_kind(&target));
+        let shard = match target {
+            Target::Shard(s) => s,
+            _ => self.any_shard(),
+        };
+        let swallow = match self.bind(shard).await {
+            Ok(n) => n,
+            Err(e) => {
+                self.fail_batch(e, true).await?;
+                return Ok(true);
+            }
+        };
+        self.open_batch = false;
+        let mut expects = self.start_expects(swallow);
+        let (Some(conn), Some(p)) = (self.bound.as_mut(), self.prepared.get(bind.statement)) else {
+            return Ok(true);
+        };
+        let backend = &mut conn.conn;
+        ensure_prepared(backend, p, &mut expects);
+        bind.put_with_statement(backend.conn.write_buf(), &p.server_name);
+        expects.push_back(Expect::Bind);
+        backend.conn.queue(e.raw());
+        expects.push_back(Expect::Execute);
+        backend.conn.queue(s.raw());
+        expects.push_back(Expect::Sync);
+        if let Err(e) = backend.conn.flush().await {
+            self.lost_backend(e).await?;
+            return Ok(true);
+        }
+        let started = crate::clock::Stamp::now();
+        let relayed = self.relay_batch(expects, None).await;
+        self.batch_relayed(relayed, started, std::slice::from_ref(&analysis), batch, None).await?;
+        Ok(true)
+    }
+
+    /// Ends a batch whose replies were relayed. The client gets its
+    /// ReadyForQuery first; returning the server connection to the pool and the
+    /// bookkeeping follow, off the client's wait.
+    async fn batch_relayed(
+        &mut self,
+        relayed: Result<Option<u8>, RelayError>,
+        started: crate::clock::Stamp,
+        statements: &[Arc<Analysis>],
+        batch: &[Message],
+        shadow: Option<(ShadowMove, ShadowQuery, tokio::sync::OwnedSemaphorePermit)>,
+    ) -> Result<(), SessionError> {
+        let status = match relayed {
+            Ok(Some(status)) => status,
+            Ok(None) => {
+                self.shadow_digest = None;
+                return Ok(());
+            }
+            Err(RelayError::Client(e)) => return Err(e),
+            Err(RelayError::Backend(e)) => return self.lost_backend(e).await,
+        };
+        let elapsed = started.elapsed();
+        for a in statements {
+            self.record_settings(a, status);
+        }
+        // What after_ready does, in two halves: the connection leaves the
+        // session now (a cancel request no longer reaches it), and goes back to
+        // the pool once the answer is on its way.
+        let released = if status == b'I' && !self.open_batch {
+            self.clear_cancel();
+            self.bound.take()
+        } else {
+            None
+        };
+        let client_status = if self.bound.is_none() { self.status() } else { status };
+        self.client.queue(&messages::ready_for_query_bytes(client_status));
+        let flushed = self.client.flush().await;
+        if let Some(b) = released.as_ref().or(self.bound.as_ref()) {
+            b.conn.latency().observe(elapsed);
+        }
+        if released.is_some() {
+            drop(released);
+            self.flight.clear();
+        }
+        flushed?;
+        self.account(elapsed, statements.first().map(|a| &**a), Some(batch));
+        if let Some((mv, query, permit)) = shadow {
+            self.shadow_done(mv, query, permit);
+        }
+        Ok(())
+    }
+
+    /// The replies to expect on the bound connection before a batch's own:
+    /// ReadyForQuery for each statement `bind` sent ahead (`swallow`), and the
+    /// CloseComplete of a statement cache started over.
+    fn start_expects(&mut self, swallow: usize) -> VecDeque<Expect> {
         let mut expects = std::mem::take(&mut self.spare_expects);
         expects.clear();
         let Some(b) = self.bound.as_mut() else {
@@ -1612,18 +1710,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 expects.push_back(Expect::Close { forward: false });
             }
         }
-        // Make sure `name` is prepared on this connection, injecting a Parse.
-        fn ensure(backend: &mut crate::backend::Backend, p: &Prepared, expects: &mut VecDeque<Expect>) {
-            // Looked up before inserting: no copy of the name for the common case.
-            if !backend.prepared.contains(&p.server_name) && backend.prepared.insert(p.server_name.clone()) {
-                backend.conn.queue(&messages::parse(&p.server_name, &p.sql, &p.param_types));
-                expects.push_back(Expect::Parse {
-                    forward: false,
-                    server_name: p.server_name.clone(),
-                    client_name: None,
-                });
-            }
-        }
+        expects
+    }
+
+    /// Queues the batch on the bound connection with statement names rewritten,
+    /// and returns the replies to expect.
+    fn rewrite_batch(&mut self, batch: &[Message], swallow: usize) -> VecDeque<Expect> {
+        let mut expects = self.start_expects(swallow);
+        let Some(b) = self.bound.as_mut() else {
+            return expects;
+        };
+        let backend = &mut b.conn;
         for m in batch {
             match m.tag() {
                 b'P' => {
@@ -1647,7 +1744,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     let Some(p) = self.prepared.get(bind.statement) else {
                         continue;
                     };
-                    ensure(backend, p, &mut expects);
+                    ensure_prepared(backend, p, &mut expects);
                     bind.put_with_statement(backend.conn.write_buf(), &p.server_name);
                     expects.push_back(Expect::Bind);
                 }
@@ -1656,7 +1753,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         let Some(p) = self.prepared.get(name) else {
                             continue;
                         };
-                        ensure(backend, p, &mut expects);
+                        ensure_prepared(backend, p, &mut expects);
                         backend.conn.queue(&messages::describe(b'S', &p.server_name));
                         expects.push_back(Expect::Describe);
                     }
@@ -2345,6 +2442,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 /// Sends `sql` (after `prelude`, whose replies are dropped but for errors) as a
 /// simple query on `conn` and returns the replies without ReadyForQuery, and the
 /// first error.
+/// Makes sure the statement is prepared on this server connection, queuing
+/// a Parse (whose reply the client does not see) when it is not.
+fn ensure_prepared(backend: &mut crate::backend::Backend, p: &Prepared, expects: &mut VecDeque<Expect>) {
+    // Looked up before inserting: no copy of the name for the common case.
+    if !backend.prepared.contains(&p.server_name) && backend.prepared.insert(p.server_name.clone()) {
+        backend.conn.queue(&messages::parse(&p.server_name, &p.sql, &p.param_types));
+        expects.push_back(Expect::Parse { forward: false, server_name: p.server_name.clone(), client_name: None });
+    }
+}
+
 async fn collect(
     conn: &mut Pooled,
     sql: &str,

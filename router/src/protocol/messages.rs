@@ -5,6 +5,7 @@
 //! [`ProtocolError::Malformed`] instead of panicking on a short or unterminated field.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use smallvec::SmallVec;
 
 use super::ProtocolError;
 
@@ -195,10 +196,14 @@ impl<'a> Parse<'a> {
 pub struct Bind<'a> {
     pub portal: &'a str,
     pub statement: &'a str,
-    pub param_formats: Vec<i16>,
-    pub params: Vec<Option<&'a [u8]>>,
+    /// Inline for the usual handful: parsing a Bind allocates nothing.
+    pub param_formats: SmallVec<[i16; 4]>,
+    pub params: SmallVec<[Option<&'a [u8]>; 8]>,
     /// Result formats and everything after the parameters, passed on untouched.
     pub tail: &'a [u8],
+    /// The body after the statement name (formats, parameters, tail): what a
+    /// Bind naming another statement carries unchanged.
+    after_statement: &'a [u8],
 }
 
 impl<'a> Bind<'a> {
@@ -206,17 +211,18 @@ impl<'a> Bind<'a> {
         let mut r = Reader::new(m.body(), "Bind");
         let portal = r.cstr()?;
         let statement = r.cstr()?;
+        let after_statement = r.remaining();
         let nf = r.i16()?;
-        let mut param_formats = Vec::with_capacity(nf.max(0) as usize);
+        let mut param_formats = SmallVec::with_capacity(nf.max(0) as usize);
         for _ in 0..nf {
             param_formats.push(r.i16()?);
         }
         let np = r.i16()?;
-        let mut params = Vec::with_capacity(np.max(0) as usize);
+        let mut params = SmallVec::with_capacity(np.max(0) as usize);
         for _ in 0..np {
             params.push(r.value()?);
         }
-        Ok(Bind { portal, statement, param_formats, params, tail: r.remaining() })
+        Ok(Bind { portal, statement, param_formats, params, tail: r.remaining(), after_statement })
     }
 
     /// 0 for text, 1 for binary, per the formats rule of the protocol.
@@ -237,30 +243,15 @@ impl<'a> Bind<'a> {
 
     /// Writes [`Self::with_statement`] into `buf`.
     pub fn put_with_statement(&self, buf: &mut BytesMut, statement: &str) {
-        let start = buf.len();
+        let len = 4 + self.portal.len() + 1 + statement.len() + 1 + self.after_statement.len();
+        buf.reserve(1 + len);
         buf.put_u8(b'B');
-        buf.put_i32(0);
+        buf.put_i32(len as i32);
         buf.put_slice(self.portal.as_bytes());
         buf.put_u8(0);
         buf.put_slice(statement.as_bytes());
         buf.put_u8(0);
-        buf.put_i16(self.param_formats.len() as i16);
-        for f in &self.param_formats {
-            buf.put_i16(*f);
-        }
-        buf.put_i16(self.params.len() as i16);
-        for p in &self.params {
-            match p {
-                None => buf.put_i32(-1),
-                Some(v) => {
-                    buf.put_i32(v.len() as i32);
-                    buf.put_slice(v);
-                }
-            }
-        }
-        buf.put_slice(self.tail);
-        let len = (buf.len() - start - 1) as i32;
-        buf[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
+        buf.put_slice(self.after_statement);
     }
 }
 
@@ -577,12 +568,16 @@ mod tests {
         assert_eq!(c.len(), 16);
     }
 
+    fn bind_message(portal: &str, statement: &str) -> Bytes {
+        let mut b = Builder::new(b'B');
+        b.cstr(portal).cstr(statement).i16(1).i16(1).i16(2).i32(8).bytes(&42i64.to_be_bytes()).i32(-1);
+        b.i16(1).i16(0);
+        b.finish()
+    }
+
     #[test]
     fn bind_round_trips_with_a_new_statement_name() {
-        let mut b = Builder::new(b'B');
-        b.cstr("").cstr("s1").i16(1).i16(1).i16(2).i32(8).bytes(&42i64.to_be_bytes()).i32(-1);
-        b.i16(1).i16(0);
-        let m = Message::from_raw(b.finish());
+        let m = Message::from_raw(bind_message("", "s1"));
         let bind = Bind::parse(&m).unwrap();
         assert_eq!(bind.statement, "s1");
         assert_eq!(bind.params.len(), 2);
@@ -591,8 +586,14 @@ mod tests {
         let again = Message::from_raw(bind.with_statement("sg_7"));
         let b2 = Bind::parse(&again).unwrap();
         assert_eq!(b2.statement, "sg_7");
-        assert_eq!(b2.params, bind.params);
+        assert_eq!(b2.params.to_vec(), bind.params.to_vec());
         assert_eq!(b2.tail, bind.tail);
+        // Byte for byte the Bind the client would have sent naming the new
+        // statement, portal included.
+        assert_eq!(again.raw(), &bind_message("", "sg_7")[..]);
+        let named = Message::from_raw(bind_message("p1", "a_long_client_statement_name"));
+        let renamed = Bind::parse(&named).unwrap().with_statement("s");
+        assert_eq!(renamed, bind_message("p1", "s"));
     }
 
     #[test]
