@@ -137,7 +137,7 @@ impl Backend {
         extra: &[(&str, &str)],
     ) -> Result<Backend, BackendError> {
         let url = addr.display_url();
-        match tokio::time::timeout(timeout, Self::connect_inner(addr, &url, extra)).await {
+        match crate::timer::timeout(timeout, Self::connect_inner(addr, &url, extra)).await {
             Ok(r) => r,
             Err(_) => Err(BackendError::Timeout { url }),
         }

@@ -200,7 +200,7 @@ pub async fn wait_released(directory: &DirectoryHandle, move_id: u64) -> Duratio
         if now >= deadline_ms {
             return started.elapsed();
         }
-        let _ = tokio::time::timeout(Duration::from_millis(deadline_ms - now), changes.changed()).await;
+        let _ = crate::timer::timeout(Duration::from_millis(deadline_ms - now), changes.changed()).await;
     }
 }
 

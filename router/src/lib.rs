@@ -36,4 +36,5 @@ pub mod shadow;
 pub mod sizes;
 pub mod split;
 pub mod sql;
+pub mod timer;
 pub mod web;

@@ -105,7 +105,7 @@ impl ShardPool {
             Ok(p) => p,
             Err(_) => {
                 let started = std::time::Instant::now();
-                match tokio::time::timeout(self.queue_timeout, self.slots.clone().acquire_owned()).await {
+                match crate::timer::timeout(self.queue_timeout, self.slots.clone().acquire_owned()).await {
                     Ok(Ok(p)) => {
                         crate::metrics::global().pool_wait(started.elapsed());
                         p

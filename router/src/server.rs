@@ -225,16 +225,19 @@ impl SessionThreads {
     fn start(n: usize) -> std::io::Result<SessionThreads> {
         let mut threads = Vec::with_capacity(n);
         for i in 1..=n.max(1) {
-            // I/O and timers: sessions need nothing else. (tokio's process
-            // driver, which would look for exited children at every turn of the
-            // loop, is not built at all: see the tokio features in Cargo.toml.)
-            let rt = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
+            // I/O only. No timer wheel, which the loop would look at every time
+            // it sleeps and wakes: the few timeouts sessions need are armed
+            // elsewhere (crate::timer). No process driver either, which would
+            // look for exited children at every turn: it is not built at all
+            // (see the tokio features in Cargo.toml).
+            let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
             let (send, mut recv) =
                 tokio::sync::mpsc::unbounded_channel::<(std::net::TcpStream, SocketAddr, Arc<RouterContext>)>();
             let sessions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let count = sessions.clone();
             std::thread::Builder::new().name(format!("shardgate-session-{i}")).spawn(move || {
                 crate::pool::set_home(i);
+                crate::timer::mark_no_wheel();
                 rt.block_on(async move {
                     let mut running = tokio::task::JoinSet::new();
                     loop {

@@ -248,9 +248,10 @@ fn shape(sql: &str) -> Option<Shape> {
     Some(Shape { ordered: !s.sort_clause.is_empty(), locking: !s.locking_clause.is_empty() })
 }
 
-/// Compares one read in the background; `permit` bounds how many run at once.
+/// Compares one read in the background (off the session's thread, whose event
+/// loop has no timers: see [`crate::timer`]); `permit` bounds how many run at once.
 pub fn spawn_compare(ctx: Arc<RouterContext>, read: ShadowRead, permit: tokio::sync::OwnedSemaphorePermit) {
-    tokio::spawn(async move {
+    crate::timer::spawn_background(async move {
         let _permit = permit;
         let id = read.mv.id;
         match compare(&ctx, &read).await {
