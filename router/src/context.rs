@@ -260,6 +260,10 @@ impl RouterContext {
         // Only shards holding the reference tables' rows serve their reads.
         let refs = || dir.live_shards().filter(|(_, s)| s.reference);
         let n_refs = refs().count();
+        if n_refs == 1 {
+            // The usual case of one shard holding them: no counter to turn.
+            return refs().next().map(|(i, _)| i).unwrap_or(0);
+        }
         if n_refs == 0 {
             let live = dir.live_shards().count();
             let n = self.next_any.fetch_add(1, Ordering::Relaxed) % live.max(1);

@@ -420,7 +420,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// a NOTICE saying so.
     fn lease_check(&mut self, analysis: &Analysis) -> Option<SqlError> {
         if let Some((node, _)) = &self.ctx.replica {
-            if node.status().applied == 0 {
+            if node.applied() == 0 {
                 // A replica that joined but has not received the directory yet
                 // knows no placement at all: nothing may be routed.
                 return Some(
@@ -1312,7 +1312,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // into the spare one: no allocation per batch once both have grown.
         let spare = std::mem::take(&mut self.spare_batch);
         let mut batch = std::mem::replace(&mut self.batch, spare);
-        let result = self.run_batch_of(sync, &mut batch).await;
+        let result = match self.bind_execute(sync, &batch).await {
+            Ok(true) => Ok(()),
+            Ok(false) => self.run_batch_of(sync, &mut batch).await,
+            Err(e) => Err(e),
+        };
         batch.clear();
         self.spare_batch = batch;
         result
@@ -1354,9 +1358,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     return self.fail_batch(e, sync).await;
                 }
             }
-        }
-        if sync && self.bind_execute(batch).await? {
-            return Ok(());
         }
         // First pass: learn statements, find where the batch must run.
         let mut touched = std::mem::take(&mut self.touched);
@@ -1569,12 +1570,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// The batch a client that prepared its statements sends for each of them:
-    /// Bind, Execute, Sync, for one shard. Runs with the Bind parsed once and
-    /// none of the general path's passes (Parse, Describe, Close, transaction
-    /// control, shadow reads, several shards). `Ok(false)`, having changed
-    /// nothing the general path depends on, hands any other batch to it.
-    async fn bind_execute(&mut self, batch: &[Message]) -> Result<bool, SessionError> {
-        let [b, e, s] = batch else { return Ok(false) };
+    /// Bind, Execute, Sync, for one shard, with a Describe of the portal
+    /// between Bind and Execute as libpq sends it. Runs with the Bind parsed
+    /// once and none of the general path's passes (Parse, Describe of a
+    /// statement, Close, transaction control, shadow reads, several shards).
+    /// `Ok(false)`, having changed nothing the general path depends on, hands
+    /// any other batch to it.
+    async fn bind_execute(&mut self, sync: bool, batch: &[Message]) -> Result<bool, SessionError> {
+        if !sync || self.multi.is_some() {
+            return Ok(false);
+        }
+        if let Some((node, lease)) = &self.ctx.replica {
+            // A directory not loaded yet or out of touch: the general path
+            // refuses or warns.
+            if node.applied() == 0 || !node.lease_valid(*lease) {
+                return Ok(false);
+            }
+        }
+        let (b, describe, e, s) = match batch {
+            [b, e, s] => (b, None, e, s),
+            [b, d, e, s] if d.tag() == b'D' && d.body().first() == Some(&b'P') => (b, Some(d), e, s),
+            _ => return Ok(false),
+        };
         if (b.tag(), e.tag(), s.tag()) != (b'B', b'E', b'S') || self.aborted_locally || !self.ctx.shadow.is_idle() {
             return Ok(false);
         }
@@ -1622,6 +1639,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         ensure_prepared(backend, p, &mut expects);
         bind.put_with_statement(backend.conn.write_buf(), &p.server_name);
         expects.push_back(Expect::Bind);
+        if let Some(d) = describe {
+            backend.conn.queue(d.raw());
+            expects.push_back(Expect::Describe);
+        }
         backend.conn.queue(e.raw());
         expects.push_back(Expect::Execute);
         backend.conn.queue(s.raw());

@@ -190,6 +190,12 @@ impl Node {
         self.status.borrow().clone()
     }
 
+    /// The last log index applied here (0: the directory has not arrived yet).
+    /// Unlike [`Node::status`], copies nothing: routers ask on every statement.
+    pub fn applied(&self) -> u64 {
+        self.status.borrow().applied
+    }
+
     pub fn watch_status(&self) -> watch::Receiver<NodeStatus> {
         self.status.clone()
     }
