@@ -130,6 +130,9 @@ pub struct Session<S> {
     shadow_digest: Option<RowDigest>,
     /// Rows the statements being relayed reported written (CommandComplete).
     rows_written: u64,
+    /// The shards' pools this session used, by shard: the router's list is
+    /// behind a lock every session shares (and only ever grows).
+    pools: Vec<Option<Arc<crate::pool::ShardPool>>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -156,6 +159,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             multi: None,
             multi_failed: false,
             touched: Default::default(),
+            pools: Vec::new(),
             flight: crate::hold::Flight::new(ctx_in_flight),
             shadow_digest: None,
             rows_written: 0,
@@ -896,10 +900,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 format!("this transaction runs on shard {} and cannot touch shard {}", name(b.shard), name(shard)),
             ));
         }
-        let pool = self.ctx.pool(shard).ok_or_else(|| SqlError::new("XX000", format!("no pool for shard {shard}")))?;
+        let pool = self.pool(shard)?;
         let mut conn = pool.get().await.map_err(|e| SqlError::new(e.sqlstate(), e.to_string()))?;
         *self.cancel.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(CancelTarget { pool: pool.clone(), pid: conn.pid, secret: conn.secret });
+            Some(CancelTarget { pool, pid: conn.pid, secret: conn.secret });
         let mut swallow = 0;
         if let Some(sql) = self.settings_prelude(&mut conn) {
             conn.conn.queue(&messages::query(&sql));
@@ -911,6 +915,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         self.bound = Some(Bound { shard, conn });
         Ok(swallow)
+    }
+
+    /// The pool of `shard`, from this session's own list when it has used it.
+    fn pool(&mut self, shard: ShardId) -> Result<Arc<crate::pool::ShardPool>, SqlError> {
+        if let Some(Some(p)) = self.pools.get(shard) {
+            return Ok(p.clone());
+        }
+        let pool = self.ctx.pool(shard).ok_or_else(|| SqlError::new("XX000", format!("no pool for shard {shard}")))?;
+        if self.pools.len() <= shard {
+            self.pools.resize(shard + 1, None);
+        }
+        self.pools[shard] = Some(pool.clone());
+        Ok(pool)
     }
 
     fn clear_cancel(&self) {
