@@ -937,10 +937,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// After a ReadyForQuery from the server: keep the connection while a
     /// transaction is open, return it to the pool when idle.
     fn after_ready(&mut self, status: u8) {
-        if status == b'I' && !self.open_batch {
-            self.bound = None;
-            self.clear_cancel();
+        if self.leave_if_idle(status).is_some() {
             self.flight.clear();
+        }
+    }
+
+    /// The first half of [`Self::after_ready`]: when the server is idle, the
+    /// connection leaves the session (a cancel request no longer reaches it)
+    /// and is returned; dropping it hands it back to the pool.
+    fn leave_if_idle(&mut self, status: u8) -> Option<Bound> {
+        if status == b'I' && !self.open_batch {
+            self.clear_cancel();
+            self.bound.take()
+        } else {
+            None
         }
     }
 
@@ -1698,15 +1708,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         for a in statements {
             self.record_settings(a, status);
         }
-        // What after_ready does, in two halves: the connection leaves the
-        // session now (a cancel request no longer reaches it), and goes back to
-        // the pool once the answer is on its way.
-        let released = if status == b'I' && !self.open_batch {
-            self.clear_cancel();
-            self.bound.take()
-        } else {
-            None
-        };
+        // after_ready in two halves: the connection leaves the session now, and
+        // goes back to the pool once the answer is on its way.
+        let released = self.leave_if_idle(status);
         let client_status = if self.bound.is_none() { self.status() } else { status };
         self.client.queue(&messages::ready_for_query_bytes(client_status));
         let flushed = self.client.flush().await;
