@@ -81,11 +81,43 @@ async fn wait(h: &Harness, id: u64, what: &str, mut cond: impl FnMut() -> bool) 
                 for l in errors {
                     eprintln!("{l}");
                 }
+                eprintln!("--- shard {i} replication and waits ---");
+                for line in replication_state(&h.shard(i).await).await {
+                    eprintln!("{line}");
+                }
             }
             panic!("timed out waiting for {what}; the move: {:?}", h.directory.load().moves[&id]);
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// What a shard says about its slots, its senders and who waits on what: the
+/// state a stuck stream is explained by.
+async fn replication_state(c: &tokio_postgres::Client) -> Vec<String> {
+    let queries = [
+        "SELECT 'wal ' || pg_current_wal_lsn()::text",
+        "SELECT 'slot ' || slot_name || ' active=' || active || ' confirmed=' || coalesce(confirmed_flush_lsn::text, '-') \
+         || ' restart=' || coalesce(restart_lsn::text, '-') FROM pg_replication_slots",
+        "SELECT 'sender ' || application_name || ' ' || state || ' sent=' || coalesce(sent_lsn::text, '-') \
+         || ' flush=' || coalesce(flush_lsn::text, '-') FROM pg_stat_replication",
+        "SELECT 'subscription ' || subname || ' received=' || coalesce(received_lsn::text, '-') \
+         || ' reported=' || coalesce(latest_end_lsn::text, '-') FROM pg_stat_subscription",
+        "SELECT 'backend ' || pid || ' ' || coalesce(backend_type, '') || ' ' || coalesce(state, '') || ' wait=' \
+         || coalesce(wait_event_type || '/' || wait_event, '-') || ' ' || left(coalesce(query, ''), 120) \
+         FROM pg_stat_activity WHERE pid <> pg_backend_pid()",
+    ];
+    let mut out = Vec::new();
+    for q in queries {
+        match c.simple_query(q).await {
+            Ok(rows) => out.extend(rows.iter().filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })),
+            Err(e) => out.push(format!("{q}: {e}")),
+        }
+    }
+    out
 }
 
 /// A bucket on shard 0 and its first `n` tenants.
@@ -346,6 +378,15 @@ async fn simple_count(c: &tokio_postgres::Client) -> i64 {
     }
 }
 
+/// Runs one simple-query statement and returns the rows its command tag counts.
+async fn inserted(c: &tokio_postgres::Client, sql: &str) -> u64 {
+    let r = c.simple_query(sql).await.unwrap();
+    match r.last() {
+        Some(tokio_postgres::SimpleQueryMessage::CommandComplete(n)) => *n,
+        other => panic!("{other:?}"),
+    }
+}
+
 fn create_move(h: &Harness, bucket: u32) -> u64 {
     let out = h.directory.apply_local(&Command::CreateMove {
         subject: MoveSubject::Bucket(bucket),
@@ -395,7 +436,9 @@ async fn a_move_waits_to_start_while_another_streams_lags() {
     // Hold the target table: the stream's apply waits, the source's WAL grows.
     let target = h.shard(1).await;
     target.batch_execute("BEGIN; LOCK TABLE events IN ACCESS EXCLUSIVE MODE").await.unwrap();
-    c.simple_query(&write(1_000, 1_000)).await.unwrap();
+    assert_eq!(inserted(&c, &write(1_000, 1_000)).await, 1_000);
+    let on_source = h.shard(0).await.query_one("SELECT count(*) FROM events", &[]).await.unwrap().get::<_, i64>(0);
+    assert_eq!(on_source, 1_100, "the write went to the source");
     wait(&h, a, "the stream to lag past the limit", || counter(&h, a, "lag_bytes") > LIMIT).await;
 
     let b = create_move(&h, second);
@@ -404,7 +447,7 @@ async fn a_move_waits_to_start_while_another_streams_lags() {
     assert_eq!(phase(&h, b), MovePhase::Plan);
     // More writes, more lag: the driver looks again and keeps it waiting.
     let seen = note(&h, b);
-    c.simple_query(&write(10_000, 1_000)).await.unwrap();
+    assert_eq!(inserted(&c, &write(10_000, 1_000)).await, 1_000);
     wait(&h, b, "the wait to be re-checked", || note(&h, b) != seen).await;
     assert!(note(&h, b).contains(&waiting), "{}", note(&h, b));
     assert_eq!(phase(&h, b), MovePhase::Plan, "no copy starts while the other stream lags");
