@@ -52,6 +52,12 @@ pub struct RouterConfig {
     /// session never leaves (0: one per CPU core). Default 0.
     #[serde(default)]
     pub threads: usize,
+    /// How long a write that finds the directory lease expired (a leader
+    /// election, a partition) waits for contact to come back before it is refused
+    /// with 57P03. A failover then looks like a pause to clients. 0 refuses at
+    /// once. Default 5 s.
+    #[serde(default = "default_lease_wait", with = "humantime_secs")]
+    pub lease_wait: Duration,
 }
 
 /// Settings of online moves, read by the node that drives them.
@@ -227,6 +233,7 @@ impl Default for RouterConfig {
             users: Vec::new(),
             moves: MovesConfig::default(),
             threads: 0,
+            lease_wait: default_lease_wait(),
         }
     }
 }
@@ -242,6 +249,9 @@ fn default_max_clients() -> usize {
 }
 fn default_pool_size() -> usize {
     20
+}
+fn default_lease_wait() -> Duration {
+    Duration::from_secs(5)
 }
 fn default_queue_timeout() -> Duration {
     Duration::from_secs(5)

@@ -86,6 +86,9 @@ pub struct Metrics {
     shard_latency: Mutex<BTreeMap<String, std::sync::Arc<Histogram>>>,
     cutover_pause: Histogram,
     held: Histogram,
+    /// Writes that found the directory lease expired and waited for it.
+    lease_waits_started: AtomicU64,
+    lease_wait: Histogram,
 }
 
 /// The process's metrics.
@@ -103,6 +106,8 @@ impl Metrics {
             shard_latency: Mutex::new(BTreeMap::new()),
             cutover_pause: Histogram::default(),
             held: Histogram::default(),
+            lease_waits_started: AtomicU64::new(0),
+            lease_wait: Histogram::default(),
         }
     }
 
@@ -162,6 +167,21 @@ impl Metrics {
     pub fn held(&self, d: Duration) {
         self.held.observe(d);
     }
+
+    /// A write begins to wait for the directory lease to come back.
+    pub fn lease_wait_started(&self) {
+        self.lease_waits_started.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Writes that have begun to wait for the directory lease, in this process.
+    pub fn lease_waits_started(&self) -> u64 {
+        self.lease_waits_started.load(Ordering::Relaxed)
+    }
+
+    /// How long one write waited for the directory lease (refused or not).
+    pub fn lease_wait(&self, d: Duration) {
+        self.lease_wait.observe(d);
+    }
 }
 
 fn help(out: &mut String, name: &str, kind: &str, text: &str) {
@@ -200,6 +220,13 @@ pub fn render(ctx: &RouterContext) -> String {
     m.cutover_pause.render(&mut out, "shardgate_cutover_pause_seconds", "");
     help(&mut out, "shardgate_held_statement_seconds", "histogram", "How long statements waited for a cutover hold.");
     m.held.render(&mut out, "shardgate_held_statement_seconds", "");
+    help(
+        &mut out,
+        "shardgate_lease_wait_seconds",
+        "histogram",
+        "How long writes waited for the directory lease to come back (an election, a partition).",
+    );
+    m.lease_wait.render(&mut out, "shardgate_lease_wait_seconds", "");
 
     let dir = ctx.directory.load();
     help(&mut out, "shardgate_clients", "gauge", "Client connections open.");

@@ -363,7 +363,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.client.queue(&messages::empty_query_response());
             return self.ready().await;
         }
-        if let Some(e) = self.lease_check(&analysis) {
+        if let Some(e) = self.lease_check(&analysis).await {
             return self.fail_simple(e).await;
         }
         if self.multi.is_some() {
@@ -419,10 +419,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    /// With the directory out of reach past the lease, writes are refused (the
-    /// bucket may have moved) and reads go on from the last known placement, with
-    /// a NOTICE saying so.
-    fn lease_check(&mut self, analysis: &Analysis) -> Option<SqlError> {
+    /// With the directory out of reach past the lease, a write waits up to
+    /// `lease_wait` for contact to come back (a leader election takes about a
+    /// second) and is refused if it does not (the bucket may have moved); reads go
+    /// on from the last known placement, with a NOTICE saying so.
+    async fn lease_check(&mut self, analysis: &Analysis) -> Option<SqlError> {
         if let Some((node, _)) = &self.ctx.replica {
             if node.applied() == 0 {
                 // A replica that joined but has not received the directory yet
@@ -433,7 +434,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 );
             }
         }
-        let why = self.ctx.lease_expired()?;
+        self.ctx.lease_expired()?;
         let writes = analysis.statements.iter().any(|s| {
             !matches!(
                 s.kind,
@@ -445,11 +446,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             ) && !matches!(&s.kind, StatementKind::Copy(c) if !c.from_stdin)
         });
         if writes {
+            let why = self.wait_for_lease().await?;
             return Some(
                 SqlError::new("57P03", why)
                     .hint("writes resume by themselves when the directory is reachable again; check `shardgate status` and the network between the nodes"),
             );
         }
+        let why = self.ctx.lease_expired()?;
         self.client.queue(&messages::error_response(
             Severity::Notice,
             "01000",
@@ -457,6 +460,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             None,
         ));
         None
+    }
+
+    /// Waits up to `lease_wait` for this router's replica to hear from the
+    /// directory quorum again; None once it has, or why writes are still refused.
+    async fn wait_for_lease(&self) -> Option<String> {
+        let (node, lease) = self.ctx.replica.as_ref()?;
+        let lease = *lease;
+        let wait = self.ctx.config.lease_wait;
+        if !wait.is_zero() {
+            let metrics = crate::metrics::global();
+            metrics.lease_wait_started();
+            let started = std::time::Instant::now();
+            let mut status = node.watch_status();
+            let _ = crate::timer::timeout(wait, async move {
+                loop {
+                    if status.borrow_and_update().last_contact.is_some_and(|t| t.elapsed() <= lease) {
+                        return;
+                    }
+                    if status.changed().await.is_err() {
+                        // The replica stopped: contact cannot come back.
+                        std::future::pending::<()>().await;
+                    }
+                }
+            })
+            .await;
+            metrics.lease_wait(started.elapsed());
+        }
+        self.ctx.lease_expired()
     }
 
     /// Reloads the table catalog when a statement names a table it has not seen
@@ -1381,7 +1412,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let analysis =
                 Bind::parse(m).ok().and_then(|b| self.prepared.get(b.statement)).and_then(|p| p.analysis.clone());
             if let Some(a) = analysis {
-                if let Some(e) = self.lease_check(&a) {
+                if let Some(e) = self.lease_check(&a).await {
                     return self.fail_batch(e, sync).await;
                 }
             }

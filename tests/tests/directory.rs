@@ -21,7 +21,9 @@ struct Replicated {
     _tmp: tempfile::TempDir,
 }
 
-async fn start(lease: Duration) -> Replicated {
+/// Three replicas, each with a router whose lease is `lease` and whose writes wait
+/// `lease_wait` for an expired lease to come back.
+async fn start(lease: Duration, lease_wait: Duration) -> Replicated {
     let cluster = TestCluster::start(2).await.unwrap();
     let mut shards = Vec::new();
     let mut addrs = Vec::new();
@@ -52,7 +54,7 @@ async fn start(lease: Duration) -> Replicated {
         cfg.founding_voters = Some(vec![1, 2, 3]);
         let node = Node::start(cfg, t.clone()).unwrap();
         t.serve(l, node.clone());
-        let config = RouterConfig { listen: "127.0.0.1:0".into(), ..Default::default() };
+        let config = RouterConfig { listen: "127.0.0.1:0".into(), lease_wait, ..Default::default() };
         let router =
             shardgate_router::server::start_replicated(config, node.clone(), lease, addrs.clone()).await.unwrap();
         nodes.push(node);
@@ -71,7 +73,7 @@ async fn start(lease: Duration) -> Replicated {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_placement_change_reaches_every_router_and_moves_its_traffic() {
-    let r = start(Duration::from_secs(2)).await;
+    let r = start(Duration::from_secs(2), Duration::from_secs(5)).await;
     let urls: Vec<String> = r.routers.iter().map(|x| format!("postgres://postgres@{}/app", x.local_addr)).collect();
     let c0 = connect(&urls[0]).await;
     c0.batch_execute("CREATE TABLE kv (tenant_id bigint, v int)").await.unwrap();
@@ -105,7 +107,9 @@ async fn a_placement_change_reaches_every_router_and_moves_its_traffic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_cut_off_from_the_directory_refuses_writes_and_recovers() {
-    let r = start(Duration::from_millis(400)).await;
+    const LEASE: Duration = Duration::from_millis(400);
+    const WAIT: Duration = Duration::from_millis(1500);
+    let r = start(LEASE, WAIT).await;
     let leader = r.nodes[0].status().leader.unwrap();
     // Cut off a router whose replica is not the leader.
     let idx = r.nodes.iter().position(|n| n.id != leader).unwrap();
@@ -116,28 +120,39 @@ async fn a_router_cut_off_from_the_directory_refuses_writes_and_recovers() {
     r.transports[idx].set_isolated(true);
     let mut rx = r.nodes[idx].watch_status();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while r.nodes[idx].lease_valid(Duration::from_millis(400)) {
+    while r.nodes[idx].lease_valid(LEASE) {
         assert!(tokio::time::Instant::now() < deadline, "the lease never ran out");
         let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
     }
+    // A write waits for the directory, then is refused saying why.
+    let started = std::time::Instant::now();
     let err = c.execute("INSERT INTO kv VALUES (1, 2)", &[]).await.unwrap_err();
+    assert!(started.elapsed() >= WAIT, "refused after {:?}, before lease_wait", started.elapsed());
     assert_eq!(sqlstate(&err), "57P03");
     assert!(err.as_db_error().unwrap().message().contains("directory unreachable"), "{err:?}");
     // Reads go on from the last known placement.
     let n: i64 = c.query_one("SELECT count(*) FROM kv WHERE tenant_id = 1", &[]).await.unwrap().get(0);
     assert_eq!(n, 1);
-    r.transports[idx].set_isolated(false);
+    // A write that arrives while the router is cut off waits; contact comes back
+    // within lease_wait and the write goes through, without an error.
+    let waits = shardgate_router::metrics::global().lease_waits_started();
+    let pending = tokio::spawn(async move { c.execute("INSERT INTO kv VALUES (1, 3)", &[]).await.map(|_| c) });
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !r.nodes[idx].lease_valid(Duration::from_millis(400)) {
-        assert!(tokio::time::Instant::now() < deadline, "the lease never came back");
-        let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
+    while shardgate_router::metrics::global().lease_waits_started() == waits {
+        assert!(tokio::time::Instant::now() < deadline, "the write never waited for the lease");
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    c.execute("INSERT INTO kv VALUES (1, 3)", &[]).await.unwrap();
+    r.transports[idx].set_isolated(false);
+    let c = pending.await.unwrap().expect("a write waiting for the directory goes through once contact is back");
+    assert!(r.nodes[idx].lease_valid(LEASE));
+    c.execute("INSERT INTO kv VALUES (1, 4)", &[]).await.unwrap();
+    let n: i64 = c.query_one("SELECT count(*) FROM kv WHERE tenant_id = 1", &[]).await.unwrap().get(0);
+    assert_eq!(n, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_console_shows_shards_buckets_and_the_directory() {
-    let r = start(Duration::from_secs(2)).await;
+    let r = start(Duration::from_secs(2), Duration::from_secs(5)).await;
     let c = connect(&format!("postgres://postgres@{}/shardgate", r.routers[0].local_addr)).await;
     let shards = c.simple_query("SHOW SHARDS").await.unwrap();
     let names: Vec<String> = shards
