@@ -10,6 +10,11 @@
 # and ratios measured in this same run. Compare ratios, never absolute numbers from
 # another run.
 #
+# At 1 client a second measure follows: PAIRED_ROUNDS short runs (3,000
+# transactions each) per mode, pgbouncer and shardgate back to back, and the
+# median of the per-round ratios. A pair of runs a second apart sees the same
+# machine, so this cancels the slow swings that a median of medians does not.
+#
 #   bench/proxy.sh                               # 5 rounds x 3 s per run: about 5 minutes
 #   ROUNDS=7 SECONDS_PER_RUN=10 bench/proxy.sh   # longer, steadier
 #   RESULTS=/tmp/raw.tsv bench/proxy.sh          # also keep every single run's numbers
@@ -26,6 +31,7 @@ SCALE=${SCALE:-10}
 MODES=(simple extended prepared)
 CLIENTS=(1 16)
 TARGETS=(direct pgbouncer shardgate)
+PAIRED_ROUNDS=${PAIRED_ROUNDS:-30}
 
 scripts/install-deps.sh --bench >/dev/null
 echo "building shardgate (cargo build --release -p shardgate)" >&2
@@ -173,6 +179,27 @@ for round in $(seq 1 "$ROUNDS"); do
   done
   echo "round $round/$ROUNDS done ($((SECONDS - start)) s)" >&2
 done
+# Paired short runs at 1 client: "<mode> <ratio>" per round, or "<mode> FAIL".
+paired=$work/paired.txt
+: >"$paired"
+for round in $(seq 1 "$PAIRED_ROUNDS"); do
+  for mode in "${MODES[@]}"; do
+    declare -A ptps=()
+    for k in 0 1; do # alternate which goes first
+      target=$([ $(((k + round) % 2)) = 0 ] && echo pgbouncer || echo shardgate)
+      out=$(timeout --foreground 60 pgbench -n -S -M "$mode" -c 1 -t 3000 -h 127.0.0.1 -p "$(port_of $target)" -U postgres app 2>&1) || true
+      ptps[$target]=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p' <<<"$out")
+      grep -q '^number of failed transactions: 0 ' <<<"$out" || ptps[$target]=""
+    done
+    if [ -n "${ptps[pgbouncer]}" ] && [ -n "${ptps[shardgate]}" ]; then
+      echo "$mode $(awk -v a="${ptps[shardgate]}" -v b="${ptps[pgbouncer]}" 'BEGIN { printf "%.4f", a / b }')" >>"$paired"
+    else
+      echo "$mode FAIL" >>"$paired"
+    fi
+    unset ptps
+  done
+done
+echo "paired runs done ($((SECONDS - start)) s)" >&2
 kill -0 "$sg_pid" 2>/dev/null || echo "WARNING: shardgate exited during the run" >&2
 [ -z "${RESULTS:-}" ] || cp "$raw" "$RESULTS"
 
@@ -230,3 +257,17 @@ awk -F'\t' -v rounds="$ROUNDS" '
       split(k, p, SUBSEP); printf "  %s -M %s -c %s: %s\n", p[1], p[2], p[3], why[k]
     }
   }' "$raw"
+
+echo
+echo "paired at 1 client: $PAIRED_ROUNDS rounds x 3,000 transactions, pgbouncer and shardgate back to back; median (quartiles) of the per-round shardgate/pgbouncer ratios"
+for mode in "${MODES[@]}"; do
+  awk -v m="$mode" '$1 == m' "$paired" | sort -k2 -g | awk -v m="$mode" '
+    $2 == "FAIL" { fail++; next }
+    { r[++n] = $2 }
+    END {
+      if (fail) { printf "  %-8s FAIL in %d of %d rounds\n", m, fail, fail + n; exit }
+      if (n % 2) med = r[(n + 1) / 2]; else med = (r[n / 2] + r[n / 2 + 1]) / 2
+      verdict = "NOT met"; if (med >= 1.0) verdict = "met"
+      printf "  %-8s %.3fx (%.3f-%.3f) -> %s\n", m, med, r[int(0.25 * (n - 1)) + 1], r[int(0.75 * (n - 1)) + 1], verdict
+    }'
+done
