@@ -434,7 +434,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 );
             }
         }
-        self.ctx.lease_expired()?;
+        let why = self.ctx.lease_expired()?;
         let writes = analysis.statements.iter().any(|s| {
             !matches!(
                 s.kind,
@@ -447,12 +447,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         });
         if writes {
             let why = self.wait_for_lease().await?;
+            let why = format!("{why}; this write waited {:?} for it", self.ctx.config.lease_wait);
             return Some(
                 SqlError::new("57P03", why)
                     .hint("writes resume by themselves when the directory is reachable again; check `shardgate status` and the network between the nodes"),
             );
         }
-        let why = self.ctx.lease_expired()?;
         self.client.queue(&messages::error_response(
             Severity::Notice,
             "01000",
