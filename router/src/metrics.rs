@@ -227,6 +227,13 @@ pub fn render(ctx: &RouterContext) -> String {
         "How long writes waited for the directory lease to come back (an election, a partition).",
     );
     m.lease_wait.render(&mut out, "shardgate_lease_wait_seconds", "");
+    help(
+        &mut out,
+        "shardgate_lease_waits_started_total",
+        "counter",
+        "Writes that began to wait for the directory lease; minus shardgate_lease_wait_seconds_count, those waiting now.",
+    );
+    let _ = writeln!(out, "shardgate_lease_waits_started_total {}", m.lease_waits_started());
 
     let dir = ctx.directory.load();
     help(&mut out, "shardgate_clients", "gauge", "Client connections open.");

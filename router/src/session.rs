@@ -475,7 +475,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let mut status = node.watch_status();
             let _ = crate::timer::timeout(wait, async move {
                 loop {
-                    if status.borrow_and_update().last_contact.is_some_and(|t| t.elapsed() <= lease) {
+                    if status.borrow_and_update().within_lease(lease) {
                         return;
                     }
                     if status.changed().await.is_err() {

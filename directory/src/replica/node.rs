@@ -73,6 +73,13 @@ pub struct NodeStatus {
     pub learners: Vec<u64>,
 }
 
+impl NodeStatus {
+    /// Whether the node had heard from the cluster within `lease` of now.
+    pub fn within_lease(&self, lease: Duration) -> bool {
+        self.last_contact.is_some_and(|t| t.elapsed() <= lease)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProposeError {
     #[error("no directory leader is known yet; try again in a moment")]
@@ -203,7 +210,7 @@ impl Node {
     /// Whether this node has heard from the cluster within `lease`: if not, it can
     /// no longer know whether a bucket moved.
     pub fn lease_valid(&self, lease: Duration) -> bool {
-        self.status.borrow().last_contact.is_some_and(|t| t.elapsed() <= lease)
+        self.status.borrow().within_lease(lease)
     }
 
     /// Proposes a change (from any node: raft forwards it to the leader) and waits
