@@ -54,6 +54,10 @@ async fn cross_shard_reads_match_a_single_postgres() {
         "SELECT region, sum(qty) AS s FROM orders GROUP BY 1 ORDER BY s DESC, region LIMIT 2",
         "SELECT count(*) FROM orders WHERE qty > 100",
         "SELECT sum(total), max(region) FROM orders WHERE qty > 100",
+        "SELECT avg(total), avg(qty), count(*) FROM orders",
+        "SELECT region, avg(total) AS mean, avg(qty::int8), avg(id) FROM orders GROUP BY region ORDER BY mean DESC",
+        "SELECT tenant_id, avg(total) FROM orders GROUP BY 1 ORDER BY 2 NULLS FIRST, 1 LIMIT 10 OFFSET 3",
+        "SELECT avg(total) FROM orders WHERE qty > 100",
     ];
     for sql in ordered {
         let a = rows(one.simple_query(sql).await.unwrap());
@@ -71,5 +75,40 @@ async fn cross_shard_reads_match_a_single_postgres() {
         a.sort();
         b.sort();
         assert_eq!(b, a, "{sql}");
+    }
+}
+
+/// The router's avg (the shards' sums and counts, divided at the router) prints
+/// exactly what Postgres's own numeric division prints, for sums of every size
+/// and scale and counts from 1 up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn averages_divide_as_a_real_server_does() {
+    let server = TestServer::start().await.unwrap();
+    let c = server.connect("postgres").await.unwrap();
+    let mut sums: Vec<String> =
+        ["0", "0.00", "1", "-1", "7", "9999", "10000", "10001", "123456789", "0.5", "-0.05"].map(String::from).to_vec();
+    for e in [1usize, 3, 4, 5, 8, 17, 40] {
+        let digits: String = (0..e).map(|i| char::from(b'1' + (i * 7 % 9) as u8)).collect();
+        sums.push(digits.clone());
+        sums.push(format!("-{digits}.25"));
+        sums.push(format!("0.{}{digits}", "0".repeat(e)));
+        sums.push(format!("{digits}.{}", "9".repeat(e % 7)));
+    }
+    let counts: Vec<i64> = vec![1, 2, 3, 6, 7, 9, 10, 11, 999, 1000, 9999, 10000, 10001, 123457, 1 << 40, i64::MAX];
+    let rows = c
+        .query(
+            "SELECT s, n, (s::numeric / n::numeric)::text FROM unnest($1::text[]) s, unnest($2::int8[]) n",
+            &[&sums, &counts],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), sums.len() * counts.len());
+    for r in &rows {
+        let (s, n, want): (String, i64, String) = (r.get(0), r.get(1), r.get(2));
+        assert_eq!(
+            shardgate_router::fanout::avg_decimal(&s, &n.to_string()).as_deref(),
+            Some(want.as_str()),
+            "{s} / {n}"
+        );
     }
 }

@@ -7,7 +7,7 @@ use bytes::Bytes;
 
 use super::value::{self, add_decimal, compare, order_for};
 use super::{ColumnMerge, FanoutError, MergeSpec};
-use crate::protocol::messages::{data_row, Reader};
+use crate::protocol::messages::{data_row, Builder, Reader};
 
 /// One shard's answer: its RowDescription and DataRow messages, raw.
 pub struct ShardResult {
@@ -62,16 +62,24 @@ pub fn merge(spec: &MergeSpec, results: Vec<ShardResult>, c_collation: bool) -> 
         }
         MergeSpec::Full(f) => f,
     };
-    let types = column_types(&row_description)?;
+    let mut types = column_types(&row_description)?;
     let mut rows: Vec<Row> = Vec::new();
     for r in &results {
         for raw in &r.rows {
             rows.push(decode_row(raw)?);
         }
     }
+    check_average_types(&full.columns, &types)?;
     if full.grouped {
         rows = regroup(&full.columns, &types, rows, c_collation)?;
     }
+    let row_description = if full.visible < full.columns.len() {
+        divide_averages(&full.columns, &mut types, &mut rows)?;
+        rows.iter_mut().for_each(|r| r.truncate(full.visible));
+        averages_row_description(&row_description, &full.columns[..full.visible])?
+    } else {
+        row_description
+    };
     if !full.order.is_empty() {
         let mut orders = Vec::with_capacity(full.order.len());
         for k in &full.order {
@@ -122,6 +130,62 @@ pub fn merge(spec: &MergeSpec, results: Vec<ShardResult>, c_collation: bool) -> 
     Ok(Merged { command_tag: format!("SELECT {}", rows.len()), row_description, rows })
 }
 
+/// Averages merge exactly when their sums are exact: integers and numerics.
+fn check_average_types(columns: &[ColumnMerge], types: &[i32]) -> Result<(), FanoutError> {
+    for (i, merge) in columns.iter().enumerate() {
+        if matches!(merge, ColumnMerge::Avg(_)) && !matches!(types.get(i), Some(&value::INT8 | &value::NUMERIC)) {
+            return Err(FanoutError::Unsupported(
+                "cannot merge avg() of this type exactly across shards (only integer and numeric values); \
+                 use avg(x::numeric), or add a tenant_id condition so the query runs on one shard"
+                    .into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Turns each average's merged sum into the average, with its count.
+fn divide_averages(columns: &[ColumnMerge], types: &mut [i32], rows: &mut [Row]) -> Result<(), FanoutError> {
+    for (i, merge) in columns.iter().enumerate() {
+        let ColumnMerge::Avg(count) = *merge else { continue };
+        types[i] = value::NUMERIC;
+        for row in rows.iter_mut() {
+            let n = row.get(count).ok_or_else(malformed)?.clone();
+            let sum = row.get_mut(i).ok_or_else(malformed)?;
+            *sum = match (sum.take(), n) {
+                (Some(s), Some(n)) if n != b"0" => {
+                    let (s, n) = (String::from_utf8_lossy(&s), String::from_utf8_lossy(&n));
+                    Some(value::avg_decimal(&s, &n).ok_or_else(malformed)?.into_bytes())
+                }
+                _ => None,
+            };
+        }
+    }
+    Ok(())
+}
+
+/// The shards' RowDescription without the hidden counts, and with averages as
+/// numeric (what Postgres's avg of integers and numerics returns).
+fn averages_row_description(rd: &[u8], columns: &[ColumnMerge]) -> Result<Bytes, FanoutError> {
+    let mut r = Reader::new(rd.get(5..).ok_or_else(malformed)?, "RowDescription");
+    r.i16().map_err(|_| malformed())?;
+    let mut b = Builder::new(b'T');
+    b.i16(columns.len() as i16);
+    for merge in columns {
+        let name = r.cstr().map_err(|_| malformed())?;
+        let (table, attnum) = (r.i32().map_err(|_| malformed())?, r.i16().map_err(|_| malformed())?);
+        let (oid, size, typmod) =
+            (r.i32().map_err(|_| malformed())?, r.i16().map_err(|_| malformed())?, r.i32().map_err(|_| malformed())?);
+        let format = r.i16().map_err(|_| malformed())?;
+        let (oid, size, typmod) = match merge {
+            ColumnMerge::Avg(_) => (value::NUMERIC, -1, -1),
+            _ => (oid, size, typmod),
+        };
+        b.cstr(name).i32(table).i16(attnum).i32(oid).i16(size).i32(typmod).i16(format);
+    }
+    Ok(b.finish())
+}
+
 /// Combines the shards' per-group partial aggregates into one row per group.
 fn regroup(columns: &[ColumnMerge], types: &[i32], rows: Vec<Row>, c_collation: bool) -> Result<Vec<Row>, FanoutError> {
     if columns.len() != types.len() {
@@ -151,7 +215,7 @@ fn regroup(columns: &[ColumnMerge], types: &[i32], rows: Vec<Row>, c_collation: 
             acc[i] = Some(match merge {
                 ColumnMerge::Key => a,
                 ColumnMerge::Count => add_decimal(&sa, &sv).ok_or_else(malformed)?.into_bytes(),
-                ColumnMerge::Sum => {
+                ColumnMerge::Sum | ColumnMerge::Avg(_) => {
                     if matches!(types[i], value::FLOAT4 | value::FLOAT8) {
                         return Err(FanoutError::Unsupported(
                             "cannot merge a sum of floating-point values exactly across shards; sum a numeric (x::numeric) or add a tenant_id condition".into(),
@@ -200,6 +264,7 @@ mod tests {
     fn sorted_rows_merge_with_nulls_limit_and_offset() {
         let spec = MergeSpec::Full(Box::new(FullMerge {
             columns: vec![ColumnMerge::Key],
+            visible: 1,
             grouped: false,
             order: vec![SortKey { column: 0, descending: true, nulls_first: true }],
             limit: Some(3),
@@ -218,6 +283,7 @@ mod tests {
     fn partial_aggregates_combine_per_group() {
         let spec = MergeSpec::Full(Box::new(FullMerge {
             columns: vec![ColumnMerge::Key, ColumnMerge::Count, ColumnMerge::Sum, ColumnMerge::Min, ColumnMerge::Max],
+            visible: 5,
             grouped: true,
             order: vec![SortKey { column: 0, descending: false, nulls_first: false }],
             limit: None,
@@ -246,9 +312,37 @@ mod tests {
     }
 
     #[test]
+    fn averages_divide_the_merged_sums_and_drop_their_counts() {
+        let spec = MergeSpec::Full(Box::new(FullMerge {
+            columns: vec![ColumnMerge::Key, ColumnMerge::Avg(2), ColumnMerge::Count],
+            visible: 2,
+            grouped: true,
+            order: vec![SortKey { column: 1, descending: false, nulls_first: false }],
+            limit: None,
+            offset: 0,
+        }));
+        let types = [value::TEXT, value::INT8, value::INT8];
+        let a = ShardResult {
+            row_description: rd(&types),
+            rows: rows(&[&[Some("x"), Some("7"), Some("2")], &[Some("y"), None, Some("0")]]),
+        };
+        let b = ShardResult { row_description: rd(&types), rows: rows(&[&[Some("x"), Some("3"), Some("1")]]) };
+        let m = merge(&spec, vec![a, b], true).unwrap();
+        assert_eq!(
+            texts(&m),
+            vec![vec![Some("x".into()), Some("3.3333333333333333".into())], vec![Some("y".into()), None]]
+        );
+        assert_eq!(column_types(&m.row_description).unwrap(), vec![value::TEXT, value::NUMERIC]);
+        // Floats sum differently in another order: refused, even from one shard.
+        let floats = ShardResult { row_description: rd(&[value::TEXT, value::FLOAT8, value::INT8]), rows: vec![] };
+        assert!(merge(&spec, vec![floats], true).is_err());
+    }
+
+    #[test]
     fn float_sums_and_text_sorts_outside_c_are_refused() {
         let spec = MergeSpec::Full(Box::new(FullMerge {
             columns: vec![ColumnMerge::Sum],
+            visible: 1,
             grouped: true,
             order: vec![],
             limit: None,

@@ -3,10 +3,11 @@
 //! A read that names no tenant goes to every shard; the shards' answers are merged
 //! so that the client gets exactly what one Postgres holding all rows would return:
 //! rows concatenated, sorted by ORDER BY (a merge of the shards' sorted results),
-//! cut by LIMIT/OFFSET, and count/sum/min/max combined, per GROUP BY group.
-//! What cannot be merged exactly is refused with a clear error, never answered
-//! wrong: avg (its scale rules), sums of floating-point values (their order
-//! changes the result), DISTINCT, window functions, HAVING, set operations, sorts
+//! cut by LIMIT/OFFSET, and count/sum/min/max/avg combined, per GROUP BY group
+//! (avg runs on the shards as sum and count, and is divided as Postgres's
+//! numeric division does it). What cannot be merged exactly is refused with a
+//! clear error, never answered wrong: sums and averages of floating-point values
+//! (their order changes the result), DISTINCT, window functions, HAVING, set operations, sorts
 //! on expressions that are not output columns, and text sorts unless the shards
 //! use the C collation.
 //!
@@ -19,6 +20,7 @@ mod value;
 
 pub use merge::{merge, Merged, ShardResult};
 pub use plan::{plan, FanoutPlan};
+pub use value::avg_decimal;
 
 /// How shard results combine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,8 +33,11 @@ pub enum MergeSpec {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FullMerge {
-    /// One entry per output column.
+    /// One entry per column the shards return: the client's columns, then the
+    /// counts that averages need.
     pub columns: Vec<ColumnMerge>,
+    /// How many of `columns` the client sees.
+    pub visible: usize,
     /// Whether rows are grouped (aggregates present).
     pub grouped: bool,
     pub order: Vec<SortKey>,
@@ -48,6 +53,9 @@ pub enum ColumnMerge {
     Sum,
     Min,
     Max,
+    /// avg(x), which the shards answer as sum(x); the count of x that divides it
+    /// is the hidden column at this index.
+    Avg(usize),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -145,11 +145,7 @@ pub fn plan(sql: &str) -> Result<FanoutPlan, FanoutError> {
                     "sum" => ColumnMerge::Sum,
                     "min" => ColumnMerge::Min,
                     "max" => ColumnMerge::Max,
-                    "avg" => {
-                        return Err(FanoutError::Unsupported(
-                            "cannot merge avg() across shards exactly; select sum(x) and count(x) instead, or add a tenant_id condition".into(),
-                        ))
-                    }
+                    "avg" => ColumnMerge::Avg(0), // its count's column is set below
                     other => return Err(refuse(&format!("{other}()"))),
                 }
             }
@@ -189,6 +185,8 @@ pub fn plan(sql: &str) -> Result<FanoutPlan, FanoutError> {
             return Err(refuse("GROUP BY that does not list every plain output column"));
         }
     }
+    let visible = columns.len();
+    ask_for_averages_counts(sel, &mut columns);
     let mut order = Vec::new();
     for s in &sel.sort_clause {
         let Some(N::SortBy(sb)) = &s.node else { return Err(refuse("this ORDER BY")) };
@@ -248,7 +246,42 @@ pub fn plan(sql: &str) -> Result<FanoutPlan, FanoutError> {
     }
     let shard_sql =
         pg_query::deparse(&parsed.protobuf, Default::default()).map_err(|e| FanoutError::Unsupported(e.to_string()))?;
-    Ok(FanoutPlan { shard_sql, merge: MergeSpec::Full(Box::new(FullMerge { columns, grouped, order, limit, offset })) })
+    Ok(FanoutPlan {
+        shard_sql,
+        merge: MergeSpec::Full(Box::new(FullMerge { columns, visible, grouped, order, limit, offset })),
+    })
+}
+
+/// Each `avg(x)` in the select list becomes `sum(x)` under the same output name,
+/// and `count(x)` is added at the end of the list: the router adds both up over
+/// the shards and divides.
+fn ask_for_averages_counts(sel: &mut protobuf::SelectStmt, columns: &mut Vec<ColumnMerge>) {
+    for i in 0..columns.len() {
+        if !matches!(columns[i], ColumnMerge::Avg(_)) {
+            continue;
+        }
+        let Some(N::ResTarget(rt)) = sel.target_list[i].node.as_mut() else { continue };
+        let Some(N::FuncCall(f)) = rt.val.as_deref_mut().and_then(|v| v.node.as_mut()) else { continue };
+        let rename = |f: &mut protobuf::FuncCall, to: &str| {
+            f.funcname = vec![Node { node: Some(N::String(protobuf::String { sval: to.into() })) }];
+        };
+        let mut count = f.clone();
+        rename(&mut count, "count");
+        rename(f, "sum");
+        if rt.name.is_empty() {
+            rt.name = "avg".into();
+        }
+        columns[i] = ColumnMerge::Avg(columns.len());
+        columns.push(ColumnMerge::Count);
+        sel.target_list.push(Node {
+            node: Some(N::ResTarget(Box::new(protobuf::ResTarget {
+                name: format!("shardgate_avg_count_{}", i + 1),
+                indirection: vec![],
+                val: Some(Box::new(Node { node: Some(N::FuncCall(count)) })),
+                location: -1,
+            }))),
+        });
+    }
 }
 
 #[cfg(test)]
@@ -291,9 +324,29 @@ mod tests {
     }
 
     #[test]
+    fn averages_run_as_sums_and_counts() {
+        let (sql, m) = full("select region, avg(total), avg(qty) as q from orders group by region order by q");
+        assert!(
+            sql.contains("sum(total) AS avg")
+                && sql.contains("sum(qty) AS q")
+                && sql.contains("count(total) AS shardgate_avg_count_2")
+                && sql.contains("count(qty) AS shardgate_avg_count_3")
+                && !sql.contains("avg("),
+            "{sql}"
+        );
+        assert_eq!(
+            m.columns,
+            vec![ColumnMerge::Key, ColumnMerge::Avg(3), ColumnMerge::Avg(4), ColumnMerge::Count, ColumnMerge::Count]
+        );
+        assert_eq!(m.visible, 3);
+        assert_eq!(m.order[0].column, 2);
+    }
+
+    #[test]
     fn what_cannot_be_merged_exactly_is_refused() {
         for sql in [
-            "select avg(total) from orders",
+            "select avg(distinct total) from orders",
+            "select avg(total) + 1 from orders",
             "select count(distinct id) from orders",
             "select distinct id from orders",
             "select id, count(*) from orders group by id, total",

@@ -135,9 +135,15 @@ pub fn compare_numeric(a: &str, b: &str) -> Ordering {
 
 /// Exact sum of two decimals (integers or numerics) in text form. The result
 /// keeps the larger scale, as Postgres's numeric addition does.
+/// NaN and the infinities add as in Postgres: NaN wins, opposite infinities
+/// make NaN, an infinity absorbs any finite value.
 pub fn add_decimal(a: &str, b: &str) -> Option<String> {
-    if a == "NaN" || b == "NaN" {
-        return Some("NaN".into());
+    match (a, b) {
+        ("NaN", _) | (_, "NaN") => return Some("NaN".into()),
+        ("Infinity", "-Infinity") | ("-Infinity", "Infinity") => return Some("NaN".into()),
+        ("Infinity" | "-Infinity", _) => return parse_dec(b).map(|_| a.into()).or_else(|| (a == b).then(|| a.into())),
+        (_, "Infinity" | "-Infinity") => return parse_dec(a).map(|_| b.into()),
+        _ => {}
     }
     let (x, y) = (parse_dec(a)?, parse_dec(b)?);
     let scale = x.frac.len().max(y.frac.len());
@@ -165,6 +171,73 @@ pub fn add_decimal(a: &str, b: &str) -> Option<String> {
     let zero = int == "0" && frac.bytes().all(|c| c == b'0');
     let sign = if negative && !zero { "-" } else { "" };
     Some(if scale == 0 { format!("{sign}{int}") } else { format!("{sign}{int}.{frac}") })
+}
+
+/// `avg` as Postgres computes it for integer and numeric arguments: the exact
+/// sum divided by the count with `numeric_div`, whose result scale gives at least
+/// 16 significant digits and no fewer fraction digits than the sum has
+/// (`select_div_scale` in numeric.c), rounded half away from zero. `count` is
+/// the number of values summed, at least 1.
+pub fn avg_decimal(sum: &str, count: &str) -> Option<String> {
+    let n: u64 = count.parse().ok().filter(|&n| n > 0)?;
+    match sum {
+        "NaN" | "Infinity" | "-Infinity" => return Some(sum.into()),
+        _ => {}
+    }
+    let d = parse_dec(sum)?;
+    let (w1, first1) = base_10000_lead(&d.int, &d.frac);
+    let (w2, first2) = base_10000_lead(&n.to_string(), "");
+    let mut qweight = w1 - w2;
+    if first1 <= first2 {
+        qweight -= 1;
+    }
+    const MIN_SIG_DIGITS: i64 = 16;
+    let rscale = (MIN_SIG_DIGITS - qweight * 4).max(d.frac.len() as i64).clamp(0, 1000) as usize;
+    // sum * 10^rscale / n, as integers: the sum's digits, then zeros up to rscale.
+    let digits = format!("{}{:0<rscale$}", d.int, d.frac);
+    let mut quotient = String::with_capacity(digits.len());
+    let mut rem: u128 = 0;
+    for c in digits.bytes() {
+        rem = rem * 10 + (c - b'0') as u128;
+        quotient.push((b'0' + (rem / n as u128) as u8) as char);
+        rem %= n as u128;
+    }
+    let mut q: Vec<u8> = quotient.bytes().rev().map(|c| c - b'0').collect();
+    if rem * 2 >= n as u128 {
+        q = add_mag(&q, &[1]);
+    }
+    let mut s: String = q.iter().rev().map(|d| (d + b'0') as char).collect();
+    while s.len() < rscale + 1 {
+        s.insert(0, '0');
+    }
+    let (int, frac) = s.split_at(s.len() - rscale);
+    let int = int.trim_start_matches('0');
+    let int = if int.is_empty() { "0" } else { int };
+    let zero = int == "0" && frac.bytes().all(|c| c == b'0');
+    let sign = if d.negative && !zero { "-" } else { "" };
+    Some(if rscale == 0 { format!("{sign}{int}") } else { format!("{sign}{int}.{frac}") })
+}
+
+/// The weight and leading digit of a decimal in Postgres's base-10000 form
+/// (groups of four decimal digits either side of the point): (0, 0) for zero.
+fn base_10000_lead(int: &str, frac: &str) -> (i64, u32) {
+    let int = int.trim_start_matches('0');
+    if !int.is_empty() {
+        let lead = match int.len() % 4 {
+            0 => 4,
+            r => r,
+        };
+        return ((int.len() as i64 + 3) / 4 - 1, int[..lead].parse().unwrap_or(0));
+    }
+    let width = frac.len().div_ceil(4) * 4;
+    let frac = format!("{frac:0<width$}");
+    for (k, group) in frac.as_bytes().chunks(4).enumerate() {
+        let g: u32 = std::str::from_utf8(group).ok().and_then(|g| g.parse().ok()).unwrap_or(0);
+        if g != 0 {
+            return (-(k as i64) - 1, g);
+        }
+    }
+    (0, 0)
 }
 
 fn add_mag(a: &[u8], b: &[u8]) -> Vec<u8> {
@@ -218,6 +291,31 @@ mod tests {
         assert_eq!(add_decimal("99999999999999999999999999999999", "1").unwrap(), "100000000000000000000000000000000");
         assert_eq!(add_decimal("-5", "5").unwrap(), "0");
         assert_eq!(add_decimal("0.1", "0.2").unwrap(), "0.3");
+    }
+
+    #[test]
+    fn infinities_add_as_in_postgres() {
+        assert_eq!(add_decimal("Infinity", "1.5").unwrap(), "Infinity");
+        assert_eq!(add_decimal("2", "-Infinity").unwrap(), "-Infinity");
+        assert_eq!(add_decimal("Infinity", "-Infinity").unwrap(), "NaN");
+        assert_eq!(add_decimal("-Infinity", "-Infinity").unwrap(), "-Infinity");
+        assert_eq!(add_decimal("NaN", "Infinity").unwrap(), "NaN");
+        assert!(add_decimal("Infinity", "x").is_none());
+    }
+
+    #[test]
+    fn averages_take_postgres_scale_and_rounding() {
+        // Each expected value is what Postgres 15 prints for avg over the values.
+        assert_eq!(avg_decimal("6", "3").unwrap(), "2.0000000000000000"); // avg of 1, 2, 3
+        assert_eq!(avg_decimal("10", "3").unwrap(), "3.3333333333333333");
+        assert_eq!(avg_decimal("20", "3").unwrap(), "6.6666666666666667");
+        assert_eq!(avg_decimal("-20", "3").unwrap(), "-6.6666666666666667");
+        assert_eq!(avg_decimal("100000", "3").unwrap(), "33333.333333333333");
+        assert_eq!(avg_decimal("3.50", "2").unwrap(), "1.7500000000000000");
+        assert_eq!(avg_decimal("0", "5").unwrap(), "0.00000000000000000000");
+        assert_eq!(avg_decimal("NaN", "2").unwrap(), "NaN");
+        assert_eq!(avg_decimal("-Infinity", "2").unwrap(), "-Infinity");
+        assert!(avg_decimal("1", "0").is_none());
     }
 
     #[test]
