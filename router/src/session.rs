@@ -1560,23 +1560,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             {
                 let text = &statements_seen[0].statements[0].text;
                 match crate::fanout::plan(text) {
-                    Ok(plan) if plan.merge == crate::fanout::MergeSpec::Concat && plan.shard_sql == *text => {
-                        if let Err(e) = self.refuse_during_moves(&shards, &statements_seen[0].statements[0]) {
-                            return self.fail_batch(e, sync).await;
-                        }
+                    Ok(plan)
+                        if plan.merge == crate::fanout::MergeSpec::Concat
+                            && plan.shard_sql == *text
+                            && self
+                                .shard_texts(&shards, text, &statements_seen[0].statements[0])
+                                .is_ok_and(|t| t.iter().all(Option::is_none)) =>
+                    {
+                        // The client's own statement on every shard, rows passed through.
                         return self.run_batch_on_shards(batch, shards, true).await;
                     }
-                    Ok(_) => {
-                        return self
-                            .fail_batch(
-                                SqlError::new(
-                                    "0A000",
-                                    "this cross-shard query needs sorting, limits or aggregates merged, which the extended query protocol does not support yet".into(),
-                                )
-                                .hint("name the tenant (WHERE tenant_id = …) or send the statement as a simple query"),
-                                sync,
-                            )
-                            .await
+                    // Merged, or rewritten per shard to count moving rows once.
+                    Ok(plan) => {
+                        let analysis = statements_seen[0].clone();
+                        return self.run_fanout_extended(batch, shards, plan, &analysis.statements[0]).await;
                     }
                     Err(e) => return self.fail_batch(SqlError::new("0A000", e.to_string()), sync).await,
                 }
@@ -2250,10 +2247,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Runs a simple query on one shard outside any session transaction and returns
     /// its replies (without ReadyForQuery) and its first error, if any.
     async fn collect_on(&self, shard: ShardId, sql: &str) -> Result<(Vec<Bytes>, Option<Bytes>), SqlError> {
+        self.collect_messages_on(shard, &messages::query(sql)).await
+    }
+
+    /// Like [`Self::collect_on`] for messages that end in one ReadyForQuery.
+    async fn collect_messages_on(&self, shard: ShardId, run: &[u8]) -> Result<(Vec<Bytes>, Option<Bytes>), SqlError> {
         let pool = self.ctx.pool(shard).ok_or_else(|| SqlError::new("XX000", format!("no pool for shard {shard}")))?;
         let mut conn = pool.get().await.map_err(|e| SqlError::new(e.sqlstate(), e.to_string()))?;
         let prelude = self.settings_prelude(&mut conn);
-        collect(&mut conn, sql, prelude, false).await
+        collect_messages(&mut conn, run, prelude, false).await
     }
 
     /// `RESET ALL; SET …` for a connection whose settings are not this
@@ -2424,6 +2426,148 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
+    /// A read without a tenant, sent with the extended protocol, whose answers
+    /// must be merged (sorting, limits, aggregates). Each shard runs the planned
+    /// text as an unnamed statement with the client's parameters and text results;
+    /// the merged rows go back in the formats the client's Bind asked for, with a
+    /// reply for each of the client's messages as Postgres would give them.
+    async fn run_fanout_extended(
+        &mut self,
+        batch: &[Message],
+        shards: Vec<ShardId>,
+        plan: crate::fanout::FanoutPlan,
+        stmt: &Statement,
+    ) -> Result<(), SessionError> {
+        let Some(bind_msg) = batch.iter().find(|m| m.tag() == b'B') else {
+            return self.fail_batch(SqlError::new("08P01", "a batch to run has no Bind".into()), true).await;
+        };
+        let bind = match Bind::parse(bind_msg) {
+            Ok(b) => b,
+            Err(e) => return self.fail_batch(SqlError::new("08P01", e.to_string()), true).await,
+        };
+        let Some(param_types) = self.prepared.get(bind.statement).map(|p| p.param_types.clone()) else {
+            return self.fail_batch(unknown_statement(bind.statement), true).await;
+        };
+        let result_formats = match result_formats(bind.tail) {
+            Some(f) => f,
+            None => return self.fail_batch(SqlError::new("08P01", "malformed Bind message".into()), true).await,
+        };
+        for m in batch.iter().filter(|m| m.tag() == b'E') {
+            let mut r = messages::Reader::new(m.body(), "Execute");
+            let max_rows = r.cstr().and_then(|_| r.i32()).unwrap_or(0);
+            if max_rows != 0 {
+                let e = SqlError::new(
+                    "0A000",
+                    "a cross-shard query whose rows are merged cannot be fetched in parts (Execute with a row limit)".into(),
+                )
+                .hint("fetch every row at once (no fetch size), or add a tenant_id condition so the query runs on one shard");
+                return self.fail_batch(e, true).await;
+            }
+        }
+        let texts = match self.shard_texts(&shards, &plan.shard_sql, stmt) {
+            Ok(t) => t,
+            Err(e) => return self.fail_batch(e, true).await,
+        };
+        let this = &*self;
+        let runs = shards.iter().zip(&texts).map(|(&s, sql)| {
+            let sql = sql.as_deref().unwrap_or(plan.shard_sql.as_str());
+            let mut b = messages::Builder::new(b'B');
+            b.cstr("").cstr("").i16(bind.param_formats.len() as i16);
+            for &f in &bind.param_formats {
+                b.i16(f);
+            }
+            b.i16(bind.params.len() as i16);
+            for p in &bind.params {
+                match p {
+                    Some(v) => b.i32(v.len() as i32).bytes(v),
+                    None => b.i32(-1),
+                };
+            }
+            b.i16(0); // every result column in text
+            let run = [
+                messages::parse("", sql, &param_types),
+                messages::describe(b'S', ""),
+                b.finish(),
+                messages::Builder::new(b'E').cstr("").i32(0).finish(),
+                messages::sync(),
+            ]
+            .concat();
+            async move { this.collect_messages_on(s, &run).await }
+        });
+        let answers = futures::future::join_all(runs).await;
+        let dir = self.ctx.directory.load();
+        let mut results = Vec::with_capacity(answers.len());
+        let mut params_description = None;
+        for (answer, &s) in answers.into_iter().zip(&shards) {
+            match answer {
+                Err(e) => return self.fail_batch(e, true).await,
+                Ok((replies, Some(err))) => {
+                    // As in Postgres: a statement whose Parse failed does not exist.
+                    if !replies.iter().any(|r| r.first() == Some(&b'1')) {
+                        for m in batch.iter().filter(|m| m.tag() == b'P') {
+                            if let Ok(p) = Parse::parse(m) {
+                                self.prepared.remove(p.name);
+                            }
+                        }
+                    }
+                    let name = dir.shards.get(s).map(|x| x.name.as_str()).unwrap_or("?");
+                    self.client.queue(&prefix_error(&err, name));
+                    return self.ready().await;
+                }
+                Ok((replies, None)) => {
+                    let mut rd = None;
+                    let mut rows = Vec::new();
+                    for r in replies {
+                        match r.first() {
+                            Some(b't') => params_description = Some(r),
+                            Some(b'T') => rd = Some(r),
+                            Some(b'D') => rows.push(r),
+                            _ => {}
+                        }
+                    }
+                    let Some(row_description) = rd else {
+                        let e = SqlError::new("0A000", "a cross-shard statement must return rows".into());
+                        return self.fail_batch(e, true).await;
+                    };
+                    results.push(crate::fanout::ShardResult { row_description, rows });
+                }
+            }
+        }
+        let c_collation = self.ctx.c_collation.load(std::sync::atomic::Ordering::Relaxed);
+        let merged = crate::fanout::merge(&plan.merge, results, c_collation)
+            .and_then(|m| crate::fanout::in_formats(&m, &result_formats).map(|(rd, rows)| (m, rd, rows)));
+        let (merged, client_rd, rows) = match merged {
+            Ok(m) => m,
+            Err(e) => return self.fail_batch(SqlError::new(e.sqlstate(), e.to_string()), true).await,
+        };
+        for m in batch {
+            match (m.tag(), target_and_name(m)) {
+                (b'D', Ok((b'S', _))) => {
+                    if let Some(t) = &params_description {
+                        self.client.queue(t);
+                    }
+                    self.client.queue(&merged.row_description);
+                }
+                (b'D', _) => self.client.queue(&client_rd),
+                (b'C', Ok((b'S', name))) => {
+                    self.prepared.remove(name);
+                    self.client.queue(&messages::close_complete());
+                }
+                (b'E', _) => {
+                    for r in &rows {
+                        self.client.queue(r);
+                        if self.client.queued() > 256 * 1024 {
+                            self.client.flush().await?;
+                        }
+                    }
+                    self.client.queue(&messages::command_complete(&merged.command_tag));
+                }
+                _ => self.reply_for_statement_message(m),
+            }
+        }
+        self.ready().await
+    }
+
     /// Per shard, the text of a cross-shard read with rows under a move left out
     /// where they are not owned (see [`crate::hold::without_moving_rows`]).
     fn shard_texts(&self, shards: &[ShardId], sql: &str, stmt: &Statement) -> Result<Vec<Option<String>>, SqlError> {
@@ -2436,15 +2580,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         shards.iter().map(|&s| crate::hold::without_moving_rows(&dir, s, sql, &tables)).collect()
     }
 
-    /// Cross-shard statements the router cannot rewrite per shard (extended
-    /// protocol, COPY): refused while a move keeps a second copy of their rows.
+    /// Cross-shard statements the router cannot rewrite per shard (COPY):
+    /// refused while a move keeps a second copy of their rows.
     fn refuse_during_moves(&self, shards: &[ShardId], stmt: &Statement) -> Result<(), SqlError> {
         if self.shard_texts(shards, &stmt.text, stmt)?.iter().any(Option::is_some) {
             return Err(SqlError::new(
                 "55000",
                 "this cross-shard read cannot run while rows of its tables are being moved between shards".into(),
             )
-            .hint("send it as a simple query, name the tenant (WHERE tenant_id = …), or retry after the move"));
+            .hint("send it as a SELECT, name the tenant (WHERE tenant_id = …), or retry after the move"));
         }
         Ok(())
     }
@@ -2531,6 +2675,17 @@ async fn collect(
     prelude: Option<String>,
     in_transaction: bool,
 ) -> Result<(Vec<Bytes>, Option<Bytes>), SqlError> {
+    collect_messages(conn, &messages::query(sql), prelude, in_transaction).await
+}
+
+/// [`collect`] for any messages that end in one ReadyForQuery (a simple query,
+/// or an extended-protocol batch ending in Sync).
+async fn collect_messages(
+    conn: &mut Pooled,
+    run: &[u8],
+    prelude: Option<String>,
+    in_transaction: bool,
+) -> Result<(Vec<Bytes>, Option<Bytes>), SqlError> {
     let name = conn.shard_name().to_string();
     let lost = |e: ProtocolError| SqlError::new("08006", format!("lost the connection to shard {name}: {e}"));
     let mut skip = 0;
@@ -2538,7 +2693,7 @@ async fn collect(
         conn.conn.queue(&messages::query(&p));
         skip = 1;
     }
-    conn.conn.queue(&messages::query(sql));
+    conn.conn.queue(run);
     if let Err(e) = conn.conn.flush().await {
         conn.broken = true;
         return Err(lost(e));
@@ -2618,6 +2773,13 @@ fn leaves_transaction_open(analysis: &Analysis) -> bool {
         }
     }
     open
+}
+
+/// The result format codes at the start of a Bind's tail.
+fn result_formats(tail: &[u8]) -> Option<Vec<i16>> {
+    let mut r = messages::Reader::new(tail, "Bind");
+    let n = r.i16().ok()?;
+    (0..n.max(0)).map(|_| r.i16().ok()).collect()
 }
 
 fn unknown_statement(name: &str) -> SqlError {

@@ -3,6 +3,7 @@
 //! running in the test process.
 
 pub mod checker;
+pub mod raw;
 
 use shardgate_directory::{Directory, DirectoryHandle, KeyType, Shard};
 use shardgate_localpg::{TestCluster, TestServer};

@@ -2,7 +2,9 @@
 //! router on three shards give the same answers.
 
 use shardgate_localpg::TestServer;
+use shardgate_tests::raw::{bind_formats, describe_portal, describe_statement, execute, frame, parse, sync, Raw};
 use shardgate_tests::{connect, Harness};
+use tokio_postgres::types::{FromSql, Type};
 use tokio_postgres::SimpleQueryMessage;
 
 const SCHEMA: &str = "CREATE TABLE orders (tenant_id bigint, id bigint, region text, total numeric, qty int, \
@@ -17,8 +19,38 @@ fn rows(msgs: Vec<SimpleQueryMessage>) -> Vec<Vec<Option<String>>> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cross_shard_reads_match_a_single_postgres() {
+/// A value as the server sent it, whatever its type.
+struct Wire(Option<Vec<u8>>);
+
+impl<'a> FromSql<'a> for Wire {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Wire(Some(raw.to_vec())))
+    }
+    fn from_sql_null(_: &Type) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Wire(None))
+    }
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+}
+
+/// Column names and types, then every value in binary, as tokio-postgres (the
+/// extended protocol, binary results) receives them.
+fn wire_rows(rows: &[tokio_postgres::Row]) -> Vec<Vec<String>> {
+    rows.iter()
+        .map(|r| {
+            (0..r.len())
+                .map(|i| {
+                    let c = &r.columns()[i];
+                    format!("{} {} {:?}", c.name(), c.type_(), r.get::<_, Wire>(i).0)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The cluster and the single server with the same rows.
+async fn same_rows_twice() -> (Harness, TestServer, tokio_postgres::Client, tokio_postgres::Client) {
     let h = Harness::start(3).await;
     let single = TestServer::start().await.unwrap();
     single.create_database("app").await.unwrap();
@@ -43,23 +75,30 @@ async fn cross_shard_reads_match_a_single_postgres() {
     let insert = format!("INSERT INTO orders VALUES {}", values.join(", "));
     one.batch_execute(&insert).await.unwrap();
     router.batch_execute(&insert).await.unwrap();
+    (h, single, one, router)
+}
+
+const ORDERED: &[&str] = &[
+    "SELECT tenant_id, id, total FROM orders ORDER BY total DESC, tenant_id, id",
+    "SELECT tenant_id, id FROM orders ORDER BY tenant_id, id LIMIT 7 OFFSET 5",
+    "SELECT id, tenant_id, qty FROM orders ORDER BY qty NULLS FIRST, 2, 1 LIMIT 20",
+    "SELECT tenant_id, id, region FROM orders ORDER BY region, tenant_id DESC, id LIMIT 15",
+    "SELECT region, count(*), sum(total), min(qty), max(total) FROM orders GROUP BY region ORDER BY region",
+    "SELECT count(*), count(total), sum(qty), sum(total), min(total), max(qty) FROM orders",
+    "SELECT region, sum(qty) AS s FROM orders GROUP BY 1 ORDER BY s DESC, region LIMIT 2",
+    "SELECT count(*) FROM orders WHERE qty > 100",
+    "SELECT sum(total), max(region) FROM orders WHERE qty > 100",
+    "SELECT avg(total), avg(qty), count(*) FROM orders",
+    "SELECT region, avg(total) AS mean, avg(qty::int8), avg(id) FROM orders GROUP BY region ORDER BY mean DESC",
+    "SELECT tenant_id, avg(total) FROM orders GROUP BY 1 ORDER BY 2 NULLS FIRST, 1 LIMIT 10 OFFSET 3",
+    "SELECT avg(total) FROM orders WHERE qty > 100",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_shard_reads_match_a_single_postgres() {
+    let (_h, _single, one, router) = same_rows_twice().await;
     // Ordered queries compare row for row; others as sorted sets.
-    let ordered = [
-        "SELECT tenant_id, id, total FROM orders ORDER BY total DESC, tenant_id, id",
-        "SELECT tenant_id, id FROM orders ORDER BY tenant_id, id LIMIT 7 OFFSET 5",
-        "SELECT id, tenant_id, qty FROM orders ORDER BY qty NULLS FIRST, 2, 1 LIMIT 20",
-        "SELECT tenant_id, id, region FROM orders ORDER BY region, tenant_id DESC, id LIMIT 15",
-        "SELECT region, count(*), sum(total), min(qty), max(total) FROM orders GROUP BY region ORDER BY region",
-        "SELECT count(*), count(total), sum(qty), sum(total), min(total), max(qty) FROM orders",
-        "SELECT region, sum(qty) AS s FROM orders GROUP BY 1 ORDER BY s DESC, region LIMIT 2",
-        "SELECT count(*) FROM orders WHERE qty > 100",
-        "SELECT sum(total), max(region) FROM orders WHERE qty > 100",
-        "SELECT avg(total), avg(qty), count(*) FROM orders",
-        "SELECT region, avg(total) AS mean, avg(qty::int8), avg(id) FROM orders GROUP BY region ORDER BY mean DESC",
-        "SELECT tenant_id, avg(total) FROM orders GROUP BY 1 ORDER BY 2 NULLS FIRST, 1 LIMIT 10 OFFSET 3",
-        "SELECT avg(total) FROM orders WHERE qty > 100",
-    ];
-    for sql in ordered {
+    for &sql in ORDERED {
         let a = rows(one.simple_query(sql).await.unwrap());
         let b = rows(router.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}")));
         assert_eq!(b, a, "{sql}");
@@ -76,6 +115,58 @@ async fn cross_shard_reads_match_a_single_postgres() {
         b.sort();
         assert_eq!(b, a, "{sql}");
     }
+}
+
+/// The same reads through the extended protocol: tokio-postgres asks for every
+/// column in binary, and gets the bytes a single Postgres sends; with
+/// parameters, too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_shard_reads_in_the_extended_protocol_match_a_single_postgres_byte_for_byte() {
+    let (h, single, one, router) = same_rows_twice().await;
+    for &sql in ORDERED {
+        let a = wire_rows(&one.query(sql, &[]).await.unwrap());
+        let b = wire_rows(&router.query(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e:?}")));
+        assert_eq!(b, a, "{sql}");
+    }
+    let sql = "SELECT region, avg(total), count(*), min(id) FROM orders WHERE qty > $1 AND id <= $2 \
+               GROUP BY region ORDER BY 2 DESC LIMIT 3";
+    for (qty, id) in [(0i32, 3i64), (10, 6), (1000, 1)] {
+        let a = wire_rows(&one.query(sql, &[&qty, &id]).await.unwrap());
+        let b = wire_rows(&router.query(sql, &[&qty, &id]).await.unwrap());
+        assert_eq!(b, a, "{sql} with {qty}, {id}");
+    }
+
+    // Byte for byte as a driver sends them: a named statement, described, bound
+    // with text results, with one format code per column, and with too many codes.
+    let sql = "SELECT region, avg(total) AS mean, count(*) FROM orders WHERE qty > $1 GROUP BY region ORDER BY mean";
+    let mut direct = Raw::login(single.port()).await;
+    let mut routed = Raw::login(h.port()).await;
+    let pipelines: Vec<Vec<Vec<u8>>> = vec![
+        vec![parse("m", sql, &[20]), describe_statement("m"), sync()],
+        vec![bind_formats("m", &[3], false, &[]), describe_portal(), execute(), sync()],
+        vec![bind_formats("m", &[3], true, &[0, 1, 0]), describe_portal(), execute(), sync()],
+        vec![bind_formats("m", &[3], false, &[1]), execute(), sync()],
+        vec![parse("", sql, &[20]), bind_formats("", &[-5], false, &[]), describe_statement(""), execute(), sync()],
+        vec![bind_formats("m", &[3], false, &[0, 1]), describe_portal(), execute(), sync()],
+        vec![bind_formats("m", &[3], false, &[]), execute(), frame(b'C', b"Sm\0"), sync()],
+        vec![bind_formats("m", &[3], false, &[]), execute(), sync()],
+    ];
+    for p in &pipelines {
+        let want = direct.run(p).await;
+        let got = routed.run(p).await;
+        assert_eq!(got, want, "{:?}", p.iter().map(|m| m[0] as char).collect::<String>());
+    }
+
+    // What the router cannot give exactly is an error, never a different answer:
+    // a float in binary (its text depends on extra_float_digits), a fetch in parts.
+    let float = "SELECT region, max(total::float8) FROM orders GROUP BY region ORDER BY region";
+    let err = router.query(float, &[]).await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("0A000"), "{err:?}");
+    assert!(err.as_db_error().unwrap().message().contains("binary format"), "{err:?}");
+    let part = vec![parse("", float, &[]), bind_formats("", &[], false, &[]), frame(b'E', b"\0\0\0\0\x02"), sync()];
+    assert_eq!(routed.run(&part).await, vec!["error 0A000".to_string(), "ready I".to_string()]);
+    // The session goes on.
+    assert_eq!(routed.run(&pipelines[1]).await, direct.run(&pipelines[1]).await);
 }
 
 /// The router's avg (the shards' sums and counts, divided at the router) prints

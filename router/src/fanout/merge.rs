@@ -27,21 +27,85 @@ fn malformed() -> FanoutError {
     FanoutError::Unsupported("a shard sent a malformed row".into())
 }
 
-/// Type OIDs of a RowDescription's columns.
-fn column_types(rd: &[u8]) -> Result<Vec<i32>, FanoutError> {
+/// One column of a RowDescription.
+struct Field {
+    name: String,
+    table: i32,
+    attnum: i16,
+    type_oid: i32,
+    size: i16,
+    typmod: i32,
+    format: i16,
+}
+
+fn fields(rd: &[u8]) -> Result<Vec<Field>, FanoutError> {
     let mut r = Reader::new(rd.get(5..).ok_or_else(malformed)?, "RowDescription");
     let n = r.i16().map_err(|_| malformed())?;
-    let mut types = Vec::with_capacity(n.max(0) as usize);
-    for _ in 0..n {
-        r.cstr().map_err(|_| malformed())?;
-        r.i32().map_err(|_| malformed())?;
-        r.i16().map_err(|_| malformed())?;
-        types.push(r.i32().map_err(|_| malformed())?);
-        r.i16().map_err(|_| malformed())?;
-        r.i32().map_err(|_| malformed())?;
-        r.i16().map_err(|_| malformed())?;
+    (0..n)
+        .map(|_| {
+            Ok(Field {
+                name: r.cstr().map_err(|_| malformed())?.to_string(),
+                table: r.i32().map_err(|_| malformed())?,
+                attnum: r.i16().map_err(|_| malformed())?,
+                type_oid: r.i32().map_err(|_| malformed())?,
+                size: r.i16().map_err(|_| malformed())?,
+                typmod: r.i32().map_err(|_| malformed())?,
+                format: r.i16().map_err(|_| malformed())?,
+            })
+        })
+        .collect()
+}
+
+fn row_description(fields: &[Field]) -> Bytes {
+    let mut b = Builder::new(b'T');
+    b.i16(fields.len() as i16);
+    for f in fields {
+        b.cstr(&f.name).i32(f.table).i16(f.attnum).i32(f.type_oid).i16(f.size).i32(f.typmod).i16(f.format);
     }
-    Ok(types)
+    b.finish()
+}
+
+/// Type OIDs of a RowDescription's columns.
+fn column_types(rd: &[u8]) -> Result<Vec<i32>, FanoutError> {
+    Ok(fields(rd)?.iter().map(|f| f.type_oid).collect())
+}
+
+/// The merged answer (text values) in the formats a Bind asked for: no code
+/// means text for all, one code applies to every column, else one per column.
+/// Returns the RowDescription and the rows.
+pub fn in_formats(merged: &Merged, formats: &[i16]) -> Result<(Bytes, Vec<Bytes>), FanoutError> {
+    let mut fields = fields(&merged.row_description)?;
+    if formats.len() > 1 && formats.len() != fields.len() {
+        return Err(FanoutError::Protocol(format!(
+            "bind message has {} result formats but query has {} columns",
+            formats.len(),
+            fields.len()
+        )));
+    }
+    let binary: Vec<bool> = (0..fields.len()).map(|i| formats.get(i).or(formats.first()) == Some(&1)).collect();
+    if !binary.contains(&true) {
+        return Ok((merged.row_description.clone(), merged.rows.clone()));
+    }
+    for (f, &b) in fields.iter_mut().zip(&binary) {
+        f.format = i16::from(b);
+    }
+    let mut rows = Vec::with_capacity(merged.rows.len());
+    for raw in &merged.rows {
+        let mut row = decode_row(raw)?;
+        for (i, v) in row.iter_mut().enumerate() {
+            let (Some(text), true) = (v.as_ref(), binary.get(i) == Some(&true)) else { continue };
+            let field = &fields[i];
+            *v = Some(value::to_binary(field.type_oid, text).ok_or_else(|| {
+                FanoutError::Unsupported(format!(
+                    "cannot send column \"{}\" (type oid {}) of a cross-shard query in binary format; \
+                     ask for it in text format, or add a tenant_id condition so the query runs on one shard",
+                    field.name, field.type_oid
+                ))
+            })?);
+        }
+        rows.push(data_row(row.iter().map(|v| v.as_deref())));
+    }
+    Ok((row_description(&fields), rows))
 }
 
 fn decode_row(raw: &[u8]) -> Result<Row, FanoutError> {
@@ -167,23 +231,14 @@ fn divide_averages(columns: &[ColumnMerge], types: &mut [i32], rows: &mut [Row])
 /// The shards' RowDescription without the hidden counts, and with averages as
 /// numeric (what Postgres's avg of integers and numerics returns).
 fn averages_row_description(rd: &[u8], columns: &[ColumnMerge]) -> Result<Bytes, FanoutError> {
-    let mut r = Reader::new(rd.get(5..).ok_or_else(malformed)?, "RowDescription");
-    r.i16().map_err(|_| malformed())?;
-    let mut b = Builder::new(b'T');
-    b.i16(columns.len() as i16);
-    for merge in columns {
-        let name = r.cstr().map_err(|_| malformed())?;
-        let (table, attnum) = (r.i32().map_err(|_| malformed())?, r.i16().map_err(|_| malformed())?);
-        let (oid, size, typmod) =
-            (r.i32().map_err(|_| malformed())?, r.i16().map_err(|_| malformed())?, r.i32().map_err(|_| malformed())?);
-        let format = r.i16().map_err(|_| malformed())?;
-        let (oid, size, typmod) = match merge {
-            ColumnMerge::Avg(_) => (value::NUMERIC, -1, -1),
-            _ => (oid, size, typmod),
-        };
-        b.cstr(name).i32(table).i16(attnum).i32(oid).i16(size).i32(typmod).i16(format);
+    let mut fields = fields(rd)?;
+    fields.truncate(columns.len());
+    for (f, merge) in fields.iter_mut().zip(columns) {
+        if let ColumnMerge::Avg(_) = merge {
+            (f.type_oid, f.size, f.typmod) = (value::NUMERIC, -1, -1);
+        }
     }
-    Ok(b.finish())
+    Ok(row_description(&fields))
 }
 
 /// Combines the shards' per-group partial aggregates into one row per group.

@@ -11,14 +11,16 @@
 //! on expressions that are not output columns, and text sorts unless the shards
 //! use the C collation.
 //!
-//! Values arrive in the text format (simple query protocol) and are compared by
-//! the column's type from the RowDescription.
+//! Values arrive in the text format (the shards are asked for text in the
+//! extended protocol too) and are compared by the column's type from the
+//! RowDescription; columns a client asked for in binary are converted at the end
+//! ([`in_formats`]) for the types whose binary form follows from the text alone.
 
 mod merge;
 mod plan;
 mod value;
 
-pub use merge::{merge, Merged, ShardResult};
+pub use merge::{in_formats, merge, Merged, ShardResult};
 pub use plan::{plan, FanoutPlan};
 pub use value::avg_decimal;
 
@@ -69,6 +71,18 @@ pub struct SortKey {
 pub enum FanoutError {
     #[error("{0}")]
     Unsupported(String),
+    /// The client's messages do not fit the statement (08P01).
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl FanoutError {
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            FanoutError::Unsupported(_) => "0A000",
+            FanoutError::Protocol(_) => "08P01",
+        }
+    }
 }
 
 fn refuse(what: &str) -> FanoutError {

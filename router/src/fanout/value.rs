@@ -240,6 +240,82 @@ fn base_10000_lead(int: &str, frac: &str) -> (i64, u32) {
     (0, 0)
 }
 
+/// The binary send format of a value given in Postgres's text output, for the
+/// types where the text alone decides it: booleans, integers, numerics, text
+/// and uuids. None for other types (floats and date/times depend on session
+/// settings such as extra_float_digits and DateStyle) and for text that does
+/// not parse.
+pub fn to_binary(type_oid: i32, text: &[u8]) -> Option<Vec<u8>> {
+    let s = std::str::from_utf8(text).ok()?;
+    Some(match type_oid {
+        BOOL => match s {
+            "t" => vec![1],
+            "f" => vec![0],
+            _ => return None,
+        },
+        INT2 => s.parse::<i16>().ok()?.to_be_bytes().to_vec(),
+        INT4 => s.parse::<i32>().ok()?.to_be_bytes().to_vec(),
+        INT8 => s.parse::<i64>().ok()?.to_be_bytes().to_vec(),
+        OID => s.parse::<u32>().ok()?.to_be_bytes().to_vec(),
+        NUMERIC => numeric_binary(s)?,
+        TEXT | VARCHAR | BPCHAR | NAME => text.to_vec(),
+        UUID => {
+            let hex: Vec<u8> = s.bytes().filter(|&c| c != b'-').collect();
+            if hex.len() != 32 {
+                return None;
+            }
+            let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+            hex.chunks(2).map(|p| Some(nibble(p[0])? << 4 | nibble(p[1])?)).collect::<Option<Vec<u8>>>()?
+        }
+        _ => return None,
+    })
+}
+
+/// numeric_send's form: digit count, weight, sign, display scale, then base-10000
+/// digits without leading or trailing zero digits (zero: no digits, weight 0).
+fn numeric_binary(s: &str) -> Option<Vec<u8>> {
+    let header = |n: i16, weight: i16, sign: u16, dscale: u16| {
+        let mut b = Vec::with_capacity(8 + 2 * n.max(0) as usize);
+        b.extend(n.to_be_bytes());
+        b.extend(weight.to_be_bytes());
+        b.extend(sign.to_be_bytes());
+        b.extend(dscale.to_be_bytes());
+        b
+    };
+    match s {
+        "NaN" => return Some(header(0, 0, 0xC000, 0)),
+        "Infinity" => return Some(header(0, 0, 0xD000, 0)),
+        "-Infinity" => return Some(header(0, 0, 0xF000, 0)),
+        _ => {}
+    }
+    let d = parse_dec(s)?;
+    let int_width = d.int.len().div_ceil(4) * 4;
+    let frac_width = d.frac.len().div_ceil(4) * 4;
+    let padded = format!("{:0>int_width$}{:0<frac_width$}", d.int, d.frac);
+    let mut groups: Vec<i16> = padded
+        .as_bytes()
+        .chunks(4)
+        .map(|g| std::str::from_utf8(g).ok().and_then(|g| g.parse().ok()))
+        .collect::<Option<_>>()?;
+    let mut weight = (int_width / 4) as i16 - 1;
+    let lead = groups.iter().take_while(|&&g| g == 0).count();
+    groups.drain(..lead);
+    weight -= lead as i16;
+    while groups.last() == Some(&0) {
+        groups.pop();
+    }
+    let (weight, sign) = match (groups.is_empty(), d.negative) {
+        (true, _) => (0, 0),
+        (false, true) => (weight, 0x4000),
+        (false, false) => (weight, 0),
+    };
+    let mut b = header(groups.len() as i16, weight, sign, u16::try_from(d.frac.len()).ok()?);
+    for g in groups {
+        b.extend(g.to_be_bytes());
+    }
+    Some(b)
+}
+
 fn add_mag(a: &[u8], b: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(a.len().max(b.len()) + 1);
     let mut carry = 0;
