@@ -395,6 +395,27 @@ mod tests {
     }
 
     #[test]
+    fn binary_forms_are_those_postgres_sends() {
+        // numeric_send(...) on Postgres 15.
+        let hex = |s: &str| {
+            (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect::<Vec<u8>>()
+        };
+        assert_eq!(to_binary(NUMERIC, b"-0.00012").unwrap(), hex("0002ffff40000005000107d0"));
+        assert_eq!(to_binary(NUMERIC, b"0.00").unwrap(), hex("0000000000000002"));
+        assert_eq!(to_binary(NUMERIC, b"10000.5").unwrap(), hex("0003000100000001000100001388"));
+        assert_eq!(to_binary(NUMERIC, b"-0").unwrap(), hex("0000000000000000"));
+        assert_eq!(to_binary(NUMERIC, b"NaN").unwrap(), hex("00000000c0000000"));
+        assert_eq!(to_binary(INT8, b"-2").unwrap(), (-2i64).to_be_bytes());
+        assert_eq!(to_binary(BOOL, b"t").unwrap(), [1]);
+        assert_eq!(
+            to_binary(UUID, b"00112233-4455-6677-8899-aabbccddeeff").unwrap(),
+            hex("00112233445566778899aabbccddeeff")
+        );
+        assert_eq!(to_binary(FLOAT8, b"1.5"), None, "float text depends on extra_float_digits");
+        assert_eq!(to_binary(INT4, b"x"), None);
+    }
+
+    #[test]
     fn integers_and_floats_compare_as_numbers() {
         assert_eq!(compare(Order::Integer, b"10", b"9"), Ordering::Greater);
         assert_eq!(compare(Order::Float, b"NaN", b"Infinity"), Ordering::Greater);
