@@ -2371,6 +2371,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(t) => t,
             Err(e) => return self.fail_simple(e).await,
         };
+        let streamed = match &plan.merge {
+            crate::fanout::MergeSpec::Concat => Some((Vec::new(), None, 0)),
+            crate::fanout::MergeSpec::Full(f) if !f.grouped => Some((f.order.clone(), f.limit, f.offset)),
+            crate::fanout::MergeSpec::Full(_) => None,
+        };
+        if let Some((order, limit, offset)) = streamed {
+            return self.stream_fanout(&shards, &plan.shard_sql, texts, &order, limit, offset).await;
+        }
         let this = &*self;
         let runs = shards.iter().zip(&texts).map(|(&s, sql)| {
             let sql = sql.as_deref().unwrap_or(plan.shard_sql.as_str());
@@ -2424,6 +2432,166 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             Err(e) => self.fail_simple(SqlError::new("0A000", e.to_string())).await,
         }
+    }
+
+    /// A cross-shard read without grouping, streamed (see [`crate::fanout::ShardRows`]):
+    /// rows relayed shard after shard, or merged in ORDER BY order; then OFFSET
+    /// and LIMIT. Every shard's connection is taken first, so a shard that is down
+    /// fails the read before a row is sent; an error after rows were sent ends the
+    /// answer with it, as Postgres does for an error in the middle of a scan.
+    async fn stream_fanout(
+        &mut self,
+        shards: &[ShardId],
+        sql: &str,
+        texts: Vec<Option<String>>,
+        order: &[crate::fanout::SortKey],
+        limit: Option<u64>,
+        offset: u64,
+    ) -> Result<(), SessionError> {
+        let dir = self.ctx.directory.load();
+        let mut readers = Vec::with_capacity(shards.len());
+        let mut streams = Vec::with_capacity(shards.len());
+        for (&s, text) in shards.iter().zip(&texts) {
+            let pool = match self.ctx.pool(s) {
+                Some(p) => p,
+                None => return self.fail_simple(SqlError::new("XX000", format!("no pool for shard {s}"))).await,
+            };
+            let mut conn = match pool.get().await {
+                Ok(c) => c,
+                Err(e) => return self.fail_simple(SqlError::new(e.sqlstate(), e.to_string())).await,
+            };
+            let mut run = Vec::new();
+            let mut skip = 0;
+            if let Some(p) = self.settings_prelude(&mut conn) {
+                run.extend_from_slice(&messages::query(&p));
+                skip = 1;
+            }
+            run.extend_from_slice(&messages::query(text.as_deref().unwrap_or(sql)));
+            let (tx, rx) = tokio::sync::mpsc::channel(crate::fanout::QUEUE);
+            readers.push(crate::fanout::read_shard(conn, Bytes::from(run), skip, tx));
+            let name = dir.shards.get(s).map(|x| x.name.clone()).unwrap_or_default();
+            streams.push(crate::fanout::ShardRows::new(name, rx));
+        }
+        let relay = self.relay_streams(streams, order, limit, offset);
+        let (_, relayed) = tokio::join!(futures::future::join_all(readers), relay);
+        relayed
+    }
+
+    async fn relay_streams(
+        &mut self,
+        mut streams: Vec<crate::fanout::ShardRows>,
+        order: &[crate::fanout::SortKey],
+        limit: Option<u64>,
+        offset: u64,
+    ) -> Result<(), SessionError> {
+        use crate::fanout::Event;
+        // Every shard's RowDescription (or its error) before anything is sent.
+        let mut description = None;
+        for st in streams.iter_mut() {
+            match st.next().await {
+                Event::Described(rd) => {
+                    description.get_or_insert(rd);
+                }
+                Event::ShardError(err) => {
+                    self.client.queue(&prefix_error(&err, &st.shard));
+                    return self.ready().await;
+                }
+                Event::Failed(e) => return self.fail_simple(e).await,
+                Event::Row(_) | Event::Done => {
+                    let e = SqlError::new("0A000", "a cross-shard statement must return rows".into());
+                    return self.fail_simple(e).await;
+                }
+            }
+        }
+        let Some(description) = description else {
+            return self.fail_simple(SqlError::new("XX000", "no shard to read from".into())).await;
+        };
+        let c_collation = self.ctx.c_collation.load(std::sync::atomic::Ordering::Relaxed);
+        let keys = match crate::fanout::types_of(&description)
+            .and_then(|types| crate::fanout::sort_keys(order, &types, c_collation))
+        {
+            Ok(k) => k,
+            Err(e) => return self.fail_simple(SqlError::new(e.sqlstate(), e.to_string())).await,
+        };
+        self.client.queue(&description);
+        let (mut skipped, mut sent) = (0u64, 0u64);
+        let mut failure: Option<Bytes> = None;
+        if keys.is_empty() {
+            'shards: for st in streams.iter_mut() {
+                loop {
+                    if limit.is_some_and(|l| sent >= l) {
+                        break 'shards;
+                    }
+                    match st.next().await {
+                        Event::Row(r) if skipped < offset => {
+                            skipped += 1;
+                            drop(r);
+                        }
+                        Event::Row(r) => {
+                            self.client.queue(&r);
+                            sent += 1;
+                            if self.client.queued() > 256 * 1024 {
+                                self.client.flush().await?;
+                            }
+                        }
+                        Event::Described(_) => {}
+                        Event::Done => break,
+                        Event::ShardError(err) => {
+                            failure = Some(prefix_error(&err, &st.shard));
+                            break 'shards;
+                        }
+                        Event::Failed(e) => {
+                            failure = Some(e.to_message(Severity::Error));
+                            break 'shards;
+                        }
+                    }
+                }
+            }
+        } else {
+            let mut heads = crate::fanout::Heads::new(keys, streams.len());
+            let mut last: Vec<Option<crate::fanout::Row>> = vec![None; streams.len()];
+            let mut refill = (0..streams.len()).collect::<Vec<usize>>();
+            loop {
+                for i in refill.drain(..) {
+                    let st = &mut streams[i];
+                    match st.next().await {
+                        Event::Row(r) => {
+                            if let Err(e) = heads.put(i, r, last[i].as_ref()) {
+                                failure = Some(e.to_message(Severity::Error));
+                            }
+                        }
+                        Event::Described(_) | Event::Done => {}
+                        Event::ShardError(err) => failure = Some(prefix_error(&err, &st.shard)),
+                        Event::Failed(e) => failure = Some(e.to_message(Severity::Error)),
+                    }
+                }
+                if failure.is_some() || limit.is_some_and(|l| sent >= l) {
+                    break;
+                }
+                let Some(i) = heads.first() else { break };
+                let (raw, row) = heads.take(i).expect("a head");
+                if skipped < offset {
+                    skipped += 1;
+                } else {
+                    self.client.queue(&raw);
+                    sent += 1;
+                    if self.client.queued() > 256 * 1024 {
+                        self.client.flush().await?;
+                    }
+                }
+                last[i] = Some(row);
+                refill.push(i);
+            }
+        }
+        drop(streams);
+        match failure {
+            Some(err) => {
+                crate::metrics::global().error_message(err.get(5..).unwrap_or_default());
+                self.client.queue(&err);
+            }
+            None => self.client.queue(&messages::command_complete(&format!("SELECT {sent}"))),
+        }
+        self.ready().await
     }
 
     /// A read without a tenant, sent with the extended protocol, whose answers

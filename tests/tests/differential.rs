@@ -117,6 +117,46 @@ async fn cross_shard_reads_match_a_single_postgres() {
     }
 }
 
+/// Results far larger than the router's per-shard queues stream through whole,
+/// merged in order (a k-way merge of the shards' sorted answers), and an error
+/// in the middle of a shard's answer ends the result with that error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_cross_shard_reads_stream_in_order_and_errors_midway_end_them() {
+    let (_h, _single, one, router) = same_rows_twice().await;
+    for chunk in (1..=30000i64).collect::<Vec<_>>().chunks(3000) {
+        let values: Vec<String> = chunk
+            .iter()
+            .map(|g| format!("({}, {g}, 'x', {}.{:02}, {})", 1000 + g % 97, g * 7919 % 10007 / 100, g % 100, g % 1000))
+            .collect();
+        let insert = format!("INSERT INTO orders VALUES {}", values.join(", "));
+        one.batch_execute(&insert).await.unwrap();
+        router.batch_execute(&insert).await.unwrap();
+    }
+    for sql in [
+        "SELECT tenant_id, id, total FROM orders ORDER BY total DESC, tenant_id, id",
+        "SELECT id, qty FROM orders ORDER BY qty, id DESC LIMIT 5000 OFFSET 12345",
+    ] {
+        let a = rows(one.simple_query(sql).await.unwrap());
+        let b = rows(router.simple_query(sql).await.unwrap());
+        assert!(a.len() >= 5000);
+        assert_eq!(b, a, "{sql}");
+    }
+    let mut a = rows(one.simple_query("SELECT tenant_id, id, region FROM orders").await.unwrap());
+    let mut b = rows(router.simple_query("SELECT tenant_id, id, region FROM orders").await.unwrap());
+    a.sort();
+    b.sort();
+    assert_eq!(b.len(), a.len());
+    assert_eq!(b, a);
+    // id 29000 is on one shard only: the others answer, that one fails midway.
+    for sql in ["SELECT id, 1 / (id - 29000) FROM orders", "SELECT id, 1 / (id - 29000) FROM orders ORDER BY id"] {
+        let err = router.simple_query(sql).await.unwrap_err();
+        assert_eq!(err.code().map(|c| c.code()), Some("22012"), "{sql}: {err:?}");
+        assert!(err.as_db_error().unwrap().message().contains("on shard"), "{err:?}");
+    }
+    let count = "SELECT count(*) FROM orders";
+    assert_eq!(rows(router.simple_query(count).await.unwrap()), rows(one.simple_query(count).await.unwrap()));
+}
+
 /// The same reads through the extended protocol: tokio-postgres asks for every
 /// column in binary, and gets the bytes a single Postgres sends; with
 /// parameters, too.

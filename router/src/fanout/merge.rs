@@ -5,8 +5,8 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 
-use super::value::{self, add_decimal, compare, order_for};
-use super::{ColumnMerge, FanoutError, MergeSpec};
+use super::value::{self, add_decimal, compare, order_for, Order};
+use super::{ColumnMerge, FanoutError, MergeSpec, SortKey};
 use crate::protocol::messages::{data_row, Builder, Reader};
 
 /// One shard's answer: its RowDescription and DataRow messages, raw.
@@ -21,7 +21,7 @@ pub struct Merged {
     pub command_tag: String,
 }
 
-type Row = Vec<Option<Vec<u8>>>;
+pub type Row = Vec<Option<Vec<u8>>>;
 
 fn malformed() -> FanoutError {
     FanoutError::Unsupported("a shard sent a malformed row".into())
@@ -108,7 +108,7 @@ pub fn in_formats(merged: &Merged, formats: &[i16]) -> Result<(Bytes, Vec<Bytes>
     Ok((row_description(&fields), rows))
 }
 
-fn decode_row(raw: &[u8]) -> Result<Row, FanoutError> {
+pub(crate) fn decode_row(raw: &[u8]) -> Result<Row, FanoutError> {
     let mut r = Reader::new(raw.get(5..).ok_or_else(malformed)?, "DataRow");
     let n = r.i16().map_err(|_| malformed())?;
     (0..n).map(|_| r.value().map(|v| v.map(<[u8]>::to_vec)).map_err(|_| malformed())).collect()
@@ -145,45 +145,8 @@ pub fn merge(spec: &MergeSpec, results: Vec<ShardResult>, c_collation: bool) -> 
         row_description
     };
     if !full.order.is_empty() {
-        let mut orders = Vec::with_capacity(full.order.len());
-        for k in &full.order {
-            let t = types.get(k.column).copied().ok_or_else(malformed)?;
-            orders.push((k, order_for(t, c_collation)?));
-        }
-        rows.sort_by(|a, b| {
-            for (k, order) in &orders {
-                let (x, y) = (a.get(k.column).cloned().flatten(), b.get(k.column).cloned().flatten());
-                let o = match (x, y) {
-                    (None, None) => Ordering::Equal,
-                    (None, Some(_)) => {
-                        if k.nulls_first {
-                            Ordering::Less
-                        } else {
-                            Ordering::Greater
-                        }
-                    }
-                    (Some(_), None) => {
-                        if k.nulls_first {
-                            Ordering::Greater
-                        } else {
-                            Ordering::Less
-                        }
-                    }
-                    (Some(x), Some(y)) => {
-                        let o = compare(*order, &x, &y);
-                        if k.descending {
-                            o.reverse()
-                        } else {
-                            o
-                        }
-                    }
-                };
-                if o != Ordering::Equal {
-                    return o;
-                }
-            }
-            Ordering::Equal
-        });
+        let orders = sort_keys(&full.order, &types, c_collation)?;
+        rows.sort_by(|a, b| compare_rows(&orders, a, b));
     }
     let start = (full.offset as usize).min(rows.len());
     let end = match full.limit {
@@ -206,6 +169,48 @@ fn check_average_types(columns: &[ColumnMerge], types: &[i32]) -> Result<(), Fan
         }
     }
     Ok(())
+}
+
+/// How two rows compare under ORDER BY's keys, NULLs placed as each key says.
+pub(crate) fn compare_rows(keys: &[(SortKey, Order)], a: &Row, b: &Row) -> Ordering {
+    for (k, order) in keys {
+        let (x, y) = (a.get(k.column).and_then(Option::as_ref), b.get(k.column).and_then(Option::as_ref));
+        let o = match (x, y) {
+            (None, None) => Ordering::Equal,
+            (None, Some(_)) if k.nulls_first => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some(_), None) if k.nulls_first => Ordering::Greater,
+            (Some(_), None) => Ordering::Less,
+            (Some(x), Some(y)) => {
+                let o = compare(*order, x, y);
+                if k.descending {
+                    o.reverse()
+                } else {
+                    o
+                }
+            }
+        };
+        if o != Ordering::Equal {
+            return o;
+        }
+    }
+    Ordering::Equal
+}
+
+/// The comparison for each ORDER BY key, from the columns' types.
+pub fn sort_keys(order: &[SortKey], types: &[i32], c_collation: bool) -> Result<Vec<(SortKey, Order)>, FanoutError> {
+    order
+        .iter()
+        .map(|k| {
+            let t = types.get(k.column).copied().ok_or_else(malformed)?;
+            Ok((*k, order_for(t, c_collation)?))
+        })
+        .collect()
+}
+
+/// Type OIDs of a RowDescription's columns.
+pub fn types_of(rd: &[u8]) -> Result<Vec<i32>, FanoutError> {
+    column_types(rd)
 }
 
 /// Turns each average's merged sum into the average, with its count.

@@ -18,10 +18,12 @@
 
 mod merge;
 mod plan;
+mod stream;
 mod value;
 
-pub use merge::{in_formats, merge, Merged, ShardResult};
+pub use merge::{in_formats, merge, sort_keys, types_of, Merged, Row, ShardResult};
 pub use plan::{plan, FanoutPlan};
+pub use stream::{read_shard, Event, Heads, ShardRows, QUEUE};
 pub use value::avg_decimal;
 
 /// How shard results combine.
