@@ -2396,15 +2396,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     return self.ready().await;
                 }
                 Ok((replies, None)) => {
-                    let mut rd = None;
-                    let mut rows = Vec::new();
-                    for r in replies {
-                        match r.first() {
-                            Some(b'T') => rd = Some(r),
-                            Some(b'D') => rows.push(r),
-                            _ => {}
-                        }
-                    }
+                    let (_, rd, rows) = split_answer(replies);
                     let Some(row_description) = rd else {
                         return self
                             .fail_simple(SqlError::new("0A000", "a cross-shard statement must return rows".into()))
@@ -2683,15 +2675,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     return self.ready().await;
                 }
                 Ok((replies, None)) => {
-                    let mut rd = None;
-                    let mut rows = Vec::new();
-                    for r in replies {
-                        match r.first() {
-                            Some(b't') => params_description = Some(r),
-                            Some(b'T') => rd = Some(r),
-                            Some(b'D') => rows.push(r),
-                            _ => {}
-                        }
+                    let (params, rd, rows) = split_answer(replies);
+                    if params.is_some() {
+                        params_description = params;
                     }
                     let Some(row_description) = rd else {
                         let e = SqlError::new("0A000", "a cross-shard statement must return rows".into());
@@ -2941,6 +2927,21 @@ fn leaves_transaction_open(analysis: &Analysis) -> bool {
         }
     }
     open
+}
+
+/// A shard's collected answer: its ParameterDescription, RowDescription and
+/// DataRows (the last of each description).
+fn split_answer(replies: Vec<Bytes>) -> (Option<Bytes>, Option<Bytes>, Vec<Bytes>) {
+    let (mut params, mut rd, mut rows) = (None, None, Vec::new());
+    for r in replies {
+        match r.first() {
+            Some(b't') => params = Some(r),
+            Some(b'T') => rd = Some(r),
+            Some(b'D') => rows.push(r),
+            _ => {}
+        }
+    }
+    (params, rd, rows)
 }
 
 /// The result format codes at the start of a Bind's tail.

@@ -161,7 +161,13 @@ pub fn add_decimal(a: &str, b: &str) -> Option<String> {
     } else {
         (yn, sub_mag(&dy, &dx))
     };
-    let mut s: String = mag.iter().rev().map(|d| (d + b'0') as char).collect();
+    Some(decimal_text(&mag, scale, negative))
+}
+
+/// A decimal's text from its digits (least significant first) and scale; zero
+/// has no sign, as in Postgres.
+fn decimal_text(digits: &[u8], scale: usize, negative: bool) -> String {
+    let mut s: String = digits.iter().rev().map(|d| (d + b'0') as char).collect();
     while s.len() < scale + 1 {
         s.insert(0, '0');
     }
@@ -170,7 +176,11 @@ pub fn add_decimal(a: &str, b: &str) -> Option<String> {
     let int = if int.is_empty() { "0" } else { int };
     let zero = int == "0" && frac.bytes().all(|c| c == b'0');
     let sign = if negative && !zero { "-" } else { "" };
-    Some(if scale == 0 { format!("{sign}{int}") } else { format!("{sign}{int}.{frac}") })
+    if scale == 0 {
+        format!("{sign}{int}")
+    } else {
+        format!("{sign}{int}.{frac}")
+    }
 }
 
 /// `avg` as Postgres computes it for integer and numeric arguments: the exact
@@ -206,16 +216,7 @@ pub fn avg_decimal(sum: &str, count: &str) -> Option<String> {
     if rem * 2 >= n as u128 {
         q = add_mag(&q, &[1]);
     }
-    let mut s: String = q.iter().rev().map(|d| (d + b'0') as char).collect();
-    while s.len() < rscale + 1 {
-        s.insert(0, '0');
-    }
-    let (int, frac) = s.split_at(s.len() - rscale);
-    let int = int.trim_start_matches('0');
-    let int = if int.is_empty() { "0" } else { int };
-    let zero = int == "0" && frac.bytes().all(|c| c == b'0');
-    let sign = if d.negative && !zero { "-" } else { "" };
-    Some(if rscale == 0 { format!("{sign}{int}") } else { format!("{sign}{int}.{frac}") })
+    Some(decimal_text(&q, rscale, d.negative))
 }
 
 /// The weight and leading digit of a decimal in Postgres's base-10000 form
