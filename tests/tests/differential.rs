@@ -243,3 +243,86 @@ async fn averages_divide_as_a_real_server_does() {
         );
     }
 }
+
+/// Dates and timestamps sort across shards as one server sorts them, BC years,
+/// years past 9999 and ±infinity included; under a DateStyle whose text does
+/// not sort (SQL, German, Postgres) the router refuses rather than misorder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dates_sort_across_shards_as_one_server_sorts_them() {
+    let h = Harness::start(3).await;
+    let single = TestServer::start().await.unwrap();
+    single.create_database("app").await.unwrap();
+    let one = connect(&single.url("app")).await;
+    let router = h.client().await;
+    let schema =
+        "CREATE TABLE events (tenant_id bigint, id bigint, day date, at timestamp, PRIMARY KEY (tenant_id, id))";
+    one.batch_execute(schema).await.unwrap();
+    router.batch_execute(schema).await.unwrap();
+    let days = [
+        "'0044-03-15 BC'",
+        "'4713-01-01 BC'",
+        "'0001-01-01'",
+        "'0001-12-31 BC'",
+        "'9999-12-31'",
+        "'10000-01-01'",
+        "'2026-12-04'",
+        "'infinity'",
+        "'-infinity'",
+        "'1999-02-28'",
+        "NULL",
+        "'200000-06-01'",
+    ];
+    let ats = [
+        "'2026-12-04 11:39:55'",
+        "'2026-12-04 11:39:55.5'",
+        "'2026-12-04 11:39:55.25'",
+        "'0100-01-01 00:00:00 BC'",
+        "'12345-01-01 00:00:01'",
+        "'infinity'",
+        "'-infinity'",
+        "'2026-12-04 00:00:00'",
+        "NULL",
+        "'1970-01-01 00:00:00.000001'",
+    ];
+    let mut values = Vec::new();
+    for t in 1..=24i64 {
+        for id in 1..=3i64 {
+            let day = days[((t * 5 + id) % days.len() as i64) as usize];
+            let at = ats[((t * 3 + id * 7) % ats.len() as i64) as usize];
+            values.push(format!("({t}, {id}, {day}, {at})"));
+        }
+    }
+    let insert = format!("INSERT INTO events VALUES {}", values.join(", "));
+    one.batch_execute(&insert).await.unwrap();
+    router.batch_execute(&insert).await.unwrap();
+    let ordered = [
+        "SELECT tenant_id, id, day FROM events ORDER BY day, tenant_id, id",
+        "SELECT tenant_id, id, at FROM events ORDER BY at DESC NULLS LAST, tenant_id, id LIMIT 30",
+        "SELECT day, count(*), min(at), max(at) FROM events GROUP BY day ORDER BY day DESC",
+        "SELECT min(day), max(day), min(at), max(at) FROM events",
+        "SELECT tenant_id % 4 AS k, min(day), max(at) FROM events GROUP BY 1 ORDER BY 1",
+    ];
+    for style in ["ISO, MDY", "ISO, DMY"] {
+        let set = format!("SET DateStyle = '{style}'");
+        one.batch_execute(&set).await.unwrap();
+        router.batch_execute(&set).await.unwrap();
+        for sql in ordered {
+            let a = rows(one.simple_query(sql).await.unwrap());
+            let b = rows(router.simple_query(sql).await.unwrap_or_else(|e| panic!("{style}: {sql}: {e:?}")));
+            assert_eq!(b, a, "{style}: {sql}");
+        }
+    }
+    for style in ["SQL, DMY", "German", "Postgres, MDY"] {
+        router.batch_execute(&format!("SET DateStyle = '{style}'")).await.unwrap();
+        for sql in ordered {
+            let e = router.simple_query(sql).await.expect_err(sql);
+            let db = e.as_db_error().unwrap_or_else(|| panic!("{style}: {sql}: {e:?}"));
+            assert_eq!(db.code().code(), "0A000", "{style}: {sql}");
+            assert!(db.message().contains("DateStyle is ISO"), "{style}: {sql}: {}", db.message());
+        }
+        // Rows that are not sorted by a date pass through in any DateStyle.
+        let sql = "SELECT tenant_id, id, day FROM events ORDER BY tenant_id, id LIMIT 3";
+        one.batch_execute(&format!("SET DateStyle = '{style}'")).await.unwrap();
+        assert_eq!(rows(router.simple_query(sql).await.unwrap()), rows(one.simple_query(sql).await.unwrap()));
+    }
+}

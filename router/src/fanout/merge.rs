@@ -146,6 +146,9 @@ pub fn merge(spec: &MergeSpec, results: Vec<ShardResult>, c_collation: bool) -> 
     };
     if !full.order.is_empty() {
         let orders = sort_keys(&full.order, &types, c_collation)?;
+        for row in &rows {
+            check_row(&orders, row)?;
+        }
         rows.sort_by(|a, b| compare_rows(&orders, a, b));
     }
     let start = (full.offset as usize).min(rows.len());
@@ -166,6 +169,16 @@ fn check_average_types(columns: &[ColumnMerge], types: &[i32]) -> Result<(), Fan
                  use avg(x::numeric), or add a tenant_id condition so the query runs on one shard"
                     .into(),
             ));
+        }
+    }
+    Ok(())
+}
+
+/// Err when one of the row's sort values cannot be compared exactly.
+pub(crate) fn check_row(keys: &[(SortKey, Order)], row: &Row) -> Result<(), FanoutError> {
+    for (k, order) in keys {
+        if let Some(Some(v)) = row.get(k.column) {
+            value::check_sortable(*order, v)?;
         }
     }
     Ok(())
@@ -284,7 +297,10 @@ fn regroup(columns: &[ColumnMerge], types: &[i32], rows: Vec<Row>, c_collation: 
                     add_decimal(&sa, &sv).ok_or_else(malformed)?.into_bytes()
                 }
                 ColumnMerge::Min | ColumnMerge::Max => {
-                    let o = compare(order_for(types[i], c_collation)?, &a, v);
+                    let order = order_for(types[i], c_collation)?;
+                    value::check_sortable(order, &a)?;
+                    value::check_sortable(order, v)?;
+                    let o = compare(order, &a, v);
                     let take = if *merge == ColumnMerge::Min { o == Ordering::Greater } else { o == Ordering::Less };
                     if take {
                         v.clone()

@@ -9,7 +9,7 @@ use std::cmp::Ordering;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::merge::{compare_rows, decode_row, Row};
+use super::merge::{check_row, compare_rows, decode_row, Row};
 use super::value::Order;
 use super::SortKey;
 use crate::error::SqlError;
@@ -176,6 +176,7 @@ impl Heads {
     /// the shard's order is not the router's, and merging would answer wrong.
     pub fn put(&mut self, i: usize, raw: Bytes, previous: Option<&Row>) -> Result<(), SqlError> {
         let row = decode_row(&raw).map_err(|e| SqlError::new("08P01", e.to_string()))?;
+        check_row(&self.keys, &row).map_err(|e| SqlError::new(e.sqlstate(), e.to_string()))?;
         if previous.is_some_and(|p| compare_rows(&self.keys, &row, p) == Ordering::Less) {
             return Err(SqlError::new(
                 "XX000",

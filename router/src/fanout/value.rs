@@ -27,9 +27,11 @@ pub enum Order {
     Float,
     Numeric,
     Bool,
-    /// Byte order equals value order (ISO dates and timestamps, uuids, and text
-    /// under the C collation).
+    /// Byte order equals value order (uuids, and text under the C collation).
     Bytes,
+    /// Dates and timestamps in DateStyle ISO: by era and year, then by bytes
+    /// (`0044-03-15 BC` before `0001-01-01`, `10000-01-01` after `9999-12-31`).
+    DateTime,
 }
 
 /// How a column of this type sorts, if the router can sort it exactly.
@@ -39,7 +41,8 @@ pub fn order_for(type_oid: i32, c_collation: bool) -> Result<Order, FanoutError>
         FLOAT4 | FLOAT8 => Order::Float,
         NUMERIC => Order::Numeric,
         BOOL => Order::Bool,
-        DATE | TIMESTAMP | UUID => Order::Bytes,
+        DATE | TIMESTAMP => Order::DateTime,
+        UUID => Order::Bytes,
         TEXT | VARCHAR | BPCHAR | NAME if c_collation => Order::Bytes,
         TEXT | VARCHAR | BPCHAR | NAME => {
             return Err(FanoutError::Unsupported(
@@ -52,6 +55,56 @@ pub fn order_for(type_oid: i32, c_collation: bool) -> Result<Order, FanoutError>
             )))
         }
     })
+}
+
+/// Err when a value cannot be compared exactly under `order`: a date or
+/// timestamp not in DateStyle ISO (`12/04/2026` sorts by month first).
+pub fn check_sortable(order: Order, v: &[u8]) -> Result<(), FanoutError> {
+    if order == Order::DateTime && datetime_key(v).is_none() {
+        return Err(FanoutError::Unsupported(format!(
+            "cannot sort or compare dates across shards unless DateStyle is ISO (a shard sent \"{}\"); \
+             SET DateStyle = ISO for this query, or add a tenant_id condition so the query runs on one shard",
+            String::from_utf8_lossy(&v[..v.len().min(40)])
+        )));
+    }
+    Ok(())
+}
+
+/// An ISO date or timestamp (`YYYY-MM-DD[ HH:MM:SS[.ffffff]][ BC]`, the year
+/// four digits or more, or ±infinity) as a key that sorts as the value does:
+/// (-1 | 0 | 1 for -infinity, finite, infinity; the astronomical year; the rest).
+fn datetime_key(s: &[u8]) -> Option<(i8, i64, &[u8])> {
+    match s {
+        b"-infinity" => return Some((-1, 0, b"")),
+        b"infinity" => return Some((1, 0, b"")),
+        _ => {}
+    }
+    let (body, bc) = match s.strip_suffix(b" BC") {
+        Some(b) => (b, true),
+        None => (s, false),
+    };
+    let dash = body.iter().position(|&c| c == b'-')?;
+    let (year, rest) = body.split_at(dash);
+    let digits = |b: &[u8]| !b.is_empty() && b.iter().all(u8::is_ascii_digit);
+    if year.len() < 4 || year.len() > 9 || !digits(year) {
+        return None;
+    }
+    // `9` stands for a digit.
+    let shaped = |b: &[u8], pattern: &[u8]| {
+        b.len() == pattern.len()
+            && b.iter().zip(pattern).all(|(c, p)| if *p == b'9' { c.is_ascii_digit() } else { c == p })
+    };
+    let ok = match rest.len() {
+        6 => shaped(rest, b"-99-99"),
+        15 => shaped(rest, b"-99-99 99:99:99"),
+        n if n > 16 => shaped(&rest[..16], b"-99-99 99:99:99.") && digits(&rest[16..]),
+        _ => false,
+    };
+    if !ok {
+        return None;
+    }
+    let y: i64 = std::str::from_utf8(year).ok()?.parse().ok()?;
+    Some((0, if bc { 1 - y } else { y }, rest))
 }
 
 pub fn compare(order: Order, a: &[u8], b: &[u8]) -> Ordering {
@@ -80,6 +133,11 @@ pub fn compare(order: Order, a: &[u8], b: &[u8]) -> Ordering {
         Order::Numeric => compare_numeric(&sa, &sb),
         Order::Bool => a.cmp(b), // "f" < "t"
         Order::Bytes => a.cmp(b),
+        Order::DateTime => match (datetime_key(a), datetime_key(b)) {
+            (Some(x), Some(y)) => x.cmp(&y),
+            // check_sortable refused such values before any comparison.
+            _ => a.cmp(b),
+        },
     }
 }
 
@@ -414,6 +472,35 @@ mod tests {
         );
         assert_eq!(to_binary(FLOAT8, b"1.5"), None, "float text depends on extra_float_digits");
         assert_eq!(to_binary(INT4, b"x"), None);
+    }
+
+    #[test]
+    fn iso_dates_sort_by_era_and_year_and_others_are_refused() {
+        let sorted = [
+            "-infinity",
+            "4713-01-01 BC",
+            "0044-03-15 BC",
+            "0001-12-31 BC",
+            "0001-01-01",
+            "9999-12-31",
+            "10000-01-01",
+            "infinity",
+        ];
+        for w in sorted.windows(2) {
+            assert_eq!(compare(Order::DateTime, w[0].as_bytes(), w[1].as_bytes()), Ordering::Less, "{w:?}");
+        }
+        let stamps = ["2026-12-04 11:39:55", "2026-12-04 11:39:55.25", "2026-12-04 11:39:55.5", "2026-12-04 11:39:56"];
+        for w in stamps.windows(2) {
+            assert_eq!(compare(Order::DateTime, w[0].as_bytes(), w[1].as_bytes()), Ordering::Less, "{w:?}");
+        }
+        for ok in sorted.iter().chain(&stamps) {
+            assert!(check_sortable(Order::DateTime, ok.as_bytes()).is_ok(), "{ok}");
+        }
+        for bad in
+            ["12/04/2026", "04.12.2026", "Fri Dec 04 2026", "2026-12-04T11:39:55", "26-12-04", "2026-12-04 11:39", ""]
+        {
+            assert!(check_sortable(Order::DateTime, bad.as_bytes()).is_err(), "{bad}");
+        }
     }
 
     #[test]
