@@ -135,7 +135,8 @@ pub struct RouterContext {
     pub server_params: Mutex<Vec<(String, String)>>,
     next_any: AtomicUsize,
     pub clients: AtomicUsize,
-    /// The shards sort text bytewise (lc_collate C or POSIX): merged sorts on text
+    /// The shards sort text bytewise (default collation C or POSIX from libc, no
+    /// column with a collation of its own): merged sorts on text
     /// columns are then exact.
     pub c_collation: std::sync::atomic::AtomicBool,
     /// Login details of shards by name (with passwords) from the configuration;
@@ -339,6 +340,20 @@ impl RouterContext {
             }
         }
         self.catalog.replace(tables, known);
+        // Text sorts by bytes on the shards only when the database's default
+        // collation is C from libc (an ICU default shows lc_collate C too) and
+        // no column has a collation of its own (default 100, C 950, POSIX 951).
+        let sql = "SELECT (SELECT datcollate IN ('C', 'POSIX') \
+                           AND (to_jsonb(d) ->> 'datlocprovider') IS DISTINCT FROM 'i' \
+                           FROM pg_database d WHERE datname = current_database()) \
+                   AND NOT EXISTS (SELECT 1 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
+                           JOIN pg_namespace n ON n.oid = c.relnamespace \
+                           WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') \
+                           AND n.nspname NOT LIKE 'pg\\_toast%' AND a.attnum > 0 AND NOT a.attisdropped \
+                           AND a.attcollation NOT IN (0, 100, 950, 951))";
+        let rows = conn.simple_query(sql).await.map_err(|(c, m)| format!("{c}: {m}"))?;
+        let c = rows.first().and_then(|r| r.first().cloned().flatten()).is_some_and(|v| v == "t");
+        self.c_collation.store(c, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 }

@@ -186,11 +186,7 @@ async fn load_server_params(ctx: &RouterContext) {
         return;
     };
     let Some(pool) = ctx.pool(first) else { return };
-    if let Ok(mut conn) = pool.get().await {
-        if let Ok(rows) = conn.simple_query("SHOW lc_collate").await {
-            let c = rows.first().and_then(|r| r.first().cloned().flatten()).is_some_and(|v| v == "C" || v == "POSIX");
-            ctx.c_collation.store(c, std::sync::atomic::Ordering::Relaxed);
-        }
+    if let Ok(conn) = pool.get().await {
         let keep = [
             "server_version",
             "server_encoding",

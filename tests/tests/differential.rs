@@ -245,7 +245,8 @@ async fn averages_divide_as_a_real_server_does() {
 }
 
 /// Dates and timestamps sort across shards as one server sorts them, BC years,
-/// years past 9999 and ±infinity included; under a DateStyle whose text does
+/// years past 9999 and ±infinity included (and numerics with ±Infinity and
+/// NaN); under a DateStyle whose text does
 /// not sort (SQL, German, Postgres) the router refuses rather than misorder.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dates_sort_across_shards_as_one_server_sorts_them() {
@@ -254,8 +255,8 @@ async fn dates_sort_across_shards_as_one_server_sorts_them() {
     single.create_database("app").await.unwrap();
     let one = connect(&single.url("app")).await;
     let router = h.client().await;
-    let schema =
-        "CREATE TABLE events (tenant_id bigint, id bigint, day date, at timestamp, PRIMARY KEY (tenant_id, id))";
+    let schema = "CREATE TABLE events (tenant_id bigint, id bigint, day date, at timestamp, amount numeric, \
+                  PRIMARY KEY (tenant_id, id))";
     one.batch_execute(schema).await.unwrap();
     router.batch_execute(schema).await.unwrap();
     let days = [
@@ -289,7 +290,10 @@ async fn dates_sort_across_shards_as_one_server_sorts_them() {
         for id in 1..=3i64 {
             let day = days[((t * 5 + id) % days.len() as i64) as usize];
             let at = ats[((t * 3 + id * 7) % ats.len() as i64) as usize];
-            values.push(format!("({t}, {id}, {day}, {at})"));
+            let amount =
+                ["'-Infinity'", "-1000000", "-5.5", "0", "'NaN'", "7.25", "'Infinity'", "NULL", "7.250", "-0.0"]
+                    [((t + id * 3) % 10) as usize];
+            values.push(format!("({t}, {id}, {day}, {at}, {amount})"));
         }
     }
     let insert = format!("INSERT INTO events VALUES {}", values.join(", "));
@@ -302,6 +306,24 @@ async fn dates_sort_across_shards_as_one_server_sorts_them() {
         "SELECT min(day), max(day), min(at), max(at) FROM events",
         "SELECT tenant_id % 4 AS k, min(day), max(at) FROM events GROUP BY 1 ORDER BY 1",
     ];
+    let numbers = [
+        "SELECT tenant_id, id, amount FROM events ORDER BY amount, tenant_id, id",
+        "SELECT tenant_id % 5 AS k, min(amount), max(amount) FROM events GROUP BY 1 ORDER BY 1",
+        "SELECT tenant_id, id, amount FROM events ORDER BY amount DESC NULLS LAST, tenant_id DESC, id LIMIT 20",
+    ];
+    for sql in numbers {
+        let a = rows(one.simple_query(sql).await.unwrap());
+        let b = rows(router.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}")));
+        assert_eq!(b, a, "{sql}");
+    }
+    // 7.25 and 7.250, 0 and -0.0 are one group each, wherever their rows live
+    // (which of the equal texts names the group is up to the server).
+    let sql = "SELECT amount, count(*) FROM events GROUP BY amount ORDER BY amount";
+    let counts = |r: Vec<Vec<Option<String>>>| r.into_iter().map(|r| r[1].clone()).collect::<Vec<_>>();
+    let a = rows(one.simple_query(sql).await.unwrap());
+    let b = rows(router.simple_query(sql).await.unwrap());
+    assert_eq!(a.len(), 8, "{a:?}");
+    assert_eq!(counts(b), counts(a), "{sql}");
     for style in ["ISO, MDY", "ISO, DMY"] {
         let set = format!("SET DateStyle = '{style}'");
         one.batch_execute(&set).await.unwrap();
@@ -325,4 +347,46 @@ async fn dates_sort_across_shards_as_one_server_sorts_them() {
         one.batch_execute(&format!("SET DateStyle = '{style}'")).await.unwrap();
         assert_eq!(rows(router.simple_query(sql).await.unwrap()), rows(one.simple_query(sql).await.unwrap()));
     }
+}
+
+/// Text sorts across shards only where the shards compare text by bytes: once
+/// a column has a collation of its own (here ICU's root collation, where `a`
+/// sorts before `B`), the router refuses text sorts unless the query says
+/// `COLLATE "C"`, and it sorts again once that column is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_sorts_follow_the_shards_collations() {
+    let (_h, _single, one, router) = same_rows_twice().await;
+    let sorted = "SELECT tenant_id, id, region FROM orders ORDER BY region, tenant_id DESC, id LIMIT 15";
+    assert_eq!(rows(router.simple_query(sorted).await.unwrap()), rows(one.simple_query(sorted).await.unwrap()));
+    let schema = "CREATE TABLE names (tenant_id bigint, id bigint, n text COLLATE \"und-x-icu\", \
+                  PRIMARY KEY (tenant_id, id))";
+    one.batch_execute(schema).await.unwrap();
+    router.batch_execute(schema).await.unwrap();
+    let words = ["a", "B", "b", "A", "ä", "Z", "z", "é", "e"];
+    let values: Vec<String> =
+        (1..=30i64).map(|t| format!("({t}, 1, '{}')", words[(t as usize * 7) % words.len()])).collect();
+    let insert = format!("INSERT INTO names VALUES {}", values.join(", "));
+    one.batch_execute(&insert).await.unwrap();
+    router.batch_execute(&insert).await.unwrap();
+    for sql in [
+        "SELECT tenant_id, n FROM names ORDER BY n, tenant_id",
+        "SELECT n, count(*) FROM names GROUP BY n ORDER BY n",
+        "SELECT max(n) FROM names",
+        sorted,
+    ] {
+        let e = router.simple_query(sql).await.expect_err(sql);
+        let db = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e:?}"));
+        assert_eq!(db.code().code(), "0A000", "{sql}: {}", db.message());
+    }
+    for sql in [
+        "SELECT tenant_id, n FROM names ORDER BY n COLLATE \"C\", tenant_id",
+        "SELECT n, count(*) FROM names GROUP BY n ORDER BY n COLLATE \"C\" DESC",
+        "SELECT tenant_id, id, region FROM orders ORDER BY region COLLATE \"C\", tenant_id DESC, id LIMIT 15",
+    ] {
+        let a = rows(one.simple_query(sql).await.unwrap());
+        let b = rows(router.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}")));
+        assert_eq!(b, a, "{sql}");
+    }
+    router.batch_execute("DROP TABLE names").await.unwrap();
+    assert_eq!(rows(router.simple_query(sorted).await.unwrap()), rows(one.simple_query(sorted).await.unwrap()));
 }

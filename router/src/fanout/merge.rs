@@ -216,7 +216,7 @@ pub fn sort_keys(order: &[SortKey], types: &[i32], c_collation: bool) -> Result<
         .iter()
         .map(|k| {
             let t = types.get(k.column).copied().ok_or_else(malformed)?;
-            Ok((*k, order_for(t, c_collation)?))
+            Ok((*k, order_for(t, c_collation || k.bytewise)?))
         })
         .collect()
 }
@@ -271,7 +271,10 @@ fn regroup(columns: &[ColumnMerge], types: &[i32], rows: Vec<Row>, c_collation: 
         if row.len() != columns.len() {
             return Err(malformed());
         }
-        let key: Vec<Option<Vec<u8>>> = keys.iter().map(|&i| row[i].clone()).collect();
+        let key = keys
+            .iter()
+            .map(|&i| row[i].as_deref().map(|v| value::group_form(types[i], v)).transpose())
+            .collect::<Result<Vec<_>, _>>()?;
         let Some(&at) = index.get(&key) else {
             index.insert(key, out.len());
             out.push(row);
@@ -342,7 +345,7 @@ mod tests {
             columns: vec![ColumnMerge::Key],
             visible: 1,
             grouped: false,
-            order: vec![SortKey { column: 0, descending: true, nulls_first: true }],
+            order: vec![SortKey { column: 0, descending: true, nulls_first: true, bytewise: false }],
             limit: Some(3),
             offset: 1,
         }));
@@ -361,7 +364,7 @@ mod tests {
             columns: vec![ColumnMerge::Key, ColumnMerge::Count, ColumnMerge::Sum, ColumnMerge::Min, ColumnMerge::Max],
             visible: 5,
             grouped: true,
-            order: vec![SortKey { column: 0, descending: false, nulls_first: false }],
+            order: vec![SortKey { column: 0, descending: false, nulls_first: false, bytewise: false }],
             limit: None,
             offset: 0,
         }));
@@ -393,7 +396,7 @@ mod tests {
             columns: vec![ColumnMerge::Key, ColumnMerge::Avg(2), ColumnMerge::Count],
             visible: 2,
             grouped: true,
-            order: vec![SortKey { column: 1, descending: false, nulls_first: false }],
+            order: vec![SortKey { column: 1, descending: false, nulls_first: false, bytewise: false }],
             limit: None,
             offset: 0,
         }));

@@ -67,6 +67,9 @@ pub struct SortKey {
     pub column: usize,
     pub descending: bool,
     pub nulls_first: bool,
+    /// `ORDER BY col COLLATE "C"`: text compares by bytes whatever the
+    /// database's collation.
+    pub bytewise: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -79,6 +79,11 @@ fn int_const(n: &Node) -> Option<i64> {
     }
 }
 
+/// `COLLATE "C"` or `COLLATE "POSIX"` (also schema-qualified): byte order.
+fn bytewise_collation(c: &protobuf::CollateClause) -> bool {
+    c.collname.last().is_some_and(|n| matches!(&n.node, Some(N::String(s)) if s.sval == "C" || s.sval == "POSIX"))
+}
+
 /// The output column an ORDER BY or GROUP BY item names: a position, an alias,
 /// or a column that is itself an output column.
 fn output_column(item: &Node, targets: &[(String, Option<String>)]) -> Option<usize> {
@@ -116,6 +121,16 @@ pub fn plan(sql: &str) -> Result<FanoutPlan, FanoutError> {
     }
     if sel.limit_option == protobuf::LimitOption::WithTies as i32 {
         return Err(refuse("FETCH … WITH TIES"));
+    }
+    // A collation named in the select list decides how the shards compare
+    // that column; the router can follow only byte order.
+    let other_collation =
+        sel.target_list.iter().filter_map(|t| t.node.as_ref()).flat_map(|t| t.nodes()).any(|(n, _, _, _)| match n {
+            pg_query::NodeRef::CollateClause(c) => !bytewise_collation(c),
+            _ => false,
+        });
+    if other_collation {
+        return Err(refuse("COLLATE other than \"C\" in the select list"));
     }
     // Output columns: what each merges as, and the names ORDER BY may use.
     let mut columns = Vec::new();
@@ -190,7 +205,17 @@ pub fn plan(sql: &str) -> Result<FanoutPlan, FanoutError> {
     let mut order = Vec::new();
     for s in &sel.sort_clause {
         let Some(N::SortBy(sb)) = &s.node else { return Err(refuse("this ORDER BY")) };
-        let Some(item) = sb.node.as_deref() else { return Err(refuse("this ORDER BY")) };
+        let Some(mut item) = sb.node.as_deref() else { return Err(refuse("this ORDER BY")) };
+        let mut bytewise = false;
+        if let Some(N::CollateClause(c)) = &item.node {
+            match (bytewise_collation(c), c.arg.as_deref()) {
+                (true, Some(arg)) => {
+                    bytewise = true;
+                    item = arg;
+                }
+                _ => return Err(refuse("ORDER BY … COLLATE other than \"C\"")),
+            }
+        }
         let Some(column) = output_column(item, &names) else {
             return Err(refuse(
                 "ORDER BY on expressions that are not output columns (name or number the output column)",
@@ -207,7 +232,7 @@ pub fn plan(sql: &str) -> Result<FanoutPlan, FanoutError> {
             Nl::SortbyNullsLast => false,
             _ => descending,
         };
-        order.push(SortKey { column, descending, nulls_first });
+        order.push(SortKey { column, descending, nulls_first, bytewise });
     }
     let limit = match sel.limit_count.as_deref() {
         None => None,
@@ -308,8 +333,8 @@ mod tests {
         assert!(sql.contains("LIMIT 15") && !sql.contains("OFFSET"), "{sql}");
         assert_eq!(m.limit, Some(5));
         assert_eq!(m.offset, 10);
-        assert_eq!(m.order[0], SortKey { column: 1, descending: true, nulls_first: true });
-        assert_eq!(m.order[1], SortKey { column: 0, descending: false, nulls_first: false });
+        assert_eq!(m.order[0], SortKey { column: 1, descending: true, nulls_first: true, bytewise: false });
+        assert_eq!(m.order[1], SortKey { column: 0, descending: false, nulls_first: false, bytewise: false });
     }
 
     #[test]
@@ -343,6 +368,17 @@ mod tests {
     }
 
     #[test]
+    fn order_by_collate_c_sorts_by_bytes() {
+        let (sql, m) =
+            full("select id, region from orders order by region collate \"C\" desc, id collate pg_catalog.\"POSIX\"");
+        assert!(sql.contains("COLLATE"), "{sql}");
+        assert_eq!(m.order[0], SortKey { column: 1, descending: true, nulls_first: true, bytewise: true });
+        assert_eq!(m.order[1], SortKey { column: 0, descending: false, nulls_first: false, bytewise: true });
+        let (_, m) = full("select id, region from orders order by region");
+        assert!(!m.order[0].bytewise);
+    }
+
+    #[test]
     fn what_cannot_be_merged_exactly_is_refused() {
         for sql in [
             "select avg(distinct total) from orders",
@@ -356,6 +392,8 @@ mod tests {
             "select sum(total) + 1 from orders",
             "select id, count(*) from orders group by id having count(*) > 1",
             "select * from orders order by id",
+            "select id, region from orders order by region collate \"und-x-icu\"",
+            "select id, region collate \"und-x-icu\" as r from orders order by id",
         ] {
             assert!(plan(sql).is_err(), "{sql} must be refused");
         }

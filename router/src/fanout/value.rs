@@ -15,6 +15,9 @@ pub const NUMERIC: i32 = 1700;
 pub const DATE: i32 = 1082;
 pub const TIMESTAMP: i32 = 1114;
 pub const UUID: i32 = 2950;
+pub const TIMESTAMPTZ: i32 = 1184;
+pub const TIME: i32 = 1083;
+pub const BYTEA: i32 = 17;
 pub const TEXT: i32 = 25;
 pub const VARCHAR: i32 = 1043;
 pub const BPCHAR: i32 = 1042;
@@ -29,6 +32,8 @@ pub enum Order {
     Bool,
     /// Byte order equals value order (uuids, and text under the C collation).
     Bytes,
+    /// char(n): bytes without the trailing spaces (which char(n) ignores).
+    Padded,
     /// Dates and timestamps in DateStyle ISO: by era and year, then by bytes
     /// (`0044-03-15 BC` before `0001-01-01`, `10000-01-01` after `9999-12-31`).
     DateTime,
@@ -43,15 +48,48 @@ pub fn order_for(type_oid: i32, c_collation: bool) -> Result<Order, FanoutError>
         BOOL => Order::Bool,
         DATE | TIMESTAMP => Order::DateTime,
         UUID => Order::Bytes,
-        TEXT | VARCHAR | BPCHAR | NAME if c_collation => Order::Bytes,
+        BPCHAR if c_collation => Order::Padded,
+        TEXT | VARCHAR | NAME if c_collation => Order::Bytes,
         TEXT | VARCHAR | BPCHAR | NAME => {
             return Err(FanoutError::Unsupported(
-                "cannot sort text across shards under a collation other than C; add a tenant_id condition, or ORDER BY col COLLATE \"C\"".into(),
+                "cannot sort text across shards under a collation other than C; ORDER BY col COLLATE \"C\" for byte order, or add a tenant_id condition so the query runs on one shard".into(),
             ))
         }
         other => {
             return Err(FanoutError::Unsupported(format!(
                 "cannot sort values of type oid {other} across shards; add a tenant_id condition so the query runs on one shard"
+            )))
+        }
+    })
+}
+
+fn unpadded(v: &[u8]) -> &[u8] {
+    &v[..v.iter().rposition(|&c| c != b' ').map_or(0, |i| i + 1)]
+}
+
+/// A group key's value in a form where equal values (as GROUP BY compares
+/// them) have equal bytes: numerics by value (`1.5` and `1.50` are one group),
+/// `-0` and `0` as one float, char(n) without its padding. Err for a type
+/// whose text is not one per value (intervals: `1 day` = `24:00:00`; jsonb)
+/// or that the router does not know.
+pub fn group_form(type_oid: i32, v: &[u8]) -> Result<Vec<u8>, FanoutError> {
+    Ok(match type_oid {
+        NUMERIC => match parse_dec(&String::from_utf8_lossy(v)) {
+            Some(d) if is_zero(&d) => b"0".to_vec(),
+            Some(d) => {
+                let frac = d.frac.trim_end_matches('0');
+                format!("{}{}.{frac}", if d.negative { "-" } else { "" }, d.int).into_bytes()
+            }
+            None => v.to_vec(), // NaN, ±Infinity
+        },
+        FLOAT4 | FLOAT8 if v == b"-0" => b"0".to_vec(),
+        BPCHAR => unpadded(v).to_vec(),
+        INT2 | INT4 | INT8 | OID | BOOL | FLOAT4 | FLOAT8 | TEXT | VARCHAR | NAME | UUID | DATE | TIMESTAMP
+        | TIMESTAMPTZ | TIME | BYTEA => v.to_vec(),
+        other => {
+            return Err(FanoutError::Unsupported(format!(
+                "cannot merge GROUP BY on a column of type oid {other} across shards (equal values may be written \
+                 differently); group by a column of another type, or add a tenant_id condition so the query runs on one shard"
             )))
         }
     })
@@ -133,6 +171,7 @@ pub fn compare(order: Order, a: &[u8], b: &[u8]) -> Ordering {
         Order::Numeric => compare_numeric(&sa, &sb),
         Order::Bool => a.cmp(b), // "f" < "t"
         Order::Bytes => a.cmp(b),
+        Order::Padded => unpadded(a).cmp(unpadded(b)),
         Order::DateTime => match (datetime_key(a), datetime_key(b)) {
             (Some(x), Some(y)) => x.cmp(&y),
             // check_sortable refused such values before any comparison.
@@ -174,11 +213,16 @@ fn is_zero(d: &Dec) -> bool {
 }
 
 pub fn compare_numeric(a: &str, b: &str) -> Ordering {
-    match (a, b) {
-        ("NaN", "NaN") => return Ordering::Equal,
-        ("NaN", _) => return Ordering::Greater,
-        (_, "NaN") => return Ordering::Less,
-        _ => {}
+    // Postgres orders -Infinity < every number < Infinity < NaN.
+    let rank = |s: &str| match s {
+        "-Infinity" => 0,
+        "Infinity" => 2,
+        "NaN" => 3,
+        _ => 1,
+    };
+    match (rank(a), rank(b)) {
+        (1, 1) => {}
+        (x, y) => return x.cmp(&y),
     }
     let (Some(x), Some(y)) = (parse_dec(a), parse_dec(b)) else { return a.cmp(b) };
     let xn = x.negative && !is_zero(&x);
@@ -417,6 +461,10 @@ mod tests {
         assert_eq!(compare_numeric("1.50", "1.5"), Ordering::Equal);
         assert_eq!(compare_numeric("-0.00", "0"), Ordering::Equal);
         assert_eq!(compare_numeric("NaN", "1e9"), Ordering::Greater);
+        let sorted = ["-Infinity", "-1000000", "-5.5", "0", "7", "Infinity", "NaN"];
+        for w in sorted.windows(2) {
+            assert_eq!(compare_numeric(w[0], w[1]), Ordering::Less, "{w:?}");
+        }
     }
 
     #[test]
@@ -501,6 +549,23 @@ mod tests {
         {
             assert!(check_sortable(Order::DateTime, bad.as_bytes()).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn equal_group_keys_take_one_form() {
+        let same = |t, a: &str, b: &str| group_form(t, a.as_bytes()).unwrap() == group_form(t, b.as_bytes()).unwrap();
+        assert!(same(NUMERIC, "1.5", "1.50"));
+        assert!(same(NUMERIC, "-0.00", "0"));
+        assert!(same(NUMERIC, "10", "10.000"));
+        assert!(!same(NUMERIC, "10", "1.0"));
+        assert!(!same(NUMERIC, "-1.5", "1.5"));
+        assert!(same(FLOAT8, "-0", "0"));
+        assert!(same(BPCHAR, "ab  ", "ab"));
+        assert!(!same(BPCHAR, " ab", "ab"));
+        assert!(same(BPCHAR, "   ", ""));
+        assert!(!same(TEXT, "ab ", "ab"));
+        assert!(group_form(1186, b"1 day").is_err()); // interval
+        assert!(group_form(3802, b"{}").is_err()); // jsonb
     }
 
     #[test]
