@@ -400,6 +400,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 async fn serve(path: PathBuf) -> Result<()> {
     let cfg = config::FileConfig::load(&path)?;
     let (dir, addrs) = cfg.directory()?;
+    let mut replica = None;
     let router = match &cfg.directory {
         None => shardgate_router::server::start(cfg.router.clone(), DirectoryHandle::new(dir), addrs).await?,
         Some(d) => {
@@ -426,6 +427,7 @@ async fn serve(path: PathBuf) -> Result<()> {
             if let Err(e) = replica::wait_for_leader(&node, std::time::Duration::from_secs(10)).await {
                 tracing::warn!("{e:#}; serving reads from the local replica meanwhile");
             }
+            replica = Some(node.clone());
             shardgate_router::server::start_replicated(cfg.router.clone(), node, d.lease, addrs).await?
         }
     };
@@ -445,6 +447,10 @@ async fn serve(path: PathBuf) -> Result<()> {
     wait_for_signal().await;
     tracing::info!("shutting down");
     router.shutdown().await;
+    if let Some(node) = replica {
+        // A leader hands its office over first, so the other nodes need no election.
+        node.stop().await;
+    }
     Ok(())
 }
 

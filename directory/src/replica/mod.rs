@@ -1,6 +1,7 @@
 //! The replicated directory: raft consensus over [`Command`](crate::state::Command)s.
 
 pub mod node;
+mod once;
 pub mod storage;
 pub mod transport;
 

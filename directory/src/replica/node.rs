@@ -17,6 +17,7 @@ use raft::{RawNode, StateRole};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
+use super::once::{self, Applied, Origin, Verdict};
 use super::storage::{DiskStorage, StoreError};
 use crate::state::{Command, Outcome};
 use crate::{Directory, DirectoryHandle};
@@ -95,9 +96,21 @@ pub enum ProposeError {
 type Reply = oneshot::Sender<Result<Outcome, ProposeError>>;
 
 enum Request {
-    Propose { cmd: Command, reply: Reply },
-    ConfChange { cc: ConfChangeV2, reply: Reply },
-    ReadIndex { reply: Reply },
+    Propose {
+        cmd: Command,
+        reply: Reply,
+    },
+    ConfChange {
+        cc: ConfChangeV2,
+        reply: Reply,
+    },
+    ReadIndex {
+        reply: Reply,
+    },
+    /// Ends the Ready loop; answered once the replica's storage is closed.
+    Stop {
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// A running replica.
@@ -130,10 +143,10 @@ impl Node {
             storage.bootstrap(voters, data)?;
         }
         let snap = storage.last_snapshot();
-        let state = if snap.get_data().is_empty() {
-            cfg.initial.clone()
+        let (state, proposals) = if snap.get_data().is_empty() {
+            (cfg.initial.clone(), Applied::default())
         } else {
-            serde_json::from_slice(snap.get_data()).map_err(|e| NodeError::Snapshot(cfg.dir.clone(), e.to_string()))?
+            once::decode_snapshot(snap.get_data()).map_err(|e| NodeError::Snapshot(cfg.dir.clone(), e.to_string()))?
         };
         let raft_cfg = raft::Config {
             id: cfg.id,
@@ -170,7 +183,10 @@ impl Node {
             state,
             handle: handle.clone(),
             transport,
+            run: new_run(),
             pending: HashMap::new(),
+            proposals,
+            election_ticks: cfg.election_ticks,
             next_request: 1,
             applied: snap.get_metadata().index,
             snapshot_index: snap.get_metadata().index,
@@ -178,6 +194,7 @@ impl Node {
             status: status_tx,
             last_contact: None,
             reads: Vec::new(),
+            stopping: None,
         };
         tokio::spawn(replica.run(cfg.tick, req_rx, inbox_rx));
         Ok(Node { id: cfg.id, handle, requests, inbox, status })
@@ -214,7 +231,8 @@ impl Node {
     }
 
     /// Proposes a change (from any node: raft forwards it to the leader) and waits
-    /// until it is committed and applied here.
+    /// until it is committed and applied here. A proposal lost in a change of
+    /// leader is proposed again, and applies once (see [`super::once`]).
     ///
     /// During an election (no leader known) it waits for one, within `timeout`,
     /// rather than failing at once: a change proposed while a node restarts goes
@@ -256,6 +274,16 @@ impl Node {
         }
     }
 
+    /// Stops the replica and waits until its storage is closed: another replica
+    /// can then open the same directory. Other handles to the node see
+    /// [`ProposeError::Stopped`] from then on.
+    pub async fn stop(&self) {
+        let (done, rx) = oneshot::channel();
+        if self.requests.send(Request::Stop { done }).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
     /// Adds (or removes) a voter or a learner.
     pub async fn change_membership(
         &self,
@@ -286,8 +314,14 @@ struct Replica {
     state: Directory,
     handle: DirectoryHandle,
     transport: Arc<dyn Transport>,
+    /// This run of the node: drawn at start, part of every proposal's origin.
+    run: u64,
     /// Proposals of this node waiting for their entry to apply, by request id.
-    pending: HashMap<u64, oneshot::Sender<Result<Outcome, ProposeError>>>,
+    pending: HashMap<u64, Pending>,
+    /// The proposals every replica has applied, so that a copy applies as a no-op.
+    proposals: Applied,
+    /// Ticks without a leader before an election (raft's election timeout).
+    election_ticks: usize,
     next_request: u64,
     applied: u64,
     snapshot_index: u64,
@@ -295,22 +329,76 @@ struct Replica {
     status: watch::Sender<NodeStatus>,
     last_contact: Option<Instant>,
     /// Linearizable reads waiting for their read index, then for it to apply.
-    reads: Vec<(u64, Option<u64>, Reply)>,
+    reads: Vec<Read>,
+    /// Set once asked to stop.
+    stopping: Option<Stopping>,
 }
 
-/// A proposal's context: the proposing node and its request id, so the node that
-/// proposed can answer its caller when the entry applies.
-fn context(node: u64, request: u64) -> Vec<u8> {
-    let mut c = node.to_le_bytes().to_vec();
-    c.extend_from_slice(&request.to_le_bytes());
-    c
+/// A stop in progress: who waits for it, and when it ends at the latest.
+struct Stopping {
+    done: Vec<oneshot::Sender<()>>,
+    until: Instant,
 }
 
-fn parse_context(c: &[u8]) -> Option<(u64, u64)> {
-    if c.len() != 16 {
-        return None;
+/// A proposal waiting for its entry to apply.
+struct Pending {
+    reply: Reply,
+    /// What to propose again if it may have been lost (None: a membership
+    /// change, which is not retried).
+    retry: Option<Retry>,
+}
+
+/// A proposal as sent, and the leader it was sent under.
+struct Retry {
+    context: Vec<u8>,
+    data: Vec<u8>,
+    /// Either raw.propose(ctx, data) or raw.read_index(ctx).
+    read: bool,
+    leader: u64,
+    term: u64,
+    ticks: usize,
+}
+
+impl Retry {
+    fn new(context: Vec<u8>, data: Vec<u8>, read: bool, raw: &RawNode<DiskStorage>) -> Retry {
+        Retry { context, data, read, leader: raw.raft.leader_id, term: raw.raft.term, ticks: 0 }
     }
-    Some((u64::from_le_bytes(c[..8].try_into().ok()?), u64::from_le_bytes(c[8..].try_into().ok()?)))
+
+    /// Sends the proposal again when the leader changed since it was sent, or
+    /// after `patience` ticks under the same leader (a message lost on the way).
+    fn tick(&mut self, raw: &mut RawNode<DiskStorage>, patience: usize) {
+        self.ticks += 1;
+        let (leader, term) = (raw.raft.leader_id, raw.raft.term);
+        if leader == 0 || (leader == self.leader && term == self.term && self.ticks < patience) {
+            return;
+        }
+        let sent = if self.read {
+            raw.read_index(self.context.clone());
+            true
+        } else {
+            // Refused while the leader hands over; tried again next tick.
+            raw.propose(self.context.clone(), self.data.clone()).is_ok()
+        };
+        if sent {
+            (self.leader, self.term, self.ticks) = (leader, term, 0);
+        }
+    }
+}
+
+/// A linearizable read: its request id, the read index once the leader gave
+/// it, and its caller.
+struct Read {
+    request: u64,
+    index: Option<u64>,
+    reply: Reply,
+    retry: Retry,
+}
+
+/// A random id for this run of the node (never 0: 0 marks entries from before
+/// runs existed).
+fn new_run() -> u64 {
+    let bytes = uuid::Uuid::new_v4().into_bytes();
+    u64::from_le_bytes(bytes[..8].try_into().unwrap_or([1; 8])).max(1)
 }
 
 impl Replica {
@@ -327,12 +415,14 @@ impl Replica {
             tokio::select! {
                 _ = ticker.tick() => {
                     self.raw.tick();
+                    self.retry_lost();
                 }
                 msg = inbox.recv() => match msg {
                     Some(m) => self.step(m),
                     None => return,
                 },
                 req = requests.recv() => match req {
+                    Some(Request::Stop { done }) => self.begin_stop(done, tick),
                     Some(r) => self.request(r),
                     None => return,
                 },
@@ -347,6 +437,51 @@ impl Replica {
                 return;
             }
             self.publish_status();
+            if self
+                .stopping
+                .as_ref()
+                .is_some_and(|s| self.raw.raft.state != StateRole::Leader || Instant::now() >= s.until)
+            {
+                let done = self.stopping.take().map(|s| s.done).unwrap_or_default();
+                // Close the storage before anyone hears that the node stopped.
+                drop(self);
+                for d in done {
+                    let _ = d.send(());
+                }
+                return;
+            }
+        }
+    }
+
+    /// A leader that stops hands its office to the follower furthest along, so
+    /// the cluster does not wait an election timeout for a new one; it stops
+    /// once a new leader took over, or after two election timeouts at most.
+    /// Any other node stops at once.
+    fn begin_stop(&mut self, done: oneshot::Sender<()>, tick: Duration) {
+        let grace = tick * u32::try_from(2 * self.election_ticks).unwrap_or(u32::MAX);
+        let stopping =
+            self.stopping.get_or_insert_with(|| Stopping { done: Vec::new(), until: Instant::now() + grace });
+        stopping.done.push(done);
+        if self.raw.raft.state != StateRole::Leader {
+            return;
+        }
+        let me = self.id;
+        let voters = self.raw.raft.prs().conf().voters().ids();
+        let heir = self
+            .raw
+            .raft
+            .prs()
+            .iter()
+            .filter(|(id, _)| **id != me && voters.contains(**id))
+            .max_by_key(|(id, p)| (p.matched, std::cmp::Reverse(**id)))
+            .map(|(id, _)| *id);
+        match heir {
+            Some(id) => {
+                info!(node = me, to = id, "stopping: handing the directory's leadership over");
+                self.raw.transfer_leader(id);
+            }
+            // The only voter: nobody to hand over to.
+            None => stopping.until = Instant::now(),
         }
     }
 
@@ -363,10 +498,27 @@ impl Replica {
         }
     }
 
+    /// Proposals and reads that may have been lost go out again (see
+    /// [`super::once`]); those whose caller gave up are forgotten.
+    fn retry_lost(&mut self) {
+        // Ticks a proposal waits under the same leader before it is sent again.
+        let patience = 4 * self.election_ticks;
+        self.pending.retain(|_, p| !p.reply.is_closed());
+        for p in self.pending.values_mut() {
+            if let Some(r) = &mut p.retry {
+                r.tick(&mut self.raw, patience);
+            }
+        }
+        self.reads.retain(|r| !r.reply.is_closed());
+        for r in self.reads.iter_mut().filter(|r| r.index.is_none()) {
+            r.retry.tick(&mut self.raw, patience);
+        }
+    }
+
     fn request(&mut self, r: Request) {
         let id = self.next_request;
         self.next_request += 1;
-        let ctx = context(self.id, id);
+        let ctx = Origin { node: self.id, run: self.run, request: id }.encode();
         match r {
             Request::Propose { cmd, reply } => {
                 if self.raw.raft.leader_id == 0 {
@@ -380,9 +532,10 @@ impl Replica {
                         return;
                     }
                 };
-                match self.raw.propose(ctx, data) {
+                match self.raw.propose(ctx.clone(), data.clone()) {
                     Ok(()) => {
-                        self.pending.insert(id, reply);
+                        let retry = Some(Retry::new(ctx, data, false, &self.raw));
+                        self.pending.insert(id, Pending { reply, retry });
                     }
                     Err(e) => {
                         let _ = reply.send(Err(ProposeError::Raft(e.to_string())));
@@ -394,17 +547,19 @@ impl Replica {
                     let _ = reply.send(Err(ProposeError::NoLeader));
                     return;
                 }
-                self.raw.read_index(ctx);
-                self.reads.push((id, None, reply));
+                self.raw.read_index(ctx.clone());
+                let retry = Retry::new(ctx, Vec::new(), true, &self.raw);
+                self.reads.push(Read { request: id, index: None, reply, retry });
             }
             Request::ConfChange { cc, reply } => match self.raw.propose_conf_change(ctx, cc) {
                 Ok(()) => {
-                    self.pending.insert(id, reply);
+                    self.pending.insert(id, Pending { reply, retry: None });
                 }
                 Err(e) => {
                     let _ = reply.send(Err(ProposeError::Raft(e.to_string())));
                 }
             },
+            Request::Stop { .. } => unreachable!("handled by the Ready loop"),
         }
     }
 
@@ -451,9 +606,9 @@ impl Replica {
 
     /// The leader confirmed the commit index a read must wait for.
     fn read_index_known(&mut self, rs: &raft::ReadState) {
-        if let Some((_, request)) = parse_context(&rs.request_ctx) {
-            if let Some(r) = self.reads.iter_mut().find(|r| r.0 == request) {
-                r.1 = Some(rs.index);
+        if let Some(o) = Origin::decode(&rs.request_ctx).filter(|o| o.node == self.id && o.run == self.run) {
+            if let Some(r) = self.reads.iter_mut().find(|r| r.request == o.request) {
+                r.index = Some(rs.index);
             }
         }
     }
@@ -463,19 +618,20 @@ impl Replica {
         let applied = self.applied;
         let epoch = self.state.epoch;
         let (done, waiting): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.reads).into_iter().partition(|r| r.1.is_some_and(|i| i <= applied));
+            std::mem::take(&mut self.reads).into_iter().partition(|r| r.index.is_some_and(|i| i <= applied));
         self.reads = waiting;
-        for (_, _, reply) in done {
-            let _ = reply.send(Ok(Outcome::Applied { epoch }));
+        for r in done {
+            let _ = r.reply.send(Ok(Outcome::Applied { epoch }));
         }
     }
 
     fn install_snapshot(&mut self, snap: Snapshot) -> Result<(), NodeError> {
-        let state: Directory = serde_json::from_slice(snap.get_data())
+        let (state, proposals) = once::decode_snapshot(snap.get_data())
             .map_err(|e| NodeError::Snapshot(PathBuf::from("(received)"), e.to_string()))?;
         let index = snap.get_metadata().index;
         self.storage.apply_snapshot(snap)?;
         self.state = state;
+        self.proposals = proposals;
         self.applied = index;
         self.snapshot_index = index;
         self.handle.store(self.state.clone());
@@ -489,13 +645,24 @@ impl Replica {
         }
         for e in entries {
             self.applied = e.index;
-            let origin = parse_context(e.get_context());
+            let origin = Origin::decode(e.get_context());
             let outcome = match e.get_entry_type() {
                 EntryType::EntryNormal if e.get_data().is_empty() => continue, // a new leader's no-op
-                EntryType::EntryNormal => match serde_json::from_slice::<Command>(e.get_data()) {
-                    Ok(cmd) => Ok(self.state.apply(&cmd)),
-                    Err(err) => Ok(Outcome::Rejected { reason: format!("undecodable command: {err}") }),
-                },
+                EntryType::EntryNormal => {
+                    let verdict = origin.map_or(Verdict::Apply, |o| self.proposals.admit(o, e.index));
+                    match (verdict, serde_json::from_slice::<Command>(e.get_data())) {
+                        // The first copy answered its caller already.
+                        (Verdict::Copy, _) => continue,
+                        (Verdict::TooOld, _) => Err(ProposeError::Raft(
+                            "the change reached the log too late to be applied; check the directory and try again"
+                                .into(),
+                        )),
+                        (Verdict::Apply, Ok(cmd)) => Ok(self.state.apply(&cmd)),
+                        (Verdict::Apply, Err(err)) => {
+                            Ok(Outcome::Rejected { reason: format!("undecodable command: {err}") })
+                        }
+                    }
+                }
                 EntryType::EntryConfChangeV2 => {
                     let cc = ConfChangeV2::parse_from_bytes(e.get_data()).map_err(raft::Error::CodecError)?;
                     let cs = self.raw.apply_conf_change(&cc)?;
@@ -510,11 +677,9 @@ impl Replica {
                     Ok(Outcome::Applied { epoch: self.state.epoch })
                 }
             };
-            if let Some((node, request)) = origin {
-                if node == self.id {
-                    if let Some(reply) = self.pending.remove(&request) {
-                        let _ = reply.send(outcome);
-                    }
+            if let Some(o) = origin.filter(|o| o.node == self.id && o.run == self.run) {
+                if let Some(p) = self.pending.remove(&o.request) {
+                    let _ = p.reply.send(outcome);
                 }
             }
         }
@@ -530,7 +695,8 @@ impl Replica {
         if self.applied <= self.snapshot_index && !requested {
             return Ok(());
         }
-        let data = serde_json::to_vec(&self.state).map_err(|e| NodeError::Snapshot(PathBuf::new(), e.to_string()))?;
+        let data = once::encode_snapshot(&self.state, &self.proposals)
+            .map_err(|e| NodeError::Snapshot(PathBuf::new(), e.to_string()))?;
         let cs = self.raw.raft.prs().conf().to_conf_state();
         self.storage.compact(self.applied, data, cs)?;
         self.snapshot_index = self.applied;

@@ -12,7 +12,9 @@
 //! - `raft.log`: entries after the snapshot;
 //! - `hardstate`: term, vote, commit (rewritten atomically: tmp file, fsync, rename);
 //! - `snapshot`: the last snapshot (metadata + the directory as JSON), same way;
-//! - `confstate`: the voters and learners, same way.
+//! - `confstate`: the voters and learners, same way;
+//! - `lock`: held (flock) while a replica has the directory open, with that
+//!   process's id in it. Two replicas writing one log would corrupt it.
 //!
 //! `raft::storage::MemStorage` keeps everything in memory for the reads raft makes;
 //! this type writes to disk first, then updates memory.
@@ -31,6 +33,10 @@ use raft::{GetEntriesContext, RaftState, Storage};
 pub enum StoreError {
     #[error("raft storage in {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error(
+        "raft storage in {path} is in use by another directory replica{holder}: stop it first, or give this node a directory of its own"
+    )]
+    InUse { path: PathBuf, holder: String },
     #[error("raft storage in {path} is damaged: {what}")]
     Damaged { path: PathBuf, what: String },
     #[error(transparent)]
@@ -47,6 +53,8 @@ pub struct DiskStorage {
     /// Set when raft asked for a snapshot newer than the last one (or one that
     /// includes a peer the last one does not know): the replica takes one.
     wants_snapshot: Arc<std::sync::atomic::AtomicBool>,
+    /// The locked `lock` file: released when the last clone is dropped.
+    _lock: Arc<File>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -66,6 +74,29 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Takes the directory's lock, or says who holds it.
+fn lock(dir: &Path) -> Result<File, StoreError> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join("lock");
+    let mut f =
+        OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io(&path))?;
+    // SAFETY: flock on a descriptor this function owns; no memory is shared.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(StoreError::Io { path, source: err });
+        }
+        let mut pid = String::new();
+        let _ = f.read_to_string(&mut pid);
+        let pid = pid.trim();
+        let holder = if pid.is_empty() { String::new() } else { format!(" (process {pid})") };
+        return Err(StoreError::InUse { path: dir.to_path_buf(), holder });
+    }
+    f.set_len(0).map_err(io(&path))?;
+    f.write_all(format!("{}\n", std::process::id()).as_bytes()).map_err(io(&path))?;
+    Ok(f)
+}
+
 fn encode_record(e: &Entry, out: &mut Vec<u8>) -> Result<(), StoreError> {
     let bytes = e
         .write_to_bytes()
@@ -80,6 +111,7 @@ impl DiskStorage {
     /// Opens (or creates) the storage in `dir`.
     pub fn open(dir: &Path) -> Result<DiskStorage, StoreError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let lock = lock(dir)?;
         let mem = MemStorage::new();
         let snap_path = dir.join("snapshot");
         let mut snapshot = Snapshot::default();
@@ -116,6 +148,7 @@ impl DiskStorage {
             dir: dir.to_path_buf(),
             snapshot: Arc::new(RwLock::new(snapshot)),
             wants_snapshot: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            _lock: Arc::new(lock),
             log: Arc::new(std::sync::Mutex::new(
                 OpenOptions::new().create(true).append(true).open(&log_path).map_err(io(&log_path))?,
             )),
@@ -371,6 +404,22 @@ mod tests {
             es.iter().map(|e| e.get_data().to_vec()).collect::<Vec<_>>(),
             vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]
         );
+    }
+
+    #[test]
+    fn a_directory_open_in_one_replica_is_refused_to_another_until_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = DiskStorage::open(dir.path()).unwrap();
+        let clone = s.clone();
+        let err = DiskStorage::open(dir.path()).err().expect("a second open is refused");
+        let text = err.to_string();
+        assert!(matches!(err, StoreError::InUse { .. }), "{text}");
+        assert!(text.contains(&format!("(process {})", std::process::id())), "{text}");
+        assert!(text.contains("stop it first"), "{text}");
+        drop(s);
+        assert!(DiskStorage::open(dir.path()).is_err(), "a clone still holds the lock");
+        drop(clone);
+        DiskStorage::open(dir.path()).unwrap();
     }
 
     #[test]
