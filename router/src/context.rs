@@ -39,6 +39,13 @@ impl Catalog {
         *self.known.write().unwrap_or_else(|p| p.into_inner()) = known;
     }
 
+    /// Whether `table` is a reference table: a table of the shards' schema
+    /// without the key column.
+    pub fn is_reference(&self, table: &str) -> bool {
+        let t = normalize(table);
+        !self.read().contains_key(t) && self.known.read().unwrap_or_else(|p| p.into_inner()).contains(t)
+    }
+
     /// Whether any of `tables` (system catalogs aside) is unknown to the catalog.
     pub fn has_unknown(&self, tables: &[String]) -> bool {
         let known = self.known.read().unwrap_or_else(|p| p.into_inner());

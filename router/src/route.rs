@@ -141,6 +141,46 @@ pub fn route(
     }
 }
 
+/// Refuses statements that read a reference table on a shard that does not
+/// hold the reference rows: a shard added at run time gets the reference tables
+/// empty, so a join there would silently miss rows. `target` is where the
+/// statements run together (a transaction's or a pipeline's shard included).
+pub fn check_reference_reads<'a>(
+    statements: impl IntoIterator<Item = &'a Statement>,
+    target: &Target,
+    dir: &Directory,
+    catalog: &Catalog,
+) -> Result<(), SqlError> {
+    let on: Vec<ShardId> = match target {
+        Target::Shard(s) => vec![*s],
+        Target::Fanout(shards) => shards.clone(),
+        Target::SplitInsert(parts) => parts.iter().map(|(s, _)| *s).collect(),
+        Target::Any | Target::All | Target::CopySplit => return Ok(()),
+    };
+    let Some(shard) = on.iter().filter_map(|&s| dir.shards.get(s)).find(|s| !s.reference) else {
+        return Ok(());
+    };
+    // The usual case: every shard holds the rows, and no table is looked up.
+    for stmt in statements {
+        if stmt.kind == StatementKind::Ddl {
+            continue;
+        }
+        if let Some(table) = stmt.tables.iter().find(|t| catalog.is_reference(t)) {
+            return Err(SqlError::new(
+                "0A000",
+                format!(
+                    "{table} is a reference table, and shard {} does not hold its rows: it was added at run time, and reference rows are not copied to added shards",
+                    shard.name
+                ),
+            )
+            .hint(format!(
+                "read {table} in a statement of its own (outside a transaction on that shard): it is then answered by a shard that holds its rows"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A statement on sharded tables: its keys' shard(s), else the session's tenant,
 /// else every shard (reads) or an error (writes, strict mode).
 fn single_or(

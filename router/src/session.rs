@@ -657,6 +657,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         let target = combined.unwrap_or(Target::Any);
+        route::check_reference_reads(&analysis.statements, &target, &dir, &self.ctx.catalog)?;
         if self.pending_begin.is_some() && matches!(target, Target::SplitInsert(_) | Target::CopySplit) {
             return Err(SqlError::new(
                 "0A000",
@@ -765,7 +766,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let target = self.route_multi(analysis, &dir);
         let run_on: Vec<usize> = match target {
             Ok(Target::Shard(s)) => bound_shards.iter().position(|&x| x == s).into_iter().collect(),
-            Ok(Target::Any) => vec![0],
+            // A shard that holds the reference rows, if the statement reads any.
+            Ok(Target::Any) => {
+                let holds_rows = |s: &ShardId| dir.shards.get(*s).is_some_and(|x| x.reference);
+                vec![bound_shards.iter().position(holds_rows).unwrap_or(0)]
+            }
             Ok(Target::All) => (0..bound_shards.len()).collect(),
             Ok(_) => {
                 self.multi_failed = true;
@@ -832,6 +837,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 _ => Target::All,
             };
         }
+        route::check_reference_reads(&analysis.statements, &target, dir, &self.ctx.catalog)?;
         Ok(target)
     }
 
@@ -1494,6 +1500,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         self.touched = touched;
+        if let (None, Some(t)) = (&routing_error, &target) {
+            // The pipeline's statements run together on its target.
+            let dir = self.ctx.directory.load();
+            let statements = statements_seen.iter().flat_map(|a| a.statements.iter());
+            routing_error = route::check_reference_reads(statements, t, &dir, &self.ctx.catalog).err();
+        }
         if routing_error.is_none() && !self.pass_holds().await {
             // A cutover held the rows: the placement may have changed, route again.
             self.batch = std::mem::take(batch);

@@ -217,6 +217,58 @@ async fn reference_tables_are_written_everywhere_and_read_anywhere() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_reads_on_a_shard_without_the_reference_rows_are_refused_not_answered_short() {
+    let h = Harness::start(2).await;
+    let c = h.client().await;
+    c.batch_execute(ORDERS).await.unwrap();
+    c.batch_execute("CREATE TABLE plans (id bigint PRIMARY KEY, name text)").await.unwrap();
+    c.batch_execute("INSERT INTO plans VALUES (1, 'gold')").await.unwrap();
+    let (t0, t1) = (h.tenants_on(0, 1)[0], h.tenants_on(1, 1)[0]);
+    for t in [t0, t1] {
+        c.execute("INSERT INTO orders VALUES ($1, 1, 5)", &[&t]).await.unwrap();
+    }
+    // Shard 1 now stands for a shard added at run time and moved to: it has the
+    // reference table, without its rows.
+    let mut d = (*h.directory.load()).clone();
+    d.shards[1].reference = false;
+    h.directory.store(d);
+    h.shard(1).await.batch_execute("DELETE FROM plans").await.unwrap();
+    let join = |t: i64| format!("SELECT p.name FROM orders o JOIN plans p ON p.id = o.id WHERE o.tenant_id = {t}");
+    let refused = |e: tokio_postgres::Error| {
+        assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+        let db = e.as_db_error().unwrap();
+        assert!(
+            db.message().contains("plans is a reference table, and shard shard_1 does not hold its rows"),
+            "{db:?}"
+        );
+        assert!(db.hint().unwrap_or_default().contains("statement of its own"), "{db:?}");
+    };
+    // Where the rows are, the join answers; on the added shard it is refused, in
+    // both protocols, instead of an answer missing the rows.
+    assert_eq!(c.query(&join(t0), &[]).await.unwrap().len(), 1);
+    refused(c.simple_query(&join(t1)).await.unwrap_err());
+    refused(c.query(&join(t1), &[]).await.unwrap_err());
+    // A read over every shard would reach the added one too.
+    refused(c.simple_query("SELECT count(*) FROM orders o JOIN plans p ON p.id = o.id").await.unwrap_err());
+    // A transaction on the added shard cannot read the table either …
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute("UPDATE orders SET total = 6 WHERE tenant_id = $1", &[&t1]).await.unwrap();
+    refused(c.query("SELECT name FROM plans", &[]).await.unwrap_err());
+    c.batch_execute("ROLLBACK").await.unwrap();
+    // … while the table on its own, and with the added shard's tenant as the
+    // session's, is read where its rows are.
+    c.batch_execute(&format!("SET shardgate.tenant = {t1}")).await.unwrap();
+    for _ in 0..4 {
+        assert_eq!(c.query_one("SELECT name FROM plans WHERE id = 1", &[]).await.unwrap().get::<_, String>(0), "gold");
+    }
+    // Writes to the reference table still reach every shard that owns rows.
+    c.batch_execute("RESET shardgate.tenant").await.unwrap();
+    c.batch_execute("INSERT INTO plans VALUES (2, 'silver')").await.unwrap();
+    assert_eq!(rows_on(&h, 0, "SELECT count(*) FROM plans").await, 2);
+    assert_eq!(rows_on(&h, 1, "SELECT count(*) FROM plans").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_without_a_tenant_gather_every_shard_or_are_refused() {
     let h = Harness::start(2).await;
     let c = h.client().await;
