@@ -57,6 +57,14 @@ struct Bound {
 const MAX_PREPARED_PER_CONNECTION: usize = 1000;
 
 /// How the reply to one forwarded statement ended.
+/// How a streamed cross-shard read answers: as a simple query, or as the
+/// client's extended-protocol pipeline (its messages, and the result formats
+/// its Bind asked for).
+enum Answer<'a> {
+    Simple,
+    Extended { batch: &'a [Message], formats: &'a [i16] },
+}
+
 enum Relayed {
     /// ReadyForQuery, with the transaction status.
     Ready(u8),
@@ -2389,7 +2397,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             crate::fanout::MergeSpec::Full(_) => None,
         };
         if let Some((order, limit, offset)) = streamed {
-            return self.stream_fanout(&shards, &plan.shard_sql, texts, &order, limit, offset).await;
+            let read = |sql: &str| messages::query(sql).to_vec();
+            return self
+                .stream_fanout(Answer::Simple, &shards, &plan.shard_sql, texts, read, &order, limit, offset)
+                .await;
         }
         let this = &*self;
         let runs = shards.iter().zip(&texts).map(|(&s, sql)| {
@@ -2443,11 +2454,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// and LIMIT. Every shard's connection is taken first, so a shard that is down
     /// fails the read before a row is sent; an error after rows were sent ends the
     /// answer with it, as Postgres does for an error in the middle of a scan.
+    #[allow(clippy::too_many_arguments)]
     async fn stream_fanout(
         &mut self,
+        answer: Answer<'_>,
         shards: &[ShardId],
         sql: &str,
         texts: Vec<Option<String>>,
+        read: impl Fn(&str) -> Vec<u8>,
         order: &[crate::fanout::SortKey],
         limit: Option<u64>,
         offset: u64,
@@ -2458,11 +2472,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         for (&s, text) in shards.iter().zip(&texts) {
             let pool = match self.ctx.pool(s) {
                 Some(p) => p,
-                None => return self.fail_simple(SqlError::new("XX000", format!("no pool for shard {s}"))).await,
+                None => {
+                    return self.fail_answer(&answer, SqlError::new("XX000", format!("no pool for shard {s}"))).await
+                }
             };
             let mut conn = match pool.get().await {
                 Ok(c) => c,
-                Err(e) => return self.fail_simple(SqlError::new(e.sqlstate(), e.to_string())).await,
+                Err(e) => return self.fail_answer(&answer, SqlError::new(e.sqlstate(), e.to_string())).await,
             };
             let mut run = Vec::new();
             let mut skip = 0;
@@ -2470,19 +2486,56 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 run.extend_from_slice(&messages::query(&p));
                 skip = 1;
             }
-            run.extend_from_slice(&messages::query(text.as_deref().unwrap_or(sql)));
+            run.extend_from_slice(&read(text.as_deref().unwrap_or(sql)));
             let (tx, rx) = tokio::sync::mpsc::channel(crate::fanout::QUEUE);
             readers.push(crate::fanout::read_shard(conn, Bytes::from(run), skip, tx));
             let name = dir.shards.get(s).map(|x| x.name.clone()).unwrap_or_default();
             streams.push(crate::fanout::ShardRows::new(name, rx));
         }
-        let relay = self.relay_streams(streams, order, limit, offset);
+        let relay = self.relay_streams(answer, streams, order, limit, offset);
         let (_, relayed) = tokio::join!(futures::future::join_all(readers), relay);
         relayed
     }
 
+    /// Fails a cross-shard read before any of its rows went out.
+    async fn fail_answer(&mut self, answer: &Answer<'_>, e: SqlError) -> Result<(), SessionError> {
+        match answer {
+            Answer::Simple => self.fail_simple(e).await,
+            Answer::Extended { .. } => self.fail_batch(e, true).await,
+        }
+    }
+
+    /// The replies to a pipeline's messages before (or after) its Execute, for a
+    /// streamed cross-shard read described by `rd` (text) and `client_rd` (the
+    /// Bind's formats).
+    fn reply_around_execute(
+        &mut self,
+        messages: &[Message],
+        parameters: Option<&Bytes>,
+        rd: &Bytes,
+        client_rd: &Bytes,
+    ) {
+        for m in messages {
+            match (m.tag(), target_and_name(m)) {
+                (b'D', Ok((b'S', _))) => {
+                    if let Some(t) = parameters {
+                        self.client.queue(t);
+                    }
+                    self.client.queue(rd);
+                }
+                (b'D', _) => self.client.queue(client_rd),
+                (b'C', Ok((b'S', name))) => {
+                    self.prepared.remove(name);
+                    self.client.queue(&messages::close_complete());
+                }
+                _ => self.reply_for_statement_message(m),
+            }
+        }
+    }
+
     async fn relay_streams(
         &mut self,
+        answer: Answer<'_>,
         mut streams: Vec<crate::fanout::ShardRows>,
         order: &[crate::fanout::SortKey],
         limit: Option<u64>,
@@ -2497,27 +2550,64 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     description.get_or_insert(rd);
                 }
                 Event::ShardError(err) => {
+                    if let Answer::Extended { batch, .. } = answer {
+                        // As in Postgres: a statement whose Parse failed does not exist.
+                        if !st.parsed {
+                            for m in batch.iter().filter(|m| m.tag() == b'P') {
+                                if let Ok(p) = Parse::parse(m) {
+                                    self.prepared.remove(p.name);
+                                }
+                            }
+                        }
+                    }
                     self.client.queue(&prefix_error(&err, &st.shard));
                     return self.ready().await;
                 }
-                Event::Failed(e) => return self.fail_simple(e).await,
+                Event::Failed(e) => return self.fail_answer(&answer, e).await,
                 Event::Row(_) | Event::Done => {
                     let e = SqlError::new("0A000", "a cross-shard statement must return rows".into());
-                    return self.fail_simple(e).await;
+                    return self.fail_answer(&answer, e).await;
                 }
             }
         }
         let Some(description) = description else {
-            return self.fail_simple(SqlError::new("XX000", "no shard to read from".into())).await;
+            return self.fail_answer(&answer, SqlError::new("XX000", "no shard to read from".into())).await;
         };
         let c_collation = self.ctx.c_collation.load(std::sync::atomic::Ordering::Relaxed);
         let keys = match crate::fanout::types_of(&description)
             .and_then(|types| crate::fanout::sort_keys(order, &types, c_collation))
         {
             Ok(k) => k,
-            Err(e) => return self.fail_simple(SqlError::new(e.sqlstate(), e.to_string())).await,
+            Err(e) => return self.fail_answer(&answer, SqlError::new(e.sqlstate(), e.to_string())).await,
         };
-        self.client.queue(&description);
+        // The rows as the client asks for them, and the replies before them.
+        let formats = match &answer {
+            Answer::Simple => None,
+            Answer::Extended { formats, .. } => match crate::fanout::ClientFormats::new(&description, formats) {
+                Ok(f) => Some(f),
+                Err(e) => return self.fail_answer(&answer, SqlError::new(e.sqlstate(), e.to_string())).await,
+            },
+        };
+        let after_execute = match (&answer, &formats) {
+            (Answer::Extended { batch, .. }, Some(f)) => {
+                let at = batch.iter().position(|m| m.tag() == b'E').unwrap_or(batch.len());
+                let parameters = streams.iter().find_map(|s| s.parameters.clone());
+                self.reply_around_execute(&batch[..at], parameters.as_ref(), &description, &f.row_description);
+                batch.get(at + 1..).unwrap_or_default()
+            }
+            _ => {
+                self.client.queue(&description);
+                &[]
+            }
+        };
+        let client_row = |raw: Bytes| -> Result<Bytes, Bytes> {
+            match &formats {
+                None => Ok(raw),
+                Some(f) => {
+                    f.row(&raw).map_err(|e| SqlError::new(e.sqlstate(), e.to_string()).to_message(Severity::Error))
+                }
+            }
+        };
         let (mut skipped, mut sent) = (0u64, 0u64);
         let mut failure: Option<Bytes> = None;
         if keys.is_empty() {
@@ -2532,7 +2622,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             drop(r);
                         }
                         Event::Row(r) => {
-                            self.client.queue(&r);
+                            match client_row(r) {
+                                Ok(r) => self.client.queue(&r),
+                                Err(e) => {
+                                    failure = Some(e);
+                                    break 'shards;
+                                }
+                            }
                             sent += 1;
                             if self.client.queued() > 256 * 1024 {
                                 self.client.flush().await?;
@@ -2577,7 +2673,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if skipped < offset {
                     skipped += 1;
                 } else {
-                    self.client.queue(&raw);
+                    match client_row(raw) {
+                        Ok(r) => self.client.queue(&r),
+                        Err(e) => {
+                            failure = Some(e);
+                            break;
+                        }
+                    }
                     sent += 1;
                     if self.client.queued() > 256 * 1024 {
                         self.client.flush().await?;
@@ -2593,7 +2695,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 crate::metrics::global().error_message(err.get(5..).unwrap_or_default());
                 self.client.queue(&err);
             }
-            None => self.client.queue(&messages::command_complete(&format!("SELECT {sent}"))),
+            None => {
+                self.client.queue(&messages::command_complete(&format!("SELECT {sent}")));
+                if let Some(f) = &formats {
+                    self.reply_around_execute(after_execute, None, &description, &f.row_description);
+                }
+            }
         }
         self.ready().await
     }
@@ -2640,9 +2747,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(t) => t,
             Err(e) => return self.fail_batch(e, true).await,
         };
-        let this = &*self;
-        let runs = shards.iter().zip(&texts).map(|(&s, sql)| {
-            let sql = sql.as_deref().unwrap_or(plan.shard_sql.as_str());
+        let read = |sql: &str| -> Vec<u8> {
             let mut b = messages::Builder::new(b'B');
             b.cstr("").cstr("").i16(bind.param_formats.len() as i16);
             for &f in &bind.param_formats {
@@ -2656,14 +2761,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 };
             }
             b.i16(0); // every result column in text
-            let run = [
+            [
                 messages::parse("", sql, &param_types),
                 messages::describe(b'S', ""),
                 b.finish(),
                 messages::Builder::new(b'E').cstr("").i32(0).finish(),
                 messages::sync(),
             ]
-            .concat();
+            .concat()
+        };
+        let streamed = match &plan.merge {
+            crate::fanout::MergeSpec::Concat => Some((Vec::new(), None, 0)),
+            crate::fanout::MergeSpec::Full(f) if !f.grouped => Some((f.order.clone(), f.limit, f.offset)),
+            crate::fanout::MergeSpec::Full(_) => None,
+        };
+        if let (Some((order, limit, offset)), 1) = (streamed, batch.iter().filter(|m| m.tag() == b'E').count()) {
+            let answer = Answer::Extended { batch, formats: &result_formats };
+            return self.stream_fanout(answer, &shards, &plan.shard_sql, texts, read, &order, limit, offset).await;
+        }
+        let this = &*self;
+        let runs = shards.iter().zip(&texts).map(|(&s, sql)| {
+            let run = read(sql.as_deref().unwrap_or(plan.shard_sql.as_str()));
             async move { this.collect_messages_on(s, &run).await }
         });
         let answers = futures::future::join_all(runs).await;

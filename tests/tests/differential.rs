@@ -122,7 +122,7 @@ async fn cross_shard_reads_match_a_single_postgres() {
 /// in the middle of a shard's answer ends the result with that error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_cross_shard_reads_stream_in_order_and_errors_midway_end_them() {
-    let (_h, _single, one, router) = same_rows_twice().await;
+    let (h, single, one, router) = same_rows_twice().await;
     for chunk in (1..=30000i64).collect::<Vec<_>>().chunks(3000) {
         let values: Vec<String> = chunk
             .iter()
@@ -153,6 +153,25 @@ async fn large_cross_shard_reads_stream_in_order_and_errors_midway_end_them() {
         assert_eq!(err.code().map(|c| c.code()), Some("22012"), "{sql}: {err:?}");
         assert!(err.as_db_error().unwrap().message().contains("on shard"), "{err:?}");
     }
+    // The extended protocol streams the same way: the same rows in binary as a
+    // single server sends, and an error midway ends the Execute, then Sync.
+    for sql in [
+        "SELECT id, qty, total FROM orders ORDER BY qty, id DESC LIMIT 5000 OFFSET 12345",
+        "SELECT tenant_id, id, total FROM orders ORDER BY total DESC, tenant_id, id",
+    ] {
+        let a = wire_rows(&one.query(sql, &[]).await.unwrap());
+        let b = wire_rows(&router.query(sql, &[]).await.unwrap());
+        assert!(a.len() >= 5000);
+        assert_eq!(b, a, "{sql}");
+    }
+    let (mut direct, mut routed) = (Raw::login(single.port()).await, Raw::login(h.port()).await);
+    let midway = "SELECT id, 1 / (id - 29000) FROM orders ORDER BY id";
+    let p = vec![parse("", midway, &[]), bind_formats("", &[], false, &[1]), describe_portal(), execute(), sync()];
+    let without_rows = |r: Vec<String>| r.into_iter().filter(|l| !l.starts_with("D ")).collect::<Vec<_>>();
+    let want = without_rows(direct.run(&p).await);
+    assert_eq!(want.last().map(String::as_str), Some("ready I"));
+    assert!(want.contains(&"error 22012".to_string()), "{want:?}");
+    assert_eq!(without_rows(routed.run(&p).await), want);
     let count = "SELECT count(*) FROM orders";
     assert_eq!(rows(router.simple_query(count).await.unwrap()), rows(one.simple_query(count).await.unwrap()));
 }
@@ -190,6 +209,28 @@ async fn cross_shard_reads_in_the_extended_protocol_match_a_single_postgres_byte
         vec![bind_formats("m", &[3], false, &[0, 1]), describe_portal(), execute(), sync()],
         vec![bind_formats("m", &[3], false, &[]), execute(), frame(b'C', b"Sm\0"), sync()],
         vec![bind_formats("m", &[3], false, &[]), execute(), sync()],
+    ];
+    for p in &pipelines {
+        let want = direct.run(p).await;
+        let got = routed.run(p).await;
+        assert_eq!(got, want, "{:?}", p.iter().map(|m| m[0] as char).collect::<String>());
+    }
+
+    // A read merged as it streams (ORDER BY, LIMIT, no aggregates), message for
+    // message as a single server answers it.
+    let sql = "SELECT tenant_id, id, total, region FROM orders WHERE qty > $1 \
+               ORDER BY total DESC NULLS LAST, tenant_id, id LIMIT 12 OFFSET 2";
+    let pipelines: Vec<Vec<Vec<u8>>> = vec![
+        vec![parse("s", sql, &[20]), describe_statement("s"), sync()],
+        vec![bind_formats("s", &[3], false, &[]), describe_portal(), execute(), sync()],
+        vec![bind_formats("s", &[3], true, &[1, 1, 1, 0]), describe_portal(), execute(), sync()],
+        vec![bind_formats("s", &[3], false, &[1]), execute(), sync()],
+        vec![parse("", sql, &[20]), bind_formats("", &[-5], false, &[]), describe_statement(""), execute(), sync()],
+        vec![bind_formats("s", &[3], false, &[0, 1]), describe_portal(), execute(), sync()],
+        vec![bind_formats("s", &[3], false, &[]), execute(), frame(b'C', b"Ss\0"), sync()],
+        vec![bind_formats("s", &[3], false, &[]), execute(), sync()],
+        vec![parse("bad", "SELECT nope FROM orders ORDER BY 1", &[]), describe_statement("bad"), sync()],
+        vec![bind_formats("bad", &[], false, &[]), execute(), sync()],
     ];
     for p in &pipelines {
         let want = direct.run(p).await;

@@ -70,42 +70,76 @@ fn column_types(rd: &[u8]) -> Result<Vec<i32>, FanoutError> {
     Ok(fields(rd)?.iter().map(|f| f.type_oid).collect())
 }
 
-/// The merged answer (text values) in the formats a Bind asked for: no code
-/// means text for all, one code applies to every column, else one per column.
-/// Returns the RowDescription and the rows.
-pub fn in_formats(merged: &Merged, formats: &[i16]) -> Result<(Bytes, Vec<Bytes>), FanoutError> {
-    let mut fields = fields(&merged.row_description)?;
-    if formats.len() > 1 && formats.len() != fields.len() {
-        return Err(FanoutError::Protocol(format!(
-            "bind message has {} result formats but query has {} columns",
-            formats.len(),
-            fields.len()
-        )));
-    }
-    let binary: Vec<bool> = (0..fields.len()).map(|i| formats.get(i).or(formats.first()) == Some(&1)).collect();
-    if !binary.contains(&true) {
-        return Ok((merged.row_description.clone(), merged.rows.clone()));
-    }
-    for (f, &b) in fields.iter_mut().zip(&binary) {
-        f.format = i16::from(b);
-    }
-    let mut rows = Vec::with_capacity(merged.rows.len());
-    for raw in &merged.rows {
-        let mut row = decode_row(raw)?;
-        for (i, v) in row.iter_mut().enumerate() {
-            let (Some(text), true) = (v.as_ref(), binary.get(i) == Some(&true)) else { continue };
-            let field = &fields[i];
-            *v = Some(value::to_binary(field.type_oid, text).ok_or_else(|| {
-                FanoutError::Unsupported(format!(
+/// Rows in the result formats a client's Bind asked for: no code means text for
+/// all, one code applies to every column, else one per column. The shards
+/// answer in text; binary columns are converted row by row.
+pub struct ClientFormats {
+    /// The RowDescription with the client's formats.
+    pub row_description: Bytes,
+    /// Per column: converted to binary, with its type.
+    binary: Vec<Option<i32>>,
+}
+
+impl ClientFormats {
+    /// Checks the formats against the text RowDescription `rd`: a binary column
+    /// of a type the router cannot convert exactly is refused before any row.
+    pub fn new(rd: &Bytes, formats: &[i16]) -> Result<ClientFormats, FanoutError> {
+        let mut fields = fields(rd)?;
+        if formats.len() > 1 && formats.len() != fields.len() {
+            return Err(FanoutError::Protocol(format!(
+                "bind message has {} result formats but query has {} columns",
+                formats.len(),
+                fields.len()
+            )));
+        }
+        let wants_binary = |i: usize| formats.get(i).or(formats.first()) == Some(&1);
+        if !(0..fields.len()).any(wants_binary) {
+            return Ok(ClientFormats { row_description: rd.clone(), binary: Vec::new() });
+        }
+        let mut binary = Vec::with_capacity(fields.len());
+        for (i, f) in fields.iter_mut().enumerate() {
+            if !wants_binary(i) {
+                binary.push(None);
+                continue;
+            }
+            if !value::has_binary(f.type_oid) {
+                return Err(FanoutError::Unsupported(format!(
                     "cannot send column \"{}\" (type oid {}) of a cross-shard query in binary format; \
                      ask for it in text format, or add a tenant_id condition so the query runs on one shard",
-                    field.name, field.type_oid
+                    f.name, f.type_oid
+                )));
+            }
+            f.format = 1;
+            binary.push(Some(f.type_oid));
+        }
+        Ok(ClientFormats { row_description: row_description(&fields), binary })
+    }
+
+    /// One shard row (text) as the client asked for it.
+    pub fn row(&self, raw: &Bytes) -> Result<Bytes, FanoutError> {
+        if self.binary.is_empty() {
+            return Ok(raw.clone());
+        }
+        let mut row = decode_row(raw)?;
+        for (v, oid) in row.iter_mut().zip(&self.binary) {
+            let (Some(text), Some(oid)) = (v.as_ref(), oid) else { continue };
+            *v = Some(value::to_binary(*oid, text).ok_or_else(|| {
+                FanoutError::Protocol(format!(
+                    "a shard sent {:?} as a value of type oid {oid}",
+                    String::from_utf8_lossy(text)
                 ))
             })?);
         }
-        rows.push(data_row(row.iter().map(|v| v.as_deref())));
+        Ok(data_row(row.iter().map(|v| v.as_deref())))
     }
-    Ok((row_description(&fields), rows))
+}
+
+/// The merged answer (text values) in the formats a Bind asked for.
+/// Returns the RowDescription and the rows.
+pub fn in_formats(merged: &Merged, formats: &[i16]) -> Result<(Bytes, Vec<Bytes>), FanoutError> {
+    let f = ClientFormats::new(&merged.row_description, formats)?;
+    let rows = merged.rows.iter().map(|r| f.row(r)).collect::<Result<Vec<_>, _>>()?;
+    Ok((f.row_description, rows))
 }
 
 pub(crate) fn decode_row(raw: &[u8]) -> Result<Row, FanoutError> {

@@ -21,7 +21,7 @@ mod plan;
 mod stream;
 mod value;
 
-pub use merge::{in_formats, merge, sort_keys, types_of, Merged, Row, ShardResult};
+pub use merge::{in_formats, merge, sort_keys, types_of, ClientFormats, Merged, Row, ShardResult};
 pub use plan::{plan, FanoutPlan};
 pub use stream::{read_shard, Event, Heads, ShardRows, QUEUE};
 pub use value::avg_decimal;

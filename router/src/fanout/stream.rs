@@ -37,9 +37,10 @@ pub enum Reply {
     End,
 }
 
-/// Sends `run` (simple queries; the first `skip` answers are the session
-/// settings' and are dropped, except for errors) and passes each message of the
-/// last answer on until ReadyForQuery. The connection goes back to the pool only
+/// Sends `run` (the session settings as simple queries, whose `skip` answers are
+/// dropped except for errors; then the read, as a simple query or as one
+/// extended-protocol pipeline ending in Sync) and passes each message of the
+/// read's answer on until ReadyForQuery. The connection goes back to the pool only
 /// if its answer was read to the end.
 pub async fn read_shard(mut conn: Pooled, run: Bytes, mut skip: usize, tx: mpsc::Sender<Reply>) {
     let name = conn.shard_name().to_string();
@@ -71,7 +72,7 @@ pub async fn read_shard(mut conn: Pooled, run: Bytes, mut skip: usize, tx: mpsc:
                 }
                 return;
             }
-            b'E' | b'T' | b'D' | b'C' | b'I' if skip == 0 || m.tag() == b'E' => {
+            b'E' | b'T' | b'D' | b'C' | b'I' | b'1' | b't' if skip == 0 || m.tag() == b'E' => {
                 if listening && tx.send(Reply::Message(m.raw().clone())).await.is_err() {
                     listening = false;
                 }
@@ -99,6 +100,10 @@ pub struct ShardRows {
     pub shard: String,
     rx: mpsc::Receiver<Reply>,
     done: bool,
+    /// An extended-protocol read: whether its Parse went through.
+    pub parsed: bool,
+    /// An extended-protocol read: the statement's ParameterDescription.
+    pub parameters: Option<Bytes>,
 }
 
 /// The next step of a shard's answer.
@@ -113,7 +118,7 @@ pub enum Event {
 
 impl ShardRows {
     pub fn new(shard: String, rx: mpsc::Receiver<Reply>) -> ShardRows {
-        ShardRows { shard, rx, done: false }
+        ShardRows { shard, rx, done: false, parsed: false, parameters: None }
     }
 
     pub async fn next(&mut self) -> Event {
@@ -136,6 +141,8 @@ impl ShardRows {
             };
             match reply {
                 Reply::Message(m) => match m.first() {
+                    Some(b'1') => self.parsed = true,
+                    Some(b't') => self.parameters = Some(m),
                     Some(b'T') => return Event::Described(m),
                     Some(b'D') => return Event::Row(m),
                     Some(b'E') => {

@@ -343,6 +343,11 @@ fn base_10000_lead(int: &str, frac: &str) -> (i64, u32) {
     (0, 0)
 }
 
+/// Whether [`to_binary`] converts values of this type.
+pub fn has_binary(type_oid: i32) -> bool {
+    matches!(type_oid, BOOL | INT2 | INT4 | INT8 | OID | NUMERIC | TEXT | VARCHAR | BPCHAR | NAME | UUID)
+}
+
 /// The binary send format of a value given in Postgres's text output, for the
 /// types where the text alone decides it: booleans, integers, numerics, text
 /// and uuids. None for other types (floats and date/times depend on session
