@@ -20,6 +20,8 @@ struct Network {
     lose_proposals: AtomicUsize,
     /// Deliver every forwarded proposal twice.
     double_proposals: AtomicBool,
+    /// A node that gets no log entries (MsgAppend), only the rest.
+    starve: Mutex<Option<u64>>,
 }
 
 struct Link(Arc<Network>);
@@ -31,6 +33,9 @@ impl Transport for Link {
             return;
         }
         drop(cut);
+        if m.get_msg_type() == MessageType::MsgAppend && *self.0.starve.lock().unwrap() == Some(m.to) {
+            return;
+        }
         let proposal = m.get_msg_type() == MessageType::MsgPropose;
         if proposal
             && self.0.lose_proposals.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
@@ -229,7 +234,10 @@ async fn stopping_every_node_and_starting_them_again_keeps_epoch_and_state() {
     }
     // And the cluster goes on.
     leader_among(&nodes).await;
-    nodes[0].propose(place(5, 0), Duration::from_secs(5)).await.unwrap();
+    if let Err(e) = nodes[0].propose(place(5, 0), Duration::from_secs(5)).await {
+        let statuses: Vec<NodeStatus> = nodes.iter().map(|n| n.status()).collect();
+        panic!("{e}: {statuses:#?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -450,4 +458,33 @@ async fn a_leader_that_stops_hands_its_office_over() {
     // A stopped node answers as stopped, and stopping it again returns at once.
     assert!(matches!(nodes[0].propose(place(4, 1), Duration::from_secs(1)).await, Err(ProposeError::Stopped)));
     nodes[0].stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_whose_entry_reaches_its_node_inside_a_snapshot_is_answered() {
+    let c = Cluster::new(5);
+    let nodes: Vec<Node> = (1..=3).map(|i| c.start(i, true)).collect();
+    let leader = leader_among(&nodes).await;
+    let follower = nodes.iter().find(|n| n.id != leader).unwrap().clone();
+    let on_leader = c.node(leader);
+    wait_status(&follower, "a leader", |s| s.leader == Some(leader)).await;
+    let before = follower.status().epoch;
+    // The follower's proposal reaches the leader, but no log entry reaches the
+    // follower until the leader has compacted its log past the proposal's.
+    *c.net.starve.lock().unwrap() = Some(follower.id);
+    let proposing = {
+        let f = follower.clone();
+        tokio::spawn(async move { f.propose(place(7, 1), Duration::from_secs(15)).await })
+    };
+    wait_status(&on_leader, "the proposal applied", |s| s.epoch > before).await;
+    let mut epoch = 0;
+    for b in 10..22 {
+        epoch = epoch_of(on_leader.propose(place(b, 2), Duration::from_secs(5)).await.unwrap());
+    }
+    assert!(dir(&c.base, leader).join("snapshot").exists(), "the leader compacted its log");
+    assert!(follower.status().epoch <= before, "the follower got no entry yet");
+    *c.net.starve.lock().unwrap() = None;
+    let out = proposing.await.unwrap().unwrap();
+    assert!(matches!(out, Outcome::Applied { epoch: e } if e > before && e < epoch), "{out:?}");
+    all_at(&nodes, epoch).await;
 }

@@ -632,6 +632,21 @@ impl Replica {
         self.storage.apply_snapshot(snap)?;
         self.state = state;
         self.proposals = proposals;
+        // Proposals of ours whose entry came inside the snapshot.
+        let (run, me) = (self.run, self.id);
+        let done: Vec<(u64, Outcome)> = self
+            .pending
+            .keys()
+            .filter_map(|&request| {
+                let o = Origin { node: me, run, request };
+                self.proposals.outcome(o).map(|out| (request, out.clone()))
+            })
+            .collect();
+        for (request, outcome) in done {
+            if let Some(p) = self.pending.remove(&request) {
+                let _ = p.reply.send(Ok(outcome));
+            }
+        }
         self.applied = index;
         self.snapshot_index = index;
         self.handle.store(self.state.clone());
@@ -651,13 +666,23 @@ impl Replica {
                 EntryType::EntryNormal => {
                     let verdict = origin.map_or(Verdict::Apply, |o| self.proposals.admit(o, e.index));
                     match (verdict, serde_json::from_slice::<Command>(e.get_data())) {
-                        // The first copy answered its caller already.
-                        (Verdict::Copy, _) => continue,
+                        // The first copy answered its caller, unless it reached
+                        // this node inside a snapshot: then this one does.
+                        (Verdict::Copy, _) => match origin.and_then(|o| self.proposals.outcome(o)) {
+                            Some(out) => Ok(out.clone()),
+                            None => continue,
+                        },
                         (Verdict::TooOld, _) => Err(ProposeError::Raft(
                             "the change reached the log too late to be applied; check the directory and try again"
                                 .into(),
                         )),
-                        (Verdict::Apply, Ok(cmd)) => Ok(self.state.apply(&cmd)),
+                        (Verdict::Apply, Ok(cmd)) => {
+                            let out = self.state.apply(&cmd);
+                            if let Some(o) = origin {
+                                self.proposals.record(o, &out);
+                            }
+                            Ok(out)
+                        }
                         (Verdict::Apply, Err(err)) => {
                             Ok(Outcome::Rejected { reason: format!("undecodable command: {err}") })
                         }

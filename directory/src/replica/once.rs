@@ -12,21 +12,24 @@
 //! Every proposal carries its origin: the node, the node's *run* (a random id
 //! drawn at each start, so request numbers can restart at 1 without matching
 //! entries of an earlier run) and the request number. The table records, per
-//! run, the requests that applied. It is replicated state: every replica applies
-//! the same entries in the same order and so keeps the same table, and snapshots
-//! carry it, so a replica that catches up by snapshot skips the same copies.
+//! run, the requests that applied and what they did. It is replicated state:
+//! every replica applies the same entries in the same order and so keeps the
+//! same table, and snapshots carry it, so a replica that catches up by snapshot
+//! skips the same copies. A proposal whose entry reached its own node inside a
+//! snapshot (the node was behind) is answered from the table.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::state::Outcome;
 use crate::Directory;
 
 /// Requests of one run remembered individually; anything older than the last
 /// `WINDOW` is taken as decided. A run would need this many later proposals to
 /// apply while one of its own was still being retried, and a caller gives up
 /// after seconds.
-const WINDOW: usize = 4096;
+const WINDOW: usize = 1024;
 
 /// A run not seen for this many log entries is forgotten. Its node has long
 /// restarted or stopped retrying: a retry ends with its caller's timeout.
@@ -69,8 +72,8 @@ struct Run {
     last_index: u64,
     /// Requests below this are decided (applied, or too old to apply now).
     floor: u64,
-    /// Requests at or above `floor` that applied.
-    applied: BTreeSet<u64>,
+    /// Requests at or above `floor` that applied, with their outcome.
+    applied: BTreeMap<u64, Outcome>,
 }
 
 /// The requests applied, per run (keyed `"node/run"`: JSON keys are strings).
@@ -91,27 +94,46 @@ pub(crate) enum Verdict {
     TooOld,
 }
 
+fn key(origin: &Origin) -> String {
+    format!("{}/{}", origin.node, origin.run)
+}
+
 impl Applied {
-    /// Decides on the entry at log `index` from `origin`, and records it.
+    /// Decides on the entry at log `index` from `origin`. An entry to apply is
+    /// then [`Applied::record`]ed with its outcome.
     pub fn admit(&mut self, origin: Origin, index: u64) -> Verdict {
         if origin.run == 0 {
             return Verdict::Apply;
         }
         self.runs.retain(|_, r| r.last_index + RUN_HORIZON >= index);
-        let run = self.runs.entry(format!("{}/{}", origin.node, origin.run)).or_default();
+        let run = self.runs.entry(key(&origin)).or_default();
         run.last_index = index;
         if origin.request < run.floor {
-            return Verdict::TooOld;
+            Verdict::TooOld
+        } else if run.applied.contains_key(&origin.request) {
+            Verdict::Copy
+        } else {
+            Verdict::Apply
         }
-        if !run.applied.insert(origin.request) {
-            return Verdict::Copy;
+    }
+
+    /// Records what an admitted entry did.
+    pub fn record(&mut self, origin: Origin, outcome: &Outcome) {
+        if origin.run == 0 {
+            return;
         }
+        let run = self.runs.entry(key(&origin)).or_default();
+        run.applied.insert(origin.request, outcome.clone());
         while run.applied.len() > WINDOW {
-            if let Some(oldest) = run.applied.pop_first() {
+            if let Some((oldest, _)) = run.applied.pop_first() {
                 run.floor = oldest + 1;
             }
         }
-        Verdict::Apply
+    }
+
+    /// What the request did, if it applied (and is still remembered).
+    pub fn outcome(&self, origin: Origin) -> Option<&Outcome> {
+        self.runs.get(&key(&origin))?.applied.get(&origin.request)
     }
 }
 
@@ -162,37 +184,53 @@ mod tests {
         assert_eq!(Origin::decode(&[0; 25]), None);
     }
 
+    fn epoch(epoch: u64) -> Outcome {
+        Outcome::Applied { epoch }
+    }
+
+    /// Admits an entry and, when it is to apply, records `epoch` as its outcome.
+    fn apply(a: &mut Applied, o: Origin, index: u64) -> Verdict {
+        let v = a.admit(o, index);
+        if v == Verdict::Apply {
+            a.record(o, &epoch(index));
+        }
+        v
+    }
+
     #[test]
     fn a_request_applies_once_and_runs_are_told_apart() {
         let mut a = Applied::default();
-        assert_eq!(a.admit(from(1, 5, 1), 10), Verdict::Apply);
-        assert_eq!(a.admit(from(1, 5, 2), 11), Verdict::Apply);
-        assert_eq!(a.admit(from(1, 5, 1), 12), Verdict::Copy);
+        assert_eq!(apply(&mut a, from(1, 5, 1), 10), Verdict::Apply);
+        assert_eq!(apply(&mut a, from(1, 5, 2), 11), Verdict::Apply);
+        assert_eq!(apply(&mut a, from(1, 5, 1), 12), Verdict::Copy);
+        // The first copy's outcome is kept for its caller.
+        assert_eq!(a.outcome(from(1, 5, 1)), Some(&epoch(10)));
+        assert_eq!(a.outcome(from(1, 5, 9)), None);
         // The same request number in another run, or from another node, is new.
-        assert_eq!(a.admit(from(1, 6, 1), 13), Verdict::Apply);
-        assert_eq!(a.admit(from(2, 5, 1), 14), Verdict::Apply);
+        assert_eq!(apply(&mut a, from(1, 6, 1), 13), Verdict::Apply);
+        assert_eq!(apply(&mut a, from(2, 5, 1), 14), Verdict::Apply);
         // Requests may apply out of order (a retry overtaken by a later one).
-        assert_eq!(a.admit(from(1, 5, 4), 15), Verdict::Apply);
-        assert_eq!(a.admit(from(1, 5, 3), 16), Verdict::Apply);
-        assert_eq!(a.admit(from(1, 5, 3), 17), Verdict::Copy);
+        assert_eq!(apply(&mut a, from(1, 5, 4), 15), Verdict::Apply);
+        assert_eq!(apply(&mut a, from(1, 5, 3), 16), Verdict::Apply);
+        assert_eq!(apply(&mut a, from(1, 5, 3), 17), Verdict::Copy);
         // Entries from before runs existed are always applied.
-        assert_eq!(a.admit(from(1, 0, 1), 18), Verdict::Apply);
-        assert_eq!(a.admit(from(1, 0, 1), 19), Verdict::Apply);
+        assert_eq!(apply(&mut a, from(1, 0, 1), 18), Verdict::Apply);
+        assert_eq!(apply(&mut a, from(1, 0, 1), 19), Verdict::Apply);
     }
 
     #[test]
     fn the_window_slides_and_old_runs_are_forgotten() {
         let mut a = Applied::default();
         for r in 0..(WINDOW as u64 + 10) {
-            assert_eq!(a.admit(from(1, 5, r + 100), r + 1), Verdict::Apply);
+            assert_eq!(apply(&mut a, from(1, 5, r + 100), r + 1), Verdict::Apply);
         }
         // The first ten fell out of the window: a late copy of one is not applied.
-        assert_eq!(a.admit(from(1, 5, 100), 50_000), Verdict::TooOld);
-        assert_eq!(a.admit(from(1, 5, 99), 50_001), Verdict::TooOld);
-        assert_eq!(a.admit(from(1, 5, 110), 50_002), Verdict::Copy);
-        assert_eq!(a.admit(from(2, 1, 1), 50_003), Verdict::Apply);
+        assert_eq!(apply(&mut a, from(1, 5, 100), 50_000), Verdict::TooOld);
+        assert_eq!(apply(&mut a, from(1, 5, 99), 50_001), Verdict::TooOld);
+        assert_eq!(apply(&mut a, from(1, 5, 110), 50_002), Verdict::Copy);
+        assert_eq!(apply(&mut a, from(2, 1, 1), 50_003), Verdict::Apply);
         // Far enough on, run 1/5 is gone and run 2/1 stays.
-        assert_eq!(a.admit(from(2, 1, 2), 50_002 + RUN_HORIZON + 1), Verdict::Apply);
+        assert_eq!(apply(&mut a, from(2, 1, 2), 50_002 + RUN_HORIZON + 1), Verdict::Apply);
         assert_eq!(a.runs.len(), 1);
         assert!(a.runs.contains_key("2/1"));
     }
@@ -202,7 +240,7 @@ mod tests {
         let shards = (0..2).map(|i| crate::Shard::new(format!("s{i}"), format!("postgres://h/{i}"))).collect();
         let d = Directory::new("tenant_id", crate::KeyType::Int, 8, shards).unwrap();
         let mut a = Applied::default();
-        a.admit(from(1, 5, 1), 3);
+        apply(&mut a, from(1, 5, 1), 3);
         let (d2, a2) = decode_snapshot(&encode_snapshot(&d, &a).unwrap()).unwrap();
         assert_eq!((d2, a2), (d.clone(), a));
         let (d3, a3) = decode_snapshot(&serde_json::to_vec(&d).unwrap()).unwrap();
