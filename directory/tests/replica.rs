@@ -381,14 +381,21 @@ async fn all_at(nodes: &[Node], epoch: u64) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_proposal_lost_on_its_way_to_the_leader_is_sent_again() {
-    let c = Cluster::new(10_000);
+/// Three founding nodes, the leader's id, a follower that knows that leader,
+/// and the follower's epoch.
+async fn three_with_a_follower(c: &Cluster) -> (Vec<Node>, u64, Node, u64) {
     let nodes: Vec<Node> = (1..=3).map(|i| c.start(i, true)).collect();
     let leader = leader_among(&nodes).await;
     let follower = nodes.iter().find(|n| n.id != leader).unwrap().clone();
     wait_status(&follower, "a leader", |s| s.leader == Some(leader)).await;
     let before = follower.status().epoch;
+    (nodes, leader, follower, before)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_lost_on_its_way_to_the_leader_is_sent_again() {
+    let c = Cluster::new(10_000);
+    let (nodes, _, follower, before) = three_with_a_follower(&c).await;
     c.net.lose_proposals.store(1, Ordering::SeqCst);
     let epoch = epoch_of(follower.propose(place(3, 1), Duration::from_secs(10)).await.unwrap());
     assert_eq!(c.net.lose_proposals.load(Ordering::SeqCst), 0, "the first copy was lost");
@@ -399,11 +406,7 @@ async fn a_proposal_lost_on_its_way_to_the_leader_is_sent_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proposal_that_reaches_the_log_twice_applies_once() {
     let c = Cluster::new(7);
-    let nodes: Vec<Node> = (1..=3).map(|i| c.start(i, true)).collect();
-    let leader = leader_among(&nodes).await;
-    let follower = nodes.iter().find(|n| n.id != leader).unwrap().clone();
-    wait_status(&follower, "a leader", |s| s.leader == Some(leader)).await;
-    let before = follower.status().epoch;
+    let (nodes, _, follower, before) = three_with_a_follower(&c).await;
     c.net.double_proposals.store(true, Ordering::SeqCst);
     // Every change bumps the epoch: one applied twice would show.
     let mut epoch = before;
@@ -426,11 +429,7 @@ async fn a_proposal_that_reaches_the_log_twice_applies_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proposal_forwarded_to_a_leader_that_is_cut_off_goes_through_the_next_one() {
     let c = Cluster::new(10_000);
-    let nodes: Vec<Node> = (1..=3).map(|i| c.start(i, true)).collect();
-    let leader = leader_among(&nodes).await;
-    let follower = nodes.iter().find(|n| n.id != leader).unwrap().clone();
-    wait_status(&follower, "a leader", |s| s.leader == Some(leader)).await;
-    let before = follower.status().epoch;
+    let (nodes, leader, follower, before) = three_with_a_follower(&c).await;
     c.net.cut.lock().unwrap().insert(leader);
     // The follower still takes the old leader for the leader and forwards the
     // proposal there, into the cut.
@@ -463,12 +462,8 @@ async fn a_leader_that_stops_hands_its_office_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proposal_whose_entry_reaches_its_node_inside_a_snapshot_is_answered() {
     let c = Cluster::new(5);
-    let nodes: Vec<Node> = (1..=3).map(|i| c.start(i, true)).collect();
-    let leader = leader_among(&nodes).await;
-    let follower = nodes.iter().find(|n| n.id != leader).unwrap().clone();
+    let (nodes, leader, follower, before) = three_with_a_follower(&c).await;
     let on_leader = c.node(leader);
-    wait_status(&follower, "a leader", |s| s.leader == Some(leader)).await;
-    let before = follower.status().epoch;
     // The follower's proposal reaches the leader, but no log entry reaches the
     // follower until the leader has compacted its log past the proposal's.
     *c.net.starve.lock().unwrap() = Some(follower.id);
