@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Router memory during a large cross-shard read, side by side in one run: the
-# router's peak resident memory (VmHWM) after loading the rows, after a client
-# reads them all with ORDER BY in the simple protocol, and after the same read
-# in the extended protocol (what most drivers use). A streamed read holds a few
-# hundred rows in the router whatever the result's size, so the three numbers
-# stay close; a read gathered whole adds about the result's size.
+# router's peak resident memory (VmHWM) after loading the rows, then after a
+# client reads them all across the shards, with and without ORDER BY, in the
+# simple protocol and in the extended protocol (what most drivers use). A
+# streamed read holds a few hundred rows in the router whatever the result's
+# size, so the numbers stay close; a read gathered whole adds about the
+# result's size.
 #
 #   bench/fanout-memory.sh                        # 500,000 rows of ~210 bytes
 #   ROWS=2000000 bench/fanout-memory.sh
@@ -45,16 +46,25 @@ for i in range(1, int(sys.argv[1]) + 1):
     out(f"{i % 1000}\t{i}\t{pad}\n")
 PY
 size=$(psql -qXtA "$URL" -c "SELECT sum(length(pad) + 16) FROM big")
-echo "SELECT tenant_id, id, pad FROM big ORDER BY id;" >"$DIR/read.sql"
+echo "SELECT tenant_id, id, pad FROM big ORDER BY id;" >"$DIR/ordered.sql"
+echo "SELECT tenant_id, id, pad FROM big WHERE id > 0;" >"$DIR/plain.sql"
 peak() { awk '/VmHWM/ {print $2}' "/proc/$UP/status"; }
+read_all() { # MODE SCRIPT
+  pgbench -n -M "$1" -t 1 -f "$DIR/$2.sql" "$URL" >"$DIR/$1-$2.log" 2>&1 || { cat "$DIR/$1-$2.log"; exit 1; }
+  peak
+}
 loaded=$(peak)
-pgbench -n -M simple -t 1 -f "$DIR/read.sql" "$URL" >"$DIR/simple.log" 2>&1 || { cat "$DIR/simple.log"; exit 1; }
-simple=$(peak)
-pgbench -n -M extended -t 1 -f "$DIR/read.sql" "$URL" >"$DIR/extended.log" 2>&1 || { cat "$DIR/extended.log"; exit 1; }
-extended=$(peak)
-printf '%-34s %12s\n' "rows read (ORDER BY, 2 shards)" "$ROWS"
-printf '%-34s %9d MB\n' "result size (values)" $((size / 1000000))
-printf '%-34s %9d MB\n' "router peak RSS after the load" $((loaded / 1024))
-printf '%-34s %9d MB\n' "... after the simple-protocol read" $((simple / 1024))
-printf '%-34s %9d MB\n' "... after the extended read" $((extended / 1024))
-printf '%-34s %12s\n' "extended / simple" "$(python3 -c "print(f'{$extended / $simple:.2f}x')")"
+simple_ordered=$(read_all simple ordered)
+simple_plain=$(read_all simple plain)
+extended_ordered=$(read_all extended ordered)
+extended_plain=$(read_all extended plain)
+mb() { echo $(($1 / 1024)); }
+printf '%-44s %12s\n' "rows read (2 shards)" "$ROWS"
+printf '%-44s %9d MB\n' "result size (values)" $((size / 1000000))
+echo "router peak RSS (VmHWM, cumulative):"
+printf '%-44s %9d MB\n' "  after the load" "$(mb "$loaded")"
+printf '%-44s %9d MB\n' "  + simple protocol, ORDER BY id" "$(mb "$simple_ordered")"
+printf '%-44s %9d MB\n' "  + simple protocol, no ORDER BY" "$(mb "$simple_plain")"
+printf '%-44s %9d MB\n' "  + extended protocol, ORDER BY id" "$(mb "$extended_ordered")"
+printf '%-44s %9d MB\n' "  + extended protocol, no ORDER BY" "$(mb "$extended_plain")"
+printf '%-44s %12s\n' "peak after extended / after simple" "$(python3 -c "print(f'{$extended_plain / $simple_plain:.2f}x')")"

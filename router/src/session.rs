@@ -62,7 +62,13 @@ const MAX_PREPARED_PER_CONNECTION: usize = 1000;
 /// its Bind asked for).
 enum Answer<'a> {
     Simple,
-    Extended { batch: &'a [Message], formats: &'a [i16] },
+    /// `relayed`: the shards answer in the client's formats (rows only passed
+    /// on), else in text, converted row by row.
+    Extended {
+        batch: &'a [Message],
+        formats: &'a [i16],
+        relayed: bool,
+    },
 }
 
 enum Relayed {
@@ -1583,14 +1589,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     Ok(plan)
                         if plan.merge == crate::fanout::MergeSpec::Concat
                             && plan.shard_sql == *text
+                            && batch.iter().filter(|m| m.tag() == b'E').count() != 1
                             && self
                                 .shard_texts(&shards, text, &statements_seen[0].statements[0])
                                 .is_ok_and(|t| t.iter().all(Option::is_none)) =>
                     {
-                        // The client's own statement on every shard, rows passed through.
+                        // The client's own messages on every shard, and every
+                        // shard's rows where the first one's stood: for a batch
+                        // that describes without executing, or executes twice.
                         return self.run_batch_on_shards(batch, shards, true).await;
                     }
-                    // Merged, or rewritten per shard to count moving rows once.
+                    // Streamed (merged, or relayed shard after shard), or
+                    // rewritten per shard to count moving rows once.
                     Ok(plan) => {
                         let analysis = statements_seen[0].clone();
                         return self.run_fanout_extended(batch, shards, plan, &analysis.statements[0]).await;
@@ -2583,10 +2593,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // The rows as the client asks for them, and the replies before them.
         let formats = match &answer {
             Answer::Simple => None,
-            Answer::Extended { formats, .. } => match crate::fanout::ClientFormats::new(&description, formats) {
-                Ok(f) => Some(f),
-                Err(e) => return self.fail_answer(&answer, SqlError::new(e.sqlstate(), e.to_string())).await,
-            },
+            Answer::Extended { formats, relayed, .. } => {
+                let f = if *relayed {
+                    crate::fanout::ClientFormats::as_sent(&description, formats)
+                } else {
+                    crate::fanout::ClientFormats::new(&description, formats)
+                };
+                match f {
+                    Ok(f) => Some(f),
+                    Err(e) => return self.fail_answer(&answer, SqlError::new(e.sqlstate(), e.to_string())).await,
+                }
+            }
         };
         let after_execute = match (&answer, &formats) {
             (Answer::Extended { batch, .. }, Some(f)) => {
@@ -2747,6 +2764,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(t) => t,
             Err(e) => return self.fail_batch(e, true).await,
         };
+        // Rows that are only relayed come in the client's formats, any type;
+        // rows the router compares or combines come in text.
+        let relayed = plan.merge == crate::fanout::MergeSpec::Concat;
+        let shard_formats: &[i16] = if relayed { &result_formats } else { &[0] };
         let read = |sql: &str| -> Vec<u8> {
             let mut b = messages::Builder::new(b'B');
             b.cstr("").cstr("").i16(bind.param_formats.len() as i16);
@@ -2760,7 +2781,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     None => b.i32(-1),
                 };
             }
-            b.i16(0); // every result column in text
+            b.i16(shard_formats.len() as i16);
+            for &f in shard_formats {
+                b.i16(f);
+            }
             [
                 messages::parse("", sql, &param_types),
                 messages::describe(b'S', ""),
@@ -2776,7 +2800,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             crate::fanout::MergeSpec::Full(_) => None,
         };
         if let (Some((order, limit, offset)), 1) = (streamed, batch.iter().filter(|m| m.tag() == b'E').count()) {
-            let answer = Answer::Extended { batch, formats: &result_formats };
+            let answer = Answer::Extended { batch, formats: &result_formats, relayed };
             return self.stream_fanout(answer, &shards, &plan.shard_sql, texts, read, &order, limit, offset).await;
         }
         let this = &*self;
@@ -2818,8 +2842,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         let c_collation = self.ctx.c_collation.load(std::sync::atomic::Ordering::Relaxed);
-        let merged = crate::fanout::merge(&plan.merge, results, c_collation)
-            .and_then(|m| crate::fanout::in_formats(&m, &result_formats).map(|(rd, rows)| (m, rd, rows)));
+        let merged = crate::fanout::merge(&plan.merge, results, c_collation).and_then(|m| {
+            if relayed {
+                // Already in the client's formats.
+                let f = crate::fanout::ClientFormats::as_sent(&m.row_description, &result_formats)?;
+                let rows = m.rows.clone();
+                Ok((m, f.row_description, rows))
+            } else {
+                crate::fanout::in_formats(&m, &result_formats).map(|(rd, rows)| (m, rd, rows))
+            }
+        });
         let (merged, client_rd, rows) = match merged {
             Ok(m) => m,
             Err(e) => return self.fail_batch(SqlError::new(e.sqlstate(), e.to_string()), true).await,

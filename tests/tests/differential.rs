@@ -164,6 +164,13 @@ async fn large_cross_shard_reads_stream_in_order_and_errors_midway_end_them() {
         assert!(a.len() >= 5000);
         assert_eq!(b, a, "{sql}");
     }
+    let plain = "SELECT tenant_id, id, region, total FROM orders WHERE qty >= $1";
+    let mut a = wire_rows(&one.query(plain, &[&0i32]).await.unwrap());
+    let mut b = wire_rows(&router.query(plain, &[&0i32]).await.unwrap());
+    a.sort();
+    b.sort();
+    assert!(a.len() >= 20000);
+    assert_eq!(b, a, "{plain}");
     let (mut direct, mut routed) = (Raw::login(single.port()).await, Raw::login(h.port()).await);
     let midway = "SELECT id, 1 / (id - 29000) FROM orders ORDER BY id";
     let p = vec![parse("", midway, &[]), bind_formats("", &[], false, &[1]), describe_portal(), execute(), sync()];
@@ -214,6 +221,18 @@ async fn cross_shard_reads_in_the_extended_protocol_match_a_single_postgres_byte
         let want = direct.run(p).await;
         let got = routed.run(p).await;
         assert_eq!(got, want, "{:?}", p.iter().map(|m| m[0] as char).collect::<String>());
+    }
+
+    // Rows that are only relayed (no ORDER BY, LIMIT or aggregates) come in the
+    // client's formats whatever their type: floats and dates in binary too.
+    let sql = "SELECT tenant_id, id, total::float8 AS f, DATE '2026-01-01' + id::int AS d FROM orders WHERE qty > $1";
+    for qty in [-100i32, 10] {
+        let mut a = wire_rows(&one.query(sql, &[&qty]).await.unwrap());
+        let mut b = wire_rows(&router.query(sql, &[&qty]).await.unwrap());
+        a.sort();
+        b.sort();
+        assert!(!a.is_empty());
+        assert_eq!(b, a, "{sql} with {qty}");
     }
 
     // A read merged as it streams (ORDER BY, LIMIT, no aggregates), message for

@@ -115,6 +115,23 @@ impl ClientFormats {
         Ok(ClientFormats { row_description: row_description(&fields), binary })
     }
 
+    /// Rows the shards send in the client's formats already (a read whose rows
+    /// are only relayed, never compared): only the RowDescription changes.
+    pub fn as_sent(rd: &Bytes, formats: &[i16]) -> Result<ClientFormats, FanoutError> {
+        let mut fields = fields(rd)?;
+        if formats.len() > 1 && formats.len() != fields.len() {
+            return Err(FanoutError::Protocol(format!(
+                "bind message has {} result formats but query has {} columns",
+                formats.len(),
+                fields.len()
+            )));
+        }
+        for (i, f) in fields.iter_mut().enumerate() {
+            f.format = i16::from(formats.get(i).or(formats.first()) == Some(&1));
+        }
+        Ok(ClientFormats { row_description: row_description(&fields), binary: Vec::new() })
+    }
+
     /// One shard row (text) as the client asked for it.
     pub fn row(&self, raw: &Bytes) -> Result<Bytes, FanoutError> {
         if self.binary.is_empty() {
