@@ -14,6 +14,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -138,6 +139,9 @@ pub struct Session<S> {
     multi_failed: bool,
     /// Buckets the statements being routed touch (filled by routing).
     touched: Vec<u32>,
+    /// The directory epoch the statements being routed were routed by (0: not
+    /// routed yet; u64::MAX: by several), checked once they are in flight.
+    routed_epoch: std::sync::atomic::AtomicU64,
     /// Buckets this session's statement or transaction has in flight.
     flight: crate::hold::Flight,
     /// While a shadowed read is relayed: the digest of the rows the client gets.
@@ -173,6 +177,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             multi: None,
             multi_failed: false,
             touched: Default::default(),
+            routed_epoch: Default::default(),
             pools: Vec::new(),
             flight: crate::hold::Flight::new(ctx_in_flight),
             shadow_digest: None,
@@ -612,6 +617,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         touched: &mut Vec<u32>,
     ) -> Result<Target, SqlError> {
         let dir = self.ctx.directory.load();
+        let epoch = dir.epoch;
+        let _ = self.routed_epoch.fetch_update(AtomicOrdering::Relaxed, AtomicOrdering::Relaxed, |e| {
+            Some(if e == 0 || e == epoch { epoch } else { u64::MAX })
+        });
         let rules = Rules {
             strict_tenant: self.ctx.config.strict_tenant,
             allow_cross_shard_writes: self.ctx.config.allow_cross_shard_writes,
@@ -1009,11 +1018,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// this transaction had not touched yet: then waits for the hold to end and
     /// returns false (route again, the placement may have changed).
     async fn pass_holds(&mut self) -> bool {
+        let routed_epoch = self.routed_epoch.swap(0, AtomicOrdering::Relaxed);
         let n = self.flight.enter(&self.touched);
         if n == 0 {
             return true;
         }
         let dir = self.ctx.directory.load();
+        if routed_epoch != 0 && routed_epoch != dir.epoch {
+            // The directory changed between routing and now: a whole cutover
+            // may have passed (hold, acknowledgements, flip) while the rows were
+            // not yet in flight, so the route may name the old shard. Route again;
+            // from here on, a hold waits for these rows.
+            self.flight.undo_last(n);
+            tracing::debug!(routed_epoch, epoch = dir.epoch, "the directory changed while routing: routing again");
+            return false;
+        }
         let Some(move_id) = crate::hold::held_bucket(&dir, self.flight.newest(n)) else {
             return true;
         };

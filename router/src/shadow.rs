@@ -327,6 +327,14 @@ async fn compare(ctx: &RouterContext, read: &ShadowRead) -> Verdict {
                 return Verdict::Lag;
             }
         }
+        // The target may have caught up past that point (the rows changed again
+        // while it did): then the source, asked once more, shows the same state.
+        if let Ok(t) = &target {
+            let later = run(ctx, read.mv.owner, read).await;
+            if matches!(&later, Ok(s) if s.same(t, ordered)) {
+                return Verdict::Lag;
+            }
+        }
     }
     let side = |r: &Result<RowDigest, String>| match r {
         Ok(d) => d.describe(ordered),
