@@ -80,18 +80,25 @@ pub struct ClientFormats {
     binary: Vec<Option<i32>>,
 }
 
+/// The columns of `rd`, checked against a Bind's result format codes (none, one
+/// for all, or one per column), as Postgres checks them.
+fn fields_for(rd: &[u8], formats: &[i16]) -> Result<Vec<Field>, FanoutError> {
+    let fields = fields(rd)?;
+    if formats.len() > 1 && formats.len() != fields.len() {
+        return Err(FanoutError::Protocol(format!(
+            "bind message has {} result formats but query has {} columns",
+            formats.len(),
+            fields.len()
+        )));
+    }
+    Ok(fields)
+}
+
 impl ClientFormats {
     /// Checks the formats against the text RowDescription `rd`: a binary column
     /// of a type the router cannot convert exactly is refused before any row.
     pub fn new(rd: &Bytes, formats: &[i16]) -> Result<ClientFormats, FanoutError> {
-        let mut fields = fields(rd)?;
-        if formats.len() > 1 && formats.len() != fields.len() {
-            return Err(FanoutError::Protocol(format!(
-                "bind message has {} result formats but query has {} columns",
-                formats.len(),
-                fields.len()
-            )));
-        }
+        let mut fields = fields_for(rd, formats)?;
         let wants_binary = |i: usize| formats.get(i).or(formats.first()) == Some(&1);
         if !(0..fields.len()).any(wants_binary) {
             return Ok(ClientFormats { row_description: rd.clone(), binary: Vec::new() });
@@ -118,14 +125,7 @@ impl ClientFormats {
     /// Rows the shards send in the client's formats already (a read whose rows
     /// are only relayed, never compared): only the RowDescription changes.
     pub fn as_sent(rd: &Bytes, formats: &[i16]) -> Result<ClientFormats, FanoutError> {
-        let mut fields = fields(rd)?;
-        if formats.len() > 1 && formats.len() != fields.len() {
-            return Err(FanoutError::Protocol(format!(
-                "bind message has {} result formats but query has {} columns",
-                formats.len(),
-                fields.len()
-            )));
-        }
+        let mut fields = fields_for(rd, formats)?;
         for (i, f) in fields.iter_mut().enumerate() {
             f.format = i16::from(formats.get(i).or(formats.first()) == Some(&1));
         }
