@@ -151,16 +151,18 @@ pub fn check_reference_reads<'a>(
     dir: &Directory,
     catalog: &Catalog,
 ) -> Result<(), SqlError> {
-    let on: Vec<ShardId> = match target {
-        Target::Shard(s) => vec![*s],
-        Target::Fanout(shards) => shards.clone(),
-        Target::SplitInsert(parts) => parts.iter().map(|(s, _)| *s).collect(),
-        Target::Any | Target::All | Target::CopySplit => return Ok(()),
+    // Runs for every statement: no allocation, and in the usual case (every
+    // shard holds the rows) no table is looked up.
+    let without_rows = |s: &ShardId| dir.shards.get(*s).is_some_and(|x| !x.reference);
+    let shard = match target {
+        Target::Shard(s) => Some(*s).filter(without_rows),
+        Target::Fanout(shards) => shards.iter().copied().find(without_rows),
+        Target::SplitInsert(parts) => parts.iter().map(|(s, _)| *s).find(without_rows),
+        Target::Any | Target::All | Target::CopySplit => None,
     };
-    let Some(shard) = on.iter().filter_map(|&s| dir.shards.get(s)).find(|s| !s.reference) else {
+    let Some(shard) = shard.and_then(|s| dir.shards.get(s)) else {
         return Ok(());
     };
-    // The usual case: every shard holds the rows, and no table is looked up.
     for stmt in statements {
         if stmt.kind == StatementKind::Ddl {
             continue;

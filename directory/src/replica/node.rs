@@ -632,6 +632,9 @@ impl Replica {
         self.storage.apply_snapshot(snap)?;
         self.state = state;
         self.proposals = proposals;
+        self.applied = index;
+        self.snapshot_index = index;
+        self.handle.store(self.state.clone());
         // Proposals of ours whose entry came inside the snapshot.
         let (run, me) = (self.run, self.id);
         let done: Vec<(u64, Outcome)> = self
@@ -647,9 +650,6 @@ impl Replica {
                 let _ = p.reply.send(Ok(outcome));
             }
         }
-        self.applied = index;
-        self.snapshot_index = index;
-        self.handle.store(self.state.clone());
         info!(node = self.id, index, epoch = self.state.epoch, "installed a directory snapshot");
         Ok(())
     }
@@ -658,6 +658,7 @@ impl Replica {
         if entries.is_empty() {
             return Ok(());
         }
+        let mut answers = Vec::new();
         for e in entries {
             self.applied = e.index;
             let origin = Origin::decode(e.get_context());
@@ -704,11 +705,15 @@ impl Replica {
             };
             if let Some(o) = origin.filter(|o| o.node == self.id && o.run == self.run) {
                 if let Some(p) = self.pending.remove(&o.request) {
-                    let _ = p.reply.send(outcome);
+                    answers.push((p.reply, outcome));
                 }
             }
         }
+        // Callers hear once routing here sees what they proposed.
         self.handle.store(self.state.clone());
+        for (reply, outcome) in answers {
+            let _ = reply.send(outcome);
+        }
         Ok(())
     }
 
