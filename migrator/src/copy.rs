@@ -134,20 +134,36 @@ pub async fn copy(
     throttle: &Throttle,
     progress: &tokio::sync::watch::Sender<Progress>,
 ) -> Result<Outcome, Error> {
-    let fwd = spec.forward_name();
     let dst = spec.target.connect(&format!("move {} copy (target)", spec.id)).await?;
+    let result = copy_to(spec, throttle, progress, &dst).await;
+    if result.is_err() {
+        // End the target's transaction now rather than when its server notices
+        // the closed connection: the move's copy lock ends with it, so an
+        // attempt right after this one is not told Busy.
+        let _ = tokio::time::timeout(Duration::from_secs(5), dst.batch_execute("ROLLBACK")).await;
+    }
+    result
+}
+
+async fn copy_to(
+    spec: &MoveSpec,
+    throttle: &Throttle,
+    progress: &tokio::sync::watch::Sender<Progress>,
+    dst: &Client,
+) -> Result<Outcome, Error> {
+    let fwd = spec.forward_name();
     let dst_err = |what: &str| {
         let what = what.to_string();
         move |e| Error::pg(&spec.target.name, what, e)
     };
     dst.batch_execute("BEGIN").await.map_err(dst_err("begin the copy"))?;
-    let locked = scalar(&dst, &format!("SELECT pg_try_advisory_xact_lock({LOCK_CLASS}, {})", spec.id as i32))
+    let locked = scalar(dst, &format!("SELECT pg_try_advisory_xact_lock({LOCK_CLASS}, {})", spec.id as i32))
         .await
         .map_err(dst_err("take the move's copy lock"))?;
     if locked.as_deref() != Some("t") {
         return Ok(Outcome::Busy);
     }
-    let subscribed = scalar(&dst, &format!("SELECT count(*) FROM pg_subscription WHERE subname = {}", literal(&fwd)))
+    let subscribed = scalar(dst, &format!("SELECT count(*) FROM pg_subscription WHERE subname = {}", literal(&fwd)))
         .await
         .map_err(dst_err("look up the subscription"))?;
     if subscribed.as_deref() != Some("0") {
@@ -187,7 +203,7 @@ pub async fn copy(
         tables: tables.iter().map(|t| TableProgress { table: t.qualified(), ..Default::default() }).collect(),
     });
     for (i, t) in tables.iter().enumerate() {
-        copy_table(spec, t, &src, &dst, throttle, |rows, bytes| {
+        copy_table(spec, t, &src, dst, throttle, |rows, bytes| {
             progress.send_modify(|p| {
                 p.tables[i].rows += rows;
                 p.tables[i].bytes += bytes;
