@@ -57,7 +57,6 @@ struct Bound {
 /// Statements a server connection keeps prepared before its cache starts over.
 const MAX_PREPARED_PER_CONNECTION: usize = 1000;
 
-/// How the reply to one forwarded statement ended.
 /// How a streamed cross-shard read answers: as a simple query, or as the
 /// client's extended-protocol pipeline (its messages, and the result formats
 /// its Bind asked for).
@@ -72,6 +71,7 @@ enum Answer<'a> {
     },
 }
 
+/// How the reply to one forwarded statement ended.
 enum Relayed {
     /// ReadyForQuery, with the transaction status.
     Ready(u8),
@@ -2420,11 +2420,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(t) => t,
             Err(e) => return self.fail_simple(e).await,
         };
-        let streamed = match &plan.merge {
-            crate::fanout::MergeSpec::Concat => Some((Vec::new(), None, 0)),
-            crate::fanout::MergeSpec::Full(f) if !f.grouped => Some((f.order.clone(), f.limit, f.offset)),
-            crate::fanout::MergeSpec::Full(_) => None,
-        };
+        let streamed = plan.merge.streamed();
         if let Some((order, limit, offset)) = streamed {
             let read = |sql: &str| messages::query(sql).to_vec();
             return self
@@ -2534,9 +2530,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    /// The replies to a pipeline's messages before (or after) its Execute, for a
-    /// streamed cross-shard read described by `rd` (text) and `client_rd` (the
-    /// Bind's formats).
+    /// The replies to a pipeline's messages other than Execute, for a
+    /// cross-shard read described by `rd` (text) and `client_rd` (the Bind's
+    /// formats).
     fn reply_around_execute(
         &mut self,
         messages: &[Message],
@@ -2813,11 +2809,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             ]
             .concat()
         };
-        let streamed = match &plan.merge {
-            crate::fanout::MergeSpec::Concat => Some((Vec::new(), None, 0)),
-            crate::fanout::MergeSpec::Full(f) if !f.grouped => Some((f.order.clone(), f.limit, f.offset)),
-            crate::fanout::MergeSpec::Full(_) => None,
-        };
+        let streamed = plan.merge.streamed();
         if let (Some((order, limit, offset)), 1) = (streamed, batch.iter().filter(|m| m.tag() == b'E').count()) {
             let answer = Answer::Extended { batch, formats: &result_formats, relayed };
             return self.stream_fanout(answer, &shards, &plan.shard_sql, texts, read, &order, limit, offset).await;
@@ -2864,8 +2856,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let merged = crate::fanout::merge(&plan.merge, results, c_collation).and_then(|m| {
             if relayed {
                 // Already in the client's formats.
+                let mut m = m;
                 let f = crate::fanout::ClientFormats::as_sent(&m.row_description, &result_formats)?;
-                let rows = m.rows.clone();
+                let rows = std::mem::take(&mut m.rows);
                 Ok((m, f.row_description, rows))
             } else {
                 crate::fanout::in_formats(&m, &result_formats).map(|(rd, rows)| (m, rd, rows))
@@ -2876,29 +2869,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Err(e) => return self.fail_batch(SqlError::new(e.sqlstate(), e.to_string()), true).await,
         };
         for m in batch {
-            match (m.tag(), target_and_name(m)) {
-                (b'D', Ok((b'S', _))) => {
-                    if let Some(t) = &params_description {
-                        self.client.queue(t);
-                    }
-                    self.client.queue(&merged.row_description);
-                }
-                (b'D', _) => self.client.queue(&client_rd),
-                (b'C', Ok((b'S', name))) => {
-                    self.prepared.remove(name);
-                    self.client.queue(&messages::close_complete());
-                }
-                (b'E', _) => {
-                    for r in &rows {
-                        self.client.queue(r);
-                        if self.client.queued() > 256 * 1024 {
-                            self.client.flush().await?;
-                        }
-                    }
-                    self.client.queue(&messages::command_complete(&merged.command_tag));
-                }
-                _ => self.reply_for_statement_message(m),
+            if m.tag() != b'E' {
+                let described = &merged.row_description;
+                self.reply_around_execute(std::slice::from_ref(m), params_description.as_ref(), described, &client_rd);
+                continue;
             }
+            for r in &rows {
+                self.client.queue(r);
+                if self.client.queued() > 256 * 1024 {
+                    self.client.flush().await?;
+                }
+            }
+            self.client.queue(&messages::command_complete(&merged.command_tag));
         }
         self.ready().await
     }

@@ -35,6 +35,18 @@ pub enum MergeSpec {
     Full(Box<FullMerge>),
 }
 
+impl MergeSpec {
+    /// For a merge whose rows can stream (no grouping or aggregates): the sort,
+    /// LIMIT and OFFSET to apply as they pass.
+    pub fn streamed(&self) -> Option<(Vec<SortKey>, Option<u64>, u64)> {
+        match self {
+            MergeSpec::Concat => Some((Vec::new(), None, 0)),
+            MergeSpec::Full(f) if !f.grouped => Some((f.order.clone(), f.limit, f.offset)),
+            MergeSpec::Full(_) => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FullMerge {
     /// One entry per column the shards return: the client's columns, then the
