@@ -7,7 +7,8 @@
 //! - `sql/`: parsing with the Postgres grammar and finding the tenant key.
 //! - `route.rs`: key → bucket → shard, from the directory snapshot.
 //! - `backend.rs`, `pool.rs`: connections to shards and the per-shard pools.
-//! - `session.rs`: one client's state machine (simple and extended protocol, COPY).
+//! - `session/`: one client's state machine (simple and extended protocol, COPY),
+//!   one file per part of it (see its `mod.rs`).
 //! - `fanout/`: statements that run on every shard, and merging their results.
 //! - `server.rs`: accept loop, connection limit, shutdown.
 //! - `admin.rs`: the admin HTTP API; `events.rs` its live status stream, `web.rs`

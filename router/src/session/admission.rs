@@ -1,0 +1,253 @@
+//! Before a statement goes out: the directory lease, the table catalog, routing
+//! every statement to one target, and the cutover holds its buckets must pass;
+//! after it came back, what it cost, counted for its buckets and tenant.
+
+use std::sync::atomic::Ordering as AtomicOrdering;
+
+use shardgate_directory::ShardId;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::Session;
+use crate::error::SqlError;
+use crate::protocol::messages::{self, Bind, Severity};
+use crate::protocol::Message;
+use crate::route::{self, Params, Rules, Target};
+use crate::sql::{Analysis, StatementKind};
+
+pub(super) fn route_kind(t: &Target) -> crate::metrics::RouteKind {
+    use crate::metrics::RouteKind as K;
+    match t {
+        Target::Shard(_) => K::Shard,
+        Target::Any => K::Any,
+        Target::All => K::All,
+        Target::Fanout(_) => K::Fanout,
+        Target::SplitInsert(_) | Target::CopySplit => K::Split,
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// With the directory out of reach past the lease, a write waits up to
+    /// `lease_wait` for contact to come back (a leader election takes about a
+    /// second) and is refused if it does not (the bucket may have moved); reads go
+    /// on from the last known placement, with a NOTICE saying so.
+    pub(super) async fn lease_check(&mut self, analysis: &Analysis) -> Option<SqlError> {
+        if let Some((node, _)) = &self.ctx.replica {
+            if node.applied() == 0 {
+                // A replica that joined but has not received the directory yet
+                // knows no placement at all: nothing may be routed.
+                return Some(
+                    SqlError::new("57P03", "directory not loaded yet: this router's replica is still joining".into())
+                        .hint("try again in a moment; `shardgate status` shows the replica's progress"),
+                );
+            }
+        }
+        let why = self.ctx.lease_expired()?;
+        let writes = analysis.statements.iter().any(|s| {
+            !matches!(
+                s.kind,
+                StatementKind::Select
+                    | StatementKind::Txn(_)
+                    | StatementKind::Session
+                    | StatementKind::SetVar(_)
+                    | StatementKind::SetTenant(_)
+            ) && !matches!(&s.kind, StatementKind::Copy(c) if !c.from_stdin)
+        });
+        if writes {
+            let why = self.wait_for_lease().await?;
+            let why = format!("{why}; this write waited {:?} for it", self.ctx.config.lease_wait);
+            return Some(
+                SqlError::new("57P03", why)
+                    .hint("writes resume by themselves when the directory is reachable again; check `shardgate status` and the network between the nodes"),
+            );
+        }
+        self.client.queue(&messages::error_response(
+            Severity::Notice,
+            "01000",
+            &format!("{why}; this read uses the last known placement"),
+            None,
+        ));
+        None
+    }
+
+    /// Waits up to `lease_wait` for this router's replica to hear from the
+    /// directory quorum again; None once it has, or why writes are still refused.
+    pub(super) async fn wait_for_lease(&self) -> Option<String> {
+        let (node, lease) = self.ctx.replica.as_ref()?;
+        let lease = *lease;
+        let wait = self.ctx.config.lease_wait;
+        if !wait.is_zero() {
+            let metrics = crate::metrics::global();
+            metrics.lease_wait_started();
+            let started = std::time::Instant::now();
+            let mut status = node.watch_status();
+            let _ = crate::timer::timeout(wait, async move {
+                loop {
+                    if status.borrow_and_update().within_lease(lease) {
+                        return;
+                    }
+                    if status.changed().await.is_err() {
+                        // The replica stopped: contact cannot come back.
+                        std::future::pending::<()>().await;
+                    }
+                }
+            })
+            .await;
+            metrics.lease_wait(started.elapsed());
+        }
+        self.ctx.lease_expired()
+    }
+
+    /// Reloads the table catalog when a statement names a table it has not seen
+    /// (created by another router, or straight on the shards).
+    pub(super) async fn ensure_catalog(&self, analysis: &Analysis) {
+        for s in &analysis.statements {
+            self.ctx.learn_tables(&s.tables).await;
+        }
+    }
+
+    /// Routes every statement of a query string (or a batch) to one target.
+    /// Where the statements of `analysis` run; the buckets they touch are added
+    /// to `touched`.
+    pub(super) fn route_all(
+        &self,
+        analysis: &Analysis,
+        params: Option<&Params<'_>>,
+        touched: &mut Vec<u32>,
+    ) -> Result<Target, SqlError> {
+        let dir = self.ctx.directory.load();
+        let epoch = dir.epoch;
+        let _ = self.routed_epoch.fetch_update(AtomicOrdering::Relaxed, AtomicOrdering::Relaxed, |e| {
+            Some(if e == 0 || e == epoch { epoch } else { u64::MAX })
+        });
+        let rules = Rules {
+            strict_tenant: self.ctx.config.strict_tenant,
+            allow_cross_shard_writes: self.ctx.config.allow_cross_shard_writes,
+        };
+        let comment_key = match &analysis.comment_key {
+            Some(v) => Some(dir.key_type.parse_text(v).map_err(|e| SqlError::new("22P02", e.to_string()))?),
+            None => None,
+        };
+        let fallback = comment_key.as_ref().or(self.tenant.as_ref());
+        let mut combined: Option<Target> = self.bound.as_ref().map(|b| Target::Shard(b.shard));
+        let several = analysis.statements.len() > 1;
+        for stmt in &analysis.statements {
+            let t = route::route(stmt, params, fallback, &dir, &self.ctx.catalog, &rules, touched)?;
+            combined = Some(match (combined, t) {
+                (None, t) => t,
+                (Some(c), Target::Any) => c,
+                (Some(Target::Any), t) => t,
+                (Some(Target::Shard(a)), Target::Shard(b)) if a == b => Target::Shard(a),
+                (Some(Target::All), Target::All) => Target::All,
+                (Some(Target::Shard(a)), Target::Shard(b)) => {
+                    let name = |s: ShardId| dir.shards.get(s).map(|x| x.name.clone()).unwrap_or_default();
+                    return Err(SqlError::new(
+                        "0A000",
+                        if self.bound.is_some() {
+                            format!("this transaction runs on shard {} and cannot touch shard {}", name(a), name(b))
+                        } else {
+                            format!("these statements touch shards {} and {}", name(a), name(b))
+                        },
+                    )
+                    .hint("keep each transaction (and each query string) to one tenant's shard"));
+                }
+                (Some(Target::Shard(_)), Target::Fanout(_)) if self.bound.is_some() => {
+                    return Err(SqlError::new(
+                        "0A000",
+                        "a transaction is bound to one shard; this read would need every shard".into(),
+                    )
+                    .hint("name the tenant in the query, or run it outside the transaction"));
+                }
+                (Some(_), _) => {
+                    return Err(SqlError::new(
+                        "0A000",
+                        if self.bound.is_some() || self.pending_begin.is_some() {
+                            "statements for several shards (DDL, cross-shard reads or writes) cannot run inside a transaction block".to_string()
+                        } else {
+                            "this query string mixes statements for different shards".to_string()
+                        },
+                    )
+                    .hint("send them one at a time, outside BEGIN … COMMIT"));
+                }
+            });
+            if several && !matches!(combined, Some(Target::Shard(_) | Target::Any | Target::All)) {
+                return Err(SqlError::new(
+                    "0A000",
+                    "a query string of several statements cannot include a cross-shard statement".into(),
+                )
+                .hint("send the cross-shard statement on its own"));
+            }
+        }
+        let target = combined.unwrap_or(Target::Any);
+        route::check_reference_reads(&analysis.statements, &target, &dir, &self.ctx.catalog)?;
+        if self.pending_begin.is_some() && matches!(target, Target::SplitInsert(_) | Target::CopySplit) {
+            return Err(SqlError::new(
+                "0A000",
+                "statements for several shards (DDL, cross-shard writes) cannot run inside a transaction block".into(),
+            )
+            .hint("run them outside BEGIN … COMMIT"));
+        }
+        Ok(target)
+    }
+
+    /// Registers the buckets just routed as in flight, unless a cutover holds one
+    /// this transaction had not touched yet: then waits for the hold to end and
+    /// returns false (route again, the placement may have changed).
+    pub(super) async fn pass_holds(&mut self) -> bool {
+        let routed_epoch = self.routed_epoch.swap(0, AtomicOrdering::Relaxed);
+        let n = self.flight.enter(&self.touched);
+        if n == 0 {
+            return true;
+        }
+        let dir = self.ctx.directory.load();
+        if routed_epoch != 0 && routed_epoch != dir.epoch {
+            // The directory changed between routing and now: a whole cutover
+            // may have passed (hold, acknowledgements, flip) while the rows were
+            // not yet in flight, so the route may name the old shard. Route again;
+            // from here on, a hold waits for these rows.
+            self.flight.undo_last(n);
+            tracing::debug!(routed_epoch, epoch = dir.epoch, "the directory changed while routing: routing again");
+            return false;
+        }
+        let Some(move_id) = crate::hold::held_bucket(&dir, self.flight.newest(n)) else {
+            return true;
+        };
+        self.flight.undo_last(n);
+        let waited = crate::hold::wait_released(&self.ctx.directory, move_id).await;
+        crate::metrics::global().held(waited);
+        tracing::debug!(move_id, waited_us = waited.as_micros() as u64, "statement held for a cutover");
+        false
+    }
+
+    /// Counts what the statements just relayed cost, for their buckets and (one
+    /// in a few) their tenant. `batch` holds the extended-protocol messages, for
+    /// the Bind's parameters.
+    pub(super) fn account(
+        &mut self,
+        elapsed: std::time::Duration,
+        analysis: Option<&Analysis>,
+        batch: Option<&[Message]>,
+    ) {
+        let rows = std::mem::take(&mut self.rows_written);
+        if self.touched.is_empty() {
+            return;
+        }
+        self.ctx.load.record(&self.touched, elapsed, rows);
+        let Some(stmt) = analysis.and_then(|a| a.statements.first()) else { return };
+        if !self.ctx.load.sample_tenant() {
+            return;
+        }
+        let key_type = self.ctx.directory.load().key_type;
+        let keys = match batch.and_then(|b| b.iter().find(|m| m.tag() == b'B')) {
+            None => route::statement_keys(stmt, None, self.tenant.as_ref(), key_type),
+            Some(m) => {
+                let Ok(bind) = Bind::parse(m) else { return };
+                let Some(p) = self.prepared.get(bind.statement) else { return };
+                let params = Params { values: &bind.params, formats: &bind.param_formats, types: &p.param_types };
+                route::statement_keys(stmt, Some(&params), self.tenant.as_ref(), key_type)
+            }
+        };
+        if let Some([k]) = keys.as_deref() {
+            self.ctx.load.record_tenant(k.to_string(), elapsed, rows);
+        }
+    }
+}

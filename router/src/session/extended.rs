@@ -1,0 +1,426 @@
+//! The extended query protocol: Parse/Bind/Describe/Execute/Close collected up
+//! to Sync (or Flush), routed as one batch, and run on one shard, on every
+//! shard, or merged across shards. `bind_execute` is the fast path for the
+//! batch a client with prepared statements sends most.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::admission::route_kind;
+use super::everywhere::everywhere;
+use super::prepared::{ensure_prepared, unknown_statement, Prepared};
+use super::relay::{Expect, RelayError};
+use super::{Session, SessionError};
+use crate::error::SqlError;
+use crate::protocol::messages::{self, target_and_name, Bind, Parse};
+use crate::protocol::Message;
+use crate::route::{self, Params, Target};
+use crate::shadow::{RowDigest, ShadowMove, ShadowQuery};
+use crate::sql::{Analysis, StatementKind, TxnControl};
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// Runs the collected Parse/Bind/Describe/Execute/Close messages, ending with
+    /// Sync (`sync`) or Flush.
+    pub(super) async fn run_batch(&mut self, sync: bool) -> Result<(), SessionError> {
+        // The messages run from a Vec of their own while the next batch collects
+        // into the spare one: no allocation per batch once both have grown.
+        let spare = std::mem::take(&mut self.spare_batch);
+        let mut batch = std::mem::replace(&mut self.batch, spare);
+        let result = match self.bind_execute(sync, &batch).await {
+            Ok(true) => Ok(()),
+            Ok(false) => self.run_batch_of(sync, &mut batch).await,
+            Err(e) => Err(e),
+        };
+        batch.clear();
+        self.spare_batch = batch;
+        result
+    }
+
+    pub(super) async fn run_batch_of(&mut self, sync: bool, batch: &mut Vec<Message>) -> Result<(), SessionError> {
+        if self.multi.is_some() {
+            return self
+                .fail_batch(
+                    SqlError::new(
+                        "0A000",
+                        "a transaction open on every shard (one that began with DDL) takes simple queries only".into(),
+                    )
+                    .hint("send the migration's statements as simple queries"),
+                    sync,
+                )
+                .await;
+        }
+        if sync && batch.len() == 1 && self.bound.is_none() {
+            // A lone Sync (e.g. after COPY, or an empty pipeline): nothing to run.
+            return self.ready().await;
+        }
+        for m in batch.iter() {
+            if m.tag() == b'P' {
+                if let Some(a) = Parse::parse(m).ok().and_then(|p| self.ctx.cache.get(p.query).ok()) {
+                    self.ensure_catalog(&a).await;
+                }
+            }
+        }
+        let replicated = self.ctx.replica.is_some();
+        for m in batch.iter().filter(|_| replicated) {
+            if m.tag() != b'B' {
+                continue;
+            }
+            let analysis =
+                Bind::parse(m).ok().and_then(|b| self.prepared.get(b.statement)).and_then(|p| p.analysis.clone());
+            if let Some(a) = analysis {
+                if let Some(e) = self.lease_check(&a).await {
+                    return self.fail_batch(e, sync).await;
+                }
+            }
+        }
+        // First pass: learn statements, find where the batch must run.
+        let mut touched = std::mem::take(&mut self.touched);
+        touched.clear();
+        let mut target: Option<Target> = None;
+        let mut routing_error: Option<SqlError> = None;
+        // Nearly always one statement: kept inline, not allocated.
+        let mut statements_seen: smallvec::SmallVec<[Arc<Analysis>; 2]> = smallvec::SmallVec::new();
+        for m in batch.iter() {
+            match m.tag() {
+                b'P' => match Parse::parse(m) {
+                    Ok(p) => {
+                        let analysis = self.ctx.cache.get(p.query).ok();
+                        let prepared = Prepared {
+                            sql: Arc::from(p.query),
+                            server_name: crate::sql::statement_name(p.query, &p.param_types),
+                            param_types: p.param_types.clone(),
+                            analysis,
+                        };
+                        self.prepared.insert(p.name.to_string(), prepared);
+                    }
+                    Err(e) => {
+                        routing_error.get_or_insert(SqlError::new("08P01", e.to_string()));
+                    }
+                },
+                b'B' => {
+                    let t = match Bind::parse(m) {
+                        Err(e) => Err(SqlError::new("08P01", e.to_string())),
+                        Ok(bind) => match self.prepared.get(bind.statement) {
+                            None => Err(unknown_statement(bind.statement)),
+                            Some(p) => match &p.analysis {
+                                None => Ok(Target::Any),
+                                Some(a) => {
+                                    statements_seen.push(a.clone());
+                                    let params = Params {
+                                        values: &bind.params,
+                                        formats: &bind.param_formats,
+                                        types: &p.param_types,
+                                    };
+                                    self.route_all(a, Some(&params), &mut touched)
+                                }
+                            },
+                        },
+                    };
+                    match t {
+                        Ok(t) => {
+                            target = Some(match (target.take(), t) {
+                                (None, t) | (Some(Target::Any), t) => t,
+                                (Some(c), Target::Any) => c,
+                                (Some(Target::Shard(a)), Target::Shard(b)) if a == b => Target::Shard(a),
+                                (Some(_), _) => {
+                                    routing_error.get_or_insert(
+                                        SqlError::new(
+                                            "0A000",
+                                            "statements of one pipeline (up to Sync) touch different shards".into(),
+                                        )
+                                        .hint("send a Sync between statements for different tenants"),
+                                    );
+                                    Target::Any
+                                }
+                            })
+                        }
+                        Err(e) => {
+                            routing_error.get_or_insert(e);
+                        }
+                    }
+                }
+                b'D' | b'C' => {
+                    if let Ok((b'S', name)) = target_and_name(m) {
+                        if m.tag() == b'D' && !self.prepared.contains_key(name) {
+                            routing_error.get_or_insert(unknown_statement(name));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.touched = touched;
+        if let (None, Some(t)) = (&routing_error, &target) {
+            // The pipeline's statements run together on its target.
+            let dir = self.ctx.directory.load();
+            let statements = statements_seen.iter().flat_map(|a| a.statements.iter());
+            routing_error = route::check_reference_reads(statements, t, &dir, &self.ctx.catalog).err();
+        }
+        if routing_error.is_none() && !self.pass_holds().await {
+            // A cutover held the rows: the placement may have changed, route again.
+            self.batch = std::mem::take(batch);
+            return Box::pin(self.run_batch(sync)).await;
+        }
+        if self.aborted_locally {
+            let all_end = !statements_seen.is_empty()
+                && statements_seen.iter().all(|a| {
+                    a.statements.len() == 1
+                        && matches!(a.statements[0].kind, StatementKind::Txn(TxnControl::Commit | TxnControl::Rollback))
+                });
+            if all_end && self.bound.is_none() {
+                self.aborted_locally = false;
+                self.pending_begin = None;
+                return self.answer_batch_locally(batch, sync, "ROLLBACK").await;
+            }
+            if !all_end {
+                routing_error = Some(SqlError::new(
+                    "25P02",
+                    "current transaction is aborted, commands ignored until end of transaction block".into(),
+                ));
+            }
+        }
+        if let Some(e) = routing_error {
+            return self.fail_batch(e, sync).await;
+        }
+        // Transaction control that the router answers itself.
+        if self.bound.is_none() && !statements_seen.is_empty() {
+            let statements: usize = statements_seen.iter().map(|a| a.statements.len()).sum();
+            if statements == 1 {
+                let stmt = &statements_seen[0].statements[0];
+                if let StatementKind::Txn(TxnControl::Begin | TxnControl::Commit | TxnControl::Rollback)
+                | StatementKind::SetTenant(_) = stmt.kind
+                {
+                    match self.local_statement(stmt)? {
+                        Some(Ok(tag)) => return self.answer_batch_locally(batch, sync, &tag).await,
+                        Some(Err(e)) => return self.fail_batch(e, sync).await,
+                        None => {}
+                    }
+                }
+            }
+        }
+        if matches!(target, Some(Target::CopySplit)) {
+            if let Some(a) = statements_seen.first().cloned() {
+                return self.copy_split_extended(batch, &a.statements[0]).await;
+            }
+        }
+        if let Some(t) = &target {
+            crate::metrics::global().query(route_kind(t));
+        }
+        let shard = match target.unwrap_or(Target::Any) {
+            Target::Shard(s) => s,
+            Target::Any => self.any_shard(),
+            Target::All if sync && self.bound.is_none() && self.pending_begin.is_none() => {
+                let dir = self.ctx.directory.load();
+                let shards = everywhere(&dir, statements_seen.iter().flat_map(|a| a.statements.iter()));
+                return self.run_batch_on_shards(batch, shards, false).await;
+            }
+            Target::Fanout(shards)
+                if sync
+                    && self.bound.is_none()
+                    && statements_seen.len() == 1
+                    && statements_seen[0].statements.len() == 1 =>
+            {
+                let text = &statements_seen[0].statements[0].text;
+                match crate::fanout::plan(text) {
+                    Ok(plan)
+                        if plan.merge == crate::fanout::MergeSpec::Concat
+                            && plan.shard_sql == *text
+                            && batch.iter().filter(|m| m.tag() == b'E').count() != 1
+                            && self
+                                .shard_texts(&shards, text, &statements_seen[0].statements[0])
+                                .is_ok_and(|t| t.iter().all(Option::is_none)) =>
+                    {
+                        // The client's own messages on every shard, and every
+                        // shard's rows where the first one's stood: for a batch
+                        // that describes without executing, or executes twice.
+                        return self.run_batch_on_shards(batch, shards, true).await;
+                    }
+                    // Streamed (merged, or relayed shard after shard), or
+                    // rewritten per shard to count moving rows once.
+                    Ok(plan) => {
+                        let analysis = statements_seen[0].clone();
+                        return self.run_fanout_extended(batch, shards, plan, &analysis.statements[0]).await;
+                    }
+                    Err(e) => return self.fail_batch(SqlError::new("0A000", e.to_string()), sync).await,
+                }
+            }
+            _ => return self
+                .fail_batch(
+                    SqlError::new(
+                        "0A000",
+                        "this statement needs several shards, which the extended query protocol does not support yet"
+                            .into(),
+                    )
+                    .hint("name the tenant (WHERE tenant_id = …) or send the statement as a simple query"),
+                    sync,
+                )
+                .await,
+        };
+        // Parse/Describe without Execute (a driver preparing a statement) inside a
+        // transaction that has not reached a shard yet must not pin it to one:
+        // run it on a connection of its own and keep BEGIN pending.
+        let shadow = if sync { self.shadow_extended(batch, shard) } else { None };
+        let has_execute = batch.iter().any(|m| m.tag() == b'E');
+        let held_begin = if !has_execute && self.bound.is_none() { self.pending_begin.take() } else { None };
+        let swallow = match self.bind(shard).await {
+            Ok(n) => n,
+            Err(e) => {
+                if held_begin.is_some() {
+                    self.pending_begin = held_begin;
+                }
+                return self.fail_batch(e, sync).await;
+            }
+        };
+        self.open_batch = !sync;
+        let expects = self.rewrite_batch(batch, swallow);
+        let Some(b) = self.bound.as_mut() else {
+            return Ok(());
+        };
+        if let Err(e) = b.conn.conn.flush().await {
+            return self.lost_backend(e).await;
+        }
+        if shadow.is_some() {
+            self.shadow_digest = Some(RowDigest::default());
+        }
+        let started = crate::clock::Stamp::now();
+        let relayed = self.relay_batch(expects, None).await;
+        if held_begin.is_some() {
+            self.pending_begin = held_begin;
+        }
+        self.batch_relayed(relayed, started, &statements_seen, batch, shadow).await
+    }
+
+    /// The batch a client that prepared its statements sends for each of them:
+    /// Bind, Execute, Sync, for one shard, with a Describe of the portal
+    /// between Bind and Execute as libpq sends it. Runs with the Bind parsed
+    /// once and none of the general path's passes (Parse, Describe of a
+    /// statement, Close, transaction control, shadow reads, several shards).
+    /// `Ok(false)`, having changed nothing the general path depends on, hands
+    /// any other batch to it.
+    pub(super) async fn bind_execute(&mut self, sync: bool, batch: &[Message]) -> Result<bool, SessionError> {
+        if !sync || self.multi.is_some() {
+            return Ok(false);
+        }
+        if let Some((node, lease)) = &self.ctx.replica {
+            // A directory not loaded yet or out of touch: the general path
+            // refuses or warns.
+            if node.applied() == 0 || !node.lease_valid(*lease) {
+                return Ok(false);
+            }
+        }
+        let (b, describe, e, s) = match batch {
+            [b, e, s] => (b, None, e, s),
+            [b, d, e, s] if d.tag() == b'D' && d.body().first() == Some(&b'P') => (b, Some(d), e, s),
+            _ => return Ok(false),
+        };
+        if (b.tag(), e.tag(), s.tag()) != (b'B', b'E', b'S') || self.aborted_locally || !self.ctx.shadow.is_idle() {
+            return Ok(false);
+        }
+        let Ok(bind) = Bind::parse(b) else { return Ok(false) };
+        let Some(p) = self.prepared.get(bind.statement) else { return Ok(false) };
+        let Some(analysis) = p.analysis.clone() else { return Ok(false) };
+        let plain = |k: &StatementKind| {
+            matches!(k, StatementKind::Select | StatementKind::Insert | StatementKind::Update | StatementKind::Delete)
+        };
+        if !matches!(&analysis.statements[..], [stmt] if plain(&stmt.kind)) {
+            return Ok(false);
+        }
+        let mut touched = std::mem::take(&mut self.touched);
+        touched.clear();
+        let params = Params { values: &bind.params, formats: &bind.param_formats, types: &p.param_types };
+        let routed = self.route_all(&analysis, Some(&params), &mut touched);
+        self.touched = touched;
+        let target = match routed {
+            Ok(t @ (Target::Shard(_) | Target::Any)) => t,
+            // Errors and several shards: the general path says or does what is right.
+            _ => return Ok(false),
+        };
+        if !self.pass_holds().await {
+            // Held by a cutover, and released: the placement may have changed.
+            return Ok(false);
+        }
+        crate::metrics::global().query(route_kind(&target));
+        let shard = match target {
+            Target::Shard(s) => s,
+            _ => self.any_shard(),
+        };
+        let swallow = match self.bind(shard).await {
+            Ok(n) => n,
+            Err(e) => {
+                self.fail_batch(e, true).await?;
+                return Ok(true);
+            }
+        };
+        self.open_batch = false;
+        let mut expects = self.start_expects(swallow);
+        let (Some(conn), Some(p)) = (self.bound.as_mut(), self.prepared.get(bind.statement)) else {
+            return Ok(true);
+        };
+        let backend = &mut conn.conn;
+        ensure_prepared(backend, p, &mut expects);
+        bind.put_with_statement(backend.conn.write_buf(), &p.server_name);
+        expects.push_back(Expect::Bind);
+        if let Some(d) = describe {
+            backend.conn.queue(d.raw());
+            expects.push_back(Expect::Describe);
+        }
+        backend.conn.queue(e.raw());
+        expects.push_back(Expect::Execute);
+        backend.conn.queue(s.raw());
+        expects.push_back(Expect::Sync);
+        if let Err(e) = backend.conn.flush().await {
+            self.lost_backend(e).await?;
+            return Ok(true);
+        }
+        let started = crate::clock::Stamp::now();
+        let relayed = self.relay_batch(expects, None).await;
+        self.batch_relayed(relayed, started, std::slice::from_ref(&analysis), batch, None).await?;
+        Ok(true)
+    }
+
+    /// Ends a batch whose replies were relayed. The client gets its
+    /// ReadyForQuery first; returning the server connection to the pool and the
+    /// bookkeeping follow, off the client's wait.
+    pub(super) async fn batch_relayed(
+        &mut self,
+        relayed: Result<Option<u8>, RelayError>,
+        started: crate::clock::Stamp,
+        statements: &[Arc<Analysis>],
+        batch: &[Message],
+        shadow: Option<(ShadowMove, ShadowQuery, tokio::sync::OwnedSemaphorePermit)>,
+    ) -> Result<(), SessionError> {
+        let status = match relayed {
+            Ok(Some(status)) => status,
+            Ok(None) => {
+                self.shadow_digest = None;
+                return Ok(());
+            }
+            Err(RelayError::Client(e)) => return Err(e),
+            Err(RelayError::Backend(e)) => return self.lost_backend(e).await,
+        };
+        let elapsed = started.elapsed();
+        for a in statements {
+            self.record_settings(a, status);
+        }
+        // after_ready in two halves: the connection leaves the session now, and
+        // goes back to the pool once the answer is on its way.
+        let released = self.leave_if_idle(status);
+        let client_status = if self.bound.is_none() { self.status() } else { status };
+        self.client.queue(&messages::ready_for_query_bytes(client_status));
+        let flushed = self.client.flush().await;
+        if let Some(b) = released.as_ref().or(self.bound.as_ref()) {
+            b.conn.latency().observe(elapsed);
+        }
+        if released.is_some() {
+            drop(released);
+            self.flight.clear();
+        }
+        flushed?;
+        self.account(elapsed, statements.first().map(|a| &**a), Some(batch));
+        if let Some((mv, query, permit)) = shadow {
+            self.shadow_done(mv, query, permit);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,168 @@
+//! One statement of the simple protocol to one shard: sent as text or as its
+//! shape's prepared statement, its answer relayed, the connection kept or
+//! returned.
+
+use bytes::Bytes;
+use shardgate_directory::ShardId;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{debug, warn};
+
+use super::prepared::MAX_PREPARED_PER_CONNECTION;
+use super::relay::{RelayError, Relayed};
+use super::{Session, SessionError};
+use crate::error::SqlError;
+use crate::protocol::messages::{self, Severity};
+use crate::protocol::ProtocolError;
+use crate::sql::{Analysis, SimpleForm};
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// Sends one statement to one shard, as its prepared form when it has one.
+    pub(super) async fn forward(
+        &mut self,
+        shard: ShardId,
+        query: Bytes,
+        analysis: &Analysis,
+        form: Option<SimpleForm>,
+    ) -> Result<(), SessionError> {
+        match form {
+            Some(form) => self.forward_prepared(shard, query, analysis, form).await,
+            None => self.forward_simple(shard, query, Some(analysis)).await,
+        }
+    }
+
+    /// Sends one simple Query to one shard and relays the answer.
+    pub(super) async fn forward_simple(
+        &mut self,
+        shard: ShardId,
+        query: Bytes,
+        analysis: Option<&Analysis>,
+    ) -> Result<(), SessionError> {
+        let swallow = match self.bind(shard).await {
+            Ok(n) => n,
+            Err(e) => return self.fail_simple(e).await,
+        };
+        let Some(b) = self.bound.as_mut() else {
+            return Ok(());
+        };
+        b.conn.conn.queue(&query);
+        let started = crate::clock::Stamp::now();
+        if let Err(e) = b.conn.conn.flush().await {
+            return self.lost_backend(e).await;
+        }
+        let relayed = self.relay_until_ready(swallow, None).await.map(|r| match r {
+            Relayed::Ready(status) => status,
+            Relayed::Refused { .. } => unreachable!("a simple query's reply is never refused"),
+        });
+        self.finish_forward(relayed, started, analysis).await
+    }
+
+    /// Runs a simple query as its shape's prepared statement: Parse (once per
+    /// server connection), then Bind, Describe, Execute and Sync, the replies
+    /// only a simple query has passed on. If the server refuses it before it
+    /// runs, the original text is sent instead.
+    pub(super) async fn forward_prepared(
+        &mut self,
+        shard: ShardId,
+        query: Bytes,
+        analysis: &Analysis,
+        simple: SimpleForm,
+    ) -> Result<(), SessionError> {
+        let swallow = match self.bind(shard).await {
+            Ok(n) => n,
+            Err(e) => return self.fail_simple(e).await,
+        };
+        let Some(b) = self.bound.as_mut() else {
+            return Ok(());
+        };
+        let form = &simple.form;
+        let parse = !b.conn.prepared.contains(&form.name);
+        if parse && b.conn.prepared.len() >= MAX_PREPARED_PER_CONNECTION {
+            // This connection's statement cache is full: run the text.
+            b.conn.conn.queue(&query);
+        } else {
+            if parse {
+                b.conn.prepared.insert(form.name.clone());
+                b.conn.conn.queue(&messages::parse(&form.name, &form.text, &form.types));
+            }
+            messages::put_bind_execute_sync(b.conn.conn.write_buf(), &form.name, &simple.values);
+        }
+        let started = crate::clock::Stamp::now();
+        if let Err(e) = b.conn.conn.flush().await {
+            return self.lost_backend(e).await;
+        }
+        let relayed = match self.relay_until_ready(swallow, Some(parse)).await {
+            Ok(Relayed::Ready(status)) => Ok(status),
+            Ok(Relayed::Refused { at_parse }) => {
+                if at_parse {
+                    debug!(statement = %form.text, "the server refused the prepared form; this shape runs as text");
+                    form.refuse();
+                }
+                // Nothing ran. Drop the server's copy (a Bind refusal may mean
+                // its cached plan went stale) and run the original text.
+                let Some(b) = self.bound.as_mut() else {
+                    return Ok(());
+                };
+                b.conn.prepared.remove(&form.name);
+                b.conn.conn.queue(&messages::close(b'S', &form.name));
+                b.conn.conn.queue(&messages::sync());
+                b.conn.conn.queue(&query);
+                if let Err(e) = b.conn.conn.flush().await {
+                    return self.lost_backend(e).await;
+                }
+                self.relay_until_ready(1, None).await.map(|r| match r {
+                    Relayed::Ready(status) => status,
+                    Relayed::Refused { .. } => unreachable!("a simple query's reply is never refused"),
+                })
+            }
+            Err(e) => Err(e),
+        };
+        self.finish_forward(relayed, started, Some(analysis)).await
+    }
+
+    /// After the reply to one forwarded statement was relayed.
+    pub(super) async fn finish_forward(
+        &mut self,
+        relayed: Result<u8, RelayError>,
+        started: crate::clock::Stamp,
+        analysis: Option<&Analysis>,
+    ) -> Result<(), SessionError> {
+        match relayed {
+            Ok(status) => {
+                let elapsed = started.elapsed();
+                if let Some(b) = &self.bound {
+                    b.conn.latency().observe(elapsed);
+                }
+                self.account(elapsed, analysis, None);
+                if let Some(a) = analysis {
+                    self.record_settings(a, status);
+                }
+                self.after_ready(status);
+                Ok(())
+            }
+            Err(RelayError::Client(e)) => Err(e),
+            Err(RelayError::Backend(e)) => self.lost_backend(e).await,
+        }
+    }
+
+    /// The bound server connection failed mid-statement: tell the client, drop the
+    /// connection, keep the session.
+    pub(super) async fn lost_backend(&mut self, e: ProtocolError) -> Result<(), SessionError> {
+        let name = self.bound.as_ref().map(|b| b.conn.shard_name().to_string()).unwrap_or_default();
+        warn!(shard = %name, error = %e, "lost server connection");
+        if let Some(mut b) = self.bound.take() {
+            b.conn.broken = true;
+        }
+        self.clear_cancel();
+        self.pending_begin = None;
+        self.aborted_locally = false;
+        self.open_batch = false;
+        self.shadow_digest = None;
+        crate::metrics::global().error("08006");
+        self.client.queue(
+            &SqlError::new("08006", format!("lost the connection to shard {name}: {e}"))
+                .hint("the statement may or may not have been applied; if it was in a transaction, the transaction was rolled back")
+                .to_message(Severity::Error),
+        );
+        self.ready().await
+    }
+}

@@ -1,0 +1,318 @@
+//! One client connection: startup, then a loop over its messages.
+//!
+//! The session holds at most one server connection at a time: checked out of
+//! the shard's pool when a statement needs it, kept while the server reports a
+//! transaction open, and returned when the server is idle again. `BEGIN` is not
+//! sent anywhere until a statement names a shard: it is answered here, remembered
+//! and sent ahead of that statement.
+//!
+//! Extended-protocol messages are collected until `Sync` (or `Flush`), routed as a
+//! batch, and rewritten on the way: client statement names map to server names
+//! derived from the statement text, so a statement prepared once by the client is
+//! prepared lazily on whichever pooled server connection runs it.
+//!
+//! This file holds the [`Session`], its message loop and the simple-query entry;
+//! each other file one part of what a session does:
+//!
+//! | file | what it holds |
+//! |---|---|
+//! | `settings.rs` | session settings, replayed on each borrowed connection |
+//! | `transaction.rs` | the held connection, `BEGIN` held back, a transaction failed in the router |
+//! | `multi.rs` | a transaction open on every shard (schema migrations) |
+//! | `admission.rs` | lease, catalog, routing, cutover holds; load accounting |
+//! | `forward.rs` | one simple-protocol statement to one shard |
+//! | `relay.rs` | server replies to the client, COPY data to the server |
+//! | `extended.rs` | the extended protocol: batches up to Sync |
+//! | `prepared.rs` | the client's prepared statements and their server names |
+//! | `shadow.rs` | reads compared on a move's target |
+//! | `everywhere.rs` | statements on every shard; collecting one shard's answer |
+//! | `fanout.rs` | cross-shard reads gathered and merged |
+//! | `streaming.rs` | cross-shard reads streamed (relayed or k-way merged) |
+//! | `split.rs` | multi-tenant INSERT, COPY in and out across shards |
+//! | `reply.rs` | the router's own answers and errors |
+
+mod admission;
+mod everywhere;
+mod extended;
+mod fanout;
+mod forward;
+mod multi;
+mod prepared;
+mod relay;
+mod reply;
+mod settings;
+mod shadow;
+mod split;
+mod streaming;
+mod transaction;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use shardgate_directory::TenantKey;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use self::admission::route_kind;
+use self::prepared::Prepared;
+use self::relay::Expect;
+use self::transaction::{leaves_transaction_open, Bound};
+use crate::context::RouterContext;
+use crate::error::SqlError;
+use crate::protocol::messages::{self, query_text, Severity};
+use crate::protocol::{Connection, Message, ProtocolError};
+use crate::route::Target;
+use crate::shadow::RowDigest;
+use crate::sql::StatementKind;
+
+/// Why a session ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+}
+
+pub struct Session<S> {
+    ctx: Arc<RouterContext>,
+    client: Connection<S>,
+    cancel_key: (i32, i32),
+    /// This session's entry in the cancel registry.
+    cancel: crate::context::CancelSlot,
+    /// `SET shardgate.tenant`: the tenant of statements that name none.
+    tenant: Option<TenantKey>,
+    bound: Option<Bound>,
+    /// Transaction-control statements answered here, to send before the first
+    /// statement that names a shard.
+    pending_begin: Option<Vec<String>>,
+    /// The transaction failed in the router (a routing error inside it): like
+    /// Postgres, refuse everything until ROLLBACK.
+    aborted_locally: bool,
+    /// A Flush left a batch open on `bound` until the next Sync.
+    open_batch: bool,
+    /// The client's statements by name. Looked up on every Bind; a session can
+    /// only slow down its own lookups with colliding names.
+    prepared: rustc_hash::FxHashMap<String, Prepared>,
+    batch: Vec<Message>,
+    spare_batch: Vec<Message>,
+    /// The replies a batch expects, kept between batches (no allocation each time).
+    spare_expects: VecDeque<Expect>,
+    /// Session settings (`SET name …` outside a transaction, and the startup
+    /// packet's parameters), replayed on each server connection the session uses.
+    settings: std::collections::BTreeMap<String, String>,
+    /// A hash of `settings` (0 for none), kept up to date with them: a server
+    /// connection that last served the same signature needs no `RESET ALL; SET …`.
+    settings_signature: u64,
+    /// Set when the last relay forwarded an ErrorResponse.
+    saw_error: bool,
+    /// A transaction open on every shard at once: one that began with DDL or a
+    /// reference-table write (a schema migration). `multi_failed` once a shard
+    /// reported an error: COMMIT then rolls back everywhere.
+    multi: Option<Vec<Bound>>,
+    multi_failed: bool,
+    /// Buckets the statements being routed touch (filled by routing).
+    touched: Vec<u32>,
+    /// The directory epoch the statements being routed were routed by (0: not
+    /// routed yet; u64::MAX: by several), checked once they are in flight.
+    routed_epoch: std::sync::atomic::AtomicU64,
+    /// Buckets this session's statement or transaction has in flight.
+    flight: crate::hold::Flight,
+    /// While a shadowed read is relayed: the digest of the rows the client gets.
+    shadow_digest: Option<RowDigest>,
+    /// Rows the statements being relayed reported written (CommandComplete).
+    rows_written: u64,
+    /// The shards' pools this session used, by shard: the router's list is
+    /// behind a lock every session shares (and only ever grows).
+    pools: Vec<Option<Arc<crate::pool::ShardPool>>>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    pub fn new(ctx: Arc<RouterContext>, client: Connection<S>, cancel_key: (i32, i32)) -> Self {
+        let ctx_in_flight = ctx.in_flight.clone();
+        let cancel = ctx.cancel_slot(cancel_key);
+        Session {
+            ctx,
+            client,
+            cancel_key,
+            cancel,
+            tenant: None,
+            bound: None,
+            pending_begin: None,
+            aborted_locally: false,
+            open_batch: false,
+            prepared: Default::default(),
+            batch: Vec::new(),
+            spare_batch: Vec::new(),
+            spare_expects: VecDeque::new(),
+            settings: std::collections::BTreeMap::new(),
+            settings_signature: 0,
+            saw_error: false,
+            multi: None,
+            multi_failed: false,
+            touched: Default::default(),
+            routed_epoch: Default::default(),
+            pools: Vec::new(),
+            flight: crate::hold::Flight::new(ctx_in_flight),
+            shadow_digest: None,
+            rows_written: 0,
+        }
+    }
+
+    /// The transaction status to report in ReadyForQuery.
+    fn status(&self) -> u8 {
+        if self.multi.is_some() {
+            return if self.multi_failed { b'E' } else { b'T' };
+        }
+        if self.aborted_locally {
+            b'E'
+        } else if self.bound.is_some() || self.pending_begin.is_some() {
+            b'T'
+        } else {
+            b'I'
+        }
+    }
+
+    /// Serves the client until it leaves or its connection breaks.
+    pub async fn run(mut self) -> Result<(), SessionError> {
+        let result = self.serve().await;
+        // Leaving mid-transaction: the server connections' state is unknown to the
+        // pool, so they are closed (the servers roll back).
+        if let Some(b) = self.bound.as_mut() {
+            b.conn.broken = true;
+        }
+        for b in self.multi.iter_mut().flatten() {
+            b.conn.broken = true;
+        }
+        self.ctx.remove_cancel(self.cancel_key);
+        result
+    }
+
+    async fn serve(&mut self) -> Result<(), SessionError> {
+        loop {
+            let m = match self.client.read().await {
+                Ok(m) => m,
+                Err(ProtocolError::Closed) => return Ok(()),
+                Err(e @ ProtocolError::Io(_)) => return Err(e.into()),
+                Err(e) => {
+                    let code = if matches!(e, ProtocolError::TooLarge { .. }) { "54000" } else { "08P01" };
+                    let msg = messages::error_response(Severity::Fatal, code, &e.to_string(), None);
+                    let _ = self.client.send(&msg).await;
+                    return Err(e.into());
+                }
+            };
+            if self.bound.is_none() && self.pending_begin.is_none() && self.multi.is_none() {
+                // Idle between statements: nothing of this session is in flight.
+                self.flight.clear();
+            }
+            match m.tag() {
+                b'Q' => self.simple_query(&m).await?,
+                b'P' | b'B' | b'D' | b'E' | b'C' => self.batch.push(m),
+                b'H' => self.run_batch(false).await?,
+                b'S' => {
+                    self.batch.push(m);
+                    self.run_batch(true).await?;
+                }
+                b'X' => return Ok(()),
+                // CopyData/CopyDone/CopyFail after a COPY already ended: ignored, as
+                // Postgres does.
+                b'd' | b'c' | b'f' => {}
+                other => {
+                    let msg = messages::error_response(
+                        Severity::Fatal,
+                        "08P01",
+                        &format!("invalid frontend message type {}", other),
+                        None,
+                    );
+                    let _ = self.client.send(&msg).await;
+                    return Err(ProtocolError::Malformed { what: "frontend message" }.into());
+                }
+            }
+        }
+    }
+
+    async fn simple_query(&mut self, m: &Message) -> Result<(), SessionError> {
+        let sql = match query_text(m) {
+            Ok(s) => s,
+            Err(e) => return self.fail_simple(SqlError::new("08P01", e.to_string())).await,
+        };
+        // Outside a transaction block a simple query may run as its shape's
+        // prepared statement (see crate::sql::lift).
+        let lookup = if self.ctx.config.prepare_simple_queries
+            && self.bound.is_none()
+            && self.pending_begin.is_none()
+            && self.multi.is_none()
+            && !self.aborted_locally
+        {
+            self.ctx.cache.get_simple(sql)
+        } else {
+            self.ctx.cache.get(sql).map(|a| (a, None))
+        };
+        let (analysis, form) = match lookup {
+            Ok(a) => a,
+            Err(_) => {
+                // Not valid SQL: let a shard say so, exactly as Postgres would.
+                let shard = self.bound.as_ref().map(|b| b.shard).unwrap_or_else(|| {
+                    let dir = self.ctx.directory.load();
+                    self.ctx.any_shard(&dir)
+                });
+                return self.forward_simple(shard, m.raw().clone(), None).await;
+            }
+        };
+        if analysis.statements.is_empty() {
+            self.client.queue(&messages::empty_query_response());
+            return self.ready().await;
+        }
+        if let Some(e) = self.lease_check(&analysis).await {
+            return self.fail_simple(e).await;
+        }
+        if self.multi.is_some() {
+            return self.multi_query(sql, &analysis).await;
+        }
+        if self.aborted_locally {
+            return self.in_aborted_txn(&analysis.statements[0]).await;
+        }
+        if analysis.statements.len() == 1 {
+            if let Some(tag) = self.local_statement(&analysis.statements[0])? {
+                crate::metrics::global().query(crate::metrics::RouteKind::Local);
+                match tag {
+                    Ok(tag) => self.client.queue(&messages::command_complete(&tag)),
+                    Err(e) => self.client.queue(&e.to_message(Severity::Error)),
+                }
+                return self.ready().await;
+            }
+        }
+        self.ensure_catalog(&analysis).await;
+        let target = loop {
+            let mut touched = std::mem::take(&mut self.touched);
+            touched.clear();
+            let routed = self.route_all(&analysis, None, &mut touched);
+            self.touched = touched;
+            let target = match routed {
+                Ok(t) => t,
+                Err(e) => return self.fail_simple(e).await,
+            };
+            if self.pass_holds().await {
+                break target;
+            }
+        };
+        crate::metrics::global().query(route_kind(&target));
+        match target {
+            Target::Shard(s) => match self.shadow_candidate(&analysis, s, None) {
+                None => self.forward(s, m.raw().clone(), &analysis, form).await,
+                Some(mv) => self.forward_shadowed(s, m.raw().clone(), &analysis, mv, sql.to_string()).await,
+            },
+            Target::Any => {
+                let s = self.any_shard();
+                self.forward(s, m.raw().clone(), &analysis, form).await
+            }
+            Target::All if self.pending_begin.is_some() || leaves_transaction_open(&analysis) => {
+                self.open_multi(sql, &analysis).await
+            }
+            Target::All => self.run_everywhere(sql, &analysis).await,
+            Target::Fanout(shards) if matches!(analysis.statements[0].kind, StatementKind::Copy(_)) => {
+                self.run_copy_out_fanout(&analysis.statements[0], shards).await
+            }
+            Target::Fanout(shards) => self.run_fanout(&analysis.statements[0], shards).await,
+            Target::SplitInsert(parts) => self.run_split_insert(&analysis.statements[0], parts).await,
+            Target::CopySplit => self.run_copy_split(&analysis.statements[0], m.raw().clone()).await,
+        }
+    }
+}

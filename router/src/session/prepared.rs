@@ -1,0 +1,149 @@
+//! The client's prepared statements and their names on server connections: a
+//! client's statement maps to a server name derived from its text and types, so
+//! it is prepared lazily on whichever pooled connection runs it.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::relay::Expect;
+use super::Session;
+use crate::error::SqlError;
+use crate::protocol::messages::{self, target_and_name, Bind, Parse};
+use crate::protocol::Message;
+use crate::sql::Analysis;
+
+/// A statement the client prepared (named or unnamed).
+pub(super) struct Prepared {
+    pub(super) sql: Arc<str>,
+    pub(super) param_types: Vec<i32>,
+    /// The name it has on server connections: `sg_` and a hash of text and types.
+    pub(super) server_name: String,
+    /// None when the text does not parse: it then goes to a shard, which reports
+    /// the syntax error in Postgres's own words.
+    pub(super) analysis: Option<Arc<Analysis>>,
+}
+
+/// Statements a server connection keeps prepared before its cache starts over.
+pub(super) const MAX_PREPARED_PER_CONNECTION: usize = 1000;
+
+/// Makes sure the statement is prepared on this server connection, queuing
+/// a Parse (whose reply the client does not see) when it is not.
+pub(super) fn ensure_prepared(backend: &mut crate::backend::Backend, p: &Prepared, expects: &mut VecDeque<Expect>) {
+    // Looked up before inserting: no copy of the name for the common case.
+    if !backend.prepared.contains(&p.server_name) && backend.prepared.insert(p.server_name.clone()) {
+        backend.conn.queue(&messages::parse(&p.server_name, &p.sql, &p.param_types));
+        expects.push_back(Expect::Parse { forward: false, server_name: p.server_name.clone(), client_name: None });
+    }
+}
+
+pub(super) fn unknown_statement(name: &str) -> SqlError {
+    SqlError::new("26000", format!("prepared statement \"{name}\" does not exist"))
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// The replies to expect on the bound connection before a batch's own:
+    /// ReadyForQuery for each statement `bind` sent ahead (`swallow`), and the
+    /// CloseComplete of a statement cache started over.
+    pub(super) fn start_expects(&mut self, swallow: usize) -> VecDeque<Expect> {
+        let mut expects = std::mem::take(&mut self.spare_expects);
+        expects.clear();
+        let Some(b) = self.bound.as_mut() else {
+            return expects;
+        };
+        let backend = &mut b.conn;
+        for _ in 0..swallow {
+            expects.push_back(Expect::Sync);
+        }
+        if backend.prepared.len() >= MAX_PREPARED_PER_CONNECTION {
+            // Bound the memory each server connection spends on statements that
+            // clients prepared: start its cache over (statements are prepared
+            // again, lazily, when next used).
+            let names: Vec<String> = backend.prepared.drain().collect();
+            for name in names {
+                backend.conn.queue(&messages::close(b'S', &name));
+                expects.push_back(Expect::Close { forward: false });
+            }
+        }
+        expects
+    }
+
+    /// Queues the batch on the bound connection with statement names rewritten,
+    /// and returns the replies to expect.
+    pub(super) fn rewrite_batch(&mut self, batch: &[Message], swallow: usize) -> VecDeque<Expect> {
+        let mut expects = self.start_expects(swallow);
+        let Some(b) = self.bound.as_mut() else {
+            return expects;
+        };
+        let backend = &mut b.conn;
+        for m in batch {
+            match m.tag() {
+                b'P' => {
+                    let Ok(parse) = Parse::parse(m) else { continue };
+                    let Some(p) = self.prepared.get(parse.name) else {
+                        continue;
+                    };
+                    if !backend.prepared.contains(&p.server_name) && backend.prepared.insert(p.server_name.clone()) {
+                        backend.conn.queue(&messages::parse(&p.server_name, &p.sql, &p.param_types));
+                        expects.push_back(Expect::Parse {
+                            forward: true,
+                            server_name: p.server_name.clone(),
+                            client_name: Some(parse.name.to_string()),
+                        });
+                    } else {
+                        expects.push_back(Expect::Synth(messages::parse_complete()));
+                    }
+                }
+                b'B' => {
+                    let Ok(bind) = Bind::parse(m) else { continue };
+                    let Some(p) = self.prepared.get(bind.statement) else {
+                        continue;
+                    };
+                    ensure_prepared(backend, p, &mut expects);
+                    bind.put_with_statement(backend.conn.write_buf(), &p.server_name);
+                    expects.push_back(Expect::Bind);
+                }
+                b'D' => match target_and_name(m) {
+                    Ok((b'S', name)) => {
+                        let Some(p) = self.prepared.get(name) else {
+                            continue;
+                        };
+                        ensure_prepared(backend, p, &mut expects);
+                        backend.conn.queue(&messages::describe(b'S', &p.server_name));
+                        expects.push_back(Expect::Describe);
+                    }
+                    _ => {
+                        backend.conn.queue(m.raw());
+                        expects.push_back(Expect::Describe);
+                    }
+                },
+                b'C' => match target_and_name(m) {
+                    Ok((b'S', name)) => {
+                        // The server keeps its copy for the next client that needs it.
+                        self.prepared.remove(name);
+                        expects.push_back(Expect::Synth(messages::close_complete()));
+                    }
+                    _ => {
+                        backend.conn.queue(m.raw());
+                        expects.push_back(Expect::Close { forward: true });
+                    }
+                },
+                b'E' => {
+                    backend.conn.queue(m.raw());
+                    expects.push_back(Expect::Execute);
+                }
+                b'S' => {
+                    backend.conn.queue(m.raw());
+                    expects.push_back(Expect::Sync);
+                }
+                _ => {}
+            }
+        }
+        if !matches!(expects.back(), Some(Expect::Sync)) {
+            // A Flush: make the server send what it has.
+            backend.conn.queue(&messages::simple(b'H'));
+        }
+        expects
+    }
+}

@@ -1,0 +1,132 @@
+//! The router's own answers: its errors (simple query or batch), ReadyForQuery,
+//! and the replies Postgres would give to a batch the router answers itself.
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::debug;
+
+use super::{Session, SessionError};
+use crate::error::SqlError;
+use crate::protocol::messages::{self, target_and_name, Severity};
+use crate::protocol::{Message, ProtocolError};
+
+/// A shard's ErrorResponse with the shard named in its message.
+pub(super) fn prefix_error(err: &Bytes, shard: &str) -> Bytes {
+    let fields = messages::error_fields(&Message::from_raw(err.clone()));
+    let mut b = messages::Builder::new(b'E');
+    for (code, value) in fields {
+        if code == b'M' {
+            b.u8(code).cstr(&format!("{value} (on shard {shard})"));
+        } else {
+            b.u8(code).cstr(&value);
+        }
+    }
+    b.u8(0).finish()
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// Reports an error of the router's own, then ReadyForQuery.
+    pub(super) async fn fail_simple(&mut self, e: SqlError) -> Result<(), SessionError> {
+        debug!(code = e.code, message = %e.message, "statement refused");
+        crate::metrics::global().error(e.code);
+        self.client.queue(&e.to_message(Severity::Error));
+        if self.bound.is_some() || self.pending_begin.is_some() {
+            self.aborted_locally = true;
+        }
+        self.ready().await
+    }
+
+    pub(super) async fn ready(&mut self) -> Result<(), SessionError> {
+        self.client.queue(&messages::ready_for_query_bytes(self.status()));
+        self.client.flush().await?;
+        Ok(())
+    }
+
+    /// The reply Postgres gives to Parse, Bind, Describe or Close of a statement
+    /// that takes no parameters and returns no rows, for batches the router
+    /// answers itself.
+    pub(super) fn reply_for_statement_message(&mut self, m: &Message) {
+        match m.tag() {
+            b'P' => self.client.queue(&messages::parse_complete()),
+            b'B' => self.client.queue(&messages::bind_complete()),
+            b'D' => {
+                if let Ok((b'S', _)) = target_and_name(m) {
+                    self.client.queue(&messages::Builder::new(b't').i16(0).finish());
+                }
+                self.client.queue(&messages::no_data());
+            }
+            b'C' => self.client.queue(&messages::close_complete()),
+            _ => {}
+        }
+    }
+
+    /// Answers a batch whose only statement the router handles itself (BEGIN,
+    /// COMMIT of a transaction that never reached a shard, SET shardgate.tenant).
+    pub(super) async fn answer_batch_locally(
+        &mut self,
+        batch: &[Message],
+        sync: bool,
+        tag: &str,
+    ) -> Result<(), SessionError> {
+        for m in batch {
+            match m.tag() {
+                b'E' => self.client.queue(&messages::command_complete(tag)),
+                _ => self.reply_for_statement_message(m),
+            }
+        }
+        if sync {
+            self.client.queue(&messages::ready_for_query_bytes(self.status()));
+        }
+        self.client.flush().await?;
+        Ok(())
+    }
+
+    /// A batch refused by the router: the error, then (at Sync) ReadyForQuery.
+    pub(super) async fn fail_batch(&mut self, e: SqlError, sync: bool) -> Result<(), SessionError> {
+        debug!(code = e.code, message = %e.message, "batch refused");
+        crate::metrics::global().error(e.code);
+        self.client.queue(&e.to_message(Severity::Error));
+        if self.bound.is_some() || self.pending_begin.is_some() {
+            self.aborted_locally = true;
+        }
+        if sync {
+            if self.open_batch {
+                // A Flush left part of this pipeline on the server: end it there.
+                self.open_batch = false;
+                if let Some(b) = self.bound.as_mut() {
+                    b.conn.conn.queue(&messages::sync());
+                    let _ = b.conn.conn.flush().await;
+                    loop {
+                        match b.conn.conn.read().await {
+                            Ok(m) if m.tag() == b'Z' => break,
+                            Ok(_) => {}
+                            Err(_) => {
+                                b.conn.broken = true;
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            self.client.queue(&messages::ready_for_query_bytes(self.status()));
+        } else {
+            // After an error the client's batch is skipped up to its Sync.
+            self.skip_to_sync().await?;
+            self.client.queue(&messages::ready_for_query_bytes(self.status()));
+        }
+        self.client.flush().await?;
+        Ok(())
+    }
+
+    pub(super) async fn skip_to_sync(&mut self) -> Result<(), SessionError> {
+        self.client.flush().await?;
+        loop {
+            let m = self.client.read().await?;
+            match m.tag() {
+                b'S' => return Ok(()),
+                b'X' => return Err(ProtocolError::Closed.into()),
+                _ => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! The session's transaction: the one server connection it holds while a
+//! transaction is open (checked out of the shard's pool, returned when the server
+//! is idle), the `BEGIN` held back until a statement names a shard, and a
+//! transaction that failed in the router.
+
+use std::sync::Arc;
+
+use shardgate_directory::ShardId;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{Session, SessionError};
+use crate::context::CancelTarget;
+use crate::error::SqlError;
+use crate::pool::Pooled;
+use crate::protocol::messages::{self, Severity};
+use crate::sql::{Analysis, Statement, StatementKind, TxnControl};
+
+pub(super) struct Bound {
+    pub(super) shard: ShardId,
+    pub(super) conn: Pooled,
+}
+
+/// Whether a query string opens a transaction block it does not close.
+pub(super) fn leaves_transaction_open(analysis: &Analysis) -> bool {
+    let mut open = false;
+    for s in &analysis.statements {
+        match s.kind {
+            StatementKind::Txn(TxnControl::Begin) => open = true,
+            StatementKind::Txn(TxnControl::Commit | TxnControl::Rollback) => open = false,
+            _ => {}
+        }
+    }
+    open
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// A shard for a statement that can run anywhere: the bound one if any.
+    pub(super) fn any_shard(&self) -> ShardId {
+        match &self.bound {
+            Some(b) => b.shard,
+            None => {
+                let dir = self.ctx.directory.load();
+                self.ctx.any_shard(&dir)
+            }
+        }
+    }
+
+    /// Statements the router answers itself. Returns the command tag (or an error
+    /// to report) when handled, None when the statement must go to a shard.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn local_statement(
+        &mut self,
+        stmt: &Statement,
+    ) -> Result<Option<Result<String, SqlError>>, SessionError> {
+        Ok(match &stmt.kind {
+            StatementKind::SetTenant(value) => {
+                let dir = self.ctx.directory.load();
+                match value {
+                    None => {
+                        self.tenant = None;
+                        Some(Ok(
+                            if stmt.text.to_ascii_lowercase().starts_with("reset") { "RESET" } else { "SET" }.into()
+                        ))
+                    }
+                    Some(v) => match dir.key_type.parse_text(v) {
+                        Ok(k) => {
+                            self.tenant = Some(k);
+                            Some(Ok("SET".into()))
+                        }
+                        Err(e) => Some(Err(SqlError::new("22023", format!("invalid value for shardgate.tenant: {e}")))),
+                    },
+                }
+            }
+            StatementKind::Txn(TxnControl::Begin) if self.bound.is_none() => {
+                match &mut self.pending_begin {
+                    Some(_) => {
+                        self.client.queue(&messages::error_response(
+                            Severity::Warning,
+                            "25001",
+                            "there is already a transaction in progress",
+                            None,
+                        ));
+                    }
+                    None => self.pending_begin = Some(vec![stmt.text.clone()]),
+                }
+                Some(Ok("BEGIN".into()))
+            }
+            StatementKind::Txn(TxnControl::Savepoint) if self.bound.is_none() && self.pending_begin.is_some() => {
+                if let Some(p) = &mut self.pending_begin {
+                    p.push(stmt.text.clone());
+                }
+                let first = stmt.text.split_whitespace().next().unwrap_or("SAVEPOINT").to_ascii_uppercase();
+                Some(Ok(first))
+            }
+            StatementKind::Txn(TxnControl::Commit | TxnControl::Rollback)
+                if self.bound.is_none() && self.pending_begin.is_some() =>
+            {
+                self.pending_begin = None;
+                let commit = matches!(stmt.kind, StatementKind::Txn(TxnControl::Commit));
+                Some(Ok(if commit { "COMMIT" } else { "ROLLBACK" }.into()))
+            }
+            _ => None,
+        })
+    }
+
+    /// In a transaction that failed in the router: only its end is accepted.
+    pub(super) async fn in_aborted_txn(&mut self, stmt: &Statement) -> Result<(), SessionError> {
+        if matches!(stmt.kind, StatementKind::Txn(TxnControl::Commit | TxnControl::Rollback)) {
+            self.aborted_locally = false;
+            self.pending_begin = None;
+            if let Some(mut b) = self.bound.take() {
+                if b.conn.simple_query("ROLLBACK").await.is_err() {
+                    b.conn.broken = true;
+                }
+                self.clear_cancel();
+            }
+            self.client.queue(&messages::command_complete("ROLLBACK"));
+        } else {
+            self.client.queue(
+                &SqlError::new(
+                    "25P02",
+                    "current transaction is aborted, commands ignored until end of transaction block".into(),
+                )
+                .to_message(Severity::Error),
+            );
+        }
+        self.ready().await
+    }
+
+    /// Borrows a server connection on `shard` unless one is bound; sends any
+    /// pending BEGIN ahead. Returns how many ReadyForQuery replies to swallow.
+    pub(super) async fn bind(&mut self, shard: ShardId) -> Result<usize, SqlError> {
+        if let Some(b) = &self.bound {
+            if b.shard == shard {
+                return Ok(0);
+            }
+            let dir = self.ctx.directory.load();
+            let name = |s: ShardId| dir.shards.get(s).map(|x| x.name.clone()).unwrap_or_default();
+            return Err(SqlError::new(
+                "0A000",
+                format!("this transaction runs on shard {} and cannot touch shard {}", name(b.shard), name(shard)),
+            ));
+        }
+        let pool = self.pool(shard)?;
+        let mut conn = pool.get().await.map_err(|e| SqlError::new(e.sqlstate(), e.to_string()))?;
+        *self.cancel.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(CancelTarget { pool, pid: conn.pid, secret: conn.secret });
+        let mut swallow = 0;
+        if let Some(sql) = self.settings_prelude(&mut conn) {
+            conn.conn.queue(&messages::query(&sql));
+            swallow += 1;
+        }
+        if let Some(prelude) = self.pending_begin.take() {
+            conn.conn.queue(&messages::query(&prelude.join("; ")));
+            swallow += 1;
+        }
+        self.bound = Some(Bound { shard, conn });
+        Ok(swallow)
+    }
+
+    /// The pool of `shard`, from this session's own list when it has used it.
+    pub(super) fn pool(&mut self, shard: ShardId) -> Result<Arc<crate::pool::ShardPool>, SqlError> {
+        if let Some(Some(p)) = self.pools.get(shard) {
+            return Ok(p.clone());
+        }
+        let pool = self.ctx.pool(shard).ok_or_else(|| SqlError::new("XX000", format!("no pool for shard {shard}")))?;
+        if self.pools.len() <= shard {
+            self.pools.resize(shard + 1, None);
+        }
+        self.pools[shard] = Some(pool.clone());
+        Ok(pool)
+    }
+
+    pub(super) fn clear_cancel(&self) {
+        *self.cancel.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// After a ReadyForQuery from the server: keep the connection while a
+    /// transaction is open, return it to the pool when idle.
+    pub(super) fn after_ready(&mut self, status: u8) {
+        if self.leave_if_idle(status).is_some() {
+            self.flight.clear();
+        }
+    }
+
+    /// The first half of [`Self::after_ready`]: when the server is idle, the
+    /// connection leaves the session (a cancel request no longer reaches it)
+    /// and is returned; dropping it hands it back to the pool.
+    pub(super) fn leave_if_idle(&mut self, status: u8) -> Option<Bound> {
+        if status == b'I' && !self.open_batch {
+            self.clear_cancel();
+            self.bound.take()
+        } else {
+            None
+        }
+    }
+}
