@@ -218,6 +218,16 @@ impl UserConfig {
     }
 }
 
+impl RouterConfig {
+    /// The routing settings of this configuration.
+    pub fn routing_rules(&self) -> crate::route::Rules {
+        crate::route::Rules {
+            strict_tenant: self.strict_tenant,
+            allow_cross_shard_writes: self.allow_cross_shard_writes,
+        }
+    }
+}
+
 impl Default for RouterConfig {
     fn default() -> Self {
         RouterConfig {

@@ -141,6 +141,122 @@ pub fn route(
     }
 }
 
+/// The transaction that the statements being routed join, as routing sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Joining {
+    /// The shard the transaction already runs on (its connection is held).
+    pub bound: Option<ShardId>,
+    /// A transaction block is open: BEGIN was sent, or answered and held back.
+    pub in_block: bool,
+}
+
+/// Routes the statements of one query string (or of one Bind) and combines
+/// their targets with the transaction they join: where they all run, or why
+/// they cannot run together. The buckets they touch are added to `touched`.
+#[allow(clippy::too_many_arguments)]
+pub fn route_statements(
+    statements: &[Statement],
+    params: Option<&Params<'_>>,
+    fallback_key: Option<&TenantKey>,
+    dir: &Directory,
+    catalog: &Catalog,
+    rules: &Rules,
+    joining: Joining,
+    touched: &mut Vec<u32>,
+) -> Result<Target, SqlError> {
+    let mut combined = joining.bound.map(Target::Shard);
+    let several = statements.len() > 1;
+    for stmt in statements {
+        let t = route(stmt, params, fallback_key, dir, catalog, rules, touched)?;
+        let c = combine(combined, t, joining, dir)?;
+        if several && !matches!(c, Target::Shard(_) | Target::Any | Target::All) {
+            return Err(SqlError::new(
+                "0A000",
+                "a query string of several statements cannot include a cross-shard statement".into(),
+            )
+            .hint("send the cross-shard statement on its own"));
+        }
+        combined = Some(c);
+    }
+    let target = combined.unwrap_or(Target::Any);
+    check_reference_reads(statements, &target, dir, catalog)?;
+    if joining.in_block && matches!(target, Target::SplitInsert(_) | Target::CopySplit) {
+        return Err(SqlError::new(
+            "0A000",
+            "statements for several shards (DDL, cross-shard writes) cannot run inside a transaction block".into(),
+        )
+        .hint("run them outside BEGIN … COMMIT"));
+    }
+    Ok(target)
+}
+
+/// Where a statement runs together with those before it (`before`: their
+/// combined target, or the transaction's shard): the same shard, anywhere, or
+/// every shard for statements that all need every shard; anything else is
+/// refused, since one query string or transaction runs on one connection.
+pub fn combine(before: Option<Target>, next: Target, joining: Joining, dir: &Directory) -> Result<Target, SqlError> {
+    let name = |s: ShardId| dir.shards.get(s).map(|x| x.name.clone()).unwrap_or_default();
+    match (before, next) {
+        (None, t) => Ok(t),
+        (Some(c), Target::Any) => Ok(c),
+        (Some(Target::Any), t) => Ok(t),
+        (Some(Target::Shard(a)), Target::Shard(b)) if a == b => Ok(Target::Shard(a)),
+        (Some(Target::All), Target::All) => Ok(Target::All),
+        (Some(Target::Shard(a)), Target::Shard(b)) => Err(SqlError::new(
+            "0A000",
+            if joining.bound.is_some() {
+                format!("this transaction runs on shard {} and cannot touch shard {}", name(a), name(b))
+            } else {
+                format!("these statements touch shards {} and {}", name(a), name(b))
+            },
+        )
+        .hint("keep each transaction (and each query string) to one tenant's shard")),
+        (Some(Target::Shard(_)), Target::Fanout(_)) if joining.bound.is_some() => {
+            Err(SqlError::new("0A000", "a transaction is bound to one shard; this read would need every shard".into())
+                .hint("name the tenant in the query, or run it outside the transaction"))
+        }
+        (Some(_), _) => Err(SqlError::new(
+            "0A000",
+            if joining.in_block {
+                "statements for several shards (DDL, cross-shard reads or writes) cannot run inside a transaction block"
+                    .to_string()
+            } else {
+                "this query string mixes statements for different shards".to_string()
+            },
+        )
+        .hint("send them one at a time, outside BEGIN … COMMIT")),
+    }
+}
+
+/// Where the statements of one extended-protocol pipeline (its Binds up to
+/// Sync) run: they share one server connection, so one shard, or anywhere.
+pub fn combine_pipeline(before: Option<Target>, next: Target) -> Result<Target, SqlError> {
+    match (before, next) {
+        (None, t) | (Some(Target::Any), t) => Ok(t),
+        (Some(c), Target::Any) => Ok(c),
+        (Some(Target::Shard(a)), Target::Shard(b)) if a == b => Ok(Target::Shard(a)),
+        (Some(_), _) => {
+            Err(SqlError::new("0A000", "statements of one pipeline (up to Sync) touch different shards".into())
+                .hint("send a Sync between statements for different tenants"))
+        }
+    }
+}
+
+/// Where a statement runs inside a transaction open on every shard (a schema
+/// migration): its one shard, anywhere, or every shard of the transaction.
+/// Targets that need connections of their own (fan-out reads, split writes)
+/// are refused by the caller.
+pub fn combine_on_every_shard(before: Target, next: Target) -> Target {
+    match (before, next) {
+        (Target::Any, t) | (t, Target::Any) => t,
+        (Target::Shard(a), Target::Shard(b)) if a == b => Target::Shard(a),
+        (Target::Shard(_) | Target::All, Target::Shard(_) | Target::All) => Target::All,
+        // A fan-out or a split stays what it is, for the caller to refuse.
+        (_, t @ (Target::Fanout(_) | Target::SplitInsert(_) | Target::CopySplit)) => t,
+        (t, _) => t,
+    }
+}
+
 /// Refuses statements that read a reference table on a shard that does not
 /// hold the reference rows: a shard added at run time gets the reference tables
 /// empty, so a join there would silently miss rows. `target` is where the
@@ -335,4 +451,127 @@ fn binary_key(v: &[u8], type_oid: i32, key_type: KeyType) -> Result<TenantKey, S
         _ => return Err(bad()),
     };
     key_type.coerce(key).map_err(|_| bad())
+}
+
+#[cfg(test)]
+mod tests {
+    use shardgate_directory::Shard;
+
+    use super::*;
+    use crate::sql::AnalysisCache;
+
+    fn three_shards() -> Directory {
+        let shard = |name: &str| Shard::new(name, format!("postgres://u@{name}/db"));
+        Directory::new("tenant_id", KeyType::Int, 64, vec![shard("a"), shard("b"), shard("c")]).expect("directory")
+    }
+
+    const OUTSIDE: Joining = Joining { bound: None, in_block: false };
+
+    fn refusal(r: Result<Target, SqlError>) -> String {
+        match r {
+            Err(e) => {
+                assert_eq!(e.code, "0A000");
+                e.message
+            }
+            Ok(t) => panic!("expected a refusal, got {t:?}"),
+        }
+    }
+
+    #[test]
+    fn statements_on_one_shard_or_anywhere_run_there_together() {
+        let dir = three_shards();
+        assert_eq!(combine(None, Target::Any, OUTSIDE, &dir).ok(), Some(Target::Any));
+        assert_eq!(combine(Some(Target::Any), Target::Shard(1), OUTSIDE, &dir).ok(), Some(Target::Shard(1)));
+        assert_eq!(combine(Some(Target::Shard(1)), Target::Any, OUTSIDE, &dir).ok(), Some(Target::Shard(1)));
+        assert_eq!(combine(Some(Target::Shard(2)), Target::Shard(2), OUTSIDE, &dir).ok(), Some(Target::Shard(2)));
+        assert_eq!(combine(Some(Target::All), Target::All, OUTSIDE, &dir).ok(), Some(Target::All));
+    }
+
+    #[test]
+    fn statements_on_two_shards_are_refused_naming_both() {
+        let dir = three_shards();
+        let outside = refusal(combine(Some(Target::Shard(0)), Target::Shard(2), OUTSIDE, &dir));
+        assert_eq!(outside, "these statements touch shards a and c");
+        let bound = Joining { bound: Some(0), in_block: true };
+        let inside = refusal(combine(Some(Target::Shard(0)), Target::Shard(1), bound, &dir));
+        assert_eq!(inside, "this transaction runs on shard a and cannot touch shard b");
+    }
+
+    #[test]
+    fn a_transaction_on_one_shard_refuses_a_read_of_every_shard() {
+        let dir = three_shards();
+        let bound = Joining { bound: Some(1), in_block: true };
+        let e = refusal(combine(Some(Target::Shard(1)), Target::Fanout(vec![0, 1, 2]), bound, &dir));
+        assert!(e.contains("bound to one shard"), "{e}");
+        // DDL after a statement for one shard, in a block and outside one.
+        let held = Joining { bound: None, in_block: true };
+        assert!(refusal(combine(Some(Target::Shard(1)), Target::All, held, &dir)).contains("transaction block"));
+        assert!(refusal(combine(Some(Target::Shard(1)), Target::All, OUTSIDE, &dir)).contains("mixes statements"));
+    }
+
+    #[test]
+    fn a_pipeline_runs_on_one_shard() {
+        assert_eq!(combine_pipeline(None, Target::Shard(1)).ok(), Some(Target::Shard(1)));
+        assert_eq!(combine_pipeline(Some(Target::Any), Target::Shard(1)).ok(), Some(Target::Shard(1)));
+        assert_eq!(combine_pipeline(Some(Target::Shard(1)), Target::Any).ok(), Some(Target::Shard(1)));
+        assert_eq!(combine_pipeline(Some(Target::Shard(1)), Target::Shard(1)).ok(), Some(Target::Shard(1)));
+        let e = refusal(combine_pipeline(Some(Target::Shard(1)), Target::Shard(2)));
+        assert!(e.contains("pipeline"), "{e}");
+        refusal(combine_pipeline(Some(Target::Shard(1)), Target::Fanout(vec![0, 1])));
+    }
+
+    #[test]
+    fn a_transaction_on_every_shard_runs_shard_statements_everywhere_and_keeps_fan_outs_to_refuse() {
+        use Target::*;
+        assert_eq!(combine_on_every_shard(Any, Shard(1)), Shard(1));
+        assert_eq!(combine_on_every_shard(Shard(1), Shard(1)), Shard(1));
+        assert_eq!(combine_on_every_shard(Shard(1), Shard(2)), All);
+        assert_eq!(combine_on_every_shard(All, Shard(2)), All);
+        // A cross-shard read beside a write: not answered from one shard's rows.
+        assert_eq!(combine_on_every_shard(Shard(1), Fanout(vec![0, 1])), Fanout(vec![0, 1]));
+        assert_eq!(combine_on_every_shard(Fanout(vec![0, 1]), Shard(1)), Fanout(vec![0, 1]));
+        assert_eq!(combine_on_every_shard(All, CopySplit), CopySplit);
+    }
+
+    fn sharded_orders() -> Catalog {
+        let catalog = Catalog::default();
+        catalog.replace(
+            [("orders".to_string(), vec!["tenant_id".to_string(), "id".to_string()])].into(),
+            ["orders".to_string(), "countries".to_string()].into(),
+        );
+        catalog
+    }
+
+    fn key_on(dir: &Directory, shard: ShardId) -> i64 {
+        (1..).find(|&k| dir.shard_for(&TenantKey::Int(k)) == shard).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_query_string_routes_as_one_and_refuses_a_cross_shard_statement_inside_it() {
+        let dir = three_shards();
+        let catalog = sharded_orders();
+        let rules = Rules { strict_tenant: false, allow_cross_shard_writes: false };
+        let cache = AnalysisCache::new("tenant_id", 100);
+        let run = |sql: &str, joining: Joining| {
+            let a = cache.get(sql).map_err(|e| e.to_string()).expect("parses");
+            route_statements(&a.statements, None, None, &dir, &catalog, &rules, joining, &mut Vec::new())
+        };
+        let (k0, k1) = (key_on(&dir, 0), key_on(&dir, 1));
+        let two =
+            format!("update orders set id = 2 where tenant_id = {k0}; select * from orders where tenant_id = {k0}");
+        assert_eq!(run(&two, OUTSIDE).ok(), Some(Target::Shard(0)));
+        let mixed = format!("select 1 from orders where tenant_id = {k0}; select 1 from orders where tenant_id = {k1}");
+        assert!(refusal(run(&mixed, OUTSIDE)).contains("touch shards a and b"));
+        let with_fanout = "select 1; select count(*) from orders";
+        assert!(refusal(run(with_fanout, OUTSIDE)).contains("cannot include a cross-shard statement"));
+        // A transaction held on shard b takes its tenant's statements only.
+        let bound = Joining { bound: Some(1), in_block: true };
+        let other = format!("select * from orders where tenant_id = {k0}");
+        assert!(refusal(run(&other, bound)).contains("runs on shard b"));
+        // A split insert cannot join a transaction block.
+        let split = format!("insert into orders (tenant_id, id) values ({k0}, 1), ({k1}, 2)");
+        assert!(matches!(run(&split, OUTSIDE), Ok(Target::SplitInsert(_))));
+        let held = Joining { bound: None, in_block: true };
+        assert!(refusal(run(&split, held)).contains("inside a transaction block"));
+    }
 }

@@ -2,16 +2,17 @@
 //! every statement to one target, and the cutover holds its buckets must pass;
 //! after it came back, what it cost, counted for its buckets and tenant.
 
-use std::sync::atomic::Ordering as AtomicOrdering;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 
-use shardgate_directory::ShardId;
+use std::sync::Arc;
+
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::Session;
 use crate::error::SqlError;
 use crate::protocol::messages::{self, Bind, Severity};
 use crate::protocol::Message;
-use crate::route::{self, Params, Rules, Target};
+use crate::route::{self, Params, Target};
 use crate::sql::{Analysis, StatementKind};
 
 pub(super) fn route_kind(t: &Target) -> crate::metrics::RouteKind {
@@ -22,6 +23,23 @@ pub(super) fn route_kind(t: &Target) -> crate::metrics::RouteKind {
         Target::All => K::All,
         Target::Fanout(_) => K::Fanout,
         Target::SplitInsert(_) | Target::CopySplit => K::Split,
+    }
+}
+
+/// What routing and the cutover holds know of the statements in flight.
+pub(super) struct Admission {
+    /// Buckets the statements being routed touch (filled by routing).
+    pub(super) touched: Vec<u32>,
+    /// The directory epoch the statements being routed were routed by (0: not
+    /// routed yet; u64::MAX: by several), checked once they are in flight.
+    pub(super) routed_epoch: AtomicU64,
+    /// Buckets this session's statement or transaction has in flight.
+    pub(super) flight: crate::hold::Flight,
+}
+
+impl Admission {
+    pub(super) fn new(in_flight: Arc<crate::hold::InFlight>) -> Admission {
+        Admission { touched: Vec::new(), routed_epoch: AtomicU64::new(0), flight: crate::hold::Flight::new(in_flight) }
     }
 }
 
@@ -116,85 +134,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     ) -> Result<Target, SqlError> {
         let dir = self.ctx.directory.load();
         let epoch = dir.epoch;
-        let _ = self.routed_epoch.fetch_update(AtomicOrdering::Relaxed, AtomicOrdering::Relaxed, |e| {
+        let _ = self.admission.routed_epoch.fetch_update(AtomicOrdering::Relaxed, AtomicOrdering::Relaxed, |e| {
             Some(if e == 0 || e == epoch { epoch } else { u64::MAX })
         });
-        let rules = Rules {
-            strict_tenant: self.ctx.config.strict_tenant,
-            allow_cross_shard_writes: self.ctx.config.allow_cross_shard_writes,
-        };
         let comment_key = match &analysis.comment_key {
             Some(v) => Some(dir.key_type.parse_text(v).map_err(|e| SqlError::new("22P02", e.to_string()))?),
             None => None,
         };
         let fallback = comment_key.as_ref().or(self.tenant.as_ref());
-        let mut combined: Option<Target> = self.bound.as_ref().map(|b| Target::Shard(b.shard));
-        let several = analysis.statements.len() > 1;
-        for stmt in &analysis.statements {
-            let t = route::route(stmt, params, fallback, &dir, &self.ctx.catalog, &rules, touched)?;
-            combined = Some(match (combined, t) {
-                (None, t) => t,
-                (Some(c), Target::Any) => c,
-                (Some(Target::Any), t) => t,
-                (Some(Target::Shard(a)), Target::Shard(b)) if a == b => Target::Shard(a),
-                (Some(Target::All), Target::All) => Target::All,
-                (Some(Target::Shard(a)), Target::Shard(b)) => {
-                    let name = |s: ShardId| dir.shards.get(s).map(|x| x.name.clone()).unwrap_or_default();
-                    return Err(SqlError::new(
-                        "0A000",
-                        if self.bound.is_some() {
-                            format!("this transaction runs on shard {} and cannot touch shard {}", name(a), name(b))
-                        } else {
-                            format!("these statements touch shards {} and {}", name(a), name(b))
-                        },
-                    )
-                    .hint("keep each transaction (and each query string) to one tenant's shard"));
-                }
-                (Some(Target::Shard(_)), Target::Fanout(_)) if self.bound.is_some() => {
-                    return Err(SqlError::new(
-                        "0A000",
-                        "a transaction is bound to one shard; this read would need every shard".into(),
-                    )
-                    .hint("name the tenant in the query, or run it outside the transaction"));
-                }
-                (Some(_), _) => {
-                    return Err(SqlError::new(
-                        "0A000",
-                        if self.bound.is_some() || self.pending_begin.is_some() {
-                            "statements for several shards (DDL, cross-shard reads or writes) cannot run inside a transaction block".to_string()
-                        } else {
-                            "this query string mixes statements for different shards".to_string()
-                        },
-                    )
-                    .hint("send them one at a time, outside BEGIN … COMMIT"));
-                }
-            });
-            if several && !matches!(combined, Some(Target::Shard(_) | Target::Any | Target::All)) {
-                return Err(SqlError::new(
-                    "0A000",
-                    "a query string of several statements cannot include a cross-shard statement".into(),
-                )
-                .hint("send the cross-shard statement on its own"));
-            }
-        }
-        let target = combined.unwrap_or(Target::Any);
-        route::check_reference_reads(&analysis.statements, &target, &dir, &self.ctx.catalog)?;
-        if self.pending_begin.is_some() && matches!(target, Target::SplitInsert(_) | Target::CopySplit) {
-            return Err(SqlError::new(
-                "0A000",
-                "statements for several shards (DDL, cross-shard writes) cannot run inside a transaction block".into(),
-            )
-            .hint("run them outside BEGIN … COMMIT"));
-        }
-        Ok(target)
+        let joining = route::Joining { bound: self.txn.held.as_ref().map(|b| b.shard), in_block: self.txn.in_block() };
+        let rules = self.ctx.config.routing_rules();
+        route::route_statements(
+            &analysis.statements,
+            params,
+            fallback,
+            &dir,
+            &self.ctx.catalog,
+            &rules,
+            joining,
+            touched,
+        )
     }
 
     /// Registers the buckets just routed as in flight, unless a cutover holds one
     /// this transaction had not touched yet: then waits for the hold to end and
     /// returns false (route again, the placement may have changed).
     pub(super) async fn pass_holds(&mut self) -> bool {
-        let routed_epoch = self.routed_epoch.swap(0, AtomicOrdering::Relaxed);
-        let n = self.flight.enter(&self.touched);
+        let routed_epoch = self.admission.routed_epoch.swap(0, AtomicOrdering::Relaxed);
+        let n = self.admission.flight.enter(&self.admission.touched);
         if n == 0 {
             return true;
         }
@@ -204,14 +171,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             // may have passed (hold, acknowledgements, flip) while the rows were
             // not yet in flight, so the route may name the old shard. Route again;
             // from here on, a hold waits for these rows.
-            self.flight.undo_last(n);
+            self.admission.flight.undo_last(n);
             tracing::debug!(routed_epoch, epoch = dir.epoch, "the directory changed while routing: routing again");
             return false;
         }
-        let Some(move_id) = crate::hold::held_bucket(&dir, self.flight.newest(n)) else {
+        let Some(move_id) = crate::hold::held_bucket(&dir, self.admission.flight.newest(n)) else {
             return true;
         };
-        self.flight.undo_last(n);
+        self.admission.flight.undo_last(n);
         let waited = crate::hold::wait_released(&self.ctx.directory, move_id).await;
         crate::metrics::global().held(waited);
         tracing::debug!(move_id, waited_us = waited.as_micros() as u64, "statement held for a cutover");
@@ -228,10 +195,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         batch: Option<&[Message]>,
     ) {
         let rows = std::mem::take(&mut self.rows_written);
-        if self.touched.is_empty() {
+        if self.admission.touched.is_empty() {
             return;
         }
-        self.ctx.load.record(&self.touched, elapsed, rows);
+        self.ctx.load.record(&self.admission.touched, elapsed, rows);
         let Some(stmt) = analysis.and_then(|a| a.statements.first()) else { return };
         if !self.ctx.load.sample_tenant() {
             return;

@@ -115,12 +115,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let dir = self.ctx.directory.load();
         let mut replies: Vec<(ShardId, Vec<Bytes>)> = Vec::with_capacity(shards.len());
         for &shard in &shards {
-            if let Err(e) = self.bind(shard).await {
+            if let Err(e) = self.checkout(shard).await {
                 return self.fail_batch(e, true).await;
             }
             let expects = self.rewrite_batch(batch, 0);
             let mut buf = Vec::new();
-            let flushed = match self.bound.as_mut() {
+            let flushed = match self.txn.held.as_mut() {
                 Some(b) => b.conn.conn.flush().await,
                 None => Ok(()),
             };
@@ -130,7 +130,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             };
             match relayed {
                 Ok(_) => {
-                    self.bound = None;
+                    self.txn.held = None;
                     self.clear_cancel();
                 }
                 Err(RelayError::Client(e)) => return Err(e),
@@ -138,7 +138,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             replies.push((shard, buf));
         }
-        self.open_batch = false;
+        self.txn.open_batch = false;
         let failed = replies.iter().find(|(_, r)| r.iter().any(|m| m.first() == Some(&b'E')));
         if let Some((shard, reply)) = failed {
             let name = dir.shards.get(*shard).map(|s| s.name.as_str()).unwrap_or("?");
@@ -248,7 +248,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     ) -> Result<(Vec<Bytes>, Option<Bytes>), SqlError> {
         let pool = self.ctx.pool(shard).ok_or_else(|| SqlError::new("XX000", format!("no pool for shard {shard}")))?;
         let mut conn = pool.get().await.map_err(|e| SqlError::new(e.sqlstate(), e.to_string()))?;
-        let prelude = self.settings_prelude(&mut conn);
+        let prelude = self.settings.prelude(&mut conn);
         collect_messages(&mut conn, run, prelude, false).await
     }
 }

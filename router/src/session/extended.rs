@@ -17,7 +17,18 @@ use crate::protocol::messages::{self, target_and_name, Bind, Parse};
 use crate::protocol::Message;
 use crate::route::{self, Params, Target};
 use crate::shadow::{RowDigest, ShadowMove, ShadowQuery};
-use crate::sql::{Analysis, StatementKind, TxnControl};
+use crate::sql::{Analysis, Statement, StatementKind, TxnControl};
+use shardgate_directory::ShardId;
+
+/// A batch's statements and where they run, from its Parse and Bind messages.
+struct RoutedBatch {
+    /// Where the pipeline runs (None: it binds nothing).
+    target: Option<Target>,
+    /// The first reason the batch cannot run.
+    error: Option<SqlError>,
+    /// The statements its Binds run: nearly always one, kept inline.
+    statements: smallvec::SmallVec<[Arc<Analysis>; 2]>,
+}
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Runs the collected Parse/Bind/Describe/Execute/Close messages, ending with
@@ -37,6 +48,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         result
     }
 
+    /// The general path for a batch: admitted, routed as one, then answered by
+    /// the router, run on one shard, or run across shards.
     pub(super) async fn run_batch_of(&mut self, sync: bool, batch: &mut Vec<Message>) -> Result<(), SessionError> {
         if self.multi.is_some() {
             return self
@@ -50,37 +63,99 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 )
                 .await;
         }
-        if sync && batch.len() == 1 && self.bound.is_none() {
+        if sync && batch.len() == 1 && self.txn.held.is_none() {
             // A lone Sync (e.g. after COPY, or an empty pipeline): nothing to run.
             return self.ready().await;
         }
-        for m in batch.iter() {
-            if m.tag() == b'P' {
-                if let Some(a) = Parse::parse(m).ok().and_then(|p| self.ctx.cache.get(p.query).ok()) {
-                    self.ensure_catalog(&a).await;
+        if let Some(e) = self.admit_batch(batch).await {
+            return self.fail_batch(e, sync).await;
+        }
+        let RoutedBatch { target, mut error, statements } = self.route_batch(batch);
+        if error.is_none() && !self.pass_holds().await {
+            // A cutover held the rows: the placement may have changed, route again.
+            self.batch = std::mem::take(batch);
+            return Box::pin(self.run_batch(sync)).await;
+        }
+        if self.txn.aborted {
+            let all_end = !statements.is_empty()
+                && statements.iter().all(|a| {
+                    a.statements.len() == 1
+                        && matches!(a.statements[0].kind, StatementKind::Txn(TxnControl::Commit | TxnControl::Rollback))
+                });
+            if all_end && self.txn.held.is_none() {
+                self.txn.aborted = false;
+                self.txn.pending_begin = None;
+                return self.answer_batch_locally(batch, sync, "ROLLBACK").await;
+            }
+            if !all_end {
+                error = Some(SqlError::new(
+                    "25P02",
+                    "current transaction is aborted, commands ignored until end of transaction block".into(),
+                ));
+            }
+        }
+        if let Some(e) = error {
+            return self.fail_batch(e, sync).await;
+        }
+        // Transaction control that the router answers itself.
+        if self.txn.held.is_none() {
+            if let [a] = &statements[..] {
+                if let [stmt @ Statement {
+                    kind:
+                        StatementKind::Txn(TxnControl::Begin | TxnControl::Commit | TxnControl::Rollback)
+                        | StatementKind::SetTenant(_),
+                    ..
+                }] = &a.statements[..]
+                {
+                    match self.local_statement(stmt)? {
+                        Some(Ok(tag)) => return self.answer_batch_locally(batch, sync, &tag).await,
+                        Some(Err(e)) => return self.fail_batch(e, sync).await,
+                        None => {}
+                    }
                 }
             }
         }
-        let replicated = self.ctx.replica.is_some();
-        for m in batch.iter().filter(|_| replicated) {
-            if m.tag() != b'B' {
-                continue;
+        if let Some(t) = &target {
+            crate::metrics::global().query(route_kind(t));
+        }
+        match target.unwrap_or(Target::Any) {
+            Target::Shard(s) => self.run_batch_on(s, sync, batch, &statements).await,
+            Target::Any => {
+                let s = self.any_shard();
+                self.run_batch_on(s, sync, batch, &statements).await
             }
+            target => self.run_batch_across(target, sync, batch, &statements).await,
+        }
+    }
+
+    /// Before a batch is routed: the tables its Parses name are known, and the
+    /// directory lease allows what its Binds run.
+    async fn admit_batch(&mut self, batch: &[Message]) -> Option<SqlError> {
+        for m in batch.iter().filter(|m| m.tag() == b'P') {
+            if let Some(a) = Parse::parse(m).ok().and_then(|p| self.ctx.cache.get(p.query).ok()) {
+                self.ensure_catalog(&a).await;
+            }
+        }
+        // Only a router with a directory replica has a lease to check.
+        let replicated = self.ctx.replica.is_some();
+        for m in batch.iter().filter(|m| replicated && m.tag() == b'B') {
             let analysis =
                 Bind::parse(m).ok().and_then(|b| self.prepared.get(b.statement)).and_then(|p| p.analysis.clone());
             if let Some(a) = analysis {
                 if let Some(e) = self.lease_check(&a).await {
-                    return self.fail_batch(e, sync).await;
+                    return Some(e);
                 }
             }
         }
-        // First pass: learn statements, find where the batch must run.
-        let mut touched = std::mem::take(&mut self.touched);
+        None
+    }
+
+    /// The first pass over a batch: its Parses learnt, its Binds routed, and
+    /// where the whole pipeline runs.
+    fn route_batch(&mut self, batch: &[Message]) -> RoutedBatch {
+        let mut touched = std::mem::take(&mut self.admission.touched);
         touched.clear();
-        let mut target: Option<Target> = None;
-        let mut routing_error: Option<SqlError> = None;
-        // Nearly always one statement: kept inline, not allocated.
-        let mut statements_seen: smallvec::SmallVec<[Arc<Analysis>; 2]> = smallvec::SmallVec::new();
+        let mut routed = RoutedBatch { target: None, error: None, statements: smallvec::SmallVec::new() };
         for m in batch.iter() {
             match m.tag() {
                 b'P' => match Parse::parse(m) {
@@ -95,7 +170,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         self.prepared.insert(p.name.to_string(), prepared);
                     }
                     Err(e) => {
-                        routing_error.get_or_insert(SqlError::new("08P01", e.to_string()));
+                        routed.error.get_or_insert(SqlError::new("08P01", e.to_string()));
                     }
                 },
                 b'B' => {
@@ -106,7 +181,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             Some(p) => match &p.analysis {
                                 None => Ok(Target::Any),
                                 Some(a) => {
-                                    statements_seen.push(a.clone());
+                                    routed.statements.push(a.clone());
                                     let params = Params {
                                         values: &bind.params,
                                         formats: &bind.param_formats,
@@ -117,136 +192,76 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             },
                         },
                     };
-                    match t {
-                        Ok(t) => {
-                            target = Some(match (target.take(), t) {
-                                (None, t) | (Some(Target::Any), t) => t,
-                                (Some(c), Target::Any) => c,
-                                (Some(Target::Shard(a)), Target::Shard(b)) if a == b => Target::Shard(a),
-                                (Some(_), _) => {
-                                    routing_error.get_or_insert(
-                                        SqlError::new(
-                                            "0A000",
-                                            "statements of one pipeline (up to Sync) touch different shards".into(),
-                                        )
-                                        .hint("send a Sync between statements for different tenants"),
-                                    );
-                                    Target::Any
-                                }
-                            })
-                        }
+                    match t.and_then(|t| route::combine_pipeline(routed.target.take(), t)) {
+                        Ok(t) => routed.target = Some(t),
                         Err(e) => {
-                            routing_error.get_or_insert(e);
+                            routed.error.get_or_insert(e);
                         }
                     }
                 }
                 b'D' | b'C' => {
                     if let Ok((b'S', name)) = target_and_name(m) {
                         if m.tag() == b'D' && !self.prepared.contains_key(name) {
-                            routing_error.get_or_insert(unknown_statement(name));
+                            routed.error.get_or_insert(unknown_statement(name));
                         }
                     }
                 }
                 _ => {}
             }
         }
-        self.touched = touched;
-        if let (None, Some(t)) = (&routing_error, &target) {
+        self.admission.touched = touched;
+        if let (None, Some(t)) = (&routed.error, &routed.target) {
             // The pipeline's statements run together on its target.
             let dir = self.ctx.directory.load();
-            let statements = statements_seen.iter().flat_map(|a| a.statements.iter());
-            routing_error = route::check_reference_reads(statements, t, &dir, &self.ctx.catalog).err();
+            let statements = routed.statements.iter().flat_map(|a| a.statements.iter());
+            routed.error = route::check_reference_reads(statements, t, &dir, &self.ctx.catalog).err();
         }
-        if routing_error.is_none() && !self.pass_holds().await {
-            // A cutover held the rows: the placement may have changed, route again.
-            self.batch = std::mem::take(batch);
-            return Box::pin(self.run_batch(sync)).await;
-        }
-        if self.aborted_locally {
-            let all_end = !statements_seen.is_empty()
-                && statements_seen.iter().all(|a| {
-                    a.statements.len() == 1
-                        && matches!(a.statements[0].kind, StatementKind::Txn(TxnControl::Commit | TxnControl::Rollback))
-                });
-            if all_end && self.bound.is_none() {
-                self.aborted_locally = false;
-                self.pending_begin = None;
-                return self.answer_batch_locally(batch, sync, "ROLLBACK").await;
+        routed
+    }
+
+    /// A batch whose statements need several shards: COPY into a sharded
+    /// table, a write on every shard, or a cross-shard read.
+    async fn run_batch_across(
+        &mut self,
+        target: Target,
+        sync: bool,
+        batch: &[Message],
+        statements: &[Arc<Analysis>],
+    ) -> Result<(), SessionError> {
+        match target {
+            Target::CopySplit if !statements.is_empty() => {
+                self.copy_split_extended(batch, &statements[0].statements[0]).await
             }
-            if !all_end {
-                routing_error = Some(SqlError::new(
-                    "25P02",
-                    "current transaction is aborted, commands ignored until end of transaction block".into(),
-                ));
-            }
-        }
-        if let Some(e) = routing_error {
-            return self.fail_batch(e, sync).await;
-        }
-        // Transaction control that the router answers itself.
-        if self.bound.is_none() && !statements_seen.is_empty() {
-            let statements: usize = statements_seen.iter().map(|a| a.statements.len()).sum();
-            if statements == 1 {
-                let stmt = &statements_seen[0].statements[0];
-                if let StatementKind::Txn(TxnControl::Begin | TxnControl::Commit | TxnControl::Rollback)
-                | StatementKind::SetTenant(_) = stmt.kind
-                {
-                    match self.local_statement(stmt)? {
-                        Some(Ok(tag)) => return self.answer_batch_locally(batch, sync, &tag).await,
-                        Some(Err(e)) => return self.fail_batch(e, sync).await,
-                        None => {}
-                    }
-                }
-            }
-        }
-        if matches!(target, Some(Target::CopySplit)) {
-            if let Some(a) = statements_seen.first().cloned() {
-                return self.copy_split_extended(batch, &a.statements[0]).await;
-            }
-        }
-        if let Some(t) = &target {
-            crate::metrics::global().query(route_kind(t));
-        }
-        let shard = match target.unwrap_or(Target::Any) {
-            Target::Shard(s) => s,
-            Target::Any => self.any_shard(),
-            Target::All if sync && self.bound.is_none() && self.pending_begin.is_none() => {
+            Target::All if sync && !self.txn.in_block() => {
                 let dir = self.ctx.directory.load();
-                let shards = everywhere(&dir, statements_seen.iter().flat_map(|a| a.statements.iter()));
-                return self.run_batch_on_shards(batch, shards, false).await;
+                let shards = everywhere(&dir, statements.iter().flat_map(|a| a.statements.iter()));
+                self.run_batch_on_shards(batch, shards, false).await
             }
             Target::Fanout(shards)
-                if sync
-                    && self.bound.is_none()
-                    && statements_seen.len() == 1
-                    && statements_seen[0].statements.len() == 1 =>
+                if sync && self.txn.held.is_none() && statements.len() == 1 && statements[0].statements.len() == 1 =>
             {
-                let text = &statements_seen[0].statements[0].text;
+                let stmt = &statements[0].statements[0];
+                let text = &stmt.text;
                 match crate::fanout::plan(text) {
                     Ok(plan)
                         if plan.merge == crate::fanout::MergeSpec::Concat
                             && plan.shard_sql == *text
                             && batch.iter().filter(|m| m.tag() == b'E').count() != 1
-                            && self
-                                .shard_texts(&shards, text, &statements_seen[0].statements[0])
-                                .is_ok_and(|t| t.iter().all(Option::is_none)) =>
+                            && self.shard_texts(&shards, text, stmt).is_ok_and(|t| t.iter().all(Option::is_none)) =>
                     {
                         // The client's own messages on every shard, and every
                         // shard's rows where the first one's stood: for a batch
                         // that describes without executing, or executes twice.
-                        return self.run_batch_on_shards(batch, shards, true).await;
+                        self.run_batch_on_shards(batch, shards, true).await
                     }
                     // Streamed (merged, or relayed shard after shard), or
                     // rewritten per shard to count moving rows once.
-                    Ok(plan) => {
-                        let analysis = statements_seen[0].clone();
-                        return self.run_fanout_extended(batch, shards, plan, &analysis.statements[0]).await;
-                    }
-                    Err(e) => return self.fail_batch(SqlError::new("0A000", e.to_string()), sync).await,
+                    Ok(plan) => self.run_fanout_extended(batch, shards, plan, stmt).await,
+                    Err(e) => self.fail_batch(SqlError::new("0A000", e.to_string()), sync).await,
                 }
             }
-            _ => return self
-                .fail_batch(
+            _ => {
+                self.fail_batch(
                     SqlError::new(
                         "0A000",
                         "this statement needs several shards, which the extended query protocol does not support yet"
@@ -255,26 +270,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     .hint("name the tenant (WHERE tenant_id = …) or send the statement as a simple query"),
                     sync,
                 )
-                .await,
-        };
+                .await
+            }
+        }
+    }
+
+    /// A batch on one shard: its messages rewritten onto the held connection
+    /// and the replies relayed.
+    async fn run_batch_on(
+        &mut self,
+        shard: ShardId,
+        sync: bool,
+        batch: &[Message],
+        statements: &[Arc<Analysis>],
+    ) -> Result<(), SessionError> {
         // Parse/Describe without Execute (a driver preparing a statement) inside a
         // transaction that has not reached a shard yet must not pin it to one:
         // run it on a connection of its own and keep BEGIN pending.
         let shadow = if sync { self.shadow_extended(batch, shard) } else { None };
         let has_execute = batch.iter().any(|m| m.tag() == b'E');
-        let held_begin = if !has_execute && self.bound.is_none() { self.pending_begin.take() } else { None };
-        let swallow = match self.bind(shard).await {
+        let held_begin = if !has_execute && self.txn.held.is_none() { self.txn.pending_begin.take() } else { None };
+        let swallow = match self.checkout(shard).await {
             Ok(n) => n,
             Err(e) => {
                 if held_begin.is_some() {
-                    self.pending_begin = held_begin;
+                    self.txn.pending_begin = held_begin;
                 }
                 return self.fail_batch(e, sync).await;
             }
         };
-        self.open_batch = !sync;
+        self.txn.open_batch = !sync;
         let expects = self.rewrite_batch(batch, swallow);
-        let Some(b) = self.bound.as_mut() else {
+        let Some(b) = self.txn.held.as_mut() else {
             return Ok(());
         };
         if let Err(e) = b.conn.conn.flush().await {
@@ -286,9 +313,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let started = crate::clock::Stamp::now();
         let relayed = self.relay_batch(expects, None).await;
         if held_begin.is_some() {
-            self.pending_begin = held_begin;
+            self.txn.pending_begin = held_begin;
         }
-        self.batch_relayed(relayed, started, &statements_seen, batch, shadow).await
+        self.batch_relayed(relayed, started, statements, batch, shadow).await
     }
 
     /// The batch a client that prepared its statements sends for each of them:
@@ -314,7 +341,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             [b, d, e, s] if d.tag() == b'D' && d.body().first() == Some(&b'P') => (b, Some(d), e, s),
             _ => return Ok(false),
         };
-        if (b.tag(), e.tag(), s.tag()) != (b'B', b'E', b'S') || self.aborted_locally || !self.ctx.shadow.is_idle() {
+        if (b.tag(), e.tag(), s.tag()) != (b'B', b'E', b'S') || self.txn.aborted || !self.ctx.shadow.is_idle() {
             return Ok(false);
         }
         let Ok(bind) = Bind::parse(b) else { return Ok(false) };
@@ -326,11 +353,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if !matches!(&analysis.statements[..], [stmt] if plain(&stmt.kind)) {
             return Ok(false);
         }
-        let mut touched = std::mem::take(&mut self.touched);
+        let mut touched = std::mem::take(&mut self.admission.touched);
         touched.clear();
         let params = Params { values: &bind.params, formats: &bind.param_formats, types: &p.param_types };
         let routed = self.route_all(&analysis, Some(&params), &mut touched);
-        self.touched = touched;
+        self.admission.touched = touched;
         let target = match routed {
             Ok(t @ (Target::Shard(_) | Target::Any)) => t,
             // Errors and several shards: the general path says or does what is right.
@@ -345,16 +372,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Target::Shard(s) => s,
             _ => self.any_shard(),
         };
-        let swallow = match self.bind(shard).await {
+        let swallow = match self.checkout(shard).await {
             Ok(n) => n,
             Err(e) => {
                 self.fail_batch(e, true).await?;
                 return Ok(true);
             }
         };
-        self.open_batch = false;
+        self.txn.open_batch = false;
         let mut expects = self.start_expects(swallow);
-        let (Some(conn), Some(p)) = (self.bound.as_mut(), self.prepared.get(bind.statement)) else {
+        let (Some(conn), Some(p)) = (self.txn.held.as_mut(), self.prepared.get(bind.statement)) else {
             return Ok(true);
         };
         let backend = &mut conn.conn;
@@ -406,15 +433,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // after_ready in two halves: the connection leaves the session now, and
         // goes back to the pool once the answer is on its way.
         let released = self.leave_if_idle(status);
-        let client_status = if self.bound.is_none() { self.status() } else { status };
+        let client_status = if self.txn.held.is_none() { self.status() } else { status };
         self.client.queue(&messages::ready_for_query_bytes(client_status));
         let flushed = self.client.flush().await;
-        if let Some(b) = released.as_ref().or(self.bound.as_ref()) {
+        if let Some(b) = released.as_ref().or(self.txn.held.as_ref()) {
             b.conn.latency().observe(elapsed);
         }
         if released.is_some() {
             drop(released);
-            self.flight.clear();
+            self.admission.flight.clear();
         }
         flushed?;
         self.account(elapsed, statements.first().map(|a| &**a), Some(batch));

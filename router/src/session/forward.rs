@@ -37,11 +37,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         query: Bytes,
         analysis: Option<&Analysis>,
     ) -> Result<(), SessionError> {
-        let swallow = match self.bind(shard).await {
+        let swallow = match self.checkout(shard).await {
             Ok(n) => n,
             Err(e) => return self.fail_simple(e).await,
         };
-        let Some(b) = self.bound.as_mut() else {
+        let Some(b) = self.txn.held.as_mut() else {
             return Ok(());
         };
         b.conn.conn.queue(&query);
@@ -67,11 +67,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         analysis: &Analysis,
         simple: SimpleForm,
     ) -> Result<(), SessionError> {
-        let swallow = match self.bind(shard).await {
+        let swallow = match self.checkout(shard).await {
             Ok(n) => n,
             Err(e) => return self.fail_simple(e).await,
         };
-        let Some(b) = self.bound.as_mut() else {
+        let Some(b) = self.txn.held.as_mut() else {
             return Ok(());
         };
         let form = &simple.form;
@@ -99,7 +99,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 // Nothing ran. Drop the server's copy (a Bind refusal may mean
                 // its cached plan went stale) and run the original text.
-                let Some(b) = self.bound.as_mut() else {
+                let Some(b) = self.txn.held.as_mut() else {
                     return Ok(());
                 };
                 b.conn.prepared.remove(&form.name);
@@ -129,7 +129,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         match relayed {
             Ok(status) => {
                 let elapsed = started.elapsed();
-                if let Some(b) = &self.bound {
+                if let Some(b) = &self.txn.held {
                     b.conn.latency().observe(elapsed);
                 }
                 self.account(elapsed, analysis, None);
@@ -144,18 +144,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    /// The bound server connection failed mid-statement: tell the client, drop the
+    /// The held server connection failed mid-statement: tell the client, drop the
     /// connection, keep the session.
     pub(super) async fn lost_backend(&mut self, e: ProtocolError) -> Result<(), SessionError> {
-        let name = self.bound.as_ref().map(|b| b.conn.shard_name().to_string()).unwrap_or_default();
+        let name = self.txn.held.as_ref().map(|b| b.conn.shard_name().to_string()).unwrap_or_default();
         warn!(shard = %name, error = %e, "lost server connection");
-        if let Some(mut b) = self.bound.take() {
+        if let Some(mut b) = self.txn.held.take() {
             b.conn.broken = true;
         }
         self.clear_cancel();
-        self.pending_begin = None;
-        self.aborted_locally = false;
-        self.open_batch = false;
+        self.txn.pending_begin = None;
+        self.txn.aborted = false;
+        self.txn.open_batch = false;
         self.shadow_digest = None;
         crate::metrics::global().error("08006");
         self.client.queue(

@@ -53,9 +53,12 @@ use shardgate_directory::TenantKey;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use self::admission::route_kind;
+use self::admission::Admission;
+use self::multi::AllShards;
 use self::prepared::Prepared;
 use self::relay::Expect;
-use self::transaction::{leaves_transaction_open, Bound};
+use self::settings::Settings;
+use self::transaction::{leaves_transaction_open, Transaction};
 use crate::context::RouterContext;
 use crate::error::SqlError;
 use crate::protocol::messages::{self, query_text, Severity};
@@ -79,42 +82,24 @@ pub struct Session<S> {
     cancel: crate::context::CancelSlot,
     /// `SET shardgate.tenant`: the tenant of statements that name none.
     tenant: Option<TenantKey>,
-    bound: Option<Bound>,
-    /// Transaction-control statements answered here, to send before the first
-    /// statement that names a shard.
-    pending_begin: Option<Vec<String>>,
-    /// The transaction failed in the router (a routing error inside it): like
-    /// Postgres, refuse everything until ROLLBACK.
-    aborted_locally: bool,
-    /// A Flush left a batch open on `bound` until the next Sync.
-    open_batch: bool,
-    /// The client's statements by name. Looked up on every Bind; a session can
-    /// only slow down its own lookups with colliding names.
+    /// The transaction and the server connection it holds (`transaction.rs`).
+    txn: Transaction,
+    /// A transaction open on every shard at once (`multi.rs`).
+    multi: Option<AllShards>,
+    /// The client's statements by name (`prepared.rs`). Looked up on every
+    /// Bind; a session can only slow down its own lookups with colliding names.
     prepared: rustc_hash::FxHashMap<String, Prepared>,
+    /// The extended-protocol messages collected up to Sync or Flush.
     batch: Vec<Message>,
     spare_batch: Vec<Message>,
     /// The replies a batch expects, kept between batches (no allocation each time).
     spare_expects: VecDeque<Expect>,
-    /// Session settings (`SET name …` outside a transaction, and the startup
-    /// packet's parameters), replayed on each server connection the session uses.
-    settings: std::collections::BTreeMap<String, String>,
-    /// A hash of `settings` (0 for none), kept up to date with them: a server
-    /// connection that last served the same signature needs no `RESET ALL; SET …`.
-    settings_signature: u64,
+    /// Session settings, replayed on each server connection (`settings.rs`).
+    settings: Settings,
+    /// Routing, holds and load of the statements in flight (`admission.rs`).
+    admission: Admission,
     /// Set when the last relay forwarded an ErrorResponse.
     saw_error: bool,
-    /// A transaction open on every shard at once: one that began with DDL or a
-    /// reference-table write (a schema migration). `multi_failed` once a shard
-    /// reported an error: COMMIT then rolls back everywhere.
-    multi: Option<Vec<Bound>>,
-    multi_failed: bool,
-    /// Buckets the statements being routed touch (filled by routing).
-    touched: Vec<u32>,
-    /// The directory epoch the statements being routed were routed by (0: not
-    /// routed yet; u64::MAX: by several), checked once they are in flight.
-    routed_epoch: std::sync::atomic::AtomicU64,
-    /// Buckets this session's statement or transaction has in flight.
-    flight: crate::hold::Flight,
     /// While a shadowed read is relayed: the digest of the rows the client gets.
     shadow_digest: Option<RowDigest>,
     /// Rows the statements being relayed reported written (CommandComplete).
@@ -126,7 +111,7 @@ pub struct Session<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub fn new(ctx: Arc<RouterContext>, client: Connection<S>, cancel_key: (i32, i32)) -> Self {
-        let ctx_in_flight = ctx.in_flight.clone();
+        let admission = Admission::new(ctx.in_flight.clone());
         let cancel = ctx.cancel_slot(cancel_key);
         Session {
             ctx,
@@ -134,36 +119,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             cancel_key,
             cancel,
             tenant: None,
-            bound: None,
-            pending_begin: None,
-            aborted_locally: false,
-            open_batch: false,
+            txn: Transaction::default(),
+            multi: None,
             prepared: Default::default(),
             batch: Vec::new(),
             spare_batch: Vec::new(),
             spare_expects: VecDeque::new(),
-            settings: std::collections::BTreeMap::new(),
-            settings_signature: 0,
+            settings: Settings::default(),
+            admission,
             saw_error: false,
-            multi: None,
-            multi_failed: false,
-            touched: Default::default(),
-            routed_epoch: Default::default(),
-            pools: Vec::new(),
-            flight: crate::hold::Flight::new(ctx_in_flight),
             shadow_digest: None,
             rows_written: 0,
+            pools: Vec::new(),
         }
     }
 
     /// The transaction status to report in ReadyForQuery.
     fn status(&self) -> u8 {
-        if self.multi.is_some() {
-            return if self.multi_failed { b'E' } else { b'T' };
+        if let Some(all) = &self.multi {
+            return if all.failed { b'E' } else { b'T' };
         }
-        if self.aborted_locally {
+        if self.txn.aborted {
             b'E'
-        } else if self.bound.is_some() || self.pending_begin.is_some() {
+        } else if self.txn.in_block() {
             b'T'
         } else {
             b'I'
@@ -175,10 +153,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let result = self.serve().await;
         // Leaving mid-transaction: the server connections' state is unknown to the
         // pool, so they are closed (the servers roll back).
-        if let Some(b) = self.bound.as_mut() {
+        if let Some(b) = self.txn.held.as_mut() {
             b.conn.broken = true;
         }
-        for b in self.multi.iter_mut().flatten() {
+        for b in self.multi.iter_mut().flat_map(|all| all.held.iter_mut()) {
             b.conn.broken = true;
         }
         self.ctx.remove_cancel(self.cancel_key);
@@ -198,9 +176,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     return Err(e.into());
                 }
             };
-            if self.bound.is_none() && self.pending_begin.is_none() && self.multi.is_none() {
+            if !self.txn.in_block() && self.multi.is_none() {
                 // Idle between statements: nothing of this session is in flight.
-                self.flight.clear();
+                self.admission.flight.clear();
             }
             match m.tag() {
                 b'Q' => self.simple_query(&m).await?,
@@ -236,10 +214,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // Outside a transaction block a simple query may run as its shape's
         // prepared statement (see crate::sql::lift).
         let lookup = if self.ctx.config.prepare_simple_queries
-            && self.bound.is_none()
-            && self.pending_begin.is_none()
+            && self.txn.held.is_none()
+            && self.txn.pending_begin.is_none()
             && self.multi.is_none()
-            && !self.aborted_locally
+            && !self.txn.aborted
         {
             self.ctx.cache.get_simple(sql)
         } else {
@@ -249,7 +227,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(a) => a,
             Err(_) => {
                 // Not valid SQL: let a shard say so, exactly as Postgres would.
-                let shard = self.bound.as_ref().map(|b| b.shard).unwrap_or_else(|| {
+                let shard = self.txn.held.as_ref().map(|b| b.shard).unwrap_or_else(|| {
                     let dir = self.ctx.directory.load();
                     self.ctx.any_shard(&dir)
                 });
@@ -266,7 +244,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.multi.is_some() {
             return self.multi_query(sql, &analysis).await;
         }
-        if self.aborted_locally {
+        if self.txn.aborted {
             return self.in_aborted_txn(&analysis.statements[0]).await;
         }
         if analysis.statements.len() == 1 {
@@ -281,10 +259,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         self.ensure_catalog(&analysis).await;
         let target = loop {
-            let mut touched = std::mem::take(&mut self.touched);
+            let mut touched = std::mem::take(&mut self.admission.touched);
             touched.clear();
             let routed = self.route_all(&analysis, None, &mut touched);
-            self.touched = touched;
+            self.admission.touched = touched;
             let target = match routed {
                 Ok(t) => t,
                 Err(e) => return self.fail_simple(e).await,
@@ -303,7 +281,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let s = self.any_shard();
                 self.forward(s, m.raw().clone(), &analysis, form).await
             }
-            Target::All if self.pending_begin.is_some() || leaves_transaction_open(&analysis) => {
+            Target::All if self.txn.pending_begin.is_some() || leaves_transaction_open(&analysis) => {
                 self.open_multi(sql, &analysis).await
             }
             Target::All => self.run_everywhere(sql, &analysis).await,

@@ -9,13 +9,20 @@ use tracing::warn;
 
 use super::everywhere::{collect, everywhere};
 use super::reply::prefix_error;
-use super::transaction::Bound;
+use super::transaction::Held;
 use super::{Session, SessionError};
 use crate::error::SqlError;
 use crate::protocol::messages::{self, Severity};
 use crate::protocol::Message;
-use crate::route::{self, Rules, Target};
+use crate::route::{self, Target};
 use crate::sql::{Analysis, StatementKind, TxnControl};
+
+/// The connections of a transaction open on every shard.
+pub(super) struct AllShards {
+    pub(super) held: Vec<Held>,
+    /// A shard reported an error: COMMIT then rolls back everywhere.
+    pub(super) failed: bool,
+}
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// A transaction whose first statement must run on every shard (DDL, a
@@ -23,7 +30,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) async fn open_multi(&mut self, sql: &str, analysis: &Analysis) -> Result<(), SessionError> {
         let dir = self.ctx.directory.load();
         // BEGIN was either held (pending) or is part of `sql` itself.
-        let prelude = self.pending_begin.take().map(|p| p.join("; "));
+        let prelude = self.txn.pending_begin.take().map(|p| p.join("; "));
         let mut bounds = Vec::new();
         for shard in everywhere(&dir, analysis.statements.iter()) {
             let Some(pool) = self.ctx.pool(shard) else {
@@ -31,7 +38,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             };
             match pool.get().await {
                 Ok(mut conn) => {
-                    let settings = self.settings_prelude(&mut conn);
+                    let settings = self.settings.prelude(&mut conn);
                     let begun = match &prelude {
                         None => match settings {
                             Some(set) => collect(&mut conn, &set, None, true).await,
@@ -48,26 +55,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     };
                     if let Err(e) = begun {
                         for b in bounds.iter_mut() {
-                            let b: &mut Bound = b;
+                            let b: &mut Held = b;
                             b.conn.broken = true;
                         }
-                        self.aborted_locally = true;
+                        self.txn.aborted = true;
                         return self.fail_simple(e).await;
                     }
-                    bounds.push(Bound { shard, conn });
+                    bounds.push(Held { shard, conn });
                 }
                 Err(e) => {
                     for b in bounds.iter_mut() {
-                        let b: &mut Bound = b;
+                        let b: &mut Held = b;
                         b.conn.broken = true;
                     }
-                    self.aborted_locally = true;
+                    self.txn.aborted = true;
                     return self.fail_simple(SqlError::new(e.sqlstate(), e.to_string())).await;
                 }
             }
         }
-        self.multi = Some(bounds);
-        self.multi_failed = false;
+        self.multi = Some(AllShards { held: bounds, failed: false });
         self.multi_query(sql, analysis).await
     }
 
@@ -78,7 +84,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if single {
             match &first.kind {
                 StatementKind::Txn(TxnControl::Commit | TxnControl::Rollback) => {
-                    let commit = matches!(first.kind, StatementKind::Txn(TxnControl::Commit)) && !self.multi_failed;
+                    let commit = matches!(first.kind, StatementKind::Txn(TxnControl::Commit)) && !self.multi_failed();
                     return self.end_multi(commit).await;
                 }
                 StatementKind::Txn(TxnControl::Begin) => {
@@ -100,7 +106,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 _ => {}
             }
         }
-        if self.multi_failed {
+        if self.multi_failed() {
             self.client.queue(
                 &SqlError::new(
                     "25P02",
@@ -112,7 +118,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         // Fan-out reads, split inserts and COPY need connections of their own.
         let dir = self.ctx.directory.load();
-        let bound_shards: Vec<ShardId> = self.multi.iter().flatten().map(|b| b.shard).collect();
+        let bound_shards: Vec<ShardId> = self.multi.iter().flat_map(|all| &all.held).map(|b| b.shard).collect();
         let target = self.route_multi(analysis, &dir);
         let run_on: Vec<usize> = match target {
             Ok(Target::Shard(s)) => bound_shards.iter().position(|&x| x == s).into_iter().collect(),
@@ -123,7 +129,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             Ok(Target::All) => (0..bound_shards.len()).collect(),
             Ok(_) => {
-                self.multi_failed = true;
+                self.fail_multi();
                 return self
                     .fail_simple(
                         SqlError::new(
@@ -135,13 +141,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     .await;
             }
             Err(e) => {
-                self.multi_failed = true;
+                self.fail_multi();
                 return self.fail_simple(e).await;
             }
         };
         let mut first_reply = None;
         let mut failure = None;
-        let Some(bounds) = self.multi.as_mut() else {
+        let Some(bounds) = self.multi.as_mut().map(|all| &mut all.held) else {
             return self.ready().await;
         };
         for i in run_on {
@@ -161,7 +167,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         match failure {
             Some(e) => {
-                self.multi_failed = true;
+                self.fail_multi();
                 self.client.queue(&e);
             }
             None => {
@@ -178,18 +184,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         analysis: &Analysis,
         dir: &shardgate_directory::Directory,
     ) -> Result<Target, SqlError> {
-        let rules = Rules {
-            strict_tenant: self.ctx.config.strict_tenant,
-            allow_cross_shard_writes: self.ctx.config.allow_cross_shard_writes,
-        };
+        let rules = self.ctx.config.routing_rules();
         let mut target = Target::Any;
         for stmt in &analysis.statements {
             let t = route::route(stmt, None, self.tenant.as_ref(), dir, &self.ctx.catalog, &rules, &mut Vec::new())?;
-            target = match (target, t) {
-                (Target::Any, t) | (t, Target::Any) => t,
-                (Target::Shard(a), Target::Shard(b)) if a == b => Target::Shard(a),
-                _ => Target::All,
-            };
+            target = route::combine_on_every_shard(target, t);
         }
         route::check_reference_reads(&analysis.statements, &target, dir, &self.ctx.catalog)?;
         Ok(target)
@@ -199,8 +198,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Shards commit one after another: if one fails after others committed, the
     /// error says which committed, since that cannot be undone.
     pub(super) async fn end_multi(&mut self, commit: bool) -> Result<(), SessionError> {
-        let bounds = self.multi.take().unwrap_or_default();
-        self.multi_failed = false;
+        let bounds = self.multi.take().map(|all| all.held).unwrap_or_default();
         let dir = self.ctx.directory.load();
         let sql = if commit { "COMMIT" } else { "ROLLBACK" };
         let mut committed: Vec<String> = Vec::new();
@@ -258,5 +256,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         self.ready().await
+    }
+
+    fn multi_failed(&self) -> bool {
+        self.multi.as_ref().is_some_and(|all| all.failed)
+    }
+
+    fn fail_multi(&mut self) {
+        if let Some(all) = self.multi.as_mut() {
+            all.failed = true;
+        }
     }
 }

@@ -43,13 +43,13 @@ pub(super) fn unknown_statement(name: &str) -> SqlError {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    /// The replies to expect on the bound connection before a batch's own:
-    /// ReadyForQuery for each statement `bind` sent ahead (`swallow`), and the
+    /// The replies to expect on the held connection before a batch's own:
+    /// ReadyForQuery for each statement `checkout` sent ahead (`swallow`), and the
     /// CloseComplete of a statement cache started over.
     pub(super) fn start_expects(&mut self, swallow: usize) -> VecDeque<Expect> {
         let mut expects = std::mem::take(&mut self.spare_expects);
         expects.clear();
-        let Some(b) = self.bound.as_mut() else {
+        let Some(b) = self.txn.held.as_mut() else {
             return expects;
         };
         let backend = &mut b.conn;
@@ -57,7 +57,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             expects.push_back(Expect::Sync);
         }
         if backend.prepared.len() >= MAX_PREPARED_PER_CONNECTION {
-            // Bound the memory each server connection spends on statements that
+            // Held the memory each server connection spends on statements that
             // clients prepared: start its cache over (statements are prepared
             // again, lazily, when next used).
             let names: Vec<String> = backend.prepared.drain().collect();
@@ -69,11 +69,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         expects
     }
 
-    /// Queues the batch on the bound connection with statement names rewritten,
+    /// Queues the batch on the held connection with statement names rewritten,
     /// and returns the replies to expect.
     pub(super) fn rewrite_batch(&mut self, batch: &[Message], swallow: usize) -> VecDeque<Expect> {
         let mut expects = self.start_expects(swallow);
-        let Some(b) = self.bound.as_mut() else {
+        let Some(b) = self.txn.held.as_mut() else {
             return expects;
         };
         let backend = &mut b.conn;

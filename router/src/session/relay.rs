@@ -100,7 +100,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         prepared: Option<bool>,
     ) -> Result<Relayed, RelayError> {
         self.saw_error = false;
-        let Some(b) = self.bound.as_mut() else {
+        let Some(b) = self.txn.held.as_mut() else {
             return Ok(Relayed::Ready(b'I'));
         };
         let (mut parsed, mut bound, mut refused) = (false, false, None);
@@ -190,7 +190,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             };
         }
-        let Some(b) = self.bound.as_mut() else {
+        let Some(b) = self.txn.held.as_mut() else {
             return Ok(None);
         };
         let swallowed_syncs = expects.iter().take_while(|e| matches!(e, Expect::Sync)).count();
@@ -283,7 +283,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         // client's next Sync ends the pipeline on this connection.
                         if let Some(pos) = expects.iter().position(|e| matches!(e, Expect::Sync)) {
                             expects.remove(pos);
-                            self.open_batch = true;
+                            self.txn.open_batch = true;
                         }
                     }
                     _ => {
@@ -309,7 +309,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         match status {
             // The caller queues ReadyForQuery (it may report another status) and
             // flushes: the client gets the whole reply in one write.
-            Some(_) => self.open_batch = false,
+            Some(_) => self.txn.open_batch = false,
             None => self.client.flush().await.map_err(client_err)?,
         }
         Ok(status)

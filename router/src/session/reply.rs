@@ -30,8 +30,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         debug!(code = e.code, message = %e.message, "statement refused");
         crate::metrics::global().error(e.code);
         self.client.queue(&e.to_message(Severity::Error));
-        if self.bound.is_some() || self.pending_begin.is_some() {
-            self.aborted_locally = true;
+        if self.txn.in_block() {
+            self.txn.aborted = true;
         }
         self.ready().await
     }
@@ -86,14 +86,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         debug!(code = e.code, message = %e.message, "batch refused");
         crate::metrics::global().error(e.code);
         self.client.queue(&e.to_message(Severity::Error));
-        if self.bound.is_some() || self.pending_begin.is_some() {
-            self.aborted_locally = true;
+        if self.txn.in_block() {
+            self.txn.aborted = true;
         }
         if sync {
-            if self.open_batch {
+            if self.txn.open_batch {
                 // A Flush left part of this pipeline on the server: end it there.
-                self.open_batch = false;
-                if let Some(b) = self.bound.as_mut() {
+                self.txn.open_batch = false;
+                if let Some(b) = self.txn.held.as_mut() {
                     b.conn.conn.queue(&messages::sync());
                     let _ = b.conn.conn.flush().await;
                     loop {

@@ -3,12 +3,68 @@
 //! session borrows (skipped when the connection last served the same settings).
 
 use std::collections::hash_map::DefaultHasher;
+use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::Session;
+use crate::backend::Backend;
 use crate::sql::{Analysis, SettingChange, StatementKind};
+
+/// Session settings by name, each as the statement that sets it.
+#[derive(Default)]
+pub(super) struct Settings {
+    statements: BTreeMap<String, String>,
+    /// A hash of `statements` (0 for none), kept up to date with them: a server
+    /// connection that last served the same signature needs no `RESET ALL; SET …`.
+    signature: u64,
+}
+
+impl Settings {
+    /// A startup parameter, kept as `SET name TO 'value'` when its name is a
+    /// plain setting name.
+    fn set_startup(&mut self, name: &str, value: &str) {
+        let name = name.to_ascii_lowercase();
+        if name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') && !name.is_empty() {
+            let text = format!("SET {name} TO '{}'", value.replace('\'', "''"));
+            self.statements.insert(name, text);
+            self.changed();
+        }
+    }
+
+    /// Recomputes the signature; called whenever the settings change, so that
+    /// borrowing a connection costs no hashing.
+    fn changed(&mut self) {
+        self.signature = if self.statements.is_empty() {
+            0
+        } else {
+            let mut h = DefaultHasher::new();
+            self.statements.hash(&mut h);
+            h.finish() | 1
+        };
+    }
+
+    /// `RESET ALL; SET …`: the statements that give a connection these settings.
+    pub(super) fn sql(&self) -> String {
+        let mut sql = String::from("RESET ALL");
+        for text in self.statements.values() {
+            sql.push_str("; ");
+            sql.push_str(text);
+        }
+        sql
+    }
+
+    /// [`Self::sql`] for a connection whose settings are not these, marking it
+    /// as having them; None when it has them already.
+    pub(super) fn prelude(&self, conn: &mut Backend) -> Option<String> {
+        if conn.settings == Some(self.signature) {
+            return None;
+        }
+        conn.settings = Some(self.signature);
+        Some(self.sql())
+    }
+}
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Startup parameters the client asked for (`application_name`, `DateStyle`,
@@ -28,104 +84,50 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             w => w.strip_prefix("-c").or_else(|| w.strip_prefix("--")),
                         };
                         if let Some((name, value)) = kv.and_then(|kv| kv.split_once('=')) {
-                            self.set_startup(name, value);
+                            self.settings.set_startup(name, value);
                         }
                     }
                 }
-                name => self.set_startup(name, v),
+                name => self.settings.set_startup(name, v),
             }
         }
         self
     }
 
-    pub(super) fn set_startup(&mut self, name: &str, value: &str) {
-        let name = name.to_ascii_lowercase();
-        if name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') && !name.is_empty() {
-            let text = format!("SET {name} TO '{}'", value.replace('\'', "''"));
-            self.settings.insert(name, text);
-            self.settings_changed();
-        }
-    }
-
-    /// Recomputes the settings' signature; called whenever they change, so that
-    /// borrowing a connection costs no hashing.
-    pub(super) fn settings_changed(&mut self) {
-        self.settings_signature = if self.settings.is_empty() {
-            0
-        } else {
-            let mut h = DefaultHasher::new();
-            self.settings.hash(&mut h);
-            h.finish() | 1
-        };
-    }
-
     /// Records the session-setting statements of `analysis` after they ran on the
-    /// bound connection (`status` is the server's transaction status after them).
+    /// held connection (`status` is the server's transaction status after them).
     pub(super) fn record_settings(&mut self, analysis: &Analysis, status: u8) {
-        let changes: Vec<&SettingChange> = analysis
-            .statements
-            .iter()
-            .filter_map(|s| match &s.kind {
-                StatementKind::SetVar(c) => Some(c),
-                _ => None,
-            })
-            .collect();
-        if changes.is_empty() {
+        let mut changes = analysis.statements.iter().filter_map(|s| match &s.kind {
+            StatementKind::SetVar(c) => Some((s, c)),
+            _ => None,
+        });
+        if changes.clone().next().is_none() {
             return;
         }
         if status != b'I' || self.saw_error {
             // Inside a transaction (or failed): what the connection now has is
             // unknown; the next session to use it starts from RESET ALL.
-            if let Some(b) = self.bound.as_mut() {
+            if let Some(b) = self.txn.held.as_mut() {
                 b.conn.settings = None;
             }
             return;
         }
-        for (stmt, change) in analysis.statements.iter().filter_map(|s| match &s.kind {
-            StatementKind::SetVar(c) => Some((s, c)),
-            _ => None,
-        }) {
+        let settings = &mut self.settings;
+        for (stmt, change) in changes.by_ref() {
             match change {
                 SettingChange::Set { name } => {
-                    self.settings.insert(name.clone(), stmt.text.clone());
+                    settings.statements.insert(name.clone(), stmt.text.clone());
                 }
                 SettingChange::Reset { name } => {
-                    self.settings.remove(name);
+                    settings.statements.remove(name);
                 }
-                SettingChange::ResetAll => self.settings.clear(),
+                SettingChange::ResetAll => settings.statements.clear(),
             }
         }
-        self.settings_changed();
-        let sig = self.settings_signature;
-        if let Some(b) = self.bound.as_mut() {
+        settings.changed();
+        let sig = settings.signature;
+        if let Some(b) = self.txn.held.as_mut() {
             b.conn.settings = Some(sig);
         }
-    }
-
-    /// The session's settings as statements, for a connection of the shadow
-    /// reads (which runs them inside a transaction it rolls back).
-    pub(super) fn settings_sql(&self) -> String {
-        let mut sql = String::from("RESET ALL");
-        for text in self.settings.values() {
-            sql.push_str("; ");
-            sql.push_str(text);
-        }
-        sql
-    }
-
-    /// `RESET ALL; SET …` for a connection whose settings are not this
-    /// session's, marking it as having them.
-    pub(super) fn settings_prelude(&self, conn: &mut crate::backend::Backend) -> Option<String> {
-        let sig = self.settings_signature;
-        if conn.settings == Some(sig) {
-            return None;
-        }
-        conn.settings = Some(sig);
-        let mut sql = String::from("RESET ALL");
-        for text in self.settings.values() {
-            sql.push_str("; ");
-            sql.push_str(text);
-        }
-        Some(sql)
     }
 }

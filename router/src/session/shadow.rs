@@ -25,9 +25,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         params: Option<&Params<'_>>,
     ) -> Option<ShadowMove> {
         if self.ctx.shadow.is_idle()
-            || self.bound.is_some()
-            || self.pending_begin.is_some()
-            || self.open_batch
+            || self.txn.held.is_some()
+            || self.txn.pending_begin.is_some()
+            || self.txn.open_batch
             || analysis.statements.len() != 1
         {
             return None;
@@ -103,10 +103,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         permit: tokio::sync::OwnedSemaphorePermit,
     ) {
         let Some(source) = self.shadow_digest.take() else { return };
-        if self.saw_error || self.bound.is_some() {
+        if self.saw_error || self.txn.held.is_some() {
             return;
         }
-        let read = ShadowRead { mv, query, settings: Some(self.settings_sql()), source };
+        let read = ShadowRead { mv, query, settings: Some(self.settings.sql()), source };
         crate::shadow::spawn_compare(self.ctx.clone(), read, permit);
     }
 }

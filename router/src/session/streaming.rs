@@ -10,6 +10,7 @@ use super::fanout::Answer;
 use super::reply::prefix_error;
 use super::{Session, SessionError};
 use crate::error::SqlError;
+use crate::fanout::{ClientFormats, Event, Heads, ShardRows};
 use crate::protocol::messages::{self, target_and_name, Parse, Severity};
 use crate::protocol::Message;
 
@@ -47,7 +48,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             };
             let mut run = Vec::new();
             let mut skip = 0;
-            if let Some(p) = self.settings_prelude(&mut conn) {
+            if let Some(p) = self.settings.prelude(&mut conn) {
                 run.extend_from_slice(&messages::query(&p));
                 skip = 1;
             }
@@ -98,45 +99,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
+    /// Relays a cross-shard read from its shards' streams: every shard's
+    /// RowDescription first (a shard's error then fails the read before a row
+    /// went out), then the rows, shard after shard or merged by `order`,
+    /// through OFFSET and LIMIT.
     pub(super) async fn relay_streams(
         &mut self,
         answer: Answer<'_>,
-        mut streams: Vec<crate::fanout::ShardRows>,
+        mut streams: Vec<ShardRows>,
         order: &[crate::fanout::SortKey],
         limit: Option<u64>,
         offset: u64,
     ) -> Result<(), SessionError> {
-        use crate::fanout::Event;
-        // Every shard's RowDescription (or its error) before anything is sent.
-        let mut description = None;
-        for st in streams.iter_mut() {
-            match st.next().await {
-                Event::Described(rd) => {
-                    description.get_or_insert(rd);
-                }
-                Event::ShardError(err) => {
-                    if let Answer::Extended { batch, .. } = answer {
-                        // As in Postgres: a statement whose Parse failed does not exist.
-                        if !st.parsed {
-                            for m in batch.iter().filter(|m| m.tag() == b'P') {
-                                if let Ok(p) = Parse::parse(m) {
-                                    self.prepared.remove(p.name);
-                                }
-                            }
-                        }
-                    }
-                    self.client.queue(&prefix_error(&err, &st.shard));
-                    return self.ready().await;
-                }
-                Event::Failed(e) => return self.fail_answer(&answer, e).await,
-                Event::Row(_) | Event::Done => {
-                    let e = SqlError::new("0A000", "a cross-shard statement must return rows".into());
-                    return self.fail_answer(&answer, e).await;
-                }
-            }
-        }
-        let Some(description) = description else {
-            return self.fail_answer(&answer, SqlError::new("XX000", "no shard to read from".into())).await;
+        let Some(description) = self.describe_streams(&answer, &mut streams).await? else {
+            // Answered with the error.
+            return Ok(());
         };
         let c_collation = self.ctx.c_collation.load(std::sync::atomic::Ordering::Relaxed);
         let keys = match crate::fanout::types_of(&description)
@@ -150,9 +127,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Answer::Simple => None,
             Answer::Extended { formats, relayed, .. } => {
                 let f = if *relayed {
-                    crate::fanout::ClientFormats::as_sent(&description, formats)
+                    ClientFormats::as_sent(&description, formats)
                 } else {
-                    crate::fanout::ClientFormats::new(&description, formats)
+                    ClientFormats::new(&description, formats)
                 };
                 match f {
                     Ok(f) => Some(f),
@@ -172,95 +149,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 &[]
             }
         };
-        let client_row = |raw: Bytes| -> Result<Bytes, Bytes> {
-            match &formats {
-                None => Ok(raw),
-                Some(f) => {
-                    f.row(&raw).map_err(|e| SqlError::new(e.sqlstate(), e.to_string()).to_message(Severity::Error))
-                }
-            }
-        };
-        let (mut skipped, mut sent) = (0u64, 0u64);
-        let mut failure: Option<Bytes> = None;
-        if keys.is_empty() {
-            'shards: for st in streams.iter_mut() {
-                loop {
-                    if limit.is_some_and(|l| sent >= l) {
-                        break 'shards;
-                    }
-                    match st.next().await {
-                        Event::Row(r) if skipped < offset => {
-                            skipped += 1;
-                            drop(r);
-                        }
-                        Event::Row(r) => {
-                            match client_row(r) {
-                                Ok(r) => self.client.queue(&r),
-                                Err(e) => {
-                                    failure = Some(e);
-                                    break 'shards;
-                                }
-                            }
-                            sent += 1;
-                            if self.client.queued() > 256 * 1024 {
-                                self.client.flush().await?;
-                            }
-                        }
-                        Event::Described(_) => {}
-                        Event::Done => break,
-                        Event::ShardError(err) => {
-                            failure = Some(prefix_error(&err, &st.shard));
-                            break 'shards;
-                        }
-                        Event::Failed(e) => {
-                            failure = Some(e.to_message(Severity::Error));
-                            break 'shards;
-                        }
-                    }
-                }
-            }
+        let mut window = Window { offset, limit, skipped: 0, sent: 0 };
+        let failure = if keys.is_empty() {
+            self.relay_in_turn(&mut streams, formats.as_ref(), &mut window).await?
         } else {
-            let mut heads = crate::fanout::Heads::new(keys, streams.len());
-            let mut last: Vec<Option<crate::fanout::Row>> = vec![None; streams.len()];
-            let mut refill = (0..streams.len()).collect::<Vec<usize>>();
-            loop {
-                for i in refill.drain(..) {
-                    let st = &mut streams[i];
-                    match st.next().await {
-                        Event::Row(r) => {
-                            if let Err(e) = heads.put(i, r, last[i].as_ref()) {
-                                failure = Some(e.to_message(Severity::Error));
-                            }
-                        }
-                        Event::Described(_) | Event::Done => {}
-                        Event::ShardError(err) => failure = Some(prefix_error(&err, &st.shard)),
-                        Event::Failed(e) => failure = Some(e.to_message(Severity::Error)),
-                    }
-                }
-                if failure.is_some() || limit.is_some_and(|l| sent >= l) {
-                    break;
-                }
-                let Some(i) = heads.first() else { break };
-                let (raw, row) = heads.take(i).expect("a head");
-                if skipped < offset {
-                    skipped += 1;
-                } else {
-                    match client_row(raw) {
-                        Ok(r) => self.client.queue(&r),
-                        Err(e) => {
-                            failure = Some(e);
-                            break;
-                        }
-                    }
-                    sent += 1;
-                    if self.client.queued() > 256 * 1024 {
-                        self.client.flush().await?;
-                    }
-                }
-                last[i] = Some(row);
-                refill.push(i);
-            }
-        }
+            let heads = Heads::new(keys, streams.len());
+            self.relay_merged(&mut streams, heads, formats.as_ref(), &mut window).await?
+        };
         drop(streams);
         match failure {
             Some(err) => {
@@ -268,12 +163,177 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.client.queue(&err);
             }
             None => {
-                self.client.queue(&messages::command_complete(&format!("SELECT {sent}")));
+                self.client.queue(&messages::command_complete(&format!("SELECT {}", window.sent)));
                 if let Some(f) = &formats {
                     self.reply_around_execute(after_execute, None, &description, &f.row_description);
                 }
             }
         }
         self.ready().await
+    }
+
+    /// Every shard's RowDescription, before anything is sent: the first one,
+    /// or None once a shard's error has been answered.
+    async fn describe_streams(
+        &mut self,
+        answer: &Answer<'_>,
+        streams: &mut [ShardRows],
+    ) -> Result<Option<Bytes>, SessionError> {
+        let mut description = None;
+        for st in streams.iter_mut() {
+            match st.next().await {
+                Event::Described(rd) => {
+                    description.get_or_insert(rd);
+                }
+                Event::ShardError(err) => {
+                    if let Answer::Extended { batch, .. } = answer {
+                        // As in Postgres: a statement whose Parse failed does not exist.
+                        if !st.parsed {
+                            for m in batch.iter().filter(|m| m.tag() == b'P') {
+                                if let Ok(p) = Parse::parse(m) {
+                                    self.prepared.remove(p.name);
+                                }
+                            }
+                        }
+                    }
+                    self.client.queue(&prefix_error(&err, &st.shard));
+                    self.ready().await?;
+                    return Ok(None);
+                }
+                Event::Failed(e) => {
+                    self.fail_answer(answer, e).await?;
+                    return Ok(None);
+                }
+                Event::Row(_) | Event::Done => {
+                    let e = SqlError::new("0A000", "a cross-shard statement must return rows".into());
+                    self.fail_answer(answer, e).await?;
+                    return Ok(None);
+                }
+            }
+        }
+        if description.is_none() {
+            self.fail_answer(answer, SqlError::new("XX000", "no shard to read from".into())).await?;
+        }
+        Ok(description)
+    }
+
+    /// Rows in no particular order: each shard's in turn. Returns the error
+    /// that ended the read early, if one did.
+    async fn relay_in_turn(
+        &mut self,
+        streams: &mut [ShardRows],
+        formats: Option<&ClientFormats>,
+        window: &mut Window,
+    ) -> Result<Option<Bytes>, SessionError> {
+        for st in streams.iter_mut() {
+            loop {
+                if window.full() {
+                    return Ok(None);
+                }
+                match st.next().await {
+                    Event::Row(r) if window.skips() => drop(r),
+                    Event::Row(r) => {
+                        if let Some(failure) = self.send_row(r, formats, window).await? {
+                            return Ok(Some(failure));
+                        }
+                    }
+                    Event::Described(_) => {}
+                    Event::Done => break,
+                    Event::ShardError(err) => return Ok(Some(prefix_error(&err, &st.shard))),
+                    Event::Failed(e) => return Ok(Some(e.to_message(Severity::Error))),
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Rows in ORDER BY order: a k-way merge of the shards' sorted streams,
+    /// one head row per shard. Returns the error that ended the read early.
+    async fn relay_merged(
+        &mut self,
+        streams: &mut [ShardRows],
+        mut heads: Heads,
+        formats: Option<&ClientFormats>,
+        window: &mut Window,
+    ) -> Result<Option<Bytes>, SessionError> {
+        let mut last: Vec<Option<crate::fanout::Row>> = vec![None; streams.len()];
+        let mut refill = (0..streams.len()).collect::<Vec<usize>>();
+        loop {
+            for i in refill.drain(..) {
+                let st = &mut streams[i];
+                let failure = match st.next().await {
+                    Event::Row(r) => heads.put(i, r, last[i].as_ref()).err().map(|e| e.to_message(Severity::Error)),
+                    Event::Described(_) | Event::Done => None,
+                    Event::ShardError(err) => Some(prefix_error(&err, &st.shard)),
+                    Event::Failed(e) => Some(e.to_message(Severity::Error)),
+                };
+                if failure.is_some() {
+                    return Ok(failure);
+                }
+            }
+            if window.full() {
+                return Ok(None);
+            }
+            let Some(i) = heads.first() else { return Ok(None) };
+            let Some((raw, row)) = heads.take(i) else {
+                let e = SqlError::new("XX000", "cross-shard merge lost its head row".into());
+                return Ok(Some(e.to_message(Severity::Error)));
+            };
+            if !window.skips() {
+                if let Some(failure) = self.send_row(raw, formats, window).await? {
+                    return Ok(Some(failure));
+                }
+            }
+            last[i] = Some(row);
+            refill.push(i);
+        }
+    }
+
+    /// Sends one row in the client's formats; the error to end the read with
+    /// if it cannot be converted.
+    async fn send_row(
+        &mut self,
+        raw: Bytes,
+        formats: Option<&ClientFormats>,
+        window: &mut Window,
+    ) -> Result<Option<Bytes>, SessionError> {
+        let row = match formats {
+            None => raw,
+            Some(f) => match f.row(&raw) {
+                Ok(r) => r,
+                Err(e) => return Ok(Some(SqlError::new(e.sqlstate(), e.to_string()).to_message(Severity::Error))),
+            },
+        };
+        self.client.queue(&row);
+        window.sent += 1;
+        if self.client.queued() > 256 * 1024 {
+            self.client.flush().await?;
+        }
+        Ok(None)
+    }
+}
+
+/// OFFSET and LIMIT over a cross-shard read's rows as they go out.
+struct Window {
+    offset: u64,
+    limit: Option<u64>,
+    skipped: u64,
+    sent: u64,
+}
+
+impl Window {
+    /// LIMIT rows went out.
+    fn full(&self) -> bool {
+        self.limit.is_some_and(|l| self.sent >= l)
+    }
+
+    /// Whether OFFSET skips the next row (counting it if so).
+    fn skips(&mut self) -> bool {
+        if self.skipped < self.offset {
+            self.skipped += 1;
+            true
+        } else {
+            false
+        }
     }
 }

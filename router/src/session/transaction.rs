@@ -15,7 +15,31 @@ use crate::pool::Pooled;
 use crate::protocol::messages::{self, Severity};
 use crate::sql::{Analysis, Statement, StatementKind, TxnControl};
 
-pub(super) struct Bound {
+/// Where the session's transaction stands, as the router sees it.
+#[derive(Default)]
+pub(super) struct Transaction {
+    /// The server connection held while the server reports a transaction
+    /// open (and for the length of one statement or batch).
+    pub(super) held: Option<Held>,
+    /// Transaction-control statements answered here, to send before the first
+    /// statement that names a shard.
+    pub(super) pending_begin: Option<Vec<String>>,
+    /// The transaction failed in the router (a routing error inside it): like
+    /// Postgres, refuse everything until ROLLBACK.
+    pub(super) aborted: bool,
+    /// A Flush left a batch open on `held` until the next Sync.
+    pub(super) open_batch: bool,
+}
+
+impl Transaction {
+    /// A transaction block is open: BEGIN held back, or a connection held.
+    pub(super) fn in_block(&self) -> bool {
+        self.held.is_some() || self.pending_begin.is_some()
+    }
+}
+
+/// A server connection checked out of a shard's pool.
+pub(super) struct Held {
     pub(super) shard: ShardId,
     pub(super) conn: Pooled,
 }
@@ -34,9 +58,9 @@ pub(super) fn leaves_transaction_open(analysis: &Analysis) -> bool {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    /// A shard for a statement that can run anywhere: the bound one if any.
+    /// A shard for a statement that can run anywhere: the held one if any.
     pub(super) fn any_shard(&self) -> ShardId {
-        match &self.bound {
+        match &self.txn.held {
             Some(b) => b.shard,
             None => {
                 let dir = self.ctx.directory.load();
@@ -71,8 +95,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     },
                 }
             }
-            StatementKind::Txn(TxnControl::Begin) if self.bound.is_none() => {
-                match &mut self.pending_begin {
+            StatementKind::Txn(TxnControl::Begin) if self.txn.held.is_none() => {
+                match &mut self.txn.pending_begin {
                     Some(_) => {
                         self.client.queue(&messages::error_response(
                             Severity::Warning,
@@ -81,21 +105,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             None,
                         ));
                     }
-                    None => self.pending_begin = Some(vec![stmt.text.clone()]),
+                    None => self.txn.pending_begin = Some(vec![stmt.text.clone()]),
                 }
                 Some(Ok("BEGIN".into()))
             }
-            StatementKind::Txn(TxnControl::Savepoint) if self.bound.is_none() && self.pending_begin.is_some() => {
-                if let Some(p) = &mut self.pending_begin {
+            StatementKind::Txn(TxnControl::Savepoint)
+                if self.txn.held.is_none() && self.txn.pending_begin.is_some() =>
+            {
+                if let Some(p) = &mut self.txn.pending_begin {
                     p.push(stmt.text.clone());
                 }
                 let first = stmt.text.split_whitespace().next().unwrap_or("SAVEPOINT").to_ascii_uppercase();
                 Some(Ok(first))
             }
             StatementKind::Txn(TxnControl::Commit | TxnControl::Rollback)
-                if self.bound.is_none() && self.pending_begin.is_some() =>
+                if self.txn.held.is_none() && self.txn.pending_begin.is_some() =>
             {
-                self.pending_begin = None;
+                self.txn.pending_begin = None;
                 let commit = matches!(stmt.kind, StatementKind::Txn(TxnControl::Commit));
                 Some(Ok(if commit { "COMMIT" } else { "ROLLBACK" }.into()))
             }
@@ -106,9 +132,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// In a transaction that failed in the router: only its end is accepted.
     pub(super) async fn in_aborted_txn(&mut self, stmt: &Statement) -> Result<(), SessionError> {
         if matches!(stmt.kind, StatementKind::Txn(TxnControl::Commit | TxnControl::Rollback)) {
-            self.aborted_locally = false;
-            self.pending_begin = None;
-            if let Some(mut b) = self.bound.take() {
+            self.txn.aborted = false;
+            self.txn.pending_begin = None;
+            if let Some(mut b) = self.txn.held.take() {
                 if b.conn.simple_query("ROLLBACK").await.is_err() {
                     b.conn.broken = true;
                 }
@@ -127,10 +153,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.ready().await
     }
 
-    /// Borrows a server connection on `shard` unless one is bound; sends any
+    /// Checks a server connection out of `shard`'s pool unless one is held; sends any
     /// pending BEGIN ahead. Returns how many ReadyForQuery replies to swallow.
-    pub(super) async fn bind(&mut self, shard: ShardId) -> Result<usize, SqlError> {
-        if let Some(b) = &self.bound {
+    pub(super) async fn checkout(&mut self, shard: ShardId) -> Result<usize, SqlError> {
+        if let Some(b) = &self.txn.held {
             if b.shard == shard {
                 return Ok(0);
             }
@@ -146,15 +172,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         *self.cancel.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(CancelTarget { pool, pid: conn.pid, secret: conn.secret });
         let mut swallow = 0;
-        if let Some(sql) = self.settings_prelude(&mut conn) {
+        if let Some(sql) = self.settings.prelude(&mut conn) {
             conn.conn.queue(&messages::query(&sql));
             swallow += 1;
         }
-        if let Some(prelude) = self.pending_begin.take() {
+        if let Some(prelude) = self.txn.pending_begin.take() {
             conn.conn.queue(&messages::query(&prelude.join("; ")));
             swallow += 1;
         }
-        self.bound = Some(Bound { shard, conn });
+        self.txn.held = Some(Held { shard, conn });
         Ok(swallow)
     }
 
@@ -179,17 +205,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// transaction is open, return it to the pool when idle.
     pub(super) fn after_ready(&mut self, status: u8) {
         if self.leave_if_idle(status).is_some() {
-            self.flight.clear();
+            self.admission.flight.clear();
         }
     }
 
     /// The first half of [`Self::after_ready`]: when the server is idle, the
     /// connection leaves the session (a cancel request no longer reaches it)
     /// and is returned; dropping it hands it back to the pool.
-    pub(super) fn leave_if_idle(&mut self, status: u8) -> Option<Bound> {
-        if status == b'I' && !self.open_batch {
+    pub(super) fn leave_if_idle(&mut self, status: u8) -> Option<Held> {
+        if status == b'I' && !self.txn.open_batch {
             self.clear_cancel();
-            self.bound.take()
+            self.txn.held.take()
         } else {
             None
         }
