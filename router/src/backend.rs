@@ -121,7 +121,7 @@ pub struct Backend {
     pub settings: Option<u64>,
     /// The session thread whose event loop this connection's socket belongs to
     /// (see [`crate::pool`]); it goes back to that thread's idle list.
-    pub home: usize,
+    pub thread_list: usize,
 }
 
 impl Backend {
@@ -168,7 +168,7 @@ impl Backend {
             prepared: Default::default(),
             broken: false,
             settings: Some(0),
-            home: crate::pool::home(),
+            thread_list: crate::pool::thread_list(),
         };
         loop {
             let m = backend.conn.read().await?;

@@ -11,7 +11,7 @@
 //! A borrower takes from its own thread's list first; it opens a connection of
 //! its own while the pool has fewer than `size` open, and takes another thread's
 //! idle one only when it has that many (so the size holds for the whole router).
-//! A connection goes back to its home thread's list.
+//! A connection goes back to the idle list of the thread it was opened on.
 
 use std::cell::Cell;
 use std::sync::atomic::Ordering;
@@ -43,25 +43,25 @@ impl PoolError {
 }
 
 thread_local! {
-    static HOME: Cell<usize> = const { Cell::new(0) };
+    static THREAD_LIST: Cell<usize> = const { Cell::new(0) };
 }
 
 /// Marks the current thread as session thread `n` (1-based; 0, the default,
 /// is every other thread).
-pub fn set_home(n: usize) {
-    HOME.with(|h| h.set(n));
+pub fn set_thread_list(n: usize) {
+    THREAD_LIST.with(|h| h.set(n));
 }
 
 /// The current thread's idle list.
-pub fn home() -> usize {
-    HOME.with(|h| h.get())
+pub fn thread_list() -> usize {
+    THREAD_LIST.with(|h| h.get())
 }
 
 /// The pool of one shard.
 pub struct ShardPool {
     pub name: String,
     pub address: ShardAddress,
-    /// Idle connections by home thread (index 0: threads that serve no sessions).
+    /// Idle connections by session thread (index 0: threads that serve no sessions).
     idle: Vec<Mutex<Vec<Backend>>>,
     /// Connections open, idle or in use (at most `size`).
     open: std::sync::atomic::AtomicUsize,
@@ -130,15 +130,15 @@ impl ShardPool {
         Ok(Pooled { backend: Some(backend), pool: self.clone(), _permit: permit })
     }
 
-    fn lock_idle(&self, home: usize) -> std::sync::MutexGuard<'_, Vec<Backend>> {
-        self.idle[home % self.idle.len()].lock().unwrap_or_else(|p| p.into_inner())
+    fn lock_idle(&self, list: usize) -> std::sync::MutexGuard<'_, Vec<Backend>> {
+        self.idle[list % self.idle.len()].lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// An idle connection of this thread's; else, when the pool is at its size,
     /// one of another thread's. None: open a new one here (already counted in
     /// `open`).
     fn take_idle(&self) -> Option<Backend> {
-        let me = home() % self.idle.len();
+        let me = thread_list() % self.idle.len();
         if let Some(b) = self.lock_idle(me).pop() {
             return Some(b);
         }
@@ -203,7 +203,7 @@ impl Drop for Pooled {
     fn drop(&mut self) {
         if let Some(b) = self.backend.take() {
             if !b.broken && !b.conn.has_buffered() {
-                self.pool.lock_idle(b.home).push(b);
+                self.pool.lock_idle(b.thread_list).push(b);
             } else {
                 self.pool.open.fetch_sub(1, Ordering::Relaxed);
             }

@@ -232,7 +232,7 @@ impl SessionThreads {
             let sessions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let count = sessions.clone();
             std::thread::Builder::new().name(format!("shardgate-session-{i}")).spawn(move || {
-                crate::pool::set_home(i);
+                crate::pool::set_thread_list(i);
                 crate::timer::mark_no_wheel();
                 rt.block_on(async move {
                     let mut running = tokio::task::JoinSet::new();
