@@ -67,6 +67,41 @@ pub struct Move {
     pub history: Vec<(MovePhase, u64)>,
 }
 
+/// Where a move's rows are. One rule, read from the placement (or the pin), never
+/// from the phase: the cutover's flip changes the placement in the same entry that
+/// ends the hold, so it is right in every phase, a cutover found half-done after a
+/// restart included.
+impl Directory {
+    /// The shard that holds a bucket's or a tenant's rows now: a bucket's placement
+    /// (the tenants of the bucket pinned elsewhere are not part of it), a tenant's
+    /// pin or else its bucket's placement. For a bucket of this directory (every
+    /// move's is: [`Command::CreateMove`] refuses any other).
+    pub fn holder_of(&self, subject: &MoveSubject) -> ShardId {
+        match subject {
+            MoveSubject::Bucket(b) => self.placements[*b as usize],
+            MoveSubject::Tenant(k) => self.shard_for(k),
+        }
+    }
+
+    /// The shard that owns a move's rows right now, the one statements for them
+    /// go to: the source until the cutover's flip commits, the target after it,
+    /// the source again once a rollback's flip (the cutover backwards) commits.
+    pub fn owner_of(&self, m: &Move) -> ShardId {
+        self.holder_of(&m.subject)
+    }
+
+    /// The move's other end: the shard with a copy of its rows that does not own
+    /// them (the copy being made, the one kept current for a rollback, or the one
+    /// cleanup drops). Reads that count rows once leave them out there.
+    pub fn other_end_of(&self, m: &Move) -> ShardId {
+        if self.owner_of(m) == m.source {
+            m.target
+        } else {
+            m.source
+        }
+    }
+}
+
 /// What one router's shadow reads of one move found since the router started.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShadowCounts {
@@ -405,13 +440,12 @@ impl Directory {
             }
             Command::CreateMove { subject, target, options, at_ms } => {
                 let t = self.shard_named(target)?;
-                let source = match subject {
-                    MoveSubject::Bucket(b) if *b >= self.bucket_count => {
-                        return Err(rejected(format!("bucket {b} does not exist")))
+                if let MoveSubject::Bucket(b) = subject {
+                    if *b >= self.bucket_count {
+                        return Err(rejected(format!("bucket {b} does not exist")));
                     }
-                    MoveSubject::Bucket(b) => self.placements[*b as usize],
-                    MoveSubject::Tenant(k) => self.shard_for(k),
-                };
+                }
+                let source = self.holder_of(subject);
                 if source == t {
                     return Err(rejected(format!("{} is already on shard {target}", describe(subject))));
                 }
@@ -860,6 +894,67 @@ mod tests {
             at_ms: 2,
         });
         assert!(matches!(out, Outcome::Rejected { ref reason } if reason.contains("already moving")), "{out:?}");
+    }
+
+    fn create(d: &mut Directory, subject: MoveSubject, target: &str) -> u64 {
+        let out =
+            d.apply(&Command::CreateMove { subject, target: target.into(), options: Default::default(), at_ms: 1 });
+        let Outcome::MoveCreated { id, .. } = out else { panic!("move not created: {out:?}") };
+        id
+    }
+
+    fn owner_and_other_end(d: &Directory, id: u64) -> (ShardId, ShardId) {
+        (d.owner_of(&d.moves[&id]), d.other_end_of(&d.moves[&id]))
+    }
+
+    #[test]
+    fn a_bucket_move_is_owned_by_its_source_until_the_flip_and_by_its_source_again_after_a_rollback() {
+        let mut d = dir();
+        let id = create(&mut d, MoveSubject::Bucket(1), "s1");
+        assert_eq!(owner_and_other_end(&d, id), (0, 1), "planned: the source owns, the target gets a copy");
+        for phase in [MovePhase::Copy, MovePhase::DualWrite, MovePhase::Shadow, MovePhase::Verify, MovePhase::Cutover] {
+            d.apply(&Command::UpdateMove { id, phase, counters: Default::default(), note: None, at_ms: 2 });
+            assert_eq!(owner_and_other_end(&d, id), (0, 1), "{phase:?}: the phase alone moves nothing");
+        }
+        d.apply(&Command::HoldMove { id, token: 1, deadline_ms: 100 });
+        assert_eq!(owner_and_other_end(&d, id), (0, 1), "held, not flipped");
+        d.apply(&Command::FlipMove { id, shard: "s1".into(), token: 1 });
+        assert_eq!(owner_and_other_end(&d, id), (1, 0), "flipped: the target owns");
+        // A rollback is the same cutover backwards.
+        d.apply(&Command::HoldMove { id, token: 2, deadline_ms: 100 });
+        d.apply(&Command::FlipMove { id, shard: "s0".into(), token: 2 });
+        assert_eq!(owner_and_other_end(&d, id), (0, 1), "rolled back: the source owns again");
+        // A released hold (a cutover given up) flips nothing.
+        d.apply(&Command::HoldMove { id, token: 3, deadline_ms: 100 });
+        d.apply(&Command::ReleaseHold { id, token: 3 });
+        assert_eq!(owner_and_other_end(&d, id), (0, 1));
+    }
+
+    #[test]
+    fn a_tenant_move_is_owned_through_the_tenants_pin() {
+        let mut d = dir();
+        let key = (0..).map(TenantKey::Int).find(|k| d.bucket_of(k) == 2).unwrap();
+        let home = d.shard_for(&key);
+        let away = 1 - home;
+        let id = create(&mut d, MoveSubject::Tenant(key.clone()), &format!("s{away}"));
+        assert_eq!(d.moves[&id].source, home);
+        assert_eq!(owner_and_other_end(&d, id), (home, away));
+        d.apply(&Command::HoldMove { id, token: 1, deadline_ms: 100 });
+        d.apply(&Command::FlipMove { id, shard: format!("s{away}"), token: 1 });
+        assert_eq!(owner_and_other_end(&d, id), (away, home), "the flip pins the tenant to the target");
+        assert_eq!(d.holder_of(&MoveSubject::Bucket(2)), home, "its bucket stays where it was");
+        d.apply(&Command::HoldMove { id, token: 2, deadline_ms: 100 });
+        d.apply(&Command::FlipMove { id, shard: format!("s{home}"), token: 2 });
+        assert_eq!(owner_and_other_end(&d, id), (home, away), "rolled back: pinned to the source");
+    }
+
+    #[test]
+    fn a_bucket_is_held_without_its_tenants_pinned_elsewhere() {
+        let mut d = dir();
+        let key = (0..).map(TenantKey::Int).find(|k| d.bucket_of(k) == 1).unwrap();
+        d.apply(&Command::PinTenant { tenant: key.clone(), shard: "s1".into() });
+        assert_eq!(d.holder_of(&MoveSubject::Bucket(1)), 0);
+        assert_eq!(d.holder_of(&MoveSubject::Tenant(key)), 1);
     }
 
     #[test]

@@ -115,13 +115,10 @@ impl Coordinator for DirectoryCoordinator {
                 // the flip impossible), then look.
                 self.release_surely().await;
                 let dir = self.directory.load();
-                let flipped = dir.moves.get(&self.move_id).is_some_and(|m| {
-                    let owner = match &m.subject {
-                        shardgate_directory::state::MoveSubject::Bucket(b) => dir.placements[*b as usize],
-                        shardgate_directory::state::MoveSubject::Tenant(k) => dir.shard_for(k),
-                    };
-                    dir.shards.get(owner).is_some_and(|s| s.name == shard)
-                });
+                let flipped = dir
+                    .moves
+                    .get(&self.move_id)
+                    .is_some_and(|m| dir.shards.get(dir.owner_of(m)).is_some_and(|s| s.name == shard));
                 if flipped {
                     Ok(())
                 } else {

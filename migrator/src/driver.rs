@@ -173,7 +173,7 @@ impl Driver {
     }
 
     async fn step(&self, dir: &Directory, m: &Move, spec: &MoveSpec) -> Result<Step, Error> {
-        let owner_is_target = owner(dir, m) == m.target;
+        let owner_is_target = dir.owner_of(m) == m.target;
         match (m.phase, &m.request) {
             (MovePhase::Plan, Some(MoveRequest::Cancel))
             | (MovePhase::Copy | MovePhase::DualWrite | MovePhase::Shadow, Some(MoveRequest::Cancel)) => {
@@ -556,14 +556,6 @@ fn subject_name(s: &MoveSubject) -> String {
     match s {
         MoveSubject::Bucket(b) => format!("bucket {b}"),
         MoveSubject::Tenant(k) => format!("tenant {k}"),
-    }
-}
-
-/// The shard that owns a move's rows now.
-pub fn owner(dir: &Directory, m: &Move) -> usize {
-    match &m.subject {
-        MoveSubject::Bucket(b) => dir.placements[*b as usize],
-        MoveSubject::Tenant(k) => dir.shard_for(k),
     }
 }
 

@@ -100,9 +100,9 @@ pub struct MoveStatus {
 pub fn move_status(dir: &shardgate_directory::Directory, m: &shardgate_directory::state::Move) -> MoveStatus {
     use shardgate_directory::state::MoveSubject;
     let name = |s: usize| dir.shards.get(s).map(|x| x.name.clone()).unwrap_or_default();
-    let (subject, owner) = match &m.subject {
-        MoveSubject::Bucket(b) => (format!("bucket {b}"), dir.placements[*b as usize]),
-        MoveSubject::Tenant(k) => (format!("tenant {k}"), dir.shard_for(k)),
+    let subject = match &m.subject {
+        MoveSubject::Bucket(b) => format!("bucket {b}"),
+        MoveSubject::Tenant(k) => format!("tenant {k}"),
     };
     MoveStatus {
         id: m.id,
@@ -110,7 +110,7 @@ pub fn move_status(dir: &shardgate_directory::Directory, m: &shardgate_directory
         phase: m.phase.name(),
         source: name(m.source),
         target: name(m.target),
-        owner: name(owner),
+        owner: name(dir.owner_of(m)),
         counters: m.counters.clone(),
         note: m.note.clone(),
         request: m.request.clone(),

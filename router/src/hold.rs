@@ -265,12 +265,7 @@ pub fn without_moving_rows(
 ) -> Result<Option<String>, crate::error::SqlError> {
     let mut filters = Vec::new();
     for m in dir.moves.values().filter(|m| m.phase.active()) {
-        let owner = match &m.subject {
-            MoveSubject::Bucket(b) => dir.placements[*b as usize],
-            MoveSubject::Tenant(k) => dir.shard_for(k),
-        };
-        let other = if owner == m.source { m.target } else { m.source };
-        if other != shard {
+        if dir.other_end_of(m) != shard {
             continue;
         }
         let col = quote_ident(&dir.key_column);

@@ -90,13 +90,11 @@ impl Shadow {
             .moves
             .values()
             .filter(|m| m.phase == MovePhase::Shadow)
-            .map(|m| {
-                let owner = match &m.subject {
-                    MoveSubject::Bucket(b) => dir.placements[*b as usize],
-                    MoveSubject::Tenant(k) => dir.shard_for(k),
-                };
-                let other = if owner == m.source { m.target } else { m.source };
-                ShadowMove { id: m.id, subject: m.subject.clone(), owner, other }
+            .map(|m| ShadowMove {
+                id: m.id,
+                subject: m.subject.clone(),
+                owner: dir.owner_of(m),
+                other: dir.other_end_of(m),
             })
             .collect();
         if moves.is_empty() && self.moves.load().is_empty() {
