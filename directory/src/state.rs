@@ -17,6 +17,17 @@ pub enum MoveSubject {
     Tenant(TenantKey),
 }
 
+/// `bucket 17` or `tenant 42`: how logs, notes, errors and `shardgate status`
+/// name what a move moves.
+impl std::fmt::Display for MoveSubject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MoveSubject::Bucket(b) => write!(f, "bucket {b}"),
+            MoveSubject::Tenant(k) => write!(f, "tenant {k}"),
+        }
+    }
+}
+
 /// A move's phase, in the order a move goes through them (see DESIGN.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -402,7 +413,7 @@ impl Directory {
                         return Err(rejected(format!(
                             "move {} ({}) of shard {name} is still under way ({}); wait for it to finish",
                             m.id,
-                            describe(&m.subject),
+                            m.subject,
                             m.phase.name()
                         )));
                     }
@@ -447,7 +458,7 @@ impl Directory {
                 }
                 let source = self.holder_of(subject);
                 if source == t {
-                    return Err(rejected(format!("{} is already on shard {target}", describe(subject))));
+                    return Err(rejected(format!("{} is already on shard {target}", subject)));
                 }
                 if self.shards[t].state != ShardState::Active {
                     return Err(rejected(format!("shard {target} is not active")));
@@ -464,7 +475,7 @@ impl Directory {
                 if let Some(m) = busy {
                     return Err(rejected(format!(
                         "{} is already moving (move {}, {}); wait for it or cancel it",
-                        describe(subject),
+                        subject,
                         m.id,
                         m.phase.name()
                     )));
@@ -656,13 +667,6 @@ impl MovePhase {
     }
 }
 
-fn describe(s: &MoveSubject) -> String {
-    match s {
-        MoveSubject::Bucket(b) => format!("bucket {b}"),
-        MoveSubject::Tenant(t) => format!("tenant {t}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -847,6 +851,13 @@ mod tests {
             shadow: vec![ShadowReport { move_id: 9, counts: ShadowCounts { compared: 1, ..Default::default() } }],
         });
         assert_eq!(d.moves, before.moves);
+    }
+
+    #[test]
+    fn a_move_subject_reads_as_the_cli_names_it() {
+        assert_eq!(MoveSubject::Bucket(17).to_string(), "bucket 17");
+        assert_eq!(MoveSubject::Tenant(TenantKey::Int(42)).to_string(), "tenant 42");
+        assert_eq!(MoveSubject::Tenant(TenantKey::Text("acme".into())).to_string(), "tenant acme");
     }
 
     #[test]

@@ -483,7 +483,7 @@ impl Driver {
                 if was != phase {
                     tracing::info!(
                         move_id = m.id,
-                        subject = %subject_name(&m.subject),
+                        subject = %m.subject,
                         from = was.name(),
                         phase = phase.name(),
                         note = note.unwrap_or(""),
@@ -550,13 +550,6 @@ pub fn throttled(dir: &Directory, m: &Move, config: &DriverConfig) -> Option<Str
         ));
     }
     None
-}
-
-fn subject_name(s: &MoveSubject) -> String {
-    match s {
-        MoveSubject::Bucket(b) => format!("bucket {b}"),
-        MoveSubject::Tenant(k) => format!("tenant {k}"),
-    }
 }
 
 /// Starts the move driver of a router process: it drives moves while this node

@@ -111,13 +111,6 @@ impl MoveSpec {
             MoveSubject::Tenant(k) => ("tenant", k.to_string()),
         }
     }
-
-    pub fn describe(&self) -> String {
-        match &self.subject {
-            MoveSubject::Bucket(b) => format!("bucket {b}"),
-            MoveSubject::Tenant(k) => format!("tenant {k}"),
-        }
-    }
 }
 
 /// A tenant key as a SQL literal of the key column's type.

@@ -81,7 +81,7 @@ pub async fn prepare(spec: &MoveSpec) -> Result<Prepared, Error> {
                      delete them (DELETE FROM {} WHERE {}) and try again",
                     spec.target.name,
                     n.unwrap_or_default(),
-                    spec.describe(),
+                    spec.subject,
                     t.qualified(),
                     t.qualified(),
                     spec.row_filter()
@@ -200,7 +200,7 @@ fn check_tables(spec: &MoveSpec, tables: &[Table]) -> Result<(), Error> {
     } else {
         Err(Error::Refused(format!(
             "cannot move {}: the change stream must identify each row by {}: {}",
-            spec.describe(),
+            spec.subject,
             spec.key_column,
             problems.join("; ")
         )))

@@ -98,15 +98,10 @@ pub struct MoveStatus {
 }
 
 pub fn move_status(dir: &shardgate_directory::Directory, m: &shardgate_directory::state::Move) -> MoveStatus {
-    use shardgate_directory::state::MoveSubject;
     let name = |s: usize| dir.shards.get(s).map(|x| x.name.clone()).unwrap_or_default();
-    let subject = match &m.subject {
-        MoveSubject::Bucket(b) => format!("bucket {b}"),
-        MoveSubject::Tenant(k) => format!("tenant {k}"),
-    };
     MoveStatus {
         id: m.id,
-        subject,
+        subject: m.subject.to_string(),
         phase: m.phase.name(),
         source: name(m.source),
         target: name(m.target),
