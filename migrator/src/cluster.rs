@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use shardgate_directory::clock::now_ms;
 use shardgate_directory::state::{Command, Outcome};
 use shardgate_directory::DirectoryHandle;
 use shardgate_router::hold::DirectoryWriter;
 
 use crate::cutover::Coordinator;
-use crate::{now_ms, Error};
+use crate::Error;
 
 pub struct DirectoryCoordinator {
     pub directory: DirectoryHandle,

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use shardgate_directory::clock::now_ms;
 use shardgate_directory::state::{Command, Move, MovePhase, MoveRequest, MoveSubject, Outcome};
 use shardgate_directory::{Directory, DirectoryHandle};
 use shardgate_router::hold::DirectoryWriter;
@@ -18,7 +19,7 @@ use crate::cleanup::{self, Keep};
 use crate::cluster::DirectoryCoordinator;
 use crate::cutover::{self, CutoverOptions, Direction};
 use crate::verify::{self, VerifyOptions};
-use crate::{copy, now_ms, prepare, stream, Endpoint, Error, MoveSpec};
+use crate::{copy, prepare, stream, Endpoint, Error, MoveSpec};
 
 /// How to reach a shard by name (with its password, which the directory does not
 /// hold).

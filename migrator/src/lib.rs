@@ -121,8 +121,3 @@ pub fn key_literal(k: &TenantKey, t: KeyType) -> String {
         (k, _) => pg::literal(&k.to_string()),
     }
 }
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}

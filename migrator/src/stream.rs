@@ -51,7 +51,7 @@ pub async fn catch_up(
     let started = Instant::now();
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let seq = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let token = format!("{}-{}-{seq}", std::process::id(), crate::now_ms());
+    let token = format!("{}-{}-{seq}", std::process::id(), shardgate_directory::clock::now_ms());
     from_client
         .batch_execute(&format!(
             "INSERT INTO shardgate.marks (move_id, token) VALUES ({}, {})",

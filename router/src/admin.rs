@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use serde::Serialize;
+use shardgate_directory::clock::now_ms;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
@@ -200,10 +201,6 @@ pub fn status(ctx: &RouterContext) -> Status {
         moves: dir.moves.values().map(|m| move_status(&dir, m)).collect(),
         clients: ctx.clients.load(std::sync::atomic::Ordering::Relaxed),
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// What every connection of one admin server shares.

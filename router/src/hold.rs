@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use shardgate_directory::clock::now_ms;
 use shardgate_directory::state::{Command, MoveSubject, Outcome};
 use shardgate_directory::{Directory, DirectoryHandle};
 use tokio::sync::{watch, Notify};
@@ -180,10 +181,6 @@ pub fn bucket_of_subject(dir: &Directory, subject: &MoveSubject) -> u32 {
         MoveSubject::Bucket(b) => *b,
         MoveSubject::Tenant(k) => dir.bucket_of(k),
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// Waits while move `move_id` holds statements: until the hold is released, the

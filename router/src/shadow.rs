@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use shardgate_directory::clock::now_ms;
 use shardgate_directory::state::{MovePhase, MoveSubject, ShadowCounts, ShadowReport, ShadowSample};
 use shardgate_directory::{Directory, ShardId, TenantKey};
 use tokio::sync::Semaphore;
@@ -406,10 +407,6 @@ async fn run(ctx: &RouterContext, shard: ShardId, read: &ShadowRead) -> Result<R
         Some((code, msg)) => Err(format!("{code}: {msg}")),
         None => Ok(digest),
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 #[cfg(test)]
