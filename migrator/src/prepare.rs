@@ -7,9 +7,10 @@
 use tokio_postgres::Client;
 
 use crate::fault;
-use crate::pg::{literal, rows, scalar};
+use crate::pg::{rows, scalar};
 use crate::schema::{self, Table};
 use crate::{Endpoint, Error, MoveSpec};
+use shardgate_router::sql::quote::literal;
 
 /// What `prepare` found and did.
 #[derive(Debug, Clone, Default)]

@@ -4,8 +4,9 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
-use crate::pg::{literal, rows, scalar};
+use crate::pg::{rows, scalar};
 use crate::{Endpoint, Error, MoveSpec};
+use shardgate_router::sql::quote::literal;
 
 /// How far a subscriber is behind its publisher.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -17,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 use crate::context::RouterContext;
+use crate::sql::quote;
 
 #[derive(Serialize)]
 pub struct ShardStatus {
@@ -662,9 +663,13 @@ async fn pin_tenant(ctx: &RouterContext, p: Pin) -> (u16, String) {
             Ok(c) => c,
             Err(e) => return (503, json_error(&format!("cannot check the tenant's rows: {e}"))),
         };
-        let literal = p.tenant.replace('\'', "''");
         for table in ctx.catalog.tables() {
-            let sql = format!("SELECT 1 FROM {} WHERE {} = '{literal}' LIMIT 1", quote_table(&table), dir.key_column);
+            let sql = format!(
+                "SELECT 1 FROM {} WHERE {} = {} LIMIT 1",
+                quote::table(&table),
+                quote::ident(&dir.key_column),
+                quote::literal(&p.tenant)
+            );
             match conn.simple_query(&sql).await {
                 Ok(rows) if !rows.is_empty() => {
                     return (
@@ -695,10 +700,10 @@ pub async fn write_home_row(ctx: &RouterContext, tenant: &str, shard: &str) -> R
     let Some(pool) = dir.shards.iter().position(|s| s.name == shard).and_then(|i| ctx.pool(i)) else {
         return Ok(());
     };
-    let literal = tenant.replace('\'', "''");
     let sql = format!(
-        "INSERT INTO shardgate.fence (kind, value, move_id, armed) VALUES ('tenant', '{literal}', 0, false) \
-         ON CONFLICT (kind, value) DO UPDATE SET move_id = 0, armed = false, changed_at = now()"
+        "INSERT INTO shardgate.fence (kind, value, move_id, armed) VALUES ('tenant', {}, 0, false) \
+         ON CONFLICT (kind, value) DO UPDATE SET move_id = 0, armed = false, changed_at = now()",
+        quote::literal(tenant)
     );
     let mut conn = pool.get().await.map_err(|e| e.to_string())?;
     match conn.simple_query(&sql).await {
@@ -706,10 +711,6 @@ pub async fn write_home_row(ctx: &RouterContext, tenant: &str, shard: &str) -> R
         Err((c, _)) if c == "42P01" => Ok(()),
         r => r.map(|_| ()).map_err(|(c, m)| format!("{c} {m}")),
     }
-}
-
-fn quote_table(t: &str) -> String {
-    t.split('.').map(|p| format!("\"{}\"", p.replace('"', "\"\""))).collect::<Vec<_>>().join(".")
 }
 
 async fn respond(stream: &mut TcpStream, code: u16, ctype: &str, body: &str) -> std::io::Result<()> {
