@@ -12,6 +12,8 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use shardgate_directory::clock::now_ms;
+// The admin token is compared in constant time (see `crate::auth`).
+use subtle::ConstantTimeEq;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
@@ -338,9 +340,8 @@ async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     };
     if let Some(t) = &shared.token {
         let expected = format!("Bearer {t}");
-        let by_header =
-            req.authorization.as_deref().is_some_and(|a| constant_time_eq(a.as_bytes(), expected.as_bytes()));
-        let by_query = query_token.as_deref().is_some_and(|q| constant_time_eq(q.as_bytes(), t.as_bytes()));
+        let by_header = req.authorization.as_deref().is_some_and(|a| a.as_bytes().ct_eq(expected.as_bytes()).into());
+        let by_query = query_token.as_deref().is_some_and(|q| q.as_bytes().ct_eq(t.as_bytes()).into());
         if !by_header && !by_query && req.path != "/health" {
             let hint = if events {
                 "missing or wrong admin token (Authorization: Bearer …, or ?token=…)"
@@ -407,10 +408,6 @@ fn percent_decode(s: &str) -> Result<String, String> {
         }
     }
     String::from_utf8(out).map_err(|_| bad())
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[derive(serde::Deserialize)]
