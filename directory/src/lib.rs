@@ -7,6 +7,7 @@
 //! snapshot. Today the snapshot is built from configuration; the replicated directory
 //! swaps in new snapshots the same way, so the router's hot path never changes.
 
+pub mod clock;
 pub mod hash;
 mod model;
 pub mod replica;

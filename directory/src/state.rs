@@ -17,6 +17,17 @@ pub enum MoveSubject {
     Tenant(TenantKey),
 }
 
+/// `bucket 17` or `tenant 42`: how logs, notes, errors and `shardgate status`
+/// name what a move moves.
+impl std::fmt::Display for MoveSubject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MoveSubject::Bucket(b) => write!(f, "bucket {b}"),
+            MoveSubject::Tenant(k) => write!(f, "tenant {k}"),
+        }
+    }
+}
+
 /// A move's phase, in the order a move goes through them (see DESIGN.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -65,6 +76,41 @@ pub struct Move {
     /// the timeline of the move.
     #[serde(default)]
     pub history: Vec<(MovePhase, u64)>,
+}
+
+/// Where a move's rows are. One rule, read from the placement (or the pin), never
+/// from the phase: the cutover's flip changes the placement in the same entry that
+/// ends the hold, so it is right in every phase, a cutover found half-done after a
+/// restart included.
+impl Directory {
+    /// The shard that holds a bucket's or a tenant's rows now: a bucket's placement
+    /// (the tenants of the bucket pinned elsewhere are not part of it), a tenant's
+    /// pin or else its bucket's placement. For a bucket of this directory (every
+    /// move's is: [`Command::CreateMove`] refuses any other).
+    pub fn holder_of(&self, subject: &MoveSubject) -> ShardId {
+        match subject {
+            MoveSubject::Bucket(b) => self.placements[*b as usize],
+            MoveSubject::Tenant(k) => self.shard_for(k),
+        }
+    }
+
+    /// The shard that owns a move's rows right now, the one statements for them
+    /// go to: the source until the cutover's flip commits, the target after it,
+    /// the source again once a rollback's flip (the cutover backwards) commits.
+    pub fn owner_of(&self, m: &Move) -> ShardId {
+        self.holder_of(&m.subject)
+    }
+
+    /// The move's other end: the shard with a copy of its rows that does not own
+    /// them (the copy being made, the one kept current for a rollback, or the one
+    /// cleanup drops). Reads that count rows once leave them out there.
+    pub fn other_end_of(&self, m: &Move) -> ShardId {
+        if self.owner_of(m) == m.source {
+            m.target
+        } else {
+            m.source
+        }
+    }
 }
 
 /// What one router's shadow reads of one move found since the router started.
@@ -367,7 +413,7 @@ impl Directory {
                         return Err(rejected(format!(
                             "move {} ({}) of shard {name} is still under way ({}); wait for it to finish",
                             m.id,
-                            describe(&m.subject),
+                            m.subject,
                             m.phase.name()
                         )));
                     }
@@ -405,15 +451,14 @@ impl Directory {
             }
             Command::CreateMove { subject, target, options, at_ms } => {
                 let t = self.shard_named(target)?;
-                let source = match subject {
-                    MoveSubject::Bucket(b) if *b >= self.bucket_count => {
-                        return Err(rejected(format!("bucket {b} does not exist")))
+                if let MoveSubject::Bucket(b) = subject {
+                    if *b >= self.bucket_count {
+                        return Err(rejected(format!("bucket {b} does not exist")));
                     }
-                    MoveSubject::Bucket(b) => self.placements[*b as usize],
-                    MoveSubject::Tenant(k) => self.shard_for(k),
-                };
+                }
+                let source = self.holder_of(subject);
                 if source == t {
-                    return Err(rejected(format!("{} is already on shard {target}", describe(subject))));
+                    return Err(rejected(format!("{} is already on shard {target}", subject)));
                 }
                 if self.shards[t].state != ShardState::Active {
                     return Err(rejected(format!("shard {target} is not active")));
@@ -430,7 +475,7 @@ impl Directory {
                 if let Some(m) = busy {
                     return Err(rejected(format!(
                         "{} is already moving (move {}, {}); wait for it or cancel it",
-                        describe(subject),
+                        subject,
                         m.id,
                         m.phase.name()
                     )));
@@ -622,13 +667,6 @@ impl MovePhase {
     }
 }
 
-fn describe(s: &MoveSubject) -> String {
-    match s {
-        MoveSubject::Bucket(b) => format!("bucket {b}"),
-        MoveSubject::Tenant(t) => format!("tenant {t}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -816,6 +854,13 @@ mod tests {
     }
 
     #[test]
+    fn a_move_subject_reads_as_the_cli_names_it() {
+        assert_eq!(MoveSubject::Bucket(17).to_string(), "bucket 17");
+        assert_eq!(MoveSubject::Tenant(TenantKey::Int(42)).to_string(), "tenant 42");
+        assert_eq!(MoveSubject::Tenant(TenantKey::Text("acme".into())).to_string(), "tenant acme");
+    }
+
+    #[test]
     fn commands_have_a_readable_json_form() {
         let c = Command::PlaceBucket { bucket: 17, shard: "shard_b".into() };
         assert_eq!(serde_json::to_string(&c).unwrap(), r#"{"op":"place_bucket","bucket":17,"shard":"shard_b"}"#);
@@ -860,6 +905,67 @@ mod tests {
             at_ms: 2,
         });
         assert!(matches!(out, Outcome::Rejected { ref reason } if reason.contains("already moving")), "{out:?}");
+    }
+
+    fn create(d: &mut Directory, subject: MoveSubject, target: &str) -> u64 {
+        let out =
+            d.apply(&Command::CreateMove { subject, target: target.into(), options: Default::default(), at_ms: 1 });
+        let Outcome::MoveCreated { id, .. } = out else { panic!("move not created: {out:?}") };
+        id
+    }
+
+    fn owner_and_other_end(d: &Directory, id: u64) -> (ShardId, ShardId) {
+        (d.owner_of(&d.moves[&id]), d.other_end_of(&d.moves[&id]))
+    }
+
+    #[test]
+    fn a_bucket_move_is_owned_by_its_source_until_the_flip_and_by_its_source_again_after_a_rollback() {
+        let mut d = dir();
+        let id = create(&mut d, MoveSubject::Bucket(1), "s1");
+        assert_eq!(owner_and_other_end(&d, id), (0, 1), "planned: the source owns, the target gets a copy");
+        for phase in [MovePhase::Copy, MovePhase::DualWrite, MovePhase::Shadow, MovePhase::Verify, MovePhase::Cutover] {
+            d.apply(&Command::UpdateMove { id, phase, counters: Default::default(), note: None, at_ms: 2 });
+            assert_eq!(owner_and_other_end(&d, id), (0, 1), "{phase:?}: the phase alone moves nothing");
+        }
+        d.apply(&Command::HoldMove { id, token: 1, deadline_ms: 100 });
+        assert_eq!(owner_and_other_end(&d, id), (0, 1), "held, not flipped");
+        d.apply(&Command::FlipMove { id, shard: "s1".into(), token: 1 });
+        assert_eq!(owner_and_other_end(&d, id), (1, 0), "flipped: the target owns");
+        // A rollback is the same cutover backwards.
+        d.apply(&Command::HoldMove { id, token: 2, deadline_ms: 100 });
+        d.apply(&Command::FlipMove { id, shard: "s0".into(), token: 2 });
+        assert_eq!(owner_and_other_end(&d, id), (0, 1), "rolled back: the source owns again");
+        // A released hold (a cutover given up) flips nothing.
+        d.apply(&Command::HoldMove { id, token: 3, deadline_ms: 100 });
+        d.apply(&Command::ReleaseHold { id, token: 3 });
+        assert_eq!(owner_and_other_end(&d, id), (0, 1));
+    }
+
+    #[test]
+    fn a_tenant_move_is_owned_through_the_tenants_pin() {
+        let mut d = dir();
+        let key = (0..).map(TenantKey::Int).find(|k| d.bucket_of(k) == 2).unwrap();
+        let home = d.shard_for(&key);
+        let away = 1 - home;
+        let id = create(&mut d, MoveSubject::Tenant(key.clone()), &format!("s{away}"));
+        assert_eq!(d.moves[&id].source, home);
+        assert_eq!(owner_and_other_end(&d, id), (home, away));
+        d.apply(&Command::HoldMove { id, token: 1, deadline_ms: 100 });
+        d.apply(&Command::FlipMove { id, shard: format!("s{away}"), token: 1 });
+        assert_eq!(owner_and_other_end(&d, id), (away, home), "the flip pins the tenant to the target");
+        assert_eq!(d.holder_of(&MoveSubject::Bucket(2)), home, "its bucket stays where it was");
+        d.apply(&Command::HoldMove { id, token: 2, deadline_ms: 100 });
+        d.apply(&Command::FlipMove { id, shard: format!("s{home}"), token: 2 });
+        assert_eq!(owner_and_other_end(&d, id), (home, away), "rolled back: pinned to the source");
+    }
+
+    #[test]
+    fn a_bucket_is_held_without_its_tenants_pinned_elsewhere() {
+        let mut d = dir();
+        let key = (0..).map(TenantKey::Int).find(|k| d.bucket_of(k) == 1).unwrap();
+        d.apply(&Command::PinTenant { tenant: key.clone(), shard: "s1".into() });
+        assert_eq!(d.holder_of(&MoveSubject::Bucket(1)), 0);
+        assert_eq!(d.holder_of(&MoveSubject::Tenant(key)), 1);
     }
 
     #[test]

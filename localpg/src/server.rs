@@ -467,7 +467,11 @@ fn read_tail(log: &Path, offset: u64) -> String {
     lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
 }
 
-/// Quotes an SQL identifier.
+/// Quotes an SQL identifier, always (a quoted name is always right, if less
+/// readable). Not `shardgate_router::sql::quote::ident`, the quoting the rest of
+/// the workspace shares: `localpg` only starts Postgres servers for tests and
+/// `shardgate up`, sits below the router, and should not depend on it (nor on
+/// its SQL parser) for one line.
 fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }

@@ -3,8 +3,8 @@
 //! goes; its fence stays armed against stale writers); `cancel` before one (the
 //! target's copy goes).
 
-use crate::pg::literal;
 use crate::{fault, Endpoint, Error, MoveSpec};
+use shardgate_router::sql::quote::literal;
 use tokio_postgres::Client;
 
 /// Which shard keeps the rows.

@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use shardgate_directory::clock::now_ms;
 use shardgate_directory::state::{Command, Outcome};
 use shardgate_directory::DirectoryHandle;
 use shardgate_router::hold::DirectoryWriter;
 
 use crate::cutover::Coordinator;
-use crate::{now_ms, Error};
+use crate::Error;
 
 pub struct DirectoryCoordinator {
     pub directory: DirectoryHandle,
@@ -115,13 +116,10 @@ impl Coordinator for DirectoryCoordinator {
                 // the flip impossible), then look.
                 self.release_surely().await;
                 let dir = self.directory.load();
-                let flipped = dir.moves.get(&self.move_id).is_some_and(|m| {
-                    let owner = match &m.subject {
-                        shardgate_directory::state::MoveSubject::Bucket(b) => dir.placements[*b as usize],
-                        shardgate_directory::state::MoveSubject::Tenant(k) => dir.shard_for(k),
-                    };
-                    dir.shards.get(owner).is_some_and(|s| s.name == shard)
-                });
+                let flipped = dir
+                    .moves
+                    .get(&self.move_id)
+                    .is_some_and(|m| dir.shards.get(dir.owner_of(m)).is_some_and(|s| s.name == shard));
                 if flipped {
                     Ok(())
                 } else {

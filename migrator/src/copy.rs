@@ -27,9 +27,10 @@ use futures::{SinkExt, StreamExt};
 use shardgate_router::backend::Backend;
 use tokio_postgres::Client;
 
-use crate::pg::{ident, literal, scalar};
+use crate::pg::scalar;
 use crate::schema::{self, Table};
 use crate::{fault, Error, MoveSpec};
+use shardgate_router::sql::quote::{ident, literal};
 
 /// Caps how fast the copies of one driver go, together (0: no cap). Pacing by
 /// a virtual clock: each chunk copied pushes the clock forward by what it costs

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use shardgate_directory::clock::now_ms;
 use shardgate_directory::state::{Command, Move, MovePhase, MoveRequest, MoveSubject, Outcome};
 use shardgate_directory::{Directory, DirectoryHandle};
 use shardgate_router::hold::DirectoryWriter;
@@ -18,7 +19,7 @@ use crate::cleanup::{self, Keep};
 use crate::cluster::DirectoryCoordinator;
 use crate::cutover::{self, CutoverOptions, Direction};
 use crate::verify::{self, VerifyOptions};
-use crate::{copy, now_ms, prepare, stream, Endpoint, Error, MoveSpec};
+use crate::{copy, prepare, stream, Endpoint, Error, MoveSpec};
 
 /// How to reach a shard by name (with its password, which the directory does not
 /// hold).
@@ -173,7 +174,7 @@ impl Driver {
     }
 
     async fn step(&self, dir: &Directory, m: &Move, spec: &MoveSpec) -> Result<Step, Error> {
-        let owner_is_target = owner(dir, m) == m.target;
+        let owner_is_target = dir.owner_of(m) == m.target;
         match (m.phase, &m.request) {
             (MovePhase::Plan, Some(MoveRequest::Cancel))
             | (MovePhase::Copy | MovePhase::DualWrite | MovePhase::Shadow, Some(MoveRequest::Cancel)) => {
@@ -483,7 +484,7 @@ impl Driver {
                 if was != phase {
                     tracing::info!(
                         move_id = m.id,
-                        subject = %subject_name(&m.subject),
+                        subject = %m.subject,
                         from = was.name(),
                         phase = phase.name(),
                         note = note.unwrap_or(""),
@@ -550,21 +551,6 @@ pub fn throttled(dir: &Directory, m: &Move, config: &DriverConfig) -> Option<Str
         ));
     }
     None
-}
-
-fn subject_name(s: &MoveSubject) -> String {
-    match s {
-        MoveSubject::Bucket(b) => format!("bucket {b}"),
-        MoveSubject::Tenant(k) => format!("tenant {k}"),
-    }
-}
-
-/// The shard that owns a move's rows now.
-pub fn owner(dir: &Directory, m: &Move) -> usize {
-    match &m.subject {
-        MoveSubject::Bucket(b) => dir.placements[*b as usize],
-        MoveSubject::Tenant(k) => dir.shard_for(k),
-    }
 }
 
 /// Starts the move driver of a router process: it drives moves while this node

@@ -34,7 +34,8 @@ pub mod stream;
 pub mod verify;
 
 use shardgate_directory::state::MoveSubject;
-use shardgate_directory::{hash::bucket_sql, KeyType, TenantKey};
+use shardgate_directory::{hash::bucket_sql, KeyType};
+use shardgate_router::sql::quote;
 
 pub use pg::Endpoint;
 
@@ -85,10 +86,10 @@ impl MoveSpec {
     /// The SQL condition that selects the moving rows of a table: the bucket's hash
     /// expression (the same function the router computes) or the tenant's equality.
     pub fn row_filter(&self) -> String {
-        let col = pg::ident(&self.key_column);
+        let col = quote::ident(&self.key_column);
         match &self.subject {
             MoveSubject::Bucket(b) => format!("({} = {b})", bucket_sql(&col, self.key_type, self.bucket_count)),
-            MoveSubject::Tenant(k) => format!("({col} = {})", key_literal(k, self.key_type)),
+            MoveSubject::Tenant(k) => format!("({col} = {})", quote::key_literal(k, self.key_type)),
         }
     }
 
@@ -111,25 +112,4 @@ impl MoveSpec {
             MoveSubject::Tenant(k) => ("tenant", k.to_string()),
         }
     }
-
-    pub fn describe(&self) -> String {
-        match &self.subject {
-            MoveSubject::Bucket(b) => format!("bucket {b}"),
-            MoveSubject::Tenant(k) => format!("tenant {k}"),
-        }
-    }
-}
-
-/// A tenant key as a SQL literal of the key column's type.
-pub fn key_literal(k: &TenantKey, t: KeyType) -> String {
-    match (k, t) {
-        (TenantKey::Int(v), _) => v.to_string(),
-        (k, KeyType::Uuid) => format!("{}::uuid", pg::literal(&k.to_string())),
-        (k, _) => pg::literal(&k.to_string()),
-    }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

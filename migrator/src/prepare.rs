@@ -7,9 +7,10 @@
 use tokio_postgres::Client;
 
 use crate::fault;
-use crate::pg::{literal, rows, scalar};
+use crate::pg::{rows, scalar};
 use crate::schema::{self, Table};
 use crate::{Endpoint, Error, MoveSpec};
+use shardgate_router::sql::quote::literal;
 
 /// What `prepare` found and did.
 #[derive(Debug, Clone, Default)]
@@ -81,7 +82,7 @@ pub async fn prepare(spec: &MoveSpec) -> Result<Prepared, Error> {
                      delete them (DELETE FROM {} WHERE {}) and try again",
                     spec.target.name,
                     n.unwrap_or_default(),
-                    spec.describe(),
+                    spec.subject,
                     t.qualified(),
                     t.qualified(),
                     spec.row_filter()
@@ -200,7 +201,7 @@ fn check_tables(spec: &MoveSpec, tables: &[Table]) -> Result<(), Error> {
     } else {
         Err(Error::Refused(format!(
             "cannot move {}: the change stream must identify each row by {}: {}",
-            spec.describe(),
+            spec.subject,
             spec.key_column,
             problems.join("; ")
         )))

@@ -8,8 +8,9 @@ use serde::Deserialize;
 use shardgate_directory::KeyType;
 use tokio_postgres::Client;
 
-use crate::pg::{ident, literal, rows, scalar};
+use crate::pg::{rows, scalar};
 use crate::{Endpoint, Error};
+use shardgate_router::sql::quote::{ident, literal};
 
 /// A table that holds the key column, so its rows move with their tenants.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use shardgate_directory::DirectoryHandle;
 use shardgate_router::shadow::CatchUp;
 
-use crate::driver::{owner, spec_of, Resolve};
+use crate::driver::{spec_of, Resolve};
 use crate::stream;
 
 pub struct ShadowCatchUp {
@@ -29,7 +29,7 @@ impl CatchUp for ShadowCatchUp {
             let spec = spec_of(&dir, m, &self.resolve).ok_or("a shard of the move is gone")?;
             // Marker from the shard that owns the rows now to the other one.
             let (from, to) =
-                if owner(&dir, m) == m.source { (&spec.source, &spec.target) } else { (&spec.target, &spec.source) };
+                if dir.owner_of(m) == m.source { (&spec.source, &spec.target) } else { (&spec.target, &spec.source) };
             let fc = from.connect(&format!("move {move_id} shadow catch-up")).await.map_err(|e| e.to_string())?;
             let tc = to.connect(&format!("move {move_id} shadow catch-up")).await.map_err(|e| e.to_string())?;
             stream::catch_up(&spec, (from, &fc), (to, &tc), self.timeout).await.map(|_| ()).map_err(|e| e.to_string())

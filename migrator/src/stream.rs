@@ -4,8 +4,9 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
-use crate::pg::{literal, rows, scalar};
+use crate::pg::{rows, scalar};
 use crate::{Endpoint, Error, MoveSpec};
+use shardgate_router::sql::quote::literal;
 
 /// How far a subscriber is behind its publisher.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -51,7 +52,7 @@ pub async fn catch_up(
     let started = Instant::now();
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let seq = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let token = format!("{}-{}-{seq}", std::process::id(), crate::now_ms());
+    let token = format!("{}-{}-{seq}", std::process::id(), shardgate_directory::clock::now_ms());
     from_client
         .batch_execute(&format!(
             "INSERT INTO shardgate.marks (move_id, token) VALUES ({}, {})",

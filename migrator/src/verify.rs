@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use crate::cutover::Coordinator;
-use crate::pg::{ident, rows};
+use crate::pg::rows;
 use crate::schema::{self, Table};
 use crate::{stream, Endpoint, Error, MoveSpec};
+use shardgate_router::sql::quote::ident;
 
 #[derive(Debug, Clone)]
 pub struct VerifyOptions {

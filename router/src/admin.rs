@@ -11,11 +11,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use serde::Serialize;
+use shardgate_directory::clock::now_ms;
+// The admin token is compared in constant time (see `crate::auth`).
+use subtle::ConstantTimeEq;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 use crate::context::RouterContext;
+use crate::sql::quote;
 
 #[derive(Serialize)]
 pub struct ShardStatus {
@@ -98,19 +102,14 @@ pub struct MoveStatus {
 }
 
 pub fn move_status(dir: &shardgate_directory::Directory, m: &shardgate_directory::state::Move) -> MoveStatus {
-    use shardgate_directory::state::MoveSubject;
     let name = |s: usize| dir.shards.get(s).map(|x| x.name.clone()).unwrap_or_default();
-    let (subject, owner) = match &m.subject {
-        MoveSubject::Bucket(b) => (format!("bucket {b}"), dir.placements[*b as usize]),
-        MoveSubject::Tenant(k) => (format!("tenant {k}"), dir.shard_for(k)),
-    };
     MoveStatus {
         id: m.id,
-        subject,
+        subject: m.subject.to_string(),
         phase: m.phase.name(),
         source: name(m.source),
         target: name(m.target),
-        owner: name(owner),
+        owner: name(dir.owner_of(m)),
         counters: m.counters.clone(),
         note: m.note.clone(),
         request: m.request.clone(),
@@ -205,10 +204,6 @@ pub fn status(ctx: &RouterContext) -> Status {
         moves: dir.moves.values().map(|m| move_status(&dir, m)).collect(),
         clients: ctx.clients.load(std::sync::atomic::Ordering::Relaxed),
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// What every connection of one admin server shares.
@@ -345,9 +340,8 @@ async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     };
     if let Some(t) = &shared.token {
         let expected = format!("Bearer {t}");
-        let by_header =
-            req.authorization.as_deref().is_some_and(|a| constant_time_eq(a.as_bytes(), expected.as_bytes()));
-        let by_query = query_token.as_deref().is_some_and(|q| constant_time_eq(q.as_bytes(), t.as_bytes()));
+        let by_header = req.authorization.as_deref().is_some_and(|a| a.as_bytes().ct_eq(expected.as_bytes()).into());
+        let by_query = query_token.as_deref().is_some_and(|q| q.as_bytes().ct_eq(t.as_bytes()).into());
         if !by_header && !by_query && req.path != "/health" {
             let hint = if events {
                 "missing or wrong admin token (Authorization: Bearer …, or ?token=…)"
@@ -414,10 +408,6 @@ fn percent_decode(s: &str) -> Result<String, String> {
         }
     }
     String::from_utf8(out).map_err(|_| bad())
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[derive(serde::Deserialize)]
@@ -670,9 +660,13 @@ async fn pin_tenant(ctx: &RouterContext, p: Pin) -> (u16, String) {
             Ok(c) => c,
             Err(e) => return (503, json_error(&format!("cannot check the tenant's rows: {e}"))),
         };
-        let literal = p.tenant.replace('\'', "''");
         for table in ctx.catalog.tables() {
-            let sql = format!("SELECT 1 FROM {} WHERE {} = '{literal}' LIMIT 1", quote_table(&table), dir.key_column);
+            let sql = format!(
+                "SELECT 1 FROM {} WHERE {} = {} LIMIT 1",
+                quote::table(&table),
+                quote::ident(&dir.key_column),
+                quote::literal(&p.tenant)
+            );
             match conn.simple_query(&sql).await {
                 Ok(rows) if !rows.is_empty() => {
                     return (
@@ -703,10 +697,10 @@ pub async fn write_home_row(ctx: &RouterContext, tenant: &str, shard: &str) -> R
     let Some(pool) = dir.shards.iter().position(|s| s.name == shard).and_then(|i| ctx.pool(i)) else {
         return Ok(());
     };
-    let literal = tenant.replace('\'', "''");
     let sql = format!(
-        "INSERT INTO shardgate.fence (kind, value, move_id, armed) VALUES ('tenant', '{literal}', 0, false) \
-         ON CONFLICT (kind, value) DO UPDATE SET move_id = 0, armed = false, changed_at = now()"
+        "INSERT INTO shardgate.fence (kind, value, move_id, armed) VALUES ('tenant', {}, 0, false) \
+         ON CONFLICT (kind, value) DO UPDATE SET move_id = 0, armed = false, changed_at = now()",
+        quote::literal(tenant)
     );
     let mut conn = pool.get().await.map_err(|e| e.to_string())?;
     match conn.simple_query(&sql).await {
@@ -714,10 +708,6 @@ pub async fn write_home_row(ctx: &RouterContext, tenant: &str, shard: &str) -> R
         Err((c, _)) if c == "42P01" => Ok(()),
         r => r.map(|_| ()).map_err(|(c, m)| format!("{c} {m}")),
     }
-}
-
-fn quote_table(t: &str) -> String {
-    t.split('.').map(|p| format!("\"{}\"", p.replace('"', "\"\""))).collect::<Vec<_>>().join(".")
 }
 
 async fn respond(stream: &mut TcpStream, code: u16, ctype: &str, body: &str) -> std::io::Result<()> {

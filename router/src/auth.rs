@@ -22,6 +22,9 @@ use hmac::{Hmac, Mac};
 use md5::Md5;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use sha2::{Digest, Sha256};
+// Secrets are compared with `ct_eq`: its time does not depend on where the
+// inputs differ (it may on their lengths, which are no secret here).
+use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::protocol::messages::{self, Builder, Reader};
@@ -186,7 +189,7 @@ async fn md5_challenge<S: AsyncRead + AsyncWrite + Unpin>(
     let m = read_response(conn, "password response").await?;
     let answer = Reader::new(m.body(), "PasswordMessage").cstr()?;
     let expected = md5_answer(&md5_stored(user, password), salt);
-    if constant_time_eq(answer.as_bytes(), expected.as_bytes()) {
+    if answer.as_bytes().ct_eq(expected.as_bytes()).into() {
         Ok(())
     } else {
         Err(AuthError::BadPassword { user: user.to_string() })
@@ -270,7 +273,7 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
         *k ^= s;
     }
     let stored_key: [u8; 32] = Sha256::digest(client_key).into();
-    if !constant_time_eq(&stored_key, &secret.stored_key) {
+    if !bool::from(stored_key[..].ct_eq(&secret.stored_key[..])) {
         return Err(AuthError::BadPassword { user: user.to_string() });
     }
     let server_signature = hmac_sha256(&secret.server_key, auth_message.as_bytes());
@@ -387,15 +390,6 @@ fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
     mac.update(data);
     mac.finalize().into_bytes().into()
-}
-
-/// Equality whose time does not depend on where the inputs differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    std::hint::black_box(diff) == 0
 }
 
 /// The client side of a login to a shard, run after sending it a StartupMessage.

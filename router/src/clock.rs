@@ -2,6 +2,10 @@
 //! (calibrated once against the OS clock) where the CPU has an invariant one,
 //! the OS clock otherwise. Reading the OS clock costs more than routing a
 //! statement takes on some virtual machines, and each statement is timed.
+//!
+//! This clock measures durations only. Times written into the directory
+//! (deadlines, heartbeats, `at_ms`) are wall-clock milliseconds from
+//! [`shardgate_directory::clock::now_ms`], the one clock every node compares.
 
 use std::sync::OnceLock;
 use std::time::Duration;

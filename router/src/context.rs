@@ -326,13 +326,13 @@ impl RouterContext {
         };
         let pool = self.pool(first).ok_or("no pool for the first shard")?;
         let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-        let key = dir.key_column.replace('\'', "''");
         let sql = format!(
             "SELECT table_schema, table_name, string_agg(column_name::text, ',' ORDER BY ordinal_position), \
-             bool_or(column_name::text = '{key}') \
+             bool_or(column_name::text = {}) \
              FROM information_schema.columns \
              WHERE table_schema NOT IN ('pg_catalog', 'information_schema') \
-             GROUP BY 1, 2"
+             GROUP BY 1, 2",
+            crate::sql::quote::literal(&dir.key_column)
         );
         let rows = conn.simple_query(&sql).await.map_err(|(c, m)| format!("{c}: {m}"))?;
         let mut tables = HashMap::new();

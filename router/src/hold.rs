@@ -15,9 +15,12 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use shardgate_directory::clock::now_ms;
 use shardgate_directory::state::{Command, MoveSubject, Outcome};
 use shardgate_directory::{Directory, DirectoryHandle};
 use tokio::sync::{watch, Notify};
+
+use crate::sql::quote;
 
 /// Something that commits directory commands: the Raft replica, or, for a single
 /// router with a static directory, the local snapshot itself.
@@ -182,10 +185,6 @@ pub fn bucket_of_subject(dir: &Directory, subject: &MoveSubject) -> u32 {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 /// Waits while move `move_id` holds statements: until the hold is released, the
 /// placement flipped, or the hold's deadline passed. Returns how long it waited.
 pub async fn wait_released(directory: &DirectoryHandle, move_id: u64) -> Duration {
@@ -265,21 +264,16 @@ pub fn without_moving_rows(
 ) -> Result<Option<String>, crate::error::SqlError> {
     let mut filters = Vec::new();
     for m in dir.moves.values().filter(|m| m.phase.active()) {
-        let owner = match &m.subject {
-            MoveSubject::Bucket(b) => dir.placements[*b as usize],
-            MoveSubject::Tenant(k) => dir.shard_for(k),
-        };
-        let other = if owner == m.source { m.target } else { m.source };
-        if other != shard {
+        if dir.other_end_of(m) != shard {
             continue;
         }
-        let col = quote_ident(&dir.key_column);
+        let col = quote::ident(&dir.key_column);
         filters.push(match &m.subject {
             MoveSubject::Bucket(b) => format!(
                 "({} = {b}) IS NOT TRUE",
                 shardgate_directory::hash::bucket_sql(&col, dir.key_type, dir.bucket_count)
             ),
-            MoveSubject::Tenant(k) => format!("({col} = {}) IS NOT TRUE", tenant_literal(k, dir.key_type)),
+            MoveSubject::Tenant(k) => format!("({col} = {}) IS NOT TRUE", quote::key_literal(k, dir.key_type)),
         });
     }
     if filters.is_empty() || sharded_tables.is_empty() {
@@ -295,9 +289,9 @@ pub fn without_moving_rows(
             .hint("write the table name unqualified, or name the tenant (WHERE tenant_id = …)"));
         }
         ctes.push(format!(
-            "{} AS (SELECT * FROM public.{} WHERE {})",
-            quote_ident(t),
-            quote_ident(t),
+            "{} AS (SELECT * FROM {} WHERE {})",
+            quote::ident(t),
+            quote::qualified("public", t),
             filters.join(" AND ")
         ));
     }
@@ -325,23 +319,4 @@ pub fn without_moving_rows(
     } else {
         format!("WITH {} {body}", ctes.join(", "))
     }))
-}
-
-pub(crate) fn quote_ident(s: &str) -> String {
-    if !s.is_empty()
-        && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-    {
-        s.to_string()
-    } else {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    }
-}
-
-pub(crate) fn tenant_literal(k: &shardgate_directory::TenantKey, t: shardgate_directory::KeyType) -> String {
-    match (k, t) {
-        (shardgate_directory::TenantKey::Int(v), _) => v.to_string(),
-        (k, shardgate_directory::KeyType::Uuid) => format!("'{k}'::uuid"),
-        (k, _) => format!("'{}'", k.to_string().replace('\'', "''")),
-    }
 }

@@ -78,27 +78,24 @@ pub async fn start_replicated(
 /// has applied (what `SHOW ROUTERS` and `shardgate status` list), and forgets
 /// routers silent for 30 s.
 async fn heartbeat(ctx: Arc<RouterContext>, address: SocketAddr, mut stopped: watch::Receiver<bool>) {
+    use shardgate_directory::clock::now_ms;
     use shardgate_directory::state::Command;
     let id = ctx.router_id.clone();
     let mut ticker = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut beats = 0u64;
-    let started_ms =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let started_ms = now_ms();
     loop {
         tokio::select! {
             _ = stopped.changed() => return,
             _ = ticker.tick() => {}
         }
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let now = now_ms();
         let applied_epoch = ctx.directory.load().epoch;
         let beat = Command::Heartbeat {
             router: id.clone(),
             address: address.to_string(),
             applied_epoch,
-            at_ms: now_ms,
+            at_ms: now,
             started_ms,
             shadow: ctx.shadow.reports(&ctx.directory.load()),
             // The load summary every fifth beat: enough for planning, little log.
@@ -109,7 +106,7 @@ async fn heartbeat(ctx: Arc<RouterContext>, address: SocketAddr, mut stopped: wa
         beats += 1;
         let leader = ctx.replica.as_ref().is_none_or(|(node, _)| node.status().is_leader);
         if beats.is_multiple_of(10) && leader {
-            let expire = Command::ExpireRouters { before_ms: now_ms.saturating_sub(30_000) };
+            let expire = Command::ExpireRouters { before_ms: now.saturating_sub(30_000) };
             let _ = ctx.writer.propose(expire).await;
         }
     }

@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use shardgate_directory::clock::now_ms;
 use shardgate_directory::state::{MovePhase, MoveSubject, ShadowCounts, ShadowReport, ShadowSample};
 use shardgate_directory::{Directory, ShardId, TenantKey};
 use tokio::sync::Semaphore;
@@ -90,13 +91,11 @@ impl Shadow {
             .moves
             .values()
             .filter(|m| m.phase == MovePhase::Shadow)
-            .map(|m| {
-                let owner = match &m.subject {
-                    MoveSubject::Bucket(b) => dir.placements[*b as usize],
-                    MoveSubject::Tenant(k) => dir.shard_for(k),
-                };
-                let other = if owner == m.source { m.target } else { m.source };
-                ShadowMove { id: m.id, subject: m.subject.clone(), owner, other }
+            .map(|m| ShadowMove {
+                id: m.id,
+                subject: m.subject.clone(),
+                owner: dir.owner_of(m),
+                other: dir.other_end_of(m),
             })
             .collect();
         if moves.is_empty() && self.moves.load().is_empty() {
@@ -408,10 +407,6 @@ async fn run(ctx: &RouterContext, shard: ShardId, read: &ShadowRead) -> Result<R
         Some((code, msg)) => Err(format!("{code}: {msg}")),
         None => Ok(digest),
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use shardgate_directory::hash::bucket_sql;
 use shardgate_directory::{Directory, ShardId};
 
 use crate::context::RouterContext;
-use crate::hold::{quote_ident, tenant_literal};
+use crate::sql::quote;
 
 /// Tables up to this many rows are counted exactly; larger ones are sampled.
 pub const EXACT_ROWS: f64 = 1_000_000.0;
@@ -77,13 +77,14 @@ pub async fn measure(ctx: &RouterContext) -> Result<Sizes, String> {
         let pool = ctx.pool(shard).ok_or_else(|| format!("no pool for shard {}", s.name))?;
         let mut conn = pool.get().await.map_err(|e| e.to_string())?;
         let pinned_here: Vec<String> =
-            dir.pins.iter().filter(|(_, p)| **p == shard).map(|(k, _)| tenant_literal(k, dir.key_type)).collect();
-        let all_pinned: Vec<String> = dir.pins.keys().map(|k| tenant_literal(k, dir.key_type)).collect();
+            dir.pins.iter().filter(|(_, p)| **p == shard).map(|(k, _)| quote::key_literal(k, dir.key_type)).collect();
+        let all_pinned: Vec<String> = dir.pins.keys().map(|k| quote::key_literal(k, dir.key_type)).collect();
         for table in &tables {
+            let sql_table = quote::table(table);
             let estimate = conn
                 .simple_query(&format!(
                     "SELECT reltuples::float8 FROM pg_class WHERE oid = {}::regclass",
-                    literal(table)
+                    quote::literal(&sql_table)
                 ))
                 .await;
             let estimate = match estimate {
@@ -102,7 +103,7 @@ pub async fn measure(ctx: &RouterContext) -> Result<Sizes, String> {
             } else {
                 (String::new(), 1.0)
             };
-            let col = quote_ident(&dir.key_column);
+            let col = quote::ident(&dir.key_column);
             let b = bucket_sql(&format!("x.{col}"), dir.key_type, dir.bucket_count);
             let not_pinned = if all_pinned.is_empty() {
                 String::new()
@@ -111,7 +112,7 @@ pub async fn measure(ctx: &RouterContext) -> Result<Sizes, String> {
             };
             let rows = conn
                 .simple_query(&format!(
-                    "SELECT {b}, count(*), coalesce(sum(pg_column_size(x.*)), 0) FROM {table} x{sample}{not_pinned} GROUP BY 1"
+                    "SELECT {b}, count(*), coalesce(sum(pg_column_size(x.*)), 0) FROM {sql_table} x{sample}{not_pinned} GROUP BY 1"
                 ))
                 .await
                 .map_err(|(c, m)| format!("shard {}: {table}: {c}: {m}", s.name))?;
@@ -136,7 +137,7 @@ pub async fn measure(ctx: &RouterContext) -> Result<Sizes, String> {
                 let rows = conn
                     .simple_query(&format!(
                         "SELECT x.{col}::text, {b}, count(*), coalesce(sum(pg_column_size(x.*)), 0) \
-                         FROM {table} x{sample}{filter} GROUP BY 1, 2{limit}"
+                         FROM {sql_table} x{sample}{filter} GROUP BY 1, 2{limit}"
                     ))
                     .await
                     .map_err(|(c, m)| format!("shard {}: {table}: {c}: {m}", s.name))?;
@@ -241,8 +242,4 @@ fn shard_name(dir: &Directory, s: ShardId) -> String {
 
 fn num(r: &[Option<String>], i: usize) -> Option<i64> {
     r.get(i)?.as_deref()?.parse::<f64>().ok().map(|v| v as i64)
-}
-
-fn literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }

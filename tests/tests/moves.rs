@@ -395,7 +395,7 @@ fn create_move(h: &Harness, bucket: u32) -> u64 {
         subject: MoveSubject::Bucket(bucket),
         target: "shard_1".into(),
         options: Default::default(),
-        at_ms: shardgate_migrator::now_ms(),
+        at_ms: shardgate_directory::clock::now_ms(),
     });
     let Outcome::MoveCreated { id, .. } = out else { panic!("{out:?}") };
     id
@@ -472,7 +472,7 @@ async fn move_and_complete(h: &Harness, subject: MoveSubject, target: &str) -> u
         subject,
         target: target.into(),
         options: shardgate_directory::state::MoveOptions { cutover_auto: true, complete_auto: false },
-        at_ms: shardgate_migrator::now_ms(),
+        at_ms: shardgate_directory::clock::now_ms(),
     });
     let Outcome::MoveCreated { id, .. } = out else { panic!("{out:?}") };
     wait_phase(h, id, MovePhase::Reverse, "the cutover").await;
@@ -555,7 +555,7 @@ async fn a_pinned_tenant_keeps_its_shard_while_its_bucket_moves_around_it() {
         subject: MoveSubject::Bucket(bucket),
         target: "shard_0".into(),
         options: Default::default(),
-        at_ms: shardgate_migrator::now_ms(),
+        at_ms: shardgate_directory::clock::now_ms(),
     });
     let Outcome::Rejected { reason } = out else { panic!("{out:?}") };
     assert!(reason.contains(&format!("tenant {pinned}")) && reason.contains("shard_0"), "{reason}");

@@ -12,6 +12,7 @@
 mod analyze;
 mod cache;
 mod lift;
+pub mod quote;
 pub mod shape;
 
 pub use analyze::{
