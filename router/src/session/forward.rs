@@ -37,9 +37,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         query: Bytes,
         analysis: Option<&Analysis>,
     ) -> Result<(), SessionError> {
-        let swallow = match self.checkout(shard).await {
-            Ok(n) => n,
-            Err(e) => return self.fail_simple(e).await,
+        let Some(swallow) = self.checkout_for_simple(shard).await? else {
+            return Ok(());
         };
         let Some(b) = self.txn.held.as_mut() else {
             return Ok(());
@@ -67,9 +66,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         analysis: &Analysis,
         simple: SimpleForm,
     ) -> Result<(), SessionError> {
-        let swallow = match self.checkout(shard).await {
-            Ok(n) => n,
-            Err(e) => return self.fail_simple(e).await,
+        let Some(swallow) = self.checkout_for_simple(shard).await? else {
+            return Ok(());
         };
         let Some(b) = self.txn.held.as_mut() else {
             return Ok(());
@@ -117,6 +115,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Err(e) => Err(e),
         };
         self.finish_forward(relayed, started, Some(analysis)).await
+    }
+
+    /// [`Self::checkout`] for a simple query: None once a refusal has been
+    /// answered.
+    async fn checkout_for_simple(&mut self, shard: ShardId) -> Result<Option<usize>, SessionError> {
+        match self.checkout(shard).await {
+            Ok(n) => Ok(Some(n)),
+            Err(e) => self.fail_simple(e).await.map(|()| None),
+        }
     }
 
     /// After the reply to one forwarded statement was relayed.
