@@ -58,6 +58,72 @@ pub struct RouterConfig {
     /// once. Default 5 s.
     #[serde(default = "default_lease_wait", with = "humantime_secs")]
     pub lease_wait: Duration,
+    /// How long a new connection may take to log in (startup packet and
+    /// authentication) before it is closed. Default 60 s, as pgbouncer's.
+    #[serde(default = "default_login_timeout", with = "humantime_secs")]
+    pub client_login_timeout: Duration,
+    /// Connections still logging in at once; more are refused with 53300. They
+    /// do not count against `max_client_connections` until they have logged in,
+    /// so this bounds what sockets that never finish can hold. Default 256.
+    #[serde(default = "default_max_pending_logins")]
+    pub max_pending_logins: usize,
+    /// A client idle this long outside a transaction is disconnected (FATAL
+    /// 57P05, as Postgres's `idle_session_timeout`). 0: never. Default 0.
+    #[serde(default, with = "humantime_secs")]
+    pub client_idle_timeout: Duration,
+    /// A client idle this long inside a transaction is disconnected (FATAL
+    /// 25P03, as Postgres's `idle_in_transaction_session_timeout`); its
+    /// transaction is rolled back and the server connection goes back to the
+    /// pool. 0: never. Default 0, as in pgbouncer and Postgres; a router whose
+    /// pools many applications share should set it (docs/configuration.md).
+    #[serde(default, with = "humantime_secs")]
+    pub idle_transaction_timeout: Duration,
+    /// TCP keepalives on client and shard sockets, so that a peer that vanished
+    /// without closing (a crashed host, a dropped NAT entry) is noticed. Default on.
+    #[serde(default)]
+    pub tcp_keepalive: KeepaliveConfig,
+}
+
+/// TCP keepalive settings (`[router.tcp_keepalive]`): a silent peer is probed
+/// after `idle`, every `interval`, and given up after `count` unanswered probes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeepaliveConfig {
+    /// Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Default 60 s.
+    #[serde(default = "default_keepalive_idle", with = "humantime_secs")]
+    pub idle: Duration,
+    /// Default 10 s.
+    #[serde(default = "default_keepalive_interval", with = "humantime_secs")]
+    pub interval: Duration,
+    /// Default 6.
+    #[serde(default = "default_keepalive_count")]
+    pub count: u32,
+}
+
+impl Default for KeepaliveConfig {
+    fn default() -> Self {
+        KeepaliveConfig {
+            enabled: true,
+            idle: default_keepalive_idle(),
+            interval: default_keepalive_interval(),
+            count: default_keepalive_count(),
+        }
+    }
+}
+
+impl KeepaliveConfig {
+    /// Turns keepalives on for `socket` as configured (nothing when disabled).
+    pub fn apply(&self, socket: &tokio::net::TcpStream) -> std::io::Result<()> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let keepalive =
+            socket2::TcpKeepalive::new().with_time(self.idle).with_interval(self.interval).with_retries(self.count);
+        socket2::SockRef::from(socket).set_tcp_keepalive(&keepalive)
+    }
 }
 
 /// Settings of online moves, read by the node that drives them.
@@ -159,8 +225,9 @@ pub struct PoolConfig {
     #[serde(default = "default_pool_size")]
     pub size: usize,
     /// How long a statement waits for a free server connection before it fails
-    /// with SQLSTATE 53300. Default 5 s.
-    #[serde(default = "default_queue_timeout", with = "humantime_secs")]
+    /// with SQLSTATE 53300 (pgbouncer's `query_wait_timeout`; `queue_timeout`
+    /// is the older name of the same key). Default 5 s.
+    #[serde(default = "default_queue_timeout", with = "humantime_secs", alias = "query_wait_timeout")]
     pub queue_timeout: Duration,
     /// How long connecting to a shard may take. Default 5 s.
     #[serde(default = "default_connect_timeout", with = "humantime_secs")]
@@ -244,6 +311,11 @@ impl Default for RouterConfig {
             moves: MovesConfig::default(),
             threads: 0,
             lease_wait: default_lease_wait(),
+            client_login_timeout: default_login_timeout(),
+            max_pending_logins: default_max_pending_logins(),
+            client_idle_timeout: Duration::ZERO,
+            idle_transaction_timeout: Duration::ZERO,
+            tcp_keepalive: KeepaliveConfig::default(),
         }
     }
 }
@@ -262,6 +334,21 @@ fn default_pool_size() -> usize {
 }
 fn default_lease_wait() -> Duration {
     Duration::from_secs(5)
+}
+fn default_login_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_pending_logins() -> usize {
+    256
+}
+fn default_keepalive_idle() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_keepalive_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_keepalive_count() -> u32 {
+    6
 }
 fn default_queue_timeout() -> Duration {
     Duration::from_secs(5)
@@ -309,4 +396,40 @@ pub fn parse_duration(t: &str) -> Result<Duration, String> {
         return Err(format!("{t:?} is out of range"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn keepalive_settings_reach_the_socket() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (client, _) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let client = client.expect("connect");
+        let config = KeepaliveConfig { idle: Duration::from_secs(42), ..Default::default() };
+        config.apply(&client).expect("apply");
+        let socket = socket2::SockRef::from(&client);
+        assert!(socket.keepalive().expect("read SO_KEEPALIVE"));
+        assert_eq!(socket.tcp_keepalive_time().expect("read TCP_KEEPIDLE"), Duration::from_secs(42));
+        assert_eq!(socket.tcp_keepalive_retries().expect("read TCP_KEEPCNT"), 6);
+        let off = KeepaliveConfig { enabled: false, ..Default::default() };
+        let (other, _) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let other = other.expect("connect");
+        off.apply(&other).expect("apply");
+        assert!(!socket2::SockRef::from(&other).keepalive().expect("read SO_KEEPALIVE"));
+    }
+
+    #[test]
+    fn the_timeouts_take_pgbouncer_names_and_durations() {
+        let c: RouterConfig = toml::from_str(
+            "client_login_timeout = \"2s\"\nidle_transaction_timeout = 30\n[pool]\nquery_wait_timeout = \"250ms\"",
+        )
+        .expect("parses");
+        assert_eq!(c.client_login_timeout, Duration::from_secs(2));
+        assert_eq!(c.idle_transaction_timeout, Duration::from_secs(30));
+        assert_eq!(c.client_idle_timeout, Duration::ZERO);
+        assert_eq!(c.pool.queue_timeout, Duration::from_millis(250));
+    }
 }

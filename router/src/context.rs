@@ -142,6 +142,10 @@ pub struct RouterContext {
     pub server_params: Mutex<Vec<(String, String)>>,
     next_any: AtomicUsize,
     pub clients: AtomicUsize,
+    /// Connections still logging in (bounded by `max_pending_logins`).
+    pub logins: AtomicUsize,
+    /// Every session's idle state, for the idle timeouts' janitor.
+    pub idle: crate::idle::IdleWatches,
     /// The shards sort text bytewise (default collation C or POSIX from libc, no
     /// column with a collation of its own): merged sorts on text
     /// columns are then exact.
@@ -194,6 +198,8 @@ impl RouterContext {
             shard_setup: std::sync::OnceLock::new(),
             load: crate::load::Load::new(directory.load().bucket_count),
             sizes: crate::sizes::SizeCache::default(),
+            logins: AtomicUsize::new(0),
+            idle: crate::idle::IdleWatches::default(),
             cache: AnalysisCache::new(key_column, config.statement_cache_size),
             config,
             directory,

@@ -26,6 +26,7 @@ pub mod error;
 pub mod events;
 pub mod fanout;
 pub mod hold;
+pub mod idle;
 pub mod load;
 pub mod metrics;
 pub mod pool;

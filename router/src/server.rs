@@ -170,6 +170,7 @@ async fn start_with(
         stop.subscribe(),
     ));
     tokio::spawn(crate::shadow::follow_directory(ctx.clone(), stop.subscribe()));
+    tokio::spawn(crate::idle::janitor(ctx.clone(), stop.subscribe()));
     let threads = SessionThreads::start(ctx.config.threads)
         .map_err(|e| StartError::Config(format!("cannot start the session threads: {e}")))?;
     let task = tokio::spawn(accept_loop(listener, ctx.clone(), threads, stopped));
@@ -321,8 +322,67 @@ impl Drop for ClientSlot {
     }
 }
 
+/// Counts a connection among those logging in, and out again on drop.
+struct PendingLogin(Arc<RouterContext>);
+
+impl Drop for PendingLogin {
+    fn drop(&mut self) {
+        self.0.logins.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A client that has logged in.
+struct LoggedIn {
+    params: Vec<(String, String)>,
+    cancel_key: (i32, i32),
+    /// Its place among `max_client_connections`.
+    slot: ClientSlot,
+}
+
 async fn handle_client(stream: TcpStream, ctx: Arc<RouterContext>) -> Result<(), ProtocolError> {
+    if let Err(e) = ctx.config.tcp_keepalive.apply(&stream) {
+        debug!(error = %e, "could not turn on TCP keepalives for a client");
+    }
     let mut conn = Connection::accepting(stream, ctx.config.max_message_bytes);
+    let pending = PendingLogin(ctx.clone());
+    if ctx.logins.fetch_add(1, Ordering::Relaxed) >= ctx.config.max_pending_logins {
+        let msg = "sorry, too many connections are logging in at once";
+        let hint = "retry in a moment; raise max_pending_logins if clients connect in bursts";
+        let e = crate::error::SqlError::new("53300", msg.into()).hint(hint);
+        conn.send(&e.to_message(Severity::Fatal)).await?;
+        return Ok(());
+    }
+    let logged_in = match crate::timer::timeout(ctx.config.client_login_timeout, log_in(&mut conn, &ctx)).await {
+        Ok(r) => r?,
+        Err(_) => {
+            debug!("a client did not log in within client_login_timeout");
+            let msg = "canceling authentication due to timeout";
+            let _ = conn.send(&messages::error_response(Severity::Fatal, "57014", msg, None)).await;
+            return Ok(());
+        }
+    };
+    drop(pending);
+    let Some(LoggedIn { params, cancel_key, slot }) = logged_in else {
+        return Ok(());
+    };
+    let database = params.iter().find(|(k, _)| k == "database").map(|(_, v)| v.as_str()).unwrap_or("");
+    if database == "shardgate" {
+        let result = crate::console::serve(&ctx, &mut conn).await;
+        drop(slot);
+        return result;
+    }
+    let session = Session::new(ctx.clone(), conn, cancel_key).with_startup_settings(&params);
+    let result = session.run().await;
+    drop(slot);
+    result.map_err(|e| match e {
+        crate::session::SessionError::Protocol(p) => p,
+    })
+}
+
+/// The startup packet, authentication and the greeting, up to the first
+/// ReadyForQuery. None when the client was turned away (it has been told why)
+/// or only came to cancel a statement.
+async fn log_in(conn: &mut Connection<TcpStream>, ctx: &Arc<RouterContext>) -> Result<Option<LoggedIn>, ProtocolError> {
     // Startup: SSL and GSSAPI encryption are declined until TLS exists; the client
     // then goes on in the clear or gives up, as its sslmode says.
     let params = loop {
@@ -330,13 +390,13 @@ async fn handle_client(stream: TcpStream, ctx: Arc<RouterContext>) -> Result<(),
         match Startup::parse(&m)? {
             Startup::Ssl | Startup::GssEnc => conn.send(b"N").await?,
             Startup::Cancel { pid, key } => {
-                forward_cancel(&ctx, pid, key).await;
-                return Ok(());
+                forward_cancel(ctx, pid, key).await;
+                return Ok(None);
             }
             Startup::Unsupported(v) => {
                 let msg = format!("unsupported frontend protocol {}.{}: server supports 3.0", v >> 16, v & 0xffff);
                 conn.send(&messages::error_response(Severity::Fatal, "0A000", &msg, None)).await?;
-                return Ok(());
+                return Ok(None);
             }
             Startup::Params(p) => break p,
         }
@@ -345,7 +405,7 @@ async fn handle_client(stream: TcpStream, ctx: Arc<RouterContext>) -> Result<(),
     let slot = ClientSlot(ctx.clone());
     if ctx.clients.fetch_add(1, Ordering::Relaxed) >= ctx.config.max_client_connections {
         conn.send(&messages::error_response(Severity::Fatal, "53300", "sorry, too many clients already", None)).await?;
-        return Ok(());
+        return Ok(None);
     }
     let user = params.iter().find(|(k, _)| k == "user").map(|(_, v)| v.clone()).unwrap_or_default();
     if user.is_empty() {
@@ -356,21 +416,21 @@ async fn handle_client(stream: TcpStream, ctx: Arc<RouterContext>) -> Result<(),
             None,
         ))
         .await?;
-        return Ok(());
+        return Ok(None);
     }
     let credential = if ctx.users.is_empty() { Some(&Credential::Trust) } else { ctx.users.get(&user) };
     let Some(credential) = credential else {
         let msg = format!("password authentication failed for user \"{user}\"");
         conn.send(&messages::error_response(Severity::Fatal, "28P01", &msg, None)).await?;
-        return Ok(());
+        return Ok(None);
     };
-    if let Err(e) = auth::authenticate_client(&mut conn, &user, credential).await {
+    if let Err(e) = auth::authenticate_client(conn, &user, credential).await {
         let msg = match e.sqlstate() {
             "28P01" => format!("password authentication failed for user \"{user}\""),
             _ => e.to_string(),
         };
         let _ = conn.send(&messages::error_response(Severity::Fatal, e.sqlstate(), &msg, None)).await;
-        return Ok(());
+        return Ok(None);
     }
     conn.queue(&messages::auth_ok());
     let server_params = ctx.server_params.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -396,18 +456,7 @@ async fn handle_client(stream: TcpStream, ctx: Arc<RouterContext>) -> Result<(),
     conn.queue(&messages::backend_key_data(pid, secret));
     conn.queue(&messages::ready_for_query(b'I'));
     conn.flush().await?;
-    let database = params.iter().find(|(k, _)| k == "database").map(|(_, v)| v.as_str()).unwrap_or("");
-    if database == "shardgate" {
-        let result = crate::console::serve(&ctx, &mut conn).await;
-        drop(slot);
-        return result;
-    }
-    let session = Session::new(ctx.clone(), conn, (pid, secret)).with_startup_settings(&params);
-    let result = session.run().await;
-    drop(slot);
-    result.map_err(|e| match e {
-        crate::session::SessionError::Protocol(p) => p,
-    })
+    Ok(Some(LoggedIn { params, cancel_key: (pid, secret), slot }))
 }
 
 /// A client's CancelRequest: sent on to the server running its statement.

@@ -21,6 +21,7 @@
 //! | `multi.rs` | a transaction open on every shard (schema migrations) |
 //! | `admission.rs` | lease, catalog, routing, cutover holds; load accounting |
 //! | `forward.rs` | one simple-protocol statement to one shard |
+//! | `idle.rs` | a client quiet past its idle timeout |
 //! | `relay.rs` | server replies to the client, COPY data to the server |
 //! | `extended.rs` | the extended protocol: batches up to Sync |
 //! | `prepared.rs` | the client's prepared statements and their server names |
@@ -36,6 +37,7 @@ mod everywhere;
 mod extended;
 mod fanout;
 mod forward;
+mod idle;
 mod multi;
 mod prepared;
 mod relay;
@@ -107,12 +109,17 @@ pub struct Session<S> {
     /// The shards' pools this session used, by shard: the router's list is
     /// behind a lock every session shares (and only ever grows).
     pools: Vec<Option<Arc<crate::pool::ShardPool>>>,
+    /// When the client goes quiet, for the idle timeouts (`idle.rs`); None
+    /// when both are off.
+    idle: Option<Arc<crate::idle::IdleWatch>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub fn new(ctx: Arc<RouterContext>, client: Connection<S>, cancel_key: (i32, i32)) -> Self {
         let admission = Admission::new(ctx.in_flight.clone());
         let cancel = ctx.cancel_slot(cancel_key);
+        let timeouts = !ctx.config.client_idle_timeout.is_zero() || !ctx.config.idle_transaction_timeout.is_zero();
+        let idle = timeouts.then(|| ctx.idle.register());
         Session {
             ctx,
             client,
@@ -131,6 +138,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             shadow_digest: None,
             rows_written: 0,
             pools: Vec::new(),
+            idle,
         }
     }
 
@@ -165,7 +173,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     async fn serve(&mut self) -> Result<(), SessionError> {
         loop {
-            let m = match self.client.read().await {
+            let read = match &self.idle {
+                None => self.client.read().await,
+                Some(watch) => {
+                    watch.waiting(self.ctx.idle.epoch, self.status() != b'I' || self.txn.open_batch);
+                    let read = tokio::select! {
+                        biased;
+                        read = self.client.read() => Ok(read),
+                        why = watch.expired() => Err(why),
+                    };
+                    watch.busy();
+                    match read {
+                        Ok(read) => read,
+                        Err(why) => return self.end_idle(why).await,
+                    }
+                }
+            };
+            let m = match read {
                 Ok(m) => m,
                 Err(ProtocolError::Closed) => return Ok(()),
                 Err(e @ ProtocolError::Io(_)) => return Err(e.into()),
