@@ -10,7 +10,7 @@ use tokio_postgres::Client;
 
 use crate::pg::{rows, scalar};
 use crate::{Endpoint, Error};
-use shardgate_router::sql::quote::{ident, literal};
+use shardgate_router::sql::quote::{literal, qualified};
 
 /// A table that holds the key column, so its rows move with their tenants.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -28,7 +28,7 @@ pub struct Table {
 
 impl Table {
     pub fn qualified(&self) -> String {
-        format!("{}.{}", ident(&self.schema), ident(&self.name))
+        qualified(&self.schema, &self.name)
     }
 
     /// Columns that order rows for chunked comparison: the primary key, or every
