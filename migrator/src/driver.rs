@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use shardgate_directory::clock::now_ms;
 use shardgate_directory::state::{Command, Move, MovePhase, MoveRequest, MoveSubject, Outcome};
 use shardgate_directory::{Directory, DirectoryHandle};
-use shardgate_router::hold::DirectoryWriter;
+use shardgate_router::moves::DirectoryWriter;
 
 use crate::cleanup::{self, Keep};
 use crate::cluster::DirectoryCoordinator;
@@ -419,7 +419,7 @@ impl Driver {
         let started = Instant::now();
         match Box::pin(cutover::cutover(spec, dir, &coord, &self.config.cutover)).await {
             Ok(r) => {
-                shardgate_router::metrics::global().cutover_pause(r.pause);
+                shardgate_router::moves::record_cutover_pause(r.pause);
                 let n = m.counters.get("cutovers").copied().unwrap_or(0) + 1;
                 let c = counters([
                     ("cutovers", n),

@@ -8,13 +8,13 @@ use std::pin::Pin;
 
 use serde::Deserialize;
 use shardgate_directory::{DirectoryHandle, KeyType};
-use shardgate_router::context::ShardSetup;
+use shardgate_router::moves::ShardSetup;
 use tokio_postgres::Client;
 
 use crate::driver::Resolve;
 use crate::pg::{rows, scalar};
 use crate::{Endpoint, Error};
-use shardgate_router::sql::quote::{literal, qualified};
+use shardgate_router::moves::quote::{literal, qualified};
 
 /// A table that holds the key column, so its rows move with their tenants.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -10,6 +10,8 @@
 //! - `session.rs`: one client's state machine (simple and extended protocol, COPY).
 //! - `fanout/`: statements that run on every shard, and merging their results.
 //! - `server.rs`: accept loop, connection limit, shutdown.
+//! - `hold.rs`: the router's half of a cutover (holding and acknowledging);
+//!   `moves.rs`: everything the migrator may use of the router, and why.
 //! - `admin.rs`: the admin HTTP API; `events.rs` its live status stream, `web.rs`
 //!   the web page built on it (files in `router/web/`).
 
@@ -27,6 +29,7 @@ pub mod fanout;
 pub mod hold;
 pub mod load;
 pub mod metrics;
+pub mod moves;
 pub mod pool;
 pub mod protocol;
 pub mod route;
