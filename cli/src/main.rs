@@ -3,6 +3,7 @@
 
 mod admin_client;
 mod config;
+mod drive;
 mod moves;
 mod rebalance;
 mod replica;
@@ -433,7 +434,7 @@ async fn serve(path: PathBuf) -> Result<()> {
     };
     // Moves are driven by the directory's leader (with a static directory there
     // are none to drive: the admin API refuses them).
-    let _driver = shardgate_migrator::driver::spawn_for_router(router.context.clone(), true);
+    let _driver = drive::start(router.context.clone(), true);
     let (admin_addr, _admin) =
         shardgate_router::admin::serve(&cfg.admin.listen, router.context.clone(), cfg.admin.token.clone())
             .await

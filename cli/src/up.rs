@@ -174,7 +174,7 @@ async fn serve(
         shardgate_router::server::start_replicated(config, nodes[0].clone(), std::time::Duration::from_secs(2), addrs)
             .await?;
     // One process holds all three replicas: its driver runs whichever leads.
-    let _driver = shardgate_migrator::driver::spawn_for_router(router.context.clone(), false);
+    let _driver = crate::drive::start(router.context.clone(), false);
     let admin_listen = format!("127.0.0.1:{}", opts.admin_port);
     let (admin_addr, _admin) =
         shardgate_router::admin::serve(&admin_listen, router.context.clone(), Some(token.clone())).await.with_context(

@@ -318,7 +318,7 @@ async fn replicas_over_tcp_elect_replicate_and_survive_an_isolated_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_learner_joins_catches_up_becomes_a_voter_and_a_voter_leaves() {
-    use raft::prelude::ConfChangeType;
+    use shardgate_directory::replica::MembershipChange;
     let c = Cluster::new(10_000);
     let nodes: Vec<Node> = (1..=3).map(|i| c.start(i, true)).collect();
     leader_among(&nodes).await;
@@ -328,12 +328,12 @@ async fn a_learner_joins_catches_up_becomes_a_voter_and_a_voter_leaves() {
     }
     // Node 4 starts empty (not a founder) and is added as a learner.
     let four = c.start(4, false);
-    nodes[1].change_membership(4, ConfChangeType::AddLearnerNode, Duration::from_secs(5)).await.unwrap();
+    nodes[1].change_membership(4, MembershipChange::AddLearner, Duration::from_secs(5)).await.unwrap();
     wait_status(&four, "caught up as a learner", |s| s.epoch == epoch).await;
     assert_eq!(*four.directory().load(), *nodes[0].directory().load());
     // Promoted to voter, then node 1 leaves: the cluster of 2, 3, 4 goes on.
-    nodes[0].change_membership(4, ConfChangeType::AddNode, Duration::from_secs(5)).await.unwrap();
-    nodes[2].change_membership(1, ConfChangeType::RemoveNode, Duration::from_secs(5)).await.unwrap();
+    nodes[0].change_membership(4, MembershipChange::AddVoter, Duration::from_secs(5)).await.unwrap();
+    nodes[2].change_membership(1, MembershipChange::Remove, Duration::from_secs(5)).await.unwrap();
     wait_status(&four, "membership 2, 3, 4", |s| {
         let mut v = s.voters.clone();
         v.sort();

@@ -4,7 +4,7 @@
 //! target's copy goes).
 
 use crate::{fault, Endpoint, Error, MoveSpec};
-use shardgate_router::sql::quote::literal;
+use shardgate_router::moves::quote::literal;
 use tokio_postgres::Client;
 
 /// Which shard keeps the rows.

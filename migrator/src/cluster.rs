@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use shardgate_directory::clock::now_ms;
 use shardgate_directory::state::{Command, Outcome};
 use shardgate_directory::DirectoryHandle;
-use shardgate_router::hold::DirectoryWriter;
+use shardgate_router::moves::{unacknowledged, DirectoryWriter};
 
 use crate::cutover::Coordinator;
 use crate::Error;
@@ -86,14 +86,7 @@ impl Coordinator for DirectoryCoordinator {
                 let _ = tokio::time::timeout(deadline - Instant::now(), changes.changed()).await;
                 continue;
             };
-            let now = now_ms();
-            let missing: Vec<&str> = dir
-                .routers
-                .values()
-                .filter(|r| now.saturating_sub(r.last_heartbeat_ms) <= self.router_timeout.as_millis() as u64)
-                .filter(|r| !h.acks.contains(&r.id))
-                .map(|r| r.id.as_str())
-                .collect();
+            let missing = unacknowledged(&dir, h, self.router_timeout, now_ms());
             if missing.is_empty() {
                 return Ok(());
             }

@@ -24,13 +24,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
-use shardgate_router::backend::Backend;
+use shardgate_router::moves::Backend;
 use tokio_postgres::Client;
 
 use crate::pg::scalar;
 use crate::schema::{self, Table};
 use crate::{fault, Error, MoveSpec};
-use shardgate_router::sql::quote::{ident, literal};
+use shardgate_router::moves::quote::{ident, literal};
 
 /// Caps how fast the copies of one driver go, together (0: no cap). Pacing by
 /// a virtual clock: each chunk copied pushes the clock forward by what it costs

@@ -23,7 +23,7 @@ use tokio_postgres::Client;
 use crate::pg::rows;
 use crate::schema::{self, FENCE_LOCK_CLASS};
 use crate::{fault, stream, Endpoint, Error, MoveSpec};
-use shardgate_router::sql::quote::literal;
+use shardgate_router::moves::quote::literal;
 
 /// What the cutover needs from the cluster: the routers' hold and the directory's
 /// flip. The router cluster implements it over the directory; tests may implement

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use shardgate_directory::clock::now_ms;
 use shardgate_directory::state::{Command, Move, MovePhase, MoveRequest, MoveSubject, Outcome};
 use shardgate_directory::{Directory, DirectoryHandle};
-use shardgate_router::hold::DirectoryWriter;
+use shardgate_router::moves::DirectoryWriter;
 
 use crate::cleanup::{self, Keep};
 use crate::cluster::DirectoryCoordinator;
@@ -419,7 +419,7 @@ impl Driver {
         let started = Instant::now();
         match Box::pin(cutover::cutover(spec, dir, &coord, &self.config.cutover)).await {
             Ok(r) => {
-                shardgate_router::metrics::global().cutover_pause(r.pause);
+                shardgate_router::moves::record_cutover_pause(r.pause);
                 let n = m.counters.get("cutovers").copied().unwrap_or(0) + 1;
                 let c = counters([
                     ("cutovers", n),
@@ -551,89 +551,6 @@ pub fn throttled(dir: &Directory, m: &Move, config: &DriverConfig) -> Option<Str
         ));
     }
     None
-}
-
-/// Starts the move driver of a router process: it drives moves while this node
-/// leads the directory (or always, with a static directory). Send `true` to stop.
-pub fn spawn_for_router(
-    ctx: Arc<shardgate_router::context::RouterContext>,
-    leader_only: bool,
-) -> tokio::sync::watch::Sender<bool> {
-    let resolve_ctx = ctx.clone();
-    let resolve: Resolve = Arc::new(move |dir: &Directory, shard: usize| {
-        let addr = resolve_ctx.shard_address(dir, shard)?;
-        Some(Endpoint::new(dir.shards.get(shard)?.name.clone(), addr))
-    });
-    let leader_ctx = ctx.clone();
-    let mode = ctx.config.moves.drive;
-    let active = Arc::new(move || match mode {
-        shardgate_router::config::DriveMode::Never => false,
-        shardgate_router::config::DriveMode::Always => true,
-        shardgate_router::config::DriveMode::Leader => {
-            !leader_only || leader_ctx.replica.as_ref().is_none_or(|(node, _)| node.status().is_leader)
-        }
-    });
-    let lease = ctx.replica.as_ref().map(|(_, l)| *l).unwrap_or(Duration::from_secs(2));
-    let config = DriverConfig {
-        cutover: CutoverOptions { timeout: ctx.config.moves.cutover_timeout },
-        verify: VerifyOptions { chunk_rows: ctx.config.moves.verify_chunk_rows, ..Default::default() },
-        shadow: ctx.config.moves.shadow_reads,
-        shadow_for: ctx.config.moves.shadow_for,
-        max_lag_bytes: ctx.config.moves.max_lag_bytes,
-        max_copy_rows_per_s: ctx.config.moves.max_copy_rows_per_s,
-        max_copy_bytes_per_s: ctx.config.moves.max_copy_bytes_per_s,
-        // Heartbeats come every second; a router silent for its lease and one more
-        // second has stopped serving writes by the lease rule.
-        router_timeout: lease + Duration::from_secs(1),
-        ..Default::default()
-    };
-    let _ = ctx.shard_setup.set(Arc::new(SchemaSetup { directory: ctx.directory.clone(), resolve: resolve.clone() }));
-    ctx.shadow.set_catch_up(Arc::new(crate::shadow::ShadowCatchUp {
-        directory: ctx.directory.clone(),
-        resolve: resolve.clone(),
-        timeout: Duration::from_secs(5),
-    }));
-    let driver = Driver::new(ctx.directory.clone(), ctx.writer.clone(), resolve, config, active);
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(driver.run(stopped));
-    stop
-}
-
-/// Copies the schema onto a shard just added (`shardgate shard add`), from a
-/// shard that holds the reference tables, so that DDL through the router reaches
-/// the new shard from the start. Moves copy whatever is still missing.
-struct SchemaSetup {
-    directory: DirectoryHandle,
-    resolve: Resolve,
-}
-
-impl shardgate_router::context::ShardSetup for SchemaSetup {
-    fn prepare(
-        &self,
-        shard: usize,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send + '_>> {
-        Box::pin(async move {
-            let dir = self.directory.load();
-            let Some(&from) = dir.reference_shards().iter().find(|&&i| i != shard) else {
-                return Ok("no other shard to copy the schema from".into());
-            };
-            let (Some(source), Some(target)) = ((self.resolve)(&dir, from), (self.resolve)(&dir, shard)) else {
-                return Err("a shard's address is unknown".into());
-            };
-            let src = source.connect("schema for a new shard (source)").await.map_err(|e| e.to_string())?;
-            let dst = target.connect("schema for a new shard (target)").await.map_err(|e| e.to_string())?;
-            let tables = crate::schema::sharded_tables(&src, &dir.key_column)
-                .await
-                .map_err(|e| Error::pg(&source.name, "list tables", e).to_string())?;
-            let created =
-                crate::schema::copy_missing(&source, &target, &dst, &tables).await.map_err(|e| e.to_string())?;
-            Ok(if created.is_empty() {
-                format!("shard {} has every table with the key column already", target.name)
-            } else {
-                format!("schema copied from shard {} ({} tables with the key column)", source.name, created.len())
-            })
-        })
-    }
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ pub mod verify;
 
 use shardgate_directory::state::MoveSubject;
 use shardgate_directory::{hash::bucket_sql, KeyType};
-use shardgate_router::sql::quote;
+use shardgate_router::moves::quote;
 
 pub use pg::Endpoint;
 

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use shardgate_router::backend::ShardAddress;
+use shardgate_router::moves::ShardAddress;
 use tokio_postgres::{Client, NoTls};
 
 use crate::Error;

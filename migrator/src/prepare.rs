@@ -10,7 +10,7 @@ use crate::fault;
 use crate::pg::{rows, scalar};
 use crate::schema::{self, Table};
 use crate::{Endpoint, Error, MoveSpec};
-use shardgate_router::sql::quote::literal;
+use shardgate_router::moves::quote::literal;
 
 /// What `prepare` found and did.
 #[derive(Debug, Clone, Default)]

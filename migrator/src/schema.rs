@@ -2,15 +2,19 @@
 //! `shardgate` schema (fence and marker tables, the fence trigger), and a copy of the
 //! source's schema on a target that lacks it.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 
 use serde::Deserialize;
-use shardgate_directory::KeyType;
+use shardgate_directory::{DirectoryHandle, KeyType};
+use shardgate_router::moves::ShardSetup;
 use tokio_postgres::Client;
 
+use crate::driver::Resolve;
 use crate::pg::{rows, scalar};
 use crate::{Endpoint, Error};
-use shardgate_router::sql::quote::{ident, literal};
+use shardgate_router::moves::quote::{literal, qualified};
 
 /// A table that holds the key column, so its rows move with their tenants.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -28,7 +32,7 @@ pub struct Table {
 
 impl Table {
     pub fn qualified(&self) -> String {
-        format!("{}.{}", ident(&self.schema), ident(&self.name))
+        qualified(&self.schema, &self.name)
     }
 
     /// Columns that order rows for chunked comparison: the primary key, or every
@@ -307,6 +311,40 @@ pub async fn copy_missing(
     // pg_dump resets search_path for its own session; put it back for ours.
     target_client.batch_execute("RESET search_path").await.map_err(|e| Error::pg(&target.name, "reset", e))?;
     Ok(missing.iter().map(|t| t.qualified()).collect())
+}
+
+/// Copies the schema onto a shard just added (`shardgate shard add`), from a
+/// shard that holds the reference tables, so that DDL through the router reaches
+/// the new shard from the start. Moves copy whatever is still missing. The
+/// router calls it through its `ShardSetup` hook.
+pub struct NewShardSchema {
+    pub directory: DirectoryHandle,
+    pub resolve: Resolve,
+}
+
+impl ShardSetup for NewShardSchema {
+    fn prepare(&self, shard: usize) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send + '_>> {
+        Box::pin(async move {
+            let dir = self.directory.load();
+            let Some(&from) = dir.reference_shards().iter().find(|&&i| i != shard) else {
+                return Ok("no other shard to copy the schema from".into());
+            };
+            let (Some(source), Some(target)) = ((self.resolve)(&dir, from), (self.resolve)(&dir, shard)) else {
+                return Err("a shard's address is unknown".into());
+            };
+            let src = source.connect("schema for a new shard (source)").await.map_err(|e| e.to_string())?;
+            let dst = target.connect("schema for a new shard (target)").await.map_err(|e| e.to_string())?;
+            let tables = sharded_tables(&src, &dir.key_column)
+                .await
+                .map_err(|e| Error::pg(&source.name, "list tables", e).to_string())?;
+            let created = copy_missing(&source, &target, &dst, &tables).await.map_err(|e| e.to_string())?;
+            Ok(if created.is_empty() {
+                format!("shard {} has every table with the key column already", target.name)
+            } else {
+                format!("schema copied from shard {} ({} tables with the key column)", source.name, created.len())
+            })
+        })
+    }
 }
 
 fn pg_dump_path() -> PathBuf {

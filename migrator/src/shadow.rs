@@ -1,14 +1,15 @@
-//! The migrator's half of shadow reads (the comparing is the router's, see
-//! `shardgate_router::shadow`): before a difference between the shards counts
-//! as a mismatch, the move's target is made to catch up with everything its
-//! source has committed, through the same marker row a cutover uses.
+//! The migrator's half of shadow reads (the comparing is the router's; it asks
+//! through `shardgate_router::moves::CatchUp`): before a difference between the
+//! shards counts as a mismatch, the move's other end is made to catch up with
+//! everything its owner has committed, through the same marker row a cutover
+//! uses.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
 use shardgate_directory::DirectoryHandle;
-use shardgate_router::shadow::CatchUp;
+use shardgate_router::moves::CatchUp;
 
 use crate::driver::{spec_of, Resolve};
 use crate::stream;

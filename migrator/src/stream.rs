@@ -6,7 +6,7 @@ use tokio_postgres::Client;
 
 use crate::pg::{rows, scalar};
 use crate::{Endpoint, Error, MoveSpec};
-use shardgate_router::sql::quote::literal;
+use shardgate_router::moves::quote::literal;
 
 /// How far a subscriber is behind its publisher.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -16,7 +16,7 @@ use crate::cutover::Coordinator;
 use crate::pg::rows;
 use crate::schema::{self, Table};
 use crate::{stream, Endpoint, Error, MoveSpec};
-use shardgate_router::sql::quote::ident;
+use shardgate_router::moves::quote::ident;
 
 #[derive(Debug, Clone)]
 pub struct VerifyOptions {

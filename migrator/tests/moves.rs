@@ -13,7 +13,7 @@ use shardgate_migrator::cleanup::{self, Keep};
 use shardgate_migrator::cutover::{self, Coordinator, CutoverOptions, Direction};
 use shardgate_migrator::verify::{self, VerifyOptions};
 use shardgate_migrator::{copy, fault, prepare, stream, Endpoint, Error, MoveSpec};
-use shardgate_router::backend::ShardAddress;
+use shardgate_router::moves::ShardAddress;
 use tokio_postgres::Client;
 
 const BUCKETS: u32 = 8;

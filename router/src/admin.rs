@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use shardgate_directory::clock::now_ms;
+use shardgate_directory::replica::MembershipChange;
 // The admin token is compared in constant time (see `crate::auth`).
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -443,12 +444,11 @@ async fn add_node(ctx: &RouterContext, n: AddNode) -> (u16, String) {
     if code != 200 {
         return (code, body);
     }
-    let change =
-        if n.learner { raft::prelude::ConfChangeType::AddLearnerNode } else { raft::prelude::ConfChangeType::AddNode };
+    let change = if n.learner { MembershipChange::AddLearner } else { MembershipChange::AddVoter };
     membership(ctx, n.id, change).await
 }
 
-async fn membership(ctx: &RouterContext, id: u64, change: raft::prelude::ConfChangeType) -> (u16, String) {
+async fn membership(ctx: &RouterContext, id: u64, change: MembershipChange) -> (u16, String) {
     let Some((node, _)) = &ctx.replica else {
         return (409, json_error("this node has a static directory; membership needs the replicated directory"));
     };
@@ -573,7 +573,7 @@ async fn route(ctx: &RouterContext, req: &Request) -> (u16, String) {
             Err(e) => (400, json_error(&format!("expected {{\"id\": …, \"address\": …, \"learner\": …}}: {e}"))),
         },
         ("POST", "/nodes/remove") => match serde_json::from_slice::<NodeId>(&req.body) {
-            Ok(n) => membership(ctx, n.id, raft::prelude::ConfChangeType::RemoveNode).await,
+            Ok(n) => membership(ctx, n.id, MembershipChange::Remove).await,
             Err(e) => (400, json_error(&format!("expected {{\"id\": …}}: {e}"))),
         },
         ("GET", _) | ("POST", _) => (404, json_error("no such endpoint; see docs/directory.md")),

@@ -10,6 +10,7 @@ use shardgate_directory::{Directory, DirectoryHandle, ShardId};
 use crate::auth::Credential;
 use crate::backend::ShardAddress;
 use crate::config::RouterConfig;
+use crate::moves::{DirectoryWriter, ShardSetup};
 use crate::pool::ShardPool;
 use crate::sql::AnalysisCache;
 
@@ -105,21 +106,11 @@ fn normalize(table: &str) -> &str {
     table.strip_prefix("public.").unwrap_or(table)
 }
 
-/// The server connection a session is using, for forwarding a client's
-/// `CancelRequest`.
-/// Makes a shard just added to the directory ready to serve: the migrator copies
-/// the schema onto it, so DDL through the router reaches it from the start. Returns
-/// what it did, for the operator.
-pub trait ShardSetup: Send + Sync {
-    fn prepare(
-        &self,
-        shard: ShardId,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send + '_>>;
-}
-
 /// Where a session's running statement can be cancelled (None while idle).
 pub type CancelSlot = Arc<Mutex<Option<CancelTarget>>>;
 
+/// The server connection a session is using, for forwarding a client's
+/// `CancelRequest`.
 #[derive(Clone)]
 pub struct CancelTarget {
     /// The shard's pool (for its address): an `Arc`, so recording the target on
@@ -157,7 +148,7 @@ pub struct RouterContext {
     /// replicated; None for a static directory.
     pub replica: Option<(shardgate_directory::replica::Node, std::time::Duration)>,
     /// How this router writes to the directory (heartbeats, hold acknowledgements).
-    pub writer: Arc<dyn crate::hold::DirectoryWriter>,
+    pub writer: Arc<dyn DirectoryWriter>,
     /// This router's name in the directory's router list.
     pub router_id: String,
     /// Open transactions by the buckets they touched (what a cutover hold waits for).
@@ -185,7 +176,7 @@ impl RouterContext {
         replica: Option<(shardgate_directory::replica::Node, std::time::Duration)>,
     ) -> RouterContext {
         let key_column = directory.load().key_column.clone();
-        let (writer, router_id): (Arc<dyn crate::hold::DirectoryWriter>, String) = match &replica {
+        let (writer, router_id): (Arc<dyn DirectoryWriter>, String) = match &replica {
             Some((node, _)) => (Arc::new(crate::hold::ReplicaWriter(node.clone())), format!("router-{}", node.id)),
             None => (Arc::new(crate::hold::LocalWriter(directory.clone())), "router-local".to_string()),
         };

@@ -20,15 +20,8 @@ use shardgate_directory::state::{Command, MoveSubject, Outcome};
 use shardgate_directory::{Directory, DirectoryHandle};
 use tokio::sync::{watch, Notify};
 
+use crate::moves::DirectoryWriter;
 use crate::sql::quote;
-
-/// Something that commits directory commands: the Raft replica, or, for a single
-/// router with a static directory, the local snapshot itself.
-pub trait DirectoryWriter: Send + Sync {
-    fn propose(&self, cmd: Command) -> Pin<Box<dyn Future<Output = Result<Outcome, String>> + Send + '_>>;
-    /// Waits until this node shows everything committed before the call.
-    fn barrier(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
-}
 
 /// The directory of a router without replicas.
 pub struct LocalWriter(pub DirectoryHandle);

@@ -11,6 +11,8 @@
 //!   one file per part of it (see its `mod.rs`).
 //! - `fanout/`: statements that run on every shard, and merging their results.
 //! - `server.rs`: accept loop, connection limit, shutdown.
+//! - `hold.rs`: the router's half of a cutover (holding and acknowledging);
+//!   `moves.rs`: everything the migrator may use of the router, and why.
 //! - `admin.rs`: the admin HTTP API; `events.rs` its live status stream, `web.rs`
 //!   the web page built on it (files in `router/web/`).
 
@@ -29,6 +31,7 @@ pub mod hold;
 pub mod idle;
 pub mod load;
 pub mod metrics;
+pub mod moves;
 pub mod pool;
 pub mod protocol;
 pub mod route;

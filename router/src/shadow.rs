@@ -19,9 +19,7 @@
 //! beyond that are counted as skipped, never delayed.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::hash::{Hash, Hasher};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -33,6 +31,7 @@ use shardgate_directory::{Directory, ShardId, TenantKey};
 use tokio::sync::Semaphore;
 
 use crate::context::RouterContext;
+use crate::moves::CatchUp;
 use crate::protocol::messages::{self, Message};
 
 /// How many differing reads a router keeps per move.
@@ -41,13 +40,6 @@ const SAMPLES: usize = 3;
 const RECHECKS: usize = 3;
 /// A statement's text in a sample is cut to this many bytes.
 const SAMPLE_QUERY_BYTES: usize = 300;
-
-/// Waits until the target of a move has applied everything its source committed
-/// before the call. The migrator knows how (a marker row through the move's
-/// change stream); the router only asks.
-pub trait CatchUp: Send + Sync {
-    fn wait(&self, move_id: u64) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
-}
 
 /// A move whose reads are shadowed: reads for `subject` go to `owner` and are
 /// compared on `other`.

@@ -5,6 +5,6 @@ mod once;
 pub mod storage;
 pub mod transport;
 
-pub use node::{Node, NodeConfig, NodeError, NodeStatus, ProposeError, Transport};
+pub use node::{MembershipChange, Node, NodeConfig, NodeError, NodeStatus, ProposeError, Transport};
 pub use storage::{DiskStorage, StoreError};
 pub use transport::TcpTransport;

@@ -284,16 +284,20 @@ impl Node {
         }
     }
 
-    /// Adds (or removes) a voter or a learner.
+    /// Adds a voter or a learner, promotes a learner, or removes a node.
     pub async fn change_membership(
         &self,
         node: u64,
-        change: ConfChangeType,
+        change: MembershipChange,
         timeout: Duration,
     ) -> Result<Outcome, ProposeError> {
         let mut cc = ConfChangeV2::default();
         let mut single = raft::prelude::ConfChangeSingle::default();
-        single.set_change_type(change);
+        single.set_change_type(match change {
+            MembershipChange::AddVoter => ConfChangeType::AddNode,
+            MembershipChange::AddLearner => ConfChangeType::AddLearnerNode,
+            MembershipChange::Remove => ConfChangeType::RemoveNode,
+        });
         single.node_id = node;
         cc.mut_changes().push(single);
         let (reply, rx) = oneshot::channel();
@@ -304,6 +308,19 @@ impl Node {
             Err(_) => Err(ProposeError::Timeout(timeout)),
         }
     }
+}
+
+/// A change to who takes part in the directory, for
+/// [`Node::change_membership`]: the directory's own words, so that callers need
+/// not know the consensus library.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// Add a voter, or promote a learner to one.
+    AddVoter,
+    /// Add a node that receives the log without voting.
+    AddLearner,
+    /// Remove a voter or a learner.
+    Remove,
 }
 
 /// The state owned by the Ready loop.
