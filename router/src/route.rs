@@ -119,11 +119,11 @@ pub fn route(
                 });
             }
             // INSERT … SELECT: the SELECT's key decides.
-            single_or(stmt, params, fallback_key, dir, rules, true, touched)
+            single_or(stmt, params, fallback_key, dir, catalog, rules, true, touched)
         }
         StatementKind::Insert | StatementKind::Update | StatementKind::Delete => {
             if writes_sharded {
-                single_or(stmt, params, fallback_key, dir, rules, true, touched)
+                single_or(stmt, params, fallback_key, dir, catalog, rules, true, touched)
             } else if !reads_sharded {
                 Ok(Target::All)
             } else {
@@ -135,7 +135,7 @@ pub fn route(
             if !reads_sharded {
                 Ok(Target::Any)
             } else {
-                single_or(stmt, params, fallback_key, dir, rules, false, touched)
+                single_or(stmt, params, fallback_key, dir, catalog, rules, false, touched)
             }
         }
     }
@@ -185,11 +185,13 @@ pub fn check_reference_reads<'a>(
 
 /// A statement on sharded tables: its keys' shard(s), else the session's tenant,
 /// else every shard (reads) or an error (writes, strict mode).
+#[allow(clippy::too_many_arguments)]
 fn single_or(
     stmt: &Statement,
     params: Option<&Params<'_>>,
     fallback_key: Option<&TenantKey>,
     dir: &Directory,
+    catalog: &Catalog,
     rules: &Rules,
     write: bool,
     touched: &mut Vec<u32>,
@@ -215,7 +217,8 @@ fn single_or(
                 )
                 .hint("write one tenant per statement, or set allow_cross_shard_writes = true"))
             }
-            _ => Target::Fanout(shards.into_iter().collect()),
+            _ if write => Target::Fanout(shards.into_iter().collect()),
+            _ => fanout_read(stmt, dir, catalog, shards.into_iter().collect())?,
         });
     }
     if let Some(k) = fallback_key {
@@ -235,7 +238,24 @@ fn single_or(
         .hint(format!("add WHERE {key_col} = …, or set allow_cross_shard_writes = true to allow it")));
     }
     // Rows live only on shards that own a bucket or a pinned tenant.
-    Ok(if write { Target::All } else { Target::Fanout(dir.owning_shards()) })
+    if write {
+        Ok(Target::All)
+    } else {
+        fanout_read(stmt, dir, catalog, dir.owning_shards())
+    }
+}
+
+/// A read over several shards, if concatenating their answers gives exactly
+/// what one Postgres would answer (see [`crate::sql::Read`]): joins of sharded
+/// tables on the key, no outer join that keeps reference rows, subqueries tied
+/// to the outer row by the key.
+fn fanout_read(stmt: &Statement, dir: &Directory, catalog: &Catalog, shards: Vec<ShardId>) -> Result<Target, SqlError> {
+    if let Some(read) = &stmt.read {
+        read.check(&stmt.tables, &|t| catalog.is_sharded(t), &dir.key_column).map_err(|e| {
+            SqlError::new("0A000", format!("cannot answer this read across shards exactly: {}", e.message)).hint(e.hint)
+        })?;
+    }
+    Ok(Target::Fanout(shards))
 }
 
 fn verb(stmt: &Statement) -> &'static str {

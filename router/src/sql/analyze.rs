@@ -1,6 +1,9 @@
 use std::ops::Range;
+use std::sync::Arc;
 
 use pg_query::protobuf::{self, a_const, node::Node as N, Node};
+
+use super::colocation::Read;
 
 /// Where a tenant key's value comes from in a statement.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,6 +113,10 @@ pub struct Statement {
     pub creates_sharded: Option<String>,
     /// The highest `$n` used.
     pub max_param: usize,
+    /// A SELECT's (or `COPY (SELECT …) TO`'s) joins and subqueries, to tell
+    /// whether running it on several shards answers it exactly (shared: the
+    /// cache hands it to every text of the shape).
+    pub read: Option<Arc<Read>>,
 }
 
 /// Everything the router learned from one query string.
@@ -175,12 +182,14 @@ fn statement(node: &N, text: String, key_column: &str) -> (Statement, Origins) {
         insert: None,
         creates_sharded: None,
         max_param: 0,
+        read: None,
     };
     let k = KeyFinder { column: key_column };
     match node {
         N::SelectStmt(sel) => {
             s.kind = StatementKind::Select;
             (s.keys, origins.keys) = split(k.select_keys(sel));
+            s.read = Some(Arc::new(Read::of(sel, key_column)));
         }
         N::InsertStmt(ins) => {
             s.kind = StatementKind::Insert;
@@ -237,6 +246,7 @@ fn statement(node: &N, text: String, key_column: &str) -> (Statement, Origins) {
             s.kind = StatementKind::Copy(copy_info(copy));
             if let Some(N::SelectStmt(sel)) = copy.query.as_deref().and_then(|n| n.node.as_ref()) {
                 (s.keys, origins.keys) = split(k.select_keys(sel));
+                s.read = Some(Arc::new(Read::of(sel, key_column)));
             }
             if copy.is_from {
                 s.written.extend(copy.relation.as_ref().map(relname));
@@ -324,6 +334,9 @@ fn statement(node: &N, text: String, key_column: &str) -> (Statement, Origins) {
     let mut walker = Walker::default();
     walker.node(node);
     s.tables = walker.tables;
+    if let Some(read) = &s.read {
+        read.add_tables_to(&mut s.tables);
+    }
     s.max_param = walker.max_param;
     if s.kind == StatementKind::Ddl {
         // DDL targets are written on every shard; the walker found them.
@@ -336,7 +349,7 @@ fn statement(node: &N, text: String, key_column: &str) -> (Statement, Origins) {
     (s, origins)
 }
 
-fn relname(r: &protobuf::RangeVar) -> String {
+pub(super) fn relname(r: &protobuf::RangeVar) -> String {
     if r.schemaname.is_empty() {
         r.relname.clone()
     } else {
@@ -579,6 +592,13 @@ impl Walker {
     }
 }
 
+/// The tables named anywhere under a node.
+pub(super) fn tables_under(n: &N) -> Vec<String> {
+    let mut walker = Walker::default();
+    walker.node(n);
+    walker.tables
+}
+
 /// The value of a `/* <key_column>=… */` comment anywhere in the text.
 pub(super) fn comment_key(sql: &str, key_column: &str) -> Option<String> {
     let mut rest = sql;
@@ -726,6 +746,12 @@ mod tests {
         let s = one("with x as (select 1) select * from x, orders where orders.id = $3");
         assert_eq!(s.tables, vec!["orders"]);
         assert_eq!(s.max_param, 3);
+    }
+
+    #[test]
+    fn tables_inside_any_expression_are_found() {
+        let s = one("select array[(select count(*) from orders)], coalesce((select 1 from items), 0) collate \"C\"");
+        assert!(s.tables.contains(&"orders".to_string()) && s.tables.contains(&"items".to_string()), "{:?}", s.tables);
     }
 
     #[test]

@@ -253,6 +253,7 @@ impl Template {
                 insert,
                 creates_sharded: s.creates_sharded.clone(),
                 max_param: s.max_param,
+                read: s.read.clone(),
             });
         }
         Some(Analysis { statements, comment_key: comment_key(sql, key_column) })

@@ -11,12 +11,16 @@
 
 mod analyze;
 mod cache;
+mod colocation;
 mod lift;
 pub mod shape;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use analyze::{
     analyze, Analysis, CopyFormat, CopyInfo, InsertInfo, KeyCandidates, KeyExpr, SettingChange, Statement,
     StatementKind, TxnControl,
 };
 pub use cache::AnalysisCache;
+pub use colocation::{NotLocal, Read};
 pub use lift::{statement_name, ServerForm, SimpleForm};
