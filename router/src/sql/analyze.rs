@@ -471,15 +471,25 @@ impl KeyFinder<'_> {
         keys
     }
 
+    /// The keys every row coming out of a FROM item is restricted to.
+    ///
+    /// The ON condition of an inner join filters the joined rows, as WHERE does.
+    /// That of an outer join does not: `a LEFT JOIN b ON … AND b.tenant_id = 42`
+    /// keeps every row of `a` and only decides which `b` rows join it, so it
+    /// restricts nothing; neither does anything on its nullable side. Only the
+    /// preserved side's own restrictions carry through (the left of a LEFT JOIN,
+    /// the right of a RIGHT JOIN, none of a FULL JOIN).
     fn join_keys(&self, n: &Node) -> Found {
-        match &n.node {
-            Some(N::JoinExpr(j)) => {
-                let mut k = self.where_keys(j.quals.as_deref());
-                for side in [j.larg.as_deref(), j.rarg.as_deref()].into_iter().flatten() {
-                    k = intersect(k, self.join_keys(side));
-                }
-                k
-            }
+        let Some(N::JoinExpr(j)) = &n.node else { return None };
+        let side = |s: Option<&Node>| s.and_then(|s| self.join_keys(s));
+        use protobuf::JoinType as J;
+        match J::try_from(j.jointype).unwrap_or(J::Undefined) {
+            J::JoinInner => intersect(
+                self.where_keys(j.quals.as_deref()),
+                intersect(side(j.larg.as_deref()), side(j.rarg.as_deref())),
+            ),
+            J::JoinLeft => side(j.larg.as_deref()),
+            J::JoinRight => side(j.rarg.as_deref()),
             _ => None,
         }
     }
@@ -670,6 +680,43 @@ mod tests {
         let s = one("select * from orders o join items i on i.tenant_id = o.tenant_id and o.tenant_id = 4");
         assert_eq!(s.keys, KeyCandidates::Any(vec![lit("4")]));
         assert_eq!(s.tables, vec!["orders", "items"]);
+    }
+
+    #[test]
+    fn a_key_in_an_outer_joins_on_restricts_nothing() {
+        for sql in [
+            "select * from orders o left join items i on o.tenant_id = i.tenant_id and i.tenant_id = 42",
+            "select * from orders o left outer join items i on i.tenant_id = 42",
+            "select * from items i right join orders o on o.tenant_id = i.tenant_id and i.tenant_id = 42",
+            "select * from orders o full join items i on o.tenant_id = i.tenant_id and o.tenant_id = 42",
+            "select * from orders o full join items i on o.tenant_id = i.tenant_id and i.tenant_id = 42",
+            // An outer join nested in an inner one.
+            "select * from (orders o left join items i on i.tenant_id = 42) join plans p on p.id = o.plan",
+            "select * from plans p join (orders o left join items i on i.tenant_id = 42) on p.id = o.plan",
+            // The nullable side's own inner join restricts only that side.
+            "select * from orders o left join (items i join parts p on p.tenant_id = 42) on i.id = o.id",
+            "select * from (items i join parts p on p.tenant_id = 42) right join orders o on i.id = o.id",
+        ] {
+            assert_eq!(one(sql).keys, KeyCandidates::None, "{sql}");
+        }
+    }
+
+    #[test]
+    fn where_inner_joins_and_the_preserved_side_still_restrict() {
+        let four = KeyCandidates::Any(vec![lit("4")]);
+        for sql in [
+            "select * from orders o left join items i on o.tenant_id = i.tenant_id where o.tenant_id = 4",
+            "select * from orders o left join items i on o.tenant_id = i.tenant_id and i.tenant_id = 9 where o.tenant_id = 4",
+            // WHERE filters the joined rows, whichever side it names.
+            "select * from orders o left join items i on o.tenant_id = i.tenant_id where i.tenant_id = 4",
+            // The preserved side's inner join restricts every row.
+            "select * from (orders o join items i on i.tenant_id = 4) left join parts p on p.tenant_id = 5",
+            "select * from parts p right join (orders o join items i on i.tenant_id = 4) on p.tenant_id = 5",
+            "select * from orders o join items i on i.tenant_id = o.tenant_id and o.tenant_id = 4 left join parts p on true",
+            "select * from orders o cross join items i join parts p on p.tenant_id = 4",
+        ] {
+            assert_eq!(one(sql).keys, four, "{sql}");
+        }
     }
 
     #[test]

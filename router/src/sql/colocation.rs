@@ -788,10 +788,33 @@ mod tests {
     }
 
     #[test]
+    fn an_outer_join_whose_on_names_a_tenant_is_read_from_every_shard() {
+        let c = crate::sql::testing::cluster();
+        let every = crate::route::Target::Fanout(c.dir.owning_shards());
+        for sql in [
+            "select o.id, i.id from orders o left join items i on o.tenant_id = i.tenant_id and i.tenant_id = 42",
+            "select o.id, i.id from items i right join orders o on o.tenant_id = i.tenant_id and i.tenant_id = $1",
+            "select o.id, i.id from orders o full join items i on o.tenant_id = i.tenant_id and o.tenant_id = 42",
+        ] {
+            assert_eq!(c.route_with(sql, &[Some(b"42")], None, false).unwrap(), every, "{sql}");
+        }
+        // In WHERE, the same condition names the shard.
+        let sql =
+            "select o.id, i.id from orders o left join items i on o.tenant_id = i.tenant_id where o.tenant_id = 42";
+        assert_eq!(c.route(sql).unwrap(), c.shard_of(42));
+    }
+
+    #[test]
     fn a_read_that_no_shard_answers_alone_is_refused_with_the_reason() {
         let c = crate::sql::testing::cluster();
         for (sql, says) in [
             ("select p.id, o.id from plans p left join orders o on o.id = p.id", "keeps every row of plans"),
+            // A tenant in the ON of the join that keeps the reference rows
+            // names no shard: every plan is in the answer.
+            (
+                "select p.id, o.id from plans p left join orders o on o.id = p.id and o.tenant_id = 42",
+                "keeps every row of plans",
+            ),
             ("select o.id from orders o join items i on i.id = o.id", "joined without"),
             (
                 "select o.id from orders o join items i on i.id = o.id where o.tenant_id in (1, 2, 3, 4, 5)",
@@ -812,7 +835,7 @@ mod tests {
             c.shard_of(1)
         );
         // The session's tenant, too.
-        let sql = "select p.id, o.id from plans p left join orders o on o.id = p.id";
+        let sql = "select p.id, o.id from plans p left join orders o on o.id = p.id and o.tenant_id = 42";
         assert_eq!(c.route_with(sql, &[], Some(42), false).unwrap(), c.shard_of(42));
     }
 }
