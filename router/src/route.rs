@@ -69,6 +69,7 @@ pub fn route(
     let reads_sharded = stmt.tables.iter().any(|t| catalog.is_sharded(t));
     let writes_sharded = stmt.written.iter().any(|t| catalog.is_sharded(t));
     let key_col = &dir.key_column;
+    check_key_changes(stmt, params, fallback_key, dir, catalog)?;
     match &stmt.kind {
         StatementKind::Ddl => Ok(Target::All),
         StatementKind::Txn(_) | StatementKind::Session | StatementKind::SetVar(_) | StatementKind::SetTenant(_) => {
@@ -121,7 +122,12 @@ pub fn route(
             // INSERT … SELECT: the SELECT's key decides.
             single_or(stmt, params, fallback_key, dir, catalog, rules, true, touched)
         }
-        StatementKind::Insert | StatementKind::Update | StatementKind::Delete => {
+        StatementKind::Merge if writes_sharded => Err(SqlError::new(
+            "0A000",
+            format!("MERGE into a sharded table ({}) is not supported", stmt.written.join(", ")),
+        )
+        .hint(format!("use INSERT … ON CONFLICT, or UPDATE and INSERT statements that each name one {key_col}"))),
+        StatementKind::Insert | StatementKind::Update | StatementKind::Delete | StatementKind::Merge => {
             if writes_sharded {
                 single_or(stmt, params, fallback_key, dir, catalog, rules, true, touched)
             } else if !reads_sharded {
@@ -258,12 +264,49 @@ fn fanout_read(stmt: &Statement, dir: &Directory, catalog: &Catalog, shards: Vec
     Ok(Target::Fanout(shards))
 }
 
+/// Refuses a statement that may give rows of a sharded table a new key: the row
+/// would stay on the shard the statement runs on, which its new key may not
+/// route to. Allowed: assignments that keep the key (not recorded by the
+/// analysis), and a new key equal to every key the statement is routed by (its
+/// own, else the session's), which is where the statement runs.
+fn check_key_changes(
+    stmt: &Statement,
+    params: Option<&Params<'_>>,
+    fallback_key: Option<&TenantKey>,
+    dir: &Directory,
+    catalog: &Catalog,
+) -> Result<(), SqlError> {
+    for change in stmt.key_changes.iter().filter(|c| catalog.is_sharded(&c.table)) {
+        let to = match (&change.to, &stmt.kind) {
+            (Some(to), StatementKind::Update) => resolve(to, params, dir.key_type).ok().flatten(),
+            _ => None,
+        };
+        let keys = statement_keys(stmt, params, fallback_key, dir.key_type);
+        let stays = matches!((to, keys), (Some(to), Some(keys)) if !keys.is_empty() && keys.iter().all(|k| *k == to));
+        if !stays {
+            let key_col = &dir.key_column;
+            return Err(SqlError::new(
+                "0A000",
+                format!(
+                    "cannot change the sharding key {key_col} of rows in \"{}\": the row would stay on a shard its new key does not route to",
+                    change.table
+                ),
+            )
+            .hint(format!(
+                "to give a row another {key_col}, delete it and insert it again with the new {key_col}, from the application; assignments that keep the key ({key_col} = {key_col}, or EXCLUDED.{key_col} in ON CONFLICT DO UPDATE) are allowed"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn verb(stmt: &Statement) -> &'static str {
     match stmt.kind {
         StatementKind::Select => "SELECT",
         StatementKind::Insert => "INSERT",
         StatementKind::Update => "UPDATE",
         StatementKind::Delete => "DELETE",
+        StatementKind::Merge => "MERGE",
         StatementKind::Copy(_) => "COPY",
         _ => "statement",
     }

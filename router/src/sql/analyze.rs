@@ -4,6 +4,7 @@ use std::sync::Arc;
 use pg_query::protobuf::{self, a_const, node::Node as N, Node};
 
 use super::colocation::Read;
+use super::key_writes::{self, KeyChange};
 
 /// Where a tenant key's value comes from in a statement.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +43,8 @@ pub enum StatementKind {
     Insert,
     Update,
     Delete,
+    /// `MERGE INTO …`: a write to its target table.
+    Merge,
     Copy(CopyInfo),
     /// Schema changes: run on every shard.
     Ddl,
@@ -113,6 +116,8 @@ pub struct Statement {
     pub creates_sharded: Option<String>,
     /// The highest `$n` used.
     pub max_param: usize,
+    /// Assignments that may give rows a new key, anywhere in the statement.
+    pub key_changes: Vec<KeyChange>,
     /// A SELECT's (or `COPY (SELECT …) TO`'s) joins and subqueries, to tell
     /// whether running it on several shards answers it exactly (shared: the
     /// cache hands it to every text of the shape).
@@ -148,6 +153,8 @@ pub struct Origins {
     /// The constants that may become parameters when the statement runs as a
     /// prepared statement; None when it may not ([`super::lift`]).
     pub constants: Option<Vec<usize>>,
+    /// One per key change.
+    pub key_changes: Vec<Option<usize>>,
 }
 
 /// [`analyze`], and where each statement's literals came from.
@@ -182,6 +189,7 @@ fn statement(node: &N, text: String, key_column: &str) -> (Statement, Origins) {
         insert: None,
         creates_sharded: None,
         max_param: 0,
+        key_changes: Vec::new(),
         read: None,
     };
     let k = KeyFinder { column: key_column };
@@ -241,6 +249,11 @@ fn statement(node: &N, text: String, key_column: &str) -> (Statement, Origins) {
             s.kind = StatementKind::Delete;
             s.written.extend(del.relation.as_ref().map(relname));
             (s.keys, origins.keys) = split(k.where_keys(del.where_clause.as_deref()));
+        }
+        N::MergeStmt(m) => {
+            // No key is looked for: MERGE into a sharded table is refused.
+            s.kind = StatementKind::Merge;
+            s.written.extend(m.relation.as_ref().map(relname));
         }
         N::CopyStmt(copy) => {
             s.kind = StatementKind::Copy(copy_info(copy));
@@ -331,6 +344,9 @@ fn statement(node: &N, text: String, key_column: &str) -> (Statement, Origins) {
         _ => {}
     }
     origins.constants = super::lift::liftable_constants(node);
+    let mut changes = Vec::new();
+    key_writes::key_changes(node, key_column, &mut changes);
+    (s.key_changes, origins.key_changes) = changes.into_iter().unzip();
     let mut walker = Walker::default();
     walker.node(node);
     s.tables = walker.tables;
@@ -413,7 +429,7 @@ fn copy_info(c: &protobuf::CopyStmt) -> CopyInfo {
 }
 
 /// A key expression and the offset of the constant it was read from.
-type Located = (KeyExpr, Option<usize>);
+pub(super) type Located = (KeyExpr, Option<usize>);
 
 /// The key candidates of a condition while they are being found, each with its
 /// origin; None when the condition does not restrict the key.
@@ -430,7 +446,7 @@ fn split(found: Found) -> (KeyCandidates, Vec<Option<usize>>) {
 }
 
 /// A literal or parameter, as a potential key value, with the literal's offset.
-fn located_value(n: &Node) -> Option<Located> {
+pub(super) fn located_value(n: &Node) -> Option<Located> {
     match n.node.as_ref()? {
         N::AConst(c) => {
             let at = usize::try_from(c.location).ok();

@@ -132,6 +132,8 @@ struct StatementSlots {
     keys: Vec<Slot>,
     rows: Vec<Vec<Slot>>,
     tenant: Slot,
+    /// One per key change.
+    key_changes: Vec<Slot>,
 }
 
 impl Template {
@@ -180,7 +182,13 @@ impl Template {
                 StatementKind::SetTenant(Some(_)) => slot(o.tenant)?,
                 _ => Slot::Fixed,
             };
-            statements.push(StatementSlots { span: o.span.clone(), keys, rows, tenant });
+            let key_changes = s
+                .key_changes
+                .iter()
+                .zip(&o.key_changes)
+                .map(|(c, at)| if matches!(c.to, Some(KeyExpr::Literal(_))) { slot(*at) } else { Some(Slot::Fixed) })
+                .collect::<Option<_>>()?;
+            statements.push(StatementSlots { span: o.span.clone(), keys, rows, tenant, key_changes });
         }
         let form = match (&analysis.statements[..], origins) {
             ([s], [Origins { constants: Some(constants), .. }])
@@ -244,6 +252,12 @@ impl Template {
                 }
                 (kind, _) => kind.clone(),
             };
+            let mut key_changes = s.key_changes.clone();
+            for (c, &slot) in key_changes.iter_mut().zip(&slots.key_changes) {
+                if let Some(to) = &mut c.to {
+                    *to = literal(slot, to)?;
+                }
+            }
             statements.push(Statement {
                 kind,
                 text: sql.get(span).unwrap_or(sql).trim().to_string(),
@@ -253,6 +267,7 @@ impl Template {
                 insert,
                 creates_sharded: s.creates_sharded.clone(),
                 max_param: s.max_param,
+                key_changes,
                 read: s.read.clone(),
             });
         }

@@ -12,6 +12,7 @@
 mod analyze;
 mod cache;
 mod colocation;
+mod key_writes;
 mod lift;
 pub mod shape;
 #[cfg(test)]
@@ -23,4 +24,5 @@ pub use analyze::{
 };
 pub use cache::AnalysisCache;
 pub use colocation::{NotLocal, Read};
+pub use key_writes::KeyChange;
 pub use lift::{statement_name, ServerForm, SimpleForm};

@@ -55,4 +55,11 @@ impl Cluster {
     pub fn shard_of(&self, tenant: i64) -> Target {
         Target::Shard(self.dir.shard_for(&TenantKey::Int(tenant)))
     }
+
+    /// Two tenants on the same shard.
+    pub fn neighbours(&self) -> (i64, i64) {
+        let first = self.dir.shard_for(&TenantKey::Int(1));
+        let other = (2..).find(|t| self.dir.shard_for(&TenantKey::Int(*t)) == first).unwrap();
+        (1, other)
+    }
 }
