@@ -11,7 +11,7 @@ use shardgate_directory::{Directory, KeyType, ShardId, TenantKey};
 
 use crate::context::Catalog;
 use crate::error::SqlError;
-use crate::sql::{KeyCandidates, KeyExpr, Statement, StatementKind};
+use crate::sql::{Inserted, KeyCandidates, KeyExpr, Statement, StatementKind};
 
 /// Where a statement runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,8 +119,11 @@ pub fn route(
                     _ => Target::SplitInsert(by_shard),
                 });
             }
-            // INSERT … SELECT: the SELECT's key decides.
-            single_or(stmt, params, fallback_key, dir, catalog, rules, true, touched)
+            // INSERT … SELECT: the SELECT's key decides, if the inserted rows
+            // provably belong there.
+            let target = single_or(stmt, params, fallback_key, dir, catalog, rules, true, touched)?;
+            check_insert_select(stmt, &target, params, fallback_key, dir, catalog)?;
+            Ok(target)
         }
         StatementKind::Merge if writes_sharded => Err(SqlError::new(
             "0A000",
@@ -298,6 +301,66 @@ fn check_key_changes(
         }
     }
     Ok(())
+}
+
+/// `INSERT … SELECT` into a sharded table runs where the SELECT's key is; it is
+/// refused unless every inserted row provably belongs to that shard: its key is
+/// the source row's own key (read on that one shard), or a literal or parameter
+/// equal to every key the statement is routed by.
+fn check_insert_select(
+    stmt: &Statement,
+    target: &Target,
+    params: Option<&Params<'_>>,
+    fallback_key: Option<&TenantKey>,
+    dir: &Directory,
+    catalog: &Catalog,
+) -> Result<(), SqlError> {
+    let Some(ins) = &stmt.insert_select else { return Ok(()) };
+    if !catalog.is_sharded(&ins.table) {
+        return Ok(());
+    }
+    let key_col = &dir.key_column;
+    let columns = match &ins.columns {
+        Some(c) => c.clone(),
+        None => catalog.columns(&ins.table).unwrap_or_default(),
+    };
+    let Some(pos) = columns.iter().position(|c| c.eq_ignore_ascii_case(key_col)) else {
+        return Err(SqlError::new("23502", format!("INSERT into sharded table {} does not set {key_col}", ins.table))
+            .hint(format!("every row of a sharded table needs a {key_col}")));
+    };
+    let inserted = match (&ins.values, &ins.source) {
+        (Some(values), _) => values.get(pos).cloned().unwrap_or(Inserted::Other),
+        // `SELECT *`: the source's column at that position.
+        (None, Some(source)) => match catalog.columns(source) {
+            Some(c) if c.get(pos).is_some_and(|c| c.eq_ignore_ascii_case(key_col)) => Inserted::SourceKey,
+            _ => Inserted::Other,
+        },
+        (None, None) => Inserted::Other,
+    };
+    let one_shard = matches!(target, Target::Shard(_) | Target::Any);
+    let stays = match inserted {
+        Inserted::SourceKey => one_shard,
+        Inserted::Value(e) => {
+            let to = resolve(&e, params, dir.key_type).ok().flatten();
+            let keys = statement_keys(stmt, params, fallback_key, dir.key_type);
+            one_shard
+                && matches!((to, keys), (Some(to), Some(keys)) if !keys.is_empty() && keys.iter().all(|k| *k == to))
+        }
+        Inserted::Other => false,
+    };
+    if stays {
+        return Ok(());
+    }
+    Err(SqlError::new(
+        "0A000",
+        format!(
+            "INSERT … SELECT into the sharded table {}: shardgate cannot prove that every inserted row's {key_col} routes to the shard the statement runs on",
+            ins.table
+        ),
+    )
+    .hint(format!(
+        "select {key_col} from the rows of one tenant (INSERT INTO … SELECT {key_col}, … FROM … WHERE {key_col} = …), or insert the rows with INSERT … VALUES, which the router splits by {key_col}"
+    )))
 }
 
 fn verb(stmt: &Statement) -> &'static str {

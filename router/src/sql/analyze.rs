@@ -4,7 +4,7 @@ use std::sync::Arc;
 use pg_query::protobuf::{self, a_const, node::Node as N, Node};
 
 use super::colocation::Read;
-use super::key_writes::{self, KeyChange};
+use super::key_writes::{self, InsertSelect, KeyChange};
 
 /// Where a tenant key's value comes from in a statement.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +118,8 @@ pub struct Statement {
     pub max_param: usize,
     /// Assignments that may give rows a new key, anywhere in the statement.
     pub key_changes: Vec<KeyChange>,
+    /// `INSERT … SELECT`: where the inserted keys come from.
+    pub insert_select: Option<InsertSelect>,
     /// A SELECT's (or `COPY (SELECT …) TO`'s) joins and subqueries, to tell
     /// whether running it on several shards answers it exactly (shared: the
     /// cache hands it to every text of the shape).
@@ -155,6 +157,8 @@ pub struct Origins {
     pub constants: Option<Vec<usize>>,
     /// One per key change.
     pub key_changes: Vec<Option<usize>>,
+    /// One per value of an `INSERT … SELECT`'s list.
+    pub insert_select: Vec<Option<usize>>,
 }
 
 /// [`analyze`], and where each statement's literals came from.
@@ -190,6 +194,7 @@ fn statement(node: &N, text: String, key_column: &str) -> (Statement, Origins) {
         creates_sharded: None,
         max_param: 0,
         key_changes: Vec::new(),
+        insert_select: None,
         read: None,
     };
     let k = KeyFinder { column: key_column };
@@ -230,8 +235,13 @@ fn statement(node: &N, text: String, key_column: &str) -> (Statement, Origins) {
                     Some(rows)
                 }
                 Some(N::SelectStmt(sel)) => {
-                    // INSERT … SELECT: the rows follow the SELECT's key.
+                    // INSERT … SELECT runs where the SELECT's key is; the
+                    // inserted keys are checked against it when routing.
                     (s.keys, origins.keys) = split(k.select_keys(sel));
+                    if let Some((info, at)) = key_writes::insert_select(ins, columns.clone(), key_column) {
+                        s.insert_select = Some(info);
+                        origins.insert_select = at;
+                    }
                     None
                 }
                 _ => None,

@@ -1,6 +1,6 @@
 //! What a write does to the key column: the assignments that give rows a new
 //! key (`UPDATE … SET tenant_id = …`, `ON CONFLICT DO UPDATE SET …`, `MERGE …
-//! UPDATE SET …`).
+//! UPDATE SET …`), and where an `INSERT … SELECT` takes its rows' keys from.
 //!
 //! A row lives on the shard its key routes to. A statement runs where the
 //! router sends it; if it gives a row a key that routes elsewhere, the row stays
@@ -22,6 +22,28 @@ pub struct KeyChange {
     /// expression). Assignments that keep the key (`SET tenant_id =
     /// tenant_id`, `= EXCLUDED.tenant_id`) are not recorded at all.
     pub to: Option<KeyExpr>,
+}
+
+/// `INSERT … SELECT`: where the inserted rows' values come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InsertSelect {
+    pub table: String,
+    /// The column list, if the statement names one.
+    pub columns: Option<Vec<String>>,
+    /// What the SELECT gives at each position of its list; None when its list
+    /// is a lone `*` (the positions are then the source table's columns).
+    pub values: Option<Vec<Inserted>>,
+    /// The one table the SELECT reads, when it reads exactly one plain table.
+    pub source: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inserted {
+    /// The key column of the source table: each row keeps the key it has.
+    SourceKey,
+    /// A literal or a parameter.
+    Value(KeyExpr),
+    Other,
 }
 
 /// Finds the key assignments anywhere a data-changing statement can sit: the
@@ -161,6 +183,66 @@ fn plain_value(n: &Node) -> Option<Located> {
     }
 }
 
+/// Where the rows of `INSERT … SELECT` come from; None for `INSERT … VALUES`
+/// (routed row by row) and `DEFAULT VALUES`.
+pub(super) fn insert_select(
+    ins: &protobuf::InsertStmt,
+    columns: Option<Vec<String>>,
+    column: &str,
+) -> Option<(InsertSelect, Vec<Option<usize>>)> {
+    let table = ins.relation.as_ref().map(relname)?;
+    let Some(N::SelectStmt(sel)) = ins.select_stmt.as_deref().and_then(|n| n.node.as_ref()) else { return None };
+    if !sel.values_lists.is_empty() {
+        return None;
+    }
+    let plain = sel.op <= 1 && sel.with_clause.is_none() && ins.with_clause.is_none();
+    // The one plain table the SELECT reads, and the name its columns go by.
+    let source = match sel.from_clause.as_slice() {
+        [f] if plain => match &f.node {
+            Some(N::RangeVar(v)) if v.alias.as_ref().is_none_or(|a| a.colnames.is_empty()) => {
+                let refname = v.alias.as_ref().map(|a| a.aliasname.clone()).unwrap_or_else(|| v.relname.clone());
+                Some((relname(v), refname))
+            }
+            _ => None,
+        },
+        _ => None,
+    };
+    let lone_star = |t: &Node| match &t.node {
+        Some(N::ResTarget(r)) => matches!(
+            r.val.as_deref().map(|v| &v.node),
+            Some(Some(N::ColumnRef(c))) if c.fields.last().is_some_and(|f| matches!(f.node, Some(N::AStar(_))))
+        ),
+        _ => false,
+    };
+    let mut origins = Vec::new();
+    let values = match sel.target_list.as_slice() {
+        [t] if plain && lone_star(t) => None,
+        list => Some(
+            list.iter()
+                .map(|t| {
+                    let val = match &t.node {
+                        Some(N::ResTarget(r)) if plain && !lone_star(t) => r.val.as_deref(),
+                        _ => None,
+                    };
+                    let inserted = match val {
+                        None => (Inserted::Other, None),
+                        Some(v) => match (&source, plain_value(v)) {
+                            (_, Some((e, at))) => (Inserted::Value(e), at),
+                            (Some((_, refname)), None) if is_key_of(v, column, refname, &[]) => {
+                                (Inserted::SourceKey, None)
+                            }
+                            _ => (Inserted::Other, None),
+                        },
+                    };
+                    origins.push(inserted.1);
+                    inserted.0
+                })
+                .collect(),
+        ),
+    };
+    Some((InsertSelect { table, columns, values, source: source.map(|(t, _)| t) }, origins))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,6 +310,42 @@ mod tests {
             "insert into orders values (1, 2) on conflict do nothing",
         ] {
             assert_eq!(changes(sql), vec![], "{sql}");
+        }
+    }
+
+    fn insert_select(sql: &str) -> InsertSelect {
+        let mut a = analyze(sql, "tenant_id").unwrap();
+        a.statements.remove(0).insert_select.expect("INSERT … SELECT")
+    }
+
+    #[test]
+    fn insert_select_says_where_its_keys_come_from() {
+        let i =
+            insert_select("insert into archive (tenant_id, id) select tenant_id, id from orders where tenant_id = 5");
+        assert_eq!(i.values, Some(vec![Inserted::SourceKey, Inserted::Other]));
+        assert_eq!(i.source.as_deref(), Some("orders"));
+        assert_eq!(i.columns, Some(vec!["tenant_id".to_string(), "id".to_string()]));
+        let i = insert_select("insert into archive select o.tenant_id, 7, $1 from orders o");
+        assert_eq!(
+            i.values,
+            Some(vec![
+                Inserted::SourceKey,
+                Inserted::Value(KeyExpr::Literal("7".into())),
+                Inserted::Value(KeyExpr::Param(0))
+            ])
+        );
+        let i = insert_select("insert into archive select * from orders where tenant_id = 5");
+        assert_eq!((i.values, i.source.as_deref()), (None, Some("orders")));
+        // Joined, renamed or from a CTE: the key column is not provably the source row's.
+        for sql in [
+            "insert into archive select o.tenant_id from orders o join items i on i.id = o.id",
+            "insert into archive select tenant_id from orders o(tenant_id, x)",
+            "with orders as (select 1 as tenant_id) insert into archive select tenant_id from orders",
+            "insert into archive select tenant_id from orders union all select tenant_id from items",
+            "insert into archive select i.tenant_id from orders o, items i",
+        ] {
+            let i = insert_select(sql);
+            assert!(i.values.iter().flatten().all(|v| *v == Inserted::Other), "{sql}: {:?}", i.values);
         }
     }
 
@@ -315,6 +433,10 @@ mod tests {
             assert_eq!(c.route(&keep).unwrap(), c.shard_of(t));
             refused_as_key_change(c.route(&change), &change);
             assert_eq!(c.cache.len(), 1, "one shape");
+            let keep = format!("insert into orders select {t}, id from orders where tenant_id = {t}");
+            let change = format!("insert into orders select {neighbour}, id from orders where tenant_id = {t}");
+            assert_eq!(c.route(&keep).unwrap(), c.shard_of(t));
+            assert_eq!(c.route(&change).unwrap_err().code, "0A000", "{change}");
         }
 
         #[test]
@@ -332,6 +454,41 @@ mod tests {
             // Into a reference table, it runs on every shard.
             let sql = "merge into plans p using (values (1)) v(id) on p.id = v.id when matched then delete";
             assert_eq!(c.route(sql).unwrap(), Target::All);
+        }
+
+        #[test]
+        fn insert_select_runs_only_where_every_inserted_key_belongs() {
+            let c = cluster();
+            let (t, neighbour) = c.neighbours();
+            for sql in [
+                format!("insert into orders (tenant_id, id) select tenant_id, id + 100 from orders where tenant_id = {t}"),
+                format!("insert into orders select * from orders where tenant_id = {t}"),
+                format!("insert into orders (id, tenant_id) select id + 100, {t} from orders where tenant_id = {t}"),
+                format!("insert into orders (tenant_id, id) select o.tenant_id, 1 from orders o where o.tenant_id in ({t}, {neighbour})"),
+            ] {
+                assert_eq!(c.route(&sql).unwrap(), c.shard_of(t), "{sql}");
+            }
+            for sql in [
+                // Another tenant's key, even one on the same shard today.
+                format!("insert into orders (tenant_id, id) select {neighbour}, id from orders where tenant_id = {t}"),
+                format!("insert into orders (tenant_id, id) select 7, id from orders where tenant_id = {t}"),
+                format!("insert into orders (tenant_id, id) select tenant_id + 1, id from orders where tenant_id = {t}"),
+                // items' second column is its key, orders' second is id.
+                format!("insert into orders select * from items where tenant_id = {t}"),
+                format!("insert into orders (tenant_id, id) select i.tenant_id, o.id from orders o join items i on i.id = o.id where o.tenant_id = {t}"),
+            ] {
+                let e = c.route(&sql).unwrap_err();
+                assert_eq!(e.code, "0A000", "{sql}: {e:?}");
+                assert!(e.message.contains("INSERT … SELECT into the sharded table orders"), "{sql}: {}", e.message);
+            }
+            // Every shard copying its own rows: not one shard, refused.
+            let sql = "insert into orders select * from orders";
+            assert_eq!(c.route_with(sql, &[], None, true).unwrap_err().code, "0A000");
+            // The key column left to its default.
+            let sql = format!("insert into orders (id) select id from orders where tenant_id = {t}");
+            assert_eq!(c.route(&sql).unwrap_err().code, "23502");
+            // Into a reference table, as before.
+            assert_eq!(c.route("insert into plans select * from plans").unwrap(), Target::All);
         }
     }
 }

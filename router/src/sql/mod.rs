@@ -24,5 +24,5 @@ pub use analyze::{
 };
 pub use cache::AnalysisCache;
 pub use colocation::{NotLocal, Read};
-pub use key_writes::KeyChange;
+pub use key_writes::{InsertSelect, Inserted, KeyChange};
 pub use lift::{statement_name, ServerForm, SimpleForm};
