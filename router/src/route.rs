@@ -84,17 +84,7 @@ pub fn route(
         }
         StatementKind::Insert if writes_sharded => {
             if let Some(ins) = &stmt.insert {
-                let columns = match &ins.columns {
-                    Some(c) => c.clone(),
-                    None => catalog.columns(&ins.table).unwrap_or_default(),
-                };
-                let Some(pos) = columns.iter().position(|c| c.eq_ignore_ascii_case(key_col)) else {
-                    return Err(SqlError::new(
-                        "23502",
-                        format!("INSERT into sharded table {} does not set {key_col}", ins.table),
-                    )
-                    .hint(format!("every row of a sharded table needs a {key_col}")));
-                };
+                let pos = key_position(&ins.table, ins.columns.as_deref(), catalog, key_col)?;
                 let mut by_shard: Vec<(ShardId, Vec<usize>)> = Vec::new();
                 for (i, row) in ins.rows.iter().enumerate() {
                     let expr = row.get(pos).and_then(|e| e.as_ref()).ok_or_else(|| {
@@ -280,12 +270,10 @@ fn check_key_changes(
     catalog: &Catalog,
 ) -> Result<(), SqlError> {
     for change in stmt.key_changes.iter().filter(|c| catalog.is_sharded(&c.table)) {
-        let to = match (&change.to, &stmt.kind) {
-            (Some(to), StatementKind::Update) => resolve(to, params, dir.key_type).ok().flatten(),
-            _ => None,
+        let stays = match (&change.to, &stmt.kind) {
+            (Some(to), StatementKind::Update) => is_every_routing_key(to, stmt, params, fallback_key, dir),
+            _ => false,
         };
-        let keys = statement_keys(stmt, params, fallback_key, dir.key_type);
-        let stays = matches!((to, keys), (Some(to), Some(keys)) if !keys.is_empty() && keys.iter().all(|k| *k == to));
         if !stays {
             let key_col = &dir.key_column;
             return Err(SqlError::new(
@@ -320,14 +308,7 @@ fn check_insert_select(
         return Ok(());
     }
     let key_col = &dir.key_column;
-    let columns = match &ins.columns {
-        Some(c) => c.clone(),
-        None => catalog.columns(&ins.table).unwrap_or_default(),
-    };
-    let Some(pos) = columns.iter().position(|c| c.eq_ignore_ascii_case(key_col)) else {
-        return Err(SqlError::new("23502", format!("INSERT into sharded table {} does not set {key_col}", ins.table))
-            .hint(format!("every row of a sharded table needs a {key_col}")));
-    };
+    let pos = key_position(&ins.table, ins.columns.as_deref(), catalog, key_col)?;
     let inserted = match (&ins.values, &ins.source) {
         (Some(values), _) => values.get(pos).cloned().unwrap_or(Inserted::Other),
         // `SELECT *`: the source's column at that position.
@@ -340,12 +321,7 @@ fn check_insert_select(
     let one_shard = matches!(target, Target::Shard(_) | Target::Any);
     let stays = match inserted {
         Inserted::SourceKey => one_shard,
-        Inserted::Value(e) => {
-            let to = resolve(&e, params, dir.key_type).ok().flatten();
-            let keys = statement_keys(stmt, params, fallback_key, dir.key_type);
-            one_shard
-                && matches!((to, keys), (Some(to), Some(keys)) if !keys.is_empty() && keys.iter().all(|k| *k == to))
-        }
+        Inserted::Value(e) => one_shard && is_every_routing_key(&e, stmt, params, fallback_key, dir),
         Inserted::Other => false,
     };
     if stays {
@@ -361,6 +337,35 @@ fn check_insert_select(
     .hint(format!(
         "select {key_col} from the rows of one tenant (INSERT INTO … SELECT {key_col}, … FROM … WHERE {key_col} = …), or insert the rows with INSERT … VALUES, which the router splits by {key_col}"
     )))
+}
+
+/// Where the key column is among the columns an INSERT gives (its list, else
+/// the table's); 23502 when it gives none.
+fn key_position(table: &str, columns: Option<&[String]>, catalog: &Catalog, key_col: &str) -> Result<usize, SqlError> {
+    let position = |c: &[String]| c.iter().position(|c| c.eq_ignore_ascii_case(key_col));
+    let pos = match columns {
+        Some(c) => position(c),
+        None => catalog.columns(table).as_deref().and_then(position),
+    };
+    pos.ok_or_else(|| {
+        SqlError::new("23502", format!("INSERT into sharded table {table} does not set {key_col}"))
+            .hint(format!("every row of a sharded table needs a {key_col}"))
+    })
+}
+
+/// Whether `e` is, in this execution, the one key the statement is routed by
+/// (every key of its own, else the session's): rows given that key stay on the
+/// shard the statement runs on, wherever buckets are placed.
+fn is_every_routing_key(
+    e: &KeyExpr,
+    stmt: &Statement,
+    params: Option<&Params<'_>>,
+    fallback_key: Option<&TenantKey>,
+    dir: &Directory,
+) -> bool {
+    let to = resolve(e, params, dir.key_type).ok().flatten();
+    let keys = statement_keys(stmt, params, fallback_key, dir.key_type);
+    matches!((to, keys), (Some(to), Some(keys)) if !keys.is_empty() && keys.iter().all(|k| *k == to))
 }
 
 fn verb(stmt: &Statement) -> &'static str {

@@ -31,6 +31,17 @@ async fn placement(h: &Harness, shards: usize) -> Vec<Vec<Vec<Option<String>>>> 
     all
 }
 
+/// Two shards; tenant `t0` on shard 0 with orders 1 and 2, `t1` on shard 1
+/// with order 1.
+async fn two_tenants_with_orders() -> (Harness, Client, i64, i64) {
+    let h = Harness::start(2).await;
+    let c = h.client().await;
+    c.batch_execute(ORDERS).await.unwrap();
+    let (t0, t1) = (h.tenants_on(0, 1)[0], h.tenants_on(1, 1)[0]);
+    c.batch_execute(&format!("INSERT INTO orders VALUES ({t0}, 1, 10), ({t0}, 2, 20), ({t1}, 1, 30)")).await.unwrap();
+    (h, c, t0, t1)
+}
+
 fn refused_as_key_change(e: &tokio_postgres::Error, sql: &str) {
     assert_eq!(sqlstate(e), "0A000", "{sql}: {e:?}");
     let db = e.as_db_error().unwrap();
@@ -41,11 +52,7 @@ fn refused_as_key_change(e: &tokio_postgres::Error, sql: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn update_that_changes_the_tenant_key_is_refused_and_moves_no_row() {
-    let h = Harness::start(2).await;
-    let c = h.client().await;
-    c.batch_execute(ORDERS).await.unwrap();
-    let (t0, t1) = (h.tenants_on(0, 1)[0], h.tenants_on(1, 1)[0]);
-    c.batch_execute(&format!("INSERT INTO orders VALUES ({t0}, 1, 10), ({t0}, 2, 20), ({t1}, 1, 30)")).await.unwrap();
+    let (h, c, t0, t1) = two_tenants_with_orders().await;
     let before = placement(&h, 2).await;
     assert_eq!(before[0].len(), 2);
     assert_eq!(before[1].len(), 1);
@@ -116,11 +123,7 @@ async fn update_that_changes_the_tenant_key_is_refused_and_moves_no_row() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insert_select_that_would_put_rows_on_another_tenants_shard_is_refused() {
-    let h = Harness::start(2).await;
-    let c = h.client().await;
-    c.batch_execute(ORDERS).await.unwrap();
-    let (t0, t1) = (h.tenants_on(0, 1)[0], h.tenants_on(1, 1)[0]);
-    c.batch_execute(&format!("INSERT INTO orders VALUES ({t0}, 1, 10), ({t0}, 2, 20), ({t1}, 1, 30)")).await.unwrap();
+    let (h, c, t0, t1) = two_tenants_with_orders().await;
     let before = placement(&h, 2).await;
     for sql in [
         format!(
