@@ -461,6 +461,8 @@ mod tests {
             let c = cluster();
             let (t, neighbour) = c.neighbours();
             for sql in [
+                // Rows made up for one tenant, named by a comment.
+                format!("/* tenant_id={t} */ insert into orders select {t}, g, 0 from generate_series(1, 3) g"),
                 format!("insert into orders (tenant_id, id) select tenant_id, id + 100 from orders where tenant_id = {t}"),
                 format!("insert into orders select * from orders where tenant_id = {t}"),
                 format!("insert into orders (id, tenant_id) select id + 100, {t} from orders where tenant_id = {t}"),

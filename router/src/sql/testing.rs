@@ -44,7 +44,9 @@ impl Cluster {
         let a: Arc<Analysis> = self.cache.get(sql).unwrap();
         let rules = Rules { strict_tenant: false, allow_cross_shard_writes };
         let p = Params { values: params, formats: &[], types: &[] };
-        let fallback = session_tenant.map(TenantKey::Int);
+        // As a session does: the statement's comment, else the session's tenant.
+        let comment = a.comment_key.as_deref().map(|k| self.dir.key_type.parse_text(k).unwrap());
+        let fallback = comment.or(session_tenant.map(TenantKey::Int));
         route::route(&a.statements[0], Some(&p), fallback.as_ref(), &self.dir, &self.catalog, &rules, &mut Vec::new())
     }
 
