@@ -11,7 +11,7 @@ use shardgate_directory::{Directory, KeyType, ShardId, TenantKey};
 
 use crate::context::Catalog;
 use crate::error::SqlError;
-use crate::sql::{KeyCandidates, KeyExpr, Statement, StatementKind};
+use crate::sql::{Inserted, KeyCandidates, KeyExpr, Statement, StatementKind};
 
 /// Where a statement runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +69,7 @@ pub fn route(
     let reads_sharded = stmt.tables.iter().any(|t| catalog.is_sharded(t));
     let writes_sharded = stmt.written.iter().any(|t| catalog.is_sharded(t));
     let key_col = &dir.key_column;
+    check_key_changes(stmt, params, fallback_key, dir, catalog)?;
     match &stmt.kind {
         StatementKind::Ddl => Ok(Target::All),
         StatementKind::Txn(_) | StatementKind::Session | StatementKind::SetVar(_) | StatementKind::SetTenant(_) => {
@@ -83,17 +84,7 @@ pub fn route(
         }
         StatementKind::Insert if writes_sharded => {
             if let Some(ins) = &stmt.insert {
-                let columns = match &ins.columns {
-                    Some(c) => c.clone(),
-                    None => catalog.columns(&ins.table).unwrap_or_default(),
-                };
-                let Some(pos) = columns.iter().position(|c| c.eq_ignore_ascii_case(key_col)) else {
-                    return Err(SqlError::new(
-                        "23502",
-                        format!("INSERT into sharded table {} does not set {key_col}", ins.table),
-                    )
-                    .hint(format!("every row of a sharded table needs a {key_col}")));
-                };
+                let pos = key_position(&ins.table, ins.columns.as_deref(), catalog, key_col)?;
                 let mut by_shard: Vec<(ShardId, Vec<usize>)> = Vec::new();
                 for (i, row) in ins.rows.iter().enumerate() {
                     let expr = row.get(pos).and_then(|e| e.as_ref()).ok_or_else(|| {
@@ -118,12 +109,20 @@ pub fn route(
                     _ => Target::SplitInsert(by_shard),
                 });
             }
-            // INSERT … SELECT: the SELECT's key decides.
-            single_or(stmt, params, fallback_key, dir, rules, true, touched)
+            // INSERT … SELECT: the SELECT's key decides, if the inserted rows
+            // provably belong there.
+            let target = single_or(stmt, params, fallback_key, dir, catalog, rules, true, touched)?;
+            check_insert_select(stmt, &target, params, fallback_key, dir, catalog)?;
+            Ok(target)
         }
-        StatementKind::Insert | StatementKind::Update | StatementKind::Delete => {
+        StatementKind::Merge if writes_sharded => Err(SqlError::new(
+            "0A000",
+            format!("MERGE into a sharded table ({}) is not supported", stmt.written.join(", ")),
+        )
+        .hint(format!("use INSERT … ON CONFLICT, or UPDATE and INSERT statements that each name one {key_col}"))),
+        StatementKind::Insert | StatementKind::Update | StatementKind::Delete | StatementKind::Merge => {
             if writes_sharded {
-                single_or(stmt, params, fallback_key, dir, rules, true, touched)
+                single_or(stmt, params, fallback_key, dir, catalog, rules, true, touched)
             } else if !reads_sharded {
                 Ok(Target::All)
             } else {
@@ -135,7 +134,7 @@ pub fn route(
             if !reads_sharded {
                 Ok(Target::Any)
             } else {
-                single_or(stmt, params, fallback_key, dir, rules, false, touched)
+                single_or(stmt, params, fallback_key, dir, catalog, rules, false, touched)
             }
         }
     }
@@ -301,11 +300,13 @@ pub fn check_reference_reads<'a>(
 
 /// A statement on sharded tables: its keys' shard(s), else the session's tenant,
 /// else every shard (reads) or an error (writes, strict mode).
+#[allow(clippy::too_many_arguments)]
 fn single_or(
     stmt: &Statement,
     params: Option<&Params<'_>>,
     fallback_key: Option<&TenantKey>,
     dir: &Directory,
+    catalog: &Catalog,
     rules: &Rules,
     write: bool,
     touched: &mut Vec<u32>,
@@ -331,7 +332,8 @@ fn single_or(
                 )
                 .hint("write one tenant per statement, or set allow_cross_shard_writes = true"))
             }
-            _ => Target::Fanout(shards.into_iter().collect()),
+            _ if write => Target::Fanout(shards.into_iter().collect()),
+            _ => fanout_read(stmt, dir, catalog, shards.into_iter().collect())?,
         });
     }
     if let Some(k) = fallback_key {
@@ -351,7 +353,135 @@ fn single_or(
         .hint(format!("add WHERE {key_col} = …, or set allow_cross_shard_writes = true to allow it")));
     }
     // Rows live only on shards that own a bucket or a pinned tenant.
-    Ok(if write { Target::All } else { Target::Fanout(dir.owning_shards()) })
+    if write {
+        Ok(Target::All)
+    } else {
+        fanout_read(stmt, dir, catalog, dir.owning_shards())
+    }
+}
+
+/// A read over several shards, if concatenating their answers gives exactly
+/// what one Postgres would answer (see [`crate::sql::Read`]): joins of sharded
+/// tables on the key, no outer join that keeps reference rows, subqueries tied
+/// to the outer row by the key.
+fn fanout_read(stmt: &Statement, dir: &Directory, catalog: &Catalog, shards: Vec<ShardId>) -> Result<Target, SqlError> {
+    if let Some(read) = &stmt.read {
+        read.check(&stmt.tables, &|t| catalog.is_sharded(t), &dir.key_column).map_err(|e| {
+            SqlError::new("0A000", format!("cannot answer this read across shards exactly: {}", e.message)).hint(e.hint)
+        })?;
+    }
+    Ok(Target::Fanout(shards))
+}
+
+/// Refuses a statement that may give rows of a sharded table a new key: the row
+/// would stay on the shard the statement runs on, which its new key may not
+/// route to. Allowed: assignments that keep the key (not recorded by the
+/// analysis), and a new key equal to every key the statement is routed by (its
+/// own, else the session's), which is where the statement runs.
+fn check_key_changes(
+    stmt: &Statement,
+    params: Option<&Params<'_>>,
+    fallback_key: Option<&TenantKey>,
+    dir: &Directory,
+    catalog: &Catalog,
+) -> Result<(), SqlError> {
+    for change in stmt.key_changes.iter().filter(|c| catalog.is_sharded(&c.table)) {
+        let stays = match (&change.to, &stmt.kind) {
+            (Some(to), StatementKind::Update) => is_every_routing_key(to, stmt, params, fallback_key, dir),
+            _ => false,
+        };
+        if !stays {
+            let key_col = &dir.key_column;
+            return Err(SqlError::new(
+                "0A000",
+                format!(
+                    "cannot change the sharding key {key_col} of rows in \"{}\": the row would stay on a shard its new key does not route to",
+                    change.table
+                ),
+            )
+            .hint(format!(
+                "to give a row another {key_col}, delete it and insert it again with the new {key_col}, from the application; assignments that keep the key ({key_col} = {key_col}, or EXCLUDED.{key_col} in ON CONFLICT DO UPDATE) are allowed"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `INSERT … SELECT` into a sharded table runs where the SELECT's key is; it is
+/// refused unless every inserted row provably belongs to that shard: its key is
+/// the source row's own key (read on that one shard), or a literal or parameter
+/// equal to every key the statement is routed by.
+fn check_insert_select(
+    stmt: &Statement,
+    target: &Target,
+    params: Option<&Params<'_>>,
+    fallback_key: Option<&TenantKey>,
+    dir: &Directory,
+    catalog: &Catalog,
+) -> Result<(), SqlError> {
+    let Some(ins) = &stmt.insert_select else { return Ok(()) };
+    if !catalog.is_sharded(&ins.table) {
+        return Ok(());
+    }
+    let key_col = &dir.key_column;
+    let pos = key_position(&ins.table, ins.columns.as_deref(), catalog, key_col)?;
+    let inserted = match (&ins.values, &ins.source) {
+        (Some(values), _) => values.get(pos).cloned().unwrap_or(Inserted::Other),
+        // `SELECT *`: the source's column at that position.
+        (None, Some(source)) => match catalog.columns(source) {
+            Some(c) if c.get(pos).is_some_and(|c| c.eq_ignore_ascii_case(key_col)) => Inserted::SourceKey,
+            _ => Inserted::Other,
+        },
+        (None, None) => Inserted::Other,
+    };
+    let one_shard = matches!(target, Target::Shard(_) | Target::Any);
+    let stays = match inserted {
+        Inserted::SourceKey => one_shard,
+        Inserted::Value(e) => one_shard && is_every_routing_key(&e, stmt, params, fallback_key, dir),
+        Inserted::Other => false,
+    };
+    if stays {
+        return Ok(());
+    }
+    Err(SqlError::new(
+        "0A000",
+        format!(
+            "INSERT … SELECT into the sharded table {}: shardgate cannot prove that every inserted row's {key_col} routes to the shard the statement runs on",
+            ins.table
+        ),
+    )
+    .hint(format!(
+        "select {key_col} from the rows of one tenant (INSERT INTO … SELECT {key_col}, … FROM … WHERE {key_col} = …), or insert the rows with INSERT … VALUES, which the router splits by {key_col}"
+    )))
+}
+
+/// Where the key column is among the columns an INSERT gives (its list, else
+/// the table's); 23502 when it gives none.
+fn key_position(table: &str, columns: Option<&[String]>, catalog: &Catalog, key_col: &str) -> Result<usize, SqlError> {
+    let position = |c: &[String]| c.iter().position(|c| c.eq_ignore_ascii_case(key_col));
+    let pos = match columns {
+        Some(c) => position(c),
+        None => catalog.columns(table).as_deref().and_then(position),
+    };
+    pos.ok_or_else(|| {
+        SqlError::new("23502", format!("INSERT into sharded table {table} does not set {key_col}"))
+            .hint(format!("every row of a sharded table needs a {key_col}"))
+    })
+}
+
+/// Whether `e` is, in this execution, the one key the statement is routed by
+/// (every key of its own, else the session's): rows given that key stay on the
+/// shard the statement runs on, wherever buckets are placed.
+fn is_every_routing_key(
+    e: &KeyExpr,
+    stmt: &Statement,
+    params: Option<&Params<'_>>,
+    fallback_key: Option<&TenantKey>,
+    dir: &Directory,
+) -> bool {
+    let to = resolve(e, params, dir.key_type).ok().flatten();
+    let keys = statement_keys(stmt, params, fallback_key, dir.key_type);
+    matches!((to, keys), (Some(to), Some(keys)) if !keys.is_empty() && keys.iter().all(|k| *k == to))
 }
 
 fn verb(stmt: &Statement) -> &'static str {
@@ -360,6 +490,7 @@ fn verb(stmt: &Statement) -> &'static str {
         StatementKind::Insert => "INSERT",
         StatementKind::Update => "UPDATE",
         StatementKind::Delete => "DELETE",
+        StatementKind::Merge => "MERGE",
         StatementKind::Copy(_) => "COPY",
         _ => "statement",
     }

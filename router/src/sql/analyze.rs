@@ -1,6 +1,10 @@
 use std::ops::Range;
+use std::sync::Arc;
 
 use pg_query::protobuf::{self, a_const, node::Node as N, Node};
+
+use super::colocation::Read;
+use super::key_writes::{self, InsertSelect, KeyChange};
 
 /// Where a tenant key's value comes from in a statement.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +43,8 @@ pub enum StatementKind {
     Insert,
     Update,
     Delete,
+    /// `MERGE INTO …`: a write to its target table.
+    Merge,
     Copy(CopyInfo),
     /// Schema changes: run on every shard.
     Ddl,
@@ -110,6 +116,14 @@ pub struct Statement {
     pub creates_sharded: Option<String>,
     /// The highest `$n` used.
     pub max_param: usize,
+    /// Assignments that may give rows a new key, anywhere in the statement.
+    pub key_changes: Vec<KeyChange>,
+    /// `INSERT … SELECT`: where the inserted keys come from.
+    pub insert_select: Option<InsertSelect>,
+    /// A SELECT's (or `COPY (SELECT …) TO`'s) joins and subqueries, to tell
+    /// whether running it on several shards answers it exactly (shared: the
+    /// cache hands it to every text of the shape).
+    pub read: Option<Arc<Read>>,
 }
 
 /// Everything the router learned from one query string.
@@ -141,6 +155,10 @@ pub struct Origins {
     /// The constants that may become parameters when the statement runs as a
     /// prepared statement; None when it may not ([`super::lift`]).
     pub constants: Option<Vec<usize>>,
+    /// One per key change.
+    pub key_changes: Vec<Option<usize>>,
+    /// One per value of an `INSERT … SELECT`'s list.
+    pub insert_select: Vec<Option<usize>>,
 }
 
 /// [`analyze`], and where each statement's literals came from.
@@ -175,12 +193,16 @@ fn statement(node: &N, text: String, key_column: &str) -> (Statement, Origins) {
         insert: None,
         creates_sharded: None,
         max_param: 0,
+        key_changes: Vec::new(),
+        insert_select: None,
+        read: None,
     };
     let k = KeyFinder { column: key_column };
     match node {
         N::SelectStmt(sel) => {
             s.kind = StatementKind::Select;
             (s.keys, origins.keys) = split(k.select_keys(sel));
+            s.read = Some(Arc::new(Read::of(sel, key_column)));
         }
         N::InsertStmt(ins) => {
             s.kind = StatementKind::Insert;
@@ -213,8 +235,13 @@ fn statement(node: &N, text: String, key_column: &str) -> (Statement, Origins) {
                     Some(rows)
                 }
                 Some(N::SelectStmt(sel)) => {
-                    // INSERT … SELECT: the rows follow the SELECT's key.
+                    // INSERT … SELECT runs where the SELECT's key is; the
+                    // inserted keys are checked against it when routing.
                     (s.keys, origins.keys) = split(k.select_keys(sel));
+                    if let Some((info, at)) = key_writes::insert_select(ins, columns.clone(), key_column) {
+                        s.insert_select = Some(info);
+                        origins.insert_select = at;
+                    }
                     None
                 }
                 _ => None,
@@ -233,10 +260,16 @@ fn statement(node: &N, text: String, key_column: &str) -> (Statement, Origins) {
             s.written.extend(del.relation.as_ref().map(relname));
             (s.keys, origins.keys) = split(k.where_keys(del.where_clause.as_deref()));
         }
+        N::MergeStmt(m) => {
+            // No key is looked for: MERGE into a sharded table is refused.
+            s.kind = StatementKind::Merge;
+            s.written.extend(m.relation.as_ref().map(relname));
+        }
         N::CopyStmt(copy) => {
             s.kind = StatementKind::Copy(copy_info(copy));
             if let Some(N::SelectStmt(sel)) = copy.query.as_deref().and_then(|n| n.node.as_ref()) {
                 (s.keys, origins.keys) = split(k.select_keys(sel));
+                s.read = Some(Arc::new(Read::of(sel, key_column)));
             }
             if copy.is_from {
                 s.written.extend(copy.relation.as_ref().map(relname));
@@ -321,9 +354,15 @@ fn statement(node: &N, text: String, key_column: &str) -> (Statement, Origins) {
         _ => {}
     }
     origins.constants = super::lift::liftable_constants(node);
+    let mut changes = Vec::new();
+    key_writes::key_changes(node, key_column, &mut changes);
+    (s.key_changes, origins.key_changes) = changes.into_iter().unzip();
     let mut walker = Walker::default();
     walker.node(node);
     s.tables = walker.tables;
+    if let Some(read) = &s.read {
+        read.add_tables_to(&mut s.tables);
+    }
     s.max_param = walker.max_param;
     if s.kind == StatementKind::Ddl {
         // DDL targets are written on every shard; the walker found them.
@@ -336,7 +375,7 @@ fn statement(node: &N, text: String, key_column: &str) -> (Statement, Origins) {
     (s, origins)
 }
 
-fn relname(r: &protobuf::RangeVar) -> String {
+pub(super) fn relname(r: &protobuf::RangeVar) -> String {
     if r.schemaname.is_empty() {
         r.relname.clone()
     } else {
@@ -400,7 +439,7 @@ fn copy_info(c: &protobuf::CopyStmt) -> CopyInfo {
 }
 
 /// A key expression and the offset of the constant it was read from.
-type Located = (KeyExpr, Option<usize>);
+pub(super) type Located = (KeyExpr, Option<usize>);
 
 /// The key candidates of a condition while they are being found, each with its
 /// origin; None when the condition does not restrict the key.
@@ -417,7 +456,7 @@ fn split(found: Found) -> (KeyCandidates, Vec<Option<usize>>) {
 }
 
 /// A literal or parameter, as a potential key value, with the literal's offset.
-fn located_value(n: &Node) -> Option<Located> {
+pub(super) fn located_value(n: &Node) -> Option<Located> {
     match n.node.as_ref()? {
         N::AConst(c) => {
             let at = usize::try_from(c.location).ok();
@@ -458,15 +497,25 @@ impl KeyFinder<'_> {
         keys
     }
 
+    /// The keys every row coming out of a FROM item is restricted to.
+    ///
+    /// The ON condition of an inner join filters the joined rows, as WHERE does.
+    /// That of an outer join does not: `a LEFT JOIN b ON … AND b.tenant_id = 42`
+    /// keeps every row of `a` and only decides which `b` rows join it, so it
+    /// restricts nothing; neither does anything on its nullable side. Only the
+    /// preserved side's own restrictions carry through (the left of a LEFT JOIN,
+    /// the right of a RIGHT JOIN, none of a FULL JOIN).
     fn join_keys(&self, n: &Node) -> Found {
-        match &n.node {
-            Some(N::JoinExpr(j)) => {
-                let mut k = self.where_keys(j.quals.as_deref());
-                for side in [j.larg.as_deref(), j.rarg.as_deref()].into_iter().flatten() {
-                    k = intersect(k, self.join_keys(side));
-                }
-                k
-            }
+        let Some(N::JoinExpr(j)) = &n.node else { return None };
+        let side = |s: Option<&Node>| s.and_then(|s| self.join_keys(s));
+        use protobuf::JoinType as J;
+        match J::try_from(j.jointype).unwrap_or(J::Undefined) {
+            J::JoinInner => intersect(
+                self.where_keys(j.quals.as_deref()),
+                intersect(side(j.larg.as_deref()), side(j.rarg.as_deref())),
+            ),
+            J::JoinLeft => side(j.larg.as_deref()),
+            J::JoinRight => side(j.rarg.as_deref()),
             _ => None,
         }
     }
@@ -579,6 +628,13 @@ impl Walker {
     }
 }
 
+/// The tables named anywhere under a node.
+pub(super) fn tables_under(n: &N) -> Vec<String> {
+    let mut walker = Walker::default();
+    walker.node(n);
+    walker.tables
+}
+
 /// The value of a `/* <key_column>=… */` comment anywhere in the text.
 pub(super) fn comment_key(sql: &str, key_column: &str) -> Option<String> {
     let mut rest = sql;
@@ -650,6 +706,43 @@ mod tests {
         let s = one("select * from orders o join items i on i.tenant_id = o.tenant_id and o.tenant_id = 4");
         assert_eq!(s.keys, KeyCandidates::Any(vec![lit("4")]));
         assert_eq!(s.tables, vec!["orders", "items"]);
+    }
+
+    #[test]
+    fn a_key_in_an_outer_joins_on_restricts_nothing() {
+        for sql in [
+            "select * from orders o left join items i on o.tenant_id = i.tenant_id and i.tenant_id = 42",
+            "select * from orders o left outer join items i on i.tenant_id = 42",
+            "select * from items i right join orders o on o.tenant_id = i.tenant_id and i.tenant_id = 42",
+            "select * from orders o full join items i on o.tenant_id = i.tenant_id and o.tenant_id = 42",
+            "select * from orders o full join items i on o.tenant_id = i.tenant_id and i.tenant_id = 42",
+            // An outer join nested in an inner one.
+            "select * from (orders o left join items i on i.tenant_id = 42) join plans p on p.id = o.plan",
+            "select * from plans p join (orders o left join items i on i.tenant_id = 42) on p.id = o.plan",
+            // The nullable side's own inner join restricts only that side.
+            "select * from orders o left join (items i join parts p on p.tenant_id = 42) on i.id = o.id",
+            "select * from (items i join parts p on p.tenant_id = 42) right join orders o on i.id = o.id",
+        ] {
+            assert_eq!(one(sql).keys, KeyCandidates::None, "{sql}");
+        }
+    }
+
+    #[test]
+    fn where_inner_joins_and_the_preserved_side_still_restrict() {
+        let four = KeyCandidates::Any(vec![lit("4")]);
+        for sql in [
+            "select * from orders o left join items i on o.tenant_id = i.tenant_id where o.tenant_id = 4",
+            "select * from orders o left join items i on o.tenant_id = i.tenant_id and i.tenant_id = 9 where o.tenant_id = 4",
+            // WHERE filters the joined rows, whichever side it names.
+            "select * from orders o left join items i on o.tenant_id = i.tenant_id where i.tenant_id = 4",
+            // The preserved side's inner join restricts every row.
+            "select * from (orders o join items i on i.tenant_id = 4) left join parts p on p.tenant_id = 5",
+            "select * from parts p right join (orders o join items i on i.tenant_id = 4) on p.tenant_id = 5",
+            "select * from orders o join items i on i.tenant_id = o.tenant_id and o.tenant_id = 4 left join parts p on true",
+            "select * from orders o cross join items i join parts p on p.tenant_id = 4",
+        ] {
+            assert_eq!(one(sql).keys, four, "{sql}");
+        }
     }
 
     #[test]
@@ -726,6 +819,12 @@ mod tests {
         let s = one("with x as (select 1) select * from x, orders where orders.id = $3");
         assert_eq!(s.tables, vec!["orders"]);
         assert_eq!(s.max_param, 3);
+    }
+
+    #[test]
+    fn tables_inside_any_expression_are_found() {
+        let s = one("select array[(select count(*) from orders)], coalesce((select 1 from items), 0) collate \"C\"");
+        assert!(s.tables.contains(&"orders".to_string()) && s.tables.contains(&"items".to_string()), "{:?}", s.tables);
     }
 
     #[test]

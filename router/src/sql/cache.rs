@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use super::analyze::{analyze_with_origins, comment_key, unquote, Origins};
 use super::lift::{ServerForm, SimpleForm};
 use super::shape::{literal_text, shape, Piece, PieceKind, Shape};
-use super::{Analysis, KeyCandidates, KeyExpr, Statement, StatementKind};
+use super::{Analysis, Inserted, KeyCandidates, KeyExpr, Statement, StatementKind};
 
 /// A bounded map from statement shape to its analysis, shared by all sessions.
 ///
@@ -132,6 +132,10 @@ struct StatementSlots {
     keys: Vec<Slot>,
     rows: Vec<Vec<Slot>>,
     tenant: Slot,
+    /// One per key change.
+    key_changes: Vec<Slot>,
+    /// One per value of an `INSERT … SELECT`'s list.
+    insert_select: Vec<Slot>,
 }
 
 impl Template {
@@ -180,7 +184,28 @@ impl Template {
                 StatementKind::SetTenant(Some(_)) => slot(o.tenant)?,
                 _ => Slot::Fixed,
             };
-            statements.push(StatementSlots { span: o.span.clone(), keys, rows, tenant });
+            let key_changes = s
+                .key_changes
+                .iter()
+                .zip(&o.key_changes)
+                .map(|(c, at)| if matches!(c.to, Some(KeyExpr::Literal(_))) { slot(*at) } else { Some(Slot::Fixed) })
+                .collect::<Option<_>>()?;
+            let insert_select =
+                match s.insert_select.as_ref().and_then(|i| i.values.as_ref()) {
+                    None => Vec::new(),
+                    Some(values) => values
+                        .iter()
+                        .zip(&o.insert_select)
+                        .map(|(v, at)| {
+                            if matches!(v, Inserted::Value(KeyExpr::Literal(_))) {
+                                slot(*at)
+                            } else {
+                                Some(Slot::Fixed)
+                            }
+                        })
+                        .collect::<Option<_>>()?,
+                };
+            statements.push(StatementSlots { span: o.span.clone(), keys, rows, tenant, key_changes, insert_select });
         }
         let form = match (&analysis.statements[..], origins) {
             ([s], [Origins { constants: Some(constants), .. }])
@@ -244,6 +269,20 @@ impl Template {
                 }
                 (kind, _) => kind.clone(),
             };
+            let mut key_changes = s.key_changes.clone();
+            for (c, &slot) in key_changes.iter_mut().zip(&slots.key_changes) {
+                if let Some(to) = &mut c.to {
+                    *to = literal(slot, to)?;
+                }
+            }
+            let mut insert_select = s.insert_select.clone();
+            if let Some(values) = insert_select.as_mut().and_then(|i| i.values.as_mut()) {
+                for (v, &slot) in values.iter_mut().zip(&slots.insert_select) {
+                    if let Inserted::Value(e) = v {
+                        *e = literal(slot, e)?;
+                    }
+                }
+            }
             statements.push(Statement {
                 kind,
                 text: sql.get(span).unwrap_or(sql).trim().to_string(),
@@ -253,6 +292,9 @@ impl Template {
                 insert,
                 creates_sharded: s.creates_sharded.clone(),
                 max_param: s.max_param,
+                key_changes,
+                insert_select,
+                read: s.read.clone(),
             });
         }
         Some(Analysis { statements, comment_key: comment_key(sql, key_column) })

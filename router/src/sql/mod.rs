@@ -11,13 +11,19 @@
 
 mod analyze;
 mod cache;
+mod colocation;
+mod key_writes;
 mod lift;
 pub mod quote;
 pub mod shape;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use analyze::{
     analyze, Analysis, CopyFormat, CopyInfo, InsertInfo, KeyCandidates, KeyExpr, SettingChange, Statement,
     StatementKind, TxnControl,
 };
 pub use cache::AnalysisCache;
+pub use colocation::{NotLocal, Read};
+pub use key_writes::{InsertSelect, Inserted, KeyChange};
 pub use lift::{statement_name, ServerForm, SimpleForm};
