@@ -27,7 +27,7 @@ impl Settings {
     fn set_startup(&mut self, name: &str, value: &str) {
         let name = name.to_ascii_lowercase();
         if name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') && !name.is_empty() {
-            let text = format!("SET {name} TO '{}'", value.replace('\'', "''"));
+            let text = format!("SET {name} TO {}", crate::sql::quote::literal(value));
             self.statements.insert(name, text);
             self.changed();
         }
