@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shardgate_directory::Directory;
+use shardgate_migrator::catchup::ShadowCatchUp;
 use shardgate_migrator::cutover::CutoverOptions;
 use shardgate_migrator::driver::{Driver, DriverConfig, Resolve};
 use shardgate_migrator::schema::NewShardSchema;
-use shardgate_migrator::shadow::ShadowCatchUp;
 use shardgate_migrator::verify::VerifyOptions;
 use shardgate_migrator::Endpoint;
 use shardgate_router::config::DriveMode;

@@ -29,7 +29,7 @@ pub async fn finish(spec: &MoveSpec, keep: Keep, home: bool) -> Result<u64, Erro
     drop_subscription(&spec.target, &dst, &spec.forward_name()).await?;
     drop_subscription(&spec.source, &src, &spec.reverse_name()).await?;
     for (shard, c, slot) in [(&spec.source, &src, spec.forward_name()), (&spec.target, &dst, spec.reverse_name())] {
-        crate::stream::wait_slot_inactive(shard, c, &slot, std::time::Duration::from_secs(60)).await?;
+        crate::replication::wait_slot_inactive(shard, c, &slot, std::time::Duration::from_secs(60)).await?;
         c.batch_execute(&format!(
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = {}",
             literal(&slot)

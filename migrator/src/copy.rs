@@ -179,7 +179,7 @@ async fn copy_to(
     };
     let tables = schema::sharded_tables(&src, &spec.key_column).await.map_err(src_err("list tables"))?;
     // A slot left by an attempt that died: its snapshot is gone with it.
-    crate::stream::wait_slot_inactive(&spec.source, &src, &fwd, Duration::from_secs(60)).await?;
+    crate::replication::wait_slot_inactive(&spec.source, &src, &fwd, Duration::from_secs(60)).await?;
     src.batch_execute(&format!(
         "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = {}",
         literal(&fwd)

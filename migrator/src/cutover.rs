@@ -22,7 +22,7 @@ use tokio_postgres::Client;
 
 use crate::pg::rows;
 use crate::schema::{self, FENCE_LOCK_CLASS};
-use crate::{fault, stream, Endpoint, Error, MoveSpec};
+use crate::{fault, replication, Endpoint, Error, MoveSpec};
 use shardgate_router::moves::quote::literal;
 
 /// What the cutover needs from the cluster: the routers' hold and the directory's
@@ -121,9 +121,9 @@ pub async fn cutover<C: Coordinator>(
     // Keep the critical path short: the stream old → new must be running (a stream
     // enabled moments ago starts within wal_retrieve_retry_interval) and caught
     // up, and most of the WAL the idle slot would skip is skipped now.
-    stream::wait_slot_active(s.old, &old, &s.old_to_new, PREPARE_TIMEOUT).await?;
-    stream::catch_up(spec, (s.old, &old), (s.new, &new), PREPARE_TIMEOUT).await?;
-    stream::advance_idle_slot(s.new, &new, &s.new_to_old).await?;
+    replication::wait_slot_active(s.old, &old, &s.old_to_new, PREPARE_TIMEOUT).await?;
+    replication::catch_up(spec, (s.old, &old), (s.new, &new), PREPARE_TIMEOUT).await?;
+    replication::advance_idle_slot(s.new, &new, &s.new_to_old).await?;
 
     let started = Instant::now();
     let deadline = started + opts.timeout;
@@ -183,7 +183,7 @@ async fn critical_path<C: Coordinator>(
 
     let t = Instant::now();
     let values = if sequences.is_empty() { Vec::new() } else { read_sequences(s.old, old, sequences).await? };
-    report.catch_up = stream::catch_up(spec, (s.old, old), (s.new, new), remaining(deadline)?).await?;
+    report.catch_up = replication::catch_up(spec, (s.old, old), (s.new, new), remaining(deadline)?).await?;
     if !values.is_empty() {
         let sets: Vec<String> = sequences
             .iter()
@@ -199,7 +199,7 @@ async fn critical_path<C: Coordinator>(
     let _ = t;
     fault::point("cutover.after_catch_up")?;
 
-    stream::advance_idle_slot(s.new, new, &s.new_to_old).await?;
+    replication::advance_idle_slot(s.new, new, &s.new_to_old).await?;
     fault::point("cutover.after_slot_advance")?;
     set_armed(s.new, new, spec, false).await?;
     remaining(deadline)?;
@@ -260,7 +260,7 @@ pub async fn settle_streams(spec: &MoveSpec, dir: Direction) -> Result<(), Error
         .map_err(|e| Error::pg(&s.new.name, "stop the old stream", e))?;
     // Until its walsender is gone the old stream could carry the new stream's
     // changes straight back.
-    stream::wait_slot_inactive(s.old, &old, &s.old_to_new, Duration::from_secs(60)).await?;
+    replication::wait_slot_inactive(s.old, &old, &s.old_to_new, Duration::from_secs(60)).await?;
     old.batch_execute(&format!("ALTER SUBSCRIPTION {} ENABLE", s.new_to_old))
         .await
         .map_err(|e| Error::pg(&s.old.name, "start the reverse stream", e))?;

@@ -16,10 +16,10 @@ use shardgate_directory::{Directory, DirectoryHandle};
 use shardgate_router::moves::DirectoryWriter;
 
 use crate::cleanup::{self, Keep};
-use crate::cluster::DirectoryCoordinator;
+use crate::coordinator::DirectoryCoordinator;
 use crate::cutover::{self, CutoverOptions, Direction};
 use crate::verify::{self, VerifyOptions};
-use crate::{copy, prepare, stream, Endpoint, Error, MoveSpec};
+use crate::{copy, prepare, replication, Endpoint, Error, MoveSpec};
 
 /// How to reach a shard by name (with its password, which the directory does not
 /// hold).
@@ -454,10 +454,10 @@ impl Driver {
             Direction::Back => (&spec.target, spec.reverse_name(), &spec.source, spec.forward_name()),
         };
         let c = publisher.connect(&format!("move {} lag", m.id)).await?;
-        let lag = stream::lag(publisher, &c, &slot).await?;
+        let lag = replication::lag(publisher, &c, &slot).await?;
         // Keep the idle stream's slot from pinning WAL (see advance_idle_slot).
         let idle = idle_pub.connect(&format!("move {} idle slot", m.id)).await?;
-        stream::advance_idle_slot(idle_pub, &idle, &idle_slot).await?;
+        replication::advance_idle_slot(idle_pub, &idle, &idle_slot).await?;
         let mut values = counters([("lag_bytes", lag.bytes)]);
         if let Some(ms) = lag.ms {
             values.insert("lag_ms".into(), ms);

@@ -10,7 +10,8 @@
 //!   reverse stream (created disabled, so a rollback needs no DDL).
 //! - [`copy`]: the moving rows from one snapshot of the source, at a rate that can
 //!   be capped, and the forward stream started exactly where the snapshot ends.
-//! - [`stream`]: lag, and exact catch-up waits through marker rows.
+//! - [`replication`]: the change stream's lag, and exact catch-up waits through
+//!   marker rows.
 //! - [`verify`]: chunked row counts and checksums at one consistent cut.
 //! - [`cutover`]: hold, fence, catch up, flip, reverse, release — and the same
 //!   backwards for a rollback.
@@ -19,8 +20,9 @@
 //!
 //! See docs/moves.md for the operator's view and the reasoning behind each step.
 
+pub mod catchup;
 pub mod cleanup;
-pub mod cluster;
+pub mod coordinator;
 pub mod copy;
 pub mod cutover;
 pub mod driver;
@@ -28,9 +30,8 @@ pub mod fault;
 pub mod pg;
 pub mod planner;
 pub mod prepare;
+pub mod replication;
 pub mod schema;
-pub mod shadow;
-pub mod stream;
 pub mod verify;
 
 use shardgate_directory::state::MoveSubject;

@@ -15,7 +15,7 @@ use tokio_postgres::Client;
 use crate::cutover::Coordinator;
 use crate::pg::rows;
 use crate::schema::{self, Table};
-use crate::{stream, Endpoint, Error, MoveSpec};
+use crate::{replication, Endpoint, Error, MoveSpec};
 use shardgate_router::moves::quote::ident;
 
 #[derive(Debug, Clone)]
@@ -93,7 +93,7 @@ pub async fn verify<C: Coordinator>(spec: &MoveSpec, coord: &C, opts: &VerifyOpt
     coord.hold(deadline).await?;
     let cut = async {
         let left = deadline.saturating_duration_since(Instant::now());
-        stream::catch_up(spec, (&spec.source, &src), (&spec.target, &dst), left).await?;
+        replication::catch_up(spec, (&spec.source, &src), (&spec.target, &dst), left).await?;
         for (shard, c) in [(&spec.source, &src), (&spec.target, &dst)] {
             c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1")
                 .await

@@ -12,7 +12,7 @@ use shardgate_localpg::TestCluster;
 use shardgate_migrator::cleanup::{self, Keep};
 use shardgate_migrator::cutover::{self, Coordinator, CutoverOptions, Direction};
 use shardgate_migrator::verify::{self, VerifyOptions};
-use shardgate_migrator::{copy, fault, prepare, stream, Endpoint, Error, MoveSpec};
+use shardgate_migrator::{copy, fault, prepare, replication, Endpoint, Error, MoveSpec};
 use shardgate_router::moves::ShardAddress;
 use tokio_postgres::Client;
 
@@ -138,7 +138,7 @@ async fn a_bucket_moves_back_and_forth_and_nothing_is_lost() {
     ))
     .await
     .unwrap();
-    stream::catch_up(&spec, (&spec.source, &src), (&spec.target, &dst), Duration::from_secs(30)).await.unwrap();
+    replication::catch_up(&spec, (&spec.source, &src), (&spec.target, &dst), Duration::from_secs(30)).await.unwrap();
     let sum = format!("SELECT coalesce(sum(balance), 0)::bigint FROM accounts WHERE tenant_id = {t}");
     assert_eq!(count(&dst, &sum).await, count(&src, &sum).await);
     assert_eq!(count(&dst, &on("events")).await, 41);
@@ -213,7 +213,7 @@ async fn a_bucket_moves_back_and_forth_and_nothing_is_lost() {
     let new_id = count(&dst, &format!("SELECT max(id) FROM accounts WHERE tenant_id = {t}")).await;
     assert!(new_id > max_src, "new id {new_id} must be past the old shard's {max_src}");
     // … and the reverse stream keeps the old shard current.
-    stream::catch_up(&spec, (&spec.target, &dst), (&spec.source, &src), Duration::from_secs(30)).await.unwrap();
+    replication::catch_up(&spec, (&spec.target, &dst), (&spec.source, &src), Duration::from_secs(30)).await.unwrap();
     assert_eq!(count(&src, &sum).await, count(&dst, &sum).await);
     assert!(count(&src, &sum).await > before);
 
@@ -223,7 +223,7 @@ async fn a_bucket_moves_back_and_forth_and_nothing_is_lost() {
     let e = dst.batch_execute(&format!("DELETE FROM accounts WHERE tenant_id = {t}")).await.unwrap_err();
     assert_eq!(sqlstate(&e), "25006");
     src.batch_execute(&format!("UPDATE accounts SET balance = balance * 2 WHERE tenant_id = {t}")).await.unwrap();
-    stream::catch_up(&spec, (&spec.source, &src), (&spec.target, &dst), Duration::from_secs(30)).await.unwrap();
+    replication::catch_up(&spec, (&spec.source, &src), (&spec.target, &dst), Duration::from_secs(30)).await.unwrap();
     assert_eq!(count(&src, &sum).await, count(&dst, &sum).await);
     assert_eq!(count(&src, &on("accounts")).await, count(&dst, &on("accounts")).await);
 

@@ -23,7 +23,7 @@ pub mod clock;
 pub mod config;
 pub mod console;
 pub mod context;
-pub mod copy;
+pub mod copy_in;
 pub mod error;
 pub mod events;
 pub mod fanout;

@@ -25,7 +25,7 @@ fn start_driver_with(h: &Harness, config: DriverConfig) -> tokio::sync::watch::S
         let url = urls.get(i)?;
         Some(Endpoint::new(format!("shard_{i}"), ShardAddress::from_url(url).ok()?))
     });
-    h.router.context.shadow.set_catch_up(Arc::new(shardgate_migrator::shadow::ShadowCatchUp {
+    h.router.context.shadow.set_catch_up(Arc::new(shardgate_migrator::catchup::ShadowCatchUp {
         directory: h.directory.clone(),
         resolve: resolve.clone(),
         timeout: Duration::from_secs(10),

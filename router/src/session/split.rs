@@ -27,10 +27,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 b'E' => {
                     self.client.flush().await?;
                     let dir = self.ctx.directory.load();
-                    match crate::copy::copy_in_split(&self.ctx, &dir, stmt, &mut self.client).await {
+                    match crate::copy_in::copy_in_split(&self.ctx, &dir, stmt, &mut self.client).await {
                         Ok(tag) => self.client.queue(&messages::command_complete(&tag)),
-                        Err(crate::copy::CopyError::Client(e)) => return Err(e.into()),
-                        Err(crate::copy::CopyError::Sql(e)) => self.client.queue(&e.to_message(Severity::Error)),
+                        Err(crate::copy_in::CopyError::Client(e)) => return Err(e.into()),
+                        Err(crate::copy_in::CopyError::Sql(e)) => self.client.queue(&e.to_message(Severity::Error)),
                     }
                     break;
                 }
@@ -183,14 +183,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     pub(super) async fn run_copy_split(&mut self, stmt: &Statement, _query: Bytes) -> Result<(), SessionError> {
         let dir = self.ctx.directory.load();
-        let result = crate::copy::copy_in_split(&self.ctx, &dir, stmt, &mut self.client).await;
+        let result = crate::copy_in::copy_in_split(&self.ctx, &dir, stmt, &mut self.client).await;
         match result {
             Ok(tag) => {
                 self.client.queue(&messages::command_complete(&tag));
                 self.ready().await
             }
-            Err(crate::copy::CopyError::Client(e)) => Err(e.into()),
-            Err(crate::copy::CopyError::Sql(e)) => self.fail_simple(e).await,
+            Err(crate::copy_in::CopyError::Client(e)) => Err(e.into()),
+            Err(crate::copy_in::CopyError::Sql(e)) => self.fail_simple(e).await,
         }
     }
 }

@@ -12,7 +12,7 @@ use shardgate_directory::DirectoryHandle;
 use shardgate_router::moves::CatchUp;
 
 use crate::driver::{spec_of, Resolve};
-use crate::stream;
+use crate::replication;
 
 pub struct ShadowCatchUp {
     pub directory: DirectoryHandle,
@@ -33,7 +33,10 @@ impl CatchUp for ShadowCatchUp {
                 if dir.owner_of(m) == m.source { (&spec.source, &spec.target) } else { (&spec.target, &spec.source) };
             let fc = from.connect(&format!("move {move_id} shadow catch-up")).await.map_err(|e| e.to_string())?;
             let tc = to.connect(&format!("move {move_id} shadow catch-up")).await.map_err(|e| e.to_string())?;
-            stream::catch_up(&spec, (from, &fc), (to, &tc), self.timeout).await.map(|_| ()).map_err(|e| e.to_string())
+            replication::catch_up(&spec, (from, &fc), (to, &tc), self.timeout)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
         })
     }
 }
