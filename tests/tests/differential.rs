@@ -3,21 +3,11 @@
 
 use shardgate_localpg::TestServer;
 use shardgate_tests::raw::{bind_formats, describe_portal, describe_statement, execute, frame, parse, sync, Raw};
-use shardgate_tests::{connect, Harness};
+use shardgate_tests::{connect, rows, Harness};
 use tokio_postgres::types::{FromSql, Type};
-use tokio_postgres::SimpleQueryMessage;
 
 const SCHEMA: &str = "CREATE TABLE orders (tenant_id bigint, id bigint, region text, total numeric, qty int, \
                       PRIMARY KEY (tenant_id, id))";
-
-fn rows(msgs: Vec<SimpleQueryMessage>) -> Vec<Vec<Option<String>>> {
-    msgs.into_iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect()),
-            _ => None,
-        })
-        .collect()
-}
 
 /// A value as the server sent it, whatever its type.
 struct Wire(Option<Vec<u8>>);

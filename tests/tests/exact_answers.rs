@@ -4,22 +4,13 @@
 //! row returns (or is refused when the shards cannot answer it exactly).
 
 use shardgate_localpg::TestServer;
-use shardgate_tests::{connect, sqlstate, Harness};
-use tokio_postgres::{Client, SimpleQueryMessage};
+use shardgate_tests::{connect, rows, sqlstate, Harness};
+use tokio_postgres::Client;
 
 const ORDERS: &str = "CREATE TABLE orders (tenant_id bigint, id bigint, total numeric, PRIMARY KEY (tenant_id, id))";
 
 const KEY_CHANGE: &str =
     "cannot change the sharding key tenant_id of rows in \"orders\": the row would stay on a shard its new key does not route to";
-
-fn rows(msgs: Vec<SimpleQueryMessage>) -> Vec<Vec<Option<String>>> {
-    msgs.into_iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect()),
-            _ => None,
-        })
-        .collect()
-}
 
 /// Every row of `orders` as each shard holds it, read on the shards themselves.
 async fn placement(h: &Harness, shards: usize) -> Vec<Vec<Vec<Option<String>>>> {
