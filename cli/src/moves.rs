@@ -159,7 +159,8 @@ pub fn progress_line(m: &Value) -> String {
                 ));
             }
             if c["verified_at_ms"].is_u64() {
-                s.push_str(if n("verified_clean") == 1 { ", verified clean" } else { ", verify found differences" });
+                let clean = m["verified_clean"] == true;
+                s.push_str(if clean { ", verified clean" } else { ", verify found differences" });
             }
         }
         _ => {}

@@ -259,7 +259,7 @@ fn move_lines(m: &Value) -> String {
     if c["verified_at_ms"].is_u64() {
         s.push_str(&format!(
             "\n        verify {} ({} chunks, {} rows)",
-            if n("verified_clean") == 1 {
+            if m["verified_clean"] == true {
                 "clean".to_string()
             } else {
                 format!("{} chunk(s) differ", n("verify_mismatches"))
@@ -321,8 +321,9 @@ mod tests {
                 "id": 3, "subject": "tenant 42", "source": "shard_1", "target": "shard_0", "phase": "reverse",
                 "holding": false, "note": "cut over in 40 ms",
                 "history": [["plan", 1], ["copy", 2], ["shadow", 3], ["verify", 4], ["cutover", 5], ["reverse", 6]],
+                "verified_clean": true,
                 "counters": { "lag_bytes": 0, "shadow_compared": 90, "shadow_mismatched": 0,
-                              "verified_at_ms": 9, "verified_clean": 1, "cutovers": 1, "pause_us": 12500 }
+                              "verified_at_ms": 9, "cutovers": 1, "pause_us": 12500 }
             }]
         });
         let sizes = serde_json::json!({ "buckets": [{ "shard": "shard_0", "bytes": 2048 }] });

@@ -133,8 +133,9 @@ pub struct Directory {
     /// Tenants placed on a shard of their own, overriding their bucket.
     #[serde(with = "pins_as_list")]
     pub pins: HashMap<TenantKey, ShardId>,
-    /// Moves of buckets or tenants, by id (written by the migrator).
-    #[serde(default)]
+    /// Moves of buckets or tenants, by id (written by the migrator). Read from a
+    /// snapshot of this version or an older one.
+    #[serde(default, deserialize_with = "crate::state::moves_of_any_version")]
     pub moves: std::collections::BTreeMap<u64, crate::state::Move>,
     #[serde(default)]
     pub next_move_id: u64,

@@ -85,6 +85,12 @@ pub struct MoveStatus {
     /// The shard that owns the rows now.
     pub owner: String,
     pub counters: std::collections::BTreeMap<String, u64>,
+    /// The last verify found both copies equal (when: `counters.verified_at_ms`).
+    pub verified_clean: bool,
+    /// The cutover under way (or the last one) is a rollback.
+    pub cutover_back: bool,
+    /// Cleanup keeps the source (the move was cancelled).
+    pub keep_source: bool,
     pub note: Option<String>,
     pub request: Option<shardgate_directory::state::MoveRequest>,
     pub cutover_auto: bool,
@@ -111,6 +117,9 @@ pub fn move_status(dir: &shardgate_directory::Directory, m: &shardgate_directory
         target: name(m.target),
         owner: name(dir.owner_of(m)),
         counters: m.counters.clone(),
+        verified_clean: m.verified_clean,
+        cutover_back: m.cutover_back,
+        keep_source: m.keep_source,
         note: m.note.clone(),
         request: m.request.clone(),
         cutover_auto: m.options.cutover_auto,
