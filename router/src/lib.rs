@@ -11,7 +11,8 @@
 //!   one file per part of it (see its `mod.rs`).
 //! - `fanout/`: statements that run on every shard, and merging their results.
 //! - `server.rs`: accept loop, connection limit, shutdown.
-//! - `admin.rs`: the admin HTTP API; `events.rs` its live status stream, `web.rs`
+//! - `admin/`: the admin HTTP API (its request and answer types, which the CLI
+//!   reads too, in `admin/api.rs`); `events.rs` its live status stream, `web.rs`
 //!   the web page built on it (files in `router/web/`).
 
 pub mod admin;
