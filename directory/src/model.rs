@@ -93,6 +93,17 @@ pub enum ShardState {
     Removed,
 }
 
+impl ShardState {
+    /// `active`, `draining` or `removed`: as the CLI and the admin API name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ShardState::Active => "active",
+            ShardState::Draining => "draining",
+            ShardState::Removed => "removed",
+        }
+    }
+}
+
 /// One physical shard: a Postgres server and database.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Shard {
