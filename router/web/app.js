@@ -338,8 +338,10 @@
     return h('table', { class: 'counters' }, h('tbody', {}, rows));
   }
 
+  // The API sends a request as `{"request": "cutover", "force": false}`.
   function describeRequest(r) {
     if (typeof r === 'string') return r;
+    if (typeof obj(r).request === 'string') return r.request;
     const k = Object.keys(obj(r))[0];
     return k || 'a change';
   }
