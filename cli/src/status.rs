@@ -13,7 +13,7 @@ pub fn run(data_dir: &Path, admin: Option<&str>, json: bool) -> Result<()> {
     let api = Api::find(data_dir, admin)?;
     let status: Status = api.get("/status")?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        println!("{}", as_json(&status, Layout::Pretty)?);
         return Ok(());
     }
     print!("{}", table(&status));
@@ -23,7 +23,7 @@ pub fn run(data_dir: &Path, admin: Option<&str>, json: bool) -> Result<()> {
 pub fn shard_list(api: &Api, json: bool) -> Result<()> {
     let status: Status = api.get("/status")?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&status.shards)?);
+        println!("{}", as_json(&status.shards, Layout::Pretty)?);
         return Ok(());
     }
     print!("{}", shards(&status));
@@ -33,7 +33,7 @@ pub fn shard_list(api: &Api, json: bool) -> Result<()> {
 pub fn directory_show(api: &Api, json: bool) -> Result<()> {
     let dir: Directory = api.get("/directory")?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&dir)?);
+        println!("{}", as_json(&dir, Layout::Pretty)?);
         return Ok(());
     }
     println!(
@@ -61,6 +61,22 @@ pub fn directory_show(api: &Api, json: bool) -> Result<()> {
     );
     println!("moves: {}", dir.moves.len());
     Ok(())
+}
+
+enum Layout {
+    Pretty,
+    Line,
+}
+
+/// What `--json` prints: the API's answer with its keys in alphabetical order,
+/// as this command has always printed them (a script that compares two runs as
+/// text sees no reordering).
+fn as_json<T: serde::Serialize>(v: &T, layout: Layout) -> Result<String> {
+    let sorted = serde_json::to_value(v)?;
+    Ok(match layout {
+        Layout::Pretty => serde_json::to_string_pretty(&sorted)?,
+        Layout::Line => serde_json::to_string(&sorted)?,
+    })
 }
 
 /// A value's JSON text without the quotes of a string (`int`, not `"int"`).
@@ -131,7 +147,7 @@ pub fn watch(data_dir: &Path, admin: Option<&str>, json: bool, interval: std::ti
     loop {
         let status: Status = api.get("/status")?;
         let out = if json {
-            format!("{}\n", serde_json::to_string(&status)?)
+            format!("{}\n", as_json(&status, Layout::Line)?)
         } else {
             // Sizes scan the shards: refreshed every 30 s, not every frame.
             if sizes.as_ref().is_none_or(|(at, _)| at.elapsed() > std::time::Duration::from_secs(30)) {
@@ -199,8 +215,10 @@ pub fn frame(s: &Status, sizes: Option<&Sizes>) -> String {
 fn move_lines(m: &MoveStatus) -> String {
     let n = |k: &str| m.counter(k).unwrap_or(0);
     let phase = m.phase.name();
+    // The id unpadded: this line has always read `#1 bucket 0` (its width was
+    // once asked of a JSON value, which ignores it).
     let mut s = format!(
-        "  #{:<4} {:<12} {} → {}  {}{}",
+        "  #{} {:<12} {} → {}  {}{}",
         m.id,
         m.subject,
         m.source,
@@ -350,7 +368,7 @@ mod tests {
         assert!(!f.contains('\x1b'), "{f}");
         assert!(f.contains(&format!("epoch {epoch}, 16 buckets, 3 clients, leader 1, lease valid")), "{f}");
         assert!(f.contains("moves: 2 under way, 2 in all"), "{f}");
-        assert!(f.contains("#2    bucket 3     shard_0 → shard_1  COPY"), "{f}");
+        assert!(f.contains("\n  #2 bucket 3     shard_0 → shard_1  COPY\n"), "{f}");
         assert!(f.contains("[######..................]  25%"), "{f}");
         assert!(f.contains("plan → copy → shadow → verify → shadow → cutover → reverse"), "{f}");
         assert!(f.contains("shadow reads 90 compared, 0 mismatched"), "{f}");
