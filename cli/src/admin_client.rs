@@ -6,7 +6,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::Value;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use shardgate_router::admin::api::ApiError;
 
 use crate::up::ClusterFile;
 
@@ -29,21 +31,37 @@ impl Api {
         }
     }
 
-    pub fn get(&self, path: &str) -> Result<Value> {
-        self.request("GET", path, None)
+    /// `GET path`, read as the API's answer type `T` (see
+    /// `shardgate_router::admin::api`).
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let body = self.request("GET", path, None)?;
+        self.read(&body, "GET", path)
     }
 
-    pub fn post(&self, path: &str, body: &Value) -> Result<Value> {
-        self.request("POST", path, Some(body))
+    /// `POST path` with a request of the API's, read as its answer type `T`.
+    pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        let body = self.request("POST", path, Some(serde_json::to_string(body)?))?;
+        self.read(&body, "POST", path)
     }
 
-    fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+    fn read<T: DeserializeOwned>(&self, body: &str, method: &str, path: &str) -> Result<T> {
+        serde_json::from_str(body).with_context(|| {
+            format!(
+                "the admin API at {} answered {method} {path} in a form this shardgate cannot read; \
+                 are the CLI and the node the same version (`shardgate --version`)?",
+                self.addr
+            )
+        })
+    }
+
+    /// Sends one request; the body of a 200 answer, or the API's error.
+    fn request(&self, method: &str, path: &str, body: Option<String>) -> Result<String> {
         let sock = self.addr.parse().map_err(|_| anyhow!("{:?} is not an address like 127.0.0.1:6433", self.addr))?;
         let mut stream = TcpStream::connect_timeout(&sock, Duration::from_secs(3)).with_context(|| {
             format!("cannot reach the admin API at {}; is shardgate running? start it with `shardgate up` or `shardgate serve`", self.addr)
         })?;
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let body = body.unwrap_or_default();
         let auth = self.token.as_ref().map(|t| format!("authorization: Bearer {t}\r\n")).unwrap_or_default();
         write!(
             stream,
@@ -56,12 +74,10 @@ impl Api {
         let text = String::from_utf8_lossy(&raw);
         let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("malformed HTTP answer"))?;
         let status: u16 = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let value: Value = serde_json::from_str(body).unwrap_or(Value::String(body.to_string()));
         if status != 200 {
-            let msg =
-                value.get("error").and_then(|e| e.as_str()).map(str::to_string).unwrap_or_else(|| body.to_string());
+            let msg = serde_json::from_str::<ApiError>(body).map(|e| e.error).unwrap_or_else(|_| body.to_string());
             bail!("{msg}");
         }
-        Ok(value)
+        Ok(body.to_string())
     }
 }

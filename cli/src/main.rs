@@ -14,7 +14,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use shardgate_directory::state::Outcome;
 use shardgate_directory::DirectoryHandle;
+use shardgate_router::admin::api::{AddNode, AddShard, MoveAction, NodeId, PinTenant, ShardAdded};
 
 #[derive(Parser)]
 #[command(name = "shardgate", version, about = "An online sharding router for PostgreSQL")]
@@ -283,15 +285,15 @@ fn main() -> std::process::ExitCode {
                 moves::start(&api, subject, &to, auto, wait)
             }),
         Command::Verify { id, no_wait, admin } => admin_client::Api::find(&cli.data_dir, admin.as_deref())
-            .and_then(|api| moves::request(&api, id, "verify", false, !no_wait)),
+            .and_then(|api| moves::request(&api, id, MoveAction::Verify, false, !no_wait)),
         Command::Cutover { id, force, no_wait, admin } => admin_client::Api::find(&cli.data_dir, admin.as_deref())
-            .and_then(|api| moves::request(&api, id, "cutover", force, !no_wait)),
+            .and_then(|api| moves::request(&api, id, MoveAction::Cutover, force, !no_wait)),
         Command::Rollback { id, no_wait, admin } => admin_client::Api::find(&cli.data_dir, admin.as_deref())
-            .and_then(|api| moves::request(&api, id, "rollback", false, !no_wait)),
+            .and_then(|api| moves::request(&api, id, MoveAction::Rollback, false, !no_wait)),
         Command::Complete { id, no_wait, admin } => admin_client::Api::find(&cli.data_dir, admin.as_deref())
-            .and_then(|api| moves::request(&api, id, "complete", false, !no_wait)),
+            .and_then(|api| moves::request(&api, id, MoveAction::Complete, false, !no_wait)),
         Command::Cancel { id, no_wait, admin } => admin_client::Api::find(&cli.data_dir, admin.as_deref())
-            .and_then(|api| moves::request(&api, id, "cancel", false, !no_wait)),
+            .and_then(|api| moves::request(&api, id, MoveAction::Cancel, false, !no_wait)),
         Command::Status { json, watch: false, admin, .. } => status::run(&cli.data_dir, admin.as_deref(), json),
         Command::Status { json, watch: true, interval, admin } => shardgate_router::config::parse_duration(&interval)
             .map_err(anyhow::Error::msg)
@@ -306,13 +308,13 @@ fn main() -> std::process::ExitCode {
             let api = admin_client::Api::find(&cli.data_dir, admin.as_deref());
             api.and_then(|api| match command {
                 ShardCommand::Add { name, url, rebalance } => {
-                    match api.post("/shards", &serde_json::json!({ "name": name, "url": url })) {
+                    match api.post::<_, ShardAdded>("/shards", &AddShard { name: name.clone(), url: url.clone() }) {
                         Ok(reply) => {
                             println!("added shard {name}");
-                            if let Some(note) = reply["setup"]["schema"].as_str() {
+                            if let Some(note) = reply.setup.schema {
                                 println!("{note}");
                             }
-                            if let Some(e) = reply["setup"]["schema_error"].as_str() {
+                            if let Some(e) = reply.setup.schema_error {
                                 eprintln!(
                                     "warning: the schema was not copied to shard {name} yet: {e}\n\
                                      DDL through shardgate fails on it until its first move copies the schema \
@@ -345,7 +347,8 @@ fn main() -> std::process::ExitCode {
         }
         Command::Tenant { command: TenantCommand::Pin { tenant, shard }, admin } => {
             admin_client::Api::find(&cli.data_dir, admin.as_deref()).and_then(|api| {
-                api.post("/tenants/pin", &serde_json::json!({ "tenant": tenant, "shard": shard }))?;
+                let _: Outcome =
+                    api.post("/tenants/pin", &PinTenant { tenant: tenant.clone(), shard: shard.clone() })?;
                 println!("tenant {tenant} is pinned to {shard}");
                 Ok(())
             })
@@ -353,11 +356,11 @@ fn main() -> std::process::ExitCode {
         Command::Node { command, admin } => admin_client::Api::find(&cli.data_dir, admin.as_deref()).and_then(|api| {
             match command {
                 NodeCommand::Add { id, address, learner } => {
-                    api.post("/nodes", &serde_json::json!({ "id": id, "address": address, "learner": learner }))?;
+                    let _: Outcome = api.post("/nodes", &AddNode { id, address, learner })?;
                     println!("node {id} added as a {}", if learner { "learner" } else { "voter" });
                 }
                 NodeCommand::Remove { id } => {
-                    api.post("/nodes/remove", &serde_json::json!({ "id": id }))?;
+                    let _: Outcome = api.post("/nodes/remove", &NodeId { id })?;
                     println!("node {id} removed");
                 }
             }

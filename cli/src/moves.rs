@@ -6,7 +6,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use serde_json::{json, Value};
+use shardgate_directory::state::{MovePhase, Outcome};
+use shardgate_router::admin::api::{MoveAction, MoveRequestBody, MoveStatus, NewMove};
 
 use crate::admin_client::Api;
 
@@ -15,18 +16,20 @@ pub enum Subject {
     Tenant(String),
 }
 
-/// Whether a move (as `/moves` lists it) has ended: done, cancelled or failed.
-pub fn ended(m: &serde_json::Value) -> bool {
-    matches!(m["phase"].as_str(), Some("done" | "cancelled" | "failed"))
+/// The id of the move a `POST /moves` created.
+pub fn created_id(out: &Outcome) -> Result<u64> {
+    match out {
+        Outcome::MoveCreated { id, .. } => Ok(*id),
+        other => bail!("the node answered {other:?} instead of a new move; `shardgate status` lists the moves"),
+    }
 }
 
 pub fn start(api: &Api, subject: Subject, to: &str, cutover_auto: bool, wait: bool) -> Result<()> {
-    let body = match &subject {
-        Subject::Bucket(b) => json!({ "bucket": b, "to": to, "cutover_auto": cutover_auto }),
-        Subject::Tenant(t) => json!({ "tenant": t, "to": to, "cutover_auto": cutover_auto }),
+    let body = match subject {
+        Subject::Bucket(b) => NewMove { bucket: Some(b), to: to.to_string(), cutover_auto, ..Default::default() },
+        Subject::Tenant(t) => NewMove { tenant: Some(t), to: to.to_string(), cutover_auto, ..Default::default() },
     };
-    let out = api.post("/moves", &body)?;
-    let id = out["id"].as_u64().unwrap_or(0);
+    let id = created_id(&api.post("/moves", &body)?)?;
     println!("move {id} planned");
     if !wait {
         println!(
@@ -34,57 +37,61 @@ pub fn start(api: &Api, subject: Subject, to: &str, cutover_auto: bool, wait: bo
         );
         return Ok(());
     }
-    let done = |m: &Value| {
-        let phase = m["phase"].as_str().unwrap_or("");
+    let done = |m: &MoveStatus| {
+        let settled = matches!(m.phase, MovePhase::DualWrite | MovePhase::Shadow);
         if cutover_auto {
-            matches!(phase, "reverse" | "done" | "cancelled" | "failed")
-                || (matches!(phase, "dual_write" | "shadow")
-                    && (m["counters"]["cutover_failures"].as_u64().unwrap_or(0) >= 3
-                        || m["counters"]["shadow_mismatched"].as_u64().unwrap_or(0) > 0))
+            matches!(m.phase, MovePhase::Reverse) || m.ended() || (settled && stopped_before_cutover(m))
         } else {
-            matches!(phase, "dual_write" | "shadow" | "reverse" | "done" | "cancelled" | "failed")
+            settled || matches!(m.phase, MovePhase::Reverse) || m.ended()
         }
     };
     let m = watch(api, id, done)?;
     finish_message(&m, id)
 }
 
+/// An automatic cutover that will not go on by itself: shadow reads differed,
+/// or the cutover was undone three times.
+pub fn stopped_before_cutover(m: &MoveStatus) -> bool {
+    m.counter("cutover_failures").unwrap_or(0) >= 3 || m.counter("shadow_mismatched").unwrap_or(0) > 0
+}
+
 /// Sends a request (verify, cutover, rollback, complete, cancel) and waits for its
 /// effect unless `wait` is false.
-pub fn request(api: &Api, id: u64, what: &str, force: bool, wait: bool) -> Result<()> {
+pub fn request(api: &Api, id: u64, what: MoveAction, force: bool, wait: bool) -> Result<()> {
     let before = find(api, id)?;
-    api.post("/moves/request", &json!({ "id": id, "request": what, "force": force }))?;
-    println!("move {id}: {what} requested");
+    let _: Outcome = api.post("/moves/request", &MoveRequestBody { id, request: what, force })?;
+    println!("move {id}: {} requested", what.name());
     if !wait {
         return Ok(());
     }
-    let counter = |m: &Value, k: &str| m["counters"][k].as_u64().unwrap_or(0);
+    let counter = |m: &MoveStatus, k: &str| m.counter(k).unwrap_or(0);
+    let failed = |m: &MoveStatus| m.phase == MovePhase::Failed;
     let m = match what {
-        "verify" => {
+        MoveAction::Verify => {
             let at = counter(&before, "verified_at_ms");
-            watch(api, id, |m| counter(m, "verified_at_ms") != at || m["phase"] == "failed")?
+            watch(api, id, |m| counter(m, "verified_at_ms") != at || failed(m))?
         }
-        "cutover" | "rollback" => {
+        MoveAction::Cutover | MoveAction::Rollback => {
             let (n, f) = (counter(&before, "cutovers"), counter(&before, "cutover_failures"));
-            let note = before["note"].clone();
             watch(api, id, |m| {
                 counter(m, "cutovers") != n
                     || counter(m, "cutover_failures") != f
-                    || m["phase"] == "failed"
+                    || failed(m)
                     // A refusal (not verified, wrong phase) comes back as a note.
-                    || (m["request"].is_null() && m["note"] != note && m["phase"] != "cutover")
+                    || (m.request.is_none() && m.note != before.note && m.phase != MovePhase::Cutover)
             })?
         }
-        _ => watch(api, id, ended)?,
+        MoveAction::Complete | MoveAction::Cancel => watch(api, id, MoveStatus::ended)?,
     };
     finish_message(&m, id)
 }
 
-fn finish_message(m: &Value, id: u64) -> Result<()> {
-    let note = m["note"].as_str().unwrap_or("");
-    match m["phase"].as_str().unwrap_or("") {
-        "failed" => bail!("move {id} failed: {note}"),
+fn finish_message(m: &MoveStatus, id: u64) -> Result<()> {
+    let note = m.note.as_deref().unwrap_or("");
+    match m.phase {
+        MovePhase::Failed => bail!("move {id} failed: {note}"),
         phase => {
+            let phase = phase.name();
             println!("move {id}: {phase}{}", if note.is_empty() { String::new() } else { format!(" — {note}") });
             if note.contains("refused") || note.contains("differ") || note.contains("undone") {
                 bail!("move {id}: {note}");
@@ -94,16 +101,16 @@ fn finish_message(m: &Value, id: u64) -> Result<()> {
     }
 }
 
-fn find(api: &Api, id: u64) -> Result<Value> {
-    let moves = api.get("/moves")?;
-    match moves.as_array().into_iter().flatten().find(|m| m["id"].as_u64() == Some(id)) {
-        Some(m) => Ok(m.clone()),
+fn find(api: &Api, id: u64) -> Result<MoveStatus> {
+    let moves: Vec<MoveStatus> = api.get("/moves")?;
+    match moves.into_iter().find(|m| m.id == id) {
+        Some(m) => Ok(m),
         None => bail!("there is no move {id}; `shardgate status` lists the moves"),
     }
 }
 
 /// Polls the move until `done`, printing a progress line when it changes.
-fn watch(api: &Api, id: u64, done: impl Fn(&Value) -> bool) -> Result<Value> {
+fn watch(api: &Api, id: u64, done: impl Fn(&MoveStatus) -> bool) -> Result<MoveStatus> {
     let started = Instant::now();
     let mut last = String::new();
     loop {
@@ -121,19 +128,12 @@ fn watch(api: &Api, id: u64, done: impl Fn(&Value) -> bool) -> Result<Value> {
 }
 
 /// One line about a move: phase, then the numbers that matter in that phase.
-pub fn progress_line(m: &Value) -> String {
-    let c = &m["counters"];
-    let n = |k: &str| c[k].as_u64().unwrap_or(0);
-    let phase = m["phase"].as_str().unwrap_or("?");
-    let mut s = format!(
-        "move {} {} {} → {}: {phase}",
-        m["id"],
-        m["subject"].as_str().unwrap_or("?"),
-        m["source"].as_str().unwrap_or("?"),
-        m["target"].as_str().unwrap_or("?")
-    );
-    match phase {
-        "copy" => {
+pub fn progress_line(m: &MoveStatus) -> String {
+    let n = |k: &str| m.counter(k).unwrap_or(0);
+    let phase = m.phase.name();
+    let mut s = format!("move {} {} {} → {}: {phase}", m.id, m.subject, m.source, m.target);
+    match m.phase {
+        MovePhase::Copy => {
             let total = n("rows_total").max(1);
             s.push_str(&format!(
                 "  {}/{} rows ({:.0}%), {} rows/s, ETA {}s, {}/{} tables ready",
@@ -146,36 +146,31 @@ pub fn progress_line(m: &Value) -> String {
                 n("tables")
             ));
         }
-        "dual_write" | "shadow" | "reverse" => {
+        MovePhase::DualWrite | MovePhase::Shadow | MovePhase::Reverse => {
             s.push_str(&format!("  lag {} bytes", n("lag_bytes")));
-            if let Some(ms) = c["lag_ms"].as_u64() {
+            if let Some(ms) = m.counter("lag_ms") {
                 s.push_str(&format!(" / {ms} ms"));
             }
-            if c["shadow_compared"].is_u64() || phase == "shadow" {
+            if m.counter("shadow_compared").is_some() || m.phase == MovePhase::Shadow {
                 s.push_str(&format!(
                     ", shadow reads {} compared, {} mismatched",
                     n("shadow_compared"),
                     n("shadow_mismatched")
                 ));
             }
-            if c["verified_at_ms"].is_u64() {
-                s.push_str(if n("verified_clean") == 1 { ", verified clean" } else { ", verify found differences" });
+            if m.counter("verified_at_ms").is_some() {
+                s.push_str(if m.verified_clean { ", verified clean" } else { ", verify found differences" });
             }
         }
         _ => {}
     }
-    if let Some(x) = m["shadow_samples"].as_array().and_then(|v| v.first()) {
-        s.push_str(&format!(
-            "\n      last difference: {}  source: {}  target: {}",
-            x["query"].as_str().unwrap_or("?"),
-            x["source"].as_str().unwrap_or("?"),
-            x["target"].as_str().unwrap_or("?")
-        ));
+    if let Some(x) = m.shadow_samples.first() {
+        s.push_str(&format!("\n      last difference: {}  source: {}  target: {}", x.query, x.source, x.target));
     }
-    if m["holding"].as_bool() == Some(true) {
+    if m.holding {
         s.push_str("  [statements held]");
     }
-    if let Some(note) = m["note"].as_str() {
+    if let Some(note) = &m.note {
         s.push_str(&format!("  — {note}"));
     }
     s

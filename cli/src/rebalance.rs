@@ -11,10 +11,14 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
-use shardgate_directory::TenantKey;
+use shardgate_directory::state::{MovePhase, Outcome};
+use shardgate_directory::{ShardState, TenantKey};
 use shardgate_migrator::planner::{
     self, BucketInfo, Input, Options, PinInfo, Plan, PlannedMove, ShardInfo, Strategy, Subject, TenantInfo,
+};
+
+use shardgate_router::admin::api::{
+    LoadReport, MoveAction, MoveRequestBody, MoveStatus, NewMove, ShardName, Sizes, Status,
 };
 
 use crate::admin_client::Api;
@@ -30,82 +34,58 @@ pub struct Args {
 /// The planner's input from a node: shards and placements from `/status`, sizes
 /// from `/sizes`. Also returns the shard names in id order.
 fn gather(api: &Api, strategy: Strategy) -> Result<(Input, Vec<String>)> {
-    let status = api.get("/status")?;
-    let sizes = if strategy == Strategy::Size { api.get("/sizes")? } else { json!({}) };
+    let status: Status = api.get("/status")?;
+    let sizes: Sizes = if strategy == Strategy::Size { api.get("/sizes")? } else { Sizes::default() };
     // Time spent per bucket (µs) as the routers counted it: the load measure.
-    let load = api.get("/load")?;
-    let names: Vec<String> = status["shards"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|s| s["name"].as_str().unwrap_or("").to_string())
-        .collect();
+    let load: LoadReport = api.get("/load")?;
+    let names: Vec<String> = status.shards.iter().map(|s| s.name.clone()).collect();
     let id = |name: &str| names.iter().position(|n| n == name);
-    let shards = status["shards"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let shards = status
+        .shards
+        .iter()
         .enumerate()
         .map(|(i, s)| ShardInfo {
             id: i,
-            name: names[i].clone(),
-            accepts: s["state"] == "active",
-            draining: s["state"] == "draining",
+            name: s.name.clone(),
+            accepts: s.state == ShardState::Active,
+            draining: s.state == ShardState::Draining,
         })
         .collect();
-    let num = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
     let key = |t: &str| t.parse::<i64>().map(TenantKey::Int).unwrap_or_else(|_| TenantKey::Text(t.to_string()));
-    let tenant_load = |t: &str| -> u64 {
-        load["tenants"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|x| x["tenant"] == t)
-            .map(|x| num(x, "micros"))
-            .unwrap_or(0)
-    };
-    let bucket_count = status["placements"].as_array().map(|p| p.len()).unwrap_or(0) as u32;
+    let tenant_load = |t: &str| -> u64 { load.tenants.iter().find(|x| x.tenant == t).map(|x| x.micros).unwrap_or(0) };
+    let bucket_count = status.placements.len() as u32;
     let mut top: BTreeMap<u64, Vec<TenantInfo>> = BTreeMap::new();
     // The biggest tenants by bytes and the busiest by time: whale candidates.
-    for t in sizes["tenants"].as_array().into_iter().flatten() {
-        let name = t["tenant"].as_str().unwrap_or("");
-        top.entry(num(t, "bucket")).or_default().push(TenantInfo {
-            tenant: key(name),
-            bytes: num(t, "bytes"),
-            load: tenant_load(name),
+    for t in &sizes.tenants {
+        top.entry(u64::from(t.bucket)).or_default().push(TenantInfo {
+            tenant: key(&t.tenant),
+            bytes: t.bytes,
+            load: tenant_load(&t.tenant),
         });
     }
-    for t in load["tenants"].as_array().into_iter().flatten() {
-        let name = t["tenant"].as_str().unwrap_or("");
-        let k = key(name);
+    for t in &load.tenants {
+        let k = key(&t.tenant);
         let b = shardgate_directory::hash::bucket_of(&k, bucket_count.max(1)) as u64;
         let list = top.entry(b).or_default();
         if !list.iter().any(|x| x.tenant == k) {
-            list.push(TenantInfo { tenant: k, bytes: 0, load: num(t, "micros") });
+            list.push(TenantInfo { tenant: k, bytes: 0, load: t.micros });
         }
     }
     let mut buckets = Vec::new();
-    for (b, placed) in status["placements"].as_array().into_iter().flatten().enumerate() {
-        let shard = id(placed.as_str().unwrap_or("")).context("a placement names an unknown shard")?;
-        let bytes = sizes["buckets"].get(b).map(|x| num(x, "bytes")).unwrap_or(0);
+    for (b, placed) in status.placements.iter().enumerate() {
+        let shard = id(placed).context("a placement names an unknown shard")?;
+        let bytes = sizes.buckets.get(b).map(|x| x.bytes).unwrap_or(0);
         let mut tenants = top.remove(&(b as u64)).unwrap_or_default();
         match strategy {
             Strategy::Load => tenants.sort_by_key(|x| std::cmp::Reverse(x.load)),
             _ => tenants.sort_by_key(|x| std::cmp::Reverse(x.bytes)),
         }
-        let load = load["buckets"].get(b).map(|x| num(x, "micros")).unwrap_or(0);
+        let load = load.buckets.get(b).map(|x| x.micros).unwrap_or(0);
         buckets.push(BucketInfo { bucket: b as u32, shard, bytes, load, top_tenants: tenants });
     }
     let mut pins = Vec::new();
-    for p in status["pins"].as_array().into_iter().flatten() {
-        let (tenant, shard) = (p[0].as_str().unwrap_or(""), p[1].as_str().unwrap_or(""));
-        let bytes = sizes["pins"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|x| x["tenant"] == tenant)
-            .map(|x| num(x, "bytes"))
-            .unwrap_or(0);
+    for (tenant, shard) in &status.pins {
+        let bytes = sizes.pins.iter().find(|x| &x.tenant == tenant).map(|x| x.bytes).unwrap_or(0);
         if let Some(shard) = id(shard) {
             let k = key(tenant);
             let bucket = shardgate_directory::hash::bucket_of(&k, bucket_count.max(1));
@@ -161,17 +141,16 @@ fn print_plan(plan: &Plan, names: &[String]) {
 
 /// Checks that the shard named `name` is the one at `url` (`shard add` run again).
 pub fn same_shard(api: &Api, name: &str, url: &str) -> Result<()> {
-    let status = api.get("/status")?;
-    let shard = status["shards"].as_array().into_iter().flatten().find(|s| s["name"] == name);
-    let Some(shard) = shard else { bail!("no shard named {name:?}") };
-    let have = shard["url"].as_str().unwrap_or("");
+    let status: Status = api.get("/status")?;
+    let Some(shard) = status.shards.iter().find(|s| s.name == name) else { bail!("no shard named {name:?}") };
+    let have = shard.url.as_str();
     // The directory keeps the URL as the admin API normalised it.
     let want = shardgate_router::backend::ShardAddress::from_url(url).map(|a| a.display_url()).unwrap_or_default();
     if have != want {
         bail!("a shard named {name} exists already at {have}; choose another name");
     }
-    if shard["state"] != "active" {
-        bail!("shard {name} is {}; it takes no buckets", shard["state"].as_str().unwrap_or("?"));
+    if shard.state != ShardState::Active {
+        bail!("shard {name} is {}; it takes no buckets", shard.state.name());
     }
     Ok(())
 }
@@ -198,19 +177,13 @@ pub fn run(api: &Api, args: &Args) -> Result<()> {
 /// `shardgate shard drain NAME`: marks the shard draining, moves every bucket and
 /// pinned tenant off it, then marks it removed.
 pub fn drain(api: &Api, shard: &str, concurrency: usize) -> Result<()> {
-    api.post("/shards/drain", &json!({ "name": shard }))?;
+    let _: Outcome = api.post("/shards/drain", &ShardName { name: shard.to_string() })?;
     println!("shard {shard} is draining: no new placements go there");
     // Moves off the shard that an earlier, interrupted drain started finish on
     // their own (automatic cutover and completion): wait for them, then plan
     // what is left.
-    let earlier: Vec<u64> = api
-        .get("/moves")?
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|m| m["source"] == shard && !crate::moves::ended(m))
-        .filter_map(|m| m["id"].as_u64())
-        .collect();
+    let moves: Vec<MoveStatus> = api.get("/moves")?;
+    let earlier: Vec<u64> = moves.iter().filter(|m| m.source == shard && !m.ended()).map(|m| m.id).collect();
     if !earlier.is_empty() {
         let list: Vec<String> = earlier.iter().map(u64::to_string).collect();
         println!("waiting for move(s) {} off {shard}, started earlier", list.join(", "));
@@ -223,7 +196,8 @@ pub fn drain(api: &Api, shard: &str, concurrency: usize) -> Result<()> {
     let off: Vec<PlannedMove> = plan.moves.into_iter().filter(|m| m.from == me && m.reason == "drain").collect();
     println!("{} bucket(s) and pinned tenant(s) to move off {shard}", off.len());
     apply(api, &off, &names, concurrency)?;
-    api.post("/shards/remove", &json!({ "name": shard }))
+    let _: Outcome = api
+        .post("/shards/remove", &ShardName { name: shard.to_string() })
         .with_context(|| format!("shard {shard} is empty of buckets but could not be marked removed"))?;
     println!("shard {shard} is drained and removed; its Postgres server holds no routed data now");
     Ok(())
@@ -252,17 +226,14 @@ fn apply_after(
         while running.len() < concurrency.max(1) {
             let Some(m) = queue.pop() else { break };
             let to = names.get(m.to).cloned().unwrap_or_default();
-            let body = match &m.subject {
-                Subject::Bucket { bucket } => {
-                    json!({ "bucket": bucket, "to": to, "cutover_auto": true, "complete_auto": true })
-                }
-                Subject::Tenant { tenant } => {
-                    json!({ "tenant": tenant, "to": to, "cutover_auto": true, "complete_auto": true })
-                }
+            let (bucket, tenant) = match &m.subject {
+                Subject::Bucket { bucket } => (Some(*bucket), None),
+                Subject::Tenant { tenant } => (None, Some(tenant.clone())),
             };
+            let body = NewMove { bucket, tenant, to: to.clone(), cutover_auto: true, complete_auto: true };
             match api.post("/moves", &body) {
                 Ok(out) => {
-                    let id = out["id"].as_u64().unwrap_or(0);
+                    let id = crate::moves::created_id(&out)?;
                     println!(
                         "[{:>6.1}s] move {id}: {} → {to}",
                         started.elapsed().as_secs_f64(),
@@ -304,10 +275,10 @@ fn apply_after(
             }
         }
         std::thread::sleep(Duration::from_millis(300));
-        let all = patiently(|| api.get("/moves"))?;
+        let all: Vec<MoveStatus> = patiently(|| api.get("/moves"))?;
         let mut still = Vec::new();
         for id in running {
-            let Some(m) = all.as_array().into_iter().flatten().find(|m| m["id"].as_u64() == Some(id)) else {
+            let Some(m) = all.iter().find(|m| m.id == id) else {
                 bail!("move {id} disappeared from the directory");
             };
             let line = crate::moves::progress_line(m);
@@ -315,21 +286,20 @@ fn apply_after(
                 println!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64());
                 last.insert(id, line);
             }
-            let counter = |k: &str| m["counters"][k].as_u64().unwrap_or(0);
-            match m["phase"].as_str().unwrap_or("") {
-                "done" => done += 1,
-                "failed" | "cancelled" => bail!(
-                    "move {id} ended {}: {}; the moves that finished stay; fix the cause and run the command again",
-                    m["phase"].as_str().unwrap_or(""),
-                    m["note"].as_str().unwrap_or("")
+            let note = m.note.as_deref().unwrap_or("");
+            match m.phase {
+                MovePhase::Done => done += 1,
+                MovePhase::Failed | MovePhase::Cancelled => bail!(
+                    "move {id} ended {}: {note}; the moves that finished stay; fix the cause and run the command again",
+                    m.phase.name()
                 ),
-                "reverse" if m["request"].is_null() => {
-                    patiently(|| api.post("/moves/request", &json!({ "id": id, "request": "complete" })))?;
+                MovePhase::Reverse if m.request.is_none() => {
+                    let complete = MoveRequestBody { id, request: MoveAction::Complete, force: false };
+                    patiently(|| api.post::<_, Outcome>("/moves/request", &complete))?;
                     still.push(id);
                 }
-                "shadow" | "dual_write" if counter("shadow_mismatched") > 0 || counter("cutover_failures") >= 3 => bail!(
-                    "move {id} stopped before its cutover: {}; look at `shardgate status`, then cut it over or cancel it by hand",
-                    m["note"].as_str().unwrap_or("")
+                MovePhase::Shadow | MovePhase::DualWrite if crate::moves::stopped_before_cutover(m) => bail!(
+                    "move {id} stopped before its cutover: {note}; look at `shardgate status`, then cut it over or cancel it by hand"
                 ),
                 _ => still.push(id),
             }
@@ -359,11 +329,6 @@ fn patiently<T>(mut call: impl FnMut() -> Result<T>) -> Result<T> {
 /// The id of the move under way for exactly `subject`, if there is one.
 fn under_way(api: &Api, subject: &Subject) -> Result<Option<u64>> {
     let want = subject_text(subject);
-    let all = api.get("/moves")?;
-    Ok(all
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|m| m["subject"] == want.as_str() && !crate::moves::ended(m))
-        .and_then(|m| m["id"].as_u64()))
+    let all: Vec<MoveStatus> = api.get("/moves")?;
+    Ok(all.iter().find(|m| m.subject == want && !m.ended()).map(|m| m.id))
 }

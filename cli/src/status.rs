@@ -1,127 +1,137 @@
 //! `shardgate status`: asks a node's admin API and prints what it says.
 
+use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::Result;
-use serde_json::Value;
+use shardgate_directory::Directory;
+use shardgate_router::admin::api::{MoveStatus, Sizes, Status};
 
 use crate::admin_client::Api;
 
 pub fn run(data_dir: &Path, admin: Option<&str>, json: bool) -> Result<()> {
     let api = Api::find(data_dir, admin)?;
-    let status = api.get("/status")?;
+    let status: Status = api.get("/status")?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        println!("{}", as_json(&status, Layout::Pretty)?);
         return Ok(());
     }
-    print_table(&status);
+    print!("{}", table(&status));
     Ok(())
 }
 
 pub fn shard_list(api: &Api, json: bool) -> Result<()> {
-    let status = api.get("/status")?;
+    let status: Status = api.get("/status")?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&status["shards"])?);
+        println!("{}", as_json(&status.shards, Layout::Pretty)?);
         return Ok(());
     }
-    print_shards(&status);
+    print!("{}", shards(&status));
     Ok(())
 }
 
 pub fn directory_show(api: &Api, json: bool) -> Result<()> {
-    let dir = api.get("/directory")?;
+    let dir: Directory = api.get("/directory")?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&dir)?);
+        println!("{}", as_json(&dir, Layout::Pretty)?);
         return Ok(());
     }
     println!(
         "epoch {}   buckets {}   key {} ({})",
-        dir["epoch"],
-        dir["bucket_count"],
-        dir["key_column"].as_str().unwrap_or("?"),
-        dir["key_type"].as_str().unwrap_or("?")
+        dir.epoch,
+        dir.bucket_count,
+        dir.key_column,
+        json_text(&dir.key_type)
     );
-    let shards: Vec<&str> = dir["shards"].as_array().into_iter().flatten().filter_map(|s| s["name"].as_str()).collect();
-    for (i, s) in dir["shards"].as_array().into_iter().flatten().enumerate() {
-        println!(
-            "shard {i}: {} {} {}",
-            s["name"].as_str().unwrap_or("?"),
-            s["state"].as_str().unwrap_or("?"),
-            s["url"].as_str().unwrap_or("?")
-        );
+    let name = |s: usize| dir.shards.get(s).map(|x| x.name.as_str()).unwrap_or("?");
+    for (i, s) in dir.shards.iter().enumerate() {
+        println!("shard {i}: {} {} {}", s.name, s.state.name(), s.url);
     }
-    let pins = dir["pins"].as_array().cloned().unwrap_or_default();
+    let mut pins: Vec<_> = dir.pins.iter().collect();
+    pins.sort();
     println!(
         "pins: {}",
         if pins.is_empty() {
             "(none)".into()
         } else {
-            pins.iter()
-                .map(|p| format!("{} → {}", p[0], shards.get(p[1].as_u64().unwrap_or(0) as usize).unwrap_or(&"?")))
-                .collect::<Vec<_>>()
-                .join(", ")
+            // A key as JSON: a text key in quotes, a number without.
+            let key = |k: &shardgate_directory::TenantKey| serde_json::to_string(k).unwrap_or_default();
+            pins.iter().map(|(k, s)| format!("{} → {}", key(k), name(**s))).collect::<Vec<_>>().join(", ")
         }
     );
-    let moves = dir["moves"].as_object().map(|m| m.len()).unwrap_or(0);
-    println!("moves: {moves}");
+    println!("moves: {}", dir.moves.len());
     Ok(())
 }
 
-fn print_shards(s: &Value) {
-    println!("{:<16} {:<8} {:>8}  URL", "SHARD", "STATE", "BUCKETS");
-    for sh in s["shards"].as_array().into_iter().flatten() {
-        println!(
-            "{:<16} {:<8} {:>8}  {}",
-            sh["name"].as_str().unwrap_or("?"),
-            sh["state"].as_str().unwrap_or("?"),
-            sh["buckets"].as_u64().unwrap_or(0),
-            sh["url"].as_str().unwrap_or("?")
-        );
+enum Layout {
+    Pretty,
+    Line,
+}
+
+/// What `--json` prints: the API's answer with its keys in alphabetical order,
+/// as this command has always printed them (a script that compares two runs as
+/// text sees no reordering).
+fn as_json<T: serde::Serialize>(v: &T, layout: Layout) -> Result<String> {
+    let sorted = serde_json::to_value(v)?;
+    Ok(match layout {
+        Layout::Pretty => serde_json::to_string_pretty(&sorted)?,
+        Layout::Line => serde_json::to_string(&sorted)?,
+    })
+}
+
+/// A value's JSON text without the quotes of a string (`int`, not `"int"`).
+fn json_text<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => "?".into(),
     }
 }
 
-fn print_table(s: &Value) {
-    println!(
-        "epoch {}   buckets {}   key {} ({})   clients {}",
-        s["epoch"],
-        s["bucket_count"],
-        s["key_column"].as_str().unwrap_or("?"),
-        s["key_type"].as_str().unwrap_or("?"),
-        s["clients"]
+fn shards(s: &Status) -> String {
+    let mut out = format!("{:<16} {:<8} {:>8}  URL\n", "SHARD", "STATE", "BUCKETS");
+    for sh in &s.shards {
+        let _ = writeln!(out, "{:<16} {:<8} {:>8}  {}", sh.name, sh.state.name(), sh.buckets, sh.url);
+    }
+    out
+}
+
+/// What `shardgate status` prints.
+fn table(s: &Status) -> String {
+    let mut out = format!(
+        "epoch {}   buckets {}   key {} ({})   clients {}\n\n",
+        s.epoch, s.bucket_count, s.key_column, s.key_type, s.clients
     );
-    println!();
-    print_shards(s);
-    println!();
-    println!("{:<16} SHARD", "BUCKETS");
-    for r in s["placement_ranges"].as_array().into_iter().flatten() {
-        println!(
-            "{:<16} {}",
-            format!("{}-{}", r["first_bucket"], r["last_bucket"]),
-            r["shard"].as_str().unwrap_or("?")
-        );
+    out.push_str(&shards(s));
+    let _ = writeln!(out);
+    let _ = writeln!(out, "{:<16} SHARD", "BUCKETS");
+    for r in &s.placement_ranges {
+        let _ = writeln!(out, "{:<16} {}", format!("{}-{}", r.first_bucket, r.last_bucket), r.shard);
     }
-    if let Some(r) = s["replica"].as_object() {
-        println!();
-        println!(
+    if let Some(r) = &s.replica {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
             "directory node {} ({}), leader {}, term {}, lease {}",
-            r["node_id"],
-            r["role"].as_str().unwrap_or("?"),
-            r["leader"],
-            r["term"],
-            if r["lease_valid"].as_bool() == Some(true) { "valid" } else { "EXPIRED: writes refused" }
+            r.node_id,
+            r.role.name(),
+            // `null` when it knows none: what this line has always said.
+            r.leader.map_or_else(|| "null".to_string(), |l| l.to_string()),
+            r.term,
+            if r.lease_valid { "valid" } else { "EXPIRED: writes refused" }
         );
     }
-    let moves: Vec<&Value> = s["moves"].as_array().into_iter().flatten().collect();
-    if !moves.is_empty() {
-        println!();
-        println!("moves:");
-        for m in moves {
-            println!("  {}", crate::moves::progress_line(m));
+    if !s.moves.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(out, "moves:");
+        for m in &s.moves {
+            let _ = writeln!(out, "  {}", crate::moves::progress_line(m));
         }
     }
-    let tables: Vec<&str> = s["sharded_tables"].as_array().into_iter().flatten().filter_map(|t| t.as_str()).collect();
-    println!();
-    println!("sharded tables: {}", if tables.is_empty() { "(none yet)".to_string() } else { tables.join(", ") });
+    let _ = writeln!(out);
+    let tables = if s.sharded_tables.is_empty() { "(none yet)".to_string() } else { s.sharded_tables.join(", ") };
+    let _ = writeln!(out, "sharded tables: {tables}");
+    out
 }
 
 /// `shardgate status --watch`: the status redrawn as it changes. On a terminal
@@ -133,11 +143,11 @@ pub fn watch(data_dir: &Path, admin: Option<&str>, json: bool, interval: std::ti
     let api = Api::find(data_dir, admin)?;
     let tty = !json && std::io::stdout().is_terminal();
     let mut last = String::new();
-    let mut sizes: Option<(std::time::Instant, Value)> = None;
+    let mut sizes: Option<(std::time::Instant, Sizes)> = None;
     loop {
-        let status = api.get("/status")?;
+        let status: Status = api.get("/status")?;
         let out = if json {
-            format!("{}\n", serde_json::to_string(&status)?)
+            format!("{}\n", as_json(&status, Layout::Line)?)
         } else {
             // Sizes scan the shards: refreshed every 30 s, not every frame.
             if sizes.as_ref().is_none_or(|(at, _)| at.elapsed() > std::time::Duration::from_secs(30)) {
@@ -163,70 +173,60 @@ pub fn watch(data_dir: &Path, admin: Option<&str>, json: bool, interval: std::ti
 }
 
 /// One frame of the watch view.
-pub fn frame(s: &Value, sizes: Option<&Value>) -> String {
-    use std::fmt::Write;
+pub fn frame(s: &Status, sizes: Option<&Sizes>) -> String {
     let mut out = String::new();
-    let lease = match s["replica"]["lease_valid"].as_bool() {
+    let lease = match s.replica.as_ref().map(|r| r.lease_valid) {
         Some(true) | None => "lease valid",
         Some(false) => "LEASE EXPIRED: writes refused",
     };
     let _ = writeln!(
         out,
         "shardgate — epoch {}, {} buckets, {} clients, leader {}, {lease}",
-        s["epoch"],
-        s["bucket_count"],
-        s["clients"],
-        s["replica"]["leader"].as_u64().map(|l| l.to_string()).unwrap_or_else(|| "-".into())
+        s.epoch,
+        s.bucket_count,
+        s.clients,
+        s.replica.as_ref().and_then(|r| r.leader).map(|l| l.to_string()).unwrap_or_else(|| "-".into())
     );
     let _ = writeln!(out);
     let _ = writeln!(out, "{:<14} {:<9} {:>7} {:>11}  ", "SHARD", "STATE", "BUCKETS", "SIZE");
-    let total_buckets = s["bucket_count"].as_u64().unwrap_or(1).max(1);
-    for sh in s["shards"].as_array().into_iter().flatten() {
-        let name = sh["name"].as_str().unwrap_or("?");
-        let n = sh["buckets"].as_u64().unwrap_or(0);
-        let size: Option<u64> = sizes.map(|z| {
-            z["buckets"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|b| b["shard"] == name)
-                .map(|b| b["bytes"].as_u64().unwrap_or(0))
-                .sum()
-        });
+    let total_buckets = u64::from(s.bucket_count).max(1);
+    for sh in &s.shards {
+        let n = sh.buckets as u64;
+        let size: Option<u64> = sizes.map(|z| z.buckets.iter().filter(|b| b.shard == sh.name).map(|b| b.bytes).sum());
         let _ = writeln!(
             out,
             "{:<14} {:<9} {:>7} {:>11}  {}",
-            name,
-            sh["state"].as_str().unwrap_or("?"),
+            sh.name,
+            sh.state.name(),
             n,
             size.map(human_bytes).unwrap_or_else(|| "-".into()),
             bar(n as f64 / total_buckets as f64, 20)
         );
     }
-    let moves: Vec<&Value> = s["moves"].as_array().into_iter().flatten().collect();
-    let live: Vec<&&Value> = moves.iter().filter(|m| !crate::moves::ended(m)).collect();
+    let live = s.moves.iter().filter(|m| !m.ended()).count();
     let _ = writeln!(out);
-    let _ = writeln!(out, "moves: {} under way, {} in all", live.len(), moves.len());
-    for m in moves.iter().rev().take(10) {
+    let _ = writeln!(out, "moves: {} under way, {} in all", live, s.moves.len());
+    for m in s.moves.iter().rev().take(10) {
         let _ = writeln!(out, "{}", move_lines(m));
     }
     out
 }
 
-fn move_lines(m: &Value) -> String {
-    let c = &m["counters"];
-    let n = |k: &str| c[k].as_u64().unwrap_or(0);
-    let phase = m["phase"].as_str().unwrap_or("?");
+fn move_lines(m: &MoveStatus) -> String {
+    let n = |k: &str| m.counter(k).unwrap_or(0);
+    let phase = m.phase.name();
+    // The id unpadded: this line has always read `#1 bucket 0` (its width was
+    // once asked of a JSON value, which ignores it).
     let mut s = format!(
-        "  #{:<4} {:<12} {} → {}  {}{}",
-        m["id"],
-        m["subject"].as_str().unwrap_or("?"),
-        m["source"].as_str().unwrap_or("?"),
-        m["target"].as_str().unwrap_or("?"),
+        "  #{} {:<12} {} → {}  {}{}",
+        m.id,
+        m.subject,
+        m.source,
+        m.target,
         phase.to_uppercase(),
-        if m["holding"].as_bool() == Some(true) { "  [statements held]" } else { "" }
+        if m.holding { "  [statements held]" } else { "" }
     );
-    let timeline: Vec<&str> = m["history"].as_array().into_iter().flatten().filter_map(|h| h[0].as_str()).collect();
+    let timeline: Vec<&str> = m.history.iter().map(|(p, _)| p.name()).collect();
     if !timeline.is_empty() {
         s.push_str(&format!("\n        timeline: {}", timeline.join(" → ")));
     }
@@ -243,11 +243,11 @@ fn move_lines(m: &Value) -> String {
             n("eta_s")
         ));
     }
-    if c["lag_bytes"].is_u64() && !matches!(phase, "done" | "cancelled" | "failed") {
-        let ms = c["lag_ms"].as_u64().map(|v| format!(" / {v} ms")).unwrap_or_default();
+    if m.counter("lag_bytes").is_some() && !m.ended() {
+        let ms = m.counter("lag_ms").map(|v| format!(" / {v} ms")).unwrap_or_default();
         s.push_str(&format!("\n        lag {}{ms}", human_bytes(n("lag_bytes"))));
     }
-    if c["shadow_compared"].is_u64() || phase == "shadow" {
+    if m.counter("shadow_compared").is_some() || phase == "shadow" {
         s.push_str(&format!(
             "\n        shadow reads {} compared, {} mismatched, {} explained by lag, {} skipped",
             n("shadow_compared"),
@@ -256,19 +256,15 @@ fn move_lines(m: &Value) -> String {
             n("shadow_skipped")
         ));
     }
-    if c["verified_at_ms"].is_u64() {
+    if m.counter("verified_at_ms").is_some() {
         s.push_str(&format!(
             "\n        verify {} ({} chunks, {} rows)",
-            if n("verified_clean") == 1 {
-                "clean".to_string()
-            } else {
-                format!("{} chunk(s) differ", n("verify_mismatches"))
-            },
+            if m.verified_clean { "clean".to_string() } else { format!("{} chunk(s) differ", n("verify_mismatches")) },
             n("verify_chunks"),
             n("verify_rows")
         ));
     }
-    if c["cutovers"].is_u64() {
+    if m.counter("cutovers").is_some() {
         s.push_str(&format!(
             "\n        cutovers {}, last paused statements {:.1} ms (hold {:.1}, fence {:.1}, catch-up {:.1}, flip {:.1} ms)",
             n("cutovers"),
@@ -279,7 +275,7 @@ fn move_lines(m: &Value) -> String {
             n("flip_us") as f64 / 1e3
         ));
     }
-    if let Some(note) = m["note"].as_str() {
+    if let Some(note) = &m.note {
         s.push_str(&format!("\n        {note}"));
     }
     s
@@ -302,37 +298,96 @@ pub fn human_bytes(v: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shardgate_directory::state::{Command, MoveFlagUpdate, MovePhase, MoveSubject, Outcome};
+    use shardgate_directory::{KeyType, Shard, TenantKey};
+    use shardgate_router::admin::api::{BucketSize, ReplicaRole, ReplicaStatus};
+    use shardgate_router::admin::status::{status_of, NodeFacts};
+
+    fn update(d: &mut Directory, id: u64, phase: MovePhase, counters: &[(&str, u64)], flags: MoveFlagUpdate) {
+        let counters = counters.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let out = d.apply(&Command::UpdateMove { id, phase, counters, flags, note: None, at_ms: 2 });
+        assert!(!matches!(out, Outcome::Rejected { .. }), "{out:?}");
+    }
+
+    fn create(d: &mut Directory, subject: MoveSubject, target: &str) -> u64 {
+        let out =
+            d.apply(&Command::CreateMove { subject, target: target.into(), options: Default::default(), at_ms: 1 });
+        let Outcome::MoveCreated { id, .. } = out else { panic!("move not created: {out:?}") };
+        id
+    }
+
+    /// What a node's `GET /status` answers for a directory with two moves (a
+    /// tenant moved, verified and cut over; a bucket in its copy), made by the
+    /// server's own code and read back as the CLI reads it: through JSON.
+    fn status_from_a_node() -> Status {
+        let shards = (0..2).map(|i| Shard::new(format!("shard_{i}"), format!("postgres://h/{i}"))).collect();
+        let mut d = Directory::new("tenant_id", KeyType::Int, 16, shards).unwrap();
+        let tenant = (0..).map(TenantKey::Int).find(|k| d.shard_for(k) == 1 && d.bucket_of(k) != 3).unwrap();
+        let id = create(&mut d, MoveSubject::Tenant(tenant), "shard_0");
+        let none = MoveFlagUpdate::default();
+        for phase in [MovePhase::Copy, MovePhase::Shadow, MovePhase::Verify] {
+            update(&mut d, id, phase, &[], none);
+        }
+        let clean = MoveFlagUpdate { verified_clean: Some(true), ..Default::default() };
+        let verified = [("shadow_compared", 90), ("shadow_mismatched", 0), ("verified_at_ms", 9), ("lag_bytes", 0)];
+        update(&mut d, id, MovePhase::Shadow, &verified, clean);
+        update(&mut d, id, MovePhase::Cutover, &[], MoveFlagUpdate { cutover_back: Some(false), ..Default::default() });
+        d.apply(&Command::HoldMove { id, token: 1, deadline_ms: 100 });
+        d.apply(&Command::FlipMove { id, shard: "shard_0".into(), token: 1 });
+        update(&mut d, id, MovePhase::Reverse, &[("cutovers", 1), ("pause_us", 12500)], none);
+        let id = create(&mut d, MoveSubject::Bucket(3), "shard_1");
+        let copying = [("rows_total", 1000), ("rows_copied", 250), ("copy_rows_per_s", 50), ("eta_s", 15)];
+        update(&mut d, id, MovePhase::Copy, &copying, none);
+        let replica = ReplicaStatus {
+            node_id: 1,
+            leader: Some(1),
+            term: 2,
+            role: ReplicaRole::Leader,
+            applied_index: 40,
+            voters: vec![1],
+            learners: vec![],
+            lease_valid: true,
+        };
+        let facts = NodeFacts { now_ms: 10, replica: Some(replica), clients: 3, ..Default::default() };
+        let served = status_of(&d, facts);
+        let json = serde_json::to_string_pretty(&served).unwrap();
+        let read: Status = serde_json::from_str(&json).unwrap();
+        assert_eq!(read, served, "what a node sends reads back the same");
+        read
+    }
 
     #[test]
     fn a_frame_shows_each_phase_and_carries_no_escape_codes() {
-        let s = serde_json::json!({
-            "epoch": 7, "bucket_count": 16, "clients": 3,
-            "replica": { "leader": 1, "lease_valid": true },
-            "shards": [
-                { "name": "shard_0", "state": "active", "buckets": 10 },
-                { "name": "shard_1", "state": "active", "buckets": 6 }
-            ],
-            "moves": [{
-                "id": 4, "subject": "bucket 3", "source": "shard_0", "target": "shard_1", "phase": "copy",
-                "holding": false, "note": null,
-                "history": [["plan", 1], ["copy", 2]],
-                "counters": { "rows_total": 1000, "rows_copied": 250, "copy_rows_per_s": 50, "eta_s": 15 }
-            }, {
-                "id": 3, "subject": "tenant 42", "source": "shard_1", "target": "shard_0", "phase": "reverse",
-                "holding": false, "note": "cut over in 40 ms",
-                "history": [["plan", 1], ["copy", 2], ["shadow", 3], ["verify", 4], ["cutover", 5], ["reverse", 6]],
-                "counters": { "lag_bytes": 0, "shadow_compared": 90, "shadow_mismatched": 0,
-                              "verified_at_ms": 9, "verified_clean": 1, "cutovers": 1, "pause_us": 12500 }
-            }]
-        });
-        let sizes = serde_json::json!({ "buckets": [{ "shard": "shard_0", "bytes": 2048 }] });
+        let s = status_from_a_node();
+        let sizes = Sizes {
+            buckets: vec![BucketSize { bucket: 0, shard: "shard_0".into(), rows: 9, bytes: 2048 }],
+            ..Default::default()
+        };
         let f = frame(&s, Some(&sizes));
+        let epoch = s.epoch;
         assert!(!f.contains('\x1b'), "{f}");
+        assert!(f.contains(&format!("epoch {epoch}, 16 buckets, 3 clients, leader 1, lease valid")), "{f}");
+        assert!(f.contains("moves: 2 under way, 2 in all"), "{f}");
+        assert!(f.contains("\n  #2 bucket 3     shard_0 → shard_1  COPY\n"), "{f}");
         assert!(f.contains("[######..................]  25%"), "{f}");
-        assert!(f.contains("plan → copy → shadow → verify → cutover → reverse"), "{f}");
+        assert!(f.contains("plan → copy → shadow → verify → shadow → cutover → reverse"), "{f}");
         assert!(f.contains("shadow reads 90 compared, 0 mismatched"), "{f}");
         assert!(f.contains("verify clean"), "{f}");
         assert!(f.contains("last paused statements 12.5 ms"), "{f}");
         assert!(f.contains("2.0 KiB"), "{f}");
+    }
+
+    #[test]
+    fn the_table_shows_shards_ranges_the_replica_and_each_move() {
+        let s = status_from_a_node();
+        let t = table(&s);
+        let first = format!("epoch {}   buckets 16   key tenant_id (bigint)   clients 3\n\nSHARD ", s.epoch);
+        assert!(t.starts_with(&first), "{t}");
+        assert!(t.contains("\nshard_0          active          8  postgres://h/0\n"), "{t}");
+        assert!(t.contains("\n0-7              shard_0\n8-15             shard_1\n"), "{t}");
+        assert!(t.contains("directory node 1 (leader), leader 1, term 2, lease valid"), "{t}");
+        assert!(t.contains("shadow reads 90 compared, 0 mismatched, verified clean"), "{t}");
+        assert!(t.contains("  move 2 bucket 3 shard_0 → shard_1: copy  250/1000 rows (25%)"), "{t}");
+        assert!(t.ends_with("\nsharded tables: (none yet)\n"), "{t}");
     }
 }

@@ -93,6 +93,17 @@ pub enum ShardState {
     Removed,
 }
 
+impl ShardState {
+    /// `active`, `draining` or `removed`: as the CLI and the admin API name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ShardState::Active => "active",
+            ShardState::Draining => "draining",
+            ShardState::Removed => "removed",
+        }
+    }
+}
+
 /// One physical shard: a Postgres server and database.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Shard {
@@ -133,8 +144,9 @@ pub struct Directory {
     /// Tenants placed on a shard of their own, overriding their bucket.
     #[serde(with = "pins_as_list")]
     pub pins: HashMap<TenantKey, ShardId>,
-    /// Moves of buckets or tenants, by id (written by the migrator).
-    #[serde(default)]
+    /// Moves of buckets or tenants, by id (written by the migrator). Read from a
+    /// snapshot of this version or an older one.
+    #[serde(default, deserialize_with = "crate::state::moves_of_any_version")]
     pub moves: std::collections::BTreeMap<u64, crate::state::Move>,
     #[serde(default)]
     pub next_move_id: u64,

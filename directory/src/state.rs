@@ -53,9 +53,24 @@ pub struct Move {
     pub source: ShardId,
     pub target: ShardId,
     pub phase: MovePhase,
-    /// Progress counters by name (rows_copied, bytes_copied, lag_bytes …).
+    /// Progress counters by name (rows_copied, bytes_copied, lag_bytes …): counts,
+    /// sizes, durations and times. Yes/no facts are the typed flags below.
     #[serde(default)]
     pub counters: std::collections::BTreeMap<String, u64>,
+    /// The move is in cleanup because it was cancelled: cleanup keeps the
+    /// source's rows and drops the target's copy (a completed move keeps the
+    /// target's).
+    #[serde(default)]
+    pub keep_source: bool,
+    /// The cutover under way (or the last one) is a rollback, target → source: a
+    /// driver that finds the move in cutover after a restart knows which way it went.
+    #[serde(default)]
+    pub cutover_back: bool,
+    /// The last verify found both copies equal (row counts and checksums of every
+    /// chunk); when it ran is `counters["verified_at_ms"]`. A cutover needs it
+    /// (unless forced).
+    #[serde(default)]
+    pub verified_clean: bool,
     /// Why the move failed or was cancelled, if it did, or what it waits for.
     #[serde(default)]
     pub note: Option<String>,
@@ -242,6 +257,67 @@ pub struct RouterInfo {
     pub applied_epoch: u64,
 }
 
+/// The flags a [`Command::UpdateMove`] sets on its move; `None` leaves a flag as
+/// it is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveFlagUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_source: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cutover_back: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_clean: Option<bool>,
+}
+
+impl MoveFlagUpdate {
+    /// Sets nothing.
+    pub fn is_empty(&self) -> bool {
+        *self == MoveFlagUpdate::default()
+    }
+}
+
+impl Move {
+    fn set_flags(&mut self, update: &MoveFlagUpdate) {
+        let MoveFlagUpdate { keep_source, cutover_back, verified_clean } = *update;
+        for (flag, value) in [
+            (&mut self.keep_source, keep_source),
+            (&mut self.cutover_back, cutover_back),
+            (&mut self.verified_clean, verified_clean),
+        ] {
+            if let Some(v) = value {
+                *flag = v;
+            }
+        }
+    }
+
+    /// Moves the flags that versions before the typed flags kept in `counters`
+    /// (`keep_source`, `cutover_back`, `verified_clean`, 1 for yes) into their
+    /// fields. Applied to every move read from a snapshot and after every
+    /// [`Command::UpdateMove`], so a log or snapshot written by an older version
+    /// replays to the same moves, and the old entries do not linger in `counters`.
+    pub(crate) fn adopt_counter_flags(&mut self) {
+        for (key, flag) in [
+            ("keep_source", &mut self.keep_source),
+            ("cutover_back", &mut self.cutover_back),
+            ("verified_clean", &mut self.verified_clean),
+        ] {
+            if let Some(v) = self.counters.remove(key) {
+                *flag = v == 1;
+            }
+        }
+    }
+}
+
+/// Reads the moves of a snapshot, from this version or an older one (see
+/// [`Move::adopt_counter_flags`]). Moves are persisted only inside the directory.
+pub(crate) fn moves_of_any_version<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<std::collections::BTreeMap<u64, Move>, D::Error> {
+    let mut moves = std::collections::BTreeMap::<u64, Move>::deserialize(d)?;
+    moves.values_mut().for_each(Move::adopt_counter_flags);
+    Ok(moves)
+}
+
 /// A change to the directory: one log entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -310,6 +386,8 @@ pub enum Command {
         phase: MovePhase,
         #[serde(default)]
         counters: std::collections::BTreeMap<String, u64>,
+        #[serde(default, skip_serializing_if = "MoveFlagUpdate::is_empty")]
+        flags: MoveFlagUpdate,
         #[serde(default)]
         note: Option<String>,
         at_ms: u64,
@@ -505,6 +583,9 @@ impl Directory {
                         target: t,
                         phase: MovePhase::Plan,
                         counters: Default::default(),
+                        keep_source: false,
+                        cutover_back: false,
+                        verified_clean: false,
                         note: None,
                         options: options.clone(),
                         request: None,
@@ -517,7 +598,7 @@ impl Directory {
                 self.bump();
                 return Ok(Some(id));
             }
-            Command::UpdateMove { id, phase, counters, note, at_ms } => {
+            Command::UpdateMove { id, phase, counters, flags, note, at_ms } => {
                 let m = self.moves.get_mut(id).ok_or_else(|| rejected(format!("no move {id}")))?;
                 if matches!(m.phase, MovePhase::Done | MovePhase::Cancelled) && m.phase != *phase {
                     return Err(rejected(format!("move {id} has ended ({:?})", m.phase)));
@@ -527,6 +608,9 @@ impl Directory {
                 }
                 m.phase = *phase;
                 m.counters.extend(counters.iter().map(|(k, v)| (k.clone(), *v)));
+                // An entry an older version wrote carries its flags in `counters`.
+                m.adopt_counter_flags();
+                m.set_flags(flags);
                 if note.is_some() {
                     m.note = note.clone();
                 }
@@ -692,6 +776,7 @@ mod tests {
                 id: 1,
                 phase: MovePhase::Copy,
                 counters: [("rows_copied".to_string(), 5)].into(),
+                flags: Default::default(),
                 note: None,
                 at_ms: 11,
             },
@@ -853,6 +938,69 @@ mod tests {
         assert_eq!(d.moves, before.moves);
     }
 
+    /// A move as the versions before the typed flags wrote it into a snapshot:
+    /// its flags are counters (1 for yes) and the flag fields are missing.
+    const OLD_MOVE: &str = r#"{
+        "id": 1, "subject": {"bucket": 0}, "source": 0, "target": 1, "phase": "reverse",
+        "counters": {"rows_copied": 5, "verified_at_ms": 9, "verified_clean": 1, "cutover_back": 0,
+                     "keep_source": 1, "cutovers": 1},
+        "note": "cut over in 4.0 ms", "options": {"cutover_auto": false, "complete_auto": false},
+        "request": null, "created_ms": 1, "updated_ms": 9, "history": [["plan", 1], ["reverse", 9]]
+    }"#;
+
+    #[test]
+    fn a_snapshot_written_before_the_typed_flags_loads_with_its_flags() {
+        let mut snapshot = serde_json::to_value(dir()).unwrap();
+        snapshot["moves"] = serde_json::json!({ "1": serde_json::from_str::<serde_json::Value>(OLD_MOVE).unwrap() });
+        let d: Directory = serde_json::from_value(snapshot).unwrap();
+        let m = &d.moves[&1];
+        assert!(m.verified_clean && m.keep_source && !m.cutover_back, "{m:?}");
+        let left: Vec<&str> = m.counters.keys().map(String::as_str).collect();
+        assert_eq!(left, ["cutovers", "rows_copied", "verified_at_ms"], "the flags leave the counters");
+        // Written again, it is in the new form, and reads back the same.
+        let again: Directory = serde_json::from_slice(&serde_json::to_vec(&d).unwrap()).unwrap();
+        assert_eq!(again, d);
+    }
+
+    #[test]
+    fn a_log_entry_written_before_the_typed_flags_sets_them() {
+        let mut d = dir();
+        create(&mut d, MoveSubject::Bucket(1), "s1");
+        let old = r#"{"op": "update_move", "id": 1, "phase": "shadow",
+                      "counters": {"verified_clean": 1, "verified_at_ms": 5}, "note": "verified clean", "at_ms": 5}"#;
+        d.apply(&serde_json::from_str::<Command>(old).unwrap());
+        let m = &d.moves[&1];
+        assert!(m.verified_clean);
+        assert!(!m.counters.contains_key("verified_clean"));
+        assert_eq!(m.counters["verified_at_ms"], 5);
+        let old = r#"{"op": "update_move", "id": 1, "phase": "cleanup", "counters": {"keep_source": 1}, "at_ms": 6}"#;
+        d.apply(&serde_json::from_str::<Command>(old).unwrap());
+        assert!(d.moves[&1].keep_source && d.moves[&1].verified_clean);
+    }
+
+    #[test]
+    fn an_update_sets_the_flags_it_names_and_leaves_the_others() {
+        let mut d = dir();
+        let id = create(&mut d, MoveSubject::Bucket(1), "s1");
+        let update = |flags: MoveFlagUpdate| Command::UpdateMove {
+            id,
+            phase: MovePhase::Shadow,
+            counters: Default::default(),
+            flags,
+            note: None,
+            at_ms: 3,
+        };
+        d.apply(&update(MoveFlagUpdate { verified_clean: Some(true), ..Default::default() }));
+        d.apply(&update(MoveFlagUpdate { cutover_back: Some(true), ..Default::default() }));
+        let m = &d.moves[&id];
+        assert!(m.verified_clean && m.cutover_back && !m.keep_source);
+        d.apply(&update(MoveFlagUpdate { verified_clean: Some(false), ..Default::default() }));
+        assert!(!d.moves[&id].verified_clean && d.moves[&id].cutover_back);
+        // An update that sets no flag writes none into its log entry.
+        let json = serde_json::to_string(&update(MoveFlagUpdate::default())).unwrap();
+        assert!(!json.contains("flags"), "{json}");
+    }
+
     #[test]
     fn a_move_subject_reads_as_the_cli_names_it() {
         assert_eq!(MoveSubject::Bucket(17).to_string(), "bucket 17");
@@ -924,7 +1072,14 @@ mod tests {
         let id = create(&mut d, MoveSubject::Bucket(1), "s1");
         assert_eq!(owner_and_other_end(&d, id), (0, 1), "planned: the source owns, the target gets a copy");
         for phase in [MovePhase::Copy, MovePhase::DualWrite, MovePhase::Shadow, MovePhase::Verify, MovePhase::Cutover] {
-            d.apply(&Command::UpdateMove { id, phase, counters: Default::default(), note: None, at_ms: 2 });
+            d.apply(&Command::UpdateMove {
+                id,
+                phase,
+                counters: Default::default(),
+                flags: Default::default(),
+                note: None,
+                at_ms: 2,
+            });
             assert_eq!(owner_and_other_end(&d, id), (0, 1), "{phase:?}: the phase alone moves nothing");
         }
         d.apply(&Command::HoldMove { id, token: 1, deadline_ms: 100 });

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shardgate_directory::clock::now_ms;
-use shardgate_directory::state::{Command, Move, MovePhase, MoveRequest, MoveSubject, Outcome};
+use shardgate_directory::state::{Command, Move, MoveFlagUpdate, MovePhase, MoveRequest, MoveSubject, Outcome};
 use shardgate_directory::{Directory, DirectoryHandle};
 use shardgate_router::moves::DirectoryWriter;
 
@@ -178,7 +178,8 @@ impl Driver {
         match (m.phase, &m.request) {
             (MovePhase::Plan, Some(MoveRequest::Cancel))
             | (MovePhase::Copy | MovePhase::DualWrite | MovePhase::Shadow, Some(MoveRequest::Cancel)) => {
-                self.update(m, MovePhase::Cleanup, counters([("keep_source", 1)]), Some("cancelling")).await?;
+                let keep_source = MoveFlagUpdate { keep_source: Some(true), ..Default::default() };
+                self.update_flags(m, MovePhase::Cleanup, keep_source, Some("cancelling")).await?;
                 self.clear_request(m).await?;
                 Ok(Step::Again)
             }
@@ -212,19 +213,18 @@ impl Driver {
                     Some(x) => format!("{} chunk(s) differ; first: {x}", r.mismatches.len()),
                 };
                 let c = counters([
-                    ("verified_clean", r.clean() as u64),
                     ("verify_chunks", r.chunks),
                     ("verify_mismatches", r.mismatches.len() as u64),
                     ("verify_rows", r.rows_source),
                     ("verify_pause_us", r.pause.as_micros() as u64),
                     ("verified_at_ms", now_ms()),
                 ]);
-                self.update(m, self.settled(), c, Some(&note)).await?;
+                let clean = MoveFlagUpdate { verified_clean: Some(r.clean()), ..Default::default() };
+                self.update_with(m, self.settled(), c, clean, Some(&note)).await?;
                 Ok(Step::Again)
             }
             (MovePhase::DualWrite | MovePhase::Shadow, Some(MoveRequest::Cutover { force })) => {
-                let clean = m.counters.get("verified_clean") == Some(&1);
-                if !clean && !force {
+                if !m.verified_clean && !force {
                     self.clear_request(m).await?;
                     self.note(m, "cutover refused: the move has not verified clean; run `shardgate verify` (or cut over with --force)").await?;
                     return Ok(Step::Again);
@@ -276,8 +276,7 @@ impl Driver {
                     return Ok(Step::Again);
                 }
                 let failures = m.counters.get("cutover_failures").copied().unwrap_or(0);
-                if m.counters.get("verified_clean") == Some(&1) && !m.counters.contains_key("cutovers") && failures < 3
-                {
+                if m.verified_clean && !m.counters.contains_key("cutovers") && failures < 3 {
                     return self.cutover(m, spec, Direction::Forward).await;
                 }
                 self.report_lag(m, spec, Direction::Forward).await
@@ -291,7 +290,7 @@ impl Driver {
             }
             (MovePhase::Cutover, _) => {
                 // A cutover that was under way when its driver died.
-                let back = m.counters.get("cutover_back") == Some(&1);
+                let back = m.cutover_back;
                 let dir_ = if back { Direction::Back } else { Direction::Forward };
                 let flipped = if back { !owner_is_target } else { owner_is_target };
                 if flipped {
@@ -317,7 +316,8 @@ impl Driver {
             }
             (MovePhase::Reverse, Some(MoveRequest::Complete)) => {
                 self.clear_request(m).await?;
-                self.update(m, MovePhase::Cleanup, counters([("keep_source", 0)]), Some("completing")).await?;
+                let keep_target = MoveFlagUpdate { keep_source: Some(false), ..Default::default() };
+                self.update_flags(m, MovePhase::Cleanup, keep_target, Some("completing")).await?;
                 Ok(Step::Again)
             }
             (MovePhase::Reverse, Some(_)) => {
@@ -326,13 +326,13 @@ impl Driver {
                 Ok(Step::Again)
             }
             (MovePhase::Reverse, None) if m.options.complete_auto => {
-                self.update(m, MovePhase::Cleanup, counters([("keep_source", 0)]), Some("completing (automatic)"))
-                    .await?;
+                let keep_target = MoveFlagUpdate { keep_source: Some(false), ..Default::default() };
+                self.update_flags(m, MovePhase::Cleanup, keep_target, Some("completing (automatic)")).await?;
                 Ok(Step::Again)
             }
             (MovePhase::Reverse, None) => self.report_lag(m, spec, Direction::Back).await,
             (MovePhase::Cleanup, _) => {
-                let keep = if m.counters.get("keep_source") == Some(&1) { Keep::Source } else { Keep::Target };
+                let keep = if m.keep_source { Keep::Source } else { Keep::Target };
                 let owner = if keep == Keep::Source { m.source } else { m.target };
                 let home = matches!(&m.subject, MoveSubject::Tenant(k) if dir.pins.get(k) == Some(&owner));
                 let deleted = cleanup::finish(spec, keep, home).await?;
@@ -414,7 +414,8 @@ impl Driver {
         let back = dir == Direction::Back;
         let before = if back { MovePhase::Reverse } else { self.settled() };
         let after = if back { self.settled() } else { MovePhase::Reverse };
-        self.update(m, MovePhase::Cutover, counters([("cutover_back", back as u64)]), Some("cutting over")).await?;
+        let direction = MoveFlagUpdate { cutover_back: Some(back), ..Default::default() };
+        self.update_flags(m, MovePhase::Cutover, direction, Some("cutting over")).await?;
         let coord = self.coordinator(m.id);
         let started = Instant::now();
         match Box::pin(cutover::cutover(spec, dir, &coord, &self.config.cutover)).await {
@@ -476,7 +477,29 @@ impl Driver {
         counters: BTreeMap<String, u64>,
         note: Option<&str>,
     ) -> Result<(), Error> {
-        let cmd = Command::UpdateMove { id: m.id, phase, counters, note: note.map(str::to_string), at_ms: now_ms() };
+        self.update_with(m, phase, counters, MoveFlagUpdate::default(), note).await
+    }
+
+    async fn update_flags(
+        &self,
+        m: &Move,
+        phase: MovePhase,
+        flags: MoveFlagUpdate,
+        note: Option<&str>,
+    ) -> Result<(), Error> {
+        self.update_with(m, phase, BTreeMap::new(), flags, note).await
+    }
+
+    async fn update_with(
+        &self,
+        m: &Move,
+        phase: MovePhase,
+        counters: BTreeMap<String, u64>,
+        flags: MoveFlagUpdate,
+        note: Option<&str>,
+    ) -> Result<(), Error> {
+        let note_text = note.map(str::to_string);
+        let cmd = Command::UpdateMove { id: m.id, phase, counters, flags, note: note_text, at_ms: now_ms() };
         let was = self.directory.load().moves.get(&m.id).map(|x| x.phase).unwrap_or(m.phase);
         match self.writer.propose(cmd).await {
             Ok(Outcome::Rejected { reason }) => Err(Error::Other(reason)),
@@ -574,7 +597,7 @@ mod tests {
 
     fn set(d: &mut Directory, id: u64, phase: MovePhase, counters: &[(&str, u64)]) {
         let counters = counters.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-        d.apply(&Command::UpdateMove { id, phase, counters, note: None, at_ms: 2 });
+        d.apply(&Command::UpdateMove { id, phase, counters, flags: Default::default(), note: None, at_ms: 2 });
     }
 
     #[test]

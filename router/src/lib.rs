@@ -13,7 +13,8 @@
 //! - `server.rs`: accept loop, connection limit, shutdown.
 //! - `hold.rs`: the router's half of a cutover (holding and acknowledging);
 //!   `moves.rs`: everything the migrator may use of the router, and why.
-//! - `admin.rs`: the admin HTTP API; `events.rs` its live status stream, `web.rs`
+//! - `admin/`: the admin HTTP API (its request and answer types, which the CLI
+//!   reads too, in `admin/api.rs`); `events.rs` its live status stream, `web.rs`
 //!   the web page built on it (files in `router/web/`).
 
 pub mod admin;

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use shardgate_directory::hash::bucket_sql;
 use shardgate_directory::{Directory, ShardId};
 
@@ -29,7 +29,7 @@ pub const EXACT_ROWS: f64 = 1_000_000.0;
 /// The largest tenants reported (per shard, then overall).
 const TOP_TENANTS: usize = 20;
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Sizes {
     /// One entry per bucket, in bucket order.
     pub buckets: Vec<BucketSize>,
@@ -41,7 +41,7 @@ pub struct Sizes {
     pub sampled: Vec<(String, String, f64)>,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct BucketSize {
     pub bucket: u32,
     pub shard: String,
@@ -49,7 +49,7 @@ pub struct BucketSize {
     pub bytes: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TenantSize {
     pub tenant: String,
     pub bucket: u32,

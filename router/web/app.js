@@ -325,8 +325,8 @@
         m.request ? h('span', { class: 'muted' }, describeRequest(m.request) + ' requested') : null),
       note ? h('p', { class: 'note', dataset: { kind: badNote ? 'bad' : 'info' } }, note) : null,
       h('div', { class: 'facts' },
-        copyFact(phase, c, n), streamFact(phase, n), shadowFact(phase, n), verifyFact(phase, n),
-        cutoverFact(phase, n)),
+        copyFact(phase, c, n), streamFact(phase, n), shadowFact(phase, n),
+        verifyFact(phase, n, m.verified_clean === true), cutoverFact(phase, n)),
       timeline(m, phase, active, now),
       samples(m),
       details('counters', 'all counters', countersTable(c)));
@@ -338,8 +338,10 @@
     return h('table', { class: 'counters' }, h('tbody', {}, rows));
   }
 
+  // The API sends a request as `{"request": "cutover", "force": false}`.
   function describeRequest(r) {
     if (typeof r === 'string') return r;
+    if (typeof obj(r).request === 'string') return r.request;
     const k = Object.keys(obj(r))[0];
     return k || 'a change';
   }
@@ -397,13 +399,14 @@
       more.length ? h('p', { class: 'muted' }, more.join(' · ')) : null);
   }
 
-  function verifyFact(phase, n) {
+  // `clean`: the move's `verified_clean` flag (a field of the move, not a counter).
+  function verifyFact(phase, n, clean) {
     let result;
     if (phase === 'verify') result = h('p', {}, 'verifying…');
     else if (n('verified_at_ms') === undefined) {
       if (!['dual_write', 'shadow'].includes(phase)) return null;
       result = h('p', { class: 'muted' }, 'not verified yet');
-    } else if (n('verified_clean') === 1) result = h('p', { class: 'good' }, 'verified clean');
+    } else if (clean) result = h('p', { class: 'good' }, 'verified clean');
     else result = h('p', { class: 'bad' }, fmtInt(n('verify_mismatches') ?? 0) + ' chunk(s) differ');
     const more = [];
     if (n('verify_chunks') !== undefined) more.push(fmtInt(n('verify_chunks')) + ' chunks');

@@ -62,6 +62,6 @@ async fn sizes_match_the_shards_and_reach_the_status() {
     }
 }
 
-fn admin_status(h: &Harness) -> shardgate_router::admin::Status {
+fn admin_status(h: &Harness) -> shardgate_router::admin::api::Status {
     shardgate_router::admin::status(&h.router.context)
 }
