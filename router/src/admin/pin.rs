@@ -42,7 +42,7 @@ pub(super) async fn pin_tenant(ctx: &RouterContext, p: PinTenant) -> Answer<Outc
             }
         }
     }
-    write_home_row(ctx, &p.tenant, &p.shard).await.map_err(|e| {
+    write_home_row(ctx, &key.to_string(), &p.shard).await.map_err(|e| {
         Refusal::unavailable(format!("cannot exempt the tenant from its bucket's fence on {}: {e}", p.shard))
     })?;
     propose(ctx, Command::PinTenant { tenant: key, shard: p.shard }).await
