@@ -319,6 +319,8 @@ async fn data_changing_with_queries_write_only_on_their_own_tenants_shard() {
     ];
     for (sql, id) in runs.iter().zip(["7", "8", "9"]) {
         assert_eq!(rows(c.simple_query(sql).await.unwrap()), vec![vec![Some(id.to_string())]], "{sql}");
+        let on_shard_0 = placement(&h, 2).await.swap_remove(0);
+        assert!(on_shard_0.iter().all(|r| r[0] == Some(t0.to_string())), "{sql} stranded a row: {on_shard_0:?}");
     }
     c.batch_execute(&format!("SET shardgate.tenant = {t0}")).await.unwrap();
     let sql = "WITH x AS (INSERT INTO orders VALUES ($1, 10, 100) RETURNING id) SELECT id FROM x";
