@@ -12,7 +12,7 @@
 //! whole on one shard only if every write and the rest of the statement belong
 //! there ([`crate::route`]).
 
-use pg_query::protobuf::{node::Node as N, Node, SelectStmt};
+use pg_query::protobuf::{node::Node as N, Node};
 use pg_query::NodeRef;
 
 /// Whether a data-changing statement sits anywhere below `node`.
@@ -49,7 +49,7 @@ fn is_write(n: &N) -> bool {
 fn take_from(slot: &mut Option<Box<Node>>, out: &mut Vec<N>) {
     let Some(inner) = slot.as_deref_mut().and_then(|n| n.node.as_mut()) else { return };
     if is_write(inner) {
-        out.push(std::mem::replace(inner, N::SelectStmt(Box::new(SelectStmt::default()))));
+        out.push(std::mem::replace(inner, N::SelectStmt(Box::default())));
     } else {
         take_into(inner, out);
     }
