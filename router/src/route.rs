@@ -11,7 +11,7 @@ use shardgate_directory::{Directory, KeyType, ShardId, TenantKey};
 
 use crate::context::Catalog;
 use crate::error::SqlError;
-use crate::sql::{Inserted, KeyCandidates, KeyExpr, Statement, StatementKind};
+use crate::sql::{Inserted, KeyCandidates, KeyExpr, SqlPrepared, Statement, StatementKind};
 
 /// Where a statement runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,12 +66,79 @@ pub fn route(
     rules: &Rules,
     touched: &mut Vec<u32>,
 ) -> Result<Target, SqlError> {
+    if stmt.nested_writes.is_empty() {
+        route_one(stmt, params, fallback_key, dir, catalog, rules, touched)
+    } else {
+        route_with_nested_writes(stmt, params, fallback_key, dir, catalog, rules, touched)
+    }
+}
+
+/// A statement with data-changing statements inside it (`WITH x AS (INSERT …)
+/// SELECT …`, EXPLAIN ANALYZE of a write): it runs on one server connection,
+/// so it runs only where every one of its writes, routed as a statement of its
+/// own by its own keys (an INSERT by its rows'), and the rest of it, routed
+/// as it would be alone, all belong: one shard, or anywhere, or every shard
+/// when each part is for every shard (reference tables). Anything else is
+/// refused: running it on several shards would run its writes on each.
+fn route_with_nested_writes(
+    stmt: &Statement,
+    params: Option<&Params<'_>>,
+    fallback_key: Option<&TenantKey>,
+    dir: &Directory,
+    catalog: &Catalog,
+    rules: &Rules,
+    touched: &mut Vec<u32>,
+) -> Result<Target, SqlError> {
+    let key_col = &dir.key_column;
+    // A part for several shards is refused below whatever
+    // allow_cross_shard_writes says, with the reason that holds here.
+    let parts = Rules { strict_tenant: rules.strict_tenant, allow_cross_shard_writes: true };
+    let several = || {
+        SqlError::new(
+            "0A000",
+            "this statement changes data inside WITH (or under EXPLAIN ANALYZE or COPY) and would need several shards: it must run on one shard, where every row it writes or reads belongs".to_string(),
+        )
+        .hint(format!(
+            "name one tenant throughout (WHERE {key_col} = … in each part, the same {key_col} in inserted rows), or send each write as a statement of its own"
+        ))
+    };
+    let mut combined = Target::Any;
+    for part in stmt.nested_writes.iter().map(Some).chain([None]) {
+        let (t, written) = match part {
+            Some(w) => (route(w, params, fallback_key, dir, catalog, &parts, touched)?, &w.written),
+            None => (route_one(stmt, params, fallback_key, dir, catalog, &parts, touched)?, &stmt.written),
+        };
+        // Every shard is for reference tables; a sharded table's rows are each
+        // on one.
+        if t == Target::All && written.iter().any(|t| catalog.is_sharded(t)) {
+            return Err(several());
+        }
+        combined = match (combined, t) {
+            (Target::Any, t @ (Target::Shard(_) | Target::Any | Target::All)) | (t, Target::Any) => t,
+            (Target::Shard(a), Target::Shard(b)) if a == b => Target::Shard(a),
+            (Target::All, Target::All) => Target::All,
+            _ => return Err(several()),
+        };
+    }
+    Ok(combined)
+}
+
+fn route_one(
+    stmt: &Statement,
+    params: Option<&Params<'_>>,
+    fallback_key: Option<&TenantKey>,
+    dir: &Directory,
+    catalog: &Catalog,
+    rules: &Rules,
+    touched: &mut Vec<u32>,
+) -> Result<Target, SqlError> {
     let reads_sharded = stmt.tables.iter().any(|t| catalog.is_sharded(t));
     let writes_sharded = stmt.written.iter().any(|t| catalog.is_sharded(t));
     let key_col = &dir.key_column;
     check_key_changes(stmt, params, fallback_key, dir, catalog)?;
     match &stmt.kind {
         StatementKind::Ddl => Ok(Target::All),
+        StatementKind::SqlPrepared(p) => Err(sql_prepared_refusal(p)),
         StatementKind::Txn(_) | StatementKind::Session | StatementKind::SetVar(_) | StatementKind::SetTenant(_) => {
             Ok(Target::Any)
         }
@@ -130,7 +197,7 @@ pub fn route(
                 Err(SqlError::new("0A000", "a write to a reference table cannot read sharded tables".to_string()))
             }
         }
-        StatementKind::Select | StatementKind::Copy(_) | StatementKind::Other => {
+        StatementKind::Select | StatementKind::SelectWithWrites | StatementKind::Copy(_) | StatementKind::Other => {
             if !reads_sharded {
                 Ok(Target::Any)
             } else {
@@ -138,6 +205,30 @@ pub fn route(
             }
         }
     }
+}
+
+/// Why SQL-level PREPARE, EXECUTE and DEALLOCATE are refused (docs/routing.md):
+/// under transaction pooling a SQL prepared statement would stay on the one
+/// server connection that ran PREPARE, where this session's EXECUTE may not
+/// run and another session's could; its EXECUTE would run on whichever shard,
+/// whatever the tenant keys of its arguments; and DEALLOCATE ALL would drop the
+/// statements the router keeps prepared on that connection for other sessions.
+fn sql_prepared_refusal(p: &SqlPrepared) -> SqlError {
+    let message = match p {
+        SqlPrepared::Prepare { name } => format!(
+            "PREPARE {name} is not supported: shardgate pools server connections per transaction, so a statement prepared with SQL PREPARE would not follow this session, nor be routed by the tenant of each EXECUTE"
+        ),
+        SqlPrepared::Execute { name } => format!(
+            "EXECUTE {name} is not supported: shardgate does not carry SQL-level prepared statements across pooled server connections, so none is prepared for this session"
+        ),
+        SqlPrepared::Deallocate { name: Some(name) } => format!(
+            "DEALLOCATE {name} is not supported: SQL-level prepared statements are not carried by shardgate, and protocol-level ones are closed with the protocol's Close message"
+        ),
+        SqlPrepared::Deallocate { name: None } => "DEALLOCATE ALL is not supported: SQL-level prepared statements are not carried by shardgate, and protocol-level ones are closed with the protocol's Close message".to_string(),
+    };
+    SqlError::new("0A000", message).hint(
+        "use your driver's protocol-level prepared statements (Parse, Bind, Execute, Close): shardgate prepares them on whichever shard each execution is routed to",
+    )
 }
 
 /// The transaction that the statements being routed join, as routing sees it.
@@ -282,7 +373,8 @@ pub fn check_reference_reads<'a>(
         if stmt.kind == StatementKind::Ddl {
             continue;
         }
-        if let Some(table) = stmt.tables.iter().find(|t| catalog.is_reference(t)) {
+        let nested = stmt.nested_writes.iter().flat_map(|w| &w.tables);
+        if let Some(table) = stmt.tables.iter().chain(nested).find(|t| catalog.is_reference(t)) {
             return Err(SqlError::new(
                 "0A000",
                 format!(
@@ -662,6 +754,29 @@ mod tests {
         assert_eq!(combine_on_every_shard(Shard(1), Fanout(vec![0, 1])), Fanout(vec![0, 1]));
         assert_eq!(combine_on_every_shard(Fanout(vec![0, 1]), Shard(1)), Fanout(vec![0, 1]));
         assert_eq!(combine_on_every_shard(All, CopySplit), CopySplit);
+    }
+
+    #[test]
+    fn sql_prepare_execute_and_deallocate_are_refused_with_a_hint_to_protocol_level_statements() {
+        let c = crate::sql::testing::cluster();
+        for (sql, message) in [
+            ("prepare p as insert into orders values ($1, $2, 0)", "PREPARE p is not supported: "),
+            ("prepare p (bigint) as select * from orders where tenant_id = $1", "PREPARE p is not supported: "),
+            // Not even a statement on no sharded table: the pooled server
+            // connection keeps it for whichever session comes next.
+            ("prepare one as select 1", "PREPARE one is not supported: "),
+            ("execute p(5, 1)", "EXECUTE p is not supported: "),
+            ("explain analyze execute p(5, 1)", "EXECUTE p is not supported: "),
+            ("create table copied as execute p(5, 1)", "EXECUTE p is not supported: "),
+            ("deallocate p", "DEALLOCATE p is not supported: "),
+            ("deallocate prepare p", "DEALLOCATE p is not supported: "),
+            ("deallocate all", "DEALLOCATE ALL is not supported: "),
+        ] {
+            let e = c.route(sql).expect_err(sql);
+            assert_eq!(e.code, "0A000", "{sql}");
+            assert!(e.message.starts_with(message), "{sql}: {}", e.message);
+            assert!(e.hint.as_deref().is_some_and(|h| h.contains("protocol-level prepared statements")), "{sql}");
+        }
     }
 
     fn sharded_orders() -> Catalog {

@@ -300,3 +300,87 @@ async fn cross_shard_joins_the_shards_cannot_answer_alone_are_refused() {
         sorted(rows(one.simple_query(sql).await.unwrap()))
     );
 }
+
+const SEVERAL_SHARDS: &str = "this statement changes data inside WITH (or under EXPLAIN ANALYZE or COPY) and would need several shards: it must run on one shard, where every row it writes or reads belongs";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_changing_with_queries_write_only_on_their_own_tenants_shard() {
+    let (h, c, t0, t1) = two_tenants_with_orders().await;
+    let row = |t: i64, id: i64, total: &str| vec![Some(t.to_string()), Some(id.to_string()), Some(total.to_string())];
+
+    // The inserted row's own tenant decides, not a comment's, the session's or
+    // the outer SELECT's; and with no key at all the INSERT runs once.
+    let runs = [
+        format!(
+            "/* tenant_id={t0} */ WITH x AS (INSERT INTO orders VALUES ({t1}, 7, 70) RETURNING id) SELECT id FROM x"
+        ),
+        format!("WITH x AS (INSERT INTO orders VALUES ({t1}, 8, 80) RETURNING id) SELECT id FROM x"),
+        format!("WITH x AS (INSERT INTO orders VALUES ({t1}, 9, 90) RETURNING id) SELECT id FROM x WHERE {t0} > 0"),
+    ];
+    for (sql, id) in runs.iter().zip(["7", "8", "9"]) {
+        assert_eq!(rows(c.simple_query(sql).await.unwrap()), vec![vec![Some(id.to_string())]], "{sql}");
+        let on_shard_0 = placement(&h, 2).await.swap_remove(0);
+        assert!(on_shard_0.iter().all(|r| r[0] == Some(t0.to_string())), "{sql} stranded a row: {on_shard_0:?}");
+    }
+    c.batch_execute(&format!("SET shardgate.tenant = {t0}")).await.unwrap();
+    let sql = "WITH x AS (INSERT INTO orders VALUES ($1, 10, 100) RETURNING id) SELECT id FROM x";
+    assert_eq!(c.query(sql, &[&t1]).await.unwrap().len(), 1, "{sql}");
+    c.batch_execute("RESET shardgate.tenant").await.unwrap();
+    // An UPDATE pinned to its tenant.
+    let sql = format!("WITH u AS (UPDATE orders SET total = total + 1 WHERE tenant_id = {t1} AND id = 1 RETURNING id) SELECT count(*) FROM u");
+    assert_eq!(rows(c.simple_query(&sql).await.unwrap()), vec![vec![Some("1".to_string())]]);
+
+    let before = placement(&h, 2).await;
+    for sql in [
+        // A DELETE that names no tenant would run on every shard.
+        "WITH d AS (DELETE FROM orders WHERE id = 2 RETURNING *) SELECT count(*) FROM d".to_string(),
+        "EXPLAIN ANALYZE DELETE FROM orders WHERE id = 2".to_string(),
+        // Rows for two shards, or a read of another shard's tenant beside the write.
+        format!("WITH x AS (INSERT INTO orders VALUES ({t0}, 11, 0), ({t1}, 11, 0) RETURNING *) SELECT count(*) FROM x"),
+        format!("WITH x AS (INSERT INTO orders VALUES ({t1}, 12, 0) RETURNING *) SELECT count(*) FROM orders WHERE tenant_id = {t0}"),
+        format!("WITH d AS (DELETE FROM orders WHERE tenant_id = {t0} RETURNING id) UPDATE orders SET total = 0 WHERE tenant_id = {t1}"),
+    ] {
+        let e = c.simple_query(&sql).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
+        assert_eq!(e.as_db_error().unwrap().message(), SEVERAL_SHARDS, "{sql}");
+    }
+    assert_eq!(placement(&h, 2).await, before, "the refused statements changed nothing");
+    assert_eq!(before[0], vec![row(t0, 1, "10"), row(t0, 2, "20")], "no row of {t1} on shard 0");
+    assert_eq!(
+        before[1],
+        // In text order, as `placement` reads them.
+        vec![row(t1, 1, "31"), row(t1, 10, "100"), row(t1, 7, "70"), row(t1, 8, "80"), row(t1, 9, "90")]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_prepare_and_execute_are_refused_and_place_no_row() {
+    let (h, c, t0, t1) = two_tenants_with_orders().await;
+    let before = placement(&h, 2).await;
+    for (sql, message) in [
+        ("PREPARE ins AS INSERT INTO orders VALUES ($1, $2, $3)".to_string(), "PREPARE ins is not supported: "),
+        ("PREPARE one AS SELECT 1".to_string(), "PREPARE one is not supported: "),
+        (format!("EXECUTE ins({t1}, 5, 0)"), "EXECUTE ins is not supported: "),
+        (format!("EXECUTE ins({t0}, 5, 0)"), "EXECUTE ins is not supported: "),
+        ("DEALLOCATE ins".to_string(), "DEALLOCATE ins is not supported: "),
+        ("DEALLOCATE ALL".to_string(), "DEALLOCATE ALL is not supported: "),
+    ] {
+        let e = c.simple_query(&sql).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
+        let db = e.as_db_error().unwrap();
+        assert!(db.message().starts_with(message), "{sql}: {}", db.message());
+        assert!(db.hint().unwrap_or_default().contains("protocol-level prepared statements"), "{sql}");
+    }
+    // The protocol-level prepared statements the hint names: routed per execution.
+    let insert = c.prepare("INSERT INTO orders VALUES ($1, $2, 0)").await.unwrap();
+    c.execute(&insert, &[&t1, &5i64]).await.unwrap();
+    c.execute(&insert, &[&t0, &5i64]).await.unwrap();
+    let after = placement(&h, 2).await;
+    let ids =
+        |shard: &Vec<Vec<Option<String>>>| shard.iter().map(|r| r[1].clone().unwrap_or_default()).collect::<Vec<_>>();
+    assert_eq!(ids(&after[0]), vec!["1", "2", "5"], "{before:?} -> {after:?}");
+    assert_eq!(ids(&after[1]), vec!["1", "5"]);
+    assert!(
+        after[0].iter().all(|r| r[0] == Some(t0.to_string())) && after[1].iter().all(|r| r[0] == Some(t1.to_string()))
+    );
+}

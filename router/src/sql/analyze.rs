@@ -5,6 +5,7 @@ use pg_query::protobuf::{self, a_const, node::Node as N, Node};
 
 use super::colocation::Read;
 use super::key_writes::{self, InsertSelect, KeyChange};
+use super::nested_writes;
 
 /// Where a tenant key's value comes from in a statement.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +41,10 @@ pub enum TxnControl {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StatementKind {
     Select,
+    /// A SELECT whose WITH queries change data (`WITH x AS (INSERT …
+    /// RETURNING *) SELECT …`): a write, routed by the writes it holds
+    /// ([`Statement::nested_writes`]); never shadowed or read on several shards.
+    SelectWithWrites,
     Insert,
     Update,
     Delete,
@@ -55,10 +60,32 @@ pub enum StatementKind {
     /// the session's settings and applies them to whichever server connection
     /// runs its next statement.
     SetVar(SettingChange),
-    /// SHOW, SET LOCAL, DEALLOCATE and other session utilities.
+    /// SHOW, SET LOCAL and other session utilities.
     Session,
+    /// SQL-level `PREPARE`, `EXECUTE` (also under EXPLAIN or CREATE TABLE AS)
+    /// and `DEALLOCATE`: refused, see [`SqlPrepared`].
+    SqlPrepared(SqlPrepared),
     /// Anything else (EXPLAIN, LISTEN, VACUUM …): follows its tables, or any shard.
     Other,
+}
+
+/// A statement about SQL-level prepared statements. Under transaction pooling a
+/// statement prepared with SQL `PREPARE` stays on the one server connection that
+/// ran it, where this session's `EXECUTE` may not run and other sessions could,
+/// and its EXECUTE would run on whichever shard without regard to its tenant
+/// key; the router refuses all three (docs/routing.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SqlPrepared {
+    Prepare {
+        name: String,
+    },
+    Execute {
+        name: String,
+    },
+    /// `DEALLOCATE name`; None for `DEALLOCATE ALL`.
+    Deallocate {
+        name: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,7 +135,9 @@ pub struct Statement {
     pub text: String,
     /// Relations named anywhere in the statement, as `name` or `schema.name`.
     pub tables: Vec<String>,
-    /// Relations the statement writes (INSERT/UPDATE/DELETE target, DDL objects).
+    /// Relations the statement writes (INSERT/UPDATE/DELETE target, DDL
+    /// objects); those its data-changing WITH queries write are in
+    /// [`Self::nested_writes`].
     pub written: Vec<String>,
     pub keys: KeyCandidates,
     pub insert: Option<InsertInfo>,
@@ -124,6 +153,12 @@ pub struct Statement {
     /// whether running it on several shards answers it exactly (shared: the
     /// cache hands it to every text of the shape).
     pub read: Option<Arc<Read>>,
+    /// The data-changing statements inside this one (its WITH queries' at any
+    /// depth, the write EXPLAIN ANALYZE or COPY runs), each analysed as a
+    /// statement of its own ([`super::nested_writes`]). When there are any,
+    /// `tables`, `keys` and `read` describe the rest of the statement, outside
+    /// them; `key_changes` and `max_param` the whole.
+    pub nested_writes: Vec<Statement>,
 }
 
 /// Everything the router learned from one query string.
@@ -183,6 +218,26 @@ pub fn analyze_with_origins(sql: &str, key_column: &str) -> Result<(Analysis, Ve
 }
 
 fn statement(node: &N, text: String, key_column: &str) -> (Statement, Origins) {
+    if !nested_writes::holds_write(node) {
+        return statement_outside(node, node, text, key_column);
+    }
+    let mut outside = node.clone();
+    let taken = nested_writes::take(&mut outside);
+    let (mut s, origins) = statement_outside(&outside, node, text, key_column);
+    for n in &taken {
+        let (w, _) = statement(n, String::new(), key_column);
+        s.max_param = s.max_param.max(w.max_param);
+        s.nested_writes.push(w);
+    }
+    if s.kind == StatementKind::Select {
+        s.kind = StatementKind::SelectWithWrites;
+    }
+    (s, origins)
+}
+
+/// The analysis of `node`, a statement with its nested writes taken out (or
+/// `whole` itself); key changes and liftable constants are read from `whole`.
+fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (Statement, Origins) {
     let mut origins = Origins::default();
     let mut s = Statement {
         kind: StatementKind::Other,
@@ -196,6 +251,7 @@ fn statement(node: &N, text: String, key_column: &str) -> (Statement, Origins) {
         key_changes: Vec::new(),
         insert_select: None,
         read: None,
+        nested_writes: Vec::new(),
     };
     let k = KeyFinder { column: key_column };
     match node {
@@ -313,12 +369,12 @@ fn statement(node: &N, text: String, key_column: &str) -> (Statement, Origins) {
         N::DiscardStmt(d) if d.target == protobuf::DiscardMode::DiscardAll as i32 => {
             s.kind = StatementKind::SetVar(SettingChange::ResetAll);
         }
-        N::VariableSetStmt(_)
-        | N::VariableShowStmt(_)
-        | N::DiscardStmt(_)
-        | N::DeallocateStmt(_)
-        | N::PrepareStmt(_)
-        | N::ExecuteStmt(_) => s.kind = StatementKind::Session,
+        N::PrepareStmt(p) => s.kind = StatementKind::SqlPrepared(SqlPrepared::Prepare { name: p.name.clone() }),
+        N::DeallocateStmt(d) => {
+            let name = (!d.isall).then(|| d.name.clone());
+            s.kind = StatementKind::SqlPrepared(SqlPrepared::Deallocate { name });
+        }
+        N::VariableSetStmt(_) | N::VariableShowStmt(_) | N::DiscardStmt(_) => s.kind = StatementKind::Session,
         N::CreateStmt(c) => {
             s.kind = StatementKind::Ddl;
             let table = c.relation.as_ref().map(relname).unwrap_or_default();
@@ -353,9 +409,9 @@ fn statement(node: &N, text: String, key_column: &str) -> (Statement, Origins) {
         | N::CreateDomainStmt(_) => s.kind = StatementKind::Ddl,
         _ => {}
     }
-    origins.constants = super::lift::liftable_constants(node);
+    origins.constants = super::lift::liftable_constants(whole);
     let mut changes = Vec::new();
-    key_writes::key_changes(node, key_column, &mut changes);
+    key_writes::key_changes(whole, key_column, &mut changes);
     (s.key_changes, origins.key_changes) = changes.into_iter().unzip();
     let mut walker = Walker::default();
     walker.node(node);
@@ -364,6 +420,10 @@ fn statement(node: &N, text: String, key_column: &str) -> (Statement, Origins) {
         read.add_tables_to(&mut s.tables);
     }
     s.max_param = walker.max_param;
+    if let Some(name) = walker.executes {
+        // `EXECUTE p`, also under EXPLAIN or CREATE TABLE AS.
+        s.kind = StatementKind::SqlPrepared(SqlPrepared::Execute { name });
+    }
     if s.kind == StatementKind::Ddl {
         // DDL targets are written on every shard; the walker found them.
         for t in &s.tables {
@@ -607,6 +667,8 @@ struct Walker {
     tables: Vec<String>,
     max_param: usize,
     ctes: Vec<String>,
+    /// The name of an `EXECUTE`d SQL prepared statement.
+    executes: Option<String>,
 }
 
 impl Walker {
@@ -621,6 +683,7 @@ impl Walker {
                 }
                 pg_query::NodeRef::CommonTableExpr(c) => self.ctes.push(c.ctename.clone()),
                 pg_query::NodeRef::ParamRef(p) => self.max_param = self.max_param.max(p.number.max(0) as usize),
+                pg_query::NodeRef::ExecuteStmt(e) => self.executes = Some(e.name.clone()),
                 _ => {}
             }
         }

@@ -152,6 +152,10 @@ impl Template {
         if has_constants && analysis.statements.iter().any(|s| matches!(s.kind, StatementKind::Copy(_))) {
             return None;
         }
+        // Nested writes hold literals of their own: keyed on the exact text.
+        if analysis.statements.iter().any(|s| !s.nested_writes.is_empty()) {
+            return None;
+        }
         let slot = |at: Option<usize>| slot_of(sql, &shape.pieces, at);
         let mut statements = Vec::with_capacity(origins.len());
         for (s, o) in analysis.statements.iter().zip(origins) {
@@ -295,6 +299,7 @@ impl Template {
                 key_changes,
                 insert_select,
                 read: s.read.clone(),
+                nested_writes: s.nested_writes.clone(),
             });
         }
         Some(Analysis { statements, comment_key: comment_key(sql, key_column) })

@@ -14,13 +14,14 @@ mod cache;
 mod colocation;
 mod key_writes;
 mod lift;
+mod nested_writes;
 pub mod quote;
 pub mod shape;
 #[cfg(test)]
 pub(crate) mod testing;
 
 pub use analyze::{
-    analyze, Analysis, CopyFormat, CopyInfo, InsertInfo, KeyCandidates, KeyExpr, SettingChange, Statement,
+    analyze, Analysis, CopyFormat, CopyInfo, InsertInfo, KeyCandidates, KeyExpr, SettingChange, SqlPrepared, Statement,
     StatementKind, TxnControl,
 };
 pub use cache::AnalysisCache;
