@@ -228,8 +228,8 @@ pub fn plan(input: &Input, opts: &Options) -> Plan {
             if moves.len() >= opts.max_moves {
                 break;
             }
-            let home = buckets.iter().find(|b| b.bucket == p.bucket).map(|b| b.shard);
-            let Some(to) = emptiest_but(&per, &home.into_iter().collect::<Vec<_>>()) else { break };
+            let bucket_shard = buckets.iter().find(|b| b.bucket == p.bucket).map(|b| b.shard);
+            let Some(to) = emptiest_but(&per, &bucket_shard.into_iter().collect::<Vec<_>>()) else { break };
             let v = measure(strategy, p.bytes, p.load);
             shift(&mut per, p.shard, to, v);
             moved_tenants.insert(p.tenant.to_string());

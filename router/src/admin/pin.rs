@@ -19,8 +19,8 @@ use crate::sql::quote;
 pub(super) async fn pin_tenant(ctx: &RouterContext, p: PinTenant) -> Answer<Outcome> {
     let dir = ctx.directory.load();
     let key = dir.key_type.parse_text(&p.tenant).map_err(|e| Refusal::bad_request(e.to_string()))?;
-    let home = dir.shard_for(&key);
-    if let Some(pool) = ctx.pool(home) {
+    let holder = dir.shard_for(&key);
+    if let Some(pool) = ctx.pool(holder) {
         let mut conn =
             pool.get().await.map_err(|e| Refusal::unavailable(format!("cannot check the tenant's rows: {e}")))?;
         for table in ctx.catalog.tables() {
