@@ -221,10 +221,16 @@ fn sql_prepared_refusal(p: &SqlPrepared) -> SqlError {
         SqlPrepared::Execute { name } => format!(
             "EXECUTE {name} is not supported: shardgate does not carry SQL-level prepared statements across pooled server connections, so none is prepared for this session"
         ),
-        SqlPrepared::Deallocate { name: Some(name) } => format!(
-            "DEALLOCATE {name} is not supported: SQL-level prepared statements are not carried by shardgate, and protocol-level ones are closed with the protocol's Close message"
-        ),
-        SqlPrepared::Deallocate { name: None } => "DEALLOCATE ALL is not supported: SQL-level prepared statements are not carried by shardgate, and protocol-level ones are closed with the protocol's Close message".to_string(),
+        // Alone in its query string (or pipeline), DEALLOCATE is answered by the
+        // session like a Close message; beside other statements it is not.
+        SqlPrepared::Deallocate { name } => {
+            let what = name.as_deref().unwrap_or("ALL");
+            return SqlError::new(
+                "0A000",
+                format!("DEALLOCATE {what} must be sent on its own, not in a query string with other statements"),
+            )
+            .hint("send DEALLOCATE as a query of its own: shardgate closes the session's prepared statement then");
+        }
     };
     SqlError::new("0A000", message).hint(
         "use your driver's protocol-level prepared statements (Parse, Bind, Execute, Close): shardgate prepares them on whichever shard each execution is routed to",
@@ -768,14 +774,22 @@ mod tests {
             ("execute p(5, 1)", "EXECUTE p is not supported: "),
             ("explain analyze execute p(5, 1)", "EXECUTE p is not supported: "),
             ("create table copied as execute p(5, 1)", "EXECUTE p is not supported: "),
-            ("deallocate p", "DEALLOCATE p is not supported: "),
-            ("deallocate prepare p", "DEALLOCATE p is not supported: "),
-            ("deallocate all", "DEALLOCATE ALL is not supported: "),
         ] {
             let e = c.route(sql).expect_err(sql);
             assert_eq!(e.code, "0A000", "{sql}");
             assert!(e.message.starts_with(message), "{sql}: {}", e.message);
             assert!(e.hint.as_deref().is_some_and(|h| h.contains("protocol-level prepared statements")), "{sql}");
+        }
+        // DEALLOCATE is the session's to answer (like a Close); it reaches
+        // routing only beside other statements, and never a shard.
+        for (sql, message) in [
+            ("deallocate p", "DEALLOCATE p must be sent on its own"),
+            ("deallocate prepare p", "DEALLOCATE p must be sent on its own"),
+            ("deallocate all", "DEALLOCATE ALL must be sent on its own"),
+        ] {
+            let e = c.route(sql).expect_err(sql);
+            assert_eq!(e.code, "0A000", "{sql}");
+            assert!(e.message.starts_with(message), "{sql}: {}", e.message);
         }
     }
 

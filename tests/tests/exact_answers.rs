@@ -362,8 +362,6 @@ async fn sql_prepare_and_execute_are_refused_and_place_no_row() {
         ("PREPARE one AS SELECT 1".to_string(), "PREPARE one is not supported: "),
         (format!("EXECUTE ins({t1}, 5, 0)"), "EXECUTE ins is not supported: "),
         (format!("EXECUTE ins({t0}, 5, 0)"), "EXECUTE ins is not supported: "),
-        ("DEALLOCATE ins".to_string(), "DEALLOCATE ins is not supported: "),
-        ("DEALLOCATE ALL".to_string(), "DEALLOCATE ALL is not supported: "),
     ] {
         let e = c.simple_query(&sql).await.unwrap_err();
         assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
@@ -371,6 +369,10 @@ async fn sql_prepare_and_execute_are_refused_and_place_no_row() {
         assert!(db.message().starts_with(message), "{sql}: {}", db.message());
         assert!(db.hint().unwrap_or_default().contains("protocol-level prepared statements"), "{sql}");
     }
+    // DEALLOCATE is answered like a Close: nothing named "ins" was prepared.
+    let e = c.simple_query("DEALLOCATE ins").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "26000", "{e:?}");
+    c.simple_query("DEALLOCATE ALL").await.unwrap();
     // The protocol-level prepared statements the hint names: routed per execution.
     let insert = c.prepare("INSERT INTO orders VALUES ($1, $2, 0)").await.unwrap();
     c.execute(&insert, &[&t1, &5i64]).await.unwrap();

@@ -17,7 +17,7 @@ use crate::protocol::messages::{self, target_and_name, Bind, Parse};
 use crate::protocol::Message;
 use crate::route::{self, Params, Target};
 use crate::shadow::{RowDigest, ShadowMove, ShadowQuery};
-use crate::sql::{Analysis, Statement, StatementKind, TxnControl};
+use crate::sql::{Analysis, SettingChange, SqlPrepared, StatementKind, TxnControl};
 use shardgate_directory::ShardId;
 
 /// A batch's statements and where they run, from its Parse and Bind messages.
@@ -97,16 +97,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if let Some(e) = error {
             return self.fail_batch(e, sync).await;
         }
-        // Transaction control that the router answers itself.
-        if self.txn.held.is_none() {
-            if let [a] = &statements[..] {
-                if let [stmt @ Statement {
-                    kind:
-                        StatementKind::Txn(TxnControl::Begin | TxnControl::Commit | TxnControl::Rollback)
-                        | StatementKind::SetTenant(_),
-                    ..
-                }] = &a.statements[..]
-                {
+        // Statements the router answers itself: transaction control before a
+        // shard is reached, SET shardgate.tenant, DISCARD ALL and DEALLOCATE.
+        if let [a] = &statements[..] {
+            if let [stmt] = &a.statements[..] {
+                let local = match &stmt.kind {
+                    StatementKind::Txn(TxnControl::Begin | TxnControl::Commit | TxnControl::Rollback)
+                    | StatementKind::SetTenant(_) => self.txn.held.is_none(),
+                    StatementKind::SetVar(SettingChange::DiscardAll)
+                    | StatementKind::SqlPrepared(SqlPrepared::Deallocate { .. }) => true,
+                    _ => false,
+                };
+                if local {
                     match self.local_statement(stmt)? {
                         Some(Ok(tag)) => return self.answer_batch_locally(batch, sync, &tag).await,
                         Some(Err(e)) => return self.fail_batch(e, sync).await,

@@ -33,6 +33,12 @@ impl Settings {
         }
     }
 
+    /// Forgets every setting (`DISCARD ALL`).
+    pub(super) fn clear(&mut self) {
+        self.statements.clear();
+        self.changed();
+    }
+
     /// Recomputes the signature; called whenever the settings change, so that
     /// borrowing a connection costs no hashing.
     fn changed(&mut self) {
@@ -121,7 +127,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 SettingChange::Reset { name } => {
                     settings.statements.remove(name);
                 }
-                SettingChange::ResetAll => settings.statements.clear(),
+                // DISCARD ALL is answered before it reaches a shard; should one
+                // come this way, it resets the settings all the same.
+                SettingChange::ResetAll | SettingChange::DiscardAll => settings.statements.clear(),
             }
         }
         settings.changed();

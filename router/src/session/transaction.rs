@@ -8,12 +8,13 @@ use std::sync::Arc;
 use shardgate_directory::ShardId;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::prepared::unknown_statement;
 use super::{Session, SessionError};
 use crate::context::CancelTarget;
 use crate::error::SqlError;
 use crate::pool::Pooled;
 use crate::protocol::messages::{self, Severity};
-use crate::sql::{Analysis, Statement, StatementKind, TxnControl};
+use crate::sql::{Analysis, SettingChange, SqlPrepared, Statement, StatementKind, TxnControl};
 
 /// Where the session's transaction stands, as the router sees it.
 #[derive(Default)]
@@ -95,6 +96,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     },
                 }
             }
+            // The session starts over: what it set and prepared is forgotten.
+            // Not sent to a shard, where it would drop the statements the
+            // router prepared on that pooled connection for every session.
+            StatementKind::SetVar(SettingChange::DiscardAll) => Some(if self.txn.in_block() || self.multi.is_some() {
+                self.txn.aborted = self.txn.in_block();
+                Err(SqlError::new("25001", "DISCARD ALL cannot run inside a transaction block".into()))
+            } else {
+                self.settings.clear();
+                self.prepared.clear();
+                Ok("DISCARD ALL".into())
+            }),
+            // A client's prepared statements live in the router (their server
+            // copies are shared): DEALLOCATE closes them as a Close message does.
+            StatementKind::SqlPrepared(SqlPrepared::Deallocate { name }) => Some(match name {
+                None => {
+                    self.prepared.clear();
+                    Ok("DEALLOCATE ALL".into())
+                }
+                Some(name) => match self.prepared.remove(name) {
+                    Some(_) => Ok("DEALLOCATE".into()),
+                    None => Err(unknown_statement(name)),
+                },
+            }),
             StatementKind::Txn(TxnControl::Begin) if self.txn.held.is_none() => {
                 match &mut self.txn.pending_begin {
                     Some(_) => {

@@ -94,8 +94,11 @@ pub enum SettingChange {
     Set { name: String },
     /// `RESET name` or `SET name TO DEFAULT`.
     Reset { name: String },
-    /// `RESET ALL`, `DISCARD ALL`.
+    /// `RESET ALL`.
     ResetAll,
+    /// `DISCARD ALL`: the session starts over (settings and prepared
+    /// statements); answered by the router, see `session/transaction.rs`.
+    DiscardAll,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -367,7 +370,7 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
             };
         }
         N::DiscardStmt(d) if d.target == protobuf::DiscardMode::DiscardAll as i32 => {
-            s.kind = StatementKind::SetVar(SettingChange::ResetAll);
+            s.kind = StatementKind::SetVar(SettingChange::DiscardAll);
         }
         N::PrepareStmt(p) => s.kind = StatementKind::SqlPrepared(SqlPrepared::Prepare { name: p.name.clone() }),
         N::DeallocateStmt(d) => {
@@ -854,7 +857,7 @@ mod tests {
             StatementKind::SetVar(SettingChange::Reset { name: "work_mem".into() })
         );
         assert_eq!(one("reset all").kind, StatementKind::SetVar(SettingChange::ResetAll));
-        assert_eq!(one("discard all").kind, StatementKind::SetVar(SettingChange::ResetAll));
+        assert_eq!(one("discard all").kind, StatementKind::SetVar(SettingChange::DiscardAll));
         assert_eq!(one("set local work_mem = '1MB'").kind, StatementKind::Session);
         assert_eq!(one("set transaction isolation level serializable").kind, StatementKind::Session);
     }
