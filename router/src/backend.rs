@@ -122,6 +122,10 @@ pub struct Backend {
     /// The session thread whose event loop this connection's socket belongs to
     /// (see [`crate::pool`]); it goes back to that thread's idle list.
     pub thread_list: usize,
+    /// When it logged in (for `server_lifetime`).
+    pub opened: std::time::Instant,
+    /// When it last went back to its pool (for `server_idle_timeout`).
+    pub idle_since: std::time::Instant,
 }
 
 impl Backend {
@@ -169,6 +173,8 @@ impl Backend {
             broken: false,
             settings: Some(0),
             thread_list: crate::pool::thread_list(),
+            opened: std::time::Instant::now(),
+            idle_since: std::time::Instant::now(),
         };
         loop {
             let m = backend.conn.read().await?;

@@ -232,6 +232,15 @@ pub struct PoolConfig {
     /// How long connecting to a shard may take. Default 5 s.
     #[serde(default = "default_connect_timeout", with = "humantime_secs")]
     pub connect_timeout: Duration,
+    /// A server connection idle in the pool this long is closed. 0: never.
+    /// Default 600 s, as pgbouncer's.
+    #[serde(default = "default_server_idle_timeout", with = "humantime_secs")]
+    pub server_idle_timeout: Duration,
+    /// A server connection open this long is closed when it next goes back to
+    /// the pool (never in the middle of a transaction), so that the shards'
+    /// backends are renewed. 0: never. Default 3600 s, as pgbouncer's.
+    #[serde(default = "default_server_lifetime", with = "humantime_secs")]
+    pub server_lifetime: Duration,
 }
 
 impl Default for PoolConfig {
@@ -240,6 +249,8 @@ impl Default for PoolConfig {
             size: default_pool_size(),
             queue_timeout: default_queue_timeout(),
             connect_timeout: default_connect_timeout(),
+            server_idle_timeout: default_server_idle_timeout(),
+            server_lifetime: default_server_lifetime(),
         }
     }
 }
@@ -334,6 +345,12 @@ fn default_pool_size() -> usize {
 }
 fn default_lease_wait() -> Duration {
     Duration::from_secs(5)
+}
+fn default_server_idle_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_server_lifetime() -> Duration {
+    Duration::from_secs(3600)
 }
 fn default_login_timeout() -> Duration {
     Duration::from_secs(60)

@@ -219,16 +219,14 @@ impl RouterContext {
         while pools.len() <= shard {
             let s = dir.shards.get(pools.len())?;
             let address = self.shard_address(&dir, pools.len())?;
-            pools.push(ShardPool::new(
-                s.name.clone(),
-                address,
-                self.config.pool.size,
-                self.config.pool.queue_timeout,
-                self.config.pool.connect_timeout,
-                self.config.threads,
-            ));
+            pools.push(ShardPool::new(s.name.clone(), address, &self.config.pool, self.config.threads));
         }
         pools.get(shard).cloned()
+    }
+
+    /// Every pool created so far.
+    pub fn all_pools(&self) -> Vec<Arc<ShardPool>> {
+        self.pools.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// How to log in to a shard: the configuration's address (with its password)

@@ -1,4 +1,6 @@
-//! Clients that go quiet: `client_idle_timeout` and `idle_transaction_timeout`.
+//! Clients that go quiet: `client_idle_timeout` and `idle_transaction_timeout`;
+//! and, in the same once-a-second sweep, pooled server connections past
+//! `server_idle_timeout` or `server_lifetime`.
 //!
 //! Session threads have no timer wheel (see [`crate::timer`]), and arming a
 //! timer on another thread for every statement a client sends would cost more
@@ -126,6 +128,13 @@ pub async fn janitor(ctx: Arc<crate::context::RouterContext>, mut stopped: tokio
             _ = ticker.tick() => {}
         }
         ctx.idle.sweep(ctx.config.client_idle_timeout, ctx.config.idle_transaction_timeout);
+        // Server connections past server_idle_timeout or server_lifetime.
+        for pool in ctx.all_pools() {
+            let closed = pool.close_expired();
+            if closed > 0 {
+                tracing::debug!(shard = %pool.name, closed, "closed idle server connections past their timeout");
+            }
+        }
     }
 }
 

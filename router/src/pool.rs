@@ -71,6 +71,10 @@ pub struct ShardPool {
     pub latency: Arc<crate::metrics::Histogram>,
     queue_timeout: Duration,
     connect_timeout: Duration,
+    /// Idle connections older than this are closed (zero: never).
+    idle_timeout: Duration,
+    /// Connections open longer than this are closed on their return (zero: never).
+    lifetime: Duration,
 }
 
 impl ShardPool {
@@ -78,22 +82,48 @@ impl ShardPool {
     pub fn new(
         name: String,
         address: ShardAddress,
-        size: usize,
-        queue_timeout: Duration,
-        connect_timeout: Duration,
+        config: &crate::config::PoolConfig,
         threads: usize,
     ) -> Arc<ShardPool> {
+        let size = config.size.max(1);
         Arc::new(ShardPool {
             latency: crate::metrics::global().shard_latency(&name),
             name,
             address,
             idle: (0..=threads).map(|_| Mutex::new(Vec::new())).collect(),
             open: std::sync::atomic::AtomicUsize::new(0),
-            size: size.max(1),
-            slots: Arc::new(Semaphore::new(size.max(1))),
-            queue_timeout,
-            connect_timeout,
+            size,
+            slots: Arc::new(Semaphore::new(size)),
+            queue_timeout: config.queue_timeout,
+            connect_timeout: config.connect_timeout,
+            idle_timeout: config.server_idle_timeout,
+            lifetime: config.server_lifetime,
         })
+    }
+
+    /// Closes the idle connections that have been idle longer than
+    /// `server_idle_timeout` or open longer than `server_lifetime` (the idle
+    /// timeouts' janitor calls it once a second). Returns how many it closed.
+    pub fn close_expired(&self) -> usize {
+        let mut closed = 0;
+        for list in 0..self.idle.len() {
+            let expired: Vec<Backend> = {
+                let mut idle = self.lock_idle(list);
+                let (keep, expired) = std::mem::take(&mut *idle).into_iter().partition(|b| !self.expired(b));
+                *idle = keep;
+                expired
+            };
+            closed += expired.len();
+            self.open.fetch_sub(expired.len(), Ordering::Relaxed);
+            // Dropped outside the lock: each closes its socket.
+            drop(expired);
+        }
+        closed
+    }
+
+    fn expired(&self, b: &Backend) -> bool {
+        (!self.idle_timeout.is_zero() && b.idle_since.elapsed() >= self.idle_timeout)
+            || (!self.lifetime.is_zero() && b.opened.elapsed() >= self.lifetime)
     }
 
     /// Borrows a connection: an idle one if there is one, else a new one.
@@ -201,8 +231,10 @@ impl std::ops::DerefMut for Pooled {
 
 impl Drop for Pooled {
     fn drop(&mut self) {
-        if let Some(b) = self.backend.take() {
-            if !b.broken && !b.conn.has_buffered() {
+        if let Some(mut b) = self.backend.take() {
+            let lived = !self.pool.lifetime.is_zero() && b.opened.elapsed() >= self.pool.lifetime;
+            if !b.broken && !b.conn.has_buffered() && !lived {
+                b.idle_since = std::time::Instant::now();
                 self.pool.lock_idle(b.thread_list).push(b);
             } else {
                 self.pool.open.fetch_sub(1, Ordering::Relaxed);

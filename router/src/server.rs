@@ -129,16 +129,7 @@ async fn start_with(
         .shards
         .iter()
         .zip(shard_addresses)
-        .map(|(s, addr)| {
-            ShardPool::new(
-                s.name.clone(),
-                addr,
-                config.pool.size,
-                config.pool.queue_timeout,
-                config.pool.connect_timeout,
-                config.threads,
-            )
-        })
+        .map(|(s, addr)| ShardPool::new(s.name.clone(), addr, &config.pool, config.threads))
         .collect::<Vec<_>>();
     let mut users = HashMap::new();
     for u in &config.users {

@@ -177,3 +177,50 @@ async fn connections_still_logging_in_beyond_their_limit_are_refused_and_free_th
     };
     client.simple_query("SELECT 1").await.expect("served");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_connection_past_its_lifetime_is_replaced_between_transactions() {
+    let mut config = RouterConfig::default();
+    config.pool.size = 1;
+    config.pool.server_lifetime = Duration::from_secs(1);
+    let h = Harness::start_with(1, config).await;
+    let c = h.client().await;
+    async fn pid(c: &tokio_postgres::Client) -> i32 {
+        c.query_one("SELECT pg_backend_pid()", &[]).await.expect("pid").get(0)
+    }
+    let first = pid(&c).await;
+    // Polled until the shard's backend changes: the old one went at its return
+    // to the pool once it had lived a second.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        assert!(attempts < 300, "the server connection was never replaced");
+        if pid(&c).await != first {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let gone = h.shard(0).await.query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", &[&first]).await;
+    assert_eq!(gone.expect("count").get::<_, i64>(0), 0, "the old backend was closed, not kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_server_connections_past_the_idle_timeout_are_closed() {
+    let mut config = RouterConfig::default();
+    config.pool.server_idle_timeout = Duration::from_secs(1);
+    let h = Harness::start_with(1, config).await;
+    h.client().await.simple_query("SELECT 1").await.expect("served");
+    let shard = h.shard(0).await;
+    let routers = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'shardgate'";
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        assert!(attempts < 300, "idle server connections were never closed");
+        if shard.query_one(routers, &[]).await.expect("count").get::<_, i64>(0) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A new statement opens a new connection.
+    h.client().await.simple_query("SELECT 1").await.expect("served again");
+}
