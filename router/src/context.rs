@@ -219,7 +219,13 @@ impl RouterContext {
         while pools.len() <= shard {
             let s = dir.shards.get(pools.len())?;
             let address = self.shard_address(&dir, pools.len())?;
-            pools.push(ShardPool::new(s.name.clone(), address, &self.config.pool, self.config.threads));
+            pools.push(ShardPool::new(
+                s.name.clone(),
+                address,
+                &self.config.pool,
+                &self.config.tcp_keepalive,
+                self.config.threads,
+            ));
         }
         pools.get(shard).cloned()
     }

@@ -75,6 +75,8 @@ pub struct ShardPool {
     idle_timeout: Duration,
     /// Connections open longer than this are closed on their return (zero: never).
     lifetime: Duration,
+    /// TCP keepalives on the connections it opens.
+    keepalive: crate::config::KeepaliveConfig,
 }
 
 impl ShardPool {
@@ -83,6 +85,7 @@ impl ShardPool {
         name: String,
         address: ShardAddress,
         config: &crate::config::PoolConfig,
+        keepalive: &crate::config::KeepaliveConfig,
         threads: usize,
     ) -> Arc<ShardPool> {
         let size = config.size.max(1);
@@ -98,6 +101,7 @@ impl ShardPool {
             connect_timeout: config.connect_timeout,
             idle_timeout: config.server_idle_timeout,
             lifetime: config.server_lifetime,
+            keepalive: keepalive.clone(),
         })
     }
 
@@ -149,7 +153,12 @@ impl ShardPool {
             None => {
                 // take_idle counted the connection about to open.
                 match Backend::connect(&self.address, self.connect_timeout).await {
-                    Ok(b) => b,
+                    Ok(b) => {
+                        if let Err(e) = self.keepalive.apply(b.conn.get_ref()) {
+                            tracing::debug!(shard = %self.name, error = %e, "could not turn on TCP keepalives");
+                        }
+                        b
+                    }
                     Err(source) => {
                         self.open.fetch_sub(1, Ordering::Relaxed);
                         return Err(PoolError::Unavailable { shard: self.name.clone(), source });

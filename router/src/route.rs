@@ -448,7 +448,15 @@ fn single_or(
             "0A000",
             format!("{} on a sharded table without {key_col} would touch every shard", verb(stmt)),
         )
-        .hint(format!("add WHERE {key_col} = …, or set allow_cross_shard_writes = true to allow it")));
+        .hint(if stmt.kind == StatementKind::Insert {
+            // INSERT … SELECT: allow_cross_shard_writes would not help, the
+            // rows must go where their keys route.
+            format!(
+                "an INSERT … SELECT runs on one shard: select one tenant's rows (WHERE {key_col} = … in its SELECT), or send the rows as INSERT … VALUES or COPY, which shardgate splits by {key_col}"
+            )
+        } else {
+            format!("add WHERE {key_col} = …, or set allow_cross_shard_writes = true to allow it")
+        }));
     }
     // Rows live only on shards that own a bucket or a pinned tenant.
     if write {
@@ -760,6 +768,15 @@ mod tests {
         assert_eq!(combine_on_every_shard(Shard(1), Fanout(vec![0, 1])), Fanout(vec![0, 1]));
         assert_eq!(combine_on_every_shard(Fanout(vec![0, 1]), Shard(1)), Fanout(vec![0, 1]));
         assert_eq!(combine_on_every_shard(All, CopySplit), CopySplit);
+    }
+
+    #[test]
+    fn a_keyless_insert_select_is_told_to_name_one_tenant_or_send_its_rows_to_be_split() {
+        let c = crate::sql::testing::cluster();
+        let e = c.route("insert into orders select t, 1, 0 from generate_series(1, 100) t").expect_err("refused");
+        assert_eq!(e.code, "0A000");
+        let hint = e.hint.unwrap_or_default();
+        assert!(hint.contains("INSERT … SELECT runs on one shard") && hint.contains("INSERT … VALUES"), "{hint}");
     }
 
     #[test]

@@ -129,7 +129,7 @@ async fn start_with(
         .shards
         .iter()
         .zip(shard_addresses)
-        .map(|(s, addr)| ShardPool::new(s.name.clone(), addr, &config.pool, config.threads))
+        .map(|(s, addr)| ShardPool::new(s.name.clone(), addr, &config.pool, &config.tcp_keepalive, config.threads))
         .collect::<Vec<_>>();
     let mut users = HashMap::new();
     for u in &config.users {
@@ -340,6 +340,9 @@ async fn handle_client(stream: TcpStream, ctx: Arc<RouterContext>) -> Result<(),
         let msg = "sorry, too many connections are logging in at once";
         let hint = "retry in a moment; raise max_pending_logins if clients connect in bursts";
         let e = crate::error::SqlError::new("53300", msg.into()).hint(hint);
+        // Read what the client sent first, briefly: a socket closed with unread
+        // data is reset, and the reset can reach the client before the refusal.
+        let _ = crate::timer::timeout(std::time::Duration::from_millis(250), conn.read()).await;
         conn.send(&e.to_message(Severity::Fatal)).await?;
         return Ok(());
     }
