@@ -52,6 +52,7 @@ impl Params<'_> {
 }
 
 /// Routing settings that come from configuration.
+#[derive(Debug, Clone, Copy)]
 pub struct Rules {
     pub strict_tenant: bool,
     pub allow_cross_shard_writes: bool,
@@ -66,142 +67,144 @@ pub fn route(
     rules: &Rules,
     touched: &mut Vec<u32>,
 ) -> Result<Target, SqlError> {
-    if stmt.nested_writes.is_empty() {
-        route_one(stmt, params, fallback_key, dir, catalog, rules, touched)
-    } else {
-        route_with_nested_writes(stmt, params, fallback_key, dir, catalog, rules, touched)
-    }
+    Routing { params, fallback_key, dir, catalog, rules: *rules }.route(stmt, touched)
 }
 
-/// A statement with data-changing statements inside it (`WITH x AS (INSERT …)
-/// SELECT …`, EXPLAIN ANALYZE of a write): it runs on one server connection,
-/// so it runs only where every one of its writes, routed as a statement of its
-/// own by its own keys (an INSERT by its rows'), and the rest of it, routed
-/// as it would be alone, all belong: one shard, or anywhere, or every shard
-/// when each part is for every shard (reference tables). Anything else is
-/// refused: running it on several shards would run its writes on each.
-fn route_with_nested_writes(
-    stmt: &Statement,
-    params: Option<&Params<'_>>,
-    fallback_key: Option<&TenantKey>,
-    dir: &Directory,
-    catalog: &Catalog,
-    rules: &Rules,
-    touched: &mut Vec<u32>,
-) -> Result<Target, SqlError> {
-    let key_col = &dir.key_column;
-    // A part for several shards is refused below whatever
-    // allow_cross_shard_writes says, with the reason that holds here.
-    let parts = Rules { strict_tenant: rules.strict_tenant, allow_cross_shard_writes: true };
-    let several = || {
-        SqlError::new(
+/// What routing one execution of a statement reads: its bind parameters, the
+/// session's tenant, the directory snapshot, the catalog and the rules.
+#[derive(Clone, Copy)]
+struct Routing<'a> {
+    params: Option<&'a Params<'a>>,
+    fallback_key: Option<&'a TenantKey>,
+    dir: &'a Directory,
+    catalog: &'a Catalog,
+    rules: Rules,
+}
+
+impl Routing<'_> {
+    fn route(&self, stmt: &Statement, touched: &mut Vec<u32>) -> Result<Target, SqlError> {
+        if stmt.nested_writes.is_empty() {
+            self.route_one(stmt, touched)
+        } else {
+            self.route_with_nested_writes(stmt, touched)
+        }
+    }
+
+    /// A statement with data-changing statements inside it (`WITH x AS (INSERT …)
+    /// SELECT …`, EXPLAIN ANALYZE of a write): it runs on one server connection,
+    /// so it runs only where every one of its writes, routed as a statement of its
+    /// own by its own keys (an INSERT by its rows'), and the rest of it, routed
+    /// as it would be alone, all belong: one shard, or anywhere, or every shard
+    /// when each part is for every shard (reference tables). Anything else is
+    /// refused: running it on several shards would run its writes on each.
+    fn route_with_nested_writes(&self, stmt: &Statement, touched: &mut Vec<u32>) -> Result<Target, SqlError> {
+        let key_col = &self.dir.key_column;
+        // A part for several shards is refused below whatever
+        // allow_cross_shard_writes says, with the reason that holds here.
+        let parts = Routing { rules: Rules { allow_cross_shard_writes: true, ..self.rules }, ..*self };
+        let several = || {
+            SqlError::new(
             "0A000",
             "this statement changes data inside WITH (or under EXPLAIN ANALYZE or COPY) and would need several shards: it must run on one shard, where every row it writes or reads belongs".to_string(),
         )
         .hint(format!(
             "name one tenant throughout (WHERE {key_col} = … in each part, the same {key_col} in inserted rows), or send each write as a statement of its own"
         ))
-    };
-    let mut combined = Target::Any;
-    for part in stmt.nested_writes.iter().map(Some).chain([None]) {
-        let (t, written) = match part {
-            Some(w) => (route(w, params, fallback_key, dir, catalog, &parts, touched)?, &w.written),
-            None => (route_one(stmt, params, fallback_key, dir, catalog, &parts, touched)?, &stmt.written),
         };
-        // Every shard is for reference tables; a sharded table's rows are each
-        // on one.
-        if t == Target::All && written.iter().any(|t| catalog.is_sharded(t)) {
-            return Err(several());
-        }
-        combined = match (combined, t) {
-            (Target::Any, t @ (Target::Shard(_) | Target::Any | Target::All)) | (t, Target::Any) => t,
-            (Target::Shard(a), Target::Shard(b)) if a == b => Target::Shard(a),
-            (Target::All, Target::All) => Target::All,
-            _ => return Err(several()),
-        };
-    }
-    Ok(combined)
-}
-
-fn route_one(
-    stmt: &Statement,
-    params: Option<&Params<'_>>,
-    fallback_key: Option<&TenantKey>,
-    dir: &Directory,
-    catalog: &Catalog,
-    rules: &Rules,
-    touched: &mut Vec<u32>,
-) -> Result<Target, SqlError> {
-    let reads_sharded = stmt.tables.iter().any(|t| catalog.is_sharded(t));
-    let writes_sharded = stmt.written.iter().any(|t| catalog.is_sharded(t));
-    let key_col = &dir.key_column;
-    check_key_changes(stmt, params, fallback_key, dir, catalog)?;
-    match &stmt.kind {
-        StatementKind::Ddl => Ok(Target::All),
-        StatementKind::SqlPrepared(p) => Err(sql_prepared_refusal(p)),
-        StatementKind::Txn(_) | StatementKind::Session | StatementKind::SetVar(_) | StatementKind::SetTenant(_) => {
-            Ok(Target::Any)
-        }
-        StatementKind::Copy(c) if c.from_stdin => {
-            if writes_sharded {
-                Ok(Target::CopySplit)
-            } else {
-                Ok(Target::All)
+        let mut combined = Target::Any;
+        for part in stmt.nested_writes.iter().map(Some).chain([None]) {
+            let (t, written) = match part {
+                Some(w) => (parts.route(w, touched)?, &w.written),
+                None => (parts.route_one(stmt, touched)?, &stmt.written),
+            };
+            // Every shard is for reference tables; a sharded table's rows are each
+            // on one.
+            if t == Target::All && written.iter().any(|t| self.catalog.is_sharded(t)) {
+                return Err(several());
             }
+            combined = match (combined, t) {
+                (Target::Any, t @ (Target::Shard(_) | Target::Any | Target::All)) | (t, Target::Any) => t,
+                (Target::Shard(a), Target::Shard(b)) if a == b => Target::Shard(a),
+                (Target::All, Target::All) => Target::All,
+                _ => return Err(several()),
+            };
         }
-        StatementKind::Insert if writes_sharded => {
-            if let Some(ins) = &stmt.insert {
-                let pos = key_position(&ins.table, ins.columns.as_deref(), catalog, key_col)?;
-                let mut by_shard: Vec<(ShardId, Vec<usize>)> = Vec::new();
-                for (i, row) in ins.rows.iter().enumerate() {
-                    let expr = row.get(pos).and_then(|e| e.as_ref()).ok_or_else(|| {
+        Ok(combined)
+    }
+
+    fn route_one(&self, stmt: &Statement, touched: &mut Vec<u32>) -> Result<Target, SqlError> {
+        let Routing { params, dir, catalog, .. } = *self;
+        let reads_sharded = stmt.tables.iter().any(|t| catalog.is_sharded(t));
+        let writes_sharded = stmt.written.iter().any(|t| catalog.is_sharded(t));
+        let key_col = &dir.key_column;
+        self.check_key_changes(stmt)?;
+        match &stmt.kind {
+            StatementKind::Ddl => Ok(Target::All),
+            StatementKind::SqlPrepared(p) => Err(sql_prepared_refusal(p)),
+            StatementKind::Txn(_) | StatementKind::Session | StatementKind::SetVar(_) | StatementKind::SetTenant(_) => {
+                Ok(Target::Any)
+            }
+            StatementKind::Copy(c) if c.from_stdin => {
+                if writes_sharded {
+                    Ok(Target::CopySplit)
+                } else {
+                    Ok(Target::All)
+                }
+            }
+            StatementKind::Insert if writes_sharded => {
+                if let Some(ins) = &stmt.insert {
+                    let pos = key_position(&ins.table, ins.columns.as_deref(), catalog, key_col)?;
+                    let mut by_shard: Vec<(ShardId, Vec<usize>)> = Vec::new();
+                    for (i, row) in ins.rows.iter().enumerate() {
+                        let expr = row.get(pos).and_then(|e| e.as_ref()).ok_or_else(|| {
                         SqlError::new(
                             "0A000",
                             format!("row {} of the INSERT gives {key_col} as an expression; shardgate needs a literal or a parameter there", i + 1),
                         )
                     })?;
-                    let key = resolve(expr, params, dir.key_type)?.ok_or_else(|| {
-                        SqlError::new("23502", format!("{key_col} must not be NULL in a sharded table"))
-                    })?;
-                    let (bucket, shard) = dir.locate(&key);
-                    touched.push(bucket);
-                    match by_shard.iter_mut().find(|(s, _)| *s == shard) {
-                        Some((_, rows)) => rows.push(i),
-                        None => by_shard.push((shard, vec![i])),
+                        let key = resolve(expr, params, dir.key_type)?.ok_or_else(|| {
+                            SqlError::new("23502", format!("{key_col} must not be NULL in a sharded table"))
+                        })?;
+                        let (bucket, shard) = dir.locate(&key);
+                        touched.push(bucket);
+                        match by_shard.iter_mut().find(|(s, _)| *s == shard) {
+                            Some((_, rows)) => rows.push(i),
+                            None => by_shard.push((shard, vec![i])),
+                        }
                     }
+                    return Ok(match by_shard.len() {
+                        0 => Target::Any,
+                        1 => Target::Shard(by_shard[0].0),
+                        _ => Target::SplitInsert(by_shard),
+                    });
                 }
-                return Ok(match by_shard.len() {
-                    0 => Target::Any,
-                    1 => Target::Shard(by_shard[0].0),
-                    _ => Target::SplitInsert(by_shard),
-                });
+                // INSERT … SELECT: the SELECT's key decides, if the inserted rows
+                // provably belong there.
+                let target = self.single_or(stmt, true, touched)?;
+                self.check_insert_select(stmt, &target)?;
+                Ok(target)
             }
-            // INSERT … SELECT: the SELECT's key decides, if the inserted rows
-            // provably belong there.
-            let target = single_or(stmt, params, fallback_key, dir, catalog, rules, true, touched)?;
-            check_insert_select(stmt, &target, params, fallback_key, dir, catalog)?;
-            Ok(target)
-        }
-        StatementKind::Merge if writes_sharded => Err(SqlError::new(
-            "0A000",
-            format!("MERGE into a sharded table ({}) is not supported", stmt.written.join(", ")),
-        )
-        .hint(format!("use INSERT … ON CONFLICT, or UPDATE and INSERT statements that each name one {key_col}"))),
-        StatementKind::Insert | StatementKind::Update | StatementKind::Delete | StatementKind::Merge => {
-            if writes_sharded {
-                single_or(stmt, params, fallback_key, dir, catalog, rules, true, touched)
-            } else if !reads_sharded {
-                Ok(Target::All)
-            } else {
-                // Writes a reference table while reading a sharded one.
-                Err(SqlError::new("0A000", "a write to a reference table cannot read sharded tables".to_string()))
+            StatementKind::Merge if writes_sharded => Err(SqlError::new(
+                "0A000",
+                format!("MERGE into a sharded table ({}) is not supported", stmt.written.join(", ")),
+            )
+            .hint(format!("use INSERT … ON CONFLICT, or UPDATE and INSERT statements that each name one {key_col}"))),
+            StatementKind::Insert | StatementKind::Update | StatementKind::Delete | StatementKind::Merge => {
+                if writes_sharded {
+                    self.single_or(stmt, true, touched)
+                } else if !reads_sharded {
+                    Ok(Target::All)
+                } else {
+                    // Writes a reference table while reading a sharded one.
+                    Err(SqlError::new("0A000", "a write to a reference table cannot read sharded tables".to_string()))
+                }
             }
-        }
-        StatementKind::Select | StatementKind::SelectWithWrites | StatementKind::Copy(_) | StatementKind::Other => {
-            if !reads_sharded {
-                Ok(Target::Any)
-            } else {
-                single_or(stmt, params, fallback_key, dir, catalog, rules, false, touched)
+            StatementKind::Select | StatementKind::SelectWithWrites | StatementKind::Copy(_) | StatementKind::Other => {
+                if !reads_sharded {
+                    Ok(Target::Any)
+                } else {
+                    self.single_or(stmt, false, touched)
+                }
             }
         }
     }
@@ -398,53 +401,48 @@ pub fn check_reference_reads<'a>(
 
 /// A statement on sharded tables: its keys' shard(s), else the session's tenant,
 /// else every shard (reads) or an error (writes, strict mode).
-#[allow(clippy::too_many_arguments)]
-fn single_or(
-    stmt: &Statement,
-    params: Option<&Params<'_>>,
-    fallback_key: Option<&TenantKey>,
-    dir: &Directory,
-    catalog: &Catalog,
-    rules: &Rules,
-    write: bool,
-    touched: &mut Vec<u32>,
-) -> Result<Target, SqlError> {
-    let key_col = &dir.key_column;
-    if let KeyCandidates::Any(exprs) = &stmt.keys {
-        let mut shards = BTreeSet::new();
-        for e in exprs {
-            if let Some(k) = resolve(e, params, dir.key_type)? {
-                let (bucket, shard) = dir.locate(&k);
-                touched.push(bucket);
-                shards.insert(shard);
+impl Routing<'_> {
+    fn single_or(&self, stmt: &Statement, write: bool, touched: &mut Vec<u32>) -> Result<Target, SqlError> {
+        let Routing { params, fallback_key, dir, catalog, rules } = *self;
+        let key_col = &dir.key_column;
+        if let KeyCandidates::Any(exprs) = &stmt.keys {
+            let mut shards = BTreeSet::new();
+            for e in exprs {
+                if let Some(k) = resolve(e, params, dir.key_type)? {
+                    let (bucket, shard) = dir.locate(&k);
+                    touched.push(bucket);
+                    shards.insert(shard);
+                }
             }
+            return Ok(match shards.len() {
+                // Only NULL keys: matches no row anywhere.
+                0 => Target::Any,
+                1 => Target::Shard(*shards.iter().next().unwrap_or(&0)),
+                _ if write && !rules.allow_cross_shard_writes => {
+                    return Err(SqlError::new(
+                        "0A000",
+                        format!("this {} touches tenants on {} shards", verb(stmt), shards.len()),
+                    )
+                    .hint("write one tenant per statement, or set allow_cross_shard_writes = true"))
+                }
+                _ if write => Target::Fanout(shards.into_iter().collect()),
+                _ => fanout_read(stmt, dir, catalog, shards.into_iter().collect())?,
+            });
         }
-        return Ok(match shards.len() {
-            // Only NULL keys: matches no row anywhere.
-            0 => Target::Any,
-            1 => Target::Shard(*shards.iter().next().unwrap_or(&0)),
-            _ if write && !rules.allow_cross_shard_writes => {
-                return Err(SqlError::new(
-                    "0A000",
-                    format!("this {} touches tenants on {} shards", verb(stmt), shards.len()),
-                )
-                .hint("write one tenant per statement, or set allow_cross_shard_writes = true"))
-            }
-            _ if write => Target::Fanout(shards.into_iter().collect()),
-            _ => fanout_read(stmt, dir, catalog, shards.into_iter().collect())?,
-        });
-    }
-    if let Some(k) = fallback_key {
-        let (bucket, shard) = dir.locate(k);
-        touched.push(bucket);
-        return Ok(Target::Shard(shard));
-    }
-    if rules.strict_tenant {
-        return Err(SqlError::new("42P10", format!("strict_tenant is on and this {} names no {key_col}", verb(stmt)))
+        if let Some(k) = fallback_key {
+            let (bucket, shard) = dir.locate(k);
+            touched.push(bucket);
+            return Ok(Target::Shard(shard));
+        }
+        if rules.strict_tenant {
+            return Err(SqlError::new(
+                "42P10",
+                format!("strict_tenant is on and this {} names no {key_col}", verb(stmt)),
+            )
             .hint(format!("add WHERE {key_col} = …, a /* {key_col}=… */ comment, or SET shardgate.tenant = …")));
-    }
-    if write && !rules.allow_cross_shard_writes {
-        return Err(SqlError::new(
+        }
+        if write && !rules.allow_cross_shard_writes {
+            return Err(SqlError::new(
             "0A000",
             format!("{} on a sharded table without {key_col} would touch every shard", verb(stmt)),
         )
@@ -457,12 +455,13 @@ fn single_or(
         } else {
             format!("add WHERE {key_col} = …, or set allow_cross_shard_writes = true to allow it")
         }));
-    }
-    // Rows live only on shards that own a bucket or a pinned tenant.
-    if write {
-        Ok(Target::All)
-    } else {
-        fanout_read(stmt, dir, catalog, dir.owning_shards())
+        }
+        // Rows live only on shards that own a bucket or a pinned tenant.
+        if write {
+            Ok(Target::All)
+        } else {
+            fanout_read(stmt, dir, catalog, dir.owning_shards())
+        }
     }
 }
 
@@ -484,21 +483,17 @@ fn fanout_read(stmt: &Statement, dir: &Directory, catalog: &Catalog, shards: Vec
 /// route to. Allowed: assignments that keep the key (not recorded by the
 /// analysis), and a new key equal to every key the statement is routed by (its
 /// own, else the session's), which is where the statement runs.
-fn check_key_changes(
-    stmt: &Statement,
-    params: Option<&Params<'_>>,
-    fallback_key: Option<&TenantKey>,
-    dir: &Directory,
-    catalog: &Catalog,
-) -> Result<(), SqlError> {
-    for change in stmt.key_changes.iter().filter(|c| catalog.is_sharded(&c.table)) {
-        let stays = match (&change.to, &stmt.kind) {
-            (Some(to), StatementKind::Update) => is_every_routing_key(to, stmt, params, fallback_key, dir),
-            _ => false,
-        };
-        if !stays {
-            let key_col = &dir.key_column;
-            return Err(SqlError::new(
+impl Routing<'_> {
+    fn check_key_changes(&self, stmt: &Statement) -> Result<(), SqlError> {
+        let dir = self.dir;
+        for change in stmt.key_changes.iter().filter(|c| self.catalog.is_sharded(&c.table)) {
+            let stays = match (&change.to, &stmt.kind) {
+                (Some(to), StatementKind::Update) => self.is_every_routing_key(to, stmt),
+                _ => false,
+            };
+            if !stays {
+                let key_col = &dir.key_column;
+                return Err(SqlError::new(
                 "0A000",
                 format!(
                     "cannot change the sharding key {key_col} of rows in \"{}\": the row would stay on a shard its new key does not route to",
@@ -508,48 +503,42 @@ fn check_key_changes(
             .hint(format!(
                 "to give a row another {key_col}, delete it and insert it again with the new {key_col}, from the application; assignments that keep the key ({key_col} = {key_col}, or EXCLUDED.{key_col} in ON CONFLICT DO UPDATE) are allowed"
             )));
+            }
         }
+        Ok(())
     }
-    Ok(())
-}
 
-/// `INSERT … SELECT` into a sharded table runs where the SELECT's key is; it is
-/// refused unless every inserted row provably belongs to that shard: its key is
-/// the source row's own key (read on that one shard), or a literal or parameter
-/// equal to every key the statement is routed by.
-fn check_insert_select(
-    stmt: &Statement,
-    target: &Target,
-    params: Option<&Params<'_>>,
-    fallback_key: Option<&TenantKey>,
-    dir: &Directory,
-    catalog: &Catalog,
-) -> Result<(), SqlError> {
-    let Some(ins) = &stmt.insert_select else { return Ok(()) };
-    if !catalog.is_sharded(&ins.table) {
-        return Ok(());
-    }
-    let key_col = &dir.key_column;
-    let pos = key_position(&ins.table, ins.columns.as_deref(), catalog, key_col)?;
-    let inserted = match (&ins.values, &ins.source) {
-        (Some(values), _) => values.get(pos).cloned().unwrap_or(Inserted::Other),
-        // `SELECT *`: the source's column at that position.
-        (None, Some(source)) => match catalog.columns(source) {
-            Some(c) if c.get(pos).is_some_and(|c| c.eq_ignore_ascii_case(key_col)) => Inserted::SourceKey,
-            _ => Inserted::Other,
-        },
-        (None, None) => Inserted::Other,
-    };
-    let one_shard = matches!(target, Target::Shard(_) | Target::Any);
-    let stays = match inserted {
-        Inserted::SourceKey => one_shard,
-        Inserted::Value(e) => one_shard && is_every_routing_key(&e, stmt, params, fallback_key, dir),
-        Inserted::Other => false,
-    };
-    if stays {
-        return Ok(());
-    }
-    Err(SqlError::new(
+    /// `INSERT … SELECT` into a sharded table runs where the SELECT's key is; it is
+    /// refused unless every inserted row provably belongs to that shard: its key is
+    /// the source row's own key (read on that one shard), or a literal or parameter
+    /// equal to every key the statement is routed by.
+    fn check_insert_select(&self, stmt: &Statement, target: &Target) -> Result<(), SqlError> {
+        let Routing { dir, catalog, .. } = *self;
+        let Some(ins) = &stmt.insert_select else { return Ok(()) };
+        if !catalog.is_sharded(&ins.table) {
+            return Ok(());
+        }
+        let key_col = &dir.key_column;
+        let pos = key_position(&ins.table, ins.columns.as_deref(), catalog, key_col)?;
+        let inserted = match (&ins.values, &ins.source) {
+            (Some(values), _) => values.get(pos).cloned().unwrap_or(Inserted::Other),
+            // `SELECT *`: the source's column at that position.
+            (None, Some(source)) => match catalog.columns(source) {
+                Some(c) if c.get(pos).is_some_and(|c| c.eq_ignore_ascii_case(key_col)) => Inserted::SourceKey,
+                _ => Inserted::Other,
+            },
+            (None, None) => Inserted::Other,
+        };
+        let one_shard = matches!(target, Target::Shard(_) | Target::Any);
+        let stays = match inserted {
+            Inserted::SourceKey => one_shard,
+            Inserted::Value(e) => one_shard && self.is_every_routing_key(&e, stmt),
+            Inserted::Other => false,
+        };
+        if stays {
+            return Ok(());
+        }
+        Err(SqlError::new(
         "0A000",
         format!(
             "INSERT … SELECT into the sharded table {}: shardgate cannot prove that every inserted row's {key_col} routes to the shard the statement runs on",
@@ -559,6 +548,16 @@ fn check_insert_select(
     .hint(format!(
         "select {key_col} from the rows of one tenant (INSERT INTO … SELECT {key_col}, … FROM … WHERE {key_col} = …), or insert the rows with INSERT … VALUES, which the router splits by {key_col}"
     )))
+    }
+
+    /// Whether `e` is, in this execution, the one key the statement is routed by
+    /// (every key of its own, else the session's): rows given that key stay on the
+    /// shard the statement runs on, wherever buckets are placed.
+    fn is_every_routing_key(&self, e: &KeyExpr, stmt: &Statement) -> bool {
+        let to = resolve(e, self.params, self.dir.key_type).ok().flatten();
+        let keys = statement_keys(stmt, self.params, self.fallback_key, self.dir.key_type);
+        matches!((to, keys), (Some(to), Some(keys)) if !keys.is_empty() && keys.iter().all(|k| *k == to))
+    }
 }
 
 /// Where the key column is among the columns an INSERT gives (its list, else
@@ -573,21 +572,6 @@ fn key_position(table: &str, columns: Option<&[String]>, catalog: &Catalog, key_
         SqlError::new("23502", format!("INSERT into sharded table {table} does not set {key_col}"))
             .hint(format!("every row of a sharded table needs a {key_col}"))
     })
-}
-
-/// Whether `e` is, in this execution, the one key the statement is routed by
-/// (every key of its own, else the session's): rows given that key stay on the
-/// shard the statement runs on, wherever buckets are placed.
-fn is_every_routing_key(
-    e: &KeyExpr,
-    stmt: &Statement,
-    params: Option<&Params<'_>>,
-    fallback_key: Option<&TenantKey>,
-    dir: &Directory,
-) -> bool {
-    let to = resolve(e, params, dir.key_type).ok().flatten();
-    let keys = statement_keys(stmt, params, fallback_key, dir.key_type);
-    matches!((to, keys), (Some(to), Some(keys)) if !keys.is_empty() && keys.iter().all(|k| *k == to))
 }
 
 fn verb(stmt: &Statement) -> &'static str {
