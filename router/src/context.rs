@@ -153,6 +153,8 @@ pub struct RouterContext {
     pub router_id: String,
     /// Open transactions by the buckets they touched (what a cutover hold waits for).
     pub in_flight: Arc<crate::hold::InFlight>,
+    /// How long statements waited on each hold, for the heartbeat.
+    pub held: crate::hold::HeldWaits,
     /// One catalog refresh at a time; statements naming a table the catalog does
     /// not know wait for the refresh in flight instead of routing without it.
     refreshing: tokio::sync::Mutex<()>,
@@ -184,6 +186,7 @@ impl RouterContext {
             writer,
             router_id,
             in_flight: Arc::new(crate::hold::InFlight::new(directory.load().bucket_count)),
+            held: Default::default(),
             refreshing: tokio::sync::Mutex::new(()),
             shadow: crate::shadow::Shadow::new(config.moves.shadow_concurrency.max(1)),
             shard_setup: std::sync::OnceLock::new(),

@@ -98,6 +98,7 @@ async fn heartbeat(ctx: Arc<RouterContext>, address: SocketAddr, mut stopped: wa
             at_ms: now,
             started_ms,
             shadow: ctx.shadow.reports(&ctx.directory.load()),
+            held: ctx.held.reports(&ctx.directory.load()),
             // The load summary every fifth beat: enough for planning, little log.
             load: beats.is_multiple_of(5).then(|| ctx.load.report()),
         };
