@@ -129,6 +129,19 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// Whether the server has closed this idle connection or sent it something
+    /// unasked (the FATAL of a shutdown or of `pg_terminate_backend`): an idle
+    /// connection's socket has nothing to read unless the server gave up on it.
+    /// One non-blocking read; a byte it takes does not matter, the connection
+    /// is dropped then.
+    pub fn closed_by_server(&self) -> bool {
+        if self.conn.has_buffered() {
+            return true;
+        }
+        let mut byte = [0u8; 1];
+        !matches!(self.conn.get_ref().try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
     pub async fn connect(addr: &ShardAddress, timeout: Duration) -> Result<Backend, BackendError> {
         Self::connect_with(addr, timeout, &[]).await
     }

@@ -124,6 +124,8 @@ pub struct RouterContext {
     pub config: RouterConfig,
     pub directory: DirectoryHandle,
     pub pools: RwLock<Vec<Arc<ShardPool>>>,
+    /// What the health probes last saw of each shard (see [`crate::health`]).
+    health: RwLock<Vec<Arc<crate::health::ShardHealth>>>,
     pub cache: AnalysisCache,
     pub catalog: Catalog,
     pub users: HashMap<String, Credential>,
@@ -198,6 +200,7 @@ impl RouterContext {
             config,
             directory,
             pools: RwLock::new(pools),
+            health: RwLock::new(Vec::new()),
             catalog: Catalog::default(),
             users,
             cancels: Mutex::new(HashMap::new()),
@@ -212,6 +215,18 @@ impl RouterContext {
 
     /// The pool of a shard, created on first use for shards the directory gained
     /// after start-up.
+    /// What the health probes last saw of `shard`.
+    pub fn shard_health(&self, shard: ShardId) -> Arc<crate::health::ShardHealth> {
+        if let Some(h) = self.health.read().unwrap_or_else(|p| p.into_inner()).get(shard) {
+            return h.clone();
+        }
+        let mut all = self.health.write().unwrap_or_else(|p| p.into_inner());
+        while all.len() <= shard {
+            all.push(Default::default());
+        }
+        all[shard].clone()
+    }
+
     pub fn pool(&self, shard: ShardId) -> Option<Arc<ShardPool>> {
         let known = self.pools.read().unwrap_or_else(|p| p.into_inner()).get(shard).cloned();
         if known.is_some() {

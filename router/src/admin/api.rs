@@ -255,6 +255,16 @@ pub struct Health {
     pub ok: bool,
 }
 
+/// `GET /health/ready`: whether this node should get clients. Ready when its
+/// directory lease is valid (it may route writes) and every shard answered its
+/// last probe; otherwise `reasons` says what is missing (HTTP 503).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Readiness {
+    pub ready: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<String>,
+}
+
 /// `POST /moves`: move a bucket or a tenant (exactly one of them) to shard `to`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct NewMove {
