@@ -172,6 +172,7 @@ impl Backend {
             ("application_name", "shardgate"),
             ("client_encoding", "UTF8"),
         ];
+        params.retain(|(k, _)| !extra.iter().any(|(e, _)| e == k));
         params.extend_from_slice(extra);
         conn.send(&messages::startup_message(&params)).await?;
         auth::authenticate_backend(&mut conn, &addr.user, addr.password.as_deref()).await.map_err(|e| {

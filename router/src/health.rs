@@ -16,6 +16,10 @@ use crate::backend::Backend;
 use crate::context::RouterContext;
 use crate::pool::ShardPool;
 
+/// The probe's `application_name` on the shards (pooled connections are
+/// `shardgate`).
+pub const PROBE_NAME: &str = "shardgate probe";
+
 /// How often each shard is asked.
 const EVERY: Duration = Duration::from_secs(1);
 
@@ -122,7 +126,8 @@ impl Probe {
     /// The server's start time, on the probe's own connection (opened if need be).
     async fn ask(&mut self, pool: &ShardPool, timeout: Duration) -> Result<String, String> {
         if self.conn.is_none() {
-            let b = Backend::connect(&pool.address, timeout).await.map_err(|e| e.to_string())?;
+            let name = [("application_name", PROBE_NAME)];
+            let b = Backend::connect_with(&pool.address, timeout, &name).await.map_err(|e| e.to_string())?;
             self.conn = Some(b);
         }
         let conn = self.conn.as_mut().expect("connected above");

@@ -141,6 +141,16 @@ impl Routing<'_> {
         match &stmt.kind {
             StatementKind::Ddl => Ok(Target::All),
             StatementKind::SqlPrepared(p) => Err(sql_prepared_refusal(p)),
+            StatementKind::SessionState(state) => Err(session_state_refusal(state)),
+            StatementKind::DeclareCursor if reads_sharded => match self.single_or(stmt, false, touched)? {
+                // A cursor's rows come from the one connection that declared it.
+                Target::Fanout(_) => Err(SqlError::new(
+                    "0A000",
+                    format!("a cursor over a sharded table reads one shard: its query must name one {key_col}"),
+                )
+                .hint(format!("add WHERE {key_col} = … to the cursor's query, or run the query without a cursor"))),
+                t => Ok(t),
+            },
             StatementKind::Txn(_) | StatementKind::Session | StatementKind::SetVar(_) | StatementKind::SetTenant(_) => {
                 Ok(Target::Any)
             }
@@ -199,7 +209,11 @@ impl Routing<'_> {
                     Err(SqlError::new("0A000", "a write to a reference table cannot read sharded tables".to_string()))
                 }
             }
-            StatementKind::Select | StatementKind::SelectWithWrites | StatementKind::Copy(_) | StatementKind::Other => {
+            StatementKind::Select
+            | StatementKind::SelectWithWrites
+            | StatementKind::Copy(_)
+            | StatementKind::DeclareCursor
+            | StatementKind::Other => {
                 if !reads_sharded {
                     Ok(Target::Any)
                 } else {
@@ -208,6 +222,27 @@ impl Routing<'_> {
             }
         }
     }
+}
+
+/// Why a statement that leaves session state on its server connection is
+/// refused (see [`crate::sql`]'s `pooled_state`): the connection goes back to
+/// the pool when the transaction ends.
+fn session_state_refusal(state: &str) -> SqlError {
+    let instead = match state {
+        "LISTEN" => "poll a table for changes, or LISTEN on a direct connection to a shard",
+        "a session-level advisory lock" => {
+            "take pg_advisory_xact_lock(…) inside a transaction: it is released at COMMIT"
+        }
+        "a cursor WITH HOLD" => "fetch the rows inside the transaction (a cursor without WITH HOLD), or page by key",
+        _ => "create it with ON COMMIT DROP inside a transaction, or use a regular table",
+    };
+    SqlError::new(
+        "0A000",
+        format!(
+            "{state} outlives the transaction on its server connection, and shardgate pools server connections per transaction: another client would get it"
+        ),
+    )
+    .hint(instead)
 }
 
 /// Why SQL-level PREPARE, EXECUTE and DEALLOCATE are refused (docs/routing.md):

@@ -553,7 +553,7 @@ async fn the_pool_size_holds_for_the_whole_router_across_its_session_threads() {
     let n: i64 = shard
         .query_one(
             "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' \
-             AND datname = current_database() AND pid <> pg_backend_pid()",
+             AND datname = current_database() AND application_name = 'shardgate'",
             &[],
         )
         .await
