@@ -32,6 +32,7 @@ pub mod fanout;
 pub mod health;
 pub mod hold;
 pub mod idle;
+pub mod key_array;
 pub mod load;
 pub mod metrics;
 pub mod moves;

@@ -14,6 +14,8 @@ pub enum KeyExpr {
     Literal(String),
     /// Bind parameter `$n`, zero-based here.
     Param(usize),
+    /// Every element of array parameter `$n` (zero-based): `key = ANY($n)`.
+    ParamArray(usize),
 }
 
 /// The keys a statement is restricted to, if any.
@@ -372,7 +374,7 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
                         origins.tenant = at;
                         Some(unquote(&l))
                     }
-                    KeyExpr::Param(_) => None,
+                    KeyExpr::Param(_) | KeyExpr::ParamArray(_) => None,
                 }),
                 _ => None,
             };
@@ -560,6 +562,17 @@ pub(super) fn located_value(n: &Node) -> Option<Located> {
     }
 }
 
+/// The keys of `key = ANY(…)`: the elements of `ARRAY[…]` (each a literal or a
+/// parameter), or every element of an array parameter.
+fn array_keys(n: &Node) -> Found {
+    match n.node.as_ref()? {
+        N::AArrayExpr(a) => a.elements.iter().map(located_value).collect(),
+        N::ParamRef(p) if p.number >= 1 => Some(vec![(KeyExpr::ParamArray(p.number as usize - 1), None)]),
+        N::TypeCast(t) => t.arg.as_deref().and_then(array_keys),
+        _ => None,
+    }
+}
+
 /// Finds conditions on the key column.
 struct KeyFinder<'a> {
     column: &'a str,
@@ -643,6 +656,7 @@ impl KeyFinder<'_> {
                         Some(N::List(list)) => list.items.iter().map(located_value).collect(),
                         _ => None,
                     },
+                    K::AexprOpAny if op == Some("=") && self.is_key_column(l) => array_keys(r),
                     _ => None,
                 }
             }
