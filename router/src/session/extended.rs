@@ -244,7 +244,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             {
                 let stmt = &statements[0].statements[0];
                 let text = &stmt.text;
-                match crate::fanout::plan(text) {
+                let key_column = self.ctx.directory.load().key_column.clone();
+                match crate::fanout::plan(text, &key_column) {
                     Ok(plan)
                         if plan.merge == crate::fanout::MergeSpec::Concat
                             && plan.shard_sql == *text

@@ -53,7 +53,8 @@ pub(super) fn result_formats(tail: &[u8]) -> Option<Vec<i16>> {
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// A read without a tenant: every shard (concurrently), results merged.
     pub(super) async fn run_fanout(&mut self, stmt: &Statement, shards: Vec<ShardId>) -> Result<(), SessionError> {
-        let plan = match crate::fanout::plan(&stmt.text) {
+        let key_column = self.ctx.directory.load().key_column.clone();
+        let plan = match crate::fanout::plan(&stmt.text, &key_column) {
             Ok(p) => p,
             Err(e) => return self.fail_simple(SqlError::new("0A000", e.to_string())).await,
         };
@@ -62,11 +63,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Err(e) => return self.fail_simple(e).await,
         };
         let streamed = plan.merge.streamed();
-        if let Some((order, limit, offset)) = streamed {
+        if let Some(merge) = streamed {
             let read = |sql: &str| messages::query(sql).to_vec();
-            return self
-                .stream_fanout(Answer::Simple, &shards, &plan.shard_sql, texts, read, &order, limit, offset)
-                .await;
+            return self.stream_fanout(Answer::Simple, &shards, &plan.shard_sql, texts, read, &merge).await;
         }
         let this = &*self;
         let runs = shards.iter().zip(&texts).map(|(&s, sql)| {
@@ -188,9 +187,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .concat()
         };
         let streamed = plan.merge.streamed();
-        if let (Some((order, limit, offset)), 1) = (streamed, batch.iter().filter(|m| m.tag() == b'E').count()) {
+        if let (Some(merge), 1) = (streamed, batch.iter().filter(|m| m.tag() == b'E').count()) {
             let answer = Answer::Extended { batch, formats: &result_formats, relayed };
-            return self.stream_fanout(answer, &shards, &plan.shard_sql, texts, read, &order, limit, offset).await;
+            return self.stream_fanout(answer, &shards, &plan.shard_sql, texts, read, &merge).await;
         }
         let this = &*self;
         let runs = shards.iter().zip(&texts).map(|(&s, sql)| {
