@@ -473,6 +473,14 @@ const MERGED: &[(&str, Rows)] = &[
     ("SELECT o.*, i.sku FROM orders o JOIN items i USING (tenant_id, id) ORDER BY sku, tenant_id LIMIT 9", Rows::Ordered),
     ("SELECT i.qty, o.* FROM orders o JOIN items i USING (tenant_id, id) ORDER BY o.total, 1, tenant_id", Rows::Ordered),
     ("SELECT DISTINCT ON (tenant_id) * FROM orders ORDER BY tenant_id, total DESC NULLS LAST, id", Rows::Ordered),
+    // `qty` is o.qty, the output column of that name, not i.qty.
+    ("SELECT o.*, i.qty AS q FROM orders o JOIN items i USING (tenant_id, id) ORDER BY qty NULLS FIRST, tenant_id", Rows::Ordered),
+    (
+        "SELECT * FROM orders UNION ALL SELECT tenant_id, id, sku, qty::numeric, qty FROM items \
+         ORDER BY total DESC NULLS LAST, tenant_id, id LIMIT 10",
+        Rows::Ordered,
+    ),
+    ("SELECT DISTINCT region COLLATE \"C\" AS r FROM orders ORDER BY 1 DESC", Rows::Ordered),
     ("SELECT DISTINCT region FROM orders", Rows::AnyOrder),
     ("SELECT DISTINCT region, qty FROM orders ORDER BY qty DESC NULLS LAST, region LIMIT 10", Rows::Ordered),
     ("SELECT DISTINCT qty FROM orders ORDER BY qty LIMIT 5 OFFSET 2", Rows::Ordered),
@@ -538,6 +546,14 @@ async fn star_distinct_having_and_union_all_match_a_single_postgres() {
         // A statement described before it runs: its columns, hidden ones left out.
         let p = vec![parse("", sql, &[]), describe_statement(""), sync()];
         assert_eq!(routed.run(&p).await, direct.run(&p).await, "described: {sql}");
+    }
+    // Parameters outside HAVING keep their places and types.
+    let sql = "SELECT region, count(*) AS n, avg(total) FROM orders WHERE qty > $1 GROUP BY region \
+               HAVING count(*) > 5 AND max(total) >= 100 ORDER BY n DESC, region";
+    for qty in [0i32, 12, 1000] {
+        let a = wire_rows(&one.query(sql, &[&qty]).await.unwrap());
+        let b = wire_rows(&router.query(sql, &[&qty]).await.unwrap_or_else(|e| panic!("{sql}: {e:?}")));
+        assert_eq!(b, a, "{sql} with {qty}");
     }
 }
 

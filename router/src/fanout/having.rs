@@ -178,28 +178,8 @@ impl Filter {
     /// Three-valued: None is SQL's NULL.
     fn eval(&self, row: &Row, types: &[i32], c: bool) -> Result<Option<bool>, FanoutError> {
         match self {
-            Filter::And(all) => {
-                let mut out = Some(true);
-                for f in all {
-                    match f.eval(row, types, c)? {
-                        Some(false) => return Ok(Some(false)),
-                        None => out = None,
-                        Some(true) => {}
-                    }
-                }
-                Ok(out)
-            }
-            Filter::Or(any) => {
-                let mut out = Some(false);
-                for f in any {
-                    match f.eval(row, types, c)? {
-                        Some(true) => return Ok(Some(true)),
-                        None => out = None,
-                        Some(false) => {}
-                    }
-                }
-                Ok(out)
-            }
+            Filter::And(all) => connective(all, false, row, types, c),
+            Filter::Or(any) => connective(any, true, row, types, c),
             Filter::Not(f) => Ok(f.eval(row, types, c)?.map(|b| !b)),
             Filter::IsNull { operand, negated } => Ok(Some(operand.value(row)?.is_none() != *negated)),
             Filter::Compare { left, op, right } => {
@@ -211,6 +191,26 @@ impl Filter {
             }
         }
     }
+}
+
+/// AND (`decisive` false) or OR (`decisive` true) of three-valued parts: the
+/// decisive value wins, then NULL, then the other.
+fn connective(
+    parts: &[Filter],
+    decisive: bool,
+    row: &Row,
+    types: &[i32],
+    c: bool,
+) -> Result<Option<bool>, FanoutError> {
+    let mut out = Some(!decisive);
+    for f in parts {
+        match f.eval(row, types, c)? {
+            Some(v) if v == decisive => return Ok(Some(decisive)),
+            None => out = None,
+            Some(_) => {}
+        }
+    }
+    Ok(out)
 }
 
 impl Operand {

@@ -20,6 +20,7 @@
 
 mod having;
 mod merge;
+mod outputs;
 mod plan;
 mod star;
 mod stream;
