@@ -128,7 +128,9 @@ fn operand(
         return match &c.val {
             None => Ok(Operand::Null),
             Some(a_const::Val::Ival(i)) => Ok(Operand::Number(i.ival.to_string())),
-            Some(a_const::Val::Fval(f)) => Ok(Operand::Number(f.fval.clone())),
+            // Numbers compare by their digits: `1.5e3` is not written so.
+            Some(a_const::Val::Fval(f)) if plain_decimal(&f.fval) => Ok(Operand::Number(f.fval.clone())),
+            Some(a_const::Val::Fval(_)) => Err(refuse_in_having("a number in exponent notation")),
             Some(a_const::Val::Sval(s)) => Ok(Operand::Text(s.sval.clone())),
             Some(_) => Err(refuse_in_having("this constant")),
         };
@@ -145,6 +147,14 @@ fn operator(e: &protobuf::AExpr) -> String {
         Some(N::String(s)) => s.sval.clone(),
         _ => String::new(),
     }
+}
+
+/// `-12.50`, `.5`, `7`: digits and at most one point.
+fn plain_decimal(s: &str) -> bool {
+    let digits = s.strip_prefix('-').unwrap_or(s);
+    digits.bytes().filter(|&c| c == b'.').count() <= 1
+        && digits.bytes().any(|c| c.is_ascii_digit())
+        && digits.bytes().all(|c| c.is_ascii_digit() || c == b'.')
 }
 
 /// How a refusal names an expression.
@@ -296,6 +306,9 @@ mod tests {
         // NULL OR false is NULL, and NULL drops the group.
         assert!(!keeps(&[Some("3"), None, Some("x")]));
         assert!(keeps(&[Some("3"), None, Some("y")]));
+        let f = filter("count() > -1 and sum() < .5", &["count()", "sum()"]).unwrap();
+        assert!(f.keeps(&row(&[Some("0"), Some("0.49")]), &types, true).unwrap());
+        assert!(!f.keeps(&row(&[Some("0"), Some("0.5")]), &types, true).unwrap());
         let f = filter("sum() is null", &["count()", "sum()"]).unwrap();
         assert!(f.keeps(&row(&[Some("1"), None]), &types, true).unwrap());
     }
@@ -309,6 +322,7 @@ mod tests {
             ("sum() between 1 and 2", "operator"),
             ("other > 1", "not a GROUP BY column"),
             ("sum() > $1", "parameter ($1)"),
+            ("sum() > 1.5e3", "exponent notation"),
         ] {
             let e = filter(condition, &["sum()"]).unwrap_err().to_string();
             assert!(e.contains(named) && e.contains("HAVING"), "{condition}: {e}");
