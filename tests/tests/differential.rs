@@ -568,6 +568,8 @@ async fn limits_over_ties_give_an_answer_one_postgres_could_give() {
         ("SELECT * FROM orders ORDER BY total DESC LIMIT 3", &[3][..]),
         ("SELECT * FROM orders ORDER BY region LIMIT 20 OFFSET 10", &[2]),
         ("SELECT DISTINCT ON (region) * FROM orders ORDER BY region, qty DESC", &[2, 4]),
+        // Without ORDER BY, any row of each region.
+        ("SELECT DISTINCT ON (region) * FROM orders", &[2]),
     ] {
         let want = rows(one.simple_query(sql).await.unwrap());
         let got = rows(router.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}")));
@@ -611,4 +613,12 @@ async fn merges_the_router_cannot_do_exactly_are_refused_by_name() {
             assert!(db.message().contains(named), "{sql}: {}", db.message());
         }
     }
+    // The shards run without HAVING: a parameter there would be one their
+    // statement lacks.
+    let sql = "SELECT region FROM orders GROUP BY region HAVING count(*) > $1";
+    let e = router.query(sql, &[&1i64]).await.expect_err(sql);
+    let db = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e:?}"));
+    assert_eq!(db.code().code(), "0A000", "{sql}: {}", db.message());
+    assert!(db.message().contains("parameter ($1) in HAVING"), "{sql}: {}", db.message());
+    assert_eq!(router.query("SELECT 1", &[]).await.unwrap().len(), 1);
 }
