@@ -482,6 +482,10 @@ const MERGED: &[(&str, Rows)] = &[
     ),
     ("SELECT DISTINCT region COLLATE \"C\" AS r FROM orders ORDER BY 1 DESC", Rows::Ordered),
     ("SELECT DISTINCT region FROM orders", Rows::AnyOrder),
+    // Each order once, however many orders of its tenant it joined.
+    ("SELECT DISTINCT o.* FROM orders o JOIN orders p USING (tenant_id) ORDER BY o.total, o.tenant_id, o.id", Rows::Ordered),
+    ("SELECT DISTINCT o.* FROM orders o JOIN orders p USING (tenant_id)", Rows::AnyOrder),
+    ("SELECT DISTINCT * FROM orders ORDER BY region, tenant_id DESC, id LIMIT 12", Rows::Ordered),
     ("SELECT DISTINCT region, qty FROM orders ORDER BY qty DESC NULLS LAST, region LIMIT 10", Rows::Ordered),
     ("SELECT DISTINCT qty FROM orders ORDER BY qty LIMIT 5 OFFSET 2", Rows::Ordered),
     ("SELECT DISTINCT region, tenant_id % 3 AS k FROM orders ORDER BY k", Rows::AnyOrder),
@@ -595,7 +599,7 @@ async fn merges_the_router_cannot_do_exactly_are_refused_by_name() {
     router.batch_execute("CREATE TABLE plans (id bigint PRIMARY KEY)").await.unwrap();
     for (sql, named) in [
         ("SELECT id FROM orders UNION ALL SELECT id FROM plans", "UNION ALL reads only reference tables"),
-        ("SELECT DISTINCT * FROM orders", "DISTINCT *"),
+        ("SELECT DISTINCT * FROM orders o JOIN orders p USING (tenant_id, id)", "DISTINCT *"),
         ("SELECT region, count(*) FROM orders GROUP BY region HAVING stddev(qty) > 1", "stddev()"),
         ("SELECT region, count(*) FROM orders GROUP BY region HAVING sum(qty) + 1 > 1", "operator +"),
         ("SELECT count(DISTINCT region) FROM orders", "count(DISTINCT …)"),

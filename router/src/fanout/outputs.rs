@@ -88,8 +88,17 @@ pub(super) struct Target {
 pub(super) struct Outputs {
     pub(super) columns: Vec<ColumnMerge>,
     pub(super) targets: Vec<Target>,
-    /// Where `*` stands (how many columns come before it), and its table.
-    pub(super) star: Option<(usize, Option<String>)>,
+    pub(super) star: Option<StarAt>,
+}
+
+/// Where `*` (or several next to each other) stands in the select list.
+pub(super) struct StarAt {
+    /// How many columns come before it.
+    pub(super) at: usize,
+    /// The name it reads through: `t` of `t.*`, or the one table of FROM.
+    pub(super) table: Option<String>,
+    /// The table that name is, as FROM writes it.
+    pub(super) relation: Option<String>,
 }
 
 /// An ORDER BY or DISTINCT ON item: an output column by index, or, past a
@@ -211,10 +220,11 @@ pub(super) fn outputs(sel: &protobuf::SelectStmt, key: &Key) -> Result<Outputs, 
                 Some(t) => Some(t.clone()),
                 None => single_table(&sel.from_clause),
             };
+            let relation = table.as_deref().and_then(|t| relation(&sel.from_clause, t));
             out.star = match out.star.take() {
-                None => Some((out.columns.len(), table)),
+                None => Some(StarAt { at: out.columns.len(), table, relation }),
                 // `a.*, b.*`: one run of columns, of two tables.
-                Some((at, _)) if at == out.columns.len() => Some((at, None)),
+                Some(s) if s.at == out.columns.len() => Some(StarAt { at: s.at, table: None, relation: None }),
                 Some(_) => return Err(refuse("a select list with `*` in two places (name the columns)")),
             };
             continue;
@@ -239,6 +249,20 @@ pub(super) fn outputs(sel: &protobuf::SelectStmt, key: &Key) -> Result<Outputs, 
         out.targets.push(Target { name, column: fields });
     }
     Ok(out)
+}
+
+/// The table FROM reads under `name` (its alias, or its own name).
+fn relation(from: &[Node], name: &str) -> Option<String> {
+    from.iter().find_map(|n| match &n.node {
+        Some(N::RangeVar(r)) if r.alias.as_ref().map_or(r.relname.as_str(), |a| a.aliasname.as_str()) == name => {
+            Some(if r.schemaname.is_empty() { r.relname.clone() } else { format!("{}.{}", r.schemaname, r.relname) })
+        }
+        Some(N::JoinExpr(j)) => {
+            let sides: Vec<Node> = [&j.larg, &j.rarg].into_iter().flatten().map(|b| (**b).clone()).collect();
+            relation(&sides, name)
+        }
+        _ => None,
+    })
 }
 
 /// The name `*` reads through when FROM is one table: its alias, else its name.

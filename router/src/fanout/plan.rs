@@ -28,8 +28,13 @@ fn bytewise_collation(c: &protobuf::CollateClause) -> bool {
 }
 
 /// Plans a SELECT that has no tenant key. `key_column` is the sharding key's
-/// column name.
-pub fn plan(sql: &str, key_column: &str) -> Result<FanoutPlan, FanoutError> {
+/// column name; `table_width` the number of columns the catalog knows a
+/// sharded table to have.
+pub fn plan(
+    sql: &str,
+    key_column: &str,
+    table_width: &dyn Fn(&str) -> Option<usize>,
+) -> Result<FanoutPlan, FanoutError> {
     let mut parsed = pg_query::parse(sql, 0).map_err(|e| FanoutError::Unsupported(e.to_string()))?;
     let [raw] = &mut parsed.protobuf.stmts[..] else { return Err(refuse("several statements")) };
     let Some(N::SelectStmt(sel)) = raw.stmt.as_deref_mut().and_then(|n| n.node.as_mut()) else {
@@ -63,7 +68,7 @@ pub fn plan(sql: &str, key_column: &str) -> Result<FanoutPlan, FanoutError> {
         }
         order.push(key);
     }
-    let distinct = plan_distinct(sel, &out, grouped, &mut order, &mut named)?;
+    let (distinct, star_width) = plan_distinct(sel, &out, grouped, &mut order, &mut named, table_width)?;
     let limit = match sel.limit_count.as_deref() {
         None => None,
         Some(n) if matches!(&n.node, Some(N::AConst(c)) if c.isnull) => None, // LIMIT ALL / NULL
@@ -92,7 +97,7 @@ pub fn plan(sql: &str, key_column: &str) -> Result<FanoutPlan, FanoutError> {
     }
     let shard_sql =
         pg_query::deparse(&parsed.protobuf, Default::default()).map_err(|e| FanoutError::Unsupported(e.to_string()))?;
-    let star = out.star.map(|(at, table)| Star { at, table, named });
+    let star = out.star.map(|s| Star { at: s.at, table: s.table, named, width: star_width });
     Ok(FanoutPlan {
         shard_sql,
         merge: MergeSpec::Full(Box::new(FullMerge {
@@ -282,24 +287,37 @@ fn sort_key(s: &Node, out: &Outputs) -> Result<(SortKey, Option<OutputName>), Fa
 /// the first row of each key in merge order; as in Postgres its expressions
 /// must lead ORDER BY (without ORDER BY they become it). Grouped reads run
 /// DISTINCT ON at the router only: a shard's partial groups are not the groups.
+///
+/// `SELECT DISTINCT t.*` sorts the shards by position, as many as the
+/// catalog gives `t` columns; that count is returned too, and the merge
+/// refuses shards that send another ([`FullMerge::bind`]).
 fn plan_distinct(
     sel: &mut protobuf::SelectStmt,
     out: &Outputs,
     grouped: bool,
     order: &mut Vec<SortKey>,
     named: &mut Vec<(usize, OutputName)>,
-) -> Result<Option<usize>, FanoutError> {
+    table_width: &dyn Fn(&str) -> Option<usize>,
+) -> Result<(Option<usize>, Option<usize>), FanoutError> {
     if sel.distinct_clause.is_empty() {
-        return Ok(None);
+        return Ok((None, None));
     }
     let plain_distinct = sel.distinct_clause.iter().all(|n| n.node.is_none());
     if plain_distinct {
         if grouped {
             // Group keys are output columns: the groups are distinct already.
-            return Ok(None);
+            return Ok((None, None));
         }
-        if out.star.is_some() {
-            return Err(refuse("SELECT DISTINCT * (name the columns)"));
+        if let Some(star) = &out.star {
+            let width = star.relation.as_deref().and_then(table_width).ok_or_else(|| {
+                refuse("SELECT DISTINCT * of several tables, or of a table that is not sharded (name the columns)")
+            })?;
+            for p in 1..=out.columns.len() + width {
+                named.push((order.len(), OutputName::Position(p)));
+                order.push(SortKey { column: 0, descending: false, nulls_first: false, bytewise: false });
+                sel.sort_clause.push(sort_by(int_node(p as i64)));
+            }
+            return Ok((Some(order.len()), Some(width)));
         }
         for i in 0..out.columns.len() {
             if !order.iter().any(|k| k.column == i) {
@@ -307,7 +325,7 @@ fn plan_distinct(
                 sel.sort_clause.push(sort_by(int_node(i as i64 + 1)));
             }
         }
-        return Ok(Some(order.len()));
+        return Ok((Some(order.len()), None));
     }
     let mut on: Vec<OutputRef> = Vec::new();
     for item in &sel.distinct_clause {
@@ -342,7 +360,7 @@ fn plan_distinct(
     if grouped {
         sel.distinct_clause.clear();
     }
-    Ok(Some(on.len()))
+    Ok((Some(on.len()), None))
 }
 
 fn sort_by(node: Node) -> Node {
@@ -393,8 +411,12 @@ fn ask_for_averages_counts(sel: &mut protobuf::SelectStmt, columns: &mut Vec<Col
 mod tests {
     use super::*;
 
+    fn plan_of(sql: &str) -> Result<FanoutPlan, FanoutError> {
+        plan(sql, "tenant_id", &|t| (t == "orders").then_some(5))
+    }
+
     fn full(sql: &str) -> (String, FullMerge) {
-        let p = plan(sql, "tenant_id").unwrap();
+        let p = plan_of(sql).unwrap();
         match p.merge {
             MergeSpec::Full(f) => (p.shard_sql, *f),
             MergeSpec::Concat => panic!("{sql}: expected a full merge"),
@@ -403,8 +425,8 @@ mod tests {
 
     #[test]
     fn plain_selects_concatenate() {
-        assert_eq!(plan("select id from orders where total > 5", "tenant_id").unwrap().merge, MergeSpec::Concat);
-        assert_eq!(plan("select * from orders", "tenant_id").unwrap().merge, MergeSpec::Concat);
+        assert_eq!(plan_of("select id from orders where total > 5").unwrap().merge, MergeSpec::Concat);
+        assert_eq!(plan_of("select * from orders").unwrap().merge, MergeSpec::Concat);
     }
 
     #[test]
@@ -492,6 +514,19 @@ mod tests {
     }
 
     #[test]
+    fn distinct_star_sorts_by_as_many_positions_as_the_catalog_knows() {
+        let (sql, m) = full("select distinct o.* from orders o join items i using (tenant_id) order by total desc");
+        assert!(sql.contains("ORDER BY total DESC, 1, 2, 3, 4, 5"), "{sql}");
+        assert_eq!(m.distinct, Some(6));
+        let names: Vec<String> = ["tenant_id", "id", "region", "total", "qty"].map(String::from).to_vec();
+        let bound = m.bind(&names).unwrap();
+        assert_eq!(bound.order.iter().map(|k| k.column).collect::<Vec<_>>(), vec![3, 0, 1, 2, 3, 4]);
+        // A column the catalog has not seen yet: refused, not deduplicated short.
+        let six: Vec<String> = ["tenant_id", "id", "region", "total", "qty", "added"].map(String::from).to_vec();
+        assert!(m.bind(&six).is_err());
+    }
+
+    #[test]
     fn having_runs_at_the_router_on_hidden_aggregates() {
         let (sql, m) = full("select region from orders group by region having avg(qty) > 2 and count(*) >= 3");
         assert!(
@@ -512,10 +547,7 @@ mod tests {
 
     #[test]
     fn union_all_runs_whole_on_every_shard() {
-        assert_eq!(
-            plan("select id from orders union all select id from items", "tenant_id").unwrap().merge,
-            MergeSpec::Concat
-        );
+        assert_eq!(plan_of("select id from orders union all select id from items").unwrap().merge, MergeSpec::Concat);
         let (sql, m) = full("select id, total from orders union all select id, qty from items order by 2 desc limit 3");
         assert!(sql.contains("UNION ALL") && sql.contains("LIMIT 3"), "{sql}");
         assert_eq!(m.order[0].column, 1);
@@ -536,7 +568,8 @@ mod tests {
             "select id from orders union select id from orders",
             "select id from orders union all select max(id) from orders",
             "select id from orders intersect all select id from orders",
-            "select distinct * from orders",
+            "select distinct * from orders o join items i using (tenant_id)",
+            "select distinct i.* from orders o join items i using (tenant_id)",
             "select distinct on (region) id, region from orders order by id",
             "select *, count(*) from orders group by tenant_id, id",
             "select id from orders o order by o.total",
@@ -547,7 +580,7 @@ mod tests {
             "select id, region from orders order by region collate \"und-x-icu\"",
             "select id, region collate \"und-x-icu\" as r from orders order by id",
         ] {
-            assert!(plan(sql, "tenant_id").is_err(), "{sql} must be refused");
+            assert!(plan_of(sql).is_err(), "{sql} must be refused");
         }
     }
 }

@@ -24,6 +24,9 @@ pub struct Star {
     /// Sort keys known by name or position only: their index in the merge's
     /// `order`, and what names them.
     pub named: Vec<(usize, OutputName)>,
+    /// How many columns the plan took `*` to stand for (`SELECT DISTINCT t.*`
+    /// sorts the shards by each, by position, from the catalog's count).
+    pub width: Option<usize>,
 }
 
 /// An output column named in ORDER BY or DISTINCT ON.
@@ -44,6 +47,13 @@ impl FullMerge {
             .len()
             .checked_sub(self.columns.len())
             .ok_or_else(|| FanoutError::Unsupported("a shard's row description does not fit the select list".into()))?;
+        if star.width.is_some_and(|w| w != width) {
+            return Err(FanoutError::Unsupported(format!(
+                "the shards sent {width} columns for {}.*, the router's catalog knows {}; name the columns",
+                star.table.as_deref().unwrap_or_default(),
+                star.width.unwrap_or_default()
+            )));
+        }
         let mut bound = self.clone();
         bound.star = None;
         // A select list with `*` is never grouped: every column is a value.

@@ -54,7 +54,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// A read without a tenant: every shard (concurrently), results merged.
     pub(super) async fn run_fanout(&mut self, stmt: &Statement, shards: Vec<ShardId>) -> Result<(), SessionError> {
         let key_column = self.ctx.directory.load().key_column.clone();
-        let plan = match crate::fanout::plan(&stmt.text, &key_column) {
+        let plan = match crate::fanout::plan(&stmt.text, &key_column, &|t| self.ctx.catalog.columns(t).map(|c| c.len()))
+        {
             Ok(p) => p,
             Err(e) => return self.fail_simple(SqlError::new("0A000", e.to_string())).await,
         };
