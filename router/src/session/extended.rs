@@ -244,8 +244,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             {
                 let stmt = &statements[0].statements[0];
                 let text = &stmt.text;
-                let key_column = self.ctx.directory.load().key_column.clone();
-                match crate::fanout::plan(text, &key_column, &|t| self.ctx.catalog.columns(t).map(|c| c.len())) {
+                match self.plan_fanout(text) {
                     Ok(plan)
                         if plan.merge == crate::fanout::MergeSpec::Concat
                             && plan.shard_sql == *text

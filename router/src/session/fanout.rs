@@ -53,9 +53,7 @@ pub(super) fn result_formats(tail: &[u8]) -> Option<Vec<i16>> {
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// A read without a tenant: every shard (concurrently), results merged.
     pub(super) async fn run_fanout(&mut self, stmt: &Statement, shards: Vec<ShardId>) -> Result<(), SessionError> {
-        let key_column = self.ctx.directory.load().key_column.clone();
-        let plan = match crate::fanout::plan(&stmt.text, &key_column, &|t| self.ctx.catalog.columns(t).map(|c| c.len()))
-        {
+        let plan = match self.plan_fanout(&stmt.text) {
             Ok(p) => p,
             Err(e) => return self.fail_simple(SqlError::new("0A000", e.to_string())).await,
         };
@@ -261,6 +259,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.client.queue(&messages::command_complete(&merged.command_tag));
         }
         self.ready().await
+    }
+
+    /// The fan-out plan of `sql`, with the cluster's key column and the
+    /// catalog's tables.
+    pub(super) fn plan_fanout(&self, sql: &str) -> Result<crate::fanout::FanoutPlan, crate::fanout::FanoutError> {
+        let key_column = self.ctx.directory.load().key_column.clone();
+        crate::fanout::plan(sql, &key_column, &|t| self.ctx.catalog.columns(t).map(|c| c.len()))
     }
 
     /// Per shard, the text of a cross-shard read with rows under a move left out

@@ -112,15 +112,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Ok(());
         };
         let c_collation = self.ctx.c_collation.load(std::sync::atomic::Ordering::Relaxed);
-        let bound = crate::fanout::bound(merge, &description);
-        let keys = match bound.and_then(|m| {
+        let sort = crate::fanout::bound(merge, &description).and_then(|m| {
             let types = crate::fanout::types_of(&description)?;
             Ok((crate::fanout::sort_keys(&m.order, &types, c_collation)?, m.distinct))
-        }) {
+        });
+        let (keys, distinct) = match sort {
             Ok(k) => k,
             Err(e) => return self.fail_answer(&answer, SqlError::new(e.sqlstate(), e.to_string())).await,
         };
-        let (keys, distinct) = keys;
         // The rows as the client asks for them, and the replies before them.
         let formats = match &answer {
             Answer::Simple => None,
