@@ -482,6 +482,13 @@ const MERGED: &[(&str, Rows)] = &[
     ),
     ("SELECT DISTINCT region COLLATE \"C\" AS r FROM orders ORDER BY 1 DESC", Rows::Ordered),
     ("SELECT DISTINCT region FROM orders", Rows::AnyOrder),
+    // Grouped by the primary key, the other columns of `o.*` depend on it.
+    (
+        "SELECT o.*, count(*) AS n, max(p.total) FROM orders o JOIN orders p USING (tenant_id) \
+         GROUP BY o.tenant_id, o.id ORDER BY n DESC, tenant_id, id LIMIT 10",
+        Rows::Ordered,
+    ),
+    ("SELECT *, count(*) FROM orders GROUP BY tenant_id, id ORDER BY total NULLS FIRST, 1, 2 LIMIT 5", Rows::Ordered),
     // Each order once, however many orders of its tenant it joined.
     ("SELECT DISTINCT o.* FROM orders o JOIN orders p USING (tenant_id) ORDER BY o.total, o.tenant_id, o.id", Rows::Ordered),
     ("SELECT DISTINCT o.* FROM orders o JOIN orders p USING (tenant_id)", Rows::AnyOrder),

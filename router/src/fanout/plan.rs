@@ -50,9 +50,7 @@ pub fn plan(
     let grouped = out.columns.iter().any(|c| *c != ColumnMerge::Key)
         || !sel.group_clause.is_empty()
         || sel.having_clause.is_some();
-    if grouped {
-        check_grouping(sel, &out)?;
-    }
+    let group = if grouped { check_grouping(sel, &out)? } else { Vec::new() };
     let visible = out.columns.len();
     let having = match sel.having_clause.take() {
         Some(condition) => Some(plan_having(&condition, sel, &mut out, &key)?),
@@ -97,7 +95,7 @@ pub fn plan(
     }
     let shard_sql =
         pg_query::deparse(&parsed.protobuf, Default::default()).map_err(|e| FanoutError::Unsupported(e.to_string()))?;
-    let star = out.star.map(|s| Star { at: s.at, table: s.table, named, width: star_width });
+    let star = out.star.map(|s| Star { at: s.at, table: s.table, named, width: star_width, group });
     Ok(FanoutPlan {
         shard_sql,
         merge: MergeSpec::Full(Box::new(FullMerge {
@@ -186,28 +184,40 @@ fn collect_arms<'a>(
 }
 
 /// Grouped reads: the router regroups by the output columns that are not
-/// aggregates, so they must be exactly the grouping keys.
-fn check_grouping(sel: &protobuf::SelectStmt, out: &Outputs) -> Result<(), FanoutError> {
-    if out.star.is_some() {
-        return Err(refuse("SELECT * with GROUP BY, aggregates or HAVING (name the columns)"));
-    }
-    if out.columns.is_empty() {
+/// aggregates, so every grouping key must be one of them, and every plain
+/// output column a grouping key.
+///
+/// With `*` (`SELECT o.*, count(i.id) … GROUP BY o.tenant_id, o.id`), the
+/// keys it holds are named, bound to the shards' RowDescription, and its other
+/// columns may be left out of GROUP BY: Postgres accepts them only when they
+/// depend on the grouping keys (a primary key), so regrouping by them too
+/// makes the same groups. Averages and HAVING, whose hidden columns would sit
+/// past the `*`, are refused beside it. Returns the named keys.
+fn check_grouping(sel: &protobuf::SelectStmt, out: &Outputs) -> Result<Vec<OutputName>, FanoutError> {
+    if out.columns.is_empty() && out.star.is_none() {
         return Err(refuse("this select list"));
     }
+    if out.star.is_some()
+        && (sel.having_clause.is_some() || out.columns.iter().any(|c| matches!(c, ColumnMerge::Avg(_))))
+    {
+        return Err(refuse("avg() or HAVING beside * (name the columns)"));
+    }
     let mut keys: Vec<usize> = Vec::new();
+    let mut named = Vec::new();
     for g in &sel.group_clause {
-        match out.find(g) {
-            Some(i) if out.columns[i] == ColumnMerge::Key => keys.push(i),
+        match out.reference(g) {
+            Some(OutputRef::At(i)) if out.columns[i] == ColumnMerge::Key => keys.push(i),
+            Some(OutputRef::Named(n)) => named.push(n),
             _ => return Err(refuse("GROUP BY on expressions that are not plain output columns")),
         }
     }
     let plain = out.columns.iter().filter(|c| **c == ColumnMerge::Key).count();
     keys.sort();
     keys.dedup();
-    if keys.len() != plain {
+    if out.star.is_none() && keys.len() != plain {
         return Err(refuse("GROUP BY that does not list every plain output column"));
     }
-    Ok(())
+    Ok(named)
 }
 
 /// HAVING over the combined groups: its aggregates become hidden columns of
@@ -527,6 +537,22 @@ mod tests {
     }
 
     #[test]
+    fn star_groups_bind_their_keys_to_the_row_description() {
+        let (_, m) = full(
+            "select count(i.id) n, o.*, max(i.qty) from orders o join items i using (tenant_id) \
+                           group by o.tenant_id, o.id order by n desc, id",
+        );
+        let names: Vec<String> = ["n", "tenant_id", "id", "region", "total", "qty", "max"].map(String::from).to_vec();
+        let bound = m.bind(&names).unwrap();
+        use ColumnMerge::{Count, Key, Max};
+        assert_eq!(bound.columns, vec![Count, Key, Key, Key, Key, Key, Max]);
+        assert_eq!((bound.visible, bound.order[0].column, bound.order[1].column), (7, 0, 2));
+        // A grouping key the select list lacks would merge groups wrongly.
+        let (_, m) = full("select o.*, count(*) from orders o group by o.tenant_id, o.nope");
+        assert!(m.bind(&names[1..6]).is_err());
+    }
+
+    #[test]
     fn having_runs_at_the_router_on_hidden_aggregates() {
         let (sql, m) = full("select region from orders group by region having avg(qty) > 2 and count(*) >= 3");
         assert!(
@@ -571,7 +597,8 @@ mod tests {
             "select distinct * from orders o join items i using (tenant_id)",
             "select distinct i.* from orders o join items i using (tenant_id)",
             "select distinct on (region) id, region from orders order by id",
-            "select *, count(*) from orders group by tenant_id, id",
+            "select *, avg(total) from orders group by tenant_id, id",
+            "select o.*, count(*) from orders o group by tenant_id, id having count(*) > 1",
             "select id from orders o order by o.total",
             "select o.*, 1, i.* from orders o join items i using (tenant_id)",
             "select sum(total) + 1 from orders",

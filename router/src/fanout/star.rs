@@ -27,9 +27,11 @@ pub struct Star {
     /// How many columns the plan took `*` to stand for (`SELECT DISTINCT t.*`
     /// sorts the shards by each, by position, from the catalog's count).
     pub width: Option<usize>,
+    /// GROUP BY keys among the `*` columns: each must be one of them.
+    pub group: Vec<OutputName>,
 }
 
-/// An output column named in ORDER BY or DISTINCT ON.
+/// An output column named in ORDER BY, GROUP BY or DISTINCT ON.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OutputName {
     /// `ORDER BY 3`.
@@ -56,14 +58,20 @@ impl FullMerge {
         }
         let mut bound = self.clone();
         bound.star = None;
-        // A select list with `*` is never grouped: every column is a value.
-        bound.columns = vec![ColumnMerge::Key; names.len()];
+        // The `*` columns are values (GROUP BY keys, or columns that depend
+        // on them); the plan allows no hidden columns beside a `*`.
+        bound.columns.splice(star.at..star.at, std::iter::repeat_n(ColumnMerge::Key, width));
         bound.visible = names.len();
         for key in bound.order.iter_mut().filter(|k| k.column >= star.at) {
             key.column += width;
         }
         for (i, name) in &star.named {
             bound.order[*i].column = star.resolve(name, names, width)?;
+        }
+        for name in &star.group {
+            if bound.columns[star.resolve(name, names, width)?] != ColumnMerge::Key {
+                return Err(refuse("GROUP BY on expressions that are not plain output columns"));
+            }
         }
         Ok(bound)
     }
@@ -83,8 +91,10 @@ impl Star {
         };
         match found[..] {
             [i] => Ok(i),
-            [] => Err(refuse("ORDER BY on expressions that are not output columns (name or number the output column)")),
-            _ => Err(refuse("ORDER BY on a name that several output columns have (name the columns)")),
+            [] => Err(refuse(
+                "ORDER BY or GROUP BY on expressions that are not output columns (name or number the output column)",
+            )),
+            _ => Err(refuse("ORDER BY or GROUP BY on a name that several output columns have (name the columns)")),
         }
     }
 }
