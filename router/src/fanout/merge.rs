@@ -364,7 +364,7 @@ fn regroup(columns: &[ColumnMerge], types: &[i32], rows: Vec<Row>, c_collation: 
             };
             let (sa, sv) = (String::from_utf8_lossy(&a).to_string(), String::from_utf8_lossy(v).to_string());
             acc[i] = Some(match merge {
-                ColumnMerge::Key => a,
+                ColumnMerge::Key | ColumnMerge::Dependent => a,
                 ColumnMerge::Count => add_decimal(&sa, &sv).ok_or_else(malformed)?.into_bytes(),
                 ColumnMerge::Sum | ColumnMerge::Avg(_) => {
                     if matches!(types[i], value::FLOAT4 | value::FLOAT8) {

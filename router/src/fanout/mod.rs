@@ -83,6 +83,10 @@ pub struct FullMerge {
 pub enum ColumnMerge {
     /// A plain value (a GROUP BY key when grouped).
     Key,
+    /// A column of a `*` grouped by its table's primary key, which it depends
+    /// on: the group's first value, never compared (its type need not be one
+    /// the router can group by).
+    Dependent,
     Count,
     Sum,
     Min,

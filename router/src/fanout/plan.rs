@@ -544,8 +544,8 @@ mod tests {
         );
         let names: Vec<String> = ["n", "tenant_id", "id", "region", "total", "qty", "max"].map(String::from).to_vec();
         let bound = m.bind(&names).unwrap();
-        use ColumnMerge::{Count, Key, Max};
-        assert_eq!(bound.columns, vec![Count, Key, Key, Key, Key, Key, Max]);
+        use ColumnMerge::{Count, Dependent, Key, Max};
+        assert_eq!(bound.columns, vec![Count, Key, Key, Dependent, Dependent, Dependent, Max]);
         assert_eq!((bound.visible, bound.order[0].column, bound.order[1].column), (7, 0, 2));
         // A grouping key the select list lacks would merge groups wrongly.
         let (_, m) = full("select o.*, count(*) from orders o group by o.tenant_id, o.nope");

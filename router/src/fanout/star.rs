@@ -58,9 +58,11 @@ impl FullMerge {
         }
         let mut bound = self.clone();
         bound.star = None;
-        // The `*` columns are values (GROUP BY keys, or columns that depend
-        // on them); the plan allows no hidden columns beside a `*`.
-        bound.columns.splice(star.at..star.at, std::iter::repeat_n(ColumnMerge::Key, width));
+        // The `*` columns are values: when grouped, its GROUP BY keys, and
+        // columns that depend on them. The plan allows no hidden columns
+        // beside a `*`, so every column is the client's.
+        let plain = if self.grouped { ColumnMerge::Dependent } else { ColumnMerge::Key };
+        bound.columns.splice(star.at..star.at, std::iter::repeat_n(plain, width));
         bound.visible = names.len();
         for key in bound.order.iter_mut().filter(|k| k.column >= star.at) {
             key.column += width;
@@ -69,9 +71,11 @@ impl FullMerge {
             bound.order[*i].column = star.resolve(name, names, width)?;
         }
         for name in &star.group {
-            if bound.columns[star.resolve(name, names, width)?] != ColumnMerge::Key {
+            let column = &mut bound.columns[star.resolve(name, names, width)?];
+            if !matches!(column, ColumnMerge::Key | ColumnMerge::Dependent) {
                 return Err(refuse("GROUP BY on expressions that are not plain output columns"));
             }
+            *column = ColumnMerge::Key;
         }
         Ok(bound)
     }
