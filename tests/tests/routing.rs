@@ -322,9 +322,13 @@ async fn extended_protocol_runs_ddl_reference_writes_and_gathers_everywhere() {
     // … and merge them as a simple query would.
     let n: i64 = c.query_one("SELECT count(*) FROM orders", &[]).await.unwrap().get(0);
     assert_eq!(n, 30);
+    // DISTINCT merges the shards' distinct rows into one of each.
+    let distinct = c.query("SELECT DISTINCT total FROM orders", &[]).await.unwrap();
+    assert_eq!(distinct.len(), 1);
     // What cannot be merged exactly is refused, and the session goes on.
-    let err = c.query("SELECT DISTINCT total FROM orders", &[]).await.unwrap_err();
+    let err = c.query("SELECT count(DISTINCT total) FROM orders", &[]).await.unwrap_err();
     assert_eq!(sqlstate(&err), "0A000");
+    assert!(err.as_db_error().unwrap().message().contains("count(DISTINCT …)"), "{err:?}");
     assert_eq!(c.query("SELECT 1", &[]).await.unwrap().len(), 1);
 }
 

@@ -245,7 +245,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             {
                 let stmt = &statements[0].statements[0];
                 let text = &stmt.text;
-                match crate::fanout::plan(text) {
+                match self.plan_fanout(text) {
                     Ok(plan)
                         if plan.merge == crate::fanout::MergeSpec::Concat
                             && plan.shard_sql == *text
