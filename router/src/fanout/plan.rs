@@ -58,12 +58,17 @@ fn has_aggregate(n: &Node) -> bool {
     })
 }
 
-fn column_name(n: &Node) -> Option<String> {
+/// A column reference's names: `["a", "id"]` for `a.id`.
+fn column_ref(n: &Node) -> Option<Vec<String>> {
     match &n.node {
-        Some(N::ColumnRef(c)) => match c.fields.last().and_then(|f| f.node.as_ref()) {
-            Some(N::String(s)) => Some(s.sval.clone()),
-            _ => None,
-        },
+        Some(N::ColumnRef(c)) => c
+            .fields
+            .iter()
+            .map(|f| match &f.node {
+                Some(N::String(s)) => Some(s.sval.clone()),
+                _ => None,
+            })
+            .collect(),
         _ => None,
     }
 }
@@ -84,14 +89,43 @@ fn bytewise_collation(c: &protobuf::CollateClause) -> bool {
     c.collname.last().is_some_and(|n| matches!(&n.node, Some(N::String(s)) if s.sval == "C" || s.sval == "POSIX"))
 }
 
-/// The output column an ORDER BY or GROUP BY item names: a position, an alias,
-/// or a column that is itself an output column.
-fn output_column(item: &Node, targets: &[(String, Option<String>)]) -> Option<usize> {
+/// What a bare name in ORDER BY or GROUP BY means, as Postgres decides: ORDER
+/// BY takes an output column's name before an input column, GROUP BY an input
+/// column before an output name, and inside an expression (`name COLLATE
+/// "C"`) a name is only ever an input column.
+#[derive(Clone, Copy, PartialEq)]
+enum Names {
+    OutputFirst,
+    InputFirst,
+    InputOnly,
+}
+
+/// An output column: its name, and the column it is when it is just one.
+type Target = (String, Option<Vec<String>>);
+
+/// The output column an ORDER BY or GROUP BY item names: a position, an
+/// output name, or a column that is itself an output column.
+fn output_column(item: &Node, targets: &[Target], names: Names) -> Option<usize> {
     if let Some(pos) = int_const(item) {
-        return (pos >= 1 && pos as usize <= targets.len()).then(|| pos as usize - 1);
+        return (names != Names::InputOnly && pos >= 1 && pos as usize <= targets.len()).then(|| pos as usize - 1);
     }
-    let name = column_name(item)?;
-    targets.iter().position(|(alias, col)| *alias == name || col.as_deref() == Some(name.as_str()))
+    let fields = column_ref(item)?;
+    let by_name = || match &fields[..] {
+        [name] if names != Names::InputOnly => targets.iter().position(|(alias, _)| alias == name),
+        _ => None,
+    };
+    let by_column = || targets.iter().position(|(_, col)| col.as_deref().is_some_and(|c| same_column(c, &fields)));
+    match names {
+        Names::OutputFirst => by_name().or_else(by_column),
+        Names::InputFirst | Names::InputOnly => by_column().or_else(by_name),
+    }
+}
+
+/// Whether two column references name the same column: written alike, or one
+/// bare with the other's name (Postgres took the bare one, so it is the only
+/// column of that name in scope). `a.id` is never `b.id`.
+fn same_column(a: &[String], b: &[String]) -> bool {
+    a == b || (a.len() == 1 || b.len() == 1) && a.last() == b.last()
 }
 
 /// Plans a SELECT that has no tenant key.
@@ -167,11 +201,11 @@ pub fn plan(sql: &str) -> Result<FanoutPlan, FanoutError> {
             _ if has_aggregate(val) => return Err(refuse("expressions around aggregates or window functions")),
             _ => ColumnMerge::Key,
         };
-        let col = column_name(val);
+        let col = column_ref(val);
         let alias = if rt.name.is_empty() {
             match &val.node {
                 Some(N::FuncCall(f)) => funcname(f),
-                _ => col.clone().unwrap_or_default(),
+                _ => col.as_ref().and_then(|c| c.last().cloned()).unwrap_or_default(),
             }
         } else {
             rt.name.clone()
@@ -188,7 +222,7 @@ pub fn plan(sql: &str) -> Result<FanoutPlan, FanoutError> {
         // column a grouping key: the router regroups by the keys it can see.
         let mut keys: Vec<usize> = Vec::new();
         for g in &sel.group_clause {
-            match output_column(g, &names) {
+            match output_column(g, &names, Names::InputFirst) {
                 Some(i) if columns[i] == ColumnMerge::Key => keys.push(i),
                 _ => return Err(refuse("GROUP BY on expressions that are not plain output columns")),
             }
@@ -216,7 +250,8 @@ pub fn plan(sql: &str) -> Result<FanoutPlan, FanoutError> {
                 _ => return Err(refuse("ORDER BY … COLLATE other than \"C\"")),
             }
         }
-        let Some(column) = output_column(item, &names) else {
+        let names_first = if bytewise { Names::InputOnly } else { Names::OutputFirst };
+        let Some(column) = output_column(item, &names, names_first) else {
             return Err(refuse(
                 "ORDER BY on expressions that are not output columns (name or number the output column)",
             ));
@@ -376,6 +411,24 @@ mod tests {
         assert_eq!(m.order[1], SortKey { column: 0, descending: false, nulls_first: false, bytewise: true });
         let (_, m) = full("select id, region from orders order by region");
         assert!(!m.order[0].bytewise);
+    }
+
+    #[test]
+    fn names_in_order_by_and_group_by_resolve_as_in_postgres() {
+        // A qualified column is that column, never another table's of the same name.
+        let (_, m) = full("select b.id, a.id from t a join t b on b.tenant_id = a.tenant_id order by a.id, b.id");
+        assert_eq!((m.order[0].column, m.order[1].column), (1, 0));
+        let (_, m) = full("select id, tenant_id from t order by t.id");
+        assert_eq!(m.order[0].column, 0);
+        // ORDER BY takes an output name before an input column …
+        let (_, m) = full("select n_int as name, name as n_int from t order by n_int");
+        assert_eq!(m.order[0].column, 1);
+        // … GROUP BY an input column before an output name.
+        let (_, m) = full("select name as n_int, n_int as name, count(*) from t group by n_int, name order by name");
+        assert_eq!(m.order[0].column, 1);
+        // Inside an expression a name is an input column, and a number a number.
+        assert!(plan("select n_int as name, id from t order by name collate \"C\"").is_err());
+        assert!(plan("select name, id from t order by 1 collate \"C\"").is_err());
     }
 
     #[test]
