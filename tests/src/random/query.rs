@@ -241,8 +241,7 @@ impl Gen<'_> {
         let mut sql = format!("SELECT {} FROM items{filter}", list(&outs));
         if ordered {
             let keys: Vec<usize> = (0..outs.len()).filter(|&i| outs[i].column.is_some_and(is_key)).collect();
-            sql += &self.order_by(&outs, &keys, Collate::Allowed);
-            sql += &self.limit();
+            sql += &self.sorted(&outs, &keys, Collate::Allowed);
         }
         (sql, outs, ordered, one_tenant)
     }
@@ -255,8 +254,7 @@ impl Gen<'_> {
         let (filter, one_tenant) = self.filter();
         let mut sql = format!("SELECT * FROM items{filter}");
         if ordered {
-            sql += &self.order_by(&outs, &[0, 1], Collate::Allowed);
-            sql += &self.limit();
+            sql += &self.sorted(&outs, &[0, 1], Collate::Allowed);
         }
         (sql, outs, ordered, one_tenant)
     }
@@ -315,8 +313,7 @@ impl Gen<'_> {
         }
         let ordered = self.rng.gen_bool(0.7);
         if ordered {
-            sql += &self.order_by(&outs, &key_at, Collate::Allowed);
-            sql += &self.limit();
+            sql += &self.sorted(&outs, &key_at, Collate::Allowed);
         }
         (sql, outs, ordered, one_tenant)
     }
@@ -336,9 +333,7 @@ impl Gen<'_> {
         let mut sql = format!("SELECT DISTINCT {} FROM items{filter}", list(&outs));
         let ordered = self.rng.gen_bool(0.7);
         if ordered {
-            let all: Vec<usize> = (0..outs.len()).collect();
-            sql += &self.order_by(&outs, &all, Collate::Not);
-            sql += &self.limit();
+            sql += &self.sorted(&outs, &(0..outs.len()).collect::<Vec<_>>(), Collate::Not);
         }
         (sql, outs, ordered, one_tenant)
     }
@@ -373,9 +368,7 @@ impl Gen<'_> {
         let mut sql = format!("SELECT {0} FROM items{a} UNION ALL SELECT {0} FROM items{b}", list(&outs));
         let ordered = self.rng.gen_bool(0.7);
         if ordered {
-            let all: Vec<usize> = (0..outs.len()).collect();
-            sql += &self.order_by(&outs, &all, Collate::Not);
-            sql += &self.limit();
+            sql += &self.sorted(&outs, &(0..outs.len()).collect::<Vec<_>>(), Collate::Not);
         }
         (sql, outs, ordered, false)
     }
@@ -408,8 +401,7 @@ impl Gen<'_> {
         let ordered = self.rng.gen_bool(0.7);
         if ordered {
             let keys: Vec<usize> = (0..outs.len()).filter(|&i| outs[i].column.is_some_and(is_key)).collect();
-            sql += &self.order_by(&outs, &keys, Collate::Allowed);
-            sql += &self.limit();
+            sql += &self.sorted(&outs, &keys, Collate::Allowed);
         }
         (sql, outs, ordered, one_tenant)
     }
@@ -486,6 +478,12 @@ impl Gen<'_> {
                 format!("{f}({}) {op} {}", c.name, c.kind.value(self.rng))
             }
         }
+    }
+
+    /// ORDER BY (see [`Gen::order_by`]), and maybe LIMIT and OFFSET.
+    fn sorted(&mut self, outs: &[Out], ties: &[usize], collate: Collate) -> String {
+        let order = self.order_by(outs, ties, collate);
+        order + &self.limit()
     }
 
     /// ORDER BY: up to two random outputs, then those at `ties` (which
