@@ -14,7 +14,7 @@ use crate::wire::Wire;
 pub enum Protocol {
     /// A Query message; values in text.
     Simple,
-    /// Parse, Bind (tenant parameters as int8), Execute, as tokio-postgres
+    /// Parse, Bind (tenant keys and ids as int8 parameters), Execute, as tokio-postgres
     /// sends them; every value in binary.
     Extended,
 }

@@ -53,7 +53,7 @@ impl Feature {
 pub struct Query {
     /// The text for the extended protocol; `$1` … stand for `params`.
     pub sql: String,
-    /// Tenant keys bound as int8 parameters.
+    /// Values bound as int8 parameters: tenant keys and ids.
     pub params: Vec<i64>,
     pub features: BTreeSet<Feature>,
     /// ORDER BY fixes the order of every row; otherwise rows compare as a
@@ -628,6 +628,12 @@ impl Gen<'_> {
             _ => {
                 let ops: &[&str] = if k == Kind::Bool { &["=", "<>"] } else { &["=", "<>", "<", "<=", ">", ">="] };
                 let op = self.pick(ops);
+                // An id compared with a parameter: the extended protocol then
+                // binds a value the fan-out passes to every shard.
+                if k == Kind::Id && self.rng.gen_bool(0.5) {
+                    self.params.push(self.rng.gen_range(-1..5));
+                    return format!("{name} {op} ${}", self.params.len());
+                }
                 format!("{name} {op} {}", k.value(self.rng))
             }
         }
