@@ -23,11 +23,12 @@ pub enum Verdict {
 pub async fn judge(single: &Client, router: &Client, q: &Query, protocol: Protocol) -> Verdict {
     let want = Answer::of(single, q, protocol).await.normalized(q);
     let got = Answer::of(router, q, protocol).await.normalized(q);
+    let sql = match protocol {
+        Protocol::Simple => q.simple_sql(),
+        Protocol::Extended => format!("{} with {:?}", q.sql, q.params),
+    };
     let wrong = |what: &str| {
-        Verdict::Wrong(format!(
-            "{what} ({protocol:?} protocol)\nquery: {}\nparameters: {:?}\none Postgres: {want}\nrouter: {got}",
-            q.sql, q.params
-        ))
+        Verdict::Wrong(format!("{what} ({protocol:?} protocol)\nquery: {sql}\none Postgres: {want}\nrouter: {got}"))
     };
     if want.sqlstate().is_some() {
         return wrong("one Postgres failed the query: the generator wrote a bad query");
@@ -92,7 +93,6 @@ impl fmt::Display for Tally {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "{:<28} {:>18} {:>18}", "answered / refused", "simple", "extended")?;
         let mut rows: Vec<Option<Feature>> = self.counts.keys().map(|(_, feature)| *feature).collect();
-        rows.dedup();
         rows.sort();
         rows.dedup();
         let cell = |p: Protocol, feature: Option<Feature>| {
