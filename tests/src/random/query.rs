@@ -250,12 +250,9 @@ impl Gen<'_> {
     fn star(&mut self) -> Shape {
         self.features.insert(Feature::Star);
         let outs: Vec<Out> = self.table.columns.iter().map(|&c| Out::column(c)).collect();
-        let ordered = self.rng.gen_bool(0.7);
         let (filter, one_tenant) = self.filter();
         let mut sql = format!("SELECT * FROM items{filter}");
-        if ordered {
-            sql += &self.sorted(&outs, &[0, 1], Collate::Allowed);
-        }
+        let ordered = self.maybe_sorted(&mut sql, &outs, &[0, 1], Collate::Allowed);
         (sql, outs, ordered, one_tenant)
     }
 
@@ -311,10 +308,7 @@ impl Gen<'_> {
             self.features.insert(Feature::Having);
             sql += &format!(" HAVING {}", self.having());
         }
-        let ordered = self.rng.gen_bool(0.7);
-        if ordered {
-            sql += &self.sorted(&outs, &key_at, Collate::Allowed);
-        }
+        let ordered = self.maybe_sorted(&mut sql, &outs, &key_at, Collate::Allowed);
         (sql, outs, ordered, one_tenant)
     }
 
@@ -331,10 +325,7 @@ impl Gen<'_> {
         self.rename_some(&mut outs, &[]);
         let (filter, one_tenant) = self.filter();
         let mut sql = format!("SELECT DISTINCT {} FROM items{filter}", list(&outs));
-        let ordered = self.rng.gen_bool(0.7);
-        if ordered {
-            sql += &self.sorted(&outs, &(0..outs.len()).collect::<Vec<_>>(), Collate::Not);
-        }
+        let ordered = self.maybe_sorted(&mut sql, &outs, &(0..outs.len()).collect::<Vec<_>>(), Collate::Not);
         (sql, outs, ordered, one_tenant)
     }
 
@@ -366,10 +357,7 @@ impl Gen<'_> {
         let (a, _) = self.filter();
         let (b, _) = self.filter();
         let mut sql = format!("SELECT {0} FROM items{a} UNION ALL SELECT {0} FROM items{b}", list(&outs));
-        let ordered = self.rng.gen_bool(0.7);
-        if ordered {
-            sql += &self.sorted(&outs, &(0..outs.len()).collect::<Vec<_>>(), Collate::Not);
-        }
+        let ordered = self.maybe_sorted(&mut sql, &outs, &(0..outs.len()).collect::<Vec<_>>(), Collate::Not);
         (sql, outs, ordered, false)
     }
 
@@ -398,11 +386,8 @@ impl Gen<'_> {
         self.side = "";
         let mut sql =
             format!("SELECT {} FROM items a {kind} items b ON b.tenant_id = a.tenant_id AND {on}{filter}", list(&outs));
-        let ordered = self.rng.gen_bool(0.7);
-        if ordered {
-            let keys: Vec<usize> = (0..outs.len()).filter(|&i| outs[i].column.is_some_and(is_key)).collect();
-            sql += &self.sorted(&outs, &keys, Collate::Allowed);
-        }
+        let keys: Vec<usize> = (0..outs.len()).filter(|&i| outs[i].column.is_some_and(is_key)).collect();
+        let ordered = self.maybe_sorted(&mut sql, &outs, &keys, Collate::Allowed);
         (sql, outs, ordered, one_tenant)
     }
 
@@ -478,6 +463,16 @@ impl Gen<'_> {
                 format!("{f}({}) {op} {}", c.name, c.kind.value(self.rng))
             }
         }
+    }
+
+    /// Mostly [`Gen::sorted`] appended to `sql`, now and then the order left
+    /// open: whether the order is fixed.
+    fn maybe_sorted(&mut self, sql: &mut String, outs: &[Out], ties: &[usize], collate: Collate) -> bool {
+        let ordered = self.rng.gen_bool(0.7);
+        if ordered {
+            *sql += &self.sorted(outs, ties, collate);
+        }
+        ordered
     }
 
     /// ORDER BY (see [`Gen::order_by`]), and maybe LIMIT and OFFSET.
