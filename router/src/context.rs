@@ -23,6 +23,9 @@ pub struct Catalog {
     known: RwLock<std::collections::HashSet<String>>,
     /// Unknown names and when a refresh last looked for them.
     looked_for: Mutex<HashMap<String, std::time::Instant>>,
+    /// Counts refreshes, which follow every DDL the router runs: statements
+    /// prepared in different generations may see different columns.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl Catalog {
@@ -38,6 +41,12 @@ impl Catalog {
     pub fn replace(&self, tables: HashMap<String, Vec<String>>, known: std::collections::HashSet<String>) {
         *self.sharded.write().unwrap_or_else(|p| p.into_inner()) = tables;
         *self.known.write().unwrap_or_else(|p| p.into_inner()) = known;
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The schema generation: it changes with every refresh.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
     }
 
     /// Whether `table` is a reference table: a table of the shards' schema

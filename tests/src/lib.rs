@@ -3,7 +3,9 @@
 //! running in the test process.
 
 pub mod checker;
+pub mod random;
 pub mod raw;
+pub mod wire;
 
 use shardgate_directory::{Directory, DirectoryHandle, KeyType, Shard};
 use shardgate_localpg::{TestCluster, TestServer};

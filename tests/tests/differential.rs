@@ -3,41 +3,11 @@
 
 use shardgate_localpg::TestServer;
 use shardgate_tests::raw::{bind_formats, describe_portal, describe_statement, execute, frame, parse, sync, Raw};
+use shardgate_tests::wire::wire_rows;
 use shardgate_tests::{connect, rows, Harness};
-use tokio_postgres::types::{FromSql, Type};
 
 const SCHEMA: &str = "CREATE TABLE orders (tenant_id bigint, id bigint, region text, total numeric, qty int, \
                       PRIMARY KEY (tenant_id, id))";
-
-/// A value as the server sent it, whatever its type.
-struct Wire(Option<Vec<u8>>);
-
-impl<'a> FromSql<'a> for Wire {
-    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        Ok(Wire(Some(raw.to_vec())))
-    }
-    fn from_sql_null(_: &Type) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        Ok(Wire(None))
-    }
-    fn accepts(_: &Type) -> bool {
-        true
-    }
-}
-
-/// Column names and types, then every value in binary, as tokio-postgres (the
-/// extended protocol, binary results) receives them.
-fn wire_rows(rows: &[tokio_postgres::Row]) -> Vec<Vec<String>> {
-    rows.iter()
-        .map(|r| {
-            (0..r.len())
-                .map(|i| {
-                    let c = &r.columns()[i];
-                    format!("{} {} {:?}", c.name(), c.type_(), r.get::<_, Wire>(i).0)
-                })
-                .collect()
-        })
-        .collect()
-}
 
 /// The cluster and the single server with the same rows.
 async fn same_rows_twice() -> (Harness, TestServer, tokio_postgres::Client, tokio_postgres::Client) {

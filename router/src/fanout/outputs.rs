@@ -89,6 +89,22 @@ pub(super) struct Outputs {
     pub(super) columns: Vec<ColumnMerge>,
     pub(super) targets: Vec<Target>,
     pub(super) star: Option<StarAt>,
+    /// The columns of the tables FROM reads, when the catalog knows every one
+    /// of them (None: a reference table, a subquery, a function …): tells
+    /// whether a bare GROUP BY name is an input column.
+    pub(super) inputs: Option<Vec<String>>,
+}
+
+/// What a bare name in ORDER BY, GROUP BY or HAVING means, as Postgres decides:
+/// ORDER BY (and DISTINCT ON) takes an output column's name before an input
+/// column; GROUP BY an input column before an output name; HAVING, and a name
+/// inside an expression (`name COLLATE "C"`), only ever an input column, and
+/// a number there is a number, not a position.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Names {
+    OutputFirst,
+    InputFirst,
+    InputOnly,
 }
 
 /// Where `*` (or several next to each other) stands in the select list.
@@ -113,21 +129,39 @@ impl Outputs {
     /// The output column an ORDER BY, GROUP BY or DISTINCT ON item names: a
     /// position, an output column's name, or a column reference that is itself
     /// an output column (`o.total` for `total`, not for `i.total`).
-    pub(super) fn find(&self, item: &Node) -> Option<usize> {
+    pub(super) fn find(&self, item: &Node, names: Names) -> Option<usize> {
         if let Some(pos) = int_const(item) {
-            return (pos >= 1 && pos as usize <= self.targets.len()).then(|| pos as usize - 1);
+            let position = names != Names::InputOnly && pos >= 1 && pos as usize <= self.targets.len();
+            return position.then(|| pos as usize - 1);
         }
         let fields = column_fields(item)?;
         let (name, qualifier) = fields.split_last()?;
         if qualifier.is_empty() {
-            // An output column's name first, as Postgres matches it; else the
-            // input column of that name, where it is an output column. Past a
-            // `*`, whose output names are not known yet, only the first.
-            let named = self.targets.iter().position(|t| t.name == *name);
-            if named.is_some() || self.star.is_some() {
-                return named;
-            }
-            return self.targets.iter().position(|t| t.column.as_deref().and_then(<[String]>::last) == Some(name));
+            let named = || self.targets.iter().position(|t| t.name == *name);
+            // Past a `*`, whose output names are not known yet, the input
+            // column cannot be found among the outputs.
+            let column = || {
+                let c = self.targets.iter().position(|t| t.column.as_deref().and_then(<[String]>::last) == Some(name));
+                c.filter(|_| self.star.is_none())
+            };
+            return match names {
+                Names::OutputFirst => match named() {
+                    Some(i) => Some(i),
+                    None if self.star.is_some() => None,
+                    None => column(),
+                },
+                // An output name counts only when no input column has that
+                // name: Postgres would group by the input column.
+                Names::InputFirst => column().or_else(|| {
+                    let input = self.inputs.as_ref().is_none_or(|cols| cols.iter().any(|c| c == name));
+                    if input {
+                        None
+                    } else {
+                        named()
+                    }
+                }),
+                Names::InputOnly => column(),
+            };
         }
         // A qualified name matches the same column, or an unqualified one of
         // that name (which Postgres resolved to the same table, else refused
@@ -139,14 +173,17 @@ impl Outputs {
     }
 
     /// An ORDER BY or DISTINCT ON item: found now, or bound later past a `*`.
-    pub(super) fn reference(&self, item: &Node) -> Option<OutputRef> {
+    pub(super) fn reference(&self, item: &Node, names: Names) -> Option<OutputRef> {
         if self.star.is_none() {
-            return self.find(item).map(OutputRef::At);
+            return self.find(item, names).map(OutputRef::At);
         }
         if let Some(pos) = int_const(item) {
+            if names == Names::InputOnly {
+                return None;
+            }
             return usize::try_from(pos).ok().map(|p| OutputRef::Named(OutputName::Position(p)));
         }
-        if let Some(i) = self.find(item) {
+        if let Some(i) = self.find(item, names) {
             return Some(OutputRef::At(i));
         }
         let fields = column_fields(item)?;
@@ -210,7 +247,7 @@ pub(super) fn plain_tables(from: &[Node]) -> bool {
 
 /// The select list: what each column merges as, and the names ORDER BY may use.
 pub(super) fn outputs(sel: &protobuf::SelectStmt, key: &Key) -> Result<Outputs, FanoutError> {
-    let mut out = Outputs { columns: Vec::new(), targets: Vec::new(), star: None };
+    let mut out = Outputs { columns: Vec::new(), targets: Vec::new(), star: None, inputs: None };
     for t in &sel.target_list {
         let Some(N::ResTarget(rt)) = &t.node else { return Err(refuse("this select list")) };
         let Some(val) = rt.val.as_deref() else { return Err(refuse("this select list")) };

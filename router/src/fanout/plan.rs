@@ -4,7 +4,7 @@ use pg_query::protobuf::{self, a_const, node::Node as N, Node};
 
 use super::having::{self, Filter};
 use super::outputs::{
-    aggregate, funcname, has_aggregate, int_const, outputs, plain_tables, Key, OutputRef, Outputs, AGGREGATES,
+    aggregate, funcname, has_aggregate, int_const, outputs, plain_tables, Key, Names, OutputRef, Outputs, AGGREGATES,
 };
 use super::{refuse, ColumnMerge, FanoutError, FullMerge, MergeSpec, OutputName, SortKey, Star};
 
@@ -28,13 +28,14 @@ fn bytewise_collation(c: &protobuf::CollateClause) -> bool {
 }
 
 /// Plans a SELECT that has no tenant key. `key_column` is the sharding key's
-/// column name; `table_width` the number of columns the catalog knows a
-/// sharded table to have.
+/// column name; `table_columns` the columns the catalog knows a sharded table
+/// to have.
 pub fn plan(
     sql: &str,
     key_column: &str,
-    table_width: &dyn Fn(&str) -> Option<usize>,
+    table_columns: &dyn Fn(&str) -> Option<Vec<String>>,
 ) -> Result<FanoutPlan, FanoutError> {
+    let table_width = &|t: &str| table_columns(t).map(|c| c.len());
     let mut parsed = pg_query::parse(sql, 0).map_err(|e| FanoutError::Unsupported(e.to_string()))?;
     let [raw] = &mut parsed.protobuf.stmts[..] else { return Err(refuse("several statements")) };
     let Some(N::SelectStmt(sel)) = raw.stmt.as_deref_mut().and_then(|n| n.node.as_mut()) else {
@@ -47,6 +48,7 @@ pub fn plan(
     }
     let key = Key { column: key_column, plain_tables: !union && plain_tables(&sel.from_clause) };
     let mut out = if union { union_outputs(sel, &key)? } else { outputs(sel, &key)? };
+    out.inputs = input_columns(&sel.from_clause, table_columns);
     let grouped = out.columns.iter().any(|c| *c != ColumnMerge::Key)
         || !sel.group_clause.is_empty()
         || sel.having_clause.is_some();
@@ -205,7 +207,7 @@ fn check_grouping(sel: &protobuf::SelectStmt, out: &Outputs) -> Result<Vec<Outpu
     let mut keys: Vec<usize> = Vec::new();
     let mut named = Vec::new();
     for g in &sel.group_clause {
-        match out.reference(g) {
+        match out.reference(g, Names::InputFirst) {
             Some(OutputRef::At(i)) if out.columns[i] == ColumnMerge::Key => keys.push(i),
             Some(OutputRef::Named(n)) => named.push(n),
             _ => return Err(refuse("GROUP BY on expressions that are not plain output columns")),
@@ -245,11 +247,33 @@ fn plan_having(
                 });
                 Ok(Some(at))
             }
-            Some(N::ColumnRef(_)) => Ok(out.find(n).filter(|&i| out.columns[i] == ColumnMerge::Key)),
+            Some(N::ColumnRef(_)) => Ok(out.find(n, Names::InputOnly).filter(|&i| out.columns[i] == ColumnMerge::Key)),
             _ => Ok(None),
         }
     };
     having::plan(condition, &mut column)
+}
+
+/// Every column of the tables `from` reads, if the catalog knows each table
+/// (plain tables and joins of them only).
+fn input_columns(from: &[Node], table_columns: &dyn Fn(&str) -> Option<Vec<String>>) -> Option<Vec<String>> {
+    let mut all = Vec::new();
+    for n in from {
+        match &n.node {
+            Some(N::RangeVar(r)) => {
+                let name =
+                    if r.schemaname.is_empty() { r.relname.clone() } else { format!("{}.{}", r.schemaname, r.relname) };
+                all.extend(table_columns(&name)?);
+            }
+            Some(N::JoinExpr(j)) => {
+                for side in [&j.larg, &j.rarg] {
+                    all.extend(input_columns(std::slice::from_ref(side.as_deref()?), table_columns)?);
+                }
+            }
+            _ => return None,
+        }
+    }
+    Some(all)
 }
 
 /// One ORDER BY item: its sort key, and its name when it is bound later.
@@ -266,7 +290,8 @@ fn sort_key(s: &Node, out: &Outputs) -> Result<(SortKey, Option<OutputName>), Fa
             _ => return Err(refuse("ORDER BY … COLLATE other than \"C\"")),
         }
     }
-    let (column, name) = match out.reference(item) {
+    let names = if bytewise { Names::InputOnly } else { Names::OutputFirst };
+    let (column, name) = match out.reference(item, names) {
         Some(OutputRef::At(i)) => (i, None),
         Some(OutputRef::Named(n)) => (0, Some(n)),
         None => {
@@ -339,7 +364,9 @@ fn plan_distinct(
     }
     let mut on: Vec<OutputRef> = Vec::new();
     for item in &sel.distinct_clause {
-        let r = out.reference(item).ok_or_else(|| refuse("DISTINCT ON expressions that are not output columns"))?;
+        let r = out
+            .reference(item, Names::OutputFirst)
+            .ok_or_else(|| refuse("DISTINCT ON expressions that are not output columns"))?;
         if !on.contains(&r) {
             on.push(r);
         }
@@ -422,7 +449,8 @@ mod tests {
     use super::*;
 
     fn plan_of(sql: &str) -> Result<FanoutPlan, FanoutError> {
-        plan(sql, "tenant_id", &|t| (t == "orders").then_some(5))
+        let orders = || ["tenant_id", "id", "region", "total", "qty"].map(String::from).to_vec();
+        plan(sql, "tenant_id", &|t| (t == "orders").then(orders))
     }
 
     fn full(sql: &str) -> (String, FullMerge) {

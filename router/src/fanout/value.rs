@@ -390,10 +390,13 @@ fn numeric_binary(s: &str) -> Option<Vec<u8>> {
         b.extend(dscale.to_be_bytes());
         b
     };
+    // numeric_send writes a special value's display scale as NUMERIC_DSCALE
+    // reads it from the stored short header, whose scale bits overlap the
+    // infinities' sign codes: 32 for ±Infinity, 0 for NaN.
     match s {
         "NaN" => return Some(header(0, 0, 0xC000, 0)),
-        "Infinity" => return Some(header(0, 0, 0xD000, 0)),
-        "-Infinity" => return Some(header(0, 0, 0xF000, 0)),
+        "Infinity" => return Some(header(0, 0, 0xD000, 32)),
+        "-Infinity" => return Some(header(0, 0, 0xF000, 32)),
         _ => {}
     }
     let d = parse_dec(s)?;
@@ -517,6 +520,8 @@ mod tests {
         assert_eq!(to_binary(NUMERIC, b"10000.5").unwrap(), hex("0003000100000001000100001388"));
         assert_eq!(to_binary(NUMERIC, b"-0").unwrap(), hex("0000000000000000"));
         assert_eq!(to_binary(NUMERIC, b"NaN").unwrap(), hex("00000000c0000000"));
+        assert_eq!(to_binary(NUMERIC, b"Infinity").unwrap(), hex("00000000d0000020"));
+        assert_eq!(to_binary(NUMERIC, b"-Infinity").unwrap(), hex("00000000f0000020"));
         assert_eq!(to_binary(INT8, b"-2").unwrap(), (-2i64).to_be_bytes());
         assert_eq!(to_binary(BOOL, b"t").unwrap(), [1]);
         assert_eq!(

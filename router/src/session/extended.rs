@@ -9,7 +9,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::admission::route_kind;
 use super::everywhere::everywhere;
-use super::prepared::{ensure_prepared, unknown_statement, Prepared};
+use super::prepared::{ensure_prepared, server_name, unknown_statement, Prepared};
 use super::relay::{Expect, RelayError};
 use super::shadow::ShadowedBatch;
 use super::{Session, SessionError};
@@ -166,7 +166,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         let analysis = self.ctx.cache.get(p.query).ok();
                         let prepared = Prepared {
                             sql: Arc::from(p.query),
-                            server_name: crate::sql::statement_name(p.query, &p.param_types),
+                            server_name: server_name(p.query, &p.param_types, self.ctx.catalog.generation()),
                             param_types: p.param_types.clone(),
                             analysis,
                         };

@@ -265,7 +265,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// catalog's tables.
     pub(super) fn plan_fanout(&self, sql: &str) -> Result<crate::fanout::FanoutPlan, crate::fanout::FanoutError> {
         let key_column = self.ctx.directory.load().key_column.clone();
-        crate::fanout::plan(sql, &key_column, &|t| self.ctx.catalog.columns(t).map(|c| c.len()))
+        crate::fanout::plan(sql, &key_column, &|t| self.ctx.catalog.columns(t))
     }
 
     /// Per shard, the text of a cross-shard read with rows under a move left out

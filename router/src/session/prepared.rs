@@ -18,7 +18,7 @@ use crate::sql::Analysis;
 pub(super) struct Prepared {
     pub(super) sql: Arc<str>,
     pub(super) param_types: Vec<i32>,
-    /// The name it has on server connections: `sg_` and a hash of text and types.
+    /// The name it has on server connections ([`server_name`]).
     pub(super) server_name: String,
     /// None when the text does not parse: it then goes to a shard, which reports
     /// the syntax error in Postgres's own words.
@@ -36,6 +36,16 @@ pub(super) fn ensure_prepared(backend: &mut crate::backend::Backend, p: &Prepare
         backend.conn.queue(&messages::parse(&p.server_name, &p.sql, &p.param_types));
         expects.push_back(Expect::Parse { forward: false, server_name: p.server_name.clone(), client_name: None });
     }
+}
+
+/// A client statement's name on server connections: its text and types'
+/// ([`crate::sql::statement_name`]) and the schema generation it was prepared
+/// in. A statement prepared after DDL gets a name of its own, so it is parsed
+/// afresh wherever it runs and sees the table's new columns, as on a Postgres
+/// of its own; server connections' copies prepared before would fail it with
+/// "cached plan must not change result type".
+pub(super) fn server_name(sql: &str, param_types: &[i32], generation: u64) -> String {
+    format!("{}_{generation}", crate::sql::statement_name(sql, param_types))
 }
 
 pub(super) fn unknown_statement(name: &str) -> SqlError {
