@@ -128,29 +128,7 @@ async fn move_benchmark() {
     // Load: 8 writers, 125 writes/s each, on the moving bucket's tenants, through
     // the three routers; each write's start time and latency are kept.
     let moving = tenants_of(bucket_b, 100);
-    let samples: Arc<Mutex<Vec<(Instant, u64, bool)>>> = Default::default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for w in 0..8usize {
-        let client = shardgate_tests::connect(&routers[w % 3]).await;
-        let (samples, stop, moving) = (samples.clone(), stop.clone(), moving.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(8));
-            let mut i = 0i64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                tick.tick().await;
-                i += 1;
-                let t = moving[(i as usize * 7 + w) % moving.len()];
-                let id = 10_000_000 + (w as i64) * 10_000_000 + i;
-                let at = Instant::now();
-                let ok = client
-                    .execute("INSERT INTO events (tenant_id, id, kind, payload) VALUES ($1, $2, 'w', 'x')", &[&t, &id])
-                    .await
-                    .is_ok();
-                samples.lock().unwrap().push((at, at.elapsed().as_micros() as u64, ok));
-            }
-        }));
-    }
+    let load = Writers::start(&routers, 10_000_000, move |w, i| moving[(i as usize * 7 + w) % moving.len()]).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     admin_post(admin, "/moves/request", &json!({ "id": id, "request": "verify" }));
     wait(id, "verify", &|m| m["counters"]["verified_at_ms"].is_u64() && m["phase"] == "shadow");
@@ -167,11 +145,7 @@ async fn move_benchmark() {
         pauses.push(m["counters"]["pause_us"].as_u64().unwrap_or(0));
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let samples = samples.lock().unwrap().clone();
+    let samples = load.stop().await;
     let errors = samples.iter().filter(|s| !s.2).count();
     let (mut during, mut outside): (Vec<u64>, Vec<u64>) = (Vec::new(), Vec::new());
     for (at, us, _) in &samples {
@@ -223,31 +197,7 @@ async fn move_benchmark() {
     // 3. A hot tenant moves on its own: 8 writers at 125 writes/s each on one
     //    tenant through the three routers, then `move tenant … --cutover auto`.
     let hot = tenants_of(7, 1)[0];
-    let samples: Arc<Mutex<Vec<(Instant, u64, bool)>>> = Default::default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for w in 0..8usize {
-        let client = shardgate_tests::connect(&routers[w % 3]).await;
-        let (samples, stop) = (samples.clone(), stop.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(8));
-            let mut i = 0i64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                tick.tick().await;
-                i += 1;
-                let id = 500_000_000 + (w as i64) * 10_000_000 + i;
-                let at = Instant::now();
-                let ok = client
-                    .execute(
-                        "INSERT INTO events (tenant_id, id, kind, payload) VALUES ($1, $2, 'w', 'x')",
-                        &[&hot, &id],
-                    )
-                    .await
-                    .is_ok();
-                samples.lock().unwrap().push((at, at.elapsed().as_micros() as u64, ok));
-            }
-        }));
-    }
+    let load = Writers::start(&routers, 500_000_000, move |_, _| hot).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let move_started = Instant::now();
     let hid = admin_post(admin, "/moves", &json!({ "tenant": hot.to_string(), "to": "shard_1", "cutover_auto": true }))
@@ -258,12 +208,8 @@ async fn move_benchmark() {
     let move_ended = Instant::now();
     // The routers' heartbeats bring their held statements within a second.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
+    let samples = load.stop().await;
     let m = move_of(hid);
-    let samples = samples.lock().unwrap().clone();
     let hot_errors = samples.iter().filter(|s| !s.2).count();
     let mut before: Vec<u64> = samples.iter().filter(|s| s.0 < move_started).map(|s| s.1).collect();
     let mut during: Vec<u64> =
@@ -293,6 +239,54 @@ async fn move_benchmark() {
         pct(&mut during, 1.0)
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Eight writers at 125 inserts/s each through the three routers (writer `w`
+/// on router `w % 3`), each insert's tenant from `tenant(w, i)`; every write's
+/// start time, latency and success are kept.
+struct Writers {
+    samples: Arc<Mutex<Vec<(Instant, u64, bool)>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Writers {
+    async fn start(
+        routers: &[String],
+        first_id: i64,
+        tenant: impl Fn(usize, i64) -> i64 + Clone + Send + 'static,
+    ) -> Writers {
+        let samples: Arc<Mutex<Vec<(Instant, u64, bool)>>> = Default::default();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for w in 0..8usize {
+            let client = shardgate_tests::connect(&routers[w % routers.len()]).await;
+            let (samples, stop, tenant) = (samples.clone(), stop.clone(), tenant.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(8));
+                let mut i = 0i64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    tick.tick().await;
+                    i += 1;
+                    let (t, id) = (tenant(w, i), first_id + (w as i64) * 10_000_000 + i);
+                    let at = Instant::now();
+                    let sql = "INSERT INTO events (tenant_id, id, kind, payload) VALUES ($1, $2, 'w', 'x')";
+                    let ok = client.execute(sql, &[&t, &id]).await.is_ok();
+                    samples.lock().unwrap().push((at, at.elapsed().as_micros() as u64, ok));
+                }
+            }));
+        }
+        Writers { samples, stop, tasks }
+    }
+
+    async fn stop(self) -> Vec<(Instant, u64, bool)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let samples = self.samples.lock().unwrap().clone();
+        samples
+    }
 }
 
 fn filter(bucket: u32) -> String {
