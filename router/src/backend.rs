@@ -11,7 +11,7 @@ use crate::protocol::{Connection, Message, ProtocolError};
 use crate::tls::{ShardSslMode, ShardTls, Stream, TlsError};
 
 /// Where and how to reach one shard.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ShardAddress {
     pub host: String,
     pub port: u16,
@@ -70,6 +70,13 @@ impl ShardAddress {
             url.push_str(&format!("{name}={}", percent_encode(&value)));
         }
         url
+    }
+}
+
+impl std::fmt::Debug for ShardAddress {
+    /// The URL without its password: a Debug print must not leak it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ShardAddress({})", self.display_url())
     }
 }
 
@@ -310,6 +317,7 @@ mod tests {
         assert_eq!(a.database, "orders");
         assert_eq!(a.display_url(), "postgres://app@db1:5433/orders");
         assert_eq!(redact("postgres://app:pw@h/d"), "postgres://app:***@h/d");
+        assert!(!format!("{a:?}").contains("cret"), "{a:?}");
         assert!(ShardAddress::from_url("mysql://x").is_err());
         let tls = ShardAddress::from_url("postgres://app@db1/orders?sslmode=verify-full&sslrootcert=/etc/my%20ca.pem")
             .unwrap();

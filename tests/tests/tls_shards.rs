@@ -46,7 +46,7 @@ async fn a_hostssl_only_shard_serves_routed_statements_under_verify_full() {
 
     for (i, url) in plain_urls.iter().enumerate() {
         // The shard really refuses plain logins…
-        let err = tokio_postgres::connect(url, NoTls).await.err().expect("plain login refused");
+        let Err(err) = tokio_postgres::connect(url, NoTls).await else { panic!("shard {i} let a plain login in") };
         assert_eq!(sqlstate(&err), "28000");
         // …and every connection of the router's is under TLS.
         let shard = tls::connect(&format!("{url}?sslmode=require"), ca.verify_full()).await.expect("TLS to shard");
