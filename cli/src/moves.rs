@@ -49,14 +49,15 @@ pub fn start(api: &Api, subject: Subject, to: &str, cutover_auto: bool, wait: bo
     finish_message(&m, id)
 }
 
-/// An automatic cutover that will not go on by itself: shadow reads differed,
-/// or the cutover was undone three times.
+/// An automatic cutover that will not go on by itself: its verify found a
+/// difference, or the cutover was undone three times.
 pub fn stopped_before_cutover(m: &MoveStatus) -> bool {
-    m.counter("cutover_failures").unwrap_or(0) >= 3 || m.counter("shadow_mismatched").unwrap_or(0) > 0
+    m.counter("cutover_failures").unwrap_or(0) >= 3 || (m.counter("verified_at_ms").is_some() && !m.verified_clean)
 }
 
 /// Sends a request (verify, cutover, rollback, complete, cancel) and waits for its
-/// effect unless `wait` is false.
+/// effect unless `wait` is false. Exits non-zero when the request was refused,
+/// the verify found a difference, the cutover was undone or the move failed.
 pub fn request(api: &Api, id: u64, what: MoveAction, force: bool, wait: bool) -> Result<()> {
     let before = find(api, id)?;
     let _: Outcome = api.post("/moves/request", &MoveRequestBody { id, request: what, force })?;
@@ -65,39 +66,41 @@ pub fn request(api: &Api, id: u64, what: MoveAction, force: bool, wait: bool) ->
         return Ok(());
     }
     let counter = |m: &MoveStatus, k: &str| m.counter(k).unwrap_or(0);
+    let changed = |m: &MoveStatus, k: &str| counter(m, k) != counter(&before, k);
+    // Every request ends in one of these, and the driver records which.
+    let refused = |m: &MoveStatus| changed(m, "refusals");
     let failed = |m: &MoveStatus| m.phase == MovePhase::Failed;
     let m = match what {
-        MoveAction::Verify => {
-            let at = counter(&before, "verified_at_ms");
-            watch(api, id, |m| counter(m, "verified_at_ms") != at || failed(m))?
-        }
+        MoveAction::Verify => watch(api, id, |m| changed(m, "verified_at_ms") || refused(m) || failed(m))?,
         MoveAction::Cutover | MoveAction::Rollback => {
-            let (n, f) = (counter(&before, "cutovers"), counter(&before, "cutover_failures"));
-            watch(api, id, |m| {
-                counter(m, "cutovers") != n
-                    || counter(m, "cutover_failures") != f
-                    || failed(m)
-                    // A refusal (not verified, wrong phase) comes back as a note.
-                    || (m.request.is_none() && m.note != before.note && m.phase != MovePhase::Cutover)
-            })?
+            watch(api, id, |m| changed(m, "cutovers") || changed(m, "cutover_failures") || refused(m) || failed(m))?
         }
-        MoveAction::Complete | MoveAction::Cancel => watch(api, id, MoveStatus::ended)?,
+        MoveAction::Complete | MoveAction::Cancel => watch(api, id, |m| m.ended() || refused(m))?,
     };
-    finish_message(&m, id)
+    let note = m.note.as_deref().unwrap_or("");
+    println!("move {id}: {}{}", m.phase.name(), if note.is_empty() { String::new() } else { format!(" — {note}") });
+    if failed(&m) {
+        bail!("move {id} failed: {note}");
+    }
+    if refused(&m) {
+        bail!("move {id}: {note}");
+    }
+    match what {
+        MoveAction::Verify if !m.verified_clean => bail!("move {id}: verify found a difference (see above)"),
+        MoveAction::Cutover | MoveAction::Rollback if changed(&m, "cutover_failures") => {
+            bail!("move {id}: {note}")
+        }
+        _ => Ok(()),
+    }
 }
 
 fn finish_message(m: &MoveStatus, id: u64) -> Result<()> {
     let note = m.note.as_deref().unwrap_or("");
+    println!("move {id}: {}{}", m.phase.name(), if note.is_empty() { String::new() } else { format!(" — {note}") });
     match m.phase {
         MovePhase::Failed => bail!("move {id} failed: {note}"),
-        phase => {
-            let phase = phase.name();
-            println!("move {id}: {phase}{}", if note.is_empty() { String::new() } else { format!(" — {note}") });
-            if note.contains("refused") || note.contains("differ") || note.contains("undone") {
-                bail!("move {id}: {note}");
-            }
-            Ok(())
-        }
+        _ if stopped_before_cutover(m) => bail!("move {id}: the automatic cutover stopped: {note}"),
+        _ => Ok(()),
     }
 }
 
@@ -165,7 +168,10 @@ pub fn progress_line(m: &MoveStatus) -> String {
         _ => {}
     }
     if let Some(x) = m.shadow_samples.first() {
-        s.push_str(&format!("\n      last difference: {}  source: {}  target: {}", x.query, x.source, x.target));
+        s.push_str(&format!(
+            "\n      last proven difference: tenant {}: {}  source: {}  target: {}",
+            x.keys, x.query, x.source, x.target
+        ));
     }
     if m.holding {
         s.push_str("  [statements held]");

@@ -249,12 +249,19 @@ fn move_lines(m: &MoveStatus) -> String {
     }
     if m.counter("shadow_compared").is_some() || phase == "shadow" {
         s.push_str(&format!(
-            "\n        shadow reads {} compared, {} mismatched, {} explained by lag, {} skipped",
+            "\n        shadow reads {} compared, {} mismatched, {} explained by lag, {} unsettled, {} skipped",
             n("shadow_compared"),
             n("shadow_mismatched"),
             n("shadow_lag_explained"),
+            n("shadow_unsettled"),
             n("shadow_skipped")
         ));
+        if let Some(x) = m.shadow_samples.first() {
+            s.push_str(&format!(
+                "\n        last proven difference: tenant {}: {} (source {}, target {})",
+                x.keys, x.query, x.source, x.target
+            ));
+        }
     }
     if m.counter("verified_at_ms").is_some() {
         s.push_str(&format!(
@@ -274,6 +281,14 @@ fn move_lines(m: &MoveStatus) -> String {
             n("catch_up_us") as f64 / 1e3,
             n("flip_us") as f64 / 1e3
         ));
+    }
+    for p in m.pauses.iter().take(3) {
+        s.push_str(&format!("\n        {} hold: {}", p.kind, p.held));
+        if p.routers.len() > 1 {
+            for (router, held) in &p.routers {
+                s.push_str(&format!("\n          {router}: {held}"));
+            }
+        }
     }
     if let Some(note) = &m.note {
         s.push_str(&format!("\n        {note}"));
@@ -332,7 +347,7 @@ mod tests {
         let verified = [("shadow_compared", 90), ("shadow_mismatched", 0), ("verified_at_ms", 9), ("lag_bytes", 0)];
         update(&mut d, id, MovePhase::Shadow, &verified, clean);
         update(&mut d, id, MovePhase::Cutover, &[], MoveFlagUpdate { cutover_back: Some(false), ..Default::default() });
-        d.apply(&Command::HoldMove { id, token: 1, deadline_ms: 100 });
+        d.apply(&Command::HoldMove { id, token: 1, deadline_ms: 100, at_ms: 0 });
         d.apply(&Command::FlipMove { id, shard: "shard_0".into(), token: 1 });
         update(&mut d, id, MovePhase::Reverse, &[("cutovers", 1), ("pause_us", 12500)], none);
         let id = create(&mut d, MoveSubject::Bucket(3), "shard_1");

@@ -145,6 +145,23 @@ async fn a_move_resumes_after_its_driver_is_killed_at_every_fault_point() {
         }
     };
     report.check(&shards, owner, |_| true).await;
+    // Nothing left behind: a completed move, however often its driver died on
+    // the way, leaves no slot, publication or subscription on either shard.
+    for (i, s) in shards.iter().enumerate() {
+        let left: Vec<String> = s
+            .query(
+                "SELECT 'slot ' || slot_name FROM pg_replication_slots \
+                 UNION ALL SELECT 'publication ' || pubname FROM pg_publication \
+                 UNION ALL SELECT 'subscription ' || subname FROM pg_subscription",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(left.is_empty(), "shard_{i} keeps replication objects after the move: {left:?}");
+    }
     // Kept on failure, for the nodes' logs.
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -86,6 +86,34 @@ fn an_operator_moves_a_bucket_rolls_it_back_cuts_over_again_and_completes() {
     assert!(ok, "{out}\n{err}");
     let (ok, _, err) = start(on0[2]);
     assert!(!ok && err.contains("max_concurrent"), "{err}");
+
+    // Commands say what they did: verify exits 0 when the copies are equal and 1
+    // when they differ, naming the rows; a cutover is refused only for a
+    // difference its own verify found, naming the way on; a request that does
+    // not apply names the ones that do.
+    let (ok, out, err) = cli(&up, &["verify", "2"]);
+    assert!(ok && out.contains("verified clean"), "{out}\n{err}");
+    let (ok, out, err) = cli(&up, &["rollback", "2"]);
+    assert!(
+        !ok && err.contains("does not apply before a cutover") && err.contains("shardgate cancel 2"),
+        "{out}\n{err}"
+    );
+    let target = s["shards"].as_array().unwrap().iter().find(|x| x["name"] == "shard_1").unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let planted = (1..=200)
+        .find(|t| shardgate_directory::hash::bucket_of(&shardgate_directory::TenantKey::Int(*t), 16) == on0[0] as u32)
+        .unwrap();
+    psql(&target, &format!("SET session_replication_role = replica; UPDATE orders SET total = -1 WHERE tenant_id = {planted} AND id = 1"));
+    let (ok, out, err) = cli(&up, &["verify", "2"]);
+    assert!(!ok && out.contains("chunk(s) differ") && out.contains("rows with key from"), "{out}\n{err}");
+    let (ok, out, err) = cli(&up, &["cutover", "2"]);
+    assert!(
+        !ok && err.contains("cutover refused: verify found a difference") && err.contains("--force"),
+        "{out}\n{err}"
+    );
+    assert_eq!(status(&up)["placements"][on0[0]], "shard_0", "nothing was cut over");
     for id in ["2", "3"] {
         let (ok, out, err) = cli(&up, &["cancel", id]);
         assert!(ok && out.contains("cancelled"), "{out}\n{err}");

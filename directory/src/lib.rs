@@ -10,6 +10,7 @@
 pub mod clock;
 pub mod hash;
 mod model;
+pub mod pause;
 pub mod replica;
 pub mod state;
 

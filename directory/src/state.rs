@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::pause::{HeldReport, HoldKind, Pause, PAUSES_KEPT};
 use crate::{Directory, ShardId, ShardState, TenantKey};
 
 /// What moves: one bucket (logical shard) or one tenant.
@@ -91,6 +92,10 @@ pub struct Move {
     /// the timeline of the move.
     #[serde(default)]
     pub history: Vec<(MovePhase, u64)>,
+    /// Its last few holds (verify's cut, cutovers, rollbacks), oldest first, with
+    /// how long each router's statements waited on them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pauses: Vec<Pause>,
 }
 
 /// Where a move's rows are. One rule, read from the placement (or the pin), never
@@ -134,10 +139,17 @@ pub struct ShadowCounts {
     /// Reads answered by the source and compared with the target's answer.
     pub compared: u64,
     pub matched: u64,
-    /// Differences that stayed after the target had caught up with the source.
+    /// Differences proven real: the source gave the same answer before and after
+    /// a point the target had provably applied, and the target's answer differed
+    /// (twice in a row). See docs/moves.md, "Shadow reads".
     pub mismatched: u64,
     /// Differences that went away once the target caught up (replication lag).
     pub lag_explained: u64,
+    /// Differences that could not be judged: the rows kept changing on the source
+    /// while they were re-checked, so no point existed to compare at. Not a
+    /// mismatch; the consistent-point verify settles it.
+    #[serde(default)]
+    pub unsettled: u64,
     /// Reads not compared: the router was busy comparing others, or a shard
     /// could not be asked.
     pub skipped: u64,
@@ -156,6 +168,10 @@ pub struct ShadowSample {
     pub source: String,
     pub target: String,
     pub at_ms: u64,
+    /// The tenant keys the read asked for (`42`, `42, 43`), so the differing
+    /// rows can be found on both shards.
+    #[serde(default)]
+    pub keys: String,
 }
 
 /// What one router counted since it started: per bucket (those with any
@@ -200,6 +216,7 @@ impl ShadowCounts {
         self.matched += o.matched;
         self.mismatched += o.mismatched;
         self.lag_explained += o.lag_explained;
+        self.unsettled += o.unsettled;
         self.skipped += o.skipped;
     }
 }
@@ -359,6 +376,9 @@ pub enum Command {
         id: u64,
         token: u64,
         deadline_ms: u64,
+        /// When (proposer's clock); 0 from older proposers.
+        #[serde(default)]
+        at_ms: u64,
     },
     /// A router holds and has nothing in flight on the rows.
     AckHold {
@@ -405,6 +425,9 @@ pub enum Command {
         /// Its shadow-read counts, for moves in the shadow phase.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         shadow: Vec<ShadowReport>,
+        /// How long its statements waited on the holds of moves under way.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        held: Vec<HeldReport>,
         /// Its load counts (every few heartbeats).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         load: Option<LoadReport>,
@@ -593,6 +616,7 @@ impl Directory {
                         updated_ms: *at_ms,
                         shadow: Default::default(),
                         history: vec![(MovePhase::Plan, *at_ms)],
+                        pauses: Vec::new(),
                     },
                 );
                 self.bump();
@@ -624,11 +648,20 @@ impl Directory {
                 m.request = request.clone();
                 return Ok(None);
             }
-            Command::HoldMove { id, token, deadline_ms } => {
-                let m = self.moves.get(id).ok_or_else(|| rejected(format!("no move {id}")))?;
+            Command::HoldMove { id, token, deadline_ms, at_ms } => {
+                let m = self.moves.get_mut(id).ok_or_else(|| rejected(format!("no move {id}")))?;
                 if ended(m.phase) {
                     return Err(rejected(format!("move {id} has ended ({})", m.phase.name())));
                 }
+                let kind = match m.phase {
+                    MovePhase::Verify => HoldKind::Verify,
+                    _ if m.cutover_back => HoldKind::Rollback,
+                    _ => HoldKind::Cutover,
+                };
+                if m.pauses.len() >= PAUSES_KEPT {
+                    m.pauses.remove(0);
+                }
+                m.pauses.push(Pause { token: *token, kind, at_ms: *at_ms, routers: Default::default() });
                 let hold = Hold {
                     move_id: *id,
                     subject: m.subject.clone(),
@@ -670,9 +703,16 @@ impl Directory {
                 }
                 self.holds.remove(id);
             }
-            Command::Heartbeat { router, address, applied_epoch, at_ms, started_ms, shadow, load } => {
+            Command::Heartbeat { router, address, applied_epoch, at_ms, started_ms, shadow, held, load } => {
                 if let Some(l) = load {
                     self.load.insert(format!("{router}@{started_ms}"), l.clone());
+                }
+                for r in held {
+                    let pause =
+                        self.moves.get_mut(&r.move_id).and_then(|m| m.pauses.iter_mut().find(|p| p.token == r.token));
+                    if let Some(p) = pause {
+                        p.routers.insert(format!("{router}@{started_ms}"), r.stats.clone());
+                    }
                 }
                 for r in shadow {
                     let Some(m) = self.moves.get_mut(&r.move_id) else { continue };
@@ -689,6 +729,7 @@ impl Directory {
                         ("shadow_matched", sum.matched),
                         ("shadow_mismatched", sum.mismatched),
                         ("shadow_lag_explained", sum.lag_explained),
+                        ("shadow_unsettled", sum.unsettled),
                         ("shadow_skipped", sum.skipped),
                     ] {
                         m.counters.insert(k.to_string(), v);
@@ -787,6 +828,7 @@ mod tests {
                 at_ms: 12,
                 started_ms: 1,
                 shadow: vec![],
+                held: vec![],
                 load: Some(LoadReport {
                     buckets: vec![LoadCount { bucket: 2, statements: 10, rows_written: 3, micros: 900 }],
                     tenants: vec![],
@@ -826,6 +868,7 @@ mod tests {
             at_ms: 1,
             started_ms: 1,
             shadow: vec![],
+            held: vec![],
             load: None,
         });
         assert_eq!(d.epoch, e);
@@ -911,6 +954,7 @@ mod tests {
                 move_id: 1,
                 counts: ShadowCounts { compared, matched: compared - mismatched, mismatched, ..Default::default() },
             }],
+            held: vec![],
         };
         let epoch = d.epoch;
         d.apply(&beat("r1", 100, 10, 1));
@@ -934,6 +978,7 @@ mod tests {
             started_ms: 200,
             load: None,
             shadow: vec![ShadowReport { move_id: 9, counts: ShadowCounts { compared: 1, ..Default::default() } }],
+            held: vec![],
         });
         assert_eq!(d.moves, before.moves);
     }
@@ -1028,7 +1073,7 @@ mod tests {
         let key = (0..).map(TenantKey::Int).find(|k| d.bucket_of(k) == 1).unwrap();
         let other = (0..).map(TenantKey::Int).find(|k| d.bucket_of(k) == 2).unwrap();
         assert_eq!(d.held(&key), None);
-        d.apply(&Command::HoldMove { id, token: 7, deadline_ms: 100 });
+        d.apply(&Command::HoldMove { id, token: 7, deadline_ms: 100, at_ms: 0 });
         assert_eq!(d.held(&key), Some(id));
         assert_eq!(d.held(&other), None);
         // Acks count only for the current attempt.
@@ -1082,16 +1127,16 @@ mod tests {
             });
             assert_eq!(owner_and_other_end(&d, id), (0, 1), "{phase:?}: the phase alone moves nothing");
         }
-        d.apply(&Command::HoldMove { id, token: 1, deadline_ms: 100 });
+        d.apply(&Command::HoldMove { id, token: 1, deadline_ms: 100, at_ms: 0 });
         assert_eq!(owner_and_other_end(&d, id), (0, 1), "held, not flipped");
         d.apply(&Command::FlipMove { id, shard: "s1".into(), token: 1 });
         assert_eq!(owner_and_other_end(&d, id), (1, 0), "flipped: the target owns");
         // A rollback is the same cutover backwards.
-        d.apply(&Command::HoldMove { id, token: 2, deadline_ms: 100 });
+        d.apply(&Command::HoldMove { id, token: 2, deadline_ms: 100, at_ms: 0 });
         d.apply(&Command::FlipMove { id, shard: "s0".into(), token: 2 });
         assert_eq!(owner_and_other_end(&d, id), (0, 1), "rolled back: the source owns again");
         // A released hold (a cutover given up) flips nothing.
-        d.apply(&Command::HoldMove { id, token: 3, deadline_ms: 100 });
+        d.apply(&Command::HoldMove { id, token: 3, deadline_ms: 100, at_ms: 0 });
         d.apply(&Command::ReleaseHold { id, token: 3 });
         assert_eq!(owner_and_other_end(&d, id), (0, 1));
     }
@@ -1105,11 +1150,11 @@ mod tests {
         let id = create(&mut d, MoveSubject::Tenant(key.clone()), &format!("s{away}"));
         assert_eq!(d.moves[&id].source, home);
         assert_eq!(owner_and_other_end(&d, id), (home, away));
-        d.apply(&Command::HoldMove { id, token: 1, deadline_ms: 100 });
+        d.apply(&Command::HoldMove { id, token: 1, deadline_ms: 100, at_ms: 0 });
         d.apply(&Command::FlipMove { id, shard: format!("s{away}"), token: 1 });
         assert_eq!(owner_and_other_end(&d, id), (away, home), "the flip pins the tenant to the target");
         assert_eq!(d.holder_of(&MoveSubject::Bucket(2)), home, "its bucket stays where it was");
-        d.apply(&Command::HoldMove { id, token: 2, deadline_ms: 100 });
+        d.apply(&Command::HoldMove { id, token: 2, deadline_ms: 100, at_ms: 0 });
         d.apply(&Command::FlipMove { id, shard: format!("s{home}"), token: 2 });
         assert_eq!(owner_and_other_end(&d, id), (home, away), "rolled back: pinned to the source");
     }

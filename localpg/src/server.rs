@@ -203,6 +203,15 @@ impl Server {
         }
     }
 
+    /// Starts a server stopped with [`Server::stop`] again, on its port (a shard
+    /// restart in a test; nothing else took the port meanwhile).
+    pub fn start_again(&self) -> Result<(), Error> {
+        if self.is_running()? {
+            return Ok(());
+        }
+        self.try_start().map_err(|failure| failure.error)
+    }
+
     /// Stops the server the polite way (`pg_ctl stop -m fast`); does nothing if it is
     /// not running.
     pub fn stop(&self) -> Result<(), Error> {

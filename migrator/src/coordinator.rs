@@ -75,7 +75,7 @@ impl Coordinator for DirectoryCoordinator {
         // have given up and undone its fence: their deadline is a safety net for
         // a migrator that died, not a race with a live one.
         let deadline_ms = now_ms() + 2 * left.as_millis() as u64 + 1000;
-        self.propose(Command::HoldMove { id: self.move_id, token, deadline_ms }).await?;
+        self.propose(Command::HoldMove { id: self.move_id, token, deadline_ms, at_ms: now_ms() }).await?;
         loop {
             let dir = self.directory.load();
             let Some(h) = dir.holds.get(&self.move_id).filter(|h| h.token == token) else {

@@ -203,30 +203,12 @@ impl Driver {
                 self.update(m, MovePhase::Verify, BTreeMap::new(), Some("verifying")).await?;
                 Ok(Step::Again)
             }
-            (MovePhase::Verify, _) => {
-                let r = Box::pin(verify::verify(spec, &self.coordinator(m.id), &self.config.verify)).await?;
-                let note = match r.mismatches.first() {
-                    None if r.clean() => "verified clean".to_string(),
-                    None => {
-                        format!("row counts differ: {} on the source, {} on the target", r.rows_source, r.rows_target)
-                    }
-                    Some(x) => format!("{} chunk(s) differ; first: {x}", r.mismatches.len()),
-                };
-                let c = counters([
-                    ("verify_chunks", r.chunks),
-                    ("verify_mismatches", r.mismatches.len() as u64),
-                    ("verify_rows", r.rows_source),
-                    ("verify_pause_us", r.pause.as_micros() as u64),
-                    ("verified_at_ms", now_ms()),
-                ]);
-                let clean = MoveFlagUpdate { verified_clean: Some(r.clean()), ..Default::default() };
-                self.update_with(m, self.settled(), c, clean, Some(&note)).await?;
-                Ok(Step::Again)
-            }
+            (MovePhase::Verify, _) => self.verify(m, spec).await,
             (MovePhase::DualWrite | MovePhase::Shadow, Some(MoveRequest::Cutover { force })) => {
-                if !m.verified_clean && !force {
-                    self.clear_request(m).await?;
-                    self.note(m, "cutover refused: the move has not verified clean; run `shardgate verify` (or cut over with --force)").await?;
+                if !force && !verified_current(m) {
+                    // A cutover verifies first; the request stays pending and
+                    // the verify step answers it when it finds a difference.
+                    self.update(m, MovePhase::Verify, BTreeMap::new(), Some("verifying before the cutover")).await?;
                     return Ok(Step::Again);
                 }
                 self.clear_request(m).await?;
@@ -241,18 +223,11 @@ impl Driver {
                 Ok(Step::Again)
             }
             (MovePhase::DualWrite | MovePhase::Shadow, None) if m.options.cutover_auto => {
-                if m.phase == MovePhase::Shadow {
-                    let mismatched = m.counters.get("shadow_mismatched").copied().unwrap_or(0);
-                    if mismatched > 0 {
-                        let note = format!(
-                            "automatic cutover stopped: {mismatched} shadow read(s) differed between the shards; \
-                             `shardgate status MOVE` shows samples; `shardgate verify` then `shardgate cutover` by hand"
-                        );
-                        if m.note.as_deref() != Some(note.as_str()) {
-                            self.note(m, &note).await?;
-                        }
-                        return self.report_lag(m, spec, Direction::Forward).await;
-                    }
+                // Verify decides; shadow reads inform it: a difference they prove
+                // brings the verify forward, and a clean verify is taken again
+                // after one.
+                let proven = mismatches_since_verify(m);
+                if m.phase == MovePhase::Shadow && proven == 0 {
                     let since = m.counters.get("shadow_started_ms").copied().unwrap_or(m.updated_ms);
                     let shadowed = Duration::from_millis(now_ms().saturating_sub(since));
                     if shadowed < self.config.shadow_for {
@@ -271,10 +246,18 @@ impl Driver {
                     }
                     return self.report_lag(m, spec, Direction::Forward).await;
                 }
-                if !m.counters.contains_key("verified_at_ms") {
-                    self.update(m, MovePhase::Verify, BTreeMap::new(), Some("verifying (automatic cutover)")).await?;
+                let verified = m.counters.contains_key("verified_at_ms");
+                if !verified || (m.verified_clean && proven > 0) {
+                    let why = if verified {
+                        format!("verifying again: {proven} shadow read(s) proved a difference since the last verify")
+                    } else {
+                        "verifying (automatic cutover)".to_string()
+                    };
+                    self.update(m, MovePhase::Verify, BTreeMap::new(), Some(&why)).await?;
                     return Ok(Step::Again);
                 }
+                // A verify that found a difference stops the move here; its note
+                // names the rows and the next step.
                 let failures = m.counters.get("cutover_failures").copied().unwrap_or(0);
                 if m.verified_clean && !m.counters.contains_key("cutovers") && failures < 3 {
                     return self.cutover(m, spec, Direction::Forward).await;
@@ -283,8 +266,11 @@ impl Driver {
             }
             (MovePhase::DualWrite | MovePhase::Shadow, _) => {
                 if m.request.is_some() {
-                    self.clear_request(m).await?;
-                    self.note(m, "that request does not apply before a cutover; use cutover or cancel").await?;
+                    self.refuse(m, &format!(
+                        "refused: that request does not apply before a cutover; `shardgate cutover {id}` or `shardgate cancel {id}`",
+                        id = m.id
+                    ))
+                    .await?;
                 }
                 self.report_lag(m, spec, Direction::Forward).await
             }
@@ -321,8 +307,11 @@ impl Driver {
                 Ok(Step::Again)
             }
             (MovePhase::Reverse, Some(_)) => {
-                self.clear_request(m).await?;
-                self.note(m, "after a cutover a move can be rolled back or completed").await?;
+                self.refuse(m, &format!(
+                    "refused: after a cutover a move can only be rolled back or completed; `shardgate rollback {id}` or `shardgate complete {id}`",
+                    id = m.id
+                ))
+                .await?;
                 Ok(Step::Again)
             }
             (MovePhase::Reverse, None) if m.options.complete_auto => {
@@ -346,6 +335,58 @@ impl Driver {
             }
             (MovePhase::Done | MovePhase::Cancelled | MovePhase::Failed, _) => Ok(Step::Wait(Duration::from_secs(1))),
         }
+    }
+
+    /// Compares both copies at one consistent point (see [`verify`]) and records
+    /// the result. A cutover waiting on it is refused when it finds a difference.
+    async fn verify(&self, m: &Move, spec: &MoveSpec) -> Result<Step, Error> {
+        let r = Box::pin(verify::verify(spec, &self.coordinator(m.id), &self.config.verify)).await?;
+        let found = match r.mismatches.first() {
+            None if r.clean() => {
+                format!("verified clean: {} rows in {} chunk(s) equal on both shards", r.rows_source, r.chunks)
+            }
+            None => format!("row counts differ: {} on the source, {} on the target", r.rows_source, r.rows_target),
+            Some(x) => format!("{} chunk(s) differ; first: {x}", r.mismatches.len()),
+        };
+        let mut c = counters([
+            ("verify_chunks", r.chunks),
+            ("verify_mismatches", r.mismatches.len() as u64),
+            ("verify_rows", r.rows_source),
+            ("verify_pause_us", r.pause.as_micros() as u64),
+            ("verified_at_ms", now_ms()),
+            ("verify_saw_mismatched", m.counters.get("shadow_mismatched").copied().unwrap_or(0)),
+        ]);
+        let clean = MoveFlagUpdate { verified_clean: Some(r.clean()), ..Default::default() };
+        if r.clean() {
+            self.update_with(m, self.settled(), c, clean, Some(&found)).await?;
+            return Ok(Step::Again);
+        }
+        let next = format!(
+            "The source still serves every read and write. Next: `shardgate verify {id}` checks again; \
+             `shardgate cancel {id}` drops the target's copy (then move again); `shardgate cutover {id} --force` cuts over anyway",
+            id = m.id
+        );
+        let waiting_cutover = matches!(m.request, Some(MoveRequest::Cutover { force: false }));
+        let note = if waiting_cutover {
+            c.insert("refusals".into(), m.counters.get("refusals").copied().unwrap_or(0) + 1);
+            format!("cutover refused: verify found a difference: {found}. {next}")
+        } else {
+            format!("verify found a difference: {found}. {next}")
+        };
+        self.update_with(m, self.settled(), c, clean, Some(&note)).await?;
+        if waiting_cutover {
+            self.clear_request(m).await?;
+        }
+        Ok(Step::Again)
+    }
+
+    /// Answers the pending request with a refusal: the note says why and what
+    /// clears it, and the `refusals` counter tells a waiting CLI it was answered.
+    async fn refuse(&self, m: &Move, note: &str) -> Result<(), Error> {
+        let current = self.directory.load().moves.get(&m.id).cloned();
+        let (phase, n) = current.map_or((m.phase, 0), |x| (x.phase, x.counters.get("refusals").copied().unwrap_or(0)));
+        self.update(m, phase, counters([("refusals", n + 1)]), Some(note)).await?;
+        self.clear_request(m).await
     }
 
     /// Runs the copy (see [`copy`]), writing its progress to the directory as it
@@ -539,6 +580,17 @@ enum Step {
     Again,
     /// Nothing to do until the directory changes or this long passed.
     Wait(Duration),
+}
+
+/// Proven shadow differences reported since the last verify looked.
+fn mismatches_since_verify(m: &Move) -> u64 {
+    let now = m.counters.get("shadow_mismatched").copied().unwrap_or(0);
+    now.saturating_sub(m.counters.get("verify_saw_mismatched").copied().unwrap_or(0))
+}
+
+/// A clean verify is on record and no shadow read has proven a difference since.
+fn verified_current(m: &Move) -> bool {
+    m.verified_clean && mismatches_since_verify(m) == 0
 }
 
 fn counters<const N: usize>(items: [(&str, u64); N]) -> BTreeMap<String, u64> {

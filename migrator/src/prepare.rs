@@ -35,6 +35,8 @@ pub async fn prepare(spec: &MoveSpec) -> Result<Prepared, Error> {
     let dst = spec.target.connect(&format!("move {} target", spec.id)).await?;
     check_server(&spec.source, &src).await?;
     check_server(&spec.target, &dst).await?;
+    check_capacity(spec, &spec.source, &src).await?;
+    check_capacity(spec, &spec.target, &dst).await?;
 
     let tables = schema::sharded_tables(&src, &spec.key_column)
         .await
@@ -173,6 +175,48 @@ async fn check_server(shard: &Endpoint, client: &Client) -> Result<(), Error> {
         )));
     }
     Ok(())
+}
+
+/// A move needs, on each of its shards, one replication slot (each side
+/// publishes one stream), one WAL sender (the other side's subscription reads
+/// through it) and one logical replication worker (this side's subscription).
+/// What this move already holds (a prepare run again after a restart) counts as
+/// free. Checked before anything is created, so a refused move leaves nothing.
+async fn check_capacity(spec: &MoveSpec, shard: &Endpoint, client: &Client) -> Result<(), Error> {
+    let ours = format!("{}, {}", literal(&spec.forward_name()), literal(&spec.reverse_name()));
+    let needs = [
+        (
+            "replication slots",
+            "max_replication_slots",
+            format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name NOT IN ({ours})"),
+        ),
+        (
+            "WAL senders",
+            "max_wal_senders",
+            format!("SELECT count(*) FROM pg_stat_replication WHERE application_name NOT IN ({ours})"),
+        ),
+        (
+            "logical replication workers",
+            "max_logical_replication_workers",
+            format!("SELECT count(*) FROM pg_stat_subscription WHERE pid IS NOT NULL AND subname NOT IN ({ours})"),
+        ),
+    ];
+    let mut problems = Vec::new();
+    for (what, setting, used_sql) in needs {
+        let sql = format!("SELECT current_setting('{setting}')::bigint, ({used_sql})");
+        let r = rows(client, &sql).await.map_err(|e| Error::pg(&shard.name, format!("read {setting}"), e))?;
+        let value = |i: usize| r.first().and_then(|r| r[i].as_deref()).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+        let (limit, used) = (value(0), value(1));
+        if used >= limit {
+            problems.push(format!(
+                "no free {what}: {used} of {setting} = {limit} in use; drop unused ones or raise {setting} and restart"
+            ));
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Refused(format!("shard {} cannot take part in a move: {}", shard.name, problems.join("; "))))
 }
 
 fn check_tables(spec: &MoveSpec, tables: &[Table]) -> Result<(), Error> {

@@ -273,4 +273,38 @@ async fn cancel_drops_the_targets_copy_and_checks_refuse_what_cannot_move() {
     .unwrap();
     let err = prepare::prepare(&spec2).await.unwrap_err().to_string();
     assert!(err.contains("left over") && err.contains("DELETE FROM"), "{err}");
+    dst.batch_execute(&format!(
+        "SET session_replication_role = replica; DELETE FROM accounts WHERE {filter}; RESET session_replication_role"
+    ))
+    .await
+    .unwrap();
+
+    // A target whose replication slots are used up is refused before anything
+    // is created on either shard.
+    async fn snapshot(c: &Client) -> i64 {
+        let sql = "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_publication) \
+                   + (SELECT count(*) FROM pg_subscription) + (SELECT count(*) FROM pg_namespace WHERE nspname = 'shardgate')";
+        count(c, sql).await
+    }
+    let limit: i64 = count(&dst, "SELECT current_setting('max_replication_slots')::bigint").await;
+    let used = count(&dst, "SELECT count(*) FROM pg_replication_slots").await;
+    for i in used..limit {
+        dst.batch_execute(&format!("SELECT pg_create_logical_replication_slot('filler_{i}', 'pgoutput')"))
+            .await
+            .unwrap();
+    }
+    let before = (snapshot(&src).await, snapshot(&dst).await);
+    let spec3 = MoveSpec { id: 3, ..spec.clone() };
+    let err = prepare::prepare(&spec3).await.unwrap_err().to_string();
+    assert!(
+        err.contains("shard shard_1")
+            && err.contains("no free replication slots")
+            && err.contains("max_replication_slots"),
+        "{err}"
+    );
+    assert_eq!((snapshot(&src).await, snapshot(&dst).await), before, "a refused move created nothing");
+    for i in used..limit {
+        dst.batch_execute(&format!("SELECT pg_drop_replication_slot('filler_{i}')")).await.unwrap();
+    }
+    prepare::prepare(&spec3).await.expect("with slots free again, the move prepares");
 }

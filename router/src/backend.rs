@@ -176,6 +176,21 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// Whether the server has closed this idle connection or sent it something
+    /// unasked (the FATAL of a shutdown or of `pg_terminate_backend`): an idle
+    /// connection's socket has nothing to read unless the server gave up on it.
+    /// One non-blocking read on the TCP socket, under TLS too (a TLS record or
+    /// close_notify is something unasked as well); a byte it takes does not
+    /// matter, the connection is dropped then.
+    pub fn closed_by_server(&self) -> bool {
+        if self.conn.has_buffered() {
+            return true;
+        }
+        let Some(tcp) = self.conn.get_ref().tcp() else { return true };
+        let mut byte = [0u8; 1];
+        !matches!(tcp.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
     pub async fn connect(addr: &ShardAddress, timeout: Duration) -> Result<Backend, BackendError> {
         Self::connect_with(addr, timeout, &[]).await
     }
@@ -227,6 +242,7 @@ impl Backend {
             ("application_name", "shardgate"),
             ("client_encoding", "UTF8"),
         ];
+        params.retain(|(k, _)| !extra.iter().any(|(e, _)| e == k));
         params.extend_from_slice(extra);
         conn.send(&messages::startup_message(&params)).await?;
         auth::authenticate_backend(&mut conn, &addr.user, addr.password.as_deref()).await.map_err(|e| {

@@ -124,6 +124,8 @@ pub struct RouterContext {
     pub config: RouterConfig,
     pub directory: DirectoryHandle,
     pub pools: RwLock<Vec<Arc<ShardPool>>>,
+    /// What the health probes last saw of each shard (see [`crate::health`]).
+    health: RwLock<Vec<Arc<crate::health::ShardHealth>>>,
     pub cache: AnalysisCache,
     pub catalog: Catalog,
     pub users: HashMap<String, Credential>,
@@ -153,6 +155,8 @@ pub struct RouterContext {
     pub router_id: String,
     /// Open transactions by the buckets they touched (what a cutover hold waits for).
     pub in_flight: Arc<crate::hold::InFlight>,
+    /// How long statements waited on each hold, for the heartbeat.
+    pub held: crate::hold::HeldWaits,
     /// One catalog refresh at a time; statements naming a table the catalog does
     /// not know wait for the refresh in flight instead of routing without it.
     refreshing: tokio::sync::Mutex<()>,
@@ -187,6 +191,7 @@ impl RouterContext {
             writer,
             router_id,
             in_flight: Arc::new(crate::hold::InFlight::new(directory.load().bucket_count)),
+            held: Default::default(),
             refreshing: tokio::sync::Mutex::new(()),
             shadow: crate::shadow::Shadow::new(config.moves.shadow_concurrency.max(1)),
             shard_setup: std::sync::OnceLock::new(),
@@ -199,6 +204,7 @@ impl RouterContext {
             config,
             directory,
             pools: RwLock::new(pools),
+            health: RwLock::new(Vec::new()),
             catalog: Catalog::default(),
             users,
             cancels: Mutex::new(HashMap::new()),
@@ -213,6 +219,18 @@ impl RouterContext {
 
     /// The pool of a shard, created on first use for shards the directory gained
     /// after start-up.
+    /// What the health probes last saw of `shard`.
+    pub fn shard_health(&self, shard: ShardId) -> Arc<crate::health::ShardHealth> {
+        if let Some(h) = self.health.read().unwrap_or_else(|p| p.into_inner()).get(shard) {
+            return h.clone();
+        }
+        let mut all = self.health.write().unwrap_or_else(|p| p.into_inner());
+        while all.len() <= shard {
+            all.push(Default::default());
+        }
+        all[shard].clone()
+    }
+
     pub fn pool(&self, shard: ShardId) -> Option<Arc<ShardPool>> {
         let known = self.pools.read().unwrap_or_else(|p| p.into_inner()).get(shard).cloned();
         if known.is_some() {

@@ -9,6 +9,7 @@
 //! release (the cutover was undone: statements go to the old shard) or by its
 //! deadline (a migrator that died cannot stall traffic).
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -16,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shardgate_directory::clock::now_ms;
+use shardgate_directory::pause::{HeldReport, HeldStats};
 use shardgate_directory::state::{Command, MoveSubject, Outcome};
 use shardgate_directory::{Directory, DirectoryHandle};
 use tokio::sync::{watch, Notify};
@@ -193,6 +195,33 @@ pub async fn wait_released(directory: &DirectoryHandle, move_id: u64) -> Duratio
             return started.elapsed();
         }
         let _ = crate::timer::timeout(Duration::from_millis(deadline_ms - now), changes.changed()).await;
+    }
+}
+
+/// How long this router's statements waited on each hold of a move, sent with
+/// its heartbeat (see [`shardgate_directory::pause`]).
+#[derive(Default)]
+pub struct HeldWaits {
+    by_hold: Mutex<BTreeMap<(u64, u64), HeldStats>>,
+}
+
+impl HeldWaits {
+    /// A statement waited `waited` on hold `token` of move `move_id`.
+    pub fn record(&self, move_id: u64, token: u64, waited: Duration) {
+        let mut m = self.by_hold.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry((move_id, token)).or_default().record(waited.as_micros() as u64);
+    }
+
+    /// The waits on holds the directory still keeps, for moves under way; the
+    /// others are forgotten.
+    pub fn reports(&self, dir: &Directory) -> Vec<HeldReport> {
+        let mut m = self.by_hold.lock().unwrap_or_else(|p| p.into_inner());
+        m.retain(|(id, token), _| {
+            dir.moves.get(id).is_some_and(|mv| mv.phase.active() && mv.pauses.iter().any(|p| p.token == *token))
+        });
+        m.iter()
+            .map(|((move_id, token), stats)| HeldReport { move_id: *move_id, token: *token, stats: stats.clone() })
+            .collect()
     }
 }
 

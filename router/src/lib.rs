@@ -6,7 +6,8 @@
 //! - `auth.rs`: client authentication (trust, md5, SCRAM-SHA-256) and ours to backends.
 //! - `sql/`: parsing with the Postgres grammar and finding the tenant key.
 //! - `route.rs`: key → bucket → shard, from the directory snapshot.
-//! - `backend.rs`, `pool.rs`: connections to shards and the per-shard pools.
+//! - `backend.rs`, `pool.rs`: connections to shards and the per-shard pools;
+//!   `health.rs`: each shard probed once a second (up, readiness, restarts).
 //! - `session/`: one client's state machine (simple and extended protocol, COPY),
 //!   one file per part of it (see its `mod.rs`).
 //! - `fanout/`: statements that run on every shard, and merging their results.
@@ -29,8 +30,10 @@ pub mod copy_in;
 pub mod error;
 pub mod events;
 pub mod fanout;
+pub mod health;
 pub mod hold;
 pub mod idle;
+pub mod key_array;
 pub mod load;
 pub mod metrics;
 pub mod moves;

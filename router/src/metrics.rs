@@ -271,6 +271,26 @@ pub fn render(ctx: &RouterContext) -> String {
     for ((_, s), n) in dir.shards.iter().enumerate().zip(dir.bucket_counts()) {
         let _ = writeln!(out, "shardgate_shard_buckets{{shard=\"{}\",state=\"{:?}\"}} {n}", label(&s.name), s.state);
     }
+    let pools: Vec<_> = ctx.pools.read().unwrap_or_else(|p| p.into_inner()).clone();
+    help(
+        &mut out,
+        "shardgate_shard_up",
+        "gauge",
+        "1 while the shard answered this router's last probe (once a second).",
+    );
+    for (i, p) in pools.iter().enumerate() {
+        let _ =
+            writeln!(out, "shardgate_shard_up{{shard=\"{}\"}} {}", label(&p.name), ctx.shard_health(i).is_up() as u8);
+    }
+    help(&mut out, "shardgate_shard_probe_failures_total", "counter", "Probes of the shard that failed or timed out.");
+    for (i, p) in pools.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "shardgate_shard_probe_failures_total{{shard=\"{}\"}} {}",
+            label(&p.name),
+            ctx.shard_health(i).failures()
+        );
+    }
     // Moves under way (ended ones drop out of the per-move gauges).
     help(&mut out, "shardgate_move_phase", "gauge", "1 for the phase each move under way is in.");
     let live: Vec<_> = dir.moves.values().filter(|m| m.phase.active()).collect();
@@ -283,7 +303,8 @@ pub fn render(ctx: &RouterContext) -> String {
         ("shardgate_move_lag_bytes", "lag_bytes", "WAL the change stream's subscriber has not confirmed."),
         ("shardgate_move_lag_ms", "lag_ms", "Time since the last change applied was committed."),
         ("shardgate_move_shadow_compared", "shadow_compared", "Shadow reads compared, all routers."),
-        ("shardgate_move_shadow_mismatches", "shadow_mismatched", "Shadow reads whose answers differed, all routers."),
+        ("shardgate_move_shadow_mismatches", "shadow_mismatched", "Shadow reads proven different, all routers."),
+        ("shardgate_move_shadow_unsettled", "shadow_unsettled", "Shadow reads whose rows kept changing, all routers."),
         ("shardgate_move_cutovers", "cutovers", "Cutovers and rollbacks done."),
         ("shardgate_move_pause_us", "pause_us", "Statements held by the last cutover, µs."),
     ];

@@ -125,6 +125,18 @@ impl ShardPool {
         closed
     }
 
+    /// Closes every idle connection (the server behind them restarted: they
+    /// are all dead). Returns how many it closed.
+    pub fn close_idle(&self) -> usize {
+        let mut closed = 0;
+        for list in 0..self.idle.len() {
+            let gone = std::mem::take(&mut *self.lock_idle(list));
+            closed += gone.len();
+            self.open.fetch_sub(gone.len(), Ordering::Relaxed);
+        }
+        closed
+    }
+
     fn expired(&self, b: &Backend) -> bool {
         (!self.idle_timeout.is_zero() && b.idle_since.elapsed() >= self.idle_timeout)
             || (!self.lifetime.is_zero() && b.opened.elapsed() >= self.lifetime)
@@ -148,7 +160,7 @@ impl ShardPool {
                 }
             }
         };
-        let backend = match self.take_idle() {
+        let backend = match self.take_live_idle() {
             Some(b) => b,
             None => {
                 // take_idle counted the connection about to open.
@@ -168,6 +180,19 @@ impl ShardPool {
             }
         };
         Ok(Pooled { backend: Some(backend), pool: self.clone(), _permit: permit })
+    }
+
+    /// An idle connection whose server has not closed it (a restart, an
+    /// administrator's `pg_terminate_backend`); the dead ones are dropped.
+    fn take_live_idle(&self) -> Option<Backend> {
+        loop {
+            let b = self.take_idle()?;
+            if !b.closed_by_server() {
+                return Some(b);
+            }
+            tracing::debug!(shard = %self.name, "an idle connection was closed by the server; dropped");
+            self.open.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     fn lock_idle(&self, list: usize) -> std::sync::MutexGuard<'_, Vec<Backend>> {

@@ -141,6 +141,16 @@ impl Routing<'_> {
         match &stmt.kind {
             StatementKind::Ddl => Ok(Target::All),
             StatementKind::SqlPrepared(p) => Err(sql_prepared_refusal(p)),
+            StatementKind::SessionState(state) => Err(session_state_refusal(state)),
+            StatementKind::DeclareCursor if reads_sharded => match self.single_or(stmt, false, touched)? {
+                // A cursor's rows come from the one connection that declared it.
+                Target::Fanout(_) => Err(SqlError::new(
+                    "0A000",
+                    format!("a cursor over a sharded table reads one shard: its query must name one {key_col}"),
+                )
+                .hint(format!("add WHERE {key_col} = … to the cursor's query, or run the query without a cursor"))),
+                t => Ok(t),
+            },
             StatementKind::Txn(_) | StatementKind::Session | StatementKind::SetVar(_) | StatementKind::SetTenant(_) => {
                 Ok(Target::Any)
             }
@@ -199,7 +209,11 @@ impl Routing<'_> {
                     Err(SqlError::new("0A000", "a write to a reference table cannot read sharded tables".to_string()))
                 }
             }
-            StatementKind::Select | StatementKind::SelectWithWrites | StatementKind::Copy(_) | StatementKind::Other => {
+            StatementKind::Select
+            | StatementKind::SelectWithWrites
+            | StatementKind::Copy(_)
+            | StatementKind::DeclareCursor
+            | StatementKind::Other => {
                 if !reads_sharded {
                     Ok(Target::Any)
                 } else {
@@ -208,6 +222,27 @@ impl Routing<'_> {
             }
         }
     }
+}
+
+/// Why a statement that leaves session state on its server connection is
+/// refused (see [`crate::sql`]'s `pooled_state`): the connection goes back to
+/// the pool when the transaction ends.
+fn session_state_refusal(state: &str) -> SqlError {
+    let instead = match state {
+        "LISTEN" => "poll a table for changes, or LISTEN on a direct connection to a shard",
+        "a session-level advisory lock" => {
+            "take pg_advisory_xact_lock(…) inside a transaction: it is released at COMMIT"
+        }
+        "a cursor WITH HOLD" => "fetch the rows inside the transaction (a cursor without WITH HOLD), or page by key",
+        _ => "create it with ON COMMIT DROP inside a transaction, or use a regular table",
+    };
+    SqlError::new(
+        "0A000",
+        format!(
+            "{state} outlives the transaction on its server connection, and shardgate pools server connections per transaction: another client would get it"
+        ),
+    )
+    .hint(instead)
 }
 
 /// Why SQL-level PREPARE, EXECUTE and DEALLOCATE are refused (docs/routing.md):
@@ -408,7 +443,7 @@ impl Routing<'_> {
         if let KeyCandidates::Any(exprs) = &stmt.keys {
             let mut shards = BTreeSet::new();
             for e in exprs {
-                if let Some(k) = resolve(e, params, dir.key_type)? {
+                for k in resolve_all(e, params, dir.key_type)? {
                     let (bucket, shard) = dir.locate(&k);
                     touched.push(bucket);
                     shards.insert(shard);
@@ -596,8 +631,60 @@ pub fn statement_keys(
     key_type: KeyType,
 ) -> Option<Vec<TenantKey>> {
     match &stmt.keys {
-        KeyCandidates::Any(exprs) => exprs.iter().map(|e| resolve(e, params, key_type).ok().flatten()).collect(),
+        KeyCandidates::Any(exprs) => {
+            let mut keys = Vec::new();
+            for e in exprs {
+                match e {
+                    KeyExpr::ParamArray(_) => keys.extend(resolve_all(e, params, key_type).ok()?),
+                    _ => keys.push(resolve(e, params, key_type).ok().flatten()?),
+                }
+            }
+            Some(keys)
+        }
         KeyCandidates::None => fallback.map(|k| vec![k.clone()]),
+    }
+}
+
+/// Every tenant key an expression stands for in this execution (none for
+/// NULL; an array parameter's non-NULL elements).
+pub fn resolve_all(e: &KeyExpr, params: Option<&Params<'_>>, key_type: KeyType) -> Result<Vec<TenantKey>, SqlError> {
+    let KeyExpr::ParamArray(i) = e else {
+        return Ok(resolve(e, params, key_type)?.into_iter().collect());
+    };
+    let bad = |why: String| {
+        SqlError::new("22P02", format!("cannot read parameter ${} as an array of tenant keys: {why}", i + 1))
+    };
+    let Some(value) = param_value(params, *i)? else { return Ok(Vec::new()) };
+    let p = params.expect("param_value found the parameter");
+    // Text, or a text value the statement casts to an array (`$1::text::int8[]`):
+    // a binary array starts with its dimension count, a zero byte, never with
+    // the `{` or `[` an array's text starts with.
+    let declared = p.types.get(*i).copied().unwrap_or(0);
+    let text_form = matches!(value.first(), Some(b'{' | b'['));
+    if p.format_of(*i) == 0 || matches!(declared, TEXT | VARCHAR | BPCHAR) || text_form {
+        let text = std::str::from_utf8(value).map_err(|_| bad("not UTF-8".into()))?;
+        let elements = crate::key_array::text_elements(text).map_err(bad)?;
+        return elements
+            .into_iter()
+            .flatten()
+            .map(|v| key_type.parse_text(&v).map_err(|_| bad(format!("\"{v}\" is not a {}", key_type.sql_name()))))
+            .collect();
+    }
+    let (elem_type, items) = crate::key_array::binary_elements(value).map_err(bad)?;
+    items.into_iter().flatten().map(|v| binary_key(v, elem_type, key_type)).collect()
+}
+
+/// The value bound to parameter `i` (None for NULL).
+fn param_value<'a>(params: Option<&Params<'a>>, i: usize) -> Result<Option<&'a [u8]>, SqlError> {
+    let Some(p) = params else {
+        return Err(SqlError::new("08P01", format!("there is no parameter ${}", i + 1)));
+    };
+    match p.values.get(i) {
+        Some(v) => Ok(v.as_deref()),
+        None => Err(SqlError::new(
+            "08P01",
+            format!("bind message supplies {} parameters, but the statement uses ${}", p.values.len(), i + 1),
+        )),
     }
 }
 
@@ -615,23 +702,19 @@ pub fn resolve(e: &KeyExpr, params: Option<&Params<'_>>, key_type: KeyType) -> R
             key_type.parse_text(&text).map(Some).map_err(|_| bad(&text))
         }
         KeyExpr::Param(i) => {
-            let Some(p) = params else {
-                return Err(SqlError::new("08P01", format!("there is no parameter ${}", i + 1)));
-            };
-            let Some(value) = p.values.get(*i) else {
-                return Err(SqlError::new(
-                    "08P01",
-                    format!("bind message supplies {} parameters, but the statement uses ${}", p.values.len(), i + 1),
-                ));
-            };
-            let Some(value) = value else { return Ok(None) };
-            let format = p.format_of(*i);
-            if format == 0 {
+            let Some(value) = param_value(params, *i)? else { return Ok(None) };
+            let p = params.expect("param_value found the parameter");
+            if p.format_of(*i) == 0 {
                 let text = std::str::from_utf8(value).map_err(|_| bad("<not UTF-8>"))?;
                 return key_type.parse_text(text).map(Some).map_err(|_| bad(text));
             }
             binary_key(value, p.types.get(*i).copied().unwrap_or(0), key_type).map(Some)
         }
+        // Stands for several keys: read with [`resolve_all`].
+        KeyExpr::ParamArray(i) => Err(SqlError::new(
+            "0A000",
+            format!("parameter ${} is an array of tenant keys; it cannot stand for one", i + 1),
+        )),
     }
 }
 

@@ -99,6 +99,7 @@ async fn heartbeat(ctx: Arc<RouterContext>, address: SocketAddr, mut stopped: wa
             at_ms: now,
             started_ms,
             shadow: ctx.shadow.reports(&ctx.directory.load()),
+            held: ctx.held.reports(&ctx.directory.load()),
             // The load summary every fifth beat: enough for planning, little log.
             load: beats.is_multiple_of(5).then(|| ctx.load.report()),
         };
@@ -166,6 +167,7 @@ async fn start_with(
     ));
     tokio::spawn(crate::shadow::follow_directory(ctx.clone(), stop.subscribe()));
     tokio::spawn(crate::idle::janitor(ctx.clone(), stop.subscribe()));
+    tokio::spawn(crate::health::watch_shards(ctx.clone(), stop.subscribe()));
     let threads = SessionThreads::start(ctx.config.threads)
         .map_err(|e| StartError::Config(format!("cannot start the session threads: {e}")))?;
     let task = tokio::spawn(accept_loop(listener, ctx.clone(), threads, stopped));

@@ -4,11 +4,13 @@
 //! The client always gets the owner's (the source's) answer, at the owner's
 //! speed: the router digests the rows as it relays them, and the comparison runs
 //! afterwards in a task of its own. A difference may be only replication lag (the
-//! target had not applied the latest commits yet), so it counts as a mismatch only
-//! if it stays after a re-check: the source is asked again, the target is made to
-//! catch up with everything the source had committed by then (see [`CatchUp`]),
-//! and the target is asked again. Counts go to the directory with the router's
-//! heartbeat; the last few mismatches are kept as samples (query and digests).
+//! target had not applied the latest commits yet) or rows that keep changing, so
+//! it counts as a mismatch only when it is proven (see [`recheck`]): the source
+//! answers the same before and after a point the target has provably applied
+//! (see [`CatchUp`]), and the target still differs. A difference that is never
+//! settled enough to judge is counted as unsettled, not mismatched. Counts go to
+//! the directory with the router's heartbeat; the last few mismatches are kept as
+//! samples (query, keys and digests).
 //!
 //! What is compared: single `SELECT`s outside a transaction whose every tenant key
 //! lies in the moving rows, sent with the simple or the extended protocol. Rows are
@@ -36,8 +38,10 @@ use crate::protocol::messages::{self, Message};
 
 /// How many differing reads a router keeps per move.
 const SAMPLES: usize = 3;
-/// How many times a difference is re-checked before it counts.
-const RECHECKS: usize = 3;
+/// How many times a difference is re-checked before it is called unsettled.
+const ROUNDS: usize = 6;
+/// How many re-checks must prove a difference before it counts as a mismatch.
+const PROOFS: usize = 2;
 /// A statement's text in a sample is cut to this many bytes.
 const SAMPLE_QUERY_BYTES: usize = 300;
 
@@ -190,6 +194,8 @@ impl RowDigest {
 /// A read to shadow: how to run it again on either shard.
 pub struct ShadowRead {
     pub mv: ShadowMove,
+    /// The tenant keys the read asked for (named in a mismatch's sample).
+    pub keys: Vec<TenantKey>,
     /// The statement, for the simple protocol, or Parse/Bind/Execute messages for
     /// the extended one.
     pub query: ShadowQuery,
@@ -255,8 +261,12 @@ pub fn spawn_compare(ctx: Arc<RouterContext>, read: ShadowRead, permit: tokio::s
                 c.matched += 1;
                 c.lag_explained += 1;
             }),
+            Verdict::Unsettled => ctx.shadow.count(id, |c| {
+                c.compared += 1;
+                c.unsettled += 1;
+            }),
             Verdict::Mismatch(sample) => {
-                tracing::warn!(move_id = id, query = %sample.query, source = %sample.source, target = %sample.target, "shadow read differs");
+                tracing::warn!(move_id = id, keys = %sample.keys, query = %sample.query, source = %sample.source, target = %sample.target, "shadow read differs");
                 ctx.shadow.count(id, |c| {
                     c.compared += 1;
                     c.mismatched += 1;
@@ -278,8 +288,23 @@ enum Verdict {
     Matched,
     /// Differed at first, matched once the target caught up.
     Lag,
+    /// Differed, and the rows kept changing on the source through every
+    /// re-check: there was no settled point to judge the target at.
+    Unsettled,
+    /// Proven different (see [`recheck`]), [`PROOFS`] times.
     Mismatch(ShadowSample),
     Skipped(String),
+}
+
+/// What one re-check of a difference showed.
+enum Round {
+    /// The target answered as the source did just before or just after it.
+    Agrees,
+    /// The source answered the same before and after a point the target had
+    /// provably applied, and the target answered otherwise.
+    Proven { source: RowDigest, target: Result<RowDigest, String> },
+    /// The source's answer changed during the re-check.
+    Moving,
 }
 
 async fn compare(ctx: &RouterContext, read: &ShadowRead) -> Verdict {
@@ -290,47 +315,60 @@ async fn compare(ctx: &RouterContext, read: &ShadowRead) -> Verdict {
         return Verdict::Skipped("SELECT … FOR UPDATE/SHARE".into());
     }
     let ordered = shape.ordered;
-    let mut source = Ok(read.source);
-    let mut target = run(ctx, read.mv.other, read).await;
+    let target = run(ctx, read.mv.other, read).await;
     if matches!(&target, Ok(t) if t.same(&read.source, ordered)) {
         return Verdict::Matched;
     }
-    for attempt in 0..RECHECKS {
-        // Ask the source again, then make the target catch up with everything the
-        // source had committed by then, then ask the target: if the difference was
-        // lag, both now reflect the same commits (unless the rows changed again in
-        // between, which the next attempt gives another chance).
-        source = run(ctx, read.mv.owner, read).await;
-        if let Err(e) = &source {
-            return Verdict::Skipped(format!("the source could not be asked again: {e}"));
-        }
-        match ctx.shadow.catch_up.get() {
-            Some(c) => {
-                if let Err(e) = c.wait(read.mv.id).await {
-                    return Verdict::Skipped(format!("the target did not catch up: {e}"));
+    let mut proofs = 0;
+    for round in 0..ROUNDS {
+        match recheck(ctx, read, ordered, round).await {
+            Ok(Round::Agrees) => return Verdict::Lag,
+            Ok(Round::Moving) => {}
+            Ok(Round::Proven { source, target }) => {
+                proofs += 1;
+                if proofs == PROOFS {
+                    return Verdict::Mismatch(sample(read, ordered, &source, &target));
                 }
             }
-            None => tokio::time::sleep(Duration::from_millis(100 << attempt)).await,
-        }
-        target = run(ctx, read.mv.other, read).await;
-        if let (Ok(s), Ok(t)) = (&source, &target) {
-            if s.same(t, ordered) {
-                return Verdict::Lag;
-            }
-        }
-        // The target may have caught up past that point (the rows changed again
-        // while it did): then the source, asked once more, shows the same state.
-        if let Ok(t) = &target {
-            let later = run(ctx, read.mv.owner, read).await;
-            if matches!(&later, Ok(s) if s.same(t, ordered)) {
-                return Verdict::Lag;
-            }
+            Err(why) => return Verdict::Skipped(why),
         }
     }
-    let side = |r: &Result<RowDigest, String>| match r {
-        Ok(d) => d.describe(ordered),
-        Err(e) => format!("error: {e}"),
-    };
+    Verdict::Unsettled
+}
+
+/// One re-check: the source's answer; then the target made to catch up with
+/// everything the source had committed by then (a marker row, see [`CatchUp`]);
+/// the target's answer; the source's answer again.
+///
+/// The target applies the source's commits in order, so when it is read it
+/// shows the source's state at some moment between the marker and that read,
+/// which lies between the source's two reads. If those two reads agree, the
+/// rows held still across that whole span (short of a change undone within it,
+/// which is why a mismatch takes [`PROOFS`] rounds), and a target that differs
+/// from them differs for a reason other than lag.
+async fn recheck(ctx: &RouterContext, read: &ShadowRead, ordered: bool, round: usize) -> Result<Round, String> {
+    let before =
+        run(ctx, read.mv.owner, read).await.map_err(|e| format!("the source could not be asked again: {e}"))?;
+    match ctx.shadow.catch_up.get() {
+        Some(c) => c.wait(read.mv.id).await.map_err(|e| format!("the target did not catch up: {e}"))?,
+        None => tokio::time::sleep(Duration::from_millis(100 << round)).await,
+    }
+    let target = run(ctx, read.mv.other, read).await;
+    if matches!(&target, Ok(t) if t.same(&before, ordered)) {
+        return Ok(Round::Agrees);
+    }
+    let after = run(ctx, read.mv.owner, read).await.map_err(|e| format!("the source could not be asked again: {e}"))?;
+    if matches!(&target, Ok(t) if t.same(&after, ordered)) {
+        return Ok(Round::Agrees);
+    }
+    if before.same(&after, ordered) {
+        return Ok(Round::Proven { source: after, target });
+    }
+    Ok(Round::Moving)
+}
+
+/// A proven difference as the router keeps and reports it.
+fn sample(read: &ShadowRead, ordered: bool, source: &RowDigest, target: &Result<RowDigest, String>) -> ShadowSample {
     let mut query = read.query.sql().to_string();
     if query.len() > SAMPLE_QUERY_BYTES {
         let mut cut = SAMPLE_QUERY_BYTES;
@@ -340,7 +378,12 @@ async fn compare(ctx: &RouterContext, read: &ShadowRead) -> Verdict {
         query.truncate(cut);
         query.push('…');
     }
-    Verdict::Mismatch(ShadowSample { query, source: side(&source), target: side(&target), at_ms: now_ms() })
+    let keys = read.keys.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", ");
+    let target = match target {
+        Ok(d) => d.describe(ordered),
+        Err(e) => format!("error: {e}"),
+    };
+    ShadowSample { query, source: source.describe(ordered), target, at_ms: now_ms(), keys }
 }
 
 /// Runs the read on `shard` in a read-only transaction that is rolled back, with

@@ -329,6 +329,7 @@
         verifyFact(phase, n, m.verified_clean === true), cutoverFact(phase, n)),
       timeline(m, phase, active, now),
       samples(m),
+      pauses(m),
       details('counters', 'all counters', countersTable(c)));
   }
 
@@ -386,12 +387,14 @@
   }
 
   function shadowFact(phase, n) {
-    const any = ['shadow_compared', 'shadow_mismatched', 'shadow_lag_explained', 'shadow_skipped', 'shadow_matched']
+    const any = ['shadow_compared', 'shadow_mismatched', 'shadow_lag_explained', 'shadow_unsettled', 'shadow_skipped',
+      'shadow_matched']
       .some((k) => n(k) !== undefined);
     if (!any && phase !== 'shadow') return null;
     const mismatched = n('shadow_mismatched') ?? 0;
     const more = [];
     if (n('shadow_lag_explained') !== undefined) more.push(fmtInt(n('shadow_lag_explained')) + ' explained by lag');
+    if (n('shadow_unsettled') !== undefined) more.push(fmtInt(n('shadow_unsettled')) + ' unsettled (rows kept changing)');
     if (n('shadow_skipped') !== undefined) more.push(fmtInt(n('shadow_skipped')) + ' skipped');
     return fact('shadow', 'shadow reads',
       h('p', {}, fmtInt(n('shadow_compared') ?? 0) + ' compared, ',
@@ -458,14 +461,44 @@
     return h('div', { class: 'timeline-box' }, h('h4', { class: 'muted' }, 'timeline'), el, h('p', { class: 'timeline-steps' }, text));
   }
 
+  // Each hold of the move (verify's cut, cutovers, rollbacks), newest first:
+  // how many statements waited and how long, in all and per router.
+  function pauses(m) {
+    const list = arr(m.pauses).map(obj);
+    if (list.length === 0) return null;
+    const held = (x) => {
+      const s = obj(x);
+      if (!num(s.statements)) return ['none', '–', '–', '–'];
+      return [fmtInt(s.statements), fmtMicros(num(s.p50_us)), fmtMicros(num(s.p99_us)), fmtMicros(num(s.max_us))];
+    };
+    const rows = [];
+    for (const p of list) {
+      rows.push(h('tr', {}, h('td', {}, str(p.kind)), h('td', {}, fmtTime(p.at_ms)), h('td', {}, 'all routers'),
+        ...held(p.held).map((v) => h('td', { class: 'num' }, v))));
+      const routers = arr(p.routers).filter((r) => Array.isArray(r) && r.length === 2);
+      if (routers.length > 1) {
+        for (const [router, s] of routers) {
+          rows.push(h('tr', { class: 'muted' }, h('td', {}), h('td', {}), h('td', { class: 'mono' }, str(router)),
+            ...held(s).map((v) => h('td', { class: 'num' }, v))));
+        }
+      }
+    }
+    return h('div', { class: 'pauses-box' },
+      h('h4', { class: 'muted' }, 'statements held (the pause clients felt)'),
+      h('table', { class: 'pauses' },
+        h('thead', {}, h('tr', {}, ...['hold', 'at', 'router', 'statements', 'p50', 'p99', 'max'].map((t) => h('th', {}, t)))),
+        h('tbody', {}, rows)));
+  }
+
   function samples(m) {
     const list = arr(m.shadow_samples).map(obj);
     if (list.length === 0) return null;
     return h('div', { class: 'samples-box' },
-      h('h4', { class: 'bad' }, 'last shadow read differences'),
+      h('h4', { class: 'bad' }, 'last proven shadow read differences'),
       h('table', { class: 'samples' },
-        h('thead', {}, h('tr', {}, h('th', {}, 'query'), h('th', {}, 'source'), h('th', {}, 'target'), h('th', {}, 'at'))),
+        h('thead', {}, h('tr', {}, h('th', {}, 'tenant'), h('th', {}, 'query'), h('th', {}, 'source'), h('th', {}, 'target'), h('th', {}, 'at'))),
         h('tbody', {}, list.map((x) => h('tr', {},
+          h('td', { class: 'mono' }, str(x.keys)),
           h('td', { class: 'query mono' }, str(x.query)),
           h('td', { class: 'mono' }, str(x.source)),
           h('td', { class: 'mono' }, str(x.target)),

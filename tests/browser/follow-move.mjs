@@ -99,6 +99,8 @@ try {
   check(/pause \d+(\.\d+)? (µs|ms)/.test(done), 'the cutover\'s pause is shown', done);
   check(/1 cutover\(s\)/.test(done), 'the cutover is counted', done);
   check(/reverse stream/.test(done), 'the reverse stream is shown', done);
+  const holds = await page.locator('#move-1 table.pauses').innerText().catch(() => '');
+  check(/cutover/.test(holds) && /verify/.test(holds), 'the verify\'s and the cutover\'s holds are listed', holds);
   const steps = await page.locator('#move-1 .timeline-steps').innerText();
   for (const p of ['copy', 'verify', 'cutover', 'reverse']) {
     check(steps.includes(p), `the timeline has the ${p} phase`, steps);

@@ -440,3 +440,212 @@ async fn text_sorts_follow_the_shards_collations() {
     router.batch_execute("DROP TABLE names").await.unwrap();
     assert_eq!(rows(router.simple_query(sorted).await.unwrap()), rows(one.simple_query(sorted).await.unwrap()));
 }
+
+/// `items`, a second sharded table for joins and UNION ALL, on both sides.
+async fn with_items(one: &tokio_postgres::Client, router: &tokio_postgres::Client) {
+    let schema = "CREATE TABLE items (tenant_id bigint, id bigint, sku text, qty int, PRIMARY KEY (tenant_id, id))";
+    one.batch_execute(schema).await.unwrap();
+    router.batch_execute(schema).await.unwrap();
+    let values: Vec<String> = (1..=45i64)
+        .map(|t| {
+            let qty = if t % 9 == 0 { "NULL".to_string() } else { (t * 11 % 23).to_string() };
+            format!("({t}, {}, 'sku-{}', {qty})", t % 3 + 1, t % 6)
+        })
+        .collect();
+    let insert = format!("INSERT INTO items VALUES {}", values.join(", "));
+    one.batch_execute(&insert).await.unwrap();
+    router.batch_execute(&insert).await.unwrap();
+    let extras = "CREATE TABLE extras (tenant_id bigint PRIMARY KEY, doc jsonb)";
+    let values: Vec<String> =
+        (1..=60i64).map(|t| format!("({t}, '{{\"t\": {t}, \"even\": {}}}')", t % 2 == 0)).collect();
+    let insert = format!("INSERT INTO extras VALUES {}", values.join(", "));
+    for sql in [extras, &insert] {
+        one.batch_execute(sql).await.unwrap();
+        router.batch_execute(sql).await.unwrap();
+    }
+}
+
+/// Whether a query's rows have a defined order: its ORDER BY leaves no ties.
+enum Rows {
+    Ordered,
+    /// Compared as sorted lists.
+    AnyOrder,
+}
+
+/// Reads whose merge needs `*` expanded, DISTINCT, HAVING or UNION ALL.
+const MERGED: &[(&str, Rows)] = &[
+    ("SELECT * FROM orders ORDER BY total DESC NULLS LAST, tenant_id, id LIMIT 5", Rows::Ordered),
+    ("SELECT * FROM orders ORDER BY 4, 1, 2 LIMIT 10 OFFSET 3", Rows::Ordered),
+    ("SELECT orders.* FROM orders ORDER BY orders.total, orders.tenant_id DESC, orders.id LIMIT 8", Rows::Ordered),
+    ("SELECT *, total * 2 AS twice FROM orders ORDER BY twice DESC NULLS LAST, tenant_id, id LIMIT 6", Rows::Ordered),
+    ("SELECT o.*, i.sku FROM orders o JOIN items i USING (tenant_id, id) ORDER BY sku, tenant_id LIMIT 9", Rows::Ordered),
+    ("SELECT i.qty, o.* FROM orders o JOIN items i USING (tenant_id, id) ORDER BY o.total, 1, tenant_id", Rows::Ordered),
+    ("SELECT DISTINCT ON (tenant_id) * FROM orders ORDER BY tenant_id, total DESC NULLS LAST, id", Rows::Ordered),
+    // `qty` is o.qty, the output column of that name, not i.qty.
+    ("SELECT o.*, i.qty AS q FROM orders o JOIN items i USING (tenant_id, id) ORDER BY qty NULLS FIRST, tenant_id", Rows::Ordered),
+    (
+        "SELECT * FROM orders UNION ALL SELECT tenant_id, id, sku, qty::numeric, qty FROM items \
+         ORDER BY total DESC NULLS LAST, tenant_id, id LIMIT 10",
+        Rows::Ordered,
+    ),
+    ("SELECT DISTINCT region COLLATE \"C\" AS r FROM orders ORDER BY 1 DESC", Rows::Ordered),
+    ("SELECT DISTINCT region FROM orders", Rows::AnyOrder),
+    // Grouped by the primary key, the other columns of `o.*` depend on it.
+    (
+        "SELECT o.*, count(*) AS n, max(p.total) FROM orders o JOIN orders p USING (tenant_id) \
+         GROUP BY o.tenant_id, o.id ORDER BY n DESC, tenant_id, id LIMIT 10",
+        Rows::Ordered,
+    ),
+    ("SELECT *, count(*) FROM orders GROUP BY tenant_id, id ORDER BY total NULLS FIRST, 1, 2 LIMIT 5", Rows::Ordered),
+    // Each order once, however many orders of its tenant it joined.
+    ("SELECT DISTINCT o.* FROM orders o JOIN orders p USING (tenant_id) ORDER BY o.total, o.tenant_id, o.id", Rows::Ordered),
+    ("SELECT DISTINCT o.* FROM orders o JOIN orders p USING (tenant_id)", Rows::AnyOrder),
+    ("SELECT DISTINCT * FROM orders ORDER BY region, tenant_id DESC, id LIMIT 12", Rows::Ordered),
+    ("SELECT DISTINCT region, qty FROM orders ORDER BY qty DESC NULLS LAST, region LIMIT 10", Rows::Ordered),
+    ("SELECT DISTINCT qty FROM orders ORDER BY qty LIMIT 5 OFFSET 2", Rows::Ordered),
+    ("SELECT DISTINCT region, tenant_id % 3 AS k FROM orders ORDER BY k", Rows::AnyOrder),
+    ("SELECT DISTINCT ON (region) region, tenant_id, id, total FROM orders ORDER BY region, total DESC, tenant_id, id", Rows::Ordered),
+    (
+        "SELECT DISTINCT ON (region) region, qty, count(*) AS n FROM orders GROUP BY region, qty \
+         ORDER BY region, n DESC, qty NULLS FIRST",
+        Rows::Ordered,
+    ),
+    ("SELECT region, count(*) FROM orders GROUP BY region HAVING count(*) > 40 ORDER BY region", Rows::Ordered),
+    (
+        "SELECT tenant_id % 7 AS k, sum(total) FROM orders GROUP BY 1 \
+         HAVING sum(total) >= 2000.5 AND NOT max(qty) < 20 OR avg(total) IS NULL ORDER BY k",
+        Rows::Ordered,
+    ),
+    ("SELECT region FROM orders GROUP BY region HAVING avg(qty) > 14 OR min(total) < 5 ORDER BY 1", Rows::Ordered),
+    ("SELECT qty, count(*) FROM orders GROUP BY qty HAVING qty <> 3 AND count(*) >= 3 ORDER BY qty NULLS FIRST", Rows::Ordered),
+    ("SELECT count(*) FROM orders HAVING count(*) > 1000", Rows::Ordered),
+    ("SELECT region, max(tenant_id) FROM orders GROUP BY region HAVING max(region) > 'f' AND region <> 'us'", Rows::AnyOrder),
+    (
+        "SELECT region, count(DISTINCT tenant_id) AS tenants FROM orders GROUP BY region \
+         HAVING count(DISTINCT tenant_id) > 10 ORDER BY tenants DESC, region",
+        Rows::Ordered,
+    ),
+    ("SELECT count(DISTINCT tenant_id), count(*) FROM orders", Rows::Ordered),
+    ("SELECT tenant_id, id FROM orders WHERE qty > 30 UNION ALL SELECT tenant_id, id FROM items", Rows::AnyOrder),
+    (
+        "SELECT tenant_id, id, total FROM orders UNION ALL SELECT tenant_id, id, NULL FROM items \
+         ORDER BY 3 DESC NULLS LAST, 1, 2 LIMIT 12",
+        Rows::Ordered,
+    ),
+    ("SELECT id AS n FROM orders UNION ALL SELECT qty FROM items ORDER BY n NULLS FIRST LIMIT 7 OFFSET 5", Rows::Ordered),
+];
+
+/// `SELECT *` expanded from the shards' row descriptions, DISTINCT and
+/// DISTINCT ON, HAVING (its aggregates hidden from the client), UNION ALL and
+/// count(DISTINCT tenant_id): the same rows and row descriptions as a single
+/// Postgres, in the simple protocol and in the extended one with text and
+/// binary results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn star_distinct_having_and_union_all_match_a_single_postgres() {
+    let (h, single, one, router) = same_rows_twice().await;
+    with_items(&one, &router).await;
+    let (mut direct, mut routed) = (Raw::login(single.port()).await, Raw::login(h.port()).await);
+    let sorted_if = |mut r: Vec<String>, how: &Rows| {
+        if let Rows::AnyOrder = how {
+            r.sort();
+        }
+        r
+    };
+    for (sql, how) in MERGED {
+        let a = sorted_if(rows(one.simple_query(sql).await.unwrap()).iter().map(|r| format!("{r:?}")).collect(), how);
+        let b = router.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        let b = sorted_if(rows(b).iter().map(|r| format!("{r:?}")).collect(), how);
+        assert_eq!(b, a, "simple: {sql}");
+        for formats in [&[0i16][..], &[1]] {
+            let p =
+                vec![parse("", sql, &[]), bind_formats("", &[], false, formats), describe_portal(), execute(), sync()];
+            let (want, got) = (direct.run(&p).await, routed.run(&p).await);
+            assert_eq!(sorted_if(got, how), sorted_if(want, how), "extended {formats:?}: {sql}");
+        }
+        // A statement described before it runs: its columns, hidden ones left out.
+        let p = vec![parse("", sql, &[]), describe_statement(""), sync()];
+        assert_eq!(routed.run(&p).await, direct.run(&p).await, "described: {sql}");
+    }
+    // A column of `*` grouped by its primary key is carried along, not
+    // compared: jsonb, which the router cannot group by, too (in text).
+    let sql = "SELECT e.*, count(*) AS n FROM extras e JOIN orders o USING (tenant_id) GROUP BY e.tenant_id \
+               ORDER BY n DESC, tenant_id LIMIT 8";
+    let a = rows(one.simple_query(sql).await.unwrap());
+    assert_eq!(rows(router.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"))), a, "{sql}");
+    let p = vec![parse("", sql, &[]), bind_formats("", &[], false, &[0]), describe_portal(), execute(), sync()];
+    assert_eq!(routed.run(&p).await, direct.run(&p).await, "extended: {sql}");
+    // Parameters outside HAVING keep their places and types.
+    let sql = "SELECT region, count(*) AS n, avg(total) FROM orders WHERE qty > $1 GROUP BY region \
+               HAVING count(*) > 5 AND max(total) >= 100 ORDER BY n DESC, region";
+    for qty in [0i32, 12, 1000] {
+        let a = wire_rows(&one.query(sql, &[&qty]).await.unwrap());
+        let b = wire_rows(&router.query(sql, &[&qty]).await.unwrap_or_else(|e| panic!("{sql}: {e:?}")));
+        assert_eq!(b, a, "{sql} with {qty}");
+    }
+}
+
+/// With ties in ORDER BY one Postgres may return any of the tied rows; the
+/// router's answer is one it could have returned: the same sort values in the
+/// same order, each row a row of the table, none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_over_ties_give_an_answer_one_postgres_could_give() {
+    let (_h, _single, one, router) = same_rows_twice().await;
+    let table = rows(one.simple_query("SELECT * FROM orders").await.unwrap());
+    for (sql, sort_columns) in [
+        ("SELECT * FROM orders ORDER BY total DESC LIMIT 3", &[3][..]),
+        ("SELECT * FROM orders ORDER BY region LIMIT 20 OFFSET 10", &[2]),
+        ("SELECT DISTINCT ON (region) * FROM orders ORDER BY region, qty DESC", &[2, 4]),
+        // Without ORDER BY, any row of each region.
+        ("SELECT DISTINCT ON (region) * FROM orders", &[2]),
+    ] {
+        let want = rows(one.simple_query(sql).await.unwrap());
+        let got = rows(router.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}")));
+        let sort_values = |r: &[Vec<Option<String>>]| {
+            r.iter().map(|r| sort_columns.iter().map(|&c| r[c].clone()).collect::<Vec<_>>()).collect::<Vec<_>>()
+        };
+        assert_eq!(sort_values(&got), sort_values(&want), "{sql}");
+        assert!(got.iter().all(|r| table.contains(r)), "{sql}: {got:?}");
+        let mut distinct = got.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), got.len(), "{sql}: a row twice");
+    }
+}
+
+/// What the router cannot answer exactly is refused with 0A000, and the
+/// message names the part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merges_the_router_cannot_do_exactly_are_refused_by_name() {
+    let h = Harness::start(3).await;
+    let router = h.client().await;
+    router.batch_execute(SCHEMA).await.unwrap();
+    router.batch_execute("CREATE TABLE plans (id bigint PRIMARY KEY)").await.unwrap();
+    for (sql, named) in [
+        ("SELECT id FROM orders UNION ALL SELECT id FROM plans", "UNION ALL reads only reference tables"),
+        ("SELECT DISTINCT * FROM orders o JOIN orders p USING (tenant_id, id)", "DISTINCT *"),
+        ("SELECT region, count(*) FROM orders GROUP BY region HAVING stddev(qty) > 1", "stddev()"),
+        ("SELECT region, count(*) FROM orders GROUP BY region HAVING sum(qty) + 1 > 1", "operator +"),
+        ("SELECT count(DISTINCT region) FROM orders", "count(DISTINCT …)"),
+        ("SELECT id FROM orders UNION SELECT id FROM orders", "UNION"),
+        ("SELECT o.* FROM orders o JOIN orders p USING (tenant_id, id) ORDER BY p.qty", "not output columns"),
+    ] {
+        for extended in [false, true] {
+            let e = if extended {
+                router.query(sql, &[]).await.map(|_| ()).expect_err(sql)
+            } else {
+                router.simple_query(sql).await.map(|_| ()).expect_err(sql)
+            };
+            let db = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e:?}"));
+            assert_eq!(db.code().code(), "0A000", "{sql}: {}", db.message());
+            assert!(db.message().contains(named), "{sql}: {}", db.message());
+        }
+    }
+    // The shards run without HAVING: a parameter there would be one their
+    // statement lacks.
+    let sql = "SELECT region FROM orders GROUP BY region HAVING count(*) > $1";
+    let e = router.query(sql, &[&1i64]).await.expect_err(sql);
+    let db = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e:?}"));
+    assert_eq!(db.code().code(), "0A000", "{sql}: {}", db.message());
+    assert!(db.message().contains("parameter ($1) in HAVING"), "{sql}: {}", db.message());
+    assert_eq!(router.query("SELECT 1", &[]).await.unwrap().len(), 1);
+}

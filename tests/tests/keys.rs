@@ -62,3 +62,71 @@ async fn uuid_keys_route_from_binary_parameters_and_bad_ones_are_errors() {
     let err = c.simple_query("SELECT * FROM events WHERE tenant_id = 'not-a-uuid'").await.unwrap_err();
     assert_eq!(sqlstate(&err), "22P02");
 }
+
+/// The routes counted so far (`shardgate_queries_total`), by kind.
+fn routes(h: &Harness, kind: &str) -> u64 {
+    let text = shardgate_router::metrics::render(&h.router.context);
+    let line = format!("shardgate_queries_total{{route=\"{kind}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&line)).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// `tenant_id = ANY($1)` with an array of keys, and `= ANY(ARRAY[…])`, go to
+/// just the shards holding those tenants: one shard when they share it, a
+/// read over those shards when they do not; a write over several is refused as
+/// any cross-shard write is. Answers are whole either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_in_an_array_route_to_the_shards_that_hold_them() {
+    let h = Harness::start(3).await;
+    let c = h.client().await;
+    c.batch_execute("CREATE TABLE orders (tenant_id bigint, id int, total int, PRIMARY KEY (tenant_id, id))")
+        .await
+        .unwrap();
+    for t in 1..=30i64 {
+        c.execute("INSERT INTO orders VALUES ($1, 1, $2), ($1, 2, $2)", &[&t, &(t as i32)]).await.unwrap();
+    }
+    let same: Vec<i64> = h.tenants_on(1, 3);
+    let spread: Vec<i64> = vec![h.tenants_on(0, 1)[0], h.tenants_on(2, 1)[0]];
+    let count = |rows: &[tokio_postgres::Row]| rows.len();
+
+    // Binary array parameter (what drivers send), tenants on one shard.
+    let before = routes(&h, "shard");
+    let rows =
+        c.query("SELECT * FROM orders WHERE tenant_id = ANY($1) ORDER BY tenant_id, id", &[&same]).await.unwrap();
+    assert_eq!(count(&rows), 6);
+    assert_eq!(routes(&h, "shard"), before + 1, "one shard, not a fan-out");
+
+    // Tenants on two shards: read from those, answered whole and in order.
+    let before = routes(&h, "fanout");
+    let rows =
+        c.query("SELECT tenant_id FROM orders WHERE tenant_id = ANY($1) ORDER BY tenant_id", &[&spread]).await.unwrap();
+    let got: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    let mut want: Vec<i64> = spread.iter().flat_map(|t| [*t, *t]).collect();
+    want.sort();
+    assert_eq!(got, want);
+    assert_eq!(routes(&h, "fanout"), before + 1);
+
+    // A text array parameter, and ARRAY[…] literals in a simple query.
+    let text = format!("{{{}}}", same.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","));
+    let before = routes(&h, "shard");
+    let rows = c.query("SELECT * FROM orders WHERE tenant_id = ANY($1::text::bigint[])", &[&text]).await;
+    // (tokio-postgres sends text parameters as text: the cast makes it an array on the server.)
+    assert!(rows.is_ok(), "{rows:?}");
+    let list = same.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ");
+    let r = c.simple_query(&format!("SELECT * FROM orders WHERE tenant_id = ANY(ARRAY[{list}])")).await.unwrap();
+    let n = r.iter().filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))).count();
+    assert_eq!(n, 6);
+    assert!(routes(&h, "shard") >= before + 1);
+
+    // Writes: one shard runs; several are refused as any cross-shard write.
+    let n = c.execute("UPDATE orders SET total = total + 1 WHERE tenant_id = ANY($1)", &[&same]).await.unwrap();
+    assert_eq!(n, 6);
+    let e = c.execute("UPDATE orders SET total = 0 WHERE tenant_id = ANY($1)", &[&spread]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+    // An empty array and an array with only NULLs match nothing, anywhere.
+    let none: Vec<Option<i64>> = vec![None];
+    assert_eq!(
+        c.query("SELECT * FROM orders WHERE tenant_id = ANY($1)", &[&Vec::<i64>::new()]).await.unwrap().len(),
+        0
+    );
+    assert_eq!(c.query("SELECT * FROM orders WHERE tenant_id = ANY($1)", &[&none]).await.unwrap().len(), 0);
+}

@@ -322,9 +322,13 @@ async fn extended_protocol_runs_ddl_reference_writes_and_gathers_everywhere() {
     // … and merge them as a simple query would.
     let n: i64 = c.query_one("SELECT count(*) FROM orders", &[]).await.unwrap().get(0);
     assert_eq!(n, 30);
+    // DISTINCT merges the shards' distinct rows into one of each.
+    let distinct = c.query("SELECT DISTINCT total FROM orders", &[]).await.unwrap();
+    assert_eq!(distinct.len(), 1);
     // What cannot be merged exactly is refused, and the session goes on.
-    let err = c.query("SELECT DISTINCT total FROM orders", &[]).await.unwrap_err();
+    let err = c.query("SELECT count(DISTINCT total) FROM orders", &[]).await.unwrap_err();
     assert_eq!(sqlstate(&err), "0A000");
+    assert!(err.as_db_error().unwrap().message().contains("count(DISTINCT …)"), "{err:?}");
     assert_eq!(c.query("SELECT 1", &[]).await.unwrap().len(), 1);
 }
 
@@ -553,7 +557,7 @@ async fn the_pool_size_holds_for_the_whole_router_across_its_session_threads() {
     let n: i64 = shard
         .query_one(
             "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' \
-             AND datname = current_database() AND pid <> pg_backend_pid()",
+             AND datname = current_database() AND application_name = 'shardgate'",
             &[],
         )
         .await

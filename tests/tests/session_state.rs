@@ -67,3 +67,81 @@ async fn deallocate_closes_a_prepared_statement_of_this_session_only() {
     assert_eq!(b.run(&[query("DEALLOCATE ALL")]).await.last().map(String::as_str), Some("ready I"));
     assert_eq!(b.run(&run_seven).await, ["error 26000", "ready I"], "closed in B");
 }
+
+/// Session state a pooled connection cannot carry is refused before it reaches
+/// a shard, each time with what to use instead; the state that ends with its
+/// transaction works. With one server connection per shard, every other
+/// client would inherit what a client left on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_that_would_outlive_the_transaction_is_refused_and_reaches_no_shard() {
+    let h = one_connection().await;
+    let a = h.client().await;
+    let b = h.client().await;
+    for (sql, hint) in [
+        ("LISTEN jobs", "poll"),
+        ("SELECT pg_advisory_lock(7)", "pg_advisory_xact_lock"),
+        ("SELECT pg_try_advisory_lock_shared(7)", "pg_advisory_xact_lock"),
+        ("CREATE TEMP TABLE scratch (a int)", "ON COMMIT DROP"),
+        ("CREATE TEMPORARY TABLE scratch AS SELECT 1 AS a", "ON COMMIT DROP"),
+    ] {
+        let e = a.simple_query(sql).await.expect_err(sql);
+        assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
+        let db = e.as_db_error().unwrap();
+        assert!(db.message().contains("pools server connections per transaction"), "{sql}: {}", db.message());
+        assert!(db.hint().is_some_and(|h| h.contains(hint)), "{sql}: {:?}", db.hint());
+        // The extended protocol too.
+        let e = a.query(sql, &[]).await.expect_err(sql);
+        assert_eq!(sqlstate(&e), "0A000", "{sql} (extended): {e:?}");
+    }
+    a.simple_query("BEGIN").await.unwrap();
+    let e = a.simple_query("DECLARE c CURSOR WITH HOLD FOR SELECT 1").await.expect_err("WITH HOLD");
+    assert_eq!(sqlstate(&e), "0A000");
+    a.simple_query("ROLLBACK").await.unwrap();
+
+    // Nothing reached the shard: no other client holds the lock, no temporary
+    // table exists, no backend ever ran LISTEN.
+    b.simple_query("BEGIN").await.unwrap();
+    let free = b.query_one("SELECT pg_try_advisory_xact_lock(7)", &[]).await.unwrap();
+    assert!(free.get::<_, bool>(0), "the advisory lock is free");
+    b.simple_query("COMMIT").await.unwrap();
+    let shard = h.shard(0).await;
+    let temp: i64 =
+        shard.query_one("SELECT count(*) FROM pg_class WHERE relpersistence = 't'", &[]).await.unwrap().get(0);
+    assert_eq!(temp, 0, "no temporary table on the shard");
+    let listened: i64 =
+        shard.query_one("SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'LISTEN%'", &[]).await.unwrap().get(0);
+    assert_eq!(listened, 0);
+
+    // What ends with the transaction is carried: a transaction-level lock, a
+    // temporary table dropped at COMMIT.
+    a.batch_execute(
+        "BEGIN; SELECT pg_advisory_xact_lock(7); CREATE TEMP TABLE t1 (a int) ON COMMIT DROP; \
+         INSERT INTO t1 VALUES (1); COMMIT",
+    )
+    .await
+    .expect("transaction-scoped state is fine");
+}
+
+/// A cursor reads from the one connection that declared it: over a sharded
+/// table it must name one tenant, else it would page through one shard's rows
+/// as if they were all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_over_a_sharded_table_names_its_tenant_or_is_refused() {
+    let h = Harness::start(2).await;
+    let c = h.client().await;
+    c.batch_execute("CREATE TABLE items (tenant_id bigint, n int)").await.unwrap();
+    for t in 1..=20i64 {
+        c.execute("INSERT INTO items VALUES ($1, 1), ($1, 2), ($1, 3)", &[&t]).await.unwrap();
+    }
+    c.simple_query("BEGIN").await.unwrap();
+    let e = c.simple_query("DECLARE every CURSOR FOR SELECT * FROM items").await.expect_err("keyless cursor");
+    assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+    assert!(e.as_db_error().unwrap().message().contains("must name one tenant_id"), "{e:?}");
+    c.simple_query("ROLLBACK").await.unwrap();
+
+    c.simple_query("BEGIN").await.unwrap();
+    c.simple_query("DECLARE mine CURSOR FOR SELECT n FROM items WHERE tenant_id = 7 ORDER BY n").await.unwrap();
+    let rows: Vec<i32> = c.query("FETCH ALL FROM mine", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(rows, vec![1, 2, 3]);
+    c.simple_query("COMMIT").await.unwrap();
+}

@@ -178,8 +178,63 @@ pub struct MoveStatus {
     pub shadow_samples: Vec<ShadowSample>,
     /// The phases it went through: `[phase, ms since the Unix epoch]`, oldest first.
     pub history: Vec<(MovePhase, u64)>,
+    /// Its last holds (verify's cut, cutovers, rollbacks), newest first: how long
+    /// statements waited on each, in all and per router.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pauses: Vec<PauseStatus>,
     pub created_ms: u64,
     pub updated_ms: u64,
+}
+
+/// One hold of a move: what the statements that met it waited.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PauseStatus {
+    /// `verify`, `cutover` or `rollback`.
+    pub kind: String,
+    /// When the hold started (ms since the Unix epoch; 0 if not recorded).
+    pub at_ms: u64,
+    /// Every router's statements together.
+    pub held: HeldSummary,
+    /// Per router (`router@started_ms`), for the routers whose statements met it.
+    pub routers: Vec<(String, HeldSummary)>,
+}
+
+/// How many statements waited, and how long: p50, p99 and the longest, in µs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldSummary {
+    pub statements: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+}
+
+impl HeldSummary {
+    pub fn of(s: &shardgate_directory::pause::HeldStats) -> HeldSummary {
+        HeldSummary {
+            statements: s.statements,
+            p50_us: s.percentile_us(0.5),
+            p99_us: s.percentile_us(0.99),
+            max_us: s.max_us,
+        }
+    }
+}
+
+impl std::fmt::Display for HeldSummary {
+    /// `57 statements held: p50 12.0 ms, p99 40.1 ms, max 46.0 ms`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |us: u64| us as f64 / 1e3;
+        if self.statements == 0 {
+            return write!(f, "no statement held");
+        }
+        write!(
+            f,
+            "{} statement(s) held: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            self.statements,
+            ms(self.p50_us),
+            ms(self.p99_us),
+            ms(self.max_us)
+        )
+    }
 }
 
 impl MoveStatus {
@@ -198,6 +253,16 @@ impl MoveStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {
     pub ok: bool,
+}
+
+/// `GET /health/ready`: whether this node should get clients. Ready when its
+/// directory lease is valid (it may route writes) and every shard answered its
+/// last probe; otherwise `reasons` says what is missing (HTTP 503).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Readiness {
+    pub ready: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<String>,
 }
 
 /// `POST /moves`: move a bucket or a tenant (exactly one of them) to shard `to`.

@@ -109,7 +109,7 @@ async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
         let expected = format!("Bearer {t}");
         let by_header = req.authorization.as_deref().is_some_and(|a| a.as_bytes().ct_eq(expected.as_bytes()).into());
         let by_query = query_token.as_deref().is_some_and(|q| q.as_bytes().ct_eq(t.as_bytes()).into());
-        if !by_header && !by_query && req.path != "/health" {
+        if !by_header && !by_query && !req.path.starts_with("/health") {
             let hint = if events {
                 "missing or wrong admin token (Authorization: Bearer …, or ?token=…)"
             } else {

@@ -11,7 +11,7 @@ use serde::Serialize;
 use shardgate_directory::ShardState;
 
 use super::answer::{to_http, Answer, Layout, Refusal};
-use super::api::{AddNode, AddShard, Health, MoveRequestBody, NewMove, NodeId, PinTenant, ShardName, Sizes};
+use super::api::{AddNode, AddShard, Health, MoveRequestBody, NewMove, NodeId, PinTenant, Readiness, ShardName, Sizes};
 use super::http::Request;
 use super::{commands, pin, status};
 use crate::context::RouterContext;
@@ -23,7 +23,8 @@ pub(super) async fn route(ctx: &RouterContext, req: &Request) -> (u16, String) {
     match (req.method.as_str(), req.path.as_str()) {
         ("GET", "/status") | ("GET", "/api/status") => to_http(Ok(status::status(ctx)), Pretty),
         ("GET", "/directory") => to_http(directory(ctx).await, Pretty),
-        ("GET", "/health") => to_http(Ok(Health { ok: true }), Compact),
+        ("GET", "/health") | ("GET", "/health/live") => to_http(Ok(Health { ok: true }), Compact),
+        ("GET", "/health/ready") => ready(ctx),
         ("GET", "/load") => to_http(Ok(crate::load::cluster_load(&ctx.directory.load())), Pretty),
         ("GET", "/sizes") => to_http(sizes(ctx).await, Pretty),
         ("GET", "/moves") => to_http(Ok(status::moves(&ctx.directory.load())), Pretty),
@@ -55,6 +56,24 @@ pub(super) async fn route(ctx: &RouterContext, req: &Request) -> (u16, String) {
         }
         _ => to_http::<()>(Err(Refusal::new(405, "only GET and POST are supported")), Compact),
     }
+}
+
+/// `GET /health/ready`: 200 when the lease is valid and every active shard
+/// answered its last probe, else 503 with the reasons.
+fn ready(ctx: &RouterContext) -> (u16, String) {
+    let mut reasons: Vec<String> = ctx.lease_expired().into_iter().collect();
+    let dir = ctx.directory.load();
+    for (i, s) in dir.shards.iter().enumerate() {
+        if s.state == ShardState::Removed {
+            continue;
+        }
+        if let Some(why) = ctx.shard_health(i).error() {
+            reasons.push(format!("shard {} does not answer: {why}", s.name));
+        }
+    }
+    let ready = reasons.is_empty();
+    let (_, body) = to_http(Ok(Readiness { ready, reasons }), Layout::Compact);
+    (if ready { 200 } else { 503 }, body)
 }
 
 /// A POST endpoint: reads the body as `T` (a 400 naming the expected `shape`

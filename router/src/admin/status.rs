@@ -7,10 +7,13 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use shardgate_directory::clock::now_ms;
+use shardgate_directory::pause::Pause;
 use shardgate_directory::state::Move;
 use shardgate_directory::Directory;
 
-use super::api::{MoveStatus, PlacementRange, ReplicaRole, ReplicaStatus, ShardStatus, Status};
+use super::api::{
+    HeldSummary, MoveStatus, PauseStatus, PlacementRange, ReplicaRole, ReplicaStatus, ShardStatus, Status,
+};
 use crate::context::RouterContext;
 use crate::sizes::ShardSize;
 
@@ -132,8 +135,18 @@ pub fn move_status(dir: &Directory, m: &Move) -> MoveStatus {
         holding: dir.holds.contains_key(&m.id),
         shadow_samples,
         history: m.history.clone(),
+        pauses: m.pauses.iter().rev().map(pause_status).collect(),
         created_ms: m.created_ms,
         updated_ms: m.updated_ms,
+    }
+}
+
+fn pause_status(p: &Pause) -> PauseStatus {
+    PauseStatus {
+        kind: p.kind.name().to_string(),
+        at_ms: p.at_ms,
+        held: HeldSummary::of(&p.total()),
+        routers: p.routers.iter().map(|(r, s)| (r.clone(), HeldSummary::of(s))).collect(),
     }
 }
 
@@ -163,7 +176,7 @@ mod tests {
             note: Some("verified clean".into()),
             at_ms: 5,
         });
-        d.apply(&Command::HoldMove { id, token: 1, deadline_ms: 100 });
+        d.apply(&Command::HoldMove { id, token: 1, deadline_ms: 100, at_ms: 0 });
         d.apply(&Command::FlipMove { id, shard: "shard_1".into(), token: 1 });
         d.apply(&Command::PinTenant { tenant: TenantKey::Int(42), shard: "shard_1".into() });
         d

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 
 use super::value::{self, add_decimal, compare, order_for, Order};
-use super::{ColumnMerge, FanoutError, MergeSpec, SortKey};
+use super::{ColumnMerge, FanoutError, Filter, FullMerge, MergeSpec, SortKey};
 use crate::protocol::messages::{data_row, Builder, Reader};
 
 /// One shard's answer: its RowDescription and DataRow messages, raw.
@@ -68,6 +68,12 @@ fn row_description(fields: &[Field]) -> Bytes {
 /// Type OIDs of a RowDescription's columns.
 fn column_types(rd: &[u8]) -> Result<Vec<i32>, FanoutError> {
     Ok(fields(rd)?.iter().map(|f| f.type_oid).collect())
+}
+
+/// A merge made for the shards' answer described by `rd`: its `*` columns
+/// in place.
+pub fn bound(full: &FullMerge, rd: &[u8]) -> Result<FullMerge, FanoutError> {
+    full.bind(&fields(rd)?.into_iter().map(|f| f.name).collect::<Vec<_>>())
 }
 
 /// Rows in the result formats a client's Bind asked for: no code means text for
@@ -175,7 +181,7 @@ pub fn merge(spec: &MergeSpec, results: Vec<ShardResult>, c_collation: bool) -> 
             let rows: Vec<Bytes> = results.into_iter().flat_map(|r| r.rows).collect();
             return Ok(Merged { command_tag: format!("SELECT {}", rows.len()), row_description, rows });
         }
-        MergeSpec::Full(f) => f,
+        MergeSpec::Full(f) => bound(f, &row_description)?,
     };
     let mut types = column_types(&row_description)?;
     let mut rows: Vec<Row> = Vec::new();
@@ -188,8 +194,11 @@ pub fn merge(spec: &MergeSpec, results: Vec<ShardResult>, c_collation: bool) -> 
     if full.grouped {
         rows = regroup(&full.columns, &types, rows, c_collation)?;
     }
+    divide_averages(&full.columns, &mut types, &mut rows)?;
+    if let Some(having) = &full.having {
+        rows = keep_groups(having, rows, &types, c_collation)?;
+    }
     let row_description = if full.visible < full.columns.len() {
-        divide_averages(&full.columns, &mut types, &mut rows)?;
         rows.iter_mut().for_each(|r| r.truncate(full.visible));
         averages_row_description(&row_description, &full.columns[..full.visible])?
     } else {
@@ -201,6 +210,10 @@ pub fn merge(spec: &MergeSpec, results: Vec<ShardResult>, c_collation: bool) -> 
             check_row(&orders, row)?;
         }
         rows.sort_by(|a, b| compare_rows(&orders, a, b));
+        if let Some(n) = full.distinct {
+            // The sort is stable: the first of equal rows is the first shard's.
+            rows.dedup_by(|later, first| compare_rows(&orders[..n], first, later) == Ordering::Equal);
+        }
     }
     let start = (full.offset as usize).min(rows.len());
     let end = match full.limit {
@@ -209,6 +222,17 @@ pub fn merge(spec: &MergeSpec, results: Vec<ShardResult>, c_collation: bool) -> 
     };
     let rows: Vec<Bytes> = rows[start..end].iter().map(|r| data_row(r.iter().map(|v| v.as_deref()))).collect();
     Ok(Merged { command_tag: format!("SELECT {}", rows.len()), row_description, rows })
+}
+
+/// The combined groups HAVING keeps.
+fn keep_groups(having: &Filter, rows: Vec<Row>, types: &[i32], c_collation: bool) -> Result<Vec<Row>, FanoutError> {
+    let mut kept = Vec::with_capacity(rows.len());
+    for row in rows {
+        if having.keeps(&row, types, c_collation)? {
+            kept.push(row);
+        }
+    }
+    Ok(kept)
 }
 
 /// Averages merge exactly when their sums are exact: integers and numerics.
@@ -340,7 +364,7 @@ fn regroup(columns: &[ColumnMerge], types: &[i32], rows: Vec<Row>, c_collation: 
             };
             let (sa, sv) = (String::from_utf8_lossy(&a).to_string(), String::from_utf8_lossy(v).to_string());
             acc[i] = Some(match merge {
-                ColumnMerge::Key => a,
+                ColumnMerge::Key | ColumnMerge::Dependent => a,
                 ColumnMerge::Count => add_decimal(&sa, &sv).ok_or_else(malformed)?.into_bytes(),
                 ColumnMerge::Sum | ColumnMerge::Avg(_) => {
                     if matches!(types[i], value::FLOAT4 | value::FLOAT8) {
@@ -399,6 +423,7 @@ mod tests {
             order: vec![SortKey { column: 0, descending: true, nulls_first: true, bytewise: false }],
             limit: Some(3),
             offset: 1,
+            ..Default::default()
         }));
         let a =
             ShardResult { row_description: rd(&[value::INT8]), rows: rows(&[&[None], &[Some("10")], &[Some("2")]]) };
@@ -418,6 +443,7 @@ mod tests {
             order: vec![SortKey { column: 0, descending: false, nulls_first: false, bytewise: false }],
             limit: None,
             offset: 0,
+            ..Default::default()
         }));
         let types = [value::TEXT, value::INT8, value::NUMERIC, value::NUMERIC, value::INT4];
         let a = ShardResult {
@@ -450,6 +476,7 @@ mod tests {
             order: vec![SortKey { column: 1, descending: false, nulls_first: false, bytewise: false }],
             limit: None,
             offset: 0,
+            ..Default::default()
         }));
         let types = [value::TEXT, value::INT8, value::INT8];
         let a = ShardResult {
@@ -477,6 +504,7 @@ mod tests {
             order: vec![],
             limit: None,
             offset: 0,
+            ..Default::default()
         }));
         let part = || ShardResult { row_description: rd(&[value::FLOAT8]), rows: rows(&[&[Some("0.1")]]) };
         assert!(merge(&spec, vec![part(), part()], true).is_err());

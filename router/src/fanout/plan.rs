@@ -2,7 +2,11 @@
 
 use pg_query::protobuf::{self, a_const, node::Node as N, Node};
 
-use super::{refuse, ColumnMerge, FanoutError, FullMerge, MergeSpec, SortKey};
+use super::having::{self, Filter};
+use super::outputs::{
+    aggregate, funcname, has_aggregate, int_const, outputs, plain_tables, Key, OutputRef, Outputs, AGGREGATES,
+};
+use super::{refuse, ColumnMerge, FanoutError, FullMerge, MergeSpec, OutputName, SortKey, Star};
 
 /// What to send to each shard and how to merge the answers.
 pub struct FanoutPlan {
@@ -10,73 +14,12 @@ pub struct FanoutPlan {
     pub merge: MergeSpec,
 }
 
-fn funcname(f: &protobuf::FuncCall) -> String {
-    f.funcname
-        .last()
-        .and_then(|n| match &n.node {
-            Some(N::String(s)) => Some(s.sval.to_ascii_lowercase()),
-            _ => None,
-        })
-        .unwrap_or_default()
-}
-
-const AGGREGATES: &[&str] = &[
-    "count",
-    "sum",
-    "min",
-    "max",
-    "avg",
-    "array_agg",
-    "string_agg",
-    "bool_and",
-    "bool_or",
-    "every",
-    "json_agg",
-    "jsonb_agg",
-    "json_object_agg",
-    "jsonb_object_agg",
-    "stddev",
-    "stddev_pop",
-    "stddev_samp",
-    "variance",
-    "var_pop",
-    "var_samp",
-    "bit_and",
-    "bit_or",
-    "xmlagg",
-    "percentile_cont",
-    "percentile_disc",
-    "mode",
-];
-
-/// Whether an aggregate or window function appears anywhere under `n`.
-fn has_aggregate(n: &Node) -> bool {
-    let Some(inner) = &n.node else { return false };
-    inner.nodes().into_iter().any(|(r, _, _, _)| match r {
-        pg_query::NodeRef::FuncCall(f) => f.over.is_some() || f.agg_star || AGGREGATES.contains(&funcname(f).as_str()),
-        _ => false,
-    })
-}
-
-fn column_name(n: &Node) -> Option<String> {
-    match &n.node {
-        Some(N::ColumnRef(c)) => match c.fields.last().and_then(|f| f.node.as_ref()) {
-            Some(N::String(s)) => Some(s.sval.clone()),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-fn int_const(n: &Node) -> Option<i64> {
-    match &n.node {
-        Some(N::AConst(c)) => match c.val.as_ref()? {
-            a_const::Val::Ival(i) => Some(i.ival as i64),
-            a_const::Val::Fval(f) => f.fval.parse().ok(),
-            _ => None,
-        },
-        _ => None,
-    }
+fn int_node(v: i64) -> Node {
+    let val = match i32::try_from(v) {
+        Ok(ival) => a_const::Val::Ival(protobuf::Integer { ival }),
+        Err(_) => a_const::Val::Fval(protobuf::Float { fval: v.to_string() }),
+    };
+    Node { node: Some(N::AConst(protobuf::AConst { isnull: false, location: -1, val: Some(val) })) }
 }
 
 /// `COLLATE "C"` or `COLLATE "POSIX"` (also schema-qualified): byte order.
@@ -84,32 +27,93 @@ fn bytewise_collation(c: &protobuf::CollateClause) -> bool {
     c.collname.last().is_some_and(|n| matches!(&n.node, Some(N::String(s)) if s.sval == "C" || s.sval == "POSIX"))
 }
 
-/// The output column an ORDER BY or GROUP BY item names: a position, an alias,
-/// or a column that is itself an output column.
-fn output_column(item: &Node, targets: &[(String, Option<String>)]) -> Option<usize> {
-    if let Some(pos) = int_const(item) {
-        return (pos >= 1 && pos as usize <= targets.len()).then(|| pos as usize - 1);
-    }
-    let name = column_name(item)?;
-    targets.iter().position(|(alias, col)| *alias == name || col.as_deref() == Some(name.as_str()))
-}
-
-/// Plans a SELECT that has no tenant key.
-pub fn plan(sql: &str) -> Result<FanoutPlan, FanoutError> {
+/// Plans a SELECT that has no tenant key. `key_column` is the sharding key's
+/// column name; `table_width` the number of columns the catalog knows a
+/// sharded table to have.
+pub fn plan(
+    sql: &str,
+    key_column: &str,
+    table_width: &dyn Fn(&str) -> Option<usize>,
+) -> Result<FanoutPlan, FanoutError> {
     let mut parsed = pg_query::parse(sql, 0).map_err(|e| FanoutError::Unsupported(e.to_string()))?;
     let [raw] = &mut parsed.protobuf.stmts[..] else { return Err(refuse("several statements")) };
     let Some(N::SelectStmt(sel)) = raw.stmt.as_deref_mut().and_then(|n| n.node.as_mut()) else {
         return Err(refuse("this kind of statement"));
     };
-    if sel.op > 1 {
-        return Err(refuse("UNION/INTERSECT/EXCEPT"));
+    check_statement(sel)?;
+    let union = sel.op == protobuf::SetOperation::SetopUnion as i32 && sel.all;
+    if sel.op > 1 && !union {
+        return Err(refuse("UNION (without ALL), INTERSECT or EXCEPT"));
     }
-    if !sel.distinct_clause.is_empty() {
-        return Err(refuse("DISTINCT"));
+    let key = Key { column: key_column, plain_tables: !union && plain_tables(&sel.from_clause) };
+    let mut out = if union { union_outputs(sel, &key)? } else { outputs(sel, &key)? };
+    let grouped = out.columns.iter().any(|c| *c != ColumnMerge::Key)
+        || !sel.group_clause.is_empty()
+        || sel.having_clause.is_some();
+    let group = if grouped { check_grouping(sel, &out)? } else { Vec::new() };
+    let visible = out.columns.len();
+    let having = match sel.having_clause.take() {
+        Some(condition) => Some(plan_having(&condition, sel, &mut out, &key)?),
+        None => None,
+    };
+    ask_for_averages_counts(sel, &mut out.columns);
+    let mut order = Vec::new();
+    let mut named = Vec::new();
+    for s in &sel.sort_clause {
+        let (key, name) = sort_key(s, &out)?;
+        if let Some(name) = name {
+            named.push((order.len(), name));
+        }
+        order.push(key);
     }
-    if sel.having_clause.is_some() {
-        return Err(refuse("HAVING"));
+    let (distinct, star_width) = plan_distinct(sel, &out, grouped, &mut order, &mut named, table_width)?;
+    let limit = match sel.limit_count.as_deref() {
+        None => None,
+        Some(n) if matches!(&n.node, Some(N::AConst(c)) if c.isnull) => None, // LIMIT ALL / NULL
+        Some(n) => match int_const(n) {
+            Some(v) if v >= 0 => Some(v as u64),
+            _ => return Err(refuse("a LIMIT that is not a constant")),
+        },
+    };
+    let offset = match sel.limit_offset.as_deref() {
+        None => 0,
+        Some(n) => match int_const(n) {
+            Some(v) if v >= 0 => v as u64,
+            _ => return Err(refuse("an OFFSET that is not a constant")),
+        },
+    };
+    if !grouped && order.is_empty() && limit.is_none() && offset == 0 && distinct.is_none() {
+        return Ok(FanoutPlan { shard_sql: sql.to_string(), merge: MergeSpec::Concat });
     }
+    // Shards: keep ORDER BY (each returns its rows sorted); without grouping each
+    // needs only its first offset+limit rows; with grouping, all its groups.
+    sel.limit_offset = None;
+    if grouped {
+        sel.limit_count = None;
+    } else if let Some(l) = limit {
+        sel.limit_count = Some(Box::new(int_node((l + offset) as i64)));
+    }
+    let shard_sql =
+        pg_query::deparse(&parsed.protobuf, Default::default()).map_err(|e| FanoutError::Unsupported(e.to_string()))?;
+    let star = out.star.map(|s| Star { at: s.at, table: s.table, named, width: star_width, group });
+    Ok(FanoutPlan {
+        shard_sql,
+        merge: MergeSpec::Full(Box::new(FullMerge {
+            columns: out.columns,
+            visible,
+            grouped,
+            order,
+            distinct,
+            having,
+            star,
+            limit,
+            offset,
+        })),
+    })
+}
+
+/// What no cross-shard read may have, whatever its select list.
+fn check_statement(sel: &protobuf::SelectStmt) -> Result<(), FanoutError> {
     if sel.into_clause.is_some() || !sel.locking_clause.is_empty() {
         return Err(refuse("SELECT INTO or FOR UPDATE"));
     }
@@ -132,149 +136,253 @@ pub fn plan(sql: &str) -> Result<FanoutPlan, FanoutError> {
     if other_collation {
         return Err(refuse("COLLATE other than \"C\" in the select list"));
     }
-    // Output columns: what each merges as, and the names ORDER BY may use.
-    let mut columns = Vec::new();
-    let mut names = Vec::new();
-    for t in &sel.target_list {
-        let Some(N::ResTarget(rt)) = &t.node else { return Err(refuse("this select list")) };
-        let Some(val) = rt.val.as_deref() else { return Err(refuse("this select list")) };
-        if let Some(N::ColumnRef(c)) = &val.node {
-            if c.fields.iter().any(|f| matches!(f.node, Some(N::AStar(_)))) {
-                if sel.group_clause.is_empty() && !has_aggregate(t) {
-                    // SELECT * without aggregates: positions are unknown here,
-                    // which only matters for sorting and grouping.
-                    columns.clear();
-                    names.clear();
-                    break;
-                }
-                return Err(refuse("SELECT * with GROUP BY"));
-            }
+    Ok(())
+}
+
+/// `UNION ALL` of reads that each only return rows: every shard runs every
+/// arm, and the answers are concatenated (or merged by the ORDER BY over the
+/// whole). The output columns are the first arm's.
+fn union_outputs(sel: &protobuf::SelectStmt, key: &Key) -> Result<Outputs, FanoutError> {
+    let mut arms = Vec::new();
+    collect_arms(sel, &mut arms)?;
+    for arm in &arms {
+        check_statement(arm)?;
+        let plain = arm.distinct_clause.is_empty()
+            && arm.group_clause.is_empty()
+            && arm.having_clause.is_none()
+            && arm.sort_clause.is_empty()
+            && arm.limit_count.is_none()
+            && arm.limit_offset.is_none()
+            && !arm.target_list.iter().any(has_aggregate);
+        if !plain {
+            return Err(refuse("a UNION ALL arm with DISTINCT, GROUP BY, aggregates, ORDER BY or LIMIT of its own"));
         }
-        let merge = match &val.node {
+    }
+    outputs(arms[0], key)
+}
+
+/// The arms of `a UNION ALL b UNION ALL c`, first to last.
+fn collect_arms<'a>(
+    sel: &'a protobuf::SelectStmt,
+    arms: &mut Vec<&'a protobuf::SelectStmt>,
+) -> Result<(), FanoutError> {
+    if sel.op <= 1 {
+        arms.push(sel);
+        return Ok(());
+    }
+    if sel.op != protobuf::SetOperation::SetopUnion as i32 || !sel.all {
+        return Err(refuse("UNION (without ALL), INTERSECT or EXCEPT"));
+    }
+    for side in [&sel.larg, &sel.rarg] {
+        let arm = side.as_deref().ok_or_else(|| refuse("this UNION ALL"))?;
+        if arm.op > 1 && (arm.sort_clause.len() + arm.limit_count.iter().len()) > 0 {
+            return Err(refuse("a UNION ALL arm with ORDER BY or LIMIT of its own"));
+        }
+        collect_arms(arm, arms)?;
+    }
+    Ok(())
+}
+
+/// Grouped reads: the router regroups by the output columns that are not
+/// aggregates, so every grouping key must be one of them, and every plain
+/// output column a grouping key.
+///
+/// With `*` (`SELECT o.*, count(i.id) … GROUP BY o.tenant_id, o.id`), the
+/// keys it holds are named, bound to the shards' RowDescription, and its other
+/// columns may be left out of GROUP BY: Postgres accepts them only when they
+/// depend on the grouping keys (a primary key), so regrouping by them too
+/// makes the same groups. Averages and HAVING, whose hidden columns would sit
+/// past the `*`, are refused beside it. Returns the named keys.
+fn check_grouping(sel: &protobuf::SelectStmt, out: &Outputs) -> Result<Vec<OutputName>, FanoutError> {
+    if out.columns.is_empty() && out.star.is_none() {
+        return Err(refuse("this select list"));
+    }
+    if out.star.is_some()
+        && (sel.having_clause.is_some() || out.columns.iter().any(|c| matches!(c, ColumnMerge::Avg(_))))
+    {
+        return Err(refuse("avg() or HAVING beside * (name the columns)"));
+    }
+    let mut keys: Vec<usize> = Vec::new();
+    let mut named = Vec::new();
+    for g in &sel.group_clause {
+        match out.reference(g) {
+            Some(OutputRef::At(i)) if out.columns[i] == ColumnMerge::Key => keys.push(i),
+            Some(OutputRef::Named(n)) => named.push(n),
+            _ => return Err(refuse("GROUP BY on expressions that are not plain output columns")),
+        }
+    }
+    let plain = out.columns.iter().filter(|c| **c == ColumnMerge::Key).count();
+    keys.sort();
+    keys.dedup();
+    if out.star.is_none() && keys.len() != plain {
+        return Err(refuse("GROUP BY that does not list every plain output column"));
+    }
+    Ok(named)
+}
+
+/// HAVING over the combined groups: its aggregates become hidden columns of
+/// the shards' answer (after the client's), its plain columns must be GROUP BY
+/// columns of the select list.
+fn plan_having(
+    condition: &Node,
+    sel: &mut protobuf::SelectStmt,
+    out: &mut Outputs,
+    key: &Key,
+) -> Result<Filter, FanoutError> {
+    let mut column = |n: &Node| -> Result<Option<usize>, FanoutError> {
+        match &n.node {
             Some(N::FuncCall(f)) if f.over.is_none() && AGGREGATES.contains(&funcname(f).as_str()) => {
-                if f.agg_distinct || f.agg_filter.is_some() || !f.agg_order.is_empty() || f.agg_within_group {
-                    return Err(refuse("aggregates with DISTINCT, FILTER or ORDER BY"));
-                }
-                match funcname(f).as_str() {
-                    "count" => ColumnMerge::Count,
-                    "sum" => ColumnMerge::Sum,
-                    "min" => ColumnMerge::Min,
-                    "max" => ColumnMerge::Max,
-                    "avg" => ColumnMerge::Avg(0), // its count's column is set below
-                    other => return Err(refuse(&format!("{other}()"))),
-                }
+                let merge = aggregate(f, key)?;
+                let at = out.columns.len();
+                out.columns.push(merge);
+                sel.target_list.push(Node {
+                    node: Some(N::ResTarget(Box::new(protobuf::ResTarget {
+                        name: format!("shardgate_having_{}", at + 1),
+                        indirection: vec![],
+                        val: Some(Box::new(n.clone())),
+                        location: -1,
+                    }))),
+                });
+                Ok(Some(at))
             }
-            _ if has_aggregate(val) => return Err(refuse("expressions around aggregates or window functions")),
-            _ => ColumnMerge::Key,
-        };
-        let col = column_name(val);
-        let alias = if rt.name.is_empty() {
-            match &val.node {
-                Some(N::FuncCall(f)) => funcname(f),
-                _ => col.clone().unwrap_or_default(),
-            }
-        } else {
-            rt.name.clone()
-        };
-        columns.push(merge);
-        names.push((alias, col));
-    }
-    let grouped = columns.iter().any(|c| *c != ColumnMerge::Key) || !sel.group_clause.is_empty();
-    if grouped {
-        if columns.is_empty() {
-            return Err(refuse("this select list"));
+            Some(N::ColumnRef(_)) => Ok(out.find(n).filter(|&i| out.columns[i] == ColumnMerge::Key)),
+            _ => Ok(None),
         }
-        // Every grouping key must be an output column, and every plain output
-        // column a grouping key: the router regroups by the keys it can see.
-        let mut keys: Vec<usize> = Vec::new();
-        for g in &sel.group_clause {
-            match output_column(g, &names) {
-                Some(i) if columns[i] == ColumnMerge::Key => keys.push(i),
-                _ => return Err(refuse("GROUP BY on expressions that are not plain output columns")),
+    };
+    having::plan(condition, &mut column)
+}
+
+/// One ORDER BY item: its sort key, and its name when it is bound later.
+fn sort_key(s: &Node, out: &Outputs) -> Result<(SortKey, Option<OutputName>), FanoutError> {
+    let Some(N::SortBy(sb)) = &s.node else { return Err(refuse("this ORDER BY")) };
+    let Some(mut item) = sb.node.as_deref() else { return Err(refuse("this ORDER BY")) };
+    let mut bytewise = false;
+    if let Some(N::CollateClause(c)) = &item.node {
+        match (bytewise_collation(c), c.arg.as_deref()) {
+            (true, Some(arg)) => {
+                bytewise = true;
+                item = arg;
             }
-        }
-        let plain = columns.iter().filter(|c| **c == ColumnMerge::Key).count();
-        keys.sort();
-        keys.dedup();
-        if keys.len() != plain {
-            return Err(refuse("GROUP BY that does not list every plain output column"));
+            _ => return Err(refuse("ORDER BY … COLLATE other than \"C\"")),
         }
     }
-    let visible = columns.len();
-    ask_for_averages_counts(sel, &mut columns);
-    let mut order = Vec::new();
-    for s in &sel.sort_clause {
-        let Some(N::SortBy(sb)) = &s.node else { return Err(refuse("this ORDER BY")) };
-        let Some(mut item) = sb.node.as_deref() else { return Err(refuse("this ORDER BY")) };
-        let mut bytewise = false;
-        if let Some(N::CollateClause(c)) = &item.node {
-            match (bytewise_collation(c), c.arg.as_deref()) {
-                (true, Some(arg)) => {
-                    bytewise = true;
-                    item = arg;
-                }
-                _ => return Err(refuse("ORDER BY … COLLATE other than \"C\"")),
-            }
-        }
-        let Some(column) = output_column(item, &names) else {
+    let (column, name) = match out.reference(item) {
+        Some(OutputRef::At(i)) => (i, None),
+        Some(OutputRef::Named(n)) => (0, Some(n)),
+        None => {
             return Err(refuse(
                 "ORDER BY on expressions that are not output columns (name or number the output column)",
-            ));
-        };
-        use protobuf::{SortByDir as D, SortByNulls as Nl};
-        let descending = match D::try_from(sb.sortby_dir).unwrap_or(D::Undefined) {
-            D::SortbyDesc => true,
-            D::SortbyUsing => return Err(refuse("ORDER BY … USING")),
-            _ => false,
-        };
-        let nulls_first = match Nl::try_from(sb.sortby_nulls).unwrap_or(Nl::Undefined) {
-            Nl::SortbyNullsFirst => true,
-            Nl::SortbyNullsLast => false,
-            _ => descending,
-        };
-        order.push(SortKey { column, descending, nulls_first, bytewise });
-    }
-    let limit = match sel.limit_count.as_deref() {
-        None => None,
-        Some(n) if matches!(&n.node, Some(N::AConst(c)) if c.isnull) => None, // LIMIT ALL / NULL
-        Some(n) => match int_const(n) {
-            Some(v) if v >= 0 => Some(v as u64),
-            _ => return Err(refuse("a LIMIT that is not a constant")),
-        },
+            ))
+        }
     };
-    let offset = match sel.limit_offset.as_deref() {
-        None => 0,
-        Some(n) => match int_const(n) {
-            Some(v) if v >= 0 => v as u64,
-            _ => return Err(refuse("an OFFSET that is not a constant")),
-        },
+    use protobuf::{SortByDir as D, SortByNulls as Nl};
+    let descending = match D::try_from(sb.sortby_dir).unwrap_or(D::Undefined) {
+        D::SortbyDesc => true,
+        D::SortbyUsing => return Err(refuse("ORDER BY … USING")),
+        _ => false,
     };
-    if !grouped && order.is_empty() && limit.is_none() && offset == 0 {
-        return Ok(FanoutPlan { shard_sql: sql.to_string(), merge: MergeSpec::Concat });
+    let nulls_first = match Nl::try_from(sb.sortby_nulls).unwrap_or(Nl::Undefined) {
+        Nl::SortbyNullsFirst => true,
+        Nl::SortbyNullsLast => false,
+        _ => descending,
+    };
+    Ok((SortKey { column, descending, nulls_first, bytewise }, name))
+}
+
+/// DISTINCT and DISTINCT ON: how many leading sort keys make rows one.
+///
+/// DISTINCT sorts by every output column (those ORDER BY lacks are added, on
+/// the shards too), so equal rows come out of the merge next to each other and
+/// the router keeps one without remembering the rows it sent. DISTINCT ON keeps
+/// the first row of each key in merge order; as in Postgres its expressions
+/// must lead ORDER BY (without ORDER BY they become it). Grouped reads run
+/// DISTINCT ON at the router only: a shard's partial groups are not the groups.
+///
+/// `SELECT DISTINCT t.*` sorts the shards by position, as many as the
+/// catalog gives `t` columns; that count is returned too, and the merge
+/// refuses shards that send another ([`FullMerge::bind`]).
+fn plan_distinct(
+    sel: &mut protobuf::SelectStmt,
+    out: &Outputs,
+    grouped: bool,
+    order: &mut Vec<SortKey>,
+    named: &mut Vec<(usize, OutputName)>,
+    table_width: &dyn Fn(&str) -> Option<usize>,
+) -> Result<(Option<usize>, Option<usize>), FanoutError> {
+    if sel.distinct_clause.is_empty() {
+        return Ok((None, None));
     }
-    if columns.is_empty() && !order.is_empty() {
-        return Err(refuse("ORDER BY with SELECT * (name the columns)"));
+    let plain_distinct = sel.distinct_clause.iter().all(|n| n.node.is_none());
+    if plain_distinct {
+        if grouped {
+            // Group keys are output columns: the groups are distinct already.
+            return Ok((None, None));
+        }
+        if let Some(star) = &out.star {
+            let width = star.relation.as_deref().and_then(table_width).ok_or_else(|| {
+                refuse("SELECT DISTINCT * of several tables, or of a table that is not sharded (name the columns)")
+            })?;
+            for p in 1..=out.columns.len() + width {
+                named.push((order.len(), OutputName::Position(p)));
+                order.push(SortKey { column: 0, descending: false, nulls_first: false, bytewise: false });
+                sel.sort_clause.push(sort_by(int_node(p as i64)));
+            }
+            return Ok((Some(order.len()), Some(width)));
+        }
+        for i in 0..out.columns.len() {
+            if !order.iter().any(|k| k.column == i) {
+                order.push(SortKey { column: i, descending: false, nulls_first: false, bytewise: false });
+                sel.sort_clause.push(sort_by(int_node(i as i64 + 1)));
+            }
+        }
+        return Ok((Some(order.len()), None));
     }
-    // Shards: keep ORDER BY (each returns its rows sorted); without grouping each
-    // needs only its first offset+limit rows; with grouping, all its groups.
-    sel.limit_offset = None;
+    let mut on: Vec<OutputRef> = Vec::new();
+    for item in &sel.distinct_clause {
+        let r = out.reference(item).ok_or_else(|| refuse("DISTINCT ON expressions that are not output columns"))?;
+        if !on.contains(&r) {
+            on.push(r);
+        }
+    }
+    if order.is_empty() {
+        for (i, r) in on.iter().enumerate() {
+            let column = match r {
+                OutputRef::At(c) => *c,
+                OutputRef::Named(n) => {
+                    named.push((i, n.clone()));
+                    0
+                }
+            };
+            order.push(SortKey { column, descending: false, nulls_first: false, bytewise: false });
+        }
+        let items: Vec<Node> = sel.distinct_clause.iter().cloned().map(sort_by).collect();
+        sel.sort_clause = items;
+    }
+    let leading: Vec<OutputRef> = (0..on.len().min(order.len()))
+        .map(|i| match named.iter().find(|(at, _)| *at == i) {
+            Some((_, n)) => OutputRef::Named(n.clone()),
+            None => OutputRef::At(order[i].column),
+        })
+        .collect();
+    if leading.len() != on.len() || on.iter().any(|r| !leading.contains(r)) {
+        return Err(refuse("DISTINCT ON whose expressions do not lead ORDER BY"));
+    }
     if grouped {
-        sel.limit_count = None;
-    } else if let Some(l) = limit {
-        sel.limit_count = Some(Box::new(Node {
-            node: Some(N::AConst(protobuf::AConst {
-                isnull: false,
-                location: -1,
-                val: Some(a_const::Val::Fval(protobuf::Float { fval: (l + offset).to_string() })),
-            })),
-        }));
+        sel.distinct_clause.clear();
     }
-    let shard_sql =
-        pg_query::deparse(&parsed.protobuf, Default::default()).map_err(|e| FanoutError::Unsupported(e.to_string()))?;
-    Ok(FanoutPlan {
-        shard_sql,
-        merge: MergeSpec::Full(Box::new(FullMerge { columns, visible, grouped, order, limit, offset })),
-    })
+    Ok((Some(on.len()), None))
+}
+
+fn sort_by(node: Node) -> Node {
+    Node {
+        node: Some(N::SortBy(Box::new(protobuf::SortBy {
+            node: Some(Box::new(node)),
+            sortby_dir: protobuf::SortByDir::SortbyDefault as i32,
+            sortby_nulls: protobuf::SortByNulls::SortbyNullsDefault as i32,
+            use_op: vec![],
+            location: -1,
+        }))),
+    }
 }
 
 /// Each `avg(x)` in the select list becomes `sum(x)` under the same output name,
@@ -313,8 +421,12 @@ fn ask_for_averages_counts(sel: &mut protobuf::SelectStmt, columns: &mut Vec<Col
 mod tests {
     use super::*;
 
+    fn plan_of(sql: &str) -> Result<FanoutPlan, FanoutError> {
+        plan(sql, "tenant_id", &|t| (t == "orders").then_some(5))
+    }
+
     fn full(sql: &str) -> (String, FullMerge) {
-        let p = plan(sql).unwrap();
+        let p = plan_of(sql).unwrap();
         match p.merge {
             MergeSpec::Full(f) => (p.shard_sql, *f),
             MergeSpec::Concat => panic!("{sql}: expected a full merge"),
@@ -323,8 +435,8 @@ mod tests {
 
     #[test]
     fn plain_selects_concatenate() {
-        assert_eq!(plan("select id from orders where total > 5").unwrap().merge, MergeSpec::Concat);
-        assert_eq!(plan("select * from orders").unwrap().merge, MergeSpec::Concat);
+        assert_eq!(plan_of("select id from orders where total > 5").unwrap().merge, MergeSpec::Concat);
+        assert_eq!(plan_of("select * from orders").unwrap().merge, MergeSpec::Concat);
     }
 
     #[test]
@@ -379,23 +491,123 @@ mod tests {
     }
 
     #[test]
+    fn star_sort_keys_are_named_until_the_row_description_binds_them() {
+        let (_, m) =
+            full("select i.qty, o.* from orders o join items i using (tenant_id) order by o.total desc, 1, id");
+        let star = m.star.clone().unwrap();
+        assert_eq!((star.at, star.table.as_deref()), (1, Some("o")));
+        let names: Vec<String> = ["qty", "tenant_id", "id", "total", "qty"].map(String::from).to_vec();
+        let bound = m.bind(&names).unwrap();
+        assert_eq!(bound.order.iter().map(|k| k.column).collect::<Vec<_>>(), vec![3, 0, 2]);
+        assert_eq!(bound.visible, 5);
+        // A name two output columns have is refused, not guessed.
+        let (_, m) = full("select * from orders o join items i using (tenant_id) order by qty");
+        assert!(m.bind(&names).is_err());
+        let (_, m) = full("select * from orders order by orders.total limit 2");
+        assert_eq!(m.bind(&names).unwrap().order[0].column, 3);
+    }
+
+    #[test]
+    fn distinct_sorts_by_every_output_column() {
+        let (sql, m) = full("select distinct region, qty from orders order by qty desc limit 4");
+        assert!(sql.contains("ORDER BY qty DESC, 1 LIMIT 4"), "{sql}");
+        assert_eq!(m.order.iter().map(|k| k.column).collect::<Vec<_>>(), vec![1, 0]);
+        assert_eq!(m.distinct, Some(2));
+        let (sql, m) = full("select distinct on (region) region, id from orders");
+        assert!(sql.contains("DISTINCT ON (region)") && sql.contains("ORDER BY region"), "{sql}");
+        assert_eq!(m.distinct, Some(1));
+        // Grouped: DISTINCT ON runs at the router, after the groups combine.
+        let (sql, m) =
+            full("select distinct on (region) region, qty, count(*) n from orders group by 1, 2 order by 1, n");
+        assert!(!sql.contains("DISTINCT"), "{sql}");
+        assert!(m.grouped && m.distinct == Some(1));
+    }
+
+    #[test]
+    fn distinct_star_sorts_by_as_many_positions_as_the_catalog_knows() {
+        let (sql, m) = full("select distinct o.* from orders o join items i using (tenant_id) order by total desc");
+        assert!(sql.contains("ORDER BY total DESC, 1, 2, 3, 4, 5"), "{sql}");
+        assert_eq!(m.distinct, Some(6));
+        let names: Vec<String> = ["tenant_id", "id", "region", "total", "qty"].map(String::from).to_vec();
+        let bound = m.bind(&names).unwrap();
+        assert_eq!(bound.order.iter().map(|k| k.column).collect::<Vec<_>>(), vec![3, 0, 1, 2, 3, 4]);
+        // A column the catalog has not seen yet: refused, not deduplicated short.
+        let six: Vec<String> = ["tenant_id", "id", "region", "total", "qty", "added"].map(String::from).to_vec();
+        assert!(m.bind(&six).is_err());
+    }
+
+    #[test]
+    fn star_groups_bind_their_keys_to_the_row_description() {
+        let (_, m) = full(
+            "select count(i.id) n, o.*, max(i.qty) from orders o join items i using (tenant_id) \
+                           group by o.tenant_id, o.id order by n desc, id",
+        );
+        let names: Vec<String> = ["n", "tenant_id", "id", "region", "total", "qty", "max"].map(String::from).to_vec();
+        let bound = m.bind(&names).unwrap();
+        use ColumnMerge::{Count, Dependent, Key, Max};
+        assert_eq!(bound.columns, vec![Count, Key, Key, Dependent, Dependent, Dependent, Max]);
+        assert_eq!((bound.visible, bound.order[0].column, bound.order[1].column), (7, 0, 2));
+        // A grouping key the select list lacks would merge groups wrongly.
+        let (_, m) = full("select o.*, count(*) from orders o group by o.tenant_id, o.nope");
+        assert!(m.bind(&names[1..6]).is_err());
+    }
+
+    #[test]
+    fn having_runs_at_the_router_on_hidden_aggregates() {
+        let (sql, m) = full("select region from orders group by region having avg(qty) > 2 and count(*) >= 3");
+        assert!(
+            !sql.contains("HAVING") && sql.contains("shardgate_having_2") && sql.contains("shardgate_having_3"),
+            "{sql}"
+        );
+        assert_eq!(m.visible, 1);
+        assert_eq!(m.columns, vec![ColumnMerge::Key, ColumnMerge::Avg(3), ColumnMerge::Count, ColumnMerge::Count]);
+        assert!(m.having.is_some());
+    }
+
+    #[test]
+    fn counts_of_distinct_sharding_keys_add_up() {
+        let (sql, m) = full("select region, count(distinct tenant_id) from orders o group by region");
+        assert!(sql.contains("count(DISTINCT tenant_id)"), "{sql}");
+        assert_eq!(m.columns, vec![ColumnMerge::Key, ColumnMerge::Count]);
+    }
+
+    #[test]
+    fn union_all_runs_whole_on_every_shard() {
+        assert_eq!(plan_of("select id from orders union all select id from items").unwrap().merge, MergeSpec::Concat);
+        let (sql, m) = full("select id, total from orders union all select id, qty from items order by 2 desc limit 3");
+        assert!(sql.contains("UNION ALL") && sql.contains("LIMIT 3"), "{sql}");
+        assert_eq!(m.order[0].column, 1);
+    }
+
+    #[test]
     fn what_cannot_be_merged_exactly_is_refused() {
         for sql in [
             "select avg(distinct total) from orders",
             "select avg(total) + 1 from orders",
             "select count(distinct id) from orders",
-            "select distinct id from orders",
+            "select count(distinct o.tenant_id) from orders o, generate_series(1, 3) g",
+            "select count(distinct tenant_id) from orders as o(tenant_id)",
+            "select sum(distinct tenant_id) from orders",
             "select id, count(*) from orders group by id, total",
             "select id from orders order by total + 1",
             "select row_number() over () from orders",
             "select id from orders union select id from orders",
+            "select id from orders union all select max(id) from orders",
+            "select id from orders intersect all select id from orders",
+            "select distinct * from orders o join items i using (tenant_id)",
+            "select distinct i.* from orders o join items i using (tenant_id)",
+            "select distinct on (region) id, region from orders order by id",
+            "select *, avg(total) from orders group by tenant_id, id",
+            "select o.*, count(*) from orders o group by tenant_id, id having count(*) > 1",
+            "select id from orders o order by o.total",
+            "select o.*, 1, i.* from orders o join items i using (tenant_id)",
             "select sum(total) + 1 from orders",
-            "select id, count(*) from orders group by id having count(*) > 1",
-            "select * from orders order by id",
+            "select id, count(*) from orders group by id having count(*) + 1 > 1",
+            "select id, count(*) from orders group by id having stddev(total) > 1",
             "select id, region from orders order by region collate \"und-x-icu\"",
             "select id, region collate \"und-x-icu\" as r from orders order by id",
         ] {
-            assert!(plan(sql).is_err(), "{sql} must be refused");
+            assert!(plan_of(sql).is_err(), "{sql} must be refused");
         }
     }
 }

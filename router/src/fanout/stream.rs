@@ -212,4 +212,11 @@ impl Heads {
     pub fn take(&mut self, i: usize) -> Option<(Bytes, Row)> {
         self.heads[i].take()
     }
+
+    /// Whether `row` equals `previous` under the first `n` sort keys: a
+    /// duplicate under DISTINCT or DISTINCT ON, which the merge brings next to
+    /// the row it repeats.
+    pub fn repeats(&self, n: usize, row: &Row, previous: &Row) -> bool {
+        compare_rows(&self.keys[..n.min(self.keys.len())], row, previous) == Ordering::Equal
+    }
 }

@@ -179,8 +179,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return true;
         };
         self.admission.flight.undo_last(n);
+        let token = dir.holds.get(&move_id).map_or(0, |h| h.token);
+        drop(dir);
         let waited = crate::hold::wait_released(&self.ctx.directory, move_id).await;
         crate::metrics::global().held(waited);
+        self.ctx.held.record(move_id, token, waited);
         tracing::debug!(move_id, waited_us = waited.as_micros() as u64, "statement held for a cutover");
         false
     }

@@ -11,12 +11,13 @@ use super::admission::route_kind;
 use super::everywhere::everywhere;
 use super::prepared::{ensure_prepared, unknown_statement, Prepared};
 use super::relay::{Expect, RelayError};
+use super::shadow::ShadowedBatch;
 use super::{Session, SessionError};
 use crate::error::SqlError;
 use crate::protocol::messages::{self, target_and_name, Bind, Parse};
 use crate::protocol::Message;
 use crate::route::{self, Params, Target};
-use crate::shadow::{RowDigest, ShadowMove, ShadowQuery};
+use crate::shadow::RowDigest;
 use crate::sql::{Analysis, SettingChange, SqlPrepared, StatementKind, TxnControl};
 use shardgate_directory::ShardId;
 
@@ -244,7 +245,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             {
                 let stmt = &statements[0].statements[0];
                 let text = &stmt.text;
-                match crate::fanout::plan(text) {
+                match self.plan_fanout(text) {
                     Ok(plan)
                         if plan.merge == crate::fanout::MergeSpec::Concat
                             && plan.shard_sql == *text
@@ -417,7 +418,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         started: crate::clock::Stamp,
         statements: &[Arc<Analysis>],
         batch: &[Message],
-        shadow: Option<(ShadowMove, ShadowQuery, tokio::sync::OwnedSemaphorePermit)>,
+        shadow: Option<ShadowedBatch>,
     ) -> Result<(), SessionError> {
         let status = match relayed {
             Ok(Some(status)) => status,
@@ -447,8 +448,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         flushed?;
         self.account(elapsed, statements.first().map(|a| &**a), Some(batch));
-        if let Some((mv, query, permit)) = shadow {
-            self.shadow_done(mv, query, permit);
+        if let Some(ShadowedBatch { mv, keys, query, permit }) = shadow {
+            self.shadow_done(mv, keys, query, permit);
         }
         Ok(())
     }

@@ -53,7 +53,7 @@ pub(super) fn result_formats(tail: &[u8]) -> Option<Vec<i16>> {
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// A read without a tenant: every shard (concurrently), results merged.
     pub(super) async fn run_fanout(&mut self, stmt: &Statement, shards: Vec<ShardId>) -> Result<(), SessionError> {
-        let plan = match crate::fanout::plan(&stmt.text) {
+        let plan = match self.plan_fanout(&stmt.text) {
             Ok(p) => p,
             Err(e) => return self.fail_simple(SqlError::new("0A000", e.to_string())).await,
         };
@@ -62,11 +62,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Err(e) => return self.fail_simple(e).await,
         };
         let streamed = plan.merge.streamed();
-        if let Some((order, limit, offset)) = streamed {
+        if let Some(merge) = streamed {
             let read = |sql: &str| messages::query(sql).to_vec();
-            return self
-                .stream_fanout(Answer::Simple, &shards, &plan.shard_sql, texts, read, &order, limit, offset)
-                .await;
+            return self.stream_fanout(Answer::Simple, &shards, &plan.shard_sql, texts, read, &merge).await;
         }
         let this = &*self;
         let runs = shards.iter().zip(&texts).map(|(&s, sql)| {
@@ -188,9 +186,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .concat()
         };
         let streamed = plan.merge.streamed();
-        if let (Some((order, limit, offset)), 1) = (streamed, batch.iter().filter(|m| m.tag() == b'E').count()) {
+        if let (Some(merge), 1) = (streamed, batch.iter().filter(|m| m.tag() == b'E').count()) {
             let answer = Answer::Extended { batch, formats: &result_formats, relayed };
-            return self.stream_fanout(answer, &shards, &plan.shard_sql, texts, read, &order, limit, offset).await;
+            return self.stream_fanout(answer, &shards, &plan.shard_sql, texts, read, &merge).await;
         }
         let this = &*self;
         let runs = shards.iter().zip(&texts).map(|(&s, sql)| {
@@ -261,6 +259,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.client.queue(&messages::command_complete(&merged.command_tag));
         }
         self.ready().await
+    }
+
+    /// The fan-out plan of `sql`, with the cluster's key column and the
+    /// catalog's tables.
+    pub(super) fn plan_fanout(&self, sql: &str) -> Result<crate::fanout::FanoutPlan, crate::fanout::FanoutError> {
+        let key_column = self.ctx.directory.load().key_column.clone();
+        crate::fanout::plan(sql, &key_column, &|t| self.ctx.catalog.columns(t).map(|c| c.len()))
     }
 
     /// Per shard, the text of a cross-shard read with rows under a move left out

@@ -299,7 +299,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         match target {
             Target::Shard(s) => match self.shadow_candidate(&analysis, s, None) {
                 None => self.forward(s, m.raw().clone(), &analysis, form).await,
-                Some(mv) => self.forward_shadowed(s, m.raw().clone(), &analysis, mv, sql.to_string()).await,
+                Some(read) => self.forward_shadowed(s, m.raw().clone(), &analysis, read, sql.to_string()).await,
             },
             Target::Any => {
                 let s = self.any_shard();

@@ -3,7 +3,7 @@
 //! compared on the target (see [`crate::shadow`]).
 
 use bytes::Bytes;
-use shardgate_directory::ShardId;
+use shardgate_directory::{ShardId, TenantKey};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Session, SessionError};
@@ -13,17 +13,25 @@ use crate::route::{self, Params};
 use crate::shadow::{RowDigest, ShadowMove, ShadowQuery, ShadowRead};
 use crate::sql::{Analysis, StatementKind};
 
+/// An extended-protocol batch whose read is compared once it has been relayed.
+pub(super) struct ShadowedBatch {
+    pub(super) mv: ShadowMove,
+    pub(super) keys: Vec<TenantKey>,
+    pub(super) query: ShadowQuery,
+    pub(super) permit: tokio::sync::OwnedSemaphorePermit,
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// The move in its shadow phase whose moving rows hold every key of this
-    /// read, when the read is one to compare: a single SELECT outside a
-    /// transaction (see [`crate::shadow`]). One emptiness check when no move is
-    /// shadowed.
+    /// read, and those keys, when the read is one to compare: a single SELECT
+    /// outside a transaction (see [`crate::shadow`]). One emptiness check when no
+    /// move is shadowed.
     pub(super) fn shadow_candidate(
         &self,
         analysis: &Analysis,
         shard: ShardId,
         params: Option<&Params<'_>>,
-    ) -> Option<ShadowMove> {
+    ) -> Option<(ShadowMove, Vec<TenantKey>)> {
         if self.ctx.shadow.is_idle()
             || self.txn.held.is_some()
             || self.txn.pending_begin.is_some()
@@ -40,16 +48,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let comment_key = analysis.comment_key.as_ref().and_then(|v| dir.key_type.parse_text(v).ok());
         let fallback = comment_key.as_ref().or(self.tenant.as_ref());
         let keys = route::statement_keys(stmt, params, fallback, dir.key_type)?;
-        self.ctx.shadow.covering(&dir, shard, &keys)
+        let mv = self.ctx.shadow.covering(&dir, shard, &keys)?;
+        Some((mv, keys))
     }
 
     /// A batch that is one read of shadowed rows (Parse, Bind, Describe, Execute,
     /// Sync), with the messages that run it once more on an unnamed statement.
-    pub(super) fn shadow_extended(
-        &self,
-        batch: &[Message],
-        shard: ShardId,
-    ) -> Option<(ShadowMove, ShadowQuery, tokio::sync::OwnedSemaphorePermit)> {
+    pub(super) fn shadow_extended(&self, batch: &[Message], shard: ShardId) -> Option<ShadowedBatch> {
         if self.ctx.shadow.is_idle() {
             return None;
         }
@@ -67,13 +72,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let p = self.prepared.get(bind.statement)?;
         let analysis = p.analysis.as_ref()?;
         let params = Params { values: &bind.params, formats: &bind.param_formats, types: &p.param_types };
-        let mv = self.shadow_candidate(analysis, shard, Some(&params))?;
+        let (mv, keys) = self.shadow_candidate(analysis, shard, Some(&params))?;
         let permit = self.ctx.shadow.permit(mv.id)?;
         let mut exec = messages::Builder::new(b'E');
         exec.cstr(bind.portal).i32(0);
         let messages =
             vec![messages::parse("", &p.sql, &p.param_types), bind.with_statement(""), exec.finish(), messages::sync()];
-        Some((mv, ShadowQuery::Extended { sql: p.sql.to_string(), messages }, permit))
+        Some(ShadowedBatch { mv, keys, query: ShadowQuery::Extended { sql: p.sql.to_string(), messages }, permit })
     }
 
     /// Forwards a read to its shard like [`Self::forward_simple`], digesting the
@@ -83,7 +88,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         shard: ShardId,
         query: Bytes,
         analysis: &Analysis,
-        mv: ShadowMove,
+        (mv, keys): (ShadowMove, Vec<TenantKey>),
         sql: String,
     ) -> Result<(), SessionError> {
         let Some(permit) = self.ctx.shadow.permit(mv.id) else {
@@ -91,7 +96,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         self.shadow_digest = Some(RowDigest::default());
         let r = self.forward_simple(shard, query, Some(analysis)).await;
-        self.shadow_done(mv, ShadowQuery::Simple(sql), permit);
+        self.shadow_done(mv, keys, ShadowQuery::Simple(sql), permit);
         r
     }
 
@@ -99,6 +104,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) fn shadow_done(
         &mut self,
         mv: ShadowMove,
+        keys: Vec<TenantKey>,
         query: ShadowQuery,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) {
@@ -106,7 +112,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.saw_error || self.txn.held.is_some() {
             return;
         }
-        let read = ShadowRead { mv, query, settings: Some(self.settings.sql()), source };
+        let read = ShadowRead { mv, keys, query, settings: Some(self.settings.sql()), source };
         crate::shadow::spawn_compare(self.ctx.clone(), read, permit);
     }
 }

@@ -10,7 +10,7 @@ use super::fanout::Answer;
 use super::reply::prefix_error;
 use super::{Session, SessionError};
 use crate::error::SqlError;
-use crate::fanout::{ClientFormats, Event, Heads, ShardRows};
+use crate::fanout::{ClientFormats, Event, FullMerge, Heads, ShardRows};
 use crate::protocol::messages::{self, target_and_name, Parse, Severity};
 use crate::protocol::Message;
 
@@ -20,7 +20,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// and LIMIT. Every shard's connection is taken first, so a shard that is down
     /// fails the read before a row is sent; an error after rows were sent ends the
     /// answer with it, as Postgres does for an error in the middle of a scan.
-    #[allow(clippy::too_many_arguments)]
     pub(super) async fn stream_fanout(
         &mut self,
         answer: Answer<'_>,
@@ -28,9 +27,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         sql: &str,
         texts: Vec<Option<String>>,
         read: impl Fn(&str) -> Vec<u8>,
-        order: &[crate::fanout::SortKey],
-        limit: Option<u64>,
-        offset: u64,
+        merge: &FullMerge,
     ) -> Result<(), SessionError> {
         let dir = self.ctx.directory.load();
         let mut readers = Vec::with_capacity(shards.len());
@@ -58,7 +55,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let name = dir.shards.get(s).map(|x| x.name.clone()).unwrap_or_default();
             streams.push(crate::fanout::ShardRows::new(name, rx));
         }
-        let relay = self.relay_streams(answer, streams, order, limit, offset);
+        let relay = self.relay_streams(answer, streams, merge);
         let (_, relayed) = tokio::join!(futures::future::join_all(readers), relay);
         relayed
     }
@@ -101,24 +98,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Relays a cross-shard read from its shards' streams: every shard's
     /// RowDescription first (a shard's error then fails the read before a row
-    /// went out), then the rows, shard after shard or merged by `order`,
-    /// through OFFSET and LIMIT.
+    /// went out), then the rows, shard after shard or merged by the merge's
+    /// order (its `*` bound to the RowDescription), without the repeats
+    /// DISTINCT drops, through OFFSET and LIMIT.
     pub(super) async fn relay_streams(
         &mut self,
         answer: Answer<'_>,
         mut streams: Vec<ShardRows>,
-        order: &[crate::fanout::SortKey],
-        limit: Option<u64>,
-        offset: u64,
+        merge: &FullMerge,
     ) -> Result<(), SessionError> {
         let Some(description) = self.describe_streams(&answer, &mut streams).await? else {
             // Answered with the error.
             return Ok(());
         };
         let c_collation = self.ctx.c_collation.load(std::sync::atomic::Ordering::Relaxed);
-        let keys = match crate::fanout::types_of(&description)
-            .and_then(|types| crate::fanout::sort_keys(order, &types, c_collation))
-        {
+        let sort = crate::fanout::bound(merge, &description).and_then(|m| {
+            let types = crate::fanout::types_of(&description)?;
+            Ok((crate::fanout::sort_keys(&m.order, &types, c_collation)?, m.distinct))
+        });
+        let (keys, distinct) = match sort {
             Ok(k) => k,
             Err(e) => return self.fail_answer(&answer, SqlError::new(e.sqlstate(), e.to_string())).await,
         };
@@ -149,12 +147,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 &[]
             }
         };
-        let mut window = Window { offset, limit, skipped: 0, sent: 0 };
+        let mut window = Window { offset: merge.offset, limit: merge.limit, skipped: 0, sent: 0 };
         let failure = if keys.is_empty() {
             self.relay_in_turn(&mut streams, formats.as_ref(), &mut window).await?
         } else {
             let heads = Heads::new(keys, streams.len());
-            self.relay_merged(&mut streams, heads, formats.as_ref(), &mut window).await?
+            self.relay_merged(&mut streams, heads, distinct, formats.as_ref(), &mut window).await?
         };
         drop(streams);
         match failure {
@@ -248,15 +246,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// Rows in ORDER BY order: a k-way merge of the shards' sorted streams,
-    /// one head row per shard. Returns the error that ended the read early.
+    /// one head row per shard; a row equal to the one before it under the
+    /// first `distinct` sort keys is dropped. Returns the error that ended the
+    /// read early.
     async fn relay_merged(
         &mut self,
         streams: &mut [ShardRows],
         mut heads: Heads,
+        distinct: Option<usize>,
         formats: Option<&ClientFormats>,
         window: &mut Window,
     ) -> Result<Option<Bytes>, SessionError> {
         let mut last: Vec<Option<crate::fanout::Row>> = vec![None; streams.len()];
+        let mut kept: Option<crate::fanout::Row> = None;
         let mut refill = (0..streams.len()).collect::<Vec<usize>>();
         loop {
             for i in refill.drain(..) {
@@ -279,9 +281,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let e = SqlError::new("XX000", "cross-shard merge lost its head row".into());
                 return Ok(Some(e.to_message(Severity::Error)));
             };
-            if !window.skips() {
-                if let Some(failure) = self.send_row(raw, formats, window).await? {
-                    return Ok(Some(failure));
+            let repeat = distinct.is_some_and(|n| kept.as_ref().is_some_and(|k| heads.repeats(n, &row, k)));
+            if !repeat {
+                if !window.skips() {
+                    if let Some(failure) = self.send_row(raw, formats, window).await? {
+                        return Ok(Some(failure));
+                    }
+                }
+                if distinct.is_some() {
+                    kept = Some(row.clone());
                 }
             }
             last[i] = Some(row);

@@ -14,6 +14,8 @@ pub enum KeyExpr {
     Literal(String),
     /// Bind parameter `$n`, zero-based here.
     Param(usize),
+    /// Every element of array parameter `$n` (zero-based): `key = ANY($n)`.
+    ParamArray(usize),
 }
 
 /// The keys a statement is restricted to, if any.
@@ -65,7 +67,14 @@ pub enum StatementKind {
     /// SQL-level `PREPARE`, `EXECUTE` (also under EXPLAIN or CREATE TABLE AS)
     /// and `DEALLOCATE`: refused, see [`SqlPrepared`].
     SqlPrepared(SqlPrepared),
-    /// Anything else (EXPLAIN, LISTEN, VACUUM …): follows its tables, or any shard.
+    /// State a pooled server connection cannot carry past the transaction
+    /// (`LISTEN`, a session advisory lock, a temporary table, a cursor `WITH
+    /// HOLD`), named: refused, see [`super::pooled_state`].
+    SessionState(&'static str),
+    /// `DECLARE … CURSOR FOR SELECT …`: a read whose rows come from one
+    /// connection, so it must route to one shard.
+    DeclareCursor,
+    /// Anything else (EXPLAIN, VACUUM …): follows its tables, or any shard.
     Other,
 }
 
@@ -221,6 +230,19 @@ pub fn analyze_with_origins(sql: &str, key_column: &str) -> Result<(Analysis, Ve
 }
 
 fn statement(node: &N, text: String, key_column: &str) -> (Statement, Origins) {
+    if let N::DeclareCursorStmt(d) = node {
+        // A cursor is its query, read from the one connection that declares
+        // it: analysed as that query (its tables, its keys). Its constants stay
+        // in the text (no lifting into a prepared statement).
+        if let Some(query) = d.query.as_deref().and_then(|q| q.node.as_ref()) {
+            let (mut s, _) = statement(query, text, key_column);
+            s.kind = match super::pooled_state::session_state(node) {
+                Some(state) => StatementKind::SessionState(state),
+                None => StatementKind::DeclareCursor,
+            };
+            return (s, Origins::default());
+        }
+    }
     if !nested_writes::holds_write(node) {
         return statement_outside(node, node, text, key_column);
     }
@@ -352,7 +374,7 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
                         origins.tenant = at;
                         Some(unquote(&l))
                     }
-                    KeyExpr::Param(_) => None,
+                    KeyExpr::Param(_) | KeyExpr::ParamArray(_) => None,
                 }),
                 _ => None,
             };
@@ -426,6 +448,9 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
     if let Some(name) = walker.executes {
         // `EXECUTE p`, also under EXPLAIN or CREATE TABLE AS.
         s.kind = StatementKind::SqlPrepared(SqlPrepared::Execute { name });
+    }
+    if let Some(state) = super::pooled_state::session_state(whole) {
+        s.kind = StatementKind::SessionState(state);
     }
     if s.kind == StatementKind::Ddl {
         // DDL targets are written on every shard; the walker found them.
@@ -537,6 +562,17 @@ pub(super) fn located_value(n: &Node) -> Option<Located> {
     }
 }
 
+/// The keys of `key = ANY(…)`: the elements of `ARRAY[…]` (each a literal or a
+/// parameter), or every element of an array parameter.
+fn array_keys(n: &Node) -> Found {
+    match n.node.as_ref()? {
+        N::AArrayExpr(a) => a.elements.iter().map(located_value).collect(),
+        N::ParamRef(p) if p.number >= 1 => Some(vec![(KeyExpr::ParamArray(p.number as usize - 1), None)]),
+        N::TypeCast(t) => t.arg.as_deref().and_then(array_keys),
+        _ => None,
+    }
+}
+
 /// Finds conditions on the key column.
 struct KeyFinder<'a> {
     column: &'a str,
@@ -620,6 +656,7 @@ impl KeyFinder<'_> {
                         Some(N::List(list)) => list.items.iter().map(located_value).collect(),
                         _ => None,
                     },
+                    K::AexprOpAny if op == Some("=") && self.is_key_column(l) => array_keys(r),
                     _ => None,
                 }
             }

@@ -68,6 +68,12 @@ enum Source {
     /// A FROM item not looked into (a subquery, a function, VALUES, a CTE): the
     /// tables it reads.
     Opaque(Vec<String>),
+    /// The arms of `UNION ALL`, each a read of its own: every shard runs every
+    /// arm, so each must be split over the shards (or each the same everywhere).
+    UnionAll(Vec<Read>),
+    /// `UNION` (removing duplicates), `INTERSECT` or `EXCEPT`, which compare
+    /// rows of different shards: named, and the tables they read.
+    SetOperation(&'static str, Vec<String>),
 }
 
 /// Why a read cannot be split over the shards, in words for the client.
@@ -137,6 +143,8 @@ impl Source {
         match self {
             Source::Table(t) => out.push(t),
             Source::Opaque(ts) => out.extend(ts),
+            Source::UnionAll(arms) => arms.iter().for_each(|a| a.tables(out)),
+            Source::SetOperation(_, ts) => out.extend(ts),
             Source::Inner { members, .. } => members.iter().for_each(|m| m.tables(out)),
             Source::Outer { preserved, nullable, .. } => {
                 preserved.tables(out);
@@ -197,6 +205,14 @@ impl Checker<'_> {
                     ),
                 }),
             },
+            Source::UnionAll(arms) => self.union_all(arms),
+            Source::SetOperation(name, tables) => match tables.iter().find(|t| (self.is_sharded)(t)) {
+                None => Ok(Locality::Replicated),
+                Some(t) => Err(NotLocal {
+                    message: format!("{name} compares rows of the sharded table {t} that live on different shards"),
+                    hint: format!("use UNION ALL, or name one tenant (WHERE {} = …)", self.key),
+                }),
+            },
             Source::Inner { members, ties } => {
                 let mut partitioned = Vec::new();
                 for (i, m) in members.iter().enumerate() {
@@ -248,6 +264,29 @@ impl Checker<'_> {
                 }
             }
         }
+    }
+
+    /// Arms that all read sharded tables (each shard answers its rows of
+    /// each), or none (the same rows everywhere). An arm of reference tables
+    /// only beside sharded ones would be answered by every shard.
+    fn union_all(&self, arms: &[Read]) -> Result<Locality, NotLocal> {
+        let localities = arms.iter().map(|a| self.read(a)).collect::<Result<Vec<_>, _>>()?;
+        let Some(at) = localities.iter().position(|l| *l == Locality::Replicated) else {
+            return Ok(Locality::Partitioned);
+        };
+        if localities.iter().all(|l| *l == Locality::Replicated) {
+            return Ok(Locality::Replicated);
+        }
+        let table = self.first_table(&arms[at].from).map_or("", String::as_str);
+        Err(NotLocal {
+            message: format!(
+                "an arm of this UNION ALL reads only reference tables ({table}), which every shard holds: each shard would return its rows"
+            ),
+            hint: format!(
+                "read the reference tables in a statement of their own, or name one tenant (WHERE {} = …)",
+                self.key
+            ),
+        })
     }
 
     fn not_joined_on_key(&self, a: &Source, b: &Source, join: &str) -> NotLocal {
@@ -322,8 +361,26 @@ struct Builder<'a> {
 impl Builder<'_> {
     /// The shape of one SELECT, and the names of its FROM tables.
     fn read(&mut self, sel: &protobuf::SelectStmt) -> (Read, Vec<(String, usize)>) {
-        if sel.op > 1 || sel.with_clause.is_some() {
-            // Set operations and WITH: not looked into.
+        if sel.op == protobuf::SetOperation::SetopUnion as i32 && sel.all && sel.with_clause.is_none() {
+            let arms = [sel.larg.as_deref(), sel.rarg.as_deref()].into_iter().flatten().map(|a| self.read(a).0);
+            let from = Source::UnionAll(arms.collect());
+            return (Read { from, subqueries: Vec::new(), unknown: false }, Vec::new());
+        }
+        if sel.op > 1 && sel.with_clause.is_none() {
+            use protobuf::SetOperation as Op;
+            let name = match Op::try_from(sel.op) {
+                Ok(Op::SetopUnion) => "UNION",
+                Ok(Op::SetopIntersect) => "INTERSECT",
+                _ => "EXCEPT",
+            };
+            let tables = super::analyze::tables_under(&N::SelectStmt(Box::new(sel.clone())));
+            return (
+                Read { from: Source::SetOperation(name, tables), subqueries: Vec::new(), unknown: false },
+                Vec::new(),
+            );
+        }
+        if sel.with_clause.is_some() {
+            // WITH: not looked into.
             let tables = super::analyze::tables_under(&N::SelectStmt(Box::new(sel.clone())));
             return (Read { from: Source::Opaque(tables), subqueries: Vec::new(), unknown: false }, Vec::new());
         }
@@ -745,6 +802,8 @@ mod tests {
             "select o.id, (select count(*) from items i where o.tenant_id = i.tenant_id) from orders o",
             "select * from orders o, generate_series(1, 3) g",
             "select * from public.orders",
+            "select id from orders union all select id from items union all select id from parts",
+            "select id from plans union all select id from plans",
         ] {
             assert_eq!(check(sql), Ok(()), "{sql}");
         }
@@ -779,6 +838,11 @@ mod tests {
             ("select * from plans p, lateral (select * from orders o where o.plan = p.id) x", "in FROM"),
             ("with x as (select * from orders) select * from x", "in FROM"),
             ("select array[(select count(*) from orders)]", "subquery"),
+            // Every shard would return the reference arm's rows.
+            ("select id from orders union all select id from plans", "reads only reference tables (plans)"),
+            ("select id from orders union all select o.id from orders o join items i on i.id = o.id", "joined without"),
+            ("select id from orders union select id from items", "UNION compares rows"),
+            ("select id from orders intersect all select id from items", "INTERSECT compares rows"),
         ] {
             match check(sql) {
                 Err(message) => assert!(message.contains(says), "{sql}: {message}"),

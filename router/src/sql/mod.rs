@@ -15,6 +15,7 @@ mod colocation;
 mod key_writes;
 mod lift;
 mod nested_writes;
+mod pooled_state;
 pub mod quote;
 pub mod shape;
 #[cfg(test)]

@@ -1,0 +1,99 @@
+//! Statements that leave state on a server connection past their transaction,
+//! which transaction pooling cannot carry: the next transaction of the same
+//! client may run on another connection (or another shard), and the connection
+//! goes to another client, who would inherit the state.
+//!
+//! - `LISTEN`: notifications would reach whichever client holds the connection
+//!   next, and never this one;
+//! - session advisory locks (`pg_advisory_lock` and its `try` and `shared`
+//!   forms): held by a pooled connection after the client's transaction, so
+//!   another client would hold it and this one could not release it;
+//! - temporary tables, views and sequences (except `ON COMMIT DROP` tables,
+//!   which end with their transaction): visible to the next client of the
+//!   connection, and missing for this client's next transaction;
+//! - cursors `WITH HOLD`: outlive the transaction on its connection.
+//!
+//! These are refused with 0A000 and what to use instead ([`crate::route`]).
+//! SQL `PREPARE` is refused the same way, for its own reasons (see there).
+
+use pg_query::protobuf::node::Node as N;
+use pg_query::protobuf::{IntoClause, OnCommitAction};
+use pg_query::NodeRef;
+
+/// Session advisory lock functions (their `_xact_` forms end with the
+/// transaction and are fine).
+const SESSION_LOCKS: [&str; 4] =
+    ["pg_advisory_lock", "pg_try_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock_shared"];
+
+/// `DECLARE … WITH HOLD` (Postgres's CURSOR_OPT_HOLD).
+const CURSOR_OPT_HOLD: i32 = 0x0020;
+
+/// The session state `node` would leave on its server connection, named as the
+/// refusal names it; None when it leaves none.
+pub(super) fn session_state(node: &N) -> Option<&'static str> {
+    node.nodes().into_iter().find_map(|(n, ..)| match n {
+        NodeRef::ListenStmt(_) => Some("LISTEN"),
+        NodeRef::FuncCall(f) => {
+            let name = f.funcname.last().and_then(|n| match &n.node {
+                Some(N::String(s)) => Some(s.sval.as_str()),
+                _ => None,
+            })?;
+            SESSION_LOCKS.contains(&name.to_ascii_lowercase().as_str()).then_some("a session-level advisory lock")
+        }
+        NodeRef::CreateStmt(c) => {
+            let temp = c.relation.as_ref().is_some_and(|r| r.relpersistence == "t");
+            let drops = c.oncommit == OnCommitAction::OncommitDrop as i32;
+            (temp && !drops).then_some("a temporary table")
+        }
+        NodeRef::CreateTableAsStmt(c) => c.into.as_deref().and_then(temp_into),
+        NodeRef::SelectStmt(s) => s.into_clause.as_deref().and_then(temp_into),
+        NodeRef::ViewStmt(v) => v.view.as_ref().is_some_and(|r| r.relpersistence == "t").then_some("a temporary view"),
+        NodeRef::CreateSeqStmt(s) => {
+            s.sequence.as_ref().is_some_and(|r| r.relpersistence == "t").then_some("a temporary sequence")
+        }
+        NodeRef::DeclareCursorStmt(d) => (d.options & CURSOR_OPT_HOLD != 0).then_some("a cursor WITH HOLD"),
+        _ => None,
+    })
+}
+
+/// `CREATE TEMP TABLE … AS`, `SELECT … INTO TEMP`: a temporary table unless
+/// it is dropped at commit.
+fn temp_into(i: &IntoClause) -> Option<&'static str> {
+    let temp = i.rel.as_ref().is_some_and(|r| r.relpersistence == "t");
+    let drops = i.on_commit == OnCommitAction::OncommitDrop as i32;
+    (temp && !drops).then_some("a temporary table")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(sql: &str) -> Option<&'static str> {
+        let parsed = pg_query::parse(sql, 0).unwrap();
+        let node = parsed.protobuf.stmts[0].stmt.as_ref().unwrap().node.as_ref().unwrap().clone();
+        session_state(&node)
+    }
+
+    #[test]
+    fn state_a_pooled_connection_cannot_carry_is_named() {
+        assert_eq!(state("LISTEN jobs"), Some("LISTEN"));
+        assert_eq!(state("SELECT pg_advisory_lock(42)"), Some("a session-level advisory lock"));
+        assert_eq!(state("SELECT 1 WHERE pg_try_advisory_lock_shared(1, 2)"), Some("a session-level advisory lock"));
+        assert_eq!(state("CREATE TEMP TABLE x (a int)"), Some("a temporary table"));
+        assert_eq!(state("CREATE TEMPORARY TABLE x AS SELECT 1"), Some("a temporary table"));
+        assert_eq!(state("SELECT 1 AS a INTO TEMP x"), Some("a temporary table"));
+        assert_eq!(state("CREATE TEMP VIEW v AS SELECT 1"), Some("a temporary view"));
+        assert_eq!(state("CREATE TEMP SEQUENCE s"), Some("a temporary sequence"));
+        assert_eq!(state("DECLARE c CURSOR WITH HOLD FOR SELECT 1"), Some("a cursor WITH HOLD"));
+    }
+
+    #[test]
+    fn state_that_ends_with_the_transaction_is_fine() {
+        assert_eq!(state("SELECT pg_advisory_xact_lock(42)"), None);
+        assert_eq!(state("CREATE TEMP TABLE x (a int) ON COMMIT DROP"), None);
+        assert_eq!(state("DECLARE c CURSOR FOR SELECT 1"), None);
+        assert_eq!(state("CREATE TABLE x (a int)"), None);
+        assert_eq!(state("UNLISTEN *"), None);
+        assert_eq!(state("SELECT lock_this(1)"), None);
+    }
+}
