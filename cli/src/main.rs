@@ -48,6 +48,10 @@ enum Command {
         /// verifies and cuts over (`[router.moves] shadow_for`).
         #[arg(long, default_value = "5s")]
         shadow_for: String,
+        /// Refuse clients that do not use TLS (`ssl_mode = require`); without
+        /// it, TLS is offered and plain clients still get in.
+        #[arg(long)]
+        require_tls: bool,
     },
     /// Run a router against existing Postgres servers.
     Serve {
@@ -373,7 +377,7 @@ fn main() -> std::process::ExitCode {
             .and_then(|c| c.directory().map(|_| ()))
             .map(|()| println!("{}: ok", config.display())),
         Command::Serve { config, check: false } => runtime().and_then(|rt| rt.block_on(serve(config))),
-        Command::Up { shards, port, admin_port, buckets, shadow_for } => {
+        Command::Up { shards, port, admin_port, buckets, shadow_for, require_tls } => {
             shardgate_router::config::parse_duration(&shadow_for).map_err(anyhow::Error::msg).and_then(|shadow_for| {
                 runtime().and_then(|rt| {
                     rt.block_on(up::run(up::UpOptions {
@@ -383,6 +387,7 @@ fn main() -> std::process::ExitCode {
                         admin_port,
                         buckets,
                         shadow_for,
+                        require_tls,
                     }))
                 })
             })

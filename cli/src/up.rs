@@ -1,14 +1,17 @@
 //! `shardgate up`: the embedded demo cluster. Local Postgres servers (kept in
-//! --data-dir between runs) and a router in this process, until Ctrl-C.
+//! --data-dir between runs) and a router in this process, until Ctrl-C. The
+//! router serves TLS with a certificate from a local CA kept in
+//! `<data-dir>/tls/`, so clients can check it with `sslmode=verify-full`.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use shardgate_directory::{Directory, KeyType, Shard};
-use shardgate_localpg::Server;
+use shardgate_localpg::{Server, TlsFiles};
 use shardgate_router::backend::ShardAddress;
 use shardgate_router::config::RouterConfig;
+use shardgate_router::tls::ClientSslMode;
 
 pub struct UpOptions {
     pub data_dir: PathBuf,
@@ -18,6 +21,8 @@ pub struct UpOptions {
     pub buckets: u32,
     /// `[router.moves] shadow_for`: how long automatic cutovers shadow reads.
     pub shadow_for: std::time::Duration,
+    /// `ssl_mode = require` instead of `allow`.
+    pub require_tls: bool,
 }
 
 /// What `up` records in `<data-dir>/cluster.json`, so that a second `up` reuses
@@ -168,7 +173,14 @@ async fn serve(
         nodes.push(node);
     }
     crate::replica::wait_for_leader(&nodes[0], std::time::Duration::from_secs(10)).await?;
-    let mut config = RouterConfig { listen: format!("127.0.0.1:{}", opts.port), ..RouterConfig::default() };
+    let tls = TlsFiles::reuse_or_make(&data_dir.join("tls")).context("cannot make the router's TLS certificate")?;
+    let mut config = RouterConfig {
+        listen: format!("127.0.0.1:{}", opts.port),
+        tls_cert_file: Some(tls.cert.clone()),
+        tls_key_file: Some(tls.key.clone()),
+        ssl_mode: Some(if opts.require_tls { ClientSslMode::Require } else { ClientSslMode::Allow }),
+        ..RouterConfig::default()
+    };
     config.moves.shadow_for = opts.shadow_for;
     let router =
         shardgate_router::server::start_replicated(config, nodes[0].clone(), std::time::Duration::from_secs(2), addrs)
@@ -193,9 +205,13 @@ async fn serve(
     // from the address bar), as a notebook server prints its own: whoever runs
     // `up` owns the cluster, and the token is also in cluster.json, readable by
     // them only.
+    // The `tls:` line names the CA to trust: the server certificate is for
+    // localhost and 127.0.0.1, so verify-full works against either.
     crate::announce(&format!(
-        "ready: postgres://postgres@{}/app\nweb: http://{admin_addr}/?token={token}\nadmin: http://{admin_addr}/status",
-        router.local_addr
+        "ready: postgres://postgres@{addr}/app\nweb: http://{admin_addr}/?token={token}\nadmin: http://{admin_addr}/status\n\
+         tls: postgres://postgres@{addr}/app?sslmode=verify-full&sslrootcert={}",
+        tls.root_cert.display(),
+        addr = router.local_addr,
     ));
     crate::wait_for_signal().await;
     tracing::info!("shutting down: stopping the router and the Postgres servers");

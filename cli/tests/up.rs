@@ -11,6 +11,8 @@ use common::free_port;
 struct Up {
     child: Child,
     url: String,
+    /// The same router under TLS: `sslmode=verify-full` and the local CA.
+    tls_url: String,
 }
 
 impl Up {
@@ -31,7 +33,10 @@ impl Up {
         assert!(web_line.starts_with(&format!("web: http://127.0.0.1:{admin}/?token=")), "{web_line}");
         let admin_line = lines.next().unwrap().unwrap();
         assert!(admin_line.starts_with("admin: http://"), "{admin_line}");
-        Up { child, url }
+        let tls_line = lines.next().unwrap().unwrap();
+        let tls_url = tls_line.strip_prefix("tls: ").unwrap_or_else(|| panic!("no tls line: {tls_line:?}")).to_string();
+        assert!(tls_url.starts_with(&format!("{url}?sslmode=verify-full&sslrootcert=")), "{tls_url}");
+        Up { child, url, tls_url }
     }
 
     fn stop(mut self) {
@@ -59,6 +64,10 @@ fn up_serves_psql_reports_status_stops_cleanly_and_keeps_its_data() {
     psql(&up.url, "CREATE TABLE orders (tenant_id bigint, id bigint, total numeric, PRIMARY KEY (tenant_id, id))");
     psql(&up.url, "INSERT INTO orders VALUES (42, 1, 9.99), (7, 1, 1)");
     assert_eq!(psql(&up.url, "SELECT total FROM orders WHERE tenant_id = 42"), "9.99");
+    // The printed TLS URL works as printed: psql checks the certificate
+    // against the local CA and the host name.
+    assert_eq!(psql(&up.tls_url, "SELECT total FROM orders WHERE tenant_id = 42"), "9.99");
+    let root_cert = std::fs::read(base.join("tls/root.crt")).expect("the local CA is in the data dir");
 
     let out = Command::new(env!("CARGO_BIN_EXE_shardgate"))
         .arg("--data-dir")
@@ -138,6 +147,9 @@ fn up_serves_psql_reports_status_stops_cleanly_and_keeps_its_data() {
     // …and a second `up` finds the data again.
     let up = Up::start(&base, port, admin);
     assert_eq!(psql(&up.url, "SELECT count(*) FROM orders WHERE tenant_id IN (42, 7)"), "2");
+    // …and the same CA, so a client that trusted it still does.
+    assert_eq!(std::fs::read(base.join("tls/root.crt")).unwrap(), root_cert);
+    assert_eq!(psql(&up.tls_url, "SELECT count(*) FROM orders WHERE tenant_id IN (42, 7)"), "2");
     // …and the directory its replicas agreed on.
     let (ok, out, _) = cli(&["directory", "show", "--json"]);
     assert!(ok);
@@ -155,4 +167,18 @@ fn status_without_a_cluster_says_what_to_do() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("shardgate up"), "{err}");
+}
+
+#[test]
+fn up_with_require_tls_turns_plain_clients_away() {
+    let up = common::up(&["--require-tls"]);
+    // psql's default, sslmode=prefer, would ask for TLS and get it: say no.
+    let plain_url = format!("{}?sslmode=disable", up.url);
+    let plain = Command::new("psql").args([&plain_url, "-X", "-A", "-t", "-c", "SELECT 1"]).output().unwrap();
+    assert!(!plain.status.success());
+    let err = String::from_utf8_lossy(&plain.stderr);
+    assert!(err.contains("ssl_mode = require"), "{err}");
+    let root = up.base.join("tls/root.crt");
+    let tls_url = format!("{}?sslmode=verify-full&sslrootcert={}", up.url, root.display());
+    assert_eq!(psql(&tls_url, "SELECT 1"), "1");
 }

@@ -44,6 +44,11 @@ impl TestCluster {
         &self.servers
     }
 
+    /// The servers, to change their settings (TLS, say) before a test starts.
+    pub fn servers_mut(&mut self) -> &mut [TestServer] {
+        &mut self.servers
+    }
+
     /// The connection string of [`TestCluster::DATABASE`] on each server, in order.
     pub fn urls(&self) -> Vec<String> {
         self.servers.iter().map(|server| server.url(TestCluster::DATABASE)).collect()

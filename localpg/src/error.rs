@@ -65,6 +65,10 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// A certificate or key could not be made.
+    #[error("could not make a TLS certificate: {0}")]
+    Certificate(String),
+
     /// A program could not be started at all.
     #[error(
         "could not run {}: {source}; check that it is installed and executable",

@@ -21,6 +21,7 @@
 //! ```
 
 mod bindir;
+mod ca;
 mod cluster;
 mod error;
 mod os_user;
@@ -30,10 +31,13 @@ mod server;
 mod settings;
 mod template;
 mod test_server;
+mod tls;
 
 pub use bindir::find_bindir;
+pub use ca::{Issued, LocalCa, TlsFiles, LOCAL_NAMES};
 pub use cluster::TestCluster;
 pub use error::Error;
 pub use port::free_port;
 pub use server::{Durability, Server, Shutdown, HOST, SUPERUSER};
 pub use test_server::TestServer;
+pub use tls::PlainClients;

@@ -22,10 +22,13 @@ pub(crate) struct ServerUser {
     switch_to: Option<Account>,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Account {
     uid: libc::uid_t,
     gid: libc::gid_t,
+    /// Its home directory: the server's `HOME`, where the libpq inside it
+    /// (a subscription's walreceiver) looks for `~/.postgresql/` files.
+    home: std::path::PathBuf,
 }
 
 impl ServerUser {
@@ -53,16 +56,20 @@ impl ServerUser {
                 command.env_remove(key);
             }
         }
-        if let Some(account) = self.switch_to {
+        if let Some(account) = &self.switch_to {
             // std drops supplementary groups when it switches uid from root.
             command.uid(account.uid).gid(account.gid);
+            // Not root's HOME: libpq in the server would look in
+            // /root/.postgresql/ for a client certificate, be denied, and
+            // fail every TLS connection a subscription opens.
+            command.env("HOME", &account.home);
         }
         command
     }
 
     /// Hands `path` (not its contents) to this user.
     pub(crate) fn own(&self, path: &Path) -> Result<(), Error> {
-        match self.switch_to {
+        match &self.switch_to {
             Some(account) => std::os::unix::fs::chown(path, Some(account.uid), Some(account.gid))
                 .map_err(Error::io("change the owner of", path)),
             None => Ok(()),
@@ -72,7 +79,7 @@ impl ServerUser {
     /// Checks that this user can walk down to `dir`: every ancestor must be
     /// searchable by it. Only matters when we switch users; we can reach what we made.
     pub(crate) fn check_reachable(&self, dir: &Path) -> Result<(), Error> {
-        let Some(account) = self.switch_to else {
+        let Some(account) = &self.switch_to else {
             return Ok(());
         };
         for ancestor in dir.ancestors().skip(1) {
@@ -116,7 +123,14 @@ fn lookup(name: &CStr) -> io::Result<Option<Account>> {
         if result.is_null() {
             return Ok(None);
         }
-        return Ok(Some(Account { uid: entry.pw_uid, gid: entry.pw_gid }));
+        let home = if entry.pw_dir.is_null() {
+            std::path::PathBuf::from("/")
+        } else {
+            // SAFETY: on success a non-null pw_dir points at a NUL-terminated string in buf.
+            let home = unsafe { CStr::from_ptr(entry.pw_dir) };
+            std::path::PathBuf::from(OsStr::from_bytes(home.to_bytes()))
+        };
+        return Ok(Some(Account { uid: entry.pw_uid, gid: entry.pw_gid, home }));
     }
 }
 

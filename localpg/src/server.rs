@@ -143,6 +143,11 @@ impl Server {
         &self.data_dir
     }
 
+    /// The OS user the server runs as (who must own the files it reads).
+    pub(crate) fn user(&self) -> &ServerUser {
+        &self.user
+    }
+
     /// The TCP port on [`HOST`].
     pub fn port(&self) -> u16 {
         self.port

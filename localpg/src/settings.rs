@@ -85,18 +85,19 @@ pub(crate) fn write(settings: &Settings<'_>, user: &ServerUser) -> Result<(), Er
     std::fs::write(&staging, settings.render()).map_err(Error::io("write", &staging))?;
     user.own(&staging)?;
     std::fs::rename(&staging, &path).map_err(Error::io("replace", &path))?;
-    ensure_included(settings.data_dir)
+    ensure_included(settings.data_dir, INCLUDE)
 }
 
-fn ensure_included(data_dir: &Path) -> Result<(), Error> {
+/// Makes sure postgresql.conf ends with `include` (an `include '…'` line).
+pub(crate) fn ensure_included(data_dir: &Path, include: &str) -> Result<(), Error> {
     let conf = data_dir.join("postgresql.conf");
     let text = std::fs::read_to_string(&conf).map_err(Error::io("read", &conf))?;
-    if text.lines().any(|line| line.trim() == INCLUDE) {
+    if text.lines().any(|line| line.trim() == include) {
         return Ok(());
     }
     let mut file = std::fs::OpenOptions::new().append(true).open(&conf).map_err(Error::io("open", &conf))?;
     let separator = if text.ends_with('\n') { "" } else { "\n" };
-    write!(file, "{separator}\n# Settings managed by shardgate.\n{INCLUDE}\n").map_err(Error::io("append to", &conf))
+    write!(file, "{separator}\n# Settings managed by shardgate.\n{include}\n").map_err(Error::io("append to", &conf))
 }
 
 /// The port a previous `write` chose, if any.

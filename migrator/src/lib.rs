@@ -63,7 +63,12 @@ impl Error {
                 }
                 m
             }
-            None => e.to_string(),
+            // A failed connection's cause (a refused TLS certificate, say)
+            // is the error's source, not in its own text.
+            None => match std::error::Error::source(&e) {
+                Some(cause) => format!("{e}: {cause}"),
+                None => e.to_string(),
+            },
         };
         Error::Postgres { shard: shard.to_string(), action: action.into(), message }
     }

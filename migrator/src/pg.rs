@@ -1,11 +1,14 @@
-//! Control connections to the shards: plain `tokio-postgres` sessions the migrator
-//! uses to set up replication, arm fences and compute checksums. They never carry
-//! application traffic.
+//! Control connections to the shards: `tokio-postgres` sessions the migrator
+//! uses to set up replication, arm fences and compute checksums, under TLS as
+//! the shard URL's `sslmode` says (the router's rules: `shardgate_router::tls`).
+//! They never carry application traffic.
 
 use std::time::Duration;
 
-use shardgate_router::moves::ShardAddress;
-use tokio_postgres::{Client, NoTls};
+use shardgate_router::moves::{ShardAddress, ShardSslMode};
+use tokio_postgres::config::SslMode;
+use tokio_postgres::Client;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::Error;
 
@@ -41,7 +44,19 @@ impl Endpoint {
         if let Some(p) = &self.addr.password {
             config.password(p);
         }
-        let (client, conn) = config.connect(NoTls).await.map_err(|e| Error::pg(&self.name, "connect", e))?;
+        // tokio-postgres has no `allow`: it asks for TLS first, as `prefer` does.
+        config.ssl_mode(match self.addr.tls.mode {
+            ShardSslMode::Disable => SslMode::Disable,
+            ShardSslMode::Allow | ShardSslMode::Prefer => SslMode::Prefer,
+            _ => SslMode::Require,
+        });
+        let tls = self.addr.tls.client_config().map_err(|e| Error::Postgres {
+            shard: self.name.clone(),
+            action: "connect".into(),
+            message: e.to_string(),
+        })?;
+        let tls = MakeRustlsConnect::new(std::sync::Arc::unwrap_or_clone(tls));
+        let (client, conn) = config.connect(tls).await.map_err(|e| Error::pg(&self.name, "connect", e))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -61,6 +76,11 @@ impl Endpoint {
         );
         if let Some(p) = &self.addr.password {
             s.push_str(&format!(" password={}", conninfo_value(p)));
+        }
+        // The same TLS settings, so the subscriber reaches this shard as the
+        // router does; their files must be readable by the subscriber's server.
+        for (name, value) in self.addr.tls.url_params() {
+            s.push_str(&format!(" {name}={}", conninfo_value(&value)));
         }
         s
     }
@@ -100,5 +120,15 @@ mod tests {
     #[test]
     fn conninfo_values_are_quoted_for_libpq() {
         assert_eq!(conninfo_value(r"a'b\c"), r"'a\'b\\c'");
+    }
+
+    #[test]
+    fn subscriptions_reach_the_shard_with_its_tls_settings() {
+        let url = "postgres://app@db1/orders?sslmode=verify-full&sslrootcert=/etc/ca.crt";
+        let endpoint = Endpoint::new("shard_0", ShardAddress::from_url(url).unwrap());
+        assert_eq!(
+            endpoint.conninfo(),
+            "host='db1' port=5432 dbname='orders' user='app' sslmode='verify-full' sslrootcert='/etc/ca.crt'"
+        );
     }
 }

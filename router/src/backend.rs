@@ -1,4 +1,5 @@
-//! One server connection to a shard, logged in with the router's own credentials.
+//! One server connection to a shard, logged in with the router's own credentials,
+//! over TLS when the shard URL's `sslmode` says so (`crate::tls`).
 
 use std::time::Duration;
 
@@ -7,9 +8,10 @@ use tokio::net::TcpStream;
 use crate::auth;
 use crate::protocol::messages::{self, error_summary, Reader};
 use crate::protocol::{Connection, Message, ProtocolError};
+use crate::tls::{ShardSslMode, ShardTls, Stream, TlsError};
 
 /// Where and how to reach one shard.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ShardAddress {
     pub host: String,
     pub port: u16,
@@ -17,16 +19,22 @@ pub struct ShardAddress {
     pub user: String,
     /// Never logged, never shown in status output.
     pub password: Option<String>,
+    /// The URL's `sslmode`, `sslrootcert`, `sslcert` and `sslkey`.
+    pub tls: ShardTls,
 }
 
 impl ShardAddress {
-    /// Reads a libpq URL: `postgres[ql]://user[:password]@host[:port]/database`.
+    /// Reads a libpq URL:
+    /// `postgres[ql]://user[:password]@host[:port]/database[?sslmode=…&sslrootcert=…]`.
+    /// Of the query parameters, the TLS ones are kept (`crate::tls::ShardTls`);
+    /// the others are not used.
     pub fn from_url(url: &str) -> Result<ShardAddress, String> {
         let rest = url
             .strip_prefix("postgres://")
             .or_else(|| url.strip_prefix("postgresql://"))
             .ok_or_else(|| format!("shard URL must start with postgres://, got {:?}", redact(url)))?;
-        let rest = rest.split('?').next().unwrap_or(rest);
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let tls = tls_params(query).map_err(|e| format!("shard URL {:?}: {e}", redact(url)))?;
         let (auth, hostpart) = match rest.rsplit_once('@') {
             Some((a, h)) => (Some(a), h),
             None => (None, rest),
@@ -49,13 +57,50 @@ impl ShardAddress {
             return Err(format!("shard URL {:?} names no host", redact(url)));
         }
         let database = if database.is_empty() { user.clone() } else { database.to_string() };
-        Ok(ShardAddress { host, port, database, user: percent_decode(&user), password })
+        Ok(ShardAddress { host, port, database, user: percent_decode(&user), password, tls })
     }
 
-    /// The URL without its password, fit for logs and status output.
+    /// The URL without its password, fit for logs and status output, and what
+    /// the directory stores: it keeps the TLS parameters, so a router that
+    /// learns the shard from the directory reaches it the same way.
     pub fn display_url(&self) -> String {
-        format!("postgres://{}@{}:{}/{}", self.user, self.host, self.port, self.database)
+        let mut url = format!("postgres://{}@{}:{}/{}", self.user, self.host, self.port, self.database);
+        for (i, (name, value)) in self.tls.url_params().into_iter().enumerate() {
+            url.push(if i == 0 { '?' } else { '&' });
+            url.push_str(&format!("{name}={}", percent_encode(&value)));
+        }
+        url
     }
+}
+
+impl std::fmt::Debug for ShardAddress {
+    /// The URL without its password: a Debug print must not leak it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ShardAddress({})", self.display_url())
+    }
+}
+
+/// The TLS settings among a URL's query parameters.
+fn tls_params(query: &str) -> Result<ShardTls, String> {
+    let mut tls = ShardTls::default();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        tls.set(&percent_decode(name), &percent_decode(value))?;
+    }
+    tls.check()?;
+    Ok(tls)
+}
+
+/// Escapes what would end or split a query parameter's value.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '%' | '&' | '=' | '#' | '?' | '+' | ' ' => out.push_str(&format!("%{:02X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn percent_decode(s: &str) -> String {
@@ -96,6 +141,8 @@ pub enum BackendError {
     Connect { url: String, source: std::io::Error },
     #[error("connecting to {url} timed out")]
     Timeout { url: String },
+    #[error("cannot open TLS to {url}: {source}")]
+    Tls { url: String, source: TlsError },
     #[error("login to {url} failed: {message}")]
     Login { url: String, code: String, message: String },
     #[error("{0}")]
@@ -104,7 +151,7 @@ pub enum BackendError {
 
 /// A logged-in server connection.
 pub struct Backend {
-    pub conn: Connection<TcpStream>,
+    pub conn: Connection<Stream>,
     /// Process id and secret for cancelling a query on this connection.
     pub pid: i32,
     pub secret: i32,
@@ -132,14 +179,16 @@ impl Backend {
     /// Whether the server has closed this idle connection or sent it something
     /// unasked (the FATAL of a shutdown or of `pg_terminate_backend`): an idle
     /// connection's socket has nothing to read unless the server gave up on it.
-    /// One non-blocking read; a byte it takes does not matter, the connection
-    /// is dropped then.
+    /// One non-blocking read on the TCP socket, under TLS too (a TLS record or
+    /// close_notify is something unasked as well); a byte it takes does not
+    /// matter, the connection is dropped then.
     pub fn closed_by_server(&self) -> bool {
         if self.conn.has_buffered() {
             return true;
         }
+        let Some(tcp) = self.conn.get_ref().tcp() else { return true };
         let mut byte = [0u8; 1];
-        !matches!(self.conn.get_ref().try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        !matches!(tcp.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
     pub async fn connect(addr: &ShardAddress, timeout: Duration) -> Result<Backend, BackendError> {
@@ -154,17 +203,38 @@ impl Backend {
         extra: &[(&str, &str)],
     ) -> Result<Backend, BackendError> {
         let url = addr.display_url();
-        match crate::timer::timeout(timeout, Self::connect_inner(addr, &url, extra)).await {
+        let attempt = async {
+            let first = Self::connect_inner(addr, &url, extra, addr.tls.mode.asks_first()).await;
+            match first {
+                // libpq's `allow`: in the clear first, with TLS when the server
+                // refuses that (a `hostssl`-only pg_hba answers 28000).
+                Err(BackendError::Login { code, .. }) if code == "28000" && addr.tls.mode == ShardSslMode::Allow => {
+                    Self::connect_inner(addr, &url, extra, true).await
+                }
+                other => other,
+            }
+        };
+        match crate::timer::timeout(timeout, attempt).await {
             Ok(r) => r,
             Err(_) => Err(BackendError::Timeout { url }),
         }
     }
 
-    async fn connect_inner(addr: &ShardAddress, url: &str, extra: &[(&str, &str)]) -> Result<Backend, BackendError> {
-        let stream = TcpStream::connect((addr.host.as_str(), addr.port))
+    async fn connect_inner(
+        addr: &ShardAddress,
+        url: &str,
+        extra: &[(&str, &str)],
+        ask_tls: bool,
+    ) -> Result<Backend, BackendError> {
+        let tcp = TcpStream::connect((addr.host.as_str(), addr.port))
             .await
             .map_err(|source| BackendError::Connect { url: url.to_string(), source })?;
-        stream.set_nodelay(true).ok();
+        tcp.set_nodelay(true).ok();
+        let stream = addr
+            .tls
+            .negotiate(tcp, &addr.host, ask_tls)
+            .await
+            .map_err(|source| BackendError::Tls { url: url.to_string(), source })?;
         let mut conn = Connection::connecting(stream, 1 << 30);
         let mut params = vec![
             ("user", addr.user.as_str()),
@@ -263,7 +333,17 @@ mod tests {
         assert_eq!(a.database, "orders");
         assert_eq!(a.display_url(), "postgres://app@db1:5433/orders");
         assert_eq!(redact("postgres://app:pw@h/d"), "postgres://app:***@h/d");
+        assert!(!format!("{a:?}").contains("cret"), "{a:?}");
         assert!(ShardAddress::from_url("mysql://x").is_err());
+        let tls = ShardAddress::from_url("postgres://app@db1/orders?sslmode=verify-full&sslrootcert=/etc/my%20ca.pem")
+            .unwrap();
+        assert_eq!(tls.tls.mode, ShardSslMode::VerifyFull);
+        assert_eq!(
+            tls.display_url(),
+            "postgres://app@db1:5432/orders?sslmode=verify-full&sslrootcert=/etc/my%20ca.pem"
+        );
+        assert_eq!(ShardAddress::from_url(&tls.display_url()).unwrap(), tls);
+        assert!(ShardAddress::from_url("postgres://db1/x?sslmode=verify-ca").unwrap_err().contains("sslrootcert"));
         let d = ShardAddress::from_url("postgresql://127.0.0.1").unwrap();
         assert_eq!((d.port, d.user.as_str(), d.database.as_str()), (5432, "postgres", "postgres"));
     }

@@ -1,11 +1,13 @@
 //! The router's settings. The CLI reads them from a TOML file
 //! (`docs/configuration.md` documents every key); `shardgate up` builds them in code.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::auth::Credential;
+use crate::tls::{ClientSslMode, ClientTls, TlsError};
 
 /// Settings of one router process.
 #[derive(Debug, Clone, Deserialize)]
@@ -82,6 +84,17 @@ pub struct RouterConfig {
     /// without closing (a crashed host, a dropped NAT entry) is noticed. Default on.
     #[serde(default)]
     pub tcp_keepalive: KeepaliveConfig,
+    /// The certificate chain (PEM) the router presents to clients that ask for
+    /// TLS. Default none.
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of `tls_cert_file`. Never logged.
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
+    /// Whether clients may (`allow`) or must (`require`) use TLS, or may not
+    /// (`disable`). Default `allow` with a certificate, else `disable`.
+    #[serde(default)]
+    pub ssl_mode: Option<ClientSslMode>,
 }
 
 /// TCP keepalive settings (`[router.tcp_keepalive]`): a silent peer is probed
@@ -297,6 +310,12 @@ impl UserConfig {
 }
 
 impl RouterConfig {
+    /// The router's side of clients' TLS: the certificate files read, the mode
+    /// settled.
+    pub fn client_tls(&self) -> Result<ClientTls, TlsError> {
+        ClientTls::from_files(self.tls_cert_file.as_deref(), self.tls_key_file.as_deref(), self.ssl_mode)
+    }
+
     /// The routing settings of this configuration.
     pub fn routing_rules(&self) -> crate::route::Rules {
         crate::route::Rules {
@@ -327,6 +346,9 @@ impl Default for RouterConfig {
             client_idle_timeout: Duration::ZERO,
             idle_transaction_timeout: Duration::ZERO,
             tcp_keepalive: KeepaliveConfig::default(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            ssl_mode: None,
         }
     }
 }

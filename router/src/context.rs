@@ -177,6 +177,9 @@ pub struct RouterContext {
     pub load: crate::load::Load,
     /// The last bucket sizes read from the shards, for the status views.
     pub sizes: crate::sizes::SizeCache,
+    /// Clients' TLS: what an SSLRequest is answered with, whether plain
+    /// clients are refused. Disabled until the server sets it.
+    pub client_tls: crate::tls::ClientTls,
 }
 
 impl RouterContext {
@@ -203,6 +206,7 @@ impl RouterContext {
             shard_setup: std::sync::OnceLock::new(),
             load: crate::load::Load::new(directory.load().bucket_count),
             sizes: crate::sizes::SizeCache::default(),
+            client_tls: crate::tls::ClientTls::disabled(),
             logins: AtomicUsize::new(0),
             idle: crate::idle::IdleWatches::default(),
             cache: AnalysisCache::new(key_column, config.statement_cache_size),

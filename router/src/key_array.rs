@@ -64,9 +64,12 @@ pub fn text_elements(s: &str) -> Result<Vec<Option<String>>, String> {
     }
 }
 
+/// An array's element type and its elements (None for a NULL one).
+pub type Elements<'a> = (i32, Vec<Option<&'a [u8]>>);
+
 /// The element type and the elements of a one-dimensional array in the binary
-/// format (`array_send`); None for a NULL element.
-pub fn binary_elements(v: &[u8]) -> Result<(i32, Vec<Option<&[u8]>>), String> {
+/// format (`array_send`).
+pub fn binary_elements(v: &[u8]) -> Result<Elements<'_>, String> {
     let mut r = Cursor { v, at: 0 };
     let dims = r.i32()?;
     let _has_nulls = r.i32()?;

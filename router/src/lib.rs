@@ -12,6 +12,7 @@
 //!   one file per part of it (see its `mod.rs`).
 //! - `fanout/`: statements that run on every shard, and merging their results.
 //! - `server.rs`: accept loop, connection limit, shutdown.
+//! - `tls/`: TLS to clients and to shards, and the stream that is plain or TLS.
 //! - `hold.rs`: the router's half of a cutover (holding and acknowledging);
 //!   `moves.rs`: everything the migrator may use of the router, and why.
 //! - `admin/`: the admin HTTP API (its request and answer types, which the CLI
@@ -46,4 +47,5 @@ pub mod sizes;
 pub mod split;
 pub mod sql;
 pub mod timer;
+pub mod tls;
 pub mod web;

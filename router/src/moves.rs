@@ -32,8 +32,8 @@
 //! stream) before it compares again.
 //!
 //! **Shard connections**: the migrator reaches shards with the router's login
-//! details ([`ShardAddress`]) and opens its replication connections with the
-//! router's wire client ([`Backend`]). It installs [`ShardSetup`] so that a shard
+//! details ([`ShardAddress`], TLS settings included: [`ShardSslMode`]) and opens
+//! its replication connections with the router's wire client ([`Backend`]). It installs [`ShardSetup`] so that a shard
 //! added through the router gets the schema before its first move.
 //!
 //! **Shared details**: SQL text is quoted one way on both sides ([`quote`]); a
@@ -49,6 +49,7 @@ use shardgate_directory::{Directory, ShardId};
 
 pub use crate::backend::{Backend, ShardAddress};
 pub use crate::sql::quote;
+pub use crate::tls::ShardSslMode;
 
 /// Something that commits directory commands: the Raft replica, or, for a single
 /// router with a static directory, the local snapshot itself (see

@@ -166,7 +166,8 @@ impl ShardPool {
                 // take_idle counted the connection about to open.
                 match Backend::connect(&self.address, self.connect_timeout).await {
                     Ok(b) => {
-                        if let Err(e) = self.keepalive.apply(b.conn.get_ref()) {
+                        let keepalive = b.conn.get_ref().tcp().map(|tcp| self.keepalive.apply(tcp));
+                        if let Some(Err(e)) = keepalive {
                             tracing::debug!(shard = %self.name, error = %e, "could not turn on TCP keepalives");
                         }
                         b

@@ -21,6 +21,7 @@ use crate::pool::ShardPool;
 use crate::protocol::messages::{self, Severity, Startup};
 use crate::protocol::{Connection, ProtocolError};
 use crate::session::Session;
+use crate::tls::{ClientTls, Stream};
 
 /// A running router. Dropping the handle does not stop it; call [`shutdown`].
 ///
@@ -132,6 +133,7 @@ async fn start_with(
         .zip(shard_addresses)
         .map(|(s, addr)| ShardPool::new(s.name.clone(), addr, &config.pool, &config.tcp_keepalive, config.threads))
         .collect::<Vec<_>>();
+    let client_tls = config.client_tls().map_err(|e| StartError::Config(e.to_string()))?;
     let mut users = HashMap::new();
     for u in &config.users {
         users.insert(u.name.clone(), u.credential().map_err(StartError::Config)?);
@@ -147,7 +149,9 @@ async fn start_with(
         .zip(pools.iter())
         .map(|(s, p): (_, &Arc<ShardPool>)| (s.name.clone(), p.address.clone()))
         .collect();
-    let ctx = Arc::new(RouterContext::new(config, directory, pools, users, credentials, replica));
+    let mut ctx = RouterContext::new(config, directory, pools, users, credentials, replica);
+    ctx.client_tls = client_tls;
+    let ctx = Arc::new(ctx);
     if let Err(e) = ctx.refresh_catalog().await {
         warn!(error = %e, "could not load the table catalog yet; every table counts as a reference table until a shard answers");
     }
@@ -336,7 +340,7 @@ async fn handle_client(stream: TcpStream, ctx: Arc<RouterContext>) -> Result<(),
     if let Err(e) = ctx.config.tcp_keepalive.apply(&stream) {
         debug!(error = %e, "could not turn on TCP keepalives for a client");
     }
-    let mut conn = Connection::accepting(stream, ctx.config.max_message_bytes);
+    let mut conn = Connection::accepting(Stream::Plain(stream), ctx.config.max_message_bytes);
     let pending = PendingLogin(ctx.clone());
     if ctx.logins.fetch_add(1, Ordering::Relaxed) >= ctx.config.max_pending_logins {
         let msg = "sorry, too many connections are logging in at once";
@@ -378,13 +382,18 @@ async fn handle_client(stream: TcpStream, ctx: Arc<RouterContext>) -> Result<(),
 /// The startup packet, authentication and the greeting, up to the first
 /// ReadyForQuery. None when the client was turned away (it has been told why)
 /// or only came to cancel a statement.
-async fn log_in(conn: &mut Connection<TcpStream>, ctx: &Arc<RouterContext>) -> Result<Option<LoggedIn>, ProtocolError> {
-    // Startup: SSL and GSSAPI encryption are declined until TLS exists; the client
-    // then goes on in the clear or gives up, as its sslmode says.
+async fn log_in(conn: &mut Connection<Stream>, ctx: &Arc<RouterContext>) -> Result<Option<LoggedIn>, ProtocolError> {
+    // Startup: TLS as `ssl_mode` says; GSSAPI encryption is declined, and the
+    // client goes on in the clear or gives up, as its gssencmode says.
     let params = loop {
         let m = conn.read().await?;
         match Startup::parse(&m)? {
-            Startup::Ssl | Startup::GssEnc => conn.send(b"N").await?,
+            Startup::Ssl => {
+                if !answer_ssl_request(conn, &ctx.client_tls).await? {
+                    return Ok(None);
+                }
+            }
+            Startup::GssEnc => conn.send(b"N").await?,
             Startup::Cancel { pid, key } => {
                 forward_cancel(ctx, pid, key).await;
                 return Ok(None);
@@ -398,6 +407,12 @@ async fn log_in(conn: &mut Connection<TcpStream>, ctx: &Arc<RouterContext>) -> R
         }
     };
     conn.end_startup_phase();
+    if ctx.client_tls.refuses_plain() && !conn.get_ref().is_tls() {
+        let msg = "connection without TLS refused: this router has ssl_mode = require";
+        let hint = "connect with sslmode=require (or verify-ca, verify-full)";
+        conn.send(&messages::error_response(Severity::Fatal, "28000", msg, Some(hint))).await?;
+        return Ok(None);
+    }
     let slot = ClientSlot(ctx.clone());
     if ctx.clients.fetch_add(1, Ordering::Relaxed) >= ctx.config.max_client_connections {
         conn.send(&messages::error_response(Severity::Fatal, "53300", "sorry, too many clients already", None)).await?;
@@ -453,6 +468,26 @@ async fn log_in(conn: &mut Connection<TcpStream>, ctx: &Arc<RouterContext>) -> R
     conn.queue(&messages::ready_for_query(b'I'));
     conn.flush().await?;
     Ok(Some(LoggedIn { params, cancel_key: (pid, secret), slot }))
+}
+
+/// A client's SSLRequest: `S` and the TLS handshake when the router has a
+/// certificate, `N` otherwise. False when the client was turned away.
+async fn answer_ssl_request(conn: &mut Connection<Stream>, tls: &ClientTls) -> Result<bool, ProtocolError> {
+    let Some(acceptor) = tls.acceptor().filter(|_| !conn.get_ref().is_tls()) else {
+        conn.send(b"N").await?;
+        return Ok(true);
+    };
+    // Bytes sent behind the SSLRequest, before the handshake, would pass for
+    // bytes sent under TLS (CVE-2021-23214); Postgres refuses them too.
+    if conn.has_buffered() {
+        let msg = "received unencrypted data after SSL request";
+        conn.send(&messages::error_response(Severity::Fatal, "08P01", msg, None)).await?;
+        return Ok(false);
+    }
+    conn.send(b"S").await?;
+    let acceptor = acceptor.clone();
+    conn.get_mut().upgrade(|tcp| async move { acceptor.accept(tcp).await.map(Into::into) }).await?;
+    Ok(true)
 }
 
 /// A client's CancelRequest: sent on to the server running its statement.

@@ -5,6 +5,7 @@
 pub mod checker;
 pub mod random;
 pub mod raw;
+pub mod tls;
 pub mod wire;
 
 use shardgate_directory::{Directory, DirectoryHandle, KeyType, Shard};
@@ -32,13 +33,26 @@ impl Harness {
     }
 
     /// A cluster whose key column has the given SQL type.
-    pub async fn start_keyed(shards: usize, mut config: RouterConfig, key_type: KeyType) -> Harness {
+    pub async fn start_keyed(shards: usize, config: RouterConfig, key_type: KeyType) -> Harness {
         init_logging();
         let cluster = TestCluster::start(shards).await.expect("start test Postgres servers");
+        let urls = cluster.urls();
+        Self::start_over(cluster, &urls, config, key_type).await
+    }
+
+    /// A router in front of servers a test started (and set up) itself,
+    /// reached at `urls` (one per server, in order: TLS parameters, say).
+    pub async fn start_over(
+        cluster: TestCluster,
+        urls: &[String],
+        mut config: RouterConfig,
+        key_type: KeyType,
+    ) -> Harness {
+        init_logging();
         let mut dir_shards = Vec::new();
         let mut addrs = Vec::new();
-        for (i, server) in cluster.servers().iter().enumerate() {
-            let addr = ShardAddress::from_url(&server.url("app")).expect("shard url");
+        for (i, url) in urls.iter().enumerate() {
+            let addr = ShardAddress::from_url(url).expect("shard url");
             dir_shards.push(Shard::new(format!("shard_{i}"), addr.display_url()));
             addrs.push(addr);
         }

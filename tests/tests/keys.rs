@@ -115,7 +115,7 @@ async fn keys_in_an_array_route_to_the_shards_that_hold_them() {
     let r = c.simple_query(&format!("SELECT * FROM orders WHERE tenant_id = ANY(ARRAY[{list}])")).await.unwrap();
     let n = r.iter().filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))).count();
     assert_eq!(n, 6);
-    assert!(routes(&h, "shard") >= before + 1);
+    assert!(routes(&h, "shard") > before);
 
     // Writes: one shard runs; several are refused as any cross-shard write.
     let n = c.execute("UPDATE orders SET total = total + 1 WHERE tenant_id = ANY($1)", &[&same]).await.unwrap();

@@ -21,7 +21,11 @@ fn start_driver(h: &Harness) -> tokio::sync::watch::Sender<bool> {
 }
 
 fn start_driver_with(h: &Harness, config: DriverConfig) -> tokio::sync::watch::Sender<bool> {
-    let urls = h.cluster.urls();
+    start_driver_over(h, h.cluster.urls(), config)
+}
+
+/// A driver that reaches the shards at `urls` (TLS parameters, say).
+fn start_driver_over(h: &Harness, urls: Vec<String>, config: DriverConfig) -> tokio::sync::watch::Sender<bool> {
     let resolve: shardgate_migrator::driver::Resolve = Arc::new(move |_: &Directory, i: usize| {
         let url = urls.get(i)?;
         Some(Endpoint::new(format!("shard_{i}"), ShardAddress::from_url(url).ok()?))
@@ -730,5 +734,52 @@ async fn a_pinned_tenant_keeps_its_shard_while_its_bucket_moves_around_it() {
     });
     let Outcome::Rejected { reason } = out else { panic!("{out:?}") };
     assert!(reason.contains(&format!("tenant {pinned}")) && reason.contains("shard_0"), "{reason}");
+    let _ = stop_driver.send(true);
+}
+
+#[tokio::test]
+async fn a_bucket_moves_between_shards_that_admit_tls_logins_only() {
+    use shardgate_localpg::{PlainClients, TestCluster};
+    let ca = shardgate_tests::tls::TestCa::new();
+    let mut cluster = TestCluster::start(2).await.expect("start Postgres");
+    let mut urls = Vec::new();
+    for server in cluster.servers_mut() {
+        // The CA file sits in the server's data directory, which the other
+        // server's subscription (the same OS user) can read too.
+        let root = server.serve_tls(&ca.ca.cert_pem(), &ca.local_server(), PlainClients::Refused).expect("TLS on");
+        urls.push(format!("{}?sslmode=verify-full&sslrootcert={}", server.url("app"), root.display()));
+    }
+    let config = shardgate_router::config::RouterConfig::default();
+    let h = Harness::start_over(cluster, &urls, config, shardgate_directory::KeyType::Int).await;
+    let stop_driver =
+        start_driver_over(&h, urls, DriverConfig { progress_every: Duration::from_millis(100), ..Default::default() });
+    let c = h.client().await;
+    c.batch_execute(checker::TABLE_SQL).await.unwrap();
+    let dir = h.directory.load();
+    let (bucket, moving) = bucket_on_shard_0(&dir, &h, 5);
+    drop(dir);
+    for (i, t) in moving.iter().enumerate() {
+        c.batch_execute(&format!("/* tenant_id={t} */ INSERT INTO checker_items SELECT {t}, {i} * 1000 + g, 0, g FROM generate_series(1, 100) g"))
+            .await
+            .unwrap();
+    }
+    let count = "SELECT count(*) FROM checker_items WHERE tenant_id = ANY($1)";
+
+    let id = create_move(&h, bucket);
+    wait_phase(&h, id, MovePhase::Shadow, "the copy").await;
+    // A write after the copy reaches the target through the change stream,
+    // whose subscription logs in to the source under TLS too.
+    let t = moving[0];
+    c.execute("INSERT INTO checker_items VALUES ($1, 999999, 0, 1)", &[&t]).await.unwrap();
+    request(&h, id, MoveRequest::Cutover { force: true });
+    wait_phase(&h, id, MovePhase::Reverse, "the cutover").await;
+    assert_eq!(h.shard_of(t), 1);
+    let n: i64 = c.query_one(count, &[&moving]).await.unwrap().get(0);
+    assert_eq!(n, 501, "every row on the new shard, the late one too");
+
+    request(&h, id, MoveRequest::Complete);
+    wait_phase(&h, id, MovePhase::Done, "completion").await;
+    let n: i64 = c.query_one(count, &[&moving]).await.unwrap().get(0);
+    assert_eq!(n, 501);
     let _ = stop_driver.send(true);
 }

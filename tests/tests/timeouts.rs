@@ -224,7 +224,7 @@ async fn shard_connections_send_keepalives_as_configured() {
     let h = Harness::start_with(1, config).await;
     let pool = h.router.context.pool(0).expect("a pool for shard 0");
     let conn = pool.get().await.expect("a shard connection");
-    let socket = socket2::SockRef::from(conn.conn.get_ref());
+    let socket = socket2::SockRef::from(conn.conn.get_ref().tcp().expect("a TCP socket under the stream"));
     assert!(socket.keepalive().expect("SO_KEEPALIVE"));
     assert_eq!(socket.tcp_keepalive_time().expect("TCP_KEEPIDLE"), Duration::from_secs(33));
 }

@@ -26,7 +26,8 @@ pub enum ProtocolError {
     Io(#[from] std::io::Error),
 }
 
-/// Buffered framed I/O over any byte stream (TCP, Unix socket, TLS later).
+/// Buffered framed I/O over any byte stream (a socket in the clear or under
+/// TLS: `crate::tls::Stream`, or an in-memory pipe in tests).
 pub struct Connection<S> {
     stream: S,
     codec: FrameCodec,
@@ -62,6 +63,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     pub fn get_ref(&self) -> &S {
         &self.stream
+    }
+
+    /// The stream itself, for a TLS upgrade in place. Anything still buffered
+    /// was read before the upgrade and is the caller's to refuse.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.stream
     }
 
     /// The next complete message, reading from the socket as needed.

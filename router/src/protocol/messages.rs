@@ -484,6 +484,11 @@ pub fn cancel_request(pid: i32, key: i32) -> Bytes {
     Builder::untagged().i32(CANCEL_REQUEST).i32(pid).i32(key).finish()
 }
 
+/// The request for TLS a client sends before its startup packet.
+pub fn ssl_request() -> Bytes {
+    Builder::untagged().i32(SSL_REQUEST).finish()
+}
+
 /// A column of a `RowDescription` the router writes itself.
 pub struct Column<'a> {
     pub name: &'a str,
