@@ -142,6 +142,11 @@ impl Raw {
         }
     }
 
+    /// Sends messages without waiting for an answer (a pipeline's first part).
+    pub async fn send(&mut self, messages: &[Vec<u8>]) {
+        self.s.write_all(&messages.concat()).await.unwrap();
+    }
+
     pub async fn run(&mut self, messages: &[Vec<u8>]) -> Vec<String> {
         self.s.write_all(&messages.concat()).await.unwrap();
         self.replies().await

@@ -3,7 +3,7 @@
 //! Sync), sent byte for byte to the router and straight to the shard: the
 //! client sees the same replies, errors and transaction states from both.
 
-use shardgate_tests::raw::{bind, describe_portal, execute, parse, query, sync, Raw};
+use shardgate_tests::raw::{bind, describe_portal, execute, frame, parse, query, sync, Raw};
 use shardgate_tests::Harness;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,4 +55,28 @@ async fn prepared_pipelines_answer_through_the_router_as_postgres_does() {
     // The rolled-back row is nowhere.
     let n: i64 = c.query_one("SELECT count(*) FROM t WHERE tenant_id = 1", &[]).await.unwrap().get(0);
     assert_eq!(n, 2);
+}
+
+/// A pipeline refused midway (its first part already sent to a shard with a
+/// Flush, its next part for another shard) is an implicit transaction: it
+/// ends at its Sync, as in Postgres, and the session goes on. It used to be
+/// left as a failed transaction block, every later statement answered 25P02,
+/// for a client that never sent BEGIN (asyncpg's executemany across shards).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_refused_midway_ends_at_its_sync_and_the_session_goes_on() {
+    let h = Harness::start(2).await;
+    h.client().await.batch_execute("CREATE TABLE p (tenant_id bigint, v bigint)").await.unwrap();
+    let (a, b) = (h.tenants_on(0, 1)[0], h.tenants_on(1, 1)[0]);
+    let mut c = Raw::login(h.port()).await;
+    let flush = frame(b'H', &[]);
+    c.send(&[parse("", "INSERT INTO p VALUES ($1, $1)", &[20]), bind("", &[a], false), execute(), flush]).await;
+    let replies = c.run(&[bind("", &[b], false), execute(), sync()]).await;
+    assert!(replies.iter().any(|r| r == "error 0A000"), "{replies:?}");
+    assert_eq!(replies.last().map(String::as_str), Some("ready I"), "the implicit transaction is over: {replies:?}");
+    let after = c.run(&[query("SELECT count(*) FROM p")]).await;
+    assert!(!after.iter().any(|r| r.starts_with("error")), "the session goes on: {after:?}");
+    assert_eq!(after.last().map(String::as_str), Some("ready I"));
+    // Nothing of the failed pipeline stays: its first part was rolled back.
+    let n: i64 = h.shard(0).await.query_one("SELECT count(*) FROM p", &[]).await.unwrap().get(0);
+    assert_eq!(n, 0, "the refused pipeline's first part was rolled back");
 }

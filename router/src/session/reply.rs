@@ -89,31 +89,45 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.txn.in_block() {
             self.txn.aborted = true;
         }
-        if sync {
-            if self.txn.open_batch {
-                // A Flush left part of this pipeline on the server: end it there.
-                self.txn.open_batch = false;
-                if let Some(b) = self.txn.held.as_mut() {
-                    b.conn.conn.queue(&messages::sync());
-                    let _ = b.conn.conn.flush().await;
-                    loop {
-                        match b.conn.conn.read().await {
-                            Ok(m) if m.tag() == b'Z' => break,
-                            Ok(_) => {}
-                            Err(_) => {
-                                b.conn.broken = true;
-                                break;
-                            }
+        if !sync {
+            // After an error the client's batch is skipped up to its Sync.
+            self.skip_to_sync().await?;
+        }
+        if self.txn.open_batch {
+            // A Flush left part of this pipeline on the server: end it there,
+            // failed, as Postgres ends a pipeline that hits an error. A
+            // statement that cannot parse aborts the server's transaction, so
+            // the Sync rolls back what the pipeline's first part did (an
+            // implicit transaction) or leaves the client's block failed until
+            // its ROLLBACK. What the server says then decides: back to idle,
+            // the pipeline was an implicit transaction, over now, and the
+            // session is not left in a failed block.
+            self.txn.open_batch = false;
+            let mut server_status = None;
+            if let Some(b) = self.txn.held.as_mut() {
+                b.conn.conn.queue(&messages::parse("", "shardgate: the rest of this pipeline was refused", &[]));
+                b.conn.conn.queue(&messages::sync());
+                let _ = b.conn.conn.flush().await;
+                loop {
+                    match b.conn.conn.read().await {
+                        Ok(m) if m.tag() == b'Z' => {
+                            server_status = m.body().first().copied();
+                            break;
+                        }
+                        Ok(_) => {}
+                        Err(_) => {
+                            b.conn.broken = true;
+                            break;
                         }
                     }
                 }
             }
-            self.client.queue(&messages::ready_for_query_bytes(self.status()));
-        } else {
-            // After an error the client's batch is skipped up to its Sync.
-            self.skip_to_sync().await?;
-            self.client.queue(&messages::ready_for_query_bytes(self.status()));
+            if server_status == Some(b'I') && self.txn.pending_begin.is_none() {
+                self.txn.aborted = false;
+                self.after_ready(b'I');
+            }
         }
+        self.client.queue(&messages::ready_for_query_bytes(self.status()));
         self.client.flush().await?;
         Ok(())
     }
