@@ -3,7 +3,7 @@
 //! Sync), sent byte for byte to the router and straight to the shard: the
 //! client sees the same replies, errors and transaction states from both.
 
-use shardgate_tests::raw::{bind, describe_portal, execute, frame, parse, query, sync, Raw};
+use shardgate_tests::raw::{bind, describe_portal, describe_statement, execute, frame, parse, query, sync, Raw};
 use shardgate_tests::Harness;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,4 +79,43 @@ async fn a_pipeline_refused_midway_ends_at_its_sync_and_the_session_goes_on() {
     // Nothing of the failed pipeline stays: its first part was rolled back.
     let n: i64 = h.shard(0).await.query_one("SELECT count(*) FROM p", &[]).await.unwrap().get(0);
     assert_eq!(n, 0, "the refused pipeline's first part was rolled back");
+}
+
+/// asyncpg prepares with Parse, Describe, Flush and runs the statement next
+/// with Bind, Execute, Sync. The description comes from whichever shard the
+/// router asks; the rows go where their keys say. The connection that
+/// described used to stay pinned to the pipeline, and a key on another shard
+/// was refused with 0A000 ("this transaction runs on shard …") every other
+/// time, by the turn of the shard picked to describe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_described_before_a_flush_runs_on_the_shard_its_key_names() {
+    let h = Harness::start(2).await;
+    h.client().await.batch_execute("CREATE TABLE p (tenant_id bigint, v bigint)").await.unwrap();
+    let keys = [h.tenants_on(0, 1)[0], h.tenants_on(1, 1)[0]];
+    let mut c = Raw::login(h.port()).await;
+    let flush = frame(b'H', &[]);
+    for round in 0..4 {
+        // Each key twice in a row: whatever turn the shard asked to describe
+        // is at, it is not the key's shard for one of them.
+        for (i, key) in [keys[0], keys[0], keys[1], keys[1]].iter().enumerate() {
+            let name = format!("s{round}_{i}");
+            let sql = format!("INSERT INTO p VALUES ($1, {round})");
+            c.send(&[parse(&name, &sql, &[20]), describe_statement(&name), flush.clone()]).await;
+            let mut described = Vec::new();
+            while described.last() != Some(&b'n') {
+                let (tag, _) = c.next().await;
+                assert_ne!(tag, b'E', "describing {sql}");
+                described.push(tag);
+            }
+            assert_eq!(described, [b'1', b't', b'n'], "ParseComplete, ParameterDescription, NoData");
+            let replies = c.run(&[bind(&name, &[*key], false), execute(), sync()]).await;
+            assert_eq!(replies.last().map(String::as_str), Some("ready I"), "{replies:?}");
+            assert!(!replies.iter().any(|r| r.starts_with("error")), "round {round}, key {key}: {replies:?}");
+        }
+    }
+    for (shard, key) in keys.iter().enumerate() {
+        let n: i64 =
+            h.shard(shard).await.query_one("SELECT count(*) FROM p WHERE tenant_id = $1", &[key]).await.unwrap().get(0);
+        assert_eq!(n, 8, "every row on its tenant's shard {shard}");
+    }
 }

@@ -293,6 +293,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let shadow = if sync { self.shadow_extended(batch, shard) } else { None };
         let has_execute = batch.iter().any(|m| m.tag() == b'E');
         let held_begin = if !has_execute && self.txn.held.is_none() { self.txn.pending_begin.take() } else { None };
+        // A driver preparing ahead of a Flush (asyncpg: Parse, Describe,
+        // Flush; Bind, Execute, Sync next) has only asked for descriptions: the
+        // connection that gave them must not pin the pipeline's rows to it.
+        let describe_only =
+            !sync && self.txn.held.is_none() && batch.iter().all(|m| matches!(m.tag(), b'P' | b'D' | b'H'));
         let swallow = match self.checkout(shard).await {
             Ok(n) => n,
             Err(e) => {
@@ -318,7 +323,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if held_begin.is_some() {
             self.txn.pending_begin = held_begin;
         }
+        if describe_only && matches!(relayed, Ok(None)) && !self.saw_error {
+            return self.release_after_describe().await;
+        }
         self.batch_relayed(relayed, started, statements, batch, shadow).await
+    }
+
+    /// Ends, on the server, a Flush-ended batch that only parsed and described
+    /// statements, and returns its connection to the pool: the rows the
+    /// pipeline goes on to bind are routed by their own keys. (After an error
+    /// the connection stays: the server skips to the client's Sync.)
+    async fn release_after_describe(&mut self) -> Result<(), SessionError> {
+        let Some(b) = self.txn.held.as_mut() else {
+            return Ok(());
+        };
+        b.conn.conn.queue(&messages::simple(b'S'));
+        let status = async {
+            b.conn.conn.flush().await?;
+            loop {
+                let m = b.conn.conn.read().await?;
+                if m.tag() == b'Z' {
+                    return Ok(m.body().first().copied().unwrap_or(b'I'));
+                }
+            }
+        }
+        .await;
+        match status {
+            Ok(status) => {
+                self.txn.open_batch = false;
+                drop(self.leave_if_idle(status));
+                Ok(())
+            }
+            Err(e) => self.lost_backend(e).await,
+        }
     }
 
     /// The batch a client that prepared its statements sends for each of them:
