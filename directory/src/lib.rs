@@ -8,6 +8,7 @@
 //! swaps in new snapshots the same way, so the router's hot path never changes.
 
 pub mod clock;
+pub mod fault;
 pub mod hash;
 mod model;
 pub mod pause;

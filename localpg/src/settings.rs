@@ -52,7 +52,7 @@ impl Settings<'_> {
             "# Managed by shardgate: rewritten each time the server is prepared.\n\
              # Override a setting with ALTER SYSTEM (postgresql.auto.conf is read after this file).\n",
         );
-        let lines: [(&str, String); 10] = [
+        let lines: [(&str, String); 11] = [
             ("listen_addresses", quote("127.0.0.1")),
             ("port", self.port.to_string()),
             ("unix_socket_directories", quote(socket_dir.as_deref().unwrap_or(""))),
@@ -60,6 +60,9 @@ impl Settings<'_> {
             ("max_wal_senders", "20".into()),
             ("max_replication_slots", "20".into()),
             ("max_connections", "200".into()),
+            // Two-phase commit across shards: one prepared transaction per
+            // connection at most, as the Postgres docs advise.
+            ("max_prepared_transactions", "200".into()),
             ("shared_buffers", quote("32MB")),
             ("fsync", fsync.into()),
             ("log_min_messages", "warning".into()),

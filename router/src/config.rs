@@ -9,6 +9,15 @@ use serde::Deserialize;
 use crate::auth::Credential;
 use crate::tls::{ClientSslMode, ClientTls, TlsError};
 
+/// How a transaction that writes on several shards commits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CrossShard {
+    #[default]
+    TwoPhase,
+    Refuse,
+}
+
 /// Settings of one router process.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -23,6 +32,12 @@ pub struct RouterConfig {
     /// transaction per shard, not atomically across shards).
     #[serde(default)]
     pub allow_cross_shard_writes: bool,
+    /// A transaction block that writes on several shards: `"two_phase"`
+    /// (default) commits it on all of them or none with two-phase commit
+    /// (docs/transactions.md); `"refuse"` refuses the statement that reaches
+    /// a second shard with 0A000.
+    #[serde(default)]
+    pub cross_shard_transactions: CrossShard,
     /// Largest protocol message accepted from a client, in bytes. Default 64 MiB.
     #[serde(default = "default_max_message")]
     pub max_message_bytes: usize,
@@ -331,6 +346,7 @@ impl Default for RouterConfig {
             listen: default_listen(),
             strict_tenant: false,
             allow_cross_shard_writes: false,
+            cross_shard_transactions: CrossShard::TwoPhase,
             max_message_bytes: default_max_message(),
             max_client_connections: default_max_clients(),
             pool: PoolConfig::default(),

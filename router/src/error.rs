@@ -17,6 +17,24 @@ impl SqlError {
         SqlError { code, message, hint: None }
     }
 
+    /// An error a shard reported, its SQLSTATE kept (interned: there are a
+    /// few hundred; anything not shaped like one becomes XX000).
+    pub fn from_server(code: &str, message: String) -> SqlError {
+        static CODES: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+        let valid = code.len() == 5 && code.bytes().all(|b| b.is_ascii_alphanumeric());
+        let mut codes = CODES.lock().unwrap_or_else(|p| p.into_inner());
+        let code: &'static str = match codes.iter().find(|c| **c == code) {
+            Some(c) => c,
+            None if valid && codes.len() < 512 => {
+                let c: &'static str = Box::leak(code.to_string().into_boxed_str());
+                codes.push(c);
+                c
+            }
+            None => "XX000",
+        };
+        SqlError::new(code, message)
+    }
+
     pub fn hint(mut self, hint: impl Into<String>) -> SqlError {
         self.hint = Some(hint.into());
         self

@@ -48,4 +48,5 @@ pub mod split;
 pub mod sql;
 pub mod timer;
 pub mod tls;
+pub mod twophase;
 pub mod web;

@@ -291,6 +291,33 @@ pub fn render(ctx: &RouterContext) -> String {
             ctx.shard_health(i).failures()
         );
     }
+    let tp = crate::twophase::counters();
+    for (name, text, value) in [
+        ("shardgate_twophase_prepared_total", "Participants prepared by two-phase commits.", &tp.prepared),
+        ("shardgate_twophase_committed_total", "Transactions across shards committed.", &tp.committed),
+        ("shardgate_twophase_rolled_back_total", "Transactions across shards rolled back at COMMIT.", &tp.rolled_back),
+        (
+            "shardgate_twophase_recovered_commits_total",
+            "In-doubt prepared transactions the recovery sweep committed.",
+            &tp.recovered_commit,
+        ),
+        (
+            "shardgate_twophase_recovered_rollbacks_total",
+            "In-doubt prepared transactions the recovery sweep rolled back.",
+            &tp.recovered_rollback,
+        ),
+    ] {
+        help(&mut out, name, "counter", text);
+        let _ = writeln!(out, "{name} {}", value.load(std::sync::atomic::Ordering::Relaxed));
+    }
+    let in_doubt = crate::twophase::recover::state().in_doubt.lock().unwrap_or_else(|p| p.into_inner()).len();
+    help(
+        &mut out,
+        "shardgate_twophase_in_doubt",
+        "gauge",
+        "Prepared transactions shardgate left on the shards at the last sweep.",
+    );
+    let _ = writeln!(out, "shardgate_twophase_in_doubt {in_doubt}");
     // Moves under way (ended ones drop out of the per-move gauges).
     help(&mut out, "shardgate_move_phase", "gauge", "1 for the phase each move under way is in.");
     let live: Vec<_> = dir.moves.values().filter(|m| m.phase.active()).collect();

@@ -282,6 +282,9 @@ pub struct Joining {
     pub bound: Option<ShardId>,
     /// A transaction block is open: BEGIN was sent, or answered and held back.
     pub in_block: bool,
+    /// The block may go on on another shard (two-phase commit joins it
+    /// there); the statements of one query string still share one shard.
+    pub cross_shard: bool,
 }
 
 /// Routes the statements of one query string (or of one Bind) and combines
@@ -298,7 +301,8 @@ pub fn route_statements(
     joining: Joining,
     touched: &mut Vec<u32>,
 ) -> Result<Target, SqlError> {
-    let mut combined = joining.bound.map(Target::Shard);
+    let join_later = joining.cross_shard && joining.in_block;
+    let mut combined = if join_later { None } else { joining.bound.map(Target::Shard) };
     let several = statements.len() > 1;
     for stmt in statements {
         let t = route(stmt, params, fallback_key, dir, catalog, rules, touched)?;
@@ -312,7 +316,14 @@ pub fn route_statements(
         }
         combined = Some(c);
     }
-    let target = combined.unwrap_or(Target::Any);
+    let mut target = combined.unwrap_or(Target::Any);
+    if let (true, Some(bound)) = (join_later, joining.bound) {
+        target = match target {
+            // Another shard joins the transaction (two-phase commit).
+            Target::Shard(s) => Target::Shard(s),
+            t => combine(Some(Target::Shard(bound)), t, joining, dir)?,
+        };
+    }
     check_reference_reads(statements, &target, dir, catalog)?;
     if joining.in_block && matches!(target, Target::SplitInsert(_) | Target::CopySplit) {
         return Err(SqlError::new(
@@ -336,15 +347,19 @@ pub fn combine(before: Option<Target>, next: Target, joining: Joining, dir: &Dir
         (Some(Target::Any), t) => Ok(t),
         (Some(Target::Shard(a)), Target::Shard(b)) if a == b => Ok(Target::Shard(a)),
         (Some(Target::All), Target::All) => Ok(Target::All),
-        (Some(Target::Shard(a)), Target::Shard(b)) => Err(SqlError::new(
-            "0A000",
-            if joining.bound.is_some() {
-                format!("this transaction runs on shard {} and cannot touch shard {}", name(a), name(b))
-            } else {
-                format!("these statements touch shards {} and {}", name(a), name(b))
-            },
-        )
-        .hint("keep each transaction (and each query string) to one tenant's shard")),
+        (Some(Target::Shard(a)), Target::Shard(b)) => Err(if joining.bound.is_some() && !joining.cross_shard {
+            SqlError::new(
+                "0A000",
+                format!("this transaction runs on shard {} and cannot touch shard {}", name(a), name(b)),
+            )
+            .hint("cross_shard_transactions = \"refuse\" keeps each transaction on one shard; set it to \"two_phase\" to commit across shards")
+        } else {
+            SqlError::new(
+                "0A000",
+                format!("these statements of one query string touch shards {} and {}", name(a), name(b)),
+            )
+            .hint("send them one at a time; inside BEGIN … COMMIT they commit on every shard together")
+        }),
         (Some(Target::Shard(_)), Target::Fanout(_)) if joining.bound.is_some() => {
             Err(SqlError::new("0A000", "a transaction is bound to one shard; this read would need every shard".into())
                 .hint("name the tenant in the query, or run it outside the transaction"))
@@ -769,7 +784,7 @@ mod tests {
         Directory::new("tenant_id", KeyType::Int, 64, vec![shard("a"), shard("b"), shard("c")]).expect("directory")
     }
 
-    const OUTSIDE: Joining = Joining { bound: None, in_block: false };
+    const OUTSIDE: Joining = Joining { bound: None, in_block: false, cross_shard: false };
 
     fn refusal(r: Result<Target, SqlError>) -> String {
         match r {
@@ -795,8 +810,8 @@ mod tests {
     fn statements_on_two_shards_are_refused_naming_both() {
         let dir = three_shards();
         let outside = refusal(combine(Some(Target::Shard(0)), Target::Shard(2), OUTSIDE, &dir));
-        assert_eq!(outside, "these statements touch shards a and c");
-        let bound = Joining { bound: Some(0), in_block: true };
+        assert_eq!(outside, "these statements of one query string touch shards a and c");
+        let bound = Joining { bound: Some(0), in_block: true, cross_shard: false };
         let inside = refusal(combine(Some(Target::Shard(0)), Target::Shard(1), bound, &dir));
         assert_eq!(inside, "this transaction runs on shard a and cannot touch shard b");
     }
@@ -804,11 +819,11 @@ mod tests {
     #[test]
     fn a_transaction_on_one_shard_refuses_a_read_of_every_shard() {
         let dir = three_shards();
-        let bound = Joining { bound: Some(1), in_block: true };
+        let bound = Joining { bound: Some(1), in_block: true, cross_shard: false };
         let e = refusal(combine(Some(Target::Shard(1)), Target::Fanout(vec![0, 1, 2]), bound, &dir));
         assert!(e.contains("bound to one shard"), "{e}");
         // DDL after a statement for one shard, in a block and outside one.
-        let held = Joining { bound: None, in_block: true };
+        let held = Joining { bound: None, in_block: true, cross_shard: false };
         assert!(refusal(combine(Some(Target::Shard(1)), Target::All, held, &dir)).contains("transaction block"));
         assert!(refusal(combine(Some(Target::Shard(1)), Target::All, OUTSIDE, &dir)).contains("mixes statements"));
     }
@@ -909,13 +924,13 @@ mod tests {
         let with_fanout = "select 1; select count(*) from orders";
         assert!(refusal(run(with_fanout, OUTSIDE)).contains("cannot include a cross-shard statement"));
         // A transaction held on shard b takes its tenant's statements only.
-        let bound = Joining { bound: Some(1), in_block: true };
+        let bound = Joining { bound: Some(1), in_block: true, cross_shard: false };
         let other = format!("select * from orders where tenant_id = {k0}");
         assert!(refusal(run(&other, bound)).contains("runs on shard b"));
         // A split insert cannot join a transaction block.
         let split = format!("insert into orders (tenant_id, id) values ({k0}, 1), ({k1}, 2)");
         assert!(matches!(run(&split, OUTSIDE), Ok(Target::SplitInsert(_))));
-        let held = Joining { bound: None, in_block: true };
+        let held = Joining { bound: None, in_block: true, cross_shard: false };
         assert!(refusal(run(&split, held)).contains("inside a transaction block"));
     }
 }

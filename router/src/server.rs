@@ -168,6 +168,7 @@ async fn start_with(
     tokio::spawn(crate::shadow::follow_directory(ctx.clone(), stop.subscribe()));
     tokio::spawn(crate::idle::janitor(ctx.clone(), stop.subscribe()));
     tokio::spawn(crate::health::watch_shards(ctx.clone(), stop.subscribe()));
+    tokio::spawn(crate::twophase::recover::sweep_forever(ctx.clone(), stop.subscribe()));
     let threads = SessionThreads::start(ctx.config.threads)
         .map_err(|e| StartError::Config(format!("cannot start the session threads: {e}")))?;
     let task = tokio::spawn(accept_loop(listener, ctx.clone(), threads, stopped));

@@ -1,5 +1,6 @@
 //! Statements reach the shard that holds their tenant, and only that shard.
 
+use shardgate_router::config::RouterConfig;
 use shardgate_tests::{connect, sqlstate, Harness};
 
 const ORDERS: &str = "CREATE TABLE orders (tenant_id bigint, id bigint, total numeric, PRIMARY KEY (tenant_id, id))";
@@ -88,7 +89,12 @@ async fn prepared_statements_survive_across_pooled_server_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transaction_stays_on_one_shard_and_a_statement_leaving_it_is_refused() {
-    let h = Harness::start(2).await;
+    // With two-phase commit off: tests/tests/two_phase.rs has it on.
+    let config = RouterConfig {
+        cross_shard_transactions: shardgate_router::config::CrossShard::Refuse,
+        ..RouterConfig::default()
+    };
+    let h = Harness::start_with(2, config).await;
     let c = h.client().await;
     c.batch_execute(ORDERS).await.unwrap();
     let t0 = h.tenants_on(0, 1)[0];

@@ -142,7 +142,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             None => None,
         };
         let fallback = comment_key.as_ref().or(self.tenant.as_ref());
-        let joining = route::Joining { bound: self.txn.held.as_ref().map(|b| b.shard), in_block: self.txn.in_block() };
+        let joining = route::Joining {
+            bound: self.txn.held.as_ref().map(|b| b.shard),
+            in_block: self.txn.in_block(),
+            cross_shard: self.ctx.config.cross_shard_transactions == crate::config::CrossShard::TwoPhase,
+        };
         let rules = self.ctx.config.routing_rules();
         route::route_statements(
             &analysis.statements,

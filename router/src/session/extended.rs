@@ -29,6 +29,8 @@ struct RoutedBatch {
     error: Option<SqlError>,
     /// The statements its Binds run: nearly always one, kept inline.
     statements: smallvec::SmallVec<[Arc<Analysis>; 2]>,
+    /// The first error is that its Binds name tenants on different shards.
+    several_shards: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -71,7 +73,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if let Some(e) = self.admit_batch(batch).await {
             return self.fail_batch(e, sync).await;
         }
-        let RoutedBatch { target, mut error, statements } = self.route_batch(batch);
+        let RoutedBatch { target, mut error, statements, several_shards } = self.route_batch(batch);
+        if several_shards
+            && sync
+            && !self.txn.aborted
+            && self.ctx.config.cross_shard_transactions == crate::config::CrossShard::TwoPhase
+        {
+            // One transaction across shards (asyncpg's executemany, a JDBC batch).
+            return self.run_pipeline_across(batch, &statements).await;
+        }
         if error.is_none() && !self.pass_holds().await {
             // A cutover held the rows: the placement may have changed, route again.
             self.batch = std::mem::take(batch);
@@ -83,9 +93,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     a.statements.len() == 1
                         && matches!(a.statements[0].kind, StatementKind::Txn(TxnControl::Commit | TxnControl::Rollback))
                 });
-            if all_end && self.txn.held.is_none() {
+            if all_end {
+                // As in Postgres, a failed transaction's COMMIT rolls it back:
+                // on every shard it reached, whatever the server thinks.
                 self.txn.aborted = false;
                 self.txn.pending_begin = None;
+                self.roll_back_all().await;
                 return self.answer_batch_locally(batch, sync, "ROLLBACK").await;
             }
             if !all_end {
@@ -97,6 +110,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         if let Some(e) = error {
             return self.fail_batch(e, sync).await;
+        }
+        for a in &statements {
+            match self.cross_shard_control(a) {
+                None => {}
+                Some(Err(e)) => return self.fail_batch(e, sync).await,
+                Some(Ok(_)) if statements.len() != 1 => {
+                    let e = SqlError::new(
+                        "0A000",
+                        "a transaction that has written on several shards ends with COMMIT or ROLLBACK sent on its own"
+                            .into(),
+                    )
+                    .hint("send COMMIT (or ROLLBACK) in a pipeline of its own");
+                    return self.fail_batch(e, sync).await;
+                }
+                Some(Ok(commit)) => {
+                    let ended = self.end_cross_shard(commit).await?;
+                    let forget = ended.forget;
+                    match ended.reply {
+                        Ok(tag) => self.answer_batch_locally(batch, sync, tag).await?,
+                        Err(e) => self.fail_batch(e, sync).await?,
+                    }
+                    self.forget_decision(forget).await;
+                    return Ok(());
+                }
+            }
         }
         // Statements the router answers itself: transaction control before a
         // shard is reached, SET shardgate.tenant, DISCARD ALL and DEALLOCATE.
@@ -158,7 +196,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     fn route_batch(&mut self, batch: &[Message]) -> RoutedBatch {
         let mut touched = std::mem::take(&mut self.admission.touched);
         touched.clear();
-        let mut routed = RoutedBatch { target: None, error: None, statements: smallvec::SmallVec::new() };
+        let mut routed =
+            RoutedBatch { target: None, error: None, statements: smallvec::SmallVec::new(), several_shards: false };
         for m in batch.iter() {
             match m.tag() {
                 b'P' => match Parse::parse(m) {
@@ -195,9 +234,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             },
                         },
                     };
-                    match t.and_then(|t| route::combine_pipeline(routed.target.take(), t)) {
+                    let before = routed.target.take();
+                    let spans = matches!((&before, &t), (Some(Target::Shard(a)), Ok(Target::Shard(b))) if a != b);
+                    match t.and_then(|t| route::combine_pipeline(before, t)) {
                         Ok(t) => routed.target = Some(t),
                         Err(e) => {
+                            routed.several_shards |= spans && routed.error.is_none();
                             routed.error.get_or_insert(e);
                         }
                     }

@@ -159,6 +159,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if let Some(mut b) = self.txn.held.take() {
             b.conn.broken = true;
         }
+        // The transaction's other shards roll back as their connections close.
+        for mut b in std::mem::take(&mut self.txn.parked) {
+            b.conn.broken = true;
+        }
+        self.txn.begin_sql = None;
+        self.txn.savepoints = false;
+        self.txn.last_status = b'I';
         self.clear_cancel();
         self.txn.pending_begin = None;
         self.txn.aborted = false;

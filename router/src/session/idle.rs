@@ -35,6 +35,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // Roll back what the client left open, so the server connections can
         // serve others at once; one that does not answer cleanly is closed.
         let mut held: Vec<_> = self.txn.held.take().into_iter().collect();
+        held.append(&mut self.txn.parked);
         held.extend(self.multi.take().map(|all| all.held).unwrap_or_default());
         let mid_pipeline = self.txn.open_batch;
         self.clear_cancel();

@@ -47,6 +47,7 @@ mod shadow;
 mod split;
 mod streaming;
 mod transaction;
+mod twophase;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -164,6 +165,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if let Some(b) = self.txn.held.as_mut() {
             b.conn.broken = true;
         }
+        for b in self.txn.parked.iter_mut() {
+            b.conn.broken = true;
+        }
         for b in self.multi.iter_mut().flat_map(|all| all.held.iter_mut()) {
             b.conn.broken = true;
         }
@@ -270,6 +274,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         if self.txn.aborted {
             return self.in_aborted_txn(&analysis.statements[0]).await;
+        }
+        match self.cross_shard_control(&analysis) {
+            None => {}
+            Some(Err(e)) => return self.fail_simple(e).await,
+            Some(Ok(commit)) => {
+                let ended = self.end_cross_shard(commit).await?;
+                match ended.reply {
+                    Ok(tag) => self.client.queue(&messages::command_complete(tag)),
+                    Err(e) => self.client.queue(&e.to_message(Severity::Error)),
+                }
+                self.ready().await?;
+                self.forget_decision(ended.forget).await;
+                return Ok(());
+            }
         }
         if analysis.statements.len() == 1 {
             if let Some(tag) = self.local_statement(&analysis.statements[0])? {

@@ -30,6 +30,15 @@ pub(super) struct Transaction {
     pub(super) aborted: bool,
     /// A Flush left a batch open on `held` until the next Sync.
     pub(super) open_batch: bool,
+    /// The other shards a transaction block has written on (two-phase
+    /// commit, `twophase.rs`): their connections, each with the block open.
+    pub(super) parked: Vec<Held>,
+    /// The BEGIN the block started with, to open it on the shards it reaches later.
+    pub(super) begin_sql: Option<String>,
+    /// The held connection's status at its last ReadyForQuery.
+    pub(super) last_status: u8,
+    /// The block used SAVEPOINT (it then stays on one shard).
+    pub(super) savepoints: bool,
 }
 
 impl Transaction {
@@ -158,12 +167,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if matches!(stmt.kind, StatementKind::Txn(TxnControl::Commit | TxnControl::Rollback)) {
             self.txn.aborted = false;
             self.txn.pending_begin = None;
-            if let Some(mut b) = self.txn.held.take() {
-                if b.conn.simple_query("ROLLBACK").await.is_err() {
-                    b.conn.broken = true;
-                }
-                self.clear_cancel();
-            }
+            self.roll_back_all().await;
             self.client.queue(&messages::command_complete("ROLLBACK"));
         } else {
             self.client.queue(
@@ -184,12 +188,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if b.shard == shard {
                 return Ok(0);
             }
-            let dir = self.ctx.directory.load();
-            let name = |s: ShardId| dir.shards.get(s).map(|x| x.name.clone()).unwrap_or_default();
-            return Err(SqlError::new(
-                "0A000",
-                format!("this transaction runs on shard {} and cannot touch shard {}", name(b.shard), name(shard)),
-            ));
+            return self.join_shard(shard).await;
         }
         let pool = self.pool(shard)?;
         let mut conn = pool.get().await.map_err(|e| SqlError::new(e.sqlstate(), e.to_string()))?;
@@ -203,6 +202,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if let Some(prelude) = self.txn.pending_begin.take() {
             conn.conn.queue(&messages::query(&prelude.join("; ")));
             swallow += 1;
+            self.txn.savepoints = prelude.len() > 1;
+            self.txn.begin_sql = prelude.into_iter().next();
         }
         self.txn.held = Some(Held { shard, conn });
         Ok(swallow)
@@ -237,7 +238,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// connection leaves the session (a cancel request no longer reaches it)
     /// and is returned; dropping it hands it back to the pool.
     pub(super) fn leave_if_idle(&mut self, status: u8) -> Option<Held> {
+        self.txn.last_status = status;
         if status == b'I' && !self.txn.open_batch {
+            self.txn.begin_sql = None;
+            self.txn.savepoints = false;
             self.clear_cancel();
             self.txn.held.take()
         } else {

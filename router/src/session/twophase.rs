@@ -1,0 +1,376 @@
+//! A transaction block that writes on several shards: each shard it reaches
+//! gets the block's BEGIN and keeps its connection (parked while another
+//! shard's statements run), and COMMIT commits them all or none with
+//! two-phase commit ([`crate::twophase`]). A block on one shard never comes
+//! here and costs nothing more.
+
+use shardgate_directory::ShardId;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::prepared::unknown_statement;
+use super::relay::RelayError;
+use super::transaction::Held;
+use super::{Session, SessionError};
+use crate::config::CrossShard;
+use crate::context::CancelTarget;
+use crate::error::SqlError;
+use crate::protocol::messages::{self, Bind, Severity};
+use crate::protocol::{Message, ProtocolError};
+use crate::route::{Params, Target};
+use crate::sql::{Analysis, StatementKind, TxnControl};
+use crate::twophase::{self, Outcome, Part};
+
+/// What ending a transaction that spans shards told the client, and the
+/// decision row to delete once the client has its answer.
+pub(super) struct Ended {
+    pub(super) reply: Result<&'static str, SqlError>,
+    pub(super) forget: Option<(Held, String)>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    fn shard_name(&self, shard: ShardId) -> String {
+        let dir = self.ctx.directory.load();
+        dir.shards.get(shard).map(|x| x.name.clone()).unwrap_or_default()
+    }
+
+    /// The transaction holds a connection on another shard and now needs
+    /// `shard`: the held one is parked and `shard` joins the transaction.
+    /// Returns how many ReadyForQuery replies to swallow.
+    pub(super) async fn join_shard(&mut self, shard: ShardId) -> Result<usize, SqlError> {
+        let Some(current) = self.txn.held.as_ref().map(|b| b.shard) else {
+            return Ok(0);
+        };
+        let cannot = |why: String| {
+            SqlError::new(
+                "0A000",
+                format!(
+                    "this transaction runs on shard {} and cannot touch shard {}: {why}",
+                    self.shard_name(current),
+                    self.shard_name(shard)
+                ),
+            )
+        };
+        if self.ctx.config.cross_shard_transactions == CrossShard::Refuse {
+            return Err(cannot("cross_shard_transactions = \"refuse\"".into())
+                .hint("keep each transaction (and each query string) to one tenant's shard, or set cross_shard_transactions = \"two_phase\""));
+        }
+        let explicit = self.txn.begin_sql.is_some() || self.txn.last_status == b'T';
+        if self.txn.open_batch && !explicit {
+            return Err(cannot("a pipeline without BEGIN runs on one shard".into())
+                .hint("send BEGIN first to make the pipeline one transaction across shards, or send a Sync between statements for different tenants"));
+        }
+        if !explicit {
+            return Err(cannot("one query string runs on one shard".into()).hint(
+                "send the statements one by one inside BEGIN … COMMIT to make them one transaction across shards",
+            ));
+        }
+        if self.txn.last_status == b'E' {
+            return Err(SqlError::new(
+                "25P02",
+                "current transaction is aborted, commands ignored until end of transaction block".into(),
+            ));
+        }
+        if self.txn.savepoints {
+            return Err(cannot("the transaction used SAVEPOINT".into())
+                .hint("savepoints are supported in transactions on one shard; release them or write this tenant in a transaction of its own"));
+        }
+        let Some(previous) = self.txn.held.take() else {
+            return Ok(0);
+        };
+        self.txn.parked.push(previous);
+        if let Some(at) = self.txn.parked.iter().position(|p| p.shard == shard) {
+            let back = self.txn.parked.swap_remove(at);
+            self.set_cancel_target(&back);
+            self.txn.held = Some(back);
+            return Ok(0);
+        }
+        let pool = self.pool(shard)?;
+        let mut conn = pool.get().await.map_err(|e| SqlError::new(e.sqlstate(), e.to_string()))?;
+        let mut swallow = 0;
+        if let Some(sql) = self.settings.prelude(&mut conn) {
+            conn.conn.queue(&messages::query(&sql));
+            swallow += 1;
+        }
+        conn.conn.queue(&messages::query(self.txn.begin_sql.as_deref().unwrap_or("BEGIN")));
+        swallow += 1;
+        let joined = Held { shard, conn };
+        self.set_cancel_target(&joined);
+        self.txn.held = Some(joined);
+        Ok(swallow)
+    }
+
+    fn set_cancel_target(&self, b: &Held) {
+        if let Some(pool) = self.pools.get(b.shard).cloned().flatten() {
+            *self.cancel.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(CancelTarget { pool, pid: b.conn.pid, secret: b.conn.secret });
+        }
+    }
+
+    /// Statements for a transaction block that spans shards: COMMIT and
+    /// ROLLBACK alone end it here; with others in one query string, or
+    /// SAVEPOINT, they are refused. None: route the statements as usual.
+    pub(super) fn cross_shard_control(&mut self, analysis: &Analysis) -> Option<Result<bool, SqlError>> {
+        let spans = !self.txn.parked.is_empty();
+        let mut control = None;
+        for s in &analysis.statements {
+            match s.kind {
+                StatementKind::Txn(TxnControl::Savepoint)
+                    if self.txn.held.is_some() || self.txn.pending_begin.is_some() =>
+                {
+                    if spans {
+                        return Some(Err(SqlError::new(
+                            "0A000",
+                            "SAVEPOINT is not supported in a transaction that has written on several shards".into(),
+                        )
+                        .hint("roll the transaction back; keep savepoints to transactions on one tenant's shard")));
+                    }
+                    self.txn.savepoints = true;
+                }
+                StatementKind::Txn(TxnControl::Commit | TxnControl::Rollback | TxnControl::Begin) if spans => {
+                    control = Some(matches!(s.kind, StatementKind::Txn(TxnControl::Commit)));
+                }
+                _ => {}
+            }
+        }
+        let control = control?;
+        if analysis.statements.len() != 1 {
+            return Some(Err(SqlError::new(
+                "0A000",
+                "a transaction that has written on several shards ends with COMMIT or ROLLBACK sent on its own".into(),
+            )
+            .hint("send COMMIT (or ROLLBACK) as a statement of its own")));
+        }
+        if matches!(analysis.statements[0].kind, StatementKind::Txn(TxnControl::Begin)) {
+            return None;
+        }
+        Some(Ok(control))
+    }
+
+    /// Ends a transaction block that spans shards: commits it on every shard
+    /// or on none (`commit`), or rolls it back everywhere.
+    pub(super) async fn end_cross_shard(&mut self, commit: bool) -> Result<Ended, SessionError> {
+        self.clear_cancel();
+        let held = self.txn.held.take();
+        let parked = std::mem::take(&mut self.txn.parked);
+        let failed = self.txn.last_status == b'E';
+        self.txn.begin_sql = None;
+        self.txn.savepoints = false;
+        self.txn.last_status = b'I';
+        let Some(mut decider) = held else {
+            return Ok(Ended { reply: Ok("ROLLBACK"), forget: None });
+        };
+        let mut parked = parked;
+        if !commit || failed {
+            for b in std::iter::once(&mut decider).chain(parked.iter_mut()) {
+                if b.conn.simple_query("ROLLBACK").await.is_err() {
+                    b.conn.broken = true;
+                }
+            }
+            if commit {
+                twophase::counters().rolled_back.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            return Ok(Ended { reply: Ok("ROLLBACK"), forget: None });
+        }
+        let txid = twophase::new_txid();
+        let decider_name = self.shard_name(decider.shard);
+        let names: Vec<String> = parked.iter().map(|p| self.shard_name(p.shard)).collect();
+        let others: Vec<Part<'_>> =
+            parked.iter_mut().zip(names).map(|(p, name)| Part { shard: p.shard, name, conn: &mut p.conn }).collect();
+        let part = Part { shard: decider.shard, name: decider_name, conn: &mut decider.conn };
+        let outcome = twophase::commit(&self.ctx, &txid, part, others).await;
+        let reply = match outcome {
+            Outcome::Committed { in_doubt } => {
+                let forget = (in_doubt == 0).then_some((decider, txid));
+                return Ok(Ended { reply: Ok("COMMIT"), forget });
+            }
+            Outcome::RolledBack(e) | Outcome::Unknown(e) => Err(e),
+            Outcome::Abandoned => {
+                // As if this router had died here: every connection closes
+                // without another word, the client's too.
+                for b in std::iter::once(&mut decider).chain(parked.iter_mut()) {
+                    b.conn.broken = true;
+                }
+                return Err(SessionError::Protocol(ProtocolError::Io(std::io::Error::other(
+                    "two-phase commit fault point (test)",
+                ))));
+            }
+        };
+        Ok(Ended { reply, forget: None })
+    }
+
+    /// After the client has its answer: the decision row goes.
+    pub(super) async fn forget_decision(&mut self, forget: Option<(Held, String)>) {
+        if let Some((mut decider, txid)) = forget {
+            twophase::forget(&mut decider.conn, &txid).await;
+        }
+    }
+
+    /// Rolls back whatever the transaction holds, on every shard it reached.
+    pub(super) async fn roll_back_all(&mut self) {
+        let held = self.txn.held.take();
+        let parked = std::mem::take(&mut self.txn.parked);
+        self.txn.begin_sql = None;
+        self.txn.savepoints = false;
+        self.txn.last_status = b'I';
+        if held.is_some() {
+            self.clear_cancel();
+        }
+        for mut b in held.into_iter().chain(parked) {
+            if b.conn.simple_query("ROLLBACK").await.is_err() {
+                b.conn.broken = true;
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// A pipeline (up to its Sync) whose statements are for tenants on
+    /// different shards: each run of statements for one shard goes to that
+    /// shard in turn, as part of one transaction. Outside a transaction block
+    /// the pipeline is one implicit transaction, as in Postgres: it commits
+    /// on every shard at the Sync (two-phase commit), or, after an error,
+    /// nowhere. Inside one (or after its own BEGIN) the block goes on.
+    pub(super) async fn run_pipeline_across(
+        &mut self,
+        batch: &[Message],
+        statements: &[std::sync::Arc<Analysis>],
+    ) -> Result<(), SessionError> {
+        let plain = |k: &StatementKind| {
+            matches!(k, StatementKind::Select | StatementKind::Insert | StatementKind::Update | StatementKind::Delete)
+        };
+        let begins = statements.first().is_some_and(
+            |a| matches!(&a.statements[..], [s] if matches!(s.kind, StatementKind::Txn(TxnControl::Begin))),
+        );
+        let all_plain = statements
+            .iter()
+            .enumerate()
+            .all(|(i, a)| a.statements.iter().all(|s| plain(&s.kind) || (i == 0 && begins)));
+        if !all_plain || self.txn.open_batch || self.multi.is_some() {
+            let e = SqlError::new(
+                "0A000",
+                "a pipeline whose statements are for several shards takes SELECT, INSERT, UPDATE and DELETE (after an optional BEGIN)".into(),
+            )
+            .hint("send transaction control and other statements in pipelines of their own");
+            return self.fail_batch(e, true).await;
+        }
+        let segments = match self.segments(batch) {
+            Ok(s) => s,
+            Err(e) => return self.fail_batch(e, true).await,
+        };
+        if !self.pass_holds().await {
+            // A cutover held the rows: the placement may have changed, route again.
+            self.batch = batch.to_vec();
+            return Box::pin(self.run_batch(true)).await;
+        }
+        let implicit = !self.txn.in_block() && !begins;
+        if implicit {
+            self.txn.pending_begin = Some(vec!["BEGIN".into()]);
+        }
+        let mut failed = false;
+        for (shard, range) in segments {
+            let mut part: Vec<Message> = batch[range].to_vec();
+            // The router's own Sync ends each part on its shard; inside the
+            // block it commits nothing.
+            part.push(Message::from_raw(messages::sync()));
+            let swallow = match self.checkout(shard).await {
+                Ok(n) => n,
+                Err(e) => {
+                    crate::metrics::global().error(e.code);
+                    self.client.queue(&e.to_message(Severity::Error));
+                    failed = true;
+                    break;
+                }
+            };
+            let expects = self.rewrite_batch(&part, swallow);
+            let Some(b) = self.txn.held.as_mut() else { break };
+            if let Err(e) = b.conn.conn.flush().await {
+                return self.lost_backend(e).await;
+            }
+            match self.relay_batch(expects, None).await {
+                Ok(Some(status)) => {
+                    self.txn.last_status = status;
+                    if self.saw_error || status != b'T' {
+                        failed = true;
+                        break;
+                    }
+                }
+                Ok(None) => {
+                    failed = true;
+                    break;
+                }
+                Err(RelayError::Client(e)) => return Err(e),
+                Err(RelayError::Backend(e)) => return self.lost_backend(e).await,
+            }
+        }
+        if implicit {
+            self.txn.pending_begin = None;
+            let ended = self.end_cross_shard(!failed).await?;
+            if let Err(e) = &ended.reply {
+                crate::metrics::global().error(e.code);
+                self.client.queue(&e.to_message(Severity::Error));
+            }
+            self.client.queue(&messages::ready_for_query_bytes(self.status()));
+            self.client.flush().await?;
+            self.forget_decision(ended.forget).await;
+            return Ok(());
+        }
+        if failed && self.txn.last_status != b'E' {
+            // Refused in the router: the block is failed, as after an error.
+            self.txn.aborted = self.txn.in_block();
+        }
+        let status = if self.txn.aborted || self.txn.last_status == b'E' { b'E' } else { self.status() };
+        self.client.queue(&messages::ready_for_query_bytes(status));
+        self.client.flush().await?;
+        Ok(())
+    }
+
+    /// Where each part of a pipeline runs: runs of messages whose Binds are
+    /// for one shard, the client's Sync left out.
+    fn segments(&mut self, batch: &[Message]) -> Result<Vec<(ShardId, std::ops::Range<usize>)>, SqlError> {
+        let mut touched = std::mem::take(&mut self.admission.touched);
+        touched.clear();
+        let result = (|| {
+            let mut out = Vec::new();
+            let (mut start, mut current) = (0, None);
+            for (i, m) in batch.iter().enumerate() {
+                if m.tag() != b'B' {
+                    continue;
+                }
+                let bind = Bind::parse(m).map_err(|e| SqlError::new("08P01", e.to_string()))?;
+                let p = self.prepared.get(bind.statement).ok_or_else(|| unknown_statement(bind.statement))?;
+                let target = match &p.analysis {
+                    None => Target::Any,
+                    Some(a) => {
+                        let params =
+                            Params { values: &bind.params, formats: &bind.param_formats, types: &p.param_types };
+                        self.route_all(a, Some(&params), &mut touched)?
+                    }
+                };
+                let shard = match target {
+                    Target::Shard(s) => s,
+                    Target::Any => continue,
+                    _ => {
+                        return Err(SqlError::new(
+                            "0A000",
+                            "a pipeline whose statements are for several shards cannot include a statement that needs several shards itself".into(),
+                        )
+                        .hint("name one tenant in each statement of the pipeline"))
+                    }
+                };
+                match current {
+                    None => current = Some(shard),
+                    Some(c) if c == shard => {}
+                    Some(c) => {
+                        out.push((c, start..i));
+                        (start, current) = (i, Some(shard));
+                    }
+                }
+            }
+            let end = batch.len() - usize::from(batch.last().is_some_and(|m| m.tag() == b'S'));
+            out.push((current.unwrap_or_else(|| self.any_shard()), start..end));
+            Ok(out)
+        })();
+        self.admission.touched = touched;
+        result
+    }
+}

@@ -1,0 +1,312 @@
+//! Transactions that write on several shards commit on all of them or on
+//! none: two-phase commit, its failures, and the recovery sweep that settles
+//! what a crash left prepared (docs/transactions.md).
+
+use std::time::{Duration, Instant};
+
+use shardgate_directory::fault;
+use shardgate_router::config::{CrossShard, RouterConfig};
+use shardgate_tests::{sqlstate, Harness};
+
+const SCHEMA: &str = "CREATE TABLE acct (tenant_id bigint, id int, bal bigint NOT NULL, PRIMARY KEY (tenant_id, id))";
+
+/// A cluster of `n` shards, one tenant on each with 100 in its account.
+async fn bank(n: usize) -> (Harness, Vec<i64>) {
+    let h = Harness::start(n).await;
+    let tenants: Vec<i64> = (0..n).map(|s| h.tenants_on(s, 1)[0]).collect();
+    let c = h.client().await;
+    c.batch_execute(SCHEMA).await.unwrap();
+    for t in &tenants {
+        c.execute("INSERT INTO acct VALUES ($1, 1, 100)", &[t]).await.unwrap();
+    }
+    (h, tenants)
+}
+
+/// Each tenant's balance, read on its own shard directly.
+async fn balances(h: &Harness, tenants: &[i64]) -> Vec<i64> {
+    let mut out = Vec::new();
+    for t in tenants {
+        let row = h.shard(h.shard_of(*t)).await.query_one("SELECT bal FROM acct WHERE tenant_id = $1", &[t]).await;
+        out.push(row.unwrap().get(0));
+    }
+    out
+}
+
+/// Prepared transactions left on the shards, all of them.
+async fn prepared(h: &Harness, shards: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for s in 0..shards {
+        for r in h.shard(s).await.query("SELECT gid FROM pg_prepared_xacts", &[]).await.unwrap() {
+            out.push(r.get(0));
+        }
+    }
+    out
+}
+
+/// Rows of `acct` on all shards.
+async fn rows(h: &Harness, shards: usize) -> i64 {
+    let mut n = 0;
+    for s in 0..shards {
+        n += h.shard(s).await.query_one("SELECT count(*) FROM acct", &[]).await.unwrap().get::<_, i64>(0);
+    }
+    n
+}
+
+/// Waits (polling, 20 s at most) until no prepared transaction is left.
+async fn until_settled(h: &Harness, shards: usize) {
+    let start = Instant::now();
+    loop {
+        let left = prepared(h, shards).await;
+        if left.is_empty() {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "still prepared after 20 s: {left:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_across_shards_commits_everywhere_or_nowhere() {
+    let (h, t) = bank(3).await;
+    let c = h.client().await;
+    // Commit: every shard's part is there, and nothing stays prepared.
+    c.batch_execute("BEGIN").await.unwrap();
+    for (tenant, delta) in t.iter().zip([-30i64, 20, 10]) {
+        c.batch_execute(&format!("UPDATE acct SET bal = bal + {delta} WHERE tenant_id = {tenant}")).await.unwrap();
+    }
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(balances(&h, &t).await, [70, 120, 110]);
+    assert!(prepared(&h, 3).await.is_empty());
+    // The transaction sees its own writes on each shard before COMMIT.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute("UPDATE acct SET bal = bal - 5 WHERE tenant_id = $1", &[&t[0]]).await.unwrap();
+    c.execute("UPDATE acct SET bal = bal + 5 WHERE tenant_id = $1", &[&t[1]]).await.unwrap();
+    let mine: i64 = c.query_one("SELECT bal FROM acct WHERE tenant_id = $1", &[&t[0]]).await.unwrap().get(0);
+    assert_eq!(mine, 65);
+    // ROLLBACK: nothing anywhere.
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(balances(&h, &t).await, [70, 120, 110]);
+    // A statement fails on one shard: COMMIT rolls back every shard.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute("UPDATE acct SET bal = bal - 5 WHERE tenant_id = $1", &[&t[0]]).await.unwrap();
+    c.execute("UPDATE acct SET bal = bal + 5 WHERE tenant_id = $1", &[&t[1]]).await.unwrap();
+    let e = c.execute("UPDATE acct SET bal = bal / 0 WHERE tenant_id = $1", &[&t[2]]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "22012");
+    let e = c.execute("UPDATE acct SET bal = 0 WHERE tenant_id = $1", &[&t[0]]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "25P02", "the failed transaction refuses what follows, on any shard");
+    let tag = c.simple_query("COMMIT").await.unwrap();
+    assert!(matches!(&tag[..], [tokio_postgres::SimpleQueryMessage::CommandComplete(_)]));
+    assert_eq!(balances(&h, &t).await, [70, 120, 110], "COMMIT of a failed transaction rolled back every shard");
+    // The session goes on: a one-shard transaction as ever.
+    c.execute("UPDATE acct SET bal = bal + 1 WHERE tenant_id = $1", &[&t[0]]).await.unwrap();
+    assert_eq!(balances(&h, &t).await, [71, 120, 110]);
+    let decisions: i64 = {
+        let mut n = 0;
+        for s in 0..3 {
+            n += h
+                .shard(s)
+                .await
+                .query_one("SELECT count(*) FROM shardgate.decisions", &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0);
+        }
+        n
+    };
+    assert_eq!(decisions, 0, "a committed transaction's decision row is deleted");
+}
+
+/// A part that fails only at PREPARE (a deferred constraint) rolls back the
+/// parts already prepared, and the client gets the shard's error at COMMIT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_refused_at_prepare_rolls_back_every_shard() {
+    let (h, t) = bank(2).await;
+    let c = h.client().await;
+    c.batch_execute(
+        "CREATE TABLE once (tenant_id bigint, k int, CONSTRAINT once_k UNIQUE (tenant_id, k) DEFERRABLE INITIALLY DEFERRED)",
+    )
+    .await
+    .unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute("UPDATE acct SET bal = bal - 10 WHERE tenant_id = $1", &[&t[0]]).await.unwrap();
+    c.execute("INSERT INTO once VALUES ($1, 1), ($1, 1)", &[&t[1]]).await.unwrap();
+    let e = c.batch_execute("COMMIT").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "23505", "{e:?}");
+    assert_eq!(balances(&h, &t).await, [100, 100]);
+    let n: i64 = h.shard(1).await.query_one("SELECT count(*) FROM once", &[]).await.unwrap().get(0);
+    assert_eq!(n, 0);
+    assert!(prepared(&h, 2).await.is_empty());
+    // The session is idle again.
+    c.execute("UPDATE acct SET bal = bal + 1 WHERE tenant_id = $1", &[&t[1]]).await.unwrap();
+    assert_eq!(balances(&h, &t).await, [100, 101]);
+}
+
+/// The router "dies" (every connection closed without a word, as with
+/// kill -9) at each step of a commit across three shards; the recovery
+/// sweep settles what it left, the same way on every shard: rolled back
+/// before the decision, committed after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_cut_at_any_step_is_settled_the_same_on_every_shard() {
+    let (h, t) = bank(3).await;
+    let mut expected = vec![100i64, 100, 100];
+    for (i, point) in shardgate_router::twophase::FAULT_POINTS.iter().enumerate() {
+        fault::set(point, Some(fault::Action::Error));
+        let c = h.client().await;
+        c.batch_execute("BEGIN").await.unwrap();
+        for (j, tenant) in t.iter().enumerate() {
+            c.execute("UPDATE acct SET bal = bal + $2 WHERE tenant_id = $1", &[tenant, &(j as i64 + 1)]).await.unwrap();
+        }
+        let e = c.batch_execute("COMMIT").await.unwrap_err();
+        assert!(e.is_closed() || e.code().is_none(), "{point}: the client lost its connection: {e:?}");
+        let commits = i > 0;
+        if commits {
+            for (j, b) in expected.iter_mut().enumerate() {
+                *b += j as i64 + 1;
+            }
+        }
+        until_settled(&h, 3).await;
+        assert_eq!(balances(&h, &t).await, expected, "after {point}: all or nothing");
+    }
+    let m = shardgate_router::twophase::counters();
+    let recovered = m.recovered_commit.load(std::sync::atomic::Ordering::Relaxed)
+        + m.recovered_rollback.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(recovered >= 3, "the sweep settled what was left prepared: {recovered}");
+}
+
+/// Concurrent transfers between tenants on different shards: money is
+/// neither made nor lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_transfers_across_shards_keep_the_total() {
+    let h = Harness::start(3).await;
+    let tenants: Vec<i64> = (0..3).flat_map(|s| h.tenants_on(s, 3)).collect();
+    let c = h.client().await;
+    c.batch_execute(SCHEMA).await.unwrap();
+    for t in &tenants {
+        c.execute("INSERT INTO acct VALUES ($1, 1, 1000)", &[t]).await.unwrap();
+    }
+    let mut tasks = Vec::new();
+    for w in 0..6usize {
+        let url = h.url();
+        let tenants = tenants.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = shardgate_tests::connect(&url).await;
+            // Set on the session, so on every shard a transaction reaches: a
+            // lock wait fails instead of hanging this test.
+            c.batch_execute("SET lock_timeout = '10s'").await.unwrap();
+            let mut committed = 0;
+            for i in 0..40usize {
+                let from = tenants[(w * 7 + i * 3) % tenants.len()];
+                let to = tenants[(w * 5 + i * 2 + 1) % tenants.len()];
+                if from == to {
+                    continue;
+                }
+                // Rows locked in one order by every transfer: no deadlock
+                // between shards (which neither shard could see).
+                let (first, second, delta) = if from < to { (from, to, -7i64) } else { (to, from, 7) };
+                c.batch_execute("BEGIN").await.unwrap();
+                c.execute("UPDATE acct SET bal = bal + $2 WHERE tenant_id = $1", &[&first, &delta]).await.unwrap();
+                c.execute("UPDATE acct SET bal = bal - $2 WHERE tenant_id = $1", &[&second, &delta]).await.unwrap();
+                c.batch_execute("COMMIT").await.unwrap();
+                committed += 1;
+            }
+            committed
+        }));
+    }
+    let mut committed = 0;
+    for task in tasks {
+        committed += task.await.unwrap();
+    }
+    assert!(committed > 200, "every transfer went through: {committed}");
+    let mut total = 0i64;
+    for s in 0..3 {
+        total += h
+            .shard(s)
+            .await
+            .query_one("SELECT coalesce(sum(bal), 0)::bigint FROM acct", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+    }
+    assert_eq!(total, 1000 * tenants.len() as i64);
+    assert!(prepared(&h, 3).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuse_keeps_a_transaction_on_one_shard_and_savepoints_stay_on_one() {
+    let config = RouterConfig { cross_shard_transactions: CrossShard::Refuse, ..RouterConfig::default() };
+    let h = Harness::start_with(2, config).await;
+    let t = [h.tenants_on(0, 1)[0], h.tenants_on(1, 1)[0]];
+    let c = h.client().await;
+    c.batch_execute(SCHEMA).await.unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute("INSERT INTO acct VALUES ($1, 1, 1)", &[&t[0]]).await.unwrap();
+    let e = c.execute("INSERT INTO acct VALUES ($1, 1, 1)", &[&t[1]]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000");
+    assert!(format!("{e:?}").contains("cross_shard_transactions"), "{e:?}");
+    c.batch_execute("ROLLBACK").await.unwrap();
+
+    let (h, t) = bank(2).await;
+    let c = h.client().await;
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute("UPDATE acct SET bal = 1 WHERE tenant_id = $1", &[&t[0]]).await.unwrap();
+    c.batch_execute("SAVEPOINT s").await.unwrap();
+    let e = c.execute("UPDATE acct SET bal = 1 WHERE tenant_id = $1", &[&t[1]]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "a savepoint keeps the transaction on its shard: {e}");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute("UPDATE acct SET bal = 1 WHERE tenant_id = $1", &[&t[0]]).await.unwrap();
+    c.execute("UPDATE acct SET bal = 1 WHERE tenant_id = $1", &[&t[1]]).await.unwrap();
+    let e = c.batch_execute("SAVEPOINT s").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(balances(&h, &t).await, [100, 100]);
+}
+
+/// A pipeline up to one Sync is one transaction (asyncpg's `executemany`,
+/// pgjdbc's `executeBatch`): with rows for tenants on several shards it
+/// commits on all of them, or, when any row fails, on none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_across_shards_commits_on_all_or_none() {
+    use shardgate_tests::raw::{bind, execute, parse, query, sync, Raw};
+    let (h, t) = bank(3).await;
+    let mut c = Raw::login(h.port()).await;
+    let insert = "INSERT INTO acct VALUES ($1, $2, 1)";
+    let mut pipeline = vec![parse("ins", insert, &[20, 20])];
+    for (i, tenant) in [t[0], t[1], t[0], t[2], t[1]].iter().enumerate() {
+        pipeline.push(bind("ins", &[*tenant, 10 + i as i64], false));
+        pipeline.push(execute());
+    }
+    pipeline.push(sync());
+    let replies = c.run(&pipeline).await;
+    assert!(!replies.iter().any(|r| r.starts_with("error")), "{replies:?}");
+    assert_eq!(replies.iter().filter(|r| r.starts_with("C ")).count(), 5, "{replies:?}");
+    assert_eq!(replies.last().map(String::as_str), Some("ready I"));
+    assert_eq!(rows(&h, 3).await, 3 + 5);
+    // A duplicate key in the last row: nothing of the pipeline stays.
+    let mut failing = vec![];
+    for (i, tenant) in [t[0], t[1], t[2]].iter().enumerate() {
+        failing.push(bind("ins", &[*tenant, 20 + i as i64], false));
+        failing.push(execute());
+    }
+    failing.push(bind("ins", &[t[1], 11], false));
+    failing.push(execute());
+    failing.push(sync());
+    let replies = c.run(&failing).await;
+    assert!(replies.iter().any(|r| r == "error 23505"), "{replies:?}");
+    assert_eq!(replies.last().map(String::as_str), Some("ready I"), "{replies:?}");
+    assert_eq!(rows(&h, 3).await, 3 + 5, "the failed pipeline left nothing on any shard");
+    // Inside BEGIN the pipeline joins the block, which goes on until COMMIT.
+    assert_eq!(c.run(&[query("BEGIN")]).await.last().map(String::as_str), Some("ready T"));
+    let mut inside = vec![];
+    for (i, tenant) in t.iter().enumerate() {
+        inside.push(bind("ins", &[*tenant, 30 + i as i64], false));
+        inside.push(execute());
+    }
+    inside.push(sync());
+    let replies = c.run(&inside).await;
+    assert_eq!(replies.last().map(String::as_str), Some("ready T"), "{replies:?}");
+    assert_eq!(rows(&h, 3).await, 3 + 5, "not committed yet");
+    assert_eq!(c.run(&[query("COMMIT")]).await.last().map(String::as_str), Some("ready I"));
+    assert_eq!(rows(&h, 3).await, 3 + 5 + 3);
+    assert!(prepared(&h, 3).await.is_empty());
+}
