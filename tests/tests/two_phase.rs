@@ -310,3 +310,31 @@ async fn a_pipeline_across_shards_commits_on_all_or_none() {
     assert_eq!(rows(&h, 3).await, 3 + 5 + 3);
     assert!(prepared(&h, 3).await.is_empty());
 }
+
+/// A transaction the router refused a statement in is failed, as in
+/// Postgres: its COMMIT, sent through the extended protocol, rolls back what
+/// ran before on the shard. It used to be sent to the shard, which knew of
+/// no failure and committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_of_a_transaction_failed_in_the_router_rolls_back() {
+    let (h, t) = bank(2).await;
+    let c = h.client().await;
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute("UPDATE acct SET bal = 0 WHERE tenant_id = $1", &[&t[0]]).await.unwrap();
+    // No tenant key: refused by the router, the shard never sees it.
+    let e = c.execute("INSERT INTO acct SELECT * FROM acct", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000");
+    // tokio-postgres's execute: Parse, Bind, Execute, Sync.
+    c.execute("COMMIT", &[]).await.unwrap();
+    assert_eq!(balances(&h, &t).await, [100, 100], "nothing of the failed transaction was committed");
+    // The same with COMMIT parsed, bound and run in one batch (pgjdbc, psycopg).
+    use shardgate_tests::raw::{bind, execute, parse, query, sync, Raw};
+    let mut raw = Raw::login(h.port()).await;
+    raw.run(&[query("BEGIN")]).await;
+    raw.run(&[query(&format!("UPDATE acct SET bal = 0 WHERE tenant_id = {}", t[1]))]).await;
+    let refused = raw.run(&[query("INSERT INTO acct SELECT * FROM acct")]).await;
+    assert_eq!(refused, ["error 0A000", "ready E"]);
+    let replies = raw.run(&[parse("", "COMMIT", &[]), bind("", &[], false), execute(), sync()]).await;
+    assert_eq!(replies.last().map(String::as_str), Some("ready I"), "{replies:?}");
+    assert_eq!(balances(&h, &t).await, [100, 100], "nothing of the failed transaction was committed");
+}

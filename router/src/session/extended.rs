@@ -88,11 +88,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Box::pin(self.run_batch(sync)).await;
         }
         if self.txn.aborted {
-            let all_end = !statements.is_empty()
-                && statements.iter().all(|a| {
-                    a.statements.len() == 1
-                        && matches!(a.statements[0].kind, StatementKind::Txn(TxnControl::Commit | TxnControl::Rollback))
-                });
+            let ends = |a: &Analysis| {
+                a.statements.len() == 1
+                    && matches!(a.statements[0].kind, StatementKind::Txn(TxnControl::Commit | TxnControl::Rollback))
+            };
+            let all_end = !statements.is_empty() && statements.iter().all(|a| ends(a));
             if all_end {
                 // As in Postgres, a failed transaction's COMMIT rolls it back:
                 // on every shard it reached, whatever the server thinks.
@@ -101,12 +101,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.roll_back_all().await;
                 return self.answer_batch_locally(batch, sync, "ROLLBACK").await;
             }
-            if !all_end {
-                error = Some(SqlError::new(
-                    "25P02",
-                    "current transaction is aborted, commands ignored until end of transaction block".into(),
-                ));
+            // Preparing COMMIT or ROLLBACK is allowed in a failed transaction
+            // (tokio-postgres prepares every statement first), as in Postgres.
+            let parses: Vec<Option<Arc<Analysis>>> = batch
+                .iter()
+                .filter(|m| m.tag() == b'P')
+                .map(|m| Parse::parse(m).ok().and_then(|p| self.ctx.cache.get(p.query).ok()))
+                .collect();
+            let prepares_an_end = statements.is_empty()
+                && !parses.is_empty()
+                && parses.iter().all(|a| a.as_deref().is_some_and(ends))
+                && batch.iter().all(|m| matches!(m.tag(), b'P' | b'D' | b'S' | b'H'));
+            if prepares_an_end {
+                return self.answer_batch_locally(batch, sync, "").await;
             }
+            error = Some(SqlError::new(
+                "25P02",
+                "current transaction is aborted, commands ignored until end of transaction block".into(),
+            ));
         }
         if let Some(e) = error {
             return self.fail_batch(e, sync).await;
