@@ -338,3 +338,24 @@ async fn commit_of_a_transaction_failed_in_the_router_rolls_back() {
     assert_eq!(replies.last().map(String::as_str), Some("ready I"), "{replies:?}");
     assert_eq!(balances(&h, &t).await, [100, 100], "nothing of the failed transaction was committed");
 }
+
+/// A multi-row INSERT whose rows are for several shards is one statement:
+/// all its rows are committed or none, as on one Postgres. It used to commit
+/// shard after shard, and a failure on the last left the others' rows in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_row_insert_across_shards_is_all_or_nothing() {
+    let (h, t) = bank(3).await;
+    let c = h.client().await;
+    let ok =
+        format!("INSERT INTO acct VALUES ({}, 2, 1), ({}, 2, 1), ({}, 2, 1) RETURNING tenant_id", t[0], t[1], t[2]);
+    let msgs = c.simple_query(&ok).await.unwrap();
+    let returned = msgs.iter().filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))).count();
+    assert_eq!(returned, 3);
+    assert_eq!(rows(&h, 3).await, 6);
+    // The last shard's row is a duplicate: nothing of the statement stays.
+    let dup = format!("INSERT INTO acct VALUES ({}, 3, 1), ({}, 3, 1), ({}, 2, 1)", t[0], t[1], t[2]);
+    let e = c.simple_query(&dup).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "23505");
+    assert_eq!(rows(&h, 3).await, 6, "no row of the failed INSERT on any shard");
+    assert!(prepared(&h, 3).await.is_empty());
+}

@@ -141,7 +141,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(t) => t,
             Err(e) => return self.fail_simple(e).await,
         };
-        // Not atomic across shards; each shard's part commits on its own.
+        let two_phase = self.ctx.config.cross_shard_transactions == crate::config::CrossShard::TwoPhase;
+        if two_phase && texts.len() > 1 {
+            return self.run_split_insert_atomically(texts).await;
+        }
+        // cross_shard_transactions = "refuse": each shard's part commits on its own.
         let mut total = 0u64;
         let mut header: Option<Bytes> = None;
         let mut rows = Vec::new();

@@ -374,3 +374,108 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         result
     }
 }
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// A multi-row INSERT whose rows are for several shards, outside a
+    /// transaction block: each shard's rows in a transaction of its own on
+    /// that shard, committed together (two-phase commit), as one Postgres
+    /// would commit the statement: all rows or none.
+    pub(super) async fn run_split_insert_atomically(
+        &mut self,
+        texts: Vec<(ShardId, String)>,
+    ) -> Result<(), SessionError> {
+        let mut open: Vec<Held> = Vec::with_capacity(texts.len());
+        let mut total = 0u64;
+        let mut header: Option<bytes::Bytes> = None;
+        let mut rows = Vec::new();
+        let mut failure: Option<bytes::Bytes> = None;
+        for (shard, sql) in texts {
+            let name = self.shard_name(shard);
+            let conn = match self.pool(shard) {
+                Ok(pool) => pool.get().await.map_err(|e| SqlError::new(e.sqlstate(), e.to_string())),
+                Err(e) => Err(e),
+            };
+            let mut conn = match conn {
+                Ok(c) => c,
+                Err(e) => {
+                    failure = Some(e.to_message(Severity::Error));
+                    break;
+                }
+            };
+            let begin = match self.settings.prelude(&mut conn) {
+                Some(set) => format!("{set}; BEGIN"),
+                None => "BEGIN".to_string(),
+            };
+            let answer = super::everywhere::collect(&mut conn, &sql, Some(begin), true).await;
+            open.push(Held { shard, conn });
+            match answer {
+                Err(e) => {
+                    failure = Some(e.to_message(Severity::Error));
+                    break;
+                }
+                Ok((_, Some(err))) => {
+                    failure = Some(super::reply::prefix_error(&err, &name));
+                    break;
+                }
+                Ok((replies, None)) => {
+                    for r in replies {
+                        match r.first() {
+                            Some(b'T') => {
+                                header.get_or_insert(r);
+                            }
+                            Some(b'D') => rows.push(r),
+                            Some(b'C') => {
+                                let tag = String::from_utf8_lossy(&r[5..r.len().saturating_sub(1)]).to_string();
+                                total += tag.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(err) = failure {
+            for b in open.iter_mut() {
+                if b.conn.broken || b.conn.simple_query("ROLLBACK").await.is_err() {
+                    b.conn.broken = true;
+                }
+            }
+            crate::metrics::global().error_message(&err[5..]);
+            self.client.queue(&err);
+            return self.ready().await;
+        }
+        let Some(mut decider) = open.pop() else {
+            return self.ready().await;
+        };
+        let txid = twophase::new_txid();
+        let names: Vec<String> = open.iter().map(|p| self.shard_name(p.shard)).collect();
+        let others: Vec<Part<'_>> =
+            open.iter_mut().zip(names).map(|(p, name)| Part { shard: p.shard, name, conn: &mut p.conn }).collect();
+        let part = Part { shard: decider.shard, name: self.shard_name(decider.shard), conn: &mut decider.conn };
+        match twophase::commit(&self.ctx, &txid, part, others).await {
+            Outcome::Committed { in_doubt } => {
+                if let Some(h) = header {
+                    self.client.queue(&h);
+                }
+                for r in rows {
+                    self.client.queue(&r);
+                }
+                self.client.queue(&messages::command_complete(&format!("INSERT 0 {total}")));
+                self.ready().await?;
+                if in_doubt == 0 {
+                    twophase::forget(&mut decider.conn, &txid).await;
+                }
+                Ok(())
+            }
+            Outcome::RolledBack(e) | Outcome::Unknown(e) => self.fail_simple(e).await,
+            Outcome::Abandoned => {
+                for b in std::iter::once(&mut decider).chain(open.iter_mut()) {
+                    b.conn.broken = true;
+                }
+                Err(SessionError::Protocol(ProtocolError::Io(std::io::Error::other(
+                    "two-phase commit fault point (test)",
+                ))))
+            }
+        }
+    }
+}
