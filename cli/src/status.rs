@@ -128,6 +128,16 @@ fn table(s: &Status) -> String {
             let _ = writeln!(out, "  {}", crate::moves::progress_line(m));
         }
     }
+    if !s.in_doubt.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "in-doubt transactions (prepared, settled by the recovery sweep within seconds of their decider shard answering; docs/transactions.md):"
+        );
+        for t in &s.in_doubt {
+            let _ = writeln!(out, "  {}  on {}  for {:.0} s", t.gid, t.shard, t.age_secs);
+        }
+    }
     let _ = writeln!(out);
     let tables = if s.sharded_tables.is_empty() { "(none yet)".to_string() } else { s.sharded_tables.join(", ") };
     let _ = writeln!(out, "sharded tables: {tables}");

@@ -1,5 +1,6 @@
 //! The admin console: connect to database `shardgate` on any router and ask
-//! `SHOW SHARDS`, `SHOW BUCKETS`, `SHOW ROUTERS`, `SHOW DIRECTORY` (simple query
+//! `SHOW SHARDS`, `SHOW BUCKETS`, `SHOW ROUTERS`, `SHOW DIRECTORY`, `SHOW
+//! TRANSACTIONS` (in-doubt prepared transactions) (simple query
 //! protocol), the way PgBouncer's `pgbouncer` database works.
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -33,7 +34,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         Severity::Error,
                         "42601",
                         &format!("the shardgate console does not understand {sql:?}"),
-                        Some("try SHOW SHARDS, SHOW BUCKETS, SHOW ROUTERS or SHOW DIRECTORY"),
+                        Some("try SHOW SHARDS, SHOW BUCKETS, SHOW ROUTERS, SHOW DIRECTORY or SHOW TRANSACTIONS"),
                     )),
                 }
                 conn.queue(&messages::ready_for_query(b'I'));
@@ -144,11 +145,16 @@ fn show<S: AsyncRead + AsyncWrite + Unpin>(ctx: &RouterContext, conn: &mut Conne
                 rows,
             );
         }
+        "TRANSACTIONS" => {
+            let list = crate::twophase::recover::state().in_doubt.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let rows = list.into_iter().map(|t| vec![t.shard, t.gid, format!("{:.1}", t.age_secs)]).collect();
+            table(conn, &[("shard", TEXT), ("gid", TEXT), ("age_seconds", TEXT)], rows);
+        }
         other => conn.queue(&messages::error_response(
             Severity::Error,
             "42704",
             &format!("unknown console view {other:?}"),
-            Some("try SHOW SHARDS, SHOW BUCKETS, SHOW ROUTERS or SHOW DIRECTORY"),
+            Some("try SHOW SHARDS, SHOW BUCKETS, SHOW ROUTERS, SHOW DIRECTORY or SHOW TRANSACTIONS"),
         )),
     }
 }

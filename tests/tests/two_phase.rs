@@ -158,6 +158,18 @@ async fn a_commit_cut_at_any_step_is_settled_the_same_on_every_shard() {
         }
         let e = c.batch_execute("COMMIT").await.unwrap_err();
         assert!(e.is_closed() || e.code().is_none(), "{point}: the client lost its connection: {e:?}");
+        // What is left is in the console's SHOW TRANSACTIONS until settled.
+        let console = shardgate_tests::connect(&h.url().replace("/app", "/shardgate")).await;
+        let start = Instant::now();
+        loop {
+            let listed = shardgate_tests::rows(console.simple_query("SHOW TRANSACTIONS").await.unwrap());
+            if !listed.is_empty() {
+                assert!(listed.iter().all(|r| r[1].as_deref().is_some_and(|g| g.starts_with("sg_"))), "{listed:?}");
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "{point}: nothing in doubt was ever listed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let commits = i > 0;
         if commits {
             for (j, b) in expected.iter_mut().enumerate() {

@@ -66,6 +66,11 @@ pub struct Status {
     pub routers: Vec<RouterInfo>,
     /// Every move, oldest first.
     pub moves: Vec<MoveStatus>,
+    /// Prepared transactions shardgate left on the shards, as this node's
+    /// last recovery sweep found them (docs/transactions.md). Normally empty:
+    /// one that stays is a shard that does not answer.
+    #[serde(default)]
+    pub in_doubt: Vec<crate::twophase::recover::InDoubt>,
 }
 
 /// One shard in [`Status`].

@@ -103,6 +103,7 @@ pub fn status_of(dir: &Directory, node: NodeFacts) -> Status {
         routers: dir.routers.values().cloned().collect(),
         moves: moves(dir),
         clients: node.clients,
+        in_doubt: crate::twophase::recover::state().in_doubt.lock().unwrap_or_else(|p| p.into_inner()).clone(),
     }
 }
 

@@ -31,7 +31,7 @@ const LOCK_TIMEOUT: &str = "2s";
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A prepared transaction found on a shard, for `status` and the console.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct InDoubt {
     pub shard: String,
     pub gid: String,
