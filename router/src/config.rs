@@ -336,6 +336,7 @@ impl RouterConfig {
         crate::route::Rules {
             strict_tenant: self.strict_tenant,
             allow_cross_shard_writes: self.allow_cross_shard_writes,
+            atomic_writes: self.cross_shard_transactions == CrossShard::TwoPhase,
         }
     }
 }

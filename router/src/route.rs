@@ -56,6 +56,9 @@ impl Params<'_> {
 pub struct Rules {
     pub strict_tenant: bool,
     pub allow_cross_shard_writes: bool,
+    /// Writes that name tenants on several shards run on each of them and
+    /// commit together (two-phase commit): `cross_shard_transactions`.
+    pub atomic_writes: bool,
 }
 
 pub fn route(
@@ -468,12 +471,12 @@ impl Routing<'_> {
                 // Only NULL keys: matches no row anywhere.
                 0 => Target::Any,
                 1 => Target::Shard(*shards.iter().next().unwrap_or(&0)),
-                _ if write && !rules.allow_cross_shard_writes => {
+                _ if write && !rules.allow_cross_shard_writes && !rules.atomic_writes => {
                     return Err(SqlError::new(
                         "0A000",
                         format!("this {} touches tenants on {} shards", verb(stmt), shards.len()),
                     )
-                    .hint("write one tenant per statement, or set allow_cross_shard_writes = true"))
+                    .hint("write one tenant per statement, or set cross_shard_transactions = \"two_phase\" to write them together"))
                 }
                 _ if write => Target::Fanout(shards.into_iter().collect()),
                 _ => fanout_read(stmt, dir, catalog, shards.into_iter().collect())?,
@@ -909,7 +912,7 @@ mod tests {
     fn a_query_string_routes_as_one_and_refuses_a_cross_shard_statement_inside_it() {
         let dir = three_shards();
         let catalog = sharded_orders();
-        let rules = Rules { strict_tenant: false, allow_cross_shard_writes: false };
+        let rules = Rules { strict_tenant: false, allow_cross_shard_writes: false, atomic_writes: false };
         let cache = AnalysisCache::new("tenant_id", 100);
         let run = |sql: &str, joining: Joining| {
             let a = cache.get(sql).map_err(|e| e.to_string()).expect("parses");

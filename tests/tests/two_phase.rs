@@ -371,3 +371,32 @@ async fn a_multi_row_insert_across_shards_is_all_or_nothing() {
     assert_eq!(rows(&h, 3).await, 6, "no row of the failed INSERT on any shard");
     assert!(prepared(&h, 3).await.is_empty());
 }
+
+/// UPDATE and DELETE that name tenants on several shards (`IN (…)`, `=
+/// ANY(…)`, `OR`) run on each of those shards and commit together: all
+/// their rows or none. They used to be refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_naming_tenants_on_several_shards_commit_together() {
+    let (h, t) = bank(3).await;
+    let c = h.client().await;
+    let ids = format!("{}, {}, {}", t[0], t[1], t[2]);
+    let tag = c.simple_query(&format!("UPDATE acct SET bal = bal + 1 WHERE tenant_id IN ({ids})")).await.unwrap();
+    assert!(matches!(tag.last(), Some(tokio_postgres::SimpleQueryMessage::CommandComplete(3))), "{tag:?}");
+    assert_eq!(balances(&h, &t).await, [101, 101, 101]);
+    // One shard's part fails: no shard keeps its part.
+    let failing = format!(
+        "UPDATE acct SET bal = bal / (CASE WHEN tenant_id = {} THEN 0 ELSE 1 END) WHERE tenant_id = {} OR tenant_id = {}",
+        t[2], t[0], t[2]
+    );
+    let e = c.simple_query(&failing).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "22012");
+    assert_eq!(balances(&h, &t).await, [101, 101, 101]);
+    let deleted = c
+        .simple_query(&format!("DELETE FROM acct WHERE tenant_id = ANY(ARRAY[{}, {}]) RETURNING tenant_id", t[1], t[2]))
+        .await
+        .unwrap();
+    let returned = deleted.iter().filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))).count();
+    assert_eq!(returned, 2);
+    assert_eq!(rows(&h, 3).await, 1);
+    assert!(prepared(&h, 3).await.is_empty());
+}

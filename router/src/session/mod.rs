@@ -330,6 +330,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Target::Fanout(shards) if matches!(analysis.statements[0].kind, StatementKind::Copy(_)) => {
                 self.run_copy_out_fanout(&analysis.statements[0], shards).await
             }
+            Target::Fanout(shards)
+                if matches!(analysis.statements[0].kind, StatementKind::Update | StatementKind::Delete)
+                    && self.ctx.config.cross_shard_transactions == crate::config::CrossShard::TwoPhase =>
+            {
+                self.run_write_atomically(&analysis.statements[0], shards).await
+            }
             Target::Fanout(shards) => self.run_fanout(&analysis.statements[0], shards).await,
             Target::SplitInsert(parts) => self.run_split_insert(&analysis.statements[0], parts).await,
             Target::CopySplit => self.run_copy_split(&analysis.statements[0], m.raw().clone()).await,

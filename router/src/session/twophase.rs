@@ -384,6 +384,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         &mut self,
         texts: Vec<(ShardId, String)>,
     ) -> Result<(), SessionError> {
+        self.run_parts_atomically(texts, "INSERT 0").await
+    }
+
+    /// An UPDATE or DELETE naming tenants on several shards (`tenant_id IN
+    /// (…)`, `= ANY(…)`), outside a transaction block: run on each of those
+    /// shards, committed together.
+    pub(super) async fn run_write_atomically(
+        &mut self,
+        stmt: &crate::sql::Statement,
+        shards: Vec<ShardId>,
+    ) -> Result<(), SessionError> {
+        if self.txn.in_block() {
+            let e = SqlError::new(
+                "0A000",
+                "a statement that writes tenants on several shards cannot run inside a transaction block yet".into(),
+            )
+            .hint("write one tenant per statement inside the transaction: the transaction then commits on every shard together");
+            return self.fail_simple(e).await;
+        }
+        // Rows under a move are written where they are owned only.
+        let texts = match self.shard_texts(&shards, &stmt.text, stmt) {
+            Ok(t) => t,
+            Err(e) => return self.fail_simple(e).await,
+        };
+        let parts = shards.into_iter().zip(texts).map(|(s, t)| (s, t.unwrap_or_else(|| stmt.text.clone()))).collect();
+        let tag = if stmt.kind == StatementKind::Update { "UPDATE" } else { "DELETE" };
+        self.run_parts_atomically(parts, tag).await
+    }
+
+    /// Runs each shard's statement in a transaction of its own on that shard
+    /// and commits them together; answers with the rows they returned and
+    /// `tag` followed by the rows they wrote.
+    async fn run_parts_atomically(&mut self, texts: Vec<(ShardId, String)>, tag: &str) -> Result<(), SessionError> {
         let mut open: Vec<Held> = Vec::with_capacity(texts.len());
         let mut total = 0u64;
         let mut header: Option<bytes::Bytes> = None;
@@ -460,7 +493,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 for r in rows {
                     self.client.queue(&r);
                 }
-                self.client.queue(&messages::command_complete(&format!("INSERT 0 {total}")));
+                self.client.queue(&messages::command_complete(&format!("{tag} {total}")));
                 self.ready().await?;
                 if in_doubt == 0 {
                     twophase::forget(&mut decider.conn, &txid).await;
