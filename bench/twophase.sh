@@ -71,7 +71,7 @@ sg() { "$BIN" --data-dir "$work/data" "$@"; }
 echo "pinning $TENANTS tenants: 1..$HALF on shard_0, the rest on shard_1" >&2
 for t in $(seq 1 "$TENANTS"); do
   if [ "$t" -le "$HALF" ]; then s=shard_0; else s=shard_1; fi
-  sg tenant pin "$t" "$s" >/dev/null || die "could not pin tenant $t"
+  sg tenant pin "$t" --to "$s" >/dev/null || die "could not pin tenant $t"
 done
 psql -q -v ON_ERROR_STOP=1 "$URL" -c \
   "CREATE TABLE acct (tenant_id bigint, id int, bal bigint NOT NULL, PRIMARY KEY (tenant_id, id))"

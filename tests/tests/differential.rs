@@ -218,13 +218,17 @@ async fn cross_shard_reads_in_the_extended_protocol_match_a_single_postgres_byte
     }
 
     // What the router cannot give exactly is an error, never a different answer:
-    // a float in binary (its text depends on extra_float_digits), a fetch in parts.
+    // a float in binary (its text depends on extra_float_digits).
     let float = "SELECT region, max(total::float8) FROM orders GROUP BY region ORDER BY region";
     let err = router.query(float, &[]).await.unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("0A000"), "{err:?}");
     assert!(err.as_db_error().unwrap().message().contains("binary format"), "{err:?}");
+    // A fetch in parts (a row limit on Execute) outside a transaction: the
+    // first rows, then PortalSuspended, as from one server.
     let part = vec![parse("", float, &[]), bind_formats("", &[], false, &[]), frame(b'E', b"\0\0\0\0\x02"), sync()];
-    assert_eq!(routed.run(&part).await, vec!["error 0A000".to_string(), "ready I".to_string()]);
+    let want = direct.run(&part).await;
+    assert!(want.iter().any(|r| r == "s"), "{want:?}");
+    assert_eq!(routed.run(&part).await, want);
     // The session goes on.
     assert_eq!(routed.run(&pipelines[1]).await, direct.run(&pipelines[1]).await);
 }

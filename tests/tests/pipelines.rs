@@ -119,3 +119,54 @@ async fn a_statement_described_before_a_flush_runs_on_the_shard_its_key_names() 
         assert_eq!(n, 8, "every row on its tenant's shard {shard}");
     }
 }
+
+/// An Execute with a row limit on a merged cross-shard read (asyncpg's
+/// fetchrow and fetchval ask for one row): that many rows, then
+/// PortalSuspended, as Postgres answers. Asking for the rest inside a
+/// transaction is refused, never answered short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_limit_on_a_merged_read_suspends_the_portal_as_postgres_does() {
+    use shardgate_tests::raw::bind_formats;
+    let h = Harness::start(2).await;
+    let c = h.client().await;
+    c.batch_execute("CREATE TABLE m (tenant_id bigint, v bigint)").await.unwrap();
+    for (i, t) in h.tenants_on(0, 3).into_iter().chain(h.tenants_on(1, 3)).enumerate() {
+        c.execute("INSERT INTO m VALUES ($1, $2)", &[&t, &(i as i64)]).await.unwrap();
+    }
+    let limited = |n: i32| {
+        let mut body = vec![0u8];
+        body.extend_from_slice(&n.to_be_bytes());
+        frame(b'E', &body)
+    };
+    let mut raw = Raw::login(h.port()).await;
+    // Sorted (streamed merge), an aggregate (gathered), and a limit above the rows.
+    for (sql, limit, rows, suspended) in [
+        ("SELECT v FROM m ORDER BY v DESC", 1, 1, true),
+        ("SELECT v FROM m ORDER BY v DESC", 2, 2, true),
+        ("SELECT count(*) FROM m", 1, 1, true),
+        ("SELECT v FROM m ORDER BY v", 10, 6, false),
+    ] {
+        let replies = raw.run(&[parse("", sql, &[]), bind_formats("", &[], false, &[]), limited(limit), sync()]).await;
+        assert_eq!(replies.iter().filter(|r| r.starts_with("D ")).count(), rows, "{sql} limit {limit}: {replies:?}");
+        assert_eq!(replies.iter().any(|r| r == "s"), suspended, "{sql} limit {limit}: {replies:?}");
+        assert_eq!(replies.last().map(String::as_str), Some("ready I"), "{replies:?}");
+    }
+    let first = raw
+        .run(&[
+            parse("", "SELECT v FROM m ORDER BY v DESC", &[]),
+            bind_formats("", &[], false, &[]),
+            limited(1),
+            sync(),
+        ])
+        .await;
+    assert!(first.contains(&format!("D {:?}", [0u8, 1, 0, 0, 0, 1, b'5'])), "the highest value first: {first:?}");
+    // Inside a transaction the portal outlives the Sync: its rest is refused.
+    raw.run(&[query("BEGIN")]).await;
+    let replies = raw
+        .run(&[parse("", "SELECT v FROM m ORDER BY v", &[]), bind_formats("", &[], false, &[]), limited(1), sync()])
+        .await;
+    assert!(replies.iter().any(|r| r == "s"), "{replies:?}");
+    let rest = raw.run(&[limited(0), sync()]).await;
+    assert_eq!(rest.first().map(String::as_str), Some("error 0A000"), "{rest:?}");
+    raw.run(&[query("ROLLBACK")]).await;
+}

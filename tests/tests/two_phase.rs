@@ -400,3 +400,30 @@ async fn writes_naming_tenants_on_several_shards_commit_together() {
     assert_eq!(rows(&h, 3).await, 1);
     assert!(prepared(&h, 3).await.is_empty());
 }
+
+/// The same through the extended protocol, as drivers send it: `WHERE
+/// tenant_id = ANY($1)` with an array of keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extended_write_naming_tenants_on_several_shards_commits_together() {
+    let (h, t) = bank(3).await;
+    let c = h.client().await;
+    let keys: Vec<i64> = t.clone();
+    let n = c.execute("UPDATE acct SET bal = bal + 5 WHERE tenant_id = ANY($1)", &[&keys]).await.unwrap();
+    assert_eq!(n, 3);
+    assert_eq!(balances(&h, &t).await, [105, 105, 105]);
+    // A failing part: nothing anywhere.
+    let e = c
+        .execute(
+            "UPDATE acct SET bal = bal / (CASE WHEN tenant_id = $2 THEN 0 ELSE 1 END) WHERE tenant_id = ANY($1)",
+            &[&keys, &t[1]],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "22012");
+    assert_eq!(balances(&h, &t).await, [105, 105, 105]);
+    let gone =
+        c.query("DELETE FROM acct WHERE tenant_id = ANY($1) RETURNING bal", &[&keys[..2].to_vec()]).await.unwrap();
+    assert_eq!(gone.len(), 2);
+    assert_eq!(rows(&h, 3).await, 1);
+    assert!(prepared(&h, 3).await.is_empty());
+}

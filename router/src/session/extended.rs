@@ -73,6 +73,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if let Some(e) = self.admit_batch(batch).await {
             return self.fail_batch(e, sync).await;
         }
+        if let Some(portal) = &self.txn.suspended_portal {
+            // Bound again in this batch: a new portal of that name.
+            let rebound = batch.iter().any(|m| m.tag() == b'B' && super::fanout::portal_name(m) == portal.as_bytes());
+            let resumed =
+                batch.iter().any(|m| m.tag() == b'E' && m.body().split(|&b| b == 0).next() == Some(portal.as_bytes()));
+            if rebound {
+                self.txn.suspended_portal = None;
+            } else if resumed {
+                let e = SqlError::new(
+                    "0A000",
+                    "the rest of a merged cross-shard result suspended by a row limit is not kept".into(),
+                )
+                .hint("fetch every row of a cross-shard query at once (no fetch size), or name the tenant");
+                return self.fail_batch(e, sync).await;
+            }
+        }
         let RoutedBatch { target, mut error, statements, several_shards } = self.route_batch(batch);
         if several_shards
             && sync
@@ -295,6 +311,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.run_batch_on_shards(batch, shards, false).await
             }
             Target::Fanout(shards)
+                if sync
+                    && statements.len() == 1
+                    && matches!(&statements[0].statements[..], [s] if matches!(s.kind, StatementKind::Update | StatementKind::Delete))
+                    && self.ctx.config.cross_shard_transactions == crate::config::CrossShard::TwoPhase =>
+            {
+                let verb = if statements[0].statements[0].kind == StatementKind::Update { "UPDATE" } else { "DELETE" };
+                self.run_write_across_extended(batch, shards, verb).await
+            }
+            Target::Fanout(shards)
                 if sync && self.txn.held.is_none() && statements.len() == 1 && statements[0].statements.len() == 1 =>
             {
                 let stmt = &statements[0].statements[0];
@@ -420,7 +445,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// `Ok(false)`, having changed nothing the general path depends on, hands
     /// any other batch to it.
     pub(super) async fn bind_execute(&mut self, sync: bool, batch: &[Message]) -> Result<bool, SessionError> {
-        if !sync || self.multi.is_some() {
+        if !sync || self.multi.is_some() || self.txn.suspended_portal.is_some() {
             return Ok(false);
         }
         if let Some((node, lease)) = &self.ctx.replica {

@@ -25,6 +25,9 @@ pub(super) enum Answer<'a> {
         batch: &'a [Message],
         formats: &'a [i16],
         relayed: bool,
+        /// The Execute's row limit (0: none): that many rows, then
+        /// PortalSuspended.
+        max_rows: usize,
     },
 }
 
@@ -41,6 +44,12 @@ pub(super) fn split_answer(replies: Vec<Bytes>) -> (Option<Bytes>, Option<Bytes>
         }
     }
     (params, rd, rows)
+}
+
+/// The portal a Bind creates.
+pub(super) fn portal_name(bind: &Message) -> &[u8] {
+    let body = bind.body();
+    &body[..body.iter().position(|&b| b == 0).unwrap_or(0)]
 }
 
 /// The result format codes at the start of a Bind's tail.
@@ -139,16 +148,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Some(f) => f,
             None => return self.fail_batch(SqlError::new("08P01", "malformed Bind message".into()), true).await,
         };
+        let in_parts = || {
+            SqlError::new(
+                "0A000",
+                "a cross-shard query whose rows are merged cannot be fetched in parts (several Executes with a row limit)".into(),
+            )
+            .hint("fetch every row at once (no fetch size), or add a tenant_id condition so the query runs on one shard")
+        };
+        // A row limit (asyncpg's fetchrow and fetchval ask for 1 row): the
+        // first rows, then PortalSuspended. Outside a transaction block the
+        // portal ends at the Sync, so no one can ask for the rest.
+        let mut max_rows = 0usize;
+        let executes = batch.iter().filter(|m| m.tag() == b'E').count();
         for m in batch.iter().filter(|m| m.tag() == b'E') {
             let mut r = messages::Reader::new(m.body(), "Execute");
-            let max_rows = r.cstr().and_then(|_| r.i32()).unwrap_or(0);
-            if max_rows != 0 {
-                let e = SqlError::new(
-                    "0A000",
-                    "a cross-shard query whose rows are merged cannot be fetched in parts (Execute with a row limit)".into(),
-                )
-                .hint("fetch every row at once (no fetch size), or add a tenant_id condition so the query runs on one shard");
-                return self.fail_batch(e, true).await;
+            let limit = r.cstr().and_then(|_| r.i32()).unwrap_or(0);
+            if limit > 0 {
+                if executes != 1 {
+                    return self.fail_batch(in_parts(), true).await;
+                }
+                max_rows = limit as usize;
             }
         }
         let texts = match self.shard_texts(&shards, &plan.shard_sql, stmt) {
@@ -186,8 +205,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .concat()
         };
         let streamed = plan.merge.streamed();
-        if let (Some(merge), 1) = (streamed, batch.iter().filter(|m| m.tag() == b'E').count()) {
-            let answer = Answer::Extended { batch, formats: &result_formats, relayed };
+        if let (Some(merge), 1) = (streamed, executes) {
+            let answer = Answer::Extended { batch, formats: &result_formats, relayed, max_rows };
             return self.stream_fanout(answer, &shards, &plan.shard_sql, texts, read, &merge).await;
         }
         let this = &*self;
@@ -244,19 +263,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(m) => m,
             Err(e) => return self.fail_batch(SqlError::new(e.sqlstate(), e.to_string()), true).await,
         };
+        // As in Postgres, a limit the rows reach suspends the portal (more
+        // may follow).
+        let suspended = max_rows > 0 && rows.len() >= max_rows;
+        if suspended && self.txn.in_block() {
+            // The portal outlives the Sync here; what follows it is not kept.
+            self.txn.suspended_portal = Some(String::from_utf8_lossy(portal_name(bind_msg)).into_owned());
+        }
+        let sent = if suspended { &rows[..max_rows] } else { &rows[..] };
         for m in batch {
             if m.tag() != b'E' {
                 let described = &merged.row_description;
                 self.reply_around_execute(std::slice::from_ref(m), params_description.as_ref(), described, &client_rd);
                 continue;
             }
-            for r in &rows {
+            for r in sent {
                 self.client.queue(r);
                 if self.client.queued() > 256 * 1024 {
                     self.client.flush().await?;
                 }
             }
-            self.client.queue(&messages::command_complete(&merged.command_tag));
+            if suspended {
+                self.client.queue(&messages::simple(b's'));
+            } else {
+                self.client.queue(&messages::command_complete(&merged.command_tag));
+            }
         }
         self.ready().await
     }

@@ -147,7 +147,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 &[]
             }
         };
-        let mut window = Window { offset: merge.offset, limit: merge.limit, skipped: 0, sent: 0 };
+        // An Execute's row limit caps the rows as LIMIT does; reaching it
+        // suspends the portal instead of completing it.
+        let max_rows = match &answer {
+            Answer::Extended { max_rows, .. } if *max_rows > 0 => Some(*max_rows as u64),
+            _ => None,
+        };
+        let limit = match (merge.limit, max_rows) {
+            (Some(l), Some(m)) => Some(l.min(m)),
+            (l, m) => l.or(m),
+        };
+        let mut window = Window { offset: merge.offset, limit, skipped: 0, sent: 0 };
         let failure = if keys.is_empty() {
             self.relay_in_turn(&mut streams, formats.as_ref(), &mut window).await?
         } else {
@@ -159,6 +169,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Some(err) => {
                 crate::metrics::global().error_message(err.get(5..).unwrap_or_default());
                 self.client.queue(&err);
+            }
+            None if max_rows.is_some_and(|m| window.sent >= m) => {
+                if let (true, Answer::Extended { batch, .. }) = (self.txn.in_block(), &answer) {
+                    // The portal outlives the Sync here; the rest is not kept.
+                    let bind = batch.iter().find(|m| m.tag() == b'B');
+                    self.txn.suspended_portal =
+                        bind.map(|b| String::from_utf8_lossy(super::fanout::portal_name(b)).into_owned());
+                }
+                self.client.queue(&messages::simple(b's'));
+                if let Some(f) = &formats {
+                    self.reply_around_execute(after_execute, None, &description, &f.row_description);
+                }
             }
             None => {
                 self.client.queue(&messages::command_complete(&format!("SELECT {}", window.sent)));

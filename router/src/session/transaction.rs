@@ -39,6 +39,10 @@ pub(super) struct Transaction {
     pub(super) last_status: u8,
     /// The block used SAVEPOINT (it then stays on one shard).
     pub(super) savepoints: bool,
+    /// A portal of a merged cross-shard read that an Execute's row limit
+    /// suspended inside the block: its other rows are not kept, and an
+    /// Execute that asks for them is refused.
+    pub(super) suspended_portal: Option<String>,
 }
 
 impl Transaction {
@@ -242,6 +246,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if status == b'I' && !self.txn.open_batch {
             self.txn.begin_sql = None;
             self.txn.savepoints = false;
+            self.txn.suspended_portal = None;
             self.clear_cancel();
             self.txn.held.take()
         } else {

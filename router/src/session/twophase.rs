@@ -512,3 +512,111 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 }
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// An UPDATE or DELETE naming tenants on several shards, sent with the
+    /// extended protocol (`WHERE tenant_id = ANY($1)`), outside a transaction
+    /// block: the client's pipeline on each of those shards inside a
+    /// transaction, committed together; the rows written summed in one
+    /// command tag, the rows returned gathered.
+    pub(super) async fn run_write_across_extended(
+        &mut self,
+        batch: &[Message],
+        shards: Vec<ShardId>,
+        verb: &str,
+    ) -> Result<(), SessionError> {
+        if self.txn.in_block() || self.txn.open_batch {
+            let e = SqlError::new(
+                "0A000",
+                "a statement that writes tenants on several shards cannot run inside a transaction block yet".into(),
+            )
+            .hint("write one tenant per statement inside the transaction: the transaction then commits on every shard together");
+            return self.fail_batch(e, true).await;
+        }
+        self.txn.pending_begin = Some(vec!["BEGIN".into()]);
+        let mut replies: Vec<Vec<bytes::Bytes>> = Vec::with_capacity(shards.len());
+        let mut failure: Vec<bytes::Bytes> = Vec::new();
+        for &shard in &shards {
+            let swallow = match self.checkout(shard).await {
+                Ok(n) => n,
+                Err(e) => {
+                    failure.push(e.to_message(Severity::Error));
+                    break;
+                }
+            };
+            let expects = self.rewrite_batch(batch, swallow);
+            let Some(b) = self.txn.held.as_mut() else { break };
+            if let Err(e) = b.conn.conn.flush().await {
+                self.txn.pending_begin = None;
+                return self.lost_backend(e).await;
+            }
+            let mut buf = Vec::new();
+            match self.relay_batch(expects, Some(&mut buf)).await {
+                Ok(Some(status)) => {
+                    self.txn.last_status = status;
+                    if status != b'T' || buf.iter().any(|m| m.first() == Some(&b'E')) {
+                        let name = self.shard_name(shard);
+                        failure = buf
+                            .iter()
+                            .filter(|m| m.first() == Some(&b'E'))
+                            .map(|m| super::reply::prefix_error(m, &name))
+                            .collect();
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(RelayError::Client(e)) => return Err(e),
+                Err(RelayError::Backend(e)) => {
+                    self.txn.pending_begin = None;
+                    return self.lost_backend(e).await;
+                }
+            }
+            replies.push(buf);
+        }
+        self.txn.pending_begin = None;
+        if !failure.is_empty() || replies.len() != shards.len() {
+            self.roll_back_all().await;
+            for m in &failure {
+                crate::metrics::global().error_message(m.get(5..).unwrap_or_default());
+                self.client.queue(m);
+            }
+            self.client.queue(&messages::ready_for_query_bytes(self.status()));
+            self.client.flush().await?;
+            return Ok(());
+        }
+        let ended = self.end_cross_shard(true).await?;
+        match &ended.reply {
+            Ok(_) => {
+                // The first shard's replies, with every shard's rows and
+                // counts where its own stood.
+                let mut total = 0u64;
+                for r in replies.iter().flatten().filter(|m| m.first() == Some(&b'C')) {
+                    let tag = String::from_utf8_lossy(&r[5..r.len().saturating_sub(1)]).to_string();
+                    total += tag.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+                }
+                let mut rows_sent = false;
+                for m in replies.first().map(Vec::as_slice).unwrap_or_default() {
+                    match m.first() {
+                        Some(b'D') | Some(b'C') if !rows_sent => {
+                            rows_sent = true;
+                            for row in replies.iter().flatten().filter(|x| x.first() == Some(&b'D')) {
+                                self.client.queue(row);
+                            }
+                            self.client.queue(&messages::command_complete(&format!("{verb} {total}")));
+                        }
+                        Some(b'D') | Some(b'C') => {}
+                        _ => self.client.queue(m),
+                    }
+                }
+            }
+            Err(e) => {
+                crate::metrics::global().error(e.code);
+                self.client.queue(&e.to_message(Severity::Error));
+            }
+        }
+        self.client.queue(&messages::ready_for_query_bytes(self.status()));
+        self.client.flush().await?;
+        self.forget_decision(ended.forget).await;
+        Ok(())
+    }
+}

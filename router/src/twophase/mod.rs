@@ -174,6 +174,14 @@ pub async fn commit(
     let decider_name = decider.name;
     let decider_shard = decider.shard;
     let decider = decider.conn;
+    if let Err(e) = recover::ensure_ready(ctx, decider_shard).await {
+        let e = SqlError::new("55000", format!("shard {decider_name} cannot record a commit decision: {e}"))
+            .hint("the router's shard user must be able to create the shardgate schema and its decisions table; nothing was committed");
+        let none = vec![false; conns.len()];
+        roll_back(decider, &mut conns, &gids, &none).await;
+        c.rolled_back.fetch_add(1, Ordering::Relaxed);
+        return Outcome::RolledBack(e);
+    }
 
     // 1. Prepare everywhere else; the decision row waits, uncommitted, on the decider.
     decider

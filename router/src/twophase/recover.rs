@@ -176,9 +176,10 @@ impl Sweeper {
 
     /// The shard's prepared transactions shardgate made, with their ages.
     async fn list(&mut self, ctx: &RouterContext, shard: ShardId, name: &str) -> Result<Vec<(String, f64)>, String> {
-        let ready = state().ready.lock().unwrap_or_else(|p| p.into_inner()).contains(&shard);
+        let ready = is_ready(shard);
         if !ready {
-            self.query(ctx, shard, SETUP_SQL).await.map_err(|(_, m)| format!("creating shardgate.decisions: {m}"))?;
+            let conn = self.conn(ctx, shard).await?;
+            set_up(conn).await?;
             let max = self.query(ctx, shard, "SHOW max_prepared_transactions").await.map_err(|(_, m)| m)?;
             let max: i64 =
                 max.first().and_then(|r| r.first().cloned().flatten()).and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -214,6 +215,43 @@ impl Sweeper {
 }
 
 type Rows = Vec<Vec<Option<String>>>;
+
+fn is_ready(shard: ShardId) -> bool {
+    state().ready.lock().unwrap_or_else(|p| p.into_inner()).contains(&shard)
+}
+
+/// Creates the decisions table on a shard (idempotent). Two sessions
+/// creating the schema at once can collide on the catalog's unique index
+/// (23505) even with IF NOT EXISTS: the loser tries again.
+async fn set_up(conn: &mut Backend) -> Result<(), String> {
+    let mut last = String::new();
+    for _ in 0..3 {
+        match conn.simple_query(&format!("BEGIN; {SETUP_SQL}; COMMIT")).await {
+            Ok(_) => return Ok(()),
+            Err((code, m)) => {
+                let _ = conn.simple_query("ROLLBACK").await;
+                last = format!("creating shardgate.decisions: {m}");
+                if code != "23505" && code != "42P07" {
+                    break;
+                }
+            }
+        }
+    }
+    Err(last)
+}
+
+/// Makes sure `shard` can be a transaction's decider (its decisions table
+/// exists) before its first commit: the sweep may not have reached it yet
+/// after the router started.
+pub async fn ensure_ready(ctx: &RouterContext, shard: ShardId) -> Result<(), String> {
+    if is_ready(shard) {
+        return Ok(());
+    }
+    let pool = ctx.pool(shard).ok_or("the shard is not in the directory")?;
+    let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+    set_up(&mut conn).await
+    // Marked ready by the sweep, which also reads max_prepared_transactions.
+}
 
 /// What the decider of `txid` decided, on a pooled connection of its shard
 /// (a session whose answer to COMMIT was lost): true for commit.
