@@ -74,18 +74,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Err(cannot("the transaction used SAVEPOINT".into())
                 .hint("savepoints are supported in transactions on one shard; release them or write this tenant in a transaction of its own"));
         }
-        let Some(previous) = self.txn.held.take() else {
-            return Ok(0);
-        };
-        self.txn.parked.push(previous);
         if let Some(at) = self.txn.parked.iter().position(|p| p.shard == shard) {
             let back = self.txn.parked.swap_remove(at);
             self.set_cancel_target(&back);
-            self.txn.held = Some(back);
+            if let Some(previous) = self.txn.held.replace(back) {
+                self.txn.parked.push(previous);
+            }
             return Ok(0);
         }
+        // The new shard's connection first: when the shard cannot be reached
+        // the transaction stays as it was, its connection held, and the
+        // caller's refusal fails it. Parked without a held connection, the
+        // session would look idle: its parts would be dropped at ROLLBACK
+        // without one, back into the pool inside their open transaction, and
+        // the next transaction on that connection would commit them.
         let pool = self.pool(shard)?;
         let mut conn = pool.get().await.map_err(|e| SqlError::new(e.sqlstate(), e.to_string()))?;
+        if let Some(previous) = self.txn.held.take() {
+            self.txn.parked.push(previous);
+        }
         let mut swallow = 0;
         if let Some(sql) = self.settings.prelude(&mut conn) {
             conn.conn.queue(&messages::query(&sql));
@@ -156,10 +163,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.txn.begin_sql = None;
         self.txn.savepoints = false;
         self.txn.last_status = b'I';
+        let mut parked = parked;
         let Some(mut decider) = held else {
+            // Nothing to commit without the held part, but what is parked
+            // must not go back to the pool inside its open transaction.
+            for b in parked.iter_mut() {
+                if b.conn.simple_query("ROLLBACK").await.is_err() {
+                    b.conn.broken = true;
+                }
+            }
             return Ok(Ended { reply: Ok("ROLLBACK"), forget: None });
         };
-        let mut parked = parked;
         if !commit || failed {
             for b in std::iter::once(&mut decider).chain(parked.iter_mut()) {
                 if b.conn.simple_query("ROLLBACK").await.is_err() {
