@@ -154,12 +154,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 Some(Ok(commit)) => {
                     let ended = self.end_cross_shard(commit).await?;
-                    let forget = ended.forget;
-                    match ended.reply {
+                    match ended {
                         Ok(tag) => self.answer_batch_locally(batch, sync, tag).await?,
                         Err(e) => self.fail_batch(e, sync).await?,
                     }
-                    self.forget_decision(forget).await;
                     return Ok(());
                 }
             }

@@ -280,12 +280,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Some(Err(e)) => return self.fail_simple(e).await,
             Some(Ok(commit)) => {
                 let ended = self.end_cross_shard(commit).await?;
-                match ended.reply {
+                match ended {
                     Ok(tag) => self.client.queue(&messages::command_complete(tag)),
                     Err(e) => self.client.queue(&e.to_message(Severity::Error)),
                 }
                 self.ready().await?;
-                self.forget_decision(ended.forget).await;
                 return Ok(());
             }
         }

@@ -244,6 +244,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) fn leave_if_idle(&mut self, status: u8) -> Option<Held> {
         self.txn.last_status = status;
         if status == b'I' && !self.txn.open_batch {
+            // A transaction that spans shards ended on the held one behind
+            // the router's back: its other parts must not go back to the
+            // pool open. Closing their connections rolls them back.
+            for mut b in std::mem::take(&mut self.txn.parked) {
+                tracing::warn!(shard = b.shard, "a transaction's part on another shard was left open; closing it");
+                b.conn.broken = true;
+            }
             self.txn.begin_sql = None;
             self.txn.savepoints = false;
             self.txn.suspended_portal = None;

@@ -20,12 +20,9 @@ use crate::route::{Params, Target};
 use crate::sql::{Analysis, StatementKind, TxnControl};
 use crate::twophase::{self, Outcome, Part};
 
-/// What ending a transaction that spans shards told the client, and the
-/// decision row to delete once the client has its answer.
-pub(super) struct Ended {
-    pub(super) reply: Result<&'static str, SqlError>,
-    pub(super) forget: Option<(Held, String)>,
-}
+/// What ending a transaction that spans shards tells the client: its
+/// command tag, or why nothing was committed.
+pub(super) type Ended = Result<&'static str, SqlError>;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     fn shard_name(&self, shard: ShardId) -> String {
@@ -133,6 +130,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                     self.txn.savepoints = true;
                 }
+                // The client's own PREPARE TRANSACTION would end one shard's
+                // part and leave the others open.
+                StatementKind::Txn(TxnControl::TwoPhase) if spans => {
+                    return Some(Err(SqlError::new(
+                        "0A000",
+                        "PREPARE TRANSACTION is not supported in a transaction that has written on several shards: shardgate commits it with two-phase commit itself".into(),
+                    )
+                    .hint("send COMMIT")));
+                }
                 StatementKind::Txn(TxnControl::Commit | TxnControl::Rollback | TxnControl::Begin) if spans => {
                     control = Some(matches!(s.kind, StatementKind::Txn(TxnControl::Commit)));
                 }
@@ -172,7 +178,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     b.conn.broken = true;
                 }
             }
-            return Ok(Ended { reply: Ok("ROLLBACK"), forget: None });
+            return Ok(Ok("ROLLBACK"));
         };
         if !commit || failed {
             for b in std::iter::once(&mut decider).chain(parked.iter_mut()) {
@@ -183,7 +189,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if commit {
                 twophase::counters().rolled_back.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-            return Ok(Ended { reply: Ok("ROLLBACK"), forget: None });
+            return Ok(Ok("ROLLBACK"));
         }
         let txid = twophase::new_txid();
         let decider_name = self.shard_name(decider.shard);
@@ -193,10 +199,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let part = Part { shard: decider.shard, name: decider_name, conn: &mut decider.conn };
         let outcome = twophase::commit(&self.ctx, &txid, part, others).await;
         let reply = match outcome {
-            Outcome::Committed { in_doubt } => {
-                let forget = (in_doubt == 0).then_some((decider, txid));
-                return Ok(Ended { reply: Ok("COMMIT"), forget });
-            }
+            Outcome::Committed { .. } => return Ok(Ok("COMMIT")),
             Outcome::RolledBack(e) | Outcome::Unknown(e) => Err(e),
             Outcome::Abandoned => {
                 // As if this router had died here: every connection closes
@@ -209,14 +212,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 ))));
             }
         };
-        Ok(Ended { reply, forget: None })
-    }
-
-    /// After the client has its answer: the decision row goes.
-    pub(super) async fn forget_decision(&mut self, forget: Option<(Held, String)>) {
-        if let Some((mut decider, txid)) = forget {
-            twophase::forget(&mut decider.conn, &txid).await;
-        }
+        Ok(reply)
     }
 
     /// Rolls back whatever the transaction holds, on every shard it reached.
@@ -319,13 +315,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if implicit {
             self.txn.pending_begin = None;
             let ended = self.end_cross_shard(!failed).await?;
-            if let Err(e) = &ended.reply {
+            if let Err(e) = &ended {
                 crate::metrics::global().error(e.code);
                 self.client.queue(&e.to_message(Severity::Error));
             }
             self.client.queue(&messages::ready_for_query_bytes(self.status()));
             self.client.flush().await?;
-            self.forget_decision(ended.forget).await;
             return Ok(());
         }
         if failed && self.txn.last_status != b'E' {
@@ -500,7 +495,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             open.iter_mut().zip(names).map(|(p, name)| Part { shard: p.shard, name, conn: &mut p.conn }).collect();
         let part = Part { shard: decider.shard, name: self.shard_name(decider.shard), conn: &mut decider.conn };
         match twophase::commit(&self.ctx, &txid, part, others).await {
-            Outcome::Committed { in_doubt } => {
+            Outcome::Committed { .. } => {
                 if let Some(h) = header {
                     self.client.queue(&h);
                 }
@@ -508,11 +503,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.client.queue(&r);
                 }
                 self.client.queue(&messages::command_complete(&format!("{tag} {total}")));
-                self.ready().await?;
-                if in_doubt == 0 {
-                    twophase::forget(&mut decider.conn, &txid).await;
-                }
-                Ok(())
+                self.ready().await
             }
             Outcome::RolledBack(e) | Outcome::Unknown(e) => self.fail_simple(e).await,
             Outcome::Abandoned => {
@@ -599,7 +590,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Ok(());
         }
         let ended = self.end_cross_shard(true).await?;
-        match &ended.reply {
+        match &ended {
             Ok(_) => {
                 // The first shard's replies, with every shard's rows and
                 // counts where its own stood.
@@ -630,7 +621,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         self.client.queue(&messages::ready_for_query_bytes(self.status()));
         self.client.flush().await?;
-        self.forget_decision(ended.forget).await;
         Ok(())
     }
 }

@@ -9,8 +9,9 @@
 //!    `shardgate.decisions` inside its own, still open, transaction;
 //! 2. when every PREPARE succeeded the decider commits. That commit *is* the
 //!    decision: the row exists exactly when the transaction committed;
-//! 3. every prepared participant runs `COMMIT PREPARED`, then the decision
-//!    row is deleted (the client has its answer before that).
+//! 3. every prepared participant runs `COMMIT PREPARED`; the client gets
+//!    its answer. Decision rows are deleted in bulk by [`recover`] after
+//!    [`recover::KEEP_DECISIONS`].
 //!
 //! A failure before step 2 rolls every part back. A crash anywhere leaves
 //! prepared transactions that [`recover`] settles within seconds: it asks the
@@ -42,6 +43,10 @@ pub const SETUP_SQL: &str = "CREATE SCHEMA IF NOT EXISTS shardgate; \
        txid text PRIMARY KEY, \
        committed boolean NOT NULL, \
        at timestamptz NOT NULL DEFAULT now())";
+
+/// A decision insert answered later than this is not committed: the
+/// transaction is rolled back (see [`recover::KEEP_DECISIONS`]).
+pub const DECISION_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The prefix of every prepared transaction's name shardgate makes.
 pub const GID_PREFIX: &str = "sg_";
@@ -184,6 +189,7 @@ pub async fn commit(
     }
 
     // 1. Prepare everywhere else; the decision row waits, uncommitted, on the decider.
+    let sent_at = std::time::Instant::now();
     decider
         .conn
         .queue(&messages::query(&format!("INSERT INTO shardgate.decisions (txid, committed) VALUES ('{txid}', true)")));
@@ -226,6 +232,15 @@ pub async fn commit(
         }
     }
     match decided {
+        Ok(Reply { error: None, .. }) if sent_at.elapsed() > DECISION_DEADLINE => {
+            failure.get_or_insert_with(|| {
+                SqlError::new(
+                    "57014",
+                    format!("the commit decision on shard {decider_name} took longer than {DECISION_DEADLINE:?}"),
+                )
+                .hint("nothing was committed; run the transaction again")
+            });
+        }
         Ok(Reply { error: None, .. }) => {}
         Ok(Reply { error: Some((code, msg)), .. }) => {
             failure.get_or_insert_with(|| prepare_failed(&decider_name, &code, &msg));
@@ -317,16 +332,6 @@ pub async fn commit(
     }
     c.committed.fetch_add(1, Ordering::Relaxed);
     Outcome::Committed { in_doubt }
-}
-
-/// After the client has its answer: the decision row is no longer needed
-/// once every participant committed.
-pub async fn forget(decider: &mut Backend, txid: &str) {
-    if let Err((code, msg)) =
-        decider.simple_query(&format!("DELETE FROM shardgate.decisions WHERE txid = '{txid}'")).await
-    {
-        tracing::debug!(code, error = %msg, "could not delete a decision row; the recovery sweep will");
-    }
 }
 
 fn prepare_failed(shard: &str, code: &str, msg: &str) -> SqlError {

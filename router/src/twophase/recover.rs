@@ -23,8 +23,12 @@ const EVERY: Duration = Duration::from_secs(1);
 /// A prepared transaction younger than this may still be committing.
 const GRACE_SECS: f64 = 2.0;
 /// Decision rows whose transactions left nothing prepared anywhere are
-/// deleted after this long (normally the committing session deletes them).
-const KEEP_DECISIONS: &str = "5 minutes";
+/// deleted after this long, in bulk, once a minute: deleting each one as its
+/// transaction ends would cost every cross-shard commit another commit (and
+/// fsync) on its decider. A commit whose decision insert answers later than
+/// [`super::DECISION_DEADLINE`] is rolled back, so no decider can insert a row
+/// that a settled transaction's deleted row would have refused.
+pub const KEEP_DECISIONS: Duration = Duration::from_secs(300);
 /// How long settling waits for a decider transaction still in flight.
 const LOCK_TIMEOUT: &str = "2s";
 /// How long any one statement of the sweep may take.
@@ -66,7 +70,7 @@ pub async fn sweep_forever(ctx: Arc<RouterContext>, mut stopped: watch::Receiver
             _ = stopped.changed() => return,
             _ = tick.tick() => {}
         }
-        sweeper.sweep(&ctx, round % 60 == 59).await;
+        sweeper.sweep(&ctx, (round % 60 == 59).then_some(KEEP_DECISIONS)).await;
         round += 1;
     }
 }
@@ -106,8 +110,9 @@ impl Sweeper {
     }
 
     /// One pass over every shard. With `collect`, also deletes decision rows
-    /// no prepared transaction needs any more (only when every shard answered).
-    pub async fn sweep(&mut self, ctx: &RouterContext, collect: bool) {
+    /// older than that which no prepared transaction needs any more (only
+    /// when every shard answered).
+    pub async fn sweep(&mut self, ctx: &RouterContext, collect: Option<Duration>) {
         let dir = ctx.directory.load();
         let shards: Vec<(ShardId, String)> = dir.live_shards().map(|(i, s)| (i, s.name.clone())).collect();
         let mut found = Vec::new();
@@ -159,16 +164,18 @@ impl Sweeper {
                 }
             }
         }
-        if collect && all_answered {
+        if let (Some(keep), true) = (collect, all_answered) {
             let txids: Vec<String> = found.iter().filter_map(|(_, _, gid, _)| parse_gid(gid).map(|(t, _)| t)).collect();
-            let keep = if txids.is_empty() {
+            let keep_txids = if txids.is_empty() {
                 String::new()
             } else {
                 format!(" AND txid NOT IN ({})", txids.iter().map(|t| format!("'{t}'")).collect::<Vec<_>>().join(", "))
             };
             for (shard, _) in &shards {
-                let sql =
-                    format!("DELETE FROM shardgate.decisions WHERE at < now() - interval '{KEEP_DECISIONS}'{keep}");
+                let sql = format!(
+                    "DELETE FROM shardgate.decisions WHERE at <= now() - interval '{} milliseconds'{keep_txids}",
+                    keep.as_millis()
+                );
                 let _ = self.query(ctx, *shard, &sql).await;
             }
         }
