@@ -13,6 +13,51 @@ use crate::protocol::messages::{self, Severity};
 use crate::protocol::{Message, ProtocolError};
 use crate::sql::{Statement, StatementKind};
 
+/// The answers of one statement run on several shards, gathered: the first
+/// RowDescription, every shard's rows, and the rows written, summed.
+#[derive(Default)]
+pub(super) struct Gathered {
+    header: Option<Bytes>,
+    rows: Vec<Bytes>,
+    pub(super) total: u64,
+}
+
+impl Gathered {
+    pub(super) fn add(&mut self, replies: Vec<Bytes>) {
+        for r in replies {
+            match r.first() {
+                Some(b'T') => {
+                    self.header.get_or_insert(r);
+                }
+                Some(b'D') => self.rows.push(r),
+                Some(b'C') => self.total += command_count(&r),
+                _ => {}
+            }
+        }
+    }
+
+    /// Queues the answer: the rows, then `tag` with the count.
+    pub(super) fn answer<S: AsyncRead + AsyncWrite + Unpin>(
+        self,
+        client: &mut crate::protocol::Connection<S>,
+        tag: &str,
+    ) {
+        if let Some(h) = &self.header {
+            client.queue(h);
+        }
+        for r in &self.rows {
+            client.queue(r);
+        }
+        client.queue(&messages::command_complete(&format!("{tag} {}", self.total)));
+    }
+}
+
+/// The row count at the end of a CommandComplete (`UPDATE 3`, `INSERT 0 3`).
+pub(super) fn command_count(complete: &[u8]) -> u64 {
+    let tag = String::from_utf8_lossy(&complete[5.min(complete.len())..complete.len().saturating_sub(1)]).to_string();
+    tag.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0)
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// `COPY … FROM STDIN` into a sharded table sent with the extended protocol
     /// (Bind, Execute, Sync, then the data). As in Postgres, the Sync sent before
@@ -146,9 +191,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return self.run_split_insert_atomically(texts).await;
         }
         // cross_shard_transactions = "refuse": each shard's part commits on its own.
-        let mut total = 0u64;
-        let mut header: Option<Bytes> = None;
-        let mut rows = Vec::new();
+        let mut gathered = Gathered::default();
         for (shard, sql) in texts {
             match self.collect_on(shard, &sql).await {
                 Err(e) => return self.fail_simple(e).await,
@@ -158,30 +201,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.client.queue(&prefix_error(&err, &name));
                     return self.ready().await;
                 }
-                Ok((replies, None)) => {
-                    for r in replies {
-                        match r.first() {
-                            Some(b'T') => {
-                                header.get_or_insert(r);
-                            }
-                            Some(b'D') => rows.push(r),
-                            Some(b'C') => {
-                                let tag = String::from_utf8_lossy(&r[5..r.len().saturating_sub(1)]).to_string();
-                                total += tag.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
-                            }
-                            _ => {}
-                        }
-                    }
-                }
+                Ok((replies, None)) => gathered.add(replies),
             }
         }
-        if let Some(h) = header {
-            self.client.queue(&h);
-        }
-        for r in rows {
-            self.client.queue(&r);
-        }
-        self.client.queue(&messages::command_complete(&format!("INSERT 0 {total}")));
+        gathered.answer(&mut self.client, "INSERT 0");
         self.ready().await
     }
 

@@ -427,9 +427,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// `tag` followed by the rows they wrote.
     async fn run_parts_atomically(&mut self, texts: Vec<(ShardId, String)>, tag: &str) -> Result<(), SessionError> {
         let mut open: Vec<Held> = Vec::with_capacity(texts.len());
-        let mut total = 0u64;
-        let mut header: Option<bytes::Bytes> = None;
-        let mut rows = Vec::new();
+        let mut gathered = super::split::Gathered::default();
         let mut failure: Option<bytes::Bytes> = None;
         for (shard, sql) in texts {
             let name = self.shard_name(shard);
@@ -459,21 +457,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     failure = Some(super::reply::prefix_error(&err, &name));
                     break;
                 }
-                Ok((replies, None)) => {
-                    for r in replies {
-                        match r.first() {
-                            Some(b'T') => {
-                                header.get_or_insert(r);
-                            }
-                            Some(b'D') => rows.push(r),
-                            Some(b'C') => {
-                                let tag = String::from_utf8_lossy(&r[5..r.len().saturating_sub(1)]).to_string();
-                                total += tag.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
-                            }
-                            _ => {}
-                        }
-                    }
-                }
+                Ok((replies, None)) => gathered.add(replies),
             }
         }
         if let Some(err) = failure {
@@ -496,13 +480,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let part = Part { shard: decider.shard, name: self.shard_name(decider.shard), conn: &mut decider.conn };
         match twophase::commit(&self.ctx, &txid, part, others).await {
             Outcome::Committed { .. } => {
-                if let Some(h) = header {
-                    self.client.queue(&h);
-                }
-                for r in rows {
-                    self.client.queue(&r);
-                }
-                self.client.queue(&messages::command_complete(&format!("{tag} {total}")));
+                gathered.answer(&mut self.client, tag);
                 self.ready().await
             }
             Outcome::RolledBack(e) | Outcome::Unknown(e) => self.fail_simple(e).await,
@@ -594,11 +572,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(_) => {
                 // The first shard's replies, with every shard's rows and
                 // counts where its own stood.
-                let mut total = 0u64;
-                for r in replies.iter().flatten().filter(|m| m.first() == Some(&b'C')) {
-                    let tag = String::from_utf8_lossy(&r[5..r.len().saturating_sub(1)]).to_string();
-                    total += tag.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
-                }
+                let total: u64 = replies
+                    .iter()
+                    .flatten()
+                    .filter(|m| m.first() == Some(&b'C'))
+                    .map(|m| super::split::command_count(m))
+                    .sum();
                 let mut rows_sent = false;
                 for m in replies.first().map(Vec::as_slice).unwrap_or_default() {
                     match m.first() {
