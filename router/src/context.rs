@@ -143,6 +143,9 @@ pub struct RouterContext {
     /// ParameterStatus values reported to clients at login.
     pub server_params: Mutex<Vec<(String, String)>>,
     next_any: AtomicUsize,
+    /// Shards (a bit per id below 64) whose last health probe failed
+    /// ([`crate::health`]): [`Self::any_shard`] passes them over.
+    pub down_shards: std::sync::atomic::AtomicU64,
     pub clients: AtomicUsize,
     /// Connections still logging in (bounded by `max_pending_logins`).
     pub logins: AtomicUsize,
@@ -219,6 +222,7 @@ impl RouterContext {
             cancels: Mutex::new(HashMap::new()),
             server_params: Mutex::new(Vec::new()),
             next_any: AtomicUsize::new(0),
+            down_shards: std::sync::atomic::AtomicU64::new(0),
             clients: AtomicUsize::new(0),
             c_collation: std::sync::atomic::AtomicBool::new(false),
             credentials,
@@ -294,11 +298,16 @@ impl RouterContext {
     }
 
     /// A shard for statements that may run anywhere (reference-table reads,
-    /// `SELECT 1`): round-robin over the live shards.
+    /// `SELECT 1`, a driver's Parse and Describe): round-robin over the live
+    /// shards, those that did not answer their last health probe passed over
+    /// while another can serve.
     pub fn any_shard(&self, dir: &Directory) -> ShardId {
         // No allocation: this runs for every statement on a reference table.
         // Only shards holding the reference tables' rows serve their reads.
-        let refs = || dir.live_shards().filter(|(_, s)| s.reference);
+        let down = self.down_shards.load(Ordering::Relaxed);
+        let up = |i: ShardId| i >= 64 || down & (1 << i) == 0;
+        let serving = down == 0 || dir.live_shards().any(|(i, s)| s.reference && up(i));
+        let refs = || dir.live_shards().filter(move |(i, s)| s.reference && (!serving || up(*i)));
         let n_refs = refs().count();
         if n_refs == 1 {
             // The usual case of one shard holding them: no counter to turn.

@@ -81,6 +81,10 @@ pub async fn watch_shards(ctx: Arc<RouterContext>, mut stopped: watch::Receiver<
             async move { probe.run(pool, &health, timeout).await }
         });
         futures::future::join_all(rounds).await;
+        // Statements that may run anywhere avoid the shards that did not answer.
+        let down =
+            (0..pools.len().min(64)).filter(|&i| !ctx.shard_health(i).is_up()).fold(0u64, |mask, i| mask | 1 << i);
+        ctx.down_shards.store(down, Ordering::Relaxed);
     }
 }
 

@@ -71,3 +71,32 @@ async fn a_shard_that_stops_is_reported_and_once_back_costs_clients_no_error() {
     assert_eq!(ready().await.0, 200);
     assert!(health.failures() >= 1);
 }
+
+/// Statements that may run on any shard (`SELECT 1`, a driver preparing a
+/// statement with Parse and Describe) pass over a shard whose health probe
+/// failed, while another shard can answer: a stopped shard costs the
+/// tenants on it their statements, not every client's prepares.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_that_may_run_anywhere_avoid_a_shard_that_is_down() {
+    let h = Harness::start(2).await;
+    let setup = h.client().await;
+    setup.batch_execute("CREATE TABLE t (tenant_id bigint, v int)").await.unwrap();
+    let up = h.tenants_on(0, 1)[0];
+    let health = h.router.context.shard_health(1);
+    wait_for("the first probe", Duration::from_secs(10), || health.is_up()).await;
+    h.shard_server(1).stop().unwrap();
+    wait_for("shard_1 seen down", Duration::from_secs(10), || !health.is_up()).await;
+    wait_for("shard_1 passed over", Duration::from_secs(10), || {
+        h.router.context.down_shards.load(std::sync::atomic::Ordering::Relaxed) == 0b10
+    })
+    .await;
+    let c = h.client().await;
+    // Turn after turn, each would have gone to the stopped shard every other time.
+    for i in 0..6 {
+        c.simple_query("SELECT 1").await.unwrap_or_else(|e| panic!("SELECT 1, turn {i}: {e:?}"));
+        let sql = format!("INSERT INTO t VALUES ($1, {i})");
+        let stmt = c.prepare(&sql).await.unwrap_or_else(|e| panic!("prepare, turn {i}: {e:?}"));
+        c.execute(&stmt, &[&up]).await.unwrap();
+    }
+    h.shard_server(1).start_again().unwrap();
+}
