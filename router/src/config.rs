@@ -28,8 +28,9 @@ pub struct RouterConfig {
     /// Refuse any statement on a sharded table that names no tenant.
     #[serde(default)]
     pub strict_tenant: bool,
-    /// Allow UPDATE/DELETE without a tenant key (they run on every shard, one
-    /// transaction per shard, not atomically across shards).
+    /// Allow UPDATE/DELETE without a tenant key: they run on every shard,
+    /// committed together (two-phase commit), or one transaction per shard
+    /// with `cross_shard_transactions = "refuse"`.
     #[serde(default)]
     pub allow_cross_shard_writes: bool,
     /// A transaction block that writes on several shards: `"two_phase"`

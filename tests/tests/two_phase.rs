@@ -431,3 +431,30 @@ async fn an_extended_write_naming_tenants_on_several_shards_commits_together() {
     assert_eq!(rows(&h, 3).await, 1);
     assert!(prepared(&h, 3).await.is_empty());
 }
+
+/// A keyless UPDATE or DELETE of a sharded table, where
+/// `allow_cross_shard_writes` lets it run on every shard, commits on every
+/// shard or none, and its command tag counts every shard's rows. It used to
+/// commit shard after shard and report the first shard's count only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyless_write_on_every_shard_is_all_or_nothing_and_counts_every_row() {
+    let config = RouterConfig { allow_cross_shard_writes: true, ..RouterConfig::default() };
+    let h = Harness::start_with(3, config).await;
+    let t: Vec<i64> = (0..3).map(|s| h.tenants_on(s, 1)[0]).collect();
+    let c = h.client().await;
+    c.batch_execute(SCHEMA).await.unwrap();
+    for tenant in &t {
+        c.execute("INSERT INTO acct VALUES ($1, 1, 100)", &[tenant]).await.unwrap();
+    }
+    let tag = c.simple_query("UPDATE acct SET bal = bal + 1").await.unwrap();
+    assert!(matches!(tag.last(), Some(tokio_postgres::SimpleQueryMessage::CommandComplete(3))), "{tag:?}");
+    assert_eq!(balances(&h, &t).await, [101, 101, 101]);
+    let failing = format!("UPDATE acct SET bal = bal / (CASE WHEN tenant_id = {} THEN 0 ELSE 1 END)", t[2]);
+    let e = c.simple_query(&failing).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "22012");
+    assert_eq!(balances(&h, &t).await, [101, 101, 101], "no shard kept its part");
+    let tag = c.simple_query("DELETE FROM acct WHERE bal > 0").await.unwrap();
+    assert!(matches!(tag.last(), Some(tokio_postgres::SimpleQueryMessage::CommandComplete(3))), "{tag:?}");
+    assert_eq!(rows(&h, 3).await, 0);
+    assert!(prepared(&h, 3).await.is_empty());
+}

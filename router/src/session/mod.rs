@@ -325,6 +325,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Target::All if self.txn.pending_begin.is_some() || leaves_transaction_open(&analysis) => {
                 self.open_multi(sql, &analysis).await
             }
+            // A keyless UPDATE or DELETE of a sharded table (allow_cross_shard_writes):
+            // every shard's part committed together, the rows written summed.
+            Target::All
+                if self.ctx.config.cross_shard_transactions == crate::config::CrossShard::TwoPhase
+                    && matches!(&analysis.statements[..], [s] if matches!(s.kind, StatementKind::Update | StatementKind::Delete)
+                        && s.tables.iter().any(|t| self.ctx.catalog.is_sharded(t))) =>
+            {
+                let dir = self.ctx.directory.load();
+                let shards = everywhere::everywhere(&dir, analysis.statements.iter());
+                self.run_write_atomically(&analysis.statements[0], shards).await
+            }
             Target::All => self.run_everywhere(sql, &analysis).await,
             Target::Fanout(shards) if matches!(analysis.statements[0].kind, StatementKind::Copy(_)) => {
                 self.run_copy_out_fanout(&analysis.statements[0], shards).await
