@@ -24,6 +24,25 @@ use crate::twophase::{self, Outcome, Part};
 /// command tag, or why nothing was committed.
 pub(super) type Ended = Result<&'static str, SqlError>;
 
+/// Rolls back each part's open transaction; a connection that does not
+/// answer cleanly is closed (its server rolls back).
+async fn roll_back_each(parts: &mut [Held]) {
+    for b in parts.iter_mut() {
+        if b.conn.broken || b.conn.simple_query("ROLLBACK").await.is_err() {
+            b.conn.broken = true;
+        }
+    }
+}
+
+/// A write naming tenants on several shards inside a transaction block.
+fn several_shards_in_block() -> SqlError {
+    SqlError::new(
+        "0A000",
+        "a statement that writes tenants on several shards cannot run inside a transaction block yet".into(),
+    )
+    .hint("write one tenant per statement inside the transaction: the transaction then commits on every shard together")
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     fn shard_name(&self, shard: ShardId) -> String {
         let dir = self.ctx.directory.load();
@@ -173,46 +192,47 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let Some(mut decider) = held else {
             // Nothing to commit without the held part, but what is parked
             // must not go back to the pool inside its open transaction.
-            for b in parked.iter_mut() {
-                if b.conn.simple_query("ROLLBACK").await.is_err() {
-                    b.conn.broken = true;
-                }
-            }
+            roll_back_each(&mut parked).await;
             return Ok(Ok("ROLLBACK"));
         };
         if !commit || failed {
-            for b in std::iter::once(&mut decider).chain(parked.iter_mut()) {
-                if b.conn.simple_query("ROLLBACK").await.is_err() {
-                    b.conn.broken = true;
-                }
-            }
+            roll_back_each(std::slice::from_mut(&mut decider)).await;
+            roll_back_each(&mut parked).await;
             if commit {
                 twophase::counters().rolled_back.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             return Ok(Ok("ROLLBACK"));
         }
+        Ok(self.commit_parts(&mut decider, &mut parked).await?.map(|()| "COMMIT"))
+    }
+
+    /// Commits the transactions open on `decider` and `others` together
+    /// ([`twophase::commit`]): Ok(Err) when nothing was committed (or the
+    /// outcome is unknown), with the reason for the client.
+    async fn commit_parts(
+        &self,
+        decider: &mut Held,
+        others: &mut [Held],
+    ) -> Result<Result<(), SqlError>, SessionError> {
         let txid = twophase::new_txid();
-        let decider_name = self.shard_name(decider.shard);
-        let names: Vec<String> = parked.iter().map(|p| self.shard_name(p.shard)).collect();
-        let others: Vec<Part<'_>> =
-            parked.iter_mut().zip(names).map(|(p, name)| Part { shard: p.shard, name, conn: &mut p.conn }).collect();
-        let part = Part { shard: decider.shard, name: decider_name, conn: &mut decider.conn };
-        let outcome = twophase::commit(&self.ctx, &txid, part, others).await;
-        let reply = match outcome {
-            Outcome::Committed { .. } => return Ok(Ok("COMMIT")),
-            Outcome::RolledBack(e) | Outcome::Unknown(e) => Err(e),
+        let names: Vec<String> = others.iter().map(|p| self.shard_name(p.shard)).collect();
+        let parts: Vec<Part<'_>> =
+            others.iter_mut().zip(names).map(|(p, name)| Part { shard: p.shard, name, conn: &mut p.conn }).collect();
+        let part = Part { shard: decider.shard, name: self.shard_name(decider.shard), conn: &mut decider.conn };
+        match twophase::commit(&self.ctx, &txid, part, parts).await {
+            Outcome::Committed { .. } => Ok(Ok(())),
+            Outcome::RolledBack(e) | Outcome::Unknown(e) => Ok(Err(e)),
             Outcome::Abandoned => {
                 // As if this router had died here: every connection closes
                 // without another word, the client's too.
-                for b in std::iter::once(&mut decider).chain(parked.iter_mut()) {
+                for b in std::iter::once(decider).chain(others.iter_mut()) {
                     b.conn.broken = true;
                 }
-                return Err(SessionError::Protocol(ProtocolError::Io(std::io::Error::other(
+                Err(SessionError::Protocol(ProtocolError::Io(std::io::Error::other(
                     "two-phase commit fault point (test)",
-                ))));
+                ))))
             }
-        };
-        Ok(reply)
+        }
     }
 
     /// Rolls back whatever the transaction holds, on every shard it reached.
@@ -225,11 +245,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if held.is_some() {
             self.clear_cancel();
         }
-        for mut b in held.into_iter().chain(parked) {
-            if b.conn.simple_query("ROLLBACK").await.is_err() {
-                b.conn.broken = true;
-            }
-        }
+        let mut all: Vec<Held> = held.into_iter().chain(parked).collect();
+        roll_back_each(&mut all).await;
     }
 }
 
@@ -405,12 +422,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         shards: Vec<ShardId>,
     ) -> Result<(), SessionError> {
         if self.txn.in_block() {
-            let e = SqlError::new(
-                "0A000",
-                "a statement that writes tenants on several shards cannot run inside a transaction block yet".into(),
-            )
-            .hint("write one tenant per statement inside the transaction: the transaction then commits on every shard together");
-            return self.fail_simple(e).await;
+            return self.fail_simple(several_shards_in_block()).await;
         }
         // Rows under a move are written where they are owned only.
         let texts = match self.shard_texts(&shards, &stmt.text, stmt) {
@@ -461,11 +473,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         if let Some(err) = failure {
-            for b in open.iter_mut() {
-                if b.conn.broken || b.conn.simple_query("ROLLBACK").await.is_err() {
-                    b.conn.broken = true;
-                }
-            }
+            roll_back_each(&mut open).await;
             crate::metrics::global().error_message(&err[5..]);
             self.client.queue(&err);
             return self.ready().await;
@@ -473,25 +481,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let Some(mut decider) = open.pop() else {
             return self.ready().await;
         };
-        let txid = twophase::new_txid();
-        let names: Vec<String> = open.iter().map(|p| self.shard_name(p.shard)).collect();
-        let others: Vec<Part<'_>> =
-            open.iter_mut().zip(names).map(|(p, name)| Part { shard: p.shard, name, conn: &mut p.conn }).collect();
-        let part = Part { shard: decider.shard, name: self.shard_name(decider.shard), conn: &mut decider.conn };
-        match twophase::commit(&self.ctx, &txid, part, others).await {
-            Outcome::Committed { .. } => {
+        match self.commit_parts(&mut decider, &mut open).await? {
+            Ok(()) => {
                 gathered.answer(&mut self.client, tag);
                 self.ready().await
             }
-            Outcome::RolledBack(e) | Outcome::Unknown(e) => self.fail_simple(e).await,
-            Outcome::Abandoned => {
-                for b in std::iter::once(&mut decider).chain(open.iter_mut()) {
-                    b.conn.broken = true;
-                }
-                Err(SessionError::Protocol(ProtocolError::Io(std::io::Error::other(
-                    "two-phase commit fault point (test)",
-                ))))
-            }
+            Err(e) => self.fail_simple(e).await,
         }
     }
 }
@@ -509,12 +504,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         verb: &str,
     ) -> Result<(), SessionError> {
         if self.txn.in_block() || self.txn.open_batch {
-            let e = SqlError::new(
-                "0A000",
-                "a statement that writes tenants on several shards cannot run inside a transaction block yet".into(),
-            )
-            .hint("write one tenant per statement inside the transaction: the transaction then commits on every shard together");
-            return self.fail_batch(e, true).await;
+            return self.fail_batch(several_shards_in_block(), true).await;
         }
         self.txn.pending_begin = Some(vec!["BEGIN".into()]);
         let mut replies: Vec<Vec<bytes::Bytes>> = Vec::with_capacity(shards.len());
