@@ -111,10 +111,11 @@ async fn a_transaction_across_shards_commits_everywhere_or_nowhere() {
     // The session goes on: a one-shard transaction as ever.
     c.execute("UPDATE acct SET bal = bal + 1 WHERE tenant_id = $1", &[&t[0]]).await.unwrap();
     assert_eq!(balances(&h, &t).await, [71, 120, 110]);
-    // One decision row, "committed", stands for the committed transaction
-    // (the one rolled back at COMMIT never got to decide) until the sweep
-    // deletes rows old enough in bulk.
-    assert_eq!(decision_rows(&h, 3).await, [true]);
+    // One decision row, "committed", stands for each committed transaction
+    // (the table's creation, and the one transfer; the one rolled back at
+    // COMMIT never got to decide) until the sweep deletes rows old enough in
+    // bulk.
+    assert_eq!(decision_rows(&h, 3).await, [true, true]);
     let mut sweeper = shardgate_router::twophase::recover::Sweeper::default();
     sweeper.sweep(&h.router.context, Some(Duration::ZERO)).await;
     assert_eq!(decision_rows(&h, 3).await, Vec::<bool>::new(), "no transaction needs the row any more");
@@ -457,4 +458,130 @@ async fn a_keyless_write_on_every_shard_is_all_or_nothing_and_counts_every_row()
     assert!(matches!(tag.last(), Some(tokio_postgres::SimpleQueryMessage::CommandComplete(3))), "{tag:?}");
     assert_eq!(rows(&h, 3).await, 0);
     assert!(prepared(&h, 3).await.is_empty());
+}
+
+/// The keyless write above, sent with the extended protocol: it used to run
+/// shard after shard and answer with the first shard's count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extended_keyless_write_on_every_shard_is_all_or_nothing_and_counts_every_row() {
+    let config = RouterConfig { allow_cross_shard_writes: true, ..RouterConfig::default() };
+    let h = Harness::start_with(3, config).await;
+    let t: Vec<i64> = (0..3).map(|s| h.tenants_on(s, 1)[0]).collect();
+    let c = h.client().await;
+    c.batch_execute(SCHEMA).await.unwrap();
+    for tenant in &t {
+        c.execute("INSERT INTO acct VALUES ($1, 1, 100)", &[tenant]).await.unwrap();
+    }
+    assert_eq!(c.execute("UPDATE acct SET bal = bal + $1", &[&1i64]).await.unwrap(), 3);
+    assert_eq!(balances(&h, &t).await, [101, 101, 101]);
+    let e = c
+        .execute("UPDATE acct SET bal = bal / (CASE WHEN tenant_id = $1 THEN 0 ELSE 1 END)", &[&t[2]])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "22012");
+    assert_eq!(balances(&h, &t).await, [101, 101, 101], "no shard kept its part");
+    assert_eq!(c.execute("DELETE FROM acct WHERE bal > $1", &[&0i64]).await.unwrap(), 3);
+    assert_eq!(rows(&h, 3).await, 0);
+    assert!(prepared(&h, 3).await.is_empty());
+}
+
+/// How many rows `sql` counts on each shard, read directly.
+async fn count_on_each(h: &Harness, shards: usize, sql: &str) -> Vec<i64> {
+    let mut out = Vec::new();
+    for s in 0..shards {
+        out.push(h.shard(s).await.query_one(sql, &[]).await.unwrap().get(0));
+    }
+    out
+}
+
+/// Statements that must land on every shard (DDL, reference-table rows)
+/// land on all of them or on none, in the simple and the extended protocol,
+/// outside a transaction block and inside one. They used to run shard after
+/// shard, so a failure on one shard left the others changed: reference rows
+/// that differ between shards, a table on some shards only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_on_every_shard_land_on_all_of_them_or_none() {
+    let h = Harness::start(3).await;
+    let c = h.client().await;
+    c.batch_execute("CREATE TABLE countries (code text PRIMARY KEY, name text)").await.unwrap();
+    let countries = "SELECT count(*) FROM countries";
+    // A row planted on shard 2 only, behind the router's back.
+    h.shard(2).await.batch_execute("INSERT INTO countries VALUES ('jp', 'Japan')").await.unwrap();
+    let e = c.batch_execute("INSERT INTO countries VALUES ('fr', 'France'), ('jp', 'Japan')").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "23505");
+    assert!(e.as_db_error().unwrap().message().contains("shard_2"), "{e:?}");
+    let e = c.execute("INSERT INTO countries VALUES ($1, $2)", &[&"jp", &"Japan"]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "23505");
+    assert_eq!(count_on_each(&h, 3, countries).await, [0, 0, 1], "no shard kept its part");
+    h.shard(2).await.batch_execute("DELETE FROM countries").await.unwrap();
+    // Written everywhere, a reference row is counted once, as one Postgres counts it.
+    let tag = c.simple_query("INSERT INTO countries VALUES ('fr', 'France')").await.unwrap();
+    assert!(matches!(tag.last(), Some(tokio_postgres::SimpleQueryMessage::CommandComplete(1))), "{tag:?}");
+    assert_eq!(c.execute("INSERT INTO countries VALUES ($1, $2)", &[&"de", &"Germany"]).await.unwrap(), 1);
+    assert_eq!(count_on_each(&h, 3, countries).await, [2, 2, 2]);
+
+    // DDL: a table that exists on shard 1 only is not created on the others.
+    let planted = "SELECT count(*) FROM pg_tables WHERE tablename = 'planted'";
+    h.shard(1).await.batch_execute("CREATE TABLE planted (id int)").await.unwrap();
+    let e = c.batch_execute("CREATE TABLE planted (id int)").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "42P07");
+    let e = c.execute("CREATE TABLE planted (id int)", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "42P07");
+    assert_eq!(count_on_each(&h, 3, planted).await, [0, 1, 0]);
+
+    // What cannot run in a transaction block still runs, shard by shard.
+    c.batch_execute("CREATE INDEX CONCURRENTLY countries_by_name ON countries (name)").await.unwrap();
+    c.execute("CREATE INDEX CONCURRENTLY countries_by_name_too ON countries (name)", &[]).await.unwrap();
+    let indexes = "SELECT count(*) FROM pg_indexes WHERE indexname LIKE 'countries_by_name%'";
+    assert_eq!(count_on_each(&h, 3, indexes).await, [2, 2, 2]);
+
+    // A schema change in a transaction block: cut after PREPARE, the sweep
+    // rolls it back on every shard; committed, it is on every shard.
+    let point = shardgate_router::twophase::FAULT_POINTS[0];
+    fault::set(point, Some(fault::Action::Error));
+    let cut = h.client().await;
+    cut.batch_execute("BEGIN; CREATE TABLE audit (id int)").await.unwrap();
+    cut.batch_execute("INSERT INTO countries VALUES ('es', 'Spain')").await.unwrap();
+    let e = cut.batch_execute("COMMIT").await.unwrap_err();
+    assert!(e.is_closed() || e.code().is_none(), "the client lost its connection: {e:?}");
+    fault::set(point, None);
+    until_settled(&h, 3).await;
+    let audit = "SELECT count(*) FROM pg_tables WHERE tablename = 'audit'";
+    assert_eq!(count_on_each(&h, 3, audit).await, [0, 0, 0]);
+    assert_eq!(count_on_each(&h, 3, countries).await, [2, 2, 2]);
+    c.batch_execute("BEGIN; CREATE TABLE audit (id int)").await.unwrap();
+    c.batch_execute("INSERT INTO countries VALUES ('es', 'Spain')").await.unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(count_on_each(&h, 3, audit).await, [1, 1, 1]);
+    assert_eq!(count_on_each(&h, 3, countries).await, [3, 3, 3]);
+    assert!(prepared(&h, 3).await.is_empty());
+}
+
+/// A write across shards that fails is rolled back on each shard it reached;
+/// the session's settings, sent to a server connection before it, must
+/// survive that rollback. They were sent in the same query as the BEGIN, so
+/// the rollback undid them while the pool still took them as applied, and
+/// the session's next statements on that connection ran without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_across_shards_keeps_the_session_settings() {
+    let mut config = RouterConfig::default();
+    config.pool.size = 1;
+    let h = Harness::start_with(2, config).await;
+    let t: Vec<i64> = (0..2).map(|s| h.tenants_on(s, 1)[0]).collect();
+    let c = h.client().await;
+    c.batch_execute(SCHEMA).await.unwrap();
+    c.execute("INSERT INTO acct VALUES ($1, 1, 100)", &[&t[1]]).await.unwrap();
+    c.batch_execute("SET TimeZone = 'Asia/Tokyo'").await.unwrap();
+    // The rows for t[0] go in first; the duplicate on t[1]'s shard fails it all.
+    let insert = format!("INSERT INTO acct VALUES ({}, 1, 5), ({}, 1, 5)", t[0], t[1]);
+    let e = c.batch_execute(&insert).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "23505");
+    assert_eq!(rows(&h, 2).await, 1);
+    for tenant in &t {
+        // An aggregate answers one row even where the tenant has none.
+        let sql = format!("SELECT current_setting('TimeZone'), count(*) FROM acct WHERE tenant_id = {tenant}");
+        let zone = shardgate_tests::rows(c.simple_query(&sql).await.unwrap());
+        assert_eq!(zone.len(), 1, "{zone:?}");
+        assert_eq!(zone[0][0].as_deref(), Some("Asia/Tokyo"), "tenant {tenant}");
+    }
 }

@@ -195,10 +195,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Ok(())
     }
 
-    /// DDL and writes to reference tables: every live shard, one after another.
+    /// DDL and writes to reference tables: every live shard, in one
+    /// transaction committed on all of them (two-phase commit), or one shard
+    /// after another for statements that cannot run in a transaction block.
     pub(super) async fn run_everywhere(&mut self, sql: &str, analysis: &Analysis) -> Result<(), SessionError> {
         let dir = self.ctx.directory.load();
         let shards = everywhere(&dir, analysis.statements.iter());
+        let ddl = analysis.statements.iter().any(|s| s.kind == StatementKind::Ddl);
+        // On every shard or on none, unless the statement cannot run in a
+        // transaction block, or the string ends or opens one itself.
+        if shards.len() > 1
+            && self.ctx.config.cross_shard_transactions == crate::config::CrossShard::TwoPhase
+            && !analysis.statements.iter().any(|s| matches!(s.kind, StatementKind::Txn(_)))
+            && self.run_everywhere_atomically(sql, &shards).await?
+        {
+            if ddl {
+                if let Err(e) = self.ctx.refresh_catalog().await {
+                    warn!(error = %e, "could not refresh the table catalog after DDL");
+                }
+            }
+            return Ok(());
+        }
         let mut first_reply: Option<Vec<Bytes>> = None;
         let mut failure: Option<Bytes> = None;
         for &s in &shards {
@@ -226,7 +243,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             }
         }
-        if analysis.statements.iter().any(|s| s.kind == StatementKind::Ddl) {
+        if ddl {
             if let Err(e) = self.ctx.refresh_catalog().await {
                 warn!(error = %e, "could not refresh the table catalog after DDL");
             }

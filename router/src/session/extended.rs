@@ -12,6 +12,7 @@ use super::everywhere::everywhere;
 use super::prepared::{ensure_prepared, server_name, unknown_statement, Prepared};
 use super::relay::{Expect, RelayError};
 use super::shadow::ShadowedBatch;
+use super::twophase::Combine;
 use super::{Session, SessionError};
 use crate::error::SqlError;
 use crate::protocol::messages::{self, target_and_name, Bind, Parse};
@@ -306,7 +307,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Target::All if sync && !self.txn.in_block() => {
                 let dir = self.ctx.directory.load();
                 let shards = everywhere(&dir, statements.iter().flat_map(|a| a.statements.iter()));
-                self.run_batch_on_shards(batch, shards, false).await
+                let all = || statements.iter().flat_map(|a| a.statements.iter());
+                let two_phase = self.ctx.config.cross_shard_transactions == crate::config::CrossShard::TwoPhase;
+                let keyless_write = |s: &crate::sql::Statement| {
+                    matches!(s.kind, StatementKind::Update | StatementKind::Delete)
+                        && s.tables.iter().any(|t| self.ctx.catalog.is_sharded(t))
+                };
+                let flat: Vec<&crate::sql::Statement> = all().collect();
+                if !two_phase || shards.len() < 2 || flat.iter().any(|s| matches!(s.kind, StatementKind::Txn(_))) {
+                    self.run_batch_on_shards(batch, shards, false).await
+                } else if flat.len() == 1 && keyless_write(flat[0]) {
+                    // A keyless UPDATE or DELETE (allow_cross_shard_writes):
+                    // every shard's rows, counted together.
+                    let verb = if flat[0].kind == StatementKind::Update { "UPDATE" } else { "DELETE" };
+                    self.run_write_across_extended(batch, shards, Combine::Sum(verb)).await
+                } else if flat.iter().any(|s| keyless_write(s)) {
+                    self.run_batch_on_shards(batch, shards, false).await
+                } else {
+                    let ddl = all().any(|s| s.kind == StatementKind::Ddl);
+                    self.run_write_across_extended(batch, shards, Combine::First { ddl }).await
+                }
             }
             Target::Fanout(shards)
                 if sync
@@ -315,7 +335,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     && self.ctx.config.cross_shard_transactions == crate::config::CrossShard::TwoPhase =>
             {
                 let verb = if statements[0].statements[0].kind == StatementKind::Update { "UPDATE" } else { "DELETE" };
-                self.run_write_across_extended(batch, shards, verb).await
+                self.run_write_across_extended(batch, shards, Combine::Sum(verb)).await
             }
             Target::Fanout(shards)
                 if sync && self.txn.held.is_none() && statements.len() == 1 && statements[0].statements.len() == 1 =>

@@ -1,6 +1,6 @@
 //! A transaction open on every shard at once: one that began with DDL or a
 //! reference-table write (a schema migration). Statements run on each shard in
-//! turn; COMMIT commits them one after another.
+//! turn; COMMIT commits them on every shard or on none.
 
 use bytes::Bytes;
 use shardgate_directory::ShardId;
@@ -11,6 +11,7 @@ use super::everywhere::{collect, everywhere};
 use super::reply::prefix_error;
 use super::transaction::Held;
 use super::{Session, SessionError};
+use crate::config::CrossShard;
 use crate::error::SqlError;
 use crate::protocol::messages::{self, Severity};
 use crate::protocol::Message;
@@ -194,11 +195,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Ok(target)
     }
 
-    /// COMMIT (or ROLLBACK) on every shard of a transaction open on all of them.
-    /// Shards commit one after another: if one fails after others committed, the
-    /// error says which committed, since that cannot be undone.
+    /// COMMIT (or ROLLBACK) on every shard of a transaction open on all of them:
+    /// on all of them or on none (two-phase commit). With
+    /// `cross_shard_transactions = "refuse"` shards commit one after another:
+    /// if one fails after others committed, the error says which committed,
+    /// since that cannot be undone.
     pub(super) async fn end_multi(&mut self, commit: bool) -> Result<(), SessionError> {
-        let bounds = self.multi.take().map(|all| all.held).unwrap_or_default();
+        let mut bounds = self.multi.take().map(|all| all.held).unwrap_or_default();
+        if commit && bounds.len() > 1 && self.ctx.config.cross_shard_transactions == CrossShard::TwoPhase {
+            let mut decider = bounds.pop().expect("two parts or more");
+            let ended = self.commit_parts(&mut decider, &mut bounds).await;
+            for b in bounds.iter_mut().chain(std::iter::once(&mut decider)) {
+                b.conn.settings = None;
+            }
+            match ended? {
+                Ok(()) => {
+                    self.client.queue(&messages::command_complete("COMMIT"));
+                    if let Err(e) = self.ctx.refresh_catalog().await {
+                        warn!(error = %e, "could not refresh the table catalog after DDL");
+                    }
+                }
+                Err(e) => {
+                    crate::metrics::global().error(e.code);
+                    self.client.queue(&e.to_message(Severity::Error));
+                }
+            }
+            return self.ready().await;
+        }
         let dir = self.ctx.directory.load();
         let sql = if commit { "COMMIT" } else { "ROLLBACK" };
         let mut committed: Vec<String> = Vec::new();

@@ -34,6 +34,17 @@ async fn roll_back_each(parts: &mut [Held]) {
     }
 }
 
+/// How the answers of a statement run on several shards become one.
+#[derive(Clone, Copy)]
+pub(super) enum Combine {
+    /// Every shard's rows, and the rows written summed under this verb
+    /// (`UPDATE`, `DELETE`): each shard wrote rows of its own.
+    Sum(&'static str),
+    /// The first shard's answer: every shard ran the same write on the same
+    /// rows (DDL, a reference table); `ddl` refreshes the table catalog.
+    First { ddl: bool },
+}
+
 /// A write naming tenants on several shards inside a transaction block.
 fn several_shards_in_block() -> SqlError {
     SqlError::new(
@@ -209,7 +220,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Commits the transactions open on `decider` and `others` together
     /// ([`twophase::commit`]): Ok(Err) when nothing was committed (or the
     /// outcome is unknown), with the reason for the client.
-    async fn commit_parts(
+    pub(super) async fn commit_parts(
         &self,
         decider: &mut Held,
         others: &mut [Held],
@@ -438,8 +449,71 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// and commits them together; answers with the rows they returned and
     /// `tag` followed by the rows they wrote.
     async fn run_parts_atomically(&mut self, texts: Vec<(ShardId, String)>, tag: &str) -> Result<(), SessionError> {
-        let mut open: Vec<Held> = Vec::with_capacity(texts.len());
+        let (mut open, replies) = match self.open_parts(texts).await {
+            Ok(opened) => opened,
+            Err(err) => return self.refused_part(&err).await,
+        };
         let mut gathered = super::split::Gathered::default();
+        for r in replies {
+            gathered.add(r);
+        }
+        let Some(mut decider) = open.pop() else {
+            return self.ready().await;
+        };
+        match self.commit_parts(&mut decider, &mut open).await? {
+            Ok(()) => {
+                gathered.answer(&mut self.client, tag);
+                self.ready().await
+            }
+            Err(e) => self.fail_simple(e).await,
+        }
+    }
+
+    /// A statement that must land on every shard (DDL, a reference-table
+    /// write), outside a transaction block: run in a transaction on each
+    /// shard and committed on all of them or on none, answered as the first
+    /// shard answered. `Ok(false)`: the statement cannot run inside a
+    /// transaction block (`CREATE INDEX CONCURRENTLY`, `VACUUM`): nothing
+    /// ran, and the caller runs it shard by shard.
+    pub(super) async fn run_everywhere_atomically(
+        &mut self,
+        sql: &str,
+        shards: &[ShardId],
+    ) -> Result<bool, SessionError> {
+        let texts = shards.iter().map(|&s| (s, sql.to_string())).collect();
+        let (mut open, mut replies) = match self.open_parts(texts).await {
+            Ok(opened) => opened,
+            Err(err) if messages::error_summary(&Message::from_raw(err.clone())).0 == "25001" => return Ok(false),
+            Err(err) => {
+                self.refused_part(&err).await?;
+                return Ok(true);
+            }
+        };
+        let Some(mut decider) = open.pop() else {
+            self.ready().await?;
+            return Ok(true);
+        };
+        match self.commit_parts(&mut decider, &mut open).await? {
+            Ok(()) => {
+                for m in replies.swap_remove(0) {
+                    self.client.queue(&m);
+                }
+                self.ready().await?;
+            }
+            Err(e) => self.fail_simple(e).await?,
+        }
+        Ok(true)
+    }
+
+    /// Opens a transaction on each shard and runs its statement there, one
+    /// shard after another. Ok: the open parts and each one's replies (in
+    /// order); Err: the first error, every part rolled back.
+    async fn open_parts(
+        &mut self,
+        texts: Vec<(ShardId, String)>,
+    ) -> Result<(Vec<Held>, Vec<Vec<bytes::Bytes>>), bytes::Bytes> {
+        let mut open: Vec<Held> = Vec::with_capacity(texts.len());
+        let mut replies = Vec::with_capacity(texts.len());
         let mut failure: Option<bytes::Bytes> = None;
         for (shard, sql) in texts {
             let name = self.shard_name(shard);
@@ -454,11 +528,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     break;
                 }
             };
-            let begin = match self.settings.prelude(&mut conn) {
-                Some(set) => format!("{set}; BEGIN"),
-                None => "BEGIN".to_string(),
-            };
-            let answer = super::everywhere::collect(&mut conn, &sql, Some(begin), true).await;
+            // The session's settings in a query of their own: inside the
+            // transaction, a rollback would undo them behind the pool's back.
+            let settings = self.settings.prelude(&mut conn);
+            let answer = super::everywhere::collect(&mut conn, &format!("BEGIN; {sql}"), settings, true).await;
             open.push(Held { shard, conn });
             match answer {
                 Err(e) => {
@@ -469,39 +542,44 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     failure = Some(super::reply::prefix_error(&err, &name));
                     break;
                 }
-                Ok((replies, None)) => gathered.add(replies),
+                Ok((mut r, None)) => {
+                    // Not the BEGIN's own CommandComplete.
+                    if r.first().is_some_and(|m| m.first() == Some(&b'C')) {
+                        r.remove(0);
+                    }
+                    replies.push(r);
+                }
             }
         }
-        if let Some(err) = failure {
-            roll_back_each(&mut open).await;
-            crate::metrics::global().error_message(&err[5..]);
-            self.client.queue(&err);
-            return self.ready().await;
-        }
-        let Some(mut decider) = open.pop() else {
-            return self.ready().await;
-        };
-        match self.commit_parts(&mut decider, &mut open).await? {
-            Ok(()) => {
-                gathered.answer(&mut self.client, tag);
-                self.ready().await
+        match failure {
+            Some(err) => {
+                roll_back_each(&mut open).await;
+                Err(err)
             }
-            Err(e) => self.fail_simple(e).await,
+            None => Ok((open, replies)),
         }
+    }
+
+    /// Answers a statement one of whose parts failed (and was rolled back).
+    async fn refused_part(&mut self, err: &bytes::Bytes) -> Result<(), SessionError> {
+        crate::metrics::global().error_message(&err[5..]);
+        self.client.queue(err);
+        self.ready().await
     }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    /// An UPDATE or DELETE naming tenants on several shards, sent with the
-    /// extended protocol (`WHERE tenant_id = ANY($1)`), outside a transaction
-    /// block: the client's pipeline on each of those shards inside a
-    /// transaction, committed together; the rows written summed in one
-    /// command tag, the rows returned gathered.
+    /// A pipeline (up to its Sync) that writes on several shards, outside a
+    /// transaction block: an UPDATE or DELETE naming tenants on several shards
+    /// (`WHERE tenant_id = ANY($1)`), or DDL and reference-table writes on
+    /// every shard. The client's pipeline runs on each of those shards inside
+    /// a transaction, and they commit together; the answers combine as
+    /// `combine` says.
     pub(super) async fn run_write_across_extended(
         &mut self,
         batch: &[Message],
         shards: Vec<ShardId>,
-        verb: &str,
+        combine: Combine,
     ) -> Result<(), SessionError> {
         if self.txn.in_block() || self.txn.open_batch {
             return self.fail_batch(several_shards_in_block(), true).await;
@@ -547,6 +625,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             replies.push(buf);
         }
         self.txn.pending_begin = None;
+        let outside_block = |m: &bytes::Bytes| messages::error_summary(&Message::from_raw(m.clone())).0 == "25001";
+        if matches!(combine, Combine::First { .. }) && failure.iter().any(outside_block) {
+            // CREATE INDEX CONCURRENTLY and the like: shard by shard.
+            self.roll_back_all().await;
+            return Box::pin(self.run_batch_on_shards(batch, shards, false)).await;
+        }
         if !failure.is_empty() || replies.len() != shards.len() {
             self.roll_back_all().await;
             for m in &failure {
@@ -558,8 +642,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Ok(());
         }
         let ended = self.end_cross_shard(true).await?;
-        match &ended {
-            Ok(_) => {
+        match (&ended, combine) {
+            (Ok(_), Combine::First { ddl }) => {
+                for m in replies.swap_remove(0) {
+                    self.client.queue(&m);
+                }
+                if ddl {
+                    if let Err(e) = self.ctx.refresh_catalog().await {
+                        tracing::warn!(error = %e, "could not refresh the table catalog after DDL");
+                    }
+                }
+            }
+            (Ok(_), Combine::Sum(verb)) => {
                 // The first shard's replies, with every shard's rows and
                 // counts where its own stood.
                 let total: u64 = replies
@@ -583,7 +677,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                 }
             }
-            Err(e) => {
+            (Err(e), _) => {
                 crate::metrics::global().error(e.code);
                 self.client.queue(&e.to_message(Severity::Error));
             }

@@ -45,8 +45,11 @@ pub struct InDoubt {
 /// What the last sweep saw, per shard.
 #[derive(Default)]
 pub struct SweepState {
-    /// Shards set up for two-phase commit (decisions table made, setting read).
-    ready: Mutex<HashSet<ShardId>>,
+    /// Shards whose decisions table exists, by their place in the directory
+    /// and address: a shard replaced at the same place is set up again.
+    ready: Mutex<HashSet<(ShardId, String)>>,
+    /// … and whose max_prepared_transactions the sweep has read.
+    checked: Mutex<HashSet<(ShardId, String)>>,
     /// Prepared transactions the last sweep found, all shards.
     pub in_doubt: Mutex<Vec<InDoubt>>,
 }
@@ -183,8 +186,8 @@ impl Sweeper {
 
     /// The shard's prepared transactions shardgate made, with their ages.
     async fn list(&mut self, ctx: &RouterContext, shard: ShardId, name: &str) -> Result<Vec<(String, f64)>, String> {
-        let ready = is_ready(shard);
-        if !ready {
+        let key = ready_key(ctx, shard);
+        if !state().checked.lock().unwrap_or_else(|p| p.into_inner()).contains(&key) {
             let conn = self.conn(ctx, shard).await?;
             set_up(conn).await?;
             let max = self.query(ctx, shard, "SHOW max_prepared_transactions").await.map_err(|(_, m)| m)?;
@@ -196,7 +199,8 @@ impl Sweeper {
                     "max_prepared_transactions is 0 on this shard: transactions that write on it and on another shard will fail; set it (e.g. to max_connections) and restart the shard, or set cross_shard_transactions = \"refuse\""
                 );
             }
-            state().ready.lock().unwrap_or_else(|p| p.into_inner()).insert(shard);
+            state().ready.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone());
+            state().checked.lock().unwrap_or_else(|p| p.into_inner()).insert(key);
         }
         let rows = self
             .query(
@@ -223,8 +227,12 @@ impl Sweeper {
 
 type Rows = Vec<Vec<Option<String>>>;
 
-fn is_ready(shard: ShardId) -> bool {
-    state().ready.lock().unwrap_or_else(|p| p.into_inner()).contains(&shard)
+fn ready_key(ctx: &RouterContext, shard: ShardId) -> (ShardId, String) {
+    (shard, ctx.directory.load().shards.get(shard).map(|s| s.url.clone()).unwrap_or_default())
+}
+
+fn is_ready(ctx: &RouterContext, shard: ShardId) -> bool {
+    state().ready.lock().unwrap_or_else(|p| p.into_inner()).contains(&ready_key(ctx, shard))
 }
 
 /// Creates the decisions table on a shard (idempotent). Two sessions
@@ -251,13 +259,19 @@ async fn set_up(conn: &mut Backend) -> Result<(), String> {
 /// exists) before its first commit: the sweep may not have reached it yet
 /// after the router started.
 pub async fn ensure_ready(ctx: &RouterContext, shard: ShardId) -> Result<(), String> {
-    if is_ready(shard) {
+    if is_ready(ctx, shard) {
         return Ok(());
     }
+    // A connection of its own: the transaction may hold the only one the
+    // pool allows.
     let pool = ctx.pool(shard).ok_or("the shard is not in the directory")?;
-    let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-    set_up(&mut conn).await
-    // Marked ready by the sweep, which also reads max_prepared_transactions.
+    let timeout = ctx.config.pool.connect_timeout.max(Duration::from_secs(1));
+    let mut conn = Backend::connect_with(&pool.address, timeout, &[("application_name", SWEEP_NAME)])
+        .await
+        .map_err(|e| e.to_string())?;
+    set_up(&mut conn).await?;
+    state().ready.lock().unwrap_or_else(|p| p.into_inner()).insert(ready_key(ctx, shard));
+    Ok(())
 }
 
 /// What the decider of `txid` decided, on a pooled connection of its shard
