@@ -122,6 +122,7 @@ pub async fn cutover<C: Coordinator>(
     // enabled moments ago starts within wal_retrieve_retry_interval) and caught
     // up, and most of the WAL the idle slot would skip is skipped now.
     replication::wait_slot_active(s.old, &old, &s.old_to_new, PREPARE_TIMEOUT).await?;
+    wait_in_doubt_settled(s.old, &old).await?;
     replication::catch_up(spec, (s.old, &old), (s.new, &new), PREPARE_TIMEOUT).await?;
     replication::advance_idle_slot(s.new, &new, &s.new_to_old).await?;
 
@@ -210,6 +211,50 @@ async fn critical_path<C: Coordinator>(
     fault::point("cutover.after_flip").map_err(|e| Error::Other(format!("after the flip: {e}")))?;
     Ok(())
 }
+
+/// Before statements are held: waits until every transaction that shardgate
+/// has prepared on the old shard, as of now, has ended. One whose router
+/// stopped mid-commit may hold moving rows, and the fence would wait for it
+/// (the recovery sweep settles it within seconds) with the tenant's
+/// statements held; a commit in progress ends in milliseconds. Transactions
+/// prepared later are not waited for. After [`IN_DOUBT_WAIT`] the cutover
+/// goes on: the fence still waits for any part on the moving rows, or the
+/// cutover is undone.
+async fn wait_in_doubt_settled(shard: &Endpoint, client: &Client) -> Result<(), Error> {
+    let sql = format!(
+        "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE {}",
+        literal(&format!("{}%", shardgate_router::twophase::GID_PREFIX.replace('_', "\\_")))
+    );
+    let started = Instant::now();
+    let mut waiting: Option<Vec<String>> = None;
+    loop {
+        let listed =
+            client.simple_query(&sql).await.map_err(|e| Error::pg(&shard.name, "list prepared transactions", e))?;
+        let now: Vec<String> = listed
+            .iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+            .collect();
+        let left: Vec<String> = match &waiting {
+            None => now,
+            Some(first) => first.iter().filter(|g| now.contains(g)).cloned().collect(),
+        };
+        if left.is_empty() {
+            return Ok(());
+        }
+        if started.elapsed() >= IN_DOUBT_WAIT {
+            tracing::warn!(shard = %shard.name, in_doubt = ?left, "cutover goes on with transactions still prepared on the old shard");
+            return Ok(());
+        }
+        waiting = Some(left);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How long a cutover waits for in-doubt transactions before holding statements.
+const IN_DOUBT_WAIT: Duration = Duration::from_secs(15);
 
 fn remaining(deadline: Instant) -> Result<Duration, Error> {
     deadline

@@ -96,6 +96,36 @@ impl Harness {
     }
 }
 
+/// Starts a move driver for `h`'s directory that reaches the shards at
+/// `urls` (TLS parameters, say), and gives the router's shadow reads the
+/// driver's way to catch up. Send `true` on the returned channel to stop it.
+pub fn start_move_driver(
+    h: &Harness,
+    urls: Vec<String>,
+    config: shardgate_migrator::driver::DriverConfig,
+) -> tokio::sync::watch::Sender<bool> {
+    use std::sync::Arc;
+    let resolve: shardgate_migrator::driver::Resolve = Arc::new(move |_: &shardgate_directory::Directory, i: usize| {
+        let url = urls.get(i)?;
+        Some(shardgate_migrator::Endpoint::new(format!("shard_{i}"), ShardAddress::from_url(url).ok()?))
+    });
+    h.router.context.shadow.set_catch_up(Arc::new(shardgate_migrator::catchup::ShadowCatchUp {
+        directory: h.directory.clone(),
+        resolve: resolve.clone(),
+        timeout: std::time::Duration::from_secs(10),
+    }));
+    let driver = shardgate_migrator::driver::Driver::new(
+        h.directory.clone(),
+        Arc::new(shardgate_router::hold::LocalWriter(h.directory.clone())),
+        resolve,
+        config,
+        Arc::new(|| true),
+    );
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(driver.run(stopped));
+    stop
+}
+
 pub async fn connect(url: &str) -> Client {
     let (client, conn) = tokio_postgres::connect(url, NoTls).await.unwrap_or_else(|e| panic!("connect {url}: {e}"));
     tokio::spawn(async move {

@@ -9,10 +9,8 @@ use std::time::Duration;
 use shardgate_directory::pause::HoldKind;
 use shardgate_directory::state::{Command, MovePhase, MoveRequest, MoveSubject, Outcome};
 use shardgate_directory::{Directory, TenantKey};
-use shardgate_migrator::driver::{Driver, DriverConfig};
-use shardgate_migrator::Endpoint;
+use shardgate_migrator::driver::DriverConfig;
 use shardgate_router::backend::ShardAddress;
-use shardgate_router::hold::LocalWriter;
 use shardgate_tests::checker::{self, Checker};
 use shardgate_tests::Harness;
 
@@ -26,25 +24,7 @@ fn start_driver_with(h: &Harness, config: DriverConfig) -> tokio::sync::watch::S
 
 /// A driver that reaches the shards at `urls` (TLS parameters, say).
 fn start_driver_over(h: &Harness, urls: Vec<String>, config: DriverConfig) -> tokio::sync::watch::Sender<bool> {
-    let resolve: shardgate_migrator::driver::Resolve = Arc::new(move |_: &Directory, i: usize| {
-        let url = urls.get(i)?;
-        Some(Endpoint::new(format!("shard_{i}"), ShardAddress::from_url(url).ok()?))
-    });
-    h.router.context.shadow.set_catch_up(Arc::new(shardgate_migrator::catchup::ShadowCatchUp {
-        directory: h.directory.clone(),
-        resolve: resolve.clone(),
-        timeout: Duration::from_secs(10),
-    }));
-    let driver = Driver::new(
-        h.directory.clone(),
-        Arc::new(LocalWriter(h.directory.clone())),
-        resolve,
-        config,
-        Arc::new(|| true),
-    );
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(driver.run(stopped));
-    stop
+    shardgate_tests::start_move_driver(h, urls, config)
 }
 
 fn phase_of(h: &Harness, id: u64) -> MovePhase {

@@ -585,3 +585,92 @@ async fn a_failed_write_across_shards_keeps_the_session_settings() {
         assert_eq!(zone[0][0].as_deref(), Some("Asia/Tokyo"), "tenant {tenant}");
     }
 }
+
+/// Waits (60 s at most) until move `id` is in one of the phases `want`.
+async fn wait_for_phase(h: &Harness, id: u64, want: &[shardgate_directory::state::MovePhase]) {
+    let start = Instant::now();
+    loop {
+        let m = h.directory.load().moves[&id].clone();
+        if want.contains(&m.phase) {
+            return;
+        }
+        assert!(m.phase != shardgate_directory::state::MovePhase::Failed, "{m:?}");
+        assert!(start.elapsed() < Duration::from_secs(60), "waited for {want:?}: {m:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A cutover never strands a prepared transaction on the source. A
+/// transaction cut after its commit decision leaves its part for the moving
+/// tenant prepared on the source shard, with nobody to commit it but the
+/// sweep. The part holds the move's lock (the fence trigger took it when
+/// the row was written), so the cutover's fence waits until the sweep has
+/// committed it, and the stream carries it to the target before the flip;
+/// a cutover that gives up waiting is undone and tried again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cutover_waits_for_a_prepared_transaction_on_the_moving_rows() {
+    use shardgate_directory::state::{Command, MoveOptions, MovePhase, MoveRequest, MoveSubject, Outcome};
+    let (h, t) = bank(3).await;
+    let config =
+        shardgate_migrator::driver::DriverConfig { progress_every: Duration::from_millis(100), ..Default::default() };
+    let stop = shardgate_tests::start_move_driver(&h, h.cluster.urls(), config);
+    let out = h.directory.apply_local(&Command::CreateMove {
+        subject: MoveSubject::Tenant(shardgate_directory::TenantKey::Int(t[0])),
+        target: "shard_2".into(),
+        options: MoveOptions { cutover_auto: false, complete_auto: false },
+        at_ms: shardgate_directory::clock::now_ms(),
+    });
+    let Outcome::MoveCreated { id, .. } = out else { panic!("{out:?}") };
+    let phase = || h.directory.load().moves[&id].phase;
+    wait_for_phase(&h, id, &[MovePhase::DualWrite, MovePhase::Shadow]).await;
+
+    // 5 from t[0] (moving) to t[1]: t[1]'s shard, written last, decides;
+    // t[0]'s part stays prepared on shard 0.
+    let point = "twophase.after_decision";
+    assert!(shardgate_router::twophase::FAULT_POINTS.contains(&point));
+    fault::set(point, Some(fault::Action::Error));
+    let cut = h.client().await;
+    cut.batch_execute("BEGIN").await.unwrap();
+    cut.execute("UPDATE acct SET bal = bal - 5 WHERE tenant_id = $1", &[&t[0]]).await.unwrap();
+    cut.execute("UPDATE acct SET bal = bal + 5 WHERE tenant_id = $1", &[&t[1]]).await.unwrap();
+    let e = cut.batch_execute("COMMIT").await.unwrap_err();
+    assert!(e.is_closed() || e.code().is_none(), "the client lost its connection: {e:?}");
+    fault::set(point, None);
+    let on_source = h.shard(0).await.query("SELECT gid FROM pg_prepared_xacts", &[]).await.unwrap();
+    assert_eq!(on_source.len(), 1, "the moving tenant's part is prepared on the source");
+
+    // Cut over at once (no verify first), while the part is still prepared.
+    let cutover = MoveRequest::Cutover { force: true };
+    let request = |r: MoveRequest| {
+        let out = h.directory.apply_local(&Command::RequestMove { id, request: Some(r) });
+        assert!(!matches!(out, Outcome::Rejected { .. }), "{out:?}");
+    };
+    request(cutover.clone());
+    let start = Instant::now();
+    while phase() != MovePhase::Reverse {
+        let m = h.directory.load().moves[&id].clone();
+        assert!(m.phase != MovePhase::Failed, "{m:?}");
+        assert!(start.elapsed() < Duration::from_secs(60), "no cutover: {m:?}");
+        if m.request.is_none() && matches!(m.phase, MovePhase::DualWrite | MovePhase::Shadow) {
+            request(cutover.clone());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    request(MoveRequest::Complete);
+    wait_for_phase(&h, id, &[MovePhase::Done]).await;
+    let _ = stop.send(true);
+
+    // The transfer is whole: t[0]'s row on its new shard has the committed
+    // balance, the source keeps none of its rows, nothing is left prepared.
+    let on_target: i64 =
+        h.shard(2).await.query_one("SELECT bal FROM acct WHERE tenant_id = $1", &[&t[0]]).await.unwrap().get(0);
+    assert_eq!(on_target, 95, "the prepared part reached the target");
+    let left: i64 =
+        h.shard(0).await.query_one("SELECT count(*) FROM acct WHERE tenant_id = $1", &[&t[0]]).await.unwrap().get(0);
+    assert_eq!(left, 0);
+    let c = h.client().await;
+    let through: i64 = c.query_one("SELECT bal FROM acct WHERE tenant_id = $1", &[&t[0]]).await.unwrap().get(0);
+    assert_eq!(through, 95);
+    assert_eq!(balances(&h, &t[1..]).await, [105, 100]);
+    assert!(prepared(&h, 3).await.is_empty());
+}
