@@ -96,62 +96,25 @@ pub async fn copy_in_split<S: AsyncRead + AsyncWrite + Unpin>(
     };
     client.send(&resp).await.map_err(CopyError::Client)?;
 
-    let mut splitter = RowSplitter::new(info, key_pos);
+    let mut splitter = RowSplitter::new(info, key_pos, ctx.config.max_message_bytes);
     let mut header_pending = info.header;
-    loop {
+    let mut ended = false;
+    while !ended {
         let m = client.read().await.map_err(CopyError::Client)?;
         match m.tag() {
-            b'd' => {
-                splitter.feed(m.body());
-                while let Some((row, key)) = splitter.next_row() {
-                    let row = row.map_err(CopyError::Sql);
-                    let row = match row {
-                        Ok(r) => r,
-                        Err(e) => {
-                            abort_all(&mut targets).await;
-                            return Err(e);
-                        }
-                    };
-                    if header_pending {
-                        header_pending = false;
-                        for (_, t) in targets.iter_mut() {
-                            t.buf.extend_from_slice(&row);
-                        }
-                        continue;
-                    }
-                    let Some(key) = key else { continue }; // end-of-data marker
-                    let shard = match key {
-                        None => {
-                            abort_all(&mut targets).await;
-                            return Err(SqlError::new(
-                                "23502",
-                                format!("{} must not be NULL in a sharded table", dir.key_column),
-                            )
-                            .into());
-                        }
-                        Some(text) => match dir.key_type.parse_text(&text) {
-                            Ok(k) => dir.shard_for(&k),
-                            Err(e) => {
-                                abort_all(&mut targets).await;
-                                return Err(SqlError::new("22P02", format!("COPY {table}: {e}")).into());
-                            }
-                        },
-                    };
-                    if let Some((_, t)) = targets.iter_mut().find(|(s, _)| *s == shard) {
-                        t.buf.extend_from_slice(&row);
-                        if t.buf.len() >= FLUSH_AT {
-                            send_buf(t).await.map_err(CopyError::Sql)?;
-                        }
-                    }
-                }
+            b'd' => splitter.feed(m.body()),
+            b'c' => {
+                // A last row without a newline is still a row; a row cut off
+                // inside a quote or after a backslash is an error, as in Postgres.
+                splitter.finish();
+                ended = true;
             }
-            b'c' => break,
             b'f' => {
                 let reason = messages::Reader::new(m.body(), "CopyFail").cstr().unwrap_or("").to_string();
                 abort_all(&mut targets).await;
                 return Err(SqlError::new("57014", format!("COPY from stdin failed: {reason}")).into());
             }
-            b'H' | b'S' => {}
+            b'H' | b'S' => continue,
             other => {
                 abort_all(&mut targets).await;
                 return Err(
@@ -159,17 +122,32 @@ pub async fn copy_in_split<S: AsyncRead + AsyncWrite + Unpin>(
                 );
             }
         }
-    }
-    if splitter.has_partial_row() {
-        // A last row without a newline is still a row.
-        splitter.feed(b"\n");
         while let Some((row, key)) = splitter.next_row() {
-            let row = row.map_err(CopyError::Sql)?;
-            if let Some(Some(text)) = key {
-                let k = dir.key_type.parse_text(&text).map_err(|e| SqlError::new("22P02", e.to_string()))?;
-                let shard = dir.shard_for(&k);
-                if let Some((_, t)) = targets.iter_mut().find(|(s, _)| *s == shard) {
+            // The header line goes to every shard as it is (each skips it);
+            // the end-of-data marker to none.
+            let shard = match key {
+                _ if std::mem::take(&mut header_pending) => Ok(None),
+                Ok(None) => continue,
+                Ok(Some(key)) => shard_of_row(dir, &table, key).map(Some),
+                Err(e) => Err(e),
+            };
+            let shard = match shard {
+                Ok(s) => s,
+                Err(e) => {
+                    abort_all(&mut targets).await;
+                    return Err(e.into());
+                }
+            };
+            for (s, t) in targets.iter_mut() {
+                let wanted = match shard {
+                    None => true,
+                    Some(shard) => *s == shard,
+                };
+                if wanted {
                     t.buf.extend_from_slice(&row);
+                    if t.buf.len() >= FLUSH_AT {
+                        send_buf(t).await.map_err(CopyError::Sql)?;
+                    }
                 }
             }
         }
@@ -215,6 +193,18 @@ pub async fn copy_in_split<S: AsyncRead + AsyncWrite + Unpin>(
     match failure {
         Some(e) => Err(e.into()),
         None => Ok(format!("COPY {total}")),
+    }
+}
+
+/// The shard a row goes to, from its key field: an error for a NULL key or
+/// one that is not of the key's type.
+fn shard_of_row(dir: &Directory, table: &str, key: Option<String>) -> Result<ShardId, SqlError> {
+    match key {
+        None => Err(SqlError::new("23502", format!("{} must not be NULL in a sharded table", dir.key_column))),
+        Some(text) => match dir.key_type.parse_text(&text) {
+            Ok(k) => Ok(dir.shard_for(&k)),
+            Err(e) => Err(SqlError::new("22P02", format!("COPY {table}: {e}"))),
+        },
     }
 }
 
@@ -266,67 +256,119 @@ async fn abort_all(targets: &mut Vec<(ShardId, Target)>) {
     targets.clear();
 }
 
-/// Finds row boundaries and the key field in COPY text or CSV data.
-struct RowSplitter {
+/// Finds row boundaries and the key field in COPY text or CSV data, the way
+/// Postgres's COPY reads them: a row ends at a newline, a carriage return or
+/// both (outside CSV quotes; in text format not after a backslash, which
+/// escapes the next byte whatever it is).
+pub(crate) struct RowSplitter {
     pending: BytesMut,
     csv: bool,
     delimiter: u8,
     key_pos: usize,
+    /// The longest row accepted; data past it without a row end is an error.
+    max_row: usize,
+    /// How far `pending` has been read without finding a row end, and whether
+    /// that point is inside CSV quotes: each byte is looked at once.
+    scanned: usize,
+    quoted: bool,
+    /// Set by [`Self::finish`]: no more data comes.
+    finished: bool,
 }
 
 /// The key field of a row: `Some(Some(text))`, `Some(None)` for NULL, `None` for
 /// the end-of-data marker `\.`.
-type RowKey = Option<Option<String>>;
+pub(crate) type RowKey = Option<Option<String>>;
 
 impl RowSplitter {
-    fn new(info: &CopyInfo, key_pos: usize) -> Self {
+    pub(crate) fn new(info: &CopyInfo, key_pos: usize, max_row: usize) -> Self {
         let csv = info.format == CopyFormat::Csv;
         RowSplitter {
             pending: BytesMut::new(),
             csv,
             delimiter: info.delimiter.unwrap_or(if csv { b',' } else { b'\t' }),
             key_pos,
+            max_row,
+            scanned: 0,
+            quoted: false,
+            finished: false,
         }
     }
 
-    fn feed(&mut self, data: &[u8]) {
+    pub(crate) fn feed(&mut self, data: &[u8]) {
         self.pending.extend_from_slice(data);
     }
 
-    fn has_partial_row(&self) -> bool {
-        !self.pending.is_empty()
+    /// The data has ended: a last row without a row end is still a row, and
+    /// what cannot be one (an open CSV quote, a trailing backslash) comes back
+    /// from [`Self::next_row`] as an error.
+    pub(crate) fn finish(&mut self) {
+        self.finished = true;
     }
 
-    /// The next complete row (with its newline) and its key.
-    #[allow(clippy::type_complexity)]
-    fn next_row(&mut self) -> Option<(Result<Bytes, SqlError>, RowKey)> {
-        let end = self.row_end()?;
-        let row = self.pending.split_to(end + 1).freeze();
+    /// The bytes not yet returned as rows.
+    pub(crate) fn pending(&self) -> &[u8] {
+        &self.pending
+    }
+
+    /// The next complete row (with its row end, as it came) and its key.
+    pub(crate) fn next_row(&mut self) -> Option<(Bytes, Result<RowKey, SqlError>)> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let (row, cut_off) = match self.row_end() {
+            Ok(end) => (self.pending.split_to(end + 1).freeze(), false),
+            Err(()) if self.finished => (self.pending.split().freeze(), true),
+            Err(()) if self.pending.len() > self.max_row => {
+                let e = SqlError::new("54000", format!("a COPY row is longer than {} bytes", self.max_row));
+                return Some((self.pending.split().freeze(), Err(e)));
+            }
+            Err(()) => return None,
+        };
+        self.scanned = 0;
+        let in_quotes = std::mem::take(&mut self.quoted);
+        if cut_off && (in_quotes || (!self.csv && ends_in_escape(&row))) {
+            let what = if in_quotes { "an unterminated CSV quoted field" } else { "a backslash" };
+            return Some((row, Err(SqlError::new("22P04", format!("COPY data ends with {what}")))));
+        }
         let line = row.strip_suffix(b"\n").unwrap_or(&row);
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line == b"\\." {
-            return Some((Ok(Bytes::new()), None));
+            return Some((row, Ok(None)));
         }
         let key = if self.csv { self.csv_field(line) } else { self.text_field(line) };
-        match key {
-            Ok(k) => Some((Ok(row), Some(k))),
-            Err(e) => Some((Err(e), Some(None))),
-        }
+        Some((row, key.map(Some)))
     }
 
-    fn row_end(&self) -> Option<usize> {
-        if !self.csv {
-            return self.pending.iter().position(|&b| b == b'\n');
-        }
-        let mut quoted = false;
-        for (i, &b) in self.pending.iter().enumerate() {
-            match b {
-                b'"' => quoted = !quoted,
-                b'\n' if !quoted => return Some(i),
-                _ => {}
+    /// The index of the last byte of the first pending row; Err when no whole
+    /// row is pending (`scanned` and `quoted` then say where to go on from).
+    fn row_end(&mut self) -> Result<usize, ()> {
+        let b = &self.pending[..];
+        let mut i = self.scanned;
+        while let Some(&c) = b.get(i) {
+            match c {
+                b'\\' if !self.csv => {
+                    if i + 1 >= b.len() {
+                        break;
+                    }
+                    i += 2;
+                }
+                b'"' if self.csv => {
+                    self.quoted = !self.quoted;
+                    i += 1;
+                }
+                b'\n' if !self.quoted => return Ok(i),
+                b'\r' if !self.quoted => match b.get(i + 1) {
+                    Some(b'\n') => return Ok(i + 1),
+                    Some(_) => return Ok(i),
+                    // `\r\n` may come in two messages.
+                    None if self.finished => return Ok(i),
+                    None => break,
+                },
+                _ => i += 1,
             }
         }
-        None
+        self.scanned = i;
+        Err(())
     }
 
     fn missing(&self) -> SqlError {
@@ -393,22 +435,59 @@ impl RowSplitter {
     }
 }
 
+/// Whether a text-format row ends in a backslash that escapes nothing.
+fn ends_in_escape(row: &[u8]) -> bool {
+    let mut i = 0;
+    while i < row.len() {
+        if row[i] == b'\\' {
+            if i + 1 == row.len() {
+                return true;
+            }
+            i += 1;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// A text-format field's value, escapes decoded as Postgres's COPY does:
+/// `\b \f \n \r \t \v`, one to three octal digits, `\x` and one or two hex
+/// digits; a backslash before anything else stands for that byte.
 fn unescape_text(raw: &[u8]) -> String {
     let mut out = Vec::with_capacity(raw.len());
     let mut i = 0;
     while i < raw.len() {
-        if raw[i] == b'\\' && i + 1 < raw.len() {
-            i += 1;
-            out.push(match raw[i] {
-                b'n' => b'\n',
-                b't' => b'\t',
-                b'r' => b'\r',
-                other => other,
-            });
-        } else {
+        if raw[i] != b'\\' || i + 1 == raw.len() {
             out.push(raw[i]);
+            i += 1;
+            continue;
         }
         i += 1;
+        let c = raw[i];
+        i += 1;
+        let digits = |i: &mut usize, radix: u32, most: usize, mut v: u32| {
+            for _ in 0..most {
+                match raw.get(*i).and_then(|&d| char::from(d).to_digit(radix)) {
+                    Some(d) => {
+                        v = v * radix + d;
+                        *i += 1;
+                    }
+                    None => break,
+                }
+            }
+            (v & 0xff) as u8
+        };
+        out.push(match c {
+            b'0'..=b'7' => digits(&mut i, 8, 2, u32::from(c - b'0')),
+            b'x' if raw.get(i).is_some_and(u8::is_ascii_hexdigit) => digits(&mut i, 16, 2, 0),
+            b'b' => 0x08,
+            b'f' => 0x0c,
+            b'n' => b'\n',
+            b'r' => b'\r',
+            b't' => b'\t',
+            b'v' => 0x0b,
+            other => other,
+        });
     }
     String::from_utf8_lossy(&out).into_owned()
 }
@@ -421,33 +500,115 @@ mod tests {
         CopyInfo { from_stdin: true, table: Some("t".into()), columns: None, format, delimiter: None, header: false }
     }
 
+    fn splitter(format: CopyFormat, key_pos: usize) -> RowSplitter {
+        RowSplitter::new(&info(format), key_pos, 1 << 20)
+    }
+
+    /// Every row and key that `data` gives, fed at once and then finished.
+    fn rows(format: CopyFormat, key_pos: usize, data: &[u8]) -> Vec<(String, Result<RowKey, String>)> {
+        let mut s = splitter(format, key_pos);
+        s.feed(data);
+        s.finish();
+        std::iter::from_fn(|| s.next_row())
+            .map(|(row, key)| (String::from_utf8_lossy(&row).into_owned(), key.map_err(|e| e.to_string())))
+            .collect()
+    }
+
+    fn key(k: &str) -> Result<RowKey, String> {
+        Ok(Some(Some(k.into())))
+    }
+
     #[test]
     fn text_rows_split_across_messages() {
-        let mut s = RowSplitter::new(&info(CopyFormat::Text), 1);
+        let mut s = splitter(CopyFormat::Text, 1);
         s.feed(b"a\t4");
         assert!(s.next_row().is_none());
         s.feed(b"2\tx\nb\t\\N\n\\.\n");
-        let (row, key) = s.next_row().unwrap();
-        assert_eq!(&row.ok().unwrap()[..], b"a\t42\tx\n");
-        assert_eq!(key, Some(Some("42".into())));
-        assert_eq!(s.next_row().unwrap().1, Some(None));
-        assert_eq!(s.next_row().unwrap().1, None);
+        let (row, k) = s.next_row().unwrap();
+        assert_eq!(&row[..], b"a\t42\tx\n");
+        assert_eq!(k.ok(), Some(Some(Some("42".into()))));
+        assert_eq!(s.next_row().unwrap().1.ok(), Some(Some(None)));
+        assert_eq!(s.next_row().unwrap().1.ok(), Some(None));
     }
 
     #[test]
     fn csv_quotes_hold_newlines_and_delimiters() {
-        let mut s = RowSplitter::new(&info(CopyFormat::Csv), 1);
+        let mut s = splitter(CopyFormat::Csv, 1);
         s.feed(b"\"x,\ny\",\"7\",z\n1,,2\n");
-        let (row, key) = s.next_row().unwrap();
-        assert_eq!(&row.ok().unwrap()[..], b"\"x,\ny\",\"7\",z\n");
-        assert_eq!(key, Some(Some("7".into())));
-        assert_eq!(s.next_row().unwrap().1, Some(None));
+        let (row, k) = s.next_row().unwrap();
+        assert_eq!(&row[..], b"\"x,\ny\",\"7\",z\n");
+        assert_eq!(k.ok(), Some(Some(Some("7".into()))));
+        assert_eq!(s.next_row().unwrap().1.ok(), Some(Some(None)));
     }
 
     #[test]
     fn short_rows_are_errors() {
-        let mut s = RowSplitter::new(&info(CopyFormat::Text), 3);
+        let mut s = splitter(CopyFormat::Text, 3);
         s.feed(b"1\t2\n");
-        assert!(s.next_row().unwrap().0.is_err());
+        assert!(s.next_row().unwrap().1.is_err());
+    }
+
+    /// Postgres reads `\061` as `1` and `\x41` as `A` (checked with COPY on
+    /// Postgres 15): a key written with escapes goes where its value belongs.
+    #[test]
+    fn text_keys_decode_octal_hex_and_letter_escapes_as_postgres_does() {
+        let got = rows(CopyFormat::Text, 1, b"a\t\\061\nb\t\\x41\\x4a\nc\t\\v\\b\\f\\x\\q\nd\t\\1010\n");
+        let keys: Vec<_> = got.into_iter().map(|(_, k)| k).collect();
+        assert_eq!(keys, vec![key("1"), key("AJ"), key("\u{b}\u{8}\u{c}xq"), key("A0")]);
+    }
+
+    /// A backslash escapes a newline in text format: `p\<newline>q` is one
+    /// field of one row in Postgres, not the end of a row.
+    #[test]
+    fn an_escaped_newline_does_not_end_a_text_row() {
+        let got = rows(CopyFormat::Text, 1, b"p\\\nq\t7\nr\t8\n");
+        assert_eq!(got, vec![("p\\\nq\t7\n".into(), key("7")), ("r\t8\n".into(), key("8"))]);
+    }
+
+    /// Postgres takes a carriage return, a newline or both as a row end.
+    #[test]
+    fn carriage_returns_end_rows() {
+        let got = rows(CopyFormat::Text, 1, b"r\t8\rs\t9\r\nt\t10\r");
+        assert_eq!(
+            got,
+            vec![("r\t8\r".into(), key("8")), ("s\t9\r\n".into(), key("9")), ("t\t10\r".into(), key("10"))]
+        );
+        let got = rows(CopyFormat::Csv, 1, b"\"a\rb\",1\rc,2");
+        assert_eq!(got, vec![("\"a\rb\",1\r".into(), key("1")), ("c,2".into(), key("2"))]);
+        // `\r` then `\n` in the next message is one row end.
+        let mut s = splitter(CopyFormat::Text, 0);
+        s.feed(b"1\r");
+        assert!(s.next_row().is_none());
+        s.feed(b"\n2\n");
+        assert_eq!(&s.next_row().unwrap().0[..], b"1\r\n");
+    }
+
+    /// Data that ends inside a CSV quote or after a backslash is an error, as
+    /// in Postgres, not a row silently left out.
+    #[test]
+    fn data_cut_off_inside_a_row_is_an_error() {
+        let got = rows(CopyFormat::Csv, 0, b"1,a\n2,\"open\n");
+        assert_eq!(got[0], ("1,a\n".into(), key("1")));
+        assert!(got[1].1.as_ref().is_err_and(|e| e.contains("unterminated")), "{got:?}");
+        let got = rows(CopyFormat::Text, 0, b"1\ta\\");
+        assert!(got[0].1.as_ref().is_err_and(|e| e.contains("backslash")), "{got:?}");
+        // A last row without a row end is a row.
+        assert_eq!(rows(CopyFormat::Text, 0, b"5\tz"), vec![("5\tz".into(), key("5"))]);
+    }
+
+    /// A row may not grow without bound while its end is awaited.
+    #[test]
+    fn a_row_longer_than_the_limit_is_an_error() {
+        let mut s = RowSplitter::new(&info(CopyFormat::Csv), 0, 100);
+        s.feed(b"\"");
+        for _ in 0..10 {
+            s.feed(&[b'x'; 20]);
+            if let Some((_, k)) = s.next_row() {
+                assert!(k.is_err_and(|e| e.to_string().contains("longer than 100")));
+                assert!(s.pending().is_empty());
+                return;
+            }
+        }
+        panic!("a 200-byte row passed a limit of 100");
     }
 }
