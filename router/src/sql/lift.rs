@@ -147,8 +147,17 @@ impl ServerForm {
             match ty {
                 Some(ty) if types.len() < i16::MAX as usize => {
                     types.push(ty);
+                    // `date'…'` must not become the identifier `date$1`, nor
+                    // `'a'b` (`'a' AS b`) the parameter `$1b`: a word next to
+                    // the parameter stays a word of its own.
+                    if text.as_bytes().last().is_some_and(|&c| is_word_byte(c)) {
+                        text.push(' ');
+                    }
                     text.push('$');
                     text.push_str(&types.len().to_string());
+                    if sql.as_bytes().get(p.span.end).is_some_and(|&c| is_word_byte(c)) {
+                        text.push(' ');
+                    }
                     parts.push(Part::Param { piece: i, ty });
                 }
                 _ => {
@@ -209,6 +218,11 @@ pub fn statement_name(sql: &str, types: &[i32]) -> String {
     sql.hash(&mut h);
     types.hash(&mut h);
     format!("sg_{:016x}", h.finish())
+}
+
+/// A byte that continues an identifier (or a `$n`) in Postgres's scanner.
+fn is_word_byte(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
 }
 
 fn is_integer(t: &str) -> bool {
@@ -275,6 +289,15 @@ mod tests {
             constants("with recursive r(n) as (select 1 union all select n + 1 from r) cycle n set c to 1 default 0 using p select * from r"),
             None
         );
+    }
+
+    /// Found by the sql fuzz target: a typed literal written without a space
+    /// (`date'…'`) became `date$1`, one identifier, in the prepared form.
+    #[test]
+    fn a_parameter_next_to_a_word_stays_apart_from_it() {
+        let (text, _, values) = form("select date'2026-12-04', 'a'b from t where tenant_id = 7").unwrap();
+        assert_eq!(text, "select date $1, $2 b from t where tenant_id = $3");
+        assert_eq!(values, vec!["2026-12-04", "a", "7"]);
     }
 
     #[test]
