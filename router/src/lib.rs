@@ -30,6 +30,7 @@ pub mod copy_in;
 pub mod error;
 pub mod events;
 pub mod fanout;
+pub mod fuzz;
 pub mod health;
 pub mod hold;
 pub mod idle;
