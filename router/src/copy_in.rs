@@ -273,6 +273,9 @@ pub(crate) struct RowSplitter {
     quoted: bool,
     /// Set by [`Self::finish`]: no more data comes.
     finished: bool,
+    /// The end-of-data marker `\.` came: what follows it is ignored, as
+    /// Postgres ignores it.
+    ended: bool,
 }
 
 /// The key field of a row: `Some(Some(text))`, `Some(None)` for NULL, `None` for
@@ -291,11 +294,14 @@ impl RowSplitter {
             scanned: 0,
             quoted: false,
             finished: false,
+            ended: false,
         }
     }
 
     pub(crate) fn feed(&mut self, data: &[u8]) {
-        self.pending.extend_from_slice(data);
+        if !self.ended {
+            self.pending.extend_from_slice(data);
+        }
     }
 
     /// The data has ended: a last row without a row end is still a row, and
@@ -333,6 +339,8 @@ impl RowSplitter {
         let line = row.strip_suffix(b"\n").unwrap_or(&row);
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line == b"\\." {
+            self.ended = true;
+            self.pending.clear();
             return Some((row, Ok(None)));
         }
         let key = if self.csv { self.csv_field(line) } else { self.text_field(line) };
@@ -594,6 +602,20 @@ mod tests {
         assert!(got[0].1.as_ref().is_err_and(|e| e.contains("backslash")), "{got:?}");
         // A last row without a row end is a row.
         assert_eq!(rows(CopyFormat::Text, 0, b"5\tz"), vec![("5\tz".into(), key("5"))]);
+    }
+
+    /// Postgres stops at `\.` and ignores the rest of the data (COPY 1 for
+    /// `1\ta\n\\.\n2\tb\n` on Postgres 15): so does the splitter.
+    #[test]
+    fn rows_after_the_end_marker_are_ignored() {
+        let got = rows(CopyFormat::Text, 0, b"1\ta\n\\.\n2\tb\n");
+        assert_eq!(got, vec![("1\ta\n".into(), key("1")), ("\\.\n".into(), Ok(None))]);
+        let mut s = splitter(CopyFormat::Csv, 0);
+        s.feed(b"\\.\r\n3,c");
+        assert_eq!(s.next_row().unwrap().1.ok(), Some(None));
+        s.feed(b"4,d\n");
+        s.finish();
+        assert!(s.next_row().is_none());
     }
 
     /// A row may not grow without bound while its end is awaited.

@@ -8,8 +8,9 @@ use crate::sql::{CopyFormat, CopyInfo};
 const DELIMITERS: [u8; 4] = [b'\t', b',', b'|', b';'];
 
 /// Rows of COPY text or CSV data, cut into messages by the input. Properties:
-/// the rows joined are exactly the data (nothing lost, duplicated or
-/// reordered; a cut-off last row comes back as an error, not dropped); the
+/// the rows joined are exactly the data up to the end-of-data marker, after
+/// which nothing comes (nothing lost, duplicated or reordered; a cut-off last
+/// row comes back as an error, not dropped); the
 /// rows and keys are the same however the data is cut; the data held while a
 /// row end is awaited stays within the row limit; and each text-format key is
 /// the field Postgres would read (see [`postgres_text_key`]).
@@ -46,8 +47,20 @@ pub fn copy(data: &[u8]) {
         assert!(s.pending().is_empty(), "data left over after the end");
         out
     };
+    // The rows joined are the data, up to the end-of-data marker if there is one.
+    let joined = |rows: &[(Vec<u8>, Result<RowKey, String>)]| {
+        let all = rows.iter().map(|(r, _)| &r[..]).collect::<Vec<_>>().concat();
+        match rows.last() {
+            Some((_, Ok(None))) => assert!(body.starts_with(&all), "rows are not the data"),
+            _ => assert_eq!(all, body, "rows are not the data"),
+        }
+        let marker = rows.iter().position(|(_, k)| matches!(k, Ok(None)));
+        if let Some(i) = marker {
+            assert_eq!(i + 1, rows.len(), "rows after the end-of-data marker");
+        }
+    };
     let whole = split(&[body]);
-    assert_eq!(whole.iter().map(|(r, _)| &r[..]).collect::<Vec<_>>().concat(), body, "rows are not the data");
+    joined(&whole);
     let pieces = chunks(body, &sizes);
     let cut = split(&pieces);
     // Only a row over the limit may come out differently: how much of it had
@@ -55,7 +68,7 @@ pub fn copy(data: &[u8]) {
     if !cut.iter().chain(&whole).any(|(_, k)| k.as_ref().is_err_and(|e| e.starts_with("54000"))) {
         assert_eq!(whole, cut, "rows depend on how the data is cut into messages");
     }
-    assert_eq!(cut.iter().map(|(r, _)| &r[..]).collect::<Vec<_>>().concat(), body, "cut rows are not the data");
+    joined(&cut);
     if !csv {
         for (row, key) in &whole {
             if let Ok(Some(key)) = key {
