@@ -24,7 +24,7 @@ mod outputs;
 mod plan;
 mod star;
 mod stream;
-pub(crate) mod value;
+pub mod value;
 
 pub use having::Filter;
 pub use merge::{bound, in_formats, merge, sort_keys, types_of, ClientFormats, Merged, Row, ShardResult};
