@@ -29,9 +29,52 @@ pub fn insert_per_shard(sql: &str, parts: &[(ShardId, Vec<usize>)]) -> Result<Ve
     Ok(out)
 }
 
+/// A statement with parameters whose text kept some of them (one shard's
+/// rows of a multi-row INSERT): the text with its `$n` renumbered from 1, in
+/// order, and for each new number the parameter it was (0-based).
+pub fn renumber_params(sql: &str) -> Result<(String, Vec<usize>), SqlError> {
+    let internal = |m: String| SqlError::new("XX000", format!("cannot renumber the INSERT's parameters: {m}"));
+    // The scanner's parameter tokens: every `$n` of the text, wherever it
+    // stands (the parse tree's walk misses some, RETURNING's).
+    let scanned = pg_query::scan(sql).map_err(|e| internal(e.to_string()))?;
+    let mut refs: Vec<(usize, i32)> = Vec::new();
+    for t in scanned.tokens.iter().filter(|t| t.token == pg_query::protobuf::Token::Param as i32) {
+        let text = sql.get(t.start as usize..t.end as usize).unwrap_or_default();
+        let number = text.strip_prefix('$').and_then(|n| n.parse::<i32>().ok()).filter(|n| *n >= 1);
+        refs.push((t.start as usize, number.ok_or_else(|| internal(format!("unreadable parameter {text}")))?));
+    }
+    let mut used: Vec<i32> = refs.iter().map(|r| r.1).collect();
+    used.sort_unstable();
+    used.dedup();
+    refs.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    let mut out = sql.to_string();
+    for (at, number) in refs {
+        let old = format!("${number}");
+        if out.get(at..at + old.len()) != Some(old.as_str()) {
+            return Err(internal(format!("${number} is not where the parser put it")));
+        }
+        let new = used.binary_search(&number).map_err(|_| internal("lost a parameter".into()))? + 1;
+        out.replace_range(at..at + old.len(), &format!("${new}"));
+    }
+    Ok((out, used.iter().map(|n| *n as usize - 1).collect()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shards_rows_keep_their_parameters_renumbered() {
+        let sql = "INSERT INTO t (tenant_id, v) VALUES ($1, $2), ($3, $4), ($5, $2::text || $12) RETURNING v, $13";
+        let parts = vec![(0, vec![0]), (1, vec![1, 2])];
+        let out = insert_per_shard(sql, &parts).unwrap();
+        let (zero, kept) = renumber_params(&out[0].1).unwrap();
+        assert_eq!(zero, "INSERT INTO t (tenant_id, v) VALUES ($1, $2) RETURNING v, $3");
+        assert_eq!(kept, [0, 1, 12]);
+        let (one, kept) = renumber_params(&out[1].1).unwrap();
+        assert_eq!(one, "INSERT INTO t (tenant_id, v) VALUES ($2, $3), ($4, $1::text || $5) RETURNING v, $6");
+        assert_eq!(kept, [1, 2, 3, 4, 11, 12]);
+    }
 
     #[test]
     fn rows_go_to_their_shards() {

@@ -674,3 +674,63 @@ async fn a_cutover_waits_for_a_prepared_transaction_on_the_moving_rows() {
     assert_eq!(balances(&h, &t[1..]).await, [105, 100]);
     assert!(prepared(&h, 3).await.is_empty());
 }
+
+/// A multi-row INSERT sent with the extended protocol whose rows are for
+/// tenants on several shards (pgjdbc's `reWriteBatchedInserts`, an ORM's
+/// bulk insert): each shard gets its own rows with their own parameters
+/// (binary ones too), and they commit together or not at all; RETURNING
+/// gathers every shard's rows. It used to be refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extended_multi_row_insert_across_shards_is_all_or_nothing() {
+    use shardgate_tests::raw::{bind, describe_statement, execute, parse, sync, Raw};
+    let (h, t) = bank(3).await;
+    let c = h.client().await;
+    let n = c
+        .execute("INSERT INTO acct VALUES ($1, 2, $2), ($3, 2, $4), ($5, 2, $2)", &[&t[0], &7i64, &t[1], &8i64, &t[2]])
+        .await
+        .unwrap();
+    assert_eq!(n, 3);
+    let mut on_own_shard = Vec::new();
+    for tenant in &t {
+        let shard = h.shard(h.shard_of(*tenant)).await;
+        let row = shard.query_one("SELECT bal FROM acct WHERE tenant_id = $1 AND id = 2", &[tenant]).await.unwrap();
+        on_own_shard.push(row.get::<_, i64>(0));
+    }
+    assert_eq!(on_own_shard, [7, 8, 7]);
+
+    let returned = c
+        .query("INSERT INTO acct VALUES ($1, 3, $2), ($3, 3, $2) RETURNING tenant_id, bal", &[&t[0], &9i64, &t[2]])
+        .await
+        .unwrap();
+    let mut got: Vec<(i64, i64)> = returned.iter().map(|r| (r.get(0), r.get(1))).collect();
+    got.sort();
+    assert_eq!(got, [(t[0], 9), (t[2], 9)]);
+
+    // A duplicate key on t[1]'s shard: none of the statement's rows anywhere.
+    let e = c.execute("INSERT INTO acct VALUES ($1, 4, 1), ($2, 1, 1)", &[&t[0], &t[1]]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "23505");
+    let mut fours = 0;
+    for s in 0..3 {
+        fours +=
+            h.shard(s).await.query_one("SELECT count(*) FROM acct WHERE id = 4", &[]).await.unwrap().get::<_, i64>(0);
+    }
+    assert_eq!(fours, 0, "no shard kept its rows");
+
+    // Described and executed in one pipeline, binary parameters: the router
+    // answers as one Postgres does.
+    let pipeline = |id: i64| {
+        let sql = format!("INSERT INTO acct VALUES ($1, {id}, $2), ($3, {id}, $4)");
+        vec![
+            parse("ins", &sql, &[20, 20, 20, 20]),
+            describe_statement("ins"),
+            bind("ins", &[t[0], 1, t[1], 2], true),
+            execute(),
+            sync(),
+        ]
+    };
+    let through = Raw::login(h.port()).await.run(&pipeline(5)).await;
+    let direct = Raw::login(h.shard_server(0).port()).await.run(&pipeline(6)).await;
+    assert_eq!(through, direct);
+    assert!(through.contains(&format!("C {:?}", b"INSERT 0 2\0".to_vec())), "{through:?}");
+    assert!(prepared(&h, 3).await.is_empty());
+}

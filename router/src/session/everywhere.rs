@@ -207,13 +207,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if shards.len() > 1
             && self.ctx.config.cross_shard_transactions == crate::config::CrossShard::TwoPhase
             && !analysis.statements.iter().any(|s| matches!(s.kind, StatementKind::Txn(_)))
-            && self.run_everywhere_atomically(sql, &shards).await?
+            && self.run_everywhere_atomically(sql, &shards, ddl).await?
         {
-            if ddl {
-                if let Err(e) = self.ctx.refresh_catalog().await {
-                    warn!(error = %e, "could not refresh the table catalog after DDL");
-                }
-            }
             return Ok(());
         }
         let mut first_reply: Option<Vec<Bytes>> = None;

@@ -328,6 +328,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.run_write_across_extended(batch, shards, Combine::First { ddl }).await
                 }
             }
+            Target::SplitInsert(parts)
+                if sync
+                    && statements.len() == 1
+                    && statements[0].statements.len() == 1
+                    && self.ctx.config.cross_shard_transactions == crate::config::CrossShard::TwoPhase =>
+            {
+                self.run_split_insert_extended(batch, &statements[0].statements[0], parts).await
+            }
             Target::Fanout(shards)
                 if sync
                     && statements.len() == 1

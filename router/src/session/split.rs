@@ -221,3 +221,168 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 }
+
+/// One shard's replies to a split INSERT's part (after its BEGIN's): what a
+/// Describe of the portal answered, the rows, the rows written, and (first
+/// shard only) what a Describe of the client's statement answered.
+#[derive(Default)]
+struct PartReply {
+    portal: Option<Bytes>,
+    rows: Vec<Bytes>,
+    written: u64,
+    statement: Vec<Bytes>,
+}
+
+impl PartReply {
+    fn read(replies: Vec<Bytes>) -> PartReply {
+        let mut part = PartReply::default();
+        let mut done = false;
+        for r in replies {
+            match r.first() {
+                Some(b'T' | b'n') if !done && part.portal.is_none() => part.portal = Some(r),
+                Some(b'D') if !done => part.rows.push(r),
+                Some(b'C') if !done => {
+                    part.written = command_count(&r);
+                    done = true;
+                }
+                Some(b't' | b'T' | b'n') if done => part.statement.push(r),
+                _ => {}
+            }
+        }
+        part
+    }
+}
+
+/// A Bind of the unnamed statement to the unnamed portal, with the client's
+/// parameters `kept` (in that order), their formats, and its result formats.
+fn bind_kept(bind: &messages::Bind<'_>, kept: &[usize]) -> Bytes {
+    let mut b = messages::Builder::new(b'B');
+    b.cstr("").cstr("").i16(kept.len() as i16);
+    for &k in kept {
+        b.i16(bind.format_of(k));
+    }
+    b.i16(kept.len() as i16);
+    for &k in kept {
+        match bind.params.get(k).copied().flatten() {
+            Some(v) => {
+                b.i32(v.len() as i32).bytes(v);
+            }
+            None => {
+                b.i32(-1);
+            }
+        }
+    }
+    b.bytes(bind.tail);
+    b.finish()
+}
+
+fn execute_unnamed() -> Bytes {
+    messages::Builder::new(b'E').cstr("").i32(0).finish()
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// A multi-row INSERT whose rows are for several shards, sent with the
+    /// extended protocol (pgjdbc's `reWriteBatchedInserts`, an ORM's bulk
+    /// insert), outside a transaction block: each shard's rows with their own
+    /// parameters (renumbered, formats kept) in a transaction on that shard,
+    /// committed together (two-phase commit): all rows or none.
+    pub(super) async fn run_split_insert_extended(
+        &mut self,
+        batch: &[Message],
+        stmt: &Statement,
+        parts: Vec<(ShardId, Vec<usize>)>,
+    ) -> Result<(), SessionError> {
+        let binds: Vec<&Message> = batch.iter().filter(|m| m.tag() == b'B').collect();
+        if binds.len() != 1 || batch.iter().filter(|m| m.tag() == b'E').count() != 1 {
+            let e = SqlError::new(
+                "0A000",
+                "a multi-row INSERT whose rows are for several shards runs once per Sync in the extended protocol"
+                    .into(),
+            )
+            .hint("send a Sync after each execution of it");
+            return self.fail_batch(e, true).await;
+        }
+        let bind = match messages::Bind::parse(binds[0]) {
+            Ok(b) => b,
+            Err(e) => return self.fail_batch(SqlError::new("08P01", e.to_string()), true).await,
+        };
+        let Some(p) = self.prepared.get(bind.statement) else {
+            return self.fail_batch(super::prepared::unknown_statement(bind.statement), true).await;
+        };
+        let (client_sql, client_types) = (p.sql.clone(), p.param_types.clone());
+        let describe_statement =
+            batch.iter().any(|m| m.tag() == b'D' && matches!(messages::target_and_name(m), Ok((b'S', _))));
+        let texts = match crate::split::insert_per_shard(&stmt.text, &parts) {
+            Ok(t) => t,
+            Err(e) => return self.fail_batch(e, true).await,
+        };
+        let mut runs = Vec::with_capacity(texts.len());
+        for (i, (shard, text)) in texts.into_iter().enumerate() {
+            let (text, kept) = match crate::split::renumber_params(&text) {
+                Ok(r) => r,
+                Err(e) => return self.fail_batch(e, true).await,
+            };
+            let types: Vec<i32> = kept.iter().map(|&k| client_types.get(k).copied().unwrap_or(0)).collect();
+            let mut run = bytes::BytesMut::new();
+            // BEGIN in the same pipeline: one ReadyForQuery for the lot.
+            run.extend_from_slice(&messages::parse("", "BEGIN", &[]));
+            run.extend_from_slice(&messages::Builder::new(b'B').cstr("").cstr("").i16(0).i16(0).i16(0).finish());
+            run.extend_from_slice(&execute_unnamed());
+            run.extend_from_slice(&messages::parse("", &text, &types));
+            run.extend_from_slice(&bind_kept(&bind, &kept));
+            run.extend_from_slice(&messages::describe(b'P', ""));
+            run.extend_from_slice(&execute_unnamed());
+            if i == 0 && describe_statement {
+                // The client's statement as the client prepared it.
+                run.extend_from_slice(&messages::parse("", &client_sql, &client_types));
+                run.extend_from_slice(&messages::describe(b'S', ""));
+            }
+            run.extend_from_slice(&messages::sync());
+            runs.push((shard, run.freeze()));
+        }
+        let (mut open, replies) = match self.open_parts(runs).await {
+            Ok(o) => o,
+            Err(err) => {
+                crate::metrics::global().error_message(&err[5..]);
+                self.client.queue(&err);
+                self.client.queue(&messages::ready_for_query_bytes(self.status()));
+                self.client.flush().await?;
+                return Ok(());
+            }
+        };
+        let parts: Vec<PartReply> = replies.into_iter().map(PartReply::read).collect();
+        let Some(mut decider) = open.pop() else {
+            return self.fail_batch(SqlError::new("XX000", "no shard took the INSERT".into()), true).await;
+        };
+        if let Err(e) = self.commit_parts(&mut decider, &mut open).await? {
+            return self.fail_batch(e, true).await;
+        }
+        let first = parts.first();
+        for m in batch {
+            match m.tag() {
+                b'D' if matches!(messages::target_and_name(m), Ok((b'S', _))) => {
+                    for r in first.map(|f| f.statement.as_slice()).unwrap_or_default() {
+                        self.client.queue(r);
+                    }
+                }
+                b'D' => match first.and_then(|f| f.portal.as_ref()) {
+                    Some(r) => self.client.queue(r),
+                    None => self.client.queue(&messages::no_data()),
+                },
+                b'E' => {
+                    for part in &parts {
+                        for r in &part.rows {
+                            self.client.queue(r);
+                        }
+                    }
+                    let total: u64 = parts.iter().map(|p| p.written).sum();
+                    self.client.queue(&messages::command_complete(&format!("INSERT 0 {total}")));
+                }
+                _ => self.reply_for_statement_message(m),
+            }
+        }
+        self.client.queue(&messages::ready_for_query_bytes(self.status()));
+        self.client.flush().await?;
+        Ok(())
+    }
+}

@@ -34,6 +34,13 @@ async fn roll_back_each(parts: &mut [Held]) {
     }
 }
 
+/// Each shard's statement as one simple query that opens a transaction
+/// first. The session's settings go in a query of their own: inside the
+/// transaction, a rollback would undo them behind the pool's back.
+fn begin_and(texts: Vec<(ShardId, String)>) -> Vec<(ShardId, bytes::Bytes)> {
+    texts.into_iter().map(|(s, sql)| (s, messages::query(&format!("BEGIN; {sql}")))).collect()
+}
+
 /// How the answers of a statement run on several shards become one.
 #[derive(Clone, Copy)]
 pub(super) enum Combine {
@@ -449,7 +456,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// and commits them together; answers with the rows they returned and
     /// `tag` followed by the rows they wrote.
     async fn run_parts_atomically(&mut self, texts: Vec<(ShardId, String)>, tag: &str) -> Result<(), SessionError> {
-        let (mut open, replies) = match self.open_parts(texts).await {
+        let (mut open, replies) = match self.open_parts(begin_and(texts)).await {
             Ok(opened) => opened,
             Err(err) => return self.refused_part(&err).await,
         };
@@ -479,9 +486,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         &mut self,
         sql: &str,
         shards: &[ShardId],
+        ddl: bool,
     ) -> Result<bool, SessionError> {
         let texts = shards.iter().map(|&s| (s, sql.to_string())).collect();
-        let (mut open, mut replies) = match self.open_parts(texts).await {
+        let (mut open, mut replies) = match self.open_parts(begin_and(texts)).await {
             Ok(opened) => opened,
             Err(err) if messages::error_summary(&Message::from_raw(err.clone())).0 == "25001" => return Ok(false),
             Err(err) => {
@@ -498,6 +506,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 for m in replies.swap_remove(0) {
                     self.client.queue(&m);
                 }
+                // Before the client hears of it: its other sessions may
+                // write to a new table at once, and must see it sharded.
+                if ddl {
+                    if let Err(e) = self.ctx.refresh_catalog().await {
+                        tracing::warn!(error = %e, "could not refresh the table catalog after DDL");
+                    }
+                }
                 self.ready().await?;
             }
             Err(e) => self.fail_simple(e).await?,
@@ -505,17 +520,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Ok(true)
     }
 
-    /// Opens a transaction on each shard and runs its statement there, one
-    /// shard after another. Ok: the open parts and each one's replies (in
-    /// order); Err: the first error, every part rolled back.
-    async fn open_parts(
+    /// Runs each shard's messages (which open a transaction, then run its
+    /// statement, and end in one ReadyForQuery) on that shard, one shard
+    /// after another. Ok: the open parts and each one's replies after the
+    /// BEGIN's (in order); Err: the first error, every part rolled back.
+    pub(super) async fn open_parts(
         &mut self,
-        texts: Vec<(ShardId, String)>,
+        runs: Vec<(ShardId, bytes::Bytes)>,
     ) -> Result<(Vec<Held>, Vec<Vec<bytes::Bytes>>), bytes::Bytes> {
-        let mut open: Vec<Held> = Vec::with_capacity(texts.len());
-        let mut replies = Vec::with_capacity(texts.len());
+        let mut open: Vec<Held> = Vec::with_capacity(runs.len());
+        let mut replies = Vec::with_capacity(runs.len());
         let mut failure: Option<bytes::Bytes> = None;
-        for (shard, sql) in texts {
+        for (shard, run) in runs {
             let name = self.shard_name(shard);
             let conn = match self.pool(shard) {
                 Ok(pool) => pool.get().await.map_err(|e| SqlError::new(e.sqlstate(), e.to_string())),
@@ -528,10 +544,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     break;
                 }
             };
-            // The session's settings in a query of their own: inside the
-            // transaction, a rollback would undo them behind the pool's back.
             let settings = self.settings.prelude(&mut conn);
-            let answer = super::everywhere::collect(&mut conn, &format!("BEGIN; {sql}"), settings, true).await;
+            let answer = super::everywhere::collect_messages(&mut conn, &run, settings, true).await;
             open.push(Held { shard, conn });
             match answer {
                 Err(e) => {
@@ -543,10 +557,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     break;
                 }
                 Ok((mut r, None)) => {
-                    // Not the BEGIN's own CommandComplete.
-                    if r.first().is_some_and(|m| m.first() == Some(&b'C')) {
-                        r.remove(0);
-                    }
+                    // Not the BEGIN's own replies.
+                    let begun = r.iter().position(|m| m.first() == Some(&b'C')).map_or(0, |i| i + 1);
+                    r.drain(..begun);
                     replies.push(r);
                 }
             }
