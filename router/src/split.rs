@@ -46,7 +46,7 @@ pub fn renumber_params(sql: &str) -> Result<(String, Vec<usize>), SqlError> {
     let mut used: Vec<i32> = refs.iter().map(|r| r.1).collect();
     used.sort_unstable();
     used.dedup();
-    refs.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    refs.sort_unstable_by_key(|r| std::cmp::Reverse(r.0));
     let mut out = sql.to_string();
     for (at, number) in refs {
         let old = format!("${number}");
