@@ -170,3 +170,40 @@ async fn a_row_limit_on_a_merged_read_suspends_the_portal_as_postgres_does() {
     assert_eq!(rest.first().map(String::as_str), Some("error 0A000"), "{rest:?}");
     raw.run(&[query("ROLLBACK")]).await;
 }
+
+/// psycopg 3 ends each pipeline (its executemany) with Sync and then Flush.
+/// The lone Flush has nothing to run. It used to run as an empty batch that
+/// left the session marked mid-pipeline, so the next pipeline across shards in
+/// a transaction block was refused (0A000 "a pipeline whose statements are for
+/// several shards takes SELECT, INSERT, UPDATE and DELETE"), and the ROLLBACK
+/// after that refusal could go unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_after_a_sync_runs_nothing_and_the_next_pipeline_may_span_shards() {
+    let h = Harness::start(2).await;
+    h.client().await.batch_execute("CREATE TABLE p (tenant_id bigint, v bigint)").await.unwrap();
+    let (a, b) = (h.tenants_on(0, 1)[0], h.tenants_on(1, 1)[0]);
+    let mut c = Raw::login(h.port()).await;
+    let flush = frame(b'H', &[]);
+    for round in 0..3 {
+        assert_eq!(c.run(&[query("BEGIN")]).await.last().map(String::as_str), Some("ready T"));
+        let mut pipeline = Vec::new();
+        if round == 0 {
+            pipeline.push(parse("ins", "INSERT INTO p VALUES ($1, $2)", &[20, 20]));
+        }
+        for key in [a, b, a, b] {
+            pipeline.extend([bind("ins", &[key, round], false), describe_portal(), execute()]);
+        }
+        pipeline.extend([sync(), flush.clone()]);
+        let replies = c.run(&pipeline).await;
+        assert!(!replies.iter().any(|r| r.starts_with("error")), "round {round}: {replies:?}");
+        assert_eq!(replies.last().map(String::as_str), Some("ready T"), "round {round}: {replies:?}");
+        let end = if round == 2 { "ROLLBACK" } else { "COMMIT" };
+        let replies = c.run(&[query(end)]).await;
+        assert!(!replies.iter().any(|r| r.starts_with("error")), "round {round} {end}: {replies:?}");
+        assert_eq!(replies.last().map(String::as_str), Some("ready I"));
+    }
+    for shard in 0..2 {
+        let n: i64 = h.shard(shard).await.query_one("SELECT count(*) FROM p", &[]).await.unwrap().get(0);
+        assert_eq!(n, 4, "two committed rounds of two rows on shard {shard}, the rolled-back one nowhere");
+    }
+}

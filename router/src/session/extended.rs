@@ -38,6 +38,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Runs the collected Parse/Bind/Describe/Execute/Close messages, ending with
     /// Sync (`sync`) or Flush.
     pub(super) async fn run_batch(&mut self, sync: bool) -> Result<(), SessionError> {
+        if !sync && self.batch.is_empty() {
+            // A Flush with nothing collected since the last Sync or Flush
+            // (psycopg 3 sends Sync, Flush after each pipeline): every reply
+            // has gone out already, and there is nothing to run. Run as an
+            // empty batch, it would take a connection and mark the session as
+            // mid-pipeline, and the next pipeline across shards be refused.
+            self.client.flush().await?;
+            return Ok(());
+        }
         // The messages run from a Vec of their own while the next batch collects
         // into the spare one: no allocation per batch once both have grown.
         let spare = std::mem::take(&mut self.spare_batch);
