@@ -207,3 +207,55 @@ async fn a_flush_after_a_sync_runs_nothing_and_the_next_pipeline_may_span_shards
         assert_eq!(n, 4, "two committed rounds of two rows on shard {shard}, the rolled-back one nowhere");
     }
 }
+
+/// psycopg 3 in pipeline mode rolls a transaction back with one pipeline:
+/// ROLLBACK, then DEALLOCATE ALL (it forgets the statements it prepared in the
+/// transaction). It used to be refused whole (0A000 "DEALLOCATE ALL must be
+/// sent on its own"), the ROLLBACK with it: the session stayed in its failed
+/// transaction and psycopg's pipeline broke.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_and_deallocate_in_one_pipeline_end_the_transaction() {
+    let h = Harness::start(2).await;
+    h.client().await.batch_execute("CREATE TABLE p (tenant_id bigint PRIMARY KEY, v bigint)").await.unwrap();
+    let (a, b) = (h.tenants_on(0, 1)[0], h.tenants_on(1, 1)[0]);
+    let mut c = Raw::login(h.port()).await;
+    let insert = "INSERT INTO p VALUES ($1, $2)";
+    // Healthy and failed transactions, on one shard and on two.
+    for (keys, fails) in [(vec![a], false), (vec![a, b], false), (vec![a, a], true), (vec![a, b, b], true)] {
+        let ready = c.run(&[parse("ins", insert, &[20, 20]), sync()]).await;
+        assert_eq!(ready.last().map(String::as_str), Some("ready I"), "{ready:?}");
+        assert_eq!(c.run(&[query("BEGIN")]).await.last().map(String::as_str), Some("ready T"));
+        let mut pipeline = Vec::new();
+        for k in &keys {
+            pipeline.extend([bind("ins", &[*k, 1], false), execute()]);
+        }
+        pipeline.push(sync());
+        let replies = c.run(&pipeline).await;
+        let want = if fails { "ready E" } else { "ready T" };
+        assert_eq!(replies.last().map(String::as_str), Some(want), "{keys:?}: {replies:?}");
+        let replies = c
+            .run(&[
+                parse("", "ROLLBACK", &[]),
+                bind("", &[], false),
+                describe_portal(),
+                execute(),
+                parse("", "DEALLOCATE ALL", &[]),
+                bind("", &[], false),
+                describe_portal(),
+                execute(),
+                sync(),
+            ])
+            .await;
+        assert!(!replies.iter().any(|r| r.starts_with("error")), "{keys:?}: {replies:?}");
+        assert_eq!(replies.iter().filter(|r| r.starts_with("C ")).count(), 2, "{keys:?}: {replies:?}");
+        assert_eq!(replies.last().map(String::as_str), Some("ready I"), "{keys:?}: {replies:?}");
+        // The statement is gone, and the session is out of its transaction.
+        let gone = c.run(&[bind("ins", &[a, 2], false), execute(), sync()]).await;
+        assert_eq!(gone.first().map(String::as_str), Some("error 26000"), "{gone:?}");
+        assert_eq!(gone.last().map(String::as_str), Some("ready I"), "{gone:?}");
+    }
+    for shard in 0..2 {
+        let n: i64 = h.shard(shard).await.query_one("SELECT count(*) FROM p", &[]).await.unwrap().get(0);
+        assert_eq!(n, 0, "every transaction rolled back on shard {shard}");
+    }
+}

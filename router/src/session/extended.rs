@@ -100,6 +100,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         let RoutedBatch { target, mut error, statements, several_shards } = self.route_batch(batch);
+        if sync && (self.txn.in_block() || self.txn.aborted) && rolls_back_then_deallocates(&statements) {
+            return self.roll_back_then_deallocate(batch, &statements).await;
+        }
         if several_shards
             && sync
             && !self.txn.aborted
@@ -203,6 +206,55 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             target => self.run_batch_across(target, sync, batch, &statements).await,
         }
+    }
+
+    /// ROLLBACK, then DEALLOCATE, in one pipeline: psycopg 3 in pipeline mode
+    /// ends a transaction that rolls back so (its statements prepared in the
+    /// transaction are forgotten with it), failed or not. Every shard the
+    /// transaction reached rolls back, and the DEALLOCATEs close the session's
+    /// statements in the router, as each does sent alone.
+    async fn roll_back_then_deallocate(
+        &mut self,
+        batch: &[Message],
+        statements: &[Arc<Analysis>],
+    ) -> Result<(), SessionError> {
+        self.txn.aborted = false;
+        self.txn.pending_begin = None;
+        self.roll_back_all().await;
+        let mut bound = statements.iter();
+        let (mut current, mut failed) = (None, false);
+        for m in batch {
+            if failed {
+                // After an error, nothing more is answered up to the Sync.
+                break;
+            }
+            match m.tag() {
+                b'B' => {
+                    current = bound.next();
+                    self.reply_for_statement_message(m);
+                }
+                b'E' => {
+                    let Some(stmt) = current.and_then(|a| a.statements.first()) else { continue };
+                    if matches!(stmt.kind, StatementKind::Txn(_)) {
+                        self.client.queue(&messages::command_complete("ROLLBACK"));
+                        continue;
+                    }
+                    match self.local_statement(stmt)? {
+                        Some(Ok(tag)) => self.client.queue(&messages::command_complete(&tag)),
+                        Some(Err(e)) => {
+                            crate::metrics::global().error(e.code);
+                            self.client.queue(&e.to_message(crate::protocol::messages::Severity::Error));
+                            failed = true;
+                        }
+                        None => {}
+                    }
+                }
+                _ => self.reply_for_statement_message(m),
+            }
+        }
+        self.client.queue(&messages::ready_for_query_bytes(self.status()));
+        self.client.flush().await?;
+        Ok(())
     }
 
     /// Before a batch is routed: the tables its Parses name are known, and the
@@ -604,4 +656,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         Ok(())
     }
+}
+
+/// A pipeline of ROLLBACK followed by DEALLOCATEs only (psycopg 3's rollback
+/// in pipeline mode).
+fn rolls_back_then_deallocates(statements: &[Arc<Analysis>]) -> bool {
+    let one = |a: &Analysis, f: &dyn Fn(&StatementKind) -> bool| matches!(&a.statements[..], [s] if f(&s.kind));
+    statements.len() >= 2
+        && one(&statements[0], &|k| matches!(k, StatementKind::Txn(TxnControl::Rollback)))
+        && statements[1..]
+            .iter()
+            .all(|a| one(a, &|k| matches!(k, StatementKind::SqlPrepared(SqlPrepared::Deallocate { .. }))))
 }
