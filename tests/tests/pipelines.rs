@@ -259,3 +259,29 @@ async fn rollback_and_deallocate_in_one_pipeline_end_the_transaction() {
         assert_eq!(n, 0, "every transaction rolled back on shard {shard}");
     }
 }
+
+/// The same refusal midway inside a transaction block: the block is failed
+/// (25P02 until ROLLBACK), and ROLLBACK ends it on every shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_refused_midway_in_a_transaction_block_is_rolled_back_by_rollback() {
+    let h = Harness::start(2).await;
+    h.client().await.batch_execute("CREATE TABLE p (tenant_id bigint, v bigint)").await.unwrap();
+    let (a, b) = (h.tenants_on(0, 1)[0], h.tenants_on(1, 1)[0]);
+    let mut c = Raw::login(h.port()).await;
+    let flush = frame(b'H', &[]);
+    assert_eq!(c.run(&[query("BEGIN")]).await.last().map(String::as_str), Some("ready T"));
+    c.send(&[parse("", "INSERT INTO p VALUES ($1, $1)", &[20]), bind("", &[a], false), execute(), flush]).await;
+    // A statement the router refuses (session state a pooled connection cannot carry).
+    let refused = parse("", "SELECT pg_advisory_lock($1)", &[20]);
+    let replies = c.run(&[refused, bind("", &[b], false), execute(), sync()]).await;
+    assert!(replies.iter().any(|r| r == "error 0A000"), "{replies:?}");
+    assert_eq!(replies.last().map(String::as_str), Some("ready E"), "{replies:?}");
+    let replies = c.run(&[query("ROLLBACK")]).await;
+    assert_eq!(replies.last().map(String::as_str), Some("ready I"), "{replies:?}");
+    let after = c.run(&[query("SELECT count(*) FROM p")]).await;
+    assert!(!after.iter().any(|r| r.starts_with("error")), "the session goes on: {after:?}");
+    for shard in 0..2 {
+        let n: i64 = h.shard(shard).await.query_one("SELECT count(*) FROM p", &[]).await.unwrap().get(0);
+        assert_eq!(n, 0, "shard {shard}");
+    }
+}
