@@ -117,14 +117,14 @@ fn scripts_dir() -> PathBuf {
 
 /// A program the matrix needs, or a failure that says how to get it.
 fn need(path: &Path, what: &str) -> PathBuf {
-    assert!(path.exists(), "{what} is missing ({}): run scripts/install-deps.sh", path.display());
+    assert!(path.exists(), "{what}: {} not found; run scripts/install-deps.sh", path.display());
     path.to_path_buf()
 }
 
 fn on_path(program: &str, what: &str) -> PathBuf {
     let found =
         std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(program)).find(|p| p.is_file()));
-    found.unwrap_or_else(|| panic!("{what} is missing ({program} not on PATH): run scripts/install-deps.sh"))
+    found.unwrap_or_else(|| panic!("{what}: {program} not on PATH; run scripts/install-deps.sh"))
 }
 
 /// Runs a driver's script (it gets the router URL and the two tenants last),
