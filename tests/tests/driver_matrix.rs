@@ -227,7 +227,7 @@ async fn pgjdbc_prepare_threshold_binary_execute_batch_copy() {
     let mut cmd = Command::new(on_path("java", "a JDK (Debian's default-jdk-headless)"));
     cmd.arg("-cp").arg(format!("{}:{}", classes.path().display(), jar.display())).arg("DriverCheck");
     run(cmd, &h, a, b).await;
-    check_placement(&h, a, b, &ids(&[BASE_IDS, &[12], COPY_IDS])).await;
+    check_placement(&h, a, b, &ids(&[BASE_IDS, &[12, 23], COPY_IDS])).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -519,13 +519,34 @@ async fn sqlx_prepared_binary_transactions_copy() {
     }
     assert_eq!(failed.as_deref(), Some("23505"));
     tx.rollback().await.unwrap();
-    // QueryBuilder's multi-row insert: for one tenant it runs on its shard;
-    // for tenants on two shards the router refuses it (extended protocol).
-    let mut qb = sqlx::QueryBuilder::new("INSERT INTO items (tenant_id, id) ");
-    qb.push_values([(a, 22), (b, 22)], |mut row, (t, i)| {
-        row.push_bind(t).push_bind(i);
-    });
-    assert_eq!(sqlstate(qb.build().execute(&mut c).await.unwrap_err()).as_deref(), Some("0A000"));
+    // QueryBuilder's multi-row insert for tenants on two shards: each shard
+    // gets its rows, committed together, or none of them.
+    let multi_row = |rows: [(i64, i32); 2]| {
+        let mut qb = sqlx::QueryBuilder::new("INSERT INTO items (tenant_id, id) ");
+        qb.push_values(rows, |mut row, (t, i)| {
+            row.push_bind(t).push_bind(i);
+        });
+        qb
+    };
+    assert_eq!(multi_row([(a, 22), (b, 22)]).build().execute(&mut c).await.unwrap().rows_affected(), 2);
+    let e = multi_row([(a, 24), (b, 1)]).build().execute(&mut c).await.unwrap_err();
+    assert_eq!(sqlstate(e).as_deref(), Some("23505"));
+    for id in [22, 24] {
+        let on_shards: Vec<i64> = {
+            let mut n = Vec::new();
+            for s in 0..2 {
+                let row = h.shard(s).await.query_one("SELECT count(*) FROM items WHERE id = $1", &[&id]).await.unwrap();
+                n.push(row.get(0));
+            }
+            n
+        };
+        assert_eq!(on_shards, if id == 22 { [1, 1] } else { [0, 0] }, "rows with id {id}");
+    }
+    sqlx::query("DELETE FROM items WHERE id = 22 AND tenant_id = ANY($1)")
+        .bind(vec![a, b])
+        .execute(&mut c)
+        .await
+        .unwrap();
     // COPY FROM STDIN, text format, rows of both shards.
     let mut copy = c
         .copy_in_raw("COPY items (tenant_id, id, note, amount, flag, data, ts, uid, score, doc) FROM STDIN")

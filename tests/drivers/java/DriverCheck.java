@@ -163,9 +163,13 @@ public class DriverCheck {
       expectSqlstate("23505", () -> batch(c, new long[][] {{a, 22}, {b, 22}, {b, 1}}), "an autocommit batch with a duplicate row");
 
       // reWriteBatchedInserts turns the batch into one multi-row INSERT with
-      // parameters: for tenants on two shards, refused whole.
+      // parameters: for tenants on two shards, each shard gets its rows, all
+      // committed or none.
       try (Connection rw = DriverManager.getConnection(jdbc + "&reWriteBatchedInserts=true")) {
-        expectSqlstate("0A000", () -> batch(rw, new long[][] {{a, 23}, {b, 23}}), "a rewritten batch across shards");
+        batch(rw, new long[][] {{a, 23}, {b, 23}});
+        check(count(rw, "SELECT count(*) FROM items WHERE id = 23") == 2, "a rewritten batch across shards wrote both rows");
+        expectSqlstate("23505", () -> batch(rw, new long[][] {{a, 24}, {b, 1}}), "a rewritten batch with a duplicate row");
+        check(count(rw, "SELECT count(*) FROM items WHERE id = 24") == 0, "a failed rewritten batch left a row");
       }
 
       // COPY FROM STDIN (split by tenant) and COPY TO STDOUT.
@@ -184,7 +188,7 @@ public class DriverCheck {
       check(copied == 4, "COPY counted " + copied);
       StringWriter out = new StringWriter();
       copy.copyOut("COPY (SELECT id FROM items WHERE tenant_id = " + a + " ORDER BY id) TO STDOUT", out);
-      check(out.toString().equals("1\n3\n10\n11\n12\n30\n31\n"), "COPY TO STDOUT gave " + out);
+      check(out.toString().equals("1\n3\n10\n11\n12\n23\n30\n31\n"), "COPY TO STDOUT gave " + out);
 
       // Errors with their SQLSTATE; the connection goes on.
       expectSqlstate("23505", () -> insert(ins, b, 1), "duplicate key");
@@ -204,7 +208,7 @@ public class DriverCheck {
       }
       List<String> want = new ArrayList<>();
       for (long t : new long[] {Math.min(a, b), Math.max(a, b)}) {
-        for (int i : new int[] {1, 3, 10, 11, 12, 30, 31}) want.add(t + ":" + i);
+        for (int i : new int[] {1, 3, 10, 11, 12, 23, 30, 31}) want.add(t + ":" + i);
       }
       check(got.equals(want), "rows through the router: " + got + ", expected " + want);
       for (long t : new long[] {a, b}) {

@@ -50,9 +50,16 @@ await sql.begin((s) => [insert(s, a, 10), insert(s, b, 10), insert(s, a, 11), in
 await c.expectSqlstate('23505', sql.begin((s) => [insert(s, a, 20), insert(s, b, 20), insert(s, b, 21), insert(s, a, 1)]),
   'a pipelined batch with a duplicate row');
 // The multi-row insert helper with rows of both shards is one statement through the
-// extended protocol: refused by the router (0A000), nothing written.
-await c.expectSqlstate('0A000', sql`INSERT INTO items ${sql([{ tenant_id: a, id: 22 }, { tenant_id: b, id: 22 }])}`,
-  'a multi-row insert across shards');
+// extended protocol: each shard gets its rows, all committed or none.
+await sql`INSERT INTO items ${sql([{ tenant_id: a, id: 22 }, { tenant_id: b, id: 22 }])}`;
+c.check(Number((await sql`SELECT count(*) AS n FROM items WHERE id = 22`)[0].n) === 2,
+  'a multi-row insert across shards wrote both rows');
+await c.expectSqlstate('23505', sql`INSERT INTO items ${sql([{ tenant_id: a, id: 24 }, { tenant_id: b, id: 1 }])}`,
+  'a multi-row insert across shards with a duplicate row');
+c.check(Number((await sql`SELECT count(*) AS n FROM items WHERE id = 24`)[0].n) === 0,
+  'a failed multi-row insert across shards left a row');
+await sql`DELETE FROM items WHERE tenant_id = ${a} AND id = 22`;
+await sql`DELETE FROM items WHERE tenant_id = ${b} AND id = 22`;
 
 // COPY FROM STDIN (split by tenant) and COPY TO STDOUT as streams.
 const lines = [30, 31].flatMap((i) => [a, b].map((t) => c.copyLine(t, i)));
