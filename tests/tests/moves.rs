@@ -763,3 +763,95 @@ async fn a_bucket_moves_between_shards_that_admit_tls_logins_only() {
     assert_eq!(n, 501);
     let _ = stop_driver.send(true);
 }
+
+/// Replication objects and a bucket's rows on one shard, read directly.
+async fn leftovers(h: &Harness, shard: usize, bucket_tenants: &[i64]) -> (Vec<String>, i64) {
+    let s = h.shard(shard).await;
+    let objects = s
+        .query(
+            "SELECT 'slot ' || slot_name FROM pg_replication_slots \
+             UNION ALL SELECT 'publication ' || pubname FROM pg_publication \
+             UNION ALL SELECT 'subscription ' || subname FROM pg_subscription",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut rows = 0;
+    for table in ["events", "notes"] {
+        let sql = format!("SELECT count(*) FROM {table} WHERE tenant_id = ANY($1)");
+        rows += s.query_one(&sql, &[&bucket_tenants]).await.unwrap().get::<_, i64>(0);
+    }
+    (objects, rows)
+}
+
+/// Nothing left behind by a move that is cancelled in dual-write, after a
+/// cutover and its rollback, and after a copy that failed half way and was
+/// retried: no
+/// replication slot, publication or subscription on either shard, no
+/// half-copied rows on the target, every row still on the source and read
+/// once through the router.
+#[tokio::test]
+async fn a_cancelled_or_failed_move_leaves_nothing_behind() {
+    let h = Harness::start(2).await;
+    let stop_driver = start_driver(&h);
+    let c = h.client().await;
+    c.batch_execute(EVENTS_SQL).await.unwrap();
+    c.batch_execute("CREATE TABLE notes (tenant_id bigint, id bigint, body text, PRIMARY KEY (tenant_id, id))")
+        .await
+        .unwrap();
+    let dir = h.directory.load();
+    let (bucket, tenants) = bucket_on_shard_0(&dir, &h, 5);
+    drop(dir);
+    for t in &tenants {
+        for table in ["events", "notes"] {
+            let sql = format!(
+                "/* tenant_id={t} */ INSERT INTO {table} SELECT {t}, g, repeat('x', 100) FROM generate_series(1, 200) g"
+            );
+            c.simple_query(&sql).await.unwrap();
+        }
+    }
+    let total = 2 * 200 * tenants.len() as i64;
+    let through_router = || async {
+        let mut n = 0i64;
+        for t in &tenants {
+            for table in ["events", "notes"] {
+                let sql = format!("SELECT count(*) FROM {table} WHERE tenant_id = $1");
+                n += c.query_one(&sql, &[t]).await.unwrap().get::<_, i64>(0);
+            }
+        }
+        n
+    };
+
+    // Cancelled in dual-write (shadow), after a cutover and its rollback, and
+    // after a copy that failed after its first table and was retried.
+    for case in ["shadow", "reverse", "failed copy"] {
+        if case == "failed copy" {
+            shardgate_directory::fault::set("copy.after_first_table", Some(shardgate_directory::fault::Action::Error));
+        }
+        let id = create_move(&h, bucket);
+        wait_phase(&h, id, MovePhase::Shadow, "dual-write").await;
+        if case == "reverse" {
+            // After a cutover a move is rolled back before it can be cancelled.
+            request(&h, id, MoveRequest::Cutover { force: true });
+            wait_phase(&h, id, MovePhase::Reverse, "the cutover").await;
+            request(&h, id, MoveRequest::Rollback);
+            wait(&h, id, "the rollback", || counter(&h, id, "cutovers") == 2).await;
+            wait_phase(&h, id, MovePhase::Shadow, "dual-write after the rollback").await;
+        }
+        request(&h, id, MoveRequest::Cancel);
+        wait_phase(&h, id, MovePhase::Cancelled, "the cancel").await;
+        assert_eq!(h.directory.load().placements[bucket as usize], 0, "{case}: the bucket is back on its shard");
+        let (source_objects, source_rows) = leftovers(&h, 0, &tenants).await;
+        let (target_objects, target_rows) = leftovers(&h, 1, &tenants).await;
+        assert!(
+            source_objects.is_empty() && target_objects.is_empty(),
+            "{case}: {source_objects:?} {target_objects:?}"
+        );
+        assert_eq!((source_rows, target_rows), (total, 0), "{case}: every row on the source, none left on the target");
+        assert_eq!(through_router().await, total, "{case}: read once through the router");
+    }
+    let _ = stop_driver.send(true);
+}
