@@ -43,6 +43,12 @@ pub fn set(name: &str, action: Option<Action>) {
     };
 }
 
+/// Whether a fault point is armed in this process (an `error` fault that
+/// fired is not: a test sees that its point was reached).
+pub fn armed(name: &str) -> bool {
+    table().lock().unwrap_or_else(|p| p.into_inner()).contains_key(name)
+}
+
 /// Passes a fault point: does nothing unless a test armed it. A `crash`
 /// aborts the process here; an `error` fault fires once (returning
 /// `Err(message)`) and disarms itself, so the retry that follows can succeed.

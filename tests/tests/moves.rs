@@ -788,8 +788,7 @@ async fn leftovers(h: &Harness, shard: usize, bucket_tenants: &[i64]) -> (Vec<St
 }
 
 /// Nothing left behind by a move that is cancelled in dual-write, after a
-/// cutover and its rollback, and after a copy that failed half way and was
-/// retried: no
+/// cutover and its rollback, and after a failure at each fault point: no
 /// replication slot, publication or subscription on either shard, no
 /// half-copied rows on the target, every row still on the source and read
 /// once through the router.
@@ -826,23 +825,41 @@ async fn a_cancelled_or_failed_move_leaves_nothing_behind() {
     };
 
     // Cancelled in dual-write (shadow), after a cutover and its rollback, and
-    // after a copy that failed after its first table and was retried.
-    for case in ["shadow", "reverse", "failed copy"] {
-        if case == "failed copy" {
-            shardgate_directory::fault::set("copy.after_first_table", Some(shardgate_directory::fault::Action::Error));
+    // after a failure at each of the migrator's fault points (the step fails
+    // once and is retried), the cutover's points with a cutover (undone when
+    // it fails, asked again) and its rollback before the cancel.
+    let mut cases = vec!["shadow", "reverse"];
+    cases.extend(shardgate_migrator::fault::POINTS.iter().copied());
+    for case in cases {
+        let point = case.contains('.').then_some(case);
+        if let Some(p) = point {
+            shardgate_directory::fault::set(p, Some(shardgate_directory::fault::Action::Error));
         }
         let id = create_move(&h, bucket);
         wait_phase(&h, id, MovePhase::Shadow, "dual-write").await;
-        if case == "reverse" {
-            // After a cutover a move is rolled back before it can be cancelled.
+        if case == "reverse" || case.starts_with("cutover.") {
             request(&h, id, MoveRequest::Cutover { force: true });
-            wait_phase(&h, id, MovePhase::Reverse, "the cutover").await;
+            let start = std::time::Instant::now();
+            while phase(&h, id) != MovePhase::Reverse {
+                let m = h.directory.load().moves[&id].clone();
+                assert!(m.phase != MovePhase::Failed, "{case}: {m:?}");
+                assert!(start.elapsed() < Duration::from_secs(60), "{case}: no cutover: {m:?}");
+                if m.request.is_none() && m.phase == MovePhase::Shadow {
+                    request(&h, id, MoveRequest::Cutover { force: true });
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // After a cutover a move is rolled back before it can be cancelled.
+            let n = counter(&h, id, "cutovers");
             request(&h, id, MoveRequest::Rollback);
-            wait(&h, id, "the rollback", || counter(&h, id, "cutovers") == 2).await;
+            wait(&h, id, "the rollback", || counter(&h, id, "cutovers") > n).await;
             wait_phase(&h, id, MovePhase::Shadow, "dual-write after the rollback").await;
         }
         request(&h, id, MoveRequest::Cancel);
         wait_phase(&h, id, MovePhase::Cancelled, "the cancel").await;
+        if let Some(p) = point {
+            assert!(!shardgate_directory::fault::armed(p), "{p} was never reached");
+        }
         assert_eq!(h.directory.load().placements[bucket as usize], 0, "{case}: the bucket is back on its shard");
         let (source_objects, source_rows) = leftovers(&h, 0, &tenants).await;
         let (target_objects, target_rows) = leftovers(&h, 1, &tenants).await;
