@@ -5,8 +5,6 @@
 //! [`Target`]. No I/O happens here; this is the function to read to learn the
 //! routing rules.
 
-use std::collections::BTreeSet;
-
 use shardgate_directory::{Directory, KeyType, ShardId, TenantKey};
 
 use crate::context::Catalog;
@@ -459,18 +457,26 @@ impl Routing<'_> {
         let Routing { params, fallback_key, dir, catalog, rules } = *self;
         let key_col = &dir.key_column;
         if let KeyCandidates::Any(exprs) = &stmt.keys {
-            let mut shards = BTreeSet::new();
+            // The shards in order, each once; inline (no allocation) for the
+            // one key of nearly every statement.
+            let mut shards: smallvec::SmallVec<[ShardId; 4]> = smallvec::SmallVec::new();
+            let mut add = |k: &TenantKey| {
+                let (bucket, shard) = dir.locate(k);
+                touched.push(bucket);
+                if let Err(at) = shards.binary_search(&shard) {
+                    shards.insert(at, shard);
+                }
+            };
             for e in exprs {
-                for k in resolve_all(e, params, dir.key_type)? {
-                    let (bucket, shard) = dir.locate(&k);
-                    touched.push(bucket);
-                    shards.insert(shard);
+                match e {
+                    KeyExpr::ParamArray(_) => resolve_all(e, params, dir.key_type)?.iter().for_each(&mut add),
+                    _ => resolve(e, params, dir.key_type)?.iter().for_each(&mut add),
                 }
             }
             return Ok(match shards.len() {
                 // Only NULL keys: matches no row anywhere.
                 0 => Target::Any,
-                1 => Target::Shard(*shards.iter().next().unwrap_or(&0)),
+                1 => Target::Shard(shards[0]),
                 _ if write && !rules.allow_cross_shard_writes && !rules.atomic_writes => {
                     return Err(SqlError::new(
                         "0A000",
@@ -714,8 +720,9 @@ pub fn resolve(e: &KeyExpr, params: Option<&Params<'_>>, key_type: KeyType) -> R
     match e {
         KeyExpr::Literal(l) => {
             let text = match l.strip_prefix('\'').and_then(|s| s.strip_suffix('\'')) {
-                Some(inner) => inner.replace("''", "'"),
-                None => l.clone(),
+                Some(inner) if inner.contains("''") => std::borrow::Cow::Owned(inner.replace("''", "'")),
+                Some(inner) => std::borrow::Cow::Borrowed(inner),
+                None => std::borrow::Cow::Borrowed(l.as_str()),
             };
             key_type.parse_text(&text).map(Some).map_err(|_| bad(&text))
         }
