@@ -172,7 +172,7 @@ pub struct Backend {
     /// When it logged in (for `server_lifetime`).
     pub opened: std::time::Instant,
     /// When it last went back to its pool (for `server_idle_timeout`).
-    pub idle_since: std::time::Instant,
+    pub idle_since: crate::clock::Stamp,
 }
 
 impl Backend {
@@ -258,7 +258,7 @@ impl Backend {
             settings: Some(0),
             thread_list: crate::pool::thread_list(),
             opened: std::time::Instant::now(),
-            idle_since: std::time::Instant::now(),
+            idle_since: crate::clock::Stamp::now(),
         };
         loop {
             let m = backend.conn.read().await?;

@@ -269,7 +269,7 @@ impl Drop for Pooled {
         if let Some(mut b) = self.backend.take() {
             let lived = !self.pool.lifetime.is_zero() && b.opened.elapsed() >= self.pool.lifetime;
             if !b.broken && !b.conn.has_buffered() && !lived {
-                b.idle_since = std::time::Instant::now();
+                b.idle_since = crate::clock::Stamp::now();
                 self.pool.lock_idle(b.thread_list).push(b);
             } else {
                 self.pool.open.fetch_sub(1, Ordering::Relaxed);
