@@ -261,7 +261,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// directory lease allows what its Binds run.
     async fn admit_batch(&mut self, batch: &[Message]) -> Option<SqlError> {
         for m in batch.iter().filter(|m| m.tag() == b'P') {
-            if let Some(a) = Parse::parse(m).ok().and_then(|p| self.ctx.cache.get(p.query).ok()) {
+            let Ok(p) = Parse::parse(m) else { continue };
+            let analysis = match self.prepared.get(p.name).filter(|old| *old.sql == *p.query) {
+                // Parsed again with the same text: the same analysis.
+                Some(old) => old.analysis.clone(),
+                None => self.ctx.cache.get(p.query).ok(),
+            };
+            if let Some(a) = analysis {
                 self.ensure_catalog(&a).await;
             }
         }
@@ -290,14 +296,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             match m.tag() {
                 b'P' => match Parse::parse(m) {
                     Ok(p) => {
-                        let analysis = self.ctx.cache.get(p.query).ok();
-                        let prepared = Prepared {
-                            sql: Arc::from(p.query),
-                            server_name: server_name(p.query, &p.param_types, self.ctx.catalog.generation()),
-                            param_types: p.param_types.clone(),
-                            analysis,
-                        };
-                        self.prepared.insert(p.name.to_string(), prepared);
+                        let generation = self.ctx.catalog.generation();
+                        // A client that parses the same statement again before
+                        // each use (the unnamed statement of most drivers, pgbench
+                        // -M extended) keeps the entry it has: the analysis, server
+                        // name and copies would all come out the same.
+                        let same = self.prepared.get(p.name).is_some_and(|old| {
+                            old.generation == generation && *old.sql == *p.query && old.param_types == p.param_types
+                        });
+                        if !same {
+                            let prepared = Prepared {
+                                sql: Arc::from(p.query),
+                                server_name: server_name(p.query, &p.param_types, generation),
+                                param_types: p.param_types.clone(),
+                                analysis: self.ctx.cache.get(p.query).ok(),
+                                generation,
+                            };
+                            self.prepared.insert(p.name.to_string(), prepared);
+                        }
                     }
                     Err(e) => {
                         routed.error.get_or_insert(SqlError::new("08P01", e.to_string()));

@@ -23,6 +23,8 @@ pub(super) struct Prepared {
     /// None when the text does not parse: it then goes to a shard, which reports
     /// the syntax error in Postgres's own words.
     pub(super) analysis: Option<Arc<Analysis>>,
+    /// The schema generation its server name was made in.
+    pub(super) generation: u64,
 }
 
 /// Statements a server connection keeps prepared before its cache starts over.
