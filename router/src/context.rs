@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use arc_swap::ArcSwap;
+
 use shardgate_directory::{Directory, DirectoryHandle, ShardId};
 
 use crate::auth::Credential;
@@ -18,9 +20,12 @@ use crate::sql::AnalysisCache;
 /// and `COPY` without a column list). Every other table is a reference table.
 #[derive(Default)]
 pub struct Catalog {
-    sharded: RwLock<HashMap<String, Vec<String>>>,
+    /// Read by every statement on every session thread, written by a refresh:
+    /// a snapshot swapped whole, so a read writes no memory another thread reads
+    /// (a lock's reader count would bounce between cores).
+    sharded: ArcSwap<HashMap<String, Vec<String>>>,
     /// Every table the last refresh saw, sharded or not.
-    known: RwLock<std::collections::HashSet<String>>,
+    known: ArcSwap<std::collections::HashSet<String>>,
     /// Unknown names and when a refresh last looked for them.
     looked_for: Mutex<HashMap<String, std::time::Instant>>,
     /// Counts refreshes, which follow every DDL the router runs: statements
@@ -39,8 +44,8 @@ impl Catalog {
     }
 
     pub fn replace(&self, tables: HashMap<String, Vec<String>>, known: std::collections::HashSet<String>) {
-        *self.sharded.write().unwrap_or_else(|p| p.into_inner()) = tables;
-        *self.known.write().unwrap_or_else(|p| p.into_inner()) = known;
+        self.sharded.store(Arc::new(tables));
+        self.known.store(Arc::new(known));
         self.generation.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -53,12 +58,12 @@ impl Catalog {
     /// without the key column.
     pub fn is_reference(&self, table: &str) -> bool {
         let t = normalize(table);
-        !self.read().contains_key(t) && self.known.read().unwrap_or_else(|p| p.into_inner()).contains(t)
+        !self.read().contains_key(t) && self.known.load().contains(t)
     }
 
     /// Whether any of `tables` (system catalogs aside) is unknown to the catalog.
     pub fn has_unknown(&self, tables: &[String]) -> bool {
-        let known = self.known.read().unwrap_or_else(|p| p.into_inner());
+        let known = self.known.load();
         tables.iter().any(|t| !is_system(t) && !known.contains(normalize(t)))
     }
 
@@ -66,7 +71,7 @@ impl Catalog {
     /// router, or straight on the shards) and was not looked for in the last
     /// second: names that exist nowhere must not reload the catalog per query.
     pub fn needs_refresh(&self, tables: &[String]) -> bool {
-        let known = self.known.read().unwrap_or_else(|p| p.into_inner());
+        let known = self.known.load();
         let unknown: Vec<String> = tables
             .iter()
             .filter(|t| !is_system(t))
@@ -100,8 +105,8 @@ impl Catalog {
         t
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Vec<String>>> {
-        self.sharded.read().unwrap_or_else(|p| p.into_inner())
+    fn read(&self) -> arc_swap::Guard<Arc<HashMap<String, Vec<String>>>> {
+        self.sharded.load()
     }
 }
 
