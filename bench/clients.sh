@@ -89,7 +89,13 @@ logfile = $work/pgbouncer.log
 pidfile = $work/pgbouncer.pid
 INI
 echo '"postgres" ""' >"$work/userlist.txt"
-as_pg "$PGBOUNCER" -q "$work/pgbouncer.ini" &
+# Not through runuser, whose session limits would lower the open-file limit
+# pgbouncer inherits: setpriv keeps this shell's.
+if [ "$(id -u)" = 0 ]; then
+  setpriv --reuid=postgres --regid=postgres --init-groups "$PGBOUNCER" -q "$work/pgbouncer.ini" &
+else
+  "$PGBOUNCER" -q "$work/pgbouncer.ini" &
+fi
 bouncer_pid=$!
 
 # ----- shardgate ------------------------------------------------------------------
