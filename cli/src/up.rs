@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use shardgate_directory::{Directory, KeyType, Shard};
 use shardgate_localpg::{Server, TlsFiles};
 use shardgate_router::backend::ShardAddress;
-use shardgate_router::config::RouterConfig;
+use shardgate_router::config::{AuthConfig, AuthMethod, RouterConfig, Secret, UserConfig};
 use shardgate_router::tls::ClientSslMode;
 
 pub struct UpOptions {
@@ -174,11 +174,29 @@ async fn serve(
     }
     crate::replica::wait_for_leader(&nodes[0], std::time::Duration::from_secs(10)).await?;
     let tls = TlsFiles::reuse_or_make(&data_dir.join("tls")).context("cannot make the router's TLS certificate")?;
+    // Clients log in as the shards' own roles, looked up through a role that
+    // may do nothing else (a new password at every start: only this process
+    // needs it). `postgres`, the servers' superuser and the router's own
+    // login, logs in without a password, as the printed URL does.
+    let lookup_password = random_token();
+    for (name, server) in servers {
+        let setup = shardgate_router::roles::lookup_setup_sql(LOOKUP_ROLE, &lookup_password);
+        let c = server.connect("app").await.with_context(|| format!("cannot connect to {name}"))?;
+        c.batch_execute(&setup).await.with_context(|| format!("cannot set up the login lookup on {name}"))?;
+    }
     let mut config = RouterConfig {
         listen: format!("127.0.0.1:{}", opts.port),
         tls_cert_file: Some(tls.cert.clone()),
         tls_key_file: Some(tls.key.clone()),
         ssl_mode: Some(if opts.require_tls { ClientSslMode::Require } else { ClientSslMode::Allow }),
+        auth: Some(AuthConfig {
+            user: Some(LOOKUP_ROLE.into()),
+            password: Some(Secret(lookup_password)),
+            query: shardgate_router::roles::LOOKUP_QUERY.into(),
+            ..AuthConfig::default()
+        }),
+        users: vec![UserConfig { name: "postgres".into(), auth: AuthMethod::Trust, password: None }],
+        admins: vec!["postgres".into()],
         ..RouterConfig::default()
     };
     config.moves.shadow_for = opts.shadow_for;
@@ -218,6 +236,9 @@ async fn serve(
     router.shutdown().await;
     Ok(())
 }
+
+/// The role the demo's router looks logins up as.
+const LOOKUP_ROLE: &str = "shardgate_auth";
 
 /// 32 hex characters from the kernel's random source.
 fn random_token() -> String {

@@ -17,12 +17,18 @@ struct Up {
 
 impl Up {
     fn start(data_dir: &std::path::Path, port: u16, admin: u16) -> Up {
+        Self::start_logging(data_dir, port, admin, Stdio::null())
+    }
+
+    /// `up` with its log (at debug level) going to `log`.
+    fn start_logging(data_dir: &std::path::Path, port: u16, admin: u16, log: impl Into<Stdio>) -> Up {
         let mut child = Command::new(env!("CARGO_BIN_EXE_shardgate"))
             .arg("--data-dir")
             .arg(data_dir)
             .args(["up", "--port", &port.to_string(), "--admin-port", &admin.to_string()])
+            .env("SHARDGATE_LOG", "debug")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("run shardgate up");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -181,4 +187,48 @@ fn up_with_require_tls_turns_plain_clients_away() {
     let root = up.base.join("tls/root.crt");
     let tls_url = format!("{}?sslmode=verify-full&sslrootcert={}", up.url, root.display());
     assert_eq!(psql(&tls_url, "SELECT 1"), "1");
+}
+
+/// The demo passes roles through: a role created through the router logs in
+/// with its password and is itself on every shard; and no password, verifier
+/// or hash reaches the log of a run that used them.
+#[test]
+fn up_runs_each_client_as_its_own_role_and_logs_no_secret() {
+    let base = std::env::temp_dir().join(format!("shardgate-up-roles-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let log_path = base.join("up.log");
+    let up = Up::start_logging(&base, port, admin, std::fs::File::create(&log_path).unwrap());
+    const PASSWORD: &str = "Alice-Secret-7f3a";
+    psql(&up.url, &format!("CREATE ROLE alice LOGIN PASSWORD '{PASSWORD}'"));
+    psql(&up.url, "CREATE TABLE notes (tenant_id bigint, id int, body text, PRIMARY KEY (tenant_id, id))");
+    psql(&up.url, "GRANT SELECT, INSERT ON notes TO alice");
+    let alice = format!("postgres://alice:{PASSWORD}@127.0.0.1:{port}/app");
+    let alice_tls = up.tls_url.replace("postgres://postgres@", &format!("postgres://alice:{PASSWORD}@"));
+    // Rows on both shards, written by alice (two-phase commit, as her).
+    let rows: Vec<String> = (1..=20).map(|t| format!("({t}, 1, 'x')")).collect();
+    psql(&alice_tls, &format!("INSERT INTO notes VALUES {}", rows.join(", ")));
+    // Every shard answers as alice: one distinct current_user across them.
+    assert_eq!(psql(&alice, "SELECT DISTINCT current_user FROM notes"), "alice");
+    assert_eq!(psql(&alice, "SELECT count(*) FROM notes"), "20");
+    let wrong = Command::new("psql")
+        .args([&format!("postgres://alice:wrong@127.0.0.1:{port}/app"), "-X", "-c", "SELECT 1"])
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("password authentication failed"));
+    let status =
+        Command::new(env!("CARGO_BIN_EXE_shardgate")).arg("--data-dir").arg(&base).arg("status").output().unwrap();
+    up.stop();
+
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("client authenticated"), "the log is at debug level: {log}");
+    let status = String::from_utf8_lossy(&status.stdout);
+    for text in [&log, &status.to_string()] {
+        for secret in [PASSWORD, "SCRAM-SHA-256$"] {
+            assert!(!text.contains(secret), "{secret:?} in:\n{text}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&base);
 }

@@ -229,6 +229,26 @@ impl Server {
         Ok(())
     }
 
+    /// Replaces pg_hba.conf with `lines` and has a running server reload it
+    /// (`pg_ctl reload`). The reload is asynchronous: a caller that depends on
+    /// the new rules waits for a login they decide.
+    pub fn set_hba(&self, lines: &str) -> Result<(), Error> {
+        let hba = self.data_dir.join("pg_hba.conf");
+        std::fs::write(&hba, lines).map_err(Error::io("write", &hba))?;
+        self.user.own(&hba)?;
+        if self.is_running()? {
+            let mut command = self.pg_ctl();
+            command.arg("reload").arg("-D").arg(&self.data_dir);
+            let output = command.output().map_err(|source| self.spawn_error(source))?;
+            if !output.status.success() {
+                return Err(Error::io("reload", &hba)(std::io::Error::other(
+                    String::from_utf8_lossy(&output.stderr).into_owned(),
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Whether a postmaster is running on this data directory (`pg_ctl status`).
     pub fn is_running(&self) -> Result<bool, Error> {
         let mut command = self.pg_ctl();

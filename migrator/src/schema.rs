@@ -101,7 +101,7 @@ pub async fn owned_sequences(client: &Client, tables: &[Table]) -> Result<Vec<St
 /// replication apply workers: the change stream still reaches a fenced shard, which
 /// is what keeps the old shard current after a cutover.
 pub const INSTALL_SQL: &str = r#"
-CREATE SCHEMA IF NOT EXISTS shardgate;
+DO $s$ BEGIN CREATE SCHEMA IF NOT EXISTS shardgate; EXCEPTION WHEN unique_violation THEN NULL; END $s$;
 CREATE TABLE IF NOT EXISTS shardgate.fence (
     kind text NOT NULL CHECK (kind IN ('bucket', 'tenant')),
     value text NOT NULL,
@@ -176,6 +176,10 @@ BEGIN
     RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
 END
 $fn$;
+-- The trigger runs as the role that writes: client roles without superuser
+-- (clients logged in as their own roles, docs/security.md) read the fence.
+GRANT USAGE ON SCHEMA shardgate TO PUBLIC;
+GRANT SELECT ON shardgate.fence TO PUBLIC;
 "#;
 
 pub const FENCE_TRIGGER: &str = "shardgate_fence";

@@ -60,7 +60,7 @@ impl fmt::Debug for Credential {
 /// and to prove itself in return, but neither the password nor anything a client
 /// could log in with. The same data as a `pg_authid` verifier, so a verifier copied
 /// from a Postgres server works unchanged.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ScramSecret {
     iterations: u32,
     salt: Vec<u8>,
@@ -112,6 +112,52 @@ impl ScramSecret {
     }
 }
 
+/// What a client's login proved that lets the router log in to a shard as
+/// the same role (pass-through: the shard checks the role's own password).
+/// Never logged, never shown: its `Debug` names the kind only.
+#[derive(Clone, PartialEq, Eq)]
+pub enum PassThrough {
+    /// A password configured in plain (a `[[users]]` entry): answers any method.
+    Password(String),
+    /// The role's stored md5 hash (`"md5"` + 32 hex digits): answers a shard's
+    /// md5 challenge as the password would.
+    Md5(String),
+    /// The client's SCRAM ClientKey, recovered from its proof, with the verifier
+    /// it was checked against: answers a shard's SCRAM exchange when the shard
+    /// stores the same verifier (same salt and iteration count), as pgbouncer's
+    /// SCRAM pass-through does.
+    Scram { client_key: [u8; 32], secret: ScramSecret },
+}
+
+impl fmt::Debug for PassThrough {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PassThrough::Password(_) => "PassThrough::Password(..)",
+            PassThrough::Md5(_) => "PassThrough::Md5(..)",
+            PassThrough::Scram { .. } => "PassThrough::Scram(..)",
+        })
+    }
+}
+
+impl ScramSecret {
+    /// Whether `password` (ASCII: no SASLprep) derives this secret's StoredKey.
+    #[cfg(test)]
+    pub(crate) fn matches_password(&self, password: &str) -> bool {
+        // Hi(): PBKDF2 with HMAC-SHA-256, one block.
+        let mut u = hmac_sha256(password.as_bytes(), &[self.salt.as_slice(), &[0, 0, 0, 1]].concat());
+        let mut salted = u;
+        for _ in 1..self.iterations {
+            u = hmac_sha256(password.as_bytes(), &u);
+            for (s, x) in salted.iter_mut().zip(u) {
+                *s ^= x;
+            }
+        }
+        let client_key = hmac_sha256(&salted, b"Client Key");
+        let stored: [u8; 32] = Sha256::digest(client_key).into();
+        stored == self.stored_key
+    }
+}
+
 /// Why a login did not succeed, on either side.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -136,6 +182,11 @@ pub enum AuthError {
     /// A shard's SCRAM server signature did not verify: it does not know the password.
     #[error("shard failed SCRAM authentication: {0}")]
     ShardSignature(String),
+    /// The router cannot answer what the shard asks with what the client's
+    /// login proved (a SCRAM verifier with another salt, md5 asked of a SCRAM
+    /// login, a cleartext password asked of a hash).
+    #[error("cannot log in to the shard as role \"{user}\": {why}")]
+    PassThrough { user: String, why: String },
     /// A shard refused the login with an `ErrorResponse`.
     #[error("{message}")]
     Backend { code: String, message: String },
@@ -149,7 +200,10 @@ impl AuthError {
         match self {
             AuthError::BadPassword { .. } => "28P01",
             AuthError::Violation(_) | AuthError::Protocol(_) => "08P01",
-            AuthError::Unsupported(_) | AuthError::MissingPassword { .. } | AuthError::ShardSignature(_) => "28000",
+            AuthError::Unsupported(_)
+            | AuthError::MissingPassword { .. }
+            | AuthError::ShardSignature(_)
+            | AuthError::PassThrough { .. } => "28000",
             AuthError::InvalidVerifier(_) => "F0000",
             AuthError::Backend { code, .. } => {
                 PASSED_ON.iter().find(|c| **c == code.as_str()).copied().unwrap_or("08001")
@@ -167,16 +221,36 @@ pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
     user: &str,
     cred: &Credential,
 ) -> Result<(), AuthError> {
+    authenticate_client_proving(conn, user, cred).await.map(|_| ())
+}
+
+/// [`authenticate_client`], returning what the login proved that lets the
+/// router log in to the shards as the same role: the md5 hash, or the SCRAM
+/// ClientKey (None for trust).
+pub async fn authenticate_client_proving<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    user: &str,
+    cred: &Credential,
+) -> Result<Option<PassThrough>, AuthError> {
     let (method, outcome) = match cred {
-        Credential::Trust => return Ok(()),
-        Credential::Md5 { password } => ("md5", md5_challenge(conn, user, password).await),
-        Credential::Scram(secret) => ("scram-sha-256", scram_exchange(conn, user, secret).await),
+        Credential::Trust => return Ok(None),
+        Credential::Md5 { password } => {
+            let stored = md5_stored(user, password);
+            let outcome = md5_challenge(conn, user, &stored).await.map(|()| PassThrough::Md5(stored));
+            ("md5", outcome)
+        }
+        Credential::Scram(secret) => {
+            let outcome = scram_exchange(conn, user, secret)
+                .await
+                .map(|client_key| PassThrough::Scram { client_key, secret: secret.clone() });
+            ("scram-sha-256", outcome)
+        }
     };
     match &outcome {
-        Ok(()) => tracing::debug!(user, method, "client authenticated"),
+        Ok(_) => tracing::debug!(user, method, "client authenticated"),
         Err(e) => tracing::debug!(user, method, error = %e, "client authentication failed"),
     }
-    outcome
+    outcome.map(Some)
 }
 
 async fn md5_challenge<S: AsyncRead + AsyncWrite + Unpin>(
@@ -204,6 +278,12 @@ fn is_md5_hash(password: &str) -> bool {
         && password.bytes().skip(3).all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
+/// Whether a password is given in plain, by Postgres's own test: neither a
+/// SCRAM-SHA-256 verifier nor an md5 hash.
+pub fn is_plain_password(p: &str) -> bool {
+    !p.starts_with("SCRAM-SHA-256$") && !is_md5_hash(p)
+}
+
 /// `"md5" + md5(password + user)`, the form Postgres stores.
 fn md5_stored(user: &str, password: &str) -> String {
     if is_md5_hash(password) {
@@ -223,11 +303,14 @@ fn md5_answer(stored: &str, salt: [u8; 4]) -> String {
     format!("md5{:x}", h.finalize())
 }
 
+/// The server side of SCRAM-SHA-256. Returns the client's ClientKey, which its
+/// proof reveals to whoever knows StoredKey (RFC 5802: the proof is ClientKey
+/// XOR ClientSignature).
 async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     user: &str,
     secret: &ScramSecret,
-) -> Result<(), AuthError> {
+) -> Result<[u8; 32], AuthError> {
     conn.send(&messages::auth_sasl(&[SCRAM_SHA_256])).await?;
 
     // SASLInitialResponse: mechanism, then the client-first-message with its length,
@@ -279,7 +362,7 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     let server_signature = hmac_sha256(&secret.server_key, auth_message.as_bytes());
     let server_final = format!("v={}", BASE64.encode(server_signature));
     conn.send(&messages::auth_sasl_final(server_final.as_bytes())).await?;
-    Ok(())
+    Ok(client_key)
 }
 
 /// `gs2-header client-first-message-bare`, e.g. `n,,n=,r=<nonce>`.
@@ -402,9 +485,29 @@ pub async fn authenticate_backend<S: AsyncRead + AsyncWrite + Unpin>(
     user: &str,
     password: Option<&str>,
 ) -> Result<(), AuthError> {
-    let password = || password.ok_or_else(|| AuthError::MissingPassword { user: user.to_string() });
+    authenticate_backend_as(conn, user, password, None).await
+}
+
+/// [`authenticate_backend`] for a client's own role: with `pass` (what the
+/// client's login proved) when there is one, else with `password`.
+pub async fn authenticate_backend_as<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    user: &str,
+    password: Option<&str>,
+    pass: Option<&PassThrough>,
+) -> Result<(), AuthError> {
+    let password = || match pass {
+        Some(PassThrough::Password(p)) => Ok(p.as_str()),
+        Some(_) => Err(AuthError::PassThrough {
+            user: user.to_string(),
+            why: "the shard asks for the password in cleartext, and the router holds only the role's hash; \
+                  use scram-sha-256 or md5 for this role in the shard's pg_hba.conf"
+                .to_string(),
+        }),
+        None => password.ok_or_else(|| AuthError::MissingPassword { user: user.to_string() }),
+    };
     // Some while a SCRAM exchange is under way.
-    let mut scram: Option<ScramSha256> = None;
+    let mut scram: Option<ClientScram> = None;
     loop {
         let m = conn.read().await?;
         match m.tag() {
@@ -433,11 +536,24 @@ pub async fn authenticate_backend<S: AsyncRead + AsyncWrite + Unpin>(
             5 => {
                 let salt = r.bytes(4)?;
                 let salt = [salt[0], salt[1], salt[2], salt[3]];
-                let password = password()?;
-                let answer = if is_md5_hash(password) {
-                    md5_answer(password, salt)
-                } else {
-                    postgres_protocol::authentication::md5_hash(user.as_bytes(), password.as_bytes(), salt)
+                let answer = match pass {
+                    Some(PassThrough::Md5(stored)) => md5_answer(stored, salt),
+                    Some(PassThrough::Scram { .. }) => {
+                        return Err(AuthError::PassThrough {
+                            user: user.to_string(),
+                            why: "the shard asks for md5, and the role's password is stored as SCRAM-SHA-256; \
+                                  use scram-sha-256 for this role in the shard's pg_hba.conf"
+                                .to_string(),
+                        })
+                    }
+                    _ => {
+                        let password = password()?;
+                        if is_md5_hash(password) {
+                            md5_answer(password, salt)
+                        } else {
+                            postgres_protocol::authentication::md5_hash(user.as_bytes(), password.as_bytes(), salt)
+                        }
+                    }
                 };
                 conn.send(&Builder::new(b'p').cstr(&answer).finish()).await?;
             }
@@ -454,8 +570,22 @@ pub async fn authenticate_backend<S: AsyncRead + AsyncWrite + Unpin>(
                         "shard offers SASL mechanisms {offered:?}, and the router speaks only {SCRAM_SHA_256}"
                     )));
                 }
-                // No TLS to shards yet, so no channel binding: "n,,".
-                let client = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                // No channel binding: "n,,".
+                let client = match pass {
+                    Some(PassThrough::Scram { client_key, secret }) => {
+                        ClientScram::Keys(KeyedScram::new(*client_key, secret.clone()))
+                    }
+                    Some(PassThrough::Md5(_)) => {
+                        return Err(AuthError::PassThrough {
+                            user: user.to_string(),
+                            why: "the shard asks for SCRAM-SHA-256, and the role's password is stored as md5 \
+                                  where the router looked it up; set the role's password again with \
+                                  password_encryption = scram-sha-256"
+                                .to_string(),
+                        })
+                    }
+                    _ => ClientScram::Password(ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported())),
+                };
                 let first = client.message();
                 let mut b = Builder::new(b'p');
                 b.cstr(SCRAM_SHA_256).i32(first.len() as i32).bytes(first);
@@ -464,14 +594,12 @@ pub async fn authenticate_backend<S: AsyncRead + AsyncWrite + Unpin>(
             }
             11 => {
                 let client = scram.as_mut().ok_or_else(|| out_of_turn("AuthenticationSASLContinue"))?;
-                client
-                    .update(r.remaining())
-                    .map_err(|e| AuthError::Violation(format!("shard's SCRAM server-first-message: {e}")))?;
+                client.update(r.remaining(), user)?;
                 conn.send(&messages::password_message(client.message())).await?;
             }
             12 => {
-                let mut client = scram.take().ok_or_else(|| out_of_turn("AuthenticationSASLFinal"))?;
-                client.finish(r.remaining()).map_err(|e| AuthError::ShardSignature(e.to_string()))?;
+                let client = scram.take().ok_or_else(|| out_of_turn("AuthenticationSASLFinal"))?;
+                client.finish(r.remaining())?;
             }
             code => {
                 let method = match code {
@@ -485,6 +613,112 @@ pub async fn authenticate_backend<S: AsyncRead + AsyncWrite + Unpin>(
                     "shard asks for authentication by {method} (request {code}), which the router does not support"
                 )));
             }
+        }
+    }
+}
+
+/// The client side of a SCRAM exchange with a shard: from a password, or
+/// from a client's ClientKey (pass-through).
+enum ClientScram {
+    Password(ScramSha256),
+    Keys(KeyedScram),
+}
+
+impl ClientScram {
+    fn message(&self) -> &[u8] {
+        match self {
+            ClientScram::Password(c) => c.message(),
+            ClientScram::Keys(k) => k.message.as_bytes(),
+        }
+    }
+
+    fn update(&mut self, server_first: &[u8], user: &str) -> Result<(), AuthError> {
+        match self {
+            ClientScram::Password(c) => c
+                .update(server_first)
+                .map_err(|e| AuthError::Violation(format!("shard's SCRAM server-first-message: {e}"))),
+            ClientScram::Keys(k) => k.update(server_first, user),
+        }
+    }
+
+    fn finish(self, server_final: &[u8]) -> Result<(), AuthError> {
+        match self {
+            ClientScram::Password(mut c) => {
+                c.finish(server_final).map_err(|e| AuthError::ShardSignature(e.to_string()))
+            }
+            ClientScram::Keys(k) => k.finish(server_final),
+        }
+    }
+}
+
+/// SCRAM-SHA-256 with the ClientKey instead of the password: the proof is
+/// ClientKey XOR HMAC(H(ClientKey), AuthMessage), and the shard's signature is
+/// checked with the verifier's ServerKey. The shard's salt and iteration
+/// count must be the verifier's, or the keys are not the ones it expects.
+struct KeyedScram {
+    client_key: [u8; 32],
+    secret: ScramSecret,
+    nonce: String,
+    /// The message to send next.
+    message: String,
+    auth_message: String,
+}
+
+impl KeyedScram {
+    fn new(client_key: [u8; 32], secret: ScramSecret) -> KeyedScram {
+        let nonce = BASE64.encode(rand::random::<[u8; SERVER_NONCE_BYTES]>());
+        // Postgres takes the user from the startup packet: "n=" stays empty.
+        let message = format!("n,,n=,r={nonce}");
+        KeyedScram { client_key, secret, nonce, message, auth_message: String::new() }
+    }
+
+    fn update(&mut self, server_first: &[u8], user: &str) -> Result<(), AuthError> {
+        let text = std::str::from_utf8(server_first)
+            .map_err(|_| AuthError::Violation("shard's SCRAM server-first-message is not UTF-8".to_string()))?;
+        let bad = |what: &str| AuthError::Violation(format!("shard's SCRAM server-first-message: {what}"));
+        let (nonce, rest) = scram_attr(text, 'r').map_err(|_| bad("no nonce"))?;
+        let (salt, rest) = scram_attr(rest, 's').map_err(|_| bad("no salt"))?;
+        let (iterations, _) = scram_attr(rest, 'i').map_err(|_| bad("no iteration count"))?;
+        if !nonce.starts_with(&self.nonce) || nonce.len() == self.nonce.len() {
+            return Err(bad("the nonce does not extend the router's"));
+        }
+        let salt = BASE64.decode(salt).map_err(|_| bad("the salt is not base64"))?;
+        let iterations: u32 = iterations.parse().map_err(|_| bad("the iteration count is not a number"))?;
+        if salt != self.secret.salt || iterations != self.secret.iterations {
+            return Err(AuthError::PassThrough {
+                user: user.to_string(),
+                why: "the shard stores another SCRAM verifier for this role (another salt or iteration count) \
+                      than the one the client was checked against; set the role's password through the router \
+                      (ALTER ROLE … PASSWORD), which stores the same verifier on every shard"
+                    .to_string(),
+            });
+        }
+        let bare = &self.message["n,,".len()..];
+        let without_proof = format!("c=biws,r={nonce}");
+        self.auth_message = format!("{bare},{text},{without_proof}");
+        let stored_key: [u8; 32] = Sha256::digest(self.client_key).into();
+        let signature = hmac_sha256(&stored_key, self.auth_message.as_bytes());
+        let mut proof = self.client_key;
+        for (p, s) in proof.iter_mut().zip(signature) {
+            *p ^= s;
+        }
+        self.message = format!("{without_proof},p={}", BASE64.encode(proof));
+        Ok(())
+    }
+
+    fn finish(self, server_final: &[u8]) -> Result<(), AuthError> {
+        let text = std::str::from_utf8(server_final).unwrap_or_default();
+        if let Some(e) = text.strip_prefix("e=") {
+            return Err(AuthError::ShardSignature(format!("the shard reports {e}")));
+        }
+        let (verifier, _) = scram_attr(text, 'v')
+            .map_err(|_| AuthError::Violation("shard's SCRAM server-final-message has no verifier".to_string()))?;
+        let expected = hmac_sha256(&self.secret.server_key, self.auth_message.as_bytes());
+        let got = BASE64.decode(verifier).unwrap_or_default();
+        if bool::from(got.as_slice().ct_eq(&expected[..])) {
+            Ok(())
+        } else {
+            Err(AuthError::ShardSignature("the shard's signature does not match the role's verifier".to_string()))
         }
     }
 }
@@ -820,5 +1054,74 @@ mod tests {
         assert!(!md5.contains("hunter2"), "{md5}");
         let scram = format!("{:?}", scram_for("hunter2"));
         assert!(scram.contains("iterations: 4096") && !scram.contains("key"), "{scram}");
+    }
+
+    /// A client logs in to the router against `router_side`; the router then
+    /// logs in to a shard that checks `shard_side`, with what the client's login
+    /// proved. The router's result against the shard.
+    async fn pass_through(
+        client_password: &str,
+        router_side: Credential,
+        shard_side: Credential,
+    ) -> Result<(), AuthError> {
+        let (mut server, mut client) = pair();
+        let serve = async move {
+            let proved = authenticate_client_proving(&mut server, USER, &router_side).await;
+            let _ = server.send(&messages::auth_ok()).await;
+            proved
+        };
+        let password = client_password.to_string();
+        let connect = async move { authenticate_backend(&mut client, USER, Some(&password)).await };
+        let (proved, logged_in) = within_seconds(async { tokio::join!(serve, connect) }).await;
+        logged_in.expect("client login");
+        let proved = proved.expect("router side").expect("something proved");
+        // The router, now a client of the shard.
+        let (mut shard, mut router) = pair();
+        let shard_checks = async move {
+            let outcome = authenticate_client(&mut shard, USER, &shard_side).await;
+            let reply = match &outcome {
+                Ok(()) => messages::auth_ok(),
+                Err(e) => messages::error_response(Severity::Fatal, e.sqlstate(), &e.to_string(), None),
+            };
+            let _ = shard.send(&reply).await;
+        };
+        let router_logs_in = async move { authenticate_backend_as(&mut router, USER, None, Some(&proved)).await };
+        within_seconds(async { tokio::join!(shard_checks, router_logs_in) }).await.1
+    }
+
+    #[tokio::test]
+    async fn a_scram_login_passes_through_to_a_shard_with_the_same_verifier_only() {
+        let verifier = ScramSecret::from_password("hunter2");
+        let same = pass_through("hunter2", Credential::Scram(verifier.clone()), Credential::Scram(verifier)).await;
+        same.expect("the same verifier on the shard takes the client's keys");
+        // The same password under another salt: the keys differ, and the router
+        // says why instead of sending a proof the shard would refuse.
+        let other = pass_through("hunter2", scram_for("hunter2"), scram_for("hunter2")).await.unwrap_err();
+        assert!(matches!(other, AuthError::PassThrough { .. }), "{other:?}");
+        assert!(other.to_string().contains("ALTER ROLE"), "{other}");
+        assert_eq!(other.sqlstate(), "28000");
+        // An md5 shard cannot be answered with SCRAM keys.
+        let md5 = Credential::Md5 { password: "hunter2".into() };
+        let e = pass_through("hunter2", scram_for("hunter2"), md5).await.unwrap_err();
+        assert!(e.to_string().contains("md5"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_md5_login_passes_through_with_the_stored_hash() {
+        let stored = md5_stored(USER, "hunter2");
+        let router_side = Credential::Md5 { password: stored.clone() };
+        let shard_side = Credential::Md5 { password: stored };
+        pass_through("hunter2", router_side, shard_side).await.expect("md5 pass-through");
+    }
+
+    #[test]
+    fn pass_through_debug_shows_no_secret() {
+        let keys = PassThrough::Scram { client_key: [7; 32], secret: ScramSecret::from_password("hunter2") };
+        let shown = format!(
+            "{keys:?} {:?} {:?}",
+            PassThrough::Md5(md5_stored(USER, "x")),
+            PassThrough::Password("hunter2".into())
+        );
+        assert!(!shown.contains("hunter2") && !shown.contains("md5") && !shown.contains('7'), "{shown}");
     }
 }

@@ -21,6 +21,9 @@ pub struct ShardAddress {
     pub password: Option<String>,
     /// The URL's `sslmode`, `sslrootcert`, `sslcert` and `sslkey`.
     pub tls: ShardTls,
+    /// A client role's login material (`crate::roles`): when set, it answers
+    /// the shard's password request instead of `password`.
+    pub pass_through: Option<std::sync::Arc<auth::PassThrough>>,
 }
 
 impl ShardAddress {
@@ -57,7 +60,7 @@ impl ShardAddress {
             return Err(format!("shard URL {:?} names no host", redact(url)));
         }
         let database = if database.is_empty() { user.clone() } else { database.to_string() };
-        Ok(ShardAddress { host, port, database, user: percent_decode(&user), password, tls })
+        Ok(ShardAddress { host, port, database, user: percent_decode(&user), password, tls, pass_through: None })
     }
 
     /// The URL without its password, fit for logs and status output, and what
@@ -245,7 +248,8 @@ impl Backend {
         params.retain(|(k, _)| !extra.iter().any(|(e, _)| e == k));
         params.extend_from_slice(extra);
         conn.send(&messages::startup_message(&params)).await?;
-        auth::authenticate_backend(&mut conn, &addr.user, addr.password.as_deref()).await.map_err(|e| {
+        let pass = addr.pass_through.as_deref();
+        auth::authenticate_backend_as(&mut conn, &addr.user, addr.password.as_deref(), pass).await.map_err(|e| {
             BackendError::Login { url: url.to_string(), code: e.sqlstate().to_string(), message: e.to_string() }
         })?;
         let mut backend = Backend {
@@ -287,6 +291,36 @@ impl Backend {
     pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, (String, String)> {
         let io = |e: ProtocolError| ("08006".to_string(), e.to_string());
         self.conn.send(&messages::query(sql)).await.map_err(io)?;
+        self.read_rows().await
+    }
+
+    /// Runs `sql` with text parameters `$1`, `$2`, … through the extended
+    /// protocol (unnamed statement and portal), so no value is ever spliced
+    /// into SQL text: the login lookup runs a configured query with a client's
+    /// user name this way.
+    pub async fn query_params(
+        &mut self,
+        sql: &str,
+        params: &[&str],
+    ) -> Result<Vec<Vec<Option<String>>>, (String, String)> {
+        let io = |e: ProtocolError| ("08006".to_string(), e.to_string());
+        let mut bind = messages::Builder::new(b'B');
+        bind.cstr("").cstr("").i16(0).i16(params.len() as i16);
+        for p in params {
+            bind.i32(p.len() as i32).bytes(p.as_bytes());
+        }
+        bind.i16(0);
+        self.conn.queue(&messages::parse("", sql, &[]));
+        self.conn.queue(&bind.finish());
+        self.conn.queue(&messages::Builder::new(b'E').cstr("").i32(0).finish());
+        self.conn.queue(&messages::sync());
+        self.conn.flush().await.map_err(io)?;
+        self.read_rows().await
+    }
+
+    /// The rows of a statement's answer, up to ReadyForQuery.
+    async fn read_rows(&mut self) -> Result<Vec<Vec<Option<String>>>, (String, String)> {
+        let io = |e: ProtocolError| ("08006".to_string(), e.to_string());
         let mut rows = Vec::new();
         let mut error = None;
         loop {

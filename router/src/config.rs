@@ -58,7 +58,7 @@ pub struct RouterConfig {
     /// Password for shards added at run time (`shardgate shard add`), whose URLs
     /// are stored without one. Never logged.
     #[serde(default)]
-    pub shard_password: Option<String>,
+    pub shard_password: Option<Secret>,
     /// Users that may connect, and how they authenticate. Empty: anyone, trust.
     /// (Written as top-level `[[users]]` tables in the file.)
     #[serde(skip)]
@@ -111,6 +111,79 @@ pub struct RouterConfig {
     /// (`disable`). Default `allow` with a certificate, else `disable`.
     #[serde(default)]
     pub ssl_mode: Option<ClientSslMode>,
+    /// Clients log in as the shards' own roles (docs/security.md): their
+    /// passwords are looked up on the shards and each runs on them as itself.
+    /// Default off: every client runs as the shard URL's user.
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
+    /// Users who may open the admin console (database `shardgate`). Default
+    /// none, unless the router asks no one for a password (no `[[users]]`, no
+    /// `[router.auth]`), when anyone who can connect may.
+    #[serde(default)]
+    pub admins: Vec<String>,
+    /// Database names clients may connect with besides the shards' own
+    /// database (the one in the shard URLs). Any other name gets 3D000.
+    #[serde(default)]
+    pub database_aliases: Vec<String>,
+}
+
+/// `[router.auth]`: how a client's password is looked up on the shards, as
+/// pgbouncer's `auth_user` and `auth_query` do.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The role the lookup logs in to the first shard as; it needs only to run
+    /// `query` (see docs/security.md for a function that lets a role without
+    /// superuser read the verifiers). Default: the shard URL's user.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Its password. Never logged. Default: the shard URL's password when
+    /// `user` is not set, else none.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// Returns the role's name and its stored password (a SCRAM-SHA-256
+    /// verifier or an md5 hash) for the user name in `$1`; no row or a NULL
+    /// password refuses the login.
+    #[serde(default = "default_auth_query")]
+    pub query: String,
+    /// How long a looked-up password is reused before it is looked up again.
+    /// A failed login drops it at once. Default 60 s.
+    #[serde(default = "default_auth_cache", with = "humantime_secs")]
+    pub cache: Duration,
+}
+
+/// A password from the configuration: its `Debug` does not show it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig { user: None, password: None, query: default_auth_query(), cache: default_auth_cache() }
+    }
+}
+
+/// pgbouncer's default `auth_query` (1.21): expired and non-login roles get no password.
+pub fn default_auth_query() -> String {
+    "SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END \
+     FROM pg_authid WHERE rolname = $1 AND rolcanlogin"
+        .into()
+}
+
+fn default_auth_cache() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// TCP keepalive settings (`[router.tcp_keepalive]`): a silent peer is probed
@@ -284,7 +357,7 @@ impl Default for PoolConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
@@ -303,6 +376,13 @@ pub enum AuthMethod {
     Md5,
     #[serde(rename = "scram-sha-256")]
     ScramSha256,
+}
+
+impl std::fmt::Debug for UserConfig {
+    /// Without the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserConfig").field("name", &self.name).field("auth", &self.auth).finish_non_exhaustive()
+    }
 }
 
 impl UserConfig {
@@ -367,6 +447,9 @@ impl Default for RouterConfig {
             tls_cert_file: None,
             tls_key_file: None,
             ssl_mode: None,
+            auth: None,
+            admins: Vec::new(),
+            database_aliases: Vec::new(),
         }
     }
 }

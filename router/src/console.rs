@@ -9,6 +9,9 @@ use crate::context::RouterContext;
 use crate::protocol::messages::{self, query_text, Column, Severity};
 use crate::protocol::{Connection, ProtocolError};
 
+/// The database name that opens the console (for users in `[router] admins`).
+pub const DATABASE: &str = "shardgate";
+
 const TEXT: i32 = 25;
 const INT8: i32 = 20;
 

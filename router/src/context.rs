@@ -143,6 +143,12 @@ pub struct RouterContext {
     pub cache: AnalysisCache,
     pub catalog: Catalog,
     pub users: HashMap<String, Credential>,
+    /// Clients as their own roles on the shards: the password lookup and the
+    /// per-role pools (`[router.auth]`).
+    pub roles: crate::roles::Roles,
+    /// Database names a client may connect with (the shards' own and the
+    /// configured aliases); others get 3D000.
+    pub databases: Vec<String>,
     /// (our pid, our secret) given to a client → what it is running on now.
     pub cancels: Mutex<HashMap<(i32, i32), CancelSlot>>,
     /// ParameterStatus values reported to clients at login.
@@ -200,6 +206,11 @@ impl RouterContext {
         replica: Option<(shardgate_directory::replica::Node, std::time::Duration)>,
     ) -> RouterContext {
         let key_column = directory.load().key_column.clone();
+        let config_auth = config.auth.clone();
+        let mut databases: Vec<String> = credentials.values().map(|a| a.database.clone()).collect();
+        databases.extend(config.database_aliases.iter().cloned());
+        databases.sort();
+        databases.dedup();
         let (writer, router_id): (Arc<dyn DirectoryWriter>, String) = match &replica {
             Some((node, _)) => (Arc::new(crate::hold::ReplicaWriter(node.clone())), format!("router-{}", node.id)),
             None => (Arc::new(crate::hold::LocalWriter(directory.clone())), "router-local".to_string()),
@@ -224,6 +235,8 @@ impl RouterContext {
             health: RwLock::new(Vec::new()),
             catalog: Catalog::default(),
             users,
+            roles: crate::roles::Roles::new(config_auth),
+            databases,
             cancels: Mutex::new(HashMap::new()),
             server_params: Mutex::new(Vec::new()),
             next_any: AtomicUsize::new(0),
@@ -270,9 +283,26 @@ impl RouterContext {
         pools.get(shard).cloned()
     }
 
-    /// Every pool created so far.
+    /// The pool of `shard` for a session of `role` (None: the router's own
+    /// login, the shard URL's user).
+    pub fn pool_as(&self, role: Option<&crate::roles::RolePools>, shard: ShardId) -> Option<Arc<ShardPool>> {
+        match role {
+            None => self.pool(shard),
+            Some(r) => r.pool(self, &self.directory.load(), shard),
+        }
+    }
+
+    /// Every pool created so far, the roles' too.
     pub fn all_pools(&self) -> Vec<Arc<ShardPool>> {
-        self.pools.read().unwrap_or_else(|p| p.into_inner()).clone()
+        let mut all = self.pools.read().unwrap_or_else(|p| p.into_inner()).clone();
+        all.extend(self.roles.all_pools());
+        all
+    }
+
+    /// Whether `user` may open the admin console: an admin, or anyone when
+    /// the router asks no one for a password.
+    pub fn is_admin(&self, user: &str) -> bool {
+        self.config.admins.iter().any(|a| a == user) || (self.users.is_empty() && !self.roles.pass_through())
     }
 
     /// How to log in to a shard: the configuration's address (with its password)
@@ -283,7 +313,7 @@ impl RouterContext {
             Some(a) => a.clone(),
             None => {
                 let mut a = ShardAddress::from_url(&s.url).ok()?;
-                a.password = self.config.shard_password.clone();
+                a.password = self.config.shard_password.as_ref().map(|p| p.expose().to_string());
                 a
             }
         })

@@ -39,6 +39,7 @@ struct Target {
 /// Runs the COPY; returns the command tag (`COPY n`, summed over shards).
 pub async fn copy_in_split<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &RouterContext,
+    role: Option<&crate::roles::RolePools>,
     dir: &Directory,
     stmt: &Statement,
     client: &mut Connection<S>,
@@ -68,7 +69,7 @@ pub async fn copy_in_split<S: AsyncRead + AsyncWrite + Unpin>(
     let mut targets: Vec<(ShardId, Target)> = Vec::with_capacity(shard_ids.len());
     let mut copy_in_response: Option<Bytes> = None;
     for &s in &shard_ids {
-        let pool = ctx.pool(s).ok_or_else(|| SqlError::new("XX000", format!("no pool for shard {s}")))?;
+        let pool = ctx.pool_as(role, s).ok_or_else(|| SqlError::new("XX000", format!("no pool for shard {s}")))?;
         let mut conn = pool.get().await.map_err(|e| SqlError::new(e.sqlstate(), e.to_string()))?;
         conn.conn.send(&messages::query(&stmt.text)).await.map_err(|e| lost(&mut conn, e))?;
         loop {

@@ -3,7 +3,8 @@
 //!
 //! A newcomer's map, by file:
 //! - `protocol/`: framing and messages (wire format only).
-//! - `auth.rs`: client authentication (trust, md5, SCRAM-SHA-256) and ours to backends.
+//! - `auth.rs`: client authentication (trust, md5, SCRAM-SHA-256) and ours to backends;
+//!   `roles.rs`: clients as their own roles on the shards (lookup, per-role pools).
 //! - `sql/`: parsing with the Postgres grammar and finding the tenant key.
 //! - `route.rs`: key → bucket → shard, from the directory snapshot.
 //! - `backend.rs`, `pool.rs`: connections to shards and the per-shard pools;
@@ -40,6 +41,7 @@ pub mod metrics;
 pub mod moves;
 pub mod pool;
 pub mod protocol;
+pub mod roles;
 pub mod route;
 pub mod server;
 pub mod session;

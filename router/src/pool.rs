@@ -77,6 +77,9 @@ pub struct ShardPool {
     lifetime: Duration,
     /// TCP keepalives on the connections it opens.
     keepalive: crate::config::KeepaliveConfig,
+    /// The client role its connections log in as (`crate::roles`); None: the
+    /// shard URL's user.
+    login: Option<Arc<crate::roles::RoleLogin>>,
 }
 
 impl ShardPool {
@@ -84,6 +87,18 @@ impl ShardPool {
     pub fn new(
         name: String,
         address: ShardAddress,
+        config: &crate::config::PoolConfig,
+        keepalive: &crate::config::KeepaliveConfig,
+        threads: usize,
+    ) -> Arc<ShardPool> {
+        Self::new_as(name, address, None, config, keepalive, threads)
+    }
+
+    /// A pool whose connections log in as a client's role (`crate::roles`).
+    pub fn new_as(
+        name: String,
+        address: ShardAddress,
+        login: Option<Arc<crate::roles::RoleLogin>>,
         config: &crate::config::PoolConfig,
         keepalive: &crate::config::KeepaliveConfig,
         threads: usize,
@@ -102,6 +117,7 @@ impl ShardPool {
             idle_timeout: config.server_idle_timeout,
             lifetime: config.server_lifetime,
             keepalive: keepalive.clone(),
+            login,
         })
     }
 
@@ -164,7 +180,11 @@ impl ShardPool {
             Some(b) => b,
             None => {
                 // take_idle counted the connection about to open.
-                match Backend::connect(&self.address, self.connect_timeout).await {
+                let connected = match &self.login {
+                    None => Backend::connect(&self.address, self.connect_timeout).await,
+                    Some(login) => Backend::connect(&login.address(&self.address), self.connect_timeout).await,
+                };
+                match connected {
                     Ok(b) => {
                         let keepalive = b.conn.get_ref().tcp().map(|tcp| self.keepalive.apply(tcp));
                         if let Some(Err(e)) = keepalive {
@@ -174,6 +194,11 @@ impl ShardPool {
                     }
                     Err(source) => {
                         self.open.fetch_sub(1, Ordering::Relaxed);
+                        if let (Some(login), BackendError::Login { code, .. }) = (&self.login, &source) {
+                            if code.starts_with("28") {
+                                login.refused();
+                            }
+                        }
                         return Err(PoolError::Unavailable { shard: self.name.clone(), source });
                     }
                 }
@@ -244,6 +269,11 @@ impl Pooled {
 
     pub fn address(&self) -> &ShardAddress {
         &self.pool.address
+    }
+
+    /// The role this connection runs as on its shard.
+    pub fn role(&self) -> &str {
+        self.pool.login.as_ref().map_or(&self.pool.address.user, |l| &l.role)
     }
 
     pub fn latency(&self) -> &crate::metrics::Histogram {

@@ -335,6 +335,8 @@ struct LoggedIn {
     cancel_key: (i32, i32),
     /// Its place among `max_client_connections`.
     slot: ClientSlot,
+    /// Its role's pools, when clients run on the shards as their roles.
+    role: Option<Arc<crate::roles::RolePools>>,
 }
 
 async fn handle_client(stream: TcpStream, ctx: Arc<RouterContext>) -> Result<(), ProtocolError> {
@@ -363,16 +365,16 @@ async fn handle_client(stream: TcpStream, ctx: Arc<RouterContext>) -> Result<(),
         }
     };
     drop(pending);
-    let Some(LoggedIn { params, cancel_key, slot }) = logged_in else {
+    let Some(LoggedIn { params, cancel_key, slot, role }) = logged_in else {
         return Ok(());
     };
     let database = params.iter().find(|(k, _)| k == "database").map(|(_, v)| v.as_str()).unwrap_or("");
-    if database == "shardgate" {
+    if database == crate::console::DATABASE {
         let result = crate::console::serve(&ctx, &mut conn).await;
         drop(slot);
         return result;
     }
-    let session = Session::new(ctx.clone(), conn, cancel_key).with_startup_settings(&params);
+    let session = Session::new(ctx.clone(), conn, cancel_key).with_startup_settings(&params).with_role(role);
     let result = session.run().await;
     drop(slot);
     result.map_err(|e| match e {
@@ -430,20 +432,28 @@ async fn log_in(conn: &mut Connection<Stream>, ctx: &Arc<RouterContext>) -> Resu
         .await?;
         return Ok(None);
     }
-    let credential = if ctx.users.is_empty() { Some(&Credential::Trust) } else { ctx.users.get(&user) };
-    let Some(credential) = credential else {
-        let msg = format!("password authentication failed for user \"{user}\"");
-        conn.send(&messages::error_response(Severity::Fatal, "28P01", &msg, None)).await?;
+    let Some(credential) = credential_of(conn, ctx, &user).await? else {
         return Ok(None);
     };
-    if let Err(e) = auth::authenticate_client(conn, &user, credential).await {
-        let msg = match e.sqlstate() {
-            "28P01" => format!("password authentication failed for user \"{user}\""),
-            _ => e.to_string(),
-        };
-        let _ = conn.send(&messages::error_response(Severity::Fatal, e.sqlstate(), &msg, None)).await;
+    let proved = match auth::authenticate_client_proving(conn, &user, &credential).await {
+        Ok(p) => p,
+        Err(e) => {
+            // The password may have changed since it was looked up.
+            ctx.roles.forget(&user);
+            let msg = match e.sqlstate() {
+                "28P01" => format!("password authentication failed for user \"{user}\""),
+                _ => e.to_string(),
+            };
+            let _ = conn.send(&messages::error_response(Severity::Fatal, e.sqlstate(), &msg, None)).await;
+            return Ok(None);
+        }
+    };
+    let database = params.iter().find(|(k, _)| k == "database").map_or(user.as_str(), |(_, v)| v.as_str());
+    if let Some(refusal) = database_refusal(ctx, &user, database) {
+        conn.send(&refusal.to_message(Severity::Fatal)).await?;
         return Ok(None);
     }
+    let role = role_of(ctx, &user, proved);
     conn.queue(&messages::auth_ok());
     let server_params = ctx.server_params.lock().unwrap_or_else(|p| p.into_inner()).clone();
     for (k, v) in &server_params {
@@ -468,7 +478,100 @@ async fn log_in(conn: &mut Connection<Stream>, ctx: &Arc<RouterContext>) -> Resu
     conn.queue(&messages::backend_key_data(pid, secret));
     conn.queue(&messages::ready_for_query(b'I'));
     conn.flush().await?;
-    Ok(Some(LoggedIn { params, cancel_key: (pid, secret), slot }))
+    Ok(Some(LoggedIn { params, cancel_key: (pid, secret), slot, role }))
+}
+
+/// How `user` proves who it is: its `[[users]]` entry; else, with
+/// `[router.auth]`, its stored password on the shards; else trust when the
+/// router has no users at all. A user without one goes through a SCRAM
+/// exchange that cannot succeed, as Postgres does, so that the answer does not
+/// tell which users exist. None when the client was turned away.
+async fn credential_of(
+    conn: &mut Connection<Stream>,
+    ctx: &RouterContext,
+    user: &str,
+) -> Result<Option<Credential>, ProtocolError> {
+    if let Some(c) = ctx.users.get(user) {
+        return Ok(Some(c.clone()));
+    }
+    let found = if ctx.roles.pass_through() {
+        let dir = ctx.directory.load();
+        let first = dir.reference_shards().first().copied().unwrap_or(0);
+        let name = dir.shards.get(first).map(|s| s.name.clone()).unwrap_or_default();
+        let Some(address) = ctx.shard_address(&dir, first) else {
+            let msg = "the router has no shard to look logins up on";
+            conn.send(&messages::error_response(Severity::Fatal, "08006", msg, None)).await?;
+            return Ok(None);
+        };
+        match ctx.roles.credential(user, &name, address).await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "a login could not be looked up");
+                let hint = "check that the shard is up and that [router.auth] user may run [router.auth] query";
+                let e = crate::error::SqlError::new("08006", e.to_string()).hint(hint);
+                conn.send(&e.to_message(Severity::Fatal)).await?;
+                return Ok(None);
+            }
+        }
+    } else if ctx.users.is_empty() {
+        Some(Credential::Trust)
+    } else {
+        None
+    };
+    Ok(Some(found.unwrap_or_else(|| {
+        let unguessable: [u8; 32] = rand::random();
+        Credential::Scram(auth::ScramSecret::from_password(&base64_of(&unguessable)))
+    })))
+}
+
+fn base64_of(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Why a logged-in client may not use `database`: it is not the shards'
+/// database (or an alias), or it is the admin console and `user` is not an
+/// admin.
+fn database_refusal(ctx: &RouterContext, user: &str, database: &str) -> Option<crate::error::SqlError> {
+    if database == crate::console::DATABASE {
+        return (!ctx.is_admin(user)).then(|| {
+            crate::error::SqlError::new(
+                "42501",
+                format!("permission denied for the admin console (database \"{}\")", crate::console::DATABASE),
+            )
+            .hint(format!("add \"{user}\" to [router] admins to let it in"))
+        });
+    }
+    if ctx.databases.iter().any(|d| d == database) {
+        return None;
+    }
+    let known = ctx.databases.join("\", \"");
+    Some(
+        crate::error::SqlError::new("3D000", format!("database \"{database}\" does not exist"))
+            .hint(format!("this router serves database \"{known}\"; add others to [router] database_aliases")),
+    )
+}
+
+/// The pools a client's statements use: its own role's when clients run as
+/// their roles, except for the shard URL's user (the router's own pools).
+fn role_of(ctx: &RouterContext, user: &str, proved: Option<auth::PassThrough>) -> Option<Arc<crate::roles::RolePools>> {
+    if !ctx.roles.pass_through() {
+        return None;
+    }
+    let dir = ctx.directory.load();
+    let own = dir.reference_shards().first().and_then(|&s| ctx.shard_address(&dir, s)).map(|a| a.user);
+    if own.as_deref() == Some(user) {
+        return None;
+    }
+    // A static user's password configured in plain answers any method.
+    let plain = ctx
+        .config
+        .users
+        .iter()
+        .find(|u| u.name == user)
+        .and_then(|u| u.password.clone())
+        .filter(|p| auth::is_plain_password(p));
+    Some(ctx.roles.pools_for(user, plain.map(auth::PassThrough::Password).or(proved)))
 }
 
 /// A client's SSLRequest: `S` and the TLS handshake when the router has a

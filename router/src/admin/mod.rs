@@ -58,6 +58,16 @@ pub async fn serve(
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
+    if token.is_none() && !local.ip().is_loopback() {
+        // Anyone who reaches the port could move shards and read the status.
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "the admin API would listen on {local}, which is not a loopback address, without a token: \
+                 set [admin] token, or listen on 127.0.0.1"
+            ),
+        ));
+    }
     info!(%local, "admin API listening");
     let (running_tx, running) = tokio::sync::watch::channel(());
     let shared = Arc::new(Shared {

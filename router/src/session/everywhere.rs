@@ -202,6 +202,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let dir = self.ctx.directory.load();
         let shards = everywhere(&dir, analysis.statements.iter());
         let ddl = analysis.statements.iter().any(|s| s.kind == StatementKind::Ddl);
+        // A role changed: the passwords looked up are looked up again.
+        let roles = ddl && crate::sql::roles::changes_roles(sql);
         // On every shard or on none, unless the statement cannot run in a
         // transaction block, or the string ends or opens one itself.
         if shards.len() > 1
@@ -209,6 +211,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             && !analysis.statements.iter().any(|s| matches!(s.kind, StatementKind::Txn(_)))
             && self.run_everywhere_atomically(sql, &shards, ddl).await?
         {
+            if roles {
+                self.ctx.roles.forget_all();
+            }
             return Ok(());
         }
         let mut first_reply: Option<Vec<Bytes>> = None;
@@ -243,6 +248,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 warn!(error = %e, "could not refresh the table catalog after DDL");
             }
         }
+        if roles {
+            self.ctx.roles.forget_all();
+        }
         self.ready().await
     }
 
@@ -258,7 +266,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         shard: ShardId,
         run: &[u8],
     ) -> Result<(Vec<Bytes>, Option<Bytes>), SqlError> {
-        let pool = self.ctx.pool(shard).ok_or_else(|| SqlError::new("XX000", format!("no pool for shard {shard}")))?;
+        let pool = self.role_pool(shard).ok_or_else(|| SqlError::new("XX000", format!("no pool for shard {shard}")))?;
         let mut conn = pool.get().await.map_err(|e| SqlError::new(e.sqlstate(), e.to_string()))?;
         let prelude = self.settings.prelude(&mut conn);
         collect_messages(&mut conn, run, prelude, false).await

@@ -305,8 +305,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             old.generation == generation && *old.sql == *p.query && old.param_types == p.param_types
                         });
                         if !same {
+                            let hashed = crate::sql::roles::mentions_password(p.query)
+                                .then(|| crate::sql::roles::hash_passwords(p.query))
+                                .flatten();
                             let prepared = Prepared {
-                                sql: Arc::from(p.query),
+                                sql: hashed.map_or_else(|| Arc::from(p.query), Arc::from),
                                 server_name: server_name(p.query, &p.param_types, generation),
                                 param_types: p.param_types.clone(),
                                 analysis: self.ctx.cache.get(p.query).ok(),
@@ -328,6 +331,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                                 None => Ok(Target::Any),
                                 Some(a) => {
                                     routed.statements.push(a.clone());
+                                    forget_logins_if_roles_change(&self.ctx, a, &p.sql);
                                     let params = Params {
                                         values: &bind.params,
                                         formats: &bind.param_formats,
@@ -683,4 +687,13 @@ fn rolls_back_then_deallocates(statements: &[Arc<Analysis>]) -> bool {
         && statements[1..]
             .iter()
             .all(|a| one(a, &|k| matches!(k, StatementKind::SqlPrepared(SqlPrepared::Deallocate { .. }))))
+}
+
+/// Before a statement that changes roles runs: the router looks every login
+/// up again from now on (`crate::roles`), so that a client who logs in once
+/// the statement has answered is checked against what it wrote.
+pub(super) fn forget_logins_if_roles_change(ctx: &crate::context::RouterContext, analysis: &Analysis, sql: &str) {
+    if analysis.statements.iter().any(|s| s.kind == StatementKind::Ddl) && crate::sql::roles::changes_roles(sql) {
+        ctx.roles.forget_all();
+    }
 }

@@ -113,6 +113,9 @@ pub struct Session<S> {
     /// When the client goes quiet, for the idle timeouts (`idle.rs`); None
     /// when both are off.
     idle: Option<Arc<crate::idle::IdleWatch>>,
+    /// The client's own role on the shards (`crate::roles`); None: the shard
+    /// URL's user.
+    role: Option<Arc<crate::roles::RolePools>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -140,7 +143,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             rows_written: 0,
             pools: Vec::new(),
             idle,
+            role: None,
         }
+    }
+
+    /// Runs the session's statements on the shards as `role` (None: as the
+    /// shard URL's user).
+    pub fn with_role(mut self, role: Option<Arc<crate::roles::RolePools>>) -> Self {
+        self.role = role;
+        self
     }
 
     /// The transaction status to report in ReadyForQuery.
@@ -239,6 +250,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(s) => s,
             Err(e) => return self.fail_simple(SqlError::new("08P01", e.to_string())).await,
         };
+        // A role's password given in plain: hashed here, once, so that every
+        // shard stores the same verifier (crate::sql::roles).
+        let hashed =
+            crate::sql::roles::mentions_password(sql).then(|| crate::sql::roles::hash_passwords(sql)).flatten();
+        let hashed = hashed.map(|text| (Message::from_raw(messages::query(&text)), text));
+        let (m, sql) = match &hashed {
+            Some((m, text)) => (m, text.as_str()),
+            None => (m, sql),
+        };
         // Outside a transaction block a simple query may run as its shape's
         // prepared statement (see crate::sql::lift).
         let lookup = if self.ctx.config.prepare_simple_queries
@@ -266,6 +286,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.client.queue(&messages::empty_query_response());
             return self.ready().await;
         }
+        extended::forget_logins_if_roles_change(&self.ctx, &analysis, sql);
         if let Some(e) = self.lease_check(&analysis).await {
             return self.fail_simple(e).await;
         }

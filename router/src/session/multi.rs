@@ -34,7 +34,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let prelude = self.txn.pending_begin.take().map(|p| p.join("; "));
         let mut bounds = Vec::new();
         for shard in everywhere(&dir, analysis.statements.iter()) {
-            let Some(pool) = self.ctx.pool(shard) else {
+            let Some(pool) = self.role_pool(shard) else {
                 continue;
             };
             match pool.get().await {

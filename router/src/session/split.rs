@@ -72,7 +72,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 b'E' => {
                     self.client.flush().await?;
                     let dir = self.ctx.directory.load();
-                    match crate::copy_in::copy_in_split(&self.ctx, &dir, stmt, &mut self.client).await {
+                    match crate::copy_in::copy_in_split(&self.ctx, self.role.as_deref(), &dir, stmt, &mut self.client)
+                        .await
+                    {
                         Ok(tag) => self.client.queue(&messages::command_complete(&tag)),
                         Err(crate::copy_in::CopyError::Client(e)) => return Err(e.into()),
                         Err(crate::copy_in::CopyError::Sql(e)) => self.client.queue(&e.to_message(Severity::Error)),
@@ -102,7 +104,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut started = false;
         for (i, &shard) in shards.iter().enumerate() {
             let name = dir.shards.get(shard).map(|s| s.name.clone()).unwrap_or_default();
-            let pool = match self.ctx.pool(shard) {
+            let pool = match self.role_pool(shard) {
                 Some(p) => p,
                 None => return self.fail_simple(SqlError::new("XX000", format!("no pool for shard {shard}"))).await,
             };
@@ -210,7 +212,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     pub(super) async fn run_copy_split(&mut self, stmt: &Statement, _query: Bytes) -> Result<(), SessionError> {
         let dir = self.ctx.directory.load();
-        let result = crate::copy_in::copy_in_split(&self.ctx, &dir, stmt, &mut self.client).await;
+        let result = crate::copy_in::copy_in_split(&self.ctx, self.role.as_deref(), &dir, stmt, &mut self.client).await;
         match result {
             Ok(tag) => {
                 self.client.queue(&messages::command_complete(&tag));

@@ -33,7 +33,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut readers = Vec::with_capacity(shards.len());
         let mut streams = Vec::with_capacity(shards.len());
         for (&s, text) in shards.iter().zip(&texts) {
-            let pool = match self.ctx.pool(s) {
+            let pool = match self.role_pool(s) {
                 Some(p) => p,
                 None => {
                     return self.fail_answer(&answer, SqlError::new("XX000", format!("no pool for shard {s}"))).await

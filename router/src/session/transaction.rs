@@ -218,12 +218,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if let Some(Some(p)) = self.pools.get(shard) {
             return Ok(p.clone());
         }
-        let pool = self.ctx.pool(shard).ok_or_else(|| SqlError::new("XX000", format!("no pool for shard {shard}")))?;
+        let pool = self.role_pool(shard).ok_or_else(|| SqlError::new("XX000", format!("no pool for shard {shard}")))?;
         if self.pools.len() <= shard {
             self.pools.resize(shard + 1, None);
         }
         self.pools[shard] = Some(pool.clone());
         Ok(pool)
+    }
+
+    /// The pool of `shard` for this session's role, not cached in the
+    /// session's own list.
+    pub(super) fn role_pool(&self, shard: ShardId) -> Option<Arc<crate::pool::ShardPool>> {
+        self.ctx.pool_as(self.role.as_deref(), shard)
     }
 
     pub(super) fn clear_cancel(&self) {

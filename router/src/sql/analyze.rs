@@ -431,7 +431,13 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
         | N::GrantStmt(_)
         | N::CreateTrigStmt(_)
         | N::AlterObjectSchemaStmt(_)
-        | N::CreateDomainStmt(_) => s.kind = StatementKind::Ddl,
+        | N::CreateDomainStmt(_)
+        // Roles belong to each shard's server: every shard gets them.
+        | N::CreateRoleStmt(_)
+        | N::AlterRoleStmt(_)
+        | N::AlterRoleSetStmt(_)
+        | N::DropRoleStmt(_)
+        | N::GrantRoleStmt(_) => s.kind = StatementKind::Ddl,
         _ => {}
     }
     origins.constants = super::lift::liftable_constants(whole);

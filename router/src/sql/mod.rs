@@ -17,6 +17,7 @@ mod lift;
 mod nested_writes;
 mod pooled_state;
 pub mod quote;
+pub mod roles;
 pub mod shape;
 #[cfg(test)]
 pub(crate) mod testing;

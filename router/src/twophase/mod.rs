@@ -38,11 +38,14 @@ pub const FAULT_POINTS: &[&str] = &["twophase.after_prepare", "twophase.after_de
 
 /// What makes a shard ready for two-phase commit (run by [`recover`] on
 /// each shard before its first sweep).
-pub const SETUP_SQL: &str = "CREATE SCHEMA IF NOT EXISTS shardgate; \
+pub const SETUP_SQL: &str = "DO $s$ BEGIN CREATE SCHEMA IF NOT EXISTS shardgate; \
+     EXCEPTION WHEN unique_violation THEN NULL; END $s$; \
      CREATE TABLE IF NOT EXISTS shardgate.decisions (\
        txid text PRIMARY KEY, \
        committed boolean NOT NULL, \
-       at timestamptz NOT NULL DEFAULT now())";
+       at timestamptz NOT NULL DEFAULT now()); \
+     GRANT USAGE ON SCHEMA shardgate TO PUBLIC; \
+     GRANT INSERT ON shardgate.decisions TO PUBLIC";
 
 /// A decision insert answered later than this is not committed: the
 /// transaction is rolled back (see [`recover::KEEP_DECISIONS`]).
