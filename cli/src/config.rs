@@ -48,6 +48,31 @@ pub struct DirectoryConfig {
     /// node has no data yet. Set it on every founding node, the same way.
     #[serde(default)]
     pub bootstrap: bool,
+    /// Raft traffic under mutual TLS: the cluster's CA (PEM), which signs
+    /// every node's certificate; all three keys or none.
+    #[serde(default)]
+    pub tls_ca_file: Option<std::path::PathBuf>,
+    /// This node's certificate (PEM chain), for the name its peers dial it by.
+    #[serde(default)]
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    /// Its private key (PEM). Never logged.
+    #[serde(default)]
+    pub tls_key_file: Option<std::path::PathBuf>,
+}
+
+impl DirectoryConfig {
+    /// The raft TLS files, when all three are set.
+    pub fn tls(&self) -> Result<Option<shardgate_directory::replica::RaftTlsFiles>> {
+        match (&self.tls_ca_file, &self.tls_cert_file, &self.tls_key_file) {
+            (None, None, None) => Ok(None),
+            (Some(ca), Some(cert), Some(key)) => Ok(Some(shardgate_directory::replica::RaftTlsFiles {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            })),
+            _ => bail!("[directory] tls_ca_file, tls_cert_file and tls_key_file go together: set all three or none"),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

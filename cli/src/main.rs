@@ -428,6 +428,7 @@ async fn serve(path: PathBuf) -> Result<()> {
                 data_dir: d.data_dir.clone(),
                 token: d.token.clone(),
                 peers: Vec::clone(&peers),
+                tls: d.tls()?,
                 bootstrap: d.bootstrap.then_some(voters),
                 initial: dir,
             })

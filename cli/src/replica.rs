@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use shardgate_directory::replica::{Node, NodeConfig, TcpTransport};
+use shardgate_directory::replica::{Node, NodeConfig, RaftTls, RaftTlsFiles, TcpTransport};
 use shardgate_directory::Directory;
 
 pub struct ReplicaSpec {
@@ -18,6 +18,8 @@ pub struct ReplicaSpec {
     pub data_dir: PathBuf,
     pub token: String,
     pub peers: Vec<(u64, String)>,
+    /// Mutual TLS with the cluster's CA for raft traffic; None: plain TCP.
+    pub tls: Option<RaftTlsFiles>,
     /// Founding voters, when starting a new cluster.
     pub bootstrap: Option<Vec<u64>>,
     pub initial: Directory,
@@ -32,7 +34,11 @@ pub async fn start(spec: ReplicaSpec) -> Result<(Node, Arc<TcpTransport>)> {
         None => tokio::net::TcpListener::bind(spec.listen).await,
     }
     .with_context(|| format!("cannot listen on {} for the directory's raft traffic", spec.listen))?;
-    let transport = TcpTransport::new(&spec.token);
+    let tls = match &spec.tls {
+        Some(files) => Some(RaftTls::from_files(files).map_err(|e| anyhow::anyhow!("[directory] TLS: {e}"))?),
+        None => None,
+    };
+    let transport = TcpTransport::with_tls(&spec.token, tls);
     for (id, addr) in &spec.peers {
         transport.set_peer(*id, addr.clone());
     }

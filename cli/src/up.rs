@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use shardgate_directory::replica::RaftTlsFiles;
 use shardgate_directory::{Directory, KeyType, Shard};
 use shardgate_localpg::{Server, TlsFiles};
 use shardgate_router::backend::ShardAddress;
@@ -155,6 +156,7 @@ async fn serve(
     };
     bound.resize_with(3, || None);
     let addr_of = |i: usize| -> std::net::SocketAddr { ([127, 0, 0, 1], ports[i]).into() };
+    let tls = TlsFiles::reuse_or_make(&data_dir.join("tls")).context("cannot make the router's TLS certificate")?;
     let mut nodes = Vec::new();
     for (i, bound) in bound.into_iter().enumerate() {
         let id = i as u64 + 1;
@@ -166,6 +168,8 @@ async fn serve(
             data_dir: data_dir.join("directory").join(format!("node{id}")),
             token: token.clone(),
             peers,
+            // Raft between the replicas under TLS too, with the local CA.
+            tls: Some(RaftTlsFiles { ca: tls.root_cert.clone(), cert: tls.cert.clone(), key: tls.key.clone() }),
             bootstrap: Some(vec![1, 2, 3]),
             initial: initial.clone(),
         })
@@ -173,7 +177,6 @@ async fn serve(
         nodes.push(node);
     }
     crate::replica::wait_for_leader(&nodes[0], std::time::Duration::from_secs(10)).await?;
-    let tls = TlsFiles::reuse_or_make(&data_dir.join("tls")).context("cannot make the router's TLS certificate")?;
     // Clients log in as the shards' own roles, looked up through a role that
     // may do nothing else (a new password at every start: only this process
     // needs it). `postgres`, the servers' superuser and the router's own

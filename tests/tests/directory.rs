@@ -185,3 +185,105 @@ async fn the_admin_console_shows_shards_buckets_and_the_directory() {
     let n = routers.iter().filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))).count();
     assert_eq!(n, 3);
 }
+
+/// Raft between nodes under mutual TLS with the cluster's CA: the nodes elect
+/// a leader and replicate, and a peer that does not speak TLS, or whose
+/// certificate another CA signed, is turned away even with the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_runs_under_mutual_tls_and_turns_strangers_away() {
+    use shardgate_directory::replica::{RaftTls, RaftTlsFiles};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = shardgate_tests::tls::TestCa::new();
+    let node_cert = ca.write("node", &ca.local_server());
+    let files = RaftTlsFiles { ca: ca.root_cert(), cert: node_cert.cert.clone(), key: node_cert.key.clone() };
+    let tls = RaftTls::from_files(&files).unwrap();
+    let shards = vec![Shard::new("shard_0", "postgres://a@h/app"), Shard::new("shard_1", "postgres://b@h/app")];
+    let initial = Directory::new("tenant_id", KeyType::Int, 16, shards).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut listeners = Vec::new();
+    let mut addrs = HashMap::new();
+    for id in 1..=3u64 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        addrs.insert(id, l.local_addr().unwrap());
+        listeners.push((id, l));
+    }
+    let mut nodes = Vec::new();
+    for (id, l) in listeners {
+        let t = TcpTransport::with_tls("cluster-token", Some(tls.clone()));
+        for (&p, &a) in &addrs {
+            if p != id {
+                t.set_peer(p, a.to_string());
+            }
+        }
+        let mut cfg = NodeConfig::new(id, tmp.path().join(format!("n{id}")), initial.clone());
+        cfg.tick = Duration::from_millis(20);
+        cfg.founding_voters = Some(vec![1, 2, 3]);
+        let node = Node::start(cfg, t.clone()).unwrap();
+        t.serve(l, node.clone());
+        nodes.push(node);
+    }
+    let out = nodes[0]
+        .propose(Command::PlaceBucket { bucket: 3, shard: "shard_1".into() }, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let shardgate_directory::state::Outcome::Applied { epoch } = out else { panic!("{out:?}") };
+    for n in &nodes {
+        let mut rx = n.watch_status();
+        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.epoch >= epoch)).await.unwrap().unwrap();
+    }
+
+    // Strangers who know the token. The node closes on them (a TLS alert at most).
+    let mut hello = 13u32.to_le_bytes().to_vec();
+    hello.extend_from_slice(b"cluster-token");
+    let target = addrs[&1];
+    async fn closed(mut s: impl tokio::io::AsyncRead + Unpin) -> bool {
+        let mut b = [0u8; 64];
+        let until_end = async {
+            loop {
+                match s.read(&mut b).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), until_end).await.is_ok()
+    }
+    let mut plain = tokio::net::TcpStream::connect(target).await.unwrap();
+    plain.write_all(&hello).await.unwrap();
+    assert!(closed(plain).await, "a plain peer was not turned away");
+
+    let other = shardgate_tests::tls::TestCa::new();
+    let stranger = other.local_server();
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca.root_cert()).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(stranger.cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(stranger.key_pem.as_bytes()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(shardgate_router::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(target).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    match tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await {
+        // TLS 1.3: the server judges the client's certificate after the
+        // client's side of the handshake is done, and then closes.
+        Ok(mut s) => {
+            let _ = s.write_all(&hello).await;
+            assert!(closed(s).await, "a peer of another CA was not turned away");
+        }
+        Err(_) => {}
+    }
+    // The cluster still works.
+    let out = nodes[1]
+        .propose(Command::PlaceBucket { bucket: 4, shard: "shard_1".into() }, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(matches!(out, shardgate_directory::state::Outcome::Applied { .. }), "{out:?}");
+}
