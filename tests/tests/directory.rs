@@ -271,14 +271,11 @@ async fn raft_runs_under_mutual_tls_and_turns_strangers_away() {
         .unwrap();
     let tcp = tokio::net::TcpStream::connect(target).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    match tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await {
-        // TLS 1.3: the server judges the client's certificate after the
-        // client's side of the handshake is done, and then closes.
-        Ok(mut s) => {
-            let _ = s.write_all(&hello).await;
-            assert!(closed(s).await, "a peer of another CA was not turned away");
-        }
-        Err(_) => {}
+    // TLS 1.3: the server judges the client's certificate after the client's
+    // side of the handshake is done, and then closes; TLS 1.2 fails the handshake.
+    if let Ok(mut s) = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await {
+        let _ = s.write_all(&hello).await;
+        assert!(closed(s).await, "a peer of another CA was not turned away");
     }
     // The cluster still works.
     let out = nodes[1]
