@@ -3,24 +3,55 @@
 //! client's password up on the shards through a low-privilege lookup role,
 //! checks it, and runs the client's statements on every shard as that role,
 //! so GRANTs and row-level security apply through the router as they would on
-//! one Postgres. The shards ask every TCP login but the router's own for a
-//! SCRAM password, so nothing here works unless the pass-through does.
+//! one Postgres. The shards run with `ssl = on`, take TCP logins under TLS
+//! only, and ask every one but the router's own for a SCRAM password, so
+//! nothing here works unless the pass-through does.
 
 use std::time::Duration;
 
+use shardgate_directory::KeyType;
+use shardgate_localpg::{PlainClients, TestCluster};
 use shardgate_router::config::{AuthConfig, AuthMethod, RouterConfig, Secret, UserConfig};
+use shardgate_tests::tls::TestCa;
 use shardgate_tests::{rows, sqlstate, Harness};
 use tokio_postgres::{Client, NoTls};
 
-/// TCP logins need a SCRAM password, except the router's own user's.
+/// TCP logins under TLS only, with a SCRAM password except the router's own user's.
 const HBA: &str = "local all all trust\n\
     local replication all trust\n\
-    host all postgres 127.0.0.1/32 trust\n\
-    host replication postgres 127.0.0.1/32 trust\n\
-    host all all 127.0.0.1/32 scram-sha-256\n";
+    hostssl all postgres 127.0.0.1/32 trust\n\
+    hostssl replication postgres 127.0.0.1/32 trust\n\
+    hostssl all all 127.0.0.1/32 scram-sha-256\n";
 
-fn config() -> RouterConfig {
+/// A router in front of TLS shards, and the CA of both.
+struct Secured {
+    h: Harness,
+    ca: TestCa,
+    /// The shards' URLs, TLS parameters included.
+    urls: Vec<String>,
+}
+
+impl std::ops::Deref for Secured {
+    type Target = Harness;
+    fn deref(&self) -> &Harness {
+        &self.h
+    }
+}
+
+impl Secured {
+    /// A superuser connection straight to shard `i`, under TLS.
+    async fn direct(&self, i: usize) -> Client {
+        // The connector checks the chain and the host name, as verify-full.
+        let url = format!("{}?sslmode=require", self.cluster.servers()[i].url("app"));
+        shardgate_tests::tls::connect(&url, self.ca.verify_full()).await.expect("TLS to the shard")
+    }
+}
+
+fn config(ca: &TestCa) -> RouterConfig {
+    let router = ca.write("router", &ca.local_server());
     RouterConfig {
+        tls_cert_file: Some(router.cert),
+        tls_key_file: Some(router.key),
         auth: Some(AuthConfig {
             user: Some("shardgate_auth".into()),
             password: Some(Secret("lookup-pw".into())),
@@ -43,14 +74,25 @@ async fn login(h: &Harness, user: &str, password: &str, database: &str) -> Resul
     Ok(client)
 }
 
-/// A cluster of two shards whose TCP logins need SCRAM, with roles alice
+/// A cluster of two TLS shards whose logins need SCRAM, with roles alice
 /// (reads and writes her rows) and bob (reads his), made through the router.
-async fn start() -> Harness {
-    let h = Harness::start_with(2, config()).await;
+async fn start() -> Secured {
+    let ca = TestCa::new();
+    let mut cluster = TestCluster::start(2).await.expect("start Postgres");
+    let mut urls = Vec::new();
+    for server in cluster.servers_mut() {
+        // Stopped meanwhile, so that the rules are in force when it is back.
+        server.stop().unwrap();
+        let root = server.serve_tls(&ca.ca.cert_pem(), &ca.local_server(), PlainClients::Allowed).expect("TLS on");
+        server.set_hba(HBA).unwrap();
+        server.start_again().unwrap();
+        urls.push(format!("{}?sslmode=verify-full&sslrootcert={}", server.url("app"), root.display()));
+    }
+    let h = Harness::start_over(cluster, &urls, config(&ca), KeyType::Int).await;
+    let h = Secured { h, ca, urls };
     for i in 0..2 {
         let lookup = shardgate_router::roles::lookup_setup_sql("shardgate_auth", "lookup-pw");
-        h.shard(i).await.batch_execute(&lookup).await.unwrap();
-        h.shard_server(i).set_hba(HBA).unwrap();
+        h.direct(i).await.batch_execute(&lookup).await.unwrap();
     }
     let admin = h.client().await;
     admin
@@ -73,17 +115,6 @@ async fn start() -> Harness {
         }
     }
     admin.batch_execute(&format!("INSERT INTO orders VALUES {}", values.join(", "))).await.unwrap();
-    // The new pg_hba.conf is in force once a TCP login needs the password.
-    let port = h.shard_server(1).port();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let direct = format!("postgres://alice:wrong@127.0.0.1:{port}/app");
-        match tokio_postgres::connect(&direct, NoTls).await {
-            Err(e) if sqlstate(&e) == "28P01" => break,
-            _ if std::time::Instant::now() > deadline => panic!("pg_hba.conf not reloaded within 10 s"),
-            _ => tokio::task::yield_now().await,
-        }
-    }
     h
 }
 
@@ -93,11 +124,16 @@ async fn each_client_runs_on_every_shard_as_its_own_role() {
     // Every shard stores the same verifier, and no shard the password.
     let mut verifiers = Vec::new();
     for i in 0..2 {
-        let row = h.shard(i).await.query_one("SELECT rolpassword FROM pg_authid WHERE rolname = 'alice'", &[]).await;
+        let row = h.direct(i).await.query_one("SELECT rolpassword FROM pg_authid WHERE rolname = 'alice'", &[]).await;
         verifiers.push(row.unwrap().get::<_, String>(0));
     }
     assert!(verifiers[0].starts_with("SCRAM-SHA-256$") && verifiers[0] == verifiers[1], "{verifiers:?}");
 
+    // Under TLS to the router too, the certificate checked as verify-full.
+    let url = format!("postgres://alice:alice-pw@{}/app?sslmode=require", h.router.local_addr);
+    let tls = shardgate_tests::tls::connect(&url, h.ca.verify_full()).await.expect("alice logs in under TLS");
+    let me: String = tls.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
+    assert_eq!(me, "alice");
     let alice = login(&h, "alice", "alice-pw", "app").await.expect("alice logs in");
     for shard in 0..2 {
         let t = h.tenants_on(shard, 1)[0];
@@ -176,7 +212,7 @@ async fn wrong_passwords_databases_and_the_console_are_refused() {
 async fn a_role_whose_verifiers_differ_is_told_how_to_fix_it() {
     let h = start().await;
     // Set on one shard behind the router's back: another salt there.
-    h.shard(1).await.batch_execute("ALTER ROLE bob PASSWORD 'bob-pw'").await.unwrap();
+    h.direct(1).await.batch_execute("ALTER ROLE bob PASSWORD 'bob-pw'").await.unwrap();
     let bob = login(&h, "bob", "bob-pw", "app").await.expect("the lookup shard still matches");
     let e = bob.query("SELECT count(*) FROM orders", &[]).await.unwrap_err();
     let db = e.as_db_error().expect("a Postgres error");
@@ -188,6 +224,45 @@ async fn a_role_whose_verifiers_differ_is_told_how_to_fix_it() {
     let bob = login(&h, "bob", "bob-pw", "app").await.unwrap();
     let n: i64 = bob.query_one("SELECT count(*) FROM orders", &[]).await.unwrap().get(0);
     assert_eq!(n, 2);
+}
+
+/// A role without superuser writes its tenant's rows while they move and
+/// after: the move's fence trigger runs as the writer, and the writes of a
+/// transaction that spans shards record their commit decision as the writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_writes_through_a_move_of_its_tenant() {
+    use shardgate_directory::state::{Command, MoveOptions, MovePhase, MoveSubject, Outcome};
+    let h = start().await;
+    let config = shardgate_migrator::driver::DriverConfig::default();
+    let stop = shardgate_tests::start_move_driver(&h, h.urls.clone(), config);
+    let alice = login(&h, "alice", "alice-pw", "app").await.unwrap();
+    let t = h.tenants_on(0, 1)[0];
+    let out = h.directory.apply_local(&Command::CreateMove {
+        subject: MoveSubject::Tenant(shardgate_directory::TenantKey::Int(t)),
+        target: "shard_1".into(),
+        options: MoveOptions { cutover_auto: true, complete_auto: true },
+        at_ms: shardgate_directory::clock::now_ms(),
+    });
+    let Outcome::MoveCreated { id, .. } = out else { panic!("{out:?}") };
+    let phase = || h.directory.load().moves[&id].phase;
+    let mut written = 0;
+    let started = std::time::Instant::now();
+    while phase() != MovePhase::Done {
+        assert!(phase() != MovePhase::Failed, "{:?}", h.directory.load().moves[&id]);
+        assert!(started.elapsed() < Duration::from_secs(60), "the move did not finish: {:?}", phase());
+        written += 1;
+        alice.execute("INSERT INTO orders VALUES ($1, $2, 'alice', 1)", &[&t, &(100 + written)]).await.unwrap();
+    }
+    alice.execute("INSERT INTO orders VALUES ($1, 99, 'alice', 1)", &[&t]).await.unwrap();
+    let _ = stop.send(true);
+    let n: i64 = h
+        .direct(1)
+        .await
+        .query_one("SELECT count(*) FROM orders WHERE tenant_id = $1 AND id >= 99", &[&t])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, written as i64 + 1, "every write of alice's reached the tenant's new shard");
 }
 
 #[tokio::test]
