@@ -10,6 +10,10 @@
 //! row fails or that are refused (none of it stays), 30 and 31 by COPY where
 //! the driver has it, 40 and 41 by psycopg 3's pipeline mode.
 //!
+//! Each driver logs in as its own role (`app`, with a password, no superuser:
+//! `[router.auth]`) over TLS with `sslmode=verify-full` against the test's
+//! CA, as an application in production would.
+//!
 //! The scripts' drivers come from `scripts/install-deps.sh` (PyPI and npm
 //! packages in `$SHARDGATE_DRIVERS`, by default `~/.cache/shardgate/drivers`;
 //! pgjdbc and Ruby's pg from Debian). A missing driver fails its test.
@@ -18,6 +22,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use shardgate_router::config::{AuthConfig, AuthMethod, RouterConfig, UserConfig};
+use shardgate_tests::tls::TestCa;
 use shardgate_tests::{sqlstate, Harness};
 
 const SCHEMA: &str = "CREATE TABLE items (tenant_id bigint NOT NULL, id int NOT NULL, note text, \
@@ -32,13 +38,47 @@ const PIPELINE_IDS: &[i32] = &[40, 41];
 /// How long one driver's script may take before the test calls it hung.
 const SCRIPT_LIMIT: Duration = Duration::from_secs(90);
 
-/// A router on two shards with `items` created through it, and one tenant on each shard.
-async fn start() -> (Harness, i64, i64) {
-    let h = Harness::start(2).await;
-    h.client().await.batch_execute(SCHEMA).await.unwrap();
+/// A router on two shards with `items` created through it, the URL the
+/// drivers use, and the CA their `sslrootcert` names.
+struct Matrix {
+    h: Harness,
+    /// `postgres://app:…@…/app?sslmode=verify-full&sslrootcert=…`.
+    url: String,
+    /// Holds the CA's files for the test's length.
+    _ca: TestCa,
+}
+
+impl std::ops::Deref for Matrix {
+    type Target = Harness;
+    fn deref(&self) -> &Harness {
+        &self.h
+    }
+}
+
+/// The router, with TLS and clients as their own roles; `items` created
+/// through it, and one tenant on each shard.
+async fn start() -> (Matrix, i64, i64) {
+    let ca = TestCa::new();
+    let cert = ca.write("router", &ca.local_server());
+    let config = RouterConfig {
+        tls_cert_file: Some(cert.cert),
+        tls_key_file: Some(cert.key),
+        auth: Some(AuthConfig::default()),
+        users: vec![UserConfig { name: "postgres".into(), auth: AuthMethod::Trust, password: None }],
+        ..Default::default()
+    };
+    let h = Harness::start_with(2, config).await;
+    let admin = h.client().await;
+    admin.batch_execute(SCHEMA).await.unwrap();
+    admin.batch_execute("CREATE ROLE app LOGIN PASSWORD 'app-pw'; GRANT ALL ON items TO app").await.unwrap();
+    let url = format!(
+        "postgres://app:app-pw@{}/app?sslmode=verify-full&sslrootcert={}",
+        h.router.local_addr,
+        ca.root_cert().display()
+    );
     let a = h.tenants_on(0, 1)[0];
     let b = h.tenants_on(1, 1)[0];
-    (h, a, b)
+    (Matrix { h, url, _ca: ca }, a, b)
 }
 
 /// The canonical row of (tenant `t`, id `i`), as the scripts write it.
@@ -129,8 +169,8 @@ fn on_path(program: &str, what: &str) -> PathBuf {
 
 /// Runs a driver's script (it gets the router URL and the two tenants last),
 /// fails the test with its output if it fails or takes longer than SCRIPT_LIMIT.
-async fn run(mut cmd: Command, h: &Harness, a: i64, b: i64) {
-    cmd.args([h.url(), a.to_string(), b.to_string()])
+async fn run(mut cmd: Command, h: &Matrix, a: i64, b: i64) {
+    cmd.args([h.url.clone(), a.to_string(), b.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -286,7 +326,7 @@ async fn psql_transactions_copy_and_sqlstates() {
     script += "SELECT count(*) FROM items WHERE id = 2;\n";
     std::fs::write(dir.path().join("check.sql"), script).unwrap();
     let psql = on_path("psql", "psql (postgresql-client-15)");
-    let url = h.url();
+    let url = h.url.clone();
     let file = dir.path().join("check.sql");
     let out = tokio::task::spawn_blocking(move || {
         Command::new(psql).args([url.as_str(), "-X", "-A", "-t", "-q", "-f"]).arg(file).output().expect("run psql")

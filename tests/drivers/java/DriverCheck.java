@@ -119,8 +119,13 @@ public class DriverCheck {
     if (args.length != 3) fail("usage: DriverCheck ROUTER_URL TENANT_A TENANT_B");
     URI u = new URI(args[0]);
     long a = Long.parseLong(args[1]), b = Long.parseLong(args[2]);
+    // The URL's user, password and TLS parameters (sslmode, sslrootcert) as
+    // pgjdbc takes them.
+    String[] user = u.getUserInfo().split(":", 2);
     String jdbc = "jdbc:postgresql://" + u.getHost() + ":" + u.getPort() + u.getPath()
-        + "?user=" + u.getUserInfo() + "&prepareThreshold=1&binaryTransfer=true&sslmode=disable";
+        + "?user=" + user[0] + (user.length > 1 ? "&password=" + user[1] : "")
+        + "&prepareThreshold=1&binaryTransfer=true"
+        + (u.getRawQuery() != null ? "&" + u.getRawQuery() : "&sslmode=disable");
     try (Connection c = DriverManager.getConnection(jdbc)) {
       DatabaseMetaData md = c.getMetaData();
       System.out.println("driver: pgjdbc " + md.getDriverVersion() + " (Java " + System.getProperty("java.version")

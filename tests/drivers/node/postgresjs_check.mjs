@@ -2,6 +2,7 @@
 // tagged-template parameters, sql.begin transactions, a pipelined batch in a
 // transaction, the multi-row insert helper, COPY streams and SQLSTATEs.
 // Usage: node postgresjs_check.mjs ROUTER_URL TENANT_A TENANT_B
+import { readFileSync } from 'node:fs';
 import { Readable, Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import * as c from './common.mjs';
@@ -10,8 +11,16 @@ const postgres = c.driver('postgres');
 const [url, a, b] = c.args();
 console.log(`driver: postgres.js ${c.version('postgres')}`);
 
+// postgres.js reads no sslrootcert (it would send it to the server as a
+// setting): its users give the CA as a TLS option, as here. Node checks the
+// chain and the host name (verify-full).
+const u = new URL(url);
+const root = u.searchParams.get('sslrootcert');
+u.searchParams.delete('sslrootcert');
+u.searchParams.delete('sslmode');
+const ssl = root ? { ca: readFileSync(root), rejectUnauthorized: true } : false;
 // One connection, so a prepared statement is reused and the order is the script's.
-const sql = postgres(url, { max: 1, onnotice: () => {} });
+const sql = postgres(u.toString(), { max: 1, onnotice: () => {}, ssl });
 // postgres.js sends a timestamptz parameter through a JavaScript Date (milliseconds):
 // the microseconds of the canonical row go as text.
 const insert = (s, t, i) => {
