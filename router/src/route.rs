@@ -322,6 +322,11 @@ pub fn route_statements(
         target = match target {
             // Another shard joins the transaction (two-phase commit).
             Target::Shard(s) => Target::Shard(s),
+            // A write of tenants on several shards: each shard's part joins
+            // the block (session/twophase.rs).
+            Target::Fanout(f) if matches!(statements, [s] if matches!(s.kind, StatementKind::Update | StatementKind::Delete)) => {
+                Target::Fanout(f)
+            }
             t => combine(Some(Target::Shard(bound)), t, joining, dir)?,
         };
     }

@@ -734,3 +734,74 @@ async fn an_extended_multi_row_insert_across_shards_is_all_or_nothing() {
     assert!(through.contains(&format!("C {:?}", b"INSERT 0 2\0".to_vec())), "{through:?}");
     assert!(prepared(&h, 3).await.is_empty());
 }
+
+/// One statement that writes tenants on several shards inside a transaction
+/// block: each shard's part joins the block, the answer counts every row, and
+/// the block commits (or rolls back) on every shard together. A part that
+/// fails fails the block, and its end rolls every shard back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_on_several_shards_inside_a_block_joins_the_block() {
+    let (h, t) = bank(3).await;
+    let c = h.client().await;
+    let in_list = format!("{}, {}", t[0], t[1]);
+    // Rolled back: nothing changed anywhere.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute(&format!("UPDATE acct SET bal = bal + 1 WHERE tenant_id = {}", t[2]), &[]).await.unwrap();
+    let n = c.simple_query(&format!("UPDATE acct SET bal = bal + 10 WHERE tenant_id IN ({in_list})")).await.unwrap();
+    assert!(
+        matches!(n.last(), Some(tokio_postgres::SimpleQueryMessage::CommandComplete(2))),
+        "the rows written on both shards, counted together"
+    );
+    let inside = rows_of(&c.simple_query(&format!("SELECT bal FROM acct WHERE tenant_id = {} ", t[0])).await.unwrap());
+    assert_eq!(inside, ["110"], "the block sees its own write");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(balances(&h, &t).await, [100, 100, 100]);
+    // As the block's first statement, before it is bound to any shard.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.simple_query(&format!("DELETE FROM acct WHERE tenant_id IN ({in_list})")).await.unwrap();
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(balances(&h, &t).await, [100, 100, 100]);
+    // Through the extended protocol it is refused for now, and says so.
+    c.batch_execute("BEGIN").await.unwrap();
+    let e = c.execute(&format!("UPDATE acct SET bal = 0 WHERE tenant_id IN ({in_list})"), &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{e}");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(balances(&h, &t).await, [100, 100, 100]);
+    // Committed: every shard together, RETURNING rows from both.
+    c.batch_execute("BEGIN").await.unwrap();
+    let back = c
+        .simple_query(&format!("UPDATE acct SET bal = bal - 5 WHERE tenant_id IN ({in_list}) RETURNING bal"))
+        .await
+        .unwrap();
+    assert_eq!(rows_of(&back), ["95", "95"]);
+    c.execute(&format!("UPDATE acct SET bal = bal + 10 WHERE tenant_id = {}", t[2]), &[]).await.unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(balances(&h, &t).await, [95, 95, 110]);
+    assert!(prepared(&h, 3).await.is_empty());
+    // A part that fails (a balance below zero on one shard only) fails the
+    // block: COMMIT answers ROLLBACK, and nothing of it stays.
+    h.client().await.batch_execute("ALTER TABLE acct ADD CHECK (bal >= 0)").await.unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute(&format!("UPDATE acct SET bal = 0 WHERE tenant_id = {}", t[2]), &[]).await.unwrap();
+    c.execute(&format!("UPDATE acct SET bal = bal - 95 WHERE tenant_id = {}", t[1]), &[]).await.unwrap();
+    let e = c
+        .simple_query(&format!("UPDATE acct SET bal = bal - 1 WHERE tenant_id IN ({}, {}, {})", t[0], t[1], t[2]))
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "23514", "{e}");
+    let e = c.execute("SELECT 1", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "25P02");
+    let tag = c.simple_query("COMMIT").await.unwrap();
+    assert!(matches!(tag.last(), Some(tokio_postgres::SimpleQueryMessage::CommandComplete(_))));
+    assert_eq!(balances(&h, &t).await, [95, 95, 110]);
+    assert!(prepared(&h, 3).await.is_empty());
+}
+
+fn rows_of(msgs: &[tokio_postgres::SimpleQueryMessage]) -> Vec<String> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .collect()
+}

@@ -439,9 +439,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         stmt: &crate::sql::Statement,
         shards: Vec<ShardId>,
     ) -> Result<(), SessionError> {
-        if self.txn.in_block() {
-            return self.fail_simple(several_shards_in_block()).await;
-        }
         // Rows under a move are written where they are owned only.
         let texts = match self.shard_texts(&shards, &stmt.text, stmt) {
             Ok(t) => t,
@@ -449,7 +446,62 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         let parts = shards.into_iter().zip(texts).map(|(s, t)| (s, t.unwrap_or_else(|| stmt.text.clone()))).collect();
         let tag = if stmt.kind == StatementKind::Update { "UPDATE" } else { "DELETE" };
+        if self.txn.in_block() {
+            return self.run_parts_in_block(parts, tag).await;
+        }
         self.run_parts_atomically(parts, tag).await
+    }
+
+    /// A write naming tenants on several shards inside a transaction block:
+    /// each shard's part runs in the block on that shard, which joins the
+    /// block as it would for a statement of one of its tenants, and the parts'
+    /// answers become one (every shard's rows, `tag` with the rows written
+    /// summed). The block's COMMIT then commits every shard together. A part
+    /// that fails fails the statement and the block, as one failed statement
+    /// fails a block on one Postgres: its error is the answer, and the block's
+    /// end rolls every shard back.
+    async fn run_parts_in_block(&mut self, parts: Vec<(ShardId, String)>, tag: &str) -> Result<(), SessionError> {
+        let mut gathered = super::split::Gathered::default();
+        for (shard, text) in parts {
+            let mut swallow = match self.checkout(shard).await {
+                Ok(n) => n,
+                Err(e) => return self.fail_simple(e).await,
+            };
+            let Some(b) = self.txn.held.as_mut() else {
+                return self.fail_simple(SqlError::new("XX000", "no connection held in the block".into())).await;
+            };
+            b.conn.conn.queue(&messages::query(&text));
+            if let Err(e) = b.conn.conn.flush().await {
+                return self.lost_backend(e).await;
+            }
+            let mut replies = Vec::new();
+            let mut error: Option<bytes::Bytes> = None;
+            let status = loop {
+                let m = match b.conn.conn.read().await {
+                    Ok(m) => m,
+                    Err(e) => return self.lost_backend(e).await,
+                };
+                match m.tag() {
+                    b'Z' if swallow > 0 => swallow -= 1,
+                    b'Z' => break m.body().first().copied().unwrap_or(b'E'),
+                    b'E' => {
+                        error.get_or_insert_with(|| m.raw().clone());
+                    }
+                    _ if swallow > 0 => {}
+                    _ => replies.push(m.raw().clone()),
+                }
+            };
+            self.txn.last_status = status;
+            if let Some(e) = error {
+                let name = self.shard_name(shard);
+                self.client.queue(&super::reply::prefix_error(&e, &name));
+                self.txn.aborted = true;
+                return self.ready().await;
+            }
+            gathered.add(replies);
+        }
+        gathered.answer(&mut self.client, tag);
+        self.ready().await
     }
 
     /// Runs each shard's statement in a transaction of its own on that shard
