@@ -761,11 +761,22 @@ async fn a_statement_on_several_shards_inside_a_block_joins_the_block() {
     c.simple_query(&format!("DELETE FROM acct WHERE tenant_id IN ({in_list})")).await.unwrap();
     c.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(balances(&h, &t).await, [100, 100, 100]);
-    // Through the extended protocol it is refused for now, and says so.
+    // Through the extended protocol, with the keys as a parameter.
     c.batch_execute("BEGIN").await.unwrap();
-    let e = c.execute(&format!("UPDATE acct SET bal = 0 WHERE tenant_id IN ({in_list})"), &[]).await.unwrap_err();
-    assert_eq!(sqlstate(&e), "0A000", "{e}");
+    let both = vec![t[0], t[1]];
+    let n = c.execute("UPDATE acct SET bal = bal + 7 WHERE tenant_id = ANY($1)", &[&both]).await.unwrap();
+    assert_eq!(n, 2);
+    let n = c.execute("UPDATE acct SET bal = bal + 1 WHERE tenant_id = $1", &[&t[2]]).await.unwrap();
+    assert_eq!(n, 1);
     c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(balances(&h, &t).await, [100, 100, 100]);
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute("UPDATE acct SET bal = bal + 7 WHERE tenant_id = ANY($1)", &[&both]).await.unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(balances(&h, &t).await, [107, 107, 100]);
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute("UPDATE acct SET bal = bal - 7 WHERE tenant_id = ANY($1)", &[&both]).await.unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
     assert_eq!(balances(&h, &t).await, [100, 100, 100]);
     // Committed: every shard together, RETURNING rows from both.
     c.batch_execute("BEGIN").await.unwrap();
@@ -793,6 +804,16 @@ async fn a_statement_on_several_shards_inside_a_block_joins_the_block() {
     assert_eq!(sqlstate(&e), "25P02");
     let tag = c.simple_query("COMMIT").await.unwrap();
     assert!(matches!(tag.last(), Some(tokio_postgres::SimpleQueryMessage::CommandComplete(_))));
+    assert_eq!(balances(&h, &t).await, [95, 95, 110]);
+    // The same through the extended protocol.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute("UPDATE acct SET bal = 0 WHERE tenant_id = $1", &[&t[2]]).await.unwrap();
+    let all = t.clone();
+    let e = c.execute("UPDATE acct SET bal = bal - 1 WHERE tenant_id = ANY($1)", &[&all]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "23514", "{e}");
+    let e = c.execute("SELECT 1", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "25P02");
+    c.batch_execute("COMMIT").await.unwrap();
     assert_eq!(balances(&h, &t).await, [95, 95, 110]);
     assert!(prepared(&h, 3).await.is_empty());
 }

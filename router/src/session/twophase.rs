@@ -646,10 +646,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         shards: Vec<ShardId>,
         combine: Combine,
     ) -> Result<(), SessionError> {
-        if self.txn.in_block() || self.txn.open_batch {
+        // Inside a transaction block, an UPDATE or DELETE of tenants on several
+        // shards: each shard joins the block and the block's COMMIT commits
+        // them (as `run_parts_in_block` for the simple protocol).
+        let in_block = self.txn.in_block();
+        if self.txn.open_batch || (in_block && !matches!(combine, Combine::Sum(_))) {
             return self.fail_batch(several_shards_in_block(), true).await;
         }
-        self.txn.pending_begin = Some(vec!["BEGIN".into()]);
+        if !in_block {
+            self.txn.pending_begin = Some(vec!["BEGIN".into()]);
+        }
         let mut replies: Vec<Vec<bytes::Bytes>> = Vec::with_capacity(shards.len());
         let mut failure: Vec<bytes::Bytes> = Vec::new();
         for &shard in &shards {
@@ -663,7 +669,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let expects = self.rewrite_batch(batch, swallow);
             let Some(b) = self.txn.held.as_mut() else { break };
             if let Err(e) = b.conn.conn.flush().await {
-                self.txn.pending_begin = None;
+                if !in_block {
+                    self.txn.pending_begin = None;
+                }
                 return self.lost_backend(e).await;
             }
             let mut buf = Vec::new();
@@ -683,13 +691,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Ok(None) => break,
                 Err(RelayError::Client(e)) => return Err(e),
                 Err(RelayError::Backend(e)) => {
-                    self.txn.pending_begin = None;
+                    if !in_block {
+                        self.txn.pending_begin = None;
+                    }
                     return self.lost_backend(e).await;
                 }
             }
             replies.push(buf);
         }
-        self.txn.pending_begin = None;
+        if !in_block {
+            self.txn.pending_begin = None;
+        }
         let outside_block = |m: &bytes::Bytes| messages::error_summary(&Message::from_raw(m.clone())).0 == "25001";
         if matches!(combine, Combine::First { .. }) && failure.iter().any(outside_block) {
             // CREATE INDEX CONCURRENTLY and the like: shard by shard.
@@ -697,7 +709,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Box::pin(self.run_batch_on_shards(batch, shards, false)).await;
         }
         if !failure.is_empty() || replies.len() != shards.len() {
-            self.roll_back_all().await;
+            if in_block {
+                // The block fails, as after any failed statement; its end
+                // rolls back every shard.
+                self.txn.aborted = true;
+            } else {
+                self.roll_back_all().await;
+            }
             for m in &failure {
                 crate::metrics::global().error_message(m.get(5..).unwrap_or_default());
                 self.client.queue(m);
@@ -706,7 +724,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.client.flush().await?;
             return Ok(());
         }
-        let ended = self.end_cross_shard(true).await?;
+        let ended = if in_block { Ok("") } else { self.end_cross_shard(true).await? };
         match (&ended, combine) {
             (Ok(_), Combine::First { ddl }) => {
                 for m in replies.swap_remove(0) {
