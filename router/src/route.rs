@@ -327,11 +327,14 @@ pub fn route_statements(
             Target::Fanout(f) if matches!(statements, [s] if matches!(s.kind, StatementKind::Update | StatementKind::Delete)) => {
                 Target::Fanout(f)
             }
+            // A multi-row INSERT for several shards: each shard's rows join it.
+            Target::SplitInsert(parts) => Target::SplitInsert(parts),
             t => combine(Some(Target::Shard(bound)), t, joining, dir)?,
         };
     }
     check_reference_reads(statements, &target, dir, catalog)?;
-    if joining.in_block && matches!(target, Target::SplitInsert(_) | Target::CopySplit) {
+    let joins = join_later && matches!(target, Target::SplitInsert(_));
+    if joining.in_block && matches!(target, Target::SplitInsert(_) | Target::CopySplit) && !joins {
         return Err(SqlError::new(
             "0A000",
             "statements for several shards (DDL, cross-shard writes) cannot run inside a transaction block".into(),
@@ -942,10 +945,13 @@ mod tests {
         let bound = Joining { bound: Some(1), in_block: true, cross_shard: false };
         let other = format!("select * from orders where tenant_id = {k0}");
         assert!(refusal(run(&other, bound)).contains("runs on shard b"));
-        // A split insert cannot join a transaction block.
+        // A split insert joins a transaction block only when blocks may span
+        // shards (cross_shard_transactions = "two_phase").
         let split = format!("insert into orders (tenant_id, id) values ({k0}, 1), ({k1}, 2)");
         assert!(matches!(run(&split, OUTSIDE), Ok(Target::SplitInsert(_))));
         let held = Joining { bound: None, in_block: true, cross_shard: false };
         assert!(refusal(run(&split, held)).contains("inside a transaction block"));
+        let spans = Joining { bound: Some(1), in_block: true, cross_shard: true };
+        assert!(matches!(run(&split, spans), Ok(Target::SplitInsert(_))));
     }
 }

@@ -778,6 +778,23 @@ async fn a_statement_on_several_shards_inside_a_block_joins_the_block() {
     c.execute("UPDATE acct SET bal = bal - 7 WHERE tenant_id = ANY($1)", &[&both]).await.unwrap();
     c.batch_execute("COMMIT").await.unwrap();
     assert_eq!(balances(&h, &t).await, [100, 100, 100]);
+    // A multi-row INSERT for tenants on several shards joins the block too.
+    c.batch_execute("BEGIN").await.unwrap();
+    let ins = c.simple_query(&format!("INSERT INTO acct VALUES ({}, 2, 1), ({}, 2, 1)", t[0], t[1])).await.unwrap();
+    assert!(matches!(ins.last(), Some(tokio_postgres::SimpleQueryMessage::CommandComplete(2))));
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(rows(&h, 3).await, 3);
+    c.batch_execute("BEGIN").await.unwrap();
+    c.simple_query(&format!("INSERT INTO acct VALUES ({}, 2, 1), ({}, 2, 1)", t[0], t[1])).await.unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(rows(&h, 3).await, 5);
+    c.simple_query(&format!("DELETE FROM acct WHERE id = 2 AND tenant_id IN ({in_list})")).await.unwrap();
+    // Through the extended protocol it is refused for now, and says so.
+    c.batch_execute("BEGIN").await.unwrap();
+    let e = c.execute("INSERT INTO acct VALUES ($1, 2, 1), ($2, 2, 1)", &[&t[0], &t[1]]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{e}");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(rows(&h, 3).await, 3);
     // Committed: every shard together, RETURNING rows from both.
     c.batch_execute("BEGIN").await.unwrap();
     let back = c

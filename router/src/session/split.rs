@@ -189,6 +189,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Err(e) => return self.fail_simple(e).await,
         };
         let two_phase = self.ctx.config.cross_shard_transactions == crate::config::CrossShard::TwoPhase;
+        if two_phase && self.txn.in_block() {
+            // Each shard's rows join the block; its COMMIT commits them all.
+            return self.run_parts_in_block(texts, "INSERT 0").await;
+        }
         if two_phase && texts.len() > 1 {
             return self.run_split_insert_atomically(texts).await;
         }
@@ -294,6 +298,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         stmt: &Statement,
         parts: Vec<(ShardId, Vec<usize>)>,
     ) -> Result<(), SessionError> {
+        if self.txn.in_block() {
+            let e = SqlError::new(
+                "0A000",
+                "a multi-row INSERT whose rows are for several shards cannot run inside a transaction block through the extended protocol yet".into(),
+            )
+            .hint("insert each tenant's rows with a statement of its own: inside BEGIN … COMMIT they commit together");
+            return self.fail_batch(e, true).await;
+        }
         let binds: Vec<&Message> = batch.iter().filter(|m| m.tag() == b'B').collect();
         if binds.len() != 1 || batch.iter().filter(|m| m.tag() == b'E').count() != 1 {
             let e = SqlError::new(

@@ -460,7 +460,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// that fails fails the statement and the block, as one failed statement
     /// fails a block on one Postgres: its error is the answer, and the block's
     /// end rolls every shard back.
-    async fn run_parts_in_block(&mut self, parts: Vec<(ShardId, String)>, tag: &str) -> Result<(), SessionError> {
+    pub(super) async fn run_parts_in_block(
+        &mut self,
+        parts: Vec<(ShardId, String)>,
+        tag: &str,
+    ) -> Result<(), SessionError> {
         let mut gathered = super::split::Gathered::default();
         for (shard, text) in parts {
             let mut swallow = match self.checkout(shard).await {
