@@ -21,6 +21,39 @@ struct Replicated {
     _tmp: tempfile::TempDir,
 }
 
+/// Three directory nodes founding a cluster from `initial`, each with a
+/// transport `transport` makes; their raft addresses by node id.
+async fn three_nodes(
+    initial: &Directory,
+    dir: &std::path::Path,
+    transport: impl Fn() -> Arc<TcpTransport>,
+) -> (Vec<Node>, Vec<Arc<TcpTransport>>, HashMap<u64, std::net::SocketAddr>) {
+    let mut listeners = Vec::new();
+    let mut addrs = HashMap::new();
+    for id in 1..=3u64 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        addrs.insert(id, l.local_addr().unwrap());
+        listeners.push((id, l));
+    }
+    let (mut nodes, mut transports) = (Vec::new(), Vec::new());
+    for (id, l) in listeners {
+        let t = transport();
+        for (&p, &a) in &addrs {
+            if p != id {
+                t.set_peer(p, a.to_string());
+            }
+        }
+        let mut cfg = NodeConfig::new(id, dir.join(format!("n{id}")), initial.clone());
+        cfg.tick = Duration::from_millis(20);
+        cfg.founding_voters = Some(vec![1, 2, 3]);
+        let node = Node::start(cfg, t.clone()).unwrap();
+        t.serve(l, node.clone());
+        nodes.push(node);
+        transports.push(t);
+    }
+    (nodes, transports, addrs)
+}
+
 /// Three replicas, each with a router whose lease is `lease` and whose writes wait
 /// `lease_wait` for an expired lease to come back.
 async fn start(lease: Duration, lease_wait: Duration) -> Replicated {
@@ -34,31 +67,12 @@ async fn start(lease: Duration, lease_wait: Duration) -> Replicated {
     }
     let initial = Directory::new("tenant_id", KeyType::Int, 16, shards).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let mut listeners = Vec::new();
-    let mut peer_addrs = HashMap::new();
-    for id in 1..=3u64 {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        peer_addrs.insert(id, l.local_addr().unwrap());
-        listeners.push((id, l));
-    }
-    let (mut nodes, mut transports, mut routers) = (Vec::new(), Vec::new(), Vec::new());
-    for (id, l) in listeners {
-        let t = TcpTransport::new("t");
-        for (&p, &a) in &peer_addrs {
-            if p != id {
-                t.set_peer(p, a.to_string());
-            }
-        }
-        let mut cfg = NodeConfig::new(id, tmp.path().join(format!("n{id}")), initial.clone());
-        cfg.tick = Duration::from_millis(20);
-        cfg.founding_voters = Some(vec![1, 2, 3]);
-        let node = Node::start(cfg, t.clone()).unwrap();
-        t.serve(l, node.clone());
+    let (nodes, transports, _) = three_nodes(&initial, tmp.path(), || TcpTransport::new("t")).await;
+    let mut routers = Vec::new();
+    for node in &nodes {
         let config = RouterConfig { listen: "127.0.0.1:0".into(), lease_wait, ..Default::default() };
         let router =
             shardgate_router::server::start_replicated(config, node.clone(), lease, addrs.clone()).await.unwrap();
-        nodes.push(node);
-        transports.push(t);
         routers.push(router);
     }
     for n in &nodes {
@@ -200,28 +214,8 @@ async fn raft_runs_under_mutual_tls_and_turns_strangers_away() {
     let shards = vec![Shard::new("shard_0", "postgres://a@h/app"), Shard::new("shard_1", "postgres://b@h/app")];
     let initial = Directory::new("tenant_id", KeyType::Int, 16, shards).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let mut listeners = Vec::new();
-    let mut addrs = HashMap::new();
-    for id in 1..=3u64 {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        addrs.insert(id, l.local_addr().unwrap());
-        listeners.push((id, l));
-    }
-    let mut nodes = Vec::new();
-    for (id, l) in listeners {
-        let t = TcpTransport::with_tls("cluster-token", Some(tls.clone()));
-        for (&p, &a) in &addrs {
-            if p != id {
-                t.set_peer(p, a.to_string());
-            }
-        }
-        let mut cfg = NodeConfig::new(id, tmp.path().join(format!("n{id}")), initial.clone());
-        cfg.tick = Duration::from_millis(20);
-        cfg.founding_voters = Some(vec![1, 2, 3]);
-        let node = Node::start(cfg, t.clone()).unwrap();
-        t.serve(l, node.clone());
-        nodes.push(node);
-    }
+    let transport = || TcpTransport::with_tls("cluster-token", Some(tls.clone()));
+    let (nodes, _, addrs) = three_nodes(&initial, tmp.path(), transport).await;
     let out = nodes[0]
         .propose(Command::PlaceBucket { bucket: 3, shard: "shard_1".into() }, Duration::from_secs(10))
         .await

@@ -68,8 +68,8 @@ conn.commit()
 
 # Batches: executemany in a transaction (one statement per row, both shards,
 # one commit) and execute_values (one multi-row INSERT for both shards, which
-# the router splits and commits on both or neither: outside a transaction
-# block only, so in autocommit).
+# the router splits and commits on both or neither, in autocommit or inside a
+# transaction block).
 cur.executemany(INSERT, [params(a, 10), params(b, 10)])
 conn.commit()
 conn.autocommit = True
@@ -90,8 +90,15 @@ def values_in_a_block():
     psycopg2.extras.execute_values(
         cur, f"INSERT INTO items ({common.COLUMNS}) VALUES %s", [params(a, 22), params(b, 22)]
     )
-# Inside a transaction block a multi-row INSERT for several shards is refused.
-expect_sqlstate("0A000", values_in_a_block, "execute_values across shards in a transaction block")
+# Inside a transaction block a multi-row INSERT for several shards joins the
+# block on each shard: rolled back with it, nothing stays.
+values_in_a_block()
+for t in (a, b):
+    cur.execute("SELECT count(*) FROM items WHERE tenant_id = %s AND id = 22", (t,))
+    check(cur.fetchone()[0] == 1, "execute_values in a block sees its own row on each shard")
+conn.rollback()
+cur.execute("SELECT count(*) FROM items WHERE id = 22")
+check(cur.fetchone()[0] == 0, "execute_values rolled back with its block")
 conn.rollback()
 
 # COPY FROM STDIN (copy_expert) with rows of both shards: split by the
