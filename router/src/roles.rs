@@ -31,6 +31,9 @@ use crate::backend::{Backend, ShardAddress};
 use crate::config::AuthConfig;
 use crate::pool::ShardPool;
 
+/// How long a login lookup may take, and its connection.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The query that looks a login up through [`lookup_setup_sql`]'s function.
 pub const LOOKUP_QUERY: &str = "SELECT rolname, rolpassword FROM shardgate.user_lookup($1)";
 
@@ -137,14 +140,21 @@ impl Roles {
                 address.user = user.clone();
                 address.password = config.password.as_ref().map(|p| p.expose().to_string());
             }
-            let b = Backend::connect(&address, Duration::from_secs(5)).await.map_err(|e| fail(e.to_string()))?;
+            let b = Backend::connect(&address, LOOKUP_TIMEOUT).await.map_err(|e| fail(e.to_string()))?;
             *lookup = Some(b);
         }
         let Some(conn) = lookup.as_mut() else { unreachable!("set just above") };
-        let rows = conn
-            .query_params(&config.query, &[role])
-            .await
-            .map_err(|(code, message)| fail(format!("[router.auth] query failed with {code}: {message}")))?;
+        // One lookup at a time on this connection: a shard that stops
+        // answering must not hold every login behind it for long.
+        let rows = match crate::timer::timeout(LOOKUP_TIMEOUT, conn.query_params(&config.query, &[role])).await {
+            Ok(rows) => {
+                rows.map_err(|(code, message)| fail(format!("[router.auth] query failed with {code}: {message}")))?
+            }
+            Err(_) => {
+                *lookup = None;
+                return Err(fail(format!("[router.auth] query did not answer within {LOOKUP_TIMEOUT:?}")));
+            }
+        };
         drop(lookup);
         let stored = rows.into_iter().next().and_then(|row| row.into_iter().nth(1).flatten());
         let cred = match stored {

@@ -506,9 +506,11 @@ async fn credential_of(
         match ctx.roles.credential(user, &name, address).await {
             Ok(c) => c,
             Err(e) => {
-                warn!(error = %e, "a login could not be looked up");
-                let hint = "check that the shard is up and that [router.auth] user may run [router.auth] query";
-                let e = crate::error::SqlError::new("08006", e.to_string()).hint(hint);
+                // The details stay in the router's log: a client that has not
+                // logged in learns nothing of the router's configuration.
+                warn!(error = %e, "a login could not be looked up; check that the shard is up and that [router.auth] user may run [router.auth] query");
+                let msg = "the router could not look the login up on its shards; its log says why";
+                let e = crate::error::SqlError::new("08006", msg.into()).hint("try again in a moment");
                 conn.send(&e.to_message(Severity::Fatal)).await?;
                 return Ok(None);
             }
