@@ -47,14 +47,14 @@ impl Secured {
     }
 }
 
-fn config(ca: &TestCa) -> RouterConfig {
+fn config(ca: &TestCa, lookup_password: &str) -> RouterConfig {
     let router = ca.write("router", &ca.local_server());
     RouterConfig {
         tls_cert_file: Some(router.cert),
         tls_key_file: Some(router.key),
         auth: Some(AuthConfig {
             user: Some("shardgate_auth".into()),
-            password: Some(Secret("lookup-pw".into())),
+            password: Some(Secret(lookup_password.into())),
             query: shardgate_router::roles::LOOKUP_QUERY.into(),
             ..Default::default()
         }),
@@ -77,6 +77,11 @@ async fn login(h: &Harness, user: &str, password: &str, database: &str) -> Resul
 /// A cluster of two TLS shards whose logins need SCRAM, with roles alice
 /// (reads and writes her rows) and bob (reads his), made through the router.
 async fn start() -> Secured {
+    start_with("lookup-pw").await
+}
+
+/// [`start`], the router knowing the lookup role's password as `lookup_password`.
+async fn start_with(lookup_password: &str) -> Secured {
     let ca = TestCa::new();
     let mut cluster = TestCluster::start(2).await.expect("start Postgres");
     let mut urls = Vec::new();
@@ -88,7 +93,7 @@ async fn start() -> Secured {
         server.start_again().unwrap();
         urls.push(format!("{}?sslmode=verify-full&sslrootcert={}", server.url("app"), root.display()));
     }
-    let h = Harness::start_over(cluster, &urls, config(&ca), KeyType::Int).await;
+    let h = Harness::start_over(cluster, &urls, config(&ca, lookup_password), KeyType::Int).await;
     let h = Secured { h, ca, urls };
     for i in 0..2 {
         let lookup = shardgate_router::roles::lookup_setup_sql("shardgate_auth", "lookup-pw");
@@ -224,6 +229,20 @@ async fn a_role_whose_verifiers_differ_is_told_how_to_fix_it() {
     let bob = login(&h, "bob", "bob-pw", "app").await.unwrap();
     let n: i64 = bob.query_one("SELECT count(*) FROM orders", &[]).await.unwrap().get(0);
     assert_eq!(n, 2);
+}
+
+/// A lookup that cannot run (here the router has a wrong password for the
+/// lookup role) refuses the login with 08006 and tells the client nothing of
+/// why; the static users still log in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_lookup_refuses_the_login_and_keeps_its_reason_to_the_log() {
+    let h = start_with("not-the-lookup-password").await;
+    let e = login(&h, "alice", "alice-pw", "app").await.expect_err("refused");
+    let db = e.as_db_error().expect("a Postgres error");
+    assert_eq!(db.code().code(), "08006", "{e}");
+    assert!(!db.message().contains("shardgate_auth") && !db.message().contains("28P01"), "{}", db.message());
+    let admin = login(&h, "postgres", "", "app").await.expect("a static user needs no lookup");
+    admin.simple_query("SELECT 1").await.unwrap();
 }
 
 /// A role without superuser writes its tenant's rows while they move and
