@@ -653,8 +653,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // Inside a transaction block, an UPDATE or DELETE of tenants on several
         // shards: each shard joins the block and the block's COMMIT commits
         // them (as `run_parts_in_block` for the simple protocol).
+        // A batch left open by a Flush (asyncpg prepares with Parse, Describe
+        // and Flush) is closed by this batch's Sync on its connection.
         let in_block = self.txn.in_block();
-        if self.txn.open_batch || (in_block && !matches!(combine, Combine::Sum(_))) {
+        if (self.txn.open_batch && !in_block) || (in_block && !matches!(combine, Combine::Sum(_))) {
             return self.fail_batch(several_shards_in_block(), true).await;
         }
         if !in_block {
@@ -706,6 +708,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if !in_block {
             self.txn.pending_begin = None;
         }
+        self.txn.open_batch = false;
         let outside_block = |m: &bytes::Bytes| messages::error_summary(&Message::from_raw(m.clone())).0 == "25001";
         if matches!(combine, Combine::First { .. }) && failure.iter().any(outside_block) {
             // CREATE INDEX CONCURRENTLY and the like: shard by shard.

@@ -60,6 +60,12 @@ async def main():
         await conn.execute(INSERT, *params(a, 3))
         await conn.execute(INSERT, *params(b, 3))
     check(await conn.fetchval("SELECT count(*) FROM items WHERE id = 2") == 0, "rolled-back rows are visible")
+    # One statement for both tenants inside a transaction that already wrote
+    # one of them: it joins the transaction on both shards.
+    async with conn.transaction():
+        await conn.execute("UPDATE items SET flag = flag WHERE tenant_id = $1 AND id = 3", a)
+        status = await conn.execute("UPDATE items SET flag = flag WHERE tenant_id = ANY($1) AND id = 3", [a, b])
+        check(status == "UPDATE 2", f"an UPDATE of both tenants inside a transaction: {status}")
 
     # executemany: one pipeline; across shards it needs a transaction block.
     async with conn.transaction():
