@@ -11,12 +11,16 @@
 //! The stream ends when the client goes away (its side of the socket closes, or
 //! it stops reading for [`WRITE_TIMEOUT`]) or when the admin server stops.
 
+use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use hyper::body::{Bytes, Frame};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::context::RouterContext;
 
@@ -29,59 +33,101 @@ pub const EVERY: Duration = Duration::from_secs(1);
 /// A client that takes longer than this to accept an event is dropped.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
-const HEAD: &str = "HTTP/1.1 200 OK\r\n\
-    content-type: text/event-stream; charset=utf-8\r\n\
-    cache-control: no-store\r\n\
-    x-accel-buffering: no\r\n\
-    connection: close\r\n\
-    \r\n\
-    retry: 2000\n\n";
+/// The headers of the answer, besides its content type.
+pub const HEADERS: &[(&str, &str)] = &[("cache-control", "no-store"), ("x-accel-buffering", "no")];
+/// The content type of the answer.
+pub const CONTENT_TYPE: &str = "text/event-stream; charset=utf-8";
 
-/// Streams events on `stream` until the client goes away or `running` closes.
-/// The end of a stream is its normal outcome, not an error.
-pub async fn stream(
-    mut stream: TcpStream,
+/// The body of a `GET /events` answer: the events as a task of their own writes
+/// them. hyper pulls the next one when it has written the last; when it drops
+/// the body (the client went away) the task sees its channel closed and ends.
+pub struct EventBody {
+    events: mpsc::Receiver<Bytes>,
+}
+
+impl hyper::body::Body for EventBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.events.poll_recv(cx).map(|event| event.map(|bytes| Ok(Frame::data(bytes))))
+    }
+}
+
+/// Starts the events of one stream; they go on until the client goes away, the
+/// admin server stops (`running` closes) or the client stops reading, when
+/// `drop_connection` is cancelled so that its connection is closed rather than
+/// left waiting on a socket nobody reads. `open` is the stream's place among
+/// the [`MAX_STREAMS`], given back when the events end.
+pub fn stream(
+    ctx: Arc<RouterContext>,
+    running: tokio::sync::watch::Receiver<()>,
+    open: OwnedSemaphorePermit,
+    drop_connection: CancellationToken,
+) -> EventBody {
+    // One event waits while hyper writes the one before: a client that reads
+    // slowly holds up only its own stream.
+    let (tx, events) = mpsc::channel(1);
+    tokio::spawn(async move {
+        let _open = open;
+        if let End::TooSlow = produce(&tx, &ctx, running).await {
+            drop_connection.cancel();
+        }
+    });
+    EventBody { events }
+}
+
+/// Why a stream ended. Either way is its normal outcome, not an error.
+enum End {
+    /// The client went away, or the admin server or the router stopped.
+    Done,
+    /// The client did not take an event within [`WRITE_TIMEOUT`].
+    TooSlow,
+}
+
+/// Sends events on `tx` until the stream ends.
+async fn produce(
+    tx: &mpsc::Sender<Bytes>,
     ctx: &Arc<RouterContext>,
     mut running: tokio::sync::watch::Receiver<()>,
-) -> std::io::Result<()> {
+) -> End {
     let mut changes = ctx.directory.subscribe();
-    let (mut rd, mut wr) = stream.split();
-    if !send(&mut wr, HEAD.as_bytes()).await {
-        return Ok(());
+    if let Err(end) = send(tx, Bytes::from_static(b"retry: 2000\n\n")).await {
+        return end;
     }
-    let mut scratch = [0u8; 512];
     loop {
         // Seen before the snapshot is read: a change after this wakes the loop.
         changes.borrow_and_update();
         // Someone is watching: keep the shards' sizes fresh for the page.
         crate::sizes::SizeCache::refresh_if_stale(ctx);
         let status = serde_json::to_string(&crate::admin::status(ctx)).unwrap_or_else(|_| "{}".into());
-        if !send(&mut wr, format!("data: {status}\n\n").as_bytes()).await {
-            return Ok(());
+        if let Err(end) = send(tx, format!("data: {status}\n\n").into()).await {
+            return end;
         }
         let sent = Instant::now();
         let mut changed = false;
         loop {
             let next = sent + if changed { MIN_GAP } else { EVERY };
             tokio::select! {
-                read = rd.read(&mut scratch) => match read {
-                    // Closed by the client. Anything it sends is ignored.
-                    Ok(0) | Err(_) => return Ok(()),
-                    Ok(_) => {}
-                },
+                // hyper dropped the body: the client is gone.
+                _ = tx.closed() => return End::Done,
                 change = changes.changed(), if !changed => match change {
                     Ok(()) => changed = true,
                     // The directory handle is gone: the router is shutting down.
-                    Err(_) => return Ok(()),
+                    Err(_) => return End::Done,
                 },
-                _ = running.changed() => return Ok(()),
+                _ = running.changed() => return End::Done,
                 _ = tokio::time::sleep_until(next) => break,
             }
         }
     }
 }
 
-/// Writes `bytes`; false when the client is gone or too slow.
-async fn send(wr: &mut tokio::net::tcp::WriteHalf<'_>, bytes: &[u8]) -> bool {
-    matches!(tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(bytes)).await, Ok(Ok(())))
+/// Hands `event` to hyper, which writes it when it has written the ones before.
+async fn send(tx: &mpsc::Sender<Bytes>, event: Bytes) -> Result<(), End> {
+    match tokio::time::timeout(WRITE_TIMEOUT, tx.send(event)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::Done),
+        Err(_) => Err(End::TooSlow),
+    }
 }

@@ -58,14 +58,19 @@ impl TestCa {
 
     /// A client TLS connector that trusts this CA only and checks host names.
     pub fn verify_full(&self) -> MakeRustlsConnect {
+        MakeRustlsConnect::new(self.client_config())
+    }
+
+    /// A client TLS configuration that trusts this CA only (rustls checks host
+    /// names itself).
+    pub fn client_config(&self) -> rustls::ClientConfig {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(rustls::pki_types::CertificateDer::from(self.ca_der())).expect("add the CA");
-        let config = rustls::ClientConfig::builder_with_provider(shardgate_router::tls::provider())
+        rustls::ClientConfig::builder_with_provider(shardgate_router::tls::provider())
             .with_safe_default_protocol_versions()
             .expect("TLS versions")
             .with_root_certificates(roots)
-            .with_no_client_auth();
-        MakeRustlsConnect::new(config)
+            .with_no_client_auth()
     }
 
     fn ca_der(&self) -> Vec<u8> {

@@ -1,14 +1,21 @@
-//! Hand-written HTTP/1.1 for the admin API: read one request (head, then a body
-//! of `content-length`), write one answer and close. Requests are small JSON
-//! documents from operators' tools; anything malformed or oversized ends that
-//! connection only.
+//! The admin API's side of HTTP: a request as hyper hands it over becomes a
+//! [`Request`] read whole (its body at most [`MAX_BODY`]), and an answer becomes
+//! a response of known length. hyper reads and writes the protocol itself.
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use std::convert::Infallible;
+
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::StatusCode;
 
 /// The most a request's head may take, and its body.
-const MAX_HEAD: usize = 16 * 1024;
-const MAX_BODY: usize = 1 << 20;
+pub(super) const MAX_HEAD: usize = 16 * 1024;
+pub(super) const MAX_BODY: usize = 1 << 20;
+
+/// What every answer's body is: a whole document, or the event stream.
+pub(super) type Body = BoxBody<Bytes, Infallible>;
 
 /// One request, read whole.
 pub(super) struct Request {
@@ -21,54 +28,25 @@ pub(super) struct Request {
     pub body: Vec<u8>,
 }
 
-/// The next request on `stream`; `None` when it is malformed, oversized or cut short.
-pub(super) async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<Request>> {
-    let mut buf = Vec::with_capacity(4096);
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p;
+impl Request {
+    /// Reads `req`'s body; `None` when it is larger than [`MAX_BODY`] (said by
+    /// its `content-length` or found while reading) or cut short.
+    pub(super) async fn read(req: hyper::Request<Incoming>) -> Option<Request> {
+        let (head, body) = req.into_parts();
+        let declared = head.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > MAX_BODY as u64) {
+            return None;
         }
-        if buf.len() > MAX_HEAD {
-            return Ok(None);
-        }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let mut lines = head.split("\r\n");
-    let mut first = lines.next().unwrap_or("").split_whitespace();
-    let method = first.next().unwrap_or("").to_string();
-    let target = first.next().unwrap_or("");
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let (path, query) = (path.to_string(), query.to_string());
-    let mut length = 0usize;
-    let mut authorization = None;
-    for line in lines {
-        if let Some((k, v)) = line.split_once(':') {
-            match k.trim().to_ascii_lowercase().as_str() {
-                "content-length" => length = v.trim().parse().unwrap_or(0),
-                "authorization" => authorization = Some(v.trim().to_string()),
-                _ => {}
-            }
-        }
+        let body = Limited::new(body, MAX_BODY).collect().await.ok()?.to_bytes().to_vec();
+        let authorization = head.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()).map(|v| v.trim().to_string());
+        Some(Request {
+            method: head.method.as_str().to_string(),
+            path: head.uri.path().to_string(),
+            query: head.uri.query().unwrap_or("").to_string(),
+            authorization,
+            body,
+        })
     }
-    if length > MAX_BODY {
-        return Ok(None);
-    }
-    let mut body = buf[head_end + 4..].to_vec();
-    while body.len() < length {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        body.extend_from_slice(&chunk[..n]);
-    }
-    body.truncate(length);
-    Ok(Some(Request { method, path, query, authorization, body }))
 }
 
 /// The first value of `name` in a URL query string, percent-decoded (`+` is a
@@ -111,37 +89,35 @@ fn percent_decode(s: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| bad())
 }
 
-/// Writes one answer and closes the connection.
-pub(super) async fn respond(stream: &mut TcpStream, code: u16, ctype: &str, body: &str) -> std::io::Result<()> {
-    respond_with(stream, code, ctype, &[], body).await
+/// An answer of `code` with `body`; the connection closes after it.
+pub(super) fn respond(code: u16, ctype: &str, body: String) -> hyper::Response<Body> {
+    respond_with(code, ctype, &[], body.into())
 }
 
 /// [`respond`] with extra headers.
-pub(super) async fn respond_with(
-    stream: &mut TcpStream,
+pub(super) fn respond_with(
     code: u16,
     ctype: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> std::io::Result<()> {
-    let reason = match code {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        409 => "Conflict",
-        503 => "Service Unavailable",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        _ => "Error",
-    };
-    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
-    let head = format!(
-        "HTTP/1.1 {code} {reason}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\n{extra}connection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+    headers: &[(&'static str, &'static str)],
+    body: Bytes,
+) -> hyper::Response<Body> {
+    let mut answer = hyper::Response::new(Full::new(body).boxed());
+    *answer.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    with_headers(&mut answer, ctype, headers);
+    answer
+}
+
+/// Sets the content type, `connection: close` (one request per connection, as
+/// the server is built) and `headers` on `answer`.
+pub(super) fn with_headers(answer: &mut hyper::Response<Body>, ctype: &str, headers: &[(&'static str, &'static str)]) {
+    let h = answer.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(ctype) {
+        h.insert(CONTENT_TYPE, v);
+    }
+    h.insert(CONNECTION, HeaderValue::from_static("close"));
+    for (k, v) in headers {
+        h.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+    }
 }
 
 #[cfg(test)]

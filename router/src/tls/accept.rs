@@ -95,7 +95,20 @@ impl ClientTls {
     }
 }
 
+/// The acceptor of the admin API's HTTPS: the same certificate and key as
+/// clients' TLS (`[router] tls_cert_file`, `tls_key_file`), offering HTTP/1.1
+/// by ALPN.
+pub fn https_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+    let mut config = server_config(cert, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
 fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+    Ok(TlsAcceptor::from(Arc::new(server_config(cert, key)?)))
+}
+
+fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, TlsError> {
     let chain = read_certs(cert, "tls_cert_file")?;
     let key_der = read_key(key, "tls_key_file")?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
@@ -104,5 +117,5 @@ fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
         .with_no_client_auth()
         .with_single_cert(chain, key_der)
         .map_err(|e| TlsError::Setting(format!("tls_cert_file and tls_key_file do not make a usable pair: {e}")))?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok(config)
 }

@@ -20,7 +20,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-pub use accept::{ClientSslMode, ClientTls};
+pub use accept::{https_acceptor, ClientSslMode, ClientTls};
 pub use connect::{ShardSslMode, ShardTls};
 pub use stream::Stream;
 
