@@ -100,11 +100,15 @@ pub struct AdminConfig {
     /// Bearer token every admin request must carry. Default: none (loopback only!).
     #[serde(default)]
     pub token: Option<String>,
+    /// Serve HTTPS with the router's certificate (`[router] tls_cert_file` and
+    /// `tls_key_file`). Default false.
+    #[serde(default)]
+    pub tls: bool,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { listen: default_admin(), token: None }
+        AdminConfig { listen: default_admin(), token: None, tls: false }
     }
 }
 
@@ -160,6 +164,23 @@ impl FileConfig {
         Ok(cfg)
     }
 
+    /// The admin API's TLS when `[admin] tls` is set: the certificate and key
+    /// clients' TLS uses, which must then be configured.
+    pub fn admin_tls(&self) -> Result<Option<tokio_rustls::TlsAcceptor>> {
+        if !self.admin.tls {
+            return Ok(None);
+        }
+        let (Some(cert), Some(key)) = (&self.router.tls_cert_file, &self.router.tls_key_file) else {
+            bail!(
+                "[admin] tls = true serves the admin API with the router's certificate: \
+                 set [router] tls_cert_file and tls_key_file (or [admin] tls = false)"
+            );
+        };
+        let acceptor = shardgate_router::tls::https_acceptor(cert, key)
+            .with_context(|| "the admin API's TLS ([admin] tls = true)".to_string())?;
+        Ok(Some(acceptor))
+    }
+
     /// The initial directory and the addresses of its shards, in the same order.
     pub fn directory(&self) -> Result<(Directory, Vec<ShardAddress>)> {
         if self.shards.is_empty() {
@@ -194,6 +215,15 @@ mod tests {
         let (dir, addrs) = cfg.directory().unwrap();
         assert_eq!(dir.shards.len(), addrs.len());
         assert!(!dir.shards.iter().any(|s| s.url.contains("secret")));
+    }
+
+    #[test]
+    fn admin_tls_needs_the_routers_certificate() {
+        let cfg: FileConfig = toml::from_str("shards = []\n[admin]\ntls = true\n").unwrap();
+        let err = cfg.admin_tls().err().expect("refused without a certificate").to_string();
+        assert!(err.contains("[router] tls_cert_file and tls_key_file"), "{err}");
+        let cfg: FileConfig = toml::from_str("shards = []\n").unwrap();
+        assert!(cfg.admin_tls().unwrap().is_none(), "plain HTTP by default");
     }
 
     #[test]

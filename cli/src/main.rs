@@ -24,6 +24,9 @@ struct Cli {
     /// Where `up` keeps its Postgres servers and where other commands find them.
     #[arg(long, global = true, default_value = "./.shardgate", env = "SHARDGATE_DATA_DIR")]
     data_dir: PathBuf,
+    /// The CA certificate (PEM) to check an `--admin https://…` node's certificate against.
+    #[arg(long, global = true, env = "SHARDGATE_ADMIN_CA")]
+    admin_ca: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -274,42 +277,48 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // The admin API of the node named by `--admin`, or of the cluster `up` started.
+    let find =
+        |admin: Option<String>| admin_client::Api::find(&cli.data_dir, admin.as_deref(), cli.admin_ca.as_deref());
     let result = match cli.command {
-        Command::Move { what, cutover, wait, admin } => admin_client::Api::find(&cli.data_dir, admin.as_deref())
-            .and_then(|api| {
-                let auto = match cutover.as_str() {
-                    "auto" => true,
-                    "manual" => false,
-                    other => anyhow::bail!("--cutover must be auto or manual, not {other:?}"),
-                };
-                let (subject, to) = match what {
-                    MoveWhat::Bucket { bucket, shard } => (moves::Subject::Bucket(bucket), shard),
-                    MoveWhat::Tenant { tenant, shard } => (moves::Subject::Tenant(tenant), shard),
-                };
-                moves::start(&api, subject, &to, auto, wait)
-            }),
-        Command::Verify { id, no_wait, admin } => admin_client::Api::find(&cli.data_dir, admin.as_deref())
-            .and_then(|api| moves::request(&api, id, MoveAction::Verify, false, !no_wait)),
-        Command::Cutover { id, force, no_wait, admin } => admin_client::Api::find(&cli.data_dir, admin.as_deref())
-            .and_then(|api| moves::request(&api, id, MoveAction::Cutover, force, !no_wait)),
-        Command::Rollback { id, no_wait, admin } => admin_client::Api::find(&cli.data_dir, admin.as_deref())
-            .and_then(|api| moves::request(&api, id, MoveAction::Rollback, false, !no_wait)),
-        Command::Complete { id, no_wait, admin } => admin_client::Api::find(&cli.data_dir, admin.as_deref())
-            .and_then(|api| moves::request(&api, id, MoveAction::Complete, false, !no_wait)),
-        Command::Cancel { id, no_wait, admin } => admin_client::Api::find(&cli.data_dir, admin.as_deref())
-            .and_then(|api| moves::request(&api, id, MoveAction::Cancel, false, !no_wait)),
-        Command::Status { json, watch: false, admin, .. } => status::run(&cli.data_dir, admin.as_deref(), json),
+        Command::Move { what, cutover, wait, admin } => find(admin).and_then(|api| {
+            let auto = match cutover.as_str() {
+                "auto" => true,
+                "manual" => false,
+                other => anyhow::bail!("--cutover must be auto or manual, not {other:?}"),
+            };
+            let (subject, to) = match what {
+                MoveWhat::Bucket { bucket, shard } => (moves::Subject::Bucket(bucket), shard),
+                MoveWhat::Tenant { tenant, shard } => (moves::Subject::Tenant(tenant), shard),
+            };
+            moves::start(&api, subject, &to, auto, wait)
+        }),
+        Command::Verify { id, no_wait, admin } => {
+            find(admin).and_then(|api| moves::request(&api, id, MoveAction::Verify, false, !no_wait))
+        }
+        Command::Cutover { id, force, no_wait, admin } => {
+            find(admin).and_then(|api| moves::request(&api, id, MoveAction::Cutover, force, !no_wait))
+        }
+        Command::Rollback { id, no_wait, admin } => {
+            find(admin).and_then(|api| moves::request(&api, id, MoveAction::Rollback, false, !no_wait))
+        }
+        Command::Complete { id, no_wait, admin } => {
+            find(admin).and_then(|api| moves::request(&api, id, MoveAction::Complete, false, !no_wait))
+        }
+        Command::Cancel { id, no_wait, admin } => {
+            find(admin).and_then(|api| moves::request(&api, id, MoveAction::Cancel, false, !no_wait))
+        }
+        Command::Status { json, watch: false, admin, .. } => find(admin).and_then(|api| status::run(&api, json)),
         Command::Status { json, watch: true, interval, admin } => shardgate_router::config::parse_duration(&interval)
             .map_err(anyhow::Error::msg)
-            .and_then(|every| status::watch(&cli.data_dir, admin.as_deref(), json, every)),
-        Command::Rebalance { strategy, max_moves, dry_run: _, apply, concurrency, json, admin } => {
-            admin_client::Api::find(&cli.data_dir, admin.as_deref()).and_then(|api| {
+            .and_then(|every| find(admin).and_then(|api| status::watch(&api, json, every))),
+        Command::Rebalance { strategy, max_moves, dry_run: _, apply, concurrency, json, admin } => find(admin)
+            .and_then(|api| {
                 let strategy = strategy.parse().map_err(anyhow::Error::msg)?;
                 rebalance::run(&api, &rebalance::Args { strategy, max_moves, apply, concurrency, json })
-            })
-        }
+            }),
         Command::Shard { command, admin } => {
-            let api = admin_client::Api::find(&cli.data_dir, admin.as_deref());
+            let api = find(admin);
             api.and_then(|api| match command {
                 ShardCommand::Add { name, url, rebalance } => {
                     match api.post::<_, ShardAdded>("/shards", &AddShard { name: name.clone(), url: url.clone() }) {
@@ -349,15 +358,12 @@ fn main() -> std::process::ExitCode {
                 ShardCommand::Drain { name, concurrency } => rebalance::drain(&api, &name, concurrency),
             })
         }
-        Command::Tenant { command: TenantCommand::Pin { tenant, shard }, admin } => {
-            admin_client::Api::find(&cli.data_dir, admin.as_deref()).and_then(|api| {
-                let _: Outcome =
-                    api.post("/tenants/pin", &PinTenant { tenant: tenant.clone(), shard: shard.clone() })?;
-                println!("tenant {tenant} is pinned to {shard}");
-                Ok(())
-            })
-        }
-        Command::Node { command, admin } => admin_client::Api::find(&cli.data_dir, admin.as_deref()).and_then(|api| {
+        Command::Tenant { command: TenantCommand::Pin { tenant, shard }, admin } => find(admin).and_then(|api| {
+            let _: Outcome = api.post("/tenants/pin", &PinTenant { tenant: tenant.clone(), shard: shard.clone() })?;
+            println!("tenant {tenant} is pinned to {shard}");
+            Ok(())
+        }),
+        Command::Node { command, admin } => find(admin).and_then(|api| {
             match command {
                 NodeCommand::Add { id, address, learner } => {
                     let _: Outcome = api.post("/nodes", &AddNode { id, address, learner })?;
@@ -371,10 +377,10 @@ fn main() -> std::process::ExitCode {
             Ok(())
         }),
         Command::Directory { command: DirectoryCommand::Show { json }, admin } => {
-            admin_client::Api::find(&cli.data_dir, admin.as_deref()).and_then(|api| status::directory_show(&api, json))
+            find(admin).and_then(|api| status::directory_show(&api, json))
         }
         Command::Serve { config, check: true } => config::FileConfig::load(&config)
-            .and_then(|c| c.directory().map(|_| ()))
+            .and_then(|c| c.directory().and_then(|_| c.admin_tls()).map(|_| ()))
             .map(|()| println!("{}: ok", config.display())),
         Command::Serve { config, check: false } => runtime().and_then(|rt| rt.block_on(serve(config))),
         Command::Up { shards, port, admin_port, buckets, shadow_for, require_tls } => {
@@ -408,6 +414,9 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 async fn serve(path: PathBuf) -> Result<()> {
     let cfg = config::FileConfig::load(&path)?;
+    // Before anything starts: a missing certificate is a configuration error.
+    let admin_tls = cfg.admin_tls()?;
+    let scheme = if admin_tls.is_some() { "https" } else { "http" };
     let (dir, addrs) = cfg.directory()?;
     let mut replica = None;
     let router = match &cfg.directory {
@@ -444,14 +453,18 @@ async fn serve(path: PathBuf) -> Result<()> {
     // Moves are driven by the directory's leader (with a static directory there
     // are none to drive: the admin API refuses them).
     let _driver = drive::start(router.context.clone(), true);
-    let (admin_addr, _admin) =
-        shardgate_router::admin::serve(&cfg.admin.listen, router.context.clone(), cfg.admin.token.clone())
-            .await
-            .with_context(|| format!("cannot listen on admin address {}", cfg.admin.listen))?;
+    let (admin_addr, _admin) = shardgate_router::admin::serve_with(
+        &cfg.admin.listen,
+        router.context.clone(),
+        cfg.admin.token.clone(),
+        admin_tls,
+    )
+    .await
+    .with_context(|| format!("cannot listen on admin address {}", cfg.admin.listen))?;
     // The token is not printed: a server's output often ends up in a log. The page
     // asks for it (or takes it as ?token=).
     crate::announce(&format!(
-        "ready: postgres://postgres@{}/app\nweb: http://{admin_addr}/\nadmin: http://{admin_addr}/status",
+        "ready: postgres://postgres@{}/app\nweb: {scheme}://{admin_addr}/\nadmin: {scheme}://{admin_addr}/status",
         router.local_addr
     ));
     wait_for_signal().await;

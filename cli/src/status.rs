@@ -1,7 +1,6 @@
 //! `shardgate status`: asks a node's admin API and prints what it says.
 
 use std::fmt::Write as _;
-use std::path::Path;
 
 use anyhow::Result;
 use shardgate_directory::Directory;
@@ -9,8 +8,7 @@ use shardgate_router::admin::api::{MoveStatus, Sizes, Status};
 
 use crate::admin_client::Api;
 
-pub fn run(data_dir: &Path, admin: Option<&str>, json: bool) -> Result<()> {
-    let api = Api::find(data_dir, admin)?;
+pub fn run(api: &Api, json: bool) -> Result<()> {
     let status: Status = api.get("/status")?;
     if json {
         println!("{}", as_json(&status, Layout::Pretty)?);
@@ -148,9 +146,8 @@ fn table(s: &Status) -> String {
 /// the screen is cleared and redrawn; into a pipe or a file each changed frame is
 /// printed after the last, without escape codes; with `--json`, one JSON status
 /// per line. Ctrl-C ends it.
-pub fn watch(data_dir: &Path, admin: Option<&str>, json: bool, interval: std::time::Duration) -> Result<()> {
+pub fn watch(api: &Api, json: bool, interval: std::time::Duration) -> Result<()> {
     use std::io::{IsTerminal, Write};
-    let api = Api::find(data_dir, admin)?;
     let tty = !json && std::io::stdout().is_terminal();
     let mut last = String::new();
     let mut sizes: Option<(std::time::Instant, Sizes)> = None;
