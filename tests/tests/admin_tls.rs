@@ -84,6 +84,10 @@ async fn the_admin_api_serves_https_with_the_routers_certificate_and_nothing_in_
     let refused = tls_to(addr, &other).await.expect_err("a certificate of an unknown CA is refused");
     assert!(refused.to_string().contains("UnknownIssuer"), "{refused}");
 
+    // The web page over HTTPS: its own files need no token.
+    let page = exchange(tls_to(addr, &ca).await.unwrap(), &get("/", None)).await;
+    assert!(page.starts_with("HTTP/1.1 200") && page.contains("<html"), "{page}");
+
     // And the API still answers afterwards.
     let answer = exchange(tls_to(addr, &ca).await.unwrap(), &get("/health", None)).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
