@@ -35,6 +35,15 @@ pub struct Connection<S> {
     wbuf: BytesMut,
 }
 
+/// What a connection's buffers start with. Most clients of a pooler sit idle,
+/// and an idle client holds its buffers: they start small and grow with the
+/// messages (a busy connection reaches its working size once and keeps it).
+const INITIAL_BUFFER: usize = 1024;
+
+/// A read asks the socket for at least this much room, so that a buffer that
+/// filled up is not read into a few bytes at a time.
+const MIN_READ: usize = 4096;
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// A connection whose first frame is a startup packet (the server side of a
     /// client connection).
@@ -51,8 +60,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         Connection {
             stream,
             codec: FrameCodec { max_message, startup_phase },
-            rbuf: BytesMut::with_capacity(16 * 1024),
-            wbuf: BytesMut::with_capacity(16 * 1024),
+            rbuf: BytesMut::with_capacity(INITIAL_BUFFER),
+            wbuf: BytesMut::with_capacity(INITIAL_BUFFER),
         }
     }
 
@@ -76,6 +85,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         loop {
             if let Some(m) = self.try_buffered()? {
                 return Ok(m);
+            }
+            if self.rbuf.capacity() - self.rbuf.len() < MIN_READ / 4 {
+                // Room for a read: reuses the space of messages already taken
+                // when it can, else grows (doubling, as a Vec does).
+                self.rbuf.reserve(MIN_READ);
             }
             if self.stream.read_buf(&mut self.rbuf).await? == 0 {
                 return Err(ProtocolError::Closed);

@@ -101,7 +101,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let RoutedBatch { target, mut error, statements, several_shards } = self.route_batch(batch);
         if sync && (self.txn.in_block() || self.txn.aborted) && rolls_back_then_deallocates(&statements) {
-            return self.roll_back_then_deallocate(batch, &statements).await;
+            return Box::pin(self.roll_back_then_deallocate(batch, &statements)).await;
         }
         if several_shards
             && sync
@@ -109,7 +109,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             && self.ctx.config.cross_shard_transactions == crate::config::CrossShard::TwoPhase
         {
             // One transaction across shards (asyncpg's executemany, a JDBC batch).
-            return self.run_pipeline_across(batch, &statements).await;
+            return Box::pin(self.run_pipeline_across(batch, &statements)).await;
         }
         if error.is_none() && !self.pass_holds().await {
             // A cutover held the rows: the placement may have changed, route again.
@@ -166,7 +166,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     return self.fail_batch(e, sync).await;
                 }
                 Some(Ok(commit)) => {
-                    let ended = self.end_cross_shard(commit).await?;
+                    let ended = Box::pin(self.end_cross_shard(commit)).await?;
                     match ended {
                         Ok(tag) => self.answer_batch_locally(batch, sync, tag).await?,
                         Err(e) => self.fail_batch(e, sync).await?,
@@ -204,7 +204,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let s = self.any_shard();
                 self.run_batch_on(s, sync, batch, &statements).await
             }
-            target => self.run_batch_across(target, sync, batch, &statements).await,
+            target => Box::pin(self.run_batch_across(target, sync, batch, &statements)).await,
         }
     }
 
