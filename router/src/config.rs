@@ -125,6 +125,36 @@ pub struct RouterConfig {
     /// database (the one in the shard URLs). Any other name gets 3D000.
     #[serde(default)]
     pub database_aliases: Vec<String>,
+    /// How long a client keeps its server connections: `"transaction"`
+    /// (default) returns them to the pool at the end of each transaction;
+    /// `"session"` keeps them for the client's whole session, so session
+    /// state (LISTEN, session advisory locks, temporary tables, cursors WITH
+    /// HOLD) works (docs/routing.md, "Session pooling").
+    #[serde(default)]
+    pub pool_mode: PoolMode,
+    /// `pool_mode` for some roles (by user name), over the router's.
+    #[serde(default)]
+    pub role_pool_modes: std::collections::HashMap<String, PoolMode>,
+}
+
+/// When a client's server connection goes back to the pool (pgbouncer's
+/// `pool_mode`; its `statement` mode has no use behind a router that holds
+/// transactions together).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolMode {
+    /// At the end of each transaction.
+    #[default]
+    Transaction,
+    /// When the client disconnects, after `DISCARD ALL`.
+    Session,
+}
+
+impl RouterConfig {
+    /// The pool mode of the clients that log in as `user`.
+    pub fn pool_mode_of(&self, user: &str) -> PoolMode {
+        self.role_pool_modes.get(user).copied().unwrap_or(self.pool_mode)
+    }
 }
 
 /// `[router.auth]`: how a client's password is looked up on the shards, as
@@ -418,6 +448,7 @@ impl RouterConfig {
             strict_tenant: self.strict_tenant,
             allow_cross_shard_writes: self.allow_cross_shard_writes,
             atomic_writes: self.cross_shard_transactions == CrossShard::TwoPhase,
+            session_state: false,
         }
     }
 }
@@ -450,6 +481,8 @@ impl Default for RouterConfig {
             auth: None,
             admins: Vec::new(),
             database_aliases: Vec::new(),
+            pool_mode: PoolMode::Transaction,
+            role_pool_modes: Default::default(),
         }
     }
 }

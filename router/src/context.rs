@@ -401,12 +401,14 @@ impl RouterContext {
             return Err("no shards".into());
         };
         let pool = self.pool(first).ok_or("no pool for the first shard")?;
-        let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+        // Not from the pool: the session that asks may hold its last connection.
+        let mut conn = pool.connect_outside().await.map_err(|e| e.to_string())?;
         let sql = format!(
             "SELECT table_schema, table_name, string_agg(column_name::text, ',' ORDER BY ordinal_position), \
              bool_or(column_name::text = {}) \
              FROM information_schema.columns \
              WHERE table_schema NOT IN ('pg_catalog', 'information_schema') \
+             AND table_schema NOT LIKE 'pg\\_temp\\_%' \
              GROUP BY 1, 2",
             crate::sql::quote::literal(&dir.key_column)
         );

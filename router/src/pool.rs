@@ -204,7 +204,32 @@ impl ShardPool {
                 }
             }
         };
-        Ok(Pooled { backend: Some(backend), pool: self.clone(), _permit: permit })
+        Ok(Pooled { backend: Some(backend), pool: self.clone(), permit: Some(permit), kept: None })
+    }
+
+    /// Borrows a connection for a client in session pooling: the one it kept
+    /// from this pool if any, else one from [`Self::get`]. Either goes back to
+    /// `kept` when dropped, not to the pool.
+    pub async fn get_kept(self: &Arc<Self>, kept: &Arc<Kept>) -> Result<Pooled, PoolError> {
+        if let Some(p) = kept.take(self) {
+            return Ok(p);
+        }
+        let mut p = self.get().await?;
+        p.kept = Some(kept.clone());
+        Ok(p)
+    }
+
+    /// A connection with this pool's login that the pool does not count, for
+    /// the router's own rare work that must not queue behind clients: the
+    /// client waiting for it may be the one holding the pool's last connection
+    /// (a catalog refresh in the middle of its transaction, or in session
+    /// pooling). Closed when dropped.
+    pub async fn connect_outside(&self) -> Result<Backend, PoolError> {
+        let connected = match &self.login {
+            None => Backend::connect(&self.address, self.connect_timeout).await,
+            Some(login) => Backend::connect(&login.address(&self.address), self.connect_timeout).await,
+        };
+        connected.map_err(|source| PoolError::Unavailable { shard: self.name.clone(), source })
     }
 
     /// An idle connection whose server has not closed it (a restart, an
@@ -255,11 +280,50 @@ impl ShardPool {
 }
 
 /// A borrowed connection. Dropping it returns the connection to its pool, unless it
-/// was marked broken or is mid-response, in which case it is closed.
+/// was marked broken or is mid-response, in which case it is closed; a client's
+/// in session pooling goes back to that client ([`Kept`]).
 pub struct Pooled {
     backend: Option<Backend>,
     pool: Arc<ShardPool>,
-    _permit: OwnedSemaphorePermit,
+    /// The pool slot it holds (None only while dropped).
+    permit: Option<OwnedSemaphorePermit>,
+    kept: Option<Arc<Kept>>,
+}
+
+/// The server connections one client keeps for its whole session
+/// (`pool_mode = "session"`), at most one per pool. A connection it used
+/// comes back here with its pool slot, not to the pool, so its next statement
+/// on that shard finds the session state it left there (temporary tables,
+/// LISTEN, advisory locks, cursors WITH HOLD). [`Kept::release`] hands them
+/// back to their pools when the client leaves.
+#[derive(Default)]
+pub struct Kept {
+    conns: Mutex<Vec<(Arc<ShardPool>, Backend, OwnedSemaphorePermit)>>,
+}
+
+impl Kept {
+    /// The connection kept from `pool`, borrowed (it comes back here when dropped).
+    pub fn take(self: &Arc<Self>, pool: &Arc<ShardPool>) -> Option<Pooled> {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let i = conns.iter().position(|(p, ..)| Arc::ptr_eq(p, pool))?;
+        let (pool, backend, permit) = conns.swap_remove(i);
+        Some(Pooled { backend: Some(backend), pool, permit: Some(permit), kept: Some(self.clone()) })
+    }
+
+    /// Whether a connection of `pool` is kept.
+    pub fn holds(&self, pool: &Arc<ShardPool>) -> bool {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|(p, ..)| Arc::ptr_eq(p, pool))
+    }
+
+    /// Every kept connection, each returning to its pool when dropped. The
+    /// caller resets their session state first (or marks them broken).
+    pub fn release(&self) -> Vec<Pooled> {
+        let conns = std::mem::take(&mut *self.conns.lock().unwrap_or_else(|p| p.into_inner()));
+        conns
+            .into_iter()
+            .map(|(pool, backend, permit)| Pooled { backend: Some(backend), pool, permit: Some(permit), kept: None })
+            .collect()
+    }
 }
 
 impl Pooled {
@@ -296,6 +360,14 @@ impl std::ops::DerefMut for Pooled {
 
 impl Drop for Pooled {
     fn drop(&mut self) {
+        // Kept by its client, with whatever is buffered (a notification that
+        // came after the last reply is the client's to read).
+        if self.kept.is_some() && self.backend.as_ref().is_some_and(|b| !b.broken) {
+            if let (Some(kept), Some(b), Some(permit)) = (self.kept.take(), self.backend.take(), self.permit.take()) {
+                kept.conns.lock().unwrap_or_else(|p| p.into_inner()).push((self.pool.clone(), b, permit));
+                return;
+            }
+        }
         if let Some(mut b) = self.backend.take() {
             let lived = !self.pool.lifetime.is_zero() && b.opened.elapsed() >= self.pool.lifetime;
             if !b.broken && !b.conn.has_buffered() && !lived {

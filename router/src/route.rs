@@ -57,6 +57,10 @@ pub struct Rules {
     /// Writes that name tenants on several shards run on each of them and
     /// commit together (two-phase commit): `cross_shard_transactions`.
     pub atomic_writes: bool,
+    /// The client keeps its server connections (session pooling): state that
+    /// outlives a transaction is routed, not refused (session/pooling.rs
+    /// places it).
+    pub session_state: bool,
 }
 
 pub fn route(
@@ -142,7 +146,9 @@ impl Routing<'_> {
         match &stmt.kind {
             StatementKind::Ddl => Ok(Target::All),
             StatementKind::SqlPrepared(p) => Err(sql_prepared_refusal(p)),
-            StatementKind::SessionState(state) => Err(session_state_refusal(state)),
+            StatementKind::SessionState(state) if !self.rules.session_state => Err(session_state_refusal(state)),
+            StatementKind::SessionState(_) if reads_sharded => self.single_or(stmt, false, touched),
+            StatementKind::SessionState(_) => Ok(Target::Any),
             StatementKind::DeclareCursor if reads_sharded => match self.single_or(stmt, false, touched)? {
                 // A cursor's rows come from the one connection that declared it.
                 Target::Fanout(_) => Err(SqlError::new(
@@ -230,9 +236,9 @@ impl Routing<'_> {
 /// the pool when the transaction ends.
 fn session_state_refusal(state: &str) -> SqlError {
     let instead = match state {
-        "LISTEN" => "poll a table for changes, or LISTEN on a direct connection to a shard",
+        "LISTEN" => "poll a table for changes",
         "a session-level advisory lock" => {
-            "take pg_advisory_xact_lock(…) inside a transaction: it is released at COMMIT"
+            "take pg_advisory_xact_lock(…) inside a transaction (it is released at COMMIT)"
         }
         "a cursor WITH HOLD" => "fetch the rows inside the transaction (a cursor without WITH HOLD), or page by key",
         _ => "create it with ON COMMIT DROP inside a transaction, or use a regular table",
@@ -243,7 +249,9 @@ fn session_state_refusal(state: &str) -> SqlError {
             "{state} outlives the transaction on its server connection, and shardgate pools server connections per transaction: another client would get it"
         ),
     )
-    .hint(instead)
+    .hint(format!(
+        "{instead}; or give this role pool_mode = \"session\" ([router] role_pool_modes), which keeps a client's server connections for its whole session"
+    ))
 }
 
 /// Why SQL-level PREPARE, EXECUTE and DEALLOCATE are refused (docs/routing.md):
@@ -927,7 +935,8 @@ mod tests {
     fn a_query_string_routes_as_one_and_refuses_a_cross_shard_statement_inside_it() {
         let dir = three_shards();
         let catalog = sharded_orders();
-        let rules = Rules { strict_tenant: false, allow_cross_shard_writes: false, atomic_writes: false };
+        let rules =
+            Rules { strict_tenant: false, allow_cross_shard_writes: false, atomic_writes: false, session_state: false };
         let cache = AnalysisCache::new("tenant_id", 100);
         let run = |sql: &str, joining: Joining| {
             let a = cache.get(sql).map_err(|e| e.to_string()).expect("parses");

@@ -355,7 +355,12 @@ async fn handle_client(stream: TcpStream, ctx: Arc<RouterContext>) -> Result<(),
         conn.send(&e.to_message(Severity::Fatal)).await?;
         return Ok(());
     }
-    let logged_in = match crate::timer::timeout(ctx.config.client_login_timeout, log_in(&mut conn, &ctx)).await {
+    // Each phase's state machine in a box of its own, freed when the phase
+    // ends: the task of an idle client then holds only the session's (a
+    // client's task is as large as its largest phase, and logging in is the
+    // largest: docs/benchmarks.md, "Many clients").
+    let logging_in = Box::pin(log_in(&mut conn, &ctx));
+    let logged_in = match crate::timer::timeout(ctx.config.client_login_timeout, logging_in).await {
         Ok(r) => r?,
         Err(_) => {
             debug!("a client did not log in within client_login_timeout");
@@ -370,12 +375,17 @@ async fn handle_client(stream: TcpStream, ctx: Arc<RouterContext>) -> Result<(),
     };
     let database = params.iter().find(|(k, _)| k == "database").map(|(_, v)| v.as_str()).unwrap_or("");
     if database == crate::console::DATABASE {
-        let result = crate::console::serve(&ctx, &mut conn).await;
+        let result = Box::pin(crate::console::serve(&ctx, &mut conn)).await;
         drop(slot);
         return result;
     }
-    let session = Session::new(ctx.clone(), conn, cancel_key).with_startup_settings(&params).with_role(role);
-    let result = session.run().await;
+    let user = params.iter().find(|(k, _)| k == "user").map_or("", |(_, v)| v.as_str());
+    let pool_mode = ctx.config.pool_mode_of(user);
+    let session = Session::new(ctx.clone(), conn, cancel_key)
+        .with_startup_settings(&params)
+        .with_role(role)
+        .with_pool_mode(pool_mode);
+    let result = Box::pin(session.run()).await;
     drop(slot);
     result.map_err(|e| match e {
         crate::session::SessionError::Protocol(p) => p,

@@ -119,6 +119,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// (created by another router, or straight on the shards).
     pub(super) async fn ensure_catalog(&self, analysis: &Analysis) {
         for s in &analysis.statements {
+            // A session's temporary tables are not in the catalog, nor are
+            // those it is creating.
+            let creates =
+                matches!(s.kind, StatementKind::SessionState(_)) && s.tables.iter().all(|t| s.written.contains(t));
+            if creates || self.pooling.as_ref().is_some_and(|p| p.all_temp(&s.tables)) {
+                continue;
+            }
             self.ctx.learn_tables(&s.tables).await;
         }
     }
@@ -147,8 +154,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             in_block: self.txn.in_block(),
             cross_shard: self.ctx.config.cross_shard_transactions == crate::config::CrossShard::TwoPhase,
         };
-        let rules = self.ctx.config.routing_rules();
-        route::route_statements(
+        let mut rules = self.ctx.config.routing_rules();
+        rules.session_state = self.pooling.is_some();
+        let target = route::route_statements(
             &analysis.statements,
             params,
             fallback,
@@ -157,7 +165,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             &rules,
             joining,
             touched,
-        )
+        )?;
+        match &self.pooling {
+            None => Ok(target),
+            Some(p) => p.place(analysis, target, &dir),
+        }
     }
 
     /// Registers the buckets just routed as in flight, unless a cutover holds one

@@ -22,6 +22,7 @@
 //! | `admission.rs` | lease, catalog, routing, cutover holds; load accounting |
 //! | `forward.rs` | one simple-protocol statement to one shard |
 //! | `idle.rs` | a client quiet past its idle timeout |
+//! | `pooling.rs` | session pooling: the client's own server connections |
 //! | `relay.rs` | server replies to the client, COPY data to the server |
 //! | `extended.rs` | the extended protocol: batches up to Sync |
 //! | `prepared.rs` | the client's prepared statements and their server names |
@@ -39,6 +40,7 @@ mod fanout;
 mod forward;
 mod idle;
 mod multi;
+mod pooling;
 mod prepared;
 mod relay;
 mod reply;
@@ -116,6 +118,8 @@ pub struct Session<S> {
     /// The client's own role on the shards (`crate::roles`); None: the shard
     /// URL's user.
     role: Option<Arc<crate::roles::RolePools>>,
+    /// Session pooling (`pooling.rs`); None in transaction pooling.
+    pooling: Option<pooling::SessionPooling>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -144,6 +148,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             pools: Vec::new(),
             idle,
             role: None,
+            pooling: None,
         }
     }
 
@@ -151,6 +156,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// shard URL's user).
     pub fn with_role(mut self, role: Option<Arc<crate::roles::RolePools>>) -> Self {
         self.role = role;
+        self
+    }
+
+    /// Keeps the client's server connections for its whole session
+    /// (`pool_mode = "session"`, `pooling.rs`).
+    pub fn with_pool_mode(mut self, mode: crate::config::PoolMode) -> Self {
+        if mode == crate::config::PoolMode::Session {
+            self.pooling = Some(Default::default());
+        }
         self
     }
 
@@ -182,6 +196,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         for b in self.multi.iter_mut().flat_map(|all| all.held.iter_mut()) {
             b.conn.broken = true;
         }
+        self.release_kept().await;
         self.ctx.remove_cancel(self.cancel_key);
         result
     }
@@ -189,18 +204,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn serve(&mut self) -> Result<(), SessionError> {
         loop {
             let read = match &self.idle {
+                None if self.pooling.is_some() => self.read_client().await,
                 None => self.client.read().await,
                 Some(watch) => {
+                    let watch = watch.clone();
                     watch.waiting(self.ctx.idle.epoch, self.status() != b'I' || self.txn.open_batch);
                     let read = tokio::select! {
                         biased;
-                        read = self.client.read() => Ok(read),
+                        read = self.read_client() => Ok(read),
                         why = watch.expired() => Err(why),
                     };
                     watch.busy();
                     match read {
                         Ok(read) => read,
-                        Err(why) => return self.end_idle(why).await,
+                        Err(why) => return Box::pin(self.end_idle(why)).await,
                     }
                 }
             };
@@ -291,7 +308,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return self.fail_simple(e).await;
         }
         if self.multi.is_some() {
-            return self.multi_query(sql, &analysis).await;
+            return Box::pin(self.multi_query(sql, &analysis)).await;
         }
         if self.txn.aborted {
             return self.in_aborted_txn(&analysis.statements[0]).await;
@@ -300,7 +317,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             None => {}
             Some(Err(e)) => return self.fail_simple(e).await,
             Some(Ok(commit)) => {
-                let ended = self.end_cross_shard(commit).await?;
+                let ended = Box::pin(self.end_cross_shard(commit)).await?;
                 match ended {
                     Ok(tag) => self.client.queue(&messages::command_complete(tag)),
                     Err(e) => self.client.queue(&e.to_message(Severity::Error)),
@@ -337,14 +354,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         match target {
             Target::Shard(s) => match self.shadow_candidate(&analysis, s, None) {
                 None => self.forward(s, m.raw().clone(), &analysis, form).await,
-                Some(read) => self.forward_shadowed(s, m.raw().clone(), &analysis, read, sql.to_string()).await,
+                Some(read) => {
+                    Box::pin(self.forward_shadowed(s, m.raw().clone(), &analysis, read, sql.to_string())).await
+                }
             },
             Target::Any => {
                 let s = self.any_shard();
                 self.forward(s, m.raw().clone(), &analysis, form).await
             }
             Target::All if self.txn.pending_begin.is_some() || leaves_transaction_open(&analysis) => {
-                self.open_multi(sql, &analysis).await
+                Box::pin(self.open_multi(sql, &analysis)).await
             }
             // A keyless UPDATE or DELETE of a sharded table (allow_cross_shard_writes):
             // every shard's part committed together, the rows written summed.
@@ -355,21 +374,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             {
                 let dir = self.ctx.directory.load();
                 let shards = everywhere::everywhere(&dir, analysis.statements.iter());
-                self.run_write_atomically(&analysis.statements[0], shards).await
+                Box::pin(self.run_write_atomically(&analysis.statements[0], shards)).await
             }
-            Target::All => self.run_everywhere(sql, &analysis).await,
+            Target::All => Box::pin(self.run_everywhere(sql, &analysis)).await,
             Target::Fanout(shards) if matches!(analysis.statements[0].kind, StatementKind::Copy(_)) => {
-                self.run_copy_out_fanout(&analysis.statements[0], shards).await
+                Box::pin(self.run_copy_out_fanout(&analysis.statements[0], shards)).await
             }
             Target::Fanout(shards)
                 if matches!(analysis.statements[0].kind, StatementKind::Update | StatementKind::Delete)
                     && self.ctx.config.cross_shard_transactions == crate::config::CrossShard::TwoPhase =>
             {
-                self.run_write_atomically(&analysis.statements[0], shards).await
+                Box::pin(self.run_write_atomically(&analysis.statements[0], shards)).await
             }
-            Target::Fanout(shards) => self.run_fanout(&analysis.statements[0], shards).await,
-            Target::SplitInsert(parts) => self.run_split_insert(&analysis.statements[0], parts).await,
-            Target::CopySplit => self.run_copy_split(&analysis.statements[0], m.raw().clone()).await,
+            Target::Fanout(shards) => Box::pin(self.run_fanout(&analysis.statements[0], shards)).await,
+            Target::SplitInsert(parts) => Box::pin(self.run_split_insert(&analysis.statements[0], parts)).await,
+            Target::CopySplit => Box::pin(self.run_copy_split(&analysis.statements[0], m.raw().clone())).await,
         }
     }
 }

@@ -78,7 +78,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Some(b) => b.shard,
             None => {
                 let dir = self.ctx.directory.load();
-                self.ctx.any_shard(&dir)
+                match self.pooling {
+                    // State the session keeps lives on its home shard.
+                    Some(_) => super::pooling::home_shard(&dir),
+                    None => self.ctx.any_shard(&dir),
+                }
             }
         }
     }
@@ -195,7 +199,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return self.join_shard(shard).await;
         }
         let pool = self.pool(shard)?;
-        let mut conn = pool.get().await.map_err(|e| SqlError::new(e.sqlstate(), e.to_string()))?;
+        let mut conn = self.borrow(&pool).await?;
         *self.cancel.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(CancelTarget { pool, pid: conn.pid, secret: conn.secret });
         let mut swallow = 0;
@@ -211,6 +215,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         self.txn.held = Some(Held { shard, conn });
         Ok(swallow)
+    }
+
+    /// A server connection of `pool` for the session's transaction: the one
+    /// the client keeps in session pooling.
+    pub(super) async fn borrow(&self, pool: &Arc<crate::pool::ShardPool>) -> Result<Pooled, SqlError> {
+        let conn = match &self.pooling {
+            Some(p) => pool.get_kept(&p.kept).await,
+            None => pool.get().await,
+        };
+        conn.map_err(|e| SqlError::new(e.sqlstate(), e.to_string()))
     }
 
     /// The pool of `shard`, from this session's own list when it has used it.

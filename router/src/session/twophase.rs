@@ -123,7 +123,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // without one, back into the pool inside their open transaction, and
         // the next transaction on that connection would commit them.
         let pool = self.pool(shard)?;
-        let mut conn = pool.get().await.map_err(|e| SqlError::new(e.sqlstate(), e.to_string()))?;
+        let mut conn = self.borrow(&pool).await?;
         if let Some(previous) = self.txn.held.take() {
             self.txn.parked.push(previous);
         }
@@ -562,6 +562,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 for m in replies.swap_remove(0) {
                     self.client.queue(&m);
                 }
+                // Back to their pools first: the refresh takes a connection.
+                drop(decider);
+                drop(open);
                 // Before the client hears of it: its other sessions may
                 // write to a new table at once, and must see it sharded.
                 if ddl {

@@ -412,8 +412,26 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
             }
             s.written.push(table);
         }
+        N::DropStmt(d) => {
+            s.kind = StatementKind::Ddl;
+            // The relations dropped (the walker sees names, not RangeVars, here).
+            let relations = [protobuf::ObjectType::ObjectTable, protobuf::ObjectType::ObjectView, protobuf::ObjectType::ObjectSequence];
+            if relations.iter().any(|t| *t as i32 == d.remove_type) {
+                for object in &d.objects {
+                    let Some(N::List(l)) = &object.node else { continue };
+                    let parts: Vec<&str> = l
+                        .items
+                        .iter()
+                        .filter_map(|i| match &i.node {
+                            Some(N::String(p)) => Some(p.sval.as_str()),
+                            _ => None,
+                        })
+                        .collect();
+                    s.written.push(parts.join("."));
+                }
+            }
+        }
         N::AlterTableStmt(_)
-        | N::DropStmt(_)
         | N::TruncateStmt(_)
         | N::IndexStmt(_)
         | N::CreateSchemaStmt(_)
@@ -457,6 +475,10 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
     }
     if let Some(state) = super::pooled_state::session_state(whole) {
         s.kind = StatementKind::SessionState(state);
+        // What it creates is written (session pooling routes by it).
+        if let Some(t) = super::pooled_state::temp_relation(whole).filter(|t| !s.written.contains(t)) {
+            s.written.push(t);
+        }
     }
     if s.kind == StatementKind::Ddl {
         // DDL targets are written on every shard; the walker found them.
@@ -911,6 +933,17 @@ mod tests {
         assert_eq!(s.kind, StatementKind::Ddl);
         assert_eq!(s.creates_sharded.as_deref(), Some("orders"));
         assert_eq!(one("create table countries (code text)").creates_sharded, None);
+    }
+
+    #[test]
+    fn drop_names_the_relations_it_drops() {
+        let s = one("drop table if exists picks, app.orders cascade");
+        assert_eq!(s.kind, StatementKind::Ddl);
+        assert_eq!(s.written, ["picks", "app.orders"]);
+        assert!(one("drop function f(int)").written.is_empty());
+        // What a temporary table's creation writes (session pooling routes by it).
+        assert_eq!(one("create temp table scratch (a int)").written, ["scratch"]);
+        assert_eq!(one("create temp table s2 as select * from orders").written, ["s2"]);
     }
 
     #[test]

@@ -501,7 +501,8 @@ mod tests {
             [("orders".to_string(), vec!["tenant_id".to_string(), "id".to_string()])].into(),
             ["orders".to_string()].into(),
         );
-        let rules = Rules { strict_tenant: false, allow_cross_shard_writes: false, atomic_writes: false };
+        let rules =
+            Rules { strict_tenant: false, allow_cross_shard_writes: false, atomic_writes: false, session_state: false };
         let cache = AnalysisCache::new("tenant_id", 100);
         let route = |sql: &str| {
             let a = cache.get(sql).unwrap();

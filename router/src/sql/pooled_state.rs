@@ -56,6 +56,20 @@ pub(super) fn session_state(node: &N) -> Option<&'static str> {
     })
 }
 
+/// The temporary table, view or sequence `node` creates (as the walker names
+/// tables), for session pooling to route the statements that use it.
+pub(super) fn temp_relation(node: &N) -> Option<String> {
+    let rel = match node {
+        N::CreateStmt(c) => c.relation.as_ref(),
+        N::CreateTableAsStmt(c) => c.into.as_ref().and_then(|i| i.rel.as_ref()),
+        N::SelectStmt(s) => s.into_clause.as_ref().and_then(|i| i.rel.as_ref()),
+        N::ViewStmt(v) => v.view.as_ref(),
+        N::CreateSeqStmt(s) => s.sequence.as_ref(),
+        _ => None,
+    }?;
+    (rel.relpersistence == "t").then(|| super::analyze::relname(rel))
+}
+
 /// `CREATE TEMP TABLE … AS`, `SELECT … INTO TEMP`: a temporary table unless
 /// it is dropped at commit.
 fn temp_into(i: &IntoClause) -> Option<&'static str> {
