@@ -140,7 +140,7 @@ async fn sighup_and_shardgate_reload_put_the_rewritten_file_in_force_and_keep_op
     node.wait_for_metric(POOL_SIZE, 2.0);
     let alice = connect(&node.url("alice", "alice-pw")).await.expect("alice logs in");
     alice.simple_query("SELECT 1").await.expect("alice's first statement");
-    let e = connect(&node.url("bob", "bob-pw")).await.err().expect("bob is not a user yet");
+    let e = connect(&node.url("bob", "bob-pw")).await.expect_err("bob is not a user yet");
     assert_eq!(e.code().map(|c| c.code()), Some("28P01"), "{e}");
 
     // A new user, a larger pool, an idle-in-transaction timeout: SIGHUP.
@@ -199,7 +199,7 @@ async fn sighup_and_shardgate_reload_put_the_rewritten_file_in_force_and_keep_op
     assert!(restart.contains("router.statement_cache_size") && !restart.contains("users"), "{said}");
     assert_eq!(node.metric(POOL_SIZE), Some(1.0));
     assert_eq!(node.metric(APPLIED), Some(2.0));
-    let e = connect(&node.url("bob", "bob-pw")).await.err().expect("bob was removed");
+    let e = connect(&node.url("bob", "bob-pw")).await.expect_err("bob was removed");
     assert_eq!(e.code().map(|c| c.code()), Some("28P01"), "{e}");
     alice.simple_query("SELECT 5").await.expect("alice's open connection still works");
 }
@@ -230,7 +230,7 @@ async fn a_renewed_certificate_serves_new_handshakes_and_open_tls_connections_ke
     assert!(String::from_utf8_lossy(&out.stdout).contains("router.tls_cert_file"), "{}", text(&out));
     let fresh = tls::connect(&url, new_ca.verify_full()).await.expect("a new handshake gets the new certificate");
     fresh.simple_query("SELECT 1").await.expect("a statement under the new certificate");
-    let e = tls::connect(&url, old_ca.verify_full()).await.err().expect("the old certificate is gone");
+    let e = tls::connect(&url, old_ca.verify_full()).await.expect_err("the old certificate is gone");
     assert!(format!("{e:?}").contains("UnknownIssuer"), "{e:?}");
     open.simple_query("SELECT 2").await.expect("the connection opened before the reload keeps working");
 

@@ -106,8 +106,7 @@ async fn an_idle_timeout_turned_on_reaches_sessions_already_open() {
     let ctx = h.router.context.clone();
     let quiet = h.client().await;
     quiet.simple_query("SELECT 1").await.expect("a first statement");
-    let mut config = RouterConfig::default();
-    config.client_idle_timeout = Duration::from_secs(1);
+    let config = RouterConfig { client_idle_timeout: Duration::from_secs(1), ..Default::default() };
     let reloaded = ctx.reload(config).expect("reloaded");
     assert!(reloaded.changed.contains(&"router.client_idle_timeout".to_string()), "{reloaded:?}");
     // Its next message arms the session's watch; then the janitor finds it quiet.
