@@ -26,7 +26,7 @@ pub struct FileConfig {
     pub directory: Option<DirectoryConfig>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DirectoryConfig {
     /// This node's raft id (a positive integer, unique in the cluster).
@@ -75,7 +75,7 @@ impl DirectoryConfig {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerConfig {
     pub id: u64,
@@ -91,7 +91,7 @@ fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<std::time::Duratio
     shardgate_router::config::parse_duration(&text).map_err(serde::de::Error::custom)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address of the admin HTTP API. Default `127.0.0.1:6433`.
@@ -116,7 +116,7 @@ fn default_admin() -> String {
     "127.0.0.1:6433".into()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     #[serde(default = "default_key_column")]
@@ -140,7 +140,7 @@ fn default_buckets() -> u32 {
     256
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShardConfig {
     pub name: String,
@@ -155,13 +155,43 @@ impl FileConfig {
     pub fn load(path: &Path) -> Result<FileConfig> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
-        let mut cfg: FileConfig =
-            toml::from_str(&text).with_context(|| format!("config file {} is not valid", path.display()))?;
+        let mut cfg: FileConfig = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("config file {} is not valid: {}", path.display(), toml_error(&text, &e)))?;
         cfg.router.users = std::mem::take(&mut cfg.users);
         for u in &cfg.router.users {
             u.credential().map_err(anyhow::Error::msg)?;
         }
         Ok(cfg)
+    }
+
+    /// Everything `serve` checks before it starts, short of binding its
+    /// addresses: what `serve --check` and a reload check.
+    pub fn check(&self) -> Result<()> {
+        self.directory()?;
+        self.admin_tls()?;
+        Ok(())
+    }
+
+    /// The keys outside `[router]` (and `[[users]]`) that differ from
+    /// `running`'s: none of them changes without a restart.
+    pub fn restart_keys(&self, running: &FileConfig) -> Vec<String> {
+        let FileConfig { router: _, admin, cluster, shards, users: _, directory } = self;
+        let AdminConfig { listen, token, tls } = admin;
+        let ClusterConfig { key_column, key_type, buckets } = cluster;
+        [
+            ("admin.listen", *listen != running.admin.listen),
+            ("admin.token", *token != running.admin.token),
+            ("admin.tls", *tls != running.admin.tls),
+            ("cluster.key_column", *key_column != running.cluster.key_column),
+            ("cluster.key_type", *key_type != running.cluster.key_type),
+            ("cluster.buckets", *buckets != running.cluster.buckets),
+            ("shards", *shards != running.shards),
+            ("directory", *directory != running.directory),
+        ]
+        .into_iter()
+        .filter(|(_, differs)| *differs)
+        .map(|(key, _)| key.to_string())
+        .collect()
     }
 
     /// The admin API's TLS when `[admin] tls` is set: the certificate and key
@@ -204,6 +234,17 @@ impl FileConfig {
     }
 }
 
+/// A TOML error as its line, column and message, without the snippet of the
+/// file that its `Display` quotes: the line may hold a password, and the
+/// error of a reload goes to the log and to the admin API.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else { return e.message().to_string() };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!("line {line}, column {column}: {}", e.message())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,6 +265,15 @@ mod tests {
         assert!(err.contains("[router] tls_cert_file and tls_key_file"), "{err}");
         let cfg: FileConfig = toml::from_str("shards = []\n").unwrap();
         assert!(cfg.admin_tls().unwrap().is_none(), "plain HTTP by default");
+    }
+
+    #[test]
+    fn a_toml_error_names_its_line_and_not_what_is_on_it() {
+        let text = "[router]\nlisten = \"127.0.0.1:1\"\nshard_password = \"hunter2\n";
+        let e = toml::from_str::<FileConfig>(text).unwrap_err();
+        let said = toml_error(text, &e);
+        assert!(said.starts_with("line 3, column "), "{said}");
+        assert!(!said.contains("hunter2"), "{said}");
     }
 
     #[test]

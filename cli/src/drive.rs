@@ -29,7 +29,7 @@ pub fn start(ctx: Arc<RouterContext>, leader_only: bool) -> tokio::sync::watch::
         Some(Endpoint::new(dir.shards.get(shard)?.name.clone(), addr))
     });
     let leader_ctx = ctx.clone();
-    let mode = ctx.config.moves.drive;
+    let mode = ctx.config.load().moves.drive;
     let active = Arc::new(move || match mode {
         DriveMode::Never => false,
         DriveMode::Always => true,
@@ -38,7 +38,8 @@ pub fn start(ctx: Arc<RouterContext>, leader_only: bool) -> tokio::sync::watch::
         }
     });
     let lease = ctx.replica.as_ref().map(|(_, l)| *l).unwrap_or(Duration::from_secs(2));
-    let moves = &ctx.config.moves;
+    let config = ctx.config.load();
+    let moves = &config.moves;
     let config = DriverConfig {
         cutover: CutoverOptions { timeout: moves.cutover_timeout },
         verify: VerifyOptions { chunk_rows: moves.verify_chunk_rows, ..Default::default() },

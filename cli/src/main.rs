@@ -6,11 +6,13 @@ mod config;
 mod drive;
 mod moves;
 mod rebalance;
+mod reload;
 mod replica;
 mod status;
 mod up;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -63,6 +65,13 @@ enum Command {
         /// Only check the configuration file and exit.
         #[arg(long)]
         check: bool,
+    },
+    /// Re-read the configuration file of a running `shardgate serve` (as
+    /// SIGHUP does) and say what changed and what needs a restart; a file
+    /// that cannot be used is refused, and the configuration in force stays.
+    Reload {
+        #[arg(long)]
+        admin: Option<String>,
     },
     /// Manage shards: add, list, drain.
     Shard {
@@ -376,12 +385,13 @@ fn main() -> std::process::ExitCode {
             }
             Ok(())
         }),
+        Command::Reload { admin } => find(admin).and_then(|api| reload::run(&api)),
         Command::Directory { command: DirectoryCommand::Show { json }, admin } => {
             find(admin).and_then(|api| status::directory_show(&api, json))
         }
-        Command::Serve { config, check: true } => config::FileConfig::load(&config)
-            .and_then(|c| c.directory().and_then(|_| c.admin_tls()).map(|_| ()))
-            .map(|()| println!("{}: ok", config.display())),
+        Command::Serve { config, check: true } => {
+            config::FileConfig::load(&config).and_then(|c| c.check()).map(|()| println!("{}: ok", config.display()))
+        }
         Command::Serve { config, check: false } => runtime().and_then(|rt| rt.block_on(serve(config))),
         Command::Up { shards, port, admin_port, buckets, shadow_for, require_tls } => {
             shardgate_router::config::parse_duration(&shadow_for).map_err(anyhow::Error::msg).and_then(|shadow_for| {
@@ -461,13 +471,29 @@ async fn serve(path: PathBuf) -> Result<()> {
     )
     .await
     .with_context(|| format!("cannot listen on admin address {}", cfg.admin.listen))?;
+    // SIGHUP and POST /reload read the file again (listened for before the
+    // ready line: SIGHUP's default is to end the process).
+    let _ = router.context.config_source.set(Arc::new(reload::ConfigFile { path, started: cfg }));
+    let mut hangup =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("cannot listen for SIGHUP")?;
     // The token is not printed: a server's output often ends up in a log. The page
     // asks for it (or takes it as ?token=).
     crate::announce(&format!(
         "ready: postgres://postgres@{}/app\nweb: {scheme}://{admin_addr}/\nadmin: {scheme}://{admin_addr}/status",
         router.local_addr
     ));
-    wait_for_signal().await;
+    let stop = wait_for_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            Some(()) = hangup.recv() => {
+                tracing::info!("SIGHUP: reading the configuration file again");
+                // Logged and counted by the reload itself, refused or not.
+                let _ = router.context.reload_from_source();
+            }
+        }
+    }
     tracing::info!("shutting down");
     router.shutdown().await;
     if let Some(node) = replica {

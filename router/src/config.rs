@@ -159,7 +159,7 @@ impl RouterConfig {
 
 /// `[router.auth]`: how a client's password is looked up on the shards, as
 /// pgbouncer's `auth_user` and `auth_query` do.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// The role the lookup logs in to the first shard as; it needs only to run
@@ -218,7 +218,7 @@ fn default_auth_cache() -> Duration {
 
 /// TCP keepalive settings (`[router.tcp_keepalive]`): a silent peer is probed
 /// after `idle`, every `interval`, and given up after `count` unanswered probes.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeepaliveConfig {
     /// Default true.
@@ -259,7 +259,7 @@ impl KeepaliveConfig {
 }
 
 /// Settings of online moves, read by the node that drives them.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MovesConfig {
     /// Moves under way at once; `shardgate move` refuses more. Default 2.
@@ -350,7 +350,7 @@ fn default_verify_chunk() -> u64 {
     10_000
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
     /// Server connections per shard. Default 20.
@@ -387,7 +387,7 @@ impl Default for PoolConfig {
     }
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
@@ -440,16 +440,6 @@ impl RouterConfig {
     /// settled.
     pub fn client_tls(&self) -> Result<ClientTls, TlsError> {
         ClientTls::from_files(self.tls_cert_file.as_deref(), self.tls_key_file.as_deref(), self.ssl_mode)
-    }
-
-    /// The routing settings of this configuration.
-    pub fn routing_rules(&self) -> crate::route::Rules {
-        crate::route::Rules {
-            strict_tenant: self.strict_tenant,
-            allow_cross_shard_writes: self.allow_cross_shard_writes,
-            atomic_writes: self.cross_shard_transactions == CrossShard::TwoPhase,
-            session_state: false,
-        }
     }
 }
 
@@ -546,8 +536,11 @@ mod humantime_secs {
             Text(String),
         }
         match Raw::deserialize(d)? {
-            Raw::Secs(s) if s >= 0.0 => Ok(Duration::from_secs_f64(s)),
-            Raw::Secs(_) => Err(serde::de::Error::custom("a duration cannot be negative")),
+            // A reload reads files at run time: an absurd number is an error
+            // like any other, never a panic.
+            Raw::Secs(s) if (0.0..1e9).contains(&s) => Ok(Duration::from_secs_f64(s)),
+            Raw::Secs(s) if s < 0.0 => Err(serde::de::Error::custom("a duration cannot be negative")),
+            Raw::Secs(s) => Err(serde::de::Error::custom(format!("{s} seconds is out of range"))),
             Raw::Text(t) => super::parse_duration(&t).map_err(serde::de::Error::custom),
         }
     }

@@ -1,11 +1,17 @@
 //! What every session of one router shares: the directory snapshot, the pools, the
 //! statement cache, the table catalog and the cancel registry.
+//!
+//! The settings a reload may change ([`crate::reload`]) are swapped whole:
+//! `config`, `users` and `client_tls` are snapshots a reader loads once per
+//! connection or per login, and the few switches every statement reads are
+//! copied into one atomic byte ([`Switches`]), so a statement pays a plain
+//! load for them and no reader ever takes a lock.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
 use shardgate_directory::{Directory, DirectoryHandle, ShardId};
 
@@ -134,15 +140,63 @@ pub struct CancelTarget {
     pub secret: i32,
 }
 
+/// The settings every statement reads, copied from the configuration in force
+/// into one atomic byte: a statement reads them with a plain load, where a
+/// snapshot of the whole configuration would cost it an `ArcSwap` guard each.
+pub struct Switches(AtomicU8);
+
+impl Switches {
+    const STRICT_TENANT: u8 = 1;
+    const ALLOW_CROSS_SHARD_WRITES: u8 = 2;
+    const TWO_PHASE: u8 = 4;
+    const PREPARE_SIMPLE_QUERIES: u8 = 8;
+    const IDLE_TIMEOUTS: u8 = 16;
+
+    fn of(config: &RouterConfig) -> Switches {
+        let s = Switches(AtomicU8::new(0));
+        s.store(config);
+        s
+    }
+
+    /// Copies `config`'s switches (a reload).
+    pub(crate) fn store(&self, config: &RouterConfig) {
+        let flags = [
+            (config.strict_tenant, Self::STRICT_TENANT),
+            (config.allow_cross_shard_writes, Self::ALLOW_CROSS_SHARD_WRITES),
+            (config.cross_shard_transactions == crate::config::CrossShard::TwoPhase, Self::TWO_PHASE),
+            (config.prepare_simple_queries, Self::PREPARE_SIMPLE_QUERIES),
+            (!config.client_idle_timeout.is_zero() || !config.idle_transaction_timeout.is_zero(), Self::IDLE_TIMEOUTS),
+        ];
+        let bits = flags.iter().filter(|(on, _)| *on).fold(0, |bits, (_, bit)| bits | bit);
+        self.0.store(bits, Ordering::Relaxed);
+    }
+
+    fn is(&self, bit: u8) -> bool {
+        self.0.load(Ordering::Relaxed) & bit != 0
+    }
+}
+
 pub struct RouterContext {
-    pub config: RouterConfig,
+    /// The configuration in force: the one the router started with, or the
+    /// last reload's (whose settings that need a restart keep their values
+    /// from the start). Load it once where it is read; the statement path
+    /// reads [`Self::rules`] and its kin instead.
+    pub config: ArcSwap<RouterConfig>,
+    /// What every statement reads of `config`.
+    switches: Switches,
+    /// One reload at a time ([`crate::reload`]).
+    pub(crate) reloading: Mutex<()>,
+    /// Where a reload reads the new configuration from (`shardgate serve`
+    /// installs its file); none: the router cannot be reloaded.
+    pub config_source: std::sync::OnceLock<Arc<dyn crate::reload::ConfigSource>>,
     pub directory: DirectoryHandle,
     pub pools: RwLock<Vec<Arc<ShardPool>>>,
     /// What the health probes last saw of each shard (see [`crate::health`]).
     health: RwLock<Vec<Arc<crate::health::ShardHealth>>>,
     pub cache: AnalysisCache,
     pub catalog: Catalog,
-    pub users: HashMap<String, Credential>,
+    /// The `[[users]]` entries by name, as their logins check them.
+    pub users: ArcSwap<HashMap<String, Credential>>,
     /// Clients as their own roles on the shards: the password lookup and the
     /// per-role pools (`[router.auth]`).
     pub roles: crate::roles::Roles,
@@ -192,8 +246,12 @@ pub struct RouterContext {
     /// The last bucket sizes read from the shards, for the status views.
     pub sizes: crate::sizes::SizeCache,
     /// Clients' TLS: what an SSLRequest is answered with, whether plain
-    /// clients are refused. Disabled until the server sets it.
-    pub client_tls: crate::tls::ClientTls,
+    /// clients are refused. Disabled until the server sets it; a reload
+    /// replaces it (new handshakes get the new certificate).
+    pub client_tls: ArcSwap<crate::tls::ClientTls>,
+    /// The admin API's HTTPS, when it serves HTTPS (`[admin] tls`): the
+    /// router's certificate too, so a reload replaces it with `client_tls`.
+    pub admin_tls: ArcSwapOption<tokio_rustls::TlsAcceptor>,
 }
 
 impl RouterContext {
@@ -225,16 +283,20 @@ impl RouterContext {
             shard_setup: std::sync::OnceLock::new(),
             load: crate::load::Load::new(directory.load().bucket_count),
             sizes: crate::sizes::SizeCache::default(),
-            client_tls: crate::tls::ClientTls::disabled(),
+            client_tls: ArcSwap::from_pointee(crate::tls::ClientTls::disabled()),
+            admin_tls: ArcSwapOption::empty(),
             logins: AtomicUsize::new(0),
             idle: crate::idle::IdleWatches::default(),
             cache: AnalysisCache::new(key_column, config.statement_cache_size),
-            config,
+            switches: Switches::of(&config),
+            reloading: Mutex::new(()),
+            config_source: std::sync::OnceLock::new(),
+            config: ArcSwap::from_pointee(config),
             directory,
             pools: RwLock::new(pools),
             health: RwLock::new(Vec::new()),
             catalog: Catalog::default(),
-            users,
+            users: ArcSwap::from_pointee(users),
             roles: crate::roles::Roles::new(config_auth),
             databases,
             cancels: Mutex::new(HashMap::new()),
@@ -269,16 +331,13 @@ impl RouterContext {
         }
         let dir = self.directory.load();
         let mut pools = self.pools.write().unwrap_or_else(|p| p.into_inner());
+        // Read under the lock: a reload stores the configuration before it
+        // configures the pools there are, so a pool made now is not missed.
+        let config = self.config.load();
         while pools.len() <= shard {
             let s = dir.shards.get(pools.len())?;
             let address = self.shard_address(&dir, pools.len())?;
-            pools.push(ShardPool::new(
-                s.name.clone(),
-                address,
-                &self.config.pool,
-                &self.config.tcp_keepalive,
-                self.config.threads,
-            ));
+            pools.push(ShardPool::new(s.name.clone(), address, &config.pool, &config.tcp_keepalive, config.threads));
         }
         pools.get(shard).cloned()
     }
@@ -302,7 +361,40 @@ impl RouterContext {
     /// Whether `user` may open the admin console: an admin, or anyone when
     /// the router asks no one for a password.
     pub fn is_admin(&self, user: &str) -> bool {
-        self.config.admins.iter().any(|a| a == user) || (self.users.is_empty() && !self.roles.pass_through())
+        self.config.load().admins.iter().any(|a| a == user)
+            || (self.users.load().is_empty() && !self.roles.pass_through())
+    }
+
+    /// The routing rules in force (`strict_tenant`, `allow_cross_shard_writes`,
+    /// `cross_shard_transactions`).
+    pub fn rules(&self) -> crate::route::Rules {
+        crate::route::Rules {
+            strict_tenant: self.switches.is(Switches::STRICT_TENANT),
+            allow_cross_shard_writes: self.switches.is(Switches::ALLOW_CROSS_SHARD_WRITES),
+            atomic_writes: self.two_phase(),
+            session_state: false,
+        }
+    }
+
+    /// Whether transactions that write on several shards commit with
+    /// two-phase commit (`cross_shard_transactions = "two_phase"`).
+    pub fn two_phase(&self) -> bool {
+        self.switches.is(Switches::TWO_PHASE)
+    }
+
+    /// `prepare_simple_queries`.
+    pub fn prepare_simple_queries(&self) -> bool {
+        self.switches.is(Switches::PREPARE_SIMPLE_QUERIES)
+    }
+
+    /// Whether either idle timeout is on: sessions then watch for quiet clients.
+    pub fn idle_timeouts(&self) -> bool {
+        self.switches.is(Switches::IDLE_TIMEOUTS)
+    }
+
+    /// Puts `config`'s switches in force (a reload, after storing `config`).
+    pub(crate) fn store_switches(&self, config: &RouterConfig) {
+        self.switches.store(config);
     }
 
     /// How to log in to a shard: the configuration's address (with its password)
@@ -313,7 +405,7 @@ impl RouterContext {
             Some(a) => a.clone(),
             None => {
                 let mut a = ShardAddress::from_url(&s.url).ok()?;
-                a.password = self.config.shard_password.as_ref().map(|p| p.expose().to_string());
+                a.password = self.config.load().shard_password.as_ref().map(|p| p.expose().to_string());
                 a
             }
         })

@@ -97,7 +97,7 @@ pub async fn copy_in_split<S: AsyncRead + AsyncWrite + Unpin>(
     };
     client.send(&resp).await.map_err(CopyError::Client)?;
 
-    let mut splitter = RowSplitter::new(info, key_pos, ctx.config.max_message_bytes);
+    let mut splitter = RowSplitter::new(info, key_pos, ctx.config.load().max_message_bytes);
     let mut header_pending = info.header;
     let mut ended = false;
     while !ended {

@@ -75,7 +75,7 @@ pub async fn watch_shards(ctx: Arc<RouterContext>, mut stopped: watch::Receiver<
         while probes.len() < pools.len() {
             probes.push(Probe::default());
         }
-        let timeout = ctx.config.pool.connect_timeout.max(Duration::from_secs(1));
+        let timeout = ctx.config.load().pool.connect_timeout.max(Duration::from_secs(1));
         let rounds = probes.iter_mut().zip(pools.iter()).enumerate().map(|(i, (probe, pool))| {
             let health = ctx.shard_health(i);
             async move { probe.run(pool, &health, timeout).await }

@@ -127,7 +127,11 @@ pub async fn janitor(ctx: Arc<crate::context::RouterContext>, mut stopped: tokio
             _ = stopped.changed() => return,
             _ = ticker.tick() => {}
         }
-        ctx.idle.sweep(ctx.config.client_idle_timeout, ctx.config.idle_transaction_timeout);
+        let (idle, in_transaction) = {
+            let config = ctx.config.load();
+            (config.client_idle_timeout, config.idle_transaction_timeout)
+        };
+        ctx.idle.sweep(idle, in_transaction);
         // Server connections past server_idle_timeout or server_lifetime.
         for pool in ctx.all_pools() {
             let closed = pool.close_expired();

@@ -12,7 +12,8 @@
 //! - `session/`: one client's state machine (simple and extended protocol, COPY),
 //!   one file per part of it (see its `mod.rs`).
 //! - `fanout/`: statements that run on every shard, and merging their results.
-//! - `server.rs`: accept loop, connection limit, shutdown.
+//! - `server.rs`: accept loop, connection limit, shutdown; `reload.rs`: a new
+//!   configuration put in force while the router runs.
 //! - `tls/`: TLS to clients and to shards, and the stream that is plain or TLS.
 //! - `hold.rs`: the router's half of a cutover (holding and acknowledging);
 //!   `moves.rs`: everything the migrator may use of the router, and why.
@@ -41,6 +42,7 @@ pub mod metrics;
 pub mod moves;
 pub mod pool;
 pub mod protocol;
+pub mod reload;
 pub mod roles;
 pub mod route;
 pub mod server;

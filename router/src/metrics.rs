@@ -89,6 +89,8 @@ pub struct Metrics {
     /// Writes that found the directory lease expired and waited for it.
     lease_waits_started: AtomicU64,
     lease_wait: Histogram,
+    /// Configuration reloads applied, and refused.
+    reloads: [AtomicU64; 2],
 }
 
 /// The process's metrics.
@@ -108,6 +110,7 @@ impl Metrics {
             held: Histogram::default(),
             lease_waits_started: AtomicU64::new(0),
             lease_wait: Histogram::default(),
+            reloads: [AtomicU64::new(0), AtomicU64::new(0)],
         }
     }
 
@@ -178,6 +181,11 @@ impl Metrics {
         self.lease_waits_started.load(Ordering::Relaxed)
     }
 
+    /// A configuration reload was applied (or refused).
+    pub fn reloaded(&self, applied: bool) {
+        self.reloads[usize::from(!applied)].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// How long one write waited for the directory lease (refused or not).
     pub fn lease_wait(&self, d: Duration) {
         self.lease_wait.observe(d);
@@ -239,12 +247,28 @@ pub fn render(ctx: &RouterContext) -> String {
     help(&mut out, "shardgate_clients", "gauge", "Client connections open.");
     let _ = writeln!(out, "shardgate_clients {}", ctx.clients.load(Ordering::Relaxed));
     help(&mut out, "shardgate_pool_connections", "gauge", "Server connections per shard, in use or idle.");
-    let size = ctx.config.pool.size;
     for p in ctx.pools.read().unwrap_or_else(|p| p.into_inner()).iter() {
         let name = label(&p.name);
-        let _ =
-            writeln!(out, "shardgate_pool_connections{{shard=\"{name}\",state=\"active\"}} {}", p.active_count(size));
+        let _ = writeln!(out, "shardgate_pool_connections{{shard=\"{name}\",state=\"active\"}} {}", p.active_count());
         let _ = writeln!(out, "shardgate_pool_connections{{shard=\"{name}\",state=\"idle\"}} {}", p.idle_count());
+    }
+    help(
+        &mut out,
+        "shardgate_pool_size",
+        "gauge",
+        "Server connections per shard at most ([router.pool] size in force).",
+    );
+    for p in ctx.pools.read().unwrap_or_else(|p| p.into_inner()).iter() {
+        let _ = writeln!(out, "shardgate_pool_size{{shard=\"{}\"}} {}", label(&p.name), p.size());
+    }
+    help(
+        &mut out,
+        "shardgate_config_reloads_total",
+        "counter",
+        "Configuration reloads (SIGHUP, shardgate reload), by result: applied, or refused with the old configuration kept.",
+    );
+    for (result, n) in [("applied", &m.reloads[0]), ("refused", &m.reloads[1])] {
+        let _ = writeln!(out, "shardgate_config_reloads_total{{result=\"{result}\"}} {}", n.load(Ordering::Relaxed));
     }
     help(&mut out, "shardgate_directory_epoch", "gauge", "The directory epoch this node has applied.");
     let _ = writeln!(out, "shardgate_directory_epoch {}", dir.epoch);

@@ -12,9 +12,16 @@
 //! its own while the pool has fewer than `size` open, and takes another thread's
 //! idle one only when it has that many (so the size holds for the whole router).
 //! A connection goes back to the idle list of the thread it was opened on.
+//!
+//! A configuration reload ([`crate::reload`]) changes a pool's size and
+//! timeouts in place ([`ShardPool::configure`]): each is an atomic the pool
+//! reads where it needs it, so a borrow costs what it did. A larger size
+//! admits waiting borrowers at once. A smaller one takes free slots away at
+//! once and the others as their connections come back; connections beyond
+//! the size are closed as they come back, and idle ones at once.
 
 use std::cell::Cell;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -63,18 +70,26 @@ pub struct ShardPool {
     pub address: ShardAddress,
     /// Idle connections by session thread (index 0: threads that serve no sessions).
     idle: Vec<Mutex<Vec<Backend>>>,
-    /// Connections open, idle or in use (at most `size`).
-    open: std::sync::atomic::AtomicUsize,
-    size: usize,
+    /// Connections open, idle or in use (at most `size`, until a smaller
+    /// size has closed the extras).
+    open: AtomicUsize,
+    /// `[router.pool] size`: connections open at most, borrowers at once.
+    size: AtomicUsize,
+    /// One permit per borrower; `size` of them, plus those still `owed`.
     slots: Arc<Semaphore>,
+    /// Permits a smaller size took away while borrowers held them: forgotten
+    /// as they come back instead of returned.
+    owed: AtomicUsize,
+    /// One resize at a time (a reload), so that `owed` and the permits agree.
+    resizing: Mutex<()>,
     /// Statement latency on this shard (the `shardgate_shard_statement_seconds` metric).
     pub latency: Arc<crate::metrics::Histogram>,
-    queue_timeout: Duration,
-    connect_timeout: Duration,
+    queue_timeout: AtomicDuration,
+    connect_timeout: AtomicDuration,
     /// Idle connections older than this are closed (zero: never).
-    idle_timeout: Duration,
+    idle_timeout: AtomicDuration,
     /// Connections open longer than this are closed on their return (zero: never).
-    lifetime: Duration,
+    lifetime: AtomicDuration,
     /// TCP keepalives on the connections it opens.
     keepalive: crate::config::KeepaliveConfig,
     /// The client role its connections log in as (`crate::roles`); None: the
@@ -109,23 +124,85 @@ impl ShardPool {
             name,
             address,
             idle: (0..=threads).map(|_| Mutex::new(Vec::new())).collect(),
-            open: std::sync::atomic::AtomicUsize::new(0),
-            size,
+            open: AtomicUsize::new(0),
+            size: AtomicUsize::new(size),
             slots: Arc::new(Semaphore::new(size)),
-            queue_timeout: config.queue_timeout,
-            connect_timeout: config.connect_timeout,
-            idle_timeout: config.server_idle_timeout,
-            lifetime: config.server_lifetime,
+            owed: AtomicUsize::new(0),
+            resizing: Mutex::new(()),
+            queue_timeout: AtomicDuration::new(config.queue_timeout),
+            connect_timeout: AtomicDuration::new(config.connect_timeout),
+            idle_timeout: AtomicDuration::new(config.server_idle_timeout),
+            lifetime: AtomicDuration::new(config.server_lifetime),
             keepalive: keepalive.clone(),
             login,
         })
     }
 
-    /// Closes the idle connections that have been idle longer than
-    /// `server_idle_timeout` or open longer than `server_lifetime` (the idle
-    /// timeouts' janitor calls it once a second). Returns how many it closed.
-    pub fn close_expired(&self) -> usize {
+    /// Puts `config` in force (a reload): the timeouts for the next borrow,
+    /// connect and return, the size at once (see the module's doc).
+    pub fn configure(&self, config: &crate::config::PoolConfig) {
+        self.queue_timeout.set(config.queue_timeout);
+        self.connect_timeout.set(config.connect_timeout);
+        self.idle_timeout.set(config.server_idle_timeout);
+        self.lifetime.set(config.server_lifetime);
+        self.resize(config.size.max(1));
+    }
+
+    /// The size in force.
+    pub fn size(&self) -> usize {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    fn resize(&self, size: usize) {
+        let _one = self.resizing.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.size.swap(size, Ordering::Relaxed);
+        if size > old {
+            // Permits still owed from a smaller size are kept rather than
+            // forgotten; the rest are new, and wake waiting borrowers.
+            let more = size - old;
+            let owed = self.owed.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(more)));
+            let kept = owed.unwrap_or(0).min(more);
+            self.slots.add_permits(more - kept);
+        } else if size < old {
+            let fewer = old - size;
+            let taken = self.slots.forget_permits(fewer);
+            self.owed.fetch_add(fewer - taken, Ordering::Relaxed);
+            let closed = self.close_extra_idle();
+            if closed > 0 {
+                tracing::debug!(shard = %self.name, closed, size, "closed idle server connections beyond the new pool size");
+            }
+        }
+    }
+
+    /// Gives a borrower's permit back, or forgets it when a smaller size is
+    /// owed one.
+    fn give_back(&self, permit: OwnedSemaphorePermit) {
+        let owed = self.owed.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        if owed.is_ok() {
+            permit.forget();
+        }
+    }
+
+    /// Closes idle connections while more are open than the size allows.
+    fn close_extra_idle(&self) -> usize {
         let mut closed = 0;
+        for list in 0..self.idle.len() {
+            while self.open.load(Ordering::Relaxed) > self.size() {
+                let Some(b) = self.lock_idle(list).pop() else { break };
+                self.open.fetch_sub(1, Ordering::Relaxed);
+                closed += 1;
+                drop(b);
+            }
+        }
+        closed
+    }
+
+    /// Closes the idle connections that have been idle longer than
+    /// `server_idle_timeout` or open longer than `server_lifetime`, and those
+    /// beyond the size (the idle timeouts' janitor calls it once a second).
+    /// Returns how many it closed.
+    pub fn close_expired(&self) -> usize {
+        let mut closed = self.close_extra_idle();
         for list in 0..self.idle.len() {
             let expired: Vec<Backend> = {
                 let mut idle = self.lock_idle(list);
@@ -154,8 +231,9 @@ impl ShardPool {
     }
 
     fn expired(&self, b: &Backend) -> bool {
-        (!self.idle_timeout.is_zero() && b.idle_since.elapsed() >= self.idle_timeout)
-            || (!self.lifetime.is_zero() && b.opened.elapsed() >= self.lifetime)
+        let (idle_timeout, lifetime) = (self.idle_timeout.get(), self.lifetime.get());
+        (!idle_timeout.is_zero() && b.idle_since.elapsed() >= idle_timeout)
+            || (!lifetime.is_zero() && b.opened.elapsed() >= lifetime)
     }
 
     /// Borrows a connection: an idle one if there is one, else a new one.
@@ -167,12 +245,13 @@ impl ShardPool {
             Ok(p) => p,
             Err(_) => {
                 let started = std::time::Instant::now();
-                match crate::timer::timeout(self.queue_timeout, self.slots.clone().acquire_owned()).await {
+                let queue_timeout = self.queue_timeout.get();
+                match crate::timer::timeout(queue_timeout, self.slots.clone().acquire_owned()).await {
                     Ok(Ok(p)) => {
                         crate::metrics::global().pool_wait(started.elapsed());
                         p
                     }
-                    _ => return Err(PoolError::QueueTimeout { shard: self.name.clone(), waited: self.queue_timeout }),
+                    _ => return Err(PoolError::QueueTimeout { shard: self.name.clone(), waited: queue_timeout }),
                 }
             }
         };
@@ -180,9 +259,10 @@ impl ShardPool {
             Some(b) => b,
             None => {
                 // take_idle counted the connection about to open.
+                let connect_timeout = self.connect_timeout.get();
                 let connected = match &self.login {
-                    None => Backend::connect(&self.address, self.connect_timeout).await,
-                    Some(login) => Backend::connect(&login.address(&self.address), self.connect_timeout).await,
+                    None => Backend::connect(&self.address, connect_timeout).await,
+                    Some(login) => Backend::connect(&login.address(&self.address), connect_timeout).await,
                 };
                 match connected {
                     Ok(b) => {
@@ -194,6 +274,7 @@ impl ShardPool {
                     }
                     Err(source) => {
                         self.open.fetch_sub(1, Ordering::Relaxed);
+                        self.give_back(permit);
                         if let (Some(login), BackendError::Login { code, .. }) = (&self.login, &source) {
                             if code.starts_with("28") {
                                 login.refused();
@@ -226,8 +307,8 @@ impl ShardPool {
     /// pooling). Closed when dropped.
     pub async fn connect_outside(&self) -> Result<Backend, PoolError> {
         let connected = match &self.login {
-            None => Backend::connect(&self.address, self.connect_timeout).await,
-            Some(login) => Backend::connect(&login.address(&self.address), self.connect_timeout).await,
+            None => Backend::connect(&self.address, self.connect_timeout.get()).await,
+            Some(login) => Backend::connect(&login.address(&self.address), self.connect_timeout.get()).await,
         };
         connected.map_err(|source| PoolError::Unavailable { shard: self.name.clone(), source })
     }
@@ -257,7 +338,8 @@ impl ShardPool {
         if let Some(b) = self.lock_idle(me).pop() {
             return Some(b);
         }
-        let below_size = |n: usize| (n < self.size).then_some(n + 1);
+        let size = self.size();
+        let below_size = |n: usize| (n < size).then_some(n + 1);
         if self.open.fetch_update(Ordering::Relaxed, Ordering::Relaxed, below_size).is_ok() {
             return None;
         }
@@ -274,8 +356,9 @@ impl ShardPool {
     }
 
     /// Connections in use right now.
-    pub fn active_count(&self, size: usize) -> usize {
-        size - self.slots.available_permits()
+    pub fn active_count(&self) -> usize {
+        // Permits owed to a smaller size are still held by borrowers.
+        (self.size() + self.owed.load(Ordering::Relaxed)).saturating_sub(self.slots.available_permits())
     }
 }
 
@@ -285,7 +368,7 @@ impl ShardPool {
 pub struct Pooled {
     backend: Option<Backend>,
     pool: Arc<ShardPool>,
-    /// The pool slot it holds (None only while dropped).
+    /// Given back on drop, after the connection (see [`ShardPool::give_back`]).
     permit: Option<OwnedSemaphorePermit>,
     kept: Option<Arc<Kept>>,
 }
@@ -369,13 +452,43 @@ impl Drop for Pooled {
             }
         }
         if let Some(mut b) = self.backend.take() {
-            let lived = !self.pool.lifetime.is_zero() && b.opened.elapsed() >= self.pool.lifetime;
-            if !b.broken && !b.conn.has_buffered() && !lived {
+            let pool = &self.pool;
+            let lifetime = pool.lifetime.get();
+            let lived = !lifetime.is_zero() && b.opened.elapsed() >= lifetime;
+            // More open than the size allows: a smaller size was put in force.
+            let extra = pool.open.load(Ordering::Relaxed) > pool.size();
+            if !b.broken && !b.conn.has_buffered() && !lived && !extra {
                 b.idle_since = crate::clock::Stamp::now();
-                self.pool.lock_idle(b.thread_list).push(b);
+                pool.lock_idle(b.thread_list).push(b);
             } else {
-                self.pool.open.fetch_sub(1, Ordering::Relaxed);
+                pool.open.fetch_sub(1, Ordering::Relaxed);
             }
         }
+        if let Some(permit) = self.permit.take() {
+            self.pool.give_back(permit);
+        }
+    }
+}
+
+/// A duration that a reload may change while others read it: nanoseconds in
+/// an atomic, read with a plain load.
+struct AtomicDuration(AtomicU64);
+
+impl AtomicDuration {
+    fn new(d: Duration) -> AtomicDuration {
+        AtomicDuration(AtomicU64::new(Self::nanos(d)))
+    }
+
+    fn get(&self) -> Duration {
+        Duration::from_nanos(self.0.load(Ordering::Relaxed))
+    }
+
+    fn set(&self, d: Duration) {
+        self.0.store(Self::nanos(d), Ordering::Relaxed);
+    }
+
+    /// Saturates at about 584 years.
+    fn nanos(d: Duration) -> u64 {
+        u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
     }
 }

@@ -70,12 +70,18 @@ pub fn lookup_setup_sql(role: &str, password: &str) -> String {
 
 /// Where a client's password is found and which pools its statements use.
 pub struct Roles {
-    config: Option<AuthConfig>,
+    /// Whether clients run as their own roles: fixed at start, since it
+    /// decides which pools sessions use.
+    enabled: bool,
+    /// `[router.auth]` in force; a reload replaces it ([`Self::configure`]).
+    config: ArcSwapOption<AuthConfig>,
     /// Stored passwords by role, with when they were looked up (None: no such
     /// login role, or no password). Shared with each role's [`RoleLogin`].
     cache: Arc<Cache>,
-    /// The lookup's connection, opened on first use and again after an error.
-    lookup: tokio::sync::Mutex<Option<Backend>>,
+    /// The lookup's connection, opened on first use and again after an error
+    /// or when `[router.auth]` names another login; with the settings it
+    /// logged in with.
+    lookup: tokio::sync::Mutex<Option<(Backend, Arc<AuthConfig>)>>,
     pools: RwLock<HashMap<String, Arc<RolePools>>>,
 }
 
@@ -93,7 +99,8 @@ pub struct LookupError {
 impl Roles {
     pub fn new(config: Option<AuthConfig>) -> Roles {
         Roles {
-            config,
+            enabled: config.is_some(),
+            config: ArcSwapOption::from(config.map(Arc::new)),
             cache: Arc::new(Mutex::new(HashMap::new())),
             lookup: tokio::sync::Mutex::new(None),
             pools: RwLock::new(HashMap::new()),
@@ -102,7 +109,21 @@ impl Roles {
 
     /// Whether clients run on the shards as their own roles.
     pub fn pass_through(&self) -> bool {
-        self.config.is_some()
+        self.enabled
+    }
+
+    /// Puts a reloaded `[router.auth]` in force: the next lookup uses its
+    /// query (over a new connection when it names another login), and the
+    /// passwords looked up with the old settings are forgotten.
+    pub fn configure(&self, config: Option<AuthConfig>) {
+        if !self.enabled {
+            return;
+        }
+        let changed = self.config.load().as_deref() != config.as_ref();
+        self.config.store(config.map(Arc::new));
+        if changed {
+            self.forget_all();
+        }
     }
 
     /// Forgets every looked-up password: a role was created, changed or
@@ -126,7 +147,7 @@ impl Roles {
         shard_name: &str,
         address: ShardAddress,
     ) -> Result<Option<Credential>, LookupError> {
-        let Some(config) = &self.config else { return Ok(None) };
+        let Some(config) = self.config.load_full() else { return Ok(None) };
         if let Some((at, cred)) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(role) {
             if at.elapsed() < config.cache {
                 return Ok(cred.clone());
@@ -134,16 +155,18 @@ impl Roles {
         }
         let fail = |reason: String| LookupError { shard: shard_name.to_string(), reason };
         let mut lookup = self.lookup.lock().await;
-        if lookup.as_ref().is_none_or(|b| b.broken) {
+        let same_login = |was: &AuthConfig| was.user == config.user && was.password == config.password;
+        if lookup.as_ref().is_none_or(|(b, was)| b.broken || !same_login(was)) {
             let mut address = address;
             if let Some(user) = &config.user {
                 address.user = user.clone();
                 address.password = config.password.as_ref().map(|p| p.expose().to_string());
             }
+            *lookup = None;
             let b = Backend::connect(&address, LOOKUP_TIMEOUT).await.map_err(|e| fail(e.to_string()))?;
-            *lookup = Some(b);
+            *lookup = Some((b, config.clone()));
         }
-        let Some(conn) = lookup.as_mut() else { unreachable!("set just above") };
+        let Some((conn, _)) = lookup.as_mut() else { unreachable!("set just above") };
         // One lookup at a time on this connection: a shard that stops
         // answering must not hold every login behind it for long.
         let rows = match crate::timer::timeout(LOOKUP_TIMEOUT, conn.query_params(&config.query, &[role])).await {
@@ -268,14 +291,17 @@ impl RolePools {
         if pools.len() <= shard {
             pools.resize(shard + 1, None);
         }
+        // Read under the lock, as RouterContext::pool does: a reload configures
+        // the pools there are after storing the configuration.
+        let config = ctx.config.load();
         let pool = pools[shard].get_or_insert_with(|| {
             ShardPool::new_as(
                 s.name.clone(),
                 address,
                 Some(self.login.clone()),
-                &ctx.config.pool,
-                &ctx.config.tcp_keepalive,
-                ctx.config.threads,
+                &config.pool,
+                &config.tcp_keepalive,
+                config.threads,
             )
         });
         Some(pool.clone())

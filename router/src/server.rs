@@ -120,9 +120,7 @@ async fn start_with(
     shard_addresses: Vec<ShardAddress>,
     replica: Option<(shardgate_directory::replica::Node, std::time::Duration)>,
 ) -> Result<RouterHandle, StartError> {
-    if config.threads == 0 {
-        config.threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    }
+    config.threads = crate::reload::session_threads(config.threads);
     let dir = directory.load();
     if shard_addresses.len() > dir.shards.len() {
         return Err(StartError::Config("more shard addresses than shards in the directory".into()));
@@ -149,8 +147,8 @@ async fn start_with(
         .zip(pools.iter())
         .map(|(s, p): (_, &Arc<ShardPool>)| (s.name.clone(), p.address.clone()))
         .collect();
-    let mut ctx = RouterContext::new(config, directory, pools, users, credentials, replica);
-    ctx.client_tls = client_tls;
+    let ctx = RouterContext::new(config, directory, pools, users, credentials, replica);
+    ctx.client_tls.store(Arc::new(client_tls));
     let ctx = Arc::new(ctx);
     if let Err(e) = ctx.refresh_catalog().await {
         warn!(error = %e, "could not load the table catalog yet; every table counts as a reference table until a shard answers");
@@ -169,10 +167,11 @@ async fn start_with(
     tokio::spawn(crate::idle::janitor(ctx.clone(), stop.subscribe()));
     tokio::spawn(crate::health::watch_shards(ctx.clone(), stop.subscribe()));
     tokio::spawn(crate::twophase::recover::sweep_forever(ctx.clone(), stop.subscribe()));
-    let threads = SessionThreads::start(ctx.config.threads)
+    let n_threads = ctx.config.load().threads;
+    let threads = SessionThreads::start(n_threads)
         .map_err(|e| StartError::Config(format!("cannot start the session threads: {e}")))?;
     let task = tokio::spawn(accept_loop(listener, ctx.clone(), threads, stopped));
-    info!(%local_addr, threads = ctx.config.threads, "router listening");
+    info!(%local_addr, threads = n_threads, "router listening");
     Ok(RouterHandle { local_addr, context: ctx, stop, task })
 }
 
@@ -340,12 +339,17 @@ struct LoggedIn {
 }
 
 async fn handle_client(stream: TcpStream, ctx: Arc<RouterContext>) -> Result<(), ProtocolError> {
-    if let Err(e) = ctx.config.tcp_keepalive.apply(&stream) {
-        debug!(error = %e, "could not turn on TCP keepalives for a client");
-    }
-    let mut conn = Connection::accepting(Stream::Plain(stream), ctx.config.max_message_bytes);
+    // The configuration in force as this client arrives (a reload may change it).
+    let (max_message_bytes, max_pending_logins, login_timeout) = {
+        let config = ctx.config.load();
+        if let Err(e) = config.tcp_keepalive.apply(&stream) {
+            debug!(error = %e, "could not turn on TCP keepalives for a client");
+        }
+        (config.max_message_bytes, config.max_pending_logins, config.client_login_timeout)
+    };
+    let mut conn = Connection::accepting(Stream::Plain(stream), max_message_bytes);
     let pending = PendingLogin(ctx.clone());
-    if ctx.logins.fetch_add(1, Ordering::Relaxed) >= ctx.config.max_pending_logins {
+    if ctx.logins.fetch_add(1, Ordering::Relaxed) >= max_pending_logins {
         let msg = "sorry, too many connections are logging in at once";
         let hint = "retry in a moment; raise max_pending_logins if clients connect in bursts";
         let e = crate::error::SqlError::new("53300", msg.into()).hint(hint);
@@ -360,7 +364,7 @@ async fn handle_client(stream: TcpStream, ctx: Arc<RouterContext>) -> Result<(),
     // client's task is as large as its largest phase, and logging in is the
     // largest: docs/benchmarks.md, "Many clients").
     let logging_in = Box::pin(log_in(&mut conn, &ctx));
-    let logged_in = match crate::timer::timeout(ctx.config.client_login_timeout, logging_in).await {
+    let logged_in = match crate::timer::timeout(login_timeout, logging_in).await {
         Ok(r) => r?,
         Err(_) => {
             debug!("a client did not log in within client_login_timeout");
@@ -380,7 +384,7 @@ async fn handle_client(stream: TcpStream, ctx: Arc<RouterContext>) -> Result<(),
         return result;
     }
     let user = params.iter().find(|(k, _)| k == "user").map_or("", |(_, v)| v.as_str());
-    let pool_mode = ctx.config.pool_mode_of(user);
+    let pool_mode = ctx.config.load().pool_mode_of(user);
     let session = Session::new(ctx.clone(), conn, cancel_key)
         .with_startup_settings(&params)
         .with_role(role)
@@ -402,7 +406,8 @@ async fn log_in(conn: &mut Connection<Stream>, ctx: &Arc<RouterContext>) -> Resu
         let m = conn.read().await?;
         match Startup::parse(&m)? {
             Startup::Ssl => {
-                if !answer_ssl_request(conn, &ctx.client_tls).await? {
+                let tls = ctx.client_tls.load_full();
+                if !answer_ssl_request(conn, &tls).await? {
                     return Ok(None);
                 }
             }
@@ -420,14 +425,16 @@ async fn log_in(conn: &mut Connection<Stream>, ctx: &Arc<RouterContext>) -> Resu
         }
     };
     conn.end_startup_phase();
-    if ctx.client_tls.refuses_plain() && !conn.get_ref().is_tls() {
+    let refuses_plain = ctx.client_tls.load().refuses_plain();
+    if refuses_plain && !conn.get_ref().is_tls() {
         let msg = "connection without TLS refused: this router has ssl_mode = require";
         let hint = "connect with sslmode=require (or verify-ca, verify-full)";
         conn.send(&messages::error_response(Severity::Fatal, "28000", msg, Some(hint))).await?;
         return Ok(None);
     }
     let slot = ClientSlot(ctx.clone());
-    if ctx.clients.fetch_add(1, Ordering::Relaxed) >= ctx.config.max_client_connections {
+    let max_clients = ctx.config.load().max_client_connections;
+    if ctx.clients.fetch_add(1, Ordering::Relaxed) >= max_clients {
         conn.send(&messages::error_response(Severity::Fatal, "53300", "sorry, too many clients already", None)).await?;
         return Ok(None);
     }
@@ -501,8 +508,12 @@ async fn credential_of(
     ctx: &RouterContext,
     user: &str,
 ) -> Result<Option<Credential>, ProtocolError> {
-    if let Some(c) = ctx.users.get(user) {
-        return Ok(Some(c.clone()));
+    let (listed, no_users) = {
+        let users = ctx.users.load();
+        (users.get(user).cloned(), users.is_empty())
+    };
+    if listed.is_some() {
+        return Ok(listed);
     }
     let found = if ctx.roles.pass_through() {
         let dir = ctx.directory.load();
@@ -525,7 +536,7 @@ async fn credential_of(
                 return Ok(None);
             }
         }
-    } else if ctx.users.is_empty() {
+    } else if no_users {
         Some(Credential::Trust)
     } else {
         None
@@ -578,6 +589,7 @@ fn role_of(ctx: &RouterContext, user: &str, proved: Option<auth::PassThrough>) -
     // A static user's password configured in plain answers any method.
     let plain = ctx
         .config
+        .load()
         .users
         .iter()
         .find(|u| u.name == user)

@@ -92,3 +92,32 @@ async fn the_admin_api_serves_https_with_the_routers_certificate_and_nothing_in_
     let answer = exchange(tls_to(addr, &ca).await.unwrap(), &get("/health", None)).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
+
+#[tokio::test]
+async fn a_reload_gives_the_admin_api_the_renewed_certificate() {
+    let (old_ca, new_ca) = (TestCa::new(), TestCa::new());
+    let files = old_ca.write("router", &old_ca.local_server());
+    let config = shardgate_router::config::RouterConfig {
+        tls_cert_file: Some(files.cert.clone()),
+        tls_key_file: Some(files.key.clone()),
+        ..Default::default()
+    };
+    let h = Harness::start_with(1, config.clone()).await;
+    let tls = shardgate_router::tls::https_acceptor(&files.cert, &files.key).unwrap();
+    let (addr, _task) =
+        shardgate_router::admin::serve_with("127.0.0.1:0", h.router.context.clone(), Some(TOKEN.into()), Some(tls))
+            .await
+            .unwrap();
+    tls_to(addr, &old_ca).await.expect("the first certificate");
+
+    // Renewed over the same files, then reloaded.
+    let renewed = new_ca.local_server();
+    std::fs::write(&files.cert, &renewed.cert_pem).unwrap();
+    std::fs::write(&files.key, &renewed.key_pem).unwrap();
+    let reloaded = h.router.context.reload(config).expect("reloaded");
+    assert!(reloaded.changed.contains(&"router.tls_cert_file".to_string()), "{reloaded:?}");
+    let stream = tls_to(addr, &new_ca).await.expect("a handshake with the renewed certificate");
+    let answer = exchange(stream, &get("/status", Some(TOKEN))).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(tls_to(addr, &old_ca).await.is_err(), "the old certificate is still served");
+}

@@ -21,6 +21,7 @@
 //! | `POST /tenants/pin` | [`PinTenant`] | [`Outcome`] |
 //! | `POST /nodes` | [`AddNode`] | [`Outcome`] |
 //! | `POST /nodes/remove` | [`NodeId`] | [`Outcome`] |
+//! | `POST /reload` | | [`Reloaded`] (422: the file was refused) |
 //!
 //! Every answer other than 200 is an [`ApiError`]. `GET /metrics` (Prometheus
 //! text), `GET /events` (server-sent [`Status`] events) and the web page's files
@@ -30,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use shardgate_directory::state::MovePhase;
 use shardgate_directory::ShardState;
 
+pub use crate::reload::Reloaded;
 pub use crate::sizes::{BucketSize, Sizes, TenantSize};
 pub use shardgate_directory::state::{LoadReport, MoveRequest, Outcome, RouterInfo, ShadowSample};
 pub use shardgate_directory::Directory;

@@ -43,7 +43,7 @@ pub(super) async fn create_move(ctx: &RouterContext, m: NewMove) -> Answer<Outco
         _ => return Err(Refusal::bad_request("name either a bucket or a tenant")),
     };
     let active = dir.moves.values().filter(|m| m.phase.active()).count();
-    let limit = ctx.config.moves.max_concurrent;
+    let limit = ctx.config.load().moves.max_concurrent;
     if active >= limit {
         return Err(Refusal::conflict(format!(
             "{active} moves are under way and [router.moves] max_concurrent is {limit}; wait for one to finish"

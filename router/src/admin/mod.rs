@@ -73,7 +73,9 @@ pub async fn serve(
 
 /// [`serve`], over TLS when `tls` is given (see [`crate::tls::https_acceptor`]):
 /// then every connection must begin with a TLS handshake, and one that does not
-/// (a request in the clear, say) is closed.
+/// (a request in the clear, say) is closed. The acceptor is kept in the
+/// router's context, where a reload replaces it with one of the new
+/// certificate ([`crate::reload`]).
 pub async fn serve_with(
     addr: &str,
     ctx: Arc<RouterContext>,
@@ -93,6 +95,10 @@ pub async fn serve_with(
         ));
     }
     info!(%local, tls = tls.is_some(), "admin API listening");
+    let https = tls.is_some();
+    if let Some(tls) = tls {
+        ctx.admin_tls.store(Some(Arc::new(tls)));
+    }
     let (running_tx, running) = tokio::sync::watch::channel(());
     let shared = Arc::new(Shared {
         ctx,
@@ -105,17 +111,20 @@ pub async fn serve_with(
         while let Ok((stream, _)) = listener.accept().await {
             // The handshake too is the connection's own task: a slow client
             // holds up no other.
-            tokio::spawn(connection(stream, tls.clone(), shared.clone()));
+            tokio::spawn(connection(stream, https, shared.clone()));
         }
     });
     Ok((local, task))
 }
 
-/// One connection: its TLS handshake when the server has TLS, then one request.
-async fn connection(stream: TcpStream, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
-    let Some(acceptor) = tls else {
+/// One connection: its TLS handshake when the server has TLS (with the
+/// certificate in force), then one request.
+async fn connection(stream: TcpStream, https: bool, shared: Arc<Shared>) {
+    if !https {
         return serve_http(stream, shared).await;
-    };
+    }
+    // Stored before the server accepted anything; a reload replaces it.
+    let Some(acceptor) = shared.ctx.admin_tls.load_full() else { return };
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(stream)) => serve_http(stream, shared).await,
         Ok(Err(e)) => debug!(error = %e, "admin TLS handshake failed"),

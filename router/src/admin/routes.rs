@@ -51,6 +51,7 @@ pub(super) async fn route(ctx: &RouterContext, req: &Request) -> (u16, String) {
             post(body, r#"{"id": …, "address": …, "learner": …}"#, |n: AddNode| commands::add_node(ctx, n)).await
         }
         ("POST", "/nodes/remove") => post(body, r#"{"id": …}"#, |n: NodeId| commands::remove_node(ctx, n.id)).await,
+        ("POST", "/reload") => to_http(reload(ctx), Compact),
         ("GET", _) | ("POST", _) => {
             to_http::<()>(Err(Refusal::new(404, "no such endpoint; see docs/directory.md")), Compact)
         }
@@ -89,6 +90,15 @@ where
         Err(e) => Err(Refusal::bad_request(format!("expected {shape}: {e}"))),
     };
     to_http(answer, Layout::Compact)
+}
+
+/// `POST /reload`: the configuration file read again and put in force (as
+/// SIGHUP does), or refused with the reason.
+fn reload(ctx: &RouterContext) -> Answer<crate::reload::Reloaded> {
+    ctx.reload_from_source().map_err(|e| match e {
+        crate::reload::ReloadError::Refused(_) => Refusal::new(422, e.to_string()),
+        crate::reload::ReloadError::NoSource => Refusal::conflict(e.to_string()),
+    })
 }
 
 /// `GET /directory`, linearizable: first make sure this replica has applied

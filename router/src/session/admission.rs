@@ -72,7 +72,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         });
         if writes {
             let why = self.wait_for_lease().await?;
-            let why = format!("{why}; this write waited {:?} for it", self.ctx.config.lease_wait);
+            let why = format!("{why}; this write waited {:?} for it", self.ctx.config.load().lease_wait);
             return Some(
                 SqlError::new("57P03", why)
                     .hint("writes resume by themselves when the directory is reachable again; check `shardgate status` and the network between the nodes"),
@@ -92,7 +92,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) async fn wait_for_lease(&self) -> Option<String> {
         let (node, lease) = self.ctx.replica.as_ref()?;
         let lease = *lease;
-        let wait = self.ctx.config.lease_wait;
+        let wait = self.ctx.config.load().lease_wait;
         if !wait.is_zero() {
             let metrics = crate::metrics::global();
             metrics.lease_wait_started();
@@ -152,9 +152,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let joining = route::Joining {
             bound: self.txn.held.as_ref().map(|b| b.shard),
             in_block: self.txn.in_block(),
-            cross_shard: self.ctx.config.cross_shard_transactions == crate::config::CrossShard::TwoPhase,
+            cross_shard: self.ctx.two_phase(),
         };
-        let mut rules = self.ctx.config.routing_rules();
+        let mut rules = self.ctx.rules();
         rules.session_state = self.pooling.is_some();
         let target = route::route_statements(
             &analysis.statements,

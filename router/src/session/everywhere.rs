@@ -207,7 +207,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // On every shard or on none, unless the statement cannot run in a
         // transaction block, or the string ends or opens one itself.
         if shards.len() > 1
-            && self.ctx.config.cross_shard_transactions == crate::config::CrossShard::TwoPhase
+            && self.ctx.two_phase()
             && !analysis.statements.iter().any(|s| matches!(s.kind, StatementKind::Txn(_)))
             && self.run_everywhere_atomically(sql, &shards, ddl).await?
         {

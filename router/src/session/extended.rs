@@ -103,11 +103,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if sync && (self.txn.in_block() || self.txn.aborted) && rolls_back_then_deallocates(&statements) {
             return Box::pin(self.roll_back_then_deallocate(batch, &statements)).await;
         }
-        if several_shards
-            && sync
-            && !self.txn.aborted
-            && self.ctx.config.cross_shard_transactions == crate::config::CrossShard::TwoPhase
-        {
+        if several_shards && sync && !self.txn.aborted && self.ctx.two_phase() {
             // One transaction across shards (asyncpg's executemany, a JDBC batch).
             return Box::pin(self.run_pipeline_across(batch, &statements)).await;
         }
@@ -389,7 +385,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let dir = self.ctx.directory.load();
                 let shards = everywhere(&dir, statements.iter().flat_map(|a| a.statements.iter()));
                 let all = || statements.iter().flat_map(|a| a.statements.iter());
-                let two_phase = self.ctx.config.cross_shard_transactions == crate::config::CrossShard::TwoPhase;
+                let two_phase = self.ctx.two_phase();
                 let keyless_write = |s: &crate::sql::Statement| {
                     matches!(s.kind, StatementKind::Update | StatementKind::Delete)
                         && s.tables.iter().any(|t| self.ctx.catalog.is_sharded(t))
@@ -410,10 +406,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             }
             Target::SplitInsert(parts)
-                if sync
-                    && statements.len() == 1
-                    && statements[0].statements.len() == 1
-                    && self.ctx.config.cross_shard_transactions == crate::config::CrossShard::TwoPhase =>
+                if sync && statements.len() == 1 && statements[0].statements.len() == 1 && self.ctx.two_phase() =>
             {
                 self.run_split_insert_extended(batch, &statements[0].statements[0], parts).await
             }
@@ -421,7 +414,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if sync
                     && statements.len() == 1
                     && matches!(&statements[0].statements[..], [s] if matches!(s.kind, StatementKind::Update | StatementKind::Delete))
-                    && self.ctx.config.cross_shard_transactions == crate::config::CrossShard::TwoPhase =>
+                    && self.ctx.two_phase() =>
             {
                 let verb = if statements[0].statements[0].kind == StatementKind::Update { "UPDATE" } else { "DELETE" };
                 self.run_write_across_extended(batch, shards, Combine::Sum(verb)).await

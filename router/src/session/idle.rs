@@ -21,12 +21,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             )
             .hint(format!(
                 "the transaction was rolled back: it stayed open and idle for longer than idle_transaction_timeout ({:?}); end transactions promptly",
-                self.ctx.config.idle_transaction_timeout
+                self.ctx.config.load().idle_transaction_timeout
             )),
             IdleTimeout::Session => {
                 SqlError::new("57P05", "terminating connection due to idle-session timeout".into()).hint(format!(
                     "the connection was idle for longer than client_idle_timeout ({:?}); connect again",
-                    self.ctx.config.client_idle_timeout
+                    self.ctx.config.load().client_idle_timeout
                 ))
             }
         };

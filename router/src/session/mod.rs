@@ -126,8 +126,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub fn new(ctx: Arc<RouterContext>, client: Connection<S>, cancel_key: (i32, i32)) -> Self {
         let admission = Admission::new(ctx.in_flight.clone());
         let cancel = ctx.cancel_slot(cancel_key);
-        let timeouts = !ctx.config.client_idle_timeout.is_zero() || !ctx.config.idle_transaction_timeout.is_zero();
-        let idle = timeouts.then(|| ctx.idle.register());
+        let idle = ctx.idle_timeouts().then(|| ctx.idle.register());
         Session {
             ctx,
             client,
@@ -203,6 +202,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     async fn serve(&mut self) -> Result<(), SessionError> {
         loop {
+            if self.idle.is_none() && self.ctx.idle_timeouts() {
+                // A reload turned an idle timeout on.
+                self.idle = Some(self.ctx.idle.register());
+            }
             let read = match &self.idle {
                 None if self.pooling.is_some() => self.read_client().await,
                 None => self.client.read().await,
@@ -278,7 +281,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         // Outside a transaction block a simple query may run as its shape's
         // prepared statement (see crate::sql::lift).
-        let lookup = if self.ctx.config.prepare_simple_queries
+        let lookup = if self.ctx.prepare_simple_queries()
             && self.txn.held.is_none()
             && self.txn.pending_begin.is_none()
             && self.multi.is_none()
@@ -368,7 +371,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             // A keyless UPDATE or DELETE of a sharded table (allow_cross_shard_writes):
             // every shard's part committed together, the rows written summed.
             Target::All
-                if self.ctx.config.cross_shard_transactions == crate::config::CrossShard::TwoPhase
+                if self.ctx.two_phase()
                     && matches!(&analysis.statements[..], [s] if matches!(s.kind, StatementKind::Update | StatementKind::Delete)
                         && s.tables.iter().any(|t| self.ctx.catalog.is_sharded(t))) =>
             {
@@ -382,7 +385,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             Target::Fanout(shards)
                 if matches!(analysis.statements[0].kind, StatementKind::Update | StatementKind::Delete)
-                    && self.ctx.config.cross_shard_transactions == crate::config::CrossShard::TwoPhase =>
+                    && self.ctx.two_phase() =>
             {
                 Box::pin(self.run_write_atomically(&analysis.statements[0], shards)).await
             }

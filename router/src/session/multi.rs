@@ -11,7 +11,6 @@ use super::everywhere::{collect, everywhere};
 use super::reply::prefix_error;
 use super::transaction::Held;
 use super::{Session, SessionError};
-use crate::config::CrossShard;
 use crate::error::SqlError;
 use crate::protocol::messages::{self, Severity};
 use crate::protocol::Message;
@@ -185,7 +184,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         analysis: &Analysis,
         dir: &shardgate_directory::Directory,
     ) -> Result<Target, SqlError> {
-        let rules = self.ctx.config.routing_rules();
+        let rules = self.ctx.rules();
         let mut target = Target::Any;
         for stmt in &analysis.statements {
             let t = route::route(stmt, None, self.tenant.as_ref(), dir, &self.ctx.catalog, &rules, &mut Vec::new())?;
@@ -202,7 +201,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// since that cannot be undone.
     pub(super) async fn end_multi(&mut self, commit: bool) -> Result<(), SessionError> {
         let mut bounds = self.multi.take().map(|all| all.held).unwrap_or_default();
-        if commit && bounds.len() > 1 && self.ctx.config.cross_shard_transactions == CrossShard::TwoPhase {
+        if commit && bounds.len() > 1 && self.ctx.two_phase() {
             let mut decider = bounds.pop().expect("two parts or more");
             let ended = self.commit_parts(&mut decider, &mut bounds).await;
             for b in bounds.iter_mut().chain(std::iter::once(&mut decider)) {

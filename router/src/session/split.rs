@@ -188,7 +188,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(t) => t,
             Err(e) => return self.fail_simple(e).await,
         };
-        let two_phase = self.ctx.config.cross_shard_transactions == crate::config::CrossShard::TwoPhase;
+        let two_phase = self.ctx.two_phase();
         if two_phase && self.txn.in_block() {
             // Each shard's rows join the block; its COMMIT commits them all.
             return self.run_parts_in_block(texts, "INSERT 0").await;

@@ -11,7 +11,6 @@ use super::prepared::unknown_statement;
 use super::relay::RelayError;
 use super::transaction::Held;
 use super::{Session, SessionError};
-use crate::config::CrossShard;
 use crate::context::CancelTarget;
 use crate::error::SqlError;
 use crate::protocol::messages::{self, Bind, Severity};
@@ -84,7 +83,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 ),
             )
         };
-        if self.ctx.config.cross_shard_transactions == CrossShard::Refuse {
+        if !self.ctx.two_phase() {
             return Err(cannot("cross_shard_transactions = \"refuse\"".into())
                 .hint("keep each transaction (and each query string) to one tenant's shard, or set cross_shard_transactions = \"two_phase\""));
         }

@@ -37,11 +37,16 @@ impl ClientSslMode {
     }
 }
 
-/// The router's side of clients' TLS, built once at start.
+/// The router's side of clients' TLS, built at start and again by each
+/// reload (the files are read anew: a renewed certificate at the same path
+/// is picked up).
 #[derive(Clone)]
 pub struct ClientTls {
     pub mode: ClientSslMode,
     acceptor: Option<TlsAcceptor>,
+    /// SHA-256 of the certificate chain presented, to tell a reload whether
+    /// the certificate changed.
+    fingerprint: Option<[u8; 32]>,
 }
 
 impl std::fmt::Debug for ClientTls {
@@ -54,7 +59,7 @@ impl std::fmt::Debug for ClientTls {
 impl ClientTls {
     /// No TLS: every SSLRequest is declined.
     pub fn disabled() -> ClientTls {
-        ClientTls { mode: ClientSslMode::Disable, acceptor: None }
+        ClientTls { mode: ClientSslMode::Disable, acceptor: None, fingerprint: None }
     }
 
     /// Reads the certificate chain and key. Without `mode`, a configured
@@ -70,9 +75,12 @@ impl ClientTls {
             _ => return Err(TlsError::Setting("tls_cert_file and tls_key_file must be set together".into())),
         };
         let mode = mode.unwrap_or(if files.is_some() { ClientSslMode::Allow } else { ClientSslMode::Disable });
-        let acceptor = match (mode, files) {
-            (ClientSslMode::Disable, _) => None,
-            (_, Some((cert, key))) => Some(acceptor(cert, key)?),
+        let (acceptor, fingerprint) = match (mode, files) {
+            (ClientSslMode::Disable, _) => (None, None),
+            (_, Some((cert, key))) => {
+                let (config, fingerprint) = server_config(cert, key)?;
+                (Some(TlsAcceptor::from(Arc::new(config))), Some(fingerprint))
+            }
             (_, None) => {
                 return Err(TlsError::Setting(format!(
                     "ssl_mode = \"{}\" needs a certificate: set tls_cert_file and tls_key_file",
@@ -80,7 +88,13 @@ impl ClientTls {
                 )))
             }
         };
-        Ok(ClientTls { mode, acceptor })
+        Ok(ClientTls { mode, acceptor, fingerprint })
+    }
+
+    /// Whether `other` presents another certificate than this one (or one
+    /// where this has none).
+    pub fn certificate_differs(&self, other: &ClientTls) -> bool {
+        self.fingerprint != other.fingerprint
     }
 
     /// What the router answers a client's SSLRequest with: its acceptor, or
@@ -99,17 +113,17 @@ impl ClientTls {
 /// clients' TLS (`[router] tls_cert_file`, `tls_key_file`), offering HTTP/1.1
 /// by ALPN.
 pub fn https_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
-    let mut config = server_config(cert, key)?;
+    let (mut config, _) = server_config(cert, key)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
-    Ok(TlsAcceptor::from(Arc::new(server_config(cert, key)?)))
-}
-
-fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, TlsError> {
+/// The server side of TLS with the chain of `cert` and its `key`, and the
+/// chain's SHA-256.
+fn server_config(cert: &Path, key: &Path) -> Result<(rustls::ServerConfig, [u8; 32]), TlsError> {
+    use sha2::Digest;
     let chain = read_certs(cert, "tls_cert_file")?;
+    let fingerprint = chain.iter().fold(sha2::Sha256::new(), |h, c| h.chain_update(c.as_ref())).finalize().into();
     let key_der = read_key(key, "tls_key_file")?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -117,5 +131,5 @@ fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, TlsErr
         .with_no_client_auth()
         .with_single_cert(chain, key_der)
         .map_err(|e| TlsError::Setting(format!("tls_cert_file and tls_key_file do not make a usable pair: {e}")))?;
-    Ok(config)
+    Ok((config, fingerprint))
 }

@@ -92,7 +92,7 @@ impl Sweeper {
         }
         if let std::collections::hash_map::Entry::Vacant(slot) = self.conns.entry(shard) {
             let pool = ctx.pool(shard).ok_or("no pool for the shard")?;
-            let timeout = ctx.config.pool.connect_timeout.max(Duration::from_secs(1));
+            let timeout = ctx.config.load().pool.connect_timeout.max(Duration::from_secs(1));
             let b = Backend::connect_with(&pool.address, timeout, &[("application_name", SWEEP_NAME)])
                 .await
                 .map_err(|e| e.to_string())?;
@@ -265,7 +265,7 @@ pub async fn ensure_ready(ctx: &RouterContext, shard: ShardId) -> Result<(), Str
     // A connection of its own: the transaction may hold the only one the
     // pool allows.
     let pool = ctx.pool(shard).ok_or("the shard is not in the directory")?;
-    let timeout = ctx.config.pool.connect_timeout.max(Duration::from_secs(1));
+    let timeout = ctx.config.load().pool.connect_timeout.max(Duration::from_secs(1));
     let mut conn = Backend::connect_with(&pool.address, timeout, &[("application_name", SWEEP_NAME)])
         .await
         .map_err(|e| e.to_string())?;
