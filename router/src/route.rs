@@ -315,6 +315,16 @@ pub fn route_statements(
     let several = statements.len() > 1;
     for stmt in statements {
         let t = route(stmt, params, fallback_key, dir, catalog, rules, touched)?;
+        if let (Target::Fanout(_), [read], true) = (&t, statements, joining.in_block) {
+            if read.kind == StatementKind::Select && read.nested_writes.is_empty() && !may_lock_rows(&read.text) {
+                // A read of every shard inside a transaction block: the
+                // shards the block reached read on its connections (its own
+                // writes seen), the others on connections of their own
+                // (docs/transactions.md, "Reads of every shard").
+                check_reference_reads(statements, &t, dir, catalog)?;
+                return Ok(t);
+            }
+        }
         let c = combine(combined, t, joining, dir)?;
         if several && !matches!(c, Target::Shard(_) | Target::Any | Target::All) {
             return Err(SqlError::new(
@@ -350,6 +360,17 @@ pub fn route_statements(
         .hint("run them outside BEGIN … COMMIT"));
     }
     Ok(target)
+}
+
+/// Whether a read may take row locks (`FOR UPDATE`, `FOR SHARE` and their
+/// kin): inside a transaction block those must be held to its end, which a
+/// shard the block has not reached cannot do. A text scan: a mention inside a
+/// string only refuses what could have run.
+fn may_lock_rows(sql: &str) -> bool {
+    let lower = sql.to_ascii_lowercase();
+    let words: Vec<&str> =
+        lower.split(|c: char| !c.is_ascii_alphanumeric() && c != '_').filter(|w| !w.is_empty()).collect();
+    words.windows(2).any(|w| w[0] == "for" && matches!(w[1], "update" | "share" | "no" | "key"))
 }
 
 /// Where a statement runs together with those before it (`before`: their

@@ -40,16 +40,22 @@ pub enum Reply {
 /// Sends `run` (the session settings as simple queries, whose `skip` answers are
 /// dropped except for errors; then the read, as a simple query or as one
 /// extended-protocol pipeline ending in Sync) and passes each message of the
-/// read's answer on until ReadyForQuery. The connection goes back to the pool only
-/// if its answer was read to the end.
-pub async fn read_shard(mut conn: Pooled, run: Bytes, mut skip: usize, tx: mpsc::Sender<Reply>) {
+/// read's answer on until ReadyForQuery. Gives the connection back with the
+/// transaction status of that ReadyForQuery; None (and the connection marked
+/// broken) when its answer was not read to the end.
+pub async fn read_shard(
+    mut conn: Pooled,
+    run: Bytes,
+    mut skip: usize,
+    tx: mpsc::Sender<Reply>,
+) -> (Pooled, Option<u8>) {
     let name = conn.shard_name().to_string();
     let lost = |e: ProtocolError| SqlError::new("08006", format!("lost the connection to shard {name}: {e}"));
     conn.broken = true; // until ReadyForQuery
     conn.conn.queue(&run);
     if let Err(e) = conn.conn.flush().await {
         let _ = tx.send(Reply::Failed(lost(e))).await;
-        return;
+        return (conn, None);
     }
     let mut listening = true;
     let mut drained = 0usize;
@@ -60,17 +66,17 @@ pub async fn read_shard(mut conn: Pooled, run: Bytes, mut skip: usize, tx: mpsc:
                 if listening {
                     let _ = tx.send(Reply::Failed(lost(e))).await;
                 }
-                return;
+                return (conn, None);
             }
         };
         match m.tag() {
             b'Z' if skip > 0 => skip -= 1,
             b'Z' => {
-                conn.broken = m.body().first() != Some(&b'I');
+                conn.broken = false;
                 if listening {
                     let _ = tx.send(Reply::End).await;
                 }
-                return;
+                return (conn, m.body().first().copied());
             }
             b'E' | b'T' | b'D' | b'C' | b'I' | b'1' | b't' if skip == 0 || m.tag() == b'E' => {
                 if listening && tx.send(Reply::Message(m.raw().clone())).await.is_err() {
@@ -79,7 +85,7 @@ pub async fn read_shard(mut conn: Pooled, run: Bytes, mut skip: usize, tx: mpsc:
                 if !listening {
                     drained += m.raw().len();
                     if drained > DRAIN_BYTES {
-                        return; // still marked broken: closed, not reused
+                        return (conn, None); // still marked broken: closed, not reused
                     }
                 }
             }
@@ -87,7 +93,7 @@ pub async fn read_shard(mut conn: Pooled, run: Bytes, mut skip: usize, tx: mpsc:
                 // COPY FROM STDIN cannot be fed here.
                 conn.conn.queue(&messages::Builder::new(b'f').cstr("not supported here").finish());
                 if conn.conn.flush().await.is_err() {
-                    return;
+                    return (conn, None);
                 }
             }
             _ => {}

@@ -419,11 +419,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let verb = if statements[0].statements[0].kind == StatementKind::Update { "UPDATE" } else { "DELETE" };
                 self.run_write_across_extended(batch, shards, Combine::Sum(verb)).await
             }
+            // Outside a pipeline left open by Flush; inside a transaction
+            // block the block's shards read on its connections.
             Target::Fanout(shards)
-                if sync && self.txn.held.is_none() && statements.len() == 1 && statements[0].statements.len() == 1 =>
+                if sync
+                    && (self.txn.held.is_none() || !self.txn.open_batch)
+                    && statements.len() == 1
+                    && statements[0].statements.len() == 1 =>
             {
                 let stmt = &statements[0].statements[0];
                 let text = &stmt.text;
+                let executes = batch.iter().filter(|m| m.tag() == b'E').count();
+                if executes > 1 && self.txn.held.is_some() {
+                    let e = SqlError::new(
+                        "0A000",
+                        "a read of every shard inside a transaction block runs once per pipeline".into(),
+                    )
+                    .hint("send a Sync after each Execute of it");
+                    return self.fail_batch(e, sync).await;
+                }
                 match self.plan_fanout(text) {
                     Ok(plan)
                         if plan.merge == crate::fanout::MergeSpec::Concat

@@ -60,6 +60,41 @@ pub(super) fn result_formats(tail: &[u8]) -> Option<Vec<i16>> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// Runs `runs[i]` (messages ending in one ReadyForQuery) on `shards[i]`,
+    /// all at once, and collects each answer. Inside a transaction block the
+    /// shards it reached run theirs on its connections, seeing its writes.
+    async fn collect_from(
+        &mut self,
+        shards: &[ShardId],
+        runs: &[Vec<u8>],
+    ) -> Vec<Result<(Vec<Bytes>, Option<Bytes>), SqlError>> {
+        let mut block = self.take_block_parts();
+        let own: Vec<Option<super::transaction::Held>> = shards.iter().map(|&s| block.take(s)).collect();
+        let this = &*self;
+        let parts = shards.iter().zip(runs).zip(own).map(|((&s, run), own)| async move {
+            match own {
+                None => (this.collect_messages_on(s, run).await, None),
+                Some(mut h) => {
+                    let prelude = this.settings.prelude(&mut h.conn);
+                    (super::everywhere::collect_messages(&mut h.conn, run, prelude, true).await, Some(h))
+                }
+            }
+        });
+        let answers = futures::future::join_all(parts).await;
+        let mut failed = false;
+        let mut out = Vec::with_capacity(answers.len());
+        for (answer, own) in answers {
+            if let Some(h) = own {
+                // An error fails the block on that shard, as a broken connection does.
+                failed |= h.conn.broken || !matches!(&answer, Ok((_, None)));
+                block.parts.push(h);
+            }
+            out.push(answer);
+        }
+        self.return_block_parts(block, failed);
+        out
+    }
+
     /// A read without a tenant: every shard (concurrently), results merged.
     pub(super) async fn run_fanout(&mut self, stmt: &Statement, shards: Vec<ShardId>) -> Result<(), SessionError> {
         let plan = match self.plan_fanout(&stmt.text) {
@@ -75,12 +110,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let read = |sql: &str| messages::query(sql).to_vec();
             return self.stream_fanout(Answer::Simple, &shards, &plan.shard_sql, texts, read, &merge).await;
         }
-        let this = &*self;
-        let runs = shards.iter().zip(&texts).map(|(&s, sql)| {
-            let sql = sql.as_deref().unwrap_or(plan.shard_sql.as_str());
-            async move { this.collect_on(s, sql).await }
-        });
-        let answers = futures::future::join_all(runs).await;
+        let runs: Vec<Vec<u8>> = texts
+            .iter()
+            .map(|sql| messages::query(sql.as_deref().unwrap_or(plan.shard_sql.as_str())).to_vec())
+            .collect();
+        let answers = self.collect_from(&shards, &runs).await;
         let dir = self.ctx.directory.load();
         let mut results = Vec::with_capacity(answers.len());
         for (answer, &s) in answers.into_iter().zip(&shards) {
@@ -209,12 +243,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let answer = Answer::Extended { batch, formats: &result_formats, relayed, max_rows };
             return self.stream_fanout(answer, &shards, &plan.shard_sql, texts, read, &merge).await;
         }
-        let this = &*self;
-        let runs = shards.iter().zip(&texts).map(|(&s, sql)| {
-            let run = read(sql.as_deref().unwrap_or(plan.shard_sql.as_str()));
-            async move { this.collect_messages_on(s, &run).await }
-        });
-        let answers = futures::future::join_all(runs).await;
+        let runs: Vec<Vec<u8>> =
+            texts.iter().map(|sql| read(sql.as_deref().unwrap_or(plan.shard_sql.as_str()))).collect();
+        let answers = self.collect_from(&shards, &runs).await;
         let dir = self.ctx.directory.load();
         let mut results = Vec::with_capacity(answers.len());
         let mut params_description = None;

@@ -30,19 +30,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         merge: &FullMerge,
     ) -> Result<(), SessionError> {
         let dir = self.ctx.directory.load();
+        // Inside a transaction block, the shards it reached read on its
+        // connections (seeing its writes); every connection is had before
+        // anything is sent.
+        let mut block = self.take_block_parts();
+        let mut conns = Vec::with_capacity(shards.len());
+        for &s in shards {
+            if let Some(h) = block.take(s) {
+                conns.push((h.conn, true));
+                continue;
+            }
+            let got = match self.role_pool(s) {
+                Some(pool) => pool.get().await.map_err(|e| SqlError::new(e.sqlstate(), e.to_string())),
+                None => Err(SqlError::new("XX000", format!("no pool for shard {s}"))),
+            };
+            match got {
+                Ok(c) => conns.push((c, false)),
+                Err(e) => {
+                    for ((conn, mine), &s) in conns.into_iter().zip(shards) {
+                        if mine {
+                            block.parts.push(super::transaction::Held { shard: s, conn });
+                        }
+                    }
+                    self.return_block_parts(block, false);
+                    return self.fail_answer(&answer, e).await;
+                }
+            }
+        }
         let mut readers = Vec::with_capacity(shards.len());
         let mut streams = Vec::with_capacity(shards.len());
-        for (&s, text) in shards.iter().zip(&texts) {
-            let pool = match self.role_pool(s) {
-                Some(p) => p,
-                None => {
-                    return self.fail_answer(&answer, SqlError::new("XX000", format!("no pool for shard {s}"))).await
-                }
-            };
-            let mut conn = match pool.get().await {
-                Ok(c) => c,
-                Err(e) => return self.fail_answer(&answer, SqlError::new(e.sqlstate(), e.to_string())).await,
-            };
+        let mut mine = Vec::with_capacity(shards.len());
+        for (((mut conn, own), &s), text) in conns.into_iter().zip(shards).zip(&texts) {
             let mut run = Vec::new();
             let mut skip = 0;
             if let Some(p) = self.settings.prelude(&mut conn) {
@@ -52,11 +70,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             run.extend_from_slice(&read(text.as_deref().unwrap_or(sql)));
             let (tx, rx) = tokio::sync::mpsc::channel(crate::fanout::QUEUE);
             readers.push(crate::fanout::read_shard(conn, Bytes::from(run), skip, tx));
+            mine.push(own);
             let name = dir.shards.get(s).map(|x| x.name.clone()).unwrap_or_default();
             streams.push(crate::fanout::ShardRows::new(name, rx));
         }
         let relay = self.relay_streams(answer, streams, merge);
-        let (_, relayed) = tokio::join!(futures::future::join_all(readers), relay);
+        let (read, relayed) = tokio::join!(futures::future::join_all(readers), relay);
+        let mut failed = false;
+        for (((mut conn, status), own), &s) in read.into_iter().zip(mine).zip(shards) {
+            if own {
+                // The block goes on unless its part failed or was cut short.
+                failed |= status != Some(b'T');
+                block.parts.push(super::transaction::Held { shard: s, conn });
+            } else if status != Some(b'I') {
+                conn.broken = true;
+            }
+        }
+        self.return_block_parts(block, failed);
         relayed
     }
 

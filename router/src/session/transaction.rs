@@ -52,6 +52,21 @@ impl Transaction {
     }
 }
 
+/// A transaction block's connections, taken for a read of every shard.
+pub(super) struct BlockParts {
+    /// The shard of the held connection.
+    held: Option<ShardId>,
+    pub(super) parts: Vec<Held>,
+}
+
+impl BlockParts {
+    /// The block's connection to `shard`, if it reached it.
+    pub(super) fn take(&mut self, shard: ShardId) -> Option<Held> {
+        let i = self.parts.iter().position(|h| h.shard == shard)?;
+        Some(self.parts.swap_remove(i))
+    }
+}
+
 /// A server connection checked out of a shard's pool.
 pub(super) struct Held {
     pub(super) shard: ShardId,
@@ -187,6 +202,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             );
         }
         self.ready().await
+    }
+
+    /// The connections of the transaction block (the held one, and those
+    /// parked on the other shards it wrote), taken for a read of every shard,
+    /// so that the shards it reached read inside it. Empty outside a block.
+    /// Given back with [`Self::return_block_parts`].
+    pub(super) fn take_block_parts(&mut self) -> BlockParts {
+        let held = self.txn.held.as_ref().map(|h| h.shard);
+        if !self.txn.in_block() || held.is_none() {
+            return BlockParts { held, parts: Vec::new() };
+        }
+        let mut parts: Vec<Held> = self.txn.held.take().into_iter().collect();
+        parts.append(&mut self.txn.parked);
+        BlockParts { held, parts }
+    }
+
+    /// Puts back what [`Self::take_block_parts`] took. `failed`: a part's
+    /// read failed or its connection broke, so the block failed as a whole,
+    /// as in Postgres: everything is refused until it ends.
+    pub(super) fn return_block_parts(&mut self, taken: BlockParts, failed: bool) {
+        for h in taken.parts {
+            if Some(h.shard) == taken.held && self.txn.held.is_none() {
+                self.txn.held = Some(h);
+            } else {
+                self.txn.parked.push(h);
+            }
+        }
+        if failed {
+            self.txn.aborted = true;
+        }
     }
 
     /// Checks a server connection out of `shard`'s pool unless one is held; sends any
