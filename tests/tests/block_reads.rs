@@ -10,16 +10,24 @@ async fn count(c: &tokio_postgres::Client) -> i64 {
     got[0][0].as_deref().unwrap().parse().unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_read_of_every_shard_inside_a_block_sees_the_blocks_own_writes() {
+/// Two shards, a table, a tenant on each (`near` on shard 0, `far` on 1), each
+/// with a row for each of `ns`.
+async fn setup(ns: &[i32]) -> (Harness, tokio_postgres::Client, i64, i64) {
     let h = Harness::start(2).await;
     let c = h.client().await;
     c.batch_execute("CREATE TABLE items (tenant_id bigint, n int)").await.unwrap();
-    let near = h.tenants_on(0, 1)[0];
-    let far = h.tenants_on(1, 1)[0];
+    let (near, far) = (h.tenants_on(0, 1)[0], h.tenants_on(1, 1)[0]);
     for t in [near, far] {
-        c.execute("INSERT INTO items VALUES ($1, 1), ($1, 2)", &[&t]).await.unwrap();
+        for n in ns {
+            c.execute("INSERT INTO items VALUES ($1, $2)", &[&t, n]).await.unwrap();
+        }
     }
+    (h, c, near, far)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_of_every_shard_inside_a_block_sees_the_blocks_own_writes() {
+    let (h, c, near, far) = setup(&[1, 2]).await;
     assert_eq!(count(&c).await, 4);
 
     // On one shard, rolled back: the merged read and the grouped read see
@@ -56,14 +64,7 @@ async fn a_read_of_every_shard_inside_a_block_sees_the_blocks_own_writes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_read_of_every_shard_fails_the_block_and_row_locks_are_refused() {
-    let h = Harness::start(2).await;
-    let c = h.client().await;
-    c.batch_execute("CREATE TABLE items (tenant_id bigint, n int)").await.unwrap();
-    let near = h.tenants_on(0, 1)[0];
-    let far = h.tenants_on(1, 1)[0];
-    for t in [near, far] {
-        c.execute("INSERT INTO items VALUES ($1, 0)", &[&t]).await.unwrap();
-    }
+    let (_h, c, near, far) = setup(&[0]).await;
 
     c.simple_query("BEGIN").await.unwrap();
     c.simple_query(&format!("INSERT INTO items VALUES ({near}, 5)")).await.unwrap();
