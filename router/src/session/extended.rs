@@ -419,11 +419,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let verb = if statements[0].statements[0].kind == StatementKind::Update { "UPDATE" } else { "DELETE" };
                 self.run_write_across_extended(batch, shards, Combine::Sum(verb)).await
             }
-            // Outside a pipeline left open by Flush; inside a transaction
-            // block the block's shards read on its connections.
+            // Outside a pipeline left open by Flush, or inside a transaction
+            // block, where the block's shards read on its connections (the
+            // read's Sync ends what the Flush left open: asyncpg prepares
+            // with Parse, Describe and Flush).
             Target::Fanout(shards)
                 if sync
-                    && (self.txn.held.is_none() || !self.txn.open_batch)
+                    && (self.txn.held.is_none() || !self.txn.open_batch || self.txn.last_status == b'T')
                     && statements.len() == 1
                     && statements[0].statements.len() == 1 =>
             {

@@ -215,6 +215,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let mut parts: Vec<Held> = self.txn.held.take().into_iter().collect();
         parts.append(&mut self.txn.parked);
+        // The read ends in a Sync on the held connection, which closes a
+        // pipeline a Flush left open there.
+        self.txn.open_batch = false;
         BlockParts { held, parts }
     }
 

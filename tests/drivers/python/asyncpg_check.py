@@ -66,6 +66,13 @@ async def main():
         await conn.execute("UPDATE items SET flag = flag WHERE tenant_id = $1 AND id = 3", a)
         status = await conn.execute("UPDATE items SET flag = flag WHERE tenant_id = ANY($1) AND id = 3", [a, b])
         check(status == "UPDATE 2", f"an UPDATE of both tenants inside a transaction: {status}")
+    # A read of every shard inside a transaction sees its own writes there.
+    async with conn.transaction():
+        await conn.execute(INSERT, *params(a, 4))
+        n = await conn.fetchval("SELECT count(*) FROM items WHERE id = 4")
+        check(n == 1, f"a read of every shard inside the transaction that wrote the row: {n}")
+    check(await conn.fetchval("SELECT count(*) FROM items WHERE id = 4") == 1, "committed")
+    await conn.execute("DELETE FROM items WHERE tenant_id = $1 AND id = 4", a)
 
     # executemany: one pipeline; across shards it needs a transaction block.
     async with conn.transaction():
