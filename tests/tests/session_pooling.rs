@@ -109,6 +109,7 @@ async fn session_state_of_another_shards_tenant_is_refused_and_other_roles_keep_
     let far = h.tenants_on(1, 1)[0];
     let near = h.tenants_on(0, 1)[0];
     setup.execute("INSERT INTO items VALUES ($1, 1), ($2, 2)", &[&far, &near]).await.unwrap();
+    setup.batch_execute("CREATE TABLE refs (n int)").await.unwrap();
 
     let (a, _) = connect_as(&h, "sess").await;
     // A cursor WITH HOLD over a tenant of the home shard works; over one of
@@ -126,6 +127,15 @@ async fn session_state_of_another_shards_tenant_is_refused_and_other_roles_keep_
     a.execute("INSERT INTO picks VALUES ($1)", &[&5i32]).await.unwrap();
     let n: i32 = a.query_one("SELECT n FROM picks", &[]).await.unwrap().get(0);
     assert_eq!(n, 5);
+    // What is on every shard cannot be written from it: it is on one.
+    for sql in ["CREATE TABLE copied AS SELECT * FROM picks", "INSERT INTO refs SELECT n FROM picks"] {
+        let e = a.simple_query(sql).await.expect_err(sql);
+        assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
+    }
+    for shard in 0..2 {
+        let refs: i64 = h.shard(shard).await.query_one("SELECT count(*) FROM refs", &[]).await.unwrap().get(0);
+        assert_eq!(refs, 0, "nothing written on shard {shard}");
+    }
     a.execute("DROP TABLE picks", &[]).await.unwrap();
 
     // The router's own role is still in transaction pooling: refused, with

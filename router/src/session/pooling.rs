@@ -68,8 +68,14 @@ impl SessionPooling {
     pub(super) fn place(&self, analysis: &Analysis, target: Target, dir: &Directory) -> Result<Target, SqlError> {
         let home = home_shard(dir);
         let mut uses_state = false;
+        // A table other than the session's own written from its state: a
+        // regular table is on every shard, its state on one.
+        let mut writes_shared = None;
         for s in &analysis.statements {
             let names_temp = s.tables.iter().chain(&s.written).any(|t| self.is_temp(t));
+            if names_temp || matches!(s.kind, StatementKind::SessionState(_)) {
+                writes_shared = writes_shared.or_else(|| s.written.iter().find(|t| !self.is_temp(t)).cloned());
+            }
             match s.kind {
                 StatementKind::SessionState(state) => {
                     uses_state = true;
@@ -92,6 +98,13 @@ impl SessionPooling {
         }
         if !uses_state {
             return Ok(target);
+        }
+        if let (Target::All, Some(table)) = (&target, writes_shared) {
+            return Err(SqlError::new(
+                "0A000",
+                format!("this statement writes {table}, which is on every shard, from this session's temporary state, which is on one"),
+            )
+            .hint("write it from regular tables, or copy the rows out of the temporary table and send them as INSERT … VALUES or COPY"));
         }
         match target {
             Target::Any | Target::All => Ok(Target::Shard(home)),
