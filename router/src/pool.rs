@@ -393,11 +393,6 @@ impl Kept {
         Some(Pooled { backend: Some(backend), pool, permit: Some(permit), kept: Some(self.clone()) })
     }
 
-    /// Whether a connection of `pool` is kept.
-    pub fn holds(&self, pool: &Arc<ShardPool>) -> bool {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|(p, ..)| Arc::ptr_eq(p, pool))
-    }
-
     /// Every kept connection, each returning to its pool when dropped. The
     /// caller resets their session state first (or marks them broken).
     pub fn release(&self) -> Vec<Pooled> {
