@@ -254,34 +254,28 @@ fn session_state_refusal(state: &str) -> SqlError {
     ))
 }
 
-/// Why SQL-level PREPARE, EXECUTE and DEALLOCATE are refused (docs/routing.md):
-/// under transaction pooling a SQL prepared statement would stay on the one
-/// server connection that ran PREPARE, where this session's EXECUTE may not
-/// run and another session's could; its EXECUTE would run on whichever shard,
-/// whatever the tenant keys of its arguments; and DEALLOCATE ALL would drop the
-/// statements the router keeps prepared on that connection for other sessions.
+/// Why SQL-level PREPARE, EXECUTE and DEALLOCATE are refused where routing
+/// sees them (docs/routing.md "SQL PREPARE and EXECUTE"): the session carries
+/// a statement prepared with SQL itself, and routes each EXECUTE by its
+/// arguments, when each is a simple query of its own. Beside other statements,
+/// under EXPLAIN or CREATE TABLE AS, or through the extended protocol they
+/// would reach a shard as written, where no statement of that name is the
+/// session's.
 fn sql_prepared_refusal(p: &SqlPrepared) -> SqlError {
-    let message = match p {
-        SqlPrepared::Prepare { name } => format!(
-            "PREPARE {name} is not supported: shardgate pools server connections per transaction, so a statement prepared with SQL PREPARE would not follow this session, nor be routed by the tenant of each EXECUTE"
-        ),
-        SqlPrepared::Execute { name } => format!(
-            "EXECUTE {name} is not supported: shardgate does not carry SQL-level prepared statements across pooled server connections, so none is prepared for this session"
-        ),
-        // Alone in its query string (or pipeline), DEALLOCATE is answered by the
-        // session like a Close message; beside other statements it is not.
-        SqlPrepared::Deallocate { name } => {
-            let what = name.as_deref().unwrap_or("ALL");
-            return SqlError::new(
-                "0A000",
-                format!("DEALLOCATE {what} must be sent on its own, not in a query string with other statements"),
-            )
-            .hint("send DEALLOCATE as a query of its own: shardgate closes the session's prepared statement then");
-        }
+    let (what, name) = match p {
+        SqlPrepared::Prepare { name } => ("PREPARE", name.as_str()),
+        SqlPrepared::Execute { name } => ("EXECUTE", name.as_str()),
+        SqlPrepared::Deallocate { name } => ("DEALLOCATE", name.as_deref().unwrap_or("ALL")),
     };
-    SqlError::new("0A000", message).hint(
-        "use your driver's protocol-level prepared statements (Parse, Bind, Execute, Close): shardgate prepares them on whichever shard each execution is routed to",
+    SqlError::new(
+        "0A000",
+        format!(
+            "{what} {name} must be sent on its own, as a simple query: shardgate carries SQL prepared statements itself, and not beside other statements, under EXPLAIN or CREATE TABLE AS, or through the extended protocol"
+        ),
     )
+    .hint(format!(
+        "send {what} as a query string of its own (psycopg 3: with no parameters, or through a ClientCursor), or use your driver's protocol-level prepared statements (Parse, Bind, Execute), which shardgate prepares on whichever shard each execution is routed to"
+    ))
 }
 
 /// The transaction that the statements being routed join, as routing sees it.
@@ -909,26 +903,17 @@ mod tests {
     }
 
     #[test]
-    fn sql_prepare_execute_and_deallocate_are_refused_with_a_hint_to_protocol_level_statements() {
+    fn sql_prepare_execute_and_deallocate_reaching_routing_are_refused_with_what_to_do() {
+        // The session carries them alone in a simple query; routing sees them
+        // only beside other statements, under EXPLAIN or CREATE TABLE AS, or
+        // through the extended protocol, and must never send them to a shard.
         let c = crate::sql::testing::cluster();
         for (sql, message) in [
-            ("prepare p as insert into orders values ($1, $2, 0)", "PREPARE p is not supported: "),
-            ("prepare p (bigint) as select * from orders where tenant_id = $1", "PREPARE p is not supported: "),
-            // Not even a statement on no sharded table: the pooled server
-            // connection keeps it for whichever session comes next.
-            ("prepare one as select 1", "PREPARE one is not supported: "),
-            ("execute p(5, 1)", "EXECUTE p is not supported: "),
-            ("explain analyze execute p(5, 1)", "EXECUTE p is not supported: "),
-            ("create table copied as execute p(5, 1)", "EXECUTE p is not supported: "),
-        ] {
-            let e = c.route(sql).expect_err(sql);
-            assert_eq!(e.code, "0A000", "{sql}");
-            assert!(e.message.starts_with(message), "{sql}: {}", e.message);
-            assert!(e.hint.as_deref().is_some_and(|h| h.contains("protocol-level prepared statements")), "{sql}");
-        }
-        // DEALLOCATE is the session's to answer (like a Close); it reaches
-        // routing only beside other statements, and never a shard.
-        for (sql, message) in [
+            ("prepare p as insert into orders values ($1, $2, 0)", "PREPARE p must be sent on its own"),
+            ("prepare one as select 1", "PREPARE one must be sent on its own"),
+            ("execute p(5, 1)", "EXECUTE p must be sent on its own"),
+            ("explain analyze execute p(5, 1)", "EXECUTE p must be sent on its own"),
+            ("create table copied as execute p(5, 1)", "EXECUTE p must be sent on its own"),
             ("deallocate p", "DEALLOCATE p must be sent on its own"),
             ("deallocate prepare p", "DEALLOCATE p must be sent on its own"),
             ("deallocate all", "DEALLOCATE ALL must be sent on its own"),
@@ -936,6 +921,7 @@ mod tests {
             let e = c.route(sql).expect_err(sql);
             assert_eq!(e.code, "0A000", "{sql}");
             assert!(e.message.starts_with(message), "{sql}: {}", e.message);
+            assert!(e.hint.as_deref().is_some_and(|h| h.contains("protocol-level prepared statements")), "{sql}");
         }
     }
 

@@ -353,36 +353,101 @@ async fn data_changing_with_queries_write_only_on_their_own_tenants_shard() {
     );
 }
 
+/// SQL PREPARE and EXECUTE, carried by the session: each EXECUTE runs on the
+/// shard of the tenant its arguments name, with the parameter types the
+/// PREPARE declared; errors come where Postgres gives them; DEALLOCATE and
+/// another session see what they would on one server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sql_prepare_and_execute_are_refused_and_place_no_row() {
+async fn sql_prepare_and_execute_run_each_execution_on_its_tenants_shard() {
     let (h, c, t0, t1) = two_tenants_with_orders().await;
-    let before = placement(&h, 2).await;
-    for (sql, message) in [
-        ("PREPARE ins AS INSERT INTO orders VALUES ($1, $2, $3)".to_string(), "PREPARE ins is not supported: "),
-        ("PREPARE one AS SELECT 1".to_string(), "PREPARE one is not supported: "),
-        (format!("EXECUTE ins({t1}, 5, 0)"), "EXECUTE ins is not supported: "),
-        (format!("EXECUTE ins({t0}, 5, 0)"), "EXECUTE ins is not supported: "),
+    let row = |t: i64, id: i64, total: &str| vec![Some(t.to_string()), Some(id.to_string()), Some(total.to_string())];
+    let one = |sql: &str, msgs: Vec<tokio_postgres::SimpleQueryMessage>| {
+        let r = rows(msgs);
+        assert_eq!(r.len(), 1, "{sql}: {r:?}");
+        r.into_iter().next().unwrap()
+    };
+    c.simple_query("PREPARE ins (bigint, int, numeric) AS INSERT INTO orders VALUES ($1, $2, $3)").await.unwrap();
+    for (t, id) in [(t1, 5), (t0, 5), (t1, 6)] {
+        c.simple_query(&format!("EXECUTE ins({t}, {id}, {id}0)")).await.unwrap();
+    }
+    let after = placement(&h, 2).await;
+    assert_eq!(after[0], vec![row(t0, 1, "10"), row(t0, 2, "20"), row(t0, 5, "50")]);
+    assert_eq!(after[1], vec![row(t1, 1, "30"), row(t1, 5, "50"), row(t1, 6, "60")]);
+
+    // Reads, by the tenant of the argument, on either shard.
+    c.simple_query("PREPARE ids AS SELECT string_agg(id::text, ',' ORDER BY id) FROM orders WHERE tenant_id = $1")
+        .await
+        .unwrap();
+    for (t, want) in [(t0, "1,2,5"), (t1, "1,5,6"), (t0, "1,2,5")] {
+        let sql = format!("EXECUTE ids({t})");
+        assert_eq!(one(&sql, c.simple_query(&sql).await.unwrap()), vec![Some(want.to_string())], "{sql}");
+    }
+    // The declared type is the parameter's, as on one server: '41' is an int.
+    c.simple_query("PREPARE typed (int) AS SELECT pg_typeof($1)::text, $1 + 1").await.unwrap();
+    let r = one("typed", c.simple_query("EXECUTE typed('41')").await.unwrap());
+    assert_eq!(r, vec![Some("integer".to_string()), Some("42".to_string())]);
+    c.simple_query("PREPARE constant AS SELECT 7").await.unwrap();
+    assert_eq!(one("constant", c.simple_query("execute constant").await.unwrap()), vec![Some("7".to_string())]);
+
+    // Inside a transaction: it follows the block and rolls back with it.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.simple_query(&format!("EXECUTE ins({t0}, 9, 90)")).await.unwrap();
+    let sql = format!("EXECUTE ids({t0})");
+    assert_eq!(one(&sql, c.simple_query(&sql).await.unwrap()), vec![Some("1,2,5,9".to_string())]);
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(placement(&h, 2).await, after, "the rolled-back EXECUTE left nothing");
+
+    // Errors, each with Postgres's SQLSTATE, and nothing written by them.
+    for (sql, code) in [
+        ("PREPARE ins AS SELECT 1".to_string(), "42P05"),
+        ("PREPARE bad AS SELECT * FROM no_such_table".to_string(), "42P01"),
+        ("EXECUTE bad".to_string(), "26000"),
+        ("EXECUTE nope(1)".to_string(), "26000"),
+        (format!("EXECUTE ins({t1}, 7)"), "42601"),
+        // No constant tenant among the arguments: it would read every shard.
+        ("EXECUTE ids(random()::bigint)".to_string(), "0A000"),
+        // Beside another statement or under EXPLAIN, it is not the session's.
+        (format!("SELECT 1; EXECUTE ids({t0})"), "0A000"),
+        (format!("EXPLAIN EXECUTE ids({t0})"), "0A000"),
     ] {
         let e = c.simple_query(&sql).await.unwrap_err();
-        assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
-        let db = e.as_db_error().unwrap();
-        assert!(db.message().starts_with(message), "{sql}: {}", db.message());
-        assert!(db.hint().unwrap_or_default().contains("protocol-level prepared statements"), "{sql}");
+        assert_eq!(sqlstate(&e), code, "{sql}: {e:?}");
     }
-    // DEALLOCATE is answered like a Close: nothing named "ins" was prepared.
-    let e = c.simple_query("DEALLOCATE ins").await.unwrap_err();
+    assert_eq!(placement(&h, 2).await, after, "the refused statements changed nothing");
+
+    // A column renamed under a prepared statement: Postgres's own error, once,
+    // on the connection that had it and on one that prepares it afresh.
+    c.simple_query("PREPARE totals AS SELECT total FROM orders WHERE tenant_id = $1").await.unwrap();
+    c.simple_query(&format!("EXECUTE totals({t0})")).await.unwrap();
+    c.batch_execute("ALTER TABLE orders RENAME COLUMN total TO amount").await.unwrap();
+    for t in [t0, t1] {
+        let e = c.simple_query(&format!("EXECUTE totals({t})")).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "42703", "{e:?}");
+    }
+    c.batch_execute("ALTER TABLE orders RENAME COLUMN amount TO total").await.unwrap();
+
+    // Another session has none of them, though it may draw the same server
+    // connections.
+    let other = h.client().await;
+    let e = other.simple_query(&format!("EXECUTE ids({t0})")).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "26000", "{e:?}");
+    // DEALLOCATE forgets one, DEALLOCATE ALL the rest; the name is free again.
+    c.simple_query("DEALLOCATE ins").await.unwrap();
+    let e = c.simple_query(&format!("EXECUTE ins({t0}, 8, 0)")).await.unwrap_err();
     assert_eq!(sqlstate(&e), "26000", "{e:?}");
     c.simple_query("DEALLOCATE ALL").await.unwrap();
-    // The protocol-level prepared statements the hint names: routed per execution.
+    let e = c.simple_query(&format!("EXECUTE ids({t0})")).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "26000", "{e:?}");
+    c.simple_query("PREPARE ids AS SELECT count(*) FROM orders WHERE tenant_id = $1").await.unwrap();
+    let sql = format!("EXECUTE ids({t1})");
+    assert_eq!(one(&sql, c.simple_query(&sql).await.unwrap()), vec![Some("3".to_string())]);
+    // The protocol-level prepared statements still route per execution.
     let insert = c.prepare("INSERT INTO orders VALUES ($1, $2, 0)").await.unwrap();
-    c.execute(&insert, &[&t1, &5i64]).await.unwrap();
-    c.execute(&insert, &[&t0, &5i64]).await.unwrap();
-    let after = placement(&h, 2).await;
-    let ids =
-        |shard: &Vec<Vec<Option<String>>>| shard.iter().map(|r| r[1].clone().unwrap_or_default()).collect::<Vec<_>>();
-    assert_eq!(ids(&after[0]), vec!["1", "2", "5"], "{before:?} -> {after:?}");
-    assert_eq!(ids(&after[1]), vec!["1", "5"]);
+    c.execute(&insert, &[&t1, &8i64]).await.unwrap();
+    c.execute(&insert, &[&t0, &8i64]).await.unwrap();
+    let last = placement(&h, 2).await;
     assert!(
-        after[0].iter().all(|r| r[0] == Some(t0.to_string())) && after[1].iter().all(|r| r[0] == Some(t1.to_string()))
+        last[0].iter().all(|r| r[0] == Some(t0.to_string())) && last[1].iter().all(|r| r[0] == Some(t1.to_string()))
     );
+    assert_eq!((last[0].len(), last[1].len()), (4, 4));
 }

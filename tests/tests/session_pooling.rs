@@ -69,6 +69,11 @@ async fn a_session_pooled_client_keeps_its_state_and_the_next_client_finds_none(
     // A tenant on the other shard is read as usual, on A's connection there.
     assert_eq!(one(&a, &format!("SELECT count(*) FROM items WHERE tenant_id = {far}")).await, "2");
     assert_eq!(one(&a, "FETCH NEXT FROM c").await, "2");
+    // SQL prepared statements: over the temporary table (home), and by tenant.
+    a.simple_query("PREPARE scratch_sum AS SELECT sum(a) FROM scratch").await.unwrap();
+    assert_eq!(one(&a, "EXECUTE scratch_sum").await, "3");
+    a.simple_query("PREPARE per_tenant (bigint) AS SELECT count(*) FROM items WHERE tenant_id = $1").await.unwrap();
+    assert_eq!(one(&a, &format!("EXECUTE per_tenant({far})")).await, "2");
     let home_pid = one(&a, "SELECT pg_backend_pid()").await;
 
     // LISTEN: a NOTIFY sent straight to the home shard reaches A while A is idle,
@@ -94,6 +99,10 @@ async fn a_session_pooled_client_keeps_its_state_and_the_next_client_finds_none(
     let e = b.simple_query("FETCH NEXT FROM c").await.expect_err("A's cursor");
     assert_eq!(sqlstate(&e), "34000", "{e:?}");
     assert_eq!(one(&b, "SELECT count(*) FROM pg_listening_channels()").await, "0");
+    let e = b.simple_query(&format!("EXECUTE per_tenant({far})")).await.expect_err("A's prepared statement");
+    assert_eq!(sqlstate(&e), "26000", "{e:?}");
+    let sql = "SELECT count(*) FROM pg_prepared_statements WHERE statement ILIKE 'PREPARE%'";
+    assert_eq!(one(&b, sql).await, "0", "A's SQL prepared statements went with A");
     let locks: i64 =
         home.query_one("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'", &[]).await.unwrap().get(0);
     assert_eq!(locks, 0, "A's advisory lock went with A");

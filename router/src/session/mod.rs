@@ -26,6 +26,7 @@
 //! | `relay.rs` | server replies to the client, COPY data to the server |
 //! | `extended.rs` | the extended protocol: batches up to Sync |
 //! | `prepared.rs` | the client's prepared statements and their server names |
+//! | `sql_prepared.rs` | statements prepared with SQL `PREPARE`, and `EXECUTE` |
 //! | `shadow.rs` | reads compared on a move's target |
 //! | `everywhere.rs` | statements on every shard; collecting one shard's answer |
 //! | `fanout.rs` | cross-shard reads gathered and merged |
@@ -47,6 +48,7 @@ mod reply;
 mod settings;
 mod shadow;
 mod split;
+mod sql_prepared;
 mod streaming;
 mod transaction;
 mod twophase;
@@ -70,7 +72,7 @@ use crate::protocol::messages::{self, query_text, Severity};
 use crate::protocol::{Connection, Message, ProtocolError};
 use crate::route::Target;
 use crate::shadow::RowDigest;
-use crate::sql::StatementKind;
+use crate::sql::{SqlPrepared, StatementKind};
 
 /// Why a session ended early.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +96,9 @@ pub struct Session<S> {
     /// The client's statements by name (`prepared.rs`). Looked up on every
     /// Bind; a session can only slow down its own lookups with colliding names.
     prepared: rustc_hash::FxHashMap<String, Prepared>,
+    /// Statements prepared with SQL `PREPARE` (`sql_prepared.rs`); None until
+    /// the first.
+    sql_prepared: Option<Box<sql_prepared::SqlPreparedState>>,
     /// The extended-protocol messages collected up to Sync or Flush.
     batch: Vec<Message>,
     spare_batch: Vec<Message>,
@@ -136,6 +141,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             txn: Transaction::default(),
             multi: None,
             prepared: Default::default(),
+            sql_prepared: None,
             batch: Vec::new(),
             spare_batch: Vec::new(),
             spare_expects: VecDeque::new(),
@@ -330,6 +336,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         if analysis.statements.len() == 1 {
+            // SQL PREPARE and EXECUTE alone in their query string are the
+            // session's to carry (sql_prepared.rs); under EXPLAIN or beside
+            // other statements routing refuses them.
+            match &analysis.statements[0].kind {
+                StatementKind::SqlPrepared(SqlPrepared::Prepare { .. }) => {
+                    return Box::pin(self.sql_prepare(sql)).await
+                }
+                StatementKind::SqlPrepared(SqlPrepared::Execute { .. })
+                    if crate::sql::prepare_text::parse_execute(sql).is_ok() =>
+                {
+                    return Box::pin(self.sql_execute(sql)).await
+                }
+                _ => {}
+            }
             if let Some(tag) = self.local_statement(&analysis.statements[0])? {
                 crate::metrics::global().query(crate::metrics::RouteKind::Local);
                 match tag {

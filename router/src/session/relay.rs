@@ -139,6 +139,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     continue;
                 }
             }
+            if tag == b'C' {
+                // The PREPARE sent ahead of an EXECUTE (or alone): this
+                // connection has the statement now (sql_prepared.rs).
+                if let Some((name, show)) = self.sql_prepared.as_mut().and_then(|s| s.in_flight.take()) {
+                    b.conn.prepared.insert(name);
+                    if !show {
+                        continue;
+                    }
+                }
+            }
             self.client.queue(m.raw());
             match tag {
                 b'D' if self.shadow_digest.is_some() => {

@@ -137,19 +137,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             } else {
                 self.settings.clear();
                 self.prepared.clear();
+                self.sql_prepared = None;
                 Ok("DISCARD ALL".into())
             }),
             // A client's prepared statements live in the router (their server
-            // copies are shared): DEALLOCATE closes them as a Close message does.
+            // copies are shared): DEALLOCATE closes them as a Close message does,
+            // those prepared with SQL PREPARE too (sql_prepared.rs).
             StatementKind::SqlPrepared(SqlPrepared::Deallocate { name }) => Some(match name {
                 None => {
                     self.prepared.clear();
+                    self.sql_prepared = None;
                     Ok("DEALLOCATE ALL".into())
                 }
-                Some(name) => match self.prepared.remove(name) {
-                    Some(_) => Ok("DEALLOCATE".into()),
-                    None => Err(unknown_statement(name)),
-                },
+                Some(name) => {
+                    let sql = self.sql_prepared.as_mut().is_some_and(|s| s.remove(name));
+                    match sql || self.prepared.remove(name).is_some() {
+                        true => Ok("DEALLOCATE".into()),
+                        false => Err(unknown_statement(name)),
+                    }
+                }
             }),
             StatementKind::Txn(TxnControl::Begin) if self.txn.held.is_none() => {
                 match &mut self.txn.pending_begin {

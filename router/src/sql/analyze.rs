@@ -65,7 +65,7 @@ pub enum StatementKind {
     /// SHOW, SET LOCAL and other session utilities.
     Session,
     /// SQL-level `PREPARE`, `EXECUTE` (also under EXPLAIN or CREATE TABLE AS)
-    /// and `DEALLOCATE`: refused, see [`SqlPrepared`].
+    /// and `DEALLOCATE`: see [`SqlPrepared`].
     SqlPrepared(SqlPrepared),
     /// State a pooled server connection cannot carry past the transaction
     /// (`LISTEN`, a session advisory lock, a temporary table, a cursor `WITH
@@ -78,11 +78,10 @@ pub enum StatementKind {
     Other,
 }
 
-/// A statement about SQL-level prepared statements. Under transaction pooling a
-/// statement prepared with SQL `PREPARE` stays on the one server connection that
-/// ran it, where this session's `EXECUTE` may not run and other sessions could,
-/// and its EXECUTE would run on whichever shard without regard to its tenant
-/// key; the router refuses all three (docs/routing.md).
+/// A statement about SQL-level prepared statements. Alone in a simple query,
+/// the session carries them (session/sql_prepared.rs); anywhere else routing
+/// refuses them: they would reach a shard as written, where no statement of
+/// that name is the session's (docs/routing.md).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SqlPrepared {
     Prepare {

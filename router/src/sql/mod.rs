@@ -16,6 +16,7 @@ mod key_writes;
 mod lift;
 mod nested_writes;
 mod pooled_state;
+pub mod prepare_text;
 pub mod quote;
 pub mod roles;
 pub mod shape;

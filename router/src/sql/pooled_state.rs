@@ -14,7 +14,7 @@
 //! - cursors `WITH HOLD`: outlive the transaction on its connection.
 //!
 //! These are refused with 0A000 and what to use instead ([`crate::route`]).
-//! SQL `PREPARE` is refused the same way, for its own reasons (see there).
+//! SQL `PREPARE` is carried by the session instead (session/sql_prepared.rs).
 
 use pg_query::protobuf::node::Node as N;
 use pg_query::protobuf::{IntoClause, OnCommitAction};
