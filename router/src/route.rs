@@ -487,7 +487,15 @@ impl Routing<'_> {
     fn single_or(&self, stmt: &Statement, write: bool, touched: &mut Vec<u32>) -> Result<Target, SqlError> {
         let Routing { params, fallback_key, dir, catalog, rules } = *self;
         let key_col = &dir.key_column;
-        if let KeyCandidates::Any(exprs) = &stmt.keys {
+        // A sharded table read with no restriction to the keys: on the keys'
+        // shard alone it would show only that shard's rows of it
+        // (crate::sql::restriction).
+        let partial = match &stmt.keys {
+            KeyCandidates::Any(_) => stmt.unrestricted.iter().find(|t| catalog.is_sharded(t)),
+            KeyCandidates::None => None,
+        };
+        let keys = if partial.is_some() { &KeyCandidates::None } else { &stmt.keys };
+        if let KeyCandidates::Any(exprs) = keys {
             // The shards in order, each once; inline (no allocation) for the
             // one key of nearly every statement.
             let mut shards: smallvec::SmallVec<[ShardId; 4]> = smallvec::SmallVec::new();
@@ -523,6 +531,18 @@ impl Routing<'_> {
             let (bucket, shard) = dir.locate(k);
             touched.push(bucket);
             return Ok(Target::Shard(shard));
+        }
+        if let Some(t) = partial.filter(|_| write || rules.strict_tenant) {
+            return Err(SqlError::new(
+                "0A000",
+                format!(
+                    "this {} names its {key_col}, but also reads or writes the sharded table {t} without restricting it to that {key_col}: on one shard it would see only that shard's rows of {t}",
+                    verb(stmt)
+                ),
+            )
+            .hint(format!(
+                "restrict every reference to {t} too: {t}.{key_col} = … (the same tenant), or {t}.{key_col} = <other table>.{key_col} where it is joined or correlated"
+            )));
         }
         if rules.strict_tenant {
             return Err(SqlError::new(

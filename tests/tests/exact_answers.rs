@@ -290,15 +290,34 @@ async fn cross_shard_joins_the_shards_cannot_answer_alone_are_refused() {
         sorted(rows(one.simple_query(sql).await.unwrap()))
     );
     // Every plan is kept; each shard would add its own unmatched copy of it.
-    let sql = "SELECT p.id, o.id FROM plans p LEFT JOIN orders o ON o.plan = p.id AND o.tenant_id = 4";
+    let sql = "SELECT p.id, o.id FROM plans p LEFT JOIN orders o ON o.plan = p.id";
     refused(router.simple_query(sql).await.unwrap_err(), "keeps every row of plans");
     refused(router.query(sql, &[]).await.unwrap_err(), "keeps every row of plans");
-    // Named as one tenant's read, its shard answers it exactly.
+    // With the orders restricted to one tenant, that tenant's shard has every
+    // plan and every order the join can take: it answers exactly.
+    let sql = "SELECT p.id, o.id FROM plans p LEFT JOIN orders o ON o.plan = p.id AND o.tenant_id = 4";
+    let want = sorted(rows(one.simple_query(sql).await.unwrap()));
+    assert_eq!(sorted(rows(router.simple_query(sql).await.unwrap())), want);
     let tenant = format!("/* tenant_id=4 */ {sql}");
-    assert_eq!(
-        sorted(rows(router.simple_query(&tenant).await.unwrap())),
-        sorted(rows(one.simple_query(sql).await.unwrap()))
-    );
+    assert_eq!(sorted(rows(router.simple_query(&tenant).await.unwrap())), want);
+    // A key on one side of a join whose other side is any tenant's: the
+    // shard of that tenant alone would miss the other shards' items.
+    let sql = "SELECT o.id, i.id FROM orders o JOIN items i ON i.order_id = o.id WHERE o.tenant_id = 4";
+    refused(router.simple_query(sql).await.unwrap_err(), "joined without");
+    let sql = "SELECT o.id FROM orders o WHERE o.tenant_id = 4 AND o.plan > (SELECT avg(plan) FROM orders)";
+    refused(router.simple_query(sql).await.unwrap_err(), "subquery");
+    // Keys inside a WITH query or a subquery in FROM: their tenant's shard.
+    for sql in [
+        "WITH mine AS (SELECT * FROM orders WHERE tenant_id = 4) SELECT id, plan FROM mine",
+        "SELECT count(*), sum(plan) FROM (SELECT * FROM orders WHERE tenant_id = 4) t",
+        "SELECT id FROM (SELECT * FROM orders) t WHERE tenant_id = 4",
+    ] {
+        assert_eq!(
+            sorted(rows(router.simple_query(sql).await.unwrap())),
+            sorted(rows(one.simple_query(sql).await.unwrap())),
+            "{sql}"
+        );
+    }
 }
 
 const SEVERAL_SHARDS: &str = "this statement changes data inside WITH (or under EXPLAIN ANALYZE or COPY) and would need several shards: it must run on one shard, where every row it writes or reads belongs";

@@ -170,6 +170,10 @@ pub struct Statement {
     /// `tables`, `keys` and `read` describe the rest of the statement, outside
     /// them; `key_changes` and `max_param` the whole.
     pub nested_writes: Vec<Statement>,
+    /// Tables the statement reads with no restriction to its keys
+    /// ([`super::restriction`]): when one is sharded, the keys do not send it
+    /// to one shard.
+    pub unrestricted: Vec<String>,
 }
 
 /// Everything the router learned from one query string.
@@ -276,12 +280,14 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
         insert_select: None,
         read: None,
         nested_writes: Vec::new(),
+        unrestricted: Vec::new(),
     };
-    let k = KeyFinder { column: key_column };
     match node {
         N::SelectStmt(sel) => {
             s.kind = StatementKind::Select;
-            (s.keys, origins.keys) = split(k.select_keys(sel));
+            let r = super::restriction::of(node, key_column).unwrap_or_default();
+            (s.keys, origins.keys) = split(r.keys);
+            s.unrestricted = r.unrestricted;
             s.read = Some(Arc::new(Read::of(sel, key_column)));
         }
         N::InsertStmt(ins) => {
@@ -314,10 +320,12 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
                     }
                     Some(rows)
                 }
-                Some(N::SelectStmt(sel)) => {
+                Some(q @ N::SelectStmt(_)) => {
                     // INSERT … SELECT runs where the SELECT's key is; the
                     // inserted keys are checked against it when routing.
-                    (s.keys, origins.keys) = split(k.select_keys(sel));
+                    let r = super::restriction::of(q, key_column).unwrap_or_default();
+                    (s.keys, origins.keys) = split(r.keys);
+                    s.unrestricted = r.unrestricted;
                     if let Some((info, at)) = key_writes::insert_select(ins, columns.clone(), key_column) {
                         s.insert_select = Some(info);
                         origins.insert_select = at;
@@ -333,12 +341,16 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
         N::UpdateStmt(upd) => {
             s.kind = StatementKind::Update;
             s.written.extend(upd.relation.as_ref().map(relname));
-            (s.keys, origins.keys) = split(k.where_keys(upd.where_clause.as_deref()));
+            let r = super::restriction::of(node, key_column).unwrap_or_default();
+            (s.keys, origins.keys) = split(r.keys);
+            s.unrestricted = r.unrestricted;
         }
         N::DeleteStmt(del) => {
             s.kind = StatementKind::Delete;
             s.written.extend(del.relation.as_ref().map(relname));
-            (s.keys, origins.keys) = split(k.where_keys(del.where_clause.as_deref()));
+            let r = super::restriction::of(node, key_column).unwrap_or_default();
+            (s.keys, origins.keys) = split(r.keys);
+            s.unrestricted = r.unrestricted;
         }
         N::MergeStmt(m) => {
             // No key is looked for: MERGE into a sharded table is refused.
@@ -347,8 +359,10 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
         }
         N::CopyStmt(copy) => {
             s.kind = StatementKind::Copy(copy_info(copy));
-            if let Some(N::SelectStmt(sel)) = copy.query.as_deref().and_then(|n| n.node.as_ref()) {
-                (s.keys, origins.keys) = split(k.select_keys(sel));
+            if let Some(q @ N::SelectStmt(sel)) = copy.query.as_deref().and_then(|n| n.node.as_ref()) {
+                let r = super::restriction::of(q, key_column).unwrap_or_default();
+                (s.keys, origins.keys) = split(r.keys);
+                s.unrestricted = r.unrestricted;
                 s.read = Some(Arc::new(Read::of(sel, key_column)));
             }
             if copy.is_from {
@@ -558,7 +572,7 @@ pub(super) type Located = (KeyExpr, Option<usize>);
 
 /// The key candidates of a condition while they are being found, each with its
 /// origin; None when the condition does not restrict the key.
-type Found = Option<Vec<Located>>;
+pub(super) type Found = Option<Vec<Located>>;
 
 fn split(found: Found) -> (KeyCandidates, Vec<Option<usize>>) {
     match found {
@@ -600,64 +614,32 @@ fn array_keys(n: &Node) -> Found {
     }
 }
 
+/// Whether a column reference's fields name the relation being looked at.
+pub(super) type NamesRelation<'a> = &'a dyn Fn(&[Node]) -> bool;
+
 /// Finds conditions on the key column.
-struct KeyFinder<'a> {
-    column: &'a str,
+pub(super) struct KeyFinder<'a> {
+    pub(super) column: &'a str,
+    /// Counts only the key columns these fields name (a column reference's
+    /// qualifier and name), when set: the key of one relation of several.
+    pub(super) only: Option<NamesRelation<'a>>,
 }
 
 impl KeyFinder<'_> {
-    fn select_keys(&self, sel: &protobuf::SelectStmt) -> Found {
-        if sel.op > 1 {
-            // UNION/INTERSECT/EXCEPT: both sides must name keys.
-            let l = sel.larg.as_deref().and_then(|s| self.select_keys(s));
-            let r = sel.rarg.as_deref().and_then(|s| self.select_keys(s));
-            return union(l, r);
-        }
-        let mut keys = self.where_keys(sel.where_clause.as_deref());
-        if keys.is_none() {
-            // A key may also sit in a JOIN … ON condition.
-            for from in &sel.from_clause {
-                keys = intersect(keys, self.join_keys(from));
-            }
-        }
-        keys
-    }
-
-    /// The keys every row coming out of a FROM item is restricted to.
-    ///
-    /// The ON condition of an inner join filters the joined rows, as WHERE does.
-    /// That of an outer join does not: `a LEFT JOIN b ON … AND b.tenant_id = 42`
-    /// keeps every row of `a` and only decides which `b` rows join it, so it
-    /// restricts nothing; neither does anything on its nullable side. Only the
-    /// preserved side's own restrictions carry through (the left of a LEFT JOIN,
-    /// the right of a RIGHT JOIN, none of a FULL JOIN).
-    fn join_keys(&self, n: &Node) -> Found {
-        let Some(N::JoinExpr(j)) = &n.node else { return None };
-        let side = |s: Option<&Node>| s.and_then(|s| self.join_keys(s));
-        use protobuf::JoinType as J;
-        match J::try_from(j.jointype).unwrap_or(J::Undefined) {
-            J::JoinInner => intersect(
-                self.where_keys(j.quals.as_deref()),
-                intersect(side(j.larg.as_deref()), side(j.rarg.as_deref())),
-            ),
-            J::JoinLeft => side(j.larg.as_deref()),
-            J::JoinRight => side(j.rarg.as_deref()),
-            _ => None,
-        }
-    }
-
     fn is_key_column(&self, n: &Node) -> bool {
         match &n.node {
-            Some(N::ColumnRef(c)) => matches!(
-                c.fields.last().and_then(|f| f.node.as_ref()),
-                Some(N::String(s)) if s.sval.eq_ignore_ascii_case(self.column)
-            ),
+            Some(N::ColumnRef(c)) => {
+                matches!(
+                    c.fields.last().and_then(|f| f.node.as_ref()),
+                    Some(N::String(s)) if s.sval.eq_ignore_ascii_case(self.column)
+                ) && self.only.is_none_or(|only| only(&c.fields))
+            }
             Some(N::TypeCast(t)) => t.arg.as_deref().is_some_and(|a| self.is_key_column(a)),
             _ => false,
         }
     }
 
-    fn where_keys(&self, n: Option<&Node>) -> Found {
+    pub(super) fn where_keys(&self, n: Option<&Node>) -> Found {
         let n = n.and_then(|n| n.node.as_ref())?;
         match n {
             N::AExpr(e) => {
@@ -708,7 +690,7 @@ impl KeyFinder<'_> {
 
 /// Both conditions hold: the narrower one wins (keeping the first if both name keys;
 /// `tenant_id = 1 AND tenant_id = 2` matches nothing, on whichever shard).
-fn intersect(a: Found, b: Found) -> Found {
+pub(super) fn intersect(a: Found, b: Found) -> Found {
     match (a, b) {
         (None, x) | (x, None) => x,
         (Some(x), Some(y)) => {
@@ -719,12 +701,6 @@ fn intersect(a: Found, b: Found) -> Found {
             }
         }
     }
-}
-
-fn union(a: Found, b: Found) -> Found {
-    let (mut x, y) = (a?, b?);
-    x.extend(y);
-    Some(x)
 }
 
 /// Collects relation names and the highest parameter number anywhere in a tree,
@@ -853,7 +829,23 @@ mod tests {
             "select * from orders o left join (items i join parts p on p.tenant_id = 42) on i.id = o.id",
             "select * from (items i join parts p on p.tenant_id = 42) right join orders o on i.id = o.id",
         ] {
-            assert_eq!(one(sql).keys, KeyCandidates::None, "{sql}");
+            assert!(one(sql).unrestricted.contains(&"orders".to_string()), "{sql}");
+        }
+    }
+
+    /// The keys every table of the statement is restricted to, taking every
+    /// table as sharded; None when one is read unrestricted.
+    fn restricted_to(s: &Statement) -> KeyCandidates {
+        if s.unrestricted.is_empty() {
+            match s.keys.clone() {
+                KeyCandidates::Any(mut keys) => {
+                    keys.dedup();
+                    KeyCandidates::Any(keys)
+                }
+                none => none,
+            }
+        } else {
+            KeyCandidates::None
         }
     }
 
@@ -862,16 +854,64 @@ mod tests {
         let four = KeyCandidates::Any(vec![lit("4")]);
         for sql in [
             "select * from orders o left join items i on o.tenant_id = i.tenant_id where o.tenant_id = 4",
-            "select * from orders o left join items i on o.tenant_id = i.tenant_id and i.tenant_id = 9 where o.tenant_id = 4",
-            // WHERE filters the joined rows, whichever side it names.
+            // WHERE filters the joined rows, whichever side it names; it leaves
+            // no row with no item, so the ON's tie holds for every order.
             "select * from orders o left join items i on o.tenant_id = i.tenant_id where i.tenant_id = 4",
-            // The preserved side's inner join restricts every row.
-            "select * from (orders o join items i on i.tenant_id = 4) left join parts p on p.tenant_id = 5",
-            "select * from parts p right join (orders o join items i on i.tenant_id = 4) on p.tenant_id = 5",
-            "select * from orders o join items i on i.tenant_id = o.tenant_id and o.tenant_id = 4 left join parts p on true",
-            "select * from orders o cross join items i join parts p on p.tenant_id = 4",
+            "select * from orders o join items i on i.tenant_id = o.tenant_id and o.tenant_id = 4 left join parts p on p.tenant_id = o.tenant_id",
+            "select * from orders o, items i where i.tenant_id = o.tenant_id and o.tenant_id = 4",
+            "select * from orders o join items i using (tenant_id) where o.tenant_id = 4",
         ] {
-            assert_eq!(one(sql).keys, four, "{sql}");
+            assert_eq!(restricted_to(&one(sql)), four, "{sql}");
+        }
+        // Each table restricted, to different tenants.
+        let s = one("select * from orders o left join items i on o.tenant_id = i.tenant_id and i.tenant_id = 9 where o.tenant_id = 4");
+        assert_eq!(restricted_to(&s), KeyCandidates::Any(vec![lit("4"), lit("9")]));
+    }
+
+    #[test]
+    fn a_table_the_key_does_not_restrict_keeps_the_statement_off_one_shard() {
+        for (sql, free) in [
+            // An inner join's ON names a tenant of one side only: the other
+            // side's rows are any tenant's.
+            ("select * from (orders o join items i on i.tenant_id = 4) left join parts p on p.tenant_id = 5", "orders"),
+            ("select * from orders o cross join items i join parts p on p.tenant_id = 4", "orders"),
+            ("select * from orders o join items i on i.tenant_id = o.tenant_id and o.tenant_id = 4 left join parts p on true", "parts"),
+            ("select * from orders o join items i on i.order_id = o.id where o.tenant_id = 4", "items"),
+            // A subquery over every tenant's rows.
+            ("select * from orders where tenant_id = 4 and total > (select avg(total) from orders)", "orders"),
+            ("select * from orders o where o.tenant_id = 4 and exists (select 1 from items i where i.order_id = o.id)", "items"),
+            ("update orders set total = (select max(total) from orders) where tenant_id = 4", "orders"),
+            ("delete from orders where tenant_id = 4 and id in (select order_id from items)", "items"),
+            // A key on the outside of a body that mixes tenants' rows.
+            ("select * from (select * from orders order by total limit 5) t where tenant_id = 4", "orders"),
+            ("with t as (select tenant_id, sum(total) over () from orders) select * from t where tenant_id = 4", "orders"),
+            ("select * from (select tenant_id from orders union all select tenant_id from items) u where tenant_id = 4", "orders"),
+            ("select * from (select * from orders) as t(a, b) where a = 4", "orders"),
+            // Something the walk does not look into.
+            ("select * from orders where tenant_id = 4 and id = any(array(select id from items))", "items"),
+        ] {
+            let s = one(sql);
+            assert!(s.unrestricted.contains(&free.to_string()), "{sql}: {:?}", s.unrestricted);
+        }
+    }
+
+    #[test]
+    fn keys_inside_with_queries_and_subqueries_restrict_what_reads_them() {
+        let four = KeyCandidates::Any(vec![lit("4")]);
+        for sql in [
+            "with recent as (select * from orders where tenant_id = 4) select * from recent order by id",
+            "select count(*) from (select * from orders where tenant_id = 4 and total > 1) t",
+            "select * from orders o where o.tenant_id = 4 and exists (select 1 from items i where i.tenant_id = o.tenant_id and i.order_id = o.id)",
+            "select * from orders o where o.tenant_id = 4 and o.total > (select avg(total) from orders x where x.tenant_id = o.tenant_id)",
+            "select * from orders o where o.tenant_id = 4 and o.id in (select order_id from items where tenant_id = 4)",
+            // A key outside a body that passes its key column through.
+            "select * from (select * from orders) t where tenant_id = 4",
+            "with t as (select tenant_id, count(*) from orders group by tenant_id) select * from t where tenant_id = 4",
+            "select * from (select o.tenant_id, o.id, i.n from orders o join items i on i.tenant_id = o.tenant_id) t where t.tenant_id = 4",
+            "update orders o set total = 0 from items i where i.tenant_id = o.tenant_id and i.id = o.id and o.tenant_id = 4",
+            "delete from orders where tenant_id = 4 and id in (select order_id from items i where i.tenant_id = orders.tenant_id)",
+        ] {
+            assert_eq!(restricted_to(&one(sql)), four, "{sql}");
         }
     }
 

@@ -300,6 +300,7 @@ impl Template {
                 insert_select,
                 read: s.read.clone(),
                 nested_writes: s.nested_writes.clone(),
+                unrestricted: s.unrestricted.clone(),
             });
         }
         Some(Analysis { statements, comment_key: comment_key(sql, key_column) })

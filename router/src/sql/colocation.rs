@@ -648,14 +648,11 @@ impl Builder<'_> {
     /// Finds the subqueries of an expression, each read as a query of its own.
     fn expression(&mut self, n: &Node, read: &mut Read) {
         let Some(node) = &n.node else { return };
-        let mut walk = |this: &mut Self, children: &mut dyn Iterator<Item = &Node>| {
-            for c in children {
-                this.expression(c, read);
-            }
-        };
         match node {
             N::SubLink(s) => {
-                walk(self, &mut s.testexpr.as_deref().into_iter());
+                if let Some(t) = s.testexpr.as_deref() {
+                    self.expression(t, read);
+                }
                 match s.subselect.as_deref().and_then(|n| n.node.as_ref()) {
                     Some(N::SelectStmt(sub)) => {
                         let (sub_read, names) = self.read(sub);
@@ -673,63 +670,14 @@ impl Builder<'_> {
                     None => {}
                 }
             }
-            N::AExpr(e) => walk(self, &mut e.lexpr.as_deref().into_iter().chain(e.rexpr.as_deref())),
-            N::BoolExpr(b) => walk(self, &mut b.args.iter()),
-            N::FuncCall(f) => {
-                walk(self, &mut f.args.iter().chain(&f.agg_order).chain(f.agg_filter.as_deref()));
-                if let Some(w) = &f.over {
-                    self.window(w, read);
+            _ => match expression_children(node) {
+                Some(children) => {
+                    for c in children {
+                        self.expression(c, read);
+                    }
                 }
-            }
-            N::WindowDef(w) => self.window(w, read),
-            N::TypeCast(t) => walk(self, &mut t.arg.as_deref().into_iter()),
-            N::CollateClause(c) => walk(self, &mut c.arg.as_deref().into_iter()),
-            N::NullTest(t) => walk(self, &mut t.arg.as_deref().into_iter()),
-            N::BooleanTest(t) => walk(self, &mut t.arg.as_deref().into_iter()),
-            N::CaseExpr(c) => {
-                walk(self, &mut c.arg.as_deref().into_iter().chain(&c.args).chain(c.defresult.as_deref()))
-            }
-            N::CaseWhen(w) => walk(self, &mut w.expr.as_deref().into_iter().chain(w.result.as_deref())),
-            N::CoalesceExpr(c) => walk(self, &mut c.args.iter()),
-            N::MinMaxExpr(m) => walk(self, &mut m.args.iter()),
-            N::RowExpr(r) => walk(self, &mut r.args.iter()),
-            N::AArrayExpr(a) => walk(self, &mut a.elements.iter()),
-            N::AIndirection(a) => walk(self, &mut a.arg.as_deref().into_iter().chain(&a.indirection)),
-            N::AIndices(a) => walk(self, &mut a.lidx.as_deref().into_iter().chain(a.uidx.as_deref())),
-            N::List(l) => walk(self, &mut l.items.iter()),
-            N::ResTarget(t) => walk(self, &mut t.val.as_deref().into_iter().chain(&t.indirection)),
-            N::MultiAssignRef(m) => walk(self, &mut m.source.as_deref().into_iter()),
-            N::NamedArgExpr(a) => walk(self, &mut a.arg.as_deref().into_iter()),
-            N::SortBy(s) => walk(self, &mut s.node.as_deref().into_iter()),
-            N::GroupingSet(g) => walk(self, &mut g.content.iter()),
-            N::GroupingFunc(g) => walk(self, &mut g.args.iter()),
-            N::XmlExpr(x) => walk(self, &mut x.named_args.iter().chain(&x.args)),
-            N::XmlSerialize(x) => walk(self, &mut x.expr.as_deref().into_iter()),
-            N::ColumnRef(_)
-            | N::ParamRef(_)
-            | N::AConst(_)
-            | N::AStar(_)
-            | N::SqlvalueFunction(_)
-            | N::SetToDefault(_)
-            | N::TypeName(_)
-            | N::String(_)
-            | N::Integer(_)
-            | N::Float(_)
-            | N::Boolean(_)
-            | N::BitString(_) => {}
-            _ => read.unknown = true,
-        }
-    }
-
-    fn window(&mut self, w: &protobuf::WindowDef, read: &mut Read) {
-        let children = w
-            .partition_clause
-            .iter()
-            .chain(&w.order_clause)
-            .chain(w.start_offset.as_deref())
-            .chain(w.end_offset.as_deref());
-        for c in children {
-            self.expression(c, read);
+                None => read.unknown = true,
+            },
         }
     }
 
@@ -753,6 +701,63 @@ impl Builder<'_> {
                 || (resolve(own, b).is_some() && resolve(own, a).is_none() && outer(a))
         })
     }
+}
+
+/// The expressions directly under an expression node (a window's too), for
+/// walkers that look for subqueries; None for a kind not looked into, which
+/// might hide one. A SubLink's are its test expression only: its query is the
+/// caller's to read.
+pub(super) fn expression_children(node: &N) -> Option<Vec<&Node>> {
+    fn window(w: &protobuf::WindowDef) -> impl Iterator<Item = &Node> {
+        w.partition_clause.iter().chain(&w.order_clause).chain(w.start_offset.as_deref()).chain(w.end_offset.as_deref())
+    }
+    Some(match node {
+        N::SubLink(s) => s.testexpr.as_deref().into_iter().collect(),
+        N::AExpr(e) => e.lexpr.as_deref().into_iter().chain(e.rexpr.as_deref()).collect(),
+        N::BoolExpr(b) => b.args.iter().collect(),
+        N::FuncCall(f) => f
+            .args
+            .iter()
+            .chain(&f.agg_order)
+            .chain(f.agg_filter.as_deref())
+            .chain(f.over.as_deref().into_iter().flat_map(window))
+            .collect(),
+        N::WindowDef(w) => window(w).collect(),
+        N::TypeCast(t) => t.arg.as_deref().into_iter().collect(),
+        N::CollateClause(c) => c.arg.as_deref().into_iter().collect(),
+        N::NullTest(t) => t.arg.as_deref().into_iter().collect(),
+        N::BooleanTest(t) => t.arg.as_deref().into_iter().collect(),
+        N::CaseExpr(c) => c.arg.as_deref().into_iter().chain(&c.args).chain(c.defresult.as_deref()).collect(),
+        N::CaseWhen(w) => w.expr.as_deref().into_iter().chain(w.result.as_deref()).collect(),
+        N::CoalesceExpr(c) => c.args.iter().collect(),
+        N::MinMaxExpr(m) => m.args.iter().collect(),
+        N::RowExpr(r) => r.args.iter().collect(),
+        N::AArrayExpr(a) => a.elements.iter().collect(),
+        N::AIndirection(a) => a.arg.as_deref().into_iter().chain(&a.indirection).collect(),
+        N::AIndices(a) => a.lidx.as_deref().into_iter().chain(a.uidx.as_deref()).collect(),
+        N::List(l) => l.items.iter().collect(),
+        N::ResTarget(t) => t.val.as_deref().into_iter().chain(&t.indirection).collect(),
+        N::MultiAssignRef(m) => m.source.as_deref().into_iter().collect(),
+        N::NamedArgExpr(a) => a.arg.as_deref().into_iter().collect(),
+        N::SortBy(s) => s.node.as_deref().into_iter().collect(),
+        N::GroupingSet(g) => g.content.iter().collect(),
+        N::GroupingFunc(g) => g.args.iter().collect(),
+        N::XmlExpr(x) => x.named_args.iter().chain(&x.args).collect(),
+        N::XmlSerialize(x) => x.expr.as_deref().into_iter().collect(),
+        N::ColumnRef(_)
+        | N::ParamRef(_)
+        | N::AConst(_)
+        | N::AStar(_)
+        | N::SqlvalueFunction(_)
+        | N::SetToDefault(_)
+        | N::TypeName(_)
+        | N::String(_)
+        | N::Integer(_)
+        | N::Float(_)
+        | N::Boolean(_)
+        | N::BitString(_) => Vec::new(),
+        _ => return None,
+    })
 }
 
 /// The table instance a name refers to; None when it is unknown or ambiguous.
@@ -862,6 +867,10 @@ mod tests {
         ] {
             assert_eq!(c.route_with(sql, &[Some(b"42")], None, false).unwrap(), every, "{sql}");
         }
+        // A tenant in the ON of a join that keeps the reference rows: every
+        // plan is in the answer, and the tenant's shard has every plan.
+        let sql = "select p.id, o.id from plans p left join orders o on o.id = p.id and o.tenant_id = 42";
+        assert_eq!(c.route(sql).unwrap(), c.shard_of(42));
         // In WHERE, the same condition names the shard.
         let sql =
             "select o.id, i.id from orders o left join items i on o.tenant_id = i.tenant_id where o.tenant_id = 42";
@@ -873,12 +882,6 @@ mod tests {
         let c = crate::sql::testing::cluster();
         for (sql, says) in [
             ("select p.id, o.id from plans p left join orders o on o.id = p.id", "keeps every row of plans"),
-            // A tenant in the ON of the join that keeps the reference rows
-            // names no shard: every plan is in the answer.
-            (
-                "select p.id, o.id from plans p left join orders o on o.id = p.id and o.tenant_id = 42",
-                "keeps every row of plans",
-            ),
             ("select o.id from orders o join items i on i.id = o.id", "joined without"),
             (
                 "select o.id from orders o join items i on i.id = o.id where o.tenant_id in (1, 2, 3, 4, 5)",
@@ -893,9 +896,14 @@ mod tests {
             assert!(e.message.contains(says), "{sql}: {}", e.message);
             assert!(e.hint.is_some(), "{sql}");
         }
-        // One tenant: its shard holds every row the read needs.
+        // One tenant of one of the two: the other's rows that join may be
+        // any tenant's, on any shard.
+        let e = c.route("select o.id from orders o join items i on i.id = o.id where o.tenant_id = 1").unwrap_err();
+        assert!(e.message.contains("joined without"), "{}", e.message);
+        // One tenant of both: its shard holds every row the read needs.
         assert_eq!(
-            c.route("select o.id from orders o join items i on i.id = o.id where o.tenant_id = 1").unwrap(),
+            c.route("select o.id from orders o join items i on i.id = o.id and i.tenant_id = o.tenant_id where o.tenant_id = 1")
+                .unwrap(),
             c.shard_of(1)
         );
         // The session's tenant, too.

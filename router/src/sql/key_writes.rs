@@ -474,15 +474,21 @@ mod tests {
                 // Another tenant's key, even one on the same shard today.
                 format!("insert into orders (tenant_id, id) select {neighbour}, id from orders where tenant_id = {t}"),
                 format!("insert into orders (tenant_id, id) select 7, id from orders where tenant_id = {t}"),
-                format!("insert into orders (tenant_id, id) select tenant_id + 1, id from orders where tenant_id = {t}"),
+                format!(
+                    "insert into orders (tenant_id, id) select tenant_id + 1, id from orders where tenant_id = {t}"
+                ),
                 // items' second column is its key, orders' second is id.
                 format!("insert into orders select * from items where tenant_id = {t}"),
-                format!("insert into orders (tenant_id, id) select i.tenant_id, o.id from orders o join items i on i.id = o.id where o.tenant_id = {t}"),
             ] {
                 let e = c.route(&sql).unwrap_err();
                 assert_eq!(e.code, "0A000", "{sql}: {e:?}");
                 assert!(e.message.contains("INSERT … SELECT into the sharded table orders"), "{sql}: {}", e.message);
             }
+            // A SELECT that reads items of any tenant: refused before its keys.
+            let sql = format!("insert into orders (tenant_id, id) select i.tenant_id, o.id from orders o join items i on i.id = o.id where o.tenant_id = {t}");
+            let e = c.route(&sql).unwrap_err();
+            assert_eq!(e.code, "0A000", "{sql}: {e:?}");
+            assert!(e.message.contains("the sharded table items without restricting it"), "{sql}: {}", e.message);
             // Every shard copying its own rows: not one shard, refused.
             let sql = "insert into orders select * from orders";
             assert_eq!(c.route_with(sql, &[], None, true).unwrap_err().code, "0A000");

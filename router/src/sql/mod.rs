@@ -18,6 +18,7 @@ mod nested_writes;
 mod pooled_state;
 pub mod prepare_text;
 pub mod quote;
+mod restriction;
 pub mod roles;
 pub mod shape;
 #[cfg(test)]
