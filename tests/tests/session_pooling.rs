@@ -111,7 +111,8 @@ async fn a_session_pooled_client_keeps_its_state_and_the_next_client_finds_none(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn session_state_of_another_shards_tenant_is_refused_and_other_roles_keep_transaction_pooling() {
+async fn cursors_follow_their_shard_other_state_of_another_shards_tenant_is_refused_and_other_roles_keep_transaction_pooling(
+) {
     let h = start().await;
     let setup = h.client().await;
     setup.batch_execute("CREATE TABLE items (tenant_id bigint, n int)").await.unwrap();
@@ -121,13 +122,28 @@ async fn session_state_of_another_shards_tenant_is_refused_and_other_roles_keep_
     setup.batch_execute("CREATE TABLE refs (n int)").await.unwrap();
 
     let (a, _) = connect_as(&h, "sess").await;
-    // A cursor WITH HOLD over a tenant of the home shard works; over one of
-    // the other shard it is refused, since its FETCH would go home.
+    // Cursors WITH HOLD over a tenant of either shard: each FETCH goes to the
+    // connection that holds its cursor, across transactions.
     a.simple_query(&format!("DECLARE mine CURSOR WITH HOLD FOR SELECT n FROM items WHERE tenant_id = {near}"))
         .await
         .unwrap();
+    a.simple_query(&format!("DECLARE theirs SCROLL CURSOR WITH HOLD FOR SELECT n FROM items WHERE tenant_id = {far}"))
+        .await
+        .unwrap();
+    assert_eq!(one(&a, "FETCH NEXT FROM theirs").await, "1");
     assert_eq!(one(&a, "FETCH ALL FROM mine").await, "2");
-    let sql = format!("DECLARE theirs CURSOR WITH HOLD FOR SELECT n FROM items WHERE tenant_id = {far}");
+    a.simple_query("MOVE BACKWARD ALL IN theirs").await.unwrap();
+    assert_eq!(one(&a, "FETCH NEXT FROM theirs").await, "1");
+    // CLOSE ALL cannot reach both connections; CLOSE by name can.
+    let e = a.simple_query("CLOSE ALL").await.expect_err("cursors on two shards");
+    assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+    a.simple_query("CLOSE theirs").await.unwrap();
+    let e = a.simple_query("FETCH NEXT FROM theirs").await.expect_err("closed");
+    assert_eq!(sqlstate(&e), "34000", "{e:?}");
+    a.simple_query("CLOSE ALL").await.unwrap();
+    // Other state over another shard's tenant is refused: a temporary table
+    // lives on the home shard, and reads of it go there.
+    let sql = format!("CREATE TEMP TABLE theirs_copy AS SELECT n FROM items WHERE tenant_id = {far}");
     let e = a.simple_query(&sql).await.expect_err("state on another shard");
     assert_eq!(sqlstate(&e), "0A000", "{e:?}");
     assert!(e.as_db_error().unwrap().message().contains("home shard shard_0"), "{e:?}");

@@ -10,8 +10,9 @@
 //! `NOTIFY`, and advisory locks, meet there. Statements that name one of the
 //! session's temporary tables run there too. State whose statement reads a
 //! tenant's rows on another shard is refused: the next statement that uses it
-//! (a `FETCH`, a read of the temporary table) would be routed to the home
-//! shard and miss it.
+//! (a read of the temporary table) would be routed to the home shard and miss
+//! it. Cursors `WITH HOLD` are the exception: each is remembered with the
+//! shard its query read, and `FETCH`, `MOVE` and `CLOSE` of it go there.
 //!
 //! When the client leaves, each kept connection runs `DISCARD ALL` (as
 //! pgbouncer's `server_reset_query`) and goes back to its pool; one that does
@@ -41,6 +42,9 @@ pub(super) struct SessionPooling {
     /// The client ran `LISTEN`: while it is idle, notifications that reach
     /// its home connection are passed on at once.
     listening: AtomicBool,
+    /// Cursors `WITH HOLD`, by name, and the shard whose connection holds
+    /// each: the one its query read. FETCH, MOVE and CLOSE go there.
+    cursors: Mutex<Vec<(String, ShardId)>>,
 }
 
 /// Where a session-pooled client's state that names no tenant lives: the
@@ -67,6 +71,9 @@ impl SessionPooling {
     /// whether they LISTEN.
     pub(super) fn place(&self, analysis: &Analysis, target: Target, dir: &Directory) -> Result<Target, SqlError> {
         let home = home_shard(dir);
+        if let Some(placed) = self.place_cursor(analysis, &target, home) {
+            return placed;
+        }
         let mut uses_state = false;
         // A table other than the session's own written from its state: a
         // regular table is on every shard, its state on one.
@@ -126,6 +133,43 @@ impl SessionPooling {
                     "in session pooling, temporary tables, cursors WITH HOLD and the like hold rows of the tenants on {} only: read other tenants' rows without them",
                     name(home)
                 )))
+            }
+        }
+    }
+}
+
+impl SessionPooling {
+    /// A statement alone in its query string that declares a cursor `WITH
+    /// HOLD`, or uses one: it runs on the shard of the cursor's query (the
+    /// tenant's it names, or home). None for any other statement.
+    fn place_cursor(&self, analysis: &Analysis, target: &Target, home: ShardId) -> Option<Result<Target, SqlError>> {
+        let [s] = analysis.statements.as_slice() else { return None };
+        let name = s.cursor.as_ref()?;
+        let mut cursors = self.cursors.lock().unwrap_or_else(|p| p.into_inner());
+        match (&s.kind, target) {
+            (StatementKind::SessionState(_), Target::Shard(shard)) => {
+                cursors.retain(|(n, _)| n != name);
+                cursors.push((name.clone(), *shard));
+                Some(Ok(target.clone()))
+            }
+            (StatementKind::SessionState(_), _) => None,
+            // CLOSE ALL: on every shard that holds one, which one statement
+            // cannot do.
+            _ if name.is_empty() => {
+                let elsewhere = cursors.iter().find(|(_, shard)| *shard != home)?;
+                Some(Err(SqlError::new(
+                    "0A000",
+                    format!("CLOSE ALL would leave cursor {} open: it is on another shard's connection", elsewhere.0),
+                )
+                .hint("close each cursor by name (CLOSE name)")))
+            }
+            _ => {
+                let at = cursors.iter().position(|(n, _)| n == name)?;
+                let shard = cursors[at].1;
+                if s.text.get(..5).is_some_and(|w| w.eq_ignore_ascii_case("close")) {
+                    cursors.remove(at);
+                }
+                Some(Ok(Target::Shard(shard)))
             }
         }
     }

@@ -170,6 +170,9 @@ pub struct Statement {
     /// `tables`, `keys` and `read` describe the rest of the statement, outside
     /// them; `key_changes` and `max_param` the whole.
     pub nested_writes: Vec<Statement>,
+    /// The cursor a `DECLARE`, `FETCH`, `MOVE` or `CLOSE` names (empty for
+    /// `CLOSE ALL`): session pooling runs them where the cursor is.
+    pub cursor: Option<String>,
     /// Tables the statement reads with no restriction to its keys
     /// ([`super::restriction`]): when one is sharded, the keys do not send it
     /// to one shard.
@@ -239,6 +242,7 @@ fn statement(node: &N, text: String, key_column: &str) -> (Statement, Origins) {
         // in the text (no lifting into a prepared statement).
         if let Some(query) = d.query.as_deref().and_then(|q| q.node.as_ref()) {
             let (mut s, _) = statement(query, text, key_column);
+            s.cursor = Some(d.portalname.clone());
             s.kind = match super::pooled_state::session_state(node) {
                 Some(state) => StatementKind::SessionState(state),
                 None => StatementKind::DeclareCursor,
@@ -280,6 +284,7 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
         insert_select: None,
         read: None,
         nested_writes: Vec::new(),
+        cursor: None,
         unrestricted: Vec::new(),
     };
     match node {
@@ -404,6 +409,8 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
                 _ => StatementKind::Session,
             };
         }
+        N::FetchStmt(f) => s.cursor = Some(f.portalname.clone()),
+        N::ClosePortalStmt(c) => s.cursor = Some(c.portalname.clone()),
         N::DiscardStmt(d) if d.target == protobuf::DiscardMode::DiscardAll as i32 => {
             s.kind = StatementKind::SetVar(SettingChange::DiscardAll);
         }

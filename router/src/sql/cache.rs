@@ -300,6 +300,7 @@ impl Template {
                 insert_select,
                 read: s.read.clone(),
                 nested_writes: s.nested_writes.clone(),
+                cursor: s.cursor.clone(),
                 unrestricted: s.unrestricted.clone(),
             });
         }

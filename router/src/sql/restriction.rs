@@ -481,3 +481,42 @@ fn has_window(sel: &protobuf::SelectStmt) -> bool {
             })
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::analyze;
+
+    /// The deepest nesting Postgres's own parser accepts is analysed on a
+    /// thread with a router worker's stack, without running out of it.
+    #[test]
+    fn deep_nesting_fits_a_worker_stack() {
+        for depth in [10usize, 20, 30, 40, 60, 100, 1000] {
+            let subqueries = format!(
+                "SELECT * FROM orders WHERE tenant_id = 1 AND id IN {}(SELECT 1){}",
+                "(SELECT id FROM orders WHERE tenant_id = 1 AND id IN ".repeat(depth),
+                ")".repeat(depth)
+            );
+            let parens = format!(
+                "SELECT * FROM orders WHERE tenant_id = 1 AND id = {}1{}",
+                "(".repeat(depth),
+                ")".repeat(depth)
+            );
+            let froms = format!(
+                "SELECT * FROM {}orders{} WHERE tenant_id = 1",
+                "(SELECT * FROM ".repeat(depth),
+                ") t".repeat(depth)
+            );
+            for sql in [subqueries, parens, froms] {
+                let done = std::thread::Builder::new()
+                    .stack_size(2 << 20)
+                    .spawn(move || {
+                        analyze(&sql, "tenant_id").map(|_| ()).map_err(|e| e.chars().take(80).collect::<String>())
+                    })
+                    .unwrap()
+                    .join();
+                eprintln!("depth {depth}: {:?}", done.as_ref().map(|r| r.as_ref().err()));
+                assert!(done.is_ok(), "depth {depth}");
+            }
+        }
+    }
+}
