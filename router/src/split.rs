@@ -23,7 +23,7 @@ pub fn insert_per_shard(sql: &str, parts: &[(ShardId, Vec<usize>)]) -> Result<Ve
         };
         let all = std::mem::take(&mut sel.values_lists);
         sel.values_lists = all.into_iter().enumerate().filter(|(i, _)| rows.contains(i)).map(|(_, r)| r).collect();
-        let text = pg_query::deparse(&tree, Default::default()).map_err(|e| internal(e.to_string()))?;
+        let text = crate::sql::deparse(&tree).map_err(internal)?;
         out.push((*shard, text));
     }
     Ok(out)

@@ -95,8 +95,7 @@ pub fn plan(
     } else if let Some(l) = limit {
         sel.limit_count = Some(Box::new(int_node((l + offset) as i64)));
     }
-    let shard_sql =
-        pg_query::deparse(&parsed.protobuf, Default::default()).map_err(|e| FanoutError::Unsupported(e.to_string()))?;
+    let shard_sql = crate::sql::deparse(&parsed.protobuf).map_err(FanoutError::Unsupported)?;
     let star = out.star.map(|s| Star { at: s.at, table: s.table, named, width: star_width, group });
     Ok(FanoutPlan {
         shard_sql,

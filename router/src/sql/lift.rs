@@ -142,6 +142,12 @@ impl ServerForm {
                 // negative integers of the numeric kind stay in the text.
                 (PieceKind::Numeric, Some(true)) if is_integer(piece_text) => None,
                 (PieceKind::String, Some(true)) => None,
+                // A string right after a word is that word's literal: `N'…'`
+                // (national character), `date'…'`; `N $1` would be another
+                // statement, `date $1` none.
+                (PieceKind::String, Some(_)) if p.span.start > 0 && is_word_byte(sql.as_bytes()[p.span.start - 1]) => {
+                    None
+                }
                 (kind, Some(_)) => value_type(kind, piece_text),
             };
             match ty {
@@ -292,12 +298,17 @@ mod tests {
     }
 
     /// Found by the sql fuzz target: a typed literal written without a space
-    /// (`date'…'`) became `date$1`, one identifier, in the prepared form.
+    /// (`date'…'`) became `date$1`, one identifier, in the prepared form; and
+    /// `n''` (a national character string) became `n $1`, a literal of a type
+    /// named n. A string right after a word stays in the text.
     #[test]
     fn a_parameter_next_to_a_word_stays_apart_from_it() {
         let (text, _, values) = form("select date'2026-12-04', 'a'b from t where tenant_id = 7").unwrap();
-        assert_eq!(text, "select date $1, $2 b from t where tenant_id = $3");
-        assert_eq!(values, vec!["2026-12-04", "a", "7"]);
+        assert_eq!(text, "select date'2026-12-04', $1 b from t where tenant_id = $2");
+        assert_eq!(values, vec!["a", "7"]);
+        let (text, _, values) = form("select max(n'x') from names where tenant_id = 7").unwrap();
+        assert_eq!(text, "select max(n'x') from names where tenant_id = $1");
+        assert_eq!(values, vec!["7"]);
     }
 
     #[test]

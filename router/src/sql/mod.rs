@@ -32,3 +32,46 @@ pub use cache::AnalysisCache;
 pub use colocation::{NotLocal, Read};
 pub use key_writes::{InsertSelect, Inserted, KeyChange};
 pub use lift::{statement_name, ServerForm, SimpleForm};
+
+/// `pg_query`'s deparser, for trees the router rewrote (a fan-out's shard
+/// statement, an INSERT's rows for one shard). It refuses what Postgres
+/// refuses and the deparser cannot write: a type modifier that is not a
+/// constant, a parameter or a name (`numeric(1 + 1)`), on which its debug
+/// build aborts the process.
+pub fn deparse(tree: &pg_query::protobuf::ParseResult) -> Result<String, String> {
+    fn simple_typmods(v: &serde_json::Value) -> bool {
+        use serde_json::Value;
+        match v {
+            Value::Object(map) => {
+                let typmods_ok = match map.get("typmods") {
+                    Some(Value::Array(mods)) => mods.iter().all(|m| {
+                        m.get("node").and_then(Value::as_object).is_some_and(|n| {
+                            n.keys().all(|k| matches!(k.as_str(), "AConst" | "ParamRef" | "ColumnRef"))
+                        })
+                    }),
+                    _ => true,
+                };
+                typmods_ok && map.values().all(simple_typmods)
+            }
+            Value::Array(items) => items.iter().all(simple_typmods),
+            _ => true,
+        }
+    }
+    let json = serde_json::to_value(tree).map_err(|e| e.to_string())?;
+    if !simple_typmods(&json) {
+        return Err("type modifiers must be simple constants or identifiers".into());
+    }
+    pg_query::deparse(tree, Default::default()).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod deparse_tests {
+    #[test]
+    fn a_type_modifier_the_deparser_cannot_write_is_refused_not_aborted() {
+        let tree = |sql: &str| pg_query::parse(sql, 0).unwrap().protobuf;
+        let e = super::deparse(&tree("SELECT avg(total)::numeric(1 + 1, 2) FROM orders")).unwrap_err();
+        assert!(e.contains("type modifiers"), "{e}");
+        let ok = super::deparse(&tree("SELECT avg(total)::numeric(10, 2), x::mytype(n) FROM orders")).unwrap();
+        assert!(ok.contains("numeric(10, 2)"), "{ok}");
+    }
+}

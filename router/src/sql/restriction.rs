@@ -514,7 +514,7 @@ mod tests {
                     })
                     .unwrap()
                     .join();
-                eprintln!("depth {depth}: {:?}", done.as_ref().map(|r| r.as_ref().err()));
+                // Deeper trees than the decoder takes are an error, not a crash.
                 assert!(done.is_ok(), "depth {depth}");
             }
         }
