@@ -171,6 +171,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             }
         }
+        // pgjdbc sends a transaction's BEGIN in the pipeline of its first
+        // statement. When that statement reads every shard, BEGIN is held back
+        // as a BEGIN sent alone is, and the rest runs as a read in the block.
+        if let (true, Some(Target::Fanout(_)), None, None) = (sync, &target, &self.txn.held, &self.txn.pending_begin) {
+            if let Some(end) = begin_prefix(batch, &statements) {
+                let rest = batch.split_off(end);
+                match self.local_statement(&statements[0].statements[0])? {
+                    Some(Ok(tag)) => self.answer_batch_locally(batch, false, &tag).await?,
+                    Some(Err(e)) => return self.fail_batch(e, sync).await,
+                    None => {}
+                }
+                *batch = rest;
+                return Box::pin(self.run_batch_of(sync, batch)).await;
+            }
+        }
         // Statements the router answers itself: transaction control before a
         // shard is reached, SET shardgate.tenant, DISCARD ALL and DEALLOCATE.
         if let [a] = &statements[..] {
@@ -685,6 +700,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         Ok(())
     }
+}
+
+/// Where a batch's leading `BEGIN` ends (just after its Execute), when the
+/// batch starts with one (its Parse, Bind, Execute) and has more to run.
+fn begin_prefix(batch: &[Message], statements: &[Arc<Analysis>]) -> Option<usize> {
+    let [first, _, ..] = statements else { return None };
+    if !matches!(&first.statements[..], [s] if s.kind == StatementKind::Txn(TxnControl::Begin)) {
+        return None;
+    }
+    let execute = batch.iter().position(|m| m.tag() == b'E')?;
+    let binds = batch[..execute].iter().filter(|m| m.tag() == b'B').count();
+    let only_begin = batch[..execute].iter().all(|m| matches!(m.tag(), b'P' | b'B' | b'D'));
+    (binds == 1 && only_begin).then_some(execute + 1)
 }
 
 /// A pipeline of ROLLBACK followed by DEALLOCATEs only (psycopg 3's rollback
