@@ -182,7 +182,10 @@ fn without_locations(v: serde_json::Value) -> serde_json::Value {
     match v {
         Value::Object(map) => Value::Object(
             map.into_iter()
-                .filter(|(k, _)| !matches!(k.as_str(), "location" | "stmt_location" | "stmt_len"))
+                // Positions in the text: `location`, `stmt_len`, `list_start` ….
+                .filter(|(k, _)| {
+                    !(k.ends_with("location") || k.ends_with("_start") || k.ends_with("_end") || k == "stmt_len")
+                })
                 .map(|(k, v)| (k, without_locations(v)))
                 .collect(),
         ),
