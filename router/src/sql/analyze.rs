@@ -867,6 +867,8 @@ mod tests {
             "select * from orders o join items i on i.tenant_id = o.tenant_id and o.tenant_id = 4 left join parts p on p.tenant_id = o.tenant_id",
             "select * from orders o, items i where i.tenant_id = o.tenant_id and o.tenant_id = 4",
             "select * from orders o join items i using (tenant_id) where o.tenant_id = 4",
+            // A locking clause repeats a name; it is not another read.
+            "select * from orders o where o.tenant_id = 4 for update of o",
         ] {
             assert_eq!(restricted_to(&one(sql)), four, "{sql}");
         }

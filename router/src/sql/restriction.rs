@@ -90,9 +90,9 @@ struct Walk<'a> {
     /// `(a, b)` from an outer join's ON, `a` on its preserved side: a tie once
     /// the WHERE restricts `b`, which then leaves no row without a `b`.
     outer_ties: Vec<(usize, usize)>,
-    /// RangeVar nodes seen (references, and names a locking clause repeats),
-    /// to check that none was missed.
-    seen: usize,
+    /// The RangeVar nodes seen (references, and names a locking clause
+    /// repeats), by address in the tree, to check that none was missed.
+    seen: std::collections::HashSet<*const protobuf::RangeVar>,
 }
 
 struct Ref {
@@ -165,7 +165,11 @@ impl Walk<'_> {
         for l in &sel.locking_clause {
             if let Some(N::LockingClause(l)) = &l.node {
                 // Names of this query's own references, not references.
-                self.seen += l.locked_rels.len();
+                for r in &l.locked_rels {
+                    if let Some(N::RangeVar(r)) = &r.node {
+                        self.seen.insert(r as *const _);
+                    }
+                }
             }
         }
         self.passes_key(sel, s)
@@ -228,7 +232,7 @@ impl Walk<'_> {
     }
 
     fn range_var(&mut self, r: &protobuf::RangeVar, s: usize) -> usize {
-        self.seen += 1;
+        self.seen.insert(r as *const _);
         let alias = r.alias.as_ref().map(|a| a.aliasname.clone()).unwrap_or_else(|| r.relname.clone());
         match r.schemaname.is_empty().then(|| self.cte(&r.relname, s)).flatten() {
             Some(passes) => self.add_ref(None, alias, s, passes),
@@ -295,7 +299,7 @@ impl Walk<'_> {
     fn opaque(&mut self, n: &N, s: usize) {
         for (r, _, _, _) in n.nodes() {
             if let pg_query::NodeRef::RangeVar(v) = r {
-                self.seen += 1;
+                self.seen.insert(v as *const _);
                 if self.cte(&v.relname, s).is_none() || !v.schemaname.is_empty() {
                     // Not in the query's scopes: no alias resolves to it.
                     self.refs.push(Ref { table: Some(relname(v)), alias: String::new(), keys: None, passes_to: None });
@@ -442,8 +446,10 @@ impl Walk<'_> {
                 break;
             }
         }
-        let all_seen =
-            self.seen == node.nodes().iter().filter(|(r, ..)| matches!(r, pg_query::NodeRef::RangeVar(_))).count();
+        let all_seen = node.nodes().iter().all(|(r, ..)| match r {
+            pg_query::NodeRef::RangeVar(v) => self.seen.contains(&(*v as *const _)),
+            _ => true,
+        });
         let mut out = Restrictions::default();
         for (r, restricted) in self.refs.iter_mut().zip(restricted) {
             if let Some(keys) = r.keys.take() {
