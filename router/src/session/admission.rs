@@ -172,6 +172,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
+    /// Where a simple query's statements run: the catalog made to know their
+    /// tables, then routed, and routed again after waiting out a cutover's hold
+    /// (the placement may have changed).
+    pub(super) async fn route_simple(&mut self, analysis: &Analysis) -> Result<Target, SqlError> {
+        self.ensure_catalog(analysis).await;
+        loop {
+            let mut touched = std::mem::take(&mut self.admission.touched);
+            touched.clear();
+            let routed = self.route_all(analysis, None, &mut touched);
+            self.admission.touched = touched;
+            let target = routed?;
+            if self.pass_holds().await {
+                return Ok(target);
+            }
+        }
+    }
+
     /// Registers the buckets just routed as in flight, unless a cutover holds one
     /// this transaction had not touched yet: then waits for the hold to end and
     /// returns false (route again, the placement may have changed).

@@ -48,11 +48,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if let Err(e) = b.conn.conn.flush().await {
             return self.lost_backend(e).await;
         }
-        let relayed = self.relay_until_ready(swallow, None).await.map(|r| match r {
+        let relayed = self.relay_simple(swallow).await;
+        self.finish_forward(relayed, started, analysis).await
+    }
+
+    /// The reply to a simple query (and the `swallow` statements sent ahead
+    /// of it) relayed: the transaction status it ended in.
+    pub(super) async fn relay_simple(&mut self, swallow: usize) -> Result<u8, RelayError> {
+        self.relay_until_ready(swallow, None).await.map(|r| match r {
             Relayed::Ready(status) => status,
             Relayed::Refused { .. } => unreachable!("a simple query's reply is never refused"),
-        });
-        self.finish_forward(relayed, started, analysis).await
+        })
     }
 
     /// Runs a simple query as its shape's prepared statement: Parse (once per
@@ -107,10 +113,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if let Err(e) = b.conn.conn.flush().await {
                     return self.lost_backend(e).await;
                 }
-                self.relay_until_ready(1, None).await.map(|r| match r {
-                    Relayed::Ready(status) => status,
-                    Relayed::Refused { .. } => unreachable!("a simple query's reply is never refused"),
-                })
+                self.relay_simple(1).await
             }
             Err(e) => Err(e),
         };

@@ -359,19 +359,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return self.ready().await;
             }
         }
-        self.ensure_catalog(&analysis).await;
-        let target = loop {
-            let mut touched = std::mem::take(&mut self.admission.touched);
-            touched.clear();
-            let routed = self.route_all(&analysis, None, &mut touched);
-            self.admission.touched = touched;
-            let target = match routed {
-                Ok(t) => t,
-                Err(e) => return self.fail_simple(e).await,
-            };
-            if self.pass_holds().await {
-                break target;
-            }
+        let target = match self.route_simple(&analysis).await {
+            Ok(t) => t,
+            Err(e) => return self.fail_simple(e).await,
         };
         crate::metrics::global().query(route_kind(&target));
         match target {

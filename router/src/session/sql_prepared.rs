@@ -11,7 +11,6 @@
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::relay::Relayed;
 use super::{Session, SessionError};
 use crate::error::SqlError;
 use crate::protocol::messages;
@@ -120,19 +119,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if let Some(e) = self.lease_check(&analysis).await {
             return self.fail_simple(e).await;
         }
-        self.ensure_catalog(&analysis).await;
-        let target = loop {
-            let mut touched = std::mem::take(&mut self.admission.touched);
-            touched.clear();
-            let routed = self.route_all(&analysis, None, &mut touched);
-            self.admission.touched = touched;
-            let target = match routed {
-                Ok(t) => t,
-                Err(e) => return self.fail_simple(e).await,
-            };
-            if self.pass_holds().await {
-                break target;
-            }
+        let target = match self.route_simple(&analysis).await {
+            Ok(t) => t,
+            Err(e) => return self.fail_simple(e).await,
         };
         crate::metrics::global().query(super::admission::route_kind(&target));
         let shard = match target {
@@ -189,10 +178,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if let Err(e) = b.conn.conn.flush().await {
             return self.lost_backend(e).await;
         }
-        let relayed = self.relay_until_ready(swallow, None).await.map(|r| match r {
-            Relayed::Ready(status) => status,
-            Relayed::Refused { .. } => unreachable!("a simple query's reply is never refused"),
-        });
+        let relayed = self.relay_simple(swallow).await;
         if let Some(state) = self.sql_prepared.as_mut() {
             state.in_flight = None;
         }
