@@ -51,33 +51,27 @@ pub(super) fn of(node: &N, key_column: &str) -> Option<Restrictions> {
             w.select(sel, None);
         }
         N::UpdateStmt(u) => {
-            let s = w.scope(None);
-            w.with(u.with_clause.as_ref(), s);
-            let mut refs: Vec<usize> = u.relation.iter().map(|r| w.range_var(r, s)).collect();
-            for f in &u.from_clause {
-                refs.extend(w.item(f, s));
-            }
-            w.where_clause(u.where_clause.as_deref(), &refs, s);
             let returning = u.returning_clause.iter().flat_map(|r| &r.exprs);
-            for e in u.target_list.iter().chain(returning) {
-                w.expr(e, s);
-            }
+            let exprs: Vec<&Node> = u.target_list.iter().chain(returning).collect();
+            let write = Write { with: u.with_clause.as_ref(), target: u.relation.as_ref(), from: &u.from_clause };
+            w.write(write, u.where_clause.as_deref(), &exprs);
         }
         N::DeleteStmt(d) => {
-            let s = w.scope(None);
-            w.with(d.with_clause.as_ref(), s);
-            let mut refs: Vec<usize> = d.relation.iter().map(|r| w.range_var(r, s)).collect();
-            for f in &d.using_clause {
-                refs.extend(w.item(f, s));
-            }
-            w.where_clause(d.where_clause.as_deref(), &refs, s);
-            for e in d.returning_clause.iter().flat_map(|r| &r.exprs) {
-                w.expr(e, s);
-            }
+            let exprs: Vec<&Node> = d.returning_clause.iter().flat_map(|r| &r.exprs).collect();
+            let write = Write { with: d.with_clause.as_ref(), target: d.relation.as_ref(), from: &d.using_clause };
+            w.write(write, d.where_clause.as_deref(), &exprs);
         }
         _ => return None,
     }
     Some(w.finish(node))
+}
+
+/// The parts of an UPDATE or DELETE that name relations.
+struct Write<'n> {
+    with: Option<&'n protobuf::WithClause>,
+    target: Option<&'n protobuf::RangeVar>,
+    /// UPDATE's FROM, DELETE's USING.
+    from: &'n [Node],
 }
 
 #[derive(Default)]
@@ -126,6 +120,21 @@ impl Walk<'_> {
         let id = self.refs.len() - 1;
         self.scopes[scope].refs.push(id);
         id
+    }
+
+    /// An UPDATE or DELETE: its target and FROM (USING) restricted by its
+    /// WHERE; `exprs` (SET values, RETURNING) may hold subqueries.
+    fn write(&mut self, write: Write<'_>, cond: Option<&Node>, exprs: &[&Node]) {
+        let s = self.scope(None);
+        self.with(write.with, s);
+        let mut refs: Vec<usize> = write.target.iter().map(|r| self.range_var(r, s)).collect();
+        for f in write.from {
+            refs.extend(self.item(f, s));
+        }
+        self.where_clause(cond, &refs, s);
+        for e in exprs {
+            self.expr(e, s);
+        }
     }
 
     /// A SELECT as a query of its own under `parent`; returns the references
