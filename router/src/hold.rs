@@ -212,6 +212,14 @@ impl HeldWaits {
         m.entry((move_id, token)).or_default().record(waited.as_micros() as u64);
     }
 
+    /// This router saw hold `token` of move `move_id` (and acknowledged it):
+    /// it reports the hold even when none of its statements waited on it, so
+    /// every router's pause is on record, zero included.
+    pub fn saw(&self, move_id: u64, token: u64) {
+        let mut m = self.by_hold.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry((move_id, token)).or_default();
+    }
+
     /// The waits on holds the directory still keeps, for moves under way; the
     /// others are forgotten.
     pub fn reports(&self, dir: &Directory) -> Vec<HeldReport> {
@@ -232,6 +240,7 @@ pub async fn acknowledge_holds(
     directory: DirectoryHandle,
     in_flight: Arc<InFlight>,
     writer: Arc<dyn DirectoryWriter>,
+    saw: Arc<dyn Fn(u64, u64) + Send + Sync>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut changes = directory.subscribe();
@@ -248,10 +257,12 @@ pub async fn acknowledge_holds(
                 continue;
             }
             let bucket = bucket_of_subject(&dir, &h.subject);
-            let (in_flight, writer, router_id) = (in_flight.clone(), writer.clone(), router_id.clone());
+            let (in_flight, writer, router_id, saw) =
+                (in_flight.clone(), writer.clone(), router_id.clone(), saw.clone());
             let deadline = Duration::from_millis(h.deadline_ms.saturating_sub(now_ms()));
             tokio::spawn(async move {
                 if tokio::time::timeout(deadline, in_flight.drained(bucket)).await.is_ok() {
+                    saw(key.0, key.1);
                     let ack = Command::AckHold { id: key.0, token: key.1, router: router_id };
                     if let Err(e) = writer.propose(ack).await {
                         tracing::warn!(move_id = key.0, error = %e, "could not acknowledge a cutover hold");

@@ -161,6 +161,10 @@ async fn start_with(
         ctx.directory.clone(),
         ctx.in_flight.clone(),
         ctx.writer.clone(),
+        {
+            let ctx = ctx.clone();
+            Arc::new(move |move_id, token| ctx.held.saw(move_id, token))
+        },
         stop.subscribe(),
     ));
     tokio::spawn(crate::shadow::follow_directory(ctx.clone(), stop.subscribe()));
