@@ -517,6 +517,13 @@ impl RouterContext {
             }
         }
         self.catalog.replace(tables, known);
+        // Aggregates of the application's own: a cross-shard read must not
+        // take a call to one for a plain value (each shard would return its
+        // own partial result as a row).
+        let sql = "SELECT DISTINCT lower(proname) FROM pg_proc \
+                   WHERE prokind = 'a' AND pronamespace <> 'pg_catalog'::regnamespace";
+        let rows = conn.simple_query(sql).await.map_err(|(c, m)| format!("{c}: {m}"))?;
+        crate::sql::aggregates::set_defined(rows.into_iter().filter_map(|r| r.into_iter().next().flatten()).collect());
         // Text sorts by bytes on the shards only when the database's default
         // collation is C from libc (an ICU default shows lc_collate C too) and
         // no column has a collation of its own (default 100, C 950, POSIX 951).

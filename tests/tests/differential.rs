@@ -507,6 +507,39 @@ const MERGED: &[(&str, Rows)] = &[
         Rows::Ordered,
     ),
     ("SELECT id AS n FROM orders UNION ALL SELECT qty FROM items ORDER BY n NULLS FIRST LIMIT 7 OFFSET 5", Rows::Ordered),
+    // Groups by the sharding key are whole on their shard: any aggregate,
+    // and HAVING, run there.
+    (
+        "SELECT tenant_id, count(DISTINCT region) AS r, string_agg(region, ',' ORDER BY region, id) AS s \
+         FROM orders GROUP BY tenant_id HAVING count(*) > 2 ORDER BY r DESC, tenant_id LIMIT 10",
+        Rows::Ordered,
+    ),
+    (
+        "SELECT o.tenant_id, o.id, count(i.id), bool_or(i.qty > 10) FROM orders o \
+         LEFT JOIN items i ON i.tenant_id = o.tenant_id GROUP BY o.tenant_id, o.id ORDER BY 3 DESC, 1, 2",
+        Rows::Ordered,
+    ),
+    ("SELECT DISTINCT count(*) FROM orders GROUP BY tenant_id", Rows::AnyOrder),
+    // An ORDER BY or GROUP BY item that is a select-list expression.
+    ("SELECT region, count(*) FROM orders GROUP BY region ORDER BY count(*) DESC, region", Rows::Ordered),
+    ("SELECT tenant_id % 4, sum(qty) FROM orders GROUP BY tenant_id % 4 ORDER BY tenant_id % 4", Rows::Ordered),
+    // WITH queries and subqueries in FROM whose rows are each of one shard.
+    (
+        "WITH big AS (SELECT * FROM orders WHERE total > 100) \
+         SELECT region, count(*), sum(total) FROM big GROUP BY region ORDER BY region",
+        Rows::Ordered,
+    ),
+    (
+        "WITH o AS (SELECT tenant_id, id, total FROM orders) SELECT o.tenant_id, o.id, o.total, i.sku \
+         FROM o JOIN items i ON i.tenant_id = o.tenant_id AND i.id = o.id ORDER BY 1, 2",
+        Rows::Ordered,
+    ),
+    ("SELECT count(*), max(t.total), avg(t.qty) FROM (SELECT * FROM orders WHERE qty > 10) t", Rows::Ordered),
+    (
+        "SELECT * FROM (SELECT tenant_id, id, total FROM orders) t ORDER BY total DESC NULLS LAST, tenant_id, id LIMIT 5",
+        Rows::Ordered,
+    ),
+    ("SELECT avg(n) FROM (SELECT tenant_id, id, qty AS n FROM orders) t", Rows::Ordered),
 ];
 
 /// `SELECT *` expanded from the shards' row descriptions, DISTINCT and
@@ -548,6 +581,14 @@ async fn star_distinct_having_and_union_all_match_a_single_postgres() {
     assert_eq!(rows(router.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"))), a, "{sql}");
     let p = vec![parse("", sql, &[]), bind_formats("", &[], false, &[0]), describe_portal(), execute(), sync()];
     assert_eq!(routed.run(&p).await, direct.run(&p).await, "extended: {sql}");
+    // A parameter in the HAVING of groups by the key: the shards run it.
+    let sql = "SELECT tenant_id, count(*), sum(total) FROM orders GROUP BY tenant_id HAVING count(*) >= $1 \
+               ORDER BY tenant_id";
+    for n in [1i64, 4, 9] {
+        let a = wire_rows(&one.query(sql, &[&n]).await.unwrap());
+        let b = wire_rows(&router.query(sql, &[&n]).await.unwrap_or_else(|e| panic!("{sql}: {e:?}")));
+        assert_eq!(b, a, "{sql} with {n}");
+    }
     // Parameters outside HAVING keep their places and types.
     let sql = "SELECT region, count(*) AS n, avg(total) FROM orders WHERE qty > $1 GROUP BY region \
                HAVING count(*) > 5 AND max(total) >= 100 ORDER BY n DESC, region";
@@ -594,12 +635,20 @@ async fn merges_the_router_cannot_do_exactly_are_refused_by_name() {
     let router = h.client().await;
     router.batch_execute(SCHEMA).await.unwrap();
     router.batch_execute("CREATE TABLE plans (id bigint PRIMARY KEY)").await.unwrap();
+    // An aggregate of the application's own is an aggregate, not a value each
+    // shard would return a row of.
+    router.batch_execute("CREATE AGGREGATE my_sum(int) (sfunc = int4pl, stype = int)").await.unwrap();
     for (sql, named) in [
+        ("SELECT my_sum(qty) FROM orders", "my_sum()"),
+        ("SELECT * FROM (SELECT my_sum(qty) FROM orders) t", "computes aggregates"),
+        ("SELECT corr(qty, total) FROM orders", "corr()"),
         ("SELECT id FROM orders UNION ALL SELECT id FROM plans", "UNION ALL reads only reference tables"),
         ("SELECT DISTINCT * FROM orders o JOIN orders p USING (tenant_id, id)", "DISTINCT *"),
         ("SELECT region, count(*) FROM orders GROUP BY region HAVING stddev(qty) > 1", "stddev()"),
         ("SELECT region, count(*) FROM orders GROUP BY region HAVING sum(qty) + 1 > 1", "operator +"),
         ("SELECT count(DISTINCT region) FROM orders", "count(DISTINCT …)"),
+        ("SELECT * FROM (SELECT region, count(*) FROM orders GROUP BY region) c", "computes GROUP BY or HAVING"),
+        ("WITH r AS (SELECT DISTINCT region FROM orders) SELECT count(*) FROM r", "computes DISTINCT"),
         ("SELECT id FROM orders UNION SELECT id FROM orders", "UNION"),
         ("SELECT o.* FROM orders o JOIN orders p USING (tenant_id, id) ORDER BY p.qty", "not output columns"),
     ] {

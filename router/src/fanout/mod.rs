@@ -7,7 +7,11 @@
 //! in the merged order), count/sum/min/max/avg combined per GROUP BY group
 //! (avg runs on the shards as sum and count, and is divided as Postgres's
 //! numeric division does it) and then filtered by HAVING; `UNION ALL` arms all
-//! run on each shard. What cannot be merged exactly is refused with a clear
+//! run on each shard. Groups by the sharding key are whole on their tenant's
+//! shard, so the shards answer them entirely (any aggregate, HAVING) and the
+//! router only sorts and cuts them. `WITH` queries and subqueries in FROM run
+//! on each shard over its rows, once the colocation checks
+//! (crate::sql::Read) have found that each of their rows is one shard's. What cannot be merged exactly is refused with a clear
 //! error, never answered wrong: sums and averages of floating-point values
 //! (their order changes the result), window functions, other set operations,
 //! sorts on expressions that are not output columns, and text sorts unless the

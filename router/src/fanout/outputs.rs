@@ -3,54 +3,14 @@
 
 use pg_query::protobuf::{self, a_const, node::Node as N, Node};
 
+pub(super) use crate::sql::aggregates::{funcname, has_aggregate, is_aggregate};
+
 use super::{refuse, ColumnMerge, FanoutError, OutputName};
 
-pub(super) fn funcname(f: &protobuf::FuncCall) -> String {
-    f.funcname
-        .last()
-        .and_then(|n| match &n.node {
-            Some(N::String(s)) => Some(s.sval.to_ascii_lowercase()),
-            _ => None,
-        })
-        .unwrap_or_default()
-}
-
-pub(super) const AGGREGATES: &[&str] = &[
-    "count",
-    "sum",
-    "min",
-    "max",
-    "avg",
-    "array_agg",
-    "string_agg",
-    "bool_and",
-    "bool_or",
-    "every",
-    "json_agg",
-    "jsonb_agg",
-    "json_object_agg",
-    "jsonb_object_agg",
-    "stddev",
-    "stddev_pop",
-    "stddev_samp",
-    "variance",
-    "var_pop",
-    "var_samp",
-    "bit_and",
-    "bit_or",
-    "xmlagg",
-    "percentile_cont",
-    "percentile_disc",
-    "mode",
-];
-
-/// Whether an aggregate or window function appears anywhere under `n`.
-pub(super) fn has_aggregate(n: &Node) -> bool {
+/// Whether a window function appears anywhere under `n`.
+fn has_window(n: &Node) -> bool {
     let Some(inner) = &n.node else { return false };
-    inner.nodes().into_iter().any(|(r, _, _, _)| match r {
-        pg_query::NodeRef::FuncCall(f) => f.over.is_some() || f.agg_star || AGGREGATES.contains(&funcname(f).as_str()),
-        _ => false,
-    })
+    inner.nodes().into_iter().any(|(r, _, _, _)| matches!(r, pg_query::NodeRef::FuncCall(f) if f.over.is_some()))
 }
 
 /// A column reference's names (`o.total` → `["o", "total"]`), `*` as "*".
@@ -82,6 +42,9 @@ pub(super) fn int_const(n: &Node) -> Option<i64> {
 pub(super) struct Target {
     pub(super) name: String,
     pub(super) column: Option<Vec<String>>,
+    /// The expression, which an ORDER BY, GROUP BY or DISTINCT ON item that
+    /// is neither a name nor a number names by being the same expression.
+    pub(super) expr: Node,
 }
 
 /// The select list as the merge sees it.
@@ -134,7 +97,12 @@ impl Outputs {
             let position = names != Names::InputOnly && pos >= 1 && pos as usize <= self.targets.len();
             return position.then(|| pos as usize - 1);
         }
-        let fields = column_fields(item)?;
+        let Some(fields) = column_fields(item) else {
+            // An expression: the output column that is the same expression
+            // (`ORDER BY count(*)`, `GROUP BY lower(region)`), as Postgres
+            // matches it; the first, when several are.
+            return self.targets.iter().position(|t| crate::sql::same_expression(&t.expr, item));
+        };
         let (name, qualifier) = fields.split_last()?;
         if qualifier.is_empty() {
             let named = || self.targets.iter().position(|t| t.name == *name);
@@ -229,6 +197,9 @@ pub(super) fn aggregate(f: &protobuf::FuncCall, key: &Key) -> Result<ColumnMerge
 pub(super) struct Key<'a> {
     pub(super) column: &'a str,
     pub(super) plain_tables: bool,
+    /// GROUP BY holds the sharding key of a table every row of the answer
+    /// has ([`groups_stay_on_their_shard`]): each group is made on one shard.
+    pub(super) local_groups: bool,
 }
 
 pub(super) fn plain_tables(from: &[Node]) -> bool {
@@ -243,6 +214,62 @@ pub(super) fn plain_tables(from: &[Node]) -> bool {
         }
     }
     from.iter().all(plain)
+}
+
+/// Whether each group of a grouped read is made on one shard: GROUP BY (a
+/// plain list, no grouping sets) holds the sharding key column of a sharded
+/// table that every row of the answer has, one not on the nullable side of an
+/// outer join (there a NULL key would be one group of rows from every shard).
+/// A tenant's rows live on one shard and rows that join live on the same shard
+/// (the colocation checks see to that before a read fans out), so a group's
+/// rows are all on its tenant's shard, and what that shard computes of the
+/// group, HAVING and every aggregate, is the group's answer.
+pub(super) fn groups_stay_on_their_shard(
+    sel: &protobuf::SelectStmt,
+    key_column: &str,
+    is_sharded: &dyn Fn(&str) -> bool,
+) -> bool {
+    if !plain_tables(&sel.from_clause) || sel.group_clause.iter().any(|g| matches!(g.node, Some(N::GroupingSet(_)))) {
+        return false;
+    }
+    sel.group_clause.iter().any(|g| match column_fields(g).as_deref() {
+        Some([column]) => column == key_column && !has_outer_join(&sel.from_clause),
+        Some([.., table, column]) => {
+            column == key_column && preserved(&sel.from_clause, table).is_some_and(|t| is_sharded(&t))
+        }
+        _ => false,
+    })
+}
+
+fn has_outer_join(from: &[Node]) -> bool {
+    from.iter().any(|n| match &n.node {
+        Some(N::JoinExpr(j)) => {
+            j.jointype != protobuf::JoinType::JoinInner as i32
+                || [&j.larg, &j.rarg].into_iter().flatten().any(|side| has_outer_join(std::slice::from_ref(&**side)))
+        }
+        _ => false,
+    })
+}
+
+/// The table FROM reads under `name`, when each row of the join has a row of
+/// it (it is not on the nullable side of an outer join).
+fn preserved(from: &[Node], name: &str) -> Option<String> {
+    from.iter().find_map(|n| match &n.node {
+        Some(N::RangeVar(r)) if r.alias.as_ref().map_or(r.relname.as_str(), |a| a.aliasname.as_str()) == name => {
+            Some(if r.schemaname.is_empty() { r.relname.clone() } else { format!("{}.{}", r.schemaname, r.relname) })
+        }
+        Some(N::JoinExpr(j)) => {
+            use protobuf::JoinType as J;
+            let sides = match J::try_from(j.jointype) {
+                Ok(J::JoinInner) => vec![&j.larg, &j.rarg],
+                Ok(J::JoinLeft) => vec![&j.larg],
+                Ok(J::JoinRight) => vec![&j.rarg],
+                _ => vec![],
+            };
+            sides.into_iter().flatten().find_map(|side| preserved(std::slice::from_ref(&**side), name))
+        }
+        _ => None,
+    })
 }
 
 /// The select list: what each column merges as, and the names ORDER BY may use.
@@ -267,9 +294,16 @@ pub(super) fn outputs(sel: &protobuf::SelectStmt, key: &Key) -> Result<Outputs, 
             continue;
         }
         let merge = match &val.node {
-            Some(N::FuncCall(f)) if f.over.is_none() && AGGREGATES.contains(&funcname(f).as_str()) => {
-                aggregate(f, key)?
+            // Every group is whole on its shard: what the shard computes of it
+            // is the answer, whatever the expression, except a window over the
+            // groups, which span the shards.
+            _ if key.local_groups => {
+                if has_window(val) {
+                    return Err(refuse("window functions"));
+                }
+                ColumnMerge::Key
             }
+            Some(N::FuncCall(f)) if f.over.is_none() && is_aggregate(f) => aggregate(f, key)?,
             _ if has_aggregate(val) => return Err(refuse("expressions around aggregates or window functions")),
             _ => ColumnMerge::Key,
         };
@@ -283,7 +317,7 @@ pub(super) fn outputs(sel: &protobuf::SelectStmt, key: &Key) -> Result<Outputs, 
             rt.name.clone()
         };
         out.columns.push(merge);
-        out.targets.push(Target { name, column: fields });
+        out.targets.push(Target { name, column: fields, expr: val.clone() });
     }
     Ok(out)
 }

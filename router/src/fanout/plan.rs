@@ -4,7 +4,8 @@ use pg_query::protobuf::{self, a_const, node::Node as N, Node};
 
 use super::having::{self, Filter};
 use super::outputs::{
-    aggregate, funcname, has_aggregate, int_const, outputs, plain_tables, Key, Names, OutputRef, Outputs, AGGREGATES,
+    aggregate, groups_stay_on_their_shard, has_aggregate, int_const, is_aggregate, outputs, plain_tables, Key, Names,
+    OutputRef, Outputs,
 };
 use super::{refuse, ColumnMerge, FanoutError, FullMerge, MergeSpec, OutputName, SortKey, Star};
 
@@ -35,7 +36,6 @@ pub fn plan(
     key_column: &str,
     table_columns: &dyn Fn(&str) -> Option<Vec<String>>,
 ) -> Result<FanoutPlan, FanoutError> {
-    let table_width = &|t: &str| table_columns(t).map(|c| c.len());
     let mut parsed = pg_query::parse(sql, 0).map_err(|e| FanoutError::Unsupported(e.to_string()))?;
     let [raw] = &mut parsed.protobuf.stmts[..] else { return Err(refuse("several statements")) };
     let Some(N::SelectStmt(sel)) = raw.stmt.as_deref_mut().and_then(|n| n.node.as_mut()) else {
@@ -46,15 +46,28 @@ pub fn plan(
     if sel.op > 1 && !union {
         return Err(refuse("UNION (without ALL), INTERSECT or EXCEPT"));
     }
-    let key = Key { column: key_column, plain_tables: !union && plain_tables(&sel.from_clause) };
+    // The colocation checks passed: each `WITH` query, like each subquery in
+    // FROM, runs on each shard over that shard's rows. A name in FROM may then
+    // be a WITH query's, not a table's, so nothing here is taken from the
+    // catalog by a FROM name.
+    let with = sel.with_clause.is_some();
+    let catalog = |t: &str| if with { None } else { table_columns(t) };
+    let table_columns: &dyn Fn(&str) -> Option<Vec<String>> = &catalog;
+    let table_width = &|t: &str| table_columns(t).map(|c| c.len());
+    let plain = !union && !with && plain_tables(&sel.from_clause);
+    let local_groups = plain && groups_stay_on_their_shard(sel, key_column, &|t: &str| table_columns(t).is_some());
+    let key = Key { column: key_column, plain_tables: plain, local_groups };
     let mut out = if union { union_outputs(sel, &key)? } else { outputs(sel, &key)? };
     out.inputs = input_columns(&sel.from_clause, table_columns);
-    let grouped = out.columns.iter().any(|c| *c != ColumnMerge::Key)
-        || !sel.group_clause.is_empty()
-        || sel.having_clause.is_some();
+    // Groups made whole on their shards come back as rows: only sorted, cut
+    // and deduplicated. Their HAVING stays in the shards' statement.
+    let grouped = !local_groups
+        && (out.columns.iter().any(|c| *c != ColumnMerge::Key)
+            || !sel.group_clause.is_empty()
+            || sel.having_clause.is_some());
     let group = if grouped { check_grouping(sel, &out)? } else { Vec::new() };
     let visible = out.columns.len();
-    let having = match sel.having_clause.take() {
+    let having = match sel.having_clause.take_if(|_| grouped) {
         Some(condition) => Some(plan_having(&condition, sel, &mut out, &key)?),
         None => None,
     };
@@ -117,9 +130,6 @@ pub fn plan(
 fn check_statement(sel: &protobuf::SelectStmt) -> Result<(), FanoutError> {
     if sel.into_clause.is_some() || !sel.locking_clause.is_empty() {
         return Err(refuse("SELECT INTO or FOR UPDATE"));
-    }
-    if sel.with_clause.is_some() {
-        return Err(refuse("WITH queries"));
     }
     if !sel.window_clause.is_empty() {
         return Err(refuse("window functions"));
@@ -232,7 +242,7 @@ fn plan_having(
 ) -> Result<Filter, FanoutError> {
     let mut column = |n: &Node| -> Result<Option<usize>, FanoutError> {
         match &n.node {
-            Some(N::FuncCall(f)) if f.over.is_none() && AGGREGATES.contains(&funcname(f).as_str()) => {
+            Some(N::FuncCall(f)) if f.over.is_none() && is_aggregate(f) => {
                 let merge = aggregate(f, key)?;
                 let at = out.columns.len();
                 out.columns.push(merge);
@@ -479,7 +489,7 @@ mod tests {
     #[test]
     fn aggregates_and_groups_are_planned() {
         let (sql, m) =
-            full("select tenant_id, count(*), sum(total) s, max(id) from orders group by tenant_id order by s limit 3");
+            full("select region, count(*), sum(total) s, max(id) from orders group by region order by s limit 3");
         assert!(!sql.contains("LIMIT"), "grouped shards return all groups: {sql}");
         assert_eq!(m.columns, vec![ColumnMerge::Key, ColumnMerge::Count, ColumnMerge::Sum, ColumnMerge::Max]);
         assert_eq!(m.order[0].column, 2);
@@ -567,15 +577,15 @@ mod tests {
     fn star_groups_bind_their_keys_to_the_row_description() {
         let (_, m) = full(
             "select count(i.id) n, o.*, max(i.qty) from orders o join items i using (tenant_id) \
-                           group by o.tenant_id, o.id order by n desc, id",
+                           group by o.id order by n desc, id",
         );
         let names: Vec<String> = ["n", "tenant_id", "id", "region", "total", "qty", "max"].map(String::from).to_vec();
         let bound = m.bind(&names).unwrap();
         use ColumnMerge::{Count, Dependent, Key, Max};
-        assert_eq!(bound.columns, vec![Count, Key, Key, Dependent, Dependent, Dependent, Max]);
+        assert_eq!(bound.columns, vec![Count, Dependent, Key, Dependent, Dependent, Dependent, Max]);
         assert_eq!((bound.visible, bound.order[0].column, bound.order[1].column), (7, 0, 2));
         // A grouping key the select list lacks would merge groups wrongly.
-        let (_, m) = full("select o.*, count(*) from orders o group by o.tenant_id, o.nope");
+        let (_, m) = full("select o.*, count(*) from orders o group by o.id, o.nope");
         assert!(m.bind(&names[1..6]).is_err());
     }
 
@@ -596,6 +606,37 @@ mod tests {
         let (sql, m) = full("select region, count(distinct tenant_id) from orders o group by region");
         assert!(sql.contains("count(DISTINCT tenant_id)"), "{sql}");
         assert_eq!(m.columns, vec![ColumnMerge::Key, ColumnMerge::Count]);
+    }
+
+    #[test]
+    fn groups_by_the_sharding_key_are_answered_whole_by_their_shard() {
+        // Every aggregate, HAVING with its parameter, DISTINCT inside: all
+        // stay in the shards' statement; the router only sorts and cuts.
+        let (sql, m) = full(
+            "select tenant_id, count(distinct region), string_agg(region, ','), sum(total::float8) from orders \
+             group by tenant_id having count(*) > $1 order by 2 desc, 1 limit 5",
+        );
+        assert!(sql.contains("HAVING count(*) > $1") && sql.contains("LIMIT 5"), "{sql}");
+        assert!(!m.grouped && m.having.is_none() && m.visible == 4, "{m:?}");
+        assert_eq!(m.columns, vec![ColumnMerge::Key; 4]);
+        assert_eq!((m.order[0].column, m.order[1].column), (1, 0));
+        // Through a join on the key, by the preserved side's key.
+        let sql = "select o.tenant_id, o.id, avg(i.qty) from orders o left join orders i \
+                   on i.tenant_id = o.tenant_id and i.id = o.id group by o.tenant_id, o.id";
+        assert_eq!(plan_of(sql).unwrap().merge, MergeSpec::Concat);
+        // Not the key, or the key of a table a row may lack: merged as before.
+        assert!(full("select region, count(*) from orders group by region").1.grouped);
+    }
+
+    #[test]
+    fn an_item_that_is_a_select_list_expression_names_that_column() {
+        let (_, m) = full("select region, count(*) from orders group by region order by count(*) desc, region");
+        assert_eq!((m.order[0].column, m.order[1].column), (1, 0));
+        let (sql, m) = full("select lower(region), count(*) from orders group by lower(region) order by lower(region)");
+        assert!(sql.contains("lower(region)"), "{sql}");
+        assert_eq!(m.columns, vec![ColumnMerge::Key, ColumnMerge::Count]);
+        assert_eq!(m.order[0].column, 0);
+        assert!(plan_of("select count(*) from orders order by count(id)").is_err());
     }
 
     #[test]
@@ -624,8 +665,12 @@ mod tests {
             "select distinct * from orders o join items i using (tenant_id)",
             "select distinct i.* from orders o join items i using (tenant_id)",
             "select distinct on (region) id, region from orders order by id",
-            "select *, avg(total) from orders group by tenant_id, id",
-            "select o.*, count(*) from orders o group by tenant_id, id having count(*) > 1",
+            "select *, avg(total) from orders group by id",
+            "select o.*, count(*) from orders o group by id having count(*) > 1",
+            "select tenant_id, count(*), rank() over (order by count(*)) from orders group by tenant_id",
+            "select count(distinct region) from orders group by rollup (tenant_id)",
+            "select o.tenant_id, count(distinct i.region) from orders o left join orders i \
+             on i.tenant_id = o.tenant_id group by i.tenant_id",
             "select id from orders o order by o.total",
             "select o.*, 1, i.* from orders o join items i using (tenant_id)",
             "select sum(total) + 1 from orders",

@@ -171,27 +171,12 @@ fn check_form(text: &str, form: &str, types: &[i32], values: &[Vec<u8>]) {
     }
     // Parse trees compared with their locations left out. Not deparsed: the
     // deparser's debug build aborts on some trees the parser accepts.
-    let tree = |t: &str| pg_query::parse(t, 0).map(|p| without_locations(serde_json::to_value(&p.protobuf).unwrap()));
+    let tree = |t: &str| {
+        pg_query::parse(t, 0).map(|p| crate::sql::without_locations(serde_json::to_value(&p.protobuf).unwrap()))
+    };
     let want = tree(text).expect("the text parses");
     let got = tree(&out).unwrap_or_else(|e| panic!("the form {form:?} with its values is {out:?}: {e}"));
     assert!(got == want, "the prepared form of {text:?} means something else: {out:?}");
-}
-
-fn without_locations(v: serde_json::Value) -> serde_json::Value {
-    use serde_json::Value;
-    match v {
-        Value::Object(map) => Value::Object(
-            map.into_iter()
-                // Positions in the text: `location`, `stmt_len`, `list_start` ….
-                .filter(|(k, _)| {
-                    !(k.ends_with("location") || k.ends_with("_start") || k.ends_with("_end") || k == "stmt_len")
-                })
-                .map(|(k, v)| (k, without_locations(v)))
-                .collect(),
-        ),
-        Value::Array(items) => Value::Array(items.into_iter().map(without_locations).collect()),
-        other => other,
-    }
 }
 
 /// Quoting parts of `text` (between `;`s) reads back as they were.

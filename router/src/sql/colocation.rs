@@ -17,8 +17,15 @@
 //! - a subquery (`EXISTS`, `IN`, a scalar subquery) that reads a sharded table
 //!   must be tied to the outer row by the key in its WHERE
 //!   (`i.tenant_id = o.tenant_id`), else each shard sees only its own part of
-//!   the subquery's rows. A subquery, function or `WITH` in FROM that reads a
-//!   sharded table is not looked into, and refused.
+//!   the subquery's rows;
+//! - a subquery or `WITH` query in FROM that reads a sharded table must make
+//!   each of its rows from rows of one shard, as a table's are: no aggregates,
+//!   GROUP BY, DISTINCT, window functions, LIMIT or OFFSET of its own, which
+//!   would compute over one shard's rows only. Its rows are then like a
+//!   table's, and its key column, when it passes one through unchanged, like
+//!   a table's key for joins. A function in FROM, a LATERAL subquery or a
+//!   recursive `WITH` that reads a sharded table is not looked into, and
+//!   refused.
 //!
 //! The analysis ([`Read::of`]) records the shape of a SELECT's FROM clause and
 //! its key equalities; which tables are sharded is known only when routing,
@@ -65,8 +72,14 @@ enum Source {
         nullable: Box<Source>,
         tied: bool,
     },
-    /// A FROM item not looked into (a subquery, a function, VALUES, a CTE): the
-    /// tables it reads.
+    /// A subquery or `WITH` query in FROM; `mixes` names what in it computes
+    /// over many rows (aggregates, DISTINCT, LIMIT …), if anything does.
+    Derived {
+        read: Box<Read>,
+        mixes: Option<&'static str>,
+    },
+    /// A FROM item not looked into (a function, VALUES, a LATERAL subquery, a
+    /// recursive `WITH`): the tables it reads.
     Opaque(Vec<String>),
     /// The arms of `UNION ALL`, each a read of its own: every shard runs every
     /// arm, so each must be split over the shards (or each the same everywhere).
@@ -94,7 +107,7 @@ enum Locality {
 impl Read {
     /// The shape of `sel`, a statement's top-level SELECT.
     pub fn of(sel: &protobuf::SelectStmt, key_column: &str) -> Read {
-        let mut b = Builder { column: key_column, next_id: 0, enclosing: Vec::new() };
+        let mut b = Builder { column: key_column, next_id: 0, enclosing: Vec::new(), ctes: Vec::new() };
         b.read(sel).0
     }
 
@@ -143,6 +156,7 @@ impl Source {
         match self {
             Source::Table(t) => out.push(t),
             Source::Opaque(ts) => out.extend(ts),
+            Source::Derived { read, .. } => read.tables(out),
             Source::UnionAll(arms) => arms.iter().for_each(|a| a.tables(out)),
             Source::SetOperation(_, ts) => out.extend(ts),
             Source::Inner { members, .. } => members.iter().for_each(|m| m.tables(out)),
@@ -197,13 +211,28 @@ impl Checker<'_> {
                 None => Ok(Locality::Replicated),
                 Some(t) => Err(NotLocal {
                     message: format!(
-                        "a subquery, function or WITH query in FROM reads the sharded table {t}, which shardgate does not split across shards"
+                        "a function, LATERAL subquery or recursive WITH query in FROM reads the sharded table {t}, which shardgate does not split across shards"
                     ),
                     hint: format!(
                         "join {t} directly (on {key}), or name one tenant (WHERE {key} = …)",
                         key = self.key
                     ),
                 }),
+            },
+            Source::Derived { read, mixes } => match (self.read(read)?, mixes) {
+                (Locality::Partitioned, Some(what)) => {
+                    let t = self.first_sharded(&read.from).map_or("", String::as_str);
+                    Err(NotLocal {
+                        message: format!(
+                            "a subquery or WITH query in FROM computes {what} over the sharded table {t}: each shard would compute it over its own rows only"
+                        ),
+                        hint: format!(
+                            "compute it in the outer query, or name one tenant (WHERE {} = …)",
+                            self.key
+                        ),
+                    })
+                }
+                (locality, _) => Ok(locality),
             },
             Source::UnionAll(arms) => self.union_all(arms),
             Source::SetOperation(name, tables) => match tables.iter().find(|t| (self.is_sharded)(t)) {
@@ -356,17 +385,72 @@ struct Builder<'a> {
     next_id: usize,
     /// The names of the queries enclosing the one being read, innermost last.
     enclosing: Vec<Vec<(String, usize)>>,
+    /// The `WITH` queries in scope, innermost last: what a reference to each
+    /// reads, and whether it passes a key column through.
+    ctes: Vec<(String, Source, bool)>,
 }
 
 impl Builder<'_> {
     /// The shape of one SELECT, and the names of its FROM tables.
     fn read(&mut self, sel: &protobuf::SelectStmt) -> (Read, Vec<(String, usize)>) {
-        if sel.op == protobuf::SetOperation::SetopUnion as i32 && sel.all && sel.with_clause.is_none() {
+        let Some(with) = &sel.with_clause else { return self.read_query(sel) };
+        if with.recursive {
+            // Not looked into.
+            let tables = super::analyze::tables_under(&N::SelectStmt(Box::new(sel.clone())));
+            return (Read { from: Source::Opaque(tables), subqueries: Vec::new(), unknown: false }, Vec::new());
+        }
+        let scope = self.ctes.len();
+        for c in &with.ctes {
+            let Some(N::CommonTableExpr(cte)) = &c.node else { continue };
+            let (source, passes) = match cte.ctequery.as_deref().and_then(|q| q.node.as_ref()) {
+                Some(N::SelectStmt(body)) => self.derived(body),
+                Some(other) => (Source::Opaque(super::analyze::tables_under(other)), false),
+                None => (Source::Opaque(Vec::new()), false),
+            };
+            self.ctes.push((cte.ctename.clone(), source, passes && cte.aliascolnames.is_empty()));
+        }
+        let read = self.read_query(sel);
+        self.ctes.truncate(scope);
+        read
+    }
+
+    /// A subquery or `WITH` query in FROM: its shape, and whether it passes
+    /// a key column through (an output named like the key that is a table's
+    /// key column, or `*`), when nothing in it mixes rows.
+    fn derived(&mut self, body: &protobuf::SelectStmt) -> (Source, bool) {
+        let mixes = mixes_rows(body);
+        let passes = mixes.is_none() && body.op <= 1 && self.passes_key(body);
+        let (read, _) = self.read(body);
+        (Source::Derived { read: Box::new(read), mixes }, passes)
+    }
+
+    fn passes_key(&self, body: &protobuf::SelectStmt) -> bool {
+        body.target_list.iter().any(|t| {
+            let Some(N::ResTarget(t)) = &t.node else { return false };
+            let Some(N::ColumnRef(c)) = t.val.as_deref().and_then(|v| v.node.as_ref()) else { return false };
+            match c.fields.last().and_then(|f| f.node.as_ref()) {
+                Some(N::AStar(_)) => true,
+                Some(N::String(s)) => {
+                    s.sval.eq_ignore_ascii_case(self.column)
+                        && (t.name.is_empty() || t.name.eq_ignore_ascii_case(self.column))
+                }
+                _ => false,
+            }
+        })
+    }
+
+    /// A `WITH` query a name in FROM refers to, innermost first.
+    fn cte(&self, name: &str) -> Option<(Source, bool)> {
+        self.ctes.iter().rev().find(|(n, _, _)| n == name).map(|(_, s, p)| (s.clone(), *p))
+    }
+
+    fn read_query(&mut self, sel: &protobuf::SelectStmt) -> (Read, Vec<(String, usize)>) {
+        if sel.op == protobuf::SetOperation::SetopUnion as i32 && sel.all {
             let arms = [sel.larg.as_deref(), sel.rarg.as_deref()].into_iter().flatten().map(|a| self.read(a).0);
             let from = Source::UnionAll(arms.collect());
             return (Read { from, subqueries: Vec::new(), unknown: false }, Vec::new());
         }
-        if sel.op > 1 && sel.with_clause.is_none() {
+        if sel.op > 1 {
             use protobuf::SetOperation as Op;
             let name = match Op::try_from(sel.op) {
                 Ok(Op::SetopUnion) => "UNION",
@@ -378,11 +462,6 @@ impl Builder<'_> {
                 Read { from: Source::SetOperation(name, tables), subqueries: Vec::new(), unknown: false },
                 Vec::new(),
             );
-        }
-        if sel.with_clause.is_some() {
-            // WITH: not looked into.
-            let tables = super::analyze::tables_under(&N::SelectStmt(Box::new(sel.clone())));
-            return (Read { from: Source::Opaque(tables), subqueries: Vec::new(), unknown: false }, Vec::new());
         }
         let mut top = InnerJoin { clean: true, ..Default::default() };
         for item in &sel.from_clause {
@@ -493,6 +572,23 @@ impl Builder<'_> {
     /// One FROM item that is not part of an enclosing inner join.
     fn part(&mut self, n: &Node) -> Part {
         match &n.node {
+            Some(N::RangeVar(v)) if v.schemaname.is_empty() && self.cte(&v.relname).is_some() => {
+                let (source, passes) = self.cte(&v.relname).unwrap_or((Source::Opaque(Vec::new()), false));
+                let refname = v.alias.as_ref().map(|a| a.aliasname.clone()).unwrap_or_else(|| v.relname.clone());
+                let renamed = v.alias.as_ref().is_some_and(|a| !a.colnames.is_empty());
+                self.derived_part(source, refname, passes && !renamed)
+            }
+            Some(N::RangeSubselect(sub)) if !sub.lateral => {
+                let (source, passes) = match sub.subquery.as_deref().and_then(|q| q.node.as_ref()) {
+                    Some(N::SelectStmt(body)) => self.derived(body),
+                    Some(other) => (Source::Opaque(super::analyze::tables_under(other)), false),
+                    None => (Source::Opaque(Vec::new()), false),
+                };
+                let alias = sub.alias.as_ref();
+                let renamed = alias.is_some_and(|a| !a.colnames.is_empty());
+                let refname = alias.map(|a| a.aliasname.clone()).unwrap_or_default();
+                self.derived_part(source, refname, passes && !renamed)
+            }
             Some(N::RangeVar(v)) => {
                 let id = self.next_id;
                 self.next_id += 1;
@@ -575,6 +671,14 @@ impl Builder<'_> {
             }
             None => Part { source: Source::Opaque(Vec::new()), names: Vec::new(), clean: false },
         }
+    }
+
+    /// A subquery or `WITH` query as a FROM item: known by its name, for key
+    /// equalities, when its key column is a table's key.
+    fn derived_part(&mut self, source: Source, refname: String, keyed: bool) -> Part {
+        let id = self.next_id;
+        self.next_id += 1;
+        Part { source, names: if keyed { vec![(refname, id)] } else { Vec::new() }, clean: keyed }
     }
 
     /// A FROM item as a whole: an inner join tree becomes one [`Source::Inner`].
@@ -760,6 +864,36 @@ pub(super) fn expression_children(node: &N) -> Option<Vec<&Node>> {
     })
 }
 
+/// What in a subquery computes over many rows, which on each shard would be
+/// that shard's rows only; None when each row it gives comes from one row of
+/// each table it joins.
+fn mixes_rows(sel: &protobuf::SelectStmt) -> Option<&'static str> {
+    use super::aggregates::has_aggregate;
+    if sel.op > 1 {
+        let union_all = sel.op == protobuf::SetOperation::SetopUnion as i32 && sel.all;
+        if !union_all {
+            return None; // a set operation of its own, checked as one
+        }
+        if sel.limit_count.is_some() || sel.limit_offset.is_some() {
+            return Some("LIMIT or OFFSET");
+        }
+        return [&sel.larg, &sel.rarg].into_iter().flatten().find_map(|arm| mixes_rows(arm));
+    }
+    if !sel.group_clause.is_empty() || sel.having_clause.is_some() {
+        return Some("GROUP BY or HAVING");
+    }
+    if sel.target_list.iter().chain(&sel.sort_clause).any(has_aggregate) || !sel.window_clause.is_empty() {
+        return Some("aggregates or window functions");
+    }
+    if !sel.distinct_clause.is_empty() {
+        return Some("DISTINCT");
+    }
+    if sel.limit_count.is_some() || sel.limit_offset.is_some() {
+        return Some("LIMIT or OFFSET");
+    }
+    None
+}
+
 /// The table instance a name refers to; None when it is unknown or ambiguous.
 fn resolve(names: &[(String, usize)], name: &str) -> Option<usize> {
     let mut found = names.iter().filter(|(n, _)| n == name);
@@ -809,6 +943,15 @@ mod tests {
             "select * from public.orders",
             "select id from orders union all select id from items union all select id from parts",
             "select id from plans union all select id from plans",
+            // Subqueries and WITH queries in FROM whose rows are each of one
+            // shard: like tables, and tied by the key they pass through.
+            "select count(*) from (select * from orders where total > 5) t",
+            "with x as (select * from orders where total > 5) select region, count(*) from x group by region",
+            "with x as (select tenant_id, id from orders) select * from x join items i on i.tenant_id = x.tenant_id",
+            "select * from (select o.tenant_id, o.id from orders o) a join (select * from items) b using (tenant_id)",
+            "with x as (select id from orders union all select id from items) select count(*) from x",
+            "with p as (select id, count(*) from plans group by id) select * from orders o join p on p.id = o.plan",
+            "with x as (select * from orders), y as (select * from x where total > 1) select * from y",
         ] {
             assert_eq!(check(sql), Ok(()), "{sql}");
         }
@@ -839,9 +982,17 @@ mod tests {
             ("select * from orders where total > (select avg(total) from orders)", "subquery"),
             ("select * from orders o where exists (select 1 from items i where i.order_id = o.id)", "subquery"),
             ("select * from plans p where exists (select 1 from orders o where o.plan = p.id)", "subquery"),
-            ("select * from (select count(*) from orders) c", "in FROM"),
+            ("select * from (select count(*) from orders) c", "computes aggregates or window functions over the sharded table orders"),
+            ("select * from (select region from orders group by region) c", "computes GROUP BY or HAVING"),
+            ("with x as (select distinct region from orders) select count(*) from x", "computes DISTINCT"),
+            ("select * from (select * from orders order by total limit 3) t", "computes LIMIT or OFFSET"),
+            ("with x as (select * from orders) select * from x where x.total > (select max(total) from x)", "subquery"),
             ("select * from plans p, lateral (select * from orders o where o.plan = p.id) x", "in FROM"),
-            ("with x as (select * from orders) select * from x", "in FROM"),
+            ("with recursive x as (select * from orders) select * from x", "recursive WITH"),
+            // Keys that are not the tables' keys do not tie.
+            ("with x as (select id as tenant_id from orders) select * from x join items i on i.tenant_id = x.tenant_id", "joined without"),
+            ("select * from (select tenant_id, id from orders) a(t, i) join items b on b.tenant_id = a.t", "joined without"),
+            ("with x(t) as (select tenant_id from orders) select * from x join items i on i.tenant_id = x.t", "joined without"),
             ("select array[(select count(*) from orders)]", "subquery"),
             // Every shard would return the reference arm's rows.
             ("select id from orders union all select id from plans", "reads only reference tables (plans)"),

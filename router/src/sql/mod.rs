@@ -9,6 +9,7 @@
 //! statement, and every text that differs only in its constants. Turning it into
 //! keys is [`resolve`](crate::route) work at run time.
 
+pub mod aggregates;
 mod analyze;
 mod cache;
 mod colocation;
@@ -37,7 +38,9 @@ pub use lift::{statement_name, ServerForm, SimpleForm};
 /// statement, an INSERT's rows for one shard). It refuses what Postgres
 /// refuses and the deparser cannot write: a type modifier that is not a
 /// constant, a parameter or a name (`numeric(1 + 1)`), on which its debug
-/// build aborts the process.
+/// build aborts the process. (Release builds compile libpg_query without
+/// assertions: its build script turns them on only when Cargo's `PROFILE` is
+/// "debug" or `DEBUG` is "1", and Cargo sets `DEBUG` to "true" or "false".)
 pub fn deparse(tree: &pg_query::protobuf::ParseResult) -> Result<String, String> {
     fn simple_typmods(v: &serde_json::Value) -> bool {
         use serde_json::Value;
@@ -62,6 +65,33 @@ pub fn deparse(tree: &pg_query::protobuf::ParseResult) -> Result<String, String>
         return Err("type modifiers must be simple constants or identifiers".into());
     }
     pg_query::deparse(tree, Default::default()).map_err(|e| e.to_string())
+}
+
+/// Whether two expressions are the same but for where they stand in the text,
+/// as Postgres matches `ORDER BY count(*)` to the select list's `count(*)`.
+pub fn same_expression(a: &pg_query::protobuf::Node, b: &pg_query::protobuf::Node) -> bool {
+    match (serde_json::to_value(a), serde_json::to_value(b)) {
+        (Ok(a), Ok(b)) => without_locations(a) == without_locations(b),
+        _ => false,
+    }
+}
+
+/// A parse tree (as JSON) with its positions in the text left out:
+/// `location`, `stmt_len`, `list_start` ….
+pub fn without_locations(v: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .filter(|(k, _)| {
+                    !(k.ends_with("location") || k.ends_with("_start") || k.ends_with("_end") || k == "stmt_len")
+                })
+                .map(|(k, v)| (k, without_locations(v)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.into_iter().map(without_locations).collect()),
+        other => other,
+    }
 }
 
 #[cfg(test)]
