@@ -232,7 +232,7 @@ async fn asyncpg_prepared_binary_executemany_copy() {
 async fn sqlalchemy_orm_units_of_work() {
     let (h, a, b) = start().await;
     run(python("sqlalchemy_check.py"), &h, a, b).await;
-    check_placement(&h, a, b, BASE_IDS).await;
+    check_placement(&h, a, b, &ids(&[BASE_IDS, &[30, 31]])).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -249,7 +249,7 @@ async fn concurrent_transfers_across_shards_keep_the_total() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refuse_keeps_a_transaction_on_one_shard_and_savepoints_stay_on_one() {
+async fn refuse_keeps_a_transaction_on_one_shard() {
     let config = RouterConfig { cross_shard_transactions: CrossShard::Refuse, ..RouterConfig::default() };
     let h = Harness::start_with(2, config).await;
     let t = [h.tenants_on(0, 1)[0], h.tenants_on(1, 1)[0]];
@@ -261,22 +261,87 @@ async fn refuse_keeps_a_transaction_on_one_shard_and_savepoints_stay_on_one() {
     assert_eq!(sqlstate(&e), "0A000");
     assert!(format!("{e:?}").contains("cross_shard_transactions"), "{e:?}");
     c.batch_execute("ROLLBACK").await.unwrap();
+}
 
-    let (h, t) = bank(2).await;
+/// Savepoints in a transaction across shards: each shard the block reaches
+/// gets the savepoints open so far, and SAVEPOINT, RELEASE and ROLLBACK TO
+/// run on every shard, so rolling back to one undoes the work since on all
+/// of them, in the simple and the extended protocol, after an error on a
+/// shard and after a statement the router refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn savepoints_work_across_shards() {
+    let (h, t) = bank(3).await;
     let c = h.client().await;
+    let set = |t: i64, bal: i64| format!("UPDATE acct SET bal = {bal} WHERE tenant_id = {t}");
+    let bal_of = |t: i64| format!("SELECT bal FROM acct WHERE tenant_id = {t}");
+    let inside = |rows: Vec<tokio_postgres::SimpleQueryMessage>| rows_of(&rows);
+
     c.batch_execute("BEGIN").await.unwrap();
-    c.execute("UPDATE acct SET bal = 1 WHERE tenant_id = $1", &[&t[0]]).await.unwrap();
+    c.batch_execute(&set(t[0], 1)).await.unwrap();
+    c.batch_execute("SAVEPOINT a").await.unwrap();
+    c.batch_execute(&set(t[1], 2)).await.unwrap(); // shard 1 joins, with `a`
+    c.execute("SAVEPOINT b", &[]).await.unwrap(); // extended protocol
+    c.batch_execute(&set(t[2], 3)).await.unwrap(); // shard 2 joins, with `a` and `b`
+    c.batch_execute("ROLLBACK TO b").await.unwrap();
+    assert_eq!(inside(c.simple_query(&bal_of(t[2])).await.unwrap()), ["100"], "shard 2's work since b undone");
+    assert_eq!(inside(c.simple_query(&bal_of(t[1])).await.unwrap()), ["2"], "shard 1's work before b kept");
+    c.batch_execute(&set(t[0], 5)).await.unwrap();
+    c.execute("ROLLBACK TO a", &[]).await.unwrap();
+    assert_eq!(inside(c.simple_query(&bal_of(t[0])).await.unwrap()), ["1"]);
+    assert_eq!(inside(c.simple_query(&bal_of(t[1])).await.unwrap()), ["100"]);
+    c.batch_execute("RELEASE a").await.unwrap();
+    let e = c.batch_execute("ROLLBACK TO a").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "3B001", "released: {e}");
+    let end = c.simple_query("COMMIT").await.unwrap(); // a failed block's COMMIT rolls it back
+    assert!(matches!(end.last(), Some(tokio_postgres::SimpleQueryMessage::CommandComplete(0))), "{end:?}");
+    assert_eq!(balances(&h, &t).await, [100, 100, 100]);
+
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute(&set(t[0], 1)).await.unwrap();
+    c.batch_execute("SAVEPOINT a").await.unwrap();
+    c.batch_execute(&set(t[1], 2)).await.unwrap();
+    c.batch_execute("RELEASE a").await.unwrap();
+    c.batch_execute(&set(t[2], 3)).await.unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(balances(&h, &t).await, [1, 2, 3]);
+
+    // An error on one shard: the block can go back to a savepoint and on.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute(&set(t[0], 7)).await.unwrap();
+    c.batch_execute(&set(t[1], 8)).await.unwrap();
     c.batch_execute("SAVEPOINT s").await.unwrap();
-    let e = c.execute("UPDATE acct SET bal = 1 WHERE tenant_id = $1", &[&t[1]]).await.unwrap_err();
-    assert_eq!(sqlstate(&e), "0A000", "a savepoint keeps the transaction on its shard: {e}");
-    c.batch_execute("ROLLBACK").await.unwrap();
+    let e = c.batch_execute(&format!("UPDATE acct SET bal = bal / 0 WHERE tenant_id = {}", t[1])).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "22012");
+    let e = c.batch_execute("SAVEPOINT t").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "25P02", "{e}");
+    c.batch_execute("ROLLBACK TO s").await.unwrap();
+    c.batch_execute(&set(t[2], 9)).await.unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(balances(&h, &t).await, [7, 8, 9]);
+
+    // A statement the router refused never reached a shard: back to the
+    // savepoint, the block goes on.
     c.batch_execute("BEGIN").await.unwrap();
-    c.execute("UPDATE acct SET bal = 1 WHERE tenant_id = $1", &[&t[0]]).await.unwrap();
-    c.execute("UPDATE acct SET bal = 1 WHERE tenant_id = $1", &[&t[1]]).await.unwrap();
-    let e = c.batch_execute("SAVEPOINT s").await.unwrap_err();
+    c.batch_execute(&set(t[0], 10)).await.unwrap();
+    c.batch_execute("SAVEPOINT s").await.unwrap();
+    c.batch_execute(&set(t[1], 11)).await.unwrap();
+    let refused = format!("UPDATE acct SET tenant_id = tenant_id + 1 WHERE tenant_id = {}", t[0]);
+    assert_eq!(sqlstate(&c.batch_execute(&refused).await.unwrap_err()), "0A000");
+    c.batch_execute("ROLLBACK TO s").await.unwrap();
+    c.batch_execute(&set(t[2], 12)).await.unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(balances(&h, &t).await, [10, 8, 12]);
+
+    // A savepoint beside other statements in one query string: which
+    // savepoints the block has is not known, so it keeps to its shards.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute(&format!("SAVEPOINT x; {}", set(t[0], 13))).await.unwrap();
+    let e = c.batch_execute(&set(t[1], 14)).await.unwrap_err();
     assert_eq!(sqlstate(&e), "0A000");
+    assert!(format!("{e:?}").contains("beside other statements"), "{e:?}");
     c.batch_execute("ROLLBACK").await.unwrap();
-    assert_eq!(balances(&h, &t).await, [100, 100]);
+    assert_eq!(balances(&h, &t).await, [10, 8, 12]);
+    assert!(prepared(&h, 3).await.is_empty());
 }
 
 /// A pipeline up to one Sync is one transaction (asyncpg's `executemany`,
@@ -842,4 +907,49 @@ fn rows_of(msgs: &[tokio_postgres::SimpleQueryMessage]) -> Vec<String> {
             _ => None,
         })
         .collect()
+}
+
+/// One query string whose statements are for tenants on different shards
+/// runs as Postgres runs a query string: without BEGIN, one implicit
+/// transaction, committed on every shard or, after an error in any statement,
+/// on none; with BEGIN, in the block it opens, left for the client to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_string_for_several_shards_runs_as_one_transaction() {
+    use tokio_postgres::SimpleQueryMessage as M;
+    let (h, t) = bank(3).await;
+    let c = h.client().await;
+    let set = |t: i64, bal: &str| format!("UPDATE acct SET bal = {bal} WHERE tenant_id = {t}");
+
+    let sql = format!("{}; {}; SELECT bal FROM acct WHERE tenant_id = {}", set(t[0], "1"), set(t[1], "1"), t[2]);
+    let answer = c.simple_query(&sql).await.unwrap();
+    let tags: Vec<u64> =
+        answer.iter().filter_map(|m| if let M::CommandComplete(n) = m { Some(*n) } else { None }).collect();
+    assert_eq!(tags, [1, 1, 1], "{answer:?}");
+    assert_eq!(rows_of(&answer), ["100"]);
+    assert_eq!(balances(&h, &t).await, [1, 1, 100]);
+
+    // An error midway: the statements before it are rolled back, the ones
+    // after it never run, and the session is idle again.
+    let sql = format!("{}; {}; {}", set(t[0], "2"), set(t[1], "bal / 0"), set(t[2], "2"));
+    assert_eq!(sqlstate(&c.simple_query(&sql).await.unwrap_err()), "22012");
+    assert_eq!(balances(&h, &t).await, [1, 1, 100]);
+    assert_eq!(rows_of(&c.simple_query("SELECT 7").await.unwrap()), ["7"]);
+
+    c.batch_execute(&format!("BEGIN; {}; {}; COMMIT", set(t[0], "3"), set(t[2], "3"))).await.unwrap();
+    assert_eq!(balances(&h, &t).await, [3, 1, 3]);
+
+    // BEGIN without its end: the block stays open on both shards.
+    c.batch_execute(&format!("BEGIN; {}; {}", set(t[0], "4"), set(t[1], "4"))).await.unwrap();
+    c.batch_execute(&set(t[2], "4")).await.unwrap();
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(balances(&h, &t).await, [3, 1, 3]);
+
+    // Inside a block, an error leaves it failed, as in Postgres.
+    c.batch_execute("BEGIN").await.unwrap();
+    let sql = format!("{}; {}", set(t[0], "5"), set(t[1], "bal / 0"));
+    assert_eq!(sqlstate(&c.batch_execute(&sql).await.unwrap_err()), "22012");
+    assert_eq!(sqlstate(&c.batch_execute(&set(t[2], "5")).await.unwrap_err()), "25P02");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(balances(&h, &t).await, [3, 1, 3]);
+    assert!(prepared(&h, 3).await.is_empty());
 }

@@ -33,6 +33,10 @@ pub struct Connection<S> {
     codec: FrameCodec,
     rbuf: BytesMut,
     wbuf: BytesMut,
+    /// While set, ReadyForQuery messages are taken out of what is written,
+    /// the status of the last one kept: a query string the router runs one
+    /// statement at a time answers with one ReadyForQuery, at its end.
+    ready_held: Option<Option<u8>>,
 }
 
 /// What a connection's buffers start with. Most clients of a pooler sit idle,
@@ -62,7 +66,55 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             codec: FrameCodec { max_message, startup_phase },
             rbuf: BytesMut::with_capacity(INITIAL_BUFFER),
             wbuf: BytesMut::with_capacity(INITIAL_BUFFER),
+            ready_held: None,
         }
+    }
+
+    /// Holds back ReadyForQuery messages from now on.
+    pub fn hold_ready(&mut self) {
+        self.ready_held = Some(None);
+    }
+
+    /// The status of the last ReadyForQuery held back since the last call.
+    pub fn take_held_ready(&mut self) -> Option<u8> {
+        self.strip_ready();
+        self.ready_held.as_mut().and_then(Option::take)
+    }
+
+    /// Stops holding ReadyForQuery back; returns the status of the last one
+    /// held since the last [`Self::take_held_ready`].
+    pub fn release_ready(&mut self) -> Option<u8> {
+        self.strip_ready();
+        self.ready_held.take().flatten()
+    }
+
+    /// Takes the ReadyForQuery messages out of the write buffer, which holds
+    /// whole messages (a flush writes it all).
+    fn strip_ready(&mut self) {
+        let Some(held) = self.ready_held.as_mut() else { return };
+        fn frames(buf: &[u8]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+            let mut at = 0;
+            std::iter::from_fn(move || {
+                let len = u32::from_be_bytes(buf.get(at + 1..at + 5)?.try_into().ok()?) as usize;
+                let end = (at + 1 + len).min(buf.len());
+                let frame = at..end;
+                at = end.max(at + 5);
+                Some(frame)
+            })
+        }
+        let is_ready = |f: &std::ops::Range<usize>| f.len() == 6 && self.wbuf[f.start] == b'Z';
+        if !frames(&self.wbuf).any(|f| is_ready(&f)) {
+            return;
+        }
+        let mut kept = BytesMut::with_capacity(self.wbuf.len());
+        for f in frames(&self.wbuf) {
+            if is_ready(&f) {
+                *held = Some(self.wbuf[f.end - 1]);
+            } else {
+                kept.extend_from_slice(&self.wbuf[f]);
+            }
+        }
+        self.wbuf = kept;
     }
 
     /// Frames from now on carry a type byte (after startup is done).
@@ -122,6 +174,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     pub async fn flush(&mut self) -> Result<(), ProtocolError> {
+        if self.ready_held.is_some() {
+            self.strip_ready();
+        }
         while self.wbuf.has_remaining() {
             let n = self.stream.write(&self.wbuf).await?;
             if n == 0 {
@@ -137,5 +192,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub async fn send(&mut self, bytes: &[u8]) -> Result<(), ProtocolError> {
         self.queue(bytes);
         self.flush().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::messages;
+
+    #[tokio::test]
+    async fn held_ready_for_query_messages_are_kept_from_the_client() {
+        let (ours, mut theirs) = tokio::io::duplex(1 << 16);
+        let mut c = Connection::accepting(ours, 1 << 20);
+        c.hold_ready();
+        c.queue(&messages::command_complete("UPDATE 1"));
+        c.queue(&messages::ready_for_query_bytes(b'T'));
+        c.flush().await.unwrap();
+        c.queue(&messages::command_complete("UPDATE 2"));
+        assert_eq!(c.take_held_ready(), Some(b'T'));
+        assert_eq!(c.take_held_ready(), None);
+        c.queue(&[&messages::ready_for_query_bytes(b'E')[..], &messages::command_complete("X")[..]].concat());
+        assert_eq!(c.release_ready(), Some(b'E'));
+        c.queue(&messages::ready_for_query_bytes(b'I'));
+        c.flush().await.unwrap();
+        let mut got = vec![0u8; 1024];
+        let n = tokio::io::AsyncReadExt::read(&mut theirs, &mut got).await.unwrap();
+        let want = [
+            &messages::command_complete("UPDATE 1")[..],
+            &messages::command_complete("UPDATE 2")[..],
+            &messages::command_complete("X")[..],
+            &messages::ready_for_query_bytes(b'I')[..],
+        ]
+        .concat();
+        assert_eq!(&got[..n], &want[..]);
     }
 }

@@ -12,10 +12,10 @@ use super::everywhere::everywhere;
 use super::prepared::{ensure_prepared, server_name, unknown_statement, Prepared};
 use super::relay::{Expect, RelayError};
 use super::shadow::ShadowedBatch;
-use super::twophase::Combine;
+use super::twophase::{Combine, Control};
 use super::{Session, SessionError};
 use crate::error::SqlError;
-use crate::protocol::messages::{self, target_and_name, Bind, Parse};
+use crate::protocol::messages::{self, target_and_name, Bind, Parse, Severity};
 use crate::protocol::Message;
 use crate::route::{self, Params, Target};
 use crate::shadow::RowDigest;
@@ -148,10 +148,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if let Some(e) = error {
             return self.fail_batch(e, sync).await;
         }
+        let alone = statements.len() == 1;
         for a in &statements {
-            match self.cross_shard_control(a) {
+            match self.cross_shard_control(a, alone) {
                 None => {}
                 Some(Err(e)) => return self.fail_batch(e, sync).await,
+                Some(Ok(Control::Savepoint(op))) => {
+                    let text = a.statements[0].text.clone();
+                    return match self.savepoint_everywhere(&op, &text).await {
+                        Ok(tag) => self.answer_batch_locally(batch, sync, tag).await,
+                        Err(e) => {
+                            // Failed on the shards, not refused here: the
+                            // block can still roll back to a savepoint.
+                            self.client.queue(&e.to_message(Severity::Error));
+                            if !sync {
+                                self.skip_to_sync().await?;
+                            }
+                            self.client.queue(&messages::ready_for_query_bytes(b'E'));
+                            self.client.flush().await?;
+                            Ok(())
+                        }
+                    };
+                }
                 Some(Ok(_)) if statements.len() != 1 => {
                     let e = SqlError::new(
                         "0A000",
@@ -161,7 +179,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     .hint("send COMMIT (or ROLLBACK) in a pipeline of its own");
                     return self.fail_batch(e, sync).await;
                 }
-                Some(Ok(commit)) => {
+                Some(Ok(Control::End { commit })) => {
                     let ended = Box::pin(self.end_cross_shard(commit)).await?;
                     match ended {
                         Ok(tag) => self.answer_batch_locally(batch, sync, tag).await?,

@@ -167,7 +167,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             b.conn.broken = true;
         }
         self.txn.begin_sql = None;
-        self.txn.savepoints = false;
+        self.txn.savepoints = Default::default();
         self.txn.last_status = b'I';
         self.clear_cancel();
         self.txn.pending_begin = None;

@@ -50,6 +50,7 @@ mod shadow;
 mod split;
 mod sql_prepared;
 mod streaming;
+mod string_across;
 mod transaction;
 mod twophase;
 
@@ -66,6 +67,7 @@ use self::prepared::Prepared;
 use self::relay::Expect;
 use self::settings::Settings;
 use self::transaction::{leaves_transaction_open, Transaction};
+use self::twophase::Control;
 use crate::context::RouterContext;
 use crate::error::SqlError;
 use crate::protocol::messages::{self, query_text, Severity};
@@ -320,18 +322,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Box::pin(self.multi_query(sql, &analysis)).await;
         }
         if self.txn.aborted {
-            return self.in_aborted_txn(&analysis.statements[0]).await;
+            return self.in_aborted_txn(&analysis.statements[0], analysis.statements.len() == 1).await;
         }
-        match self.cross_shard_control(&analysis) {
+        match self.cross_shard_control(&analysis, true) {
             None => {}
             Some(Err(e)) => return self.fail_simple(e).await,
-            Some(Ok(commit)) => {
+            Some(Ok(Control::End { commit })) => {
                 let ended = Box::pin(self.end_cross_shard(commit)).await?;
                 match ended {
                     Ok(tag) => self.client.queue(&messages::command_complete(tag)),
                     Err(e) => self.client.queue(&e.to_message(Severity::Error)),
                 }
                 self.ready().await?;
+                return Ok(());
+            }
+            Some(Ok(Control::Savepoint(op))) => {
+                match self.savepoint_everywhere(&op, sql).await {
+                    Ok(tag) => self.client.queue(&messages::command_complete(tag)),
+                    Err(e) => self.client.queue(&e.to_message(Severity::Error)),
+                }
+                let status = if self.txn.last_status == b'E' { b'E' } else { self.status() };
+                self.client.queue(&messages::ready_for_query_bytes(status));
+                self.client.flush().await?;
                 return Ok(());
             }
         }
@@ -358,6 +370,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 return self.ready().await;
             }
+        }
+        if self.runs_statement_by_statement(&analysis) {
+            return Box::pin(self.run_statement_by_statement(&analysis)).await;
         }
         let target = match self.route_simple(&analysis).await {
             Ok(t) => t,

@@ -37,12 +37,100 @@ pub(super) struct Transaction {
     pub(super) begin_sql: Option<String>,
     /// The held connection's status at its last ReadyForQuery.
     pub(super) last_status: u8,
-    /// The block used SAVEPOINT (it then stays on one shard).
-    pub(super) savepoints: bool,
+    /// The block's savepoints, to open on each shard it reaches later.
+    pub(super) savepoints: Savepoints,
     /// A portal of a merged cross-shard read that an Execute's row limit
     /// suspended inside the block: its other rows are not kept, and an
     /// Execute that asks for them is refused.
     pub(super) suspended_portal: Option<String>,
+}
+
+/// The savepoints a transaction block has open, as its shards have them.
+///
+/// A shard the block reaches later gets them all (`BEGIN; SAVEPOINT a;
+/// SAVEPOINT b`) before its first statement: it holds no work from before
+/// them, so rolling back to one undoes on it what rolling back undoes on the
+/// others, and every shard keeps the same list, so the same savepoint
+/// statement succeeds or fails on each alike. The list follows each savepoint
+/// statement sent alone in its query string (or pipeline) the way Postgres
+/// keeps its own; one sent beside other statements, whose effect depends on
+/// which of them ran, makes it `unknown`, and the block then stays on its shards.
+#[derive(Default, Clone, Debug, PartialEq, Eq)]
+pub(super) struct Savepoints {
+    names: Vec<String>,
+    unknown: bool,
+}
+
+/// A savepoint statement: which, and the savepoint it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum SavepointOp {
+    Savepoint(String),
+    Release(String),
+    RollbackTo(String),
+}
+
+impl SavepointOp {
+    /// The savepoint statement `sql` is, if it is one (its name as Postgres
+    /// folds it).
+    pub(super) fn of(sql: &str) -> Option<SavepointOp> {
+        use pg_query::protobuf::{node::Node as N, TransactionStmtKind as K};
+        let parsed = pg_query::parse(sql, 0).ok()?;
+        let [raw] = &parsed.protobuf.stmts[..] else { return None };
+        let Some(N::TransactionStmt(t)) = raw.stmt.as_ref().and_then(|n| n.node.as_ref()) else { return None };
+        let name = t.savepoint_name.clone();
+        match K::try_from(t.kind).ok()? {
+            K::TransStmtSavepoint => Some(SavepointOp::Savepoint(name)),
+            K::TransStmtRelease => Some(SavepointOp::Release(name)),
+            K::TransStmtRollbackTo => Some(SavepointOp::RollbackTo(name)),
+            _ => None,
+        }
+    }
+
+    /// The command tag Postgres answers it with.
+    pub(super) fn tag(&self) -> &'static str {
+        match self {
+            SavepointOp::Savepoint(_) => "SAVEPOINT",
+            SavepointOp::Release(_) => "RELEASE",
+            SavepointOp::RollbackTo(_) => "ROLLBACK",
+        }
+    }
+}
+
+impl Savepoints {
+    /// Whether the list is not known, or not empty: a shard that joins then
+    /// needs savepoints it cannot be given, or must be given them.
+    pub(super) fn unknown(&self) -> bool {
+        self.unknown
+    }
+
+    pub(super) fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// A savepoint statement beside others: what it did is not known.
+    pub(super) fn lose_track(&mut self) {
+        self.unknown = true;
+    }
+
+    /// What `op` does to the list when it runs alone, as Postgres does it:
+    /// in a failed transaction only ROLLBACK TO runs; RELEASE and ROLLBACK TO
+    /// of a name not in the list fail and change nothing.
+    pub(super) fn apply(&mut self, op: &SavepointOp, failed: bool) {
+        match op {
+            SavepointOp::Savepoint(n) if !failed => self.names.push(n.clone()),
+            SavepointOp::Release(n) if !failed => {
+                if let Some(i) = self.names.iter().rposition(|x| x == n) {
+                    self.names.truncate(i);
+                }
+            }
+            SavepointOp::RollbackTo(n) => {
+                if let Some(i) = self.names.iter().rposition(|x| x == n) {
+                    self.names.truncate(i + 1);
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 impl Transaction {
@@ -192,7 +280,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// In a transaction that failed in the router: only its end is accepted.
-    pub(super) async fn in_aborted_txn(&mut self, stmt: &Statement) -> Result<(), SessionError> {
+    pub(super) async fn in_aborted_txn(&mut self, stmt: &Statement, alone: bool) -> Result<(), SessionError> {
+        // ROLLBACK TO a savepoint the block has: the refused statement never
+        // reached a shard, and the block goes on from the savepoint.
+        let to_savepoint = match SavepointOp::of(&stmt.text) {
+            Some(SavepointOp::RollbackTo(name))
+                if alone && !self.txn.savepoints.unknown() && self.txn.savepoints.names().contains(&name) =>
+            {
+                Some(SavepointOp::RollbackTo(name))
+            }
+            _ => None,
+        };
+        if let Some(op) = to_savepoint.filter(|_| matches!(stmt.kind, StatementKind::Txn(TxnControl::Savepoint))) {
+            let done = match &mut self.txn.pending_begin {
+                Some(pending) if self.txn.held.is_none() => {
+                    pending.push(stmt.text.clone());
+                    self.txn.savepoints.apply(&op, true);
+                    self.txn.aborted = false;
+                    Ok(op.tag())
+                }
+                _ => self.savepoint_everywhere(&op, &stmt.text).await,
+            };
+            match done {
+                Ok(tag) => self.client.queue(&messages::command_complete(tag)),
+                Err(e) => self.client.queue(&e.to_message(Severity::Error)),
+            }
+            let status = if self.txn.aborted || self.txn.last_status == b'E' { b'E' } else { self.status() };
+            self.client.queue(&messages::ready_for_query_bytes(status));
+            self.client.flush().await?;
+            return Ok(());
+        }
         if matches!(stmt.kind, StatementKind::Txn(TxnControl::Commit | TxnControl::Rollback)) {
             self.txn.aborted = false;
             self.txn.pending_begin = None;
@@ -264,7 +381,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if let Some(prelude) = self.txn.pending_begin.take() {
             conn.conn.queue(&messages::query(&prelude.join("; ")));
             swallow += 1;
-            self.txn.savepoints = prelude.len() > 1;
             self.txn.begin_sql = prelude.into_iter().next();
         }
         self.txn.held = Some(Held { shard, conn });
@@ -326,7 +442,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 b.conn.broken = true;
             }
             self.txn.begin_sql = None;
-            self.txn.savepoints = false;
+            self.txn.savepoints = Savepoints::default();
             self.txn.suspended_portal = None;
             self.clear_cancel();
             self.txn.held.take()

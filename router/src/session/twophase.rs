@@ -9,7 +9,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::prepared::unknown_statement;
 use super::relay::RelayError;
-use super::transaction::Held;
+use super::transaction::{Held, SavepointOp};
 use super::{Session, SessionError};
 use crate::context::CancelTarget;
 use crate::error::SqlError;
@@ -49,6 +49,14 @@ pub(super) enum Combine {
     /// The first shard's answer: every shard ran the same write on the same
     /// rows (DDL, a reference table); `ddl` refreshes the table catalog.
     First { ddl: bool },
+}
+
+/// What a statement does to a transaction block that spans shards.
+pub(super) enum Control {
+    /// COMMIT (true) or ROLLBACK on every shard.
+    End { commit: bool },
+    /// SAVEPOINT, RELEASE or ROLLBACK TO on every shard.
+    Savepoint(SavepointOp),
 }
 
 /// A write naming tenants on several shards inside a transaction block.
@@ -103,9 +111,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 "current transaction is aborted, commands ignored until end of transaction block".into(),
             ));
         }
-        if self.txn.savepoints {
-            return Err(cannot("the transaction used SAVEPOINT".into())
-                .hint("savepoints are supported in transactions on one shard; release them or write this tenant in a transaction of its own"));
+        if self.txn.savepoints.unknown() {
+            return Err(cannot("the transaction sent SAVEPOINT, RELEASE or ROLLBACK TO beside other statements in one query string, so which savepoints it has is not known".into())
+                .hint("send each savepoint statement as a statement of its own; savepoints then work across shards"));
         }
         if let Some(at) = self.txn.parked.iter().position(|p| p.shard == shard) {
             let back = self.txn.parked.swap_remove(at);
@@ -131,7 +139,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             conn.conn.queue(&messages::query(&sql));
             swallow += 1;
         }
-        conn.conn.queue(&messages::query(self.txn.begin_sql.as_deref().unwrap_or("BEGIN")));
+        // The block's savepoints too: this shard has done nothing before
+        // them, so rolling back to one undoes all its work since, as it does
+        // on the others.
+        let mut begin = self.txn.begin_sql.clone().unwrap_or_else(|| "BEGIN".into());
+        for name in self.txn.savepoints.names() {
+            begin.push_str("; SAVEPOINT ");
+            begin.push_str(&crate::sql::quote::ident(name));
+        }
+        conn.conn.queue(&messages::query(&begin));
         swallow += 1;
         let joined = Held { shard, conn };
         self.set_cancel_target(&joined);
@@ -147,24 +163,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// Statements for a transaction block that spans shards: COMMIT and
-    /// ROLLBACK alone end it here; with others in one query string, or
-    /// SAVEPOINT, they are refused. None: route the statements as usual.
-    pub(super) fn cross_shard_control(&mut self, analysis: &Analysis) -> Option<Result<bool, SqlError>> {
+    /// ROLLBACK alone end it here, and a savepoint statement alone runs on
+    /// every shard it reached; with others in one query string they are
+    /// refused. Keeps the block's savepoints (`transaction::Savepoints`) as they change.
+    /// `alone`: the query string or pipeline holds nothing else. None: route
+    /// the statements as usual.
+    pub(super) fn cross_shard_control(
+        &mut self,
+        analysis: &Analysis,
+        alone: bool,
+    ) -> Option<Result<Control, SqlError>> {
         let spans = !self.txn.parked.is_empty();
+        let alone = alone && analysis.statements.len() == 1;
         let mut control = None;
         for s in &analysis.statements {
             match s.kind {
                 StatementKind::Txn(TxnControl::Savepoint)
                     if self.txn.held.is_some() || self.txn.pending_begin.is_some() =>
                 {
-                    if spans {
-                        return Some(Err(SqlError::new(
-                            "0A000",
-                            "SAVEPOINT is not supported in a transaction that has written on several shards".into(),
-                        )
-                        .hint("roll the transaction back; keep savepoints to transactions on one tenant's shard")));
+                    match SavepointOp::of(&s.text).filter(|_| alone) {
+                        Some(op) if spans => return Some(Ok(Control::Savepoint(op))),
+                        Some(op) => self.txn.savepoints.apply(&op, self.txn.last_status == b'E'),
+                        None if spans => {
+                            return Some(Err(SqlError::new(
+                                "0A000",
+                                "in a transaction that has written on several shards, SAVEPOINT, RELEASE and ROLLBACK TO must each be sent alone".into(),
+                            )
+                            .hint("send the savepoint statement as a query of its own")))
+                        }
+                        None => self.txn.savepoints.lose_track(),
                     }
-                    self.txn.savepoints = true;
                 }
                 // The client's own PREPARE TRANSACTION would end one shard's
                 // part and leave the others open.
@@ -192,7 +220,44 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if matches!(analysis.statements[0].kind, StatementKind::Txn(TxnControl::Begin)) {
             return None;
         }
-        Some(Ok(control))
+        Some(Ok(Control::End { commit: control }))
+    }
+
+    /// A savepoint statement sent alone while the block spans shards: run on
+    /// every shard the block reached, so that each keeps the same savepoints.
+    /// In a failed block only ROLLBACK TO runs, as in Postgres (the others
+    /// fail without being sent, and the block stays failed); after it, the
+    /// block goes on. Returns the command tag, or the error, with the block's
+    /// status set.
+    pub(super) async fn savepoint_everywhere(&mut self, op: &SavepointOp, sql: &str) -> Result<&'static str, SqlError> {
+        let failed = self.txn.last_status == b'E' || self.txn.aborted;
+        if failed && !matches!(op, SavepointOp::RollbackTo(_)) {
+            return Err(SqlError::new(
+                "25P02",
+                "current transaction is aborted, commands ignored until end of transaction block".into(),
+            ));
+        }
+        let mut error = None;
+        for b in self.txn.held.iter_mut().chain(self.txn.parked.iter_mut()) {
+            if let Err((code, message)) = b.conn.simple_query(sql).await {
+                let name = b.conn.shard_name().to_string();
+                error.get_or_insert_with(|| SqlError::from_server(&code, format!("{message} (on shard {name})")));
+            }
+        }
+        // Each shard has the same savepoints, so the statement failed on all
+        // of them or on none (a lost connection aside, which fails the block).
+        self.txn.savepoints.apply(op, failed);
+        match error {
+            None => {
+                self.txn.last_status = b'T';
+                self.txn.aborted = false;
+                Ok(op.tag())
+            }
+            Some(e) => {
+                self.txn.last_status = b'E';
+                Err(e)
+            }
+        }
     }
 
     /// Ends a transaction block that spans shards: commits it on every shard
@@ -203,7 +268,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let parked = std::mem::take(&mut self.txn.parked);
         let failed = self.txn.last_status == b'E';
         self.txn.begin_sql = None;
-        self.txn.savepoints = false;
+        self.txn.savepoints = Default::default();
         self.txn.last_status = b'I';
         let mut parked = parked;
         let Some(mut decider) = held else {
@@ -257,7 +322,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let held = self.txn.held.take();
         let parked = std::mem::take(&mut self.txn.parked);
         self.txn.begin_sql = None;
-        self.txn.savepoints = false;
+        self.txn.savepoints = Default::default();
         self.txn.last_status = b'I';
         if held.is_some() {
             self.clear_cancel();

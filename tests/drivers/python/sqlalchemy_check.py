@@ -1,6 +1,7 @@
 """SQLAlchemy 2 ORM (over psycopg 3) through the router: a mapped class,
 sessions that commit and roll back, add_all batches across shards, queries by
-tenant, and IntegrityError with its SQLSTATE.
+tenant, nested transactions (savepoints) across shards, and IntegrityError
+with its SQLSTATE.
 Usage: sqlalchemy_check.py ROUTER_URL TENANT_A TENANT_B"""
 
 import datetime
@@ -118,6 +119,25 @@ with Session(engine) as s:
     s.rollback()
     total = s.execute(select(Item.tenant_id, func.count()).group_by(Item.tenant_id).order_by(Item.tenant_id)).all()
     check([tuple(r) for r in total] == [(min(a, b), 4), (max(a, b), 4)], f"count by tenant: {total}")
+
+    s.rollback()
+
+    # Nested transactions (SAVEPOINT) in a transaction on both shards: the
+    # shard reached inside the savepoint has it too, so rolling back to it
+    # undoes that shard's rows; the outer commit keeps the rest.
+    s.add(item(a, 30))
+    s.flush()
+    nested = s.begin_nested()
+    s.add(item(b, 32))
+    s.flush()
+    nested.rollback()
+    s.add(item(b, 30))
+    with s.begin_nested():
+        s.add_all([item(a, 31), item(b, 31)])
+    s.commit()
+    got = s.execute(select(Item.tenant_id, Item.id).where(Item.id >= 30).order_by(Item.tenant_id, Item.id)).all()
+    want = sorted([(a, 30), (a, 31), (b, 30), (b, 31)])
+    check([tuple(r) for r in got] == want, f"rows after nested transactions: {got}, expected {want}")
 
 engine.dispose()
 print("ok")
