@@ -589,6 +589,18 @@ async fn star_distinct_having_and_union_all_match_a_single_postgres() {
         let b = wire_rows(&router.query(sql, &[&n]).await.unwrap_or_else(|e| panic!("{sql}: {e:?}")));
         assert_eq!(b, a, "{sql} with {n}");
     }
+    // Parameters in the HAVING of groups that span shards: the shards send
+    // each one's value beside the groups, typed as HAVING types it.
+    let sql = "SELECT region, count(*) AS n FROM orders WHERE qty > $1 GROUP BY region \
+               HAVING count(*) > $2 AND max(qty) >= $3 OR min(qty) < $4 ORDER BY region";
+    for (total, n, qty, low) in [(-10i32, 1i64, 10i32, -100i32), (5, 5, 30, 8), (0, 1000, 0, 0)] {
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [&total, &n, &qty, &low];
+        let a = wire_rows(&one.query(sql, &params).await.unwrap());
+        let b = wire_rows(&router.query(sql, &params).await.unwrap_or_else(|e| panic!("{sql}: {e:?}")));
+        assert_eq!(b, a, "{sql} with {total}, {n}, {qty}, {low}");
+    }
+    let p = vec![parse("", sql, &[]), describe_statement(""), sync()];
+    assert_eq!(routed.run(&p).await, direct.run(&p).await, "described: {sql}");
     // Parameters outside HAVING keep their places and types.
     let sql = "SELECT region, count(*) AS n, avg(total) FROM orders WHERE qty > $1 GROUP BY region \
                HAVING count(*) > 5 AND max(total) >= 100 ORDER BY n DESC, region";
@@ -663,12 +675,12 @@ async fn merges_the_router_cannot_do_exactly_are_refused_by_name() {
             assert!(db.message().contains(named), "{sql}: {}", db.message());
         }
     }
-    // The shards run without HAVING: a parameter there would be one their
-    // statement lacks.
-    let sql = "SELECT region FROM orders GROUP BY region HAVING count(*) > $1";
-    let e = router.query(sql, &[&1i64]).await.expect_err(sql);
+    // A parameter in HAVING that the statement uses elsewhere too: its type
+    // might be decided there first.
+    let sql = "SELECT region FROM orders WHERE qty > $1 GROUP BY region HAVING count(*) > $1";
+    let e = router.query(sql, &[&1i32]).await.expect_err(sql);
     let db = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e:?}"));
     assert_eq!(db.code().code(), "0A000", "{sql}: {}", db.message());
-    assert!(db.message().contains("parameter ($1) in HAVING"), "{sql}: {}", db.message());
+    assert!(db.message().contains("both in HAVING and elsewhere"), "{sql}: {}", db.message());
     assert_eq!(router.query("SELECT 1", &[]).await.unwrap().len(), 1);
 }

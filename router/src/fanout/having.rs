@@ -7,7 +7,8 @@
 //! are columns of the shards' answer, hidden from the client when the select
 //! list lacks them. Only what the router evaluates exactly as Postgres does is
 //! planned: comparisons (`=`, `<>`, `<`, `<=`, `>`, `>=`), `AND`, `OR`, `NOT`,
-//! `IS [NOT] NULL`, constants, GROUP BY columns of the select list, and the
+//! `IS [NOT] NULL`, constants, bind parameters in comparisons (their values
+//! sent back by the shards), GROUP BY columns of the select list, and the
 //! aggregates the merge combines. Anything else is refused (0A000) naming it.
 
 use std::cmp::Ordering;
@@ -78,13 +79,14 @@ fn refuse_in_having(what: &str) -> FanoutError {
     refuse(&format!("{what} in HAVING"))
 }
 
-/// Plans the condition `expr`. `column` gives the answer's column for a column
-/// reference or an aggregate (adding a hidden one where needed), or None for
-/// an expression that is neither.
-pub(super) fn plan(
-    expr: &Node,
-    column: &mut dyn FnMut(&Node) -> Result<Option<usize>, FanoutError>,
-) -> Result<Filter, FanoutError> {
+/// Gives the answer's column for a column reference, an aggregate or a bind
+/// parameter (adding a hidden one where needed), or None for an expression
+/// that is none of these. A parameter comes with the comparison it stands in,
+/// which decides its type.
+pub(super) type Columns<'a> = dyn FnMut(&Node, Option<&Node>) -> Result<Option<usize>, FanoutError> + 'a;
+
+/// Plans the condition `expr`.
+pub(super) fn plan(expr: &Node, column: &mut Columns<'_>) -> Result<Filter, FanoutError> {
     use protobuf::BoolExprType as B;
     match &expr.node {
         Some(N::BoolExpr(b)) => {
@@ -104,8 +106,8 @@ pub(super) fn plan(
                 (Ok(protobuf::AExprKind::AexprOp), Some(op)) if e.name.len() == 1 => op,
                 _ => return Err(refuse_in_having(&describe(expr))),
             };
-            let side = |n: Option<&Node>, column: &mut dyn FnMut(&Node) -> Result<Option<usize>, FanoutError>| {
-                n.ok_or_else(|| refuse_in_having("a prefix operator")).and_then(|n| operand(n, column))
+            let side = |n: Option<&Node>, column: &mut Columns<'_>| {
+                n.ok_or_else(|| refuse_in_having("a prefix operator")).and_then(|n| operand(n, Some(expr), column))
             };
             let left = side(e.lexpr.as_deref(), column)?;
             let right = side(e.rexpr.as_deref(), column)?;
@@ -114,16 +116,13 @@ pub(super) fn plan(
         Some(N::NullTest(t)) => {
             let arg = t.arg.as_deref().ok_or_else(|| refuse_in_having("IS NULL"))?;
             let negated = t.nulltesttype == protobuf::NullTestType::IsNotNull as i32;
-            Ok(Filter::IsNull { operand: operand(arg, column)?, negated })
+            Ok(Filter::IsNull { operand: operand(arg, None, column)?, negated })
         }
         _ => Err(refuse_in_having(&describe(expr))),
     }
 }
 
-fn operand(
-    n: &Node,
-    column: &mut dyn FnMut(&Node) -> Result<Option<usize>, FanoutError>,
-) -> Result<Operand, FanoutError> {
+fn operand(n: &Node, within: Option<&Node>, column: &mut Columns<'_>) -> Result<Operand, FanoutError> {
     if let Some(N::AConst(c)) = &n.node {
         return match &c.val {
             None => Ok(Operand::Null),
@@ -135,7 +134,7 @@ fn operand(
             Some(_) => Err(refuse_in_having("this constant")),
         };
     }
-    match column(n)? {
+    match column(n, within)? {
         Some(i) => Ok(Operand::Column(i)),
         None => Err(refuse_in_having(&describe(n))),
     }
@@ -170,9 +169,8 @@ fn describe(n: &Node) -> String {
         }
         Some(N::TypeCast(_)) => "a type cast".into(),
         Some(N::SubLink(_)) => "a subquery".into(),
-        // The shards run without HAVING, so a parameter there would be one
-        // their statement lacks.
-        Some(N::ParamRef(p)) => format!("a parameter (${})", p.number),
+        // Only a comparison gives a parameter its type.
+        Some(N::ParamRef(p)) => format!("a parameter (${}) outside a comparison", p.number),
         Some(N::AExpr(e)) => format!("the operator {}", operator(e)),
         _ => "this expression".into(),
     }
@@ -277,7 +275,7 @@ mod tests {
         let Some(N::SelectStmt(sel)) = parsed.protobuf.stmts[0].stmt.as_ref().and_then(|s| s.node.as_ref()) else {
             unreachable!()
         };
-        let mut column = |n: &Node| -> Result<Option<usize>, FanoutError> {
+        let mut column = |n: &Node, _: Option<&Node>| -> Result<Option<usize>, FanoutError> {
             let text = match &n.node {
                 Some(N::ColumnRef(c)) => match c.fields.last().and_then(|f| f.node.as_ref()) {
                     Some(N::String(s)) => s.sval.clone(),
@@ -321,7 +319,7 @@ mod tests {
             ("sum() > 1::numeric", "type cast"),
             ("sum() between 1 and 2", "operator"),
             ("other > 1", "not a GROUP BY column"),
-            ("sum() > $1", "parameter ($1)"),
+            ("$1 is null", "parameter ($1) outside a comparison"),
             ("sum() > 1.5e3", "exponent notation"),
         ] {
             let e = filter(condition, &["sum()"]).unwrap_err().to_string();

@@ -240,23 +240,80 @@ fn plan_having(
     out: &mut Outputs,
     key: &Key,
 ) -> Result<Filter, FanoutError> {
-    let mut column = |n: &Node| -> Result<Option<usize>, FanoutError> {
-        match &n.node {
-            Some(N::FuncCall(f)) if f.over.is_none() && is_aggregate(f) => {
+    // Parameters the rest of the statement uses (HAVING is out of `sel` now).
+    let elsewhere: Vec<i32> = N::SelectStmt(Box::new(sel.clone()))
+        .nodes()
+        .into_iter()
+        .filter_map(|(n, _, _, _)| match n {
+            pg_query::NodeRef::ParamRef(p) => Some(p.number),
+            _ => None,
+        })
+        .collect();
+    let mut column = |n: &Node, within: Option<&Node>| -> Result<Option<usize>, FanoutError> {
+        let hidden = |sel: &mut protobuf::SelectStmt, out: &mut Outputs, merge: ColumnMerge, val: Node| {
+            let at = out.columns.len();
+            out.columns.push(merge);
+            sel.target_list.push(Node {
+                node: Some(N::ResTarget(Box::new(protobuf::ResTarget {
+                    name: format!("shardgate_having_{}", at + 1),
+                    indirection: vec![],
+                    val: Some(Box::new(val)),
+                    location: -1,
+                }))),
+            });
+            at
+        };
+        match (&n.node, within) {
+            (Some(N::FuncCall(f)), _) if f.over.is_none() && is_aggregate(f) => {
                 let merge = aggregate(f, key)?;
-                let at = out.columns.len();
-                out.columns.push(merge);
-                sel.target_list.push(Node {
-                    node: Some(N::ResTarget(Box::new(protobuf::ResTarget {
-                        name: format!("shardgate_having_{}", at + 1),
-                        indirection: vec![],
-                        val: Some(Box::new(n.clone())),
+                Ok(Some(hidden(sel, out, merge, n.clone())))
+            }
+            (Some(N::ColumnRef(_)), _) => {
+                Ok(out.find(n, Names::InputOnly).filter(|&i| out.columns[i] == ColumnMerge::Key))
+            }
+            // `count(*) > $1`: the shards return the parameter's value as a
+            // hidden column, `CASE WHEN (count(*) > $1) IS NULL THEN $1 ELSE
+            // $1 END`, where the comparison gives it the type it has in
+            // HAVING (the statement's own analysis reads the select list
+            // first). Used elsewhere too, it could be typed there first.
+            (Some(N::ParamRef(p)), Some(comparison)) => {
+                if elsewhere.contains(&p.number) {
+                    return Err(refuse(&format!(
+                        "a parameter (${}) used both in HAVING and elsewhere in the statement",
+                        p.number
+                    )));
+                }
+                let test = Node {
+                    node: Some(N::NullTest(Box::new(protobuf::NullTest {
+                        xpr: None,
+                        arg: Some(Box::new(comparison.clone())),
+                        nulltesttype: protobuf::NullTestType::IsNull as i32,
+                        argisrow: false,
                         location: -1,
                     }))),
-                });
-                Ok(Some(at))
+                };
+                let when = Node {
+                    node: Some(N::CaseWhen(Box::new(protobuf::CaseWhen {
+                        xpr: None,
+                        expr: Some(Box::new(test)),
+                        result: Some(Box::new(n.clone())),
+                        location: -1,
+                    }))),
+                };
+                let case = Node {
+                    node: Some(N::CaseExpr(Box::new(protobuf::CaseExpr {
+                        xpr: None,
+                        casetype: 0,
+                        casecollid: 0,
+                        arg: None,
+                        args: vec![when],
+                        defresult: Some(Box::new(n.clone())),
+                        location: -1,
+                    }))),
+                };
+                // The same value in every group of every shard: the first.
+                Ok(Some(hidden(sel, out, ColumnMerge::Dependent, case)))
             }
-            Some(N::ColumnRef(_)) => Ok(out.find(n, Names::InputOnly).filter(|&i| out.columns[i] == ColumnMerge::Key)),
             _ => Ok(None),
         }
     };
@@ -599,6 +656,17 @@ mod tests {
         assert_eq!(m.visible, 1);
         assert_eq!(m.columns, vec![ColumnMerge::Key, ColumnMerge::Avg(3), ColumnMerge::Count, ColumnMerge::Count]);
         assert!(m.having.is_some());
+    }
+
+    #[test]
+    fn a_having_parameter_comes_back_from_the_shards_typed_by_its_comparison() {
+        let (sql, m) = full("select region from orders group by region having count(*) > $1 order by region");
+        assert!(!sql.contains("HAVING"), "{sql}");
+        assert!(sql.contains("CASE WHEN count(*) > $1 IS NULL THEN $1 ELSE $1 END AS shardgate_having_3"), "{sql}");
+        assert_eq!(m.columns, vec![ColumnMerge::Key, ColumnMerge::Count, ColumnMerge::Dependent]);
+        assert_eq!(m.visible, 1);
+        let e = plan_of("select region from orders where qty > $1 group by region having count(*) > $1");
+        assert!(e.is_err_and(|e| e.to_string().contains("both in HAVING and elsewhere")));
     }
 
     #[test]
