@@ -798,6 +798,26 @@ async fn an_extended_multi_row_insert_across_shards_is_all_or_nothing() {
     assert_eq!(through, direct);
     assert!(through.contains(&format!("C {:?}", b"INSERT 0 2\0".to_vec())), "{through:?}");
     assert!(prepared(&h, 3).await.is_empty());
+
+    // Inside a transaction block, each shard's rows join the block: its
+    // ROLLBACK leaves none, its COMMIT keeps all; a failing part fails it.
+    let ids = |id: i64| format!("SELECT count(*) FROM acct WHERE id = {id}");
+    let insert = "INSERT INTO acct VALUES ($1, $4, 1), ($2, $4, 2), ($3, $4, 3) RETURNING tenant_id";
+    c.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(c.query(insert, &[&t[0], &t[1], &t[2], &7i32]).await.unwrap().len(), 3);
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(count_on_each(&h, 3, &ids(7)).await.iter().sum::<i64>(), 0);
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute("UPDATE acct SET bal = 0 WHERE tenant_id = $1 AND id = 1", &[&t[1]]).await.unwrap();
+    assert_eq!(c.execute(insert, &[&t[0], &t[1], &t[2], &8i32]).await.unwrap(), 3);
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(count_on_each(&h, 3, &ids(8)).await.iter().sum::<i64>(), 3);
+    c.batch_execute("BEGIN").await.unwrap();
+    let e = c.execute(insert, &[&t[0], &t[1], &t[2], &1i32]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "23505");
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(count_on_each(&h, 3, &ids(1)).await.iter().sum::<i64>(), 3, "only the rows from before");
+    assert!(prepared(&h, 3).await.is_empty());
 }
 
 /// One statement that writes tenants on several shards inside a transaction

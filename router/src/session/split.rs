@@ -298,14 +298,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         stmt: &Statement,
         parts: Vec<(ShardId, Vec<usize>)>,
     ) -> Result<(), SessionError> {
-        if self.txn.in_block() {
-            let e = SqlError::new(
-                "0A000",
-                "a multi-row INSERT whose rows are for several shards cannot run inside a transaction block through the extended protocol yet".into(),
-            )
-            .hint("insert each tenant's rows with a statement of its own: inside BEGIN … COMMIT they commit together");
-            return self.fail_batch(e, true).await;
-        }
+        let in_block = self.txn.in_block();
         let binds: Vec<&Message> = batch.iter().filter(|m| m.tag() == b'B').collect();
         if binds.len() != 1 || batch.iter().filter(|m| m.tag() == b'E').count() != 1 {
             let e = SqlError::new(
@@ -338,10 +331,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             };
             let types: Vec<i32> = kept.iter().map(|&k| client_types.get(k).copied().unwrap_or(0)).collect();
             let mut run = bytes::BytesMut::new();
-            // BEGIN in the same pipeline: one ReadyForQuery for the lot.
-            run.extend_from_slice(&messages::parse("", "BEGIN", &[]));
-            run.extend_from_slice(&messages::Builder::new(b'B').cstr("").cstr("").i16(0).i16(0).i16(0).finish());
-            run.extend_from_slice(&execute_unnamed());
+            if !in_block {
+                // BEGIN in the same pipeline: one ReadyForQuery for the lot.
+                run.extend_from_slice(&messages::parse("", "BEGIN", &[]));
+                run.extend_from_slice(&messages::Builder::new(b'B').cstr("").cstr("").i16(0).i16(0).i16(0).finish());
+                run.extend_from_slice(&execute_unnamed());
+            }
             run.extend_from_slice(&messages::parse("", &text, &types));
             run.extend_from_slice(&bind_kept(&bind, &kept));
             run.extend_from_slice(&messages::describe(b'P', ""));
@@ -353,6 +348,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             run.extend_from_slice(&messages::sync());
             runs.push((shard, run.freeze()));
+        }
+        if in_block {
+            return self.run_split_insert_in_block(batch, runs).await;
         }
         let (mut open, replies) = match self.open_parts(runs).await {
             Ok(o) => o,
@@ -371,6 +369,65 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if let Err(e) = self.commit_parts(&mut decider, &mut open).await? {
             return self.fail_batch(e, true).await;
         }
+        self.answer_split_insert(batch, &parts).await
+    }
+
+    /// Inside a transaction block: each shard's rows join the block on that
+    /// shard (two-phase commit at the block's COMMIT); a part that fails
+    /// fails the block, whose end rolls back every shard.
+    async fn run_split_insert_in_block(
+        &mut self,
+        batch: &[Message],
+        runs: Vec<(ShardId, Bytes)>,
+    ) -> Result<(), SessionError> {
+        let mut parts = Vec::with_capacity(runs.len());
+        for (shard, run) in runs {
+            let mut swallow = match self.checkout(shard).await {
+                Ok(n) => n,
+                Err(e) => return self.fail_batch(e, true).await,
+            };
+            let Some(b) = self.txn.held.as_mut() else {
+                return self.fail_batch(SqlError::new("XX000", "no connection held in the block".into()), true).await;
+            };
+            b.conn.conn.queue(&run);
+            if let Err(e) = b.conn.conn.flush().await {
+                return self.lost_backend(e).await;
+            }
+            let mut replies = Vec::new();
+            let mut error: Option<Bytes> = None;
+            let status = loop {
+                let m = match b.conn.conn.read().await {
+                    Ok(m) => m,
+                    Err(e) => return self.lost_backend(e).await,
+                };
+                match m.tag() {
+                    b'Z' if swallow > 0 => swallow -= 1,
+                    b'Z' => break m.body().first().copied().unwrap_or(b'E'),
+                    b'E' => {
+                        error.get_or_insert_with(|| m.raw().clone());
+                    }
+                    _ if swallow > 0 => {}
+                    _ => replies.push(m.raw().clone()),
+                }
+            };
+            self.txn.last_status = status;
+            if let Some(e) = error {
+                let name = self.shard_name(shard);
+                crate::metrics::global().error_message(e.get(5..).unwrap_or_default());
+                self.client.queue(&prefix_error(&e, &name));
+                self.txn.aborted = true;
+                self.client.queue(&messages::ready_for_query_bytes(self.status()));
+                self.client.flush().await?;
+                return Ok(());
+            }
+            parts.push(PartReply::read(replies));
+        }
+        self.answer_split_insert(batch, &parts).await
+    }
+
+    /// The client's replies to a split INSERT: the first part's descriptions,
+    /// every part's rows, and the rows written summed.
+    async fn answer_split_insert(&mut self, batch: &[Message], parts: &[PartReply]) -> Result<(), SessionError> {
         let first = parts.first();
         for m in batch {
             match m.tag() {
@@ -384,7 +441,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     None => self.client.queue(&messages::no_data()),
                 },
                 b'E' => {
-                    for part in &parts {
+                    for part in parts {
                         for r in &part.rows {
                             self.client.queue(r);
                         }

@@ -69,7 +69,7 @@ fn several_shards_in_block() -> SqlError {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    fn shard_name(&self, shard: ShardId) -> String {
+    pub(super) fn shard_name(&self, shard: ShardId) -> String {
         let dir = self.ctx.directory.load();
         dir.shards.get(shard).map(|x| x.name.clone()).unwrap_or_default()
     }
