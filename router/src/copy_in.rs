@@ -2,14 +2,19 @@
 //! stream, each shard receiving its own rows through its own COPY.
 //!
 //! Text and CSV formats are read just enough to find row ends and the key field;
-//! rows are forwarded byte for byte. Each shard's COPY commits on its own: a copy
-//! that fails on one shard may have been applied on others (the error says which).
+//! the binary format just enough to find tuples and the key field (see
+//! [`crate::copy_binary`]). Rows are forwarded byte for byte. Bad data (a
+//! malformed row or stream, a NULL or unreadable key) aborts every shard's
+//! COPY before any is finished: nothing is applied. Each shard's COPY commits
+//! on its own at the end: one that a shard refuses at CopyDone may have been
+//! applied on others (the error says which).
 
 use bytes::{Bytes, BytesMut};
 use shardgate_directory::{Directory, ShardId};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::context::RouterContext;
+use crate::copy_binary::{BinarySplitter, Piece};
 use crate::error::SqlError;
 use crate::pool::Pooled;
 use crate::protocol::messages::{self, error_summary, Builder};
@@ -48,11 +53,6 @@ pub async fn copy_in_split<S: AsyncRead + AsyncWrite + Unpin>(
         return Err(SqlError::new("XX000", "not a COPY".into()).into());
     };
     let table = info.table.clone().unwrap_or_default();
-    if info.format == CopyFormat::Binary {
-        return Err(SqlError::new("0A000", "COPY FROM STDIN in binary format is not split by tenant yet".into())
-            .hint("use text or CSV format for sharded tables")
-            .into());
-    }
     let columns = match &info.columns {
         Some(c) => c.clone(),
         None => ctx.catalog.columns(&table).unwrap_or_default(),
@@ -69,11 +69,23 @@ pub async fn copy_in_split<S: AsyncRead + AsyncWrite + Unpin>(
     let mut targets: Vec<(ShardId, Target)> = Vec::with_capacity(shard_ids.len());
     let mut copy_in_response: Option<Bytes> = None;
     for &s in &shard_ids {
-        let pool = ctx.pool_as(role, s).ok_or_else(|| SqlError::new("XX000", format!("no pool for shard {s}")))?;
-        let mut conn = pool.get().await.map_err(|e| SqlError::new(e.sqlstate(), e.to_string()))?;
-        conn.conn.send(&messages::query(&stmt.text)).await.map_err(|e| lost(&mut conn, e))?;
+        // A shard that cannot start the COPY ends those started before it.
+        let mut conn = match start_copy(ctx, role, s, stmt).await {
+            Ok(c) => c,
+            Err(e) => {
+                abort_all(&mut targets).await;
+                return Err(e.into());
+            }
+        };
         loop {
-            let m = conn.conn.read().await.map_err(|e| lost(&mut conn, e))?;
+            let m = match conn.conn.read().await {
+                Ok(m) => m,
+                Err(e) => {
+                    let e = lost(&mut conn, e);
+                    abort_all(&mut targets).await;
+                    return Err(e.into());
+                }
+            };
             match m.tag() {
                 b'G' => {
                     copy_in_response.get_or_insert(m.raw().clone());
@@ -95,13 +107,45 @@ pub async fn copy_in_split<S: AsyncRead + AsyncWrite + Unpin>(
     let Some(resp) = copy_in_response else {
         return Err(SqlError::new("XX000", "no shard accepted the COPY".into()).into());
     };
-    client.send(&resp).await.map_err(CopyError::Client)?;
 
-    let mut splitter = RowSplitter::new(info, key_pos, ctx.config.load().max_message_bytes);
-    let mut header_pending = info.header;
+    let max_row = ctx.config.load().max_message_bytes;
+    let mut splitter = match info.format {
+        CopyFormat::Binary => {
+            // The fields a tuple must have: the shard's own count (from its
+            // CopyInResponse), which leaves out generated columns.
+            let fields = copy_columns(&resp).unwrap_or(columns.len());
+            if key_pos >= fields {
+                abort_all(&mut targets).await;
+                return Err(SqlError::new(
+                    "0A000",
+                    format!(
+                        "COPY {table}: the shards read {fields} columns, but the router finds {} in column {}",
+                        dir.key_column,
+                        key_pos + 1
+                    ),
+                )
+                .hint(format!("name the columns: COPY {table} ({}, …) FROM STDIN", dir.key_column))
+                .into());
+            }
+            Splitter::Binary(BinarySplitter::new(fields, key_pos, max_row))
+        }
+        _ => Splitter::Text { rows: RowSplitter::new(info, key_pos, max_row), header_pending: info.header },
+    };
+    client.send(&resp).await.map_err(CopyError::Client)?;
     let mut ended = false;
     while !ended {
-        let m = client.read().await.map_err(CopyError::Client)?;
+        let m = match client.read().await {
+            Ok(m) => m,
+            Err(e) => {
+                // No client to finish the COPY: closing each shard's
+                // connection aborts its COPY, and none goes back to the pool
+                // in the middle of one.
+                for (_, t) in targets.iter_mut() {
+                    t.conn.broken = true;
+                }
+                return Err(CopyError::Client(e));
+            }
+        };
         match m.tag() {
             b'd' => splitter.feed(m.body()),
             b'c' => {
@@ -123,13 +167,11 @@ pub async fn copy_in_split<S: AsyncRead + AsyncWrite + Unpin>(
                 );
             }
         }
-        while let Some((row, key)) = splitter.next_row() {
-            // The header line goes to every shard as it is (each skips it);
-            // the end-of-data marker to none.
-            let shard = match key {
-                _ if std::mem::take(&mut header_pending) => Ok(None),
-                Ok(None) => continue,
-                Ok(Some(key)) => shard_of_row(dir, &table, key).map(Some),
+        while let Some((row, to)) = splitter.next_row() {
+            let shard = match to {
+                Ok(To::Every) => Ok(None),
+                Ok(To::None) => continue,
+                Ok(To::Key(key)) => shard_of_row(dir, &table, key).map(Some),
                 Err(e) => Err(e),
             };
             let shard = match shard {
@@ -139,6 +181,7 @@ pub async fn copy_in_split<S: AsyncRead + AsyncWrite + Unpin>(
                     return Err(e.into());
                 }
             };
+            let mut failed = None;
             for (s, t) in targets.iter_mut() {
                 let wanted = match shard {
                     None => true,
@@ -147,10 +190,24 @@ pub async fn copy_in_split<S: AsyncRead + AsyncWrite + Unpin>(
                 if wanted {
                     t.buf.extend_from_slice(&row);
                     if t.buf.len() >= FLUSH_AT {
-                        send_buf(t).await.map_err(CopyError::Sql)?;
+                        if let Err(e) = send_buf(t).await {
+                            failed = Some(e);
+                            break;
+                        }
                     }
                 }
             }
+            if let Some(e) = failed {
+                abort_all(&mut targets).await;
+                return Err(e.into());
+            }
+        }
+    }
+    // Binary data ends with a trailer on every shard, whether or not the
+    // client's data had one (Postgres takes both).
+    if let Splitter::Binary(_) = splitter {
+        for (_, t) in targets.iter_mut() {
+            t.buf.extend_from_slice(&crate::copy_binary::TRAILER);
         }
     }
     // Finish every shard's COPY and add up the rows.
@@ -197,16 +254,103 @@ pub async fn copy_in_split<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// The shard a row goes to, from its key field: an error for a NULL key or
-/// one that is not of the key's type.
-fn shard_of_row(dir: &Directory, table: &str, key: Option<String>) -> Result<ShardId, SqlError> {
-    match key {
-        None => Err(SqlError::new("23502", format!("{} must not be NULL in a sharded table", dir.key_column))),
-        Some(text) => match dir.key_type.parse_text(&text) {
-            Ok(k) => Ok(dir.shard_for(&k)),
-            Err(e) => Err(SqlError::new("22P02", format!("COPY {table}: {e}"))),
-        },
+/// A row's key field as the COPY data gives it.
+enum KeyField {
+    /// Text or CSV: the field's text, escapes decoded.
+    Text(String),
+    /// Binary: the field's bytes, in the key column type's binary form.
+    Binary(Bytes),
+}
+
+/// Where a piece of COPY data goes.
+enum To {
+    /// To every shard: a CSV header line, the binary header.
+    Every,
+    /// To no shard: the end-of-data marker.
+    None,
+    /// To the shard of this key field (None for NULL).
+    Key(Option<KeyField>),
+}
+
+/// The COPY data read by its format.
+enum Splitter {
+    Text { rows: RowSplitter, header_pending: bool },
+    Binary(BinarySplitter),
+}
+
+impl Splitter {
+    fn feed(&mut self, data: &[u8]) {
+        match self {
+            Splitter::Text { rows, .. } => rows.feed(data),
+            Splitter::Binary(b) => b.feed(data),
+        }
     }
+
+    fn finish(&mut self) {
+        match self {
+            Splitter::Text { rows, .. } => rows.finish(),
+            Splitter::Binary(b) => b.finish(),
+        }
+    }
+
+    /// The next whole piece of data and where it goes.
+    fn next_row(&mut self) -> Option<(Bytes, Result<To, SqlError>)> {
+        match self {
+            Splitter::Text { rows, header_pending } => {
+                let (row, key) = rows.next_row()?;
+                // The header line goes to every shard as it is (each skips it);
+                // the end-of-data marker to none.
+                let to = match key {
+                    _ if std::mem::take(header_pending) => Ok(To::Every),
+                    Ok(None) => Ok(To::None),
+                    Ok(Some(key)) => Ok(To::Key(key.map(KeyField::Text))),
+                    Err(e) => Err(e),
+                };
+                Some((row, to))
+            }
+            Splitter::Binary(b) => Some(match b.next_piece()? {
+                Ok(Piece::Header(h)) => (h, Ok(To::Every)),
+                Ok(Piece::Tuple { row, key }) => (row, Ok(To::Key(key.map(KeyField::Binary)))),
+                // The trailer goes to every shard at CopyDone.
+                Ok(Piece::End) => (Bytes::new(), Ok(To::None)),
+                Err(e) => (Bytes::new(), Err(e)),
+            }),
+        }
+    }
+}
+
+/// The column count of a CopyInResponse (format byte, int16 count, formats).
+fn copy_columns(resp: &[u8]) -> Option<usize> {
+    let n = i16::from_be_bytes(resp.get(6..8)?.try_into().ok()?);
+    usize::try_from(n).ok()
+}
+
+/// The shard a row goes to, from its key field: an error for a NULL key or
+/// one that is not of the key's type. Read into the same key as the router's
+/// other routing reads, so a row lands where a query for its tenant looks.
+fn shard_of_row(dir: &Directory, table: &str, key: Option<KeyField>) -> Result<ShardId, SqlError> {
+    let key = match key {
+        None => return Err(SqlError::new("23502", format!("{} must not be NULL in a sharded table", dir.key_column))),
+        Some(KeyField::Text(text)) => {
+            dir.key_type.parse_text(&text).map_err(|e| SqlError::new("22P02", format!("COPY {table}: {e}")))?
+        }
+        Some(KeyField::Binary(raw)) => crate::route::column_key(&raw, dir.key_type, &dir.key_column)
+            .map_err(|e| SqlError { message: format!("COPY {table}: {}", e.message), ..e })?,
+    };
+    Ok(dir.shard_for(&key))
+}
+
+/// A connection to shard `s` with the COPY statement sent.
+async fn start_copy(
+    ctx: &RouterContext,
+    role: Option<&crate::roles::RolePools>,
+    s: ShardId,
+    stmt: &Statement,
+) -> Result<Pooled, SqlError> {
+    let pool = ctx.pool_as(role, s).ok_or_else(|| SqlError::new("XX000", format!("no pool for shard {s}")))?;
+    let mut conn = pool.get().await.map_err(|e| SqlError::new(e.sqlstate(), e.to_string()))?;
+    conn.conn.send(&messages::query(&stmt.text)).await.map_err(|e| lost(&mut conn, e))?;
+    Ok(conn)
 }
 
 fn lost(conn: &mut Pooled, e: ProtocolError) -> SqlError {

@@ -28,6 +28,7 @@ pub mod clock;
 pub mod config;
 pub mod console;
 pub mod context;
+pub mod copy_binary;
 pub mod copy_in;
 pub mod error;
 pub mod events;

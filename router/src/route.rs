@@ -812,14 +812,8 @@ fn binary_key(v: &[u8], type_oid: i32, key_type: KeyType) -> Result<TenantKey, S
         )
     };
     let key = match (type_oid, v.len()) {
-        (INT8, 8) | (0, 8) if key_type == KeyType::Int => {
-            TenantKey::Int(i64::from_be_bytes(v.try_into().map_err(|_| bad())?))
-        }
-        (INT4, 4) | (0, 4) if key_type == KeyType::Int => {
-            TenantKey::Int(i32::from_be_bytes(v.try_into().map_err(|_| bad())?) as i64)
-        }
-        (INT2, 2) | (0, 2) if key_type == KeyType::Int => {
-            TenantKey::Int(i16::from_be_bytes(v.try_into().map_err(|_| bad())?) as i64)
+        (INT8, 8) | (0, 8) | (INT4, 4) | (0, 4) | (INT2, 2) | (0, 2) if key_type == KeyType::Int => {
+            TenantKey::Int(int_by_length(v).ok_or_else(bad)?)
         }
         (UUID, 16) | (0, 16) if key_type == KeyType::Uuid => {
             TenantKey::Uuid(uuid::Uuid::from_slice(v).map_err(|_| bad())?)
@@ -831,6 +825,47 @@ fn binary_key(v: &[u8], type_oid: i32, key_type: KeyType) -> Result<TenantKey, S
         _ => return Err(bad()),
     };
     key_type.coerce(key).map_err(|_| bad())
+}
+
+/// A big-endian int2, int4 or int8 (Postgres's binary form of each), told
+/// apart by its length.
+fn int_by_length(v: &[u8]) -> Option<i64> {
+    Some(match v.len() {
+        2 => i16::from_be_bytes(v.try_into().ok()?).into(),
+        4 => i32::from_be_bytes(v.try_into().ok()?).into(),
+        8 => i64::from_be_bytes(v.try_into().ok()?),
+        _ => return None,
+    })
+}
+
+/// A key column's value in binary form where the column's own type wrote it
+/// (a binary COPY field): an integer key by its length (the column may be
+/// smallint, integer or bigint), a uuid's 16 bytes, text's UTF-8. The key is
+/// the one the same value in text form gives, so a row goes where its text
+/// form would. Unlike a parameter's, the form is never guessed from the
+/// length: 8 bytes of a uuid key are an error, not text.
+pub fn column_key(v: &[u8], key_type: KeyType, column: &str) -> Result<TenantKey, SqlError> {
+    let bad = |expected: &str| {
+        SqlError::new(
+            "22P03",
+            format!(
+                "incorrect binary data format in {column}: {} bytes, where a {} key has {expected}",
+                v.len(),
+                key_type.sql_name()
+            ),
+        )
+    };
+    match key_type {
+        KeyType::Int => int_by_length(v).map(TenantKey::Int).ok_or_else(|| bad("2, 4 or 8")),
+        KeyType::Uuid => uuid::Uuid::from_slice(v).map(TenantKey::Uuid).map_err(|_| bad("16")),
+        KeyType::Text => match std::str::from_utf8(v) {
+            Ok(s) => Ok(TenantKey::Text(s.to_string())),
+            Err(e) => Err(SqlError::new(
+                "22021",
+                format!("invalid byte sequence for encoding \"UTF8\" in {column}: 0x{:02x}", v[e.valid_up_to()]),
+            )),
+        },
+    }
 }
 
 #[cfg(test)]
@@ -989,5 +1024,32 @@ mod tests {
         assert!(refusal(run(&split, held)).contains("inside a transaction block"));
         let spans = Joining { bound: Some(1), in_block: true, cross_shard: true };
         assert!(matches!(run(&split, spans), Ok(Target::SplitInsert(_))));
+    }
+
+    /// A binary COPY field gives the key its text form gives, whatever the
+    /// width of an integer key column; a wrong length is 22P03, not a guess.
+    #[test]
+    fn a_binary_column_value_is_the_key_its_text_form_is() {
+        let col = "tenant_id";
+        for v in [0i64, 7, -3, 32767] {
+            let text = KeyType::Int.parse_text(&v.to_string()).unwrap();
+            assert_eq!(column_key(&(v as i16).to_be_bytes(), KeyType::Int, col).unwrap(), text);
+            assert_eq!(column_key(&(v as i32).to_be_bytes(), KeyType::Int, col).unwrap(), text);
+            assert_eq!(column_key(&v.to_be_bytes(), KeyType::Int, col).unwrap(), text);
+        }
+        assert_eq!(column_key(&i64::MIN.to_be_bytes(), KeyType::Int, col).unwrap(), TenantKey::Int(i64::MIN));
+        for bad in [&b""[..], b"123", b"12345"] {
+            assert_eq!(column_key(bad, KeyType::Int, col).unwrap_err().code, "22P03");
+        }
+        let u = uuid::Uuid::from_u128(0x1234_5678_9abc_def0_1122_3344_5566_7788);
+        let text = KeyType::Uuid.parse_text(&u.to_string()).unwrap();
+        assert_eq!(column_key(u.as_bytes(), KeyType::Uuid, col).unwrap(), text);
+        assert_eq!(column_key(u.to_string().as_bytes(), KeyType::Uuid, col).unwrap_err().code, "22P03");
+        assert_eq!(column_key("ü x".as_bytes(), KeyType::Text, col).unwrap(), KeyType::Text.parse_text("ü x").unwrap());
+        let e = column_key(b"a\xff", KeyType::Text, col).unwrap_err();
+        assert_eq!(
+            (e.code, e.message.as_str()),
+            ("22021", "invalid byte sequence for encoding \"UTF8\" in tenant_id: 0xff")
+        );
     }
 }

@@ -8,7 +8,8 @@
 //! 3 committed in a transaction on both shards, 10 and 11 a batch committed as
 //! one, 12 a batch without BEGIN (asyncpg, pgjdbc), 20 to 23 batches whose last
 //! row fails or that are refused (none of it stays), 30 and 31 by COPY where
-//! the driver has it, 40 and 41 by psycopg 3's pipeline mode.
+//! the driver has it, 32 and 33 by binary COPY (asyncpg), 40 and 41 by
+//! psycopg 3's pipeline mode.
 //!
 //! Each driver logs in as its own role (`app`, with a password, no superuser:
 //! `[router.auth]`) over TLS with `sslmode=verify-full` against the test's
@@ -25,6 +26,7 @@ use std::time::Duration;
 use shardgate_router::config::{AuthConfig, AuthMethod, RouterConfig, UserConfig};
 use shardgate_tests::tls::TestCa;
 use shardgate_tests::{sqlstate, Harness};
+use tokio_postgres::types::{ToSql, Type};
 
 const SCHEMA: &str = "CREATE TABLE items (tenant_id bigint NOT NULL, id int NOT NULL, note text, \
     amount numeric(12,2), flag boolean, data bytea, ts timestamptz, uid uuid, score float8, doc jsonb, \
@@ -33,6 +35,7 @@ const SCHEMA: &str = "CREATE TABLE items (tenant_id bigint NOT NULL, id int NOT 
 /// Ids every driver writes and keeps (see the module comment).
 const BASE_IDS: &[i32] = &[1, 3, 10, 11];
 const COPY_IDS: &[i32] = &[30, 31];
+const BINARY_COPY_IDS: &[i32] = &[32, 33];
 const PIPELINE_IDS: &[i32] = &[40, 41];
 
 /// How long one driver's script may take before the test calls it hung.
@@ -225,7 +228,7 @@ async fn psycopg2_parameters_batches_copy() {
 async fn asyncpg_prepared_binary_executemany_copy() {
     let (h, a, b) = start().await;
     run(python("asyncpg_check.py"), &h, a, b).await;
-    check_placement(&h, a, b, &ids(&[BASE_IDS, &[12], COPY_IDS])).await;
+    check_placement(&h, a, b, &ids(&[BASE_IDS, &[12], COPY_IDS, BINARY_COPY_IDS])).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -352,8 +355,8 @@ fn uid(t: i64, i: i32) -> uuid::Uuid {
 
 /// tokio-postgres: every statement prepared, parameters and results binary;
 /// a transaction rolled back and one committed on both shards; a batch as
-/// pipelined queries in a transaction; COPY (text; the binary format is
-/// refused); SQLSTATEs.
+/// pipelined queries in a transaction; COPY in text and binary
+/// (`BinaryCopyInWriter`); SQLSTATEs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokio_postgres_prepared_binary_pipelined_copy() {
     use futures::SinkExt;
@@ -433,7 +436,7 @@ async fn tokio_postgres_prepared_binary_pipelined_copy() {
     assert_eq!(codes, ["23505"], "{done:?}");
     // COMMIT of a failed transaction rolls it back (Postgres answers ROLLBACK, no error).
     tx.commit().await.unwrap();
-    // COPY FROM STDIN in text, rows of both shards; the binary format is refused whole.
+    // COPY FROM STDIN in text and in binary, rows of both shards.
     let sink = c
         .copy_in("COPY items (tenant_id, id, note, amount, flag, data, ts, uid, score, doc) FROM STDIN")
         .await
@@ -456,8 +459,36 @@ async fn tokio_postgres_prepared_binary_pipelined_copy() {
         }
     }
     assert_eq!(sink.finish().await.unwrap(), 4);
-    let refused = c.copy_in::<_, bytes::Bytes>("COPY items (tenant_id, id) FROM STDIN (FORMAT binary)").await;
-    assert_eq!(refused.err().as_ref().map(sqlstate).as_deref(), Some("0A000"));
+    let sink = c
+        .copy_in("COPY items (tenant_id, id, note, amount, flag, data, ts, uid, score, doc) FROM STDIN (FORMAT binary)")
+        .await
+        .unwrap();
+    let types = [
+        Type::INT8,
+        Type::INT4,
+        Type::TEXT,
+        Type::NUMERIC,
+        Type::BOOL,
+        Type::BYTEA,
+        Type::TIMESTAMPTZ,
+        Type::UUID,
+        Type::FLOAT8,
+        Type::JSONB,
+    ];
+    let writer = tokio_postgres::binary_copy::BinaryCopyInWriter::new(sink, &types);
+    futures::pin_mut!(writer);
+    for i in BINARY_COPY_IDS {
+        for t in [a, b] {
+            let v = values(t, *i);
+            // numeric `i.25`: two base-10000 digits, weight 0, positive, scale 2.
+            let amount = [2i16, 0, 0, 2, *i as i16, 2500].iter().flat_map(|d| d.to_be_bytes()).collect();
+            let doc = [&[1u8][..], v.8.as_bytes()].concat();
+            let (amount, doc, ts) = (Binary(amount), Binary(doc), ts());
+            let row: [&(dyn ToSql + Sync); 10] = [&v.0, &v.1, &v.2, &amount, &v.4, &v.5, &ts, &v.6, &v.7, &doc];
+            writer.as_mut().write(&row).await.unwrap();
+        }
+    }
+    assert_eq!(writer.finish().await.unwrap(), 4);
     // Errors with their SQLSTATE; the connection goes on.
     assert_eq!(sqlstate(&exec!(c, b, 1).await.unwrap_err()), "23505");
     let moved = c.execute("UPDATE items SET tenant_id = $1 WHERE tenant_id = $2", &[&b, &a]).await;
@@ -475,16 +506,40 @@ async fn tokio_postgres_prepared_binary_pipelined_copy() {
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    let mut want: Vec<(i64, i32)> =
-        [a, b].iter().flat_map(|t| ids(&[BASE_IDS, COPY_IDS]).into_iter().map(move |i| (*t, i))).collect();
+    let mut want: Vec<(i64, i32)> = [a, b]
+        .iter()
+        .flat_map(|t| ids(&[BASE_IDS, COPY_IDS, BINARY_COPY_IDS]).into_iter().map(move |i| (*t, i)))
+        .collect();
     want.sort();
     assert_eq!(all, want, "rows through the router");
     for t in [a, b] {
-        for i in [3, 10, 30] {
+        for i in [3, 10, 30, 32] {
             check_row(&c.query_one(&select, &[&t, &i]).await.unwrap(), t, i);
         }
     }
-    check_placement(&h, a, b, &ids(&[BASE_IDS, COPY_IDS])).await;
+    check_placement(&h, a, b, &ids(&[BASE_IDS, COPY_IDS, BINARY_COPY_IDS])).await;
+}
+
+/// A value already in Postgres's binary form, for the types tokio-postgres
+/// has none of without extra crates (numeric, jsonb).
+#[derive(Debug)]
+struct Binary(Vec<u8>);
+
+impl ToSql for Binary {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.extend_from_slice(&self.0);
+        Ok(tokio_postgres::types::IsNull::No)
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    tokio_postgres::types::to_sql_checked!();
 }
 
 /// sqlx: its statement cache (named prepared statements), binary parameters

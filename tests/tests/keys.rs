@@ -63,6 +63,48 @@ async fn uuid_keys_route_from_binary_parameters_and_bad_ones_are_errors() {
     assert_eq!(sqlstate(&err), "22P02");
 }
 
+/// Binary COPY (tokio-postgres's BinaryCopyInWriter) reads a uuid key's 16
+/// bytes and a text key's UTF-8 into the keys their text forms give: each
+/// row lands where a query for its tenant looks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_copy_routes_uuid_and_text_keys_as_their_text_forms() {
+    use tokio_postgres::binary_copy::BinaryCopyInWriter;
+    use tokio_postgres::types::{ToSql, Type};
+    for key_type in [KeyType::Uuid, KeyType::Text] {
+        let h = Harness::start_keyed(2, RouterConfig::default(), key_type).await;
+        let c = h.client().await;
+        let create =
+            format!("CREATE TABLE events (tenant_id {}, id int, PRIMARY KEY (tenant_id, id))", key_type.sql_name());
+        c.batch_execute(&create).await.unwrap();
+        let sink = c.copy_in("COPY events (tenant_id, id) FROM STDIN (FORMAT binary)").await.unwrap();
+        let ty = if key_type == KeyType::Uuid { Type::UUID } else { Type::TEXT };
+        let writer = BinaryCopyInWriter::new(sink, &[ty, Type::INT4]);
+        futures::pin_mut!(writer);
+        for i in 0..100i32 {
+            let u = uuid::Uuid::from_u128(i as u128 * 0x0123_4567_89ab_cdef_1111 + 7);
+            let t = format!("acme-{i} ✓");
+            let key: &(dyn ToSql + Sync) = if key_type == KeyType::Uuid { &u } else { &t };
+            writer.as_mut().write(&[key, &i]).await.unwrap();
+        }
+        assert_eq!(writer.finish().await.unwrap(), 100);
+        let dir = h.directory.load();
+        let mut seen = 0;
+        for i in 0..2 {
+            let rows = h.shard(i).await.query("SELECT tenant_id::text FROM events", &[]).await.unwrap();
+            for r in &rows {
+                let text: String = r.get(0);
+                assert_eq!(dir.shard_for(&key_type.parse_text(&text).unwrap()), i, "{text} on shard {i}");
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, 100, "{key_type:?}");
+        if key_type == KeyType::Text {
+            let found = c.simple_query("SELECT id FROM events WHERE tenant_id = 'acme-7 ✓'").await.unwrap();
+            assert_eq!(shardgate_tests::rows(found), vec![vec![Some("7".to_string())]]);
+        }
+    }
+}
+
 /// The routes counted so far (`shardgate_queries_total`), by kind.
 fn routes(h: &Harness, kind: &str) -> u64 {
     let text = shardgate_router::metrics::render(&h.router.context);

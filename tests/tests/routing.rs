@@ -174,6 +174,261 @@ async fn copy_from_stdin_sends_each_row_to_its_tenants_shard() {
     }
 }
 
+/// A table for the binary COPY tests: its key not first, a note of any
+/// length or NULL, and a column whose type is neither the key's nor text.
+const EVENTS: &str = "CREATE TABLE events (id int4, tenant_id bigint, note text, small int2, \
+    PRIMARY KEY (tenant_id, id))";
+
+/// The note of event `i` of tenant `t`: empty, NULL, long enough to cross
+/// CopyData messages and the router's flush point, or short.
+fn event_note(t: i64, i: i32) -> Option<String> {
+    match i % 7 {
+        0 => None,
+        1 => Some(String::new()),
+        // One row past the router's 64 kB flush point, some past 4 kB.
+        2 if t == 5 => Some(format!("{t}:{i}:").repeat(20_000)),
+        2 if t % 5 == 0 => Some(format!("{t}:{i}:").repeat(1_000)),
+        _ => Some(format!("tenant {t} event {i} \t\n\\ é")),
+    }
+}
+
+/// Rows of `events` on shard `i`, straight from the shard.
+async fn events_on(h: &Harness, i: usize) -> Vec<(i64, i32, Option<String>, Option<i16>)> {
+    let rows = h.shard(i).await.query("SELECT tenant_id, id, note, small FROM events", &[]).await.unwrap();
+    rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect()
+}
+
+/// tokio-postgres's BinaryCopyInWriter (as asyncpg's copy_records_to_table)
+/// into a sharded table: every row on the shard that owns its tenant, byte
+/// for byte, and the command tag counts them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_copy_from_stdin_sends_each_row_to_its_tenants_shard() {
+    use tokio_postgres::binary_copy::BinaryCopyInWriter;
+    use tokio_postgres::types::{ToSql, Type};
+    let h = Harness::start(3).await;
+    let c = h.client().await;
+    c.batch_execute(EVENTS).await.unwrap();
+    let sink = c
+        .copy_in("COPY events (id, tenant_id, note, small) FROM STDIN (FORMAT binary)")
+        .await
+        .unwrap_or_else(|e| panic!("{:?}", e.as_db_error()));
+    let writer = BinaryCopyInWriter::new(sink, &[Type::INT4, Type::INT8, Type::TEXT, Type::INT2]);
+    futures::pin_mut!(writer);
+    let mut want = Vec::new();
+    for t in 1..=300i64 {
+        for i in 0..10i32 {
+            // Negative tenants too: the key is read as a signed bigint.
+            let t = if t % 10 == 0 { -t } else { t };
+            let note = event_note(t, i);
+            let small = (t as i16).wrapping_mul(7);
+            let row: [&(dyn ToSql + Sync); 4] = [&i, &t, &note, &small];
+            writer.as_mut().write(&row).await.unwrap();
+            want.push((t, i, note, Some(small)));
+        }
+    }
+    let n = writer.finish().await.unwrap();
+    assert_eq!(n, want.len() as u64);
+    let mut got = Vec::new();
+    for i in 0..3 {
+        let rows = events_on(&h, i).await;
+        assert!(!rows.is_empty(), "shard {i} got no rows");
+        for r in &rows {
+            assert_eq!(h.shard_of(r.0), i, "tenant {} on shard {i}", r.0);
+        }
+        got.extend(rows);
+    }
+    got.sort();
+    want.sort();
+    assert_eq!(got.len(), want.len());
+    assert!(got == want, "rows on the shards are not the rows copied");
+
+    // An int4 key column: its 4-byte values go where the same bigint would.
+    c.batch_execute("CREATE TABLE small_keys (tenant_id int4 PRIMARY KEY)").await.unwrap();
+    let sink = c.copy_in("COPY small_keys FROM STDIN (FORMAT binary)").await.unwrap();
+    let writer = BinaryCopyInWriter::new(sink, &[Type::INT4]);
+    futures::pin_mut!(writer);
+    for t in -50..50i32 {
+        writer.as_mut().write(&[&t]).await.unwrap();
+    }
+    assert_eq!(writer.finish().await.unwrap(), 100);
+    for i in 0..3 {
+        for r in h.shard(i).await.query("SELECT tenant_id FROM small_keys", &[]).await.unwrap() {
+            let t: i32 = r.get(0);
+            assert_eq!(h.shard_of(t.into()), i, "int4 tenant {t} on shard {i}");
+        }
+    }
+}
+
+/// A binary COPY stream of `tuples` (each a list of fields, None for NULL)
+/// with a good header and trailer.
+fn binary_copy_stream(tuples: &[Vec<Option<Vec<u8>>>]) -> Vec<u8> {
+    let mut s = b"PGCOPY\n\xff\r\n\0".to_vec();
+    s.extend_from_slice(&[0; 8]);
+    for t in tuples {
+        s.extend_from_slice(&(t.len() as i16).to_be_bytes());
+        for f in t {
+            match f {
+                None => s.extend_from_slice(&(-1i32).to_be_bytes()),
+                Some(v) => {
+                    s.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                    s.extend_from_slice(v);
+                }
+            }
+        }
+    }
+    s.extend_from_slice(&(-1i16).to_be_bytes());
+    s
+}
+
+/// Sends `data` as one binary COPY into `events` (id, tenant_id, note,
+/// small), cut into messages of `cut` bytes; the error it ends with.
+async fn copy_binary_err(c: &tokio_postgres::Client, data: &[u8], cut: usize) -> tokio_postgres::Error {
+    use futures::SinkExt;
+    let sink = c.copy_in("COPY events (id, tenant_id, note, small) FROM STDIN (FORMAT binary)").await.unwrap();
+    futures::pin_mut!(sink);
+    for piece in data.chunks(cut) {
+        // The router may answer before the data ends: then sending fails.
+        if let Err(e) = sink.send(bytes::Bytes::copy_from_slice(piece)).await {
+            return e;
+        }
+    }
+    match sink.finish().await {
+        Ok(n) => panic!("a bad binary COPY stream was accepted: COPY {n}"),
+        Err(e) => e,
+    }
+}
+
+/// A bad binary COPY stream is answered with Postgres's error for it, and
+/// nothing of it stays on any shard, even rows before the bad part that
+/// every shard had been sent; the connection goes on working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_binary_copy_stream_is_refused_and_leaves_no_rows() {
+    let h = Harness::start(3).await;
+    let c = h.client().await;
+    c.batch_execute(EVENTS).await.unwrap();
+    let good = |t: i64, i: i32| {
+        vec![Some(i.to_be_bytes().to_vec()), Some(t.to_be_bytes().to_vec()), Some(b"note".to_vec()), None]
+    };
+    // Rows for tenants on every shard, then the bad part.
+    let rows_first = || (1..=60i64).map(|t| good(t, 1)).collect::<Vec<_>>();
+    let with = |bad: Vec<Option<Vec<u8>>>| {
+        let mut tuples = rows_first();
+        tuples.push(bad);
+        binary_copy_stream(&tuples)
+    };
+    let field_count = with(vec![Some(1i32.to_be_bytes().to_vec()), Some(7i64.to_be_bytes().to_vec())]);
+    let null_key = with(vec![Some(2i32.to_be_bytes().to_vec()), None, None, None]);
+    let short_key = with(vec![Some(2i32.to_be_bytes().to_vec()), Some(vec![0, 0, 7]), None, None]);
+    let mut truncated = binary_copy_stream(&rows_first());
+    truncated.truncate(truncated.len() - 5);
+    let mut oids = binary_copy_stream(&rows_first());
+    oids[11..15].copy_from_slice(&(1i32 << 16).to_be_bytes());
+    let mut after_trailer = binary_copy_stream(&rows_first());
+    after_trailer.extend_from_slice(&[0, 4]);
+    let cases: [(&str, Vec<u8>, &str, &str); 7] = [
+        ("wrong field count", field_count, "22P04", "row field count is 2, expected 4"),
+        ("NULL key", null_key, "23502", "tenant_id must not be NULL"),
+        ("3-byte bigint key", short_key, "22P03", "incorrect binary data format in tenant_id"),
+        ("cut off in a tuple", truncated, "22P04", "unexpected EOF in COPY data"),
+        ("WITH OIDS header", oids, "22P04", "invalid COPY file header (WITH OIDS)"),
+        ("text sent as binary", b"1\t2\tx\t3\n".to_vec(), "22P04", "COPY file signature not recognized"),
+        ("data after the trailer", after_trailer, "22P04", "received copy data after EOF marker"),
+    ];
+    for (what, data, code, message) in cases {
+        for cut in [7, 1 << 20] {
+            let e = copy_binary_err(&c, &data, cut).await;
+            let db = e.as_db_error().unwrap_or_else(|| panic!("{what}: {e:?}"));
+            assert_eq!(db.code().code(), code, "{what}: {db:?}");
+            assert!(db.message().contains(message), "{what}: {}", db.message());
+            for i in 0..3 {
+                assert!(events_on(&h, i).await.is_empty(), "{what}: rows left on shard {i}");
+            }
+            // The connection is usable after the refusal.
+            assert_eq!(c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+        }
+    }
+    // A stream that only ends (no trailer) after whole tuples is taken, as
+    // Postgres takes it; the same stream with the trailer is too.
+    use futures::SinkExt;
+    let mut no_trailer = binary_copy_stream(&rows_first());
+    no_trailer.truncate(no_trailer.len() - 2);
+    let sink = c.copy_in("COPY events (id, tenant_id, note, small) FROM STDIN (FORMAT binary)").await.unwrap();
+    futures::pin_mut!(sink);
+    sink.send(bytes::Bytes::from(no_trailer)).await.unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 60);
+    let on: usize = futures::future::join_all((0..3).map(|i| events_on(&h, i))).await.iter().map(Vec::len).sum();
+    assert_eq!(on, 60);
+}
+
+/// `COPY … TO STDOUT (FORMAT binary)` of every shard is one binary stream:
+/// one header, every shard's rows, one trailer; with tokio-postgres's
+/// `copy_out` (the extended protocol) and psql's simple query alike, and
+/// whichever shards have no rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_copy_to_stdout_without_a_tenant_is_one_stream() {
+    use futures::TryStreamExt;
+    use tokio_postgres::binary_copy::BinaryCopyOutStream;
+    use tokio_postgres::types::Type;
+    let h = Harness::start(3).await;
+    let c = h.client().await;
+    c.batch_execute(EVENTS).await.unwrap();
+    let copy = "COPY events (tenant_id, id, note) TO STDOUT (FORMAT binary)";
+    let read = || async {
+        let stream = c.copy_out(copy).await.unwrap_or_else(|e| panic!("{:?}", e.as_db_error()));
+        let rows = BinaryCopyOutStream::new(stream, &[Type::INT8, Type::INT4, Type::TEXT]);
+        let rows: Vec<_> = rows.try_collect().await.unwrap();
+        let mut got: Vec<(i64, i32, Option<String>)> =
+            rows.iter().map(|r| (r.get(0), r.get(1), r.get::<Option<String>>(2))).collect();
+        got.sort();
+        got
+    };
+    // No rows anywhere: a header and a trailer.
+    assert_eq!(read().await, vec![]);
+    let mut want = Vec::new();
+    // Rows on the first two shards only (the last one's stream is just a
+    // header and a trailer), then on all three.
+    for shards in [&[0usize, 1][..], &[2]] {
+        for &s in shards {
+            for t in h.tenants_on(s, 5) {
+                let note = event_note(t, 3);
+                want.push((t, 3, note.clone()));
+                c.execute("INSERT INTO events (id, tenant_id, note, small) VALUES (3, $1, $2, 0)", &[&t, &note])
+                    .await
+                    .unwrap();
+            }
+        }
+        want.sort();
+        assert_eq!(read().await, want);
+    }
+    // Text format through the extended protocol too.
+    let stream = c.copy_out("COPY events (tenant_id) TO STDOUT").await.unwrap();
+    let text: Vec<bytes::Bytes> = stream.try_collect().await.unwrap();
+    assert_eq!(text.concat().split(|b| *b == b'\n').filter(|l| !l.is_empty()).count(), want.len());
+    // psql (the simple protocol) gets the same stream: parsed here.
+    let url = h.url();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("psql")
+            .args([&url, "-X", "-v", "ON_ERROR_STOP=1", "-c", "COPY events (tenant_id, id) TO STDOUT (FORMAT binary)"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = out.stdout;
+    assert_eq!(&s[..11], b"PGCOPY\n\xff\r\n\0");
+    let mut at = 19;
+    let mut tenants = Vec::new();
+    while s[at..at + 2] != [0xff, 0xff] {
+        assert_eq!(&s[at..at + 6], &[0, 2, 0, 0, 0, 8], "a tuple of two fields, the first 8 bytes");
+        tenants.push(i64::from_be_bytes(s[at + 6..at + 14].try_into().unwrap()));
+        at += 14 + 4 + 4;
+    }
+    assert_eq!(at + 2, s.len(), "bytes after the trailer");
+    tenants.sort();
+    assert_eq!(tenants, want.iter().map(|w| w.0).collect::<Vec<_>>());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_tenant_and_comments_route_statements_without_a_key() {
     let h = Harness::start(2).await;

@@ -12,6 +12,7 @@
 //! - [`frames::startup`]: the startup packet;
 //! - [`sql::sql`]: shape analysis, constant lifting and the analysis cache;
 //! - [`copy::copy`]: the COPY row splitter;
+//! - [`copy_binary::copy_binary`]: the binary COPY splitter and stream joiner;
 //! - [`values::values`]: the fan-out value parsers and arithmetic;
 //! - [`scram::scram`]: both sides of the SCRAM exchange.
 //!
@@ -19,6 +20,7 @@
 //! there is also a regression test, run in full every time. See docs/fuzzing.md.
 
 pub mod copy;
+pub mod copy_binary;
 pub mod frames;
 pub mod scram;
 pub mod sql;
@@ -40,6 +42,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("startup", frames::startup),
     ("sql", sql::sql),
     ("copy", copy::copy),
+    ("copy_binary", copy_binary::copy_binary),
     ("values", values::values),
     ("scram", scram::scram),
 ];
@@ -178,6 +181,9 @@ const DICTIONARY: &[&[u8]] = &[
     b",",
     b"(",
     b")",
+    b"PGCOPY\n\xff\r\n\0",
+    b"\xff\xff",
+    b"\0\x02",
     b"\\N",
     b"\\.",
     b"\\",
@@ -337,8 +343,8 @@ pub fn hex(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
 
-    /// Each target's seconds when `SHARDGATE_FUZZ_SECS` is not set: the six
-    /// together add about a minute of CPU to a test run.
+    /// Each target's seconds when `SHARDGATE_FUZZ_SECS` is not set: the seven
+    /// together add a little over a minute of CPU to a test run.
     const DEFAULT_SECS: u64 = 10;
 
     fn corpus_dir(name: &str) -> PathBuf {
@@ -372,6 +378,11 @@ mod tests {
     #[test]
     fn fuzz_copy() {
         fuzz("copy");
+    }
+
+    #[test]
+    fn fuzz_copy_binary() {
+        fuzz("copy_binary");
     }
 
     #[test]

@@ -452,6 +452,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let verb = if statements[0].statements[0].kind == StatementKind::Update { "UPDATE" } else { "DELETE" };
                 self.run_write_across_extended(batch, shards, Combine::Sum(verb)).await
             }
+            // COPY … TO STDOUT without a tenant: every shard's rows as one copy.
+            Target::Fanout(shards)
+                if sync
+                    && (self.txn.held.is_none() || !self.txn.open_batch || self.txn.last_status == b'T')
+                    && statements.len() == 1
+                    && matches!(&statements[0].statements[..], [s] if matches!(&s.kind, StatementKind::Copy(c) if !c.from_stdin)) =>
+            {
+                self.copy_out_fanout_extended(batch, &statements[0].statements[0], shards).await
+            }
             // Outside a pipeline left open by Flush, or inside a transaction
             // block, where the block's shards read on its connections (the
             // read's Sync ends what the Flush left open: asyncpg prepares

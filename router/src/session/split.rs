@@ -8,10 +8,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::reply::prefix_error;
 use super::{Session, SessionError};
+use crate::copy_binary::BinaryJoin;
 use crate::error::SqlError;
 use crate::protocol::messages::{self, Severity};
 use crate::protocol::{Message, ProtocolError};
-use crate::sql::{Statement, StatementKind};
+use crate::sql::{CopyFormat, Statement, StatementKind};
 
 /// The answers of one statement run on several shards, gathered: the first
 /// RowDescription, every shard's rows, and the rows written, summed.
@@ -52,6 +53,12 @@ impl Gathered {
     }
 }
 
+fn copy_data(data: &[u8]) -> Bytes {
+    let mut b = messages::Builder::new(b'd');
+    b.bytes(data);
+    b.finish()
+}
+
 /// The row count at the end of a CommandComplete (`UPDATE 3`, `INSERT 0 3`).
 pub(super) fn command_count(complete: &[u8]) -> u64 {
     let tag = String::from_utf8_lossy(&complete[5.min(complete.len())..complete.len().saturating_sub(1)]).to_string();
@@ -88,42 +95,90 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Ok(())
     }
 
-    /// `COPY … TO STDOUT` without a tenant: every shard's rows, one shard after
-    /// another, as one copy (a CSV header only once).
+    /// `COPY … TO STDOUT` without a tenant, as a simple query.
     pub(super) async fn run_copy_out_fanout(
         &mut self,
         stmt: &Statement,
         shards: Vec<ShardId>,
     ) -> Result<(), SessionError> {
-        if let Err(e) = self.refuse_during_moves(&shards, stmt) {
-            return self.fail_simple(e).await;
+        match self.copy_out_across(stmt, &shards).await? {
+            CopyOutEnd::Done => self.ready().await,
+            CopyOutEnd::Refused(e) => self.fail_simple(e).await,
+            CopyOutEnd::ShardError => self.ready().await,
+        }
+    }
+
+    /// `COPY … TO STDOUT` without a tenant through the extended protocol
+    /// (tokio-postgres's `copy_out`: Parse, Describe and Sync to prepare it,
+    /// then Bind, Execute and Sync): answered as Postgres answers a COPY's
+    /// Parse, Bind and Describe, and each Execute runs it on every shard.
+    pub(super) async fn copy_out_fanout_extended(
+        &mut self,
+        batch: &[Message],
+        stmt: &Statement,
+        shards: Vec<ShardId>,
+    ) -> Result<(), SessionError> {
+        for m in batch {
+            match m.tag() {
+                b'E' => match self.copy_out_across(stmt, &shards).await? {
+                    CopyOutEnd::Done => {}
+                    CopyOutEnd::Refused(e) => return self.fail_batch(e, true).await,
+                    // As after any error, the rest of the batch is skipped.
+                    CopyOutEnd::ShardError => break,
+                },
+                _ => self.reply_for_statement_message(m),
+            }
+        }
+        self.ready().await
+    }
+
+    /// Every shard's rows of a `COPY … TO STDOUT`, one shard after another,
+    /// as one copy (a CSV header only once; one binary header and trailer,
+    /// see [`BinaryJoin`]). Queues the client's messages up to CommandComplete
+    /// or a shard's error, not ReadyForQuery.
+    async fn copy_out_across(&mut self, stmt: &Statement, shards: &[ShardId]) -> Result<CopyOutEnd, SessionError> {
+        if let Err(e) = self.refuse_during_moves(shards, stmt) {
+            return Ok(CopyOutEnd::Refused(e));
         }
         let header = matches!(&stmt.kind, StatementKind::Copy(c) if c.header);
+        let binary = matches!(&stmt.kind, StatementKind::Copy(c) if c.format == CopyFormat::Binary);
         let dir = self.ctx.directory.load();
         let mut total = 0u64;
         let mut started = false;
+        // Binary streams are joined at byte level: one header, one trailer.
+        let mut join = binary.then(BinaryJoin::new);
+        // Once the client is in copy mode, an error ends the copy first.
+        let fail = |client: &mut crate::protocol::Connection<S>, started: bool, e: SqlError| {
+            if started {
+                client.queue(&messages::simple(b'c'));
+            }
+            CopyOutEnd::Refused(e)
+        };
         for (i, &shard) in shards.iter().enumerate() {
             let name = dir.shards.get(shard).map(|s| s.name.clone()).unwrap_or_default();
-            let pool = match self.role_pool(shard) {
-                Some(p) => p,
-                None => return self.fail_simple(SqlError::new("XX000", format!("no pool for shard {shard}"))).await,
+            let Some(pool) = self.role_pool(shard) else {
+                let e = SqlError::new("XX000", format!("no pool for shard {shard}"));
+                return Ok(fail(&mut self.client, started, e));
             };
             let mut conn = match pool.get().await {
                 Ok(c) => c,
-                Err(e) => return self.fail_copy_out(started, SqlError::new(e.sqlstate(), e.to_string())).await,
+                Err(e) => return Ok(fail(&mut self.client, started, SqlError::new(e.sqlstate(), e.to_string()))),
             };
             let lost = |e: ProtocolError| SqlError::new("08006", format!("lost the connection to shard {name}: {e}"));
             if let Err(e) = conn.conn.send(&messages::query(&stmt.text)).await {
                 conn.broken = true;
-                return self.fail_copy_out(started, lost(e)).await;
+                return Ok(fail(&mut self.client, started, lost(e)));
             }
             let mut first_data = true;
+            if let Some(j) = join.as_mut() {
+                j.start_shard(i == 0, i + 1 == shards.len());
+            }
             loop {
                 let m = match conn.conn.read().await {
                     Ok(m) => m,
                     Err(e) => {
                         conn.broken = true;
-                        return self.fail_copy_out(started, lost(e)).await;
+                        return Ok(fail(&mut self.client, started, lost(e)));
                     }
                 };
                 match m.tag() {
@@ -132,12 +187,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         started = true;
                     }
                     b'd' => {
-                        let skip = header && i > 0 && first_data;
-                        first_data = false;
-                        if !skip {
-                            self.client.queue(m.raw());
-                            if self.client.queued() > 256 * 1024 {
-                                self.client.flush().await?;
+                        let body = m.body();
+                        match join.as_mut().map(|j| j.data(body)) {
+                            Some(out) if out.len() == body.len() => self.client.queue(m.raw()),
+                            Some(out) if !out.is_empty() => self.client.queue(&copy_data(&out)),
+                            Some(_) => {}
+                            None => {
+                                let skip = header && i > 0 && first_data;
+                                first_data = false;
+                                if !skip {
+                                    self.client.queue(m.raw());
+                                }
+                            }
+                        }
+                        if self.client.queued() > 256 * 1024 {
+                            if let Err(e) = self.client.flush().await {
+                                // The shard is mid-copy: its connection cannot be reused.
+                                conn.broken = true;
+                                return Err(e.into());
                             }
                         }
                     }
@@ -157,10 +224,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             self.client.queue(&messages::simple(b'c'));
                         }
                         self.client.queue(&err);
-                        return self.ready().await;
+                        return Ok(CopyOutEnd::ShardError);
                     }
                     b'Z' => break,
-                    b'c' => {}
                     _ => {}
                 }
             }
@@ -169,14 +235,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.client.queue(&messages::simple(b'c'));
         }
         self.client.queue(&messages::command_complete(&format!("COPY {total}")));
-        self.ready().await
-    }
-
-    pub(super) async fn fail_copy_out(&mut self, started: bool, e: SqlError) -> Result<(), SessionError> {
-        if started {
-            self.client.queue(&messages::simple(b'c'));
-        }
-        self.fail_simple(e).await
+        Ok(CopyOutEnd::Done)
     }
 
     pub(super) async fn run_split_insert(
@@ -226,6 +285,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Err(crate::copy_in::CopyError::Sql(e)) => self.fail_simple(e).await,
         }
     }
+}
+
+/// How a fanned-out `COPY … TO STDOUT` ended.
+enum CopyOutEnd {
+    /// Every shard's rows and CommandComplete were queued.
+    Done,
+    /// Refused by the router: the error is still to be answered.
+    Refused(SqlError),
+    /// A shard's ErrorResponse was queued.
+    ShardError,
 }
 
 /// One shard's replies to a split INSERT's part (after its BEGIN's): what a

@@ -88,8 +88,8 @@ async def main():
         "23505", conn.executemany(INSERT, [params(a, 22), params(b, 22), params(b, 1)]), "executemany, no BEGIN"
     )
 
-    # COPY: CSV from a file-like object, split by tenant; the binary format
-    # (copy_records_to_table) is refused by the router, nothing written.
+    # COPY: CSV from a file-like object, and the binary format
+    # (copy_records_to_table), both split by tenant.
     csv = "".join(
         ",".join([str(t), str(i), '"' + common.note(t, i).replace('"', '""') + '"', f"{i}.25",
                   "t" if i % 2 == 0 else "f", "\\x" + row(t, i)[5].hex(), row(t, i)[6].isoformat(),
@@ -98,14 +98,35 @@ async def main():
     )
     status = await conn.copy_to_table("items", source=io.BytesIO(csv.encode()), columns=COLS.split(", "), format="csv")
     check(status == "COPY 4", f"COPY status {status!r}")
+    records = [params(t, i) for i in (32, 33) for t in (a, b)]
+    status = await conn.copy_records_to_table("items", records=records, columns=COLS.split(", "))
+    check(status == "COPY 4", f"binary COPY status {status!r}")
+    # A NULL tenant in binary COPY: 23502, and none of the COPY's rows stay.
     await expect_sqlstate(
-        "0A000",
-        conn.copy_records_to_table("items", records=[params(a, 32)[:2]], columns=["tenant_id", "id"]),
-        "binary COPY",
+        "23502",
+        conn.copy_records_to_table("items", records=[(a, 34), (None, 35)], columns=["tenant_id", "id"]),
+        "binary COPY with a NULL tenant",
     )
+    check(await conn.fetchval("SELECT count(*) FROM items WHERE id IN (34, 35)") == 0, "rows of a failed COPY")
+    # Binary COPY out of every shard is one stream: one header, every row, one trailer.
+    out = io.BytesIO()
+    await conn.copy_from_table("items", columns=["tenant_id", "id"], format="binary", output=out)
+    data = out.getvalue()
+    check(data[:11] == b"PGCOPY\n\xff\r\n\0", f"binary COPY TO header {data[:19]!r}")
+    at, got = 19 + int.from_bytes(data[15:19], "big"), []
+    while data[at:at + 2] != b"\xff\xff":
+        check(data[at:at + 6] == b"\0\x02\0\0\0\x08", f"binary COPY TO tuple at {at}: {data[at:at + 6]!r}")
+        got.append((int.from_bytes(data[at + 6:at + 14], "big", signed=True), int.from_bytes(data[at + 18:at + 22], "big")))
+        at += 22
+    check(at + 2 == len(data), f"binary COPY TO: {len(data) - at - 2} bytes after the trailer")
+    want = common.expected_ids(a, b, [1, 3, 10, 11, 12, 30, 31, 32, 33])
+    check(sorted(got) == want, f"binary COPY TO gave {sorted(got)}, expected {want}")
     out = io.BytesIO()
     await conn.copy_from_query("SELECT id FROM items WHERE tenant_id = $1 ORDER BY id", a, output=out)
-    check(out.getvalue().split() == [b"1", b"3", b"10", b"11", b"12", b"30", b"31"], f"COPY TO gave {out.getvalue()!r}")
+    check(
+        out.getvalue().split() == [b"1", b"3", b"10", b"11", b"12", b"30", b"31", b"32", b"33"],
+        f"COPY TO gave {out.getvalue()!r}",
+    )
 
     # Errors with their SQLSTATE, the connection usable after each.
     e = await expect_sqlstate("23505", insert.fetch(*params(a, 1)), "duplicate key")
@@ -123,11 +144,11 @@ async def main():
         pass
 
     got = [tuple(r) for r in await conn.fetch("SELECT tenant_id, id FROM items ORDER BY tenant_id, id")]
-    want = common.expected_ids(a, b, [1, 3, 10, 11, 12, 30, 31])
+    want = common.expected_ids(a, b, [1, 3, 10, 11, 12, 30, 31, 32, 33])
     check(got == want, f"rows through the router: {got}, expected {want}")
     check(await conn.fetchval("SELECT count(*) FROM items") == len(want), "count(*) across shards")
     for t in (a, b):
-        for i in (3, 10, 11, 30):
+        for i in (3, 10, 11, 30, 32, 33):
             check_row(await select.fetchrow(t, i), t, i, f"row {i}")
     await conn.close()
 

@@ -11,6 +11,7 @@ Ids, for each of the two tenants (one on each shard):
   12     asyncpg, pgjdbc: a batch without BEGIN (one implicit transaction), committed
   20-23  batches whose last row fails, or that are refused: none of it stays
   30, 31 COPY FROM STDIN (drivers that have COPY)
+  32, 33 binary COPY FROM STDIN (asyncpg's copy_records_to_table)
   40, 41 psycopg 3 pipeline mode, committed
 """
 
