@@ -32,6 +32,9 @@ pub struct Catalog {
     sharded: ArcSwap<HashMap<String, Vec<String>>>,
     /// Every table the last refresh saw, sharded or not.
     known: ArcSwap<std::collections::HashSet<String>>,
+    /// The columns `COPY` without a column list reads, for the sharded tables
+    /// that have generated columns (which it leaves out).
+    copied: ArcSwap<HashMap<String, Vec<String>>>,
     /// Unknown names and when a refresh last looked for them.
     looked_for: Mutex<HashMap<String, std::time::Instant>>,
     /// Counts refreshes, which follow every DDL the router runs: statements
@@ -47,6 +50,20 @@ impl Catalog {
 
     pub fn columns(&self, table: &str) -> Option<Vec<String>> {
         self.read().get(normalize(table)).cloned()
+    }
+
+    /// The columns `COPY table FROM STDIN` without a column list reads: the
+    /// table's columns but its generated ones.
+    pub fn copy_columns(&self, table: &str) -> Option<Vec<String>> {
+        match self.copied.load().get(normalize(table)) {
+            Some(c) => Some(c.clone()),
+            None => self.columns(table),
+        }
+    }
+
+    /// Records the columns COPY reads of the tables with generated columns.
+    pub fn set_copy_columns(&self, tables: HashMap<String, Vec<String>>) {
+        self.copied.store(Arc::new(tables));
     }
 
     pub fn replace(&self, tables: HashMap<String, Vec<String>>, known: std::collections::HashSet<String>) {
@@ -497,7 +514,8 @@ impl RouterContext {
         let mut conn = pool.connect_outside().await.map_err(|e| e.to_string())?;
         let sql = format!(
             "SELECT table_schema, table_name, string_agg(column_name::text, ',' ORDER BY ordinal_position), \
-             bool_or(column_name::text = {}) \
+             bool_or(column_name::text = {}), \
+             string_agg(column_name::text, ',' ORDER BY ordinal_position) FILTER (WHERE is_generated = 'NEVER') \
              FROM information_schema.columns \
              WHERE table_schema NOT IN ('pg_catalog', 'information_schema') \
              AND table_schema NOT LIKE 'pg\\_temp\\_%' \
@@ -507,15 +525,23 @@ impl RouterContext {
         let rows = conn.simple_query(&sql).await.map_err(|(c, m)| format!("{c}: {m}"))?;
         let mut tables = HashMap::new();
         let mut known = std::collections::HashSet::new();
+        let mut copied = HashMap::new();
         for row in rows {
-            if let [Some(schema), Some(name), Some(cols), Some(sharded)] = &row[..] {
+            if let [Some(schema), Some(name), Some(cols), Some(sharded), copy] = &row[..] {
                 let qualified = if schema == "public" { name.clone() } else { format!("{schema}.{name}") };
                 if sharded == "t" {
-                    tables.insert(qualified.clone(), cols.split(',').map(str::to_string).collect());
+                    let list = |c: &str| c.split(',').map(str::to_string).collect::<Vec<_>>();
+                    let copy = copy.as_deref().map(list).unwrap_or_default();
+                    let all = list(cols);
+                    if copy != all {
+                        copied.insert(qualified.clone(), copy);
+                    }
+                    tables.insert(qualified.clone(), all);
                 }
                 known.insert(qualified);
             }
         }
+        self.catalog.set_copy_columns(copied);
         self.catalog.replace(tables, known);
         // Aggregates of the application's own: a cross-shard read must not
         // take a call to one for a plain value (each shard would return its

@@ -5,9 +5,13 @@
 //! the binary format just enough to find tuples and the key field (see
 //! [`crate::copy_binary`]). Rows are forwarded byte for byte. Bad data (a
 //! malformed row or stream, a NULL or unreadable key) aborts every shard's
-//! COPY before any is finished: nothing is applied. Each shard's COPY commits
-//! on its own at the end: one that a shard refuses at CopyDone may have been
-//! applied on others (the error says which).
+//! COPY before any is finished: nothing is applied. Each shard's COPY runs in
+//! a transaction of its own, and they commit together at the end, with
+//! two-phase commit (crate::twophase): a row a shard refuses at CopyDone (a
+//! duplicate key, a bad value) leaves nothing on any shard, as one Postgres
+//! applies a COPY whole or not at all. Under `cross_shard_transactions =
+//! "refuse"` each shard's COPY commits on its own, and one a shard refuses may
+//! have been applied on others (the error says which).
 
 use bytes::{Bytes, BytesMut};
 use shardgate_directory::{Directory, ShardId};
@@ -55,7 +59,7 @@ pub async fn copy_in_split<S: AsyncRead + AsyncWrite + Unpin>(
     let table = info.table.clone().unwrap_or_default();
     let columns = match &info.columns {
         Some(c) => c.clone(),
-        None => ctx.catalog.columns(&table).unwrap_or_default(),
+        None => ctx.catalog.copy_columns(&table).unwrap_or_default(),
     };
     let Some(key_pos) = columns.iter().position(|c| c.eq_ignore_ascii_case(&dir.key_column)) else {
         return Err(
@@ -66,11 +70,12 @@ pub async fn copy_in_split<S: AsyncRead + AsyncWrite + Unpin>(
     // Start the COPY on every shard that owns rows (one added and not moved to
     // yet owns none, and may not have the table).
     let shard_ids: Vec<ShardId> = dir.owning_shards();
+    let atomic = ctx.two_phase();
     let mut targets: Vec<(ShardId, Target)> = Vec::with_capacity(shard_ids.len());
     let mut copy_in_response: Option<Bytes> = None;
     for &s in &shard_ids {
         // A shard that cannot start the COPY ends those started before it.
-        let mut conn = match start_copy(ctx, role, s, stmt).await {
+        let mut conn = match start_copy(ctx, role, s, stmt, atomic).await {
             Ok(c) => c,
             Err(e) => {
                 abort_all(&mut targets).await;
@@ -94,6 +99,7 @@ pub async fn copy_in_split<S: AsyncRead + AsyncWrite + Unpin>(
                 b'E' => {
                     let (code, msg) = error_summary(&m);
                     drain_ready(&mut conn).await;
+                    roll_back(&mut conn, atomic).await;
                     abort_all(&mut targets).await;
                     return Err(
                         SqlError::new(static_code(&code), format!("{msg} (on shard {})", conn.shard_name())).into()
@@ -248,9 +254,60 @@ pub async fn copy_in_split<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
-    match failure {
-        Some(e) => Err(e.into()),
-        None => Ok(format!("COPY {total}")),
+    if let Some(e) = failure {
+        for (_, t) in targets.iter_mut() {
+            roll_back(&mut t.conn, atomic).await;
+        }
+        let e = if atomic && targets.len() > 1 {
+            let hint = "nothing was applied on any shard";
+            SqlError { hint: Some(e.hint.map_or_else(|| hint.to_string(), |h| format!("{h}; {hint}"))), ..e }
+        } else {
+            e
+        };
+        return Err(e.into());
+    }
+    if atomic {
+        commit_all(ctx, &mut targets).await?;
+    }
+    Ok(format!("COPY {total}"))
+}
+
+/// Commits each shard's COPY transaction: one shard's on its own, several
+/// together with two-phase commit.
+async fn commit_all(ctx: &RouterContext, targets: &mut [(ShardId, Target)]) -> Result<(), SqlError> {
+    let Some(((decider_shard, decider), others)) = targets.split_last_mut() else { return Ok(()) };
+    if others.is_empty() {
+        return match decider.conn.simple_query("COMMIT").await {
+            Ok(_) => Ok(()),
+            Err((code, msg)) => {
+                Err(SqlError::from_server(&code, format!("{msg} (on shard {})", decider.conn.shard_name())))
+            }
+        };
+    }
+    let txid = crate::twophase::new_txid();
+    let parts: Vec<crate::twophase::Part<'_>> = others
+        .iter_mut()
+        .map(|(s, t)| crate::twophase::Part { shard: *s, name: t.conn.shard_name().to_string(), conn: &mut t.conn })
+        .collect();
+    let name = decider.conn.shard_name().to_string();
+    let decider = crate::twophase::Part { shard: *decider_shard, name, conn: &mut decider.conn };
+    match crate::twophase::commit(ctx, &txid, decider, parts).await {
+        crate::twophase::Outcome::Committed { .. } => Ok(()),
+        crate::twophase::Outcome::RolledBack(e) | crate::twophase::Outcome::Unknown(e) => Err(e),
+        crate::twophase::Outcome::Abandoned => {
+            for (_, t) in targets.iter_mut() {
+                t.conn.broken = true;
+            }
+            Err(SqlError::new("08006", "two-phase commit fault point (test)".into()))
+        }
+    }
+}
+
+/// Ends the transaction a COPY ran in after it failed: the connection goes
+/// back to the pool idle, or closed.
+async fn roll_back(conn: &mut Pooled, atomic: bool) {
+    if atomic && !conn.broken && conn.simple_query("ROLLBACK").await.is_err() {
+        conn.broken = true;
     }
 }
 
@@ -346,10 +403,12 @@ async fn start_copy(
     role: Option<&crate::roles::RolePools>,
     s: ShardId,
     stmt: &Statement,
+    atomic: bool,
 ) -> Result<Pooled, SqlError> {
     let pool = ctx.pool_as(role, s).ok_or_else(|| SqlError::new("XX000", format!("no pool for shard {s}")))?;
     let mut conn = pool.get().await.map_err(|e| SqlError::new(e.sqlstate(), e.to_string()))?;
-    conn.conn.send(&messages::query(&stmt.text)).await.map_err(|e| lost(&mut conn, e))?;
+    let sql = if atomic { format!("BEGIN; {}", stmt.text) } else { stmt.text.clone() };
+    conn.conn.send(&messages::query(&sql)).await.map_err(|e| lost(&mut conn, e))?;
     Ok(conn)
 }
 
@@ -397,6 +456,10 @@ async fn abort_all(targets: &mut Vec<(ShardId, Target)>) {
             continue;
         }
         drain_ready(&mut t.conn).await;
+        // In a transaction (see `start_copy`): the aborted COPY left it failed.
+        if !t.conn.broken && t.conn.simple_query("ROLLBACK").await.is_err() {
+            t.conn.broken = true;
+        }
     }
     targets.clear();
 }

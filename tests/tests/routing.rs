@@ -172,6 +172,39 @@ async fn copy_from_stdin_sends_each_row_to_its_tenants_shard() {
         let rows = h.shard(i).await.query("SELECT tenant_id FROM orders", &[]).await.unwrap();
         assert!(rows.iter().all(|r| h.shard_of(r.get::<_, i64>(0)) == i));
     }
+
+    // A row one shard refuses at the end (a duplicate key): the COPY is
+    // applied on no shard, as one Postgres applies it whole or not at all.
+    let [a, b] = [h.tenants_on(0, 1)[0], h.tenants_on(1, 1)[0]];
+    let sink = c.copy_in("COPY orders (tenant_id, id, total) FROM STDIN").await.unwrap();
+    futures::pin_mut!(sink);
+    sink.send(bytes::Bytes::from(format!("{a}\t2\t1\n{b}\t2\t1\n{b}\t1\t1\n"))).await.unwrap();
+    let e = sink.finish().await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("23505"), "{e:?}");
+    let twos = rows_on(&h, 0, "SELECT count(*) FROM orders WHERE id = 2").await
+        + rows_on(&h, 1, "SELECT count(*) FROM orders WHERE id = 2").await;
+    assert_eq!(twos, 0, "the other shard's rows were applied");
+    assert_eq!(c.query_one("SELECT count(*) FROM orders", &[]).await.unwrap().get::<_, i64>(0), 200);
+
+    // Without a column list, COPY reads every column but the generated ones:
+    // the key is found where COPY puts it, not where the table has it.
+    c.batch_execute(
+        "CREATE TABLE gen (id int, twice int GENERATED ALWAYS AS (id * 2) STORED, tenant_id bigint, \
+         PRIMARY KEY (tenant_id, id))",
+    )
+    .await
+    .unwrap();
+    let sink = c.copy_in("COPY gen FROM STDIN").await.unwrap();
+    futures::pin_mut!(sink);
+    let data: String = (1..=40i64).map(|t| format!("{t}\t{t}\n")).collect();
+    sink.send(bytes::Bytes::from(data)).await.unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 40);
+    for i in 0..2 {
+        let rows = h.shard(i).await.query("SELECT tenant_id, twice FROM gen", &[]).await.unwrap();
+        assert!(rows
+            .iter()
+            .all(|r| h.shard_of(r.get::<_, i64>(0)) == i && r.get::<_, i32>(1) as i64 == 2 * r.get::<_, i64>(0)));
+    }
 }
 
 /// A table for the binary COPY tests: its key not first, a note of any
