@@ -451,7 +451,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     ) -> Result<(), SessionError> {
         let mut parts = Vec::with_capacity(runs.len());
         for (shard, run) in runs {
-            let mut swallow = match self.checkout(shard).await {
+            let swallow = match self.checkout(shard).await {
                 Ok(n) => n,
                 Err(e) => return self.fail_batch(e, true).await,
             };
@@ -459,27 +459,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return self.fail_batch(SqlError::new("XX000", "no connection held in the block".into()), true).await;
             };
             b.conn.conn.queue(&run);
-            if let Err(e) = b.conn.conn.flush().await {
-                return self.lost_backend(e).await;
-            }
-            let mut replies = Vec::new();
-            let mut error: Option<Bytes> = None;
-            let status = loop {
-                let m = match b.conn.conn.read().await {
-                    Ok(m) => m,
-                    Err(e) => return self.lost_backend(e).await,
-                };
-                match m.tag() {
-                    b'Z' if swallow > 0 => swallow -= 1,
-                    b'Z' => break m.body().first().copied().unwrap_or(b'E'),
-                    b'E' => {
-                        error.get_or_insert_with(|| m.raw().clone());
-                    }
-                    _ if swallow > 0 => {}
-                    _ => replies.push(m.raw().clone()),
-                }
+            let (replies, error) = match self.run_part(swallow).await {
+                Ok(r) => r,
+                Err(e) => return self.lost_backend(e).await,
             };
-            self.txn.last_status = status;
             if let Some(e) = error {
                 let name = self.shard_name(shard);
                 crate::metrics::global().error_message(e.get(5..).unwrap_or_default());

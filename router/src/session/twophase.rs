@@ -531,7 +531,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     ) -> Result<(), SessionError> {
         let mut gathered = super::split::Gathered::default();
         for (shard, text) in parts {
-            let mut swallow = match self.checkout(shard).await {
+            let swallow = match self.checkout(shard).await {
                 Ok(n) => n,
                 Err(e) => return self.fail_simple(e).await,
             };
@@ -539,27 +539,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return self.fail_simple(SqlError::new("XX000", "no connection held in the block".into())).await;
             };
             b.conn.conn.queue(&messages::query(&text));
-            if let Err(e) = b.conn.conn.flush().await {
-                return self.lost_backend(e).await;
-            }
-            let mut replies = Vec::new();
-            let mut error: Option<bytes::Bytes> = None;
-            let status = loop {
-                let m = match b.conn.conn.read().await {
-                    Ok(m) => m,
-                    Err(e) => return self.lost_backend(e).await,
-                };
-                match m.tag() {
-                    b'Z' if swallow > 0 => swallow -= 1,
-                    b'Z' => break m.body().first().copied().unwrap_or(b'E'),
-                    b'E' => {
-                        error.get_or_insert_with(|| m.raw().clone());
-                    }
-                    _ if swallow > 0 => {}
-                    _ => replies.push(m.raw().clone()),
-                }
+            let (replies, error) = match self.run_part(swallow).await {
+                Ok(r) => r,
+                Err(e) => return self.lost_backend(e).await,
             };
-            self.txn.last_status = status;
             if let Some(e) = error {
                 let name = self.shard_name(shard);
                 self.client.queue(&super::reply::prefix_error(&e, &name));
@@ -570,6 +553,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         gathered.answer(&mut self.client, tag);
         self.ready().await
+    }
+
+    /// Sends what is queued on the held connection and reads its replies up
+    /// to ReadyForQuery, past `swallow` replies of what the checkout queued
+    /// before it (their errors go to the client): the replies, and the first
+    /// error. Records the block's status.
+    pub(super) async fn run_part(
+        &mut self,
+        mut swallow: usize,
+    ) -> Result<(Vec<bytes::Bytes>, Option<bytes::Bytes>), ProtocolError> {
+        let Some(b) = self.txn.held.as_mut() else { return Ok((Vec::new(), None)) };
+        b.conn.conn.flush().await?;
+        let mut replies = Vec::new();
+        let mut error: Option<bytes::Bytes> = None;
+        let status = loop {
+            let m = b.conn.conn.read().await?;
+            match m.tag() {
+                b'Z' if swallow > 0 => swallow -= 1,
+                b'Z' => break m.body().first().copied().unwrap_or(b'E'),
+                b'E' => {
+                    error.get_or_insert_with(|| m.raw().clone());
+                }
+                _ if swallow > 0 => {}
+                _ => replies.push(m.raw().clone()),
+            }
+        };
+        self.txn.last_status = status;
+        Ok((replies, error))
     }
 
     /// Runs each shard's statement in a transaction of its own on that shard
