@@ -22,12 +22,15 @@ const CI_SEEDS: [u64; 2] = [20261206, 22];
 /// Queries per seed in CI: with three seeds, about 20 s on two idle cores.
 const CI_QUERIES: usize = 1500;
 
-/// The share of cross-shard reads of today's grammar (no HAVING, DISTINCT …)
-/// the router must answer rather than refuse. The rest are refused for good
-/// reasons: text sorts while a column has an ICU collation, timestamptz
-/// sorts, floats and timestamps asked for in binary.
-const MIN_ANSWERED_SIMPLE: f64 = 0.6;
-const MIN_ANSWERED_EXTENDED: f64 = 0.3;
+/// The share of cross-shard reads of today's grammar (no HAVING, DISTINCT …;
+/// groups by the key, expressions as ORDER BY and GROUP BY items, WITH
+/// queries and subqueries in FROM included) the router must answer rather
+/// than refuse. The rest are refused for good reasons: text sorts while a
+/// column has an ICU collation, timestamptz sorts, floats and timestamps
+/// asked for in binary. Over 60 seeds of 1,500 reads, one seed's share was
+/// at least 0.77 in the simple protocol and 0.52 in the extended one.
+const MIN_ANSWERED_SIMPLE: f64 = 0.7;
+const MIN_ANSWERED_EXTENDED: f64 = 0.45;
 
 fn seeds() -> Vec<u64> {
     if let Ok(list) = std::env::var("SHARDGATE_RANDOM_SEED") {

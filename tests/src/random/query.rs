@@ -1,9 +1,13 @@
 //! Random reads of the random table, from the grammar cross-shard reads
-//! merge (filters, ORDER BY, LIMIT/OFFSET, aggregates, GROUP BY) and the parts
-//! being added (HAVING, DISTINCT, DISTINCT ON, `SELECT *`, UNION ALL,
-//! count(DISTINCT)), each with what comparing its answers needs.
+//! merge (filters, ORDER BY, LIMIT/OFFSET, aggregates, GROUP BY, groups by the
+//! sharding key with any aggregate and HAVING, ORDER BY and GROUP BY items
+//! written as a select-list expression, WITH queries and subqueries in FROM
+//! whose rows are each one row of the table) and the parts being added
+//! (HAVING, DISTINCT, DISTINCT ON, `SELECT *`, UNION ALL, count(DISTINCT)),
+//! each with what comparing its answers needs.
 
 use std::collections::BTreeSet;
+use std::sync::OnceLock;
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -30,11 +34,47 @@ pub enum Feature {
     CountDistinct,
     /// A join of the table with itself on the key, inner or left.
     Join,
+    /// GROUP BY `tenant_id` (maybe with `id` or another column): each group is
+    /// whole on its tenant's shard.
+    GroupByKey,
+    /// An aggregate cross-shard groups cannot merge, in groups by the key:
+    /// count(DISTINCT x), string_agg, bool_or, bool_and, stddev, variance.
+    AnyAggregate,
+    /// HAVING of groups by the key, which the shards run.
+    KeyHaving,
+    /// A bind parameter in HAVING (groups by the key; inlined in the simple
+    /// protocol).
+    HavingParam,
+    /// An ORDER BY item that is a select-list expression written out again
+    /// (`ORDER BY count(*) DESC`).
+    OrderByExpression,
+    /// A GROUP BY item that is a select-list expression written out again
+    /// (`GROUP BY tenant_id % 3`).
+    GroupByExpression,
+    /// A WITH query or a subquery in FROM whose rows are each one row of
+    /// `items`, read by an outer query.
+    Derived,
+    /// The derived table is a WITH query (else a subquery in FROM).
+    WithQuery,
+    /// Groups by the key column a derived table passes through: the router
+    /// sees groups by the key only over plain tables, so these merge as other
+    /// groups do, and aggregates beyond the mergeable ones are refused.
+    KeyGroupsOfDerived,
+    /// GROUP BY names the key column by its position or its alias: the
+    /// router sees groups by the key only by the column's name, so these
+    /// merge as other groups do, and aggregates beyond the mergeable ones are
+    /// refused.
+    KeyByPosition,
 }
 
 impl Feature {
     /// Whether docs/routing.md says cross-shard reads merge it today; the
-    /// others are being added and may still be refused.
+    /// others are being added and may still be refused. Groups by the key
+    /// (any aggregate, HAVING with parameters), expressions as ORDER BY and
+    /// GROUP BY names, and derived tables whose rows are each one row of
+    /// `items` are merged today; groups by the key of a derived table, or by
+    /// the key named by position or alias, are not seen as such (they merge
+    /// as other groups, whose aggregates are few).
     pub fn merged_today(self) -> bool {
         !matches!(
             self,
@@ -44,6 +84,8 @@ impl Feature {
                 | Feature::Star
                 | Feature::UnionAll
                 | Feature::CountDistinct
+                | Feature::KeyGroupsOfDerived
+                | Feature::KeyByPosition
         )
     }
 }
@@ -99,7 +141,9 @@ impl Query {
 /// One output column of the query being built.
 struct Out {
     expr: String,
-    alias: Option<String>,
+    /// `c1`, `c2` … ([`alias`]) or another column's name: 'static, so that
+    /// a derived table's columns can carry it.
+    alias: Option<&'static str>,
     /// The table column, when `expr` is just its name.
     column: Option<Column>,
     loose: bool,
@@ -117,15 +161,15 @@ impl Out {
 
     /// The name the client sees, and ORDER BY may use.
     fn name(&self) -> String {
-        match (&self.alias, self.column) {
-            (Some(a), _) => a.clone(),
+        match (self.alias, self.column) {
+            (Some(a), _) => a.to_string(),
             (None, Some(c)) => c.name.to_string(),
             (None, None) => self.expr.split('(').next().unwrap_or_default().to_string(),
         }
     }
 
     fn select_item(&self) -> String {
-        match &self.alias {
+        match self.alias {
             Some(a) => format!("{} AS {a}", self.expr),
             None => self.expr.clone(),
         }
@@ -140,18 +184,36 @@ enum Collate {
     Not,
 }
 
+/// Which clause names an output column ([`Gen::reference`]).
+#[derive(Clone, Copy, PartialEq)]
+enum Clause {
+    OrderBy,
+    GroupBy,
+}
+
 /// A random read of `table`.
 pub fn random(rng: &mut StdRng, table: &Table) -> Query {
-    let mut g = Gen { rng, table, params: Vec::new(), features: BTreeSet::new(), aliases: 0, side: "" };
+    let mut g = Gen {
+        rng,
+        table,
+        params: Vec::new(),
+        features: BTreeSet::new(),
+        aliases: 0,
+        side: "",
+        from: "items".into(),
+        tenants: true,
+    };
     let (sql, outs, ordered, one_tenant) = match g.rng.gen_range(0..100) {
-        0..=29 => g.rows(),
-        30..=39 => g.aggregates(),
-        40..=64 => g.grouped(),
-        65..=72 => g.distinct(),
-        73..=79 => g.distinct_on(),
-        80..=86 => g.star(),
-        87..=91 => g.union_all(),
-        92..=95 => g.join(),
+        0..=21 => g.rows(),
+        22..=29 => g.aggregates(),
+        30..=47 => g.grouped(),
+        48..=59 => g.grouped_by_key(),
+        60..=71 => g.derived(),
+        72..=78 => g.distinct(),
+        79..=84 => g.distinct_on(),
+        85..=90 => g.star(),
+        91..=94 => g.union_all(),
+        95..=97 => g.join(),
         _ => g.count_distinct(),
     };
     Query {
@@ -176,6 +238,18 @@ struct Gen<'a> {
     aliases: usize,
     /// What filters put before a column name: `a.` in a join.
     side: &'static str,
+    /// What the shapes read: `items`, or a derived table of it.
+    from: String,
+    /// Whether filters may name tenants (not over a derived table whose body
+    /// names some already: the read would name two).
+    tenants: bool,
+}
+
+/// The alias `c{n}`, as a 'static name.
+fn alias(n: usize) -> &'static str {
+    static NAMES: OnceLock<Vec<String>> = OnceLock::new();
+    let names = NAMES.get_or_init(|| (1..=100).map(|i| format!("c{i}")).collect());
+    names[n - 1].as_str()
 }
 
 impl Gen<'_> {
@@ -196,12 +270,22 @@ impl Gen<'_> {
         [Out::column(col("tenant_id")), Out::column(col("id"))]
     }
 
+    /// Whether the table read has `tenant_id` and `id` (a derived table may
+    /// not pass them through).
+    fn has_keys(&self) -> bool {
+        self.table.has(Kind::Key) && self.table.has(Kind::Id)
+    }
+
+    fn next_alias(&mut self) -> &'static str {
+        self.aliases += 1;
+        alias(self.aliases)
+    }
+
     /// A plain column as an output, now and then under an alias.
     fn output(&mut self, c: Column) -> Out {
         let mut out = Out::column(c);
         if self.rng.gen_bool(0.15) {
-            self.aliases += 1;
-            out.alias = Some(format!("c{}", self.aliases));
+            out.alias = Some(self.next_alias());
         }
         out
     }
@@ -219,7 +303,7 @@ impl Gen<'_> {
             let free: Vec<&str> =
                 self.table.values().iter().map(|c| c.name).filter(|n| !taken.iter().any(|t| t == n)).collect();
             if let Some(n) = free.choose(self.rng) {
-                outs[i].alias = Some(n.to_string());
+                outs[i].alias = Some(n);
             }
         }
     }
@@ -238,7 +322,7 @@ impl Gen<'_> {
             }
         }
         let (filter, one_tenant) = self.filter();
-        let mut sql = format!("SELECT {} FROM items{filter}", list(&outs));
+        let mut sql = format!("SELECT {} FROM {}{filter}", list(&outs), self.from);
         if ordered {
             let keys: Vec<usize> = (0..outs.len()).filter(|&i| outs[i].column.is_some_and(is_key)).collect();
             sql += &self.sorted(&outs, &keys, Collate::Allowed);
@@ -261,7 +345,7 @@ impl Gen<'_> {
         let n = self.rng.gen_range(1..=4);
         let outs: Vec<Out> = (0..n).map(|_| self.aggregate()).collect();
         let (filter, one_tenant) = self.filter();
-        let mut sql = format!("SELECT {} FROM items{filter}", list(&outs));
+        let mut sql = format!("SELECT {} FROM {}{filter}", list(&outs), self.from);
         if self.rng.gen_bool(0.15) {
             sql += &self.limit();
         }
@@ -279,14 +363,8 @@ impl Gen<'_> {
             k.loose = c.kind.loose();
             keys.push(k);
         }
-        if self.rng.gen_bool(0.2) {
-            self.aliases += 1;
-            keys[0] = Out {
-                expr: "tenant_id % 3".into(),
-                alias: Some(format!("c{}", self.aliases)),
-                column: None,
-                loose: false,
-            };
+        if self.table.has(Kind::Key) && self.rng.gen_bool(0.2) {
+            keys[0] = Out { expr: "tenant_id % 3".into(), alias: Some(self.next_alias()), column: None, loose: false };
         }
         let n = self.rng.gen_range(1..=3);
         let mut outs: Vec<Out> = (0..n).map(|_| self.aggregate()).collect();
@@ -302,8 +380,8 @@ impl Gen<'_> {
             outs.insert(at, k);
         }
         let (filter, one_tenant) = self.filter();
-        let group: Vec<String> = key_at.iter().map(|&i| self.reference(&outs, i)).collect();
-        let mut sql = format!("SELECT {} FROM items{filter} GROUP BY {}", list(&outs), group.join(", "));
+        let group: Vec<String> = key_at.iter().map(|&i| self.reference(&outs, i, Clause::GroupBy)).collect();
+        let mut sql = format!("SELECT {} FROM {}{filter} GROUP BY {}", list(&outs), self.from, group.join(", "));
         if self.rng.gen_bool(0.25) {
             self.features.insert(Feature::Having);
             sql += &format!(" HAVING {}", self.having());
@@ -324,7 +402,7 @@ impl Gen<'_> {
         }
         self.rename_some(&mut outs, &[]);
         let (filter, one_tenant) = self.filter();
-        let mut sql = format!("SELECT DISTINCT {} FROM items{filter}", list(&outs));
+        let mut sql = format!("SELECT DISTINCT {} FROM {}{filter}", list(&outs), self.from);
         let ordered = self.maybe_sorted(&mut sql, &outs, &(0..outs.len()).collect::<Vec<_>>(), Collate::Not);
         (sql, outs, ordered, one_tenant)
     }
@@ -375,9 +453,10 @@ impl Gen<'_> {
             let side = self.pick(&["a", "b"]);
             outs.push(Out::qualified(c, side));
         }
-        for o in outs.iter_mut().filter(|_| self.rng.gen_bool(0.15)) {
-            self.aliases += 1;
-            o.alias = Some(format!("c{}", self.aliases));
+        for o in &mut outs {
+            if self.rng.gen_bool(0.15) {
+                o.alias = Some(self.next_alias());
+            }
         }
         self.rename_some(&mut outs[3..], &[]);
         outs.shuffle(self.rng);
@@ -418,50 +497,306 @@ impl Gen<'_> {
         (sql, outs, true, one_tenant)
     }
 
+    /// Groups by the sharding key, now and then with `id` or another column:
+    /// each group is whole on its tenant's shard, so the aggregates are any
+    /// whose answer one server gives whatever order it reads the rows in,
+    /// HAVING may hold anything (parameters too); mostly sorted by an
+    /// aggregate written out again and then by the keys, which single out a
+    /// group.
+    fn grouped_by_key(&mut self) -> Shape {
+        self.features.insert(Feature::GroupByKey);
+        let [mut tenant, id] = self.key_columns();
+        if self.rng.gen_bool(0.15) {
+            tenant.alias = Some(self.next_alias());
+        }
+        let mut keys = vec![tenant];
+        match self.rng.gen_range(0..10) {
+            0..=5 => {}
+            6..=7 => keys.push(id),
+            _ => {
+                let c = self.value_columns(1)[0];
+                let mut k = self.output(c);
+                k.loose = c.kind.loose();
+                keys.push(k);
+            }
+        }
+        let n = self.rng.gen_range(1..=3);
+        let mut outs: Vec<Out> = (0..n).map(|_| self.any_aggregate()).collect();
+        let key_names: Vec<String> = keys.iter().map(Out::name).collect();
+        self.rename_some(&mut outs, &key_names);
+        // Mostly the key is in the select list: without it the order of the
+        // groups cannot be fixed, and they compare as a multiset.
+        let shown = self.rng.gen_bool(0.85);
+        let mut key_at = Vec::new();
+        for (j, k) in keys.into_iter().enumerate() {
+            if j == 0 && !shown {
+                continue;
+            }
+            let at = self.rng.gen_range(0..=outs.len());
+            key_at.iter_mut().for_each(|i: &mut usize| *i += usize::from(*i >= at));
+            key_at.push(at);
+            outs.insert(at, k);
+        }
+        let (filter, one_tenant) = self.filter();
+        // Mostly by the column's name, by which the router sees groups by the
+        // key.
+        let mut group = vec!["tenant_id".to_string()];
+        if shown && self.rng.gen_bool(0.1) {
+            self.features.insert(Feature::KeyByPosition);
+            group[0] = match outs[key_at[0]].alias {
+                Some(a) if self.rng.gen_bool(0.5) => a.to_string(),
+                _ => (key_at[0] + 1).to_string(),
+            };
+        }
+        if let Some(&other) = key_at.get(usize::from(shown)) {
+            group.push(self.reference(&outs, other, Clause::GroupBy));
+        }
+        let first = self.rng.gen_range(0..group.len());
+        group.rotate_left(first);
+        let mut sql = format!("SELECT {} FROM {}{filter} GROUP BY {}", list(&outs), self.from, group.join(", "));
+        if self.rng.gen_bool(0.3) {
+            sql += &format!(" HAVING {}", self.key_having(1));
+        }
+        let ordered = shown && self.rng.gen_bool(0.8);
+        if ordered {
+            let aggregates: Vec<usize> = (0..outs.len()).filter(|i| !key_at.contains(i)).collect();
+            let mut items = Vec::new();
+            if self.rng.gen_bool(0.8) {
+                let i = self.pick(&aggregates);
+                let by = if self.rng.gen_bool(0.7) {
+                    self.features.insert(Feature::OrderByExpression);
+                    outs[i].expr.clone()
+                } else {
+                    self.reference(&outs, i, Clause::OrderBy)
+                };
+                items.push(format!("{by}{}", self.direction()));
+            }
+            items.extend(self.order_items(&outs, &key_at, Collate::Allowed));
+            sql += &format!(" ORDER BY {}", items.join(", "));
+            sql += &self.limit();
+        }
+        (sql, outs, ordered, one_tenant)
+    }
+
+    /// An aggregate whose value one server gives whatever order it reads a
+    /// group's rows in: the mergeable ones, and count(DISTINCT x),
+    /// string_agg ordered by value and id, bool_or, bool_and, stddev and
+    /// variance of integers and numerics (no sums or averages of floats).
+    fn any_aggregate(&mut self) -> Out {
+        let values = self.table.values();
+        let summable: Vec<Column> = self.table.columns.iter().copied().filter(|c| c.kind.summable()).collect();
+        let wide = |expr: String| Out { expr, alias: None, column: None, loose: false };
+        let out = match self.rng.gen_range(0..9) {
+            0 => {
+                let c = self.pick(&values);
+                wide(format!("count(DISTINCT {})", c.name))
+            }
+            1 => {
+                let c = self.pick(&values);
+                wide(format!("string_agg({0}::text, ',' ORDER BY {0}::text, id)", c.name))
+            }
+            2 => {
+                let f = self.pick(&["bool_or", "bool_and", "every"]);
+                match self.table.columns.iter().find(|c| c.kind == Kind::Bool) {
+                    Some(flag) if self.rng.gen_bool(0.7) => wide(format!("{f}({})", flag.name)),
+                    _ => {
+                        let c = self.pick(&values);
+                        wide(format!("{f}({} IS NULL)", c.name))
+                    }
+                }
+            }
+            3 => {
+                let c = self.pick(&summable);
+                let f = self.pick(&["stddev", "stddev_pop", "var_samp", "variance"]);
+                wide(format!("{f}({})", c.name))
+            }
+            _ => return self.aggregate(),
+        };
+        self.features.insert(Feature::AnyAggregate);
+        self.maybe_aliased(out)
+    }
+
+    /// A HAVING condition of groups by the key, which the shards run: any
+    /// aggregate, compared with a constant or a parameter, under AND and OR.
+    fn key_having(&mut self, depth: u32) -> String {
+        self.features.insert(Feature::KeyHaving);
+        if depth > 0 && self.rng.gen_bool(0.25) {
+            let (a, b) = (self.key_having(depth - 1), self.key_having(depth - 1));
+            return format!("({a} {} {b})", self.pick(&["AND", "OR"]));
+        }
+        let values = self.table.values();
+        let op = self.pick(&["=", "<>", "<", "<=", ">", ">="]);
+        match self.rng.gen_range(0..6) {
+            0 => format!("count(*) {op} {}", self.number(0..5)),
+            1 => {
+                let c = self.pick(&values);
+                format!("count(DISTINCT {}) {op} {}", c.name, self.rng.gen_range(0..4))
+            }
+            2 => {
+                let c = self.pick(&values);
+                format!("{}(({} IS NULL))", self.pick(&["bool_or", "bool_and", "NOT bool_or"]), c.name)
+            }
+            3 if values.iter().any(|c| c.kind.has_min_max()) => {
+                let ordered: Vec<Column> = values.into_iter().filter(|c| c.kind.has_min_max()).collect();
+                let c = self.pick(&ordered);
+                format!("{}({}) {op} {}", self.pick(&["min", "max"]), c.name, c.kind.value(self.rng))
+            }
+            3 | 4 => format!("{}(id) {op} {}", self.pick(&["min", "max", "sum"]), self.number(0..7)),
+            _ => {
+                let c = self.pick(&values);
+                format!(
+                    "length(string_agg({0}::text, ',' ORDER BY {0}::text, id)) {op} {1}",
+                    c.name,
+                    self.number(0..12)
+                )
+            }
+        }
+    }
+
+    /// A small number, as a constant or, now and then, as a parameter.
+    fn number(&mut self, range: std::ops::Range<i64>) -> String {
+        let n = self.rng.gen_range(range);
+        if self.rng.gen_bool(0.4) {
+            self.features.insert(Feature::HavingParam);
+            self.params.push(n);
+            format!("${}", self.params.len())
+        } else {
+            n.to_string()
+        }
+    }
+
+    /// A read of a derived table: a WITH query or a subquery in FROM whose
+    /// rows are each one row of `items` ([`Gen::body`]), read by one of the
+    /// other shapes over the body's output columns, under their names.
+    fn derived(&mut self) -> Shape {
+        self.features.insert(Feature::Derived);
+        let (body, columns, body_one_tenant) = self.body();
+        let with = self.rng.gen_bool(0.5);
+        let from = if with {
+            self.features.insert(Feature::WithQuery);
+            "f".to_string()
+        } else {
+            format!("({body}) t")
+        };
+        let view = Table { columns, tenants: self.table.tenants.clone(), rows: Vec::new() };
+        let body_tenants = self.features.contains(&Feature::OneTenant) || self.features.contains(&Feature::SomeTenants);
+        let mut outer = Gen {
+            rng: &mut *self.rng,
+            table: &view,
+            params: std::mem::take(&mut self.params),
+            features: std::mem::take(&mut self.features),
+            aliases: self.aliases,
+            side: "",
+            from,
+            tenants: !body_tenants,
+        };
+        let keyed = outer.has_keys();
+        let (sql, outs, ordered, one_tenant) = match outer.rng.gen_range(0..100) {
+            0..=29 if keyed => outer.rows(),
+            30..=44 => outer.aggregates(),
+            45..=74 => outer.grouped(),
+            75..=84 if keyed => outer.distinct(),
+            85..=99 if keyed => {
+                outer.features.insert(Feature::KeyGroupsOfDerived);
+                outer.grouped_by_key()
+            }
+            _ => outer.aggregates(),
+        };
+        let (params, features, aliases) = (outer.params, outer.features, outer.aliases);
+        (self.params, self.features, self.aliases) = (params, features, aliases);
+        let sql = if with { format!("WITH f AS ({body}) {sql}") } else { sql };
+        (sql, outs, ordered, one_tenant || body_one_tenant)
+    }
+
+    /// The body of a derived table: `SELECT *` or some columns (some
+    /// renamed, some under `coalesce`), mostly with `tenant_id` and `id`,
+    /// filtered; no ORDER BY or LIMIT, nothing that mixes rows. Its text, its
+    /// output columns, whether it names one tenant.
+    fn body(&mut self) -> (String, Vec<Column>, bool) {
+        let (filter, one_tenant) = self.filter();
+        if self.rng.gen_bool(0.3) {
+            return (format!("SELECT * FROM items{filter}"), self.table.columns.clone(), one_tenant);
+        }
+        let n = self.rng.gen_range(1..=4);
+        let mut outs = Vec::new();
+        for c in self.value_columns(n) {
+            let mut o = self.output(c);
+            if self.rng.gen_bool(0.2) {
+                // A char(3) literal is padded as the column's values are:
+                // `'a'` beside `'a  '` would be one group, one DISTINCT value,
+                // written either way as the rows come.
+                let cast = if c.kind == Kind::Char { "::char(3)" } else { "" };
+                o.expr = format!("coalesce({}, {}{cast})", c.name, c.kind.value(self.rng));
+                o.alias = o.alias.or_else(|| Some(self.next_alias()));
+            }
+            outs.push(o);
+        }
+        self.rename_some(&mut outs, &[]);
+        if self.rng.gen_bool(0.9) {
+            for k in self.key_columns() {
+                let at = self.rng.gen_range(0..=outs.len());
+                outs.insert(at, k);
+            }
+        }
+        let columns = outs
+            .iter()
+            .map(|o| {
+                let c = o.column.expect("a column");
+                Column { name: o.alias.unwrap_or(c.name), kind: c.kind }
+            })
+            .collect();
+        (format!("SELECT {} FROM items{filter}", list(&outs)), columns, one_tenant)
+    }
+
     /// An aggregate of a random column.
     fn aggregate(&mut self) -> Out {
         self.features.insert(Feature::Aggregate);
         let cols = self.table.columns.clone();
-        let mut out = match self.rng.gen_range(0..5) {
-            0 => Out { expr: "count(*)".into(), alias: None, column: None, loose: false },
+        // A derived table may lack columns of a kind: count(*) then.
+        let summable: Vec<Column> = cols.iter().copied().filter(|c| c.kind.summable()).collect();
+        let ordered: Vec<Column> = cols.iter().copied().filter(|c| c.kind.has_min_max()).collect();
+        let out = match self.rng.gen_range(0..5) {
             1 => {
                 let c = self.pick(&cols);
                 Out { expr: format!("count({})", c.name), alias: None, column: None, loose: false }
             }
-            2 | 3 => {
-                let summable: Vec<Column> = cols.iter().copied().filter(|c| c.kind.summable()).collect();
+            2 | 3 if !summable.is_empty() => {
                 let c = self.pick(&summable);
                 let f = self.pick(&["sum", "avg"]);
                 Out { expr: format!("{f}({})", c.name), alias: None, column: None, loose: false }
             }
-            _ => {
-                let ordered: Vec<Column> = cols.iter().copied().filter(|c| c.kind.has_min_max()).collect();
+            4 if !ordered.is_empty() => {
                 let c = self.pick(&ordered);
                 let f = self.pick(&["min", "max"]);
                 Out { expr: format!("{f}({})", c.name), alias: None, column: None, loose: c.kind.loose() }
             }
+            _ => Out { expr: "count(*)".into(), alias: None, column: None, loose: false },
         };
+        self.maybe_aliased(out)
+    }
+
+    /// `out`, now and then under an alias.
+    fn maybe_aliased(&mut self, mut out: Out) -> Out {
         if self.rng.gen_bool(0.3) {
-            self.aliases += 1;
-            out.alias = Some(format!("c{}", self.aliases));
+            out.alias = Some(self.next_alias());
         }
         out
     }
 
     /// A HAVING condition on an aggregate, in the select list or not.
     fn having(&mut self) -> String {
+        let ordered: Vec<Column> = self.table.values().into_iter().filter(|c| c.kind.has_min_max()).collect();
         match self.rng.gen_range(0..3) {
-            0 => format!("count(*) > {}", self.rng.gen_range(0..3)),
-            1 => {
-                let c = self.pick(&self.table.values());
-                format!("count({}) {} {}", c.name, self.pick(&["=", "<", ">="]), self.rng.gen_range(0..3))
-            }
-            _ => {
-                let ordered: Vec<Column> = self.table.values().into_iter().filter(|c| c.kind.has_min_max()).collect();
+            2 if !ordered.is_empty() => {
                 let c = self.pick(&ordered);
                 let (f, op) = (self.pick(&["min", "max"]), self.pick(&["<", ">=", "<>"]));
                 format!("{f}({}) {op} {}", c.name, c.kind.value(self.rng))
             }
+            1 => {
+                let c = self.pick(&self.table.values());
+                format!("count({}) {} {}", c.name, self.pick(&["=", "<", ">="]), self.rng.gen_range(0..3))
+            }
+            _ => format!("count(*) > {}", self.rng.gen_range(0..3)),
         }
     }
 
@@ -485,6 +820,11 @@ impl Gen<'_> {
     /// together single out one row), each in a random direction and NULLS
     /// placement.
     fn order_by(&mut self, outs: &[Out], ties: &[usize], collate: Collate) -> String {
+        format!(" ORDER BY {}", self.order_items(outs, ties, collate).join(", "))
+    }
+
+    /// The items of [`Gen::order_by`].
+    fn order_items(&mut self, outs: &[Out], ties: &[usize], collate: Collate) -> Vec<String> {
         self.features.insert(Feature::OrderBy);
         let mut items: Vec<usize> = Vec::new();
         for _ in 0..self.rng.gen_range(0..=2) {
@@ -509,21 +849,31 @@ impl Gen<'_> {
                         self.features.insert(Feature::CollateC);
                         format!("{} COLLATE \"C\"", outs[i].expr)
                     }
-                    _ => self.reference(outs, i),
+                    _ => self.reference(outs, i, Clause::OrderBy),
                 };
                 format!("{by}{}", self.direction())
             })
             .collect();
-        format!(" ORDER BY {}", sort.join(", "))
+        sort
     }
 
     /// An output column as ORDER BY or GROUP BY names it: by position, by its
-    /// alias, or by the column's own name.
-    fn reference(&mut self, outs: &[Out], i: usize) -> String {
+    /// alias, by the column's own name, or, for an expression, by writing it
+    /// out again (Postgres takes it for that output column).
+    fn reference(&mut self, outs: &[Out], i: usize, clause: Clause) -> String {
         let o = &outs[i];
-        match (&o.alias, o.column) {
-            _ if self.rng.gen_bool(0.3) => (i + 1).to_string(),
-            (Some(a), _) => a.clone(),
+        if self.rng.gen_bool(0.3) {
+            return (i + 1).to_string();
+        }
+        if o.column.is_none() && self.rng.gen_bool(0.5) {
+            self.features.insert(match clause {
+                Clause::OrderBy => Feature::OrderByExpression,
+                Clause::GroupBy => Feature::GroupByExpression,
+            });
+            return o.expr.clone();
+        }
+        match (o.alias, o.column) {
+            (Some(a), _) => a.to_string(),
             (None, Some(_)) => o.expr.clone(),
             (None, None) => (i + 1).to_string(),
         }
@@ -549,9 +899,10 @@ impl Gen<'_> {
 
     /// A WHERE clause (or none), and whether it names one tenant under AND.
     fn filter(&mut self) -> (String, bool) {
+        let keyed = self.table.has(Kind::Key) && self.tenants;
         let tenant = match self.rng.gen_range(0..100) {
-            0..=19 => Some((self.one_tenant(), true)),
-            20..=27 => Some((self.some_tenants(), false)),
+            0..=19 if keyed => Some((self.one_tenant(), true)),
+            20..=27 if keyed => Some((self.some_tenants(), false)),
             _ => None,
         };
         let condition = match self.rng.gen_range(0..10) {
@@ -612,7 +963,7 @@ impl Gen<'_> {
             return format!("NOT ({})", self.condition(depth - 1));
         }
         let mut cols = self.table.values();
-        cols.push(self.key_columns()[1].column.expect("id"));
+        cols.extend(self.table.columns.iter().copied().find(|c| c.kind == Kind::Id));
         let c = self.pick(&cols);
         let (k, name) = (c.kind, format!("{}{}", self.side, c.name));
         match self.rng.gen_range(0..10) {
