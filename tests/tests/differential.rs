@@ -520,6 +520,7 @@ const MERGED: &[(&str, Rows)] = &[
         Rows::Ordered,
     ),
     ("SELECT DISTINCT count(*) FROM orders GROUP BY tenant_id", Rows::AnyOrder),
+    ("SELECT tenant_id, count(DISTINCT region) FROM orders GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 9", Rows::Ordered),
     // An ORDER BY or GROUP BY item that is a select-list expression.
     ("SELECT region, count(*) FROM orders GROUP BY region ORDER BY count(*) DESC, region", Rows::Ordered),
     ("SELECT tenant_id % 4, sum(qty) FROM orders GROUP BY tenant_id % 4 ORDER BY tenant_id % 4", Rows::Ordered),

@@ -232,7 +232,23 @@ pub(super) fn groups_stay_on_their_shard(
     if !plain_tables(&sel.from_clause) || sel.group_clause.iter().any(|g| matches!(g.node, Some(N::GroupingSet(_)))) {
         return false;
     }
-    sel.group_clause.iter().any(|g| match column_fields(g).as_deref() {
+    // `GROUP BY 1`: the select list's item at that position, when no `*`
+    // before it shifts the positions.
+    let by_position = |g: &Node| -> Option<Vec<String>> {
+        let at = usize::try_from(int_const(g)?).ok()?.checked_sub(1)?;
+        let items = sel.target_list.get(..=at)?;
+        let value = |n: &Node| match &n.node {
+            Some(N::ResTarget(rt)) => rt.val.as_deref().cloned(),
+            _ => None,
+        };
+        let starred =
+            |n: &Node| value(n).and_then(|v| column_fields(&v)).is_some_and(|f| f.last().is_some_and(|c| c == "*"));
+        if items.iter().any(starred) {
+            return None;
+        }
+        column_fields(&value(&items[at])?)
+    };
+    sel.group_clause.iter().any(|g| match column_fields(g).or_else(|| by_position(g)).as_deref() {
         Some([column]) => column == key_column && !has_outer_join(&sel.from_clause),
         Some([.., table, column]) => {
             column == key_column && preserved(&sel.from_clause, table).is_some_and(|t| is_sharded(&t))

@@ -692,6 +692,10 @@ mod tests {
         let sql = "select o.tenant_id, o.id, avg(i.qty) from orders o left join orders i \
                    on i.tenant_id = o.tenant_id and i.id = o.id group by o.tenant_id, o.id";
         assert_eq!(plan_of(sql).unwrap().merge, MergeSpec::Concat);
+        // By position, as long as no `*` before it shifts the positions.
+        let sql = "select tenant_id, count(distinct region) from orders group by 1";
+        assert_eq!(plan_of(sql).unwrap().merge, MergeSpec::Concat);
+        assert!(plan_of("select *, count(distinct region) from orders group by 1").is_err());
         // Not the key, or the key of a table a row may lack: merged as before.
         assert!(full("select region, count(*) from orders group by region").1.grouped);
     }
