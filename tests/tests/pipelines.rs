@@ -285,3 +285,117 @@ async fn a_pipeline_refused_midway_in_a_transaction_block_is_rolled_back_by_roll
         assert_eq!(n, 0, "shard {shard}");
     }
 }
+
+/// A pipeline that parses a statement name again after using it runs each
+/// Bind with the text in force at its place, as Postgres does: pgjdbc's
+/// batches and psycopg's pipelines parse the unnamed statement before each
+/// execution. The router once bound every execution to the pipeline's last
+/// text: the first INSERT below was answered "INSERT 0 1" while the row
+/// written was the second one's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_parsed_again_in_a_pipeline_runs_each_text_where_it_stands() {
+    let h = Harness::start(1).await;
+    let c = h.client().await;
+    c.batch_execute("CREATE TABLE t (tenant_id bigint, id bigint, v int, PRIMARY KEY (tenant_id, id))").await.unwrap();
+    let close_statement = |name: &str| {
+        let mut body = vec![b'S'];
+        body.extend_from_slice(name.as_bytes());
+        body.push(0);
+        frame(b'C', &body)
+    };
+    let steps = |tenant: i64| -> Vec<Vec<Vec<u8>>> {
+        let insert = |v: i32| format!("INSERT INTO t VALUES ($1, $2, {v})");
+        let select = "SELECT id, v FROM t WHERE tenant_id = $1 ORDER BY id";
+        vec![
+            // The unnamed statement, three texts in one pipeline.
+            vec![
+                parse("", &insert(10), &[20, 20]),
+                bind("", &[tenant, 1], false),
+                execute(),
+                parse("", &insert(20), &[20, 20]),
+                bind("", &[tenant, 2], true),
+                execute(),
+                parse("", select, &[20]),
+                bind("", &[tenant], false),
+                describe_portal(),
+                execute(),
+                sync(),
+            ],
+            // A named statement bound as an earlier pipeline defined it, then
+            // closed, parsed again and bound in the same pipeline.
+            vec![parse("n", &insert(30), &[20, 20]), sync()],
+            vec![
+                bind("n", &[tenant, 3], false),
+                execute(),
+                close_statement("n"),
+                parse("n", &insert(40), &[20, 20]),
+                describe_statement("n"),
+                bind("n", &[tenant, 4], false),
+                execute(),
+                parse("", select, &[20]),
+                bind("", &[tenant], false),
+                execute(),
+                sync(),
+            ],
+            // The unnamed statement bound as the pipeline before left it,
+            // then parsed again.
+            vec![
+                bind("", &[tenant], false),
+                execute(),
+                parse("", &insert(50), &[20, 20]),
+                bind("", &[tenant, 5], false),
+                execute(),
+                sync(),
+            ],
+            vec![parse("", select, &[20]), bind("", &[tenant], false), execute(), sync()],
+        ]
+    };
+    // Tenants 1 and 2 (one shard, one Postgres): the same rows either way.
+    let mut direct = Raw::login(h.shard_server(0).port()).await;
+    let mut routed = Raw::login(h.port()).await;
+    for (i, (d, r)) in steps(1).iter().zip(steps(2)).enumerate() {
+        let want = direct.run(d).await;
+        let got = routed.run(&r).await;
+        assert_eq!(got, want, "step {i}: the router answered otherwise than Postgres");
+    }
+    let rows: Vec<(i64, i32)> = c
+        .query("SELECT id, v FROM t WHERE tenant_id = 2 ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(rows, [(1, 10), (2, 20), (3, 30), (4, 40), (5, 50)]);
+}
+
+/// The same across shards: a pipeline whose unnamed statement is parsed
+/// again for each tenant's INSERT (keys as literals, as pgjdbc's
+/// `Statement.addBatch` sends them) puts each row on its tenant's shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_parsed_again_in_a_pipeline_across_shards_land_on_their_shards() {
+    let h = Harness::start(2).await;
+    let c = h.client().await;
+    c.batch_execute("CREATE TABLE t (tenant_id bigint, id bigint, v int, PRIMARY KEY (tenant_id, id))").await.unwrap();
+    let (a, b) = (h.tenants_on(0, 1)[0], h.tenants_on(1, 1)[0]);
+    let mut pipeline = Vec::new();
+    for (i, tenant) in [a, b, a, b].into_iter().enumerate() {
+        pipeline.push(parse("", &format!("INSERT INTO t VALUES ({tenant}, {i}, {i})"), &[]));
+        pipeline.push(bind("", &[], false));
+        pipeline.push(execute());
+    }
+    pipeline.push(sync());
+    let got = Raw::login(h.port()).await.run(&pipeline).await;
+    assert_eq!(got.last().map(String::as_str), Some("ready I"), "{got:?}");
+    for (shard, tenant, ids) in [(0, a, [0i64, 2]), (1, b, [1, 3])] {
+        let on_shard: Vec<(i64, i64)> = h
+            .shard(shard)
+            .await
+            .query("SELECT tenant_id, id FROM t ORDER BY id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        assert_eq!(on_shard, ids.map(|id| (tenant, id)), "shard {shard}");
+    }
+}

@@ -58,6 +58,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         batch.clear();
         self.spare_batch = batch;
+        if !self.batch_aliases.is_empty() {
+            self.drop_aliases();
+        }
         result
     }
 
@@ -80,6 +83,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             // A lone Sync (e.g. after COPY, or an empty pipeline): nothing to run.
             return self.ready().await;
         }
+        self.separate_redefinitions(batch);
         if let Some(e) = self.admit_batch(batch).await {
             return self.fail_batch(e, sync).await;
         }

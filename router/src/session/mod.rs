@@ -98,6 +98,9 @@ pub struct Session<S> {
     /// The client's statements by name (`prepared.rs`). Looked up on every
     /// Bind; a session can only slow down its own lookups with colliding names.
     prepared: rustc_hash::FxHashMap<String, Prepared>,
+    /// Names the router gave the earlier definitions of a statement parsed
+    /// again in the same batch (`prepared.rs`), dropped at the next batch.
+    batch_aliases: Vec<String>,
     /// Statements prepared with SQL `PREPARE` (`sql_prepared.rs`); None until
     /// the first.
     sql_prepared: Option<Box<sql_prepared::SqlPreparedState>>,
@@ -143,6 +146,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             txn: Transaction::default(),
             multi: None,
             prepared: Default::default(),
+            batch_aliases: Vec::new(),
             sql_prepared: None,
             batch: Vec::new(),
             spare_batch: Vec::new(),

@@ -15,6 +15,7 @@ use crate::protocol::Message;
 use crate::sql::Analysis;
 
 /// A statement the client prepared (named or unnamed).
+#[derive(Clone)]
 pub(super) struct Prepared {
     pub(super) sql: Arc<str>,
     pub(super) param_types: Vec<i32>,
@@ -55,6 +56,50 @@ pub(super) fn unknown_statement(name: &str) -> SqlError {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// A batch that parses a statement name again after using it (pgjdbc's
+    /// batches and psycopg's pipelines parse the unnamed statement before
+    /// each execution, with a different text each time) is learnt message by
+    /// message, as the server runs it: each Bind, Describe and Close runs the
+    /// definition in force at its place. The router walks a batch several
+    /// times (route, rewrite, run across shards) against one table of names,
+    /// so the earlier messages are renamed to an alias holding the earlier
+    /// definition. Aliases never reach a server (server names come from the
+    /// text) and live until the batch is done ([`Self::drop_aliases`]).
+    /// Costs nothing for a batch whose only Parse comes first.
+    pub(super) fn separate_redefinitions(&mut self, batch: &mut [Message]) {
+        for i in 1..batch.len() {
+            if batch[i].tag() != b'P' {
+                continue;
+            }
+            let Ok(name) = Parse::parse(&batch[i]).map(|p| p.name.to_string()) else { continue };
+            if !batch[..i].iter().any(|m| statement_named(m) == Some(&name)) {
+                continue;
+            }
+            let parsed_here = batch[..i].iter().any(|m| m.tag() == b'P' && statement_named(m) == Some(&name));
+            let alias = format!("\u{1}shardgate: {name} before its Parse {i}");
+            if !parsed_here {
+                // Used as defined by an earlier batch.
+                let Some(p) = self.prepared.get(&name).cloned() else { continue };
+                self.prepared.insert(alias.clone(), p);
+            }
+            for m in &mut batch[..i] {
+                if statement_named(m) == Some(&name) {
+                    if let Some(renamed) = with_statement_name(m, &alias) {
+                        *m = renamed;
+                    }
+                }
+            }
+            self.batch_aliases.push(alias);
+        }
+    }
+
+    /// Forgets the aliases of a batch that is done.
+    pub(super) fn drop_aliases(&mut self) {
+        for alias in self.batch_aliases.drain(..) {
+            self.prepared.remove(&alias);
+        }
+    }
+
     /// The replies to expect on the held connection before a batch's own:
     /// ReadyForQuery for each statement `checkout` sent ahead (`swallow`), and the
     /// CloseComplete of a statement cache started over.
@@ -158,4 +203,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         expects
     }
+}
+
+/// The statement a Parse defines, a Bind binds, or a Describe or Close names.
+fn statement_named(m: &Message) -> Option<&str> {
+    match m.tag() {
+        b'P' => Parse::parse(m).ok().map(|p| p.name),
+        b'B' => {
+            let body = m.body();
+            let portal_end = body.iter().position(|&b| b == 0)?;
+            let rest = &body[portal_end + 1..];
+            std::str::from_utf8(&rest[..rest.iter().position(|&b| b == 0)?]).ok()
+        }
+        b'D' | b'C' => match target_and_name(m) {
+            Ok((b'S', name)) => Some(name),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// `m` naming the statement `name` instead.
+fn with_statement_name(m: &Message, name: &str) -> Option<Message> {
+    let raw = match m.tag() {
+        b'P' => {
+            let p = Parse::parse(m).ok()?;
+            messages::parse(name, p.query, &p.param_types)
+        }
+        b'B' => Bind::parse(m).ok()?.with_statement(name),
+        tag @ (b'D' | b'C') => messages::Builder::new(tag).u8(b'S').cstr(name).finish(),
+        _ => return None,
+    };
+    Some(Message::from_raw(raw))
 }

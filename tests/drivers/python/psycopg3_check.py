@@ -85,6 +85,20 @@ with psycopg.connect(url, autocommit=True) as conn:
                 conn.execute(INSERT, params(b, 1))
     expect_sqlstate("23505", failing_pipeline, "pipeline with a duplicate row")
 
+    # A pipeline of different statements: psycopg parses the unnamed statement
+    # again before each; each must run its own text, reads seeing the writes
+    # before them.
+    amount = "SELECT amount FROM items WHERE tenant_id = %s AND id = 40"
+    with conn.pipeline():
+        before = conn.execute(amount, (b,))
+        conn.execute("UPDATE items SET amount = amount + 1 WHERE tenant_id = %s AND id = 40", (b,))
+        after = conn.execute("SELECT amount, %s::int FROM items WHERE tenant_id = %s AND id = 40", (7, b))
+        conn.execute("UPDATE items SET amount = amount - 1 WHERE tenant_id = %s AND id = 40", (b,))
+        last = conn.execute(amount, (b,))
+    start = before.fetchone()[0]
+    got = (after.fetchone(), last.fetchone()[0])
+    check(got == ((start + 1, 7), start), f"a pipeline of different statements read {got}, from {start}")
+
     # COPY FROM STDIN, text format, rows of both shards.
     with conn.cursor().copy(f"COPY items ({common.COLUMNS}) FROM STDIN") as cp:
         for i in (30, 31):
