@@ -270,7 +270,7 @@ async fn pgjdbc_prepare_threshold_binary_execute_batch_copy() {
     let mut cmd = Command::new(on_path("java", "a JDK (Debian's default-jdk-headless)"));
     cmd.arg("-cp").arg(format!("{}:{}", classes.path().display(), jar.display())).arg("DriverCheck");
     run(cmd, &h, a, b).await;
-    check_placement(&h, a, b, &ids(&[BASE_IDS, &[12, 23], COPY_IDS])).await;
+    check_placement(&h, a, b, &ids(&[BASE_IDS, &[12, 23, 25, 26, 28], COPY_IDS])).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -820,6 +820,90 @@ async fn an_extended_multi_row_insert_across_shards_is_all_or_nothing() {
     assert!(prepared(&h, 3).await.is_empty());
 }
 
+/// A pipeline that executes multi-row INSERTs whose rows are for several
+/// shards more than once before its Sync (pgjdbc's `reWriteBatchedInserts`
+/// with a batch that is not a power of two: a 2-row and a 1-row statement),
+/// mixed with a one-tenant INSERT: one transaction across shards, answered as
+/// one Postgres answers it, and rolled back everywhere when any row fails.
+/// It used to be refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_of_split_inserts_is_one_transaction() {
+    use shardgate_tests::raw::{bind, describe_statement, execute, parse, query, sync, Raw};
+    let (h, t) = bank(3).await;
+    let pipeline = |ids: [i64; 3]| {
+        let two = "INSERT INTO acct VALUES ($1, $5, $2), ($3, $5, $4)";
+        vec![
+            parse("two", two, &[20, 20, 20, 20, 20]),
+            describe_statement("two"),
+            bind("two", &[t[0], 1, t[1], 2, ids[0]], true),
+            execute(),
+            parse("one", "INSERT INTO acct VALUES ($1, $3, $2)", &[20, 20, 20]),
+            bind("one", &[t[2], 3, ids[1]], true),
+            execute(),
+            bind("two", &[t[2], 4, t[1], 5, ids[2]], true),
+            execute(),
+            sync(),
+        ]
+    };
+    let through = Raw::login(h.port()).await.run(&pipeline([10, 11, 12])).await;
+    // The same messages against one Postgres (other ids, as shard 0 holds
+    // some of these tenants).
+    let direct = Raw::login(h.shard_server(0).port()).await.run(&pipeline([30, 31, 32])).await;
+    assert_eq!(through, direct);
+    assert_eq!(through.iter().filter(|m| m.starts_with('C')).count(), 3, "{through:?}");
+    let mut placed = Vec::new();
+    for tenant in &t {
+        let shard = h.shard(h.shard_of(*tenant)).await;
+        let rows = shard
+            .query("SELECT id, bal FROM acct WHERE tenant_id = $1 AND id BETWEEN 10 AND 12 ORDER BY id", &[tenant])
+            .await
+            .unwrap();
+        placed.push(rows.iter().map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1))).collect::<Vec<_>>());
+    }
+    assert_eq!(placed, [vec![(10, 1)], vec![(10, 2), (12, 5)], vec![(11, 3), (12, 4)]]);
+    assert!(prepared(&h, 3).await.is_empty());
+
+    // A duplicate key in the last execution: nothing of the pipeline stays,
+    // and the client hears what one Postgres says.
+    let failed = Raw::login(h.port()).await.run(&pipeline([20, 21, 10])).await;
+    let direct = Raw::login(h.shard_server(0).port()).await.run(&pipeline([40, 41, 30])).await;
+    assert_eq!(failed, direct);
+    assert!(failed.contains(&"error 23505".to_string()), "{failed:?}");
+    let rows = "SELECT count(*) FROM acct WHERE id IN (20, 21)";
+    assert_eq!(count_on_each(&h, 3, rows).await.iter().sum::<i64>(), 0, "no shard kept its rows");
+
+    // The same statement executed twice in a row.
+    let two = "INSERT INTO acct VALUES ($1, $5, $2), ($3, $5, $4)";
+    let again = |id: i64| {
+        vec![
+            parse("", two, &[20, 20, 20, 20, 20]),
+            bind("", &[t[0], 1, t[1], 2, id], true),
+            execute(),
+            bind("", &[t[0], 1, t[1], 2, id + 1], true),
+            execute(),
+            sync(),
+        ]
+    };
+    let through = Raw::login(h.port()).await.run(&again(70)).await;
+    let direct = Raw::login(h.shard_server(0).port()).await.run(&again(80)).await;
+    assert_eq!(through, direct);
+    let rows = "SELECT count(*) FROM acct WHERE id IN (70, 71)";
+    assert_eq!(count_on_each(&h, 3, rows).await.iter().sum::<i64>(), 4);
+
+    // Inside a transaction block the pipeline's rows join the block: its
+    // ROLLBACK leaves none of them, its COMMIT keeps all.
+    for (end, ids, kept) in [("ROLLBACK", [50, 51, 52], 0), ("COMMIT", [60, 61, 62], 5)] {
+        let mut raw = Raw::login(h.port()).await;
+        assert_eq!(raw.run(&[query("BEGIN")]).await.last().map(String::as_str), Some("ready T"));
+        let got = raw.run(&pipeline(ids)).await;
+        assert_eq!(got.last().map(String::as_str), Some("ready T"), "{got:?}");
+        raw.run(&[query(end)]).await;
+        let rows = format!("SELECT count(*) FROM acct WHERE id IN ({}, {}, {})", ids[0], ids[1], ids[2]);
+        assert_eq!(count_on_each(&h, 3, &rows).await.iter().sum::<i64>(), kept, "{end}");
+    }
+    assert!(prepared(&h, 3).await.is_empty());
+}
+
 /// One statement that writes tenants on several shards inside a transaction
 /// block: each shard's part joins the block, the answer counts every row, and
 /// the block commits (or rolls back) on every shard together. A part that

@@ -376,11 +376,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         },
                     };
                     let before = routed.target.take();
-                    let spans = matches!((&before, &t), (Some(Target::Shard(a)), Ok(Target::Shard(b))) if a != b);
+                    // Statements for different shards, or a split INSERT with
+                    // other executions: one transaction across shards.
+                    let spans = matches!((&before, &t), (Some(Target::Shard(a)), Ok(Target::Shard(b))) if a != b)
+                        || (before.is_some()
+                            && (matches!(before, Some(Target::SplitInsert(_)))
+                                || matches!(t, Ok(Target::SplitInsert(_)))));
+                    routed.several_shards |= spans && routed.error.is_none();
                     match t.and_then(|t| route::combine_pipeline(before, t)) {
                         Ok(t) => routed.target = Some(t),
                         Err(e) => {
-                            routed.several_shards |= spans && routed.error.is_none();
                             routed.error.get_or_insert(e);
                         }
                     }

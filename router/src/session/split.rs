@@ -297,6 +297,18 @@ enum CopyOutEnd {
     ShardError,
 }
 
+/// How a split INSERT's execution inside a pipeline went.
+pub(super) enum SplitRun {
+    /// Every shard ran its rows; the replies are queued.
+    Ran,
+    /// A shard failed its part, or the router refused it: the error is
+    /// queued, and the pipeline's transaction fails.
+    Failed,
+    /// A shard's connection was lost: the client has had its error and
+    /// ReadyForQuery.
+    Answered,
+}
+
 /// One shard's replies to a split INSERT's part (after its BEGIN's): what a
 /// Describe of the portal answered, the rows, the rows written, and (first
 /// shard only) what a Describe of the client's statement answered.
@@ -370,54 +382,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let in_block = self.txn.in_block();
         let binds: Vec<&Message> = batch.iter().filter(|m| m.tag() == b'B').collect();
         if binds.len() != 1 || batch.iter().filter(|m| m.tag() == b'E').count() != 1 {
+            // Several executions before one Sync go through the pipeline
+            // across shards; this is what is left: one portal run twice.
             let e = SqlError::new(
                 "0A000",
-                "a multi-row INSERT whose rows are for several shards runs once per Sync in the extended protocol"
-                    .into(),
+                "a multi-row INSERT whose rows are for several shards runs once per portal".into(),
             )
-            .hint("send a Sync after each execution of it");
+            .hint("bind the statement again for each execution");
             return self.fail_batch(e, true).await;
         }
-        let bind = match messages::Bind::parse(binds[0]) {
-            Ok(b) => b,
-            Err(e) => return self.fail_batch(SqlError::new("08P01", e.to_string()), true).await,
-        };
-        let Some(p) = self.prepared.get(bind.statement) else {
-            return self.fail_batch(super::prepared::unknown_statement(bind.statement), true).await;
-        };
-        let (client_sql, client_types) = (p.sql.clone(), p.param_types.clone());
         let describe_statement =
             batch.iter().any(|m| m.tag() == b'D' && matches!(messages::target_and_name(m), Ok((b'S', _))));
-        let texts = match crate::split::insert_per_shard(&stmt.text, &parts) {
-            Ok(t) => t,
+        let runs = match self.split_insert_runs(binds[0], stmt, &parts, !in_block, describe_statement) {
+            Ok(r) => r,
             Err(e) => return self.fail_batch(e, true).await,
         };
-        let mut runs = Vec::with_capacity(texts.len());
-        for (i, (shard, text)) in texts.into_iter().enumerate() {
-            let (text, kept) = match crate::split::renumber_params(&text) {
-                Ok(r) => r,
-                Err(e) => return self.fail_batch(e, true).await,
-            };
-            let types: Vec<i32> = kept.iter().map(|&k| client_types.get(k).copied().unwrap_or(0)).collect();
-            let mut run = bytes::BytesMut::new();
-            if !in_block {
-                // BEGIN in the same pipeline: one ReadyForQuery for the lot.
-                run.extend_from_slice(&messages::parse("", "BEGIN", &[]));
-                run.extend_from_slice(&messages::Builder::new(b'B').cstr("").cstr("").i16(0).i16(0).i16(0).finish());
-                run.extend_from_slice(&execute_unnamed());
-            }
-            run.extend_from_slice(&messages::parse("", &text, &types));
-            run.extend_from_slice(&bind_kept(&bind, &kept));
-            run.extend_from_slice(&messages::describe(b'P', ""));
-            run.extend_from_slice(&execute_unnamed());
-            if i == 0 && describe_statement {
-                // The client's statement as the client prepared it.
-                run.extend_from_slice(&messages::parse("", &client_sql, &client_types));
-                run.extend_from_slice(&messages::describe(b'S', ""));
-            }
-            run.extend_from_slice(&messages::sync());
-            runs.push((shard, run.freeze()));
-        }
         if in_block {
             return self.run_split_insert_in_block(batch, runs).await;
         }
@@ -439,6 +418,47 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return self.fail_batch(e, true).await;
         }
         self.answer_split_insert(batch, &parts).await
+    }
+
+    /// Each shard's part of a split INSERT's execution, as extended-protocol
+    /// messages ending in Sync: the statement's rows for that shard with
+    /// their own parameters (renumbered, formats kept), described and run on
+    /// the unnamed portal. `begin` opens a transaction first (in the same
+    /// pipeline: one ReadyForQuery for the lot); `describe_statement` has the
+    /// first shard describe the client's statement as the client prepared it.
+    fn split_insert_runs(
+        &self,
+        bind: &Message,
+        stmt: &Statement,
+        parts: &[(ShardId, Vec<usize>)],
+        begin: bool,
+        describe_statement: bool,
+    ) -> Result<Vec<(ShardId, Bytes)>, SqlError> {
+        let bind = messages::Bind::parse(bind).map_err(|e| SqlError::new("08P01", e.to_string()))?;
+        let p = self.prepared.get(bind.statement).ok_or_else(|| super::prepared::unknown_statement(bind.statement))?;
+        let texts = crate::split::insert_per_shard(&stmt.text, parts)?;
+        let mut runs = Vec::with_capacity(texts.len());
+        for (i, (shard, text)) in texts.into_iter().enumerate() {
+            let (text, kept) = crate::split::renumber_params(&text)?;
+            let types: Vec<i32> = kept.iter().map(|&k| p.param_types.get(k).copied().unwrap_or(0)).collect();
+            let mut run = bytes::BytesMut::new();
+            if begin {
+                run.extend_from_slice(&messages::parse("", "BEGIN", &[]));
+                run.extend_from_slice(&messages::Builder::new(b'B').cstr("").cstr("").i16(0).i16(0).i16(0).finish());
+                run.extend_from_slice(&execute_unnamed());
+            }
+            run.extend_from_slice(&messages::parse("", &text, &types));
+            run.extend_from_slice(&bind_kept(&bind, &kept));
+            run.extend_from_slice(&messages::describe(b'P', ""));
+            run.extend_from_slice(&execute_unnamed());
+            if i == 0 && describe_statement {
+                run.extend_from_slice(&messages::parse("", &p.sql, &p.param_types));
+                run.extend_from_slice(&messages::describe(b'S', ""));
+            }
+            run.extend_from_slice(&messages::sync());
+            runs.push((shard, run.freeze()));
+        }
+        Ok(runs)
     }
 
     /// Inside a transaction block: each shard's rows join the block on that
@@ -480,6 +500,67 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// The client's replies to a split INSERT: the first part's descriptions,
     /// every part's rows, and the rows written summed.
     async fn answer_split_insert(&mut self, batch: &[Message], parts: &[PartReply]) -> Result<(), SessionError> {
+        self.queue_split_answer(batch, parts);
+        self.client.queue(&messages::ready_for_query_bytes(self.status()));
+        self.client.flush().await?;
+        Ok(())
+    }
+
+    /// One execution of a split INSERT inside a pipeline across shards (its
+    /// messages from Bind to Execute): each shard's rows run on that shard in
+    /// the pipeline's transaction, and the client is answered as for one
+    /// statement.
+    pub(super) async fn run_split_in_pipeline(
+        &mut self,
+        msgs: &[Message],
+        bind: &Message,
+        stmt: &Statement,
+        parts: &[(ShardId, Vec<usize>)],
+    ) -> Result<SplitRun, SessionError> {
+        let runs = match self.split_insert_runs(bind, stmt, parts, false, false) {
+            Ok(r) => r,
+            Err(e) => {
+                crate::metrics::global().error(e.code);
+                self.client.queue(&e.to_message(Severity::Error));
+                return Ok(SplitRun::Failed);
+            }
+        };
+        let mut replies = Vec::with_capacity(runs.len());
+        for (shard, run) in runs {
+            let swallow = match self.checkout(shard).await {
+                Ok(n) => n,
+                Err(e) => {
+                    crate::metrics::global().error(e.code);
+                    self.client.queue(&e.to_message(Severity::Error));
+                    return Ok(SplitRun::Failed);
+                }
+            };
+            let Some(b) = self.txn.held.as_mut() else { return Ok(SplitRun::Failed) };
+            b.conn.conn.queue(&run);
+            let (part, error) = match self.run_part(swallow).await {
+                Ok(r) => r,
+                Err(e) => return self.lost_backend(e).await.map(|()| SplitRun::Answered),
+            };
+            if let Some(e) = error {
+                // As on one Postgres: the Bind (and a Describe) answered,
+                // then the Execute's error.
+                replies.push(PartReply::read(part));
+                let before = msgs.iter().position(|m| m.tag() == b'E').unwrap_or(msgs.len());
+                self.queue_split_answer(&msgs[..before], &replies);
+                let name = self.shard_name(shard);
+                crate::metrics::global().error_message(e.get(5..).unwrap_or_default());
+                self.client.queue(&prefix_error(&e, &name));
+                return Ok(SplitRun::Failed);
+            }
+            replies.push(PartReply::read(part));
+        }
+        self.queue_split_answer(msgs, &replies);
+        Ok(SplitRun::Ran)
+    }
+
+    /// Queues the client's replies to a split INSERT's messages, without
+    /// ReadyForQuery.
+    fn queue_split_answer(&mut self, batch: &[Message], parts: &[PartReply]) {
         let first = parts.first();
         for m in batch {
             match m.tag() {
@@ -504,8 +585,5 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 _ => self.reply_for_statement_message(m),
             }
         }
-        self.client.queue(&messages::ready_for_query_bytes(self.status()));
-        self.client.flush().await?;
-        Ok(())
     }
 }

@@ -9,6 +9,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::prepared::unknown_statement;
 use super::relay::RelayError;
+use super::split::SplitRun;
 use super::transaction::{Held, SavepointOp};
 use super::{Session, SessionError};
 use crate::context::CancelTarget;
@@ -376,7 +377,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.txn.pending_begin = Some(vec!["BEGIN".into()]);
         }
         let mut failed = false;
-        for (shard, range) in segments {
+        for segment in segments {
+            let (shard, range) = match segment {
+                Segment::Relay(shard, range) => (shard, range),
+                Segment::Split { range, bind, analysis, parts } => {
+                    let stmt = &analysis.statements[0];
+                    match self.run_split_in_pipeline(&batch[range], &batch[bind], stmt, &parts).await? {
+                        SplitRun::Ran => continue,
+                        SplitRun::Failed => {
+                            failed = true;
+                            break;
+                        }
+                        SplitRun::Answered => return Ok(()),
+                    }
+                }
+            };
             let mut part: Vec<Message> = batch[range].to_vec();
             // The router's own Sync ends each part on its shard; inside the
             // block it commits nothing.
@@ -433,15 +448,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// Where each part of a pipeline runs: runs of messages whose Binds are
-    /// for one shard, the client's Sync left out.
-    fn segments(&mut self, batch: &[Message]) -> Result<Vec<(ShardId, std::ops::Range<usize>)>, SqlError> {
+    /// for one shard, and each execution of a multi-row INSERT whose rows are
+    /// for several shards on its own; the client's Sync left out.
+    fn segments(&mut self, batch: &[Message]) -> Result<Vec<Segment>, SqlError> {
         let mut touched = std::mem::take(&mut self.admission.touched);
         touched.clear();
         let result = (|| {
             let mut out = Vec::new();
             let (mut start, mut current) = (0, None);
+            let mut skip_to = 0;
             for (i, m) in batch.iter().enumerate() {
-                if m.tag() != b'B' {
+                if m.tag() != b'B' || i < skip_to {
                     continue;
                 }
                 let bind = Bind::parse(m).map_err(|e| SqlError::new("08P01", e.to_string()))?;
@@ -457,6 +474,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let shard = match target {
                     Target::Shard(s) => s,
                     Target::Any => continue,
+                    Target::SplitInsert(parts) if p.analysis.as_ref().is_some_and(|a| a.statements.len() == 1) => {
+                        // The Bind up to its Execute, answered by the split;
+                        // what came before runs where it was going (or on the
+                        // split's first shard).
+                        let analysis = p.analysis.clone().expect("checked above");
+                        let end = batch[i..].iter().position(|m| m.tag() == b'E').map_or(batch.len(), |e| i + e + 1);
+                        if start < i {
+                            let shard = current.unwrap_or(parts[0].0);
+                            out.push(Segment::Relay(shard, start..i));
+                        }
+                        out.push(Segment::Split { range: i..end, bind: i, analysis, parts });
+                        (start, current, skip_to) = (end, None, end);
+                        continue;
+                    }
                     _ => {
                         return Err(SqlError::new(
                             "0A000",
@@ -469,18 +500,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     None => current = Some(shard),
                     Some(c) if c == shard => {}
                     Some(c) => {
-                        out.push((c, start..i));
+                        out.push(Segment::Relay(c, start..i));
                         (start, current) = (i, Some(shard));
                     }
                 }
             }
             let end = batch.len() - usize::from(batch.last().is_some_and(|m| m.tag() == b'S'));
-            out.push((current.unwrap_or_else(|| self.any_shard()), start..end));
+            if start < end || out.is_empty() {
+                out.push(Segment::Relay(current.unwrap_or_else(|| self.any_shard()), start..end));
+            }
             Ok(out)
         })();
         self.admission.touched = touched;
         result
     }
+}
+
+/// One part of a pipeline across shards.
+enum Segment {
+    /// Messages relayed to one shard.
+    Relay(ShardId, std::ops::Range<usize>),
+    /// One execution of a multi-row INSERT whose rows are for several shards
+    /// (the messages from its Bind to its Execute): each shard's rows run on
+    /// that shard, and the router answers for the lot.
+    Split {
+        range: std::ops::Range<usize>,
+        bind: usize,
+        analysis: std::sync::Arc<Analysis>,
+        parts: Vec<(ShardId, Vec<usize>)>,
+    },
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {

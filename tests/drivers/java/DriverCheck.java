@@ -177,6 +177,30 @@ public class DriverCheck {
         check(count(rw, "SELECT count(*) FROM items WHERE id = 23") == 2, "a rewritten batch across shards wrote both rows");
         expectSqlstate("23505", () -> batch(rw, new long[][] {{a, 24}, {b, 1}}), "a rewritten batch with a duplicate row");
         check(count(rw, "SELECT count(*) FROM items WHERE id = 24") == 0, "a failed rewritten batch left a row");
+        // Six rows become a 4-row and a 2-row INSERT, both executed before
+        // one Sync: one transaction across shards.
+        batch(rw, new long[][] {{a, 25}, {b, 25}, {a, 26}, {b, 26}, {a, 28}, {b, 28}});
+        check(count(rw, "SELECT count(*) FROM items WHERE id IN (25, 26, 28)") == 6, "a rewritten 6-row batch wrote every row");
+        expectSqlstate("23505", () -> batch(rw, new long[][] {{a, 27}, {b, 27}, {a, 1}}), "a rewritten 3-row batch with a duplicate row");
+        check(count(rw, "SELECT count(*) FROM items WHERE id = 27") == 0, "a failed rewritten 3-row batch left a row");
+      }
+
+      // Statement.addBatch with a text per row: one pipeline that parses the
+      // unnamed statement again before each execution; each runs its own text
+      // (three different changes, then undone the same way).
+      String[] rows = {"tenant_id = " + a + " AND id = 25", "tenant_id = " + b + " AND id = 25", "tenant_id = " + a + " AND id = 26"};
+      long[] before = new long[rows.length];
+      for (int i = 0; i < rows.length; i++) before[i] = count(c, "SELECT (amount * 100)::bigint FROM items WHERE " + rows[i]);
+      for (int sign : new int[] {1, -1}) {
+        try (Statement s = c.createStatement()) {
+          for (int i = 0; i < rows.length; i++) s.addBatch("UPDATE items SET amount = amount + " + sign * (i + 1) + " WHERE " + rows[i]);
+          int[] n = s.executeBatch();
+          check(Arrays.equals(n, new int[] {1, 1, 1}), "a statement batch counted " + Arrays.toString(n));
+        }
+        for (int i = 0; i < rows.length; i++) {
+          long now = count(c, "SELECT (amount * 100)::bigint FROM items WHERE " + rows[i]);
+          check(now == before[i] + (sign == 1 ? 100L * (i + 1) : 0), "a statement batch ran text " + i + " on its own row: " + now);
+        }
       }
 
       // COPY FROM STDIN (split by tenant) and COPY TO STDOUT.
@@ -195,7 +219,7 @@ public class DriverCheck {
       check(copied == 4, "COPY counted " + copied);
       StringWriter out = new StringWriter();
       copy.copyOut("COPY (SELECT id FROM items WHERE tenant_id = " + a + " ORDER BY id) TO STDOUT", out);
-      check(out.toString().equals("1\n3\n10\n11\n12\n23\n30\n31\n"), "COPY TO STDOUT gave " + out);
+      check(out.toString().equals("1\n3\n10\n11\n12\n23\n25\n26\n28\n30\n31\n"), "COPY TO STDOUT gave " + out);
 
       // Errors with their SQLSTATE; the connection goes on.
       expectSqlstate("23505", () -> insert(ins, b, 1), "duplicate key");
@@ -215,7 +239,7 @@ public class DriverCheck {
       }
       List<String> want = new ArrayList<>();
       for (long t : new long[] {Math.min(a, b), Math.max(a, b)}) {
-        for (int i : new int[] {1, 3, 10, 11, 12, 23, 30, 31}) want.add(t + ":" + i);
+        for (int i : new int[] {1, 3, 10, 11, 12, 23, 25, 26, 28, 30, 31}) want.add(t + ":" + i);
       }
       check(got.equals(want), "rows through the router: " + got + ", expected " + want);
       for (long t : new long[] {a, b}) {
