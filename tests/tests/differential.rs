@@ -521,6 +521,10 @@ const MERGED: &[(&str, Rows)] = &[
     ),
     ("SELECT DISTINCT count(*) FROM orders GROUP BY tenant_id", Rows::AnyOrder),
     ("SELECT tenant_id, count(DISTINCT region) FROM orders GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 9", Rows::Ordered),
+    (
+        "SELECT tenant_id AS t, count(DISTINCT region) FROM orders GROUP BY t ORDER BY 2 DESC, t LIMIT 9",
+        Rows::Ordered,
+    ),
     // An ORDER BY or GROUP BY item that is a select-list expression.
     ("SELECT region, count(*) FROM orders GROUP BY region ORDER BY count(*) DESC, region", Rows::Ordered),
     ("SELECT tenant_id % 4, sum(qty) FROM orders GROUP BY tenant_id % 4 ORDER BY tenant_id % 4", Rows::Ordered),
@@ -660,6 +664,9 @@ async fn merges_the_router_cannot_do_exactly_are_refused_by_name() {
         ("SELECT region, count(*) FROM orders GROUP BY region HAVING stddev(qty) > 1", "stddev()"),
         ("SELECT region, count(*) FROM orders GROUP BY region HAVING sum(qty) + 1 > 1", "operator +"),
         ("SELECT count(DISTINCT region) FROM orders", "count(DISTINCT …)"),
+        // GROUP BY takes an input column before an output alias: these are
+        // groups by region, not by the key.
+        ("SELECT max(tenant_id) AS region, count(DISTINCT id) FROM orders GROUP BY region", "count(DISTINCT …)"),
         ("SELECT * FROM (SELECT region, count(*) FROM orders GROUP BY region) c", "computes GROUP BY or HAVING"),
         ("WITH r AS (SELECT DISTINCT region FROM orders) SELECT count(*) FROM r", "computes DISTINCT"),
         ("SELECT id FROM orders UNION SELECT id FROM orders", "UNION"),

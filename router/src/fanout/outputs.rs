@@ -228,19 +228,32 @@ pub(super) fn groups_stay_on_their_shard(
     sel: &protobuf::SelectStmt,
     key_column: &str,
     is_sharded: &dyn Fn(&str) -> bool,
+    inputs: Option<&[String]>,
 ) -> bool {
     if !plain_tables(&sel.from_clause) || sel.group_clause.iter().any(|g| matches!(g.node, Some(N::GroupingSet(_)))) {
         return false;
     }
+    let value = |n: &Node| match &n.node {
+        Some(N::ResTarget(rt)) => rt.val.as_deref().cloned(),
+        _ => None,
+    };
+    // `GROUP BY t` for `tenant_id AS t`: as in Postgres, a bare name is an
+    // output column's only when no input column has it (every FROM table's
+    // columns known), and names one output column.
+    let by_alias = |g: &Node| -> Option<Vec<String>> {
+        let [name] = column_fields(g)?.try_into().ok()?;
+        if inputs?.iter().any(|c| *c == name) {
+            return None;
+        }
+        let mut named = sel.target_list.iter().filter(|t| matches!(&t.node, Some(N::ResTarget(rt)) if rt.name == name));
+        let (Some(item), None) = (named.next(), named.next()) else { return None };
+        column_fields(&value(item)?)
+    };
     // `GROUP BY 1`: the select list's item at that position, when no `*`
     // before it shifts the positions.
     let by_position = |g: &Node| -> Option<Vec<String>> {
         let at = usize::try_from(int_const(g)?).ok()?.checked_sub(1)?;
         let items = sel.target_list.get(..=at)?;
-        let value = |n: &Node| match &n.node {
-            Some(N::ResTarget(rt)) => rt.val.as_deref().cloned(),
-            _ => None,
-        };
         let starred =
             |n: &Node| value(n).and_then(|v| column_fields(&v)).is_some_and(|f| f.last().is_some_and(|c| c == "*"));
         if items.iter().any(starred) {
@@ -248,12 +261,14 @@ pub(super) fn groups_stay_on_their_shard(
         }
         column_fields(&value(&items[at])?)
     };
-    sel.group_clause.iter().any(|g| match column_fields(g).or_else(|| by_position(g)).as_deref() {
-        Some([column]) => column == key_column && !has_outer_join(&sel.from_clause),
-        Some([.., table, column]) => {
-            column == key_column && preserved(&sel.from_clause, table).is_some_and(|t| is_sharded(&t))
+    sel.group_clause.iter().any(|g| {
+        match by_alias(g).or_else(|| column_fields(g)).or_else(|| by_position(g)).as_deref() {
+            Some([column]) => column == key_column && !has_outer_join(&sel.from_clause),
+            Some([.., table, column]) => {
+                column == key_column && preserved(&sel.from_clause, table).is_some_and(|t| is_sharded(&t))
+            }
+            _ => false,
         }
-        _ => false,
     })
 }
 

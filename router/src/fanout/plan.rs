@@ -55,10 +55,12 @@ pub fn plan(
     let table_columns: &dyn Fn(&str) -> Option<Vec<String>> = &catalog;
     let table_width = &|t: &str| table_columns(t).map(|c| c.len());
     let plain = !union && !with && plain_tables(&sel.from_clause);
-    let local_groups = plain && groups_stay_on_their_shard(sel, key_column, &|t: &str| table_columns(t).is_some());
+    let inputs = input_columns(&sel.from_clause, table_columns);
+    let local_groups =
+        plain && groups_stay_on_their_shard(sel, key_column, &|t: &str| table_columns(t).is_some(), inputs.as_deref());
     let key = Key { column: key_column, plain_tables: plain, local_groups };
     let mut out = if union { union_outputs(sel, &key)? } else { outputs(sel, &key)? };
-    out.inputs = input_columns(&sel.from_clause, table_columns);
+    out.inputs = inputs;
     // Groups made whole on their shards come back as rows: only sorted, cut
     // and deduplicated. Their HAVING stays in the shards' statement.
     let grouped = !local_groups

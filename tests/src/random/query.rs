@@ -60,10 +60,8 @@ pub enum Feature {
     /// sees groups by the key only over plain tables, so these merge as other
     /// groups do, and aggregates beyond the mergeable ones are refused.
     KeyGroupsOfDerived,
-    /// GROUP BY names the key column by its position or its alias: the
-    /// router sees groups by the key only by the column's name, so these
-    /// merge as other groups do, and aggregates beyond the mergeable ones are
-    /// refused.
+    /// GROUP BY names the key column by its position or its alias (over
+    /// plain tables, the router sees these as groups by the key too).
     KeyByPosition,
 }
 
@@ -71,10 +69,10 @@ impl Feature {
     /// Whether docs/routing.md says cross-shard reads merge it today; the
     /// others are being added and may still be refused. Groups by the key
     /// (any aggregate, HAVING with parameters), expressions as ORDER BY and
-    /// GROUP BY names, and derived tables whose rows are each one row of
-    /// `items` are merged today; groups by the key of a derived table, or by
-    /// the key named by position or alias, are not seen as such (they merge
-    /// as other groups, whose aggregates are few).
+    /// GROUP BY names, groups by the key named by position or alias, and
+    /// derived tables whose rows are each one row of `items` are merged
+    /// today; groups by the key of a derived table are not seen as such
+    /// (they merge as other groups, whose aggregates are few).
     pub fn merged_today(self) -> bool {
         !matches!(
             self,
@@ -85,7 +83,6 @@ impl Feature {
                 | Feature::UnionAll
                 | Feature::CountDistinct
                 | Feature::KeyGroupsOfDerived
-                | Feature::KeyByPosition
         )
     }
 }
