@@ -545,6 +545,24 @@ const MERGED: &[(&str, Rows)] = &[
         Rows::Ordered,
     ),
     ("SELECT avg(n) FROM (SELECT tenant_id, id, qty AS n FROM orders) t", Rows::Ordered),
+    // Groups by the key a WITH query or subquery passes through: whole on
+    // their shard.
+    (
+        "WITH f AS (SELECT * FROM orders WHERE qty > 5) \
+         SELECT tenant_id, count(DISTINCT region), string_agg(region, ',' ORDER BY region, id) FROM f \
+         GROUP BY tenant_id ORDER BY 1",
+        Rows::Ordered,
+    ),
+    (
+        "SELECT t.tenant_id, count(DISTINCT t.region) AS r FROM (SELECT tenant_id, id, region FROM orders) t \
+         GROUP BY t.tenant_id HAVING count(*) > 1 ORDER BY r DESC, 1 LIMIT 6",
+        Rows::Ordered,
+    ),
+    (
+        "SELECT x.tenant_id, count(DISTINCT x.sku) FROM (SELECT o.tenant_id, i.sku FROM orders o \
+         JOIN items i ON i.tenant_id = o.tenant_id AND i.id = o.id) x GROUP BY 1 ORDER BY 2 DESC, 1",
+        Rows::Ordered,
+    ),
 ];
 
 /// `SELECT *` expanded from the shards' row descriptions, DISTINCT and
@@ -664,6 +682,21 @@ async fn merges_the_router_cannot_do_exactly_are_refused_by_name() {
         ("SELECT region, count(*) FROM orders GROUP BY region HAVING stddev(qty) > 1", "stddev()"),
         ("SELECT region, count(*) FROM orders GROUP BY region HAVING sum(qty) + 1 > 1", "operator +"),
         ("SELECT count(DISTINCT region) FROM orders", "count(DISTINCT …)"),
+        // A derived table's column named like the key that is not the key,
+        // or may be NULL: groups across shards.
+        (
+            "SELECT tenant_id, count(DISTINCT id) FROM (SELECT region AS tenant_id, id FROM orders) t GROUP BY tenant_id",
+            "count(DISTINCT …)",
+        ),
+        (
+            "SELECT tenant_id, count(DISTINCT id) FROM (SELECT tenant_id::text, id FROM orders) t GROUP BY tenant_id",
+            "count(DISTINCT …)",
+        ),
+        (
+            "WITH f AS (SELECT p.id, o.tenant_id FROM orders p LEFT JOIN orders o ON o.tenant_id = p.tenant_id \
+             AND o.id = p.id + 1) SELECT tenant_id, count(DISTINCT id) FROM f GROUP BY tenant_id",
+            "count(DISTINCT …)",
+        ),
         // GROUP BY takes an input column before an output alias: these are
         // groups by region, not by the key.
         ("SELECT max(tenant_id) AS region, count(DISTINCT id) FROM orders GROUP BY region", "count(DISTINCT …)"),

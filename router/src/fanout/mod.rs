@@ -22,6 +22,7 @@
 //! RowDescription; columns a client asked for in binary are converted at the end
 //! ([`in_formats`]) for the types whose binary form follows from the text alone.
 
+mod groups;
 mod having;
 mod merge;
 mod outputs;

@@ -2,10 +2,10 @@
 
 use pg_query::protobuf::{self, a_const, node::Node as N, Node};
 
+use super::groups::groups_stay_on_their_shard;
 use super::having::{self, Filter};
 use super::outputs::{
-    aggregate, groups_stay_on_their_shard, has_aggregate, int_const, is_aggregate, outputs, plain_tables, Key, Names,
-    OutputRef, Outputs,
+    aggregate, has_aggregate, int_const, is_aggregate, outputs, plain_tables, Key, Names, OutputRef, Outputs,
 };
 use super::{refuse, ColumnMerge, FanoutError, FullMerge, MergeSpec, OutputName, SortKey, Star};
 
@@ -51,13 +51,15 @@ pub fn plan(
     // be a WITH query's, not a table's, so nothing here is taken from the
     // catalog by a FROM name.
     let with = sel.with_clause.is_some();
+    let is_sharded_table = |t: &str| table_columns(t).is_some();
     let catalog = |t: &str| if with { None } else { table_columns(t) };
     let table_columns: &dyn Fn(&str) -> Option<Vec<String>> = &catalog;
     let table_width = &|t: &str| table_columns(t).map(|c| c.len());
     let plain = !union && !with && plain_tables(&sel.from_clause);
     let inputs = input_columns(&sel.from_clause, table_columns);
-    let local_groups =
-        plain && groups_stay_on_their_shard(sel, key_column, &|t: &str| table_columns(t).is_some(), inputs.as_deref());
+    // Groups by the key, over tables or over the one WITH query or subquery
+    // FROM reads (which knows WITH queries from tables by name itself).
+    let local_groups = !union && groups_stay_on_their_shard(sel, key_column, &is_sharded_table, inputs.as_deref());
     let key = Key { column: key_column, plain_tables: plain, local_groups };
     let mut out = if union { union_outputs(sel, &key)? } else { outputs(sel, &key)? };
     out.inputs = inputs;

@@ -867,7 +867,7 @@ pub(super) fn expression_children(node: &N) -> Option<Vec<&Node>> {
 /// What in a subquery computes over many rows, which on each shard would be
 /// that shard's rows only; None when each row it gives comes from one row of
 /// each table it joins.
-fn mixes_rows(sel: &protobuf::SelectStmt) -> Option<&'static str> {
+pub fn mixes_rows(sel: &protobuf::SelectStmt) -> Option<&'static str> {
     use super::aggregates::has_aggregate;
     if sel.op > 1 {
         let union_all = sel.op == protobuf::SetOperation::SetopUnion as i32 && sel.all;

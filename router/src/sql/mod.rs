@@ -30,7 +30,7 @@ pub use analyze::{
     StatementKind, TxnControl,
 };
 pub use cache::AnalysisCache;
-pub use colocation::{NotLocal, Read};
+pub use colocation::{mixes_rows, NotLocal, Read};
 pub use key_writes::{InsertSelect, Inserted, KeyChange};
 pub use lift::{statement_name, ServerForm, SimpleForm};
 

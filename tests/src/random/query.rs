@@ -56,9 +56,8 @@ pub enum Feature {
     Derived,
     /// The derived table is a WITH query (else a subquery in FROM).
     WithQuery,
-    /// Groups by the key column a derived table passes through: the router
-    /// sees groups by the key only over plain tables, so these merge as other
-    /// groups do, and aggregates beyond the mergeable ones are refused.
+    /// Groups by the key column a derived table passes through, which the
+    /// shards answer whole.
     KeyGroupsOfDerived,
     /// GROUP BY names the key column by its position or its alias (over
     /// plain tables, the router sees these as groups by the key too).
@@ -69,10 +68,9 @@ impl Feature {
     /// Whether docs/routing.md says cross-shard reads merge it today; the
     /// others are being added and may still be refused. Groups by the key
     /// (any aggregate, HAVING with parameters), expressions as ORDER BY and
-    /// GROUP BY names, groups by the key named by position or alias, and
-    /// derived tables whose rows are each one row of `items` are merged
-    /// today; groups by the key of a derived table are not seen as such
-    /// (they merge as other groups, whose aggregates are few).
+    /// GROUP BY names, groups by the key named by position or alias, derived
+    /// tables whose rows are each one row of `items`, and groups by the key
+    /// they pass through are merged today.
     pub fn merged_today(self) -> bool {
         !matches!(
             self,
@@ -82,7 +80,6 @@ impl Feature {
                 | Feature::Star
                 | Feature::UnionAll
                 | Feature::CountDistinct
-                | Feature::KeyGroupsOfDerived
         )
     }
 }
