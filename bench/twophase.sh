@@ -16,6 +16,7 @@
 #
 #   bench/twophase.sh                               # 3 rounds x 5 s per run: about 3 minutes
 #   ROUNDS=5 SECONDS_PER_RUN=10 bench/twophase.sh   # longer, steadier
+#   BIN=/path/to/shardgate bench/twophase.sh        # a build of your own
 #
 # Needs root or the postgres OS user; builds target/release/shardgate. Every
 # process and temp dir it starts is removed on exit, Ctrl-C included.
@@ -29,9 +30,11 @@ CLIENTS=(1 16)
 HALF=$((TENANTS / 2))
 
 scripts/install-deps.sh --bench >/dev/null
-echo "building shardgate (cargo build --release -p shardgate)" >&2
-cargo build --release -q -p shardgate
-BIN=$PWD/target/release/shardgate
+if [ -z "${BIN:-}" ]; then
+  echo "building shardgate (cargo build --release -p shardgate)" >&2
+  cargo build --release -q -p shardgate
+  BIN=$PWD/target/release/shardgate
+fi
 
 work=$(mktemp -d /tmp/shardgate-2pc.XXXXXX)
 chmod 755 "$work"

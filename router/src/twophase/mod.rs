@@ -121,17 +121,49 @@ pub enum Outcome {
     Abandoned,
 }
 
-/// One simple query's reply: its last command tag and its first error.
+/// The decision insert's name as a prepared statement on server connections.
+const DECIDE: &str = "shardgate_decide";
+
+/// Queues the decision insert on the decider, as a prepared statement (its
+/// Parse first on a connection that lacks it): the decider's Postgres parses
+/// and plans it once per connection, not once per commit. True when it
+/// queued the Parse.
+fn queue_decision(decider: &mut Backend, txid: &str) -> bool {
+    let parse = !decider.prepared.contains(DECIDE);
+    if parse {
+        let sql = "INSERT INTO shardgate.decisions (txid, committed) VALUES ($1, true)";
+        decider.conn.queue(&messages::parse(DECIDE, sql, &[25]));
+        decider.prepared.insert(DECIDE.to_string());
+    }
+    let bind = messages::Builder::new(b'B')
+        .cstr("")
+        .cstr(DECIDE)
+        .i16(0)
+        .i16(1)
+        .i32(txid.len() as i32)
+        .bytes(txid.as_bytes())
+        .i16(0)
+        .finish();
+    decider.conn.queue(&bind);
+    decider.conn.queue(&messages::Builder::new(b'E').cstr("").i32(0).finish());
+    decider.conn.queue(&messages::sync());
+    parse
+}
+
+/// One query's reply: its last command tag, its first error, and whether a
+/// Parse in it succeeded.
 struct Reply {
     tag: Option<String>,
     error: Option<(String, String)>,
+    parsed: bool,
 }
 
 async fn read_reply(conn: &mut Backend) -> Result<Reply, ProtocolError> {
-    let mut reply = Reply { tag: None, error: None };
+    let mut reply = Reply { tag: None, error: None, parsed: false };
     loop {
         let m = conn.conn.read().await?;
         match m.tag() {
+            b'1' => reply.parsed = true,
             b'C' => {
                 let body = m.body();
                 reply.tag = Some(String::from_utf8_lossy(&body[..body.len().saturating_sub(1)]).into_owned());
@@ -193,9 +225,7 @@ pub async fn commit(
 
     // 1. Prepare everywhere else; the decision row waits, uncommitted, on the decider.
     let sent_at = std::time::Instant::now();
-    decider
-        .conn
-        .queue(&messages::query(&format!("INSERT INTO shardgate.decisions (txid, committed) VALUES ('{txid}', true)")));
+    let parsing = queue_decision(decider, txid);
     let decider_sent = decider.conn.flush().await;
     let prepares: Vec<String> = gids.iter().map(|g| format!("PREPARE TRANSACTION '{g}'")).collect();
     let replies = on_each(&mut conns, &prepares).await;
@@ -203,11 +233,14 @@ pub async fn commit(
         Ok(()) => read_reply(decider).await,
         Err(e) => Err(e),
     };
+    if parsing && !decided.as_ref().is_ok_and(|r| r.parsed) {
+        decider.prepared.remove(DECIDE);
+    }
     let mut failure: Option<SqlError> = None;
     let mut prepared = vec![false; conns.len()];
     for (i, r) in replies.into_iter().enumerate() {
         match r {
-            Ok(Reply { tag: Some(t), error: None }) if t == "PREPARE TRANSACTION" => {
+            Ok(Reply { tag: Some(t), error: None, .. }) if t == "PREPARE TRANSACTION" => {
                 prepared[i] = true;
                 c.prepared.fetch_add(1, Ordering::Relaxed);
             }
@@ -272,7 +305,7 @@ pub async fn commit(
         Err(e) => Err(e),
     };
     let committed = match committed {
-        Ok(Reply { tag: Some(t), error: None }) if t == "COMMIT" => true,
+        Ok(Reply { tag: Some(t), error: None, .. }) if t == "COMMIT" => true,
         Ok(Reply { error, .. }) => {
             // A deferred constraint failed at commit, say: nothing committed.
             let e = match error {
