@@ -890,6 +890,19 @@ async fn a_pipeline_of_split_inserts_is_one_transaction() {
     let rows = "SELECT count(*) FROM acct WHERE id IN (70, 71)";
     assert_eq!(count_on_each(&h, 3, rows).await.iter().sum::<i64>(), 4);
 
+    // A row limit on its Execute: each shard's part runs whole, so the portal
+    // could not be suspended after N rows as on Postgres. Refused, nothing
+    // written.
+    let limited = vec![
+        parse("", two, &[20, 20, 20, 20, 20]),
+        bind("", &[t[0], 1, t[1], 2, 90], true),
+        shardgate_tests::raw::frame(b'E', &[0, 0, 0, 0, 1]),
+        sync(),
+    ];
+    let got = Raw::login(h.port()).await.run(&limited).await;
+    assert!(got.contains(&"error 0A000".to_string()), "{got:?}");
+    assert_eq!(count_on_each(&h, 3, "SELECT count(*) FROM acct WHERE id = 90").await.iter().sum::<i64>(), 0);
+
     // Inside a transaction block the pipeline's rows join the block: its
     // ROLLBACK leaves none of them, its COMMIT keeps all.
     for (end, ids, kept) in [("ROLLBACK", [50, 51, 52], 0), ("COMMIT", [60, 61, 62], 5)] {

@@ -363,6 +363,21 @@ fn bind_kept(bind: &messages::Bind<'_>, kept: &[usize]) -> Bytes {
     b.finish()
 }
 
+/// Whether an Execute among `msgs` asks for a limited number of rows: a split
+/// INSERT runs each shard's part whole, so it cannot stop after N of its
+/// RETURNING rows and suspend the portal as Postgres would.
+fn row_limited(msgs: &[Message]) -> bool {
+    msgs.iter().filter(|m| m.tag() == b'E').any(|m| {
+        let mut r = messages::Reader::new(m.body(), "Execute");
+        r.cstr().and_then(|_| r.i32()).unwrap_or(0) > 0
+    })
+}
+
+fn row_limit_refused() -> SqlError {
+    SqlError::new("0A000", "a row limit on a multi-row INSERT whose rows are for several shards".into())
+        .hint("execute it without a row limit (fetch size), or send one tenant's rows per statement")
+}
+
 fn execute_unnamed() -> Bytes {
     messages::Builder::new(b'E').cstr("").i32(0).finish()
 }
@@ -390,6 +405,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             )
             .hint("bind the statement again for each execution");
             return self.fail_batch(e, true).await;
+        }
+        if row_limited(batch) {
+            return self.fail_batch(row_limit_refused(), true).await;
         }
         let describe_statement =
             batch.iter().any(|m| m.tag() == b'D' && matches!(messages::target_and_name(m), Ok((b'S', _))));
@@ -518,6 +536,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         parts: &[(ShardId, Vec<usize>)],
     ) -> Result<SplitRun, SessionError> {
         let runs = match self.split_insert_runs(bind, stmt, parts, false, false) {
+            Ok(_) if row_limited(msgs) => Err(row_limit_refused()),
+            other => other,
+        };
+        let runs = match runs {
             Ok(r) => r,
             Err(e) => {
                 crate::metrics::global().error(e.code);
