@@ -2,6 +2,7 @@
 //! a template data directory so each suite starts in about a second) and routers
 //! running in the test process.
 
+pub mod bank;
 pub mod checker;
 pub mod random;
 pub mod raw;

@@ -51,7 +51,7 @@ pub(super) fn groups_stay_on_their_shard(
     };
     let by_alias = |g: &Node| -> Option<Vec<String>> {
         let [name] = column_fields(g)?.try_into().ok()?;
-        if inputs?.iter().any(|c| *c == name) {
+        if inputs?.contains(&name) {
             return None;
         }
         let mut named = sel.target_list.iter().filter(|t| matches!(&t.node, Some(N::ResTarget(rt)) if rt.name == name));
@@ -162,7 +162,7 @@ fn keeps_the_key(body: &protobuf::SelectStmt, key_column: &str, table: &dyn Fn(&
             // Every table's columns: each a sharded table with its key, none
             // on the nullable side of an outer join.
             Some([star]) if star == "*" => {
-                if !(names.iter().all(|n| table(n)) && !has_outer_join(from)) {
+                if !names.iter().all(|n| table(n)) || has_outer_join(from) {
                     return false;
                 }
                 true
