@@ -482,18 +482,27 @@ async fn a_pipeline_of_split_inserts_is_one_transaction() {
     let rows = "SELECT count(*) FROM acct WHERE id IN (70, 71)";
     assert_eq!(count_on_each(&h, 3, rows).await.iter().sum::<i64>(), 4);
 
-    // A row limit on its Execute: each shard's part runs whole, so the portal
-    // could not be suspended after N rows as on Postgres. Refused, nothing
-    // written.
-    let limited = vec![
-        parse("", two, &[20, 20, 20, 20, 20]),
-        bind("", &[t[0], 1, t[1], 2, 90], true),
-        shardgate_tests::raw::frame(b'E', &[0, 0, 0, 0, 1]),
-        sync(),
-    ];
-    let got = Raw::login(h.port()).await.run(&limited).await;
+    // A row limit on its Execute. Without RETURNING there are no rows to
+    // limit (pgjdbc asks for one row of each statement of a batch): it runs,
+    // as on Postgres. With RETURNING each shard's part runs whole, so the
+    // portal could not be suspended after N rows as on Postgres: refused,
+    // nothing written.
+    let limited = |sql: &str, id: i64| {
+        vec![
+            parse("", sql, &[20, 20, 20, 20, 20]),
+            bind("", &[t[0], 1, t[1], 2, id], true),
+            shardgate_tests::raw::frame(b'E', &[0, 0, 0, 0, 1]),
+            sync(),
+        ]
+    };
+    let through = Raw::login(h.port()).await.run(&limited(two, 90)).await;
+    let direct = Raw::login(h.shard_server(0).port()).await.run(&limited(two, 91)).await;
+    assert_eq!(through, direct);
+    assert_eq!(count_on_each(&h, 3, "SELECT count(*) FROM acct WHERE id = 90").await.iter().sum::<i64>(), 2);
+    let returning = format!("{two} RETURNING id");
+    let got = Raw::login(h.port()).await.run(&limited(&returning, 92)).await;
     assert!(got.contains(&"error 0A000".to_string()), "{got:?}");
-    assert_eq!(count_on_each(&h, 3, "SELECT count(*) FROM acct WHERE id = 90").await.iter().sum::<i64>(), 0);
+    assert_eq!(count_on_each(&h, 3, "SELECT count(*) FROM acct WHERE id = 92").await.iter().sum::<i64>(), 0);
 
     // Inside a transaction block the pipeline's rows join the block: its
     // ROLLBACK leaves none of them, its COMMIT keeps all.

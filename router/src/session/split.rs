@@ -363,14 +363,17 @@ fn bind_kept(bind: &messages::Bind<'_>, kept: &[usize]) -> Bytes {
     b.finish()
 }
 
-/// Whether an Execute among `msgs` asks for a limited number of rows: a split
-/// INSERT runs each shard's part whole, so it cannot stop after N of its
-/// RETURNING rows and suspend the portal as Postgres would.
-fn row_limited(msgs: &[Message]) -> bool {
-    msgs.iter().filter(|m| m.tag() == b'E').any(|m| {
-        let mut r = messages::Reader::new(m.body(), "Execute");
-        r.cstr().and_then(|_| r.i32()).unwrap_or(0) > 0
-    })
+/// Whether an Execute among `msgs` asks for a limited number of the
+/// statement's RETURNING rows: a split INSERT runs each shard's part whole,
+/// so it cannot stop after N of them and suspend the portal as Postgres
+/// would. Without RETURNING there are no rows to limit (pgjdbc asks for one
+/// row of every statement of a batch).
+fn row_limited(msgs: &[Message], stmt: &Statement) -> bool {
+    stmt.insert.as_ref().is_some_and(|i| i.has_returning)
+        && msgs.iter().filter(|m| m.tag() == b'E').any(|m| {
+            let mut r = messages::Reader::new(m.body(), "Execute");
+            r.cstr().and_then(|_| r.i32()).unwrap_or(0) > 0
+        })
 }
 
 fn row_limit_refused() -> SqlError {
@@ -406,7 +409,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .hint("bind the statement again for each execution");
             return self.fail_batch(e, true).await;
         }
-        if row_limited(batch) {
+        if row_limited(batch, stmt) {
             return self.fail_batch(row_limit_refused(), true).await;
         }
         let describe_statement =
@@ -536,7 +539,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         parts: &[(ShardId, Vec<usize>)],
     ) -> Result<SplitRun, SessionError> {
         let runs = match self.split_insert_runs(bind, stmt, parts, false, false) {
-            Ok(_) if row_limited(msgs) => Err(row_limit_refused()),
+            Ok(_) if row_limited(msgs, stmt) => Err(row_limit_refused()),
             other => other,
         };
         let runs = match runs {
