@@ -399,3 +399,33 @@ async fn statements_parsed_again_in_a_pipeline_across_shards_land_on_their_shard
         assert_eq!(on_shard, ids.map(|id| (tenant, id)), "shard {shard}");
     }
 }
+
+/// A pipeline whose part before a Flush fails on the server (a duplicate
+/// key in asyncpg's or psycopg's pipeline): Postgres skips the rest up to the
+/// Sync and answers it with ReadyForQuery alone. The router sent the rest to
+/// the server and waited for replies the server never sends: the session
+/// hung.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_failed_before_its_flush_skips_to_its_sync() {
+    use shardgate_tests::raw::flush;
+    let h = Harness::start(1).await;
+    let c = h.client().await;
+    c.batch_execute("CREATE TABLE t (tenant_id bigint, id bigint, PRIMARY KEY (tenant_id, id))").await.unwrap();
+    c.batch_execute("INSERT INTO t VALUES (1, 1), (2, 1)").await.unwrap();
+    let select = "SELECT id FROM t WHERE tenant_id = $1 ORDER BY id";
+    for (side, port, tenant) in [("Postgres", h.shard_server(0).port(), 1), ("router", h.port(), 2)] {
+        let mut raw = Raw::login(port).await;
+        raw.send(&[parse("", "INSERT INTO t VALUES ($1, 1)", &[20]), bind("", &[tenant], false), execute(), flush()])
+            .await;
+        let mut tags = Vec::new();
+        for _ in 0..3 {
+            tags.push(raw.next().await.0);
+        }
+        assert_eq!(tags, [b'1', b'2', b'E'], "{side}: ParseComplete, BindComplete, the duplicate key");
+        let rest = raw.run(&[parse("", select, &[20]), bind("", &[tenant], false), execute(), sync()]).await;
+        assert_eq!(rest, ["ready I"], "{side}: the rest skipped up to the Sync");
+        let after = raw.run(&[parse("", select, &[20]), bind("", &[tenant], false), execute(), sync()]).await;
+        assert_eq!(after.len(), 5, "{side}: the session goes on: {after:?}");
+        assert_eq!(after.last().map(String::as_str), Some("ready I"), "{side}: {after:?}");
+    }
+}

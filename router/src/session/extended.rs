@@ -61,7 +61,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if !self.batch_aliases.is_empty() {
             self.drop_aliases();
         }
-        result
+        result?;
+        if !sync && self.txn.skipping {
+            // As Postgres after an error: the client's messages up to its
+            // Sync are skipped, and the Sync ends the pipeline.
+            self.skip_to_sync().await?;
+            return self.end_skipped_pipeline().await;
+        }
+        Ok(())
+    }
+
+    /// Ends, at the client's Sync, a pipeline whose server failed a
+    /// Flush-ended part: the server skipped what came after the error, and
+    /// answers the Sync with its ReadyForQuery.
+    pub(super) async fn end_skipped_pipeline(&mut self) -> Result<(), SessionError> {
+        self.txn.skipping = false;
+        let Some(b) = self.txn.held.as_mut() else {
+            return self.ready().await;
+        };
+        b.conn.conn.queue(&messages::sync());
+        if let Err(e) = b.conn.conn.flush().await {
+            return self.lost_backend(e).await;
+        }
+        let mut expects = std::mem::take(&mut self.spare_expects);
+        expects.clear();
+        expects.push_back(Expect::Sync);
+        let started = crate::clock::Stamp::now();
+        let relayed = self.relay_batch(expects, None).await;
+        self.batch_relayed(relayed, started, &[], &[], None).await
     }
 
     /// The general path for a batch: admitted, routed as one, then answered by
@@ -568,6 +595,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let relayed = self.relay_batch(expects, None).await;
         if held_begin.is_some() {
             self.txn.pending_begin = held_begin;
+        }
+        if !sync && matches!(relayed, Ok(None)) && self.saw_error {
+            self.txn.skipping = true;
         }
         if describe_only && matches!(relayed, Ok(None)) && !self.saw_error {
             return self.release_after_describe().await;

@@ -173,6 +173,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.txn.pending_begin = None;
         self.txn.aborted = false;
         self.txn.open_batch = false;
+        self.txn.skipping = false;
         self.shadow_digest = None;
         crate::metrics::global().error("08006");
         self.client.queue(

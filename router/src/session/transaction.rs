@@ -30,6 +30,9 @@ pub(super) struct Transaction {
     pub(super) aborted: bool,
     /// A Flush left a batch open on `held` until the next Sync.
     pub(super) open_batch: bool,
+    /// The server of `held` failed a Flush-ended part of the pipeline: it
+    /// skips the rest up to the client's Sync, and so does the router.
+    pub(super) skipping: bool,
     /// The other shards a transaction block has written on (two-phase
     /// commit, `twophase.rs`): their connections, each with the block open.
     pub(super) parked: Vec<Held>,
