@@ -482,6 +482,20 @@ async fn a_pipeline_of_split_inserts_is_one_transaction() {
     let rows = "SELECT count(*) FROM acct WHERE id IN (70, 71)";
     assert_eq!(count_on_each(&h, 3, rows).await.iter().sum::<i64>(), 4);
 
+    // Bound and not executed before the next Bind: the split would run rows
+    // the client never executed. Refused, nothing written.
+    let unexecuted = vec![
+        parse("", two, &[20, 20, 20, 20, 20]),
+        bind("", &[t[0], 1, t[1], 2, 95], true),
+        bind("", &[t[0], 1, t[1], 2, 96], true),
+        execute(),
+        sync(),
+    ];
+    let got = Raw::login(h.port()).await.run(&unexecuted).await;
+    assert!(got.contains(&"error 0A000".to_string()), "{got:?}");
+    let rows = "SELECT count(*) FROM acct WHERE id IN (95, 96)";
+    assert_eq!(count_on_each(&h, 3, rows).await.iter().sum::<i64>(), 0);
+
     // A row limit on its Execute. Without RETURNING there are no rows to
     // limit (pgjdbc asks for one row of each statement of a batch): it runs,
     // as on Postgres. With RETURNING each shard's part runs whole, so the

@@ -474,12 +474,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let shard = match target {
                     Target::Shard(s) => s,
                     Target::Any => continue,
-                    Target::SplitInsert(parts) if p.analysis.as_ref().is_some_and(|a| a.statements.len() == 1) => {
+                    Target::SplitInsert(parts)
+                        if !parts.is_empty() && p.analysis.as_ref().is_some_and(|a| a.statements.len() == 1) =>
+                    {
                         // The Bind up to its Execute, answered by the split;
                         // what came before runs where it was going (or on the
-                        // split's first shard).
+                        // split's first shard). The split runs the rows, so a
+                        // Bind that is not executed is refused, not run.
                         let analysis = p.analysis.clone().expect("checked above");
-                        let end = batch[i..].iter().position(|m| m.tag() == b'E').map_or(batch.len(), |e| i + e + 1);
+                        let next = batch[i + 1..].iter().position(|m| matches!(m.tag(), b'E' | b'B' | b'S'));
+                        let end = match next.map(|at| (i + 1 + at, batch[i + 1 + at].tag())) {
+                            Some((at, b'E')) => at + 1,
+                            _ => {
+                                return Err(SqlError::new(
+                                    "0A000",
+                                    "a multi-row INSERT whose rows are for several shards, bound and not executed".into(),
+                                )
+                                .hint("execute each Bind of it before the next Bind or Sync"))
+                            }
+                        };
                         if start < i {
                             let shard = current.unwrap_or(parts[0].0);
                             out.push(Segment::Relay(shard, start..i));
