@@ -429,3 +429,41 @@ async fn a_pipeline_failed_before_its_flush_skips_to_its_sync() {
         assert_eq!(after.last().map(String::as_str), Some("ready I"), "{side}: {after:?}");
     }
 }
+
+/// Runs each step (a pipeline of raw messages, or a simple query) through
+/// the router over one shard and straight on its Postgres, each side in a
+/// database of its own holding `t` with the same rows, and asserts the same
+/// replies, step by step. Returns Postgres's.
+async fn same_as_postgres(steps: &[Vec<Vec<u8>>]) -> Vec<Vec<String>> {
+    let h = Harness::start(1).await;
+    let table = "CREATE TABLE t (tenant_id bigint, id bigint, v int, PRIMARY KEY (tenant_id, id));
+                 INSERT INTO t VALUES (1, 1, 10), (1, 2, 20), (1, 3, 30)";
+    h.client().await.batch_execute(table).await.unwrap();
+    h.shard_server(0).create_database("mirror").await.unwrap();
+    h.shard_server(0).connect("mirror").await.unwrap().batch_execute(table).await.unwrap();
+    let mut direct = Raw::login_to(h.shard_server(0).port(), "mirror").await;
+    let mut routed = Raw::login(h.port()).await;
+    let mut answers = Vec::new();
+    for (i, step) in steps.iter().enumerate() {
+        let want = direct.run(step).await;
+        let got = routed.run(step).await;
+        assert_eq!(got, want, "step {i}: the router answered otherwise than Postgres");
+        answers.push(want);
+    }
+    answers
+}
+
+const SELECT_V: &str = "SELECT v FROM t WHERE tenant_id = $1 ORDER BY id";
+
+/// A simple query drops the unnamed statement, in Postgres (it runs as if it
+/// used the unnamed statement and portal). The router kept it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simple_query_drops_the_unnamed_statement() {
+    let answers = same_as_postgres(&[
+        vec![parse("", SELECT_V, &[20]), sync()],
+        vec![query("SELECT v FROM t WHERE tenant_id = 1 ORDER BY id")],
+        vec![bind("", &[1], false), execute(), sync()],
+    ])
+    .await;
+    assert_eq!(answers[2], ["error 26000", "ready I"]);
+}

@@ -278,6 +278,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn simple_query(&mut self, m: &Message) -> Result<(), SessionError> {
+        // A simple query drops the unnamed statement, as in Postgres (it
+        // runs as if it used the unnamed statement and portal).
+        self.prepared.remove("");
         let sql = match query_text(m) {
             Ok(s) => s,
             Err(e) => return self.fail_simple(SqlError::new("08P01", e.to_string())).await,
