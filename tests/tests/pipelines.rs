@@ -607,6 +607,34 @@ async fn a_portal_bound_in_a_transaction_block_is_the_blocks() {
     assert_eq!(answers[2], ["error 42P03", "ready E"]);
 }
 
+/// A DELETE … RETURNING executed with a row limit has deleted its rows, but
+/// the statements after it see that only once the server parses one
+/// (Postgres moves the command counter at each Parse). The router answered
+/// a Parse of a statement its shard connection had itself: the SELECT after
+/// it still saw the deleted row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_suspended_by_a_row_limit_is_seen_by_the_statements_parsed_after_it() {
+    use shardgate_tests::raw::{bind_portal, execute_portal};
+    let delete = "DELETE FROM t WHERE tenant_id = 1 AND id > $1 RETURNING id";
+    let selected = |n: usize| format!("C {:?}", format!("SELECT {n}\0").into_bytes());
+    let select = "SELECT id FROM t WHERE tenant_id = 1 ORDER BY id";
+    let answers = same_as_postgres(&[
+        vec![parse("", select, &[]), bind("", &[], false), execute(), sync()],
+        vec![
+            parse("", delete, &[20]),
+            bind("", &[2], false),
+            execute_portal("", 1),
+            parse("", select, &[]),
+            bind_portal("p", "", &[], false, &[]),
+            execute_portal("p", 0),
+            sync(),
+        ],
+    ])
+    .await;
+    assert_eq!(answers[0][answers[0].len() - 2], selected(3));
+    assert_eq!(answers[1][answers[1].len() - 2], selected(2), "the deleted row is gone: {:?}", answers[1]);
+}
+
 /// In a transaction block that failed in the router before it reached a
 /// shard, Postgres describes a statement that returns no rows (its
 /// parameters, NoData); the router has no shard to ask for the parameters'

@@ -234,11 +234,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         let backend = &mut b.conn;
         // A Parse of a statement the server has is answered here, but not
-        // when the server's transaction block failed: it refuses the Parse
-        // (25P02) as Postgres does, or parses an end of the block. The
+        // when the server must see it: its transaction block failed (it
+        // refuses the Parse, 25P02, or parses an end of the block), or an
+        // Execute with a row limit ran before it (a Parse makes the rows
+        // that Execute wrote visible to what follows, as in Postgres). The
         // server then parses it again, unnamed.
         let failed = self.txn.last_status == b'E';
+        // The portals this batch binds, and whether their statements read only.
+        let mut portals: smallvec::SmallVec<[(&[u8], bool); 4]> = smallvec::SmallVec::new();
         for m in batch {
+            if m.tag() == b'E' && !m.body().ends_with(&[0, 0, 0, 0]) {
+                let portal = m.body().split(|&b| b == 0).next().unwrap_or_default();
+                let reads = portals.iter().rev().find(|(p, _)| *p == portal).is_some_and(|(_, reads)| *reads);
+                self.txn.limited_execute |= !reads;
+            }
+            if m.tag() == b'B' {
+                if let Ok(bind) = Bind::parse(m) {
+                    let reads = self.prepared.get(bind.statement).and_then(|p| p.analysis.as_ref()).is_some_and(|a| {
+                        a.statements.iter().all(|s| s.kind == crate::sql::StatementKind::Select && s.written.is_empty())
+                    });
+                    portals.push((bind.portal.as_bytes(), reads));
+                }
+            }
             match m.tag() {
                 b'P' => {
                     let Ok(parse) = Parse::parse(m) else { continue };
@@ -252,7 +269,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             server_name: p.server_name.clone(),
                             client_name: Some(parse.name.to_string()),
                         });
-                    } else if failed {
+                    } else if failed || self.txn.limited_execute {
                         backend.conn.queue(&messages::parse("", &p.sql, &p.param_types));
                         expects.push_back(Expect::Parse {
                             forward: true,
