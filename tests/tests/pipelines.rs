@@ -457,11 +457,10 @@ const SELECT_V: &str = "SELECT v FROM t WHERE tenant_id = $1 ORDER BY id";
 
 /// Postgres runs a pipeline's messages one after the other, up to the first
 /// that fails. The router refused the whole pipeline when it found the
-/// failing message itself (a Bind of a statement not defined, a Parse of a
-/// statement name in use, a Bind short of the tenant's parameter, a
-/// Describe of a statement closed before it): the client got the error
-/// alone, without the replies to the messages before it. It also never said
-/// 42P05, and parsed the name again.
+/// failing message itself (a Bind of a statement not defined, a Bind short
+/// of the tenant's parameter, a Describe of a statement closed before it):
+/// the client got the error alone, without the replies to the messages
+/// before it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_messages_before_one_the_router_refuses_run_first() {
     use shardgate_tests::raw::close_statement;
@@ -470,7 +469,7 @@ async fn the_messages_before_one_the_router_refuses_run_first() {
         // Run, then rolled back with the pipeline's implicit transaction.
         vec![parse("", insert, &[20]), bind("", &[7], false), execute(), bind("nope", &[], false), execute(), sync()],
         vec![parse("a", SELECT_V, &[20]), sync()],
-        vec![parse("", SELECT_V, &[20]), parse("a", insert, &[20]), bind("a", &[8], false), execute(), sync()],
+        vec![parse("", SELECT_V, &[20]), close_statement("a"), bind("a", &[8], false), execute(), sync()],
         vec![parse("", SELECT_V, &[20]), bind("", &[], false), execute(), sync()],
         vec![close_statement("a"), describe_statement("a"), sync()],
         vec![
@@ -483,7 +482,7 @@ async fn the_messages_before_one_the_router_refuses_run_first() {
     .await;
     assert_eq!(answers[0][..3], ["1", "2", "C [73, 78, 83, 69, 82, 84, 32, 48, 32, 49, 0]"]);
     assert_eq!(answers[0][3..], ["error 26000", "ready I"]);
-    assert_eq!(answers[2], ["1", "error 42P05", "ready I"]);
+    assert_eq!(answers[2], ["1", "3", "error 26000", "ready I"]);
     assert_eq!(answers[3], ["1", "error 08P01", "ready I"]);
     assert_eq!(answers[4], ["3", "error 26000", "ready I"]);
     assert!(answers[5].contains(&format!("D {:?}", [0u8, 1, 0, 0, 0, 1, b'0'])), "nothing stays: {:?}", answers[5]);
@@ -650,4 +649,17 @@ async fn a_statement_described_in_a_block_failed_before_any_shard_is_described()
         vec![query("ROLLBACK")],
     ])
     .await;
+}
+
+/// Postgres fails a Parse of a statement name in use (42P05); the router
+/// parses the name again. Its table of a session's statements may hold one
+/// that a pipeline across shards parsed after an error (and Postgres
+/// skipped), which the client then parses again: pgjdbc does, and a 42P05
+/// there would break it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the router parses a statement name in use again, where Postgres fails the Parse with 42P05"]
+async fn a_parse_of_a_statement_name_in_use_fails() {
+    let answers =
+        same_as_postgres(&[vec![parse("a", SELECT_V, &[20]), sync()], vec![parse("a", "SELECT 1", &[]), sync()]]).await;
+    assert_eq!(answers[1], ["error 42P05", "ready I"]);
 }

@@ -570,11 +570,13 @@ impl Env {
                 if !known_difference(step, &status, &want, &got) {
                     return Some((i, want, got));
                 }
-                // The sessions part ways from here: the case ends.
+                // The sessions part ways from here, and so may the rows (a
+                // pipeline Postgres fails at a 42P05 commits through the
+                // router): the case ends.
                 for side in [&mut direct, &mut routed] {
                     side.step(&end).await;
                 }
-                break;
+                return None;
             }
             status = want.iter().rev().find(|l| l.starts_with("ReadyForQuery")).cloned().unwrap_or(status);
         }
@@ -641,6 +643,11 @@ impl Env {
 /// The differences the router is known to have, each narrowly (`status`:
 /// the session's before the step):
 ///
+/// - A Parse of a statement name in use: Postgres fails it (42P05), and the
+///   pipeline with it; the router parses the name again, since its table of
+///   a session's statements may hold one a pipeline across shards parsed
+///   after an error, which the client parses again. (`pipelines.rs`:
+///   `a_parse_of_a_statement_name_in_use_fails`, ignored.)
 /// - In a transaction block that failed in the router before it reached a
 ///   shard, a Describe of a statement without result columns is refused
 ///   (25P02), where Postgres describes it: the router has no shard to ask
@@ -650,6 +657,10 @@ impl Env {
 ///   ignored.)
 fn known_difference(step: &Step, status: &str, want: &[String], got: &[String]) -> bool {
     let Step::Pipeline(msgs) = step else { return false };
+    let parted = want.iter().zip(got).position(|(w, g)| w != g);
+    if parted.is_some_and(|i| want[i] == "Error 42P05" && got[i] == "ParseComplete") {
+        return true;
+    }
     matches!(msgs.first(), Some(Msg::DescribeStatement(_)))
         && status == "ReadyForQuery E"
         && want.len() >= 2

@@ -129,7 +129,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let mut touched = std::mem::take(&mut self.admission.touched);
             touched.clear();
             let mut found = Vec::new();
-            let refused = self.first_refused(batch, server_failed, &mut found, &mut touched);
+            let refused = self.first_refused(batch, &mut found, &mut touched);
             self.admission.touched = touched;
             routes = Some(found);
             match refused {
@@ -461,16 +461,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// The first message of a batch that fails, and why, where the router
     /// fails it on its own: a Bind, or a Describe of a statement, naming a
-    /// statement not defined at its place, a Parse of a statement name in use
-    /// (42P05), a Bind the router cannot route. Postgres runs what comes
-    /// before it, and so must the router. Looked up with the client's names,
-    /// before [`Self::separate_redefinitions`].
+    /// statement not defined at its place, a Bind the router cannot route.
+    /// Postgres runs what comes before it, and so must the router. Looked up
+    /// with the client's names, before [`Self::separate_redefinitions`].
     /// `routes` gets the route of each Bind before the refusal whose
     /// statement parses (in their order), and `touched` the buckets they touch.
     fn first_refused(
         &mut self,
         batch: &[Message],
-        failed: bool,
         routes: &mut Vec<Result<Target, SqlError>>,
         touched: &mut Vec<u32>,
     ) -> Option<(usize, SqlError)> {
@@ -487,13 +485,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             };
             match m.tag() {
                 b'P' => {
+                    // A name in use is parsed again here, where Postgres fails
+                    // the Parse (42P05): the router's table of a session's
+                    // statements may hold one that a pipeline across shards
+                    // parsed after an error, which its client (pgjdbc) then
+                    // parses again.
                     let Ok(p) = Parse::parse(m) else { continue };
-                    // In a failed transaction the Parse is refused first (25P02).
-                    if !failed && !p.name.is_empty() && in_force(&changes, p.name).is_some() {
-                        let e = SqlError::new("42P05", format!("prepared statement \"{}\" already exists", p.name));
-                        return Some((i, e));
-                    }
-                    changes.push((p.name, Some((self.ctx.cache.get(p.query).ok(), p.param_types.clone()))));
+                    // Parsed again with the text it has (most drivers' unnamed
+                    // statement): the same analysis.
+                    let unchanged = !changes.iter().any(|(n, _)| *n == p.name);
+                    let analysis = match self.prepared.get(p.name) {
+                        Some(old)
+                            if unchanged
+                                && old.generation == self.ctx.catalog.generation()
+                                && *old.sql == *p.query
+                                && old.param_types == p.param_types =>
+                        {
+                            old.analysis.clone()
+                        }
+                        _ => self.ctx.cache.get(p.query).ok(),
+                    };
+                    changes.push((p.name, Some((analysis, p.param_types.clone()))));
                 }
                 b'B' => {
                     let bind = match Bind::parse(m) {
