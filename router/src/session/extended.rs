@@ -749,9 +749,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // transaction that has not reached a shard yet must not pin it to one:
         // run it on a connection of its own and keep BEGIN pending.
         let shadow = if sync { self.shadow_extended(batch, shard) } else { None };
-        // A Bind makes a portal, a Close may end one: they are the
-        // transaction's, and run in its block.
-        let prepares_only = batch.iter().all(|m| matches!(m.tag(), b'P' | b'D' | b'S'));
+        // A Bind makes a portal, a Close of a portal ends one: they are the
+        // transaction's, and run in its block. (A Close of a statement is
+        // answered by the router.) Ended by Flush, only Parse and Describe
+        // run aside: the connection is given back then
+        // (`release_after_describe`), never left open with the pipeline.
+        let prepares_only = batch.iter().all(|m| match m.tag() {
+            b'P' | b'D' | b'S' => true,
+            b'C' => sync && matches!(target_and_name(m), Ok((b'S', _))),
+            _ => false,
+        });
         let held_begin = if prepares_only && self.txn.held.is_none() { self.txn.pending_begin.take() } else { None };
         // A driver preparing ahead of a Flush (asyncpg: Parse, Describe,
         // Flush; Bind, Execute, Sync next) has only asked for descriptions: the
