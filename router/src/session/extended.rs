@@ -9,7 +9,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::admission::route_kind;
 use super::everywhere::everywhere;
-use super::prepared::{ensure_prepared, server_name, unknown_statement, Prepared};
+use super::prepared::{ensure_prepared, unknown_portal, unknown_statement};
 use super::relay::{Expect, RelayError};
 use super::shadow::ShadowedBatch;
 use super::twophase::{Combine, Control};
@@ -61,8 +61,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if !self.batch_aliases.is_empty() {
             self.drop_aliases();
         }
+        self.batch_before = None;
         result?;
-        if !sync && self.txn.skipping {
+        if self.txn.skipping {
             // As Postgres after an error: the client's messages up to its
             // Sync are skipped, and the Sync ends the pipeline.
             self.skip_to_sync().await?;
@@ -110,10 +111,46 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             // A lone Sync (e.g. after COPY, or an empty pipeline): nothing to run.
             return self.ready().await;
         }
-        self.separate_redefinitions(batch);
         if let Some(e) = self.admit_batch(batch).await {
             return self.fail_batch(e, sync).await;
         }
+        let mut sync = sync;
+        // The server's transaction block failed (an error on the shard): it
+        // answers each message as Postgres does, Parse included.
+        let server_failed = self.txn.held.is_some() && self.txn.last_status == b'E';
+        // The Binds' routes, found looking for the first refusal and used
+        // again by `route_batch`.
+        let mut routes = None;
+        if self.txn.aborted && !server_failed {
+            if let Some(done) = self.in_failed_transaction(batch, sync).await {
+                return done;
+            }
+        } else {
+            let mut touched = std::mem::take(&mut self.admission.touched);
+            touched.clear();
+            let mut found = Vec::new();
+            let refused = self.first_refused(batch, &mut found, &mut touched);
+            self.admission.touched = touched;
+            routes = Some(found);
+            match refused {
+                None => {}
+                Some((0, e)) => return self.fail_batch(e, sync).await,
+                Some((at, _)) => {
+                    // As in Postgres, the messages before the one refused run
+                    // (a part ended by Flush), and the refusal comes in its
+                    // place: the rest goes back to be read again, from the
+                    // refused message to the Sync (or the Flush).
+                    let mut rest = batch.split_off(at);
+                    if !sync {
+                        rest.push(Message::from_raw(messages::simple(b'H')));
+                    }
+                    self.pushback.extend(rest);
+                    sync = false;
+                }
+            }
+        }
+        self.remember_statements(batch, self.txn.aborted || server_failed);
+        self.separate_redefinitions(batch);
         if let Some(portal) = &self.txn.suspended_portal {
             // Bound again in this batch: a new portal of that name.
             let rebound = batch.iter().any(|m| m.tag() == b'B' && super::fanout::portal_name(m) == portal.as_bytes());
@@ -130,7 +167,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return self.fail_batch(e, sync).await;
             }
         }
-        let RoutedBatch { target, mut error, statements, several_shards } = self.route_batch(batch);
+        let RoutedBatch { target, mut error, statements, several_shards } = self.route_batch(batch, routes);
         if sync && (self.txn.in_block() || self.txn.aborted) && rolls_back_then_deallocates(&statements) {
             return Box::pin(self.roll_back_then_deallocate(batch, &statements)).await;
         }
@@ -171,10 +208,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if prepares_an_end {
                 return self.answer_batch_locally(batch, sync, "").await;
             }
-            error = Some(SqlError::new(
-                "25P02",
-                "current transaction is aborted, commands ignored until end of transaction block".into(),
-            ));
+            if !server_failed {
+                // Refused at its first message: nothing it parsed is defined
+                // (but a Parse of the unnamed statement drops it first, as in
+                // Postgres). A shard whose block failed too answers for
+                // itself, message by message.
+                self.statements_as_at(0);
+                error = Some(SqlError::new(
+                    "25P02",
+                    "current transaction is aborted, commands ignored until end of transaction block".into(),
+                ));
+            }
         }
         if let Some(e) = error {
             return self.fail_batch(e, sync).await;
@@ -345,39 +389,175 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         None
     }
 
+    /// What Postgres answers in a failed transaction before its general
+    /// refusal (25P02): a Close is answered, a Bind or Describe of a
+    /// statement not defined is 26000, an Execute or Describe of a portal
+    /// where the transaction has none (it never reached a shard) is 34000.
+    /// None: the batch goes on to the general path.
+    async fn in_failed_transaction(
+        &mut self,
+        batch: &mut Vec<Message>,
+        sync: bool,
+    ) -> Option<Result<(), SessionError>> {
+        if sync && batch.len() == 1 {
+            // A lone Sync: the failed block stays failed, nothing refused.
+            return Some(self.ready().await);
+        }
+        let closes = batch.iter().take_while(|m| m.tag() == b'C').count();
+        if closes > 0 {
+            for m in batch.drain(..closes) {
+                if let Ok((b'S', name)) = target_and_name(&m) {
+                    self.prepared.remove(name);
+                }
+                self.client.queue(&messages::close_complete());
+            }
+            if batch.is_empty() {
+                return Some(self.client.flush().await.map_err(Into::into));
+            }
+            if batch.len() == 1 && sync {
+                return Some(self.ready().await);
+            }
+            // The rest is read again, from its first message.
+            if !sync {
+                batch.push(Message::from_raw(messages::simple(b'H')));
+            }
+            self.pushback.extend(batch.drain(..));
+            return Some(self.client.flush().await.map_err(Into::into));
+        }
+        let first = batch.first()?;
+        let e = match (first.tag(), target_and_name(first)) {
+            (b'B', _) => {
+                let bind = Bind::parse(first).ok()?;
+                match self.prepared.get(bind.statement) {
+                    None => Some(unknown_statement(bind.statement)),
+                    Some(p) => {
+                        // The parameters are counted before the transaction's
+                        // state is looked at: those declared, or as many as
+                        // the text's highest `$n`.
+                        let uses = crate::sql::prepare_text::max_param(&p.sql).ok()?.max(p.param_types.len());
+                        (bind.params.len() != uses).then(|| {
+                            SqlError::new(
+                                "08P01",
+                                format!(
+                                    "bind message supplies {} parameters, but prepared statement \"{}\" requires {uses}",
+                                    bind.params.len(),
+                                    bind.statement
+                                ),
+                            )
+                        })
+                    }
+                }
+            }
+            (b'D', Ok((b'S', name))) => (!self.prepared.contains_key(name)).then(|| unknown_statement(name)),
+            (b'D', Ok((_, portal))) if self.txn.held.is_none() => Some(unknown_portal(portal)),
+            (b'E', _) if self.txn.held.is_none() => {
+                let portal = first.body().split(|&b| b == 0).next().unwrap_or_default();
+                Some(unknown_portal(&String::from_utf8_lossy(portal)))
+            }
+            _ => None,
+        };
+        Some(self.fail_batch(e?, sync).await)
+    }
+
+    /// The first message of a batch that fails, and why, where the router
+    /// fails it on its own: a Bind, or a Describe of a statement, naming a
+    /// statement not defined at its place, a Bind the router cannot route.
+    /// Postgres runs what comes before it, and so must the router. Looked up
+    /// with the client's names, before [`Self::separate_redefinitions`].
+    /// `routes` gets the route of each Bind before the refusal whose
+    /// statement parses (in their order), and `touched` the buckets they touch.
+    fn first_refused(
+        &mut self,
+        batch: &[Message],
+        routes: &mut Vec<Result<Target, SqlError>>,
+        touched: &mut Vec<u32>,
+    ) -> Option<(usize, SqlError)> {
+        // What the batch's earlier messages did to a name: its definition
+        // (the analysis and parameter types), or None once closed.
+        type Definition = Option<(Option<Arc<Analysis>>, Vec<i32>)>;
+        let mut changes: smallvec::SmallVec<[(&str, Definition); 4]> = smallvec::SmallVec::new();
+        for (i, m) in batch.iter().enumerate() {
+            let in_force = |changes: &[(&str, Definition)], name: &str| -> Definition {
+                match changes.iter().rev().find(|(n, _)| *n == name) {
+                    Some((_, d)) => d.clone(),
+                    None => self.prepared.get(name).map(|p| (p.analysis.clone(), p.param_types.clone())),
+                }
+            };
+            match m.tag() {
+                b'P' => {
+                    // A name in use is parsed again here, where Postgres fails
+                    // the Parse (42P05): the router's table of a session's
+                    // statements may hold one that a pipeline across shards
+                    // parsed after an error, which its client (pgjdbc) then
+                    // parses again.
+                    let Ok(p) = Parse::parse(m) else { continue };
+                    // Parsed again with the text it has (most drivers' unnamed
+                    // statement): the same analysis.
+                    let unchanged = !changes.iter().any(|(n, _)| *n == p.name);
+                    let analysis = match self.prepared.get(p.name) {
+                        Some(old)
+                            if unchanged
+                                && old.generation == self.ctx.catalog.generation()
+                                && *old.sql == *p.query
+                                && old.param_types == p.param_types =>
+                        {
+                            old.analysis.clone()
+                        }
+                        _ => self.ctx.cache.get(p.query).ok(),
+                    };
+                    changes.push((p.name, Some((analysis, p.param_types.clone()))));
+                }
+                b'B' => {
+                    let bind = match Bind::parse(m) {
+                        Ok(b) => b,
+                        Err(e) => return Some((i, SqlError::new("08P01", e.to_string()))),
+                    };
+                    let Some((analysis, types)) = in_force(&changes, bind.statement) else {
+                        return Some((i, unknown_statement(bind.statement)));
+                    };
+                    if let Some(a) = analysis {
+                        let params = Params { values: &bind.params, formats: &bind.param_formats, types: &types };
+                        match self.route_all(&a, Some(&params), touched) {
+                            // What Postgres says of the Bind itself: the
+                            // parameters missing or not of the key's type.
+                            // (The router's own refusals of a statement
+                            // still refuse the whole batch.)
+                            Err(e) if matches!(e.code, "08P01" | "22P02" | "22P03" | "22003") => return Some((i, e)),
+                            route => routes.push(route),
+                        }
+                    }
+                }
+                b'D' | b'C' => {
+                    if let Ok((b'S', name)) = target_and_name(m) {
+                        if m.tag() == b'C' {
+                            changes.push((name, None));
+                        } else if in_force(&changes, name).is_none() {
+                            return Some((i, unknown_statement(name)));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
     /// The first pass over a batch: its Parses learnt, its Binds routed, and
     /// where the whole pipeline runs.
-    fn route_batch(&mut self, batch: &[Message]) -> RoutedBatch {
+    /// `routes`: the Binds' routes when [`Self::first_refused`] found them
+    /// (with the buckets they touch in `admission.touched`).
+    fn route_batch(&mut self, batch: &[Message], routes: Option<Vec<Result<Target, SqlError>>>) -> RoutedBatch {
         let mut touched = std::mem::take(&mut self.admission.touched);
-        touched.clear();
+        let mut routes = routes.map(Vec::into_iter);
+        if routes.is_none() {
+            touched.clear();
+        }
         let mut routed =
             RoutedBatch { target: None, error: None, statements: smallvec::SmallVec::new(), several_shards: false };
         for m in batch.iter() {
             match m.tag() {
                 b'P' => match Parse::parse(m) {
-                    Ok(p) => {
-                        let generation = self.ctx.catalog.generation();
-                        // A client that parses the same statement again before
-                        // each use (the unnamed statement of most drivers, pgbench
-                        // -M extended) keeps the entry it has: the analysis, server
-                        // name and copies would all come out the same.
-                        let same = self.prepared.get(p.name).is_some_and(|old| {
-                            old.generation == generation && *old.sql == *p.query && old.param_types == p.param_types
-                        });
-                        if !same {
-                            let hashed = crate::sql::roles::mentions_password(p.query)
-                                .then(|| crate::sql::roles::hash_passwords(p.query))
-                                .flatten();
-                            let prepared = Prepared {
-                                sql: hashed.map_or_else(|| Arc::from(p.query), Arc::from),
-                                server_name: server_name(p.query, &p.param_types, generation),
-                                param_types: p.param_types.clone(),
-                                analysis: self.ctx.cache.get(p.query).ok(),
-                                generation,
-                            };
-                            self.prepared.insert(p.name.to_string(), prepared);
-                        }
-                    }
+                    Ok(p) => self.learn(&p),
                     Err(e) => {
                         routed.error.get_or_insert(SqlError::new("08P01", e.to_string()));
                     }
@@ -392,12 +572,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                                 Some(a) => {
                                     routed.statements.push(a.clone());
                                     forget_logins_if_roles_change(&self.ctx, a, &p.sql);
-                                    let params = Params {
-                                        values: &bind.params,
-                                        formats: &bind.param_formats,
-                                        types: &p.param_types,
-                                    };
-                                    self.route_all(a, Some(&params), &mut touched)
+                                    match routes.as_mut().and_then(Iterator::next) {
+                                        Some(route) => route,
+                                        None => {
+                                            let params = Params {
+                                                values: &bind.params,
+                                                formats: &bind.param_formats,
+                                                types: &p.param_types,
+                                            };
+                                            self.route_all(a, Some(&params), &mut touched)
+                                        }
+                                    }
                                 }
                             },
                         },
@@ -564,8 +749,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // transaction that has not reached a shard yet must not pin it to one:
         // run it on a connection of its own and keep BEGIN pending.
         let shadow = if sync { self.shadow_extended(batch, shard) } else { None };
-        let has_execute = batch.iter().any(|m| m.tag() == b'E');
-        let held_begin = if !has_execute && self.txn.held.is_none() { self.txn.pending_begin.take() } else { None };
+        // A Bind makes a portal, a Close of a portal ends one: they are the
+        // transaction's, and run in its block. (A Close of a statement is
+        // answered by the router.) Ended by Flush, only Parse and Describe
+        // run aside: the connection is given back then
+        // (`release_after_describe`), never left open with the pipeline.
+        let prepares_only = batch.iter().all(|m| match m.tag() {
+            b'P' | b'D' | b'S' => true,
+            b'C' => sync && matches!(target_and_name(m), Ok((b'S', _))),
+            _ => false,
+        });
+        let held_begin = if prepares_only && self.txn.held.is_none() { self.txn.pending_begin.take() } else { None };
         // A driver preparing ahead of a Flush (asyncpg: Parse, Describe,
         // Flush; Bind, Execute, Sync next) has only asked for descriptions: the
         // connection that gave them must not pin the pipeline's rows to it.
@@ -595,6 +789,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let relayed = self.relay_batch(expects, None).await;
         if held_begin.is_some() {
             self.txn.pending_begin = held_begin;
+            if self.saw_error {
+                // Run aside, but in the client's transaction block: an error
+                // fails the block, as in Postgres.
+                self.txn.aborted = true;
+            }
+        }
+        if let Some(at) = self.batch_failed_at.take() {
+            // The server skipped what came after the error: the statements
+            // those messages parsed or closed are as they were.
+            self.statements_as_at(at);
         }
         if !sync && matches!(relayed, Ok(None)) && self.saw_error {
             self.txn.skipping = true;

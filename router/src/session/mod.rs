@@ -101,11 +101,20 @@ pub struct Session<S> {
     /// Names the router gave the earlier definitions of a statement parsed
     /// again in the same batch (`prepared.rs`), dropped at the next batch.
     batch_aliases: Vec<String>,
+    /// The statements the batch being run parses or closes, as they were
+    /// before it (`prepared.rs`).
+    batch_before: Option<Box<prepared::BatchBefore>>,
+    /// The batch's message the server failed (counted from 0), from the
+    /// relay.
+    batch_failed_at: Option<usize>,
     /// Statements prepared with SQL `PREPARE` (`sql_prepared.rs`); None until
     /// the first.
     sql_prepared: Option<Box<sql_prepared::SqlPreparedState>>,
     /// The extended-protocol messages collected up to Sync or Flush.
     batch: Vec<Message>,
+    /// Client messages to read again before the client's next: the rest of a
+    /// pipeline after the part that runs before a message the router refuses.
+    pushback: VecDeque<Message>,
     spare_batch: Vec<Message>,
     /// The replies a batch expects, kept between batches (no allocation each time).
     spare_expects: VecDeque<Expect>,
@@ -147,8 +156,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             multi: None,
             prepared: Default::default(),
             batch_aliases: Vec::new(),
+            batch_before: None,
+            batch_failed_at: None,
             sql_prepared: None,
             batch: Vec::new(),
+            pushback: VecDeque::new(),
             spare_batch: Vec::new(),
             spare_expects: VecDeque::new(),
             settings: Settings::default(),
@@ -219,6 +231,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.idle = Some(self.ctx.idle.register());
             }
             let read = match &self.idle {
+                _ if !self.pushback.is_empty() => Ok(self.pushback.pop_front().expect("not empty")),
                 None if self.pooling.is_some() => self.read_client().await,
                 None => self.client.read().await,
                 Some(watch) => {
@@ -278,6 +291,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn simple_query(&mut self, m: &Message) -> Result<(), SessionError> {
+        // A simple query drops the unnamed statement, as in Postgres (it
+        // runs as if it used the unnamed statement and portal).
+        self.prepared.remove("");
         let sql = match query_text(m) {
             Ok(s) => s,
             Err(e) => return self.fail_simple(SqlError::new("08P01", e.to_string())).await,

@@ -14,6 +14,13 @@ use crate::protocol::messages::{self, target_and_name, Bind, Parse};
 use crate::protocol::Message;
 use crate::sql::Analysis;
 
+/// The statements a batch parses or closes, as they were before it.
+pub(super) struct BatchBefore {
+    names: Vec<(String, Option<Prepared>)>,
+    /// Its Parse and Close messages, by position, with the client's names.
+    changes: Vec<(usize, Message)>,
+}
+
 /// A statement the client prepared (named or unnamed).
 #[derive(Clone)]
 pub(super) struct Prepared {
@@ -55,6 +62,10 @@ pub(super) fn unknown_statement(name: &str) -> SqlError {
     SqlError::new("26000", format!("prepared statement \"{name}\" does not exist"))
 }
 
+pub(super) fn unknown_portal(name: &str) -> SqlError {
+    SqlError::new("34000", format!("portal \"{name}\" does not exist"))
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// A batch that parses a statement name again after using it (pgjdbc's
     /// batches and psycopg's pipelines parse the unnamed statement before
@@ -78,9 +89,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let parsed_here = batch[..i].iter().any(|m| m.tag() == b'P' && statement_named(m) == Some(&name));
             let alias = format!("\u{1}shardgate: {name} before its Parse {i}");
             if !parsed_here {
-                // Used as defined by an earlier batch.
-                let Some(p) = self.prepared.get(&name).cloned() else { continue };
-                self.prepared.insert(alias.clone(), p);
+                // Used as defined by an earlier batch, or not defined at all
+                // (a Close of a name not in use, then its Parse): the alias
+                // stays undefined, and the Close does not undo the Parse.
+                if let Some(p) = self.prepared.get(&name).cloned() {
+                    self.prepared.insert(alias.clone(), p);
+                }
             }
             for m in &mut batch[..i] {
                 if statement_named(m) == Some(&name) {
@@ -90,6 +104,91 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             }
             self.batch_aliases.push(alias);
+        }
+    }
+
+    /// Learns the statement a Parse defines.
+    pub(super) fn learn(&mut self, p: &Parse<'_>) {
+        let generation = self.ctx.catalog.generation();
+        // A client that parses the same statement again before each use (the
+        // unnamed statement of most drivers, pgbench -M extended) keeps the
+        // entry it has: the analysis, server name and copies would all come
+        // out the same.
+        let same = self.prepared.get(p.name).is_some_and(|old| {
+            old.generation == generation && *old.sql == *p.query && old.param_types == p.param_types
+        });
+        if same {
+            return;
+        }
+        let hashed =
+            crate::sql::roles::mentions_password(p.query).then(|| crate::sql::roles::hash_passwords(p.query)).flatten();
+        let prepared = Prepared {
+            sql: hashed.map_or_else(|| Arc::from(p.query), Arc::from),
+            server_name: server_name(p.query, &p.param_types, generation),
+            param_types: p.param_types.clone(),
+            analysis: self.ctx.cache.get(p.query).ok(),
+            generation,
+        };
+        self.prepared.insert(p.name.to_string(), prepared);
+    }
+
+    /// Before a batch runs: what the statements it parses or closes stand
+    /// for, should a message fail on the server and the messages after it be
+    /// skipped ([`Self::statements_as_at`]). Needed when one of them comes
+    /// after another message (one before them can fail), or any in a failed
+    /// transaction (the first message fails); costs nothing otherwise.
+    pub(super) fn remember_statements(&mut self, batch: &[Message], failed: bool) {
+        self.batch_before = None;
+        let changes = || {
+            batch
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| m.tag() == b'P' || (m.tag() == b'C' && matches!(target_and_name(m), Ok((b'S', _)))))
+        };
+        if !changes().any(|(i, _)| i > 0 || failed) {
+            return;
+        }
+        let changes: Vec<(usize, Message)> = changes().map(|(i, m)| (i, m.clone())).collect();
+        let mut names: Vec<(String, Option<Prepared>)> = Vec::new();
+        for (_, m) in &changes {
+            if let Some(name) = statement_named(m) {
+                if !names.iter().any(|(n, _)| n == name) {
+                    names.push((name.to_string(), self.prepared.get(name).cloned()));
+                }
+            }
+        }
+        self.batch_before = Some(Box::new(BatchBefore { names, changes }));
+    }
+
+    /// The statements as the batch left them when the server failed its
+    /// message `at` and skipped the rest: as before the batch, with the
+    /// Parses and Closes before `at` applied, and the unnamed statement
+    /// dropped by a failed Parse of it, as in Postgres.
+    pub(super) fn statements_as_at(&mut self, at: usize) {
+        let Some(before) = self.batch_before.take() else { return };
+        for (name, p) in before.names {
+            match p {
+                Some(p) => self.prepared.insert(name, p),
+                None => self.prepared.remove(&name),
+            };
+        }
+        for (i, m) in &before.changes {
+            match (m.tag(), *i) {
+                (b'P', i) if i < at => {
+                    if let Ok(p) = Parse::parse(m) {
+                        self.learn(&p);
+                    }
+                }
+                (b'P', i) if i == at && Parse::parse(m).is_ok_and(|p| p.name.is_empty()) => {
+                    self.prepared.remove("");
+                }
+                (_, i) if i < at => {
+                    if let Some(name) = statement_named(m) {
+                        self.prepared.remove(name);
+                    }
+                }
+                _ => {}
+            }
         }
     }
 
@@ -134,7 +233,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return expects;
         };
         let backend = &mut b.conn;
+        // A Parse of a statement the server has is answered here, but not
+        // when the server must see it: its transaction block failed (it
+        // refuses the Parse, 25P02, or parses an end of the block), or an
+        // Execute with a row limit ran before it (a Parse makes the rows
+        // that Execute wrote visible to what follows, as in Postgres). The
+        // server then parses it again, unnamed.
+        let failed = self.txn.last_status == b'E';
+        // The portals this batch binds, and whether their statements read only.
+        let mut portals: smallvec::SmallVec<[(&[u8], bool); 4]> = smallvec::SmallVec::new();
         for m in batch {
+            if m.tag() == b'E' && !m.body().ends_with(&[0, 0, 0, 0]) {
+                let portal = m.body().split(|&b| b == 0).next().unwrap_or_default();
+                let reads = portals.iter().rev().find(|(p, _)| *p == portal).is_some_and(|(_, reads)| *reads);
+                self.txn.limited_execute |= !reads;
+            }
+            if m.tag() == b'B' {
+                if let Ok(bind) = Bind::parse(m) {
+                    let reads = self.prepared.get(bind.statement).and_then(|p| p.analysis.as_ref()).is_some_and(|a| {
+                        a.statements.iter().all(|s| s.kind == crate::sql::StatementKind::Select && s.written.is_empty())
+                    });
+                    portals.push((bind.portal.as_bytes(), reads));
+                }
+            }
             match m.tag() {
                 b'P' => {
                     let Ok(parse) = Parse::parse(m) else { continue };
@@ -146,6 +267,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         expects.push_back(Expect::Parse {
                             forward: true,
                             server_name: p.server_name.clone(),
+                            client_name: Some(parse.name.to_string()),
+                        });
+                    } else if failed || self.txn.limited_execute {
+                        backend.conn.queue(&messages::parse("", &p.sql, &p.param_types));
+                        expects.push_back(Expect::Parse {
+                            forward: true,
+                            server_name: String::new(),
                             client_name: Some(parse.name.to_string()),
                         });
                     } else {

@@ -208,12 +208,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut skipping = false;
         let mut status = None;
         self.saw_error = false;
+        self.batch_failed_at = None;
+        // The client's messages answered so far (not the router's own
+        // Parse, Close and prelude).
+        let mut answered = 0;
         while let Some(exp) = expects.pop_front() {
             let prelude = prelude_syncs > 0;
+            let own = prelude || matches!(exp, Expect::Parse { forward: false, .. } | Expect::Close { forward: false });
             if let Expect::Synth(bytes) = &exp {
                 if !skipping {
                     emit!(bytes);
                 }
+                answered += 1;
                 continue;
             }
             if skipping && !matches!(exp, Expect::Sync) {
@@ -242,6 +248,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     b'E' => {
                         emit!(m.raw());
                         self.saw_error = true;
+                        self.batch_failed_at.get_or_insert(answered);
                         crate::metrics::global().error_message(m.body());
                         if let Expect::Parse { server_name, client_name, .. } = &exp {
                             b.conn.prepared.remove(server_name);
@@ -309,6 +316,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         }
                     }
                 }
+            }
+            if !own {
+                answered += 1;
             }
             if matches!(exp, Expect::Sync) {
                 skipping = false;

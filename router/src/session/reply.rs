@@ -93,7 +93,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             // After an error the client's batch is skipped up to its Sync.
             self.skip_to_sync().await?;
         }
-        if self.txn.open_batch {
+        // The block the refusal fails, on the shard it holds: from then on
+        // the shard answers each message as Postgres does in a failed block.
+        let fails_shard_block = self.txn.in_block() && self.txn.held.is_some() && self.txn.last_status == b'T';
+        if self.txn.open_batch || fails_shard_block {
             // A Flush left part of this pipeline on the server: end it there,
             // failed, as Postgres ends a pipeline that hits an error. A
             // statement that cannot parse aborts the server's transaction, so
@@ -122,6 +125,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                 }
             }
+            if let Some(status) = server_status {
+                self.txn.last_status = status;
+            }
             if server_status == Some(b'I') && self.txn.pending_begin.is_none() {
                 self.txn.aborted = false;
                 self.after_ready(b'I');
@@ -134,6 +140,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     pub(super) async fn skip_to_sync(&mut self) -> Result<(), SessionError> {
         self.client.flush().await?;
+        while let Some(m) = self.pushback.pop_front() {
+            if m.tag() == b'S' {
+                return Ok(());
+            }
+        }
         loop {
             let m = self.client.read().await?;
             match m.tag() {

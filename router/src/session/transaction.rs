@@ -30,6 +30,11 @@ pub(super) struct Transaction {
     pub(super) aborted: bool,
     /// A Flush left a batch open on `held` until the next Sync.
     pub(super) open_batch: bool,
+    /// An Execute with a row limit ran in the server's transaction: the
+    /// rows a DELETE, UPDATE or INSERT … RETURNING suspended so wrote are
+    /// seen by later statements only once the server parses one (see
+    /// `rewrite_batch`).
+    pub(super) limited_execute: bool,
     /// The server of `held` failed a Flush-ended part of the pipeline: it
     /// skips the rest up to the client's Sync, and so does the router.
     pub(super) skipping: bool,
@@ -447,6 +452,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.txn.begin_sql = None;
             self.txn.savepoints = Savepoints::default();
             self.txn.suspended_portal = None;
+            self.txn.limited_execute = false;
             self.clear_cancel();
             self.txn.held.take()
         } else {

@@ -125,7 +125,7 @@ pub fn parse_execute(sql: &str) -> Result<ExecuteText, String> {
 
 /// The highest `$n` in `body` (0 when there is none), by the scanner, which
 /// sees every one wherever it stands.
-fn max_param(body: &str) -> Result<usize, String> {
+pub fn max_param(body: &str) -> Result<usize, String> {
     let mut max = 0;
     for t in tokens(body)?.iter().filter(|t| is(t, Token::Param)) {
         let text = body.get(t.start as usize..t.end as usize).unwrap_or_default();
