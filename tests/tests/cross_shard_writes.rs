@@ -412,6 +412,52 @@ async fn an_extended_multi_row_insert_across_shards_is_all_or_nothing() {
     assert!(prepared(&h, 3).await.is_empty());
 }
 
+/// Postgres skips a failed pipeline's messages after the error, its Parses
+/// too: a statement parsed there does not exist, and the client parses it
+/// again (pgjdbc does, under the same name). Across shards the router kept
+/// such statements, and answered the client's next Parse of one with
+/// ParseComplete where Postgres, with the check for a name in use, would
+/// have said 42P05 the other way round. The session must hold what
+/// Postgres's holds: the statement parsed before the error, not the one
+/// after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_pipeline_across_shards_keeps_no_statement_parsed_after_the_error() {
+    use shardgate_tests::raw::{bind, execute, parse, sync, Raw};
+    let (h, t) = bank(3).await;
+    assert_ne!(h.shard_of(t[0]), h.shard_of(t[1]));
+    let insert = "INSERT INTO acct VALUES ($1, $2, 0)";
+    let read = "SELECT count(*) >= 0 FROM acct WHERE tenant_id = $1";
+    let session = |id: i64| {
+        vec![
+            // The second execution is a duplicate key on t[0]'s shard; the
+            // read after it is for t[1]'s.
+            vec![
+                parse("ins", insert, &[20, 20]),
+                bind("ins", &[t[0], id], true),
+                execute(),
+                bind("ins", &[t[0], id], true),
+                execute(),
+                parse("read", read, &[20]),
+                bind("read", &[t[1]], true),
+                execute(),
+                sync(),
+            ],
+            // "read" was never parsed; "ins" was, before the error.
+            vec![parse("read", read, &[20]), bind("read", &[t[1]], true), execute(), sync()],
+            vec![parse("ins", insert, &[20, 20]), sync()],
+            vec![bind("ins", &[t[2], id], true), execute(), sync()],
+        ]
+    };
+    let (mut through, mut direct) = (Raw::login(h.port()).await, Raw::login(h.shard_server(0).port()).await);
+    for (a, b) in session(90).iter().zip(session(95)) {
+        let (got, want) = (through.run(a).await, direct.run(&b).await);
+        assert_eq!(got, want, "{a:?}");
+    }
+    let rows = "SELECT count(*) FROM acct WHERE id = 90";
+    assert_eq!(count_on_each(&h, 3, rows).await.iter().sum::<i64>(), 1, "only the last pipeline's row stays");
+    assert!(prepared(&h, 3).await.is_empty());
+}
+
 /// A pipeline that executes multi-row INSERTs whose rows are for several
 /// shards more than once before its Sync (pgjdbc's `reWriteBatchedInserts`
 /// with a batch that is not a power of two: a 2-row and a 1-row statement),

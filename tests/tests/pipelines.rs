@@ -10,12 +10,8 @@ use shardgate_tests::Harness;
 async fn prepared_pipelines_answer_through_the_router_as_postgres_does() {
     let h = Harness::start(1).await;
     let c = h.client().await;
-    c.batch_execute(
-        "CREATE TABLE t (tenant_id bigint, id bigint, v int, PRIMARY KEY (tenant_id, id));
-         INSERT INTO t VALUES (1, 1, 10), (1, 2, 20), (2, 1, 30);",
-    )
-    .await
-    .unwrap();
+    c.batch_execute("CREATE TABLE t (tenant_id bigint, id bigint, v int, PRIMARY KEY (tenant_id, id))").await.unwrap();
+    c.batch_execute("INSERT INTO t VALUES (1, 1, 10), (1, 2, 20), (2, 1, 30)").await.unwrap();
     let select = "SELECT v FROM t WHERE tenant_id = $1 AND id = $2";
     let insert = "INSERT INTO t VALUES ($1, $2, $3)";
     // The same bytes, in the same order, to each side; the rows an insert
@@ -435,10 +431,18 @@ async fn a_pipeline_failed_before_its_flush_skips_to_its_sync() {
 /// database of its own holding `t` with the same rows, and asserts the same
 /// replies, step by step. Returns Postgres's.
 async fn same_as_postgres(steps: &[Vec<Vec<u8>>]) -> Vec<Vec<String>> {
-    let h = Harness::start(1).await;
+    same_as_postgres_on(1, steps).await
+}
+
+/// [`same_as_postgres`] through a router of `shards` shards.
+async fn same_as_postgres_on(shards: usize, steps: &[Vec<Vec<u8>>]) -> Vec<Vec<String>> {
+    let h = Harness::start(shards).await;
     let table = "CREATE TABLE t (tenant_id bigint, id bigint, v int, PRIMARY KEY (tenant_id, id));
                  INSERT INTO t VALUES (1, 1, 10), (1, 2, 20), (1, 3, 30)";
-    h.client().await.batch_execute(table).await.unwrap();
+    // Through the router, the table is written once its creation committed.
+    for statement in table.split(';') {
+        h.client().await.batch_execute(statement).await.unwrap();
+    }
     h.shard_server(0).create_database("mirror").await.unwrap();
     h.shard_server(0).connect("mirror").await.unwrap().batch_execute(table).await.unwrap();
     let mut direct = Raw::login_to(h.shard_server(0).port(), "mirror").await;
@@ -652,14 +656,46 @@ async fn a_statement_described_in_a_block_failed_before_any_shard_is_described()
 }
 
 /// Postgres fails a Parse of a statement name in use (42P05); the router
-/// parses the name again. Its table of a session's statements may hold one
-/// that a pipeline across shards parsed after an error (and Postgres
-/// skipped), which the client then parses again: pgjdbc does, and a 42P05
-/// there would break it.
+/// parsed the name again. (Its table of a session's statements held those a
+/// failed pipeline across shards parsed after the error, which Postgres
+/// skipped, and pgjdbc parses such a statement again: see
+/// `cross_shard_writes::a_failed_pipeline_across_shards_keeps_no_statement_parsed_after_the_error`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the router parses a statement name in use again, where Postgres fails the Parse with 42P05"]
 async fn a_parse_of_a_statement_name_in_use_fails() {
     let answers =
         same_as_postgres(&[vec![parse("a", SELECT_V, &[20]), sync()], vec![parse("a", "SELECT 1", &[]), sync()]]).await;
     assert_eq!(answers[1], ["error 42P05", "ready I"]);
+}
+
+/// pgjdbc sends a transaction's BEGIN in the pipeline of its first statement
+/// (`Bind` of its BEGIN statement, `Execute`, then `Parse` of the statement
+/// under a name of its own, `Bind`, `Describe`, `Execute`, `Sync`). When the
+/// statement reads every shard the router answers BEGIN first and runs the
+/// rest again: it learnt the statement on the first pass, and, with the
+/// check for a name in use, refused its own second pass with 42P05 (the
+/// pgjdbc driver check caught it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_parsed_after_begin_in_a_pipeline_that_reads_every_shard_is_parsed_once() {
+    let read = "SELECT count(*) FROM t WHERE id >= 2";
+    let answers = same_as_postgres_on(
+        2,
+        &[
+            vec![parse("begin", "BEGIN", &[]), sync()],
+            vec![
+                bind("begin", &[], false),
+                execute(),
+                parse("S_7", read, &[]),
+                bind("S_7", &[], false),
+                describe_portal(),
+                execute(),
+                sync(),
+            ],
+            vec![bind("S_7", &[], false), execute(), sync()],
+            vec![parse("S_7", read, &[]), sync()],
+            vec![query("ROLLBACK")],
+        ],
+    )
+    .await;
+    assert_eq!(answers[1][..2], ["2", "C [66, 69, 71, 73, 78, 0]"]);
+    assert_eq!(answers[3], ["error 42P05", "ready E"]);
 }

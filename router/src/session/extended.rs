@@ -129,7 +129,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let mut touched = std::mem::take(&mut self.admission.touched);
             touched.clear();
             let mut found = Vec::new();
-            let refused = self.first_refused(batch, &mut found, &mut touched);
+            let refused = self.first_refused(batch, server_failed, &mut found, &mut touched);
             self.admission.touched = touched;
             routes = Some(found);
             match refused {
@@ -213,7 +213,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 // (but a Parse of the unnamed statement drops it first, as in
                 // Postgres). A shard whose block failed too answers for
                 // itself, message by message.
-                self.statements_as_at(0);
+                self.statements_as_at(0, batch);
                 error = Some(SqlError::new(
                     "25P02",
                     "current transaction is aborted, commands ignored until end of transaction block".into(),
@@ -221,6 +221,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         if let Some(e) = error {
+            // Refused whole, in place of its first message's answer.
+            self.statements_as_at(0, batch);
             return self.fail_batch(e, sync).await;
         }
         let alone = statements.len() == 1;
@@ -269,6 +271,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // as a BEGIN sent alone is, and the rest runs as a read in the block.
         if let (true, Some(Target::Fanout(_)), None, None) = (sync, &target, &self.txn.held, &self.txn.pending_begin) {
             if let Some(end) = begin_prefix(batch, &statements) {
+                // The rest is run (and its statements learnt) again.
+                self.statements_as_at(end, batch);
                 let rest = batch.split_off(end);
                 match self.local_statement(&statements[0].statements[0])? {
                     Some(Ok(tag)) => self.answer_batch_locally(batch, false, &tag).await?,
@@ -461,14 +465,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// The first message of a batch that fails, and why, where the router
     /// fails it on its own: a Bind, or a Describe of a statement, naming a
-    /// statement not defined at its place, a Bind the router cannot route.
-    /// Postgres runs what comes before it, and so must the router. Looked up
+    /// statement not defined at its place, a Parse of a statement name in use
+    /// (42P05), a Bind the router cannot route. Postgres runs what comes
+    /// before it, and so must the router. Looked up
     /// with the client's names, before [`Self::separate_redefinitions`].
     /// `routes` gets the route of each Bind before the refusal whose
     /// statement parses (in their order), and `touched` the buckets they touch.
     fn first_refused(
         &mut self,
         batch: &[Message],
+        failed: bool,
         routes: &mut Vec<Result<Target, SqlError>>,
         touched: &mut Vec<u32>,
     ) -> Option<(usize, SqlError)> {
@@ -485,12 +491,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             };
             match m.tag() {
                 b'P' => {
-                    // A name in use is parsed again here, where Postgres fails
-                    // the Parse (42P05): the router's table of a session's
-                    // statements may hold one that a pipeline across shards
-                    // parsed after an error, which its client (pgjdbc) then
-                    // parses again.
                     let Ok(p) = Parse::parse(m) else { continue };
+                    // In a failed transaction the Parse is refused first (25P02).
+                    if !failed && !p.name.is_empty() && in_force(&changes, p.name).is_some() {
+                        let e = SqlError::new("42P05", format!("prepared statement \"{}\" already exists", p.name));
+                        return Some((i, e));
+                    }
                     // Parsed again with the text it has (most drivers' unnamed
                     // statement): the same analysis.
                     let unchanged = !changes.iter().any(|(n, _)| *n == p.name);
@@ -798,7 +804,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if let Some(at) = self.batch_failed_at.take() {
             // The server skipped what came after the error: the statements
             // those messages parsed or closed are as they were.
-            self.statements_as_at(at);
+            self.statements_as_at(at, batch);
         }
         if !sync && matches!(relayed, Ok(None)) && self.saw_error {
             self.txn.skipping = true;

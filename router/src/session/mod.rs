@@ -41,6 +41,7 @@ mod fanout;
 mod forward;
 mod idle;
 mod multi;
+mod pipeline_across;
 mod pooling;
 mod prepared;
 mod relay;

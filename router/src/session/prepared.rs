@@ -163,9 +163,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// The statements as the batch left them when the server failed its
     /// message `at` and skipped the rest: as before the batch, with the
     /// Parses and Closes before `at` applied, and the unnamed statement
-    /// dropped by a failed Parse of it, as in Postgres.
-    pub(super) fn statements_as_at(&mut self, at: usize) {
-        let Some(before) = self.batch_before.take() else { return };
+    /// dropped by a failed Parse of it, as in Postgres. `batch`: the batch
+    /// [`Self::remember_statements`] was given.
+    pub(super) fn statements_as_at(&mut self, at: usize, batch: &[Message]) {
+        let Some(before) = self.batch_before.take() else {
+            // Nothing remembered: no Parse or Close but maybe one at the
+            // head, which failed if `at` is 0. A Parse that fails leaves its
+            // name undefined (the name was not in use: 42P05 otherwise; the
+            // unnamed statement is dropped first).
+            if let (0, Some(m)) = (at, batch.first().filter(|m| m.tag() == b'P')) {
+                if let Some(name) = statement_named(m) {
+                    self.prepared.remove(name);
+                }
+            }
+            return;
+        };
         for (name, p) in before.names {
             match p {
                 Some(p) => self.prepared.insert(name, p),
