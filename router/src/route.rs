@@ -356,6 +356,41 @@ pub fn route_statements(
     Ok(target)
 }
 
+/// Refuses a statement that uses a table created earlier in its query string
+/// or transaction with the key column, or with columns that may include it
+/// (`fresh`: those of the transaction's earlier statements). The router
+/// learns a table's shape from the shards once its creation commits; until
+/// then it would take the table for a reference table and write its rows on
+/// every shard.
+pub fn check_fresh_tables<'a, I>(statements: I, fresh: &[String]) -> Result<(), SqlError>
+where
+    I: IntoIterator<Item = &'a Statement> + Clone,
+{
+    if fresh.is_empty() && statements.clone().into_iter().all(|s| s.creates_sharded.is_none()) {
+        return Ok(());
+    }
+    let bare = |t: &str| t.strip_prefix("public.").unwrap_or(t).to_string();
+    let mut created: Vec<String> = fresh.iter().map(|t| bare(t)).collect();
+    for stmt in statements {
+        if stmt.kind != StatementKind::Ddl {
+            let uses = stmt.tables.iter().chain(&stmt.written).chain(stmt.nested_writes.iter().flat_map(|w| &w.written));
+            if let Some(t) = uses.map(|t| bare(t)).find(|t| created.contains(t)) {
+                return Err(SqlError::new(
+                    "0A000",
+                    format!(
+                        "table {t} is created (or given the key column) in this transaction or query string, and shardgate learns where its rows go only once that commits"
+                    ),
+                )
+                .hint(format!("commit the CREATE TABLE (or ALTER TABLE) first, then read or write {t}")));
+            }
+        }
+        if let Some(t) = &stmt.creates_sharded {
+            created.push(bare(t));
+        }
+    }
+    Ok(())
+}
+
 /// Whether a read may take row locks (`FOR UPDATE`, `FOR SHARE` and their
 /// kin): inside a transaction block those must be held to its end, which a
 /// shard the block has not reached cannot do. A text scan: a mention inside a

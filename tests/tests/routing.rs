@@ -859,3 +859,75 @@ async fn the_pool_size_holds_for_the_whole_router_across_its_session_threads() {
         .get(0);
     assert!((1..=2).contains(&n), "{n} server connections for a pool of 2");
 }
+
+/// A table created with the key column is sharded, but the router learns
+/// its shape from the shards once its creation commits. Used before that,
+/// in the query string or the transaction that creates it, it was taken for
+/// a reference table: `CREATE TABLE t (tenant_id …); INSERT INTO t …` wrote
+/// every row on every shard, and a count through the router came out
+/// doubled. Such a use is refused now, and nothing of it runs; a reference
+/// table (no key column) created and filled in one string still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_is_not_written_in_the_transaction_that_creates_it_with_the_key_column() {
+    use shardgate_tests::raw::{bind, execute, parse, sync, Raw};
+    let h = Harness::start(2).await;
+    let c = h.client().await;
+    let t = h.tenants_on(1, 1)[0];
+    let tables_named = |name: &'static str| format!("SELECT count(*) FROM pg_tables WHERE tablename = '{name}'");
+
+    // One query string.
+    let e = c
+        .batch_execute(&format!("CREATE TABLE a (tenant_id bigint, id int); INSERT INTO a VALUES ({t}, 1), ({t}, 2)"))
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+    for i in 0..2 {
+        assert_eq!(rows_on(&h, i, &tables_named("a")).await, 0, "nothing of the refused string ran");
+    }
+    // Columns that may hold the key (LIKE), and a read as well as a write.
+    c.batch_execute(ORDERS).await.unwrap();
+    for string in ["CREATE TABLE b (LIKE orders); SELECT count(*) FROM b", "CREATE TABLE b AS SELECT * FROM orders; SELECT * FROM b"] {
+        let e = c.batch_execute(string).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{string}: {e:?}");
+    }
+
+    // One transaction block, a statement at a time.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("CREATE TABLE a (tenant_id bigint, id int)").await.unwrap();
+    let e = c.batch_execute(&format!("INSERT INTO a VALUES ({t}, 1)")).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+    assert!(e.as_db_error().unwrap().hint().unwrap().contains("commit the CREATE TABLE"), "{e:?}");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    // A reference table given the key column in the block.
+    c.batch_execute("CREATE TABLE plans (name text)").await.unwrap();
+    c.batch_execute("BEGIN; ALTER TABLE plans ADD COLUMN tenant_id bigint").await.unwrap();
+    let e = c.batch_execute(&format!("INSERT INTO plans VALUES ('x', {t})")).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+    c.batch_execute("ROLLBACK").await.unwrap();
+
+    // One pipeline.
+    let mut raw = Raw::login(h.port()).await;
+    let answers = raw
+        .run(&[
+            parse("", "CREATE TABLE a (tenant_id bigint, id int)", &[]),
+            bind("", &[], false),
+            execute(),
+            parse("", "INSERT INTO a VALUES ($1, 1)", &[20]),
+            bind("", &[t], false),
+            execute(),
+            sync(),
+        ])
+        .await;
+    assert_eq!(answers, ["error 0A000", "ready I"]);
+
+    // Committed first, then written: the rows land on their tenant's shard only.
+    c.batch_execute("CREATE TABLE a (tenant_id bigint, id int)").await.unwrap();
+    c.batch_execute(&format!("INSERT INTO a VALUES ({t}, 1), ({t}, 2)")).await.unwrap();
+    assert_eq!(rows_on(&h, 0, "SELECT count(*) FROM a").await, 0);
+    assert_eq!(rows_on(&h, 1, "SELECT count(*) FROM a").await, 2);
+    // A reference table created and filled in one string: on every shard.
+    c.batch_execute("CREATE TABLE countries (code text); INSERT INTO countries VALUES ('fr'), ('de')").await.unwrap();
+    for i in 0..2 {
+        assert_eq!(rows_on(&h, i, "SELECT count(*) FROM countries").await, 2);
+    }
+}

@@ -130,6 +130,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
+    /// Remembers the tables a transaction block's DDL creates with the key
+    /// column (or may), for [`route::check_fresh_tables`] to refuse their
+    /// use until the block commits.
+    pub(super) fn note_fresh_tables(&mut self, analysis: &Analysis) {
+        // A migration's block is open on every shard (`multi`).
+        if !self.txn.in_block() && self.multi.is_none() {
+            self.txn.fresh_tables.clear();
+            return;
+        }
+        for s in &analysis.statements {
+            if let Some(t) = &s.creates_sharded {
+                self.txn.fresh_tables.push(t.clone());
+            }
+        }
+    }
+
+    /// The tables [`Self::note_fresh_tables`] noted, while their block lasts.
+    pub(super) fn fresh_tables(&self) -> &[String] {
+        if self.txn.in_block() || self.multi.is_some() {
+            &self.txn.fresh_tables
+        } else {
+            &[]
+        }
+    }
+
     /// Routes every statement of a query string (or a batch) to one target.
     /// Where the statements of `analysis` run; the buckets they touch are added
     /// to `touched`.
@@ -154,6 +179,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             in_block: self.txn.in_block(),
             cross_shard: self.ctx.two_phase(),
         };
+        let fresh = self.fresh_tables();
+        route::check_fresh_tables(&analysis.statements, fresh)?;
         let mut rules = self.ctx.rules();
         rules.session_state = self.pooling.is_some();
         let target = route::route_statements(
@@ -183,6 +210,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let routed = self.route_all(analysis, None, &mut touched);
             self.admission.touched = touched;
             let target = routed?;
+            self.note_fresh_tables(analysis);
             if self.pass_holds().await {
                 return Ok(target);
             }

@@ -619,6 +619,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         self.admission.touched = touched;
+        if routed.error.is_none() && routed.statements.len() > 1 {
+            // A table a Bind's DDL creates, used by a later Bind.
+            let fresh = self.fresh_tables();
+            let statements = routed.statements.iter().flat_map(|a| a.statements.iter());
+            if let Err(e) = route::check_fresh_tables(statements, fresh) {
+                routed.error = Some(e);
+            }
+        }
+        if routed.error.is_none() {
+            for a in &routed.statements {
+                self.note_fresh_tables(a);
+            }
+        }
         if let (None, Some(t)) = (&routed.error, &routed.target) {
             // The pipeline's statements run together on its target.
             let dir = self.ctx.directory.load();

@@ -120,6 +120,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let dir = self.ctx.directory.load();
         let bound_shards: Vec<ShardId> = self.multi.iter().flat_map(|all| &all.held).map(|b| b.shard).collect();
         let target = self.route_multi(analysis, &dir);
+        if target.is_ok() {
+            self.note_fresh_tables(analysis);
+        }
         let run_on: Vec<usize> = match target {
             Ok(Target::Shard(s)) => bound_shards.iter().position(|&x| x == s).into_iter().collect(),
             // A shard that holds the reference rows, if the statement reads any.
@@ -184,6 +187,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         analysis: &Analysis,
         dir: &shardgate_directory::Directory,
     ) -> Result<Target, SqlError> {
+        route::check_fresh_tables(&analysis.statements, self.fresh_tables())?;
         let rules = self.ctx.rules();
         let mut target = Target::Any;
         for stmt in &analysis.statements {

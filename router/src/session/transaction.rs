@@ -30,6 +30,9 @@ pub(super) struct Transaction {
     pub(super) aborted: bool,
     /// A Flush left a batch open on `held` until the next Sync.
     pub(super) open_batch: bool,
+    /// Tables this block's DDL created with the key column (or may have):
+    /// refused until it commits (`route::check_fresh_tables`).
+    pub(super) fresh_tables: Vec<String>,
     /// An Execute with a row limit ran in the server's transaction: the
     /// rows a DELETE, UPDATE or INSERT … RETURNING suspended so wrote are
     /// seen by later statements only once the server parses one (see
@@ -453,6 +456,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.txn.savepoints = Savepoints::default();
             self.txn.suspended_portal = None;
             self.txn.limited_execute = false;
+            self.txn.fresh_tables.clear();
             self.clear_cancel();
             self.txn.held.take()
         } else {

@@ -152,7 +152,11 @@ pub struct Statement {
     pub written: Vec<String>,
     pub keys: KeyCandidates,
     pub insert: Option<InsertInfo>,
-    /// `CREATE TABLE` of a table with the key column: it becomes sharded.
+    /// A table this DDL creates that is or may be sharded (`CREATE TABLE`
+    /// with the key column, or columns taken from elsewhere: LIKE, INHERITS,
+    /// PARTITION OF, AS SELECT), or that it gives the key column (`ALTER
+    /// TABLE … ADD COLUMN`). The router learns such a table's shape only once
+    /// its creation has committed (`route::check_fresh_tables`).
     pub creates_sharded: Option<String>,
     /// The highest `$n` used.
     pub max_param: usize,
@@ -427,7 +431,13 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
                 Some(N::ColumnDef(d)) => d.colname.eq_ignore_ascii_case(key_column),
                 _ => false,
             });
-            if has_key {
+            // Columns that come from elsewhere (LIKE, INHERITS, OF type,
+            // PARTITION OF) may include the key.
+            let borrows = c.table_elts.iter().any(|e| matches!(&e.node, Some(N::TableLikeClause(_))))
+                || !c.inh_relations.is_empty()
+                || c.partbound.is_some()
+                || c.of_typename.is_some();
+            if has_key || borrows {
                 s.creates_sharded = Some(table.clone());
             }
             s.written.push(table);
@@ -451,6 +461,15 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
                 }
             }
         }
+        N::AlterTableStmt(a) if adds_column(a, key_column) => {
+            s.kind = StatementKind::Ddl;
+            s.creates_sharded = a.relation.as_ref().map(relname);
+        }
+        N::CreateTableAsStmt(c) => {
+            // Its columns are its query's, which may include the key.
+            s.kind = StatementKind::Ddl;
+            s.creates_sharded = c.into.as_ref().and_then(|i| i.rel.as_ref()).map(relname);
+        }
         N::AlterTableStmt(_)
         | N::TruncateStmt(_)
         | N::IndexStmt(_)
@@ -458,7 +477,6 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
         | N::CreateSeqStmt(_)
         | N::AlterSeqStmt(_)
         | N::ViewStmt(_)
-        | N::CreateTableAsStmt(_)
         | N::RenameStmt(_)
         | N::CommentStmt(_)
         | N::CreateFunctionStmt(_)
@@ -509,6 +527,18 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
         }
     }
     (s, origins)
+}
+
+/// An `ALTER TABLE` that adds the key column: the table becomes sharded.
+fn adds_column(a: &protobuf::AlterTableStmt, key_column: &str) -> bool {
+    a.cmds.iter().any(|c| match &c.node {
+        Some(protobuf::node::Node::AlterTableCmd(cmd)) => {
+            cmd.subtype == protobuf::AlterTableType::AtAddColumn as i32
+                && matches!(cmd.def.as_deref().and_then(|d| d.node.as_ref()),
+                    Some(protobuf::node::Node::ColumnDef(d)) if d.colname.eq_ignore_ascii_case(key_column))
+        }
+        _ => false,
+    })
 }
 
 pub(super) fn relname(r: &protobuf::RangeVar) -> String {
