@@ -875,7 +875,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Ok(false);
             }
         }
-        let (b, describe, e, s) = match batch {
+        // A Parse of the unnamed statement with the text, types and schema
+        // it has (pgbench -M extended, most drivers' one-off statements)
+        // changes nothing: the router answers it, as the general path does.
+        let (parse, rest) = match batch {
+            [p, rest @ ..] if p.tag() == b'P' => (Some(p), rest),
+            _ => (None, batch),
+        };
+        let (b, describe, e, s) = match rest {
             [b, e, s] => (b, None, e, s),
             [b, d, e, s] if d.tag() == b'D' && d.body().first() == Some(&b'P') => (b, Some(d), e, s),
             _ => return Ok(false),
@@ -885,6 +892,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let Ok(bind) = Bind::parse(b) else { return Ok(false) };
         let Some(p) = self.prepared.get(bind.statement) else { return Ok(false) };
+        if let Some(m) = parse {
+            // Not when the server must see the Parse (`rewrite_batch`): its
+            // block failed (it refuses the Parse), or an Execute with a row
+            // limit ran before it.
+            let Ok(parse) = Parse::parse(m) else { return Ok(false) };
+            let same = parse.name.is_empty()
+                && bind.statement.is_empty()
+                && !self.txn.limited_execute
+                && self.txn.last_status != b'E'
+                && p.generation == self.ctx.catalog.generation()
+                && *p.sql == *parse.query
+                && p.param_types == parse.param_types;
+            if !same {
+                return Ok(false);
+            }
+        }
         let Some(analysis) = p.analysis.clone() else { return Ok(false) };
         let plain = |k: &StatementKind| {
             matches!(k, StatementKind::Select | StatementKind::Insert | StatementKind::Update | StatementKind::Delete)
@@ -920,6 +943,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         self.txn.open_batch = false;
         let mut expects = self.start_expects(swallow);
+        if parse.is_some() {
+            expects.push_back(Expect::Synth(messages::parse_complete()));
+        }
         let (Some(conn), Some(p)) = (self.txn.held.as_mut(), self.prepared.get(bind.statement)) else {
             return Ok(true);
         };
