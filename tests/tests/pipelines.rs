@@ -699,3 +699,20 @@ async fn a_statement_parsed_after_begin_in_a_pipeline_that_reads_every_shard_is_
     assert_eq!(answers[1][..2], ["2", "C [66, 69, 71, 73, 78, 0]"]);
     assert_eq!(answers[3], ["error 42P05", "ready E"]);
 }
+
+/// A Parse of the unnamed statement with the text it has is answered by the
+/// router (ParseComplete, nothing sent) — but not in a block that failed on
+/// its shard, where Postgres refuses the Parse itself (25P02).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_unnamed_statement_parsed_in_a_failed_block_is_refused() {
+    let fails = "SELECT 1 / (v - 10) FROM t WHERE tenant_id = $1 ORDER BY id";
+    let answers = same_as_postgres(&[
+        vec![query("BEGIN")],
+        vec![parse("", fails, &[20]), bind("", &[1], false), execute(), sync()],
+        vec![parse("", fails, &[20]), bind("", &[1], false), execute(), sync()],
+        vec![query("ROLLBACK")],
+    ])
+    .await;
+    assert_eq!(answers[1].last().map(String::as_str), Some("ready E"));
+    assert_eq!(answers[2], ["error 25P02", "ready E"]);
+}
