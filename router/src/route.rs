@@ -144,7 +144,14 @@ impl Routing<'_> {
         let key_col = &dir.key_column;
         self.check_key_changes(stmt)?;
         match &stmt.kind {
-            StatementKind::Ddl => Ok(Target::All),
+            StatementKind::Ddl => match stmt.removes_key.as_deref().filter(|t| catalog.is_sharded(t)) {
+                None => Ok(Target::All),
+                Some(t) => Err(SqlError::new(
+                    "0A000",
+                    format!("{t} is sharded by {key_col}; without it its rows would stay scattered over the shards while reads went to one"),
+                )
+                .hint(format!("keep {key_col} in {t}, or drop the table"))),
+            },
             StatementKind::SqlPrepared(p) => Err(sql_prepared_refusal(p)),
             StatementKind::SessionState(state) if !self.rules.session_state => Err(session_state_refusal(state)),
             StatementKind::SessionState(_) if reads_sharded => self.single_or(stmt, false, touched),
@@ -373,7 +380,8 @@ where
     let mut created: Vec<String> = fresh.iter().map(|t| bare(t)).collect();
     for stmt in statements {
         if stmt.kind != StatementKind::Ddl {
-            let uses = stmt.tables.iter().chain(&stmt.written).chain(stmt.nested_writes.iter().flat_map(|w| &w.written));
+            let uses =
+                stmt.tables.iter().chain(&stmt.written).chain(stmt.nested_writes.iter().flat_map(|w| &w.written));
             if let Some(t) = uses.map(|t| bare(t)).find(|t| created.contains(t)) {
                 return Err(SqlError::new(
                     "0A000",

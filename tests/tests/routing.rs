@@ -866,7 +866,9 @@ async fn the_pool_size_holds_for_the_whole_router_across_its_session_threads() {
 /// a reference table: `CREATE TABLE t (tenant_id …); INSERT INTO t …` wrote
 /// every row on every shard, and a count through the router came out
 /// doubled. Such a use is refused now, and nothing of it runs; a reference
-/// table (no key column) created and filled in one string still works.
+/// table (no key column) created and filled in one string still works. The
+/// same for a table renamed, or given the key by a column's rename; and the
+/// key column of a sharded table is not dropped or renamed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_is_not_written_in_the_transaction_that_creates_it_with_the_key_column() {
     use shardgate_tests::raw::{bind, execute, parse, sync, Raw};
@@ -886,7 +888,10 @@ async fn a_table_is_not_written_in_the_transaction_that_creates_it_with_the_key_
     }
     // Columns that may hold the key (LIKE), and a read as well as a write.
     c.batch_execute(ORDERS).await.unwrap();
-    for string in ["CREATE TABLE b (LIKE orders); SELECT count(*) FROM b", "CREATE TABLE b AS SELECT * FROM orders; SELECT * FROM b"] {
+    for string in [
+        "CREATE TABLE b (LIKE orders); SELECT count(*) FROM b",
+        "CREATE TABLE b AS SELECT * FROM orders; SELECT * FROM b",
+    ] {
         let e = c.batch_execute(string).await.unwrap_err();
         assert_eq!(sqlstate(&e), "0A000", "{string}: {e:?}");
     }
@@ -904,6 +909,28 @@ async fn a_table_is_not_written_in_the_transaction_that_creates_it_with_the_key_
     let e = c.batch_execute(&format!("INSERT INTO plans VALUES ('x', {t})")).await.unwrap_err();
     assert_eq!(sqlstate(&e), "0A000", "{e:?}");
     c.batch_execute("ROLLBACK").await.unwrap();
+
+    // A sharded table renamed, or a column renamed to the key.
+    c.batch_execute("CREATE TABLE r (tenant_id bigint, id int); CREATE TABLE q (k bigint, id int)").await.unwrap();
+    for rename in ["ALTER TABLE r RENAME TO r2", "ALTER TABLE q RENAME COLUMN k TO tenant_id"] {
+        c.batch_execute("BEGIN").await.unwrap();
+        c.batch_execute(rename).await.unwrap();
+        let table = if rename.contains(" r ") { "r2" } else { "q" };
+        let e = c.batch_execute(&format!("INSERT INTO {table} VALUES ({t}, 1)")).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{rename}: {e:?}");
+        c.batch_execute("ROLLBACK").await.unwrap();
+    }
+    // The key column of a sharded table dropped or renamed: its rows would
+    // stay scattered while the router took it for a reference table.
+    for change in ["ALTER TABLE r DROP COLUMN tenant_id", "ALTER TABLE r RENAME COLUMN tenant_id TO owner"] {
+        let e = c.batch_execute(change).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{change}: {e:?}");
+    }
+    // Committed first, then used: the rows land on their tenant's shard.
+    c.batch_execute("ALTER TABLE r RENAME TO r2").await.unwrap();
+    c.batch_execute(&format!("INSERT INTO r2 VALUES ({t}, 1)")).await.unwrap();
+    assert_eq!(rows_on(&h, 0, "SELECT count(*) FROM r2").await, 0);
+    assert_eq!(rows_on(&h, 1, "SELECT count(*) FROM r2").await, 1);
 
     // One pipeline.
     let mut raw = Raw::login(h.port()).await;

@@ -158,6 +158,11 @@ pub struct Statement {
     /// TABLE … ADD COLUMN`). The router learns such a table's shape only once
     /// its creation has committed (`route::check_fresh_tables`).
     pub creates_sharded: Option<String>,
+    /// A table this DDL takes the key column from (`ALTER TABLE … DROP
+    /// COLUMN`, `RENAME COLUMN` of the key): refused for a sharded table
+    /// (`route`), whose rows would be left scattered over the shards of a
+    /// table routed as a reference table from then on.
+    pub removes_key: Option<String>,
     /// The highest `$n` used.
     pub max_param: usize,
     /// Assignments that may give rows a new key, anywhere in the statement.
@@ -283,6 +288,7 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
         keys: KeyCandidates::None,
         insert: None,
         creates_sharded: None,
+        removes_key: None,
         max_param: 0,
         key_changes: Vec::new(),
         insert_select: None,
@@ -465,6 +471,28 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
             s.kind = StatementKind::Ddl;
             s.creates_sharded = a.relation.as_ref().map(relname);
         }
+        N::AlterTableStmt(a) if drops_column(a, key_column) => {
+            s.kind = StatementKind::Ddl;
+            s.removes_key = a.relation.as_ref().map(relname);
+        }
+        N::RenameStmt(r)
+            if r.rename_type == protobuf::ObjectType::ObjectTable as i32
+                || r.rename_type == protobuf::ObjectType::ObjectColumn as i32 =>
+        {
+            s.kind = StatementKind::Ddl;
+            let table = r.relation.as_ref().map(relname);
+            if r.rename_type == protobuf::ObjectType::ObjectTable as i32 {
+                // The table under its new name, in its schema: the router
+                // knows it once the rename commits.
+                let schema = r.relation.as_ref().map(|t| t.schemaname.as_str()).unwrap_or_default();
+                s.creates_sharded =
+                    Some(if schema.is_empty() { r.newname.clone() } else { format!("{schema}.{}", r.newname) });
+            } else if r.newname.eq_ignore_ascii_case(key_column) {
+                s.creates_sharded = table;
+            } else if r.subname.eq_ignore_ascii_case(key_column) {
+                s.removes_key = table;
+            }
+        }
         N::CreateTableAsStmt(c) => {
             // Its columns are its query's, which may include the key.
             s.kind = StatementKind::Ddl;
@@ -527,6 +555,16 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
         }
     }
     (s, origins)
+}
+
+/// An `ALTER TABLE` that drops the key column.
+fn drops_column(a: &protobuf::AlterTableStmt, key_column: &str) -> bool {
+    a.cmds.iter().any(|c| match &c.node {
+        Some(protobuf::node::Node::AlterTableCmd(cmd)) => {
+            cmd.subtype == protobuf::AlterTableType::AtDropColumn as i32 && cmd.name.eq_ignore_ascii_case(key_column)
+        }
+        _ => false,
+    })
 }
 
 /// An `ALTER TABLE` that adds the key column: the table becomes sharded.

@@ -295,6 +295,7 @@ impl Template {
                 keys,
                 insert,
                 creates_sharded: s.creates_sharded.clone(),
+                removes_key: s.removes_key.clone(),
                 max_param: s.max_param,
                 key_changes,
                 insert_select,
