@@ -248,6 +248,8 @@ fn session_state_refusal(state: &str) -> SqlError {
             "take pg_advisory_xact_lock(…) inside a transaction (it is released at COMMIT)"
         }
         "a cursor WITH HOLD" => "fetch the rows inside the transaction (a cursor without WITH HOLD), or page by key",
+        "SET ROLE" => "log in as that role (shardgate logs in to the shards as each client's role), or SET LOCAL ROLE inside a transaction",
+        "set_config(…, false)" => "use SET, which shardgate carries to every server connection the session uses, or set_config(…, true) inside a transaction",
         _ => "create it with ON COMMIT DROP inside a transaction, or use a regular table",
     };
     SqlError::new(

@@ -75,6 +75,7 @@ async fn deallocate_closes_a_prepared_statement_of_this_session_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_that_would_outlive_the_transaction_is_refused_and_reaches_no_shard() {
     let h = one_connection().await;
+    h.shard(0).await.batch_execute("CREATE ROLE reporting").await.unwrap();
     let a = h.client().await;
     let b = h.client().await;
     for (sql, hint) in [
@@ -83,6 +84,10 @@ async fn state_that_would_outlive_the_transaction_is_refused_and_reaches_no_shar
         ("SELECT pg_try_advisory_lock_shared(7)", "pg_advisory_xact_lock"),
         ("CREATE TEMP TABLE scratch (a int)", "ON COMMIT DROP"),
         ("CREATE TEMPORARY TABLE scratch AS SELECT 1 AS a", "ON COMMIT DROP"),
+        // RESET ALL leaves the role: the next client would run as it.
+        ("SET ROLE reporting", "log in as that role"),
+        ("SET SESSION AUTHORIZATION reporting", "log in as that role"),
+        ("SELECT set_config('timezone', 'Asia/Tokyo', false)", "use SET"),
     ] {
         let e = a.simple_query(sql).await.expect_err(sql);
         assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
@@ -113,13 +118,19 @@ async fn state_that_would_outlive_the_transaction_is_refused_and_reaches_no_shar
     assert_eq!(listened, 0);
 
     // What ends with the transaction is carried: a transaction-level lock, a
-    // temporary table dropped at COMMIT.
+    // temporary table dropped at COMMIT, a role or setting for the
+    // transaction.
     a.batch_execute(
         "BEGIN; SELECT pg_advisory_xact_lock(7); CREATE TEMP TABLE t1 (a int) ON COMMIT DROP; \
-         INSERT INTO t1 VALUES (1); COMMIT",
+         INSERT INTO t1 VALUES (1); SET LOCAL ROLE reporting; SELECT set_config('timezone', 'Asia/Tokyo', true); COMMIT",
     )
     .await
     .expect("transaction-scoped state is fine");
+    // The other client, on the same server connection, has its own role and
+    // time zone.
+    let row = b.query_one("SELECT current_user::text, current_setting('timezone')", &[]).await.unwrap();
+    assert_ne!(row.get::<_, String>(0), "reporting");
+    assert_ne!(row.get::<_, String>(1), "Asia/Tokyo");
 }
 
 /// A cursor reads from the one connection that declared it: over a sharded

@@ -47,18 +47,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.statements_as_at(0, batch);
             return self.fail_batch(e, true).await;
         }
-        let segments = match self.segments(batch) {
-            Ok(s) => s,
-            Err(e) => {
-                self.statements_as_at(0, batch);
-                return self.fail_batch(e, true).await;
+        let segments = loop {
+            let segments = match self.segments(batch) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.statements_as_at(0, batch);
+                    return self.fail_batch(e, true).await;
+                }
+            };
+            // Held by a cutover, and released: the placement may have
+            // changed, route again. (Not the whole batch again: its
+            // statements are learnt, some under the batch's aliases.)
+            if self.pass_holds().await {
+                break segments;
             }
         };
-        if !self.pass_holds().await {
-            // A cutover held the rows: the placement may have changed, route again.
-            self.batch = batch.to_vec();
-            return Box::pin(self.run_batch(true)).await;
-        }
         let implicit = !self.txn.in_block() && !begins;
         if implicit {
             self.txn.pending_begin = Some(vec!["BEGIN".into()]);

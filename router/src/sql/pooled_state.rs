@@ -11,13 +11,18 @@
 //! - temporary tables, views and sequences (except `ON COMMIT DROP` tables,
 //!   which end with their transaction): visible to the next client of the
 //!   connection, and missing for this client's next transaction;
-//! - cursors `WITH HOLD`: outlive the transaction on its connection.
+//! - cursors `WITH HOLD`: outlive the transaction on its connection;
+//! - `SET ROLE` and `SET SESSION AUTHORIZATION` (not `SET LOCAL`): `RESET
+//!   ALL` leaves them, so the next client of the connection would run as
+//!   that role;
+//! - `set_config(name, value, false)`: a setting the router does not see,
+//!   unlike `SET`, which the session carries to each connection it uses.
 //!
 //! These are refused with 0A000 and what to use instead ([`crate::route`]).
 //! SQL `PREPARE` is carried by the session instead (session/sql_prepared.rs).
 
 use pg_query::protobuf::node::Node as N;
-use pg_query::protobuf::{IntoClause, OnCommitAction};
+use pg_query::protobuf::{a_const, IntoClause, OnCommitAction, VariableSetKind};
 use pg_query::NodeRef;
 
 /// Session advisory lock functions (their `_xact_` forms end with the
@@ -38,7 +43,25 @@ pub(super) fn session_state(node: &N) -> Option<&'static str> {
                 Some(N::String(s)) => Some(s.sval.as_str()),
                 _ => None,
             })?;
-            SESSION_LOCKS.contains(&name.to_ascii_lowercase().as_str()).then_some("a session-level advisory lock")
+            let name = name.to_ascii_lowercase();
+            if name == "set_config" {
+                // Its third argument says whether the setting ends with the
+                // transaction: anything but a literal true may outlive it.
+                let local = f.args.get(2).and_then(|a| a.node.as_ref()).is_some_and(
+                    |a| matches!(a, N::AConst(c) if matches!(&c.val, Some(a_const::Val::Boolval(b)) if b.boolval)),
+                );
+                return (!local).then_some("set_config(…, false)");
+            }
+            SESSION_LOCKS.contains(&name.as_str()).then_some("a session-level advisory lock")
+        }
+        // The role a connection runs as: RESET ALL leaves it, so the next
+        // client of the connection would run as this role.
+        NodeRef::VariableSetStmt(v)
+            if !v.is_local
+                && v.kind == VariableSetKind::VarSetValue as i32
+                && matches!(v.name.as_str(), "role" | "session_authorization") =>
+        {
+            Some("SET ROLE")
         }
         NodeRef::CreateStmt(c) => {
             let temp = c.relation.as_ref().is_some_and(|r| r.relpersistence == "t");
@@ -99,6 +122,10 @@ mod tests {
         assert_eq!(state("CREATE TEMP VIEW v AS SELECT 1"), Some("a temporary view"));
         assert_eq!(state("CREATE TEMP SEQUENCE s"), Some("a temporary sequence"));
         assert_eq!(state("DECLARE c CURSOR WITH HOLD FOR SELECT 1"), Some("a cursor WITH HOLD"));
+        assert_eq!(state("SET ROLE reporting"), Some("SET ROLE"));
+        assert_eq!(state("SET SESSION AUTHORIZATION reporting"), Some("SET ROLE"));
+        assert_eq!(state("SELECT set_config('timezone', 'Asia/Tokyo', false)"), Some("set_config(…, false)"));
+        assert_eq!(state("SELECT set_config('a.b', $1, $2)"), Some("set_config(…, false)"));
     }
 
     #[test]
@@ -109,5 +136,8 @@ mod tests {
         assert_eq!(state("CREATE TABLE x (a int)"), None);
         assert_eq!(state("UNLISTEN *"), None);
         assert_eq!(state("SELECT lock_this(1)"), None);
+        assert_eq!(state("SET LOCAL ROLE reporting"), None);
+        assert_eq!(state("RESET ROLE"), None);
+        assert_eq!(state("SELECT set_config('timezone', 'UTC', true)"), None);
     }
 }
