@@ -818,24 +818,26 @@ pub(super) fn tables_under(n: &N) -> Vec<String> {
 
 /// The value of a `/* <key_column>=… */` comment anywhere in the text.
 pub(super) fn comment_key(sql: &str, key_column: &str) -> Option<String> {
-    let mut rest = sql;
-    while let Some(start) = rest.find("/*") {
-        let after = &rest[start + 2..];
-        let end = after.find("*/")?;
-        let body = &after[..end];
-        for part in body.split([',', ' ', ';']) {
-            if let Some((k, v)) = part.split_once('=') {
-                if k.trim().eq_ignore_ascii_case(key_column) {
-                    let v = v.trim().trim_matches('\'').trim_matches('"');
-                    if !v.is_empty() {
-                        return Some(v.to_string());
-                    }
-                }
-            }
-        }
-        rest = &after[end + 2..];
+    if !sql.contains("/*") {
+        return None;
     }
-    None
+    // Only comments count: a `/*` may stand in a string, a quoted name or a
+    // `--` comment, which Postgres's own lexer tells apart.
+    let tokens = pg_query::scan_tokens(sql).ok()?;
+    tokens.iter().filter(|t| t.token == protobuf::Token::CComment as i32).find_map(|t| {
+        let text = sql.get(t.start as usize..t.end as usize)?;
+        let body = text.strip_prefix("/*")?;
+        key_in_comment(body.strip_suffix("*/").unwrap_or(body), key_column)
+    })
+}
+
+/// `key_column=value` in a comment's text.
+fn key_in_comment(body: &str, key_column: &str) -> Option<String> {
+    body.split([',', ' ', ';']).find_map(|part| {
+        let (k, v) = part.split_once('=')?;
+        let v = v.trim().trim_matches('\'').trim_matches('"');
+        (k.trim().eq_ignore_ascii_case(key_column) && !v.is_empty()).then(|| v.to_string())
+    })
 }
 
 #[cfg(test)]
@@ -1017,6 +1019,20 @@ mod tests {
     fn comment_and_set_give_keys() {
         let a = analyze("/* tenant_id=42 */ select * from orders", "tenant_id").unwrap();
         assert_eq!(a.comment_key.as_deref(), Some("42"));
+        // Only a comment's: not a string's, a quoted name's or a `--`
+        // comment's text that looks like one (a write routed by it ran on
+        // that tenant's shard alone).
+        for sql in [
+            "update orders set total = 9 where id = 3 and 'x' <> '/* tenant_id=1 */'",
+            "select count(*) from orders where $$/* tenant_id=1 */$$ <> ''",
+            "select count(*) as \"/* tenant_id=1 */\" from orders",
+            "select count(*) from orders -- /* tenant_id=1 */",
+            "select E'\\' /* tenant_id=1 */' from orders",
+        ] {
+            assert_eq!(analyze(sql, "tenant_id").unwrap().comment_key, None, "{sql}");
+        }
+        let a = analyze("select '/*' /* tenant_id=7 */ from orders", "tenant_id").unwrap();
+        assert_eq!(a.comment_key.as_deref(), Some("7"));
         assert_eq!(one("set shardgate.tenant = 17").kind, StatementKind::SetTenant(Some("17".into())));
         assert_eq!(one("set shardgate.tenant = 'acme'").kind, StatementKind::SetTenant(Some("acme".into())));
         assert_eq!(one("reset shardgate.tenant").kind, StatementKind::SetTenant(None));
