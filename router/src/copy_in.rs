@@ -713,7 +713,15 @@ mod tests {
     use super::*;
 
     fn info(format: CopyFormat) -> CopyInfo {
-        CopyInfo { from_stdin: true, table: Some("t".into()), columns: None, format, delimiter: None, header: false }
+        CopyInfo {
+            from_stdin: true,
+            per_shard: None,
+            table: Some("t".into()),
+            columns: None,
+            format,
+            delimiter: None,
+            header: false,
+        }
     }
 
     fn splitter(format: CopyFormat, key_pos: usize) -> RowSplitter {

@@ -9,7 +9,7 @@ use shardgate_directory::{Directory, KeyType, ShardId, TenantKey};
 
 use crate::context::Catalog;
 use crate::error::SqlError;
-use crate::sql::{Inserted, KeyCandidates, KeyExpr, SqlPrepared, Statement, StatementKind};
+use crate::sql::{CopyInfo, Inserted, KeyCandidates, KeyExpr, SqlPrepared, Statement, StatementKind};
 
 /// Where a statement runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,6 +144,19 @@ impl Routing<'_> {
         let key_col = &dir.key_column;
         self.check_key_changes(stmt)?;
         match &stmt.kind {
+            StatementKind::Ddl if stmt.copies_rows && reads_sharded => Err(SqlError::new(
+                "0A000",
+                "a table filled from a query over sharded tables (CREATE TABLE … AS, CREATE MATERIALIZED VIEW, SELECT … INTO) would get each shard's own rows on that shard".to_string(),
+            )
+            .hint("create the table, then fill it with INSERT … SELECT naming one tenant at a time, or read the rows through the router and COPY them in")),
+            StatementKind::Ddl if stmt.creates_sharded.as_deref().is_some_and(|t| catalog.is_reference(t)) => {
+                let t = stmt.creates_sharded.as_deref().unwrap_or_default();
+                Err(SqlError::new(
+                    "0A000",
+                    format!("{t} is a reference table, its rows copied on every shard: with the key column {key_col} each copy would count as rows of its own"),
+                )
+                .hint(format!("create a new table with {key_col}, fill it through the router (INSERT … SELECT or COPY), and drop {t}")))
+            }
             StatementKind::Ddl => match stmt.removes_key.as_deref().filter(|t| catalog.is_sharded(t)) {
                 None => Ok(Target::All),
                 Some(t) => Err(SqlError::new(
@@ -223,6 +236,16 @@ impl Routing<'_> {
                     Err(SqlError::new("0A000", "a write to a reference table cannot read sharded tables".to_string()))
                 }
             }
+            StatementKind::Copy(CopyInfo { per_shard: Some(why), .. }) if reads_sharded => {
+                match self.single_or(stmt, false, touched)? {
+                    Target::Fanout(_) => Err(SqlError::new(
+                        "0A000",
+                        format!("COPY (query) TO over several shards sends each shard's rows as they come: the query's {why} would apply to each shard's rows alone"),
+                    )
+                    .hint(format!("name one {key_col} in the query, or run it as a SELECT, which shardgate merges"))),
+                    t => Ok(t),
+                }
+            }
             StatementKind::Select
             | StatementKind::SelectWithWrites
             | StatementKind::Copy(_)
@@ -249,7 +272,6 @@ fn session_state_refusal(state: &str) -> SqlError {
         }
         "a cursor WITH HOLD" => "fetch the rows inside the transaction (a cursor without WITH HOLD), or page by key",
         "SET ROLE" => "log in as that role (shardgate logs in to the shards as each client's role), or SET LOCAL ROLE inside a transaction",
-        "set_config(…, false)" => "use SET, which shardgate carries to every server connection the session uses, or set_config(…, true) inside a transaction",
         _ => "create it with ON COMMIT DROP inside a transaction, or use a regular table",
     };
     SqlError::new(
@@ -679,7 +701,7 @@ impl Routing<'_> {
             (Some(values), _) => values.get(pos).cloned().unwrap_or(Inserted::Other),
             // `SELECT *`: the source's column at that position.
             (None, Some(source)) => match catalog.columns(source) {
-                Some(c) if c.get(pos).is_some_and(|c| c.eq_ignore_ascii_case(key_col)) => Inserted::SourceKey,
+                Some(c) if c.get(pos).is_some_and(|c| c == key_col) => Inserted::SourceKey,
                 _ => Inserted::Other,
             },
             (None, None) => Inserted::Other,
@@ -718,7 +740,7 @@ impl Routing<'_> {
 /// Where the key column is among the columns an INSERT gives (its list, else
 /// the table's); 23502 when it gives none.
 fn key_position(table: &str, columns: Option<&[String]>, catalog: &Catalog, key_col: &str) -> Result<usize, SqlError> {
-    let position = |c: &[String]| c.iter().position(|c| c.eq_ignore_ascii_case(key_col));
+    let position = |c: &[String]| c.iter().position(|c| c == key_col);
     let pos = match columns {
         Some(c) => position(c),
         None => catalog.columns(table).as_deref().and_then(position),

@@ -903,23 +903,17 @@ async fn a_table_is_not_written_in_the_transaction_that_creates_it_with_the_key_
     assert_eq!(sqlstate(&e), "0A000", "{e:?}");
     assert!(e.as_db_error().unwrap().hint().unwrap().contains("commit the CREATE TABLE"), "{e:?}");
     c.batch_execute("ROLLBACK").await.unwrap();
-    // A reference table given the key column in the block.
-    c.batch_execute("CREATE TABLE plans (name text)").await.unwrap();
-    c.batch_execute("BEGIN; ALTER TABLE plans ADD COLUMN tenant_id bigint").await.unwrap();
-    let e = c.batch_execute(&format!("INSERT INTO plans VALUES ('x', {t})")).await.unwrap_err();
+
+    // A sharded table renamed; a reference table's column renamed to the key.
+    c.batch_execute("CREATE TABLE r (tenant_id bigint, id int); CREATE TABLE q (k bigint, id int)").await.unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("ALTER TABLE r RENAME TO r2").await.unwrap();
+    let e = c.batch_execute(&format!("INSERT INTO r2 VALUES ({t}, 1)")).await.unwrap_err();
     assert_eq!(sqlstate(&e), "0A000", "{e:?}");
     c.batch_execute("ROLLBACK").await.unwrap();
-
-    // A sharded table renamed, or a column renamed to the key.
-    c.batch_execute("CREATE TABLE r (tenant_id bigint, id int); CREATE TABLE q (k bigint, id int)").await.unwrap();
-    for rename in ["ALTER TABLE r RENAME TO r2", "ALTER TABLE q RENAME COLUMN k TO tenant_id"] {
-        c.batch_execute("BEGIN").await.unwrap();
-        c.batch_execute(rename).await.unwrap();
-        let table = if rename.contains(" r ") { "r2" } else { "q" };
-        let e = c.batch_execute(&format!("INSERT INTO {table} VALUES ({t}, 1)")).await.unwrap_err();
-        assert_eq!(sqlstate(&e), "0A000", "{rename}: {e:?}");
-        c.batch_execute("ROLLBACK").await.unwrap();
-    }
+    // A reference table (its rows on every shard) given the key by a rename.
+    let e = c.batch_execute("ALTER TABLE q RENAME COLUMN k TO tenant_id").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{e:?}");
     // The key column of a sharded table dropped or renamed: its rows would
     // stay scattered while the router took it for a reference table.
     for change in ["ALTER TABLE r DROP COLUMN tenant_id", "ALTER TABLE r RENAME COLUMN tenant_id TO owner"] {
@@ -931,6 +925,27 @@ async fn a_table_is_not_written_in_the_transaction_that_creates_it_with_the_key_
     c.batch_execute(&format!("INSERT INTO r2 VALUES ({t}, 1)")).await.unwrap();
     assert_eq!(rows_on(&h, 0, "SELECT count(*) FROM r2").await, 0);
     assert_eq!(rows_on(&h, 1, "SELECT count(*) FROM r2").await, 1);
+
+    // A table filled from a query over a sharded table: each shard would
+    // fill it with its own rows.
+    for copy in [
+        "CREATE TABLE ocopy AS SELECT * FROM orders",
+        "CREATE MATERIALIZED VIEW omv AS SELECT count(*) FROM orders",
+        "SELECT * INTO ocopy FROM orders",
+    ] {
+        let e = c.batch_execute(copy).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{copy}: {e:?}");
+    }
+    // The key column given to a reference table with rows on every shard:
+    // each copy would have counted as rows of their own.
+    c.batch_execute("CREATE TABLE regions (id int); INSERT INTO regions VALUES (1), (2)").await.unwrap();
+    let e = c.batch_execute("ALTER TABLE regions ADD COLUMN tenant_id bigint DEFAULT 7").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+    // From a reference table, every shard fills the same rows.
+    c.batch_execute("CREATE TABLE regions2 AS SELECT * FROM regions").await.unwrap();
+    for i in 0..2 {
+        assert_eq!(rows_on(&h, i, "SELECT count(*) FROM regions2").await, 2);
+    }
 
     // One pipeline.
     let mut raw = Raw::login(h.port()).await;
@@ -957,4 +972,55 @@ async fn a_table_is_not_written_in_the_transaction_that_creates_it_with_the_key_
     for i in 0..2 {
         assert_eq!(rows_on(&h, i, "SELECT count(*) FROM countries").await, 2);
     }
+}
+
+/// The key column is named as Postgres names columns: `"TENANT_ID"` is
+/// another column than `tenant_id`. A row was routed by the first column
+/// whose name matched without regard to case, and its tenant's reads did
+/// not find it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_named_like_the_key_in_other_case_is_another_column() {
+    let h = Harness::start(2).await;
+    let c = h.client().await;
+    let (a, b) = (h.tenants_on(0, 1)[0], h.tenants_on(1, 1)[0]);
+    c.batch_execute(r#"CREATE TABLE qq ("TENANT_ID" bigint, tenant_id bigint, x int)"#).await.unwrap();
+    // "TENANT_ID" names a tenant of shard 0, tenant_id one of shard 1.
+    c.batch_execute(&format!("INSERT INTO qq VALUES ({a}, {b}, 1)")).await.unwrap();
+    assert_eq!(rows_on(&h, 1, "SELECT count(*) FROM qq").await, 1, "on tenant_id's shard");
+    let n: i64 = c.query_one("SELECT count(*) FROM qq WHERE tenant_id = $1", &[&b]).await.unwrap().get(0);
+    assert_eq!(n, 1);
+    // A filter on the other column reads every shard.
+    let n: i64 = c.query_one(r#"SELECT count(*) FROM qq WHERE "TENANT_ID" = $1"#, &[&a]).await.unwrap().get(0);
+    assert_eq!(n, 1);
+}
+
+/// `COPY (query) TO STDOUT` without a tenant puts the shards' outputs end to
+/// end. A query whose ORDER BY, LIMIT, aggregates, DISTINCT or set
+/// operation each shard would apply to its own rows alone (`LIMIT 2` gave 6
+/// rows over 3 shards, `count(*)` one count per shard) is refused; a plain
+/// query's rows are all there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_of_a_query_over_every_shard_is_refused_where_the_shards_would_each_apply_it() {
+    let h = Harness::start(2).await;
+    let c = h.client().await;
+    c.batch_execute(ORDERS).await.unwrap();
+    for t in h.tenants_on(0, 2).into_iter().chain(h.tenants_on(1, 2)) {
+        c.batch_execute(&format!("INSERT INTO orders VALUES ({t}, 1, 1)")).await.unwrap();
+    }
+    for query in [
+        "SELECT id FROM orders ORDER BY id LIMIT 2",
+        "SELECT count(*) FROM orders",
+        "SELECT DISTINCT id FROM orders",
+        "SELECT id FROM orders ORDER BY tenant_id",
+        "SELECT id FROM orders UNION SELECT id FROM orders",
+    ] {
+        let copy = format!("COPY ({query}) TO STDOUT");
+        let Err(e) = c.copy_out(&copy).await else { panic!("{copy} was not refused") };
+        assert_eq!(sqlstate(&e), "0A000", "{copy}: {e:?}");
+    }
+    use futures::TryStreamExt;
+    let stream = c.copy_out("COPY (SELECT tenant_id FROM orders WHERE id = 1) TO STDOUT").await.unwrap();
+    let chunks: Vec<bytes::Bytes> = stream.try_collect().await.unwrap();
+    let lines = chunks.iter().map(|b| b.iter().filter(|&&c| c == b'\n').count()).sum::<usize>();
+    assert_eq!(lines, 4, "every shard's rows");
 }

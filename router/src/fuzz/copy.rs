@@ -24,6 +24,7 @@ pub fn copy(data: &[u8]) {
     let body = input.rest();
     let info = CopyInfo {
         from_stdin: true,
+        per_shard: None,
         table: Some("t".into()),
         columns: None,
         format: if csv { CopyFormat::Csv } else { CopyFormat::Text },

@@ -103,6 +103,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Records the session-setting statements of `analysis` after they ran on the
     /// held connection (`status` is the server's transaction status after them).
     pub(super) fn record_settings(&mut self, analysis: &Analysis, status: u8) {
+        self.record_setting_statements(analysis, status);
+        if analysis.statements.iter().any(|s| s.sets_config) {
+            // set_config(…, false): a setting the session does not carry, and
+            // the next session must not inherit. The connection starts from
+            // RESET ALL for whichever session borrows it next.
+            if let Some(b) = self.txn.held.as_mut() {
+                b.conn.settings = None;
+            }
+        }
+    }
+
+    fn record_setting_statements(&mut self, analysis: &Analysis, status: u8) {
         let mut changes = analysis.statements.iter().filter_map(|s| match &s.kind {
             StatementKind::SetVar(c) => Some((s, c)),
             _ => None,

@@ -112,6 +112,10 @@ pub enum SettingChange {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopyInfo {
     pub from_stdin: bool,
+    /// `COPY (query) TO`: what in the query (ORDER BY, LIMIT, aggregates,
+    /// DISTINCT, set operations) a shard would apply to its own rows only,
+    /// so that the shards' outputs put end to end are not the query's.
+    pub per_shard: Option<&'static str>,
     pub table: Option<String>,
     /// The column list, if the statement names one.
     pub columns: Option<Vec<String>>,
@@ -163,6 +167,13 @@ pub struct Statement {
     /// (`route`), whose rows would be left scattered over the shards of a
     /// table routed as a reference table from then on.
     pub removes_key: Option<String>,
+    /// `CREATE TABLE … AS`, `CREATE MATERIALIZED VIEW`, `SELECT … INTO`: a
+    /// table filled with a query's rows, which over a sharded table each
+    /// shard would fill with its own rows only (refused, `route`).
+    pub copies_rows: bool,
+    /// Calls `set_config(…, false)` (or with a third argument that is not
+    /// the literal true): see `pooled_state::sets_config`.
+    pub sets_config: bool,
     /// The highest `$n` used.
     pub max_param: usize,
     /// Assignments that may give rows a new key, anywhere in the statement.
@@ -289,6 +300,8 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
         insert: None,
         creates_sharded: None,
         removes_key: None,
+        copies_rows: false,
+        sets_config: false,
         max_param: 0,
         key_changes: Vec::new(),
         insert_select: None,
@@ -298,6 +311,12 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
         unrestricted: Vec::new(),
     };
     match node {
+        N::SelectStmt(sel) if sel.into_clause.is_some() => {
+            // SELECT … INTO: CREATE TABLE … AS by another name.
+            s.kind = StatementKind::Ddl;
+            s.copies_rows = true;
+            s.creates_sharded = sel.into_clause.as_ref().and_then(|i| i.rel.as_ref()).map(relname);
+        }
         N::SelectStmt(sel) => {
             s.kind = StatementKind::Select;
             let r = super::restriction::of(node, key_column).unwrap_or_default();
@@ -434,7 +453,7 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
             s.kind = StatementKind::Ddl;
             let table = c.relation.as_ref().map(relname).unwrap_or_default();
             let has_key = c.table_elts.iter().any(|e| match &e.node {
-                Some(N::ColumnDef(d)) => d.colname.eq_ignore_ascii_case(key_column),
+                Some(N::ColumnDef(d)) => d.colname == key_column,
                 _ => false,
             });
             // Columns that come from elsewhere (LIKE, INHERITS, OF type,
@@ -487,15 +506,16 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
                 let schema = r.relation.as_ref().map(|t| t.schemaname.as_str()).unwrap_or_default();
                 s.creates_sharded =
                     Some(if schema.is_empty() { r.newname.clone() } else { format!("{schema}.{}", r.newname) });
-            } else if r.newname.eq_ignore_ascii_case(key_column) {
+            } else if r.newname == key_column {
                 s.creates_sharded = table;
-            } else if r.subname.eq_ignore_ascii_case(key_column) {
+            } else if r.subname == key_column {
                 s.removes_key = table;
             }
         }
         N::CreateTableAsStmt(c) => {
             // Its columns are its query's, which may include the key.
             s.kind = StatementKind::Ddl;
+            s.copies_rows = true;
             s.creates_sharded = c.into.as_ref().and_then(|i| i.rel.as_ref()).map(relname);
         }
         N::AlterTableStmt(_)
@@ -539,6 +559,7 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
         // `EXECUTE p`, also under EXPLAIN or CREATE TABLE AS.
         s.kind = StatementKind::SqlPrepared(SqlPrepared::Execute { name });
     }
+    s.sets_config = super::pooled_state::sets_config(whole);
     if let Some(state) = super::pooled_state::session_state(whole) {
         s.kind = StatementKind::SessionState(state);
         // What it creates is written (session pooling routes by it).
@@ -561,7 +582,7 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
 fn drops_column(a: &protobuf::AlterTableStmt, key_column: &str) -> bool {
     a.cmds.iter().any(|c| match &c.node {
         Some(protobuf::node::Node::AlterTableCmd(cmd)) => {
-            cmd.subtype == protobuf::AlterTableType::AtDropColumn as i32 && cmd.name.eq_ignore_ascii_case(key_column)
+            cmd.subtype == protobuf::AlterTableType::AtDropColumn as i32 && cmd.name == key_column
         }
         _ => false,
     })
@@ -573,7 +594,7 @@ fn adds_column(a: &protobuf::AlterTableStmt, key_column: &str) -> bool {
         Some(protobuf::node::Node::AlterTableCmd(cmd)) => {
             cmd.subtype == protobuf::AlterTableType::AtAddColumn as i32
                 && matches!(cmd.def.as_deref().and_then(|d| d.node.as_ref()),
-                    Some(protobuf::node::Node::ColumnDef(d)) if d.colname.eq_ignore_ascii_case(key_column))
+                    Some(protobuf::node::Node::ColumnDef(d)) if d.colname == key_column)
         }
         _ => false,
     })
@@ -594,9 +615,26 @@ pub(super) fn unquote(s: &str) -> String {
     }
 }
 
+/// What of a query a shard would apply to its own rows only (see
+/// [`CopyInfo::per_shard`]).
+fn per_shard(sel: &protobuf::SelectStmt) -> Option<&'static str> {
+    let union_all = sel.op == protobuf::SetOperation::SetopUnion as i32 && sel.all;
+    if sel.op > 1 && !union_all {
+        return Some("UNION, INTERSECT or EXCEPT");
+    }
+    if !sel.sort_clause.is_empty() {
+        return Some("ORDER BY");
+    }
+    super::mixes_rows(sel)
+}
+
 fn copy_info(c: &protobuf::CopyStmt) -> CopyInfo {
     let mut info = CopyInfo {
         from_stdin: c.is_from && c.filename.is_empty() && !c.is_program,
+        per_shard: match c.query.as_deref().and_then(|n| n.node.as_ref()) {
+            Some(N::SelectStmt(sel)) => per_shard(sel),
+            _ => None,
+        },
         table: c.relation.as_ref().map(relname),
         columns: None,
         format: CopyFormat::Text,
@@ -706,7 +744,7 @@ impl KeyFinder<'_> {
             Some(N::ColumnRef(c)) => {
                 matches!(
                     c.fields.last().and_then(|f| f.node.as_ref()),
-                    Some(N::String(s)) if s.sval.eq_ignore_ascii_case(self.column)
+                    Some(N::String(s)) if s.sval == self.column
                 ) && self.only.is_none_or(|only| only(&c.fields))
             }
             Some(N::TypeCast(t)) => t.arg.as_deref().is_some_and(|a| self.is_key_column(a)),

@@ -296,6 +296,8 @@ impl Template {
                 insert,
                 creates_sharded: s.creates_sharded.clone(),
                 removes_key: s.removes_key.clone(),
+                copies_rows: s.copies_rows,
+                sets_config: s.sets_config,
                 max_param: s.max_param,
                 key_changes,
                 insert_select,

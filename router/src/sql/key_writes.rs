@@ -119,7 +119,7 @@ fn assignments(
         let Some(N::ResTarget(t)) = &t.node else { continue };
         // `SET tenant_id = …`, `SET (a, tenant_id) = …`; `SET t.tenant_id`
         // names a column `t`, which Postgres refuses itself.
-        if !t.name.eq_ignore_ascii_case(column) {
+        if t.name != column {
             continue;
         }
         let value = t.val.as_deref().and_then(|v| match &v.node {
@@ -153,8 +153,8 @@ fn is_key_of(v: &Node, column: &str, refname: &str, also: &[&str]) -> bool {
         })
         .collect();
     match names.as_slice() {
-        [Some(k)] => k.eq_ignore_ascii_case(column),
-        [Some(q), Some(k)] => k.eq_ignore_ascii_case(column) && (*q == refname || also.contains(q)),
+        [Some(k)] => *k == column,
+        [Some(q), Some(k)] => *k == column && (*q == refname || also.contains(q)),
         _ => false,
     }
 }

@@ -15,8 +15,6 @@
 //! - `SET ROLE` and `SET SESSION AUTHORIZATION` (not `SET LOCAL`): `RESET
 //!   ALL` leaves them, so the next client of the connection would run as
 //!   that role;
-//! - `set_config(name, value, false)`: a setting the router does not see,
-//!   unlike `SET`, which the session carries to each connection it uses.
 //!
 //! These are refused with 0A000 and what to use instead ([`crate::route`]).
 //! SQL `PREPARE` is carried by the session instead (session/sql_prepared.rs).
@@ -43,16 +41,7 @@ pub(super) fn session_state(node: &N) -> Option<&'static str> {
                 Some(N::String(s)) => Some(s.sval.as_str()),
                 _ => None,
             })?;
-            let name = name.to_ascii_lowercase();
-            if name == "set_config" {
-                // Its third argument says whether the setting ends with the
-                // transaction: anything but a literal true may outlive it.
-                let local = f.args.get(2).and_then(|a| a.node.as_ref()).is_some_and(
-                    |a| matches!(a, N::AConst(c) if matches!(&c.val, Some(a_const::Val::Boolval(b)) if b.boolval)),
-                );
-                return (!local).then_some("set_config(…, false)");
-            }
-            SESSION_LOCKS.contains(&name.as_str()).then_some("a session-level advisory lock")
+            SESSION_LOCKS.contains(&name.to_ascii_lowercase().as_str()).then_some("a session-level advisory lock")
         }
         // The role a connection runs as: RESET ALL leaves it, so the next
         // client of the connection would run as this role.
@@ -76,6 +65,27 @@ pub(super) fn session_state(node: &N) -> Option<&'static str> {
         }
         NodeRef::DeclareCursorStmt(d) => (d.options & CURSOR_OPT_HOLD != 0).then_some("a cursor WITH HOLD"),
         _ => None,
+    })
+}
+
+/// Whether `node` calls `set_config(name, value, is_local)` with anything but
+/// a literal `true` as `is_local`: a setting that may outlive the
+/// transaction, which the router does not see (asyncpg turns `jit` off so
+/// around its type lookups). The server connection then starts from `RESET
+/// ALL` for whichever session borrows it next (`session/settings.rs`).
+pub(super) fn sets_config(node: &N) -> bool {
+    node.nodes().into_iter().any(|(n, ..)| match n {
+        NodeRef::FuncCall(f) => {
+            let named = f
+                .funcname
+                .last()
+                .is_some_and(|n| matches!(&n.node, Some(N::String(s)) if s.sval.eq_ignore_ascii_case("set_config")));
+            let local = f.args.get(2).and_then(|a| a.node.as_ref()).is_some_and(
+                |a| matches!(a, N::AConst(c) if matches!(&c.val, Some(a_const::Val::Boolval(b)) if b.boolval)),
+            );
+            named && !local
+        }
+        _ => false,
     })
 }
 
@@ -124,8 +134,19 @@ mod tests {
         assert_eq!(state("DECLARE c CURSOR WITH HOLD FOR SELECT 1"), Some("a cursor WITH HOLD"));
         assert_eq!(state("SET ROLE reporting"), Some("SET ROLE"));
         assert_eq!(state("SET SESSION AUTHORIZATION reporting"), Some("SET ROLE"));
-        assert_eq!(state("SELECT set_config('timezone', 'Asia/Tokyo', false)"), Some("set_config(…, false)"));
-        assert_eq!(state("SELECT set_config('a.b', $1, $2)"), Some("set_config(…, false)"));
+    }
+
+    #[test]
+    fn set_config_that_may_outlive_the_transaction_is_seen() {
+        let sets = |sql: &str| {
+            let parsed = pg_query::parse(sql, 0).unwrap();
+            sets_config(parsed.protobuf.stmts[0].stmt.as_ref().unwrap().node.as_ref().unwrap())
+        };
+        assert!(sets("SELECT set_config('timezone', 'Asia/Tokyo', false)"));
+        assert!(sets("SELECT current_setting('jit') AS cur, set_config('jit', 'off', false) AS new"));
+        assert!(sets("SELECT set_config('jit', $1, $2)"));
+        assert!(!sets("SELECT set_config('timezone', 'UTC', true)"));
+        assert!(!sets("SELECT current_setting('jit')"));
     }
 
     #[test]
@@ -138,6 +159,6 @@ mod tests {
         assert_eq!(state("SELECT lock_this(1)"), None);
         assert_eq!(state("SET LOCAL ROLE reporting"), None);
         assert_eq!(state("RESET ROLE"), None);
-        assert_eq!(state("SELECT set_config('timezone', 'UTC', true)"), None);
+        assert_eq!(state("SELECT set_config('timezone', 'UTC', false)"), None);
     }
 }

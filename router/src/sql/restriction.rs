@@ -198,10 +198,9 @@ impl Walk<'_> {
             let Some(N::ColumnRef(c)) = t.val.as_deref().and_then(|v| v.node.as_ref()) else { continue };
             let last = c.fields.last().and_then(|f| f.node.as_ref());
             let named_key = if t.name.is_empty() {
-                matches!(last, Some(N::String(s)) if s.sval.eq_ignore_ascii_case(self.key))
+                matches!(last, Some(N::String(s)) if s.sval == self.key)
             } else {
-                t.name.eq_ignore_ascii_case(self.key)
-                    && matches!(last, Some(N::String(s)) if s.sval.eq_ignore_ascii_case(self.key))
+                t.name == self.key && matches!(last, Some(N::String(s)) if s.sval == self.key)
             };
             if named_key || matches!(last, Some(N::AStar(_))) {
                 out.extend(self.resolve(&c.fields, s));
@@ -279,10 +278,8 @@ impl Walk<'_> {
                     _ => Vec::new(),
                 };
                 self.condition(j.quals.as_deref(), &filtered, s);
-                let using_key = j
-                    .using_clause
-                    .iter()
-                    .any(|u| matches!(&u.node, Some(N::String(c)) if c.sval.eq_ignore_ascii_case(self.key)));
+                let using_key =
+                    j.using_clause.iter().any(|u| matches!(&u.node, Some(N::String(c)) if c.sval == self.key));
                 if using_key {
                     // `USING (key)` between two single references.
                     if let ([l], [r]) = (left.as_slice(), right.as_slice()) {
@@ -389,7 +386,7 @@ impl Walk<'_> {
         let is_eq = protobuf::AExprKind::try_from(e.kind) == Ok(protobuf::AExprKind::AexprOp)
             && matches!(e.name.first().and_then(|n| n.node.as_ref()), Some(N::String(s)) if s.sval == "=");
         let key_ref = |n: Option<&'n Node>| match n.and_then(|n| n.node.as_ref()) {
-            Some(N::ColumnRef(c)) if matches!(c.fields.last().and_then(|f| f.node.as_ref()), Some(N::String(s)) if s.sval.eq_ignore_ascii_case(self.key)) => {
+            Some(N::ColumnRef(c)) if matches!(c.fields.last().and_then(|f| f.node.as_ref()), Some(N::String(s)) if s.sval == self.key) => {
                 Some(c.fields.as_slice())
             }
             _ => None,

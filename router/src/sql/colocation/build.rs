@@ -87,10 +87,7 @@ impl<'a> Builder<'a> {
             let Some(N::ColumnRef(c)) = t.val.as_deref().and_then(|v| v.node.as_ref()) else { return false };
             match c.fields.last().and_then(|f| f.node.as_ref()) {
                 Some(N::AStar(_)) => true,
-                Some(N::String(s)) => {
-                    s.sval.eq_ignore_ascii_case(self.column)
-                        && (t.name.is_empty() || t.name.eq_ignore_ascii_case(self.column))
-                }
+                Some(N::String(s)) => s.sval == self.column && (t.name.is_empty() || t.name == self.column),
                 _ => false,
             }
         })
@@ -361,10 +358,7 @@ impl<'a> Builder<'a> {
     /// `USING (…, tenant_id, …)` or NATURAL (which joins on the key when both
     /// sides have it).
     fn joins_on_key_by_name(&self, j: &protobuf::JoinExpr) -> bool {
-        j.is_natural
-            || j.using_clause
-                .iter()
-                .any(|u| matches!(&u.node, Some(N::String(s)) if s.sval.eq_ignore_ascii_case(self.column)))
+        j.is_natural || j.using_clause.iter().any(|u| matches!(&u.node, Some(N::String(s)) if s.sval == self.column))
     }
 
     /// `x.tenant_id = y.tenant_id` among the AND-ed conjuncts of a condition,
@@ -401,9 +395,7 @@ impl<'a> Builder<'a> {
         let Some(N::ColumnRef(c)) = &n.node else { return None };
         match c.fields.as_slice() {
             [q, k] => match (&q.node, &k.node) {
-                (Some(N::String(q)), Some(N::String(k))) if k.sval.eq_ignore_ascii_case(self.column) => {
-                    Some(q.sval.clone())
-                }
+                (Some(N::String(q)), Some(N::String(k))) if k.sval == self.column => Some(q.sval.clone()),
                 _ => None,
             },
             _ => None,
