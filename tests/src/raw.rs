@@ -194,20 +194,21 @@ impl Raw {
     }
 }
 
+/// The SQLSTATE of an ErrorResponse's body (its `C` field).
+pub fn error_code(body: &[u8]) -> String {
+    body.split(|&b| b == 0)
+        .find(|f| f.first() == Some(&b'C'))
+        .map(|f| String::from_utf8_lossy(&f[1..]).to_string())
+        .unwrap_or_default()
+}
+
 /// A reply as the line [`Raw::replies`] gives for it; None for what
 /// legitimately differs between servers (notices, parameter status, backend
 /// keys, authentication).
 pub fn reply_line(tag: u8, body: &[u8]) -> Option<String> {
     Some(match tag {
         b'S' | b'N' | b'K' | b'R' => return None,
-        b'E' => {
-            let code = body
-                .split(|&b| b == 0)
-                .find(|f| f.first() == Some(&b'C'))
-                .map(|f| String::from_utf8_lossy(&f[1..]).to_string())
-                .unwrap_or_default();
-            format!("error {code}")
-        }
+        b'E' => format!("error {}", error_code(body)),
         b'Z' => format!("ready {}", body[0] as char),
         b'T' => format!("T {}", describe_columns(body)),
         b'D' | b'C' | b't' => format!("{} {:?}", tag as char, body),

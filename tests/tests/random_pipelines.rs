@@ -384,14 +384,7 @@ fn line(tag: u8, body: &[u8]) -> Option<String> {
         b'n' => "NoData".into(),
         b's' => "PortalSuspended".into(),
         b'I' => "EmptyQueryResponse".into(),
-        b'E' => {
-            let code = body
-                .split(|&b| b == 0)
-                .find(|f| f.first() == Some(&b'C'))
-                .map(|f| String::from_utf8_lossy(&f[1..]).to_string())
-                .unwrap_or_default();
-            format!("Error {code}")
-        }
+        b'E' => format!("Error {}", shardgate_tests::raw::error_code(body)),
         b'Z' => format!("ReadyForQuery {}", body[0] as char),
         b'T' => format!("RowDescription {}", describe_columns(body)),
         b't' => {
