@@ -44,6 +44,7 @@ mod multi;
 mod pipeline_across;
 mod pooling;
 mod prepared;
+mod refusals;
 mod relay;
 mod reply;
 mod settings;
