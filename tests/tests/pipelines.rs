@@ -716,3 +716,23 @@ async fn the_same_unnamed_statement_parsed_in_a_failed_block_is_refused() {
     assert_eq!(answers[1].last().map(String::as_str), Some("ready E"));
     assert_eq!(answers[2], ["error 25P02", "ready E"]);
 }
+
+/// In a block the router failed before any shard, a Parse of a statement in
+/// use is refused (25P02) and the statement stays defined: a later Bind of
+/// it is refused for the block (25P02), not as unknown (26000). The router
+/// dropped the statement when it undid the refused pipeline's statements a
+/// second time. (Found by the random pipelines test, seed 201861.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_parsed_again_in_a_block_failed_in_the_router_stays_defined() {
+    let insert = "INSERT INTO t (tenant_id, id, v) VALUES (1, $1, $2) RETURNING id, v";
+    let answers = same_as_postgres(&[
+        vec![parse("b", insert, &[20, 20]), sync()],
+        vec![query("BEGIN")],
+        vec![describe_statement(""), sync()],
+        vec![parse("b", insert, &[20, 20]), sync()],
+        vec![bind("b", &[2, 1], false), sync()],
+        vec![query("ROLLBACK")],
+    ])
+    .await;
+    assert_eq!(answers[4], ["error 25P02", "ready E"]);
+}

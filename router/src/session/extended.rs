@@ -61,7 +61,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if !self.batch_aliases.is_empty() {
             self.drop_aliases();
         }
-        self.batch_before = None;
+        self.batch_before = super::prepared::Remembered::Nothing;
         result?;
         if self.txn.skipping {
             // As Postgres after an error: the client's messages up to its

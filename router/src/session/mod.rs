@@ -105,7 +105,7 @@ pub struct Session<S> {
     batch_aliases: Vec<String>,
     /// The statements the batch being run parses or closes, as they were
     /// before it (`prepared.rs`).
-    batch_before: Option<Box<prepared::BatchBefore>>,
+    batch_before: prepared::Remembered,
     /// The batch's message the server failed (counted from 0), from the
     /// relay.
     batch_failed_at: Option<usize>,
@@ -158,7 +158,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             multi: None,
             prepared: Default::default(),
             batch_aliases: Vec::new(),
-            batch_before: None,
+            batch_before: prepared::Remembered::Nothing,
             batch_failed_at: None,
             sql_prepared: None,
             batch: Vec::new(),

@@ -14,6 +14,17 @@ use crate::protocol::messages::{self, target_and_name, Bind, Parse};
 use crate::protocol::Message;
 use crate::sql::Analysis;
 
+/// What [`Session::remember_statements`] kept of a batch, for
+/// [`Session::statements_as_at`] to use once.
+#[derive(Default)]
+pub(super) enum Remembered {
+    #[default]
+    Nothing,
+    /// The batch parses or closes nothing but its first message, a Parse.
+    HeadParse,
+    Changes(Box<BatchBefore>),
+}
+
 /// The statements a batch parses or closes, as they were before it.
 pub(super) struct BatchBefore {
     names: Vec<(String, Option<Prepared>)>,
@@ -138,7 +149,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// after another message (one before them can fail), or any in a failed
     /// transaction (the first message fails); costs nothing otherwise.
     pub(super) fn remember_statements(&mut self, batch: &[Message], failed: bool) {
-        self.batch_before = None;
+        self.batch_before = Remembered::Nothing;
         let changes = || {
             batch
                 .iter()
@@ -146,6 +157,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .filter(|(_, m)| m.tag() == b'P' || (m.tag() == b'C' && matches!(target_and_name(m), Ok((b'S', _)))))
         };
         if !changes().any(|(i, _)| i > 0 || failed) {
+            if batch.first().is_some_and(|m| m.tag() == b'P') {
+                self.batch_before = Remembered::HeadParse;
+            }
             return;
         }
         let changes: Vec<(usize, Message)> = changes().map(|(i, m)| (i, m.clone())).collect();
@@ -157,7 +171,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             }
         }
-        self.batch_before = Some(Box::new(BatchBefore { names, changes }));
+        self.batch_before = Remembered::Changes(Box::new(BatchBefore { names, changes }));
     }
 
     /// The statements as the batch left them when the server failed its
@@ -166,17 +180,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// dropped by a failed Parse of it, as in Postgres. `batch`: the batch
     /// [`Self::remember_statements`] was given.
     pub(super) fn statements_as_at(&mut self, at: usize, batch: &[Message]) {
-        let Some(before) = self.batch_before.take() else {
-            // Nothing remembered: no Parse or Close but maybe one at the
-            // head, which failed if `at` is 0. A Parse that fails leaves its
-            // name undefined (the name was not in use: 42P05 otherwise; the
-            // unnamed statement is dropped first).
-            if let (0, Some(m)) = (at, batch.first().filter(|m| m.tag() == b'P')) {
-                if let Some(name) = statement_named(m) {
+        let before = match std::mem::take(&mut self.batch_before) {
+            Remembered::Nothing => return,
+            Remembered::HeadParse => {
+                // The batch's one Parse, at its head, failed if `at` is 0. A
+                // Parse that fails leaves its name undefined (the name was
+                // not in use: 42P05 otherwise; the unnamed statement is
+                // dropped first).
+                if let (0, Some(name)) = (at, batch.first().and_then(statement_named)) {
                     self.prepared.remove(name);
                 }
+                return;
             }
-            return;
+            Remembered::Changes(before) => before,
         };
         for (name, p) in before.names {
             match p {
