@@ -590,7 +590,7 @@ impl Routing<'_> {
                     )
                     .hint("write one tenant per statement, or set cross_shard_transactions = \"two_phase\" to write them together"))
                 }
-                _ if write => Target::Fanout(shards.into_iter().collect()),
+                _ if write => fanout_write(stmt, dir, catalog, Target::Fanout(shards.into_iter().collect()))?,
                 _ => fanout_read(stmt, dir, catalog, shards.into_iter().collect())?,
             });
         }
@@ -635,7 +635,7 @@ impl Routing<'_> {
         }
         // Rows live only on shards that own a bucket or a pinned tenant.
         if write {
-            Ok(Target::All)
+            fanout_write(stmt, dir, catalog, Target::All)
         } else {
             fanout_read(stmt, dir, catalog, dir.owning_shards())
         }
@@ -653,6 +653,23 @@ fn fanout_read(stmt: &Statement, dir: &Directory, catalog: &Catalog, shards: Vec
         })?;
     }
     Ok(Target::Fanout(shards))
+}
+
+/// An UPDATE or DELETE run on several shards, if each shard changes exactly
+/// the rows one Postgres would: the rows it pairs from its FROM (USING) and its
+/// subqueries must be found on the shard of the row they change (the read of
+/// those rows is checked as [`fanout_read`] checks a SELECT).
+fn fanout_write(stmt: &Statement, dir: &Directory, catalog: &Catalog, target: Target) -> Result<Target, SqlError> {
+    if let Some(read) = &stmt.read {
+        read.check(&stmt.tables, &|t| catalog.is_sharded(t), &dir.key_column).map_err(|e| {
+            SqlError::new(
+                "0A000",
+                format!("cannot run this {} across shards exactly: {}", verb(stmt), e.message),
+            )
+            .hint(e.hint)
+        })?;
+    }
+    Ok(target)
 }
 
 /// Refuses a statement that may give rows of a sharded table a new key: the row

@@ -320,6 +320,67 @@ async fn cross_shard_joins_the_shards_cannot_answer_alone_are_refused() {
     }
 }
 
+/// An UPDATE or DELETE on tenants of several shards runs on each of them: a
+/// FROM (USING) or subquery that pairs a row with rows of another shard's
+/// tenant would find them on no shard, and change less than one Postgres. Such
+/// a write is refused and changes nothing; one whose pairs share the key runs
+/// on every shard and changes what one Postgres changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_on_several_shards_that_pair_rows_of_different_shards_are_refused() {
+    let (h, _single, one, router) = cluster_and_single().await;
+    let with_items: Vec<i64> = rows(one.simple_query("SELECT DISTINCT tenant_id FROM items").await.unwrap())
+        .into_iter()
+        .map(|r| r[0].as_deref().unwrap().parse().unwrap())
+        .collect();
+    let on = |s: usize| *with_items.iter().find(|t| h.shard_of(**t) == s).expect("a tenant with items on the shard");
+    let (a, b) = (on(0), on(1));
+    let everything = "SELECT 'order', tenant_id, id, plan FROM orders UNION ALL SELECT 'item', tenant_id, id, qty FROM items";
+    // What one Postgres changes, rolled back: each must change some row.
+    let changed_by_one = |sql: String| {
+        let one = &one;
+        async move {
+            one.batch_execute("BEGIN").await.unwrap();
+            let n = one.execute(sql.as_str(), &[]).await.unwrap();
+            one.batch_execute("ROLLBACK").await.unwrap();
+            n
+        }
+    };
+    for sql in [
+        format!("UPDATE orders o SET plan = i.qty FROM items i WHERE o.tenant_id = {a} AND i.tenant_id = {b} AND i.order_id = o.id"),
+        format!("DELETE FROM orders o USING items i WHERE o.tenant_id = {a} AND i.tenant_id = {b} AND i.order_id = o.id"),
+        format!("DELETE FROM orders WHERE tenant_id IN ({a}, {b}) AND id IN (SELECT order_id FROM items WHERE tenant_id = {b})"),
+        format!("UPDATE orders SET plan = (SELECT max(qty) FROM items WHERE tenant_id = {b}) WHERE tenant_id IN ({a}, {b})"),
+    ] {
+        let n = changed_by_one(sql.clone()).await;
+        assert!(n > 0, "{sql}: one Postgres changes no row, the case tests nothing");
+        for e in [router.simple_query(&sql).await.unwrap_err(), router.execute(sql.as_str(), &[]).await.unwrap_err()] {
+            assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
+            let db = e.as_db_error().unwrap();
+            assert!(db.message().starts_with("cannot run this "), "{sql}: {db:?}");
+            assert!(db.message().contains("across shards exactly"), "{sql}: {db:?}");
+            assert!(db.hint().is_some(), "{sql}: {db:?}");
+        }
+    }
+    assert_eq!(
+        sorted(rows(router.simple_query(everything).await.unwrap())),
+        sorted(rows(one.simple_query(everything).await.unwrap())),
+        "the refused writes changed nothing"
+    );
+    // Paired on the key, each shard has every pair of its rows.
+    for sql in [
+        format!("UPDATE orders o SET plan = i.qty FROM items i WHERE i.tenant_id = o.tenant_id AND i.order_id = o.id AND o.tenant_id IN ({a}, {b})"),
+        format!("DELETE FROM items i USING orders o WHERE o.tenant_id = i.tenant_id AND o.id = i.order_id AND i.tenant_id IN ({a}, {b})"),
+    ] {
+        let want = one.execute(sql.as_str(), &[]).await.unwrap();
+        assert!(want > 0, "{sql}: one Postgres changes no row");
+        assert_eq!(router.execute(sql.as_str(), &[]).await.unwrap(), want, "{sql}");
+    }
+    assert_eq!(
+        sorted(rows(router.simple_query(everything).await.unwrap())),
+        sorted(rows(one.simple_query(everything).await.unwrap())),
+    );
+}
+
 const SEVERAL_SHARDS: &str = "this statement changes data inside WITH (or under EXPLAIN ANALYZE or COPY) and would need several shards: it must run on one shard, where every row it writes or reads belongs";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -378,6 +378,9 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
             let r = super::restriction::of(node, key_column).unwrap_or_default();
             (s.keys, origins.keys) = split(r.keys);
             s.unrestricted = r.unrestricted;
+            let exprs = upd.target_list.iter().chain(upd.returning_clause.iter().flat_map(|r| &r.exprs));
+            let sel = write_as_select(upd.with_clause.as_ref(), upd.relation.as_ref(), &upd.from_clause, upd.where_clause.as_deref(), exprs);
+            s.read = Some(Arc::new(Read::of(&sel, key_column)));
         }
         N::DeleteStmt(del) => {
             s.kind = StatementKind::Delete;
@@ -385,6 +388,8 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
             let r = super::restriction::of(node, key_column).unwrap_or_default();
             (s.keys, origins.keys) = split(r.keys);
             s.unrestricted = r.unrestricted;
+            let sel = write_as_select(del.with_clause.as_ref(), del.relation.as_ref(), &del.using_clause, del.where_clause.as_deref(), del.returning_clause.iter().flat_map(|r| &r.exprs));
+            s.read = Some(Arc::new(Read::of(&sel, key_column)));
         }
         N::MergeStmt(m) => {
             // No key is looked for: MERGE into a sharded table is refused.
@@ -844,6 +849,29 @@ impl Walker {
             }
         }
         self.tables.retain(|t| !self.ctes.contains(t));
+    }
+}
+
+/// An UPDATE or DELETE as the SELECT of the rows it changes: its target joined
+/// to its FROM (USING), under its WHERE, with its SET values and RETURNING as
+/// the output. Run on several shards, the write changes exactly the right rows
+/// when this read would be answered exactly there ([`Read::check`]): an
+/// `UPDATE a … FROM b` that pairs rows of two tenants on different shards
+/// would find them on no shard.
+fn write_as_select<'n>(
+    with: Option<&protobuf::WithClause>,
+    target: Option<&protobuf::RangeVar>,
+    from: &[Node],
+    cond: Option<&Node>,
+    exprs: impl IntoIterator<Item = &'n Node>,
+) -> protobuf::SelectStmt {
+    let target = target.map(|r| Node { node: Some(N::RangeVar(r.clone())) });
+    protobuf::SelectStmt {
+        with_clause: with.cloned(),
+        from_clause: target.into_iter().chain(from.iter().cloned()).collect(),
+        where_clause: cond.map(|c| Box::new(c.clone())),
+        target_list: exprs.into_iter().cloned().collect(),
+        ..Default::default()
     }
 }
 
