@@ -22,11 +22,36 @@ pub fn insert_per_shard(sql: &str, parts: &[(ShardId, Vec<usize>)]) -> Result<Ve
             return Err(internal("no VALUES list".into()));
         };
         let all = std::mem::take(&mut sel.values_lists);
-        sel.values_lists = all.into_iter().enumerate().filter(|(i, _)| rows.contains(i)).map(|(_, r)| r).collect();
+        sel.values_lists =
+            all.into_iter().enumerate().filter(|(i, _)| rows.binary_search(i).is_ok()).map(|(_, r)| r).collect();
         let text = crate::sql::deparse(&tree).map_err(internal)?;
         out.push((*shard, text));
     }
     Ok(out)
+}
+
+/// The RETURNING rows of a split INSERT's parts put back in the order of the
+/// statement's VALUES rows, as one Postgres returns them (drivers pair them
+/// with the rows they sent: Django's `bulk_create`, Rails' `insert_all`).
+/// `rows[p]` are what part `p` of `parts` returned, in the order of its own
+/// rows (`parts[p].1`, ascending). A part that returned another number of rows
+/// than it inserted (`ON CONFLICT DO NOTHING` skipped some, or a `WHERE` on
+/// `DO UPDATE`) gives no way to tell which row is which: the parts' rows then
+/// follow one another, each part's in its own order.
+pub fn in_values_order<T>(parts: &[(ShardId, Vec<usize>)], rows: Vec<Vec<T>>) -> Vec<T> {
+    let n: usize = parts.iter().map(|(_, i)| i.len()).sum();
+    let one_each = parts.len() == rows.len()
+        && parts.iter().zip(&rows).all(|((_, at), r)| at.len() == r.len() && at.iter().all(|&i| i < n));
+    if !one_each {
+        return rows.into_iter().flatten().collect();
+    }
+    let mut slots: Vec<Option<T>> = std::iter::repeat_with(|| None).take(n).collect();
+    for ((_, at), r) in parts.iter().zip(rows) {
+        for (&i, row) in at.iter().zip(r) {
+            slots[i] = Some(row);
+        }
+    }
+    slots.into_iter().flatten().collect()
 }
 
 /// A statement with parameters whose text kept some of them (one shard's
@@ -83,5 +108,15 @@ mod tests {
         let out = insert_per_shard(sql, &parts).unwrap();
         assert_eq!(out[0].1, "INSERT INTO orders (tenant_id, id) VALUES (1, 10), (3, 30) RETURNING id");
         assert_eq!(out[1].1, "INSERT INTO orders (tenant_id, id) VALUES (2, 20) RETURNING id");
+    }
+
+    #[test]
+    fn returned_rows_come_back_in_values_order_unless_a_part_skipped_some() {
+        let parts = vec![(1, vec![1, 3]), (0, vec![0, 2, 4])];
+        assert_eq!(in_values_order(&parts, vec![vec!["b", "d"], vec!["a", "c", "e"]]), ["a", "b", "c", "d", "e"]);
+        // DO NOTHING skipped a row of the second part: which one is unknown.
+        assert_eq!(in_values_order(&parts, vec![vec!["b", "d"], vec!["a", "e"]]), ["b", "d", "a", "e"]);
+        // No RETURNING: no rows.
+        assert!(in_values_order::<&str>(&parts, vec![vec![], vec![]]).is_empty());
     }
 }

@@ -161,6 +161,67 @@ async fn a_multi_row_insert_across_shards_is_all_or_nothing() {
     assert!(prepared(&h, 3).await.is_empty());
 }
 
+/// A multi-row INSERT split over shards answers its RETURNING rows in the
+/// order of its VALUES rows, as one Postgres does: drivers and ORMs pair them
+/// with the rows they sent (Django's `bulk_create`, Rails' `insert_all`). They
+/// came shard by shard. Every way a split INSERT runs: the simple and the
+/// extended protocol, outside a block and inside one, two in one pipeline,
+/// and with `cross_shard_transactions = "refuse"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_insert_returns_its_rows_in_values_order() {
+    use shardgate_tests::raw::{bind, execute, parse, sync, Raw};
+    let (h, t) = bank(3).await;
+    let c = h.client().await;
+    // Each row's tenant on another shard than the row before it.
+    let order = [t[2], t[0], t[1], t[0], t[2], t[1]];
+    let values = |id: i64| {
+        let rows: Vec<String> = order.iter().enumerate().map(|(i, k)| format!("({k}, {}, {i})", id * 10 + i as i64)).collect();
+        format!("INSERT INTO acct VALUES {} RETURNING bal", rows.join(", "))
+    };
+    let want: Vec<String> = (0..6).map(|i| i.to_string()).collect();
+    assert_eq!(rows_of(&c.simple_query(&values(10)).await.unwrap()), want, "simple");
+    c.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(rows_of(&c.simple_query(&values(11)).await.unwrap()), want, "simple, in a block");
+    c.batch_execute("COMMIT").await.unwrap();
+
+    let extended = "INSERT INTO acct VALUES ($1, $7, 0), ($2, $7 + 1, 1), ($3, $7 + 2, 2), ($4, $7 + 3, 3), ($5, $7 + 4, 4), ($6, $7 + 5, 5) RETURNING bal";
+    let bals = |rows: Vec<tokio_postgres::Row>| rows.iter().map(|r| r.get::<_, i64>(0).to_string()).collect::<Vec<_>>();
+    let (o, c) = (&order, &c);
+    let run = |id: i32| async move { c.query(extended, &[&o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &id]).await.unwrap() };
+    assert_eq!(bals(run(120).await), want, "extended");
+    c.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(bals(run(130).await), want, "extended, in a block");
+    c.batch_execute("COMMIT").await.unwrap();
+
+    // Two executions before one Sync, answered as one Postgres answers them.
+    let pipeline = |id: i64| {
+        let mut msgs = Vec::new();
+        for id in [id, id + 1] {
+            msgs.extend([parse("", &values(id), &[]), bind("", &[], false), execute()]);
+        }
+        msgs.push(sync());
+        msgs
+    };
+    let through = Raw::login(h.port()).await.run(&pipeline(20)).await;
+    let direct = Raw::login(h.shard_server(0).port()).await.run(&pipeline(40)).await;
+    assert_eq!(through, direct, "a pipeline of two");
+    assert_eq!(through.iter().filter(|l| l.starts_with("D ")).count(), 12, "{through:?}");
+
+    // Each shard's part committed on its own.
+    let refuse = RouterConfig {
+        cross_shard_transactions: shardgate_router::config::CrossShard::Refuse,
+        ..RouterConfig::default()
+    };
+    let h = Harness::start_with(3, refuse).await;
+    let t: Vec<i64> = (0..3).map(|s| h.tenants_on(s, 1)[0]).collect();
+    let order = [t[2], t[0], t[1], t[0], t[2], t[1]];
+    let c = h.client().await;
+    c.batch_execute(SCHEMA).await.unwrap();
+    let rows: Vec<String> = order.iter().enumerate().map(|(i, k)| format!("({k}, {i}, {i})")).collect();
+    let sql = format!("INSERT INTO acct VALUES {} RETURNING bal", rows.join(", "));
+    assert_eq!(rows_of(&c.simple_query(&sql).await.unwrap()), want, "cross_shard_transactions = refuse");
+}
+
 /// UPDATE and DELETE that name tenants on several shards (`IN (…)`, `=
 /// ANY(…)`, `OR`) run on each of those shards and commit together: all
 /// their rows or none. They used to be refused.

@@ -16,40 +16,57 @@ use crate::sql::{CopyFormat, Statement, StatementKind};
 
 /// The answers of one statement run on several shards, gathered: the first
 /// RowDescription, every shard's rows, and the rows written, summed.
-#[derive(Default)]
 pub(super) struct Gathered {
+    /// The command tag, before the count (`UPDATE`, `INSERT 0`).
+    tag: &'static str,
     header: Option<Bytes>,
-    rows: Vec<Bytes>,
+    /// Each shard's rows, in the order the shards answered.
+    rows: Vec<Vec<Bytes>>,
     pub(super) total: u64,
+    /// A split INSERT's rows by shard, in the order `add` gets their answers:
+    /// the RETURNING rows are answered in the order of the VALUES rows.
+    values_order: Option<Vec<(ShardId, Vec<usize>)>>,
 }
 
 impl Gathered {
+    pub(super) fn new(tag: &'static str) -> Gathered {
+        Gathered { tag, header: None, rows: Vec::new(), total: 0, values_order: None }
+    }
+
+    /// The answers to a split INSERT's `parts`, to be added in that order.
+    pub(super) fn split_insert(parts: &[(ShardId, Vec<usize>)]) -> Gathered {
+        Gathered { values_order: Some(parts.to_vec()), ..Gathered::new("INSERT 0") }
+    }
+
+    /// One shard's replies.
     pub(super) fn add(&mut self, replies: Vec<Bytes>) {
+        let mut rows = Vec::new();
         for r in replies {
             match r.first() {
                 Some(b'T') => {
                     self.header.get_or_insert(r);
                 }
-                Some(b'D') => self.rows.push(r),
+                Some(b'D') => rows.push(r),
                 Some(b'C') => self.total += command_count(&r),
                 _ => {}
             }
         }
+        self.rows.push(rows);
     }
 
-    /// Queues the answer: the rows, then `tag` with the count.
-    pub(super) fn answer<S: AsyncRead + AsyncWrite + Unpin>(
-        self,
-        client: &mut crate::protocol::Connection<S>,
-        tag: &str,
-    ) {
+    /// Queues the answer: the rows, then the tag with the count.
+    pub(super) fn answer<S: AsyncRead + AsyncWrite + Unpin>(self, client: &mut crate::protocol::Connection<S>) {
         if let Some(h) = &self.header {
             client.queue(h);
         }
-        for r in &self.rows {
+        let rows = match &self.values_order {
+            Some(parts) => crate::split::in_values_order(parts, self.rows),
+            None => self.rows.into_iter().flatten().collect(),
+        };
+        for r in &rows {
             client.queue(r);
         }
-        client.queue(&messages::command_complete(&format!("{tag} {}", self.total)));
+        client.queue(&messages::command_complete(&format!("{} {}", self.tag, self.total)));
     }
 }
 
@@ -250,13 +267,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let two_phase = self.ctx.two_phase();
         if two_phase && self.txn.in_block() {
             // Each shard's rows join the block; its COMMIT commits them all.
-            return self.run_parts_in_block(texts, "INSERT 0").await;
+            return self.run_parts_in_block(texts, Gathered::split_insert(&parts)).await;
         }
         if two_phase && texts.len() > 1 {
-            return self.run_split_insert_atomically(texts).await;
+            return self.run_split_insert_atomically(texts, Gathered::split_insert(&parts)).await;
         }
         // cross_shard_transactions = "refuse": each shard's part commits on its own.
-        let mut gathered = Gathered::default();
+        let mut gathered = Gathered::split_insert(&parts);
         for (shard, sql) in texts {
             match self.collect_on(shard, &sql).await {
                 Err(e) => return self.fail_simple(e).await,
@@ -269,7 +286,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Ok((replies, None)) => gathered.add(replies),
             }
         }
-        gathered.answer(&mut self.client, "INSERT 0");
+        gathered.answer(&mut self.client);
         self.ready().await
     }
 
@@ -419,7 +436,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Err(e) => return self.fail_batch(e, true).await,
         };
         if in_block {
-            return self.run_split_insert_in_block(batch, runs).await;
+            return self.run_split_insert_in_block(batch, runs, &parts).await;
         }
         let (mut open, replies) = match self.open_parts(runs).await {
             Ok(o) => o,
@@ -431,14 +448,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Ok(());
             }
         };
-        let parts: Vec<PartReply> = replies.into_iter().map(PartReply::read).collect();
+        let replies: Vec<PartReply> = replies.into_iter().map(PartReply::read).collect();
         let Some(mut decider) = open.pop() else {
             return self.fail_batch(SqlError::new("XX000", "no shard took the INSERT".into()), true).await;
         };
         if let Err(e) = self.commit_parts(&mut decider, &mut open).await? {
             return self.fail_batch(e, true).await;
         }
-        self.answer_split_insert(batch, &parts).await
+        self.answer_split_insert(batch, &replies, &parts).await
     }
 
     /// Each shard's part of a split INSERT's execution, as extended-protocol
@@ -489,8 +506,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         &mut self,
         batch: &[Message],
         runs: Vec<(ShardId, Bytes)>,
+        parts: &[(ShardId, Vec<usize>)],
     ) -> Result<(), SessionError> {
-        let mut parts = Vec::with_capacity(runs.len());
+        let mut replies = Vec::with_capacity(runs.len());
         for (shard, run) in runs {
             let swallow = match self.checkout(shard).await {
                 Ok(n) => n,
@@ -500,7 +518,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return self.fail_batch(SqlError::new("XX000", "no connection held in the block".into()), true).await;
             };
             b.conn.conn.queue(&run);
-            let (replies, error) = match self.run_part(swallow).await {
+            let (answer, error) = match self.run_part(swallow).await {
                 Ok(r) => r,
                 Err(e) => return self.lost_backend(e).await,
             };
@@ -513,15 +531,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.client.flush().await?;
                 return Ok(());
             }
-            parts.push(PartReply::read(replies));
+            replies.push(PartReply::read(answer));
         }
-        self.answer_split_insert(batch, &parts).await
+        self.answer_split_insert(batch, &replies, parts).await
     }
 
     /// The client's replies to a split INSERT: the first part's descriptions,
-    /// every part's rows, and the rows written summed.
-    async fn answer_split_insert(&mut self, batch: &[Message], parts: &[PartReply]) -> Result<(), SessionError> {
-        self.queue_split_answer(batch, parts);
+    /// every part's rows (in VALUES order), and the rows written summed.
+    async fn answer_split_insert(
+        &mut self,
+        batch: &[Message],
+        replies: &[PartReply],
+        parts: &[(ShardId, Vec<usize>)],
+    ) -> Result<(), SessionError> {
+        self.queue_split_answer(batch, replies, Some(parts));
         self.client.queue(&messages::ready_for_query_bytes(self.status()));
         self.client.flush().await?;
         Ok(())
@@ -571,7 +594,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 // then the Execute's error.
                 replies.push(PartReply::read(part));
                 let before = msgs.iter().position(|m| m.tag() == b'E').unwrap_or(msgs.len());
-                self.queue_split_answer(&msgs[..before], &replies);
+                self.queue_split_answer(&msgs[..before], &replies, None);
                 let name = self.shard_name(shard);
                 crate::metrics::global().error_message(e.get(5..).unwrap_or_default());
                 self.client.queue(&prefix_error(&e, &name));
@@ -579,13 +602,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             replies.push(PartReply::read(part));
         }
-        self.queue_split_answer(msgs, &replies);
+        self.queue_split_answer(msgs, &replies, Some(parts));
         Ok(SplitRun::Ran)
     }
 
     /// Queues the client's replies to a split INSERT's messages, without
-    /// ReadyForQuery.
-    fn queue_split_answer(&mut self, batch: &[Message], parts: &[PartReply]) {
+    /// ReadyForQuery; the rows in the order of the VALUES rows when `order`
+    /// gives each reply's rows (see [`crate::split::in_values_order`]).
+    fn queue_split_answer(
+        &mut self,
+        batch: &[Message],
+        parts: &[PartReply],
+        order: Option<&[(ShardId, Vec<usize>)]>,
+    ) {
         let first = parts.first();
         for m in batch {
             match m.tag() {
@@ -599,10 +628,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     None => self.client.queue(&messages::no_data()),
                 },
                 b'E' => {
-                    for part in parts {
-                        for r in &part.rows {
-                            self.client.queue(r);
-                        }
+                    let rows: Vec<Vec<&Bytes>> = parts.iter().map(|p| p.rows.iter().collect()).collect();
+                    let rows = match order {
+                        Some(order) => crate::split::in_values_order(order, rows),
+                        None => rows.into_iter().flatten().collect(),
+                    };
+                    for r in rows {
+                        self.client.queue(r);
                     }
                     let total: u64 = parts.iter().map(|p| p.written).sum();
                     self.client.queue(&messages::command_complete(&format!("INSERT 0 {total}")));

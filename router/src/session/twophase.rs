@@ -338,8 +338,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) async fn run_split_insert_atomically(
         &mut self,
         texts: Vec<(ShardId, String)>,
+        gathered: super::split::Gathered,
     ) -> Result<(), SessionError> {
-        self.run_parts_atomically(texts, "INSERT 0").await
+        self.run_parts_atomically(texts, gathered).await
     }
 
     /// An UPDATE or DELETE naming tenants on several shards (`tenant_id IN
@@ -356,17 +357,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Err(e) => return self.fail_simple(e).await,
         };
         let parts = shards.into_iter().zip(texts).map(|(s, t)| (s, t.unwrap_or_else(|| stmt.text.clone()))).collect();
-        let tag = if stmt.kind == StatementKind::Update { "UPDATE" } else { "DELETE" };
+        let gathered = super::split::Gathered::new(if stmt.kind == StatementKind::Update { "UPDATE" } else { "DELETE" });
         if self.txn.in_block() {
-            return self.run_parts_in_block(parts, tag).await;
+            return self.run_parts_in_block(parts, gathered).await;
         }
-        self.run_parts_atomically(parts, tag).await
+        self.run_parts_atomically(parts, gathered).await
     }
 
     /// A write naming tenants on several shards inside a transaction block:
     /// each shard's part runs in the block on that shard, which joins the
     /// block as it would for a statement of one of its tenants, and the parts'
-    /// answers become one (every shard's rows, `tag` with the rows written
+    /// answers become one (every shard's rows, the tag with the rows written
     /// summed). The block's COMMIT then commits every shard together. A part
     /// that fails fails the statement and the block, as one failed statement
     /// fails a block on one Postgres: its error is the answer, and the block's
@@ -374,9 +375,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) async fn run_parts_in_block(
         &mut self,
         parts: Vec<(ShardId, String)>,
-        tag: &str,
+        mut gathered: super::split::Gathered,
     ) -> Result<(), SessionError> {
-        let mut gathered = super::split::Gathered::default();
         for (shard, text) in parts {
             let swallow = match self.checkout(shard).await {
                 Ok(n) => n,
@@ -398,7 +398,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             gathered.add(replies);
         }
-        gathered.answer(&mut self.client, tag);
+        gathered.answer(&mut self.client);
         self.ready().await
     }
 
@@ -432,13 +432,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Runs each shard's statement in a transaction of its own on that shard
     /// and commits them together; answers with the rows they returned and
-    /// `tag` followed by the rows they wrote.
-    async fn run_parts_atomically(&mut self, texts: Vec<(ShardId, String)>, tag: &str) -> Result<(), SessionError> {
+    /// the tag followed by the rows they wrote.
+    async fn run_parts_atomically(
+        &mut self,
+        texts: Vec<(ShardId, String)>,
+        mut gathered: super::split::Gathered,
+    ) -> Result<(), SessionError> {
         let (mut open, replies) = match self.open_parts(begin_and(texts)).await {
             Ok(opened) => opened,
             Err(err) => return self.refused_part(&err).await,
         };
-        let mut gathered = super::split::Gathered::default();
         for r in replies {
             gathered.add(r);
         }
@@ -447,7 +450,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         match self.commit_parts(&mut decider, &mut open).await? {
             Ok(()) => {
-                gathered.answer(&mut self.client, tag);
+                gathered.answer(&mut self.client);
                 self.ready().await
             }
             Err(e) => self.fail_simple(e).await,
