@@ -35,6 +35,16 @@ pub struct Catalog {
     /// The columns `COPY` without a column list reads, for the sharded tables
     /// that have generated columns (which it leaves out).
     copied: ArcSwap<HashMap<String, Vec<String>>>,
+    /// Bare names whose tables in different schemas differ (sharded or not,
+    /// or their columns): which one a bare name means depends on
+    /// `search_path` ([`Catalog::ambiguous`]).
+    ambiguous: ArcSwap<HashMap<String, Ambiguous>>,
+    /// `ambiguous` is not empty: one plain load per statement in the common
+    /// case.
+    has_ambiguous: std::sync::atomic::AtomicBool,
+    /// Bare names that `sharded` and `known` also hold for a table outside
+    /// `public` (the only table of that name): not listed by [`Catalog::tables`].
+    aliases: ArcSwap<std::collections::HashSet<String>>,
     /// Unknown names and when a refresh last looked for them.
     looked_for: Mutex<HashMap<String, std::time::Instant>>,
     /// Counts refreshes, which follow every DDL the router runs: statements
@@ -70,6 +80,31 @@ impl Catalog {
         self.sharded.store(Arc::new(tables));
         self.known.store(Arc::new(known));
         self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Replaces the catalog with the shards' tables, bare names resolved as
+    /// [`resolve_names`] says.
+    pub fn replace_all(&self, entries: Vec<TableEntry>, role_schemas: &[String]) {
+        let resolved = resolve_names(entries, role_schemas);
+        self.has_ambiguous.store(!resolved.ambiguous.is_empty(), Ordering::Relaxed);
+        self.ambiguous.store(Arc::new(resolved.ambiguous));
+        self.aliases.store(Arc::new(resolved.aliases));
+        self.replace(resolved.sharded, resolved.known);
+    }
+
+    /// Where a bare table name (no schema) means tables that differ from one
+    /// schema to another: the schemas, and whether the default `search_path`
+    /// means `public`'s. None for a qualified name or one that is not so.
+    pub fn ambiguous(&self, table: &str) -> Option<Ambiguous> {
+        if !self.has_ambiguous() || table.contains('.') {
+            return None;
+        }
+        self.ambiguous.load().get(table).cloned()
+    }
+
+    /// Whether some bare name is [`Self::ambiguous`].
+    pub fn has_ambiguous(&self) -> bool {
+        self.has_ambiguous.load(Ordering::Relaxed)
     }
 
     /// The schema generation: it changes with every refresh.
@@ -123,7 +158,8 @@ impl Catalog {
     }
 
     pub fn tables(&self) -> Vec<String> {
-        let mut t: Vec<_> = self.read().keys().cloned().collect();
+        let aliases = self.aliases.load();
+        let mut t: Vec<_> = self.read().keys().filter(|k| !aliases.contains(*k)).cloned().collect();
         t.sort();
         t
     }
@@ -131,6 +167,73 @@ impl Catalog {
     fn read(&self) -> arc_swap::Guard<Arc<HashMap<String, Vec<String>>>> {
         self.sharded.load()
     }
+}
+
+/// One table of the shards' schema, as a catalog refresh reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableEntry {
+    pub schema: String,
+    pub name: String,
+    /// Its columns in order, when it has the key column (a sharded table).
+    pub sharded: Option<Vec<String>>,
+}
+
+/// A bare table name whose tables differ between schemas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ambiguous {
+    pub schemas: Vec<String>,
+    /// `public` holds one of them and no other is in a schema named like a
+    /// role (`"$user"`): under the default `search_path` the name is
+    /// `public`'s.
+    pub default_public: bool,
+}
+
+/// The catalog's maps from the shards' tables.
+#[derive(Debug, Default)]
+struct Resolved {
+    sharded: HashMap<String, Vec<String>>,
+    known: std::collections::HashSet<String>,
+    aliases: std::collections::HashSet<String>,
+    ambiguous: HashMap<String, Ambiguous>,
+}
+
+/// Keys the tables by name: `public`'s by their bare name, others as
+/// `schema.name`. A bare name also means the table outside `public` when it is
+/// the only table of that name (an application whose `search_path` names its
+/// own schema writes `orders` for `app.orders`: taken for an unknown table,
+/// its rows were written on every shard). Where several schemas hold tables
+/// of one name that differ (sharded in one, or other columns), the bare name
+/// is [`Ambiguous`]; alike, it is routed as any of them would be.
+/// `role_schemas`: schemas named like a role, which the default
+/// `search_path` (`"$user", public`) puts before `public`.
+fn resolve_names(entries: Vec<TableEntry>, role_schemas: &[String]) -> Resolved {
+    let mut r = Resolved::default();
+    let mut by_name: HashMap<String, Vec<TableEntry>> = HashMap::new();
+    for e in entries {
+        let key = if e.schema == "public" { e.name.clone() } else { format!("{}.{}", e.schema, e.name) };
+        if let Some(cols) = &e.sharded {
+            r.sharded.insert(key.clone(), cols.clone());
+        }
+        r.known.insert(key);
+        by_name.entry(e.name.clone()).or_default().push(e);
+    }
+    for (name, mut tables) in by_name {
+        tables.sort_by(|a, b| (a.schema != "public", &a.schema).cmp(&(b.schema != "public", &b.schema)));
+        let has_public = tables[0].schema == "public";
+        if tables.windows(2).any(|w| w[0].sharded != w[1].sharded) {
+            let schemas: Vec<String> = tables.iter().map(|t| t.schema.clone()).collect();
+            let default_public = has_public && !schemas.iter().any(|s| role_schemas.contains(s));
+            r.ambiguous.insert(name, Ambiguous { schemas, default_public });
+        } else if !has_public {
+            // One table, or tables alike: the bare name routes as they do.
+            if let Some(cols) = &tables[0].sharded {
+                r.sharded.insert(name.clone(), cols.clone());
+            }
+            r.known.insert(name.clone());
+            r.aliases.insert(name);
+        }
+    }
+    r
 }
 
 fn is_system(t: &str) -> bool {
@@ -390,6 +493,7 @@ impl RouterContext {
             allow_cross_shard_writes: self.switches.is(Switches::ALLOW_CROSS_SHARD_WRITES),
             atomic_writes: self.two_phase(),
             session_state: false,
+            search_path_set: false,
         }
     }
 
@@ -523,26 +627,30 @@ impl RouterContext {
             crate::sql::quote::literal(&dir.key_column)
         );
         let rows = conn.simple_query(&sql).await.map_err(|(c, m)| format!("{c}: {m}"))?;
-        let mut tables = HashMap::new();
-        let mut known = std::collections::HashSet::new();
+        let mut entries = Vec::with_capacity(rows.len());
         let mut copied = HashMap::new();
         for row in rows {
             if let [Some(schema), Some(name), Some(cols), Some(sharded), copy] = &row[..] {
                 let qualified = if schema == "public" { name.clone() } else { format!("{schema}.{name}") };
+                let mut entry = TableEntry { schema: schema.clone(), name: name.clone(), sharded: None };
                 if sharded == "t" {
                     let list = |c: &str| c.split(',').map(str::to_string).collect::<Vec<_>>();
                     let copy = copy.as_deref().map(list).unwrap_or_default();
                     let all = list(cols);
                     if copy != all {
-                        copied.insert(qualified.clone(), copy);
+                        copied.insert(qualified, copy);
                     }
-                    tables.insert(qualified.clone(), all);
+                    entry.sharded = Some(all);
                 }
-                known.insert(qualified);
+                entries.push(entry);
             }
         }
+        // Schemas named like a role: first in the default search_path.
+        let sql = "SELECT nspname FROM pg_namespace WHERE nspname IN (SELECT rolname FROM pg_roles)";
+        let rows = conn.simple_query(sql).await.map_err(|(c, m)| format!("{c}: {m}"))?;
+        let role_schemas: Vec<String> = rows.into_iter().filter_map(|r| r.into_iter().next().flatten()).collect();
         self.catalog.set_copy_columns(copied);
-        self.catalog.replace(tables, known);
+        self.catalog.replace_all(entries, &role_schemas);
         // Aggregates of the application's own: a cross-shard read must not
         // take a call to one for a plain value (each shard would return its
         // own partial result as a row).
@@ -565,5 +673,48 @@ impl RouterContext {
         let c = rows.first().and_then(|r| r.first().cloned().flatten()).is_some_and(|v| v == "t");
         self.c_collation.store(c, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(schema: &str, name: &str, sharded: Option<&[&str]>) -> TableEntry {
+        let sharded = sharded.map(|c| c.iter().map(|c| c.to_string()).collect());
+        TableEntry { schema: schema.into(), name: name.into(), sharded }
+    }
+
+    #[test]
+    fn a_bare_name_means_the_only_table_of_that_name_or_is_ambiguous_where_they_differ() {
+        let key: &[&str] = &["tenant_id", "id"];
+        let catalog = Catalog::default();
+        catalog.replace_all(
+            vec![
+                table("app", "orders", Some(key)),
+                table("app", "plans", None),
+                table("public", "plans", None),
+                table("public", "notes", None),
+                table("audit", "notes", Some(key)),
+                table("a", "logs", Some(key)),
+                table("b", "logs", Some(&["tenant_id", "at"])),
+                table("alice", "items", None),
+                table("public", "items", Some(key)),
+            ],
+            &["alice".to_string()],
+        );
+        // Only in app: the bare name is app's table.
+        assert!(catalog.is_sharded("orders") && catalog.is_sharded("app.orders"));
+        assert_eq!(catalog.tables(), ["a.logs", "app.orders", "audit.notes", "b.logs", "items"]);
+        // Alike in two schemas: public's, which routes as app's would.
+        assert!(catalog.is_reference("plans") && catalog.ambiguous("plans").is_none());
+        let amb = |t: &str| catalog.ambiguous(t).map(|a| (a.schemas, a.default_public));
+        assert_eq!(amb("notes"), Some((vec!["public".to_string(), "audit".to_string()], true)));
+        assert!(catalog.is_reference("notes"), "public's under the default search_path");
+        assert_eq!(amb("logs"), Some((vec!["a".to_string(), "b".to_string()], false)));
+        assert!(!catalog.is_sharded("logs") && catalog.has_unknown(&["logs".to_string()]));
+        // A schema named like a role comes first in the default search_path.
+        assert_eq!(amb("items"), Some((vec!["public".to_string(), "alice".to_string()], false)));
+        assert_eq!(catalog.ambiguous("audit.notes"), None);
     }
 }

@@ -50,7 +50,7 @@ impl Params<'_> {
 }
 
 /// Routing settings that come from configuration.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Rules {
     pub strict_tenant: bool,
     pub allow_cross_shard_writes: bool,
@@ -61,6 +61,9 @@ pub struct Rules {
     /// outlives a transaction is routed, not refused (session/pooling.rs
     /// places it).
     pub session_state: bool,
+    /// The session set its `search_path` (at startup, or with `SET`): a
+    /// bare table name may mean another schema's table than `public`'s.
+    pub search_path_set: bool,
 }
 
 pub fn route(
@@ -229,6 +232,16 @@ impl Routing<'_> {
             StatementKind::Insert | StatementKind::Update | StatementKind::Delete | StatementKind::Merge => {
                 if writes_sharded {
                     self.single_or(stmt, true, touched)
+                } else if let Some(f) = stmt.volatile_call.filter(|_| !stmt.written.is_empty()) {
+                    // Each shard's copy of the row would get a value of its own.
+                    Err(SqlError::new(
+                        "0A000",
+                        format!(
+                            "{f} in a write to the reference table {} would give each shard's copy of the rows a value of its own",
+                            stmt.written.join(", ")
+                        ),
+                    )
+                    .hint("compute the value first (SELECT it through shardgate, or in the application) and write it as a literal or parameter"))
                 } else if !reads_sharded {
                     Ok(Target::All)
                 } else {
@@ -335,6 +348,7 @@ pub fn route_statements(
     joining: Joining,
     touched: &mut Vec<u32>,
 ) -> Result<Target, SqlError> {
+    check_bare_names(statements, catalog, rules)?;
     let join_later = joining.cross_shard && joining.in_block;
     let mut combined = if join_later { None } else { joining.bound.map(Target::Shard) };
     let several = statements.len() > 1;
@@ -385,6 +399,49 @@ pub fn route_statements(
         .hint("run them outside BEGIN … COMMIT"));
     }
     Ok(target)
+}
+
+/// Refuses a bare table name that means tables of different shapes in
+/// different schemas ([`Catalog::ambiguous`]), unless the session's
+/// `search_path` is the default, under which it means `public`'s. The router
+/// does not follow `search_path`; the shard would resolve the name one way
+/// while the router routed it another.
+fn check_bare_names(statements: &[Statement], catalog: &Catalog, rules: &Rules) -> Result<(), SqlError> {
+    if !catalog.has_ambiguous() {
+        return Ok(());
+    }
+    let search_path_set = rules.search_path_set || statements.iter().any(|s| s.sets_search_path);
+    for t in statements.iter().flat_map(|s| s.tables.iter().chain(&s.written)) {
+        let Some(a) = catalog.ambiguous(t) else { continue };
+        if a.default_public && !search_path_set {
+            continue;
+        }
+        let other = a.schemas.iter().find(|s| *s != "public").unwrap_or(&a.schemas[0]);
+        return Err(SqlError::new(
+            "0A000",
+            format!(
+                "\"{t}\" names different tables in the schemas {}: which one a name without its schema means depends on search_path, which shardgate does not follow",
+                a.schemas.join(", ")
+            ),
+        )
+        .hint(format!("write the table's name with its schema ({other}.{t})")));
+    }
+    Ok(())
+}
+
+/// Why `currval()` or `lastval()` is refused at the start of a transaction:
+/// they read what `nextval()` last gave in the server connection's session,
+/// and with connections pooled per transaction that session is not the
+/// client's. The client's own value is there only after a statement of the
+/// same transaction (block or query string) on the same connection: PHP's
+/// `lastInsertId()` sends `SELECT lastval()` alone, after the INSERT, and got
+/// whatever another client's insert left there.
+pub fn last_value_refusal() -> SqlError {
+    SqlError::new(
+        "0A000",
+        "currval() and lastval() read the value nextval() last gave on the server connection, which in a transaction of their own is not this client's: shardgate pools connections per transaction".into(),
+    )
+    .hint("take the id from INSERT … RETURNING, or call currval() in the same transaction block or query string as the INSERT")
 }
 
 /// Refuses a statement that uses a table created earlier in its query string
@@ -1082,7 +1139,7 @@ mod tests {
         let dir = three_shards();
         let catalog = sharded_orders();
         let rules =
-            Rules { strict_tenant: false, allow_cross_shard_writes: false, atomic_writes: false, session_state: false };
+            Rules::default();
         let cache = AnalysisCache::new("tenant_id", 100);
         let run = |sql: &str, joining: Joining| {
             let a = cache.get(sql).map_err(|e| e.to_string()).expect("parses");

@@ -510,6 +510,100 @@ async fn reference_tables_are_written_everywhere_and_read_anywhere() {
     }
 }
 
+/// A reference table's rows are written on every shard, and each shard
+/// computed `now()`, `random()` or `gen_random_uuid()` for itself: its copy
+/// of the row differed from the others', and a read answered by whichever
+/// shard it reached. Such a write is refused, and reaches no shard; the same
+/// values computed first and written as literals or parameters land alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_rows_get_no_value_each_shard_would_compute_for_itself() {
+    let h = Harness::start(2).await;
+    let c = h.client().await;
+    c.batch_execute("CREATE TABLE plans (id int PRIMARY KEY, token uuid, created timestamptz, weight float8)")
+        .await
+        .unwrap();
+    for sql in [
+        "INSERT INTO plans VALUES (1, gen_random_uuid(), now(), 1)",
+        "INSERT INTO plans (id, created) VALUES (2, CURRENT_TIMESTAMP)",
+        "INSERT INTO plans (id, weight) SELECT 3, random()",
+        "UPDATE plans SET created = clock_timestamp()",
+        "INSERT INTO plans (id) VALUES (4) ON CONFLICT (id) DO UPDATE SET created = now()",
+    ] {
+        for e in [c.simple_query(sql).await.unwrap_err(), c.execute(sql, &[]).await.unwrap_err()] {
+            assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
+            let db = e.as_db_error().unwrap();
+            assert!(db.message().contains("the reference table plans would give each shard's copy"), "{sql}: {db:?}");
+            assert!(db.hint().unwrap_or_default().contains("literal or parameter"), "{sql}: {db:?}");
+        }
+    }
+    for i in 0..2 {
+        assert_eq!(rows_on(&h, i, "SELECT count(*) FROM plans").await, 0, "nothing reached shard {i}");
+    }
+    // Computed once, through the router, then written.
+    let row = c.query_one("SELECT gen_random_uuid()::text, now()::text", &[]).await.unwrap();
+    let (token, created): (String, String) = (row.get(0), row.get(1));
+    c.execute("INSERT INTO plans VALUES (1, $1::text::uuid, $2::text::timestamptz, 0.5)", &[&token, &created])
+        .await
+        .unwrap();
+    let copy = "SELECT token::text || ' ' || created::text FROM plans WHERE id = 1";
+    let first = h.shard(0).await.query_one(copy, &[]).await.unwrap().get::<_, String>(0);
+    let second = h.shard(1).await.query_one(copy, &[]).await.unwrap().get::<_, String>(0);
+    assert_eq!(first, second, "both copies alike");
+    // A sharded table's row is written once: its values stand.
+    c.batch_execute("CREATE TABLE events (tenant_id bigint, id int, at timestamptz, PRIMARY KEY (tenant_id, id))")
+        .await
+        .unwrap();
+    c.batch_execute("INSERT INTO events VALUES (1, 1, now())").await.unwrap();
+    // A DELETE by time is the same everywhere but at the boundary; it runs.
+    c.batch_execute("DELETE FROM plans WHERE created < now() - interval '1 day'").await.unwrap();
+}
+
+/// Tables in a schema of the application's own, named without it under a
+/// `search_path` that names the schema (in the connection string's options,
+/// or with SET). The router took `orders` for an unknown table and wrote its
+/// rows on every shard. A bare name now means the only table of that name;
+/// where schemas hold different tables of one name, a bare name is routed
+/// as `public`'s under the default `search_path` and refused once the
+/// session sets its own, which the router does not follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_without_its_schema_is_routed_as_the_table_search_path_finds() {
+    let h = Harness::start(2).await;
+    let c = h.client().await;
+    c.batch_execute("CREATE SCHEMA app").await.unwrap();
+    c.batch_execute("CREATE TABLE app.orders (tenant_id bigint, id int, PRIMARY KEY (tenant_id, id))").await.unwrap();
+    let (t0, t1) = (h.tenants_on(0, 1)[0], h.tenants_on(1, 1)[0]);
+    let on_each = |sql: &'static str| {
+        let h = &h;
+        async move { vec![rows_on(h, 0, sql).await, rows_on(h, 1, sql).await] }
+    };
+    // In the connection string's options, and with SET.
+    let app = connect(&format!("{}?options=-csearch_path%3Dapp", h.url())).await;
+    app.batch_execute(&format!("INSERT INTO orders VALUES ({t0}, 1), ({t1}, 1)")).await.unwrap();
+    app.execute("INSERT INTO orders VALUES ($1, 2)", &[&t1]).await.unwrap();
+    c.batch_execute("SET search_path = app, public").await.unwrap();
+    c.batch_execute(&format!("INSERT INTO orders VALUES ({t0}, 3)")).await.unwrap();
+    assert_eq!(on_each("SELECT count(*) FROM app.orders").await, [2, 2], "each row on its tenant's shard once");
+    let count = app.query_one("SELECT count(*) FROM orders", &[]).await.unwrap().get::<_, i64>(0);
+    assert_eq!(count, 4, "read from every shard");
+
+    // public.orders, a reference table: `orders` now means two tables.
+    let fresh = h.client().await;
+    fresh.batch_execute("CREATE TABLE public.orders (id int, note text)").await.unwrap();
+    fresh.batch_execute("INSERT INTO orders VALUES (1, 'public')").await.unwrap();
+    assert_eq!(on_each("SELECT count(*) FROM public.orders").await, [1, 1], "the default search_path: public's");
+    for (client, sql) in [(&app, "SELECT count(*) FROM orders"), (&c, "INSERT INTO orders VALUES (1, 9)")] {
+        let e = client.simple_query(sql).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
+        let db = e.as_db_error().unwrap();
+        assert!(db.message().contains("depends on search_path"), "{sql}: {db:?}");
+        assert!(db.hint().unwrap_or_default().contains("app.orders"), "{sql}: {db:?}");
+    }
+    // Qualified, each is itself.
+    assert_eq!(app.query_one("SELECT count(*) FROM app.orders", &[]).await.unwrap().get::<_, i64>(0), 4);
+    assert_eq!(app.query_one("SELECT count(*) FROM public.orders", &[]).await.unwrap().get::<_, i64>(0), 1);
+    assert_eq!(on_each("SELECT count(*) FROM app.orders").await, [2, 2], "nothing refused ran");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reference_reads_on_a_shard_without_the_reference_rows_are_refused_not_answered_short() {
     let h = Harness::start(2).await;

@@ -162,3 +162,76 @@ async fn a_cursor_over_a_sharded_table_names_its_tenant_or_is_refused() {
     assert_eq!(rows, vec![1, 2, 3]);
     c.simple_query("COMMIT").await.unwrap();
 }
+
+/// `currval()` and `lastval()` read what `nextval()` last gave on the server
+/// connection. In a transaction of their own (PHP's `lastInsertId()` sends
+/// `SELECT lastval()` after the INSERT) that connection's last value was
+/// another client's: B read A's id. They are refused there, and answer the
+/// client's own value after its INSERT in one query string, one pipeline or
+/// one transaction block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_sequence_values_are_read_only_in_the_transaction_that_made_them() {
+    let h = one_connection().await;
+    let a = h.client().await;
+    let b = h.client().await;
+    a.batch_execute("CREATE TABLE notes (tenant_id bigint, id bigserial, body text, PRIMARY KEY (tenant_id, id))")
+        .await
+        .unwrap();
+    let insert = "INSERT INTO notes (tenant_id, body) VALUES (1, 'x')";
+    for _ in 0..5 {
+        a.batch_execute(insert).await.unwrap(); // A's last value: 5
+    }
+    b.batch_execute(insert).await.unwrap(); // B's: 6
+    a.batch_execute(insert).await.unwrap(); // A's: 7, and the connection's
+    let refused = |e: tokio_postgres::Error, sql: &str| {
+        assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
+        let db = e.as_db_error().unwrap();
+        assert!(db.message().contains("not this client's"), "{sql}: {db:?}");
+        assert!(db.hint().unwrap_or_default().contains("RETURNING"), "{sql}: {db:?}");
+    };
+    for sql in ["SELECT lastval()", "SELECT currval('notes_id_seq')", "select CURRVAL(pg_get_serial_sequence('notes', 'id'))"] {
+        refused(b.simple_query(sql).await.unwrap_err(), sql);
+        refused(b.query(sql, &[]).await.unwrap_err(), sql);
+    }
+    // At the start of a block, nothing of the client's is on the connection.
+    b.batch_execute("BEGIN").await.unwrap();
+    refused(b.simple_query("SELECT lastval()").await.unwrap_err(), "first in a block");
+    b.batch_execute("ROLLBACK").await.unwrap();
+
+    let last = |rows: Vec<tokio_postgres::SimpleQueryMessage>| -> Vec<String> {
+        rows.iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+            .collect()
+    };
+    // One query string: the client's own value.
+    assert_eq!(last(b.simple_query(&format!("{insert}; SELECT lastval()")).await.unwrap()), ["8"]);
+    // One transaction block, in both protocols.
+    b.batch_execute("BEGIN").await.unwrap();
+    b.batch_execute(insert).await.unwrap();
+    assert_eq!(last(b.simple_query("SELECT currval('notes_id_seq')").await.unwrap()), ["9"]);
+    let row = b.query_one("SELECT lastval()", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i64>(0), 9);
+    b.batch_execute("COMMIT").await.unwrap();
+    // One pipeline, up to its Sync.
+    let mut raw = Raw::login(h.port()).await;
+    let replies = raw
+        .run(&[
+            parse("", insert, &[]),
+            bind("", &[], false),
+            execute(),
+            parse("", "SELECT lastval()::text", &[]),
+            bind("", &[], false),
+            execute(),
+            sync(),
+        ])
+        .await;
+    assert!(replies.iter().any(|l| l == &format!("D {:?}", [0u8, 1, 0, 0, 0, 2, b'1', b'0'].to_vec())), "{replies:?}");
+    // Alone in its pipeline: refused, as in a query of its own.
+    let replies = raw.run(&[parse("", "SELECT lastval()", &[]), bind("", &[], false), execute(), sync()]).await;
+    assert_eq!(replies, ["1", "error 0A000", "ready I"]);
+    let replies = raw.run(&[query("SELECT lastval()")]).await;
+    assert_eq!(replies, ["error 0A000", "ready I"]);
+}

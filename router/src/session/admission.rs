@@ -139,6 +139,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.txn.fresh_tables.clear();
             return;
         }
+        // Kept for the session: SET LOCAL, a SET inside a block and
+        // set_config are not among the settings it carries.
+        self.search_path_set |= analysis.statements.iter().any(|s| s.sets_search_path);
         for s in &analysis.statements {
             if let Some(t) = &s.creates_sharded {
                 self.txn.fresh_tables.push(t.clone());
@@ -181,8 +184,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         let fresh = self.fresh_tables();
         route::check_fresh_tables(&analysis.statements, fresh)?;
-        let mut rules = self.ctx.rules();
-        rules.session_state = self.pooling.is_some();
+        let rules = self.rules();
         let target = route::route_statements(
             &analysis.statements,
             params,
@@ -199,10 +201,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
+    /// The routing rules for this session's statements: the configured ones,
+    /// with what the session itself changes.
+    pub(super) fn rules(&self) -> route::Rules {
+        let mut rules = self.ctx.rules();
+        rules.session_state = self.pooling.is_some();
+        rules.search_path_set = self.search_path_set || self.settings.has("search_path");
+        rules
+    }
+
+    /// Refuses `currval()` or `lastval()` in the first statement the client's
+    /// transaction runs on its server connection ([`route::last_value_refusal`]);
+    /// `earlier`: statements before it in the same pipeline run there first.
+    /// Session pooling keeps the client's connection, and its values.
+    pub(super) fn check_last_value(&self, analysis: &Analysis, earlier: bool) -> Result<(), SqlError> {
+        let first = analysis.statements.first().is_some_and(|s| s.reads_last_value);
+        if first && !earlier && self.txn.held.is_none() && self.pooling.is_none() {
+            return Err(route::last_value_refusal());
+        }
+        Ok(())
+    }
+
     /// Where a simple query's statements run: the catalog made to know their
     /// tables, then routed, and routed again after waiting out a cutover's hold
     /// (the placement may have changed).
     pub(super) async fn route_simple(&mut self, analysis: &Analysis) -> Result<Target, SqlError> {
+        self.check_last_value(analysis, false)?;
         self.ensure_catalog(analysis).await;
         loop {
             let mut touched = std::mem::take(&mut self.admission.touched);

@@ -757,7 +757,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let plain = |k: &StatementKind| {
             matches!(k, StatementKind::Select | StatementKind::Insert | StatementKind::Update | StatementKind::Delete)
         };
-        if !matches!(&analysis.statements[..], [stmt] if plain(&stmt.kind)) {
+        // currval() and lastval() are checked on the general path.
+        if !matches!(&analysis.statements[..], [stmt] if plain(&stmt.kind) && !stmt.reads_last_value) {
             return Ok(false);
         }
         let mut touched = std::mem::take(&mut self.admission.touched);

@@ -141,6 +141,10 @@ pub struct Session<S> {
     role: Option<Arc<crate::roles::RolePools>>,
     /// Session pooling (`pooling.rs`); None in transaction pooling.
     pooling: Option<pooling::SessionPooling>,
+    /// A statement set `search_path` (SET LOCAL, inside a block, or
+    /// `set_config`, which the settings do not carry): for the rest of the
+    /// session, bare table names may mean another schema's tables.
+    search_path_set: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -174,6 +178,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             idle,
             role: None,
             pooling: None,
+            search_path_set: false,
         }
     }
 

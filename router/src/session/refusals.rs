@@ -145,6 +145,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         return Some((i, unknown_statement(bind.statement)));
                     };
                     if let Some(a) = analysis {
+                        if let Err(e) = self.check_last_value(&a, !routes.is_empty()) {
+                            return Some((i, e));
+                        }
                         let params = Params { values: &bind.params, formats: &bind.param_formats, types: &types };
                         match self.route_all(&a, Some(&params), touched) {
                             // What Postgres says of the Bind itself: the

@@ -33,6 +33,11 @@ impl Settings {
         }
     }
 
+    /// Whether the session sets `name` (lower case).
+    pub(super) fn has(&self, name: &str) -> bool {
+        !self.statements.is_empty() && self.statements.contains_key(name)
+    }
+
     /// Forgets every setting (`DISCARD ALL`).
     pub(super) fn clear(&mut self) {
         self.statements.clear();

@@ -44,8 +44,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // Each statement on its own: statements for two shards make the
         // string one the combined routing refuses.
         let dir = self.ctx.directory.load();
-        let mut rules = self.ctx.rules();
-        rules.session_state = self.pooling.is_some();
+        let rules = self.rules();
         let mut touched = Vec::new();
         let mut shards = Vec::new();
         for s in statements {

@@ -171,9 +171,19 @@ pub struct Statement {
     /// table filled with a query's rows, which over a sharded table each
     /// shard would fill with its own rows only (refused, `route`).
     pub copies_rows: bool,
+    /// An INSERT, UPDATE or MERGE that calls a function each shard would
+    /// compute otherwise (`now()`, `random()`): refused into a reference
+    /// table (`route`). See `pooled_state::volatile_call`.
+    pub volatile_call: Option<&'static str>,
     /// Calls `set_config(…, false)` (or with a third argument that is not
-    /// the literal true): see `pooled_state::sets_config`.
+    /// the literal true): see `pooled_state::SessionCalls`.
     pub sets_config: bool,
+    /// Calls `currval()` or `lastval()`: see `pooled_state::SessionCalls`.
+    pub reads_last_value: bool,
+    /// `SET [LOCAL] search_path`, or `set_config('search_path', …)`: bare
+    /// table names may mean tables of another schema from then on
+    /// (`route::check_bare_names`).
+    pub sets_search_path: bool,
     /// The highest `$n` used.
     pub max_param: usize,
     /// Assignments that may give rows a new key, anywhere in the statement.
@@ -301,7 +311,10 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
         creates_sharded: None,
         removes_key: None,
         copies_rows: false,
+        volatile_call: None,
         sets_config: false,
+        reads_last_value: false,
+        sets_search_path: false,
         max_param: 0,
         key_changes: Vec::new(),
         insert_select: None,
@@ -564,7 +577,13 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
         // `EXECUTE p`, also under EXPLAIN or CREATE TABLE AS.
         s.kind = StatementKind::SqlPrepared(SqlPrepared::Execute { name });
     }
-    s.sets_config = super::pooled_state::sets_config(whole);
+    if matches!(s.kind, StatementKind::Insert | StatementKind::Update | StatementKind::Merge) {
+        s.volatile_call = super::pooled_state::volatile_call(&s.text);
+    }
+    let calls = super::pooled_state::session_calls(whole, &s.text);
+    (s.sets_config, s.reads_last_value) = (calls.sets_config, calls.reads_last_value);
+    s.sets_search_path = calls.sets_search_path
+        || matches!(whole, N::VariableSetStmt(v) if v.name.eq_ignore_ascii_case("search_path"));
     if let Some(state) = super::pooled_state::session_state(whole) {
         s.kind = StatementKind::SessionState(state);
         // What it creates is written (session pooling routes by it).
@@ -889,7 +908,7 @@ pub(super) fn comment_key(sql: &str, key_column: &str) -> Option<String> {
     }
     // Only comments count: a `/*` may stand in a string, a quoted name or a
     // `--` comment, which Postgres's own lexer tells apart.
-    let tokens = pg_query::scan_tokens(sql).ok()?;
+    let tokens = super::tokens(sql);
     tokens.iter().filter(|t| t.token == protobuf::Token::CComment as i32).find_map(|t| {
         let text = sql.get(t.start as usize..t.end as usize)?;
         let body = text.strip_prefix("/*")?;

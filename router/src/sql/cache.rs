@@ -297,7 +297,10 @@ impl Template {
                 creates_sharded: s.creates_sharded.clone(),
                 removes_key: s.removes_key.clone(),
                 copies_rows: s.copies_rows,
+                volatile_call: s.volatile_call,
                 sets_config: s.sets_config,
+                reads_last_value: s.reads_last_value,
+                sets_search_path: s.sets_search_path,
                 max_param: s.max_param,
                 key_changes,
                 insert_select,
@@ -507,7 +510,7 @@ mod tests {
             ["orders".to_string()].into(),
         );
         let rules =
-            Rules { strict_tenant: false, allow_cross_shard_writes: false, atomic_writes: false, session_state: false };
+            Rules::default();
         let cache = AnalysisCache::new("tenant_id", 100);
         let route = |sql: &str| {
             let a = cache.get(sql).unwrap();

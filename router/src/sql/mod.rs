@@ -34,6 +34,17 @@ pub use colocation::{mixes_rows, NotLocal, Read};
 pub use key_writes::{InsertSelect, Inserted, KeyChange};
 pub use lift::{statement_name, ServerForm, SimpleForm};
 
+/// The lexer's tokens of `sql` (`pg_query::scan_tokens`), empty when it cannot
+/// lex it. A text of no token (only white space) is not handed to it: its C
+/// side then answers a null token array, which `pg_query` turns into a slice
+/// unchecked (a panic that aborts, in a debug build).
+pub(crate) fn tokens(sql: &str) -> Vec<pg_query::protobuf::ScanToken> {
+    if sql.trim().is_empty() {
+        return Vec::new();
+    }
+    pg_query::scan_tokens(sql).unwrap_or_default()
+}
+
 /// `pg_query`'s deparser, for trees the router rewrote (a fan-out's shard
 /// statement, an INSERT's rows for one shard). It refuses what Postgres
 /// refuses and the deparser cannot write: a type modifier that is not a

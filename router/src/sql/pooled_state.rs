@@ -68,24 +68,92 @@ pub(super) fn session_state(node: &N) -> Option<&'static str> {
     })
 }
 
-/// Whether `node` calls `set_config(name, value, is_local)` with anything but
-/// a literal `true` as `is_local`: a setting that may outlive the
-/// transaction, which the router does not see (asyncpg turns `jit` off so
-/// around its type lookups). The server connection then starts from `RESET
-/// ALL` for whichever session borrows it next (`session/settings.rs`).
-pub(super) fn sets_config(node: &N) -> bool {
-    node.nodes().into_iter().any(|(n, ..)| match n {
-        NodeRef::FuncCall(f) => {
-            let named = f
-                .funcname
-                .last()
-                .is_some_and(|n| matches!(&n.node, Some(N::String(s)) if s.sval.eq_ignore_ascii_case("set_config")));
+/// What a statement's function calls leave on, or read from, the server
+/// connection's session, beyond the transaction.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct SessionCalls {
+    /// Calls `set_config(name, value, is_local)` with anything but a literal
+    /// `true` as `is_local`: a setting that may outlive the transaction,
+    /// which the router does not see (asyncpg turns `jit` off so around its
+    /// type lookups). The server connection then starts from `RESET ALL` for
+    /// whichever session borrows it next (`session/settings.rs`).
+    pub sets_config: bool,
+    /// Calls `currval()` or `lastval()`, which read what `nextval()` last gave
+    /// in the server connection's session: in a transaction of its own that
+    /// is another client's value (`route`).
+    pub reads_last_value: bool,
+    /// Calls `set_config('search_path', …)`.
+    pub sets_search_path: bool,
+}
+
+/// [`SessionCalls`] of the statement `node`, whose text is `sql`.
+pub(super) fn session_calls(node: &N, sql: &str) -> SessionCalls {
+    let mut calls = SessionCalls { reads_last_value: calls_last_value(sql), ..SessionCalls::default() };
+    for (n, ..) in node.nodes() {
+        let NodeRef::FuncCall(f) = n else { continue };
+        let Some(N::String(name)) = f.funcname.last().and_then(|n| n.node.as_ref()) else { continue };
+        let name = name.sval.as_str();
+        if name.eq_ignore_ascii_case("set_config") {
             let local = f.args.get(2).and_then(|a| a.node.as_ref()).is_some_and(
                 |a| matches!(a, N::AConst(c) if matches!(&c.val, Some(a_const::Val::Boolval(b)) if b.boolval)),
             );
-            named && !local
+            calls.sets_config |= !local;
+            let names_search_path = f.args.first().and_then(|a| a.node.as_ref()).is_some_and(
+                |a| matches!(a, N::AConst(c) if matches!(&c.val, Some(a_const::Val::Sval(v)) if v.sval.eq_ignore_ascii_case("search_path"))),
+            );
+            calls.sets_search_path |= names_search_path;
         }
-        _ => false,
+    }
+    calls
+}
+
+/// Whether `sql` calls `currval` or `lastval`: read from the lexer's tokens,
+/// as the parse tree's walk does not reach every expression (VALUES lists).
+fn calls_last_value(sql: &str) -> bool {
+    let lower = sql.to_ascii_lowercase();
+    if !lower.contains("currval") && !lower.contains("lastval") {
+        return false;
+    }
+    let tokens = super::tokens(sql);
+    tokens.windows(2).any(|w| {
+        let name = sql.get(w[0].start as usize..w[0].end as usize).unwrap_or_default();
+        let name = name.trim_matches('"');
+        let called = sql.get(w[1].start as usize..w[1].end as usize) == Some("(");
+        called && (name.eq_ignore_ascii_case("currval") || name.eq_ignore_ascii_case("lastval"))
+    })
+}
+
+/// Functions whose value differs from one call to the next, or from one
+/// server's transaction to another's (`now()` is the transaction's start).
+const VOLATILE: &[&str] = &[
+    "random",
+    "gen_random_uuid",
+    "uuid_generate_v1",
+    "uuid_generate_v1mc",
+    "uuid_generate_v4",
+    "clock_timestamp",
+    "statement_timestamp",
+    "transaction_timestamp",
+    "timeofday",
+    "now",
+    "nextval",
+];
+
+/// The same, as SQL's keywords without parentheses.
+const VOLATILE_KEYWORDS: &[&str] =
+    &["current_timestamp", "current_time", "current_date", "localtimestamp", "localtime"];
+
+/// The first call in `sql` of a function whose value would differ between
+/// the shards if each computed it (a reference table's row is written on
+/// every shard); read from the lexer's tokens, as in [`calls_last_value`].
+pub(super) fn volatile_call(sql: &str) -> Option<&'static str> {
+    let tokens = super::tokens(sql);
+    let text = |i: usize| tokens.get(i).and_then(|t| sql.get(t.start as usize..t.end as usize));
+    (0..tokens.len()).find_map(|i| {
+        let word = text(i)?.trim_matches('"');
+        let called = text(i + 1) == Some("(");
+        let named = |list: &[&'static str]| list.iter().find(|v| v.eq_ignore_ascii_case(word)).copied();
+        named(VOLATILE_KEYWORDS).or_else(|| named(VOLATILE).filter(|_| called))
     })
 }
 
@@ -136,17 +204,43 @@ mod tests {
         assert_eq!(state("SET SESSION AUTHORIZATION reporting"), Some("SET ROLE"));
     }
 
+    fn calls(sql: &str) -> SessionCalls {
+        let parsed = pg_query::parse(sql, 0).unwrap();
+        session_calls(parsed.protobuf.stmts[0].stmt.as_ref().unwrap().node.as_ref().unwrap(), sql)
+    }
+
     #[test]
     fn set_config_that_may_outlive_the_transaction_is_seen() {
-        let sets = |sql: &str| {
-            let parsed = pg_query::parse(sql, 0).unwrap();
-            sets_config(parsed.protobuf.stmts[0].stmt.as_ref().unwrap().node.as_ref().unwrap())
-        };
+        let sets = |sql: &str| calls(sql).sets_config;
         assert!(sets("SELECT set_config('timezone', 'Asia/Tokyo', false)"));
         assert!(sets("SELECT current_setting('jit') AS cur, set_config('jit', 'off', false) AS new"));
         assert!(sets("SELECT set_config('jit', $1, $2)"));
         assert!(!sets("SELECT set_config('timezone', 'UTC', true)"));
         assert!(!sets("SELECT current_setting('jit')"));
+    }
+
+    #[test]
+    fn values_each_shard_would_compute_otherwise_are_seen() {
+        assert_eq!(volatile_call("INSERT INTO plans VALUES (1, now())"), Some("now"));
+        assert_eq!(volatile_call("INSERT INTO plans VALUES (1, CURRENT_TIMESTAMP)"), Some("current_timestamp"));
+        assert_eq!(volatile_call("UPDATE plans SET key = gen_random_uuid()"), Some("gen_random_uuid"));
+        assert_eq!(volatile_call("INSERT INTO plans SELECT 1, random()"), Some("random"));
+        assert_eq!(volatile_call("INSERT INTO plans VALUES (1, 'now()')"), None);
+        assert_eq!(volatile_call("INSERT INTO plans (id, random) VALUES (1, 2)"), None);
+        assert_eq!(volatile_call("INSERT INTO plans VALUES (1, '2026-12-07'::timestamptz)"), None);
+    }
+
+    #[test]
+    fn reads_of_the_sessions_last_sequence_value_are_seen() {
+        let reads = |sql: &str| calls(sql).reads_last_value;
+        assert!(reads("SELECT lastval()"));
+        assert!(reads("SELECT currval('orders_id_seq')"));
+        assert!(reads("SELECT pg_catalog.currval(pg_get_serial_sequence('orders', 'id'))"));
+        assert!(reads("INSERT INTO items VALUES (1, currval('orders_id_seq'))"));
+        assert!(!reads("SELECT nextval('orders_id_seq')"));
+        assert!(!reads("SELECT last_value FROM orders_id_seq"));
+        assert!(!reads("SELECT 'lastval()' AS t, currval FROM v /* currval( */"));
+        assert!(!calls("SELECT lastval()").sets_config);
     }
 
     #[test]

@@ -247,7 +247,7 @@ mod tests {
     use pg_query::protobuf::KeywordKind;
 
     fn keyword_kind(word: &str) -> KeywordKind {
-        let tokens = pg_query::scan_tokens(word).unwrap_or_default();
+        let tokens = crate::sql::tokens(word);
         match tokens.as_slice() {
             [t] => KeywordKind::try_from(t.keyword_kind).unwrap_or(KeywordKind::NoKeyword),
             _ => KeywordKind::NoKeyword,
