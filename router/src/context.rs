@@ -39,9 +39,12 @@ pub struct Catalog {
     /// or their columns): which one a bare name means depends on
     /// `search_path` ([`Catalog::ambiguous`]).
     ambiguous: ArcSwap<HashMap<String, Ambiguous>>,
-    /// `ambiguous` is not empty: one plain load per statement in the common
-    /// case.
-    has_ambiguous: std::sync::atomic::AtomicBool,
+    /// `ambiguous` or `opaque` is not empty: one plain load per statement in
+    /// the common case.
+    has_special: std::sync::atomic::AtomicBool,
+    /// Views and inheritance parents that read rows of sharded tables but have
+    /// no key column of their own ([`Catalog::opaque`]).
+    opaque: ArcSwap<std::collections::HashSet<String>>,
     /// Bare names that `sharded` and `known` also hold for a table outside
     /// `public` (the only table of that name): not listed by [`Catalog::tables`].
     aliases: ArcSwap<std::collections::HashSet<String>>,
@@ -84,9 +87,23 @@ impl Catalog {
 
     /// Replaces the catalog with the shards' tables, bare names resolved as
     /// [`resolve_names`] says.
-    pub fn replace_all(&self, entries: Vec<TableEntry>, role_schemas: &[String]) {
+    /// `opaque`: views and inheritance parents without the key column that
+    /// read sharded rows, as `(schema, name)`.
+    pub fn replace_all(&self, entries: Vec<TableEntry>, role_schemas: &[String], opaque: Vec<(String, String)>) {
         let resolved = resolve_names(entries, role_schemas);
-        self.has_ambiguous.store(!resolved.ambiguous.is_empty(), Ordering::Relaxed);
+        let opaque: std::collections::HashSet<String> = opaque
+            .into_iter()
+            .flat_map(|(schema, name)| {
+                // Under its bare name too when that is not another table's.
+                let bare = (schema == "public" || resolved.aliases.contains(&name) || !resolved.known.contains(&name))
+                    .then(|| name.clone());
+                let qualified = (schema != "public").then(|| format!("{schema}.{name}"));
+                bare.into_iter().chain(qualified)
+            })
+            .collect();
+        let special = !resolved.ambiguous.is_empty() || !opaque.is_empty();
+        self.opaque.store(Arc::new(opaque));
+        self.has_special.store(special, Ordering::Relaxed);
         self.ambiguous.store(Arc::new(resolved.ambiguous));
         self.aliases.store(Arc::new(resolved.aliases));
         self.replace(resolved.sharded, resolved.known);
@@ -96,15 +113,23 @@ impl Catalog {
     /// schema to another: the schemas, and whether the default `search_path`
     /// means `public`'s. None for a qualified name or one that is not so.
     pub fn ambiguous(&self, table: &str) -> Option<Ambiguous> {
-        if !self.has_ambiguous() || table.contains('.') {
+        if !self.has_special() || table.contains('.') {
             return None;
         }
         self.ambiguous.load().get(table).cloned()
     }
 
-    /// Whether some bare name is [`Self::ambiguous`].
-    pub fn has_ambiguous(&self) -> bool {
-        self.has_ambiguous.load(Ordering::Relaxed)
+    /// Whether `table` is a view (plain or materialized) or an inheritance
+    /// parent that reads rows of sharded tables without having the key
+    /// column: each shard would answer it from its own rows, and a router
+    /// that took it for a reference table would read it on one.
+    pub fn opaque(&self, table: &str) -> bool {
+        self.has_special() && self.opaque.load().contains(normalize(table))
+    }
+
+    /// Whether some name is [`Self::ambiguous`] or [`Self::opaque`].
+    pub fn has_special(&self) -> bool {
+        self.has_special.load(Ordering::Relaxed)
     }
 
     /// The schema generation: it changes with every refresh.
@@ -167,6 +192,30 @@ impl Catalog {
     fn read(&self) -> arc_swap::Guard<Arc<HashMap<String, Vec<String>>>> {
         self.sharded.load()
     }
+}
+
+/// The views (plain and materialized) and inheritance parents without the
+/// key column that read rows of tables with it, directly or through other
+/// views and parents: `(schema, name)` rows. A view's rule depends on the
+/// relations it reads (`pg_depend`); a parent reads its children's rows.
+fn opaque_relations_sql(key_column: &str) -> String {
+    let key = crate::sql::quote::literal(key_column);
+    format!(
+        "WITH RECURSIVE \
+         has_key AS (SELECT attrelid AS oid FROM pg_attribute WHERE attname = {key} AND attnum > 0 AND NOT attisdropped), \
+         reads(reader, read) AS ( \
+             SELECT DISTINCT r.ev_class, d.refobjid FROM pg_rewrite r \
+             JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid \
+                  AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> r.ev_class \
+             UNION SELECT inhparent, inhrelid FROM pg_inherits), \
+         sharded_rows(oid) AS ( \
+             SELECT reader FROM reads JOIN pg_class t ON t.oid = reads.read \
+             WHERE t.relkind IN ('r', 'p') AND t.oid IN (SELECT oid FROM has_key) \
+             UNION SELECT reads.reader FROM reads JOIN sharded_rows s ON reads.read = s.oid) \
+         SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.oid IN (SELECT oid FROM sharded_rows) AND c.oid NOT IN (SELECT oid FROM has_key) \
+         AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+    )
 }
 
 /// One table of the shards' schema, as a catalog refresh reads it.
@@ -649,8 +698,17 @@ impl RouterContext {
         let sql = "SELECT nspname FROM pg_namespace WHERE nspname IN (SELECT rolname FROM pg_roles)";
         let rows = conn.simple_query(sql).await.map_err(|(c, m)| format!("{c}: {m}"))?;
         let role_schemas: Vec<String> = rows.into_iter().filter_map(|r| r.into_iter().next().flatten()).collect();
+        let sql = opaque_relations_sql(&dir.key_column);
+        let rows = conn.simple_query(&sql).await.map_err(|(c, m)| format!("{c}: {m}"))?;
+        let opaque = rows
+            .into_iter()
+            .filter_map(|r| match &r[..] {
+                [Some(schema), Some(name)] => Some((schema.clone(), name.clone())),
+                _ => None,
+            })
+            .collect();
         self.catalog.set_copy_columns(copied);
-        self.catalog.replace_all(entries, &role_schemas);
+        self.catalog.replace_all(entries, &role_schemas, opaque);
         // Aggregates of the application's own: a cross-shard read must not
         // take a call to one for a plain value (each shard would return its
         // own partial result as a row).
@@ -702,7 +760,11 @@ mod tests {
                 table("public", "items", Some(key)),
             ],
             &["alice".to_string()],
+            vec![("public".to_string(), "totals".to_string()), ("app".to_string(), "orders_v".to_string())],
         );
+        assert!(catalog.opaque("totals") && catalog.opaque("public.totals") && catalog.opaque("app.orders_v"));
+        assert!(catalog.opaque("orders_v"), "the only relation of that name");
+        assert!(!catalog.opaque("orders") && !catalog.opaque("plans"));
         // Only in app: the bare name is app's table.
         assert!(catalog.is_sharded("orders") && catalog.is_sharded("app.orders"));
         assert_eq!(catalog.tables(), ["a.logs", "app.orders", "audit.notes", "b.logs", "items"]);

@@ -348,7 +348,7 @@ pub fn route_statements(
     joining: Joining,
     touched: &mut Vec<u32>,
 ) -> Result<Target, SqlError> {
-    check_bare_names(statements, catalog, rules)?;
+    check_bare_names(statements, catalog, rules, &dir.key_column)?;
     let join_later = joining.cross_shard && joining.in_block;
     let mut combined = if join_later { None } else { joining.bound.map(Target::Shard) };
     let several = statements.len() > 1;
@@ -406,9 +406,22 @@ pub fn route_statements(
 /// `search_path` is the default, under which it means `public`'s. The router
 /// does not follow `search_path`; the shard would resolve the name one way
 /// while the router routed it another.
-fn check_bare_names(statements: &[Statement], catalog: &Catalog, rules: &Rules) -> Result<(), SqlError> {
-    if !catalog.has_ambiguous() {
+///
+/// Refuses too, but in DDL, a view or inheritance parent without the key
+/// column over sharded rows ([`Catalog::opaque`]): each shard would answer
+/// it from its own rows.
+fn check_bare_names(statements: &[Statement], catalog: &Catalog, rules: &Rules, key_col: &str) -> Result<(), SqlError> {
+    if !catalog.has_special() {
         return Ok(());
+    }
+    for s in statements.iter().filter(|s| s.kind != StatementKind::Ddl) {
+        if let Some(t) = s.tables.iter().find(|t| catalog.opaque(t)) {
+            return Err(SqlError::new(
+                "0A000",
+                format!("{t} reads rows of sharded tables but has no {key_col} column: each shard would answer it from its own rows alone"),
+            )
+            .hint("read the sharded tables themselves, or give the view its tables' key column (each tenant's rows are then read on its shard)"));
+        }
     }
     let search_path_set = rules.search_path_set || statements.iter().any(|s| s.sets_search_path);
     for t in statements.iter().flat_map(|s| s.tables.iter().chain(&s.written)) {

@@ -381,6 +381,70 @@ async fn writes_on_several_shards_that_pair_rows_of_different_shards_are_refused
     );
 }
 
+/// A view without the key column over sharded tables, or an inheritance
+/// parent without it over sharded children, was taken for a reference
+/// table and read on one shard: a count over it gave that shard's part.
+/// Such a read is refused; a view with the key column is read as a sharded
+/// table, and one over reference tables as a reference table, each giving
+/// what one Postgres gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_and_parents_without_the_key_over_sharded_rows_are_refused() {
+    let (_h, _single, one, router) = cluster_and_single().await;
+    let ddl = [
+        "CREATE VIEW order_counts AS SELECT plan, count(*) AS n FROM orders GROUP BY plan",
+        "CREATE VIEW plan_orders AS SELECT p.name, c.n FROM plans p JOIN order_counts c ON c.plan = p.id",
+        "CREATE VIEW gold_orders AS SELECT tenant_id, id FROM orders WHERE plan = 2",
+        "CREATE VIEW plan_names AS SELECT name FROM plans",
+        "CREATE TABLE events_base (id int)",
+        "CREATE TABLE events (tenant_id bigint) INHERITS (events_base)",
+    ];
+    for sql in ddl {
+        one.batch_execute(sql).await.unwrap();
+        router.batch_execute(sql).await.unwrap();
+    }
+    let fill = "INSERT INTO events VALUES (1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 6)";
+    one.batch_execute(fill).await.unwrap();
+    router.batch_execute(fill).await.unwrap();
+    for sql in [
+        "SELECT plan, n FROM order_counts",
+        "SELECT * FROM plan_orders",
+        "SELECT count(*) FROM events_base",
+        "SELECT o.id FROM orders o JOIN order_counts c ON c.plan = o.plan WHERE o.tenant_id = 4",
+    ] {
+        let want = sorted(rows(one.simple_query(sql).await.unwrap()));
+        for e in [router.simple_query(sql).await.map(|r| sorted(rows(r))), router.query(sql, &[]).await.map(|_| want.clone())] {
+            let e = match e {
+                Ok(got) => panic!("{sql}: answered {got:?}, one Postgres answers {want:?}"),
+                Err(e) => e,
+            };
+            assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
+            let db = e.as_db_error().unwrap();
+            assert!(db.message().contains("reads rows of sharded tables but has no tenant_id column"), "{sql}: {db:?}");
+            assert!(db.hint().is_some(), "{sql}: {db:?}");
+        }
+    }
+    for sql in [
+        "SELECT tenant_id, id FROM gold_orders",
+        "SELECT id FROM gold_orders WHERE tenant_id = 4",
+        "SELECT name FROM plan_names",
+        "SELECT count(*) FROM events",
+    ] {
+        let want = sorted(rows(one.simple_query(sql).await.unwrap()));
+        assert_eq!(sorted(rows(router.simple_query(sql).await.unwrap())), want, "{sql}");
+    }
+    // DDL on them runs.
+    router.batch_execute("DROP VIEW plan_orders").await.unwrap();
+    router.batch_execute("DROP VIEW order_counts").await.unwrap();
+    router.batch_execute("CREATE VIEW order_counts AS SELECT tenant_id, plan FROM orders").await.unwrap();
+    let sql = "SELECT count(*) FROM order_counts";
+    assert_eq!(rows(router.simple_query(sql).await.unwrap()), vec![vec![Some(one_count(&one).await)]], "now with the key");
+}
+
+async fn one_count(one: &Client) -> String {
+    let r = one.query_one("SELECT count(*)::text FROM orders", &[]).await.unwrap();
+    r.get(0)
+}
+
 const SEVERAL_SHARDS: &str = "this statement changes data inside WITH (or under EXPLAIN ANALYZE or COPY) and would need several shards: it must run on one shard, where every row it writes or reads belongs";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
