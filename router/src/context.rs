@@ -42,6 +42,9 @@ pub struct Catalog {
     /// `ambiguous` or `opaque` is not empty: one plain load per statement in
     /// the common case.
     has_special: std::sync::atomic::AtomicBool,
+    /// Reference tables' columns with a default each shard would compute for
+    /// itself ([`Catalog::volatile_defaults`]).
+    defaults: ArcSwap<HashMap<String, Vec<(usize, String)>>>,
     /// Views and inheritance parents that read rows of sharded tables but have
     /// no key column of their own ([`Catalog::opaque`]).
     opaque: ArcSwap<std::collections::HashSet<String>>,
@@ -101,8 +104,9 @@ impl Catalog {
                 bare.into_iter().chain(qualified)
             })
             .collect();
-        let special = !resolved.ambiguous.is_empty() || !opaque.is_empty();
+        let special = !resolved.ambiguous.is_empty() || !opaque.is_empty() || !resolved.defaults.is_empty();
         self.opaque.store(Arc::new(opaque));
+        self.defaults.store(Arc::new(resolved.defaults));
         self.has_special.store(special, Ordering::Relaxed);
         self.ambiguous.store(Arc::new(resolved.ambiguous));
         self.aliases.store(Arc::new(resolved.aliases));
@@ -127,7 +131,19 @@ impl Catalog {
         self.has_special() && self.opaque.load().contains(normalize(table))
     }
 
-    /// Whether some name is [`Self::ambiguous`] or [`Self::opaque`].
+    /// The columns of the reference table `table` whose default each shard
+    /// would compute for itself (`now()`, `nextval()`, `gen_random_uuid()`, an
+    /// identity), with their places among its columns: a row that takes one
+    /// would differ from copy to copy.
+    pub fn volatile_defaults(&self, table: &str) -> Option<Vec<(usize, String)>> {
+        if !self.has_special() {
+            return None;
+        }
+        self.defaults.load().get(normalize(table)).cloned()
+    }
+
+    /// Whether some name is [`Self::ambiguous`], [`Self::opaque`] or has
+    /// [`Self::volatile_defaults`].
     pub fn has_special(&self) -> bool {
         self.has_special.load(Ordering::Relaxed)
     }
@@ -225,6 +241,9 @@ pub struct TableEntry {
     pub name: String,
     /// Its columns in order, when it has the key column (a sharded table).
     pub sharded: Option<Vec<String>>,
+    /// Its columns whose default each shard computes for itself (`now()`,
+    /// `nextval()`, an identity …), with their places among its columns.
+    pub volatile_defaults: Vec<(usize, String)>,
 }
 
 /// A bare table name whose tables differ between schemas.
@@ -244,6 +263,8 @@ struct Resolved {
     known: std::collections::HashSet<String>,
     aliases: std::collections::HashSet<String>,
     ambiguous: HashMap<String, Ambiguous>,
+    /// Reference tables' [`TableEntry::volatile_defaults`], where they have any.
+    defaults: HashMap<String, Vec<(usize, String)>>,
 }
 
 /// Keys the tables by name: `public`'s by their bare name, others as
@@ -262,6 +283,8 @@ fn resolve_names(entries: Vec<TableEntry>, role_schemas: &[String]) -> Resolved 
         let key = if e.schema == "public" { e.name.clone() } else { format!("{}.{}", e.schema, e.name) };
         if let Some(cols) = &e.sharded {
             r.sharded.insert(key.clone(), cols.clone());
+        } else if !e.volatile_defaults.is_empty() {
+            r.defaults.insert(key.clone(), e.volatile_defaults.clone());
         }
         r.known.insert(key);
         by_name.entry(e.name.clone()).or_default().push(e);
@@ -277,6 +300,8 @@ fn resolve_names(entries: Vec<TableEntry>, role_schemas: &[String]) -> Resolved 
             // One table, or tables alike: the bare name routes as they do.
             if let Some(cols) = &tables[0].sharded {
                 r.sharded.insert(name.clone(), cols.clone());
+            } else if !tables[0].volatile_defaults.is_empty() {
+                r.defaults.insert(name.clone(), tables[0].volatile_defaults.clone());
             }
             r.known.insert(name.clone());
             r.aliases.insert(name);
@@ -668,7 +693,9 @@ impl RouterContext {
         let sql = format!(
             "SELECT table_schema, table_name, string_agg(column_name::text, ',' ORDER BY ordinal_position), \
              bool_or(column_name::text = {}), \
-             string_agg(column_name::text, ',' ORDER BY ordinal_position) FILTER (WHERE is_generated = 'NEVER') \
+             string_agg(column_name::text, ',' ORDER BY ordinal_position) FILTER (WHERE is_generated = 'NEVER'), \
+             string_agg(column_name::text, ',' ORDER BY ordinal_position) FILTER (WHERE is_identity = 'YES' OR column_default ~* \
+                 '(nextval|now|random|uuid|clock_timestamp|statement_timestamp|transaction_timestamp|timeofday|current_timestamp|current_time|current_date|localtime)') \
              FROM information_schema.columns \
              WHERE table_schema NOT IN ('pg_catalog', 'information_schema') \
              AND table_schema NOT LIKE 'pg\\_temp\\_%' \
@@ -679,11 +706,20 @@ impl RouterContext {
         let mut entries = Vec::with_capacity(rows.len());
         let mut copied = HashMap::new();
         for row in rows {
-            if let [Some(schema), Some(name), Some(cols), Some(sharded), copy] = &row[..] {
+            if let [Some(schema), Some(name), Some(cols), Some(sharded), copy, volatile] = &row[..] {
                 let qualified = if schema == "public" { name.clone() } else { format!("{schema}.{name}") };
-                let mut entry = TableEntry { schema: schema.clone(), name: name.clone(), sharded: None };
+                let list = |c: &str| c.split(',').map(str::to_string).collect::<Vec<_>>();
+                let places = list(cols);
+                let volatile_defaults = volatile
+                    .as_deref()
+                    .map(list)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|c| Some((places.iter().position(|p| *p == c)?, c)))
+                    .collect();
+                let mut entry =
+                    TableEntry { schema: schema.clone(), name: name.clone(), sharded: None, volatile_defaults };
                 if sharded == "t" {
-                    let list = |c: &str| c.split(',').map(str::to_string).collect::<Vec<_>>();
                     let copy = copy.as_deref().map(list).unwrap_or_default();
                     let all = list(cols);
                     if copy != all {
@@ -740,7 +776,7 @@ mod tests {
 
     fn table(schema: &str, name: &str, sharded: Option<&[&str]>) -> TableEntry {
         let sharded = sharded.map(|c| c.iter().map(|c| c.to_string()).collect());
-        TableEntry { schema: schema.into(), name: name.into(), sharded }
+        TableEntry { schema: schema.into(), name: name.into(), sharded, volatile_defaults: Vec::new() }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use shardgate_directory::{Directory, KeyType, ShardId, TenantKey};
 
 use crate::context::Catalog;
 use crate::error::SqlError;
-use crate::sql::{CopyInfo, Inserted, KeyCandidates, KeyExpr, SqlPrepared, Statement, StatementKind};
+use crate::sql::{CopyInfo, Defaults, Inserted, KeyCandidates, KeyExpr, SqlPrepared, Statement, StatementKind};
 
 /// Where a statement runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,6 +242,12 @@ impl Routing<'_> {
                         ),
                     )
                     .hint("compute the value first (SELECT it through shardgate, or in the application) and write it as a literal or parameter"))
+                } else if let Some((t, col)) = self.volatile_default(stmt) {
+                    Err(SqlError::new(
+                        "0A000",
+                        format!("column {col} of the reference table {t} would take its default on each shard, each shard's copy of the row a value of its own"),
+                    )
+                    .hint(format!("give {col} a value in the statement (computed first, through shardgate or in the application)")))
                 } else if !reads_sharded {
                     Ok(Target::All)
                 } else {
@@ -709,6 +715,25 @@ impl Routing<'_> {
         } else {
             fanout_read(stmt, dir, catalog, dir.owning_shards())
         }
+    }
+}
+
+impl Routing<'_> {
+    /// A column of the reference table `stmt` writes that the write leaves to
+    /// a default each shard would compute for itself ([`Catalog::volatile_defaults`]).
+    fn volatile_default(&self, stmt: &Statement) -> Option<(String, String)> {
+        if stmt.defaults == Defaults::Nothing {
+            return None;
+        }
+        let t = stmt.written.first()?;
+        let columns = self.catalog.volatile_defaults(t)?;
+        let left = columns.into_iter().find(|(at, name)| match &stmt.defaults {
+            Defaults::Nothing => false,
+            Defaults::Besides(given) => !given.contains(name),
+            Defaults::After(n) => at >= n,
+            Defaults::Any => true,
+        })?;
+        Some((t.clone(), left.1))
     }
 }
 

@@ -558,6 +558,60 @@ async fn reference_rows_get_no_value_each_shard_would_compute_for_itself() {
     c.batch_execute("DELETE FROM plans WHERE created < now() - interval '1 day'").await.unwrap();
 }
 
+/// The same for a reference table's column defaults: `serial`, `DEFAULT
+/// now()`, an identity. Each shard computed its own, and under concurrent
+/// inserts two shards could even give two rows each other's ids. A write
+/// that leaves such a column to its default is refused; one that gives it
+/// a value runs, and every shard holds the same row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_rows_take_no_default_each_shard_would_compute_for_itself() {
+    let h = Harness::start(2).await;
+    let c = h.client().await;
+    c.batch_execute(
+        "CREATE TABLE plans (id serial PRIMARY KEY, name text, created timestamptz DEFAULT now(), tier int DEFAULT 1)",
+    )
+    .await
+    .unwrap();
+    for (sql, column) in [
+        ("INSERT INTO plans (name) VALUES ('gold')", "id"),
+        ("INSERT INTO plans (id, name) VALUES (1, 'gold')", "created"),
+        ("INSERT INTO plans VALUES (1, 'gold')", "created"),
+        ("INSERT INTO plans VALUES (1, 'gold', DEFAULT, 2)", "id"),
+        ("INSERT INTO plans DEFAULT VALUES", "id"),
+        ("UPDATE plans SET created = DEFAULT", "id"),
+        ("INSERT INTO plans SELECT 1, 'gold'", "id"),
+    ] {
+        for e in [c.simple_query(sql).await.unwrap_err(), c.execute(sql, &[]).await.unwrap_err()] {
+            assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
+            let db = e.as_db_error().unwrap();
+            let says = format!("column {column} of the reference table plans would take its default on each shard");
+            assert!(db.message().starts_with(&says), "{sql}: {db:?}");
+            assert!(db.hint().unwrap_or_default().contains(&format!("give {column} a value")), "{sql}: {db:?}");
+        }
+    }
+    for i in 0..2 {
+        assert_eq!(rows_on(&h, i, "SELECT count(*) FROM plans").await, 0, "nothing reached shard {i}");
+    }
+    // Every such column given (tier's default is the same everywhere).
+    c.batch_execute("INSERT INTO plans VALUES (1, 'gold', '2026-12-07 10:00+00')").await.unwrap();
+    let e = c
+        .execute("INSERT INTO plans (id, name, created) VALUES ($1, 'team', now())", &[&2i32])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "now() in the statement: {e:?}");
+    let now: String = c.query_one("SELECT now()::text", &[]).await.unwrap().get(0);
+    c.execute("INSERT INTO plans (id, name, created) VALUES ($1, 'team', $2::text::timestamptz)", &[&2i32, &now])
+        .await
+        .unwrap();
+    c.batch_execute("UPDATE plans SET tier = 3 WHERE id = 1").await.unwrap();
+    let all = "SELECT string_agg(id || name || created::text || tier, ',' ORDER BY id) FROM plans";
+    let copy = |i: usize| {
+        let h = &h;
+        async move { h.shard(i).await.query_one(all, &[]).await.unwrap().get::<_, String>(0) }
+    };
+    assert_eq!(copy(0).await, copy(1).await, "both copies alike");
+}
+
 /// Tables in a schema of the application's own, named without it under a
 /// `search_path` that names the schema (in the connection string's options,
 /// or with SET). The router took `orders` for an unknown table and wrote its

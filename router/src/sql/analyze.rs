@@ -180,6 +180,9 @@ pub struct Statement {
     pub sets_config: bool,
     /// Calls `currval()` or `lastval()`: see `pooled_state::SessionCalls`.
     pub reads_last_value: bool,
+    /// The columns of its table a write may leave to their defaults (refused
+    /// on a reference table where a default differs by shard, `route`).
+    pub defaults: Defaults,
     /// `SET [LOCAL] search_path`, or `set_config('search_path', …)`: bare
     /// table names may mean tables of another schema from then on
     /// (`route::check_bare_names`).
@@ -315,6 +318,7 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
         sets_config: false,
         reads_last_value: false,
         sets_search_path: false,
+        defaults: Defaults::Nothing,
         max_param: 0,
         key_changes: Vec::new(),
         insert_select: None,
@@ -580,6 +584,12 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
     if matches!(s.kind, StatementKind::Insert | StatementKind::Update | StatementKind::Merge) {
         s.volatile_call = super::pooled_state::volatile_call(&s.text);
     }
+    s.defaults = match node {
+        N::InsertStmt(ins) => insert_defaults(ins, &s.text),
+        N::UpdateStmt(_) if names_default(&s.text) => Defaults::Any,
+        N::MergeStmt(_) => Defaults::Any,
+        _ => Defaults::Nothing,
+    };
     let calls = super::pooled_state::session_calls(whole, &s.text);
     (s.sets_config, s.reads_last_value) = (calls.sets_config, calls.reads_last_value);
     s.sets_search_path = calls.sets_search_path
@@ -869,6 +879,57 @@ impl Walker {
         }
         self.tables.retain(|t| !self.ctes.contains(t));
     }
+}
+
+/// Which columns of its table a write may leave to their defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Defaults {
+    /// None: not an INSERT, or an UPDATE without `DEFAULT`.
+    #[default]
+    Nothing,
+    /// Those not in an INSERT's column list.
+    Besides(Arc<[String]>),
+    /// Those after the first n: an `INSERT … VALUES` without a column list,
+    /// whose shortest row has n values.
+    After(usize),
+    /// Any: `DEFAULT VALUES`, a `DEFAULT` among the values or in a SET, an
+    /// `INSERT … SELECT` without a column list, `MERGE`.
+    Any,
+}
+
+fn insert_defaults(ins: &protobuf::InsertStmt, text: &str) -> Defaults {
+    let Some(N::SelectStmt(sel)) = ins.select_stmt.as_deref().and_then(|n| n.node.as_ref()) else {
+        return Defaults::Any; // DEFAULT VALUES
+    };
+    if names_default(text) {
+        return Defaults::Any;
+    }
+    if !ins.cols.is_empty() {
+        let cols = ins.cols.iter().filter_map(|c| match &c.node {
+            Some(N::ResTarget(t)) => Some(t.name.clone()),
+            _ => None,
+        });
+        return Defaults::Besides(cols.collect());
+    }
+    let shortest = sel.values_lists.iter().map(|row| match &row.node {
+        Some(N::List(l)) => l.items.len(),
+        _ => 0,
+    });
+    match shortest.min() {
+        Some(n) => Defaults::After(n),
+        None => Defaults::Any,
+    }
+}
+
+/// Whether the text says `DEFAULT` (a value left to its column's default),
+/// read from the lexer's tokens.
+fn names_default(text: &str) -> bool {
+    if !text.to_ascii_lowercase().contains("default") {
+        return false;
+    }
+    super::tokens(text).iter().any(|t| {
+        t.token == protobuf::Token::Default as i32
+    })
 }
 
 /// An UPDATE or DELETE as the SELECT of the rows it changes: its target joined

@@ -26,7 +26,7 @@ pub mod shape;
 pub(crate) mod testing;
 
 pub use analyze::{
-    analyze, Analysis, CopyFormat, CopyInfo, InsertInfo, KeyCandidates, KeyExpr, SettingChange, SqlPrepared, Statement,
+    analyze, Analysis, CopyFormat, CopyInfo, Defaults, InsertInfo, KeyCandidates, KeyExpr, SettingChange, SqlPrepared, Statement,
     StatementKind, TxnControl,
 };
 pub use cache::AnalysisCache;
