@@ -757,11 +757,8 @@ fn fanout_read(stmt: &Statement, dir: &Directory, catalog: &Catalog, shards: Vec
 fn fanout_write(stmt: &Statement, dir: &Directory, catalog: &Catalog, target: Target) -> Result<Target, SqlError> {
     if let Some(read) = &stmt.read {
         read.check(&stmt.tables, &|t| catalog.is_sharded(t), &dir.key_column).map_err(|e| {
-            SqlError::new(
-                "0A000",
-                format!("cannot run this {} across shards exactly: {}", verb(stmt), e.message),
-            )
-            .hint(e.hint)
+            SqlError::new("0A000", format!("cannot run this {} across shards exactly: {}", verb(stmt), e.message))
+                .hint(e.hint)
         })?;
     }
     Ok(target)
@@ -1176,8 +1173,7 @@ mod tests {
     fn a_query_string_routes_as_one_and_refuses_a_cross_shard_statement_inside_it() {
         let dir = three_shards();
         let catalog = sharded_orders();
-        let rules =
-            Rules::default();
+        let rules = Rules::default();
         let cache = AnalysisCache::new("tenant_id", 100);
         let run = |sql: &str, joining: Joining| {
             let a = cache.get(sql).map_err(|e| e.to_string()).expect("parses");

@@ -175,7 +175,8 @@ async fn a_split_insert_returns_its_rows_in_values_order() {
     // Each row's tenant on another shard than the row before it.
     let order = [t[2], t[0], t[1], t[0], t[2], t[1]];
     let values = |id: i64| {
-        let rows: Vec<String> = order.iter().enumerate().map(|(i, k)| format!("({k}, {}, {i})", id * 10 + i as i64)).collect();
+        let rows: Vec<String> =
+            order.iter().enumerate().map(|(i, k)| format!("({k}, {}, {i})", id * 10 + i as i64)).collect();
         format!("INSERT INTO acct VALUES {} RETURNING bal", rows.join(", "))
     };
     let want: Vec<String> = (0..6).map(|i| i.to_string()).collect();
@@ -187,7 +188,8 @@ async fn a_split_insert_returns_its_rows_in_values_order() {
     let extended = "INSERT INTO acct VALUES ($1, $7, 0), ($2, $7 + 1, 1), ($3, $7 + 2, 2), ($4, $7 + 3, 3), ($5, $7 + 4, 4), ($6, $7 + 5, 5) RETURNING bal";
     let bals = |rows: Vec<tokio_postgres::Row>| rows.iter().map(|r| r.get::<_, i64>(0).to_string()).collect::<Vec<_>>();
     let (o, c) = (&order, &c);
-    let run = |id: i32| async move { c.query(extended, &[&o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &id]).await.unwrap() };
+    let run =
+        |id: i32| async move { c.query(extended, &[&o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &id]).await.unwrap() };
     assert_eq!(bals(run(120).await), want, "extended");
     c.batch_execute("BEGIN").await.unwrap();
     assert_eq!(bals(run(130).await), want, "extended, in a block");

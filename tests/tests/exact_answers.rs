@@ -334,7 +334,8 @@ async fn writes_on_several_shards_that_pair_rows_of_different_shards_are_refused
         .collect();
     let on = |s: usize| *with_items.iter().find(|t| h.shard_of(**t) == s).expect("a tenant with items on the shard");
     let (a, b) = (on(0), on(1));
-    let everything = "SELECT 'order', tenant_id, id, plan FROM orders UNION ALL SELECT 'item', tenant_id, id, qty FROM items";
+    let everything =
+        "SELECT 'order', tenant_id, id, plan FROM orders UNION ALL SELECT 'item', tenant_id, id, qty FROM items";
     // What one Postgres changes, rolled back: each must change some row.
     let changed_by_one = |sql: String| {
         let one = &one;
@@ -412,7 +413,10 @@ async fn views_and_parents_without_the_key_over_sharded_rows_are_refused() {
         "SELECT o.id FROM orders o JOIN order_counts c ON c.plan = o.plan WHERE o.tenant_id = 4",
     ] {
         let want = sorted(rows(one.simple_query(sql).await.unwrap()));
-        for e in [router.simple_query(sql).await.map(|r| sorted(rows(r))), router.query(sql, &[]).await.map(|_| want.clone())] {
+        for e in [
+            router.simple_query(sql).await.map(|r| sorted(rows(r))),
+            router.query(sql, &[]).await.map(|_| want.clone()),
+        ] {
             let e = match e {
                 Ok(got) => panic!("{sql}: answered {got:?}, one Postgres answers {want:?}"),
                 Err(e) => e,
@@ -437,7 +441,11 @@ async fn views_and_parents_without_the_key_over_sharded_rows_are_refused() {
     router.batch_execute("DROP VIEW order_counts").await.unwrap();
     router.batch_execute("CREATE VIEW order_counts AS SELECT tenant_id, plan FROM orders").await.unwrap();
     let sql = "SELECT count(*) FROM order_counts";
-    assert_eq!(rows(router.simple_query(sql).await.unwrap()), vec![vec![Some(one_count(&one).await)]], "now with the key");
+    assert_eq!(
+        rows(router.simple_query(sql).await.unwrap()),
+        vec![vec![Some(one_count(&one).await)]],
+        "now with the key"
+    );
 }
 
 async fn one_count(one: &Client) -> String {

@@ -594,10 +594,7 @@ async fn reference_rows_take_no_default_each_shard_would_compute_for_itself() {
     }
     // Every such column given (tier's default is the same everywhere).
     c.batch_execute("INSERT INTO plans VALUES (1, 'gold', '2026-12-07 10:00+00')").await.unwrap();
-    let e = c
-        .execute("INSERT INTO plans (id, name, created) VALUES ($1, 'team', now())", &[&2i32])
-        .await
-        .unwrap_err();
+    let e = c.execute("INSERT INTO plans (id, name, created) VALUES ($1, 'team', now())", &[&2i32]).await.unwrap_err();
     assert_eq!(sqlstate(&e), "0A000", "now() in the statement: {e:?}");
     let now: String = c.query_one("SELECT now()::text", &[]).await.unwrap().get(0);
     c.execute("INSERT INTO plans (id, name, created) VALUES ($1, 'team', $2::text::timestamptz)", &[&2i32, &now])

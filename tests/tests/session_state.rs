@@ -189,7 +189,9 @@ async fn last_sequence_values_are_read_only_in_the_transaction_that_made_them() 
         assert!(db.message().contains("not this client's"), "{sql}: {db:?}");
         assert!(db.hint().unwrap_or_default().contains("RETURNING"), "{sql}: {db:?}");
     };
-    for sql in ["SELECT lastval()", "SELECT currval('notes_id_seq')", "select CURRVAL(pg_get_serial_sequence('notes', 'id'))"] {
+    for sql in
+        ["SELECT lastval()", "SELECT currval('notes_id_seq')", "select CURRVAL(pg_get_serial_sequence('notes', 'id'))"]
+    {
         refused(b.simple_query(sql).await.unwrap_err(), sql);
         refused(b.query(sql, &[]).await.unwrap_err(), sql);
     }

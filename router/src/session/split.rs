@@ -609,12 +609,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Queues the client's replies to a split INSERT's messages, without
     /// ReadyForQuery; the rows in the order of the VALUES rows when `order`
     /// gives each reply's rows (see [`crate::split::in_values_order`]).
-    fn queue_split_answer(
-        &mut self,
-        batch: &[Message],
-        parts: &[PartReply],
-        order: Option<&[(ShardId, Vec<usize>)]>,
-    ) {
+    fn queue_split_answer(&mut self, batch: &[Message], parts: &[PartReply], order: Option<&[(ShardId, Vec<usize>)]>) {
         let first = parts.first();
         for m in batch {
             match m.tag() {

@@ -357,7 +357,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Err(e) => return self.fail_simple(e).await,
         };
         let parts = shards.into_iter().zip(texts).map(|(s, t)| (s, t.unwrap_or_else(|| stmt.text.clone()))).collect();
-        let gathered = super::split::Gathered::new(if stmt.kind == StatementKind::Update { "UPDATE" } else { "DELETE" });
+        let gathered =
+            super::split::Gathered::new(if stmt.kind == StatementKind::Update { "UPDATE" } else { "DELETE" });
         if self.txn.in_block() {
             return self.run_parts_in_block(parts, gathered).await;
         }

@@ -592,8 +592,8 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
     };
     let calls = super::pooled_state::session_calls(whole, &s.text);
     (s.sets_config, s.reads_last_value) = (calls.sets_config, calls.reads_last_value);
-    s.sets_search_path = calls.sets_search_path
-        || matches!(whole, N::VariableSetStmt(v) if v.name.eq_ignore_ascii_case("search_path"));
+    s.sets_search_path =
+        calls.sets_search_path || matches!(whole, N::VariableSetStmt(v) if v.name.eq_ignore_ascii_case("search_path"));
     if let Some(state) = super::pooled_state::session_state(whole) {
         s.kind = StatementKind::SessionState(state);
         // What it creates is written (session pooling routes by it).
@@ -927,9 +927,7 @@ fn names_default(text: &str) -> bool {
     if !text.to_ascii_lowercase().contains("default") {
         return false;
     }
-    super::tokens(text).iter().any(|t| {
-        t.token == protobuf::Token::Default as i32
-    })
+    super::tokens(text).iter().any(|t| t.token == protobuf::Token::Default as i32)
 }
 
 /// An UPDATE or DELETE as the SELECT of the rows it changes: its target joined

@@ -510,8 +510,7 @@ mod tests {
             [("orders".to_string(), vec!["tenant_id".to_string(), "id".to_string()])].into(),
             ["orders".to_string()].into(),
         );
-        let rules =
-            Rules::default();
+        let rules = Rules::default();
         let cache = AnalysisCache::new("tenant_id", 100);
         let route = |sql: &str| {
             let a = cache.get(sql).unwrap();

@@ -26,8 +26,8 @@ pub mod shape;
 pub(crate) mod testing;
 
 pub use analyze::{
-    analyze, Analysis, CopyFormat, CopyInfo, Defaults, InsertInfo, KeyCandidates, KeyExpr, SettingChange, SqlPrepared, Statement,
-    StatementKind, TxnControl,
+    analyze, Analysis, CopyFormat, CopyInfo, Defaults, InsertInfo, KeyCandidates, KeyExpr, SettingChange, SqlPrepared,
+    Statement, StatementKind, TxnControl,
 };
 pub use cache::AnalysisCache;
 pub use colocation::{mixes_rows, NotLocal, Read};

@@ -42,8 +42,7 @@ impl Cluster {
         allow_cross_shard_writes: bool,
     ) -> Result<Target, SqlError> {
         let a: Arc<Analysis> = self.cache.get(sql).unwrap();
-        let rules =
-            Rules { allow_cross_shard_writes, ..Rules::default() };
+        let rules = Rules { allow_cross_shard_writes, ..Rules::default() };
         let p = Params { values: params, formats: &[], types: &[] };
         // As a session does: the statement's comment, else the session's tenant.
         let comment = a.comment_key.as_deref().map(|k| self.dir.key_type.parse_text(k).unwrap());
