@@ -146,6 +146,22 @@ impl Routing<'_> {
         let writes_sharded = stmt.written.iter().any(|t| catalog.is_sharded(t));
         let key_col = &dir.key_column;
         self.check_key_changes(stmt)?;
+        if let Some(what) = stmt.opaque_code {
+            // Its statements are inside a string the router does not read: it
+            // runs where the session says its tenant is, or not at all.
+            let Some(k) = self.fallback_key else {
+                return Err(SqlError::new(
+                    "0A000",
+                    format!("{what} runs on one shard, and shardgate cannot see which tables it reads or writes"),
+                )
+                .hint(format!(
+                    "name the tenant whose shard it runs on (a /* {key_col}=… */ comment or SET shardgate.tenant), or send its statements as plain SQL (shardgate runs DDL on every shard)"
+                )));
+            };
+            let (bucket, shard) = dir.locate(k);
+            touched.push(bucket);
+            return Ok(Target::Shard(shard));
+        }
         match &stmt.kind {
             StatementKind::Ddl if stmt.copies_rows && reads_sharded => Err(SqlError::new(
                 "0A000",

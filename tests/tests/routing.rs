@@ -609,6 +609,49 @@ async fn reference_rows_take_no_default_each_shard_would_compute_for_itself() {
     assert_eq!(copy(0).await, copy(1).await, "both copies alike");
 }
 
+/// A `DO` block or a `CALL` holds statements the router cannot see: it ran
+/// on any one shard, so a DO that created a type or wrote a reference table
+/// did so on that shard alone, and one that wrote a tenant's rows may have
+/// written them on a shard the tenant is not on. It now runs on the shard of
+/// the tenant the session names, and is refused without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn do_blocks_and_calls_run_on_the_named_tenants_shard_or_are_refused() {
+    let h = Harness::start(2).await;
+    let c = h.client().await;
+    c.batch_execute("CREATE TABLE orders (tenant_id bigint, id int, PRIMARY KEY (tenant_id, id))").await.unwrap();
+    c.batch_execute(
+        "CREATE PROCEDURE add_order(t bigint, i int) LANGUAGE sql AS $$ INSERT INTO orders VALUES (t, i) $$",
+    )
+    .await
+    .unwrap();
+    let t = h.tenants_on(1, 1)[0];
+    for sql in [
+        format!("DO $$ BEGIN INSERT INTO orders VALUES ({t}, 1); END $$"),
+        "DO $$ BEGIN CREATE TYPE mood AS ENUM ('ok'); END $$".to_string(),
+        format!("CALL add_order({t}, 1)"),
+    ] {
+        for e in [c.simple_query(&sql).await.unwrap_err(), c.execute(sql.as_str(), &[]).await.unwrap_err()] {
+            assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
+            let db = e.as_db_error().unwrap();
+            assert!(db.message().contains("cannot see which tables it reads or writes"), "{sql}: {db:?}");
+            assert!(db.hint().unwrap_or_default().contains("SET shardgate.tenant"), "{sql}: {db:?}");
+        }
+    }
+    let on = |i: usize| {
+        let h = &h;
+        async move { rows_on(h, i, "SELECT count(*) FROM orders").await }
+    };
+    assert_eq!((on(0).await, on(1).await), (0, 0), "nothing ran");
+    // Named by a comment, or by the session.
+    c.batch_execute(&format!("/* tenant_id={t} */ DO $$ BEGIN INSERT INTO orders VALUES ({t}, 1); END $$"))
+        .await
+        .unwrap();
+    c.batch_execute(&format!("SET shardgate.tenant = {t}")).await.unwrap();
+    c.batch_execute(&format!("CALL add_order({t}, 2)")).await.unwrap();
+    c.execute(&format!("CALL add_order({t}, 3)"), &[]).await.unwrap();
+    assert_eq!((on(0).await, on(1).await), (0, 3), "every row on its tenant's shard");
+}
+
 /// Tables in a schema of the application's own, named without it under a
 /// `search_path` that names the schema (in the connection string's options,
 /// or with SET). The router took `orders` for an unknown table and wrote its

@@ -180,6 +180,9 @@ pub struct Statement {
     pub sets_config: bool,
     /// Calls `currval()` or `lastval()`: see `pooled_state::SessionCalls`.
     pub reads_last_value: bool,
+    /// `DO` or `CALL`: code whose statements the router cannot see, run on
+    /// the one shard of the tenant the session names (`route`).
+    pub opaque_code: Option<&'static str>,
     /// The columns of its table a write may leave to their defaults (refused
     /// on a reference table where a default differs by shard, `route`).
     pub defaults: Defaults,
@@ -319,6 +322,7 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
         reads_last_value: false,
         sets_search_path: false,
         defaults: Defaults::Nothing,
+        opaque_code: None,
         max_param: 0,
         key_changes: Vec::new(),
         insert_select: None,
@@ -584,6 +588,11 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
     if matches!(s.kind, StatementKind::Insert | StatementKind::Update | StatementKind::Merge) {
         s.volatile_call = super::pooled_state::volatile_call(&s.text);
     }
+    s.opaque_code = match node {
+        N::DoStmt(_) => Some("a DO block"),
+        N::CallStmt(_) => Some("CALL"),
+        _ => None,
+    };
     s.defaults = match node {
         N::InsertStmt(ins) => insert_defaults(ins, &s.text),
         N::UpdateStmt(_) if names_default(&s.text) => Defaults::Any,

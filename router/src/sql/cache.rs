@@ -302,6 +302,7 @@ impl Template {
                 reads_last_value: s.reads_last_value,
                 sets_search_path: s.sets_search_path,
                 defaults: s.defaults.clone(),
+                opaque_code: s.opaque_code,
                 max_param: s.max_param,
                 key_changes,
                 insert_select,
