@@ -39,9 +39,10 @@ pub struct Catalog {
     /// or their columns): which one a bare name means depends on
     /// `search_path` ([`Catalog::ambiguous`]).
     ambiguous: ArcSwap<HashMap<String, Ambiguous>>,
-    /// `ambiguous` or `opaque` is not empty: one plain load per statement in
-    /// the common case.
-    has_special: std::sync::atomic::AtomicBool,
+    /// Which of `ambiguous`, `opaque` and `defaults` hold anything
+    /// ([`Marks`]): one plain load per statement when none do, and a
+    /// reference table with a `serial` column costs other statements nothing.
+    marks: AtomicU8,
     /// Reference tables' columns with a default each shard would compute for
     /// itself ([`Catalog::volatile_defaults`]).
     defaults: ArcSwap<HashMap<String, Vec<(usize, String)>>>,
@@ -104,10 +105,17 @@ impl Catalog {
                 bare.into_iter().chain(qualified)
             })
             .collect();
-        let special = !resolved.ambiguous.is_empty() || !opaque.is_empty() || !resolved.defaults.is_empty();
+        let marks = [
+            (Marks::AMBIGUOUS, !resolved.ambiguous.is_empty()),
+            (Marks::OPAQUE, !opaque.is_empty()),
+            (Marks::DEFAULTS, !resolved.defaults.is_empty()),
+        ]
+        .iter()
+        .filter(|(_, any)| *any)
+        .fold(0, |m, (bit, _)| m | bit);
         self.opaque.store(Arc::new(opaque));
         self.defaults.store(Arc::new(resolved.defaults));
-        self.has_special.store(special, Ordering::Relaxed);
+        self.marks.store(marks, Ordering::Relaxed);
         self.ambiguous.store(Arc::new(resolved.ambiguous));
         self.aliases.store(Arc::new(resolved.aliases));
         self.replace(resolved.sharded, resolved.known);
@@ -117,7 +125,7 @@ impl Catalog {
     /// schema to another: the schemas, and whether the default `search_path`
     /// means `public`'s. None for a qualified name or one that is not so.
     pub fn ambiguous(&self, table: &str) -> Option<Ambiguous> {
-        if !self.has_special() || table.contains('.') {
+        if !self.marked(Marks::AMBIGUOUS) || table.contains('.') {
             return None;
         }
         self.ambiguous.load().get(table).cloned()
@@ -128,7 +136,7 @@ impl Catalog {
     /// column: each shard would answer it from its own rows, and a router
     /// that took it for a reference table would read it on one.
     pub fn opaque(&self, table: &str) -> bool {
-        self.has_special() && self.opaque.load().contains(normalize(table))
+        self.marked(Marks::OPAQUE) && self.opaque.load().contains(normalize(table))
     }
 
     /// The columns of the reference table `table` whose default each shard
@@ -136,16 +144,16 @@ impl Catalog {
     /// identity), with their places among its columns: a row that takes one
     /// would differ from copy to copy.
     pub fn volatile_defaults(&self, table: &str) -> Option<Vec<(usize, String)>> {
-        if !self.has_special() {
+        if !self.marked(Marks::DEFAULTS) {
             return None;
         }
         self.defaults.load().get(normalize(table)).cloned()
     }
 
-    /// Whether some name is [`Self::ambiguous`], [`Self::opaque`] or has
-    /// [`Self::volatile_defaults`].
-    pub fn has_special(&self) -> bool {
-        self.has_special.load(Ordering::Relaxed)
+    /// Whether some name is marked so (`Marks::AMBIGUOUS | Marks::OPAQUE`:
+    /// either).
+    pub fn marked(&self, marks: u8) -> bool {
+        self.marks.load(Ordering::Relaxed) & marks != 0
     }
 
     /// The schema generation: it changes with every refresh.
@@ -232,6 +240,18 @@ fn opaque_relations_sql(key_column: &str) -> String {
          WHERE c.oid IN (SELECT oid FROM sharded_rows) AND c.oid NOT IN (SELECT oid FROM has_key) \
          AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
     )
+}
+
+/// The kinds of names [`Catalog::marked`] tells of.
+pub struct Marks;
+
+impl Marks {
+    /// [`Catalog::ambiguous`].
+    pub const AMBIGUOUS: u8 = 1;
+    /// [`Catalog::opaque`].
+    pub const OPAQUE: u8 = 2;
+    /// [`Catalog::volatile_defaults`].
+    pub const DEFAULTS: u8 = 4;
 }
 
 /// One table of the shards' schema, as a catalog refresh reads it.

@@ -7,7 +7,7 @@
 
 use shardgate_directory::{Directory, KeyType, ShardId, TenantKey};
 
-use crate::context::Catalog;
+use crate::context::{Catalog, Marks};
 use crate::error::SqlError;
 use crate::sql::{CopyInfo, Defaults, Inserted, KeyCandidates, KeyExpr, SqlPrepared, Statement, StatementKind};
 
@@ -370,7 +370,7 @@ pub fn route_statements(
     joining: Joining,
     touched: &mut Vec<u32>,
 ) -> Result<Target, SqlError> {
-    check_bare_names(statements, catalog, rules, &dir.key_column)?;
+    check_catalog_names(statements, catalog, rules, &dir.key_column)?;
     let join_later = joining.cross_shard && joining.in_block;
     let mut combined = if join_later { None } else { joining.bound.map(Target::Shard) };
     let several = statements.len() > 1;
@@ -432,8 +432,13 @@ pub fn route_statements(
 /// Refuses too, but in DDL, a view or inheritance parent without the key
 /// column over sharded rows ([`Catalog::opaque`]): each shard would answer
 /// it from its own rows.
-fn check_bare_names(statements: &[Statement], catalog: &Catalog, rules: &Rules, key_col: &str) -> Result<(), SqlError> {
-    if !catalog.has_special() {
+fn check_catalog_names(
+    statements: &[Statement],
+    catalog: &Catalog,
+    rules: &Rules,
+    key_col: &str,
+) -> Result<(), SqlError> {
+    if !catalog.marked(Marks::AMBIGUOUS | Marks::OPAQUE) {
         return Ok(());
     }
     for s in statements.iter().filter(|s| s.kind != StatementKind::Ddl) {
@@ -743,9 +748,14 @@ impl Routing<'_> {
         }
         let t = stmt.written.first()?;
         let columns = self.catalog.volatile_defaults(t)?;
+        let listed = match (&stmt.insert, &stmt.insert_select) {
+            (Some(i), _) => i.columns.as_deref(),
+            (None, Some(i)) => i.columns.as_deref(),
+            (None, None) => None,
+        };
         let left = columns.into_iter().find(|(at, name)| match &stmt.defaults {
             Defaults::Nothing => false,
-            Defaults::Besides(given) => !given.contains(name),
+            Defaults::Unlisted => !listed.is_some_and(|given| given.contains(name)),
             Defaults::After(n) => at >= n,
             Defaults::Any => true,
         })?;

@@ -206,7 +206,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) fn rules(&self) -> route::Rules {
         let mut rules = self.ctx.rules();
         rules.session_state = self.pooling.is_some();
-        rules.search_path_set = self.search_path_set || self.settings.has("search_path");
+        // Read only where it matters: a lookup in the settings per statement
+        // otherwise.
+        rules.search_path_set = self.search_path_set
+            || (self.ctx.catalog.marked(crate::context::Marks::AMBIGUOUS) && self.settings.has("search_path"));
         rules
     }
 

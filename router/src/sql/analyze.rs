@@ -188,7 +188,7 @@ pub struct Statement {
     pub defaults: Defaults,
     /// `SET [LOCAL] search_path`, or `set_config('search_path', …)`: bare
     /// table names may mean tables of another schema from then on
-    /// (`route::check_bare_names`).
+    /// (`route::check_catalog_names`).
     pub sets_search_path: bool,
     /// The highest `$n` used.
     pub max_param: usize,
@@ -891,13 +891,14 @@ impl Walker {
 }
 
 /// Which columns of its table a write may leave to their defaults.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Defaults {
     /// None: not an INSERT, or an UPDATE without `DEFAULT`.
     #[default]
     Nothing,
-    /// Those not in an INSERT's column list.
-    Besides(Arc<[String]>),
+    /// Those not in an INSERT's column list (its `insert` or
+    /// `insert_select` holds it).
+    Unlisted,
     /// Those after the first n: an `INSERT … VALUES` without a column list,
     /// whose shortest row has n values.
     After(usize),
@@ -914,11 +915,7 @@ fn insert_defaults(ins: &protobuf::InsertStmt, text: &str) -> Defaults {
         return Defaults::Any;
     }
     if !ins.cols.is_empty() {
-        let cols = ins.cols.iter().filter_map(|c| match &c.node {
-            Some(N::ResTarget(t)) => Some(t.name.clone()),
-            _ => None,
-        });
-        return Defaults::Besides(cols.collect());
+        return Defaults::Unlisted;
     }
     let shortest = sel.values_lists.iter().map(|row| match &row.node {
         Some(N::List(l)) => l.items.len(),

@@ -301,7 +301,7 @@ impl Template {
                 sets_config: s.sets_config,
                 reads_last_value: s.reads_last_value,
                 sets_search_path: s.sets_search_path,
-                defaults: s.defaults.clone(),
+                defaults: s.defaults,
                 opaque_code: s.opaque_code,
                 max_param: s.max_param,
                 key_changes,

@@ -107,19 +107,25 @@ pub(super) fn session_calls(node: &N, sql: &str) -> SessionCalls {
     calls
 }
 
-/// Whether `sql` calls `currval` or `lastval`: read from the lexer's tokens,
-/// as the parse tree's walk does not reach every expression (VALUES lists).
+/// Whether `sql` calls `currval` or `lastval`.
 fn calls_last_value(sql: &str) -> bool {
     let lower = sql.to_ascii_lowercase();
-    if !lower.contains("currval") && !lower.contains("lastval") {
-        return false;
-    }
+    (lower.contains("currval") || lower.contains("lastval")) && first_call(sql, &["currval", "lastval"], &[]).is_some()
+}
+
+/// The first of `functions` that `sql` calls (a name, quoted or not, then
+/// `(`), or of `keywords` it says (SQL's functions without parentheses). Read
+/// from the lexer's tokens: the parse tree's walk does not reach every
+/// expression (VALUES lists), and a string or comment that spells a name
+/// is no call.
+fn first_call(sql: &str, functions: &[&'static str], keywords: &[&'static str]) -> Option<&'static str> {
     let tokens = super::tokens(sql);
-    tokens.windows(2).any(|w| {
-        let name = sql.get(w[0].start as usize..w[0].end as usize).unwrap_or_default();
-        let name = name.trim_matches('"');
-        let called = sql.get(w[1].start as usize..w[1].end as usize) == Some("(");
-        called && (name.eq_ignore_ascii_case("currval") || name.eq_ignore_ascii_case("lastval"))
+    let text = |i: usize| tokens.get(i).and_then(|t| sql.get(t.start as usize..t.end as usize));
+    (0..tokens.len()).find_map(|i| {
+        let word = text(i)?.trim_matches('"');
+        let called = text(i + 1) == Some("(");
+        let named = |list: &[&'static str]| list.iter().find(|v| v.eq_ignore_ascii_case(word)).copied();
+        named(keywords).or_else(|| named(functions).filter(|_| called))
     })
 }
 
@@ -145,16 +151,9 @@ const VOLATILE_KEYWORDS: &[&str] =
 
 /// The first call in `sql` of a function whose value would differ between
 /// the shards if each computed it (a reference table's row is written on
-/// every shard); read from the lexer's tokens, as in [`calls_last_value`].
+/// every shard).
 pub(super) fn volatile_call(sql: &str) -> Option<&'static str> {
-    let tokens = super::tokens(sql);
-    let text = |i: usize| tokens.get(i).and_then(|t| sql.get(t.start as usize..t.end as usize));
-    (0..tokens.len()).find_map(|i| {
-        let word = text(i)?.trim_matches('"');
-        let called = text(i + 1) == Some("(");
-        let named = |list: &[&'static str]| list.iter().find(|v| v.eq_ignore_ascii_case(word)).copied();
-        named(VOLATILE_KEYWORDS).or_else(|| named(VOLATILE).filter(|_| called))
-    })
+    first_call(sql, VOLATILE, VOLATILE_KEYWORDS)
 }
 
 /// The temporary table, view or sequence `node` creates (as the walker names
