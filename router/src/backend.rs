@@ -173,7 +173,7 @@ pub struct Backend {
     /// (see [`crate::pool`]); it goes back to that thread's idle list.
     pub thread_list: usize,
     /// When it logged in (for `server_lifetime`).
-    pub opened: std::time::Instant,
+    pub opened: crate::clock::Stamp,
     /// When it last went back to its pool (for `server_idle_timeout`).
     pub idle_since: crate::clock::Stamp,
 }
@@ -261,7 +261,7 @@ impl Backend {
             broken: false,
             settings: Some(0),
             thread_list: crate::pool::thread_list(),
-            opened: std::time::Instant::now(),
+            opened: crate::clock::Stamp::now(),
             idle_since: crate::clock::Stamp::now(),
         };
         loop {

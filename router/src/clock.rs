@@ -25,7 +25,13 @@ impl Stamp {
     }
 
     pub fn elapsed(self) -> Duration {
-        clock().delta(self.0, clock().raw())
+        Stamp::now().since(self)
+    }
+
+    /// The time from `earlier` to this stamp (zero if `earlier` is later): one
+    /// reading of the clock serves several measures.
+    pub fn since(self, earlier: Stamp) -> Duration {
+        clock().delta(earlier.0, self.0)
     }
 }
 

@@ -232,8 +232,12 @@ impl ShardPool {
 
     fn expired(&self, b: &Backend) -> bool {
         let (idle_timeout, lifetime) = (self.idle_timeout.get(), self.lifetime.get());
-        (!idle_timeout.is_zero() && b.idle_since.elapsed() >= idle_timeout)
-            || (!lifetime.is_zero() && b.opened.elapsed() >= lifetime)
+        if idle_timeout.is_zero() && lifetime.is_zero() {
+            return false;
+        }
+        let now = crate::clock::Stamp::now();
+        (!idle_timeout.is_zero() && now.since(b.idle_since) >= idle_timeout)
+            || (!lifetime.is_zero() && now.since(b.opened) >= lifetime)
     }
 
     /// Borrows a connection: an idle one if there is one, else a new one.
@@ -449,11 +453,12 @@ impl Drop for Pooled {
         if let Some(mut b) = self.backend.take() {
             let pool = &self.pool;
             let lifetime = pool.lifetime.get();
-            let lived = !lifetime.is_zero() && b.opened.elapsed() >= lifetime;
+            let now = crate::clock::Stamp::now();
+            let lived = !lifetime.is_zero() && now.since(b.opened) >= lifetime;
             // More open than the size allows: a smaller size was put in force.
             let extra = pool.open.load(Ordering::Relaxed) > pool.size();
             if !b.broken && !b.conn.has_buffered() && !lived && !extra {
-                b.idle_since = crate::clock::Stamp::now();
+                b.idle_since = now;
                 pool.lock_idle(b.thread_list).push(b);
             } else {
                 pool.open.fetch_sub(1, Ordering::Relaxed);
