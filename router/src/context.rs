@@ -22,6 +22,11 @@ use crate::moves::{DirectoryWriter, ShardSetup};
 use crate::pool::ShardPool;
 use crate::sql::AnalysisCache;
 
+/// The catalog's maps, looked up by every statement: keyed by the table names
+/// a refresh read from the shards, so a fast hash without a random seed does.
+type NameMap<V> = rustc_hash::FxHashMap<String, V>;
+type NameSet = rustc_hash::FxHashSet<String>;
+
 /// Tables that have the key column, with their columns in order (for `INSERT`
 /// and `COPY` without a column list). Every other table is a reference table.
 #[derive(Default)]
@@ -29,29 +34,29 @@ pub struct Catalog {
     /// Read by every statement on every session thread, written by a refresh:
     /// a snapshot swapped whole, so a read writes no memory another thread reads
     /// (a lock's reader count would bounce between cores).
-    sharded: ArcSwap<HashMap<String, Vec<String>>>,
+    sharded: ArcSwap<NameMap<Vec<String>>>,
     /// Every table the last refresh saw, sharded or not.
-    known: ArcSwap<std::collections::HashSet<String>>,
+    known: ArcSwap<NameSet>,
     /// The columns `COPY` without a column list reads, for the sharded tables
     /// that have generated columns (which it leaves out).
-    copied: ArcSwap<HashMap<String, Vec<String>>>,
+    copied: ArcSwap<NameMap<Vec<String>>>,
     /// Bare names whose tables in different schemas differ (sharded or not,
     /// or their columns): which one a bare name means depends on
     /// `search_path` ([`Catalog::ambiguous`]).
-    ambiguous: ArcSwap<HashMap<String, Ambiguous>>,
+    ambiguous: ArcSwap<NameMap<Ambiguous>>,
     /// Which of `ambiguous`, `opaque` and `defaults` hold anything
     /// ([`Marks`]): one plain load per statement when none do, and a
     /// reference table with a `serial` column costs other statements nothing.
     marks: AtomicU8,
     /// Reference tables' columns with a default each shard would compute for
     /// itself ([`Catalog::volatile_defaults`]).
-    defaults: ArcSwap<HashMap<String, Vec<(usize, String)>>>,
+    defaults: ArcSwap<NameMap<Vec<(usize, String)>>>,
     /// Views and inheritance parents that read rows of sharded tables but have
     /// no key column of their own ([`Catalog::opaque`]).
-    opaque: ArcSwap<std::collections::HashSet<String>>,
+    opaque: ArcSwap<NameSet>,
     /// Bare names that `sharded` and `known` also hold for a table outside
     /// `public` (the only table of that name): not listed by [`Catalog::tables`].
-    aliases: ArcSwap<std::collections::HashSet<String>>,
+    aliases: ArcSwap<NameSet>,
     /// Unknown names and when a refresh last looked for them.
     looked_for: Mutex<HashMap<String, std::time::Instant>>,
     /// Counts refreshes, which follow every DDL the router runs: statements
@@ -80,12 +85,16 @@ impl Catalog {
 
     /// Records the columns COPY reads of the tables with generated columns.
     pub fn set_copy_columns(&self, tables: HashMap<String, Vec<String>>) {
-        self.copied.store(Arc::new(tables));
+        self.copied.store(Arc::new(tables.into_iter().collect()));
     }
 
-    pub fn replace(&self, tables: HashMap<String, Vec<String>>, known: std::collections::HashSet<String>) {
-        self.sharded.store(Arc::new(tables));
-        self.known.store(Arc::new(known));
+    pub fn replace(
+        &self,
+        tables: impl IntoIterator<Item = (String, Vec<String>)>,
+        known: impl IntoIterator<Item = String>,
+    ) {
+        self.sharded.store(Arc::new(tables.into_iter().collect()));
+        self.known.store(Arc::new(known.into_iter().collect()));
         self.generation.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -95,7 +104,7 @@ impl Catalog {
     /// read sharded rows, as `(schema, name)`.
     pub fn replace_all(&self, entries: Vec<TableEntry>, role_schemas: &[String], opaque: Vec<(String, String)>) {
         let resolved = resolve_names(entries, role_schemas);
-        let opaque: std::collections::HashSet<String> = opaque
+        let opaque: NameSet = opaque
             .into_iter()
             .flat_map(|(schema, name)| {
                 // Under its bare name too when that is not another table's.
@@ -213,7 +222,7 @@ impl Catalog {
         t
     }
 
-    fn read(&self) -> arc_swap::Guard<Arc<HashMap<String, Vec<String>>>> {
+    fn read(&self) -> arc_swap::Guard<Arc<NameMap<Vec<String>>>> {
         self.sharded.load()
     }
 }
@@ -279,12 +288,12 @@ pub struct Ambiguous {
 /// The catalog's maps from the shards' tables.
 #[derive(Debug, Default)]
 struct Resolved {
-    sharded: HashMap<String, Vec<String>>,
-    known: std::collections::HashSet<String>,
-    aliases: std::collections::HashSet<String>,
-    ambiguous: HashMap<String, Ambiguous>,
+    sharded: NameMap<Vec<String>>,
+    known: NameSet,
+    aliases: NameSet,
+    ambiguous: NameMap<Ambiguous>,
     /// Reference tables' [`TableEntry::volatile_defaults`], where they have any.
-    defaults: HashMap<String, Vec<(usize, String)>>,
+    defaults: NameMap<Vec<(usize, String)>>,
 }
 
 /// Keys the tables by name: `public`'s by their bare name, others as

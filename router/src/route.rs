@@ -1185,8 +1185,8 @@ mod tests {
     fn sharded_orders() -> Catalog {
         let catalog = Catalog::default();
         catalog.replace(
-            [("orders".to_string(), vec!["tenant_id".to_string(), "id".to_string()])].into(),
-            ["orders".to_string(), "countries".to_string()].into(),
+            [("orders".to_string(), vec!["tenant_id".to_string(), "id".to_string()])],
+            ["orders".to_string(), "countries".to_string()],
         );
         catalog
     }

@@ -142,20 +142,34 @@ pub struct InsertInfo {
     pub has_returning: bool,
 }
 
-/// One statement of a query string.
+/// One statement of a query string: what this text says (its kind, text and
+/// literals), and what every text of its shape says alike ([`Shared`], one
+/// copy for all of them: the analysis cache instantiates a statement per
+/// execution, and cloning these per statement cost the router measurable CPU).
+/// Its fields read through [`Statement::shared`] as its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Statement {
     pub kind: StatementKind,
     /// The statement's own text (a query string may hold several).
     pub text: String,
+    pub keys: KeyCandidates,
+    pub insert: Option<InsertInfo>,
+    /// Assignments that may give rows a new key, anywhere in the statement.
+    pub key_changes: Vec<KeyChange>,
+    /// `INSERT … SELECT`: where the inserted keys come from.
+    pub insert_select: Option<InsertSelect>,
+    pub shared: Arc<Shared>,
+}
+
+/// What a statement's analysis says that does not depend on its literals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shared {
     /// Relations named anywhere in the statement, as `name` or `schema.name`.
     pub tables: Vec<String>,
     /// Relations the statement writes (INSERT/UPDATE/DELETE target, DDL
     /// objects); those its data-changing WITH queries write are in
     /// [`Self::nested_writes`].
     pub written: Vec<String>,
-    pub keys: KeyCandidates,
-    pub insert: Option<InsertInfo>,
     /// A table this DDL creates that is or may be sharded (`CREATE TABLE`
     /// with the key column, or columns taken from elsewhere: LIKE, INHERITS,
     /// PARTITION OF, AS SELECT), or that it gives the key column (`ALTER
@@ -192,10 +206,6 @@ pub struct Statement {
     pub sets_search_path: bool,
     /// The highest `$n` used.
     pub max_param: usize,
-    /// Assignments that may give rows a new key, anywhere in the statement.
-    pub key_changes: Vec<KeyChange>,
-    /// `INSERT … SELECT`: where the inserted keys come from.
-    pub insert_select: Option<InsertSelect>,
     /// A SELECT's (or `COPY (SELECT …) TO`'s) joins and subqueries, to tell
     /// whether running it on several shards answers it exactly (shared: the
     /// cache hands it to every text of the shape).
@@ -213,6 +223,22 @@ pub struct Statement {
     /// ([`super::restriction`]): when one is sharded, the keys do not send it
     /// to one shard.
     pub unrestricted: Vec<String>,
+}
+
+impl std::ops::Deref for Statement {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
+}
+
+/// Writes go to this statement's own copy (the analysis builds a statement
+/// through it, while the copy is its alone).
+impl std::ops::DerefMut for Statement {
+    fn deref_mut(&mut self) -> &mut Shared {
+        Arc::make_mut(&mut self.shared)
+    }
 }
 
 /// Everything the router learned from one query string.
@@ -310,26 +336,28 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
     let mut s = Statement {
         kind: StatementKind::Other,
         text,
-        tables: Vec::new(),
-        written: Vec::new(),
         keys: KeyCandidates::None,
         insert: None,
-        creates_sharded: None,
-        removes_key: None,
-        copies_rows: false,
-        volatile_call: None,
-        sets_config: false,
-        reads_last_value: false,
-        sets_search_path: false,
-        defaults: Defaults::Nothing,
-        opaque_code: None,
-        max_param: 0,
         key_changes: Vec::new(),
         insert_select: None,
-        read: None,
-        nested_writes: Vec::new(),
-        cursor: None,
-        unrestricted: Vec::new(),
+        shared: Arc::new(Shared {
+            tables: Vec::new(),
+            written: Vec::new(),
+            creates_sharded: None,
+            removes_key: None,
+            copies_rows: false,
+            volatile_call: None,
+            sets_config: false,
+            reads_last_value: false,
+            sets_search_path: false,
+            defaults: Defaults::Nothing,
+            opaque_code: None,
+            max_param: 0,
+            read: None,
+            nested_writes: Vec::new(),
+            cursor: None,
+            unrestricted: Vec::new(),
+        }),
     };
     match node {
         N::SelectStmt(sel) if sel.into_clause.is_some() => {
@@ -576,10 +604,11 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
     (s.key_changes, origins.key_changes) = changes.into_iter().unzip();
     let mut walker = Walker::default();
     walker.node(node);
-    s.tables = walker.tables;
+    let mut tables = walker.tables;
     if let Some(read) = &s.read {
-        read.add_tables_to(&mut s.tables);
+        read.add_tables_to(&mut tables);
     }
+    s.tables = tables;
     s.max_param = walker.max_param;
     if let Some(name) = walker.executes {
         // `EXECUTE p`, also under EXPLAIN or CREATE TABLE AS.
@@ -612,9 +641,10 @@ fn statement_outside(node: &N, whole: &N, text: String, key_column: &str) -> (St
     }
     if s.kind == StatementKind::Ddl {
         // DDL targets are written on every shard; the walker found them.
-        for t in &s.tables {
-            if !s.written.contains(t) {
-                s.written.push(t.clone());
+        let shared = Arc::make_mut(&mut s.shared);
+        for t in &shared.tables {
+            if !shared.written.contains(t) {
+                shared.written.push(t.clone());
             }
         }
     }
@@ -1147,7 +1177,7 @@ mod tests {
     #[test]
     fn insert_rows_are_kept_per_row() {
         let s = one("insert into orders (tenant_id, id, total) values (1, 10, 5.5), ($1, 11, now())");
-        let ins = s.insert.unwrap();
+        let ins = s.insert.clone().unwrap();
         assert_eq!(ins.columns.unwrap(), vec!["tenant_id", "id", "total"]);
         assert_eq!(ins.rows[0][0], Some(lit("1")));
         assert_eq!(ins.rows[1][0], Some(KeyExpr::Param(0)));

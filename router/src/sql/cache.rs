@@ -290,26 +290,11 @@ impl Template {
             statements.push(Statement {
                 kind,
                 text: sql.get(span).unwrap_or(sql).trim().to_string(),
-                tables: s.tables.clone(),
-                written: s.written.clone(),
                 keys,
                 insert,
-                creates_sharded: s.creates_sharded.clone(),
-                removes_key: s.removes_key.clone(),
-                copies_rows: s.copies_rows,
-                volatile_call: s.volatile_call,
-                sets_config: s.sets_config,
-                reads_last_value: s.reads_last_value,
-                sets_search_path: s.sets_search_path,
-                defaults: s.defaults,
-                opaque_code: s.opaque_code,
-                max_param: s.max_param,
                 key_changes,
                 insert_select,
-                read: s.read.clone(),
-                nested_writes: s.nested_writes.clone(),
-                cursor: s.cursor.clone(),
-                unrestricted: s.unrestricted.clone(),
+                shared: s.shared.clone(),
             });
         }
         Some(Analysis { statements, comment_key: comment_key(sql, key_column) })
@@ -507,10 +492,8 @@ mod tests {
     fn texts_differing_only_in_the_tenant_route_to_their_shards() {
         let dir = two_shards();
         let catalog = crate::context::Catalog::default();
-        catalog.replace(
-            [("orders".to_string(), vec!["tenant_id".to_string(), "id".to_string()])].into(),
-            ["orders".to_string()].into(),
-        );
+        catalog
+            .replace([("orders".to_string(), vec!["tenant_id".to_string(), "id".to_string()])], ["orders".to_string()]);
         let rules = Rules::default();
         let cache = AnalysisCache::new("tenant_id", 100);
         let route = |sql: &str| {

@@ -119,7 +119,7 @@ mod tests {
             assert!(s.tables.is_empty(), "{sql}: {:?}", s.tables);
         }
         let s = analyze("with x as (select * from orders) select * from x", "tenant_id").unwrap().statements.remove(0);
-        assert_eq!((s.kind, s.nested_writes.len()), (StatementKind::Select, 0));
+        assert_eq!((&s.kind, s.nested_writes.len()), (&StatementKind::Select, 0));
     }
 
     #[test]

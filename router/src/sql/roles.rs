@@ -83,13 +83,23 @@ pub fn hash_passwords(sql: &str) -> Option<String> {
 pub fn mentions_password(sql: &str) -> bool {
     const WORD: &[u8] = b"password";
     let b = sql.as_bytes();
-    b.len() >= WORD.len()
-        && (0..=b.len() - WORD.len()).any(|i| (b[i] | 0x20) == b'p' && b[i..i + WORD.len()].eq_ignore_ascii_case(WORD))
+    // Every query string is looked through: jump from one `p` to the next.
+    memchr::memchr2_iter(b'p', b'P', b).any(|i| b.get(i..i + WORD.len()).is_some_and(|w| w.eq_ignore_ascii_case(WORD)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_word_is_found_in_any_case_and_place() {
+        for sql in ["password", "ALTER ROLE a PASSWORD 'x'", "alter role a PassWord 'x'", "select 1 -- passworD"] {
+            assert!(mentions_password(sql), "{sql}");
+        }
+        for sql in ["", "p", "select passwor", "SELECT pass FROM word", "ALTER ROLE a LOGIN"] {
+            assert!(!mentions_password(sql), "{sql}");
+        }
+    }
 
     #[test]
     fn plain_passwords_become_one_verifier() {

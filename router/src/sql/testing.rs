@@ -26,9 +26,8 @@ pub fn cluster() -> Cluster {
         [
             ("orders".to_string(), cols(&["tenant_id", "id", "total"])),
             ("items".to_string(), cols(&["id", "tenant_id"])),
-        ]
-        .into(),
-        ["orders".to_string(), "items".to_string(), "plans".to_string()].into(),
+        ],
+        ["orders".to_string(), "items".to_string(), "plans".to_string()],
     );
     Cluster { dir, catalog, cache: AnalysisCache::new("tenant_id", 100) }
 }
