@@ -19,6 +19,14 @@
 # (router and its three in-process directory replicas); Postgres runs in other
 # processes and is not counted.
 #
+# With FLOOR=1, a fourth target "floor" joins the rotation: `relay-floor
+# tokio-relay` (bench/relay-floor), shardgate's session-thread model doing no
+# work (a listener thread, one current-thread tokio runtime with only I/O per
+# core, each client on the least-loaded one, one fresh upstream connection per
+# client, bytes copied both ways), in front of the same `flat` database,
+# measured like pgbouncer. A second table gives its TPS, CPU µs per transaction
+# and shardgate's ratios to it: what the runtime model alone costs.
+#
 # pgbouncer 1.18 cannot run `-M prepared` in transaction mode (`prepared
 # statement "P_0" already exists`; `max_prepared_statements` came in 1.21): if
 # the installed pgbouncer has no such setting, its prepared cells show n/a.
@@ -27,6 +35,7 @@
 #   ROUNDS=5 SECONDS_PER_RUN=10 bench/cpu.sh     # steadier
 #   BIN=/path/to/shardgate bench/cpu.sh          # another build (default: builds target/release)
 #   RESULTS=/tmp/raw.tsv bench/cpu.sh            # also keep every run's numbers
+#   FLOOR=1 bench/cpu.sh                         # also the floor relay: about 6-7 minutes
 #
 # Needs root or the postgres OS user, like bench/proxy.sh. Ratios within one run
 # only: the machines are shared and noisy.
@@ -38,6 +47,7 @@ TENANTS=${TENANTS:-10000}
 MODES=(${MODES:-simple extended prepared})
 CLIENTS=(${CLIENTS:-1 16})
 TARGETS=(direct pgbouncer shardgate)
+[ "${FLOOR:-0}" = 0 ] || TARGETS+=(floor)
 # Every target in the clear, as pgbouncer serves here: `shardgate up` offers TLS,
 # and libpq's default (prefer) would take it through the router only.
 export PGSSLMODE=${SSLMODE:-disable}
@@ -49,6 +59,13 @@ if [ -z "${BIN:-}" ]; then
   BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/shardgate
 fi
 BIN=$(readlink -f "$BIN")
+if [ "${FLOOR:-0}" != 0 ]; then
+  # As bench/relay-floor.sh builds it: release, a target directory of its own.
+  echo "building bench/relay-floor (cargo build --release)" >&2
+  CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target/relay-floor} \
+    cargo build --release --quiet --manifest-path bench/relay-floor/Cargo.toml
+  RELAY=${CARGO_TARGET_DIR:-$PWD/target/relay-floor}/release/relay-floor
+fi
 PGBOUNCER=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
 HZ=$(getconf CLK_TCK)
 
@@ -57,11 +74,13 @@ chmod 755 "$work"
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 up_pid=""
 bouncer_pid=""
+floor_pid=""
 cleanup() {
   set +e
   trap - EXIT INT TERM
   [ ! -s "$work/pgbouncer.pid" ] || kill "$(cat "$work/pgbouncer.pid")" 2>/dev/null
   [ -z "$bouncer_pid" ] || { kill "$bouncer_pid" 2>/dev/null; wait "$bouncer_pid" 2>/dev/null; }
+  [ -z "$floor_pid" ] || { kill "$floor_pid" 2>/dev/null; wait "$floor_pid" 2>/dev/null; }
   [ -z "$up_pid" ] || { kill "$up_pid" 2>/dev/null; wait "$up_pid" 2>/dev/null; }
   rm -rf "$work"
 }
@@ -70,9 +89,9 @@ trap 'echo "interrupted" >&2; exit 130' INT
 trap 'exit 143' TERM
 die() { echo "cpu.sh: $*" >&2; exit 1; }
 
-read -r SG_PORT ADMIN_PORT BOUNCER_PORT < <(python3 -c '
+read -r SG_PORT ADMIN_PORT BOUNCER_PORT FLOOR_PORT < <(python3 -c '
 import socket
-s = [socket.socket() for _ in range(3)]
+s = [socket.socket() for _ in range(4)]
 for x in s: x.bind(("127.0.0.1", 0))
 print(*(x.getsockname()[1] for x in s))')
 
@@ -140,6 +159,16 @@ done
 [ -s "$work/pgbouncer.pid" ] || die "pgbouncer did not start"
 BOUNCER_PROC=$(cat "$work/pgbouncer.pid")
 
+if [ "${FLOOR:-0}" != 0 ]; then
+  "$RELAY" tokio-relay "127.0.0.1:$FLOOR_PORT" "$PG_HOST:$PG_PORT" &
+  floor_pid=$!
+  for _ in $(seq 100); do
+    psql -X -q -h 127.0.0.1 -p "$FLOOR_PORT" -U postgres flat -c 'SELECT 1' >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  psql -X -q -h 127.0.0.1 -p "$FLOOR_PORT" -U postgres flat -c 'SELECT 1' >/dev/null || die "the floor relay did not start"
+fi
+
 cat >"$work/lookup.sql" <<EOF
 \set t random(1, $TENANTS)
 SELECT v FROM t WHERE tenant_id = :t AND id = 1;
@@ -150,9 +179,10 @@ conn_of() {
     direct) echo "-h $PG_HOST -p $PG_PORT -U postgres flat" ;;
     pgbouncer) echo "-h 127.0.0.1 -p $BOUNCER_PORT -U postgres flat" ;;
     shardgate) echo "-h 127.0.0.1 -p $SG_PORT -U postgres app" ;;
+    floor) echo "-h 127.0.0.1 -p $FLOOR_PORT -U postgres flat" ;;
   esac
 }
-pid_of() { case $1 in pgbouncer) echo "$BOUNCER_PROC" ;; shardgate) echo "$up_pid" ;; *) echo "" ;; esac; }
+pid_of() { case $1 in pgbouncer) echo "$BOUNCER_PROC" ;; shardgate) echo "$up_pid" ;; floor) echo "$floor_pid" ;; *) echo "" ;; esac; }
 # utime and stime of a process in clock ticks (all its threads).
 cpu_ticks() { [ -z "$1" ] && echo "0 0" || awk '{ sub(/^.*\) /, ""); print $12, $13 }' "/proc/$1/stat"; }
 
@@ -188,8 +218,8 @@ start=$SECONDS
 for round in $(seq 1 "$ROUNDS"); do
   for mode in "${MODES[@]}"; do
     for clients in "${CLIENTS[@]}"; do
-      for k in 0 1 2; do
-        target=${TARGETS[$(((k + round) % 3))]}
+      for k in "${!TARGETS[@]}"; do
+        target=${TARGETS[$(((k + round) % ${#TARGETS[@]}))]}
         if [ "$target" = pgbouncer ] && [ "$mode" = prepared ] && [ -z "$BOUNCER_PREPARED" ]; then
           printf '%s\t%s\t%s\t%s\tNA\t\t\t\t\t\t%s\n' "$round" "$target" "$mode" "$clients" \
             "pgbouncer $("$PGBOUNCER" --version | head -1 | awk '{ print $2 }') has no max_prepared_statements" >>"$raw"
@@ -209,6 +239,7 @@ for round in $(seq 1 "$ROUNDS"); do
   echo "round $round/$ROUNDS done ($((SECONDS - start)) s)" >&2
 done
 kill -0 "$up_pid" 2>/dev/null || echo "WARNING: shardgate exited during the run" >&2
+[ -z "$floor_pid" ] || kill -0 "$floor_pid" 2>/dev/null || echo "WARNING: the floor relay exited during the run" >&2
 [ -z "${RESULTS:-}" ] || cp "$raw" "$RESULTS"
 
 echo
@@ -284,4 +315,18 @@ if 1 in clients:
             print(f"  {m:8}  1 c  added latency {a:.0f} us -> {verdict(a <= 40)}")
 for k, why in notes.items():
     print(f"  note: {k[0]} -M {k[1]} -c {k[2]}: {why}")
+if any(k[0] == "floor" for k in cells):
+    print()
+    print("floor: relay-floor tokio-relay, the session threads' model doing no work (bytes copied both ways)")
+    hdr = ("mode", "c", "floor", "sg/fl", "fl us/tx", "fl user", "sg/fl cpu", "sg/fl user", "fl/pgb cpu", "added us fl")
+    print("%-8s %3s | %7s %6s | %8s %7s | %9s %10s | %10s | %11s" % hdr)
+    for m in modes:
+        for c in clients:
+            d, p, s, f = ("direct", m, c), ("pgbouncer", m, c), ("shardgate", m, c), ("floor", m, c)
+            added = "-" if med(f, "lat") is None or med(d, "lat") is None else "%.0f" % ((med(f, "lat") - med(d, "lat")) * 1000)
+            print("%-8s %3s | %7s %6s | %8s %7s | %9s %10s | %10s | %11s" % (
+                m, c, show(f, "tps", "%.0f"), ratio(med(s, "tps"), med(f, "tps")),
+                show(f, "cpu", "%.1f"), show(f, "user", "%.1f"),
+                ratio(med(s, "cpu"), med(f, "cpu")), ratio(med(s, "user"), med(f, "user")),
+                ratio(med(f, "cpu"), med(p, "cpu")), added))
 EOF

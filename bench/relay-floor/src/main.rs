@@ -16,6 +16,16 @@
 //! - `uring-defer`: the same with SINGLE_ISSUER | DEFER_TASKRUN | COOP_TASKRUN.
 //! - `block`: blocking reads and writes on a thread of its own.
 //! - `spin`: never sleeps; retries the non-blocking read (a busy poller).
+//!
+//! `relay-floor tokio-relay LISTEN UPSTREAM [THREADS] [hand|copy]` is a relay
+//! for real clients (bench/cpu.sh, FLOOR=1): shardgate's session-thread model
+//! doing no work. A listener thread accepts and hands each client to the
+//! least-loaded of THREADS session threads (default: the number of cores),
+//! each running a current-thread tokio runtime with only I/O enabled. Per
+//! client, one fresh upstream connection (TCP_NODELAY on both) and one task
+//! copying bytes both ways: `hand` (the default) with one buffer per direction
+//! in one poll function, `copy` with `tokio::io::copy_bidirectional`. It only
+//! copies bytes, so any protocol passes (Postgres without TLS: PGSSLMODE=disable).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -34,8 +44,21 @@ fn main() {
         "echo" => echo(listener(&arg(2))),
         "relay" => relay(&arg(2), listener(&arg(3)), &arg(4)),
         "client" => println!("{:.2}", client(&arg(2), arg(3).parse().unwrap())),
+        "tokio-relay" if a.len() >= 4 => {
+            let threads = match arg(4).as_str() {
+                "" => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n => n.parse().expect("THREADS is a number"),
+            };
+            let hand = match arg(5).as_str() {
+                "" | "hand" => true,
+                "copy" => false,
+                other => panic!("unknown copy loop {other} (hand or copy)"),
+            };
+            tokio_relay::run(listener(&arg(2)), &arg(3), threads, hand)
+        }
         _ => {
             eprintln!("usage: relay-floor run [ROUNDS] [ROUND_TRIPS]");
+            eprintln!("       relay-floor tokio-relay LISTEN UPSTREAM [THREADS] [hand|copy]");
             std::process::exit(2);
         }
     }
@@ -243,6 +266,125 @@ fn relay_block(mut c: TcpStream, mut u: TcpStream) {
         };
         if c.write_all(&b[..n]).is_err() {
             return;
+        }
+    }
+}
+
+/// Shardgate's session threads (router/src/server.rs, `SessionThreads`) with
+/// nothing to do: no parsing, no routing, no pool.
+mod tokio_relay {
+    use std::future::poll_fn;
+    use std::io;
+    use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::{ready, Context, Poll};
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+    use tokio::net::TcpStream;
+    use tokio::runtime::{Builder, Handle};
+
+    struct Thread {
+        handle: Handle,
+        sessions: Arc<AtomicUsize>,
+    }
+
+    /// Gives a session's place back on its thread when the session ends.
+    struct Counted(Arc<AtomicUsize>);
+
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn run(l: TcpListener, upstream: &str, n: usize, hand: bool) {
+        let upstream: SocketAddr = upstream
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .unwrap_or_else(|| panic!("cannot resolve {upstream}"));
+        let threads: Vec<Thread> = (1..=n.max(1))
+            .map(|i| {
+                // I/O only, no timer: as the router's session threads.
+                let rt = Builder::new_current_thread().enable_io().build().unwrap();
+                let handle = rt.handle().clone();
+                std::thread::Builder::new()
+                    .name(format!("relay-session-{i}"))
+                    .spawn(move || rt.block_on(std::future::pending::<()>()))
+                    .unwrap();
+                Thread { handle, sessions: Arc::new(AtomicUsize::new(0)) }
+            })
+            .collect();
+        // The listener thread: accept, hand to the thread with the fewest sessions.
+        for c in l.incoming() {
+            let Ok(c) = c else { continue };
+            if c.set_nonblocking(true).is_err() || c.set_nodelay(true).is_err() {
+                continue;
+            }
+            let t = threads.iter().min_by_key(|t| t.sessions.load(Ordering::Relaxed)).unwrap();
+            t.sessions.fetch_add(1, Ordering::Relaxed);
+            let counted = Counted(t.sessions.clone());
+            t.handle.spawn(async move {
+                let _counted = counted;
+                let Ok(mut c) = TcpStream::from_std(c) else { return };
+                let Ok(mut u) = TcpStream::connect(upstream).await else { return };
+                if u.set_nodelay(true).is_err() {
+                    return;
+                }
+                let _ = if hand {
+                    relay(&mut c, &mut u).await
+                } else {
+                    tokio::io::copy_bidirectional(&mut c, &mut u).await.map(|_| ())
+                };
+            });
+        }
+    }
+
+    /// One direction's buffer: bytes read from one side not yet written to the other.
+    struct Half {
+        buf: Box<[u8]>,
+        pos: usize,
+        end: usize,
+    }
+
+    /// Copies both ways until either side ends; one buffer per direction. A
+    /// read that returns less than the buffer clears tokio's readiness, so an
+    /// idle direction costs no system call when the task is polled.
+    async fn relay(c: &mut TcpStream, u: &mut TcpStream) -> io::Result<()> {
+        let mut up = Half { buf: vec![0; 16384].into_boxed_slice(), pos: 0, end: 0 };
+        let mut down = Half { buf: vec![0; 16384].into_boxed_slice(), pos: 0, end: 0 };
+        poll_fn(|cx| {
+            let a = pump(cx, c, u, &mut up)?;
+            let b = pump(cx, u, c, &mut down)?;
+            if a.is_ready() || b.is_ready() {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// Moves bytes from `from` to `to` until one of them would block (Pending)
+    /// or `from` ends (Ready).
+    fn pump(cx: &mut Context<'_>, from: &mut TcpStream, to: &mut TcpStream, h: &mut Half) -> Poll<io::Result<()>> {
+        loop {
+            if h.pos < h.end {
+                let n = ready!(Pin::new(&mut *to).poll_write(cx, &h.buf[h.pos..h.end]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                h.pos += n;
+                continue;
+            }
+            let mut rb = ReadBuf::new(&mut h.buf);
+            ready!(Pin::new(&mut *from).poll_read(cx, &mut rb))?;
+            let n = rb.filled().len();
+            if n == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            (h.pos, h.end) = (0, n);
         }
     }
 }
